@@ -1,0 +1,400 @@
+"""SiT: a DiT-style transformer over latent (or pixel) patches.
+
+Checkpoint-compatible with the original SiT release: parameter names and shapes are those of
+`willisma/SiT` (itself DiT's), so the published checkpoints load with `strict=True`.
+Attention runs through `torch.nn.functional.scaled_dot_product_attention`, which picks the
+flash / memory-efficient kernels on GPU.
+
+No I/O and no argparse here: see download.py for loading checkpoints.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation. x: (N, T, D); shift, scale: (N, D)."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+#################################################################################
+#                     Embeddings for patches, timesteps and labels              #
+#################################################################################
+
+class PatchEmbed(nn.Module):
+    """Image (N, C, H, W) to patch tokens (N, T, D) with one strided convolution."""
+
+    def __init__(self, input_size: int, patch_size: int, in_channels: int, hidden_size: int):
+        super().__init__()
+        self.patch_size = (patch_size, patch_size)  # a pair, as timm's PatchEmbed
+        self.grid_size = input_size // patch_size
+        self.num_patches = self.grid_size ** 2
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)                     # (N, D, H/p, W/p)
+        return x.flatten(2).transpose(1, 2)  # (N, T, D)
+
+
+class TimestepEmbedder(nn.Module):
+    """Embeds scalar times t in [0, 1] into vectors: sinusoids, then a 2-layer MLP."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
+        self.frequency_embedding_size = frequency_embedding_size
+
+    @staticmethod
+    def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000) -> torch.Tensor:
+        """Sinusoidal embedding of t: (N,) -> (N, dim), cosines first then sines."""
+        half = dim // 2
+        # the original's operation order, for bitwise-equal embeddings
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half).to(t.device)  # (half,)
+        args = t[:, None].float() * freqs[None]               # (N, half)
+        embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if dim % 2:
+            embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+        return embedding
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        t_freq = self.timestep_embedding(t, self.frequency_embedding_size)
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Embeds class labels; row `num_classes` is the null label used by classifier-free guidance."""
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__()
+        use_cfg_embedding = int(dropout_prob > 0)
+        self.embedding_table = nn.Embedding(num_classes + use_cfg_embedding, hidden_size)
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+
+    def token_drop(self, labels: torch.Tensor, force_drop_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Replace labels by the null label, at random (training) or where force_drop_ids == 1."""
+        if force_drop_ids is None:
+            drop_ids = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+        else:
+            drop_ids = force_drop_ids == 1
+        return torch.where(drop_ids, self.num_classes, labels)
+
+    def forward(self, labels: torch.Tensor, train: bool, force_drop_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if (train and self.dropout_prob > 0) or force_drop_ids is not None:
+            labels = self.token_drop(labels, force_drop_ids)
+        return self.embedding_table(labels)
+
+
+#################################################################################
+#                                 Core SiT Model                                #
+#################################################################################
+
+class Attention(nn.Module):
+    """Multi-head self-attention with fused qkv, through scaled_dot_product_attention."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not divisible by the number of heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        N, T, D = x.shape
+        qkv = self.qkv(x).reshape(N, T, 3, self.num_heads, D // self.num_heads)  # (N, T, 3, H, D/H)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                         # 3 x (N, H, T, D/H)
+        x = F.scaled_dot_product_attention(q, k, v)                             # (N, H, T, D/H)
+        x = x.transpose(1, 2).reshape(N, T, D)                                  # (N, T, D)
+        return self.proj(x)
+
+
+class Mlp(nn.Module):
+    """Two linear layers with a tanh-approximated GELU between them."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim, bias=True)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden_dim, dim, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class SiTBlock(nn.Module):
+    """A transformer block with adaLN-Zero conditioning."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads=num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """x: (N, T, D) tokens; c: (N, D) conditioning."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated norm and a linear map from tokens to patch pixels."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # (N, T, p * p * C_out)
+
+
+class SiT(nn.Module):
+    """Scalable Interpolant Transformer.
+
+    The constructor arguments are the model's whole configuration; `self.config` keeps them
+    so that checkpoints can store the config beside the weights (see `model_config_from_state_dict`).
+    """
+
+    def __init__(
+        self,
+        input_size: int = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        class_dropout_prob: float = 0.1,
+        num_classes: int = 1000,
+        learn_sigma: bool = True,
+    ):
+        super().__init__()
+        if input_size % patch_size:
+            raise ValueError(f"input size {input_size} is not divisible by the patch size {patch_size}")
+        self.config = dict(
+            input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
+            depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, class_dropout_prob=class_dropout_prob,
+            num_classes=num_classes, learn_sigma=learn_sigma,
+        )
+        self.learn_sigma = learn_sigma
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.patch_size = patch_size
+        self.num_heads = num_heads
+        self.num_classes = num_classes
+        self.grad_checkpointing = False  # recompute each block in backward to save memory
+
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        # Fixed sin-cos embedding; a Parameter (frozen) so that checkpoints keep the original's key.
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False)
+        self.blocks = nn.ModuleList([SiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """The original's initialisation: xavier linears, zeroed adaLN and output layers."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.constant_(module.bias, 0)
+        if self.pos_embed.device.type != "meta":
+            grid = self.x_embedder.grid_size
+            self.pos_embed.data.copy_(get_2d_sincos_pos_embed(self.pos_embed.shape[-1], grid).unsqueeze(0))
+        # Patch embedding initialised like a linear layer rather than a convolution:
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+        nn.init.constant_(self.x_embedder.proj.bias, 0)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
+            nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.linear.weight, 0)
+        nn.init.constant_(self.final_layer.linear.bias, 0)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, T, p * p * C) patch tokens to (N, C, H, W) images."""
+        c = self.out_channels
+        p = self.patch_size
+        h = w = int(x.shape[1] ** 0.5)
+        assert h * w == x.shape[1], "tokens do not form a square grid"
+        x = x.reshape(x.shape[0], h, w, p, p, c)           # (N, h, w, p, p, C)
+        x = torch.einsum("nhwpqc->nchpwq", x)              # (N, C, h, p, w, p)
+        return x.reshape(x.shape[0], c, h * p, w * p)      # (N, C, H, W)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Predict the model output (velocity, score or noise) for inputs at time t.
+
+        x: (N, C, H, W) latents or images; t: (N,) times in [0, 1]; y: (N,) int labels
+        (`num_classes` is the null label). Returns (N, C, H, W).
+        """
+        x = self.x_embedder(x) + self.pos_embed  # (N, T, D), T = H * W / p ** 2
+        t = self.t_embedder(t)                   # (N, D)
+        y = self.y_embedder(y, self.training)    # (N, D)
+        c = t + y                                # (N, D)
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, c, use_reentrant=False)
+            else:
+                x = block(x, c)                  # (N, T, D)
+        x = self.final_layer(x, c)               # (N, T, p * p * C_out)
+        x = self.unpatchify(x)                   # (N, C_out, H, W)
+        if self.learn_sigma:
+            x, _ = x.chunk(2, dim=1)             # (N, C, H, W): the sigma half is unused
+        return x
+
+    def forward_with_cfg(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        cfg_scale: float,
+        guide_all_channels: bool = False,
+        cfg_interval: tuple[float, float] = (0.0, 1.0),
+    ) -> torch.Tensor:
+        """Classifier-free guidance over a batch whose second half holds the null labels.
+
+        x: (2N, C, H, W) (only the first half is used); t: (2N,); y: (2N,) with the first N
+        the class labels and the last N the null label. Returns (2N, C, H, W), both halves the
+        guided output. As the original (and DiT), guidance applies to the first 3 channels only
+        (the published FID was measured that way); `guide_all_channels=True` guides every channel.
+        `cfg_interval=(lo, hi)` guides only samples whose t lies in [lo, hi] (t=0 noise, t=1 data).
+        """
+        half = x[: len(x) // 2]
+        combined = torch.cat([half, half], dim=0)           # (2N, C, H, W)
+        model_out = self.forward(combined, t, y)
+        num_guided = model_out.shape[1] if guide_all_channels else 3
+        eps, rest = model_out[:, :num_guided], model_out[:, num_guided:]
+        cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
+        scale = _interval_scale(t[: len(t) // 2], cfg_scale, cfg_interval, eps.ndim)
+        half_eps = uncond_eps + scale * (cond_eps - uncond_eps)
+        eps = torch.cat([half_eps, half_eps], dim=0)
+        return torch.cat([eps, rest], dim=1)
+
+
+def _interval_scale(t: torch.Tensor, cfg_scale: float, interval: tuple[float, float], ndim: int) -> Any:
+    """The guidance scale per sample: cfg_scale inside the interval, 1 outside. t: (N,)."""
+    low, high = interval
+    if low <= 0.0 and high >= 1.0:
+        return cfg_scale  # guidance everywhere: keep the original's arithmetic exactly
+    inside = (t >= low) & (t <= high)
+    scale = torch.where(inside, torch.full_like(t, cfg_scale), torch.ones_like(t))
+    return scale.view(-1, *([1] * (ndim - 1)))  # (N, 1, 1, 1)
+
+
+#################################################################################
+#                   Sine/Cosine Positional Embedding Functions                  #
+#################################################################################
+
+def get_1d_sincos_pos_embed_from_grid(embed_dim: int, pos: torch.Tensor) -> torch.Tensor:
+    """pos: (M,) positions -> (M, embed_dim) embedding, sines first then cosines (float64)."""
+    if embed_dim % 2:
+        raise ValueError(f"embedding dimension {embed_dim} must be even")
+    omega = torch.arange(embed_dim // 2, dtype=torch.float64) / (embed_dim / 2.0)
+    omega = 1.0 / 10000 ** omega                       # (D/2,)
+    out = pos.reshape(-1).double()[:, None] * omega[None]  # (M, D/2)
+    return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+
+
+def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> torch.Tensor:
+    """Fixed 2-D embedding of a grid_size x grid_size grid: (grid_size ** 2, embed_dim) float32.
+
+    Half the channels encode the column (x) coordinate and half the row, in MAE's order.
+    """
+    coords = torch.arange(grid_size, dtype=torch.float64)
+    grid_w, grid_h = torch.meshgrid(coords, coords, indexing="xy")  # each (G, G); w varies along columns
+    emb_first = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, grid_w)   # (G * G, D/2)
+    emb_second = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, grid_h)  # (G * G, D/2)
+    return torch.cat([emb_first, emb_second], dim=1).float()                # (G * G, D)
+
+
+#################################################################################
+#                                   SiT Configs                                  #
+#################################################################################
+
+# name -> (depth, hidden_size, patch_size, num_heads)
+MODEL_SHAPES = {
+    "SiT-XL/2": (28, 1152, 2, 16), "SiT-XL/4": (28, 1152, 4, 16), "SiT-XL/8": (28, 1152, 8, 16),
+    "SiT-L/2": (24, 1024, 2, 16), "SiT-L/4": (24, 1024, 4, 16), "SiT-L/8": (24, 1024, 8, 16),
+    "SiT-B/2": (12, 768, 2, 12), "SiT-B/4": (12, 768, 4, 12), "SiT-B/8": (12, 768, 8, 12),
+    "SiT-S/2": (12, 384, 2, 6), "SiT-S/4": (12, 384, 4, 6), "SiT-S/8": (12, 384, 8, 6),
+}
+
+
+def _make_constructor(name: str):
+    depth, hidden_size, patch_size, num_heads = MODEL_SHAPES[name]
+
+    def build(**kwargs: Any) -> SiT:
+        return SiT(depth=depth, hidden_size=hidden_size, patch_size=patch_size, num_heads=num_heads, **kwargs)
+
+    build.__name__ = name.replace("-", "_").replace("/", "_")
+    build.__doc__ = f"{name}: depth {depth}, width {hidden_size}, patch {patch_size}, {num_heads} heads."
+    return build
+
+
+SiT_models = {name: _make_constructor(name) for name in MODEL_SHAPES}
+SiT_XL_2, SiT_XL_4, SiT_XL_8 = SiT_models["SiT-XL/2"], SiT_models["SiT-XL/4"], SiT_models["SiT-XL/8"]
+SiT_L_2, SiT_L_4, SiT_L_8 = SiT_models["SiT-L/2"], SiT_models["SiT-L/4"], SiT_models["SiT-L/8"]
+SiT_B_2, SiT_B_4, SiT_B_8 = SiT_models["SiT-B/2"], SiT_models["SiT-B/4"], SiT_models["SiT-B/8"]
+SiT_S_2, SiT_S_4, SiT_S_8 = SiT_models["SiT-S/2"], SiT_models["SiT-S/4"], SiT_models["SiT-S/8"]
+
+# Head counts of the published widths (not recoverable from parameter shapes).
+HEADS_FOR_WIDTH = {hidden: heads for _, hidden, _, heads in MODEL_SHAPES.values()}
+
+
+def model_name_for_config(config: dict) -> Optional[str]:
+    """The SiT_models name whose depth/width/patch/heads match `config`, or None."""
+    key = (config["depth"], config["hidden_size"], config["patch_size"], config["num_heads"])
+    for name, shape in MODEL_SHAPES.items():
+        if shape == key:
+            return name
+    return None
+
+
+def model_config_from_state_dict(state_dict: dict) -> dict:
+    """Read SiT constructor arguments back from parameter shapes.
+
+    Raises ValueError when the dict is not a SiT state dict. The head count is not in the
+    shapes: it is taken from the published widths, else a head size of 64 is assumed;
+    checkpoints written by train.py store the exact config beside the weights.
+    """
+    required = ["pos_embed", "x_embedder.proj.weight", "y_embedder.embedding_table.weight", "final_layer.linear.weight"]
+    missing = [key for key in required if key not in state_dict]
+    if missing:
+        raise ValueError(f"not a SiT state dict: missing {', '.join(missing)}")
+    _, num_patches, hidden_size = state_dict["pos_embed"].shape
+    _, in_channels, patch_size, _ = state_dict["x_embedder.proj.weight"].shape
+    depth = len({key.split(".")[1] for key in state_dict if key.startswith("blocks.") and key.endswith("attn.qkv.weight")})
+    grid = math.isqrt(num_patches)
+    out_channels = state_dict["final_layer.linear.weight"].shape[0] // (patch_size * patch_size)
+    mlp_hidden = state_dict["blocks.0.mlp.fc1.weight"].shape[0] if depth else 4 * hidden_size
+    num_heads = HEADS_FOR_WIDTH.get(hidden_size, max(1, hidden_size // 64))
+    return dict(
+        input_size=grid * patch_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
+        depth=depth, num_heads=num_heads, mlp_ratio=mlp_hidden / hidden_size, class_dropout_prob=0.1,
+        num_classes=state_dict["y_embedder.embedding_table.weight"].shape[0] - 1,
+        learn_sigma=out_channels == 2 * in_channels,
+    )

@@ -1,0 +1,213 @@
+"""What the scripts share: argument groups, transport/sampler construction, distributed setup,
+rank-0 logging, VAE loading and atomic file writes.
+
+The three `parse_*_args` functions keep the original's names, flags and defaults.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from transport import (DIFFUSION_FORMS, LAST_STEPS, LOSS_WEIGHTS, ODE_METHODS, PATH_TYPES, PREDICTIONS,
+                       SDE_METHODS, Sampler, Transport, create_transport)
+
+LATENT_SCALE = 0.18215  # SD-VAE latents are scaled by this to unit variance
+VAE_REPOS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
+SAMPLING_MODES = ("ODE", "SDE")
+
+
+#################################################################################
+#                                Argument groups                                #
+#################################################################################
+
+def none_or_str(value: str) -> Optional[str]:
+    """argparse type: the string 'None' means None."""
+    return None if value == "None" else value
+
+
+def positive_int(value: str) -> int:
+    """argparse type: an integer > 0."""
+    number = int(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return number
+
+
+def positive_float(value: str) -> float:
+    """argparse type: a float > 0."""
+    number = float(value)
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return number
+
+
+def parse_transport_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Transport arguments")
+    group.add_argument("--path-type", type=str, default="Linear", choices=list(PATH_TYPES))
+    group.add_argument("--prediction", type=str, default="velocity", choices=list(PREDICTIONS))
+    group.add_argument("--loss-weight", type=none_or_str, default=None, choices=list(LOSS_WEIGHTS))
+    group.add_argument("--sample-eps", type=float, default=None,
+                       help="distance from the interval's ends when sampling (default: by path and prediction)")
+    group.add_argument("--train-eps", type=float, default=None,
+                       help="distance from the interval's ends when training (default: by path and prediction)")
+
+
+def parse_ode_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("ODE arguments")
+    group.add_argument("--sampling-method", type=str, default="dopri5", choices=list(ODE_METHODS),
+                       help="ODE solver (torchdiffeq); adaptive ones choose their own number of model calls")
+    group.add_argument("--atol", type=positive_float, default=1e-6, help="Absolute tolerance")
+    group.add_argument("--rtol", type=positive_float, default=1e-3, help="Relative tolerance")
+    group.add_argument("--reverse", action="store_true")
+    group.add_argument("--likelihood", action="store_true")
+
+
+def parse_sde_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("SDE arguments")
+    group.add_argument("--sampling-method", type=str, default="Euler", choices=list(SDE_METHODS))
+    group.add_argument("--diffusion-form", type=str, default="sigma", choices=list(DIFFUSION_FORMS),
+                       help="form of diffusion coefficient in the SDE")
+    group.add_argument("--diffusion-norm", type=float, default=1.0)
+    group.add_argument("--last-step", type=none_or_str, default="Mean", choices=list(LAST_STEPS),
+                       help="form of last step taken in the SDE")
+    group.add_argument("--last-step-size", type=positive_float, default=0.04, help="size of the last step taken")
+
+
+def transport_from_args(args: argparse.Namespace) -> Transport:
+    """The Transport that the transport argument group describes."""
+    return create_transport(args.path_type, args.prediction, args.loss_weight, args.train_eps, args.sample_eps)
+
+
+def sample_fn_from_args(sampler: Sampler, mode: str, args: argparse.Namespace, keep_trajectory: bool = False) -> Callable:
+    """The ODE or SDE sampling function that the ODE/SDE argument groups describe."""
+    if mode == "ODE":
+        return sampler.sample_ode(sampling_method=args.sampling_method, num_steps=args.num_sampling_steps,
+                                  atol=args.atol, rtol=args.rtol, reverse=args.reverse, keep_trajectory=keep_trajectory)
+    if mode == "SDE":
+        return sampler.sample_sde(sampling_method=args.sampling_method, diffusion_form=args.diffusion_form,
+                                  diffusion_norm=args.diffusion_norm, last_step=args.last_step,
+                                  last_step_size=args.last_step_size, num_steps=args.num_sampling_steps,
+                                  keep_trajectory=keep_trajectory)
+    raise ValueError(f"unknown sampling mode {mode!r}; choose one of {', '.join(SAMPLING_MODES)}")
+
+
+#################################################################################
+#                               Distributed setup                               #
+#################################################################################
+
+@dataclass
+class DistContext:
+    """Where this process stands in a (possibly single-process) job."""
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(timeout_minutes: int = 30) -> DistContext:
+    """Join the torchrun job (NCCL on GPUs, Gloo on CPU), or run as a single plain process.
+
+    The device comes from LOCAL_RANK, so multi-node jobs pick the right GPU.
+    """
+    use_cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
+        if use_cuda:
+            torch.cuda.set_device(device)
+        return DistContext(rank=0, world_size=1, local_rank=0, device=device)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if use_cuda:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes))
+    return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device)
+
+
+def cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Synchronise all processes (no-op in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Average a tensor over all processes, in place (no-op in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor /= dist.get_world_size()
+    return tensor
+
+
+def create_logger(logging_dir: Optional[str], is_main: bool = True, name: str = "sit") -> logging.Logger:
+    """A logger writing to stdout and `<logging_dir>/log.txt` on rank 0, silent elsewhere."""
+    logger = logging.getLogger(name)
+    logger.handlers.clear()
+    logger.propagate = False
+    if not is_main:
+        logger.addHandler(logging.NullHandler())
+        return logger
+    logger.setLevel(logging.INFO)
+    formatter = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    if logging_dir is not None:
+        handlers.append(logging.FileHandler(os.path.join(logging_dir, "log.txt")))
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        logger.addHandler(handler)
+    return logger
+
+
+#################################################################################
+#                               VAE and file I/O                                #
+#################################################################################
+
+def load_vae(name: str, device: torch.device) -> Any:
+    """The SD VAE: "ema" or "mse" (from the Hugging Face hub) or a local diffusers folder.
+
+    Raises SystemExit with a one-line message saying what to pass instead when it cannot load.
+    """
+    from diffusers.models import AutoencoderKL
+
+    source = VAE_REPOS.get(name, name)
+    if name not in VAE_REPOS and not os.path.isdir(name):
+        raise SystemExit(f"error: --vae {name!r} is neither one of {', '.join(VAE_REPOS)} nor a local diffusers folder")
+    try:
+        vae = AutoencoderKL.from_pretrained(source)
+    except Exception as error:  # network, hub or file errors: all end the same way for the user
+        raise SystemExit(f"error: could not load the VAE {source!r} ({type(error).__name__}: {str(error)[:200]}); "
+                         f"download it once with network access, or pass --vae /path/to/a/local/diffusers/AutoencoderKL/folder")
+    return vae.to(device).eval().requires_grad_(False)
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    """torch.save to a temporary file beside `path`, then rename: a crash never leaves a partial file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pt")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp_path)
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise

@@ -1,0 +1,76 @@
+"""Stochastic interpolants: paths, training losses, ODE/SDE samplers and likelihood."""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+from .integrators import ODE_METHODS, SDE_METHODS
+from .path import DIFFUSION_FORMS
+from .transport import (DEFAULT_SAMPLE_EPS, LAST_STEPS, LikelihoodResult, ModelType, PathType, Sampler,
+                        SampleFunction, Transport, WeightType)
+
+# One table per choice drives both the command line's `choices` and the conversion to enums.
+PATH_TYPES = {"Linear": PathType.LINEAR, "GVP": PathType.GVP, "VP": PathType.VP}
+PREDICTIONS = {"velocity": ModelType.VELOCITY, "score": ModelType.SCORE, "noise": ModelType.NOISE}
+LOSS_WEIGHTS = {None: WeightType.NONE, "velocity": WeightType.VELOCITY, "likelihood": WeightType.LIKELIHOOD}
+
+
+def _lookup(table: dict, value, what: str):
+    if isinstance(value, enum_types(table)):
+        return value
+    if value == "None" and None in table:
+        value = None
+    if value not in table:
+        raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(map(str, table))}")
+    return table[value]
+
+
+def enum_types(table: dict) -> type:
+    return type(next(iter(table.values())))
+
+
+def default_eps(path_type: PathType, model_type: ModelType) -> tuple[float, float]:
+    """The original's (train_eps, sample_eps) defaults: how far from the singular ends t=0, t=1 to stay."""
+    if path_type == PathType.VP:
+        return 1e-5, 1e-3
+    if model_type != ModelType.VELOCITY:
+        return 1e-3, 1e-3
+    return 0.0, 0.0  # velocity on Linear and GVP is stable on the whole interval
+
+
+def create_transport(
+    path_type: Union[str, PathType] = "Linear",
+    prediction: Union[str, ModelType] = "velocity",
+    loss_weight: Optional[Union[str, WeightType]] = None,
+    train_eps: Optional[float] = None,
+    sample_eps: Optional[float] = None,
+) -> Transport:
+    """Build a Transport.
+
+    path_type: "Linear", "GVP" or "VP"; prediction: "velocity", "score" or "noise";
+    loss_weight: None, "velocity" or "likelihood" (score and noise models only).
+    train_eps / sample_eps: how far from the interval's ends training / sampling stays; each one
+    left None gets the original's default for the path and prediction, a given value is kept.
+    Unknown names raise ValueError listing the valid ones.
+    """
+    path_enum = _lookup(PATH_TYPES, path_type, "path type")
+    model_type = _lookup(PREDICTIONS, prediction, "prediction")
+    loss_type = _lookup(LOSS_WEIGHTS, loss_weight, "loss weight")
+    default_train_eps, default_sample_eps = default_eps(path_enum, model_type)
+    for name, value in (("train_eps", train_eps), ("sample_eps", sample_eps)):
+        if value is not None and not 0 <= value < 0.5:
+            raise ValueError(f"{name} must be in [0, 0.5), got {value}")
+    return Transport(
+        model_type=model_type,
+        path_type=path_enum,
+        loss_type=loss_type,
+        train_eps=default_train_eps if train_eps is None else train_eps,
+        sample_eps=default_sample_eps if sample_eps is None else sample_eps,
+        sample_eps_is_default=sample_eps is None,
+    )
+
+
+__all__ = [
+    "create_transport", "Transport", "Sampler", "ModelType", "PathType", "WeightType", "SampleFunction",
+    "LikelihoodResult", "PATH_TYPES", "PREDICTIONS", "LOSS_WEIGHTS", "ODE_METHODS", "SDE_METHODS",
+    "DIFFUSION_FORMS", "LAST_STEPS", "DEFAULT_SAMPLE_EPS", "default_eps",
+]

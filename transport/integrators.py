@@ -1,0 +1,111 @@
+"""Time integrators: the torchdiffeq call for ODEs and fixed-grid SDE steppers.
+
+Both work in "solver time" from t0 to t1 on a uniform grid of `num_steps` points; the time grid
+follows the state's dtype, so float64 states are integrated in float64.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence, Union
+
+import torch as th
+from torchdiffeq import odeint
+from torchdiffeq._impl.odeint import SOLVERS as TORCHDIFFEQ_SOLVERS
+
+ODE_METHODS = tuple(sorted(TORCHDIFFEQ_SOLVERS))
+SDE_METHODS = ("Euler", "Heun")
+
+State = Union[th.Tensor, tuple]
+
+
+def _batch_times(t: th.Tensor, x: th.Tensor) -> th.Tensor:
+    """Broadcast a scalar time to a (N,) vector in x's dtype and device."""
+    return th.ones(x.size(0), dtype=x.dtype, device=x.device) * t
+
+
+class SDESolver:
+    """Fixed-grid SDE integration dx = drift dt + sqrt(2 w(t)) dW from t0 to t1 (t0 < t1).
+
+    As the original, each step draws its Gaussian noise with `torch.randn` on the CPU generator and
+    moves it to the state's device, so a seed gives the same samples on CPU and GPU.
+    """
+
+    def __init__(self, drift: Callable, diffusion: Callable, *, t0: float, t1: float, num_steps: int, sampler_type: str):
+        if not t0 < t1:
+            raise ValueError(f"the SDE sampler runs forward in time, got t0={t0} >= t1={t1}")
+        if sampler_type not in SDE_METHODS:
+            raise ValueError(f"unknown SDE sampling method {sampler_type!r}; choose one of {', '.join(SDE_METHODS)}")
+        self.t0, self.t1 = t0, t1
+        self.num_timesteps = num_steps
+        self.drift = drift
+        self.diffusion = diffusion
+        self.sampler_type = sampler_type
+
+    def grid(self, dtype: th.dtype) -> th.Tensor:
+        """The time grid (num_steps,) in the given dtype."""
+        return th.linspace(self.t0, self.t1, self.num_timesteps, dtype=dtype)
+
+    def euler_maruyama_step(self, x, mean_x, t, dt, model, **model_kwargs):
+        w_cur = th.randn(x.size(), dtype=x.dtype).to(x)
+        t = _batch_times(t, x)
+        dw = w_cur * th.sqrt(dt)
+        drift = self.drift(x, t, model, **model_kwargs)
+        diffusion = self.diffusion(x, t)
+        mean_x = x + drift * dt
+        x = mean_x + th.sqrt(2 * diffusion) * dw
+        return x, mean_x
+
+    def heun_step(self, x, mean_x, t, dt, model, **model_kwargs):
+        w_cur = th.randn(x.size(), dtype=x.dtype).to(x)
+        dw = w_cur * th.sqrt(dt)
+        t_cur = _batch_times(t, x)
+        diffusion = self.diffusion(x, t_cur)
+        xhat = x + th.sqrt(2 * diffusion) * dw
+        k1 = self.drift(xhat, t_cur, model, **model_kwargs)
+        xp = xhat + dt * k1
+        k2 = self.drift(xp, t_cur + dt, model, **model_kwargs)
+        return xhat + 0.5 * dt * (k1 + k2), xhat
+
+    def sample(self, init: th.Tensor, model: Callable, keep_trajectory: bool = True, **model_kwargs) -> list:
+        """Integrate from init: (N, ...). Returns the states after each step (only the last one
+        when keep_trajectory is False)."""
+        step = self.euler_maruyama_step if self.sampler_type == "Euler" else self.heun_step
+        grid = self.grid(init.dtype)
+        dt = grid[1] - grid[0]
+        x, mean_x = init, init
+        samples = []
+        with th.no_grad():
+            for ti in grid[:-1]:
+                x, mean_x = step(x, mean_x, ti, dt, model, **model_kwargs)
+                if keep_trajectory or not samples:
+                    samples.append(x)
+                else:
+                    samples[-1] = x
+        return samples
+
+
+class ODESolver:
+    """torchdiffeq integration of dx/dt = drift(x, t) from t0 to t1 (either order)."""
+
+    def __init__(self, drift: Callable, *, t0: float, t1: float, sampler_type: str, num_steps: int, atol: float, rtol: float):
+        if sampler_type not in TORCHDIFFEQ_SOLVERS:
+            raise ValueError(f"unknown ODE sampling method {sampler_type!r}; choose one of {', '.join(ODE_METHODS)}")
+        self.drift = drift
+        self.t0, self.t1 = t0, t1
+        self.num_steps = num_steps
+        self.atol = atol
+        self.rtol = rtol
+        self.sampler_type = sampler_type
+
+    def sample(self, x: State, model: Callable, **model_kwargs) -> Union[th.Tensor, Sequence[th.Tensor]]:
+        """Integrate from x (a tensor or a tuple of tensors). Returns odeint's output: the state at
+        each of the num_steps grid times (stacked on dim 0), a tuple of such for a tuple state."""
+        first = x[0] if isinstance(x, tuple) else x
+        device = first.device
+
+        def ode_fn(t, state):
+            first_state = state[0] if isinstance(state, tuple) else state
+            return self.drift(state, _batch_times(t, first_state), model, **model_kwargs)
+
+        grid = th.linspace(self.t0, self.t1, self.num_steps, dtype=first.dtype).to(device)
+        num_parts = len(x) if isinstance(x, tuple) else 1
+        return odeint(ode_fn, x, grid, method=self.sampler_type, atol=[self.atol] * num_parts, rtol=[self.rtol] * num_parts)

@@ -1,0 +1,359 @@
+"""Transport (training losses, drift and score from a model's output) and Sampler (ODE, SDE,
+likelihood), with the original SiT's API and random-number order."""
+from __future__ import annotations
+
+import enum
+import math
+from typing import Callable, Optional
+
+import torch as th
+
+from . import path
+from .integrators import ODESolver, SDESolver
+from .utils import mean_flat
+
+# Where a score diverges at the interval's end and the user gave no sample_eps, the SDE starts
+# this far inside it (the original's default sample_eps for score and noise models).
+DEFAULT_SAMPLE_EPS = 1e-3
+LAST_STEPS = (None, "Mean", "Tweedie", "Euler")
+
+
+class ModelType(enum.Enum):
+    """Which quantity the model predicts."""
+    NOISE = enum.auto()     # the noise x0 (epsilon)
+    SCORE = enum.auto()     # grad log p_t(x)
+    VELOCITY = enum.auto()  # dx_t/dt
+
+
+class PathType(enum.Enum):
+    """Which interpolant to use."""
+    LINEAR = enum.auto()
+    GVP = enum.auto()
+    VP = enum.auto()
+
+
+class WeightType(enum.Enum):
+    """How score and noise losses are weighted over time."""
+    NONE = enum.auto()
+    VELOCITY = enum.auto()
+    LIKELIHOOD = enum.auto()
+
+
+PATH_PLANS = {PathType.LINEAR: path.ICPlan, PathType.GVP: path.GVPCPlan, PathType.VP: path.VPCPlan}
+
+
+class Transport:
+    """An interpolant plus what the model predicts: training losses and the sampling drift."""
+
+    def __init__(self, *, model_type: ModelType, path_type: PathType, loss_type: WeightType,
+                 train_eps: float, sample_eps: float, sample_eps_is_default: bool = False):
+        self.loss_type = loss_type
+        self.model_type = model_type
+        self.path_type = path_type
+        self.path_sampler = PATH_PLANS[path_type]()
+        self.train_eps = train_eps
+        self.sample_eps = sample_eps
+        self.sample_eps_is_default = sample_eps_is_default
+
+    def prior_logp(self, z: th.Tensor) -> th.Tensor:
+        """Log-density of a standard normal prior per sample. z: (N, ...) -> (N,)."""
+        num_dims = z[0].numel()
+        return -num_dims / 2.0 * math.log(2 * math.pi) - th.sum(z.flatten(1) ** 2, dim=1) / 2.0
+
+    def check_interval(self, train_eps, sample_eps, *, diffusion_form="SBDM", sde=False, reverse=False,
+                       eval=False, last_step_size=0.0):
+        """The time interval (t0, t1) to train on or integrate over, away from singular ends."""
+        t0, t1 = 0, 1
+        eps = train_eps if not eval else sample_eps
+        is_velocity = self.model_type == ModelType.VELOCITY
+        if isinstance(self.path_sampler, path.VPCPlan):
+            t1 = 1 - eps if (not sde or last_step_size == 0) else 1 - last_step_size
+        elif not is_velocity or sde:  # Linear and GVP: avoid the singular ends
+            sbdm_sde = diffusion_form == "SBDM" and sde
+            t0 = eps if sbdm_sde or not is_velocity else 0
+            if sbdm_sde and t0 == 0:
+                t0 = self._sbdm_start(eps)
+            t1 = 1 - eps if (not sde or last_step_size == 0) else 1 - last_step_size
+        if reverse:
+            t0, t1 = 1 - t0, 1 - t1
+        return t0, t1
+
+    def _sbdm_start(self, eps: float) -> float:
+        """SBDM's diffusion has 1/t at t=0 on Linear and GVP paths: start inside the interval."""
+        if not self.sample_eps_is_default:
+            raise ValueError("diffusion form SBDM diverges at t=0 on the Linear and GVP paths; "
+                             "pass a positive --sample-eps (e.g. 1e-3) or choose another --diffusion-form")
+        return DEFAULT_SAMPLE_EPS
+
+    def sample(self, x1: th.Tensor):
+        """Draw noise x0 and times t for data x1: (N, ...), in the original's order (x0 first)."""
+        x0 = th.randn_like(x1)
+        t0, t1 = self.check_interval(self.train_eps, self.sample_eps)
+        t = th.rand((x1.shape[0],)) * (t1 - t0) + t0
+        t = t.to(x1)
+        return t, x0, x1
+
+    def training_losses(self, model: Callable, x1: th.Tensor, model_kwargs: Optional[dict] = None) -> dict:
+        """Per-sample loss of `model` on data x1: (N, ...).
+
+        Returns {"loss": (N,), "pred": the model output (N, ...)}.
+        """
+        if model_kwargs is None:
+            model_kwargs = {}
+        t, x0, x1 = self.sample(x1)
+        t, xt, ut = self.path_sampler.plan(t, x0, x1)
+        model_output = model(xt, t, **model_kwargs)
+        if model_output.shape != xt.shape:
+            raise ValueError(f"model output shape {tuple(model_output.shape)} differs from its input's {tuple(xt.shape)}")
+        terms = {"pred": model_output}
+        if self.model_type == ModelType.VELOCITY:
+            terms["loss"] = mean_flat((model_output - ut) ** 2)
+            return terms
+        _, drift_var = self.path_sampler.compute_drift(xt, t)
+        sigma_t, _ = self.path_sampler.compute_sigma_t(path.expand_t_like_x(t, xt))
+        if self.loss_type == WeightType.VELOCITY:
+            weight = (drift_var / sigma_t) ** 2
+        elif self.loss_type == WeightType.LIKELIHOOD:
+            weight = drift_var / (sigma_t ** 2)
+        else:
+            weight = 1
+        if self.model_type == ModelType.NOISE:
+            terms["loss"] = mean_flat(weight * ((model_output - x0) ** 2))
+        else:
+            terms["loss"] = mean_flat(weight * ((model_output * sigma_t + x0) ** 2))
+        return terms
+
+    def get_drift(self) -> Callable:
+        """The probability-flow ODE's velocity as a function (x, t, model, **model_kwargs)."""
+        model_type, path_sampler = self.model_type, self.path_sampler
+
+        def drift_fn(x, t, model, **model_kwargs):
+            model_output = model(x, t, **model_kwargs).to(x.dtype)
+            if model_output.shape != x.shape:
+                raise ValueError(f"model output shape {tuple(model_output.shape)} differs from its input's {tuple(x.shape)}")
+            if model_type == ModelType.VELOCITY:
+                return model_output
+            drift_mean, drift_var = path_sampler.compute_drift(x, t)
+            if model_type == ModelType.NOISE:
+                sigma_t, _ = path_sampler.compute_sigma_t(path.expand_t_like_x(t, x))
+                model_output = model_output / -sigma_t
+            return -drift_mean + drift_var * model_output
+
+        return drift_fn
+
+    def get_score(self) -> Callable:
+        """The score grad log p_t(x) as a function (x, t, model, **model_kwargs)."""
+        model_type, path_sampler = self.model_type, self.path_sampler
+
+        def score_fn(x, t, model, **model_kwargs):
+            model_output = model(x, t, **model_kwargs).to(x.dtype)
+            if model_type == ModelType.NOISE:
+                return model_output / -path_sampler.compute_sigma_t(path.expand_t_like_x(t, x))[0]
+            if model_type == ModelType.SCORE:
+                return model_output
+            return path_sampler.get_score_from_velocity(model_output, x, t)
+
+        return score_fn
+
+
+class CountingModel:
+    """Wraps a model function and counts its calls (the number of function evaluations, NFE)."""
+
+    def __init__(self, model: Callable):
+        self.model = model
+        self.calls = 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.model(*args, **kwargs)
+
+
+class SampleFunction:
+    """The function a Sampler returns: call it as fn(x, model, **model_kwargs).
+
+    After each call, `nfe` holds how many times the model was evaluated (an adaptive solver such as
+    dopri5 chooses that itself: its `num_steps` only sets how many points are returned).
+    """
+
+    def __init__(self, run: Callable):
+        self.run = run
+        self.nfe = 0
+
+    def __call__(self, x, model, **model_kwargs):
+        counted = CountingModel(model)
+        result = self.run(x, counted, **model_kwargs)
+        self.nfe = counted.calls
+        return result
+
+
+class LikelihoodResult(tuple):
+    """(logp, prior_sample) as the original returns, plus bits per dimension.
+
+    logp: (N,) log-likelihood in nats of the input under the model; prior_sample: (N, ...) the input
+    mapped to the prior; bits_per_dim: (N,) -logp / (D ln 2), D the number of dimensions per sample.
+    """
+
+    def __new__(cls, logp: th.Tensor, prior_sample: th.Tensor):
+        return super().__new__(cls, (logp, prior_sample))
+
+    @property
+    def logp(self) -> th.Tensor:
+        return self[0]
+
+    @property
+    def prior_sample(self) -> th.Tensor:
+        return self[1]
+
+    @property
+    def bits_per_dim(self) -> th.Tensor:
+        return -self[0] / (self[1][0].numel() * math.log(2))
+
+
+class Sampler:
+    """ODE, SDE and likelihood samplers for a Transport."""
+
+    def __init__(self, transport: Transport):
+        self.transport = transport
+        self.drift = self.transport.get_drift()
+        self.score = self.transport.get_score()
+
+    def _sde_drift_and_diffusion(self, *, diffusion_form: str = "SBDM", diffusion_norm: float = 1.0):
+        path_sampler = self.transport.path_sampler
+        if diffusion_form not in path.DIFFUSION_FORMS:
+            raise ValueError(f"unknown diffusion form {diffusion_form!r}; choose one of {', '.join(path.DIFFUSION_FORMS)}")
+
+        def diffusion_fn(x, t):
+            return path_sampler.compute_diffusion(x, t, form=diffusion_form, norm=diffusion_norm)
+
+        def sde_drift(x, t, model, **model_kwargs):
+            return self.drift(x, t, model, **model_kwargs) + diffusion_fn(x, t) * self.score(x, t, model, **model_kwargs)
+
+        return sde_drift, diffusion_fn
+
+    def _last_step(self, sde_drift: Callable, *, last_step: Optional[str], last_step_size: float) -> Callable:
+        """The final step of the SDE sampler, from t1 to (about) 1."""
+        path_sampler = self.transport.path_sampler
+
+        def identity(x, t, model, **model_kwargs):
+            return x
+
+        def mean_step(x, t, model, **model_kwargs):
+            return x + sde_drift(x, t, model, **model_kwargs) * last_step_size
+
+        def tweedie_step(x, t, model, **model_kwargs):
+            # as the original: alpha and sigma of the first sample's t (all samples share it)
+            alpha = path_sampler.compute_alpha_t(t)[0][0]
+            sigma = path_sampler.compute_sigma_t(t)[0][0]
+            return x / alpha + (sigma ** 2) / alpha * self.score(x, t, model, **model_kwargs)
+
+        def euler_step(x, t, model, **model_kwargs):
+            return x + self.drift(x, t, model, **model_kwargs) * last_step_size
+
+        steps = {None: identity, "Mean": mean_step, "Tweedie": tweedie_step, "Euler": euler_step}
+        if last_step not in steps:
+            raise ValueError(f"unknown last step {last_step!r}; choose one of {', '.join(map(str, LAST_STEPS))}")
+        return steps[last_step]
+
+    def sample_sde(self, *, sampling_method: str = "Euler", diffusion_form: str = "SBDM", diffusion_norm: float = 1.0,
+                   last_step: Optional[str] = "Mean", last_step_size: float = 0.04, num_steps: int = 250,
+                   keep_trajectory: bool = True) -> SampleFunction:
+        """A function fn(x, model, **model_kwargs) integrating the SDE from noise x: (N, ...).
+
+        It returns the list of states after each step and the last step (`[-1]` is the sample;
+        only `[sample]` with keep_trajectory=False). num_steps counts the grid points, so the model
+        is called num_steps - 1 times (twice that for Heun) plus the last step.
+        """
+        if num_steps < 2:
+            raise ValueError(f"the SDE sampler needs at least 2 steps, got {num_steps}")
+        if last_step is None:
+            last_step_size = 0.0
+        elif last_step_size <= 0:
+            raise ValueError(f"last step size must be positive, got {last_step_size}")
+        sde_drift, sde_diffusion = self._sde_drift_and_diffusion(diffusion_form=diffusion_form, diffusion_norm=diffusion_norm)
+        t0, t1 = self.transport.check_interval(
+            self.transport.train_eps, self.transport.sample_eps, diffusion_form=diffusion_form,
+            sde=True, eval=True, reverse=False, last_step_size=last_step_size,
+        )
+        if sampling_method == "Heun" and last_step is None and self._score_singular_at(t1):
+            raise ValueError("SDE Heun with no last step evaluates the score at t=1, where it is undefined for this "
+                             "path; pass --last-step Mean (or Tweedie, Euler) or a positive --sample-eps")
+        solver = SDESolver(sde_drift, sde_diffusion, t0=t0, t1=t1, num_steps=num_steps, sampler_type=sampling_method)
+        last_step_fn = self._last_step(sde_drift, last_step=last_step, last_step_size=last_step_size)
+
+        def run(init, model, **model_kwargs):
+            xs = solver.sample(init, model, keep_trajectory=keep_trajectory, **model_kwargs)
+            ts = th.ones(init.size(0), dtype=init.dtype, device=init.device) * t1
+            with th.no_grad():
+                x = last_step_fn(xs[-1], ts, model, **model_kwargs)
+            if keep_trajectory:
+                xs.append(x)
+                return xs
+            return [x]
+
+        return SampleFunction(run)
+
+    def _score_singular_at(self, t: float) -> bool:
+        """Whether sigma_t vanishes at t (the score, hence the SDE drift, is undefined there)."""
+        sigma_t, _ = self.transport.path_sampler.compute_sigma_t(th.tensor([float(t)], dtype=th.float64))
+        return bool(sigma_t.abs().max() == 0)
+
+    def sample_ode(self, *, sampling_method: str = "dopri5", num_steps: int = 50, atol: float = 1e-6, rtol: float = 1e-3,
+                   reverse: bool = False, keep_trajectory: bool = True) -> SampleFunction:
+        """A function fn(x, model, **model_kwargs) solving the probability-flow ODE from x: (N, ...).
+
+        It returns the states at num_steps uniform times, stacked (num_steps, N, ...): `[-1]` is the
+        sample (noise to data; data to noise with reverse=True). For fixed-step methods (euler,
+        midpoint, rk4, ...) num_steps is the grid; for adaptive ones (dopri5, ...) only the output
+        points. keep_trajectory=False returns the last state only, as a (1, N, ...) tensor.
+        """
+        if num_steps < 2:
+            raise ValueError(f"the ODE sampler needs at least 2 steps, got {num_steps}")
+        t0, t1 = self.transport.check_interval(
+            self.transport.train_eps, self.transport.sample_eps, sde=False, eval=True, reverse=reverse, last_step_size=0.0,
+        )
+        solver = ODESolver(self.drift, t0=t0, t1=t1, sampler_type=sampling_method, num_steps=num_steps, atol=atol, rtol=rtol)
+
+        def run(x, model, **model_kwargs):
+            with th.no_grad():
+                trajectory = solver.sample(x, model, **model_kwargs)
+            return trajectory if keep_trajectory else trajectory[-1:].clone()
+
+        return SampleFunction(run)
+
+    def sample_ode_likelihood(self, *, sampling_method: str = "dopri5", num_steps: int = 50, atol: float = 1e-6,
+                              rtol: float = 1e-3) -> SampleFunction:
+        """A function fn(x, model, **model_kwargs) computing the log-likelihood of data x: (N, ...).
+
+        It integrates the probability-flow ODE from data to noise with Hutchinson's trace estimator
+        (one Rademacher probe per drift evaluation) and returns a LikelihoodResult
+        (logp: (N,) nats, prior_sample: (N, ...)), which also has `.bits_per_dim`.
+        """
+        if num_steps < 2:
+            raise ValueError(f"the ODE sampler needs at least 2 steps, got {num_steps}")
+        drift_fn = self.drift
+
+        def likelihood_drift(state, t, model, **model_kwargs):
+            x, _ = state
+            eps = th.randint(2, x.size(), dtype=th.float, device=x.device) * 2 - 1
+            eps = eps.to(x.dtype)
+            t = th.ones_like(t) * (1 - t)  # solver time s runs 0 -> 1 while t runs 1 (data) -> 0 (noise)
+            with th.enable_grad():
+                x = x.detach().requires_grad_(True)
+                drift = drift_fn(x, t, model, **model_kwargs)
+                grad = th.autograd.grad(th.sum(drift * eps), x)[0]
+            logp_grad = th.sum(grad * eps, dim=tuple(range(1, x.dim())))
+            return -drift.detach(), logp_grad
+
+        t0, t1 = self.transport.check_interval(
+            self.transport.train_eps, self.transport.sample_eps, sde=False, eval=True, reverse=False, last_step_size=0.0,
+        )
+        solver = ODESolver(likelihood_drift, t0=t0, t1=t1, sampler_type=sampling_method, num_steps=num_steps, atol=atol, rtol=rtol)
+
+        def run(x, model, **model_kwargs):
+            init_logp = th.zeros(x.size(0), dtype=x.dtype, device=x.device)
+            states, delta_logp = solver.sample((x, init_logp), model, **model_kwargs)
+            prior_sample, delta_logp = states[-1], delta_logp[-1]
+            logp = self.transport.prior_logp(prior_sample) - delta_logp
+            return LikelihoodResult(logp.detach(), prior_sample.detach())
+
+        return SampleFunction(run)
