@@ -211,3 +211,44 @@ def atomic_torch_save(obj: Any, path: str) -> None:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
         raise
+
+
+#################################################################################
+#                                    Images                                     #
+#################################################################################
+
+def center_crop_arr(pil_image, image_size: int):
+    """ADM's center crop: halve with a box filter while large, resize bicubic so the short side is
+    image_size, then crop the center square."""
+    import numpy as np
+    from PIL import Image
+
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)  # (H, W, 3)
+    crop_y = (arr.shape[0] - image_size) // 2
+    crop_x = (arr.shape[1] - image_size) // 2
+    return Image.fromarray(arr[crop_y: crop_y + image_size, crop_x: crop_x + image_size])
+
+
+class CenterCrop:
+    """Transform wrapper of center_crop_arr (a class, so DataLoader workers can pickle it)."""
+
+    def __init__(self, image_size: int):
+        self.image_size = image_size
+
+    def __call__(self, pil_image):
+        return center_crop_arr(pil_image.convert("RGB"), self.image_size)
+
+
+def image_transform(image_size: int, random_flip: bool = True):
+    """ADM center crop, optional random horizontal flip, to a (3, H, W) tensor in [-1, 1]."""
+    from torchvision import transforms
+
+    steps = [CenterCrop(image_size)]
+    if random_flip:
+        steps.append(transforms.RandomHorizontalFlip())
+    steps += [transforms.ToTensor(), transforms.Normalize(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5], inplace=True)]
+    return transforms.Compose(steps)
