@@ -1,0 +1,47 @@
+"""Shared test fixtures: a tiny VAE with SD-VAE's downsampling and a tiny image folder."""
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+
+def make_tiny_vae(path: str) -> str:
+    """A randomly initialised diffusers AutoencoderKL (4 latent channels, downsampling 8), saved to path."""
+    from diffusers.models import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8),
+                        layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=32)
+    vae.save_pretrained(path)
+    return path
+
+
+def make_image_folder(path: str, num_classes: int = 2, per_class: int = 4, size: int = 32, seed: int = 0) -> str:
+    """An ImageFolder of random RGB PNGs, some of them not square."""
+    rng = np.random.default_rng(seed)
+    for label in range(num_classes):
+        folder = os.path.join(path, f"class{label}")
+        os.makedirs(folder, exist_ok=True)
+        for index in range(per_class):
+            height, width = (size, size + 8 * (index % 2))
+            pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(os.path.join(folder, f"{index}.png"))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_vae(tmp_path_factory) -> str:
+    return make_tiny_vae(str(tmp_path_factory.mktemp("vae") / "vae"))
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> str:
+    return make_image_folder(str(tmp_path_factory.mktemp("images") / "train"))

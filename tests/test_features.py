@@ -1,0 +1,112 @@
+"""extract_features.py and the cached-latent dataset."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torchvision.datasets import ImageFolder
+
+from conftest import REPO
+from features import LatentFeatureDataset, block_marker, flip_for, read_meta
+from train_utils import image_transform
+
+
+def run_extract(args, nproc=1):
+    if nproc == 1:
+        command = [sys.executable, "extract_features.py", *args]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=29613",
+                   "extract_features.py", *args]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory, image_folder, tiny_vae):
+    out = str(tmp_path_factory.mktemp("features") / "feats")
+    result = run_extract(["--data-path", image_folder, "--features-path", out, "--image-size", "32", "--vae", tiny_vae,
+                          "--batch-size", "3", "--block-size", "3", "--num-workers", "0", "--float32"])
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.mark.slow
+def test_features_equal_direct_encoding(extracted, image_folder, tiny_vae):
+    from diffusers.models import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(tiny_vae).eval()
+    dataset = ImageFolder(image_folder, transform=image_transform(32, random_flip=False))
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])  # (N, 3, 32, 32)
+    with torch.no_grad():
+        plain = vae.encode(images).latent_dist
+        flipped = vae.encode(images.flip(dims=[3])).latent_dist
+    meta = read_meta(extracted)
+    assert meta["complete"] and meta["num_images"] == 8 and meta["latent_shape"] == [4, 4, 4]
+    mean = np.load(os.path.join(extracted, "mean.npy"))
+    std = np.load(os.path.join(extracted, "std.npy"))
+    labels = np.load(os.path.join(extracted, "labels.npy"))
+    np.testing.assert_allclose(mean[:, 0], plain.mean.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(mean[:, 1], flipped.mean.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(std[:, 0], plain.std.numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(labels, np.array(dataset.targets))
+
+
+@pytest.mark.slow
+def test_resume_redoes_only_missing_blocks(extracted, image_folder, tiny_vae):
+    mean_path = os.path.join(extracted, "mean.npy")
+    before = np.load(mean_path).copy()
+    # Simulate a run that died while writing the block starting at image 3.
+    os.remove(block_marker(extracted, 3))
+    damaged = np.load(mean_path, mmap_mode="r+")
+    damaged[3:6] = 0
+    damaged.flush()
+    marker_time = os.path.getmtime(block_marker(extracted, 0))
+    result = run_extract(["--data-path", image_folder, "--features-path", extracted, "--image-size", "32",
+                          "--vae", tiny_vae, "--batch-size", "3", "--block-size", "3", "--num-workers", "0", "--float32"])
+    assert result.returncode == 0, result.stderr
+    assert "2 of this rank's 3 blocks already done" in result.stdout
+    np.testing.assert_allclose(np.load(mean_path), before, rtol=1e-5, atol=1e-6)
+    assert os.path.getmtime(block_marker(extracted, 0)) == marker_time
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(extracted, image_folder, tiny_vae, tmp_path):
+    out = str(tmp_path / "feats2")
+    result = run_extract(["--data-path", image_folder, "--features-path", out, "--image-size", "32", "--vae", tiny_vae,
+                          "--batch-size", "2", "--block-size", "2", "--num-workers", "0", "--float32"], nproc=2)
+    assert result.returncode == 0, result.stderr
+    np.testing.assert_allclose(np.load(os.path.join(out, "mean.npy")), np.load(os.path.join(extracted, "mean.npy")),
+                               rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_rerun_with_other_settings_is_refused(extracted, image_folder, tiny_vae):
+    result = run_extract(["--data-path", image_folder, "--features-path", extracted, "--image-size", "64",
+                          "--vae", tiny_vae, "--num-workers", "0", "--float32"])
+    assert result.returncode != 0
+    assert "other settings (image_size" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_image_size_is_refused(image_folder, tmp_path):
+    result = run_extract(["--data-path", image_folder, "--features-path", str(tmp_path / "f"), "--image-size", "30"])
+    assert result.returncode == 2 and "multiple of 8" in result.stderr
+
+
+@pytest.mark.slow
+def test_dataset_flips_reproducibly(extracted):
+    dataset = LatentFeatureDataset(extracted, seed=3)
+    mean = np.load(os.path.join(extracted, "mean.npy"))
+    for epoch in range(2):
+        for index in range(len(dataset)):
+            side = int(flip_for(3, epoch, index))
+            item_mean, item_std, label = dataset[(epoch, index)]
+            np.testing.assert_array_equal(item_mean.numpy(), mean[index, side])
+    flips = [flip_for(3, 0, index) for index in range(200)]
+    assert 70 < sum(flips) < 130  # a fair coin
+
+
+def test_incomplete_features_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="run extract_features.py first"):
+        LatentFeatureDataset(str(tmp_path))
