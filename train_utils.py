@@ -6,6 +6,7 @@ The three `parse_*_args` functions keep the original's names, flags and defaults
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import logging
 import os
@@ -252,3 +253,56 @@ def image_transform(image_size: int, random_flip: bool = True):
         steps.append(transforms.RandomHorizontalFlip())
     steps += [transforms.ToTensor(), transforms.Normalize(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5], inplace=True)]
     return transforms.Compose(steps)
+
+
+#################################################################################
+#                              Precision and speed                              #
+#################################################################################
+
+# --precision choice -> autocast dtype (None: no autocast). tf32 is fp32 storage with TF32 matmuls.
+PRECISIONS = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def configure_precision(precision: str) -> None:
+    """Set the global matmul precision flags for a --precision choice (TF32 only on GPUs)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    allow_tf32 = precision != "fp32"
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    torch.backends.cudnn.allow_tf32 = allow_tf32
+
+
+def autocast(precision: str, device: torch.device):
+    """The autocast context for a --precision choice: bf16/fp16 mixed precision, or a no-op.
+
+    Parameters stay fp32; only the forward's matmuls and convolutions run in the lower precision.
+    """
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def update_ema(ema_model: torch.nn.Module, model: torch.nn.Module, decay: float = 0.9999) -> None:
+    """ema = decay * ema + (1 - decay) * model, for every parameter, with fused multi-tensor ops.
+
+    As the original, the frozen pos_embed takes part too (it is equal in both, so it stays put).
+    """
+    model_params = dict(model.named_parameters())
+    ema_params = dict(ema_model.named_parameters())
+    names = list(model_params)
+    targets = [ema_params[name] for name in names]
+    torch._foreach_mul_(targets, decay)  # the original's arithmetic: ema * decay + param * (1 - decay)
+    torch._foreach_add_(targets, [model_params[name].detach() for name in names], alpha=1 - decay)
+
+
+def make_optimizer(model: torch.nn.Module, lr: float = 1e-4, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """The paper's AdamW (constant lr 1e-4, no weight decay), fused on GPUs, multi-tensor elsewhere.
+
+    All parameters are handed over, the frozen pos_embed included (AdamW skips it), so that the
+    state's parameter indices match the original's checkpoints.
+    """
+    params = list(model.parameters())
+    on_gpu = all(param.is_cuda for param in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=on_gpu, foreach=not on_gpu)
