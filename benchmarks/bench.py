@@ -1,0 +1,221 @@
+"""Training and sampling throughput: the original's loop against ours, side by side in one run.
+
+    python benchmarks/bench.py --model SiT-S/2 --image-size 256 --batch-size 4            # CPU
+    python benchmarks/bench.py --model SiT-XL/2 --batch-size 64 --precision bf16 --compile  # GPU
+
+Baseline, shaped like the original train.py: fp32 weights (TF32 matmuls on GPU), the VAE encoding
+every batch, a per-parameter EMA loop, default AdamW, eager, `loss.item()` every step.
+Optimised: --precision autocast, optional torch.compile, fused EMA and AdamW, no per-step sync;
+measured from images (online VAE) and from cached latents (no VAE). Sampling: one guided
+sampler step (forward_with_cfg on 2N inputs), eager fp32 against --precision/--compile.
+Weights are random (speed does not depend on them); the VAE has the SD-VAE architecture.
+Prints images/s, peak memory, model TFLOP/s (FlopCounterMode) and, on a known GPU, the
+fraction of its dense bf16 peak.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import resource
+import sys
+import time
+from collections import OrderedDict
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from models import SiT_models  # noqa: E402
+from train_utils import LATENT_SCALE, PRECISIONS, autocast, configure_precision, make_optimizer, update_ema  # noqa: E402
+from transport import create_transport  # noqa: E402
+
+# Dense bf16 tensor-core peaks (TFLOP/s) of GPUs we know, by a substring of their name.
+GPU_BF16_PEAK = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "4090": 165.0}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", choices=list(SiT_models), default="SiT-S/2")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--precision", choices=list(PRECISIONS), default="bf16")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per measurement")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (compilation happens here)")
+    parser.add_argument("--skip-baseline-train", action="store_true", help="only when the baseline does not fit")
+    args = parser.parse_args()
+    if args.image_size % 8 or args.batch_size <= 0 or args.steps <= 0 or args.warmup < 0:
+        parser.error("--image-size must be a multiple of 8; --batch-size and --steps positive")
+    return args
+
+
+def sd_vae(device: torch.device):
+    """A randomly initialised AutoencoderKL with Stable Diffusion's VAE architecture."""
+    from diffusers.models import AutoencoderKL
+
+    blocks = 4
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * blocks,
+                         up_block_types=("UpDecoderBlock2D",) * blocks, block_out_channels=(128, 256, 512, 512),
+                         layers_per_block=2, latent_channels=4, sample_size=256).to(device).eval().requires_grad_(False)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak GPU memory since the last reset, or the process's peak resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def time_steps(step: Callable[[], None], device: torch.device, steps: int, warmup: int) -> float:
+    """Seconds per call of step, after warmup calls."""
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize(device)
+    return (time.perf_counter() - start) / steps
+
+
+def original_update_ema(ema_model, model, decay=0.9999):
+    """The original's EMA: one multiply-add per parameter, looked up by name."""
+    ema_params = OrderedDict(ema_model.named_parameters())
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            ema_params[name].mul_(decay).add_(param.data, alpha=1 - decay)
+
+
+class TrainBench:
+    """One model, EMA and optimizer with the step variants to time."""
+
+    def __init__(self, args: argparse.Namespace, device: torch.device, vae):
+        latent = args.image_size // 8
+        self.model = SiT_models[args.model](input_size=latent).to(device).train()
+        self.ema = copy.deepcopy(self.model).requires_grad_(False)
+        self.transport = create_transport()
+        self.device, self.vae, self.precision = device, vae, args.precision
+        self.images = torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=device) * 2 - 1
+        self.labels = torch.randint(0, 1000, (args.batch_size,), device=device)
+        self.latent_mean = torch.randn(args.batch_size, 4, latent, latent, device=device)
+        self.latent_std = torch.rand_like(self.latent_mean) * 0.1
+
+    def baseline_step(self, opt) -> None:
+        with torch.no_grad():
+            x = self.vae.encode(self.images).latent_dist.sample().mul_(LATENT_SCALE)
+        loss = self.transport.training_losses(self.model, x, dict(y=self.labels))["loss"].mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        original_update_ema(self.ema, self.model)
+        loss.item()
+
+    def optimised_step(self, model, opt, from_images: bool) -> None:
+        with torch.no_grad(), autocast(self.precision, self.device):
+            if from_images:
+                x = self.vae.encode(self.images).latent_dist.sample().float().mul_(LATENT_SCALE)
+            else:
+                x = (self.latent_mean + self.latent_std * torch.randn_like(self.latent_mean)) * LATENT_SCALE
+        with autocast(self.precision, self.device):
+            loss = self.transport.training_losses(model, x, dict(y=self.labels))["loss"].mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        update_ema(self.ema, self.model)
+
+    def training_flops(self) -> int:
+        """FLOPs of one training forward and backward of the model (VAE excluded)."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        x = torch.randn_like(self.latent_mean)
+        t = torch.rand(x.shape[0], device=self.device)
+        with FlopCounterMode(display=False) as counter:
+            self.model(x, t, self.labels).sum().backward()
+        self.model.zero_grad(set_to_none=True)
+        return counter.get_total_flops()
+
+
+def sampling_step_fn(model, batch: int, latent: int, device: torch.device, precision: str) -> Callable[[], None]:
+    """One guided sampler step: forward_with_cfg on (2N, 4, latent, latent) inputs."""
+    x = torch.randn(2 * batch, 4, latent, latent, device=device)
+    t = torch.full((2 * batch,), 0.5, device=device)
+    y = torch.cat([torch.randint(0, 1000, (batch,), device=device), torch.full((batch,), 1000, device=device)])
+
+    def step():
+        with torch.no_grad(), autocast(precision, device):
+            model.forward_with_cfg(x, t, y, 4.0)
+
+    return step
+
+
+def report(name: str, seconds: float, batch: int, memory: float, flops: int = 0, peak: float = 0.0) -> dict:
+    row = dict(name=name, images_per_s=batch / seconds, seconds=seconds, memory_gib=memory,
+               tflops=flops / seconds / 1e12 if flops else 0.0)
+    extra = f"  {row['tflops']:7.2f} TFLOP/s" if flops else ""
+    if flops and peak:
+        extra += f" ({100 * row['tflops'] / peak:.0f}% of bf16 peak)"
+    print(f"{name:42s} {row['images_per_s']:9.2f} img/s  {seconds * 1000:9.1f} ms/step  peak mem {memory:6.2f} GiB{extra}", flush=True)
+    return row
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    peak = next((value for key, value in GPU_BF16_PEAK.items() if key in name), 0.0)
+    print(f"device: {name}; torch {torch.__version__}; {args.model} at {args.image_size}px, batch {args.batch_size}; "
+          f"optimised: {args.precision}{' + compile' if args.compile else ''}", flush=True)
+    torch.manual_seed(0)
+    vae = sd_vae(device)
+    bench = TrainBench(args, device, vae)
+    flops = bench.training_flops()
+    rows = {}
+
+    if not args.skip_baseline_train:
+        configure_precision("tf32")  # the original: fp32 weights, TF32 matmuls on GPU
+        opt = torch.optim.AdamW(bench.model.parameters(), lr=1e-4, weight_decay=0)
+        reset_peak_memory(device)
+        seconds = time_steps(lambda: bench.baseline_step(opt), device, args.steps, args.warmup)
+        rows["baseline"] = report("train, baseline (original loop)", seconds, args.batch_size, peak_memory_gib(device), flops, peak)
+        del opt
+
+    configure_precision(args.precision)
+    model = torch.compile(bench.model) if args.compile else bench.model
+    opt = make_optimizer(bench.model)
+    for from_images, label in ((True, "from images"), (False, "cached latents")):
+        reset_peak_memory(device)
+        seconds = time_steps(lambda: bench.optimised_step(model, opt, from_images), device, args.steps, args.warmup)
+        rows[label] = report(f"train, optimised, {label}", seconds, args.batch_size, peak_memory_gib(device), flops, peak)
+
+    latent = args.image_size // 8
+    sample_model = SiT_models[args.model](input_size=latent).to(device).eval()
+    configure_precision("tf32")
+    reset_peak_memory(device)
+    seconds = time_steps(sampling_step_fn(sample_model, args.batch_size, latent, device, "fp32"), device, args.steps, args.warmup)
+    rows["sample baseline"] = report("sampling step, baseline (eager fp32)", seconds, args.batch_size, peak_memory_gib(device))
+    configure_precision(args.precision)
+    fast_model = torch.compile(sample_model) if args.compile else sample_model
+    reset_peak_memory(device)
+    seconds = time_steps(sampling_step_fn(fast_model, args.batch_size, latent, device, args.precision), device, args.steps, args.warmup)
+    rows["sample optimised"] = report("sampling step, optimised", seconds, args.batch_size, peak_memory_gib(device))
+
+    print()
+    if "baseline" in rows:
+        for label in ("from images", "cached latents"):
+            print(f"training speed-up, {label}: {rows[label]['images_per_s'] / rows['baseline']['images_per_s']:.2f}x")
+    print(f"sampling speed-up: {rows['sample optimised']['images_per_s'] / rows['sample baseline']['images_per_s']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
