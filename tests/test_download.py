@@ -1,0 +1,550 @@
+"""download.py: safe loading, atomic downloads (local http server, file:// URLs, a faked hub), clear
+errors, and building the right model for a checkpoint. No network: everything is on 127.0.0.1."""
+import argparse
+import http.server
+import os
+import socket
+import threading
+
+import huggingface_hub
+import pytest
+import torch
+
+import download
+import models
+from download import CheckpointError, find_model, load_checkpoint, load_model
+
+TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10)
+
+
+@pytest.fixture(autouse=True)
+def in_tmp_cwd(tmp_path, monkeypatch):
+    """Every test runs in its own folder, so pretrained_models/ is fresh and nothing leaks out."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def offline_hub(monkeypatch):
+    """huggingface_hub.hf_hub_download fails as it would without network, recording each call."""
+    calls = []
+
+    def fail(repo_id, filename, **kwargs):
+        calls.append((repo_id, filename))
+        raise ConnectionError("Max retries exceeded (no network in tests)")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fail)
+    return calls
+
+
+def random_sit(seed: int = 0, **overrides) -> models.SiT:
+    config = dict(TINY, **overrides)
+    torch.manual_seed(seed)
+    model = models.SiT(**config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0, 0.1)
+    return model.eval()
+
+
+def assert_same_weights(actual: dict, expected: dict) -> None:
+    assert list(actual) == list(expected)
+    for key in expected:
+        assert torch.equal(actual[key], expected[key]), key
+
+
+def train_args(**overrides) -> argparse.Namespace:
+    args = dict(model="SiT-XL/2", image_size=64, vae="ema", num_classes=10, path_type="GVP", prediction="noise",
+                loss_weight="velocity", train_eps=1e-5, sample_eps=1e-3, results_dir="results", global_seed=0)
+    args.update(overrides)
+    return argparse.Namespace(**args)
+
+
+def train_checkpoint(model: models.SiT, ema: models.SiT, **extra) -> dict:
+    """The reference format: {"model", "ema", "opt", "args"} with state dicts and a Namespace."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model(torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2])).sum().backward()
+    opt.step()
+    checkpoint = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "args": train_args()}
+    checkpoint.update(extra)
+    return checkpoint
+
+
+class MakesMarker:
+    """A pickle payload that would create a folder on load (stand-in for os.system)."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+#################################################################################
+#                                 Safe loading                                  #
+#################################################################################
+
+def test_bare_state_dict_round_trip(tmp_path):
+    state_dict = random_sit().state_dict()
+    torch.save(state_dict, tmp_path / "bare.pt")
+    assert_same_weights(find_model(str(tmp_path / "bare.pt")), state_dict)
+
+
+def test_train_checkpoint_yields_ema_weights(tmp_path):
+    model, ema = random_sit(seed=0), random_sit(seed=1)
+    torch.save(train_checkpoint(model, ema), tmp_path / "0001000.pt")
+    loaded = find_model(str(tmp_path / "0001000.pt"))
+    assert_same_weights(loaded, ema.state_dict())
+    assert not torch.equal(loaded["final_layer.linear.weight"], model.state_dict()["final_layer.linear.weight"])
+
+
+def test_checkpoint_without_ema_yields_model_weights(tmp_path):
+    model = random_sit()
+    torch.save({"model": model.state_dict(), "args": train_args()}, tmp_path / "noema.pt")
+    assert_same_weights(find_model(str(tmp_path / "noema.pt")), model.state_dict())
+
+
+def test_namespace_checkpoint_loads_with_its_args(tmp_path):
+    model, ema = random_sit(seed=0), random_sit(seed=1)
+    saved = train_checkpoint(model, ema, steps=1000)
+    torch.save(saved, tmp_path / "ckpt.pt")
+    raw = load_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert set(raw) == {"model", "ema", "opt", "args", "steps"}
+    assert isinstance(raw["args"], argparse.Namespace)
+    assert raw["args"] == train_args()
+    assert raw["steps"] == 1000
+    assert raw["opt"]["param_groups"][0]["lr"] == 1e-4
+    for key, state in saved["opt"]["state"].items():
+        assert torch.equal(raw["opt"]["state"][key]["exp_avg"], state["exp_avg"])
+
+
+def test_legacy_serialization_loads(tmp_path):
+    state_dict = random_sit().state_dict()
+    torch.save(state_dict, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    assert_same_weights(find_model(str(tmp_path / "legacy.pt")), state_dict)
+
+
+@pytest.mark.parametrize("where", ["top", "inside_args"])
+def test_malicious_pickle_is_refused_and_does_not_run(tmp_path, where):
+    marker = tmp_path / "pwned"
+    payload = MakesMarker(str(marker))
+    if where == "top":
+        evil = {"model": random_sit().state_dict(), "hook": payload}
+    else:
+        evil = {"ema": random_sit().state_dict(), "args": argparse.Namespace(model="SiT-XL/2", hook=payload)}
+    torch.save(evil, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match=r"refused to load .*evil\.pt.*GLOBAL .*mkdir"):
+        find_model(str(tmp_path / "evil.pt"))
+    assert not marker.exists()
+    with pytest.raises(CheckpointError, match="refused"):
+        load_model(str(tmp_path / "evil.pt"))
+    assert not marker.exists()
+    # control: the payload is real, a plain unpickler does run it
+    torch.load(tmp_path / "evil.pt", weights_only=False)
+    assert marker.is_dir()
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match=r"no SiT checkpoint at .*nowhere\.pt"):
+        find_model(str(tmp_path / "nowhere.pt"))
+
+
+def test_folder_is_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="is a folder"):
+        find_model(str(tmp_path))
+
+
+def test_empty_file(tmp_path):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="is empty"):
+        find_model(str(tmp_path / "empty.pt"))
+
+
+def test_text_file(tmp_path):
+    (tmp_path / "notes.pt").write_text("these are my notes, not a checkpoint\n")
+    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+        find_model(str(tmp_path / "notes.pt"))
+
+
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_truncated_file(tmp_path, zip_format):
+    torch.save(random_sit().state_dict(), tmp_path / "full.pt", _use_new_zipfile_serialization=zip_format)
+    data = (tmp_path / "full.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+        find_model(str(tmp_path / "cut.pt"))
+
+
+def test_not_a_dict(tmp_path):
+    torch.save(torch.ones(3), tmp_path / "tensor.pt")
+    with pytest.raises(CheckpointError, match="holds a Tensor, not a checkpoint dict"):
+        find_model(str(tmp_path / "tensor.pt"))
+
+
+def test_checkpoint_error_is_a_value_error():
+    assert issubclass(CheckpointError, ValueError)
+
+
+#################################################################################
+#                           Downloads (local server only)                       #
+#################################################################################
+
+class FileServer:
+    """A tiny http server on 127.0.0.1: `files` maps a path to bytes; paths in `short` announce the
+    full length but send only half before closing (an interrupted transfer)."""
+
+    def __init__(self):
+        self.files: dict[str, bytes] = {}
+        self.short: set[str] = set()
+        self.hits: list[str] = []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                path = self.path.split("?")[0]
+                server.hits.append(path)
+                if path not in server.files:
+                    self.send_error(404)
+                    return
+                data = server.files[path]
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data[: len(data) // 2] if path in server.short else data)
+                self.close_connection = True
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    file_server = FileServer()
+    yield file_server
+    file_server.close()
+
+
+@pytest.fixture
+def closed_port():
+    """A local port nothing listens on: connections to it are refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def saved_bytes(obj, tmp_path) -> bytes:
+    torch.save(obj, tmp_path / "payload.pt")
+    return (tmp_path / "payload.pt").read_bytes()
+
+
+def leftovers(folder) -> list:
+    return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+
+
+def test_http_download_into_pretrained_models(server, tmp_path):
+    ema = random_sit(seed=3)
+    server.files["/ckpts/my-sit.pt"] = saved_bytes(train_checkpoint(random_sit(), ema), tmp_path)
+    loaded = find_model(server.url("/ckpts/my-sit.pt"))
+    assert_same_weights(loaded, ema.state_dict())
+    assert leftovers("pretrained_models") == ["my-sit.pt"]
+    assert (tmp_path / "pretrained_models" / "my-sit.pt").read_bytes() == server.files["/ckpts/my-sit.pt"]
+    # a second call reuses the complete file: no new request
+    find_model(server.url("/ckpts/my-sit.pt"))
+    assert server.hits == ["/ckpts/my-sit.pt"]
+
+
+def test_file_url_download(tmp_path):
+    state_dict = random_sit().state_dict()
+    source = tmp_path / "elsewhere" / "weights file.pt"
+    source.parent.mkdir()
+    torch.save(state_dict, source)
+    assert_same_weights(find_model(source.as_uri()), state_dict)
+    assert leftovers("pretrained_models") == ["weights file.pt"]
+
+
+def test_interrupted_download_leaves_no_file(server, tmp_path):
+    server.files["/cut.pt"] = saved_bytes(random_sit().state_dict(), tmp_path)
+    server.short.add("/cut.pt")
+    with pytest.raises(CheckpointError, match=r"(interrupted|IncompleteRead).*--ckpt /path/to/cut\.pt"):
+        find_model(server.url("/cut.pt"))
+    assert leftovers("pretrained_models") == []  # neither the final name nor a partial temp file
+
+
+def test_download_url_interrupted_by_ctrl_c_leaves_no_file(server, tmp_path, monkeypatch):
+    server.files["/big.pt"] = b"x" * (3 * 1024)
+    monkeypatch.setattr(download, "CHUNK_BYTES", 1024)
+    original_write = download.tqdm.update
+    calls = []
+
+    def interrupt_on_second_chunk(bar, n):
+        calls.append(n)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original_write(bar, n)
+
+    monkeypatch.setattr(download.tqdm, "update", interrupt_on_second_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        download.download_url(server.url("/big.pt"), "pretrained_models/big.pt")
+    assert leftovers("pretrained_models") == []
+
+
+def test_http_404_is_a_clear_error(server):
+    with pytest.raises(CheckpointError, match=r"could not download .*HTTPError.*404.*--ckpt /path/to/gone\.pt"):
+        find_model(server.url("/gone.pt"))
+    assert leftovers("pretrained_models") == []
+
+
+def test_connection_refused_says_pass_a_local_file(closed_port):
+    url = f"http://127.0.0.1:{closed_port}/SiT-XL-2-256.pt"
+    with pytest.raises(CheckpointError) as raised:
+        find_model(url)
+    message = str(raised.value)
+    assert "could not download" in message and "URLError" in message
+    assert message.endswith("pass the local file instead: --ckpt /path/to/SiT-XL-2-256.pt")
+    assert "\n" not in message
+    assert leftovers("pretrained_models") == []
+
+
+def test_published_sources_hub_first_then_dropbox():
+    sources = download.PUBLISHED_MODELS["SiT-XL-2-256x256.pt"]
+    assert sources[0] == "hf://nyu-visionx/SiT-collections/SiT-XL-2-256.pt"
+    assert sources[1].startswith("https://www.dl.dropboxusercontent.com/scl/fi/as9oeomcbub47de5g4be0/SiT-XL-2-256.pt?")
+    assert download.pretrained_models == {"SiT-XL-2-256x256.pt"}
+
+
+def test_published_model_falls_back_to_url_when_hub_is_offline(server, tmp_path, offline_hub, monkeypatch):
+    state_dict = random_sit().state_dict()
+    server.files["/SiT-XL-2-256.pt"] = saved_bytes(state_dict, tmp_path)
+    hub_source = download.PUBLISHED_MODELS["SiT-XL-2-256x256.pt"][0]
+    monkeypatch.setitem(download.PUBLISHED_MODELS, "SiT-XL-2-256x256.pt", [hub_source, server.url("/SiT-XL-2-256.pt")])
+    assert_same_weights(find_model("SiT-XL-2-256x256.pt"), state_dict)
+    assert offline_hub == [("nyu-visionx/SiT-collections", "SiT-XL-2-256.pt")]  # the hub was tried first
+    assert leftovers("pretrained_models") == ["SiT-XL-2-256x256.pt"]
+    # once there, it is not fetched again
+    find_model("SiT-XL-2-256x256.pt")
+    assert server.hits == ["/SiT-XL-2-256.pt"] and len(offline_hub) == 1
+
+
+def test_published_model_from_hub(server, tmp_path, monkeypatch):
+    state_dict = random_sit().state_dict()
+    cache_file = tmp_path / "hub-cache" / "SiT-XL-2-256.pt"
+    cache_file.parent.mkdir()
+    torch.save(state_dict, cache_file)
+    calls = []
+
+    def fake_hub_download(repo_id, filename, **kwargs):
+        calls.append((repo_id, filename))
+        return str(cache_file)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_hub_download)
+    hub_source = download.PUBLISHED_MODELS["SiT-XL-2-256x256.pt"][0]
+    monkeypatch.setitem(download.PUBLISHED_MODELS, "SiT-XL-2-256x256.pt", [hub_source, server.url("/SiT-XL-2-256.pt")])
+    assert_same_weights(find_model("SiT-XL-2-256x256.pt"), state_dict)
+    assert calls == [("nyu-visionx/SiT-collections", "SiT-XL-2-256.pt")]
+    assert server.hits == []  # the fallback was not needed
+    assert (tmp_path / "pretrained_models" / "SiT-XL-2-256x256.pt").read_bytes() == cache_file.read_bytes()
+
+
+def test_published_model_all_sources_fail(offline_hub, closed_port, monkeypatch):
+    hub_source = download.PUBLISHED_MODELS["SiT-XL-2-256x256.pt"][0]
+    dead_url = f"http://127.0.0.1:{closed_port}/SiT-XL-2-256.pt"
+    monkeypatch.setitem(download.PUBLISHED_MODELS, "SiT-XL-2-256x256.pt", [hub_source, dead_url])
+    with pytest.raises(CheckpointError) as raised:
+        find_model("SiT-XL-2-256x256.pt")
+    message = str(raised.value)
+    assert "Hugging Face hub" in message and dead_url in message
+    assert message.endswith("--ckpt /path/to/SiT-XL-2-256x256.pt")
+    assert leftovers("pretrained_models") == []
+
+
+def test_published_model_already_downloaded_needs_no_network(offline_hub, tmp_path):
+    state_dict = random_sit().state_dict()
+    os.makedirs("pretrained_models")
+    torch.save(state_dict, "pretrained_models/SiT-XL-2-256x256.pt")
+    assert_same_weights(find_model("SiT-XL-2-256x256.pt"), state_dict)
+    assert offline_hub == []
+
+
+def test_hub_file_spec(tmp_path, monkeypatch):
+    state_dict = random_sit().state_dict()
+    torch.save(state_dict, tmp_path / "cached.pt")
+    calls = []
+
+    def fake_hub_download(repo_id, filename, **kwargs):
+        calls.append((repo_id, filename))
+        return str(tmp_path / "cached.pt")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_hub_download)
+    assert_same_weights(find_model("hf://nyu-visionx/SiT-collections/sub/dir/SiT-B-2-256.pt"), state_dict)
+    assert calls == [("nyu-visionx/SiT-collections", "sub/dir/SiT-B-2-256.pt")]
+    assert leftovers("pretrained_models") == []  # hub files stay in the hub's cache
+
+
+def test_hub_file_offline(offline_hub):
+    with pytest.raises(CheckpointError, match=r"could not fetch hf://org/repo/x\.pt .*--ckpt /path/to/x\.pt$"):
+        find_model("hf://org/repo/x.pt")
+
+
+@pytest.mark.parametrize("spec", ["hf://org", "hf://org/repo", "hf://org//x.pt"])
+def test_bad_hub_spec(spec):
+    with pytest.raises(CheckpointError, match="expected hf://<org>/<repo>/<file>"):
+        find_model(spec)
+
+
+#################################################################################
+#                             Model from checkpoint                             #
+#################################################################################
+
+def model_output(model: models.SiT) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    channels, size = model.in_channels, model.x_embedder.grid_size * model.patch_size
+    x = torch.randn(2, channels, size, size, generator=generator)
+    with torch.no_grad():
+        return model(x, torch.tensor([0.25, 0.75]), torch.tensor([1, 3]))
+
+
+def test_load_model_from_train_checkpoint(tmp_path):
+    model, ema = random_sit(seed=0), random_sit(seed=1)
+    torch.save(train_checkpoint(model, ema), tmp_path / "ckpt.pt")
+    loaded, info = load_model(str(tmp_path / "ckpt.pt"))
+    assert not loaded.training
+    assert loaded.config == dict(ema.config, num_heads=1)  # read from shapes: head size 64 assumed
+    assert_same_weights(loaded.state_dict(), ema.state_dict())
+    assert info == {"model_name": None, "image_size": 64, "num_classes": 10, "in_channels": 4, "vae": "ema",
+                    "transport": {"path_type": "GVP", "prediction": "noise", "loss_weight": "velocity",
+                                  "train_eps": 1e-5, "sample_eps": 1e-3}}
+    # the flags that agree with the checkpoint are accepted
+    load_model(str(tmp_path / "ckpt.pt"), image_size=64, num_classes=10)
+
+
+def test_load_model_from_bare_state_dict(tmp_path):
+    original = random_sit(learn_sigma=False, num_classes=5)
+    torch.save(original.state_dict(), tmp_path / "bare.pt")
+    loaded, info = load_model(str(tmp_path / "bare.pt"))
+    assert loaded.learn_sigma is False
+    assert info == {"model_name": None, "image_size": 64, "num_classes": 5, "in_channels": 4, "vae": None,
+                    "transport": None}
+    # the weights are the same; the head count (not in the shapes) is guessed, see the next test
+    assert_same_weights(loaded.state_dict(), original.state_dict())
+
+
+def test_load_model_uses_stored_model_config(tmp_path):
+    model, ema = random_sit(seed=0), random_sit(seed=1)
+    torch.save(train_checkpoint(model, ema, model_config=ema.config), tmp_path / "ckpt.pt")
+    loaded, info = load_model(str(tmp_path / "ckpt.pt"))
+    assert loaded.config == ema.config  # num_heads 2 kept, not guessed
+    torch.testing.assert_close(model_output(loaded), model_output(ema), rtol=0, atol=0)
+    assert info["image_size"] == 64 and info["num_classes"] == 10
+
+
+def test_load_model_stored_config_inconsistent_with_weights(tmp_path):
+    ema = random_sit()
+    torch.save({"ema": ema.state_dict(), "model_config": dict(ema.config, depth=3)}, tmp_path / "ckpt.pt")
+    with pytest.raises(CheckpointError, match="do not fit the model they describe"):
+        load_model(str(tmp_path / "ckpt.pt"))
+
+
+@pytest.mark.parametrize("in_channels,vae,expected_size", [(3, None, 8), (3, "none", 8), (4, "none", 8), (4, "mse", 64)])
+def test_load_model_image_size_latent_or_pixel(tmp_path, in_channels, vae, expected_size):
+    ema = random_sit(in_channels=in_channels)
+    checkpoint = {"ema": ema.state_dict()}
+    if vae is not None:
+        checkpoint["args"] = train_args(vae=vae)
+    torch.save(checkpoint, tmp_path / "ckpt.pt")
+    _, info = load_model(str(tmp_path / "ckpt.pt"))
+    assert info["image_size"] == expected_size
+    assert info["in_channels"] == in_channels
+    assert info["vae"] == vae
+
+
+def test_load_model_args_without_transport_settings(tmp_path):
+    ema = random_sit()
+    args = argparse.Namespace(model="SiT-XL/2", vae="mse", prediction="score")
+    torch.save({"ema": ema.state_dict(), "args": args}, tmp_path / "ckpt.pt")
+    _, info = load_model(str(tmp_path / "ckpt.pt"))
+    assert info["transport"] == {"prediction": "score"}  # only what the args hold
+    torch.save({"ema": ema.state_dict(), "args": argparse.Namespace(vae="mse")}, tmp_path / "ckpt.pt")
+    _, info = load_model(str(tmp_path / "ckpt.pt"))
+    assert info["transport"] is None and info["vae"] == "mse"
+
+
+def test_load_model_rejects_non_sit_weights(tmp_path):
+    torch.save({"ema": {"weight": torch.zeros(3)}}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="does not hold SiT weights"):
+        load_model(str(tmp_path / "other.pt"))
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    path = tmp_path / "tiny.pt"
+    torch.save(train_checkpoint(random_sit(), random_sit(seed=1)), path)
+    return str(path)
+
+
+def test_mismatch_model_name_custom(tiny_checkpoint):
+    with pytest.raises(CheckpointError) as raised:
+        load_model(tiny_checkpoint, model_name="SiT-B/2")
+    assert str(raised.value) == "--model SiT-B/2 but the checkpoint holds a custom SiT (depth 2, width 32, patch 2)"
+
+
+def test_unknown_model_name(tiny_checkpoint):
+    with pytest.raises(CheckpointError, match=r"unknown --model 'SiT-M/2'; choose one of SiT-XL/2, .*SiT-S/8"):
+        load_model(tiny_checkpoint, model_name="SiT-M/2")
+
+
+def test_mismatch_image_size(tiny_checkpoint):
+    with pytest.raises(CheckpointError) as raised:
+        load_model(tiny_checkpoint, image_size=256)
+    assert str(raised.value) == "--image-size 256 but the checkpoint was trained at 64"
+
+
+def test_mismatch_num_classes(tiny_checkpoint):
+    with pytest.raises(CheckpointError) as raised:
+        load_model(tiny_checkpoint, num_classes=1000)
+    assert str(raised.value) == "--num-classes 1000 but the checkpoint has 10 classes"
+
+
+@pytest.fixture(scope="module")
+def published_shape_checkpoint(tmp_path_factory):
+    """A SiT-S/8 at 64x64 (input 8): the smallest published shape, stored in half precision."""
+    torch.manual_seed(0)
+    model = models.SiT_models["SiT-S/8"](input_size=8, num_classes=10)
+    path = tmp_path_factory.mktemp("s8") / "sit-s8.pt"
+    torch.save({key: value.half() for key, value in model.state_dict().items()}, path)
+    return str(path)
+
+
+def test_published_shape_is_named(published_shape_checkpoint):
+    loaded, info = load_model(published_shape_checkpoint, model_name="SiT-S/8", image_size=64, num_classes=10)
+    assert info["model_name"] == "SiT-S/8"
+    assert loaded.config == models.SiT_models["SiT-S/8"](input_size=8, num_classes=10).config
+
+
+@pytest.mark.parametrize("requested", ["SiT-S/4", "SiT-B/8", "SiT-XL/2"])
+def test_mismatch_model_name_published(published_shape_checkpoint, requested):
+    with pytest.raises(CheckpointError) as raised:
+        load_model(published_shape_checkpoint, model_name=requested)
+    assert str(raised.value) == f"--model {requested} but the checkpoint holds SiT-S/8 (depth 12, width 384, patch 8)"
+
+
+def test_load_model_default_is_the_published_model(offline_hub):
+    """ckpt=None means SiT-XL-2-256x256.pt (here a tiny stand-in already in pretrained_models/)."""
+    ema = random_sit()
+    os.makedirs("pretrained_models")
+    torch.save(ema.state_dict(), "pretrained_models/SiT-XL-2-256x256.pt")
+    loaded, info = load_model(None)
+    assert_same_weights(loaded.state_dict(), ema.state_dict())
+    assert offline_hub == []
+    with pytest.raises(CheckpointError, match="--image-size 256 but the checkpoint was trained at 64"):
+        load_model(None, image_size=256)
