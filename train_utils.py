@@ -306,3 +306,108 @@ def make_optimizer(model: torch.nn.Module, lr: float = 1e-4, weight_decay: float
     params = list(model.parameters())
     on_gpu = all(param.is_cuda for param in params)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=on_gpu, foreach=not on_gpu)
+
+
+#################################################################################
+#                    Training data, resumable order, RNG state                  #
+#################################################################################
+
+class TrainImageFolder(torch.utils.data.Dataset):
+    """An ImageFolder for training whose every item depends on (seed, epoch, index) only.
+
+    Items are ((3, H, W) image in [-1, 1], label): ADM center crop, then a horizontal flip decided
+    by `features.flip_for(seed, epoch, index)` rather than by worker RNG, so that an interrupted
+    and resumed run sees exactly the images an uninterrupted one does, whatever the worker count.
+    An image that cannot be read is skipped with a warning naming the file; the next readable
+    image of the folder takes its place (the batch keeps its size).
+    Raises ValueError when `root` is missing or holds no images.
+    """
+
+    def __init__(self, root: str, image_size: int, seed: int = 0, random_flip: bool = True):
+        from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+        if not os.path.isdir(root):
+            raise ValueError(f"--data-path {root} is not a folder")
+        try:
+            self.classes, class_to_idx = find_classes(root)
+        except FileNotFoundError:
+            raise ValueError(f"--data-path {root} holds no class folders (expected <root>/<class>/<image>)") from None
+        self.samples = make_dataset(root, class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+        if not self.samples:
+            raise ValueError(f"--data-path {root} holds no images (extensions: {', '.join(IMG_EXTENSIONS)})")
+        self.transform = image_transform(image_size, random_flip=False)
+        self.seed = seed
+        self.random_flip = random_flip
+        self.epoch = 0
+        self.warned: set[str] = set()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose flips to draw. DataLoader workers copy the dataset when an
+        iterator starts, so call this before iterating (workers must not be persistent)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        from features import flip_for
+        from PIL import Image
+
+        for offset in range(len(self.samples)):
+            path, label = self.samples[(index + offset) % len(self.samples)]
+            try:
+                with open(path, "rb") as handle:
+                    image = self.transform(Image.open(handle).convert("RGB"))  # (3, H, W)
+                break
+            except Exception as error:  # any decoding failure of one file must not end a long run
+                if path not in self.warned:
+                    self.warned.add(path)
+                    print(f"warning: skipping unreadable image {path} ({type(error).__name__}: {error})",
+                          file=sys.stderr, flush=True)
+        else:
+            raise RuntimeError("no image of the dataset could be read")
+        if self.random_flip and flip_for(self.seed, self.epoch, index):
+            image = image.flip(-1)
+        return image, label
+
+
+class ResumableDistributedSampler(torch.utils.data.distributed.DistributedSampler):
+    """DistributedSampler that can start an epoch part-way: `set_epoch(epoch, skip)` drops the
+    first `skip` indices of this rank's share of the epoch (without loading them)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.skip:])
+
+    def __len__(self) -> int:
+        return max(0, self.num_samples - self.skip)
+
+
+def rng_state(device: torch.device) -> dict:
+    """This process's torch RNG states: {"cpu": ByteTensor, "cuda": ByteTensor or None}."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return {"cpu": torch.get_rng_state(), "cuda": cuda}
+
+
+def gather_rng_states(device: torch.device) -> list[dict]:
+    """Every rank's rng_state, in rank order (a collective: all ranks must call it)."""
+    state = rng_state(device)
+    if not (dist.is_available() and dist.is_initialized()):
+        return [state]
+    states: list = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return [{key: None if value is None else value.cpu() for key, value in item.items()} for item in states]
+
+
+def restore_rng_state(state: dict, device: torch.device) -> None:
+    """Set this process's torch RNG states from rng_state's dict."""
+    torch.set_rng_state(state["cpu"].cpu())
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)

@@ -1,0 +1,359 @@
+"""train.py, run for real (subprocess, torchrun) on a tiny image folder, tiny VAE and tiny SiT.
+
+Proves: a 2-process Gloo run (log, checkpoint contents, sample grid), resume == uninterrupted
+(bitwise weights and equal logged losses), SIGTERM -> checkpoint + exit 0, wandb offline run id
+reuse, a non-finite loss stopping with the last good checkpoint kept, and every bad input ending
+with a one-line message before heavy work.
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO, make_image_folder, make_tiny_vae
+
+TRAIN = os.path.join(REPO, "train.py")
+TINY_CONFIG = {"depth": 1, "hidden_size": 32, "num_heads": 2}
+TINY = ["--model", "SiT-S/2", "--model-config", json.dumps(TINY_CONFIG), "--image-size", "32", "--num-classes", "2"]
+QUIET = ["--ckpt-every", "100000", "--sample-every", "100000"]
+LOSS_LINE = re.compile(r"\(step=(\d{7})\) Train Loss: ([0-9.]+|nan|inf)")
+
+
+def load(path: str) -> dict:
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def env_for_runs() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true", PYTHONUNBUFFERED="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def train_command(args: list, nproc: int = 1) -> list:
+    if nproc == 1:
+        return [sys.executable, TRAIN, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", TRAIN, *args]
+
+
+def start(args: list, cwd: str, nproc: int = 1) -> subprocess.Popen:
+    return subprocess.Popen(train_command(args, nproc), cwd=cwd, env=env_for_runs(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def finish(process: subprocess.Popen, timeout: float = 240) -> subprocess.CompletedProcess:
+    stdout, stderr = process.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def run_train(args: list, cwd: str, nproc: int = 1) -> subprocess.CompletedProcess:
+    return finish(start(args, cwd, nproc))
+
+
+def logged_losses(log_path: str) -> dict:
+    with open(log_path) as handle:
+        return {int(step): loss for step, loss in LOSS_LINE.findall(handle.read())}
+
+
+def only_experiment(results_dir: str) -> str:
+    (name,) = os.listdir(results_dir)
+    return os.path.join(results_dir, name)
+
+
+def assert_ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A tiny VAE and 2 classes x 4 images (some not square) plus one unreadable file: 9 files."""
+    root = tmp_path_factory.mktemp("train")
+    make_tiny_vae(str(root / "vae"))
+    make_image_folder(str(root / "data"), num_classes=2, per_class=4, size=32)
+    (root / "data" / "class0" / "broken.png").write_bytes(b"this is not a PNG")
+    return root
+
+
+def common_args(workspace, results: str, *more: str) -> list:
+    return ["--data-path", str(workspace / "data"), "--vae", str(workspace / "vae"), *TINY,
+            "--results-dir", str(workspace / results), "--global-batch-size", "3", "--log-every", "1", *more]
+
+
+@pytest.fixture(scope="module")
+def single_runs(workspace):
+    """6 steps straight (2 workers) vs 4 steps + --resume to 6 (no workers); 9 files / batch 3 = 3 steps an epoch,
+    so the interruption falls mid-epoch (epoch 1, batch 1)."""
+    straight = start(common_args(workspace, "straight", "--max-steps", "6", "--num-workers", "2", *QUIET), str(workspace))
+    first = start(common_args(workspace, "interrupted", "--max-steps", "4", "--num-workers", "0", *QUIET), str(workspace))
+    straight, first = finish(straight), finish(first)
+    assert_ok(straight)
+    assert_ok(first)
+    resumed = run_train(["--data-path", str(workspace / "data"), "--results-dir", str(workspace / "interrupted"),
+                         "--resume", "--max-steps", "6", "--log-every", "1", "--num-workers", "0", *QUIET], str(workspace))
+    assert_ok(resumed)
+    return dict(straight=straight, first=first, resumed=resumed, straight_dir=only_experiment(workspace / "straight"),
+                interrupted_dir=only_experiment(workspace / "interrupted"))
+
+
+@pytest.mark.slow
+def test_resume_continues_exactly_like_an_uninterrupted_run(single_runs):
+    straight = load(os.path.join(single_runs["straight_dir"], "checkpoints", "0000006.pt"))
+    interrupted_dir = single_runs["interrupted_dir"]
+    assert sorted(os.listdir(os.path.join(interrupted_dir, "checkpoints"))) == ["0000004.pt", "0000006.pt"]
+    middle = load(os.path.join(interrupted_dir, "checkpoints", "0000004.pt"))
+    assert (middle["train_steps"], middle["epoch"], middle["epoch_step"]) == (4, 1, 1)
+    resumed = load(os.path.join(interrupted_dir, "checkpoints", "0000006.pt"))
+    assert (resumed["train_steps"], resumed["epoch"], resumed["epoch_step"]) == (6, 1, 3)
+    for key in ("model", "ema"):
+        assert straight[key].keys() == resumed[key].keys()
+        for name in straight[key]:
+            assert torch.equal(straight[key][name], resumed[key][name]), f"{key}.{name} differs"
+    for index, state in straight["opt"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, resumed["opt"]["state"][index][name]), f"opt state {index}.{name} differs"
+    straight_losses = logged_losses(os.path.join(single_runs["straight_dir"], "log.txt"))
+    resumed_losses = logged_losses(os.path.join(interrupted_dir, "log.txt"))
+    assert sorted(straight_losses) == sorted(resumed_losses) == [1, 2, 3, 4, 5, 6]
+    assert straight_losses == resumed_losses
+    assert "Resumed from" in single_runs["resumed"].stdout and "at step 4 (epoch 1, batch 1)" in single_runs["resumed"].stdout
+    # The command line kept what it owns; the model settings came from the checkpoint.
+    assert resumed["args"].num_workers == 0 and resumed["args"].max_steps == 6
+    assert resumed["model_config"]["hidden_size"] == 32 and resumed["args"].image_size == 32
+
+
+@pytest.mark.slow
+def test_unreadable_image_is_skipped_with_a_warning_naming_it(single_runs, workspace):
+    broken = os.path.join(str(workspace / "data"), "class0", "broken.png")
+    for key in ("straight", "first"):
+        assert f"warning: skipping unreadable image {broken}" in single_runs[key].stderr
+        assert single_runs[key].returncode == 0
+
+
+@pytest.mark.slow
+def test_resume_refuses_other_model_or_transport_settings(single_runs, workspace, capsys, monkeypatch):
+    import train
+
+    forbid_heavy_work(monkeypatch, train)
+    experiment = single_runs["interrupted_dir"]
+    base = ["--data-path", str(workspace / "data"), "--resume", experiment]
+    for flag, value, stored in (("--model", "SiT-B/2", "SiT-S/2"), ("--prediction", "noise", "velocity"),
+                                ("--image-size", "64", "32")):
+        with pytest.raises(SystemExit) as error:
+            train.main(base + [flag, value])
+        message = str(error.value.code)
+        assert message.startswith("train.py: error:") and "\n" not in message
+        assert f"{flag} {value} but the checkpoint" in message and f"{flag} {stored}" in message
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_at_the_current_step_and_exits_0(single_runs, workspace, tmp_path):
+    # Fine-tune from bare weights (no optimizer state): step 0, fresh optimizer.
+    bare = tmp_path / "bare.pt"
+    torch.save(load(os.path.join(single_runs["straight_dir"], "checkpoints", "0000006.pt"))["ema"], bare)
+    process = start(common_args(workspace, "sigterm", "--ckpt", str(bare), "--max-steps", "100000",
+                                "--num-workers", "0", *QUIET), str(workspace))
+    deadline = time.time() + 120
+    seen = []
+    for line in process.stdout:  # wait for the first step's log line
+        seen.append(line)
+        if "(step=" in line:
+            process.send_signal(signal.SIGTERM)
+            break
+        assert time.time() < deadline, "no log line"
+    result = finish(process)
+    assert_ok(result)
+    stdout = "".join(seen) + result.stdout
+    stopped_at = int(re.search(r"stopping at step (\d+)", stdout).group(1))
+    experiment = only_experiment(workspace / "sigterm")
+    assert os.listdir(os.path.join(experiment, "checkpoints")) == [f"{stopped_at:07d}.pt"]
+    checkpoint = load(os.path.join(experiment, "checkpoints", f"{stopped_at:07d}.pt"))
+    assert checkpoint["train_steps"] == stopped_at >= 1
+    assert "Fine-tuning the weights of" in stdout and "Received SIGTERM" in stdout
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_names_the_step_and_keeps_the_last_good_checkpoint(single_runs, workspace, tmp_path):
+    experiment = str(tmp_path / "poisoned")
+    shutil.copytree(single_runs["interrupted_dir"], experiment)
+    path = os.path.join(experiment, "checkpoints", "0000006.pt")
+    checkpoint = load(path)
+    for state in checkpoint["opt"]["state"].values():
+        state["exp_avg"].fill_(float("nan"))  # step 7's update makes every weight NaN, so step 8's loss is NaN
+    torch.save(checkpoint, path)
+    before = os.path.getmtime(path)
+    result = run_train(["--data-path", str(workspace / "data"), "--resume", experiment, "--max-steps", "10",
+                        "--log-every", "1", "--ckpt-every", "2", "--num-workers", "0"], str(workspace))
+    assert result.returncode == 1
+    assert "train.py: error: the loss became non-finite (nan) at step 8" in result.stderr
+    assert sorted(os.listdir(os.path.join(experiment, "checkpoints"))) == ["0000004.pt", "0000006.pt"]
+    assert os.path.getmtime(path) == before
+
+
+@pytest.fixture(scope="module")
+def torchrun_runs(workspace):
+    """2 processes (Gloo), 3 steps with --wandb offline, then --resume to step 4."""
+    args = common_args(workspace, "ddp", "--global-batch-size", "4", "--max-steps", "3", "--sample-every", "2",
+                       "--ckpt-every", "2", "--num-workers", "0", "--wandb")
+    first = run_train(args, str(workspace), nproc=2)
+    assert_ok(first)
+    experiment = only_experiment(workspace / "ddp")
+    resumed = run_train(["--data-path", str(workspace / "data"), "--resume", experiment, "--max-steps", "4",
+                         "--log-every", "1", "--num-workers", "0", "--wandb"], str(workspace), nproc=2)
+    assert_ok(resumed)
+    return dict(first=first, resumed=resumed, experiment=experiment)
+
+
+@pytest.mark.slow
+def test_two_process_run_logs_and_writes_a_complete_checkpoint(torchrun_runs):
+    experiment = torchrun_runs["experiment"]
+    with open(os.path.join(experiment, "log.txt")) as handle:
+        log = handle.read()
+    first_line = log.splitlines()[0]
+    assert "Configuration: " in first_line and '"world_size": 2' in first_line and '"global_batch_size": 4' in first_line
+    assert sorted(logged_losses(os.path.join(experiment, "log.txt"))) == [1, 2, 3, 4]
+    assert re.search(r"\(step=0000003\) Train Loss: \d+\.\d{4}, Train Steps/Sec: [\d.]+, Images/Sec: [\d.]+", log)
+    checkpoint = load(os.path.join(experiment, "checkpoints", "0000003.pt"))
+    assert {"model", "ema", "opt", "args", "train_steps", "epoch", "epoch_step", "rng", "model_config",
+            "experiment_dir", "wandb_id"} <= set(checkpoint)
+    # 9 files over 2 ranks: 5 each, local batch 2 -> 2 batches an epoch; step 3 is epoch 1, batch 1.
+    assert (checkpoint["train_steps"], checkpoint["epoch"], checkpoint["epoch_step"]) == (3, 1, 1)
+    assert isinstance(checkpoint["args"], argparse.Namespace) and checkpoint["args"].global_batch_size == 4
+    assert len(checkpoint["rng"]) == 2 and not torch.equal(checkpoint["rng"][0]["cpu"], checkpoint["rng"][1]["cpu"])
+    assert checkpoint["model_config"] == dict(input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=1,
+                                              num_heads=2, mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=2,
+                                              learn_sigma=True)
+    assert sorted(checkpoint["model"]) == sorted(checkpoint["ema"])
+    assert not any(name.startswith("module.") for name in checkpoint["model"])
+
+
+@pytest.mark.slow
+def test_two_process_run_saves_an_ema_sample_grid(torchrun_runs):
+    path = os.path.join(torchrun_runs["experiment"], "samples", "0000002.png")
+    with Image.open(path) as grid:
+        assert grid.size == (4 * 32 + 5 * 2, 4 * 32 + 5 * 2)  # 16 images of 32 px, 4 a row, 2 px padding
+        assert grid.mode == "RGB"
+
+
+@pytest.mark.slow
+def test_two_process_resume_and_wandb_run_id_reuse(torchrun_runs):
+    experiment = torchrun_runs["experiment"]
+    with open(os.path.join(experiment, "wandb_id.txt")) as handle:
+        run_id = handle.read().strip()
+    assert re.fullmatch(r"[0-9a-f]{16}", run_id)
+    assert f"wandb run id: {run_id}" in torchrun_runs["first"].stdout
+    assert f"wandb run id: {run_id}" in torchrun_runs["resumed"].stdout
+    assert "at step 3 (epoch 1, batch 1)" in torchrun_runs["resumed"].stdout
+    final = load(os.path.join(experiment, "checkpoints", "0000004.pt"))
+    assert final["train_steps"] == 4 and final["wandb_id"] == run_id
+    offline_runs = [name for name in os.listdir(os.path.join(experiment, "wandb")) if name.startswith("offline-run-")]
+    assert len(offline_runs) == 2 and all(name.endswith(run_id) for name in offline_runs)
+
+
+@pytest.mark.slow
+def test_checkpoint_loads_for_sampling_without_extra_flags(torchrun_runs):
+    import download
+
+    model, info = download.load_model(os.path.join(torchrun_runs["experiment"], "checkpoints", "0000004.pt"))
+    assert (info["image_size"], info["num_classes"], info["in_channels"]) == (32, 2, 4)
+    assert info["transport"]["path_type"] == "Linear" and info["transport"]["prediction"] == "velocity"
+    assert model.config["hidden_size"] == 32
+
+
+#################################################################################
+#                 Bad input: one line, non-zero exit, before heavy work          #
+#################################################################################
+
+def forbid_heavy_work(monkeypatch, train_module) -> None:
+    def heavy(*args, **kwargs):
+        raise AssertionError("heavy work started before the input was checked")
+
+    monkeypatch.setattr(train_module, "load_vae", heavy)
+    monkeypatch.setattr(train_module, "setup_distributed", heavy)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+
+
+@pytest.fixture
+def tiny_data(tmp_path):
+    return make_image_folder(str(tmp_path / "data"), num_classes=2, per_class=1, size=16)
+
+
+def bad_input_cases(tmp_path, tiny_data, vae_dir):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    no_images = tmp_path / "no_images"
+    (no_images / "class0").mkdir(parents=True)
+    (no_images / "class0" / "notes.txt").write_text("not an image")
+    base = ["--data-path", tiny_data, "--vae", vae_dir, *TINY]
+    return [
+        ("missing data path", ["--data-path", str(tmp_path / "nowhere"), "--vae", vae_dir, *TINY], {}, "is not a folder"),
+        ("empty data path", ["--data-path", str(empty), "--vae", vae_dir, *TINY], {}, "holds no class folders"),
+        ("no images", ["--data-path", str(no_images), "--vae", vae_dir, *TINY], {}, "holds no images"),
+        ("image size", base + ["--image-size", "36"], {}, "--image-size must be a multiple of 8 (the VAE downsamples by 8), got 36"),
+        ("batch vs processes", base + ["--global-batch-size", "3"], {"RANK": "0", "WORLD_SIZE": "2"},
+         "--global-batch-size 3 is not divisible by the 2 processes"),
+        ("patch", ["--data-path", tiny_data, "--vae", vae_dir, "--model", "SiT-S/8", "--image-size", "32"], {},
+         "not divisible by the patch size 8"),
+        ("vae", ["--data-path", tiny_data, "--vae", str(tmp_path / "no_vae"), *TINY], {}, "nor a local diffusers folder"),
+        ("model config", base + ["--model-config", '{"depthh": 1}'], {}, "unknown key(s) depthh"),
+        ("model config json", base + ["--model-config", "{depth: 1}"], {}, "--model-config is not valid JSON"),
+        ("classes", ["--data-path", tiny_data, "--vae", vae_dir, *TINY[:-2], "--num-classes", "1"], {},
+         "has 2 class folders but --num-classes is 1"),
+        ("resume nothing", base + ["--resume", "--results-dir", str(tmp_path / "no_results")], {},
+         "no experiment with a checkpoint"),
+        ("resume and ckpt", base + ["--resume", "x", "--ckpt", "y"], {}, "either --ckpt or --resume"),
+        ("resume missing", base + ["--resume", str(tmp_path / "gone")], {}, "no such experiment folder or checkpoint"),
+        ("ckpt missing", base + ["--ckpt", str(tmp_path / "gone.pt")], {}, "no SiT checkpoint at"),
+        ("transport eps", base + ["--train-eps", "0.7"], {}, "train_eps must be in [0, 0.5)"),
+    ]
+
+
+def test_bad_inputs_end_with_one_line_before_heavy_work(tmp_path, tiny_data, monkeypatch):
+    import train
+
+    forbid_heavy_work(monkeypatch, train)
+    vae_dir = str(tmp_path / "vae")
+    os.makedirs(vae_dir)  # the checks only need the folder; nothing may load it
+    for name, argv, env, expected in bad_input_cases(tmp_path, tiny_data, vae_dir):
+        with monkeypatch.context() as patch:
+            for key, value in env.items():
+                patch.setenv(key, value)
+            with pytest.raises(SystemExit) as error:
+                train.main(argv)
+        message = str(error.value.code)
+        assert message.startswith("train.py: error: ") and "\n" not in message, (name, message)
+        assert expected in message, (name, message)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], "the following arguments are required: --data-path"),
+    (["--data-path", "x", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["--data-path", "x", "--model", "SiT-XXL/2"], "invalid choice: 'SiT-XXL/2'"),
+    (["--data-path", "x", "--prediction", "velocit"], "invalid choice: 'velocit'"),
+])
+def test_command_line_errors_are_argparse_errors(argv, expected, capsys):
+    import train
+
+    with pytest.raises(SystemExit) as error:
+        train.main(argv)
+    assert error.value.code == 2
+    assert expected in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_real_process_exits_non_zero_with_one_line(workspace):
+    result = run_train(["--data-path", str(workspace / "data"), "--vae", str(workspace / "vae"), *TINY,
+                        "--image-size", "36"], str(workspace))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == ["train.py: error: --image-size must be a multiple of 8 "
+                                                  "(the VAE downsamples by 8), got 36"]

@@ -1,0 +1,774 @@
+"""Train SiT with PyTorch DDP: one process (`python train.py ...`), one machine or many (torchrun).
+
+    torchrun --nnodes=1 --nproc_per_node=N train.py --model SiT-XL/2 --data-path /path/to/imagenet/train
+
+Each run writes to results/<NNN>-<model>-<path>-<prediction>-<loss weight>/: log.txt, checkpoints/
+<step>.pt, samples/<step>.png and (with --wandb) wandb_id.txt. A checkpoint holds everything needed
+to continue exactly: model, EMA, optimizer, step, epoch, position in the epoch and every rank's RNG.
+
+Resume (continues in the same experiment folder; losses equal those of an uninterrupted run):
+    --resume                          the newest checkpoint of the newest experiment in --results-dir
+    --resume results/003-SiT-XL-2-... the newest checkpoint of that experiment
+    --ckpt results/003-.../checkpoints/0050000.pt   that checkpoint
+Model and transport settings then come from the checkpoint (asking for different ones is an error);
+the command line keeps run length, logging, checkpoint/sample intervals, workers and --wandb.
+`--ckpt` with bare weights (a published model, or a checkpoint without optimizer state) fine-tunes
+them in a new experiment from step 0. SIGTERM/SIGINT: finish the step, save a checkpoint, exit 0.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import signal
+import sys
+from copy import deepcopy
+from dataclasses import dataclass
+from time import time
+from typing import Any, NoReturn, Optional
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import download
+from models import MODEL_SHAPES, SiT, SiT_models, model_config_from_state_dict, model_name_for_config
+from train_utils import (LATENT_SCALE, VAE_REPOS, ResumableDistributedSampler, TrainImageFolder, all_reduce_mean,
+                         atomic_torch_save, barrier, cleanup_distributed, configure_precision, create_logger,
+                         gather_rng_states, load_vae, make_optimizer, parse_transport_args, positive_int,
+                         restore_rng_state, setup_distributed, transport_from_args, update_ema)
+from transport import Sampler, Transport
+
+NEWEST = "newest"  # `--resume` with no value
+CHECKPOINT_FILE = re.compile(r"^(\d{7,})\.pt$")
+EXPERIMENT_FOLDER = re.compile(r"^(\d{3,})-")
+# What the model is and what it learns: on resume these come from the checkpoint.
+CHECKPOINT_SETTINGS = ("model", "model_config", "image_size", "num_classes", "path_type", "prediction",
+                       "loss_weight", "train_eps", "sample_eps", "vae")
+# What decides the data order: from the checkpoint unless given (then the run is no exact continuation).
+DATA_ORDER_SETTINGS = ("global_batch_size", "global_seed")
+MODEL_CONFIG_KEYS = ("patch_size", "hidden_size", "depth", "num_heads", "mlp_ratio", "class_dropout_prob", "learn_sigma")
+EMA_DECAY = 0.9999
+PREVIEW_IMAGES = 16  # EMA samples per preview grid (4 x 4)
+PREVIEW_STEPS = 50   # fixed-step Euler ODE: bounded time and memory (the original ran dopri5, issue #11)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights became non-finite."""
+
+
+@dataclass
+class TrainState:
+    """Where training stands: steps done in all, the current epoch and batches done in it."""
+    train_steps: int = 0
+    epoch: int = 0
+    epoch_step: int = 0
+
+
+def fail(message: str) -> NoReturn:
+    """End with a one-line message (printed once: by rank 0, or by the single process)."""
+    if os.environ.get("RANK", "0") == "0":
+        raise SystemExit(f"train.py: error: {message}")
+    raise SystemExit(1)
+
+
+#################################################################################
+#                                 Command line                                  #
+#################################################################################
+
+def non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # Default args train SiT-XL/2 with the paper's hyperparameters (except the number of steps).
+    parser = argparse.ArgumentParser(description="Train SiT (see the module docstring for resuming).",
+                                     allow_abbrev=False)
+    parser.add_argument("--data-path", type=str, required=True, help="an ImageFolder: <root>/<class>/<image>")
+    parser.add_argument("--results-dir", type=str, default="results")
+    parser.add_argument("--model", type=str, choices=list(SiT_models), default="SiT-XL/2")
+    parser.add_argument("--model-config", type=str, default=None,
+                        help="JSON overriding the --model shape, for tests and experiments, e.g. "
+                             "'{\"depth\": 1, \"hidden_size\": 32, \"num_heads\": 2}'; keys: " + ", ".join(MODEL_CONFIG_KEYS))
+    parser.add_argument("--image-size", type=positive_int, default=256, help="a multiple of 8 (256 or 512 in the paper)")
+    parser.add_argument("--num-classes", type=positive_int, default=1000)
+    parser.add_argument("--epochs", type=positive_int, default=1400)
+    parser.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many steps in all")
+    parser.add_argument("--global-batch-size", type=positive_int, default=256)
+    parser.add_argument("--global-seed", type=int, default=0)
+    parser.add_argument("--vae", type=str, default="ema",
+                        help="ema, mse or a local diffusers AutoencoderKL folder (the choice hardly affects training)")
+    parser.add_argument("--num-workers", type=non_negative_int, default=4)
+    parser.add_argument("--log-every", type=positive_int, default=100)
+    parser.add_argument("--ckpt-every", type=positive_int, default=50_000)
+    parser.add_argument("--sample-every", type=positive_int, default=10_000)
+    parser.add_argument("--cfg-scale", type=float, default=4.0, help="guidance of the preview samples")
+    parser.add_argument("--wandb", action="store_true",
+                        help="log to Weights & Biases (env: WANDB_KEY optional, ENTITY, PROJECT)")
+    parser.add_argument("--ckpt", type=str, default=None,
+                        help="a train.py checkpoint to resume, or weights (path, URL, published name) to fine-tune")
+    parser.add_argument("--resume", type=str, nargs="?", const=NEWEST, default=None,
+                        help="resume an experiment folder's newest checkpoint; alone: the newest experiment in --results-dir")
+    parse_transport_args(parser)
+    return parser
+
+
+def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, set[str]]:
+    """The arguments, and which of the checkpoint-owned settings the command line gave explicitly."""
+    args = build_parser().parse_args(argv)
+    if args.vae not in VAE_REPOS and os.path.isdir(args.vae):
+        args.vae = os.path.abspath(args.vae)  # checkpoints name the VAE folder wherever the run starts
+    owned = CHECKPOINT_SETTINGS + DATA_ORDER_SETTINGS
+    not_given = object()  # a default no command line can produce (and not a string: argparse would convert it)
+    explicit_parser = build_parser()
+    explicit_parser.set_defaults(**{key: not_given for key in owned})
+    given = vars(explicit_parser.parse_args(argv))
+    return args, {key for key in owned if given[key] is not not_given}
+
+
+def launched_world_size() -> int:
+    """The number of processes torchrun started (1 for a plain `python train.py`)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    return 1
+
+
+def model_overrides(args: argparse.Namespace) -> dict:
+    """The --model-config JSON as a dict of SiT arguments."""
+    if args.model_config is None:
+        return {}
+    try:
+        overrides = json.loads(args.model_config)
+    except json.JSONDecodeError as error:
+        fail(f"--model-config is not valid JSON ({error})")
+    if not isinstance(overrides, dict):
+        fail("--model-config must be a JSON object, e.g. '{\"depth\": 2}'")
+    unknown = sorted(set(overrides) - set(MODEL_CONFIG_KEYS))
+    if unknown:
+        fail(f"--model-config: unknown key(s) {', '.join(unknown)}; valid: {', '.join(MODEL_CONFIG_KEYS)}")
+    return overrides
+
+
+def model_config_for_args(args: argparse.Namespace) -> dict:
+    """SiT constructor arguments for --model, --model-config, --image-size and --num-classes."""
+    depth, hidden_size, patch_size, num_heads = MODEL_SHAPES[args.model]
+    config = dict(input_size=args.image_size // 8, patch_size=patch_size, hidden_size=hidden_size, depth=depth,
+                  num_heads=num_heads, num_classes=args.num_classes)
+    config.update(model_overrides(args))
+    return config
+
+
+def validate_args(args: argparse.Namespace, world_size: int) -> None:
+    """One-line errors for settings that cannot work, before any heavy work."""
+    if args.image_size % 8:
+        fail(f"--image-size must be a multiple of 8 (the VAE downsamples by 8), got {args.image_size}")
+    if args.global_batch_size % world_size:
+        fail(f"--global-batch-size {args.global_batch_size} is not divisible by the {world_size} processes")
+    if args.ckpt is not None and args.resume is not None:
+        fail("pass either --ckpt or --resume, not both")
+    if args.vae not in VAE_REPOS and not os.path.isdir(args.vae):
+        fail(f"--vae {args.vae!r} is neither one of {', '.join(VAE_REPOS)} nor a local diffusers folder")
+    config = model_config_for_args(args)
+    if config["input_size"] % config["patch_size"]:
+        fail(f"--image-size {args.image_size} gives {config['input_size']}x{config['input_size']} latents, "
+             f"not divisible by the patch size {config['patch_size']} of {args.model}")
+    if config["hidden_size"] % config["num_heads"]:
+        fail(f"hidden size {config['hidden_size']} is not divisible by {config['num_heads']} heads")
+    try:
+        transport_from_args(args)
+    except ValueError as error:
+        fail(str(error))
+
+
+#################################################################################
+#                          Checkpoints: find, load, adopt                       #
+#################################################################################
+
+def newest_checkpoint(experiment_dir: str) -> Optional[str]:
+    """The checkpoint with the highest step in <experiment_dir>/checkpoints, or None."""
+    folder = os.path.join(experiment_dir, "checkpoints")
+    if not os.path.isdir(folder):
+        return None
+    steps = [(int(match.group(1)), name) for name in os.listdir(folder) if (match := CHECKPOINT_FILE.match(name))]
+    return os.path.join(folder, max(steps)[1]) if steps else None
+
+
+def newest_experiment(results_dir: str) -> Optional[str]:
+    """The experiment folder with the highest index that has a checkpoint, or None."""
+    if not os.path.isdir(results_dir):
+        return None
+    found = []
+    for name in os.listdir(results_dir):
+        match = EXPERIMENT_FOLDER.match(name)
+        path = os.path.join(results_dir, name)
+        if match and newest_checkpoint(path) is not None:
+            found.append((int(match.group(1)), name))
+    return os.path.join(results_dir, max(found)[1]) if found else None
+
+
+def checkpoint_to_start_from(args: argparse.Namespace) -> Optional[str]:
+    """The file that --resume or --ckpt names (None: train from scratch)."""
+    if args.ckpt is not None:
+        return args.ckpt
+    if args.resume is None:
+        return None
+    if args.resume == NEWEST:
+        experiment = newest_experiment(args.results_dir)
+        if experiment is None:
+            fail(f"--resume: no experiment with a checkpoint in --results-dir {args.results_dir}")
+        return newest_checkpoint(experiment)
+    if os.path.isfile(args.resume):
+        return args.resume
+    if os.path.isdir(args.resume):
+        path = newest_checkpoint(args.resume)
+        if path is None:
+            fail(f"--resume {args.resume}: no checkpoints/<step>.pt in that folder")
+        return path
+    fail(f"--resume {args.resume}: no such experiment folder or checkpoint file")
+
+
+def is_train_checkpoint(checkpoint: dict) -> bool:
+    """Whether a checkpoint can be resumed (train.py's format), rather than only fine-tuned."""
+    return all(key in checkpoint for key in ("model", "ema", "opt", "args", "model_config", "train_steps"))
+
+
+def load_start_checkpoint(path: str) -> dict:
+    try:
+        return download.load_checkpoint(path)
+    except download.CheckpointError as error:
+        fail(str(error))
+
+
+def experiment_dir_of(checkpoint_path: str) -> Optional[str]:
+    """<experiment> for <experiment>/checkpoints/<step>.pt, else None."""
+    folder = os.path.dirname(os.path.abspath(checkpoint_path))
+    if os.path.basename(folder) != "checkpoints":
+        return None
+    return os.path.dirname(folder)
+
+
+def adopt_checkpoint_settings(args: argparse.Namespace, explicit: set[str], checkpoint: dict, path: str) -> list[str]:
+    """Take the model, transport and data-order settings from a train checkpoint's args.
+
+    An explicit flag contradicting a model or transport setting is an error. Returns warnings for
+    explicit data-order settings that differ (allowed, but no exact continuation then).
+    """
+    stored = vars(checkpoint["args"])
+    for key in CHECKPOINT_SETTINGS:
+        if key not in stored:
+            continue
+        given, held = getattr(args, key), stored[key]
+        if key == "model_config":
+            differs = (json.loads(given) if given else {}) != (json.loads(held) if held else {})
+        else:
+            differs = given != held
+        if key in explicit and differs:
+            flag = "--" + key.replace("_", "-")
+            fail(f"{flag} {given} but the checkpoint {path} was trained with {flag} {held}; "
+                 f"drop the flag (model and transport settings come from the checkpoint) or start a new experiment")
+        setattr(args, key, held)
+    warnings = []
+    for key in DATA_ORDER_SETTINGS:
+        if key in explicit and getattr(args, key) != stored.get(key, getattr(args, key)):
+            flag = "--" + key.replace("_", "-")
+            warnings.append(f"{flag} {getattr(args, key)} differs from the checkpoint's {stored[key]}: "
+                            f"the data order will not match an uninterrupted run")
+        elif key in stored:
+            setattr(args, key, stored[key])
+    return warnings
+
+
+#################################################################################
+#                                 Experiment setup                              #
+#################################################################################
+
+def create_experiment_dir(args: argparse.Namespace) -> str:
+    """A new results/<NNN>-<model>-<path>-<prediction>-<loss weight> folder (the original's name)."""
+    os.makedirs(args.results_dir, exist_ok=True)
+    indices = [int(match.group(1)) for name in os.listdir(args.results_dir) if (match := EXPERIMENT_FOLDER.match(name))]
+    index = max(indices, default=-1) + 1
+    model_name = args.model.replace("/", "-")
+    while True:  # another job may take an index at the same moment: take the next one
+        path = os.path.join(args.results_dir, f"{index:03d}-{model_name}-{args.path_type}-{args.prediction}-{args.loss_weight}")
+        try:
+            os.makedirs(path)
+            return path
+        except FileExistsError:
+            index += 1
+
+
+def wandb_run_id(experiment_dir: str, stored_id: Optional[str]) -> str:
+    """The experiment's wandb run id: from wandb_id.txt (or the checkpoint), else a new random one.
+
+    Stored in the experiment folder, so a resumed run continues its wandb run and a new
+    experiment never joins an old one."""
+    path = os.path.join(experiment_dir, "wandb_id.txt")
+    if os.path.isfile(path):
+        with open(path) as handle:
+            return handle.read().strip()
+    run_id = stored_id or secrets.token_hex(8)
+    tmp_path = path + ".tmp"
+    with open(tmp_path, "w") as handle:
+        handle.write(run_id + "\n")
+    os.replace(tmp_path, path)
+    return run_id
+
+
+def init_wandb(args: argparse.Namespace, experiment_dir: str, stored_id: Optional[str]) -> Any:
+    """Start (or continue) the experiment's wandb run; env is read only here (only with --wandb)."""
+    import wandb
+
+    run_id = wandb_run_id(experiment_dir, stored_id)
+    try:
+        if os.environ.get("WANDB_KEY"):
+            wandb.login(key=os.environ["WANDB_KEY"])
+        return wandb.init(id=run_id, resume="allow", entity=os.environ.get("ENTITY"),
+                          project=os.environ.get("PROJECT", "SiT"), name=os.path.basename(experiment_dir),
+                          config=vars(args), dir=experiment_dir)
+    except Exception as error:  # login, network or configuration: one line for the user
+        fail(f"wandb could not start ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+             f"set WANDB_KEY, or WANDB_MODE=offline, or drop --wandb")
+
+
+def all_ranks_ok(ok: bool, device: torch.device) -> bool:
+    """Whether every rank reports ok (a collective in a distributed job)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return ok
+    flag = torch.tensor([0 if ok else 1], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() == 0
+
+
+class StopSignal:
+    """SIGTERM/SIGINT set a flag: the current step finishes, a checkpoint is saved, exit 0.
+
+    A second signal ends at once. All ranks agree on stopping through an all_reduce on a Gloo
+    group, which needs no GPU synchronisation.
+    """
+
+    def __init__(self):
+        self.received: Optional[str] = None
+        self.group = None
+
+    def install(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self.handle)
+
+    def handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
+        self.received = signal.Signals(signum).name
+
+    def connect(self) -> None:
+        """Create the Gloo group used to agree (all ranks must call this)."""
+        if dist.is_available() and dist.is_initialized():
+            self.group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+
+    def agreed(self) -> bool:
+        """Whether any rank received a stop signal (a collective in a distributed job)."""
+        if self.group is None:
+            return self.received is not None
+        flag = torch.tensor([0 if self.received is None else 1])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(flag.item())
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGINT/SIGTERM to the main process, which stops cleanly."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+#################################################################################
+#                            Model, data and previews                           #
+#################################################################################
+
+def build_model(args: argparse.Namespace, checkpoint: Optional[dict], resuming: bool, source: Optional[str]) -> SiT:
+    """The SiT to train: the checkpoint's config and weights when resuming, bare weights loaded
+    for fine-tuning, else freshly initialised (on the CPU)."""
+    config = dict(checkpoint["model_config"]) if resuming else model_config_for_args(args)
+    try:
+        model = SiT(**config)
+    except (ValueError, AssertionError, TypeError) as error:
+        fail(f"cannot build the model {config}: {error}")
+    if checkpoint is None:
+        return model
+    weights = checkpoint["model"] if "model" in checkpoint else download.state_dict_of(checkpoint)
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError:
+        fail(f"the weights in {source} do not fit {args.model} at --image-size {args.image_size} with "
+             f"--num-classes {args.num_classes}; they are {describe_weights(weights)}")
+    return model
+
+
+def describe_weights(weights: dict) -> str:
+    """What a state dict's shapes say it is, for error messages."""
+    try:
+        config = model_config_from_state_dict(weights)
+    except (ValueError, KeyError):
+        return "not SiT weights"
+    name = model_name_for_config(config) or f"a custom SiT (depth {config['depth']}, width {config['hidden_size']})"
+    return f"{name} at image size {config['input_size'] * 8} with {config['num_classes']} classes"
+
+
+def build_loader(args: argparse.Namespace, dataset: TrainImageFolder, rank: int, world_size: int,
+                 seed: int) -> tuple[DataLoader, ResumableDistributedSampler]:
+    sampler = ResumableDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=args.global_seed)
+    local_batch_size = args.global_batch_size // world_size
+    if sampler.num_samples < local_batch_size:
+        fail(f"the dataset has {len(dataset)} images, fewer than one global batch of {args.global_batch_size}")
+    loader = DataLoader(
+        dataset, batch_size=local_batch_size, shuffle=False, sampler=sampler, num_workers=args.num_workers,
+        pin_memory=torch.cuda.is_available(), drop_last=True, worker_init_fn=ignore_stop_signals,
+        # The loader's own generator: starting an iterator must not draw from the training RNG,
+        # or a resumed run (which starts one mid-epoch) would drift from an uninterrupted one.
+        generator=torch.Generator().manual_seed(seed),
+    )
+    return loader, sampler
+
+
+def preview_inputs(args: argparse.Namespace, config: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed noise (N, C, L, L) and labels (N,) for the preview grids, from their own generator."""
+    generator = torch.Generator().manual_seed(args.global_seed)
+    latent_size = config["input_size"]
+    z = torch.randn(PREVIEW_IMAGES, config["in_channels"], latent_size, latent_size, generator=generator)
+    y = torch.randint(0, config["num_classes"], (PREVIEW_IMAGES,), generator=generator)
+    return z, y
+
+
+@torch.no_grad()
+def save_preview(ema: SiT, vae: Any, transport: Transport, inputs: tuple[torch.Tensor, torch.Tensor],
+                 cfg_scale: float, path: str, device: torch.device) -> None:
+    """Sample the EMA model with a fixed-step Euler ODE (no trajectory kept), decode, save a grid PNG."""
+    from torchvision.utils import save_image
+
+    z, y = (tensor.to(device) for tensor in inputs)
+    sample_fn = Sampler(transport).sample_ode(sampling_method="euler", num_steps=PREVIEW_STEPS, keep_trajectory=False)
+    use_cfg = cfg_scale > 1.0 and ema.y_embedder.dropout_prob > 0  # no null class without label dropout
+    if use_cfg:
+        z = torch.cat([z, z], dim=0)                                         # (2N, C, L, L)
+        y = torch.cat([y, torch.full_like(y, ema.num_classes)], dim=0)     # (2N,): second half null
+        latents = sample_fn(z, ema.forward_with_cfg, y=y, cfg_scale=cfg_scale)[-1]
+        latents = latents[: len(latents) // 2]                             # (N, C, L, L)
+    else:
+        latents = sample_fn(z, ema.forward, y=y)[-1]
+    images = vae.decode(latents / LATENT_SCALE).sample                     # (N, 3, H, W) in about [-1, 1]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp_path = path + ".tmp"
+    save_image(images.float().cpu(), tmp_path, nrow=int(math.sqrt(len(images))), normalize=True,
+               value_range=(-1, 1), format="png")
+    os.replace(tmp_path, path)
+
+
+#################################################################################
+#                               Loss and health                                 #
+#################################################################################
+
+class LossMonitor:
+    """Per-step losses kept on the device (no host sync per step), reduced over ranks when logged."""
+
+    def __init__(self, first_step: int):
+        self.losses: list[torch.Tensor] = []
+        self.first_step = first_step  # the step of losses[0]
+        self.start_time = time()
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.losses.append(loss.detach())
+
+    def reduced(self) -> list[float]:
+        """The pending losses averaged over ranks (a collective), as floats."""
+        if not self.losses:
+            return []
+        return all_reduce_mean(torch.stack(self.losses).float()).tolist()
+
+    def check(self, values: list[float]) -> None:
+        for offset, value in enumerate(values):
+            if not math.isfinite(value):
+                raise TrainingDiverged(f"the loss became non-finite ({value}) at step {self.first_step + offset}")
+
+    def flush(self, next_step: int) -> tuple[float, float]:
+        """(mean loss, steps/s) since the last flush, after checking that every loss is finite."""
+        values = self.reduced()
+        self.check(values)
+        steps_per_sec = len(values) / max(time() - self.start_time, 1e-9)
+        self.losses, self.first_step, self.start_time = [], next_step, time()
+        return sum(values) / max(len(values), 1), steps_per_sec
+
+
+def log_progress(monitor: LossMonitor, step: int, global_batch_size: int, logger: Any, wandb_run: Any) -> None:
+    """Log the loss averaged over ranks and steps since the last log, steps/s and images/s."""
+    average_loss, steps_per_sec = monitor.flush(step + 1)
+    images_per_sec = steps_per_sec * global_batch_size
+    logger.info(f"(step={step:07d}) Train Loss: {average_loss:.4f}, Train Steps/Sec: {steps_per_sec:.2f}, "
+                f"Images/Sec: {images_per_sec:.1f}")
+    if wandb_run is not None:
+        wandb_run.log({"train loss": average_loss, "train steps/sec": steps_per_sec,
+                       "train images/sec": images_per_sec}, step=step)
+
+
+def check_health(model: torch.nn.Module, monitor: LossMonitor, step: int) -> None:
+    """Raise TrainingDiverged if a pending loss or any weight is non-finite (all ranks call this)."""
+    monitor.check(monitor.reduced())
+    finite = torch.stack([torch.isfinite(param).all() for param in model.parameters()]).all()
+    if not finite.item():  # weights are identical on all ranks (DDP), so all ranks agree
+        raise TrainingDiverged(f"the weights became non-finite by step {step}")
+
+
+#################################################################################
+#                                  Training                                     #
+#################################################################################
+
+@dataclass
+class Run:
+    """Everything the training loop works with."""
+    args: argparse.Namespace
+    ctx: Any                      # train_utils.DistContext
+    model: SiT                    # the raw model (what checkpoints hold)
+    ddp_model: torch.nn.Module    # the model wrapped in DDP (or the model itself in a single process)
+    ema: SiT
+    opt: torch.optim.Optimizer
+    vae: Any
+    transport: Transport
+    dataset: TrainImageFolder
+    loader: DataLoader
+    sampler: ResumableDistributedSampler
+    state: TrainState
+    logger: logging.Logger
+    experiment_dir: Optional[str]  # rank 0 only
+    wandb_run: Any
+    stop: StopSignal
+    preview: tuple[torch.Tensor, torch.Tensor]  # fixed noise and labels of the sample grids
+    monitor: LossMonitor
+    last_saved_step: Optional[int] = None
+
+
+def save_checkpoint(run: Run) -> None:
+    """Check health, gather every rank's RNG state, then rank 0 writes <step>.pt atomically (all ranks call this)."""
+    state = run.state
+    check_health(run.model, run.monitor, state.train_steps)
+    rng = gather_rng_states(run.ctx.device)
+    if run.ctx.is_main:
+        path = os.path.join(run.experiment_dir, "checkpoints", f"{state.train_steps:07d}.pt")
+        atomic_torch_save({
+            "model": run.model.state_dict(), "ema": run.ema.state_dict(), "opt": run.opt.state_dict(),
+            "args": run.args, "train_steps": state.train_steps, "epoch": state.epoch, "epoch_step": state.epoch_step,
+            "rng": rng, "model_config": dict(run.model.config), "experiment_dir": run.experiment_dir,
+            "wandb_id": run.wandb_run.id if run.wandb_run is not None else None,
+        }, path)
+        run.logger.info(f"Saved checkpoint to {path}")
+    run.last_saved_step = state.train_steps
+    barrier()
+
+
+def save_samples(run: Run) -> None:
+    """Rank 0: an EMA preview grid at samples/<step>.png (and to wandb)."""
+    step = run.state.train_steps
+    path = os.path.join(run.experiment_dir, "samples", f"{step:07d}.png")
+    save_preview(run.ema, run.vae, run.transport, run.preview, run.args.cfg_scale, path, run.ctx.device)
+    run.logger.info(f"Saved EMA samples to {path}")
+    if run.wandb_run is not None:
+        import wandb
+
+        run.wandb_run.log({"samples": wandb.Image(path)}, step=step)
+
+
+def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """One optimisation step on images (N, 3, H, W) in [-1, 1] and labels (N,); returns the loss (on device)."""
+    device = run.ctx.device
+    images = images.to(device, non_blocking=True)
+    labels = labels.to(device, non_blocking=True)
+    with torch.no_grad():
+        latents = run.vae.encode(images).latent_dist.sample().mul_(LATENT_SCALE)  # (N, 4, H/8, W/8)
+    loss = run.transport.training_losses(run.ddp_model, latents, dict(y=labels))["loss"].mean()
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    run.opt.step()
+    update_ema(run.ema, run.model, decay=EMA_DECAY)
+    return loss
+
+
+def train_loop(run: Run) -> bool:
+    """Train until --epochs, --max-steps or a stop signal; returns whether a signal stopped it."""
+    args, state = run.args, run.state
+    local_batch_size = args.global_batch_size // run.ctx.world_size
+    finished = args.max_steps is not None and state.train_steps >= args.max_steps
+    stopping = False
+    while not (finished or stopping) and state.epoch < args.epochs:
+        # A resumed epoch starts after the batches it had done; the order and flips depend on the epoch only.
+        run.sampler.set_epoch(state.epoch, skip=state.epoch_step * local_batch_size)
+        run.dataset.set_epoch(state.epoch)
+        run.logger.info(f"Beginning epoch {state.epoch}...")
+        show_bar = run.ctx.is_main and sys.stderr.isatty()
+        for images, labels in tqdm(run.loader, desc=f"epoch {state.epoch}", disable=not show_bar, leave=False):
+            run.monitor.add(train_step(run, images, labels))
+            state.train_steps += 1
+            state.epoch_step += 1
+            step = state.train_steps
+            if step % args.log_every == 0:
+                log_progress(run.monitor, step, args.global_batch_size, run.logger, run.wandb_run)
+            if step % args.sample_every == 0 and run.ctx.is_main:
+                save_samples(run)  # before the checkpoint, so that its RNG state follows everything
+            if step % args.ckpt_every == 0:
+                save_checkpoint(run)
+            finished = args.max_steps is not None and step >= args.max_steps
+            stopping = not finished and run.stop.agreed()  # the same answer on every rank
+            if finished or stopping:
+                break
+        else:
+            state.epoch, state.epoch_step = state.epoch + 1, 0
+    return stopping
+
+
+def setup_experiment(args: argparse.Namespace, ctx: Any, checkpoint: Optional[dict], resuming: bool,
+                     source: Optional[str]) -> tuple[Optional[str], logging.Logger, Any]:
+    """Rank 0: the experiment folder (new, or the resumed one), its log.txt and wandb.
+
+    Returns (experiment_dir, logger, wandb_run); every rank stops if rank 0 could not set up.
+    """
+    experiment_dir, wandb_run, logger = None, None, create_logger(None, is_main=False)
+    setup_error = None
+    if ctx.is_main:
+        try:
+            same_folder = experiment_dir_of(source) if resuming else None
+            experiment_dir = same_folder or create_experiment_dir(args)
+            os.makedirs(os.path.join(experiment_dir, "checkpoints"), exist_ok=True)
+            logger = create_logger(experiment_dir, is_main=True)
+            logger.info(f"Configuration: {json.dumps(dict(vars(args), world_size=ctx.world_size), sort_keys=True)}")
+            logger.info(f"Experiment directory: {experiment_dir}")
+            if args.wandb:
+                # A checkpoint resumed outside its folder starts a new experiment, hence a new wandb run.
+                wandb_run = init_wandb(args, experiment_dir, checkpoint.get("wandb_id") if same_folder else None)
+                logger.info(f"wandb run id: {wandb_run.id}")
+        except SystemExit as error:
+            setup_error = error
+        except OSError as error:  # e.g. a read-only or full results folder
+            setup_error = SystemExit(f"train.py: error: cannot write the experiment folder ({error})")
+    if not all_ranks_ok(setup_error is None, ctx.device):
+        raise setup_error if setup_error is not None else SystemExit(1)
+    return experiment_dir, logger, wandb_run
+
+
+def load_vae_on_all_ranks(name: str, device: torch.device) -> Any:
+    """load_vae; if any rank fails, every rank stops (rather than wait for it at the next collective)."""
+    vae, vae_error = None, None
+    try:
+        vae = load_vae(name, device)
+    except SystemExit as error:
+        vae_error = error
+    if not all_ranks_ok(vae_error is None, device):
+        raise vae_error if vae_error is not None else SystemExit(1)
+    return vae
+
+
+def build_training(args: argparse.Namespace, ctx: Any, checkpoint: Optional[dict], resuming: bool,
+                   source: Optional[str], logger: logging.Logger) -> tuple[SiT, torch.nn.Module, SiT, torch.optim.Optimizer]:
+    """(model, DDP-wrapped model, EMA, AdamW), restored from the checkpoint when resuming."""
+    model = build_model(args, checkpoint, resuming, source).to(ctx.device)
+    use_ddp = dist.is_available() and dist.is_initialized()
+    ddp_model = DDP(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None) if use_ddp else model
+    ema = deepcopy(model).requires_grad_(False).eval()  # after DDP's broadcast: the same start on every rank
+    if checkpoint is not None and "ema" in checkpoint:
+        ema.load_state_dict(checkpoint["ema"])
+    opt = make_optimizer(model, lr=1e-4, weight_decay=0)  # the paper: AdamW, constant lr 1e-4, no weight decay
+    if resuming:
+        opt.load_state_dict(checkpoint["opt"])
+        logger.info(f"Resumed from {source} at step {checkpoint['train_steps']} "
+                    f"(epoch {checkpoint['epoch']}, batch {checkpoint['epoch_step']})")
+    elif checkpoint is not None:
+        logger.info(f"Fine-tuning the weights of {source} from step 0 with a fresh optimizer")
+    logger.info(f"SiT parameters: {sum(param.numel() for param in model.parameters()):,} ({model.config})")
+    return model, ddp_model, ema, opt
+
+
+def restore_rng(checkpoint: dict, ctx: Any, seed: int, logger: logging.Logger) -> None:
+    """This rank's RNG state from the checkpoint (exact continuation needs the same process count)."""
+    stored = checkpoint["rng"]
+    if len(stored) == ctx.world_size:
+        restore_rng_state(stored[ctx.rank], ctx.device)
+        return
+    logger.warning(f"warning: the checkpoint was written by {len(stored)} processes, this run has {ctx.world_size}: "
+                   f"random streams restart, so losses will not match an uninterrupted run")
+    torch.manual_seed(seed + checkpoint["train_steps"])
+
+
+def train(args: argparse.Namespace, ctx: Any, dataset: TrainImageFolder, checkpoint: Optional[dict], resuming: bool,
+          source: Optional[str], warnings: list[str], stop: StopSignal) -> None:
+    """Set up (experiment, VAE, model, data), restore, train, save the final checkpoint."""
+    configure_precision("tf32")  # as the original: TF32 matmuls on GPUs
+    seed = args.global_seed * ctx.world_size + ctx.rank
+    torch.manual_seed(seed)
+    experiment_dir, logger, wandb_run = setup_experiment(args, ctx, checkpoint, resuming, source)
+    for warning in warnings:
+        logger.warning(f"warning: {warning}")
+    vae = load_vae_on_all_ranks(args.vae, ctx.device)
+    model, ddp_model, ema, opt = build_training(args, ctx, checkpoint, resuming, source, logger)
+    if vae.config.latent_channels != model.config["in_channels"]:
+        fail(f"the VAE has {vae.config.latent_channels} latent channels, the model {model.config['in_channels']}")
+    loader, sampler = build_loader(args, dataset, ctx.rank, ctx.world_size, seed)
+    logger.info(f"Dataset contains {len(dataset):,} images in {len(dataset.classes)} classes ({args.data_path})")
+    state = TrainState()
+    if resuming:
+        state = TrainState(checkpoint["train_steps"], checkpoint["epoch"], checkpoint["epoch_step"])
+        restore_rng(checkpoint, ctx, seed, logger)  # last: nothing may draw random numbers after this
+    run = Run(args=args, ctx=ctx, model=model, ddp_model=ddp_model, ema=ema, opt=opt, vae=vae,
+              transport=transport_from_args(args), dataset=dataset, loader=loader, sampler=sampler, state=state,
+              logger=logger, experiment_dir=experiment_dir, wandb_run=wandb_run, stop=stop,
+              preview=preview_inputs(args, model.config), monitor=LossMonitor(state.train_steps + 1),
+              last_saved_step=state.train_steps if resuming else None)
+    del checkpoint  # the loaded tensors are no longer needed
+
+    ddp_model.train()  # enables label dropout for classifier-free guidance
+    limit = f" or {args.max_steps} steps" if args.max_steps else ""
+    logger.info(f"Training for {args.epochs} epochs{limit}...")
+    stopped = train_loop(run)
+    if stopped:
+        logger.info(f"Received {stop.received or 'a stop signal on another rank'}: stopping at step {state.train_steps}")
+    if state.train_steps > 0 and run.last_saved_step != state.train_steps:
+        save_checkpoint(run)
+    ddp_model.eval()  # disables label dropout
+    if wandb_run is not None:
+        wandb_run.finish()
+    logger.info("Done!")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Check the command line and data, join the job, train; one-line errors, exit 0 on a stop signal."""
+    args, explicit = parse_args(argv)
+    validate_args(args, launched_world_size())
+    source = checkpoint_to_start_from(args)
+    checkpoint = load_start_checkpoint(source) if source is not None else None
+    resuming = checkpoint is not None and is_train_checkpoint(checkpoint)
+    warnings = adopt_checkpoint_settings(args, explicit, checkpoint, source) if resuming else []
+    validate_args(args, launched_world_size())
+    try:
+        dataset = TrainImageFolder(args.data_path, args.image_size, seed=args.global_seed)
+    except ValueError as error:
+        fail(str(error))
+    if len(dataset.classes) > args.num_classes:
+        fail(f"--data-path has {len(dataset.classes)} class folders but --num-classes is {args.num_classes}")
+
+    stop = StopSignal()
+    stop.install()
+    ctx = setup_distributed()
+    stop.connect()
+    try:
+        train(args, ctx, dataset, checkpoint, resuming, source, warnings, stop)
+    except TrainingDiverged as error:
+        logging.getLogger("sit").error(f"{error}; stopping, the last good checkpoint is kept")
+        fail(f"{error}; stopping, the last good checkpoint is kept")
+    finally:
+        cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()
