@@ -1,0 +1,407 @@
+"""Sample many images from a SiT with one or more processes, for FID and other metrics; or evaluate
+log-likelihoods (--likelihood).
+
+    torchrun --nnodes=1 --nproc_per_node=N sample_ddp.py ODE --model SiT-XL/2 --num-fid-samples 50000
+    torchrun --nnodes=1 --nproc_per_node=N sample_ddp.py ODE --likelihood --data-path /path/to/imagenet/val
+
+Images go to <sample-dir>/<folder>/000000.png ..., where <folder> names every setting that changes
+the images, then into <sample-dir>/<folder>.npz (arr_0: uint8 (N, H, W, 3), the format of the ADM
+evaluation suite: https://github.com/openai/guided-diffusion/tree/main/evaluations).
+
+Reproducible and resumable:
+- image i's noise and label come from a generator seeded by (global seed, i);
+- indices are cut into fixed blocks of --per-proc-batch-size, dealt to ranks in turn, and each block
+  is always sampled as one batch; the SDE's noise (drawn from the global RNG inside the sampler) is
+  seeded per block from the block's first index. So the images do not depend on the number of
+  processes. They may depend on the batch size (SDE noise, adaptive ODE step sizes are chosen per
+  batch), which is why the folder name includes it;
+- a block with any PNG missing is sampled again (only its missing PNGs are written); PNGs are
+  written to a temporary name and renamed, so a killed run leaves no half-written file and the
+  same command continues where it stopped.
+Works with NCCL on GPUs and with Gloo on CPU (torchrun), or as a plain single process.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import os
+import re
+import tempfile
+import zipfile
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from tqdm import tqdm
+
+import sampling
+from train_utils import DistContext, barrier, cleanup_distributed, create_logger, image_transform, positive_int, \
+    setup_distributed
+
+PNG_NAME = re.compile(r"^\d{6,}\.png$")
+
+
+#################################################################################
+#                                 Command line                                  #
+#################################################################################
+
+def non_negative_int(value: str) -> int:
+    """argparse type: an integer >= 0."""
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return number
+
+
+def add_ddp_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sample-dir", type=str, default="samples")
+    parser.add_argument("--per-proc-batch-size", type=positive_int, default=4)
+    parser.add_argument("--num-fid-samples", type=positive_int, default=50_000,
+                        help="number of images to sample (with --likelihood: to evaluate)")
+    parser.add_argument("--global-seed", type=non_negative_int, default=0)
+    parser.add_argument("--data-path", type=str, default=None,
+                        help="with --likelihood: an ImageFolder of real images to evaluate "
+                             "(default: evaluate freshly generated samples)")
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser, args = sampling.parse_sampling_args(
+        argv, description="Sample many images from a SiT (DDP), or evaluate log-likelihoods.",
+        vae_default="ema", cfg_default=1.0, add_script_arguments=add_ddp_arguments)
+    if args.data_path is not None and not args.likelihood:
+        parser.error("--data-path is read only with --likelihood")
+    if args.data_path is not None and not os.path.isdir(args.data_path):
+        parser.error(f"--data-path {args.data_path!r} is not a folder")
+    return args
+
+
+#################################################################################
+#                              Folder and file names                            #
+#################################################################################
+
+def short_hash(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
+def checkpoint_tag(ckpt: Optional[str]) -> str:
+    """'pretrained', or the checkpoint's file stem plus a hash of where it is (two runs' 0400000.pt differ)."""
+    if ckpt is None:
+        return "pretrained"
+    where = os.path.realpath(ckpt) if os.path.exists(ckpt) else ckpt
+    stem = os.path.splitext(os.path.basename(ckpt.rstrip("/")))[0] or "ckpt"
+    return f"{stem}-{short_hash(where)}"
+
+
+def vae_tag(vae_name: Optional[str]) -> str:
+    if vae_name is None:
+        return "pixels"
+    if vae_name in ("ema", "mse"):
+        return vae_name
+    return f"{os.path.basename(os.path.normpath(vae_name))}-{short_hash(os.path.realpath(vae_name))}"
+
+
+def folder_name(args: argparse.Namespace, vae_name: Optional[str]) -> str:
+    """A folder name made of every setting that changes the images."""
+    parts = [args.model.replace("/", "-"), checkpoint_tag(args.ckpt), f"{args.image_size}px", f"vae-{vae_tag(vae_name)}",
+             args.mode, args.sampling_method, f"steps-{args.num_sampling_steps}", f"cfg-{args.cfg_scale}",
+             args.path_type, args.prediction, f"seed-{args.global_seed}", f"bs-{args.per_proc_batch_size}"]
+    if args.mode == "ODE":
+        parts += [f"atol-{args.atol}", f"rtol-{args.rtol}"] + (["reverse"] if args.reverse else [])
+    else:
+        parts += [args.diffusion_form, f"norm-{args.diffusion_norm}", f"last-{args.last_step}",
+                  f"lastsize-{args.last_step_size}"]
+    if args.sample_eps is not None:
+        parts.append(f"eps-{args.sample_eps}")
+    if args.cfg_scale > 1.0 and args.guide_all_channels:
+        parts.append("allchannels")
+    if args.cfg_scale > 1.0 and tuple(args.cfg_interval) != (0.0, 1.0):
+        parts.append(f"interval-{args.cfg_interval[0]}-{args.cfg_interval[1]}")
+    return "-".join(str(part) for part in parts)
+
+
+def png_path(folder: str, index: int) -> str:
+    return os.path.join(folder, f"{index:06d}.png")
+
+
+def save_png(pixels: np.ndarray, path: str) -> None:
+    """Write uint8 (H, W, 3) pixels as a PNG via a temporary name and a rename (no half-written PNG)."""
+    tmp_path = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        Image.fromarray(pixels).save(tmp_path, format="PNG")
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+
+
+def remove_stale_temporary_files(folder: str) -> int:
+    """Delete the temporary PNGs a killed run left behind; returns how many."""
+    stale = [name for name in os.listdir(folder) if name.startswith(".") and name.endswith(".tmp")]
+    for name in stale:
+        os.remove(os.path.join(folder, name))
+    return len(stale)
+
+
+#################################################################################
+#                              Work split across ranks                          #
+#################################################################################
+
+def index_blocks(num_images: int, block_size: int) -> list[range]:
+    """Indices 0..num_images-1 cut into consecutive blocks of block_size (the last may be shorter)."""
+    return [range(start, min(start + block_size, num_images)) for start in range(0, num_images, block_size)]
+
+
+def blocks_of_rank(blocks: list[range], rank: int, world_size: int) -> list[range]:
+    """Blocks dealt to ranks in turn: block k goes to rank k % world_size."""
+    return blocks[rank::world_size]
+
+
+def reduce_tensor(values: list[float], device: torch.device, op: Any) -> list[float]:
+    """All-reduce a few numbers with `op` (SUM, MAX); the values themselves in a single process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=op)
+    return tensor.tolist()
+
+
+#################################################################################
+#                                    Sampling                                   #
+#################################################################################
+
+def sample_block(block: range, model: Any, vae: Any, sample_fn: Callable, args: argparse.Namespace,
+                 device: torch.device) -> tuple[np.ndarray, torch.Tensor]:
+    """Images uint8 (n, H, W, 3) and labels (n,) of one block of indices."""
+    latent_shape = (model.in_channels, model.config["input_size"], model.config["input_size"])
+    z, y = sampling.noise_and_labels(block, args.global_seed, latent_shape, args.num_classes)
+    torch.manual_seed(sampling.seed_for(args.global_seed, block.start, "sde"))  # the SDE's noise, per block
+    latents = sampling.generate_latents(sample_fn, model, z.to(device), y.to(device), args)
+    return sampling.to_uint8_hwc(sampling.decode_latents(vae, latents)), y
+
+
+def sample_images(ctx: DistContext, args: argparse.Namespace, model: Any, vae: Any, folder: str, logger: Any) -> None:
+    """Write every missing PNG of indices 0..num_fid_samples-1 (all ranks take part)."""
+    sample_fn = sampling.sample_fn_for_args(args)
+    blocks = blocks_of_rank(index_blocks(args.num_fid_samples, args.per_proc_batch_size), ctx.rank, ctx.world_size)
+    pending = [block for block in blocks if not all(os.path.exists(png_path(folder, i)) for i in block)]
+    missing_here = sum(sum(not os.path.exists(png_path(folder, i)) for i in block) for block in pending)
+    (total_missing,) = reduce_tensor([missing_here], ctx.device, dist.ReduceOp.SUM)
+    (num_rounds,) = reduce_tensor([len(pending)], ctx.device, dist.ReduceOp.MAX)
+    logger.info(f"{args.num_fid_samples - int(total_missing)} of {args.num_fid_samples} images already exist; "
+                f"sampling {int(total_missing)} on {ctx.world_size} process(es)")
+    progress = tqdm(total=int(total_missing), unit="img", disable=not ctx.is_main, dynamic_ncols=True)
+    for round_index in range(int(num_rounds)):  # in lockstep, so rank 0 can count everyone's images
+        written = 0
+        if round_index < len(pending):
+            block = pending[round_index]
+            images, _ = sample_block(block, model, vae, sample_fn, args, ctx.device)
+            for index, pixels in zip(block, images):
+                if not os.path.exists(png_path(folder, index)):
+                    save_png(pixels, png_path(folder, index))
+                    written += 1
+        (written_everywhere,) = reduce_tensor([written], ctx.device, dist.ReduceOp.SUM)
+        progress.update(int(written_everywhere))
+    progress.close()
+    if sample_fn.nfe:
+        logger.info(f"{sample_fn.nfe} model evaluations per batch (last batch)")
+
+
+#################################################################################
+#                                 The .npz file                                 #
+#################################################################################
+
+def npz_shape(path: str) -> Optional[tuple]:
+    """The shape of arr_0 in an .npz, read from its header only (None if unreadable)."""
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open("arr_0.npy") as stream:
+            version = np.lib.format.read_magic(stream)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(stream)
+            return tuple(shape) if dtype == np.uint8 else None
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
+
+
+def create_npz_from_sample_folder(folder: str, num: int) -> str:
+    """Write <folder>.npz with arr_0: uint8 (num, H, W, 3) from 000000.png ...; returns its path.
+
+    Streamed image by image (memory stays small for 50K images) into a temporary file, renamed
+    when complete.
+    """
+    npz_path = f"{folder}.npz"
+    first = np.asarray(Image.open(png_path(folder, 0)).convert("RGB"))
+    shape = (num, *first.shape)  # (N, H, W, 3)
+    fd, tmp_path = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(npz_path)), prefix=".tmp-", suffix=".npz")
+    os.close(fd)
+    try:
+        with zipfile.ZipFile(tmp_path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+            with archive.open("arr_0.npy", "w", force_zip64=True) as stream:
+                np.lib.format.write_array_header_1_0(stream, {"descr": "|u1", "fortran_order": False, "shape": shape})
+                for index in tqdm(range(num), desc="Building .npz file from samples"):
+                    pixels = np.asarray(Image.open(png_path(folder, index)).convert("RGB"), dtype=np.uint8)
+                    if pixels.shape != first.shape:
+                        raise SystemExit(f"error: {png_path(folder, index)} is {pixels.shape}, not {first.shape}")
+                    stream.write(pixels.tobytes())
+        os.replace(tmp_path, npz_path)
+    except BaseException:
+        os.remove(tmp_path)
+        raise
+    return npz_path
+
+
+def finish_npz(folder: str, num: int, logger: Any) -> None:
+    """On rank 0: build <folder>.npz once all num PNGs exist (unless an identical one is there)."""
+    missing = [index for index in range(num) if not os.path.exists(png_path(folder, index))]
+    if missing:
+        raise SystemExit(f"error: {len(missing)} images are still missing in {folder} (first: {missing[0]}); "
+                         f"run the same command again")
+    existing = npz_shape(f"{folder}.npz")
+    if existing is not None and existing[0] == num:
+        logger.info(f"{folder}.npz already holds {num} images {existing}")
+        return
+    path = create_npz_from_sample_folder(folder, num)
+    logger.info(f"Saved .npz file to {path} [shape={npz_shape(path)}].")
+
+
+#################################################################################
+#                                   Likelihood                                  #
+#################################################################################
+
+def likelihood_inputs(block: range, dataset: Any, model: Any, vae: Any, sample_fn: Optional[Callable],
+                      args: argparse.Namespace, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latents (n, C, L, L) and labels (n,) to evaluate: encoded real images, or fresh samples."""
+    if dataset is not None:
+        items = [dataset[index] for index in block]
+        images = torch.stack([image for image, _ in items]).to(device)  # (n, 3, H, W) in [-1, 1]
+        labels = torch.tensor([label for _, label in items], device=device)
+        return sampling.encode_images(vae, images), labels
+    latent_shape = (model.in_channels, model.config["input_size"], model.config["input_size"])
+    z, y = sampling.noise_and_labels(block, args.global_seed, latent_shape, args.num_classes)
+    return sampling.generate_latents(sample_fn, model, z.to(device), y.to(device), args), y.to(device)
+
+
+def open_dataset(args: argparse.Namespace) -> Any:
+    """The --data-path ImageFolder, center-cropped to the model's size (None without --data-path)."""
+    if args.data_path is None:
+        return None
+    from torchvision.datasets import ImageFolder
+
+    try:
+        dataset = ImageFolder(args.data_path, transform=image_transform(args.image_size, random_flip=False))
+    except (FileNotFoundError, OSError) as error:
+        raise SystemExit(f"error: --data-path {args.data_path}: {error}")
+    if len(dataset.classes) > args.num_classes:
+        raise SystemExit(f"error: --data-path has {len(dataset.classes)} class folders but the model has "
+                         f"{args.num_classes} classes")
+    return dataset
+
+
+def evaluate_likelihood(ctx: DistContext, args: argparse.Namespace, model: Any, vae: Any, folder: str,
+                        logger: Any) -> None:
+    """Log-likelihood of real images (--data-path) or of fresh samples: per-image values to
+    <folder>/likelihood.csv, the means over all ranks to the log."""
+    dataset = open_dataset(args)
+    num_images = args.num_fid_samples if dataset is None else min(args.num_fid_samples, len(dataset))
+    sample_fn = None if dataset is not None else sampling.sample_fn_for_args(args)
+    likelihood_fn = sampling.likelihood_fn_for_args(args)
+    blocks = blocks_of_rank(index_blocks(num_images, args.per_proc_batch_size), ctx.rank, ctx.world_size)
+    rows = []
+    progress = tqdm(total=num_images, unit="img", disable=not ctx.is_main, dynamic_ncols=True)
+    for block in blocks:
+        latents, labels = likelihood_inputs(block, dataset, model, vae, sample_fn, args, ctx.device)
+        torch.manual_seed(sampling.seed_for(args.global_seed, block.start, "likelihood"))  # Hutchinson probes
+        result = likelihood_fn(latents, model.forward, y=labels)
+        for index, label, logp, bpd in zip(block, labels.tolist(), result.logp.tolist(), result.bits_per_dim.tolist()):
+            rows.append((index, label, logp, -logp, bpd))
+        progress.update(min(len(block) * ctx.world_size, progress.total - progress.n))  # estimate: ranks run alike
+    progress.close()
+    all_rows = gather_rows(rows, ctx)
+    if ctx.is_main:
+        write_likelihood_csv(sorted(all_rows), os.path.join(folder, "likelihood.csv"))
+        nll = float(np.mean([row[3] for row in all_rows]))
+        bpd = float(np.mean([row[4] for row in all_rows]))
+        source = f"images of {args.data_path}" if dataset is not None else "generated samples"
+        logger.info(f"Likelihood of {len(all_rows)} {source}: mean NLL {nll:.4f} nats per image, "
+                    f"{bpd:.6f} bits per latent dimension; per-image values in {folder}/likelihood.csv")
+
+
+def gather_rows(rows: list, ctx: DistContext) -> list:
+    """Every rank's rows, on every rank."""
+    if ctx.world_size == 1:
+        return rows
+    gathered: list = [None] * ctx.world_size
+    dist.all_gather_object(gathered, rows)
+    return [row for part in gathered for row in part]
+
+
+def write_likelihood_csv(rows: list, path: str) -> None:
+    """index, label, logp (nats), nll (nats), bits per latent dimension; via a temporary file."""
+    tmp_path = f"{path}.{os.getpid()}.tmp"
+    with open(tmp_path, "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["index", "label", "logp_nats", "nll_nats", "bits_per_dim"])
+        writer.writerows(rows)
+    os.replace(tmp_path, path)
+
+
+#################################################################################
+#                                     Main                                      #
+#################################################################################
+
+def prepare_folder(ctx: DistContext, args: argparse.Namespace, vae_name: Optional[str], logger: Any) -> str:
+    """Create <sample-dir>/<folder> on rank 0 (clearing a killed run's temporary files)."""
+    name = folder_name(args, vae_name)
+    if args.likelihood:
+        name += "-likelihood-" + (f"data-{checkpoint_tag(args.data_path)}" if args.data_path else "generated")
+    folder = os.path.join(args.sample_dir, name)
+    if ctx.is_main:
+        os.makedirs(folder, exist_ok=True)
+        removed = remove_stale_temporary_files(folder)
+        logger.info(f"Saving to {folder}" + (f" (removed {removed} unfinished files)" if removed else ""))
+    barrier()
+    return folder
+
+
+def load_everything(ctx: DistContext, args: argparse.Namespace) -> tuple[Any, Any, Optional[str]]:
+    """Model and VAE; rank 0 first, so a download happens once."""
+    if not ctx.is_main:
+        barrier()
+    model, info = sampling.load_model_from_args(args, ctx.device)
+    vae_name = sampling.vae_name_from_args(args, info, default="ema")
+    vae = sampling.load_decoder(vae_name, ctx.device)
+    if ctx.is_main:
+        barrier()
+    return model, vae, vae_name
+
+
+def run(ctx: DistContext, args: argparse.Namespace) -> None:
+    logger = create_logger(None, ctx.is_main)
+    logger.info(f"Starting rank={ctx.rank}, world_size={ctx.world_size}, device={ctx.device}")
+    model, vae, vae_name = load_everything(ctx, args)
+    folder = prepare_folder(ctx, args, vae_name, logger)
+    if args.likelihood:
+        evaluate_likelihood(ctx, args, model, vae, folder, logger)
+        return
+    sample_images(ctx, args, model, vae, folder, logger)
+    barrier()  # every PNG is written before rank 0 reads them
+    if ctx.is_main:
+        finish_npz(folder, args.num_fid_samples, logger)
+    barrier()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = parse_args(argv)
+    sampling.setup_torch(args.tf32)
+    ctx = setup_distributed()
+    try:
+        run(ctx, args)
+    finally:
+        cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,310 @@
+"""What sample.py and sample_ddp.py share: their command line, and building the model, VAE and
+sampler from it (or from the checkpoint), plus the guided model call and latent decoding.
+
+Each script keeps only its own loop. Resolution of a setting, everywhere the same:
+an explicit flag that contradicts the checkpoint is an error; otherwise the flag, else the
+checkpoint's value, else the original's default.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+import download
+from models import SiT, SiT_models
+from train_utils import (SAMPLING_MODES, load_vae, parse_ode_args, parse_sde_args, parse_transport_args,
+                         positive_int, sample_fn_from_args, transport_from_args, LATENT_SCALE)
+from transport import Sampler
+
+# The original's transport defaults, for settings neither a flag nor the checkpoint gives
+TRANSPORT_DEFAULTS = {"path_type": "Linear", "prediction": "velocity", "loss_weight": None}
+NOT_GIVEN = "<not given>"  # argparse default telling "flag absent" apart from an explicit "None"
+SEED_STREAMS = {"image": 0, "sde": 1, "likelihood": 2}
+
+
+#################################################################################
+#                                 Command line                                  #
+#################################################################################
+
+def multiple_of_8(value: str) -> int:
+    """argparse type: a positive multiple of 8 (the SD-VAE downsamples by 8)."""
+    number = positive_int(value)
+    if number % 8:
+        raise argparse.ArgumentTypeError(f"must be a multiple of 8, got {value}")
+    return number
+
+
+def guidance_scale(value: str) -> float:
+    """argparse type: a finite float >= 1 (1 means no guidance)."""
+    number = float(value)
+    if not (math.isfinite(number) and number >= 1.0):
+        raise argparse.ArgumentTypeError(f"must be >= 1 (1 means no guidance), got {value}")
+    return number
+
+
+def unit_interval_float(value: str) -> float:
+    """argparse type: a float in [0, 1]."""
+    number = float(value)
+    if not 0.0 <= number <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return number
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, *, vae_default: str, cfg_default: float) -> None:
+    """The flags both scripts share (the original's, plus the guidance options)."""
+    parser.add_argument("mode", choices=SAMPLING_MODES, help="sampler: ODE (probability flow) or SDE; must come first")
+    parser.add_argument("--model", type=str, choices=list(SiT_models), default=None,
+                        help="model size (default: the checkpoint's, else SiT-XL/2)")
+    parser.add_argument("--vae", type=str, default=None,
+                        help=f"ema, mse or a local diffusers AutoencoderKL folder "
+                             f"(default: the checkpoint's local VAE folder, else {vae_default})")
+    parser.add_argument("--image-size", type=multiple_of_8, default=None,
+                        help="image size, a multiple of 8 (default: the checkpoint's, else 256)")
+    parser.add_argument("--num-classes", type=positive_int, default=None,
+                        help="number of classes (default: the checkpoint's, else 1000)")
+    parser.add_argument("--cfg-scale", type=guidance_scale, default=cfg_default,
+                        help="classifier-free guidance scale, >= 1 (1: no guidance)")
+    parser.add_argument("--num-sampling-steps", type=positive_int, default=250)
+    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                        help="TF32 matmuls on Ampere+ GPUs: much faster, slightly different numbers")
+    parser.add_argument("--ckpt", type=str, default=None,
+                        help="a SiT checkpoint: local .pt, URL, hf://org/repo/file or a published name "
+                             "(default: download the published SiT-XL/2 256)")
+    parser.add_argument("--guide-all-channels", action="store_true",
+                        help="guide all latent channels (the original guides only the first 3)")
+    parser.add_argument("--cfg-interval", type=unit_interval_float, nargs=2, metavar=("LO", "HI"), default=(0.0, 1.0),
+                        help="apply guidance only for t in [LO, HI] (t=0 noise, t=1 data); default 0 1")
+
+
+def parse_sampling_args(
+    argv: Optional[Sequence[str]],
+    *,
+    description: str,
+    vae_default: str,
+    cfg_default: float,
+    add_script_arguments: Callable[[argparse.ArgumentParser], None],
+    likelihood_hint: Optional[str] = None,
+) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """Parse `<mode> [options]`: the mode (ODE or SDE) comes first and picks its argument group.
+
+    Returns the parser (for later `parser.error`) and the args, with `args.mode` set. Bad input
+    exits with argparse's usage line and a one-line message (status 2). `likelihood_hint`: the
+    message refusing --likelihood, for a script that does not evaluate it.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # allow_abbrev=False: a misspelt or truncated flag is an error, never a silent match
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
+                                     epilog="The mode comes first; `<script> ODE -h` or `<script> SDE -h` "
+                                            "lists the sampler's own options.")
+    add_model_arguments(parser, vae_default=vae_default, cfg_default=cfg_default)
+    add_script_arguments(parser)
+    mode = argv[0] if argv else None
+    if mode in SAMPLING_MODES:
+        parse_transport_args(parser)
+        # None / NOT_GIVEN: take the checkpoint's setting unless a flag is given (see resolve_transport_args)
+        parser.set_defaults(path_type=None, prediction=None, loss_weight=NOT_GIVEN)
+        if mode == "ODE":
+            parse_ode_args(parser)
+        else:
+            parse_sde_args(parser)
+            # accepted here only to refuse it with a clear message
+            parser.add_argument("--likelihood", action="store_true", help=argparse.SUPPRESS)
+    elif mode not in ("-h", "--help"):
+        got = "nothing" if mode is None else repr(mode)
+        parser.error(f"the first argument must be the sampling mode, ODE or SDE (got {got})")
+    args = parser.parse_args(argv)
+    if likelihood_hint and args.likelihood:
+        parser.error(likelihood_hint)
+    check_common_args(parser, args)
+    return parser, args
+
+
+def check_common_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Checks that involve several flags."""
+    low, high = args.cfg_interval
+    if low > high:
+        parser.error(f"--cfg-interval LO HI needs LO <= HI, got {low} {high}")
+    if args.num_sampling_steps < 2:
+        parser.error(f"--num-sampling-steps must be at least 2, got {args.num_sampling_steps}")
+    if args.likelihood and args.mode != "ODE":
+        parser.error("--likelihood works in ODE mode only (it integrates the probability-flow ODE)")
+    if args.likelihood and args.cfg_scale != 1.0:
+        parser.error(f"--likelihood evaluates the unguided model: pass --cfg-scale 1 (got {args.cfg_scale}); "
+                     f"a guided sampler has no likelihood")
+
+
+#################################################################################
+#                          Model, VAE and sampler setup                         #
+#################################################################################
+
+def load_model_from_args(args: argparse.Namespace, device: torch.device) -> tuple[SiT, dict]:
+    """The SiT of --ckpt (or the published model), on `device` in eval mode, and its info.
+
+    Fills args.model, args.image_size and args.num_classes from the checkpoint where not given,
+    then the transport settings (resolve_transport_args). Exits with a one-line message when the
+    checkpoint cannot be fetched or loaded, or contradicts the flags.
+    """
+    try:
+        model, info = download.load_model(args.ckpt, model_name=args.model, image_size=args.image_size,
+                                          num_classes=args.num_classes)
+    except download.CheckpointError as error:
+        raise SystemExit(f"error: {error}")
+    args.model = args.model or info["model_name"] or "custom"
+    args.image_size = info["image_size"]
+    args.num_classes = info["num_classes"]
+    resolve_transport_args(args, info.get("transport"))
+    if args.cfg_scale > 1.0 and model.y_embedder.dropout_prob == 0:
+        raise SystemExit("error: this model was trained without label dropout, so it has no null class for "
+                         "guidance: pass --cfg-scale 1")
+    return model.to(device).eval(), info
+
+
+def resolve_transport_args(args: argparse.Namespace, checkpoint_transport: Optional[dict]) -> None:
+    """Fill the transport flags from the checkpoint's training settings.
+
+    path type, prediction and loss weight describe what the model was trained to output: a flag
+    contradicting the checkpoint is an error. train/sample eps are integration choices: a flag wins.
+    """
+    stored = checkpoint_transport or {}
+    for key in ("path_type", "prediction", "loss_weight"):
+        given = getattr(args, key)
+        is_given = given != NOT_GIVEN if key == "loss_weight" else given is not None
+        # a loss weight of None is a real setting; path type and prediction are None when unknown
+        is_stored = key in stored if key == "loss_weight" else stored.get(key) is not None
+        if is_given and is_stored and given != stored[key]:
+            flag = "--" + key.replace("_", "-")
+            raise SystemExit(f"error: {flag} {given} but the checkpoint was trained with {flag} {stored[key]}")
+        if not is_given:
+            setattr(args, key, stored[key] if is_stored else TRANSPORT_DEFAULTS[key])
+    for key in ("train_eps", "sample_eps"):
+        if getattr(args, key) is None and stored.get(key) is not None:
+            setattr(args, key, stored[key])
+
+
+def vae_name_from_args(args: argparse.Namespace, info: dict, default: str) -> Optional[str]:
+    """The VAE to decode with; None for a pixel-space model.
+
+    --vae wins; else the checkpoint's VAE when it is a local folder that exists (a custom VAE the
+    model was trained with); else the script's default (the original's: sample.py mse, sample_ddp.py
+    ema; the two SD-VAEs share one encoder, so either decodes any SD-VAE latent).
+    """
+    if info.get("vae") == "none" or info.get("in_channels") == 3:
+        return None
+    if args.vae is not None:
+        return args.vae
+    stored = info.get("vae")
+    if isinstance(stored, str) and stored not in ("ema", "mse") and os.path.isdir(stored):
+        return stored
+    return default
+
+
+def load_decoder(name: Optional[str], device: torch.device) -> Any:
+    """load_vae(name) (exits with a one-line message on failure), or None for pixel-space models."""
+    return None if name is None else load_vae(name, device)
+
+
+def transport_sampler(args: argparse.Namespace) -> Sampler:
+    try:
+        return Sampler(transport_from_args(args))
+    except ValueError as error:
+        raise SystemExit(f"error: {error}")
+
+
+def sample_fn_for_args(args: argparse.Namespace) -> Callable:
+    """The ODE or SDE sampling function of the flags (the last state only, no trajectory)."""
+    try:
+        return sample_fn_from_args(transport_sampler(args), args.mode, args, keep_trajectory=False)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}")
+
+
+def likelihood_fn_for_args(args: argparse.Namespace) -> Callable:
+    """The ODE log-likelihood function of the flags: fn(x, model, y=...) -> LikelihoodResult."""
+    try:
+        return transport_sampler(args).sample_ode_likelihood(
+            sampling_method=args.sampling_method, num_steps=args.num_sampling_steps, atol=args.atol, rtol=args.rtol)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}")
+
+
+def setup_torch(tf32: bool) -> None:
+    """No gradients; TF32 matmuls as asked."""
+    torch.backends.cuda.matmul.allow_tf32 = tf32  # True: fast, with small numerical differences
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.set_grad_enabled(False)
+
+
+#################################################################################
+#                          Sampling and decoding                                #
+#################################################################################
+
+def generate_latents(sample_fn: Callable, model: SiT, z: torch.Tensor, y: torch.Tensor,
+                     args: argparse.Namespace) -> torch.Tensor:
+    """Run the sampler from noise z: (N, C, L, L) with labels y: (N,); returns (N, C, L, L).
+
+    With cfg > 1, as the original: z is doubled, the second half gets the null label
+    (num_classes), and model.forward_with_cfg combines the two halves.
+    """
+    if args.cfg_scale > 1.0:
+        null_labels = torch.full_like(y, model.num_classes)
+        z_in = torch.cat([z, z], dim=0)         # (2N, C, L, L)
+        y_in = torch.cat([y, null_labels], dim=0)  # (2N,)
+        samples = sample_fn(z_in, model.forward_with_cfg, y=y_in, cfg_scale=args.cfg_scale,
+                            guide_all_channels=args.guide_all_channels, cfg_interval=tuple(args.cfg_interval))[-1]
+        samples, _ = samples.chunk(2, dim=0)    # drop the null-class half
+        return samples
+    return sample_fn(z, model.forward, y=y)[-1]
+
+
+def decode_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    """Latents (N, 4, L, L) to images (N, 3, 8L, 8L) in about [-1, 1]; identity for pixel models (vae None)."""
+    if vae is None:
+        return latents
+    return vae.decode(latents / LATENT_SCALE).sample
+
+
+def encode_images(vae: Any, images: torch.Tensor) -> torch.Tensor:
+    """Images (N, 3, H, W) in [-1, 1] to scaled latents (N, 4, H/8, W/8): the posterior mean.
+
+    The mean (not a sample) makes the likelihood of a data set deterministic.
+    """
+    if vae is None:
+        return images
+    return vae.encode(images).latent_dist.mean * LATENT_SCALE
+
+
+def to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
+    """Images (N, 3, H, W) in [-1, 1] to uint8 (N, H, W, 3), rounded as the original (127.5 x + 128)."""
+    pixels = torch.clamp(127.5 * images + 128.0, 0, 255).permute(0, 2, 3, 1)  # (N, H, W, 3)
+    return pixels.to("cpu", dtype=torch.uint8).numpy()
+
+
+def seed_for(global_seed: int, index: int, stream: str) -> int:
+    """A 63-bit seed for one image index (or batch start) and one use ("image", "sde", "likelihood").
+
+    Distinct (seed, index, stream) triples give unrelated generators, so the noise of image i never
+    equals the SDE noise of a batch that starts at i.
+    """
+    state = np.random.SeedSequence([global_seed, index, SEED_STREAMS[stream]]).generate_state(2, dtype=np.uint32)
+    return int((int(state[0]) << 32 | int(state[1])) >> 1)
+
+
+def noise_and_labels(indices: Sequence[int], global_seed: int, latent_shape: tuple[int, int, int],
+                     num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each image's own noise (C, L, L) and label, from a CPU generator seeded by (global_seed, index).
+
+    Returns z: (N, C, L, L) and y: (N,) int64 on the CPU; identical whatever the batch, process
+    count or device.
+    """
+    noises, labels = [], []
+    for index in indices:
+        generator = torch.Generator().manual_seed(seed_for(global_seed, index, "image"))
+        noises.append(torch.randn(latent_shape, generator=generator))
+        labels.append(torch.randint(0, num_classes, (), generator=generator))
+    return torch.stack(noises), torch.stack(labels)

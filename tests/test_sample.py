@@ -1,0 +1,413 @@
+"""sample.py, sample_ddp.py and sampling.py: tiny checkpoints, a tiny VAE, CPU, no network."""
+import argparse
+import csv
+import glob
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO
+import sample
+import sample_ddp
+import sampling
+from models import SiT
+
+TINY = dict(input_size=4, patch_size=2, hidden_size=32, depth=1, num_heads=2, num_classes=10)
+FAST_ODE = ["--sampling-method", "euler", "--num-sampling-steps", "4"]
+
+
+def write_checkpoint(path, vae_dir, random_weights=True, prediction="velocity", seed=0, **config):
+    """A checkpoint shaped like train.py's: model, ema, args (a Namespace), model_config."""
+    torch.manual_seed(seed)
+    model = SiT(**{**TINY, **config})
+    if random_weights:  # a fresh SiT outputs exactly 0; random weights give varied images
+        for parameter in model.parameters():
+            torch.nn.init.normal_(parameter, std=0.05)
+    args = argparse.Namespace(model="SiT-S/2", image_size=32, num_classes=model.num_classes, vae=vae_dir,
+                              path_type="Linear", prediction=prediction, loss_weight=None, train_eps=None,
+                              sample_eps=None)
+    state = model.state_dict()
+    torch.save({"model": state, "ema": state, "opt": {}, "args": args, "model_config": model.config,
+                "train_steps": 2, "epoch": 0}, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, tiny_vae):
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "0000002.pt", tiny_vae)
+
+
+def run_script(args, cwd, timeout=120, torchrun_procs=None):
+    """Run a script of the repo; returns the CompletedProcess (text output)."""
+    if torchrun_procs:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   f"--nproc_per_node={torchrun_procs}"] + [os.path.join(REPO, args[0])] + args[1:]
+    else:
+        command = [sys.executable, os.path.join(REPO, args[0])] + args[1:]
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def only_folder(sample_dir):
+    folders = [path for path in glob.glob(os.path.join(sample_dir, "*")) if os.path.isdir(path)]
+    assert len(folders) == 1, folders
+    return folders[0]
+
+
+def read_pngs(folder):
+    names = sorted(name for name in os.listdir(folder) if name.endswith(".png"))
+    return names, np.stack([np.asarray(Image.open(os.path.join(folder, name))) for name in names])
+
+
+#################################################################################
+#                              sampling.py helpers                              #
+#################################################################################
+
+def test_per_index_noise_does_not_depend_on_the_batch():
+    z_all, y_all = sampling.noise_and_labels(range(6), 0, (4, 2, 2), 10)
+    z_part, y_part = sampling.noise_and_labels([3, 4], 0, (4, 2, 2), 10)
+    assert torch.equal(z_all[3:5], z_part) and torch.equal(y_all[3:5], y_part)
+    assert not torch.equal(z_all[0], z_all[1])
+    z_other, _ = sampling.noise_and_labels(range(6), 1, (4, 2, 2), 10)
+    assert not torch.equal(z_all, z_other)  # the global seed matters
+    assert y_all.dtype == torch.int64 and 0 <= int(y_all.min()) and int(y_all.max()) < 10
+    # the SDE stream of a batch starting at i is not image i's noise stream
+    assert sampling.seed_for(0, 3, "image") != sampling.seed_for(0, 3, "sde")
+
+
+def test_blocks_are_dealt_to_ranks_independently_of_their_number():
+    blocks = sample_ddp.index_blocks(10, 4)
+    assert blocks == [range(0, 4), range(4, 8), range(8, 10)]
+    assert sample_ddp.blocks_of_rank(blocks, 0, 2) == [range(0, 4), range(8, 10)]
+    assert sample_ddp.blocks_of_rank(blocks, 1, 2) == [range(4, 8)]
+    assert sample_ddp.blocks_of_rank(blocks, 3, 4) == []
+
+
+def test_folder_name_changes_with_every_image_setting():
+    base = ["ODE", "--model", "SiT-S/2", "--ckpt", "a/0001.pt"]
+    variants = [[], ["--cfg-scale", "2"], ["--num-sampling-steps", "10"], ["--sampling-method", "euler"],
+                ["--path-type", "GVP"], ["--prediction", "noise"], ["--global-seed", "3"], ["--atol", "1e-5"],
+                ["--rtol", "1e-2"], ["--per-proc-batch-size", "8"], ["--sample-eps", "0.01"],
+                ["--cfg-scale", "2", "--guide-all-channels"], ["--cfg-scale", "2", "--cfg-interval", "0", "0.7"]]
+    names = set()
+    for extra in variants:
+        args = sample_ddp.parse_args(base + extra)
+        sampling.resolve_transport_args(args, None)
+        args.image_size = 256
+        names.add(sample_ddp.folder_name(args, "ema"))
+    args = sample_ddp.parse_args(base)
+    sampling.resolve_transport_args(args, None)
+    args.image_size = 256
+    names |= {sample_ddp.folder_name(args, "mse"), sample_ddp.folder_name(args, None)}
+    args.ckpt = "b/0001.pt"  # same file name, another run
+    names.add(sample_ddp.folder_name(args, "ema"))
+    sde = ["SDE", "--model", "SiT-S/2", "--ckpt", "a/0001.pt"]
+    for extra in [[], ["--diffusion-form", "SBDM"], ["--diffusion-norm", "2"], ["--last-step", "Tweedie"],
+                  ["--last-step-size", "0.1"]]:
+        args = sample_ddp.parse_args(sde + extra)
+        sampling.resolve_transport_args(args, None)
+        args.image_size = 256
+        names.add(sample_ddp.folder_name(args, "ema"))
+    assert len(names) == len(variants) + 3 + 5
+
+
+def test_defaults_are_the_originals():
+    args = sample.parse_args(["ODE"])
+    assert (args.cfg_scale, args.num_sampling_steps, args.seed, args.tf32) == (4.0, 250, 0, True)
+    assert (args.sampling_method, args.atol, args.rtol) == ("dopri5", 1e-6, 1e-3)
+    sampling.resolve_transport_args(args, None)
+    assert (args.path_type, args.prediction, args.loss_weight) == ("Linear", "velocity", None)
+    assert sampling.vae_name_from_args(args, {"vae": None, "in_channels": 4}, "mse") == "mse"
+    args = sample_ddp.parse_args(["SDE", "--no-tf32"])
+    assert (args.cfg_scale, args.global_seed, args.per_proc_batch_size, args.num_fid_samples) == (1.0, 0, 4, 50_000)
+    assert (args.sample_dir, args.tf32, args.cfg_interval) == ("samples", False, (0.0, 1.0))
+    assert (args.sampling_method, args.diffusion_form, args.last_step, args.last_step_size) == ("Euler", "sigma", "Mean", 0.04)
+
+
+def test_transport_settings_come_from_the_checkpoint():
+    stored = {"path_type": "GVP", "prediction": "noise", "loss_weight": "likelihood", "train_eps": 1e-3, "sample_eps": None}
+    args = sample.parse_args(["ODE"])
+    sampling.resolve_transport_args(args, stored)
+    assert (args.path_type, args.prediction, args.loss_weight, args.train_eps) == ("GVP", "noise", "likelihood", 1e-3)
+    args = sample.parse_args(["ODE", "--prediction", "noise", "--sample-eps", "0.01"])
+    sampling.resolve_transport_args(args, stored)
+    assert (args.prediction, args.sample_eps) == ("noise", 0.01)
+    for flags in (["--prediction", "velocity"], ["--path-type", "Linear"], ["--loss-weight", "None"]):
+        args = sample.parse_args(["ODE"] + flags)
+        with pytest.raises(SystemExit, match="the checkpoint was trained with"):
+            sampling.resolve_transport_args(args, stored)
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "sampling mode, ODE or SDE"),
+    (["--cfg-scale", "2"], "sampling mode, ODE or SDE"),
+    (["ode"], "sampling mode, ODE or SDE"),
+    (["ODE", "--cfg-scal", "2"], "unrecognized arguments: --cfg-scal"),
+    (["ODE", "--sampling-method", "Euler"], "invalid choice: 'Euler'"),
+    (["SDE", "--diffusion-form", "inccreasing-decreasing"], "invalid choice"),
+    (["ODE", "--model", "SiT-XXL/2"], "invalid choice: 'SiT-XXL/2'"),
+    (["ODE", "--prediction", "eps"], "invalid choice: 'eps'"),
+    (["ODE", "--num-sampling-steps", "0"], "must be a positive integer"),
+    (["ODE", "--num-sampling-steps", "1"], "at least 2"),
+    (["ODE", "--per-proc-batch-size", "-1"], "must be a positive integer"),
+    (["ODE", "--num-fid-samples", "0"], "must be a positive integer"),
+    (["ODE", "--cfg-scale", "0.5"], "must be >= 1"),
+    (["ODE", "--image-size", "100"], "multiple of 8"),
+    (["ODE", "--cfg-interval", "0.8", "0.2", "--cfg-scale", "2"], "LO <= HI"),
+    (["SDE", "--likelihood"], "ODE mode only"),
+    (["ODE", "--likelihood", "--cfg-scale", "1.5"], "--cfg-scale 1"),
+    (["ODE", "--data-path", "/nonexistent"], "only with --likelihood"),
+    (["ODE", "--global-seed", "-1"], "must be >= 0"),
+])
+def test_bad_command_lines_exit_with_a_usage_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sample_ddp.parse_args(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["ODE", "--class-labels", "1,x"], "comma-separated"),
+    (["ODE", "--likelihood"], "sample_ddp.py"),
+    (["ODE", "--num-images", "0"], "positive integer"),
+])
+def test_sample_py_bad_command_lines(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sample.parse_args(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+#################################################################################
+#                                   sample.py                                   #
+#################################################################################
+
+def test_sample_py_ode_and_sde_grids(ckpt, tmp_path):
+    """In-process: a grid of 4 columns, reproducible for a seed, different for another seed."""
+    common = ["--ckpt", ckpt, "--num-sampling-steps", "5", "--class-labels", "1,2,3,4,5"]
+    sample.main(["ODE", *common, "--sampling-method", "euler", "--output", str(tmp_path / "ode.png")])
+    sample.main(["ODE", *common, "--sampling-method", "euler", "--output", str(tmp_path / "ode_again.png")])
+    sample.main(["ODE", *common, "--sampling-method", "euler", "--seed", "1", "--output", str(tmp_path / "seed1.png")])
+    sample.main(["SDE", *common, "--num-images", "6", "--output", str(tmp_path / "sub" / "sde.png")])
+    ode = np.asarray(Image.open(tmp_path / "ode.png"))
+    assert ode.shape == (2 * 34 + 2, 4 * 34 + 2, 3)  # 5 images of 32 px, 4 columns, 2 px padding
+    assert np.array_equal(ode, np.asarray(Image.open(tmp_path / "ode_again.png")))
+    assert not np.array_equal(ode, np.asarray(Image.open(tmp_path / "seed1.png")))
+    assert np.asarray(Image.open(tmp_path / "sub" / "sde.png")).shape == (70, 138, 3)
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".")]  # no temporary files left
+
+
+def test_sample_py_default_labels_need_1000_classes(ckpt, tmp_path):
+    with pytest.raises(SystemExit, match="pass --class-labels"):
+        sample.main(["ODE", "--ckpt", ckpt, *FAST_ODE, "--output", str(tmp_path / "x.png")])
+    with pytest.raises(SystemExit, match="out of range"):
+        sample.main(["ODE", "--ckpt", ckpt, *FAST_ODE, "--class-labels", "3,10", "--output", str(tmp_path / "x.png")])
+
+
+@pytest.mark.slow
+def test_sample_py_script_logs_time_and_model_evaluations(ckpt, tmp_path):
+    result = run_script(["sample.py", "ODE", "--ckpt", ckpt, *FAST_ODE, "--class-labels", "1,2"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "3 model evaluations" in result.stdout  # euler, 4 grid points
+    assert Image.open(tmp_path / "sample.png").size == (2 * 34 + 2, 36)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case, message", [
+    ("shape", "--model SiT-B/2 but the checkpoint holds"),
+    ("size", "--image-size 64 but the checkpoint was trained at 32"),
+    ("missing", "no SiT checkpoint at"),
+    ("vae", "could not load the VAE"),
+    ("evil", "refused to load"),
+    ("mode", "sampling mode, ODE or SDE"),
+])
+def test_bad_input_scripts_end_with_one_line_and_no_traceback(case, message, ckpt, tmp_path):
+    flags = {"shape": ["--model", "SiT-B/2"], "size": ["--image-size", "64"], "missing": [],
+             "vae": ["--vae", str(tmp_path)], "evil": [], "mode": []}[case]
+    checkpoint = {"missing": str(tmp_path / "nope.pt"), "evil": str(tmp_path / "evil.pt")}.get(case, ckpt)
+    if case == "evil":
+        class RunsCode:  # unpickling this would create the marker folder
+            def __reduce__(self):
+                return (os.mkdir, (str(tmp_path / "pwned"),))
+        torch.save({"model": RunsCode()}, checkpoint)
+    argv = ["sample_ddp.py", "ODE", "--ckpt", checkpoint, *FAST_ODE, "--num-fid-samples", "2", *flags]
+    if case == "mode":
+        argv = ["sample.py", "--ckpt", checkpoint]
+    result = run_script(argv, cwd=tmp_path)
+    assert result.returncode != 0
+    assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert not (tmp_path / "pwned").exists()
+
+
+#################################################################################
+#                                 sample_ddp.py                                 #
+#################################################################################
+
+@pytest.mark.slow
+def test_one_and_two_gloo_processes_give_the_same_images(ckpt, tmp_path):
+    flags = ["ODE", "--cfg-scale", "2", *FAST_ODE, "--ckpt", ckpt, "--num-fid-samples", "7", "--per-proc-batch-size", "2"]
+    sample_ddp.main([*flags, "--sample-dir", str(tmp_path / "one")])
+    result = run_script(["sample_ddp.py", *flags, "--sample-dir", str(tmp_path / "two")], cwd=tmp_path, torchrun_procs=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = only_folder(tmp_path / "one"), only_folder(tmp_path / "two")
+    assert os.path.basename(one) == os.path.basename(two)
+    names_one, images_one = read_pngs(one)
+    names_two, images_two = read_pngs(two)
+    assert names_one == names_two == [f"{i:06d}.png" for i in range(7)]
+    assert np.array_equal(images_one, images_two)
+    assert len({image.tobytes() for image in images_one}) == 7  # every index its own image
+    packed = np.load(f"{two}.npz")["arr_0"]
+    assert packed.dtype == np.uint8 and packed.shape == (7, 32, 32, 3)
+    assert np.array_equal(packed, images_one)
+
+
+def test_sde_images_do_not_depend_on_the_number_of_processes(ckpt, tmp_path):
+    """The ranks' loops of a 3-process job, run one after another here, give the one-process images."""
+    from train_utils import DistContext
+
+    flags = ["SDE", "--num-sampling-steps", "4", "--ckpt", ckpt, "--num-fid-samples", "5", "--per-proc-batch-size", "2"]
+    sample_ddp.main([*flags, "--sample-dir", str(tmp_path / "one")])
+    args = sample_ddp.parse_args([*flags, "--sample-dir", str(tmp_path / "three")])
+    model, vae, vae_name = sample_ddp.load_everything(DistContext(0, 1, 0, torch.device("cpu")), args)
+    folder = os.path.join(args.sample_dir, sample_ddp.folder_name(args, vae_name))
+    os.makedirs(folder)
+    for rank in (2, 0, 1):
+        ctx = DistContext(rank=rank, world_size=3, local_rank=rank, device=torch.device("cpu"))
+        sample_ddp.sample_images(ctx, args, model, vae, folder, sample_ddp.create_logger(None))
+    one = only_folder(tmp_path / "one")
+    assert os.path.basename(one) == os.path.basename(folder)
+    names, images = read_pngs(one)
+    assert names == [f"{i:06d}.png" for i in range(5)]
+    assert np.array_equal(images, read_pngs(folder)[1])
+    assert len({image.tobytes() for image in images}) == 5
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_without_duplicates_or_gaps(ckpt, tmp_path):
+    flags = ["ODE", "--ckpt", ckpt, "--sampling-method", "euler", "--num-sampling-steps", "25",
+             "--num-fid-samples", "12", "--per-proc-batch-size", "2", "--sample-dir", str(tmp_path / "run")]
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, os.path.join(REPO, "sample_ddp.py"), *flags], cwd=tmp_path, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 90
+    try:
+        while time.time() < deadline and process.poll() is None:
+            pngs = glob.glob(str(tmp_path / "run" / "*" / "*.png"))
+            if len(pngs) >= 4:
+                break
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    folder = only_folder(tmp_path / "run")
+    before = {name: os.stat(os.path.join(folder, name)).st_mtime_ns for name in os.listdir(folder) if name.endswith(".png")}
+    assert 4 <= len(before) < 12, "the run was not killed mid-way"
+    assert not os.path.exists(f"{folder}.npz")
+    for name in before:  # every PNG that exists is complete
+        Image.open(os.path.join(folder, name)).load()
+    open(os.path.join(folder, ".000011.png.99999.tmp"), "wb").close()  # what a kill mid-write leaves
+
+    sample_ddp.main(flags)
+    names, images = read_pngs(folder)
+    assert names == [f"{i:06d}.png" for i in range(12)]
+    assert not [name for name in os.listdir(folder) if name.startswith(".")]
+    after = {name: os.stat(os.path.join(folder, name)).st_mtime_ns for name in before}
+    assert after == before  # nothing already complete was written again
+    packed = np.load(f"{folder}.npz")["arr_0"]
+    assert packed.dtype == np.uint8 and packed.shape == (12, 32, 32, 3) and np.array_equal(packed, images)
+
+    uninterrupted = flags[:-1] + [str(tmp_path / "fresh")]
+    sample_ddp.main(uninterrupted)
+    assert np.array_equal(read_pngs(only_folder(tmp_path / "fresh"))[1], images)
+
+
+#################################################################################
+#                                   Likelihood                                  #
+#################################################################################
+
+def test_likelihood_of_real_images_matches_the_analytic_answer(tmp_path, tiny_vae, image_folder):
+    """A fresh SiT outputs 0 (zero-initialised final layer): with a Linear velocity model the flow
+    is the identity, so logp(x) is the standard normal log-density of the image's latent."""
+    from diffusers.models import AutoencoderKL
+    from torchvision.datasets import ImageFolder
+    from train_utils import LATENT_SCALE, image_transform
+
+    zero_ckpt = write_checkpoint(tmp_path / "zero.pt", tiny_vae, random_weights=False)
+    sample_ddp.main(["ODE", "--likelihood", "--ckpt", zero_ckpt, "--data-path", image_folder, *FAST_ODE,
+                     "--per-proc-batch-size", "3", "--sample-dir", str(tmp_path / "out")])
+    folder = only_folder(tmp_path / "out")
+    with open(os.path.join(folder, "likelihood.csv")) as file:
+        rows = list(csv.DictReader(file))
+    assert [int(row["index"]) for row in rows] == list(range(8))
+
+    dataset = ImageFolder(image_folder, transform=image_transform(32, random_flip=False))
+    vae = AutoencoderKL.from_pretrained(tiny_vae).eval()
+    with torch.no_grad():
+        latents = vae.encode(torch.stack([dataset[i][0] for i in range(8)])).latent_dist.mean * LATENT_SCALE
+    num_dims = latents[0].numel()
+    expected = -num_dims / 2 * math.log(2 * math.pi) - (latents.flatten(1).double() ** 2).sum(1) / 2
+    logp = torch.tensor([float(row["logp_nats"]) for row in rows], dtype=torch.float64)
+    assert torch.allclose(logp, expected, rtol=1e-5, atol=1e-4)
+    assert [int(row["label"]) for row in rows] == [dataset[i][1] for i in range(8)]
+    bpd = torch.tensor([float(row["bits_per_dim"]) for row in rows], dtype=torch.float64)
+    assert torch.allclose(bpd, -logp / (num_dims * math.log(2)), rtol=1e-6)
+
+
+def test_likelihood_of_generated_samples(ckpt, tmp_path, capsys):
+    sample_ddp.main(["ODE", "--likelihood", "--ckpt", ckpt, *FAST_ODE, "--num-fid-samples", "3",
+                     "--sample-dir", str(tmp_path)])
+    folder = only_folder(tmp_path)
+    assert folder.endswith("-likelihood-generated")
+    with open(os.path.join(folder, "likelihood.csv")) as file:
+        rows = list(csv.DictReader(file))
+    assert len(rows) == 3 and all(math.isfinite(float(row["bits_per_dim"])) for row in rows)
+    mean_nll = np.mean([float(row["nll_nats"]) for row in rows])
+    assert f"mean NLL {mean_nll:.4f} nats" in capsys.readouterr().out
+
+
+#################################################################################
+#                         A checkpoint written by train.py                      #
+#################################################################################
+
+@pytest.mark.slow
+def test_train_py_checkpoint_samples_with_no_extra_flags(tmp_path, tiny_vae, image_folder):
+    """learn_sigma, size, classes, prediction and the VAE all come from the checkpoint."""
+    result = run_script(["train.py", "--data-path", image_folder, "--results-dir", str(tmp_path / "results"),
+                         "--model", "SiT-S/2", "--model-config", '{"depth": 1, "hidden_size": 32, "num_heads": 2}',
+                         "--image-size", "32", "--num-classes", "2", "--max-steps", "2", "--global-batch-size", "4",
+                         "--vae", tiny_vae, "--num-workers", "0", "--prediction", "noise"], cwd=tmp_path, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (checkpoint,) = glob.glob(str(tmp_path / "results" / "*" / "checkpoints" / "*.pt"))
+    for mode in ("ODE", "SDE"):
+        output = tmp_path / f"{mode}.png"
+        sample.main([mode, "--ckpt", checkpoint, "--class-labels", "0,1", "--num-sampling-steps", "4",
+                     "--output", str(output)] + (["--sampling-method", "euler"] if mode == "ODE" else []))
+        assert Image.open(output).size == (2 * 34 + 2, 36)
+    sample_ddp.main(["SDE", "--ckpt", checkpoint, "--num-sampling-steps", "4", "--num-fid-samples", "3",
+                     "--sample-dir", str(tmp_path / "samples")])
+    folder = only_folder(tmp_path / "samples")
+    assert "-noise-" in os.path.basename(folder)  # the checkpoint's prediction was used
+    assert np.load(f"{folder}.npz")["arr_0"].shape == (3, 32, 32, 3)
+    with pytest.raises(SystemExit, match="trained with --prediction noise"):
+        sample.main(["ODE", "--ckpt", checkpoint, "--class-labels", "0", "--prediction", "velocity"])
+
+
+def test_no_ckpt_uses_the_published_model_and_a_failed_download_says_what_to_pass(ckpt, tmp_path, monkeypatch):
+    import download
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(download.PUBLISHED_MODELS, download.DEFAULT_MODEL, [f"file://{tmp_path}/missing.pt"])
+    with pytest.raises(SystemExit, match=r"pass the local file instead: --ckpt /path/to/SiT-XL-2-256x256.pt"):
+        sample.main(["ODE", *FAST_ODE, "--class-labels", "1"])
+    monkeypatch.setitem(download.PUBLISHED_MODELS, download.DEFAULT_MODEL, [f"file://{ckpt}"])  # a stand-in "download"
+    sample.main(["ODE", *FAST_ODE, "--class-labels", "1"])
+    assert (tmp_path / "pretrained_models" / download.DEFAULT_MODEL).is_file()
+    assert Image.open(tmp_path / "sample.png").size == (32, 32)  # one image: no grid padding
