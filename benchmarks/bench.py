@@ -27,7 +27,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models import SiT_models  # noqa: E402
-from train_utils import LATENT_SCALE, PRECISIONS, autocast, configure_precision, make_optimizer, update_ema  # noqa: E402
+from train_utils import (LATENT_SCALE, PRECISIONS, autocast, compile_model, configure_precision,  # noqa: E402
+                         make_optimizer, update_ema)
 from transport import create_transport  # noqa: E402
 
 # Dense bf16 tensor-core peaks (TFLOP/s) of GPUs we know, by a substring of their name.
@@ -44,6 +45,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (compilation happens here)")
     parser.add_argument("--skip-baseline-train", action="store_true", help="only when the baseline does not fit")
+    parser.add_argument("--json", type=str, default=None, help="also write the measured rows to this JSON file")
     args = parser.parse_args()
     if args.image_size % 8 or args.batch_size <= 0 or args.steps <= 0 or args.warmup < 0:
         parser.error("--image-size must be a multiple of 8; --batch-size and --steps positive")
@@ -162,7 +164,7 @@ def sampling_step_fn(model, batch: int, latent: int, device: torch.device, preci
 def report(name: str, seconds: float, batch: int, memory: float, flops: int = 0, peak: float = 0.0) -> dict:
     row = dict(name=name, images_per_s=batch / seconds, seconds=seconds, memory_gib=memory,
                tflops=flops / seconds / 1e12 if flops else 0.0)
-    extra = f"  {row['tflops']:7.2f} TFLOP/s" if flops else ""
+    extra = f"  {row['tflops']:7.3f} TFLOP/s" if flops else ""
     if flops and peak:
         extra += f" ({100 * row['tflops'] / peak:.0f}% of bf16 peak)"
     print(f"{name:42s} {row['images_per_s']:9.2f} img/s  {seconds * 1000:9.1f} ms/step  peak mem {memory:6.2f} GiB{extra}", flush=True)
@@ -191,7 +193,7 @@ def main() -> None:
         del opt
 
     configure_precision(args.precision)
-    model = torch.compile(bench.model) if args.compile else bench.model
+    model = compile_model(bench.model) if args.compile else bench.model  # train.py's --compile (after the EMA copy)
     opt = make_optimizer(bench.model)
     for from_images, label in ((True, "from images"), (False, "cached latents")):
         reset_peak_memory(device)
@@ -205,7 +207,7 @@ def main() -> None:
     seconds = time_steps(sampling_step_fn(sample_model, args.batch_size, latent, device, "fp32"), device, args.steps, args.warmup)
     rows["sample baseline"] = report("sampling step, baseline (eager fp32)", seconds, args.batch_size, peak_memory_gib(device))
     configure_precision(args.precision)
-    fast_model = torch.compile(sample_model) if args.compile else sample_model
+    fast_model = compile_model(sample_model) if args.compile else sample_model  # sample.py's --compile
     reset_peak_memory(device)
     seconds = time_steps(sampling_step_fn(fast_model, args.batch_size, latent, device, args.precision), device, args.steps, args.warmup)
     rows["sample optimised"] = report("sampling step, optimised", seconds, args.batch_size, peak_memory_gib(device))
@@ -215,6 +217,20 @@ def main() -> None:
         for label in ("from images", "cached latents"):
             print(f"training speed-up, {label}: {rows[label]['images_per_s'] / rows['baseline']['images_per_s']:.2f}x")
     print(f"sampling speed-up: {rows['sample optimised']['images_per_s'] / rows['sample baseline']['images_per_s']:.2f}x")
+    if args.json:
+        write_json(args, name, rows)
+
+
+def write_json(args: argparse.Namespace, device_name: str, rows: dict) -> None:
+    """The settings and rows as JSON, written to a temporary name and renamed."""
+    import json
+
+    record = dict(device=device_name, torch=torch.__version__, model=args.model, image_size=args.image_size,
+                  batch_size=args.batch_size, precision=args.precision, compile=args.compile, rows=rows)
+    tmp_path = args.json + ".tmp"
+    with open(tmp_path, "w") as handle:
+        json.dump(record, handle, indent=2)
+    os.replace(tmp_path, args.json)
 
 
 if __name__ == "__main__":

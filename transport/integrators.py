@@ -10,6 +10,7 @@ from typing import Callable, Sequence, Union
 import torch as th
 from torchdiffeq import odeint
 from torchdiffeq._impl.odeint import SOLVERS as TORCHDIFFEQ_SOLVERS
+from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
 
 ODE_METHODS = tuple(sorted(TORCHDIFFEQ_SOLVERS))
 SDE_METHODS = ("Euler", "Heun")
@@ -86,7 +87,10 @@ class SDESolver:
 class ODESolver:
     """torchdiffeq integration of dx/dt = drift(x, t) from t0 to t1 (either order)."""
 
-    def __init__(self, drift: Callable, *, t0: float, t1: float, sampler_type: str, num_steps: int, atol: float, rtol: float):
+    def __init__(self, drift: Callable, *, t0: float, t1: float, sampler_type: str, num_steps: int, atol: float, rtol: float,
+                 stop_at_end: bool = False):
+        """stop_at_end: keep an adaptive solver from stepping past t1 (it would evaluate the drift
+        beyond the interval and interpolate back); fixed-grid solvers never do."""
         if sampler_type not in TORCHDIFFEQ_SOLVERS:
             raise ValueError(f"unknown ODE sampling method {sampler_type!r}; choose one of {', '.join(ODE_METHODS)}")
         self.drift = drift
@@ -95,6 +99,7 @@ class ODESolver:
         self.atol = atol
         self.rtol = rtol
         self.sampler_type = sampler_type
+        self.stop_at_end = stop_at_end and issubclass(TORCHDIFFEQ_SOLVERS[sampler_type], RKAdaptiveStepsizeODESolver)
 
     def sample(self, x: State, model: Callable, **model_kwargs) -> Union[th.Tensor, Sequence[th.Tensor]]:
         """Integrate from x (a tensor or a tuple of tensors). Returns odeint's output: the state at
@@ -108,4 +113,6 @@ class ODESolver:
 
         grid = th.linspace(self.t0, self.t1, self.num_steps, dtype=first.dtype).to(device)
         num_parts = len(x) if isinstance(x, tuple) else 1
-        return odeint(ode_fn, x, grid, method=self.sampler_type, atol=[self.atol] * num_parts, rtol=[self.rtol] * num_parts)
+        options = {"step_t": grid[-1:]} if self.stop_at_end else None
+        return odeint(ode_fn, x, grid, method=self.sampler_type, atol=[self.atol] * num_parts, rtol=[self.rtol] * num_parts,
+                      options=options)

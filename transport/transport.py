@@ -16,6 +16,8 @@ from .utils import mean_flat
 # this far inside it (the original's default sample_eps for score and noise models).
 DEFAULT_SAMPLE_EPS = 1e-3
 LAST_STEPS = (None, "Mean", "Tweedie", "Euler")
+# A coefficient this small counts as zero: GVP's sigma_1 = cos(pi / 2) is 6e-17 in float64, not 0.
+VANISHING = 1e-12
 
 
 class ModelType(enum.Enum):
@@ -62,28 +64,59 @@ class Transport:
 
     def check_interval(self, train_eps, sample_eps, *, diffusion_form="SBDM", sde=False, reverse=False,
                        eval=False, last_step_size=0.0):
-        """The time interval (t0, t1) to train on or integrate over, away from singular ends."""
+        """The time interval (t0, t1) to train on or integrate over, away from singular ends.
+
+        With reverse=True it is (start, end) for integrating from data back to noise.
+        """
         t0, t1 = 0, 1
         eps = train_eps if not eval else sample_eps
-        is_velocity = self.model_type == ModelType.VELOCITY
+        data_end = 1 - eps if (not sde or last_step_size == 0) else 1 - last_step_size
         if isinstance(self.path_sampler, path.VPCPlan):
-            t1 = 1 - eps if (not sde or last_step_size == 0) else 1 - last_step_size
-        elif not is_velocity or sde:  # Linear and GVP: avoid the singular ends
-            sbdm_sde = diffusion_form == "SBDM" and sde
-            t0 = eps if sbdm_sde or not is_velocity else 0
-            if sbdm_sde and t0 == 0:
-                t0 = self._sbdm_start(eps)
-            t1 = 1 - eps if (not sde or last_step_size == 0) else 1 - last_step_size
+            t1 = data_end
+        elif self.model_type != ModelType.VELOCITY or sde or eps > 0:  # Linear and GVP
+            # eps is 0 for velocity models unless the user gave one: then the original's [0, 1]
+            t0 = eps
+            if diffusion_form == "SBDM" and sde and t0 == 0:
+                t0 = self._sbdm_start()
+            t1 = data_end
         if reverse:
-            t0, t1 = 1 - t0, 1 - t1
+            return self._reverse_interval(t0, t1)
         return t0, t1
 
-    def _sbdm_start(self, eps: float) -> float:
+    def _reverse_interval(self, t0: float, t1: float) -> tuple[float, float]:
+        """The interval from data to noise. As the original, the reflection (1 - t0, 1 - t1): the same
+        as (t1, t0) on the symmetric Linear and GVP intervals. On VP, whose interval [0, 1 - eps] is not
+        symmetric, the reflection starts at t=1 where sigma_t = 0; a noise model's drift divides by
+        sigma_t, so there it starts at 1 - eps instead (the original gives NaN)."""
+        if self.model_type == ModelType.NOISE and isinstance(self.path_sampler, path.VPCPlan):
+            return t1, t0
+        return 1 - t0, 1 - t1
+
+    def _sbdm_start(self) -> float:
         """SBDM's diffusion has 1/t at t=0 on Linear and GVP paths: start inside the interval."""
         if not self.sample_eps_is_default:
             raise ValueError("diffusion form SBDM diverges at t=0 on the Linear and GVP paths; "
                              "pass a positive --sample-eps (e.g. 1e-3) or choose another --diffusion-form")
         return DEFAULT_SAMPLE_EPS
+
+    def drift_singular_at(self, t: float) -> bool:
+        """Whether the probability-flow drift built from this model's output is undefined at time t:
+        score and noise models divide by alpha_t (zero at t=0 on Linear and GVP), noise models also by
+        sigma_t (zero at t=1)."""
+        if self.model_type == ModelType.VELOCITY:
+            return False
+        t_vec = th.tensor([float(t)], dtype=th.float64)
+        alpha_t = th.as_tensor(self.path_sampler.compute_alpha_t(t_vec)[0])
+        sigma_t = th.as_tensor(self.path_sampler.compute_sigma_t(t_vec)[0])
+        return bool(alpha_t.abs().max() < VANISHING or (self.model_type == ModelType.NOISE and sigma_t.abs().max() < VANISHING))
+
+    def check_drift_finite(self, *times: float) -> None:
+        """Raise ValueError if the drift is undefined at one of the given times (see drift_singular_at)."""
+        for t in times:
+            if self.drift_singular_at(t):
+                prediction = self.model_type.name.lower()
+                raise ValueError(f"a {prediction} model's drift is undefined at t={t} on the {self.path_type.name} "
+                                 f"path; pass a positive --sample-eps (e.g. 1e-3)")
 
     def sample(self, x1: th.Tensor):
         """Draw noise x0 and times t for data x1: (N, ...), in the original's order (x0 first)."""
@@ -123,37 +156,58 @@ class Transport:
             terms["loss"] = mean_flat(weight * ((model_output * sigma_t + x0) ** 2))
         return terms
 
+    def model_output(self, x: th.Tensor, t: th.Tensor, model: Callable, **model_kwargs) -> th.Tensor:
+        """The model's output at x: (N, ...), t: (N,), cast to x's dtype (float64 states stay float64)."""
+        output = model(x, t, **model_kwargs).to(x.dtype)
+        if output.shape != x.shape:
+            raise ValueError(f"model output shape {tuple(output.shape)} differs from its input's {tuple(x.shape)}")
+        return output
+
+    def drift_from_output(self, output: th.Tensor, x: th.Tensor, t: th.Tensor) -> th.Tensor:
+        """The probability-flow velocity at x: (N, ...), t: (N,) from the model's output there."""
+        if self.model_type == ModelType.VELOCITY:
+            return output
+        drift_mean, drift_var = self.path_sampler.compute_drift(x, t)
+        if self.model_type == ModelType.NOISE:
+            sigma_t, _ = self.path_sampler.compute_sigma_t(path.expand_t_like_x(t, x))
+            output = output / -sigma_t
+        return -drift_mean + drift_var * output
+
+    def score_from_output(self, output: th.Tensor, x: th.Tensor, t: th.Tensor) -> th.Tensor:
+        """The score grad log p_t(x) at x: (N, ...), t: (N,) from the model's output there."""
+        if self.model_type == ModelType.NOISE:
+            return output / -self.path_sampler.compute_sigma_t(path.expand_t_like_x(t, x))[0]
+        if self.model_type == ModelType.SCORE:
+            return output
+        return self.path_sampler.get_score_from_velocity(output, x, t)
+
     def get_drift(self) -> Callable:
         """The probability-flow ODE's velocity as a function (x, t, model, **model_kwargs)."""
-        model_type, path_sampler = self.model_type, self.path_sampler
 
         def drift_fn(x, t, model, **model_kwargs):
-            model_output = model(x, t, **model_kwargs).to(x.dtype)
-            if model_output.shape != x.shape:
-                raise ValueError(f"model output shape {tuple(model_output.shape)} differs from its input's {tuple(x.shape)}")
-            if model_type == ModelType.VELOCITY:
-                return model_output
-            drift_mean, drift_var = path_sampler.compute_drift(x, t)
-            if model_type == ModelType.NOISE:
-                sigma_t, _ = path_sampler.compute_sigma_t(path.expand_t_like_x(t, x))
-                model_output = model_output / -sigma_t
-            return -drift_mean + drift_var * model_output
+            return self.drift_from_output(self.model_output(x, t, model, **model_kwargs), x, t)
 
         return drift_fn
 
     def get_score(self) -> Callable:
         """The score grad log p_t(x) as a function (x, t, model, **model_kwargs)."""
-        model_type, path_sampler = self.model_type, self.path_sampler
 
         def score_fn(x, t, model, **model_kwargs):
-            model_output = model(x, t, **model_kwargs).to(x.dtype)
-            if model_type == ModelType.NOISE:
-                return model_output / -path_sampler.compute_sigma_t(path.expand_t_like_x(t, x))[0]
-            if model_type == ModelType.SCORE:
-                return model_output
-            return path_sampler.get_score_from_velocity(model_output, x, t)
+            return self.score_from_output(self.model_output(x, t, model, **model_kwargs), x, t)
 
         return score_fn
+
+    def get_drift_and_score(self) -> Callable:
+        """Both, from one model call, as a function (x, t, model, **model_kwargs) -> (drift, score).
+
+        The original called the model once for each; the values are the same, the cost half.
+        """
+
+        def drift_and_score_fn(x, t, model, **model_kwargs):
+            output = self.model_output(x, t, model, **model_kwargs)
+            return self.drift_from_output(output, x, t), self.score_from_output(output, x, t)
+
+        return drift_and_score_fn
 
 
 class CountingModel:
@@ -216,6 +270,7 @@ class Sampler:
         self.transport = transport
         self.drift = self.transport.get_drift()
         self.score = self.transport.get_score()
+        self.drift_and_score = self.transport.get_drift_and_score()
 
     def _sde_drift_and_diffusion(self, *, diffusion_form: str = "SBDM", diffusion_norm: float = 1.0):
         path_sampler = self.transport.path_sampler
@@ -226,7 +281,9 @@ class Sampler:
             return path_sampler.compute_diffusion(x, t, form=diffusion_form, norm=diffusion_norm)
 
         def sde_drift(x, t, model, **model_kwargs):
-            return self.drift(x, t, model, **model_kwargs) + diffusion_fn(x, t) * self.score(x, t, model, **model_kwargs)
+            # drift v + w(t) * score keeps p_t for any w(t) >= 0 with diffusion sqrt(2 w(t)) dW
+            drift, score = self.drift_and_score(x, t, model, **model_kwargs)
+            return drift + diffusion_fn(x, t) * score
 
         return sde_drift, diffusion_fn
 
@@ -241,7 +298,7 @@ class Sampler:
             return x + sde_drift(x, t, model, **model_kwargs) * last_step_size
 
         def tweedie_step(x, t, model, **model_kwargs):
-            # as the original: alpha and sigma of the first sample's t (all samples share it)
+            # E[x1 | x_t] = (x + sigma^2 score) / alpha; as the original, with the first sample's t
             alpha = path_sampler.compute_alpha_t(t)[0][0]
             sigma = path_sampler.compute_sigma_t(t)[0][0]
             return x / alpha + (sigma ** 2) / alpha * self.score(x, t, model, **model_kwargs)
@@ -261,7 +318,7 @@ class Sampler:
 
         It returns the list of states after each step and the last step (`[-1]` is the sample;
         only `[sample]` with keep_trajectory=False). num_steps counts the grid points, so the model
-        is called num_steps - 1 times (twice that for Heun) plus the last step.
+        is called num_steps - 1 times (twice that for Heun), plus once for a last step.
         """
         if num_steps < 2:
             raise ValueError(f"the SDE sampler needs at least 2 steps, got {num_steps}")
@@ -274,6 +331,7 @@ class Sampler:
             self.transport.train_eps, self.transport.sample_eps, diffusion_form=diffusion_form,
             sde=True, eval=True, reverse=False, last_step_size=last_step_size,
         )
+        self.transport.check_drift_finite(t0)
         if sampling_method == "Heun" and last_step is None and self._score_singular_at(t1):
             raise ValueError("SDE Heun with no last step evaluates the score at t=1, where it is undefined for this "
                              "path; pass --last-step Mean (or Tweedie, Euler) or a positive --sample-eps")
@@ -295,7 +353,13 @@ class Sampler:
     def _score_singular_at(self, t: float) -> bool:
         """Whether sigma_t vanishes at t (the score, hence the SDE drift, is undefined there)."""
         sigma_t, _ = self.transport.path_sampler.compute_sigma_t(th.tensor([float(t)], dtype=th.float64))
-        return bool(sigma_t.abs().max() == 0)
+        return bool(th.as_tensor(sigma_t).abs().max() < VANISHING)
+
+    def _stop_at_end(self) -> bool:
+        """Whether an adaptive ODE solver must not step past the interval's end: VP's sigma_t is
+        imaginary beyond t=1 and a noise model's drift divides by it. Elsewhere the solver steps
+        over the end and interpolates back, as the original (whose numbers depend on it)."""
+        return self.transport.model_type == ModelType.NOISE and self.transport.path_type == PathType.VP
 
     def sample_ode(self, *, sampling_method: str = "dopri5", num_steps: int = 50, atol: float = 1e-6, rtol: float = 1e-3,
                    reverse: bool = False, keep_trajectory: bool = True) -> SampleFunction:
@@ -311,7 +375,9 @@ class Sampler:
         t0, t1 = self.transport.check_interval(
             self.transport.train_eps, self.transport.sample_eps, sde=False, eval=True, reverse=reverse, last_step_size=0.0,
         )
-        solver = ODESolver(self.drift, t0=t0, t1=t1, sampler_type=sampling_method, num_steps=num_steps, atol=atol, rtol=rtol)
+        self.transport.check_drift_finite(t0, t1)
+        solver = ODESolver(self.drift, t0=t0, t1=t1, sampler_type=sampling_method, num_steps=num_steps, atol=atol,
+                           rtol=rtol, stop_at_end=self._stop_at_end())
 
         def run(x, model, **model_kwargs):
             with th.no_grad():
@@ -321,33 +387,40 @@ class Sampler:
         return SampleFunction(run)
 
     def sample_ode_likelihood(self, *, sampling_method: str = "dopri5", num_steps: int = 50, atol: float = 1e-6,
-                              rtol: float = 1e-3) -> SampleFunction:
+                              rtol: float = 1e-3, num_probes: int = 1, exact_trace: bool = False) -> SampleFunction:
         """A function fn(x, model, **model_kwargs) computing the log-likelihood of data x: (N, ...).
 
-        It integrates the probability-flow ODE from data to noise with Hutchinson's trace estimator
-        (one Rademacher probe per drift evaluation) and returns a LikelihoodResult
-        (logp: (N,) nats, prior_sample: (N, ...)), which also has `.bits_per_dim`.
+        It integrates the probability-flow ODE from data to noise together with the divergence of
+        its drift, and returns a LikelihoodResult (logp: (N,) nats, prior_sample: (N, ...)), which
+        also has `.bits_per_dim`. The divergence is Hutchinson's estimate with `num_probes`
+        Rademacher probes per drift evaluation (1, the original's: one `randint` per evaluation),
+        or with exact_trace=True the exact trace, one autograd pass per dimension (small inputs).
+        The model is called once per solver evaluation.
         """
         if num_steps < 2:
             raise ValueError(f"the ODE sampler needs at least 2 steps, got {num_steps}")
+        if num_probes < 1:
+            raise ValueError(f"num_probes must be at least 1, got {num_probes}")
+        if exact_trace and num_probes != 1:
+            raise ValueError("exact_trace computes the divergence without probes; leave num_probes at 1")
         drift_fn = self.drift
+        divergence_fn = exact_divergence if exact_trace else hutchinson_divergence
 
-        def likelihood_drift(state, t, model, **model_kwargs):
+        def likelihood_drift(state, s, model, **model_kwargs):
             x, _ = state
-            eps = th.randint(2, x.size(), dtype=th.float, device=x.device) * 2 - 1
-            eps = eps.to(x.dtype)
-            t = th.ones_like(t) * (1 - t)  # solver time s runs 0 -> 1 while t runs 1 (data) -> 0 (noise)
+            t = th.ones_like(s) * (1 - s)  # solver time s runs 0 -> 1 while t runs 1 (data) -> 0 (noise)
             with th.enable_grad():
                 x = x.detach().requires_grad_(True)
                 drift = drift_fn(x, t, model, **model_kwargs)
-                grad = th.autograd.grad(th.sum(drift * eps), x)[0]
-            logp_grad = th.sum(grad * eps, dim=tuple(range(1, x.dim())))
-            return -drift.detach(), logp_grad
+                divergence = divergence_fn(drift, x, num_probes)
+            return -drift.detach(), divergence.detach()
 
-        t0, t1 = self.transport.check_interval(
-            self.transport.train_eps, self.transport.sample_eps, sde=False, eval=True, reverse=False, last_step_size=0.0,
+        t_start, t_end = self.transport.check_interval(
+            self.transport.train_eps, self.transport.sample_eps, sde=False, eval=True, reverse=True, last_step_size=0.0,
         )
-        solver = ODESolver(likelihood_drift, t0=t0, t1=t1, sampler_type=sampling_method, num_steps=num_steps, atol=atol, rtol=rtol)
+        self.transport.check_drift_finite(t_start, t_end)
+        solver = ODESolver(likelihood_drift, t0=1 - t_start, t1=1 - t_end, sampler_type=sampling_method,
+                           num_steps=num_steps, atol=atol, rtol=rtol)
 
         def run(x, model, **model_kwargs):
             init_logp = th.zeros(x.size(0), dtype=x.dtype, device=x.device)
@@ -357,3 +430,33 @@ class Sampler:
             return LikelihoodResult(logp.detach(), prior_sample.detach())
 
         return SampleFunction(run)
+
+
+def hutchinson_divergence(drift: th.Tensor, x: th.Tensor, num_probes: int = 1) -> th.Tensor:
+    """Hutchinson's estimate E[eps^T (d drift / dx) eps] of the divergence, Rademacher probes eps.
+
+    drift: (N, ...) computed from x: (N, ...) with grad enabled. Returns (N,). One probe is drawn as
+    the original, `randint(2, x.size())` on x's device, so seeds reproduce its numbers.
+    """
+    total = th.zeros(x.size(0), dtype=x.dtype, device=x.device)
+    for index in range(num_probes):
+        eps = th.randint(2, x.size(), dtype=th.float, device=x.device) * 2 - 1
+        eps = eps.to(x.dtype)
+        grad = th.autograd.grad(th.sum(drift * eps), x, retain_graph=index < num_probes - 1)[0]
+        total = total + th.sum(grad * eps, dim=tuple(range(1, x.dim())))
+    return total / num_probes
+
+
+def exact_divergence(drift: th.Tensor, x: th.Tensor, num_probes: int = 1) -> th.Tensor:
+    """The exact divergence sum_i d drift_i / d x_i, one autograd pass per dimension of a sample.
+
+    drift: (N, ...) computed from x: (N, ...) with grad enabled (samples independent). Returns (N,).
+    num_probes is unused (same signature as hutchinson_divergence).
+    """
+    drift_flat = drift.reshape(drift.size(0), -1)  # (N, D)
+    num_dims = drift_flat.size(1)
+    total = th.zeros(x.size(0), dtype=x.dtype, device=x.device)
+    for i in range(num_dims):
+        grad = th.autograd.grad(drift_flat[:, i].sum(), x, retain_graph=i < num_dims - 1)[0]
+        total = total + grad.reshape(grad.size(0), -1)[:, i]
+    return total
