@@ -82,7 +82,7 @@ def save_grid(images: torch.Tensor, path: str) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
-    sampling.setup_torch(args.tf32)
+    sampling.setup_torch(args.precision)
     device = setup_distributed().device  # a single plain process: cuda:0 if there is a GPU, else the CPU
     logger = create_logger(None)
 
@@ -102,7 +102,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     start_time = time()
     latents = sampling.generate_latents(sample_fn, model, z, y, args)
-    images = sampling.decode_latents(vae, latents)
+    images = sampling.decode_latents(vae, latents, args.precision)
     logger.info(f"Sampling took {time() - start_time:.2f} seconds, {sample_fn.nfe} model evaluations.")
 
     save_grid(images, args.output)

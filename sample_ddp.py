@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import math
 import os
 import re
 import tempfile
@@ -38,8 +39,9 @@ from PIL import Image
 from tqdm import tqdm
 
 import sampling
-from train_utils import DistContext, barrier, cleanup_distributed, create_logger, image_transform, positive_int, \
-    setup_distributed
+from dequantize import DEQUANTIZATIONS, dequantize, image_bits_per_dim
+from train_utils import CenterCrop, DistContext, barrier, cleanup_distributed, create_logger, image_transform, \
+    positive_int, setup_distributed
 
 PNG_NAME = re.compile(r"^\d{6,}\.png$")
 
@@ -65,6 +67,13 @@ def add_ddp_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-path", type=str, default=None,
                         help="with --likelihood: an ImageFolder of real images to evaluate "
                              "(default: evaluate freshly generated samples)")
+    parser.add_argument("--dequantize", choices=DEQUANTIZATIONS, default=None,
+                        help="with --likelihood of a pixel-space model: noise added to the 8-bit images "
+                             "(default uniform; none: density at the bin centres, no bound)")
+    parser.add_argument("--num-probes", type=positive_int, default=1,
+                        help="with --likelihood: Hutchinson probes averaged per divergence (default 1)")
+    parser.add_argument("--exact-trace", action="store_true",
+                        help="with --likelihood: the exact divergence, one backward pass per dimension (small images)")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -75,6 +84,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error("--data-path is read only with --likelihood")
     if args.data_path is not None and not os.path.isdir(args.data_path):
         parser.error(f"--data-path {args.data_path!r} is not a folder")
+    likelihood_flags = {"--dequantize": args.dequantize is not None, "--num-probes": args.num_probes != 1,
+                        "--exact-trace": args.exact_trace}
+    for flag, given in likelihood_flags.items():
+        if given and not args.likelihood:
+            parser.error(f"{flag} is read only with --likelihood")
+    if args.exact_trace and args.num_probes != 1:
+        parser.error("--exact-trace computes the divergence without probes: drop --num-probes")
     return args
 
 
@@ -119,6 +135,8 @@ def folder_name(args: argparse.Namespace, vae_name: Optional[str]) -> str:
         parts.append("allchannels")
     if args.cfg_scale > 1.0 and tuple(args.cfg_interval) != (0.0, 1.0):
         parts.append(f"interval-{args.cfg_interval[0]}-{args.cfg_interval[1]}")
+    if args.precision != "tf32":  # other precisions give other images; the default keeps older folder names
+        parts.append(f"prec-{args.precision}")
     return "-".join(str(part) for part in parts)
 
 
@@ -180,7 +198,7 @@ def sample_block(block: range, model: Any, vae: Any, sample_fn: Callable, args: 
     z, y = sampling.noise_and_labels(block, args.global_seed, latent_shape, args.num_classes)
     torch.manual_seed(sampling.seed_for(args.global_seed, block.start, "sde"))  # the SDE's noise, per block
     latents = sampling.generate_latents(sample_fn, model, z.to(device), y.to(device), args)
-    return sampling.to_uint8_hwc(sampling.decode_latents(vae, latents)), y
+    return sampling.to_uint8_hwc(sampling.decode_latents(vae, latents, args.precision)), y
 
 
 def sample_images(ctx: DistContext, args: argparse.Namespace, model: Any, vae: Any, folder: str, logger: Any) -> None:
@@ -284,14 +302,51 @@ def likelihood_inputs(block: range, dataset: Any, model: Any, vae: Any, sample_f
     return sampling.generate_latents(sample_fn, model, z.to(device), y.to(device), args), y.to(device)
 
 
-def open_dataset(args: argparse.Namespace) -> Any:
-    """The --data-path ImageFolder, center-cropped to the model's size (None without --data-path)."""
+def pixel_likelihood_inputs(block: range, dataset: Any, model: Any, sample_fn: Optional[Callable],
+                            args: argparse.Namespace, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-bit images uint8 (n, 3, H, W) and labels (n,) to evaluate: real ones (dataset items are
+    uint8), or fresh samples of a pixel-space model quantized as the PNGs would be."""
+    if dataset is not None:
+        items = [dataset[index] for index in block]
+        images = torch.stack([image for image, _ in items])  # (n, 3, H, W) uint8
+        return images, torch.tensor([label for _, label in items], device=device)
+    samples, labels = likelihood_inputs(block, None, model, None, sample_fn, args, device)
+    pixels = torch.from_numpy(sampling.to_uint8_hwc(sampling.decode_latents(None, samples)))  # (n, H, W, 3)
+    return pixels.permute(0, 3, 1, 2), labels                                                  # (n, 3, H, W)
+
+
+def image_likelihood(images: torch.Tensor, labels: torch.Tensor, model_fn: Callable, likelihood_fn: Callable,
+                     dequantization: str, generator: torch.Generator,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Bits/dim of 8-bit images under a pixel-space model.
+
+    images: uint8 (n, 3, H, W); labels: (n,). The images are dequantized (noise from `generator`),
+    mapped to the model's [-1, 1] scale, and the ODE gives log p(x); image_bits_per_dim adds the
+    change of variables from [0, 256) and the dequantization density. Returns float64 (n,) tensors
+    (log p(x) on the model's scale in nats, the negative bound on log P(image) in nats, bits/dim).
+    """
+    x, log_q = dequantize(images, dequantization, generator)  # (n, 3, H, W) float64, (n,)
+    result = likelihood_fn(x.to(device, torch.float32), model_fn, y=labels)
+    logp_x = result.logp.double().cpu()
+    num_dims = x[0].numel()
+    bits_per_dim = image_bits_per_dim(logp_x, log_q.cpu(), num_dims)
+    return logp_x, bits_per_dim * num_dims * math.log(2), bits_per_dim
+
+
+def open_dataset(args: argparse.Namespace, pixel_space: bool = False) -> Any:
+    """The --data-path ImageFolder, center-cropped to the model's size (None without --data-path):
+    images in [-1, 1], or uint8 (3, H, W) for pixel-space likelihoods (no flip either way)."""
     if args.data_path is None:
         return None
+    from torchvision import transforms
     from torchvision.datasets import ImageFolder
 
+    if pixel_space:
+        transform = transforms.Compose([CenterCrop(args.image_size), transforms.PILToTensor()])
+    else:
+        transform = image_transform(args.image_size, random_flip=False)
     try:
-        dataset = ImageFolder(args.data_path, transform=image_transform(args.image_size, random_flip=False))
+        dataset = ImageFolder(args.data_path, transform=transform)
     except (FileNotFoundError, OSError) as error:
         raise SystemExit(f"error: --data-path {args.data_path}: {error}")
     if len(dataset.classes) > args.num_classes:
@@ -304,6 +359,12 @@ def evaluate_likelihood(ctx: DistContext, args: argparse.Namespace, model: Any, 
                         logger: Any) -> None:
     """Log-likelihood of real images (--data-path) or of fresh samples: per-image values to
     <folder>/likelihood.csv, the means over all ranks to the log."""
+    if vae is None:
+        evaluate_image_likelihood(ctx, args, model, folder, logger)
+        return
+    if args.dequantize is not None:
+        raise SystemExit("error: --dequantize applies to pixel-space models (trained with --vae none); this one "
+                         "works on VAE latents, whose likelihood is reported per latent dimension: drop --dequantize")
     dataset = open_dataset(args)
     num_images = args.num_fid_samples if dataset is None else min(args.num_fid_samples, len(dataset))
     sample_fn = None if dataset is not None else sampling.sample_fn_for_args(args)
@@ -329,6 +390,37 @@ def evaluate_likelihood(ctx: DistContext, args: argparse.Namespace, model: Any, 
                     f"{bpd:.6f} bits per latent dimension; per-image values in {folder}/likelihood.csv")
 
 
+def evaluate_image_likelihood(ctx: DistContext, args: argparse.Namespace, model: Any, folder: str, logger: Any) -> None:
+    """Bits/dim of 8-bit images (--data-path, or fresh samples) under a pixel-space model: per-image
+    values to <folder>/likelihood.csv, the means over all ranks to the log."""
+    dataset = open_dataset(args, pixel_space=True)
+    num_images = args.num_fid_samples if dataset is None else min(args.num_fid_samples, len(dataset))
+    sample_fn = None if dataset is not None else sampling.sample_fn_for_args(args)
+    likelihood_fn = sampling.likelihood_fn_for_args(args)
+    dequantization = args.dequantize or "uniform"
+    blocks = blocks_of_rank(index_blocks(num_images, args.per_proc_batch_size), ctx.rank, ctx.world_size)
+    rows = []
+    progress = tqdm(total=num_images, unit="img", disable=not ctx.is_main, dynamic_ncols=True)
+    for block in blocks:
+        images, labels = pixel_likelihood_inputs(block, dataset, model, sample_fn, args, ctx.device)
+        generator = torch.Generator().manual_seed(sampling.seed_for(args.global_seed, block.start, "dequantize"))
+        torch.manual_seed(sampling.seed_for(args.global_seed, block.start, "likelihood"))  # Hutchinson probes
+        logp_x, nll, bpd = image_likelihood(images, labels.to(ctx.device), model.forward, likelihood_fn,
+                                            dequantization, generator, ctx.device)
+        rows += zip(block, labels.tolist(), logp_x.tolist(), nll.tolist(), bpd.tolist())
+        progress.update(min(len(block) * ctx.world_size, progress.total - progress.n))  # estimate: ranks run alike
+    progress.close()
+    all_rows = gather_rows(rows, ctx)
+    if ctx.is_main:
+        header = ["index", "label", "logp_x_nats", "nll_image_nats", "bits_per_dim"]
+        write_likelihood_csv(sorted(all_rows), os.path.join(folder, "likelihood.csv"), header)
+        bpd = float(np.mean([row[4] for row in all_rows]))
+        source = f"images of {args.data_path}" if dataset is not None else "generated samples"
+        divergence = "exact trace" if args.exact_trace else f"{args.num_probes} Hutchinson probe(s)"
+        logger.info(f"Likelihood of {len(all_rows)} 8-bit {source} ({dequantization} dequantization, {divergence}): "
+                    f"mean {bpd:.4f} bits/dim; per-image values in {folder}/likelihood.csv")
+
+
 def gather_rows(rows: list, ctx: DistContext) -> list:
     """Every rank's rows, on every rank."""
     if ctx.world_size == 1:
@@ -338,12 +430,16 @@ def gather_rows(rows: list, ctx: DistContext) -> list:
     return [row for part in gathered for row in part]
 
 
-def write_likelihood_csv(rows: list, path: str) -> None:
-    """index, label, logp (nats), nll (nats), bits per latent dimension; via a temporary file."""
+LATENT_LIKELIHOOD_HEADER = ["index", "label", "logp_nats", "nll_nats", "bits_per_dim"]
+
+
+def write_likelihood_csv(rows: list, path: str, header: Sequence[str] = LATENT_LIKELIHOOD_HEADER) -> None:
+    """One row per image under `header` (default: index, label, logp (nats), nll (nats), bits per
+    latent dimension); via a temporary file."""
     tmp_path = f"{path}.{os.getpid()}.tmp"
     with open(tmp_path, "w", newline="") as file:
         writer = csv.writer(file)
-        writer.writerow(["index", "label", "logp_nats", "nll_nats", "bits_per_dim"])
+        writer.writerow(header)
         writer.writerows(rows)
     os.replace(tmp_path, path)
 
@@ -357,6 +453,10 @@ def prepare_folder(ctx: DistContext, args: argparse.Namespace, vae_name: Optiona
     name = folder_name(args, vae_name)
     if args.likelihood:
         name += "-likelihood-" + (f"data-{checkpoint_tag(args.data_path)}" if args.data_path else "generated")
+        if vae_name is None:  # pixel space: 8-bit images, dequantized
+            name += f"-deq-{args.dequantize or 'uniform'}"
+        if args.exact_trace or args.num_probes != 1:
+            name += "-exact-trace" if args.exact_trace else f"-probes-{args.num_probes}"
     folder = os.path.join(args.sample_dir, name)
     if ctx.is_main:
         os.makedirs(folder, exist_ok=True)
@@ -395,7 +495,7 @@ def run(ctx: DistContext, args: argparse.Namespace) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
-    sampling.setup_torch(args.tf32)
+    sampling.setup_torch(args.precision)
     ctx = setup_distributed()
     try:
         run(ctx, args)

@@ -20,12 +20,14 @@ import download
 from models import SiT, SiT_models
 from train_utils import (SAMPLING_MODES, load_vae, parse_ode_args, parse_sde_args, parse_transport_args,
                          positive_int, sample_fn_from_args, transport_from_args, LATENT_SCALE)
+from train_utils import autocast, add_speed_arguments, compile_model, configure_precision
 from transport import Sampler
 
 # The original's transport defaults, for settings neither a flag nor the checkpoint gives
 TRANSPORT_DEFAULTS = {"path_type": "Linear", "prediction": "velocity", "loss_weight": None}
 NOT_GIVEN = "<not given>"  # argparse default telling "flag absent" apart from an explicit "None"
-SEED_STREAMS = {"image": 0, "sde": 1, "likelihood": 2}
+SEED_STREAMS = {"image": 0, "sde": 1, "likelihood": 2, "dequantize": 3}
+PIXEL_SPACE = "none"  # --vae none: a pixel-space model (in_channels 3), nothing to decode
 
 
 #################################################################################
@@ -63,7 +65,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, vae_default: str, cf
                         help="model size (default: the checkpoint's, else SiT-XL/2)")
     parser.add_argument("--vae", type=str, default=None,
                         help=f"ema, mse or a local diffusers AutoencoderKL folder "
-                             f"(default: the checkpoint's local VAE folder, else {vae_default})")
+                             f"(default: the checkpoint's local VAE folder, else {vae_default}); pixel-space "
+                             f"checkpoints (trained with --vae none) need none")
     parser.add_argument("--image-size", type=multiple_of_8, default=None,
                         help="image size, a multiple of 8 (default: the checkpoint's, else 256)")
     parser.add_argument("--num-classes", type=positive_int, default=None,
@@ -71,8 +74,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, vae_default: str, cf
     parser.add_argument("--cfg-scale", type=guidance_scale, default=cfg_default,
                         help="classifier-free guidance scale, >= 1 (1: no guidance)")
     parser.add_argument("--num-sampling-steps", type=positive_int, default=250)
-    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
-                        help="TF32 matmuls on Ampere+ GPUs: much faster, slightly different numbers")
+    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None,
+                        help="TF32 matmuls on Ampere+ GPUs (the default): much faster, slightly different numbers; "
+                             "--no-tf32 is --precision fp32")
+    add_speed_arguments(parser, precision_default=None)  # None: tell an explicit --precision from --no-tf32's
     parser.add_argument("--ckpt", type=str, default=None,
                         help="a SiT checkpoint: local .pt, URL, hf://org/repo/file or a published name "
                              "(default: download the published SiT-XL/2 256)")
@@ -125,8 +130,21 @@ def parse_sampling_args(
     return parser, args
 
 
+def resolve_precision(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Set args.precision from --precision and the older --tf32/--no-tf32 (default tf32); contradictions are errors."""
+    if args.tf32 is False:
+        if args.precision not in (None, "fp32"):
+            parser.error(f"--no-tf32 means --precision fp32, which contradicts --precision {args.precision}")
+        args.precision = "fp32"
+    elif args.tf32 is True and args.precision == "fp32":
+        parser.error("--tf32 contradicts --precision fp32 (pass one of them)")
+    args.precision = args.precision or "tf32"  # the original's: fp32 weights, TF32 matmuls on GPUs
+    args.tf32 = args.precision != "fp32"
+
+
 def check_common_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Checks that involve several flags."""
+    resolve_precision(parser, args)
     low, high = args.cfg_interval
     if low > high:
         parser.error(f"--cfg-interval LO HI needs LO <= HI, got {low} {high}")
@@ -162,7 +180,7 @@ def load_model_from_args(args: argparse.Namespace, device: torch.device) -> tupl
     if args.cfg_scale > 1.0 and model.y_embedder.dropout_prob == 0:
         raise SystemExit("error: this model was trained without label dropout, so it has no null class for "
                          "guidance: pass --cfg-scale 1")
-    return model.to(device).eval(), info
+    return speed_up_model(model.to(device).eval(), args), info
 
 
 def resolve_transport_args(args: argparse.Namespace, checkpoint_transport: Optional[dict]) -> None:
@@ -194,8 +212,15 @@ def vae_name_from_args(args: argparse.Namespace, info: dict, default: str) -> Op
     model was trained with); else the script's default (the original's: sample.py mse, sample_ddp.py
     ema; the two SD-VAEs share one encoder, so either decodes any SD-VAE latent).
     """
-    if info.get("vae") == "none" or info.get("in_channels") == 3:
+    pixel_space = info.get("vae") == PIXEL_SPACE or info.get("in_channels") == 3
+    if pixel_space and args.vae not in (None, PIXEL_SPACE):
+        raise SystemExit(f"error: --vae {args.vae} but the checkpoint is a pixel-space model (trained with "
+                         f"--vae none, 3 channels): drop --vae")
+    if pixel_space:
         return None
+    if args.vae == PIXEL_SPACE:
+        raise SystemExit(f"error: --vae none but the checkpoint's model works on {info.get('in_channels')}-channel "
+                         f"VAE latents: pass --vae ema, mse or a VAE folder, or drop --vae")
     if args.vae is not None:
         return args.vae
     stored = info.get("vae")
@@ -228,45 +253,59 @@ def likelihood_fn_for_args(args: argparse.Namespace) -> Callable:
     """The ODE log-likelihood function of the flags: fn(x, model, y=...) -> LikelihoodResult."""
     try:
         return transport_sampler(args).sample_ode_likelihood(
-            sampling_method=args.sampling_method, num_steps=args.num_sampling_steps, atol=args.atol, rtol=args.rtol)
+            sampling_method=args.sampling_method, num_steps=args.num_sampling_steps, atol=args.atol, rtol=args.rtol,
+            num_probes=getattr(args, "num_probes", 1), exact_trace=getattr(args, "exact_trace", False))
     except ValueError as error:
         raise SystemExit(f"error: {error}")
 
 
-def setup_torch(tf32: bool) -> None:
-    """No gradients; TF32 matmuls as asked."""
-    torch.backends.cuda.matmul.allow_tf32 = tf32  # True: fast, with small numerical differences
-    torch.backends.cudnn.allow_tf32 = tf32
+def setup_torch(precision: str) -> None:
+    """No gradients; matmul precision flags of a --precision choice (TF32 unless fp32)."""
+    configure_precision(precision)
     torch.set_grad_enabled(False)
+
+
+def speed_up_model(model: SiT, args: argparse.Namespace) -> SiT:
+    """--compile: compile the model's blocks in place (see train_utils.compile_model)."""
+    return compile_model(model) if args.compile else model
 
 
 #################################################################################
 #                          Sampling and decoding                                #
 #################################################################################
 
-def generate_latents(sample_fn: Callable, model: SiT, z: torch.Tensor, y: torch.Tensor,
-                     args: argparse.Namespace) -> torch.Tensor:
-    """Run the sampler from noise z: (N, C, L, L) with labels y: (N,); returns (N, C, L, L).
+def guided_sample(sample_fn: Callable, model: SiT, z: torch.Tensor, y: torch.Tensor, cfg_scale: float,
+                  guide_all_channels: bool = False, cfg_interval: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
+    """Run the sampler from noise z: (N, C, L, L) with labels y: (N,); returns the samples (N, C, L, L).
 
-    With cfg > 1, as the original: z is doubled, the second half gets the null label
+    With cfg_scale > 1, as the original: z is doubled, the second half gets the null label
     (num_classes), and model.forward_with_cfg combines the two halves.
     """
-    if args.cfg_scale > 1.0:
+    if cfg_scale > 1.0:
         null_labels = torch.full_like(y, model.num_classes)
-        z_in = torch.cat([z, z], dim=0)         # (2N, C, L, L)
+        z_in = torch.cat([z, z], dim=0)            # (2N, C, L, L)
         y_in = torch.cat([y, null_labels], dim=0)  # (2N,)
-        samples = sample_fn(z_in, model.forward_with_cfg, y=y_in, cfg_scale=args.cfg_scale,
-                            guide_all_channels=args.guide_all_channels, cfg_interval=tuple(args.cfg_interval))[-1]
-        samples, _ = samples.chunk(2, dim=0)    # drop the null-class half
+        samples = sample_fn(z_in, model.forward_with_cfg, y=y_in, cfg_scale=cfg_scale,
+                            guide_all_channels=guide_all_channels, cfg_interval=cfg_interval)[-1]
+        samples, _ = samples.chunk(2, dim=0)       # drop the null-class half
         return samples
     return sample_fn(z, model.forward, y=y)[-1]
 
 
-def decode_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
-    """Latents (N, 4, L, L) to images (N, 3, 8L, 8L) in about [-1, 1]; identity for pixel models (vae None)."""
+def generate_latents(sample_fn: Callable, model: SiT, z: torch.Tensor, y: torch.Tensor,
+                     args: argparse.Namespace) -> torch.Tensor:
+    """guided_sample with the command line's guidance settings, under its --precision autocast."""
+    with autocast(args.precision, z.device):  # only the model's matmuls; the state stays fp32
+        return guided_sample(sample_fn, model, z, y, args.cfg_scale, args.guide_all_channels, tuple(args.cfg_interval))
+
+
+def decode_latents(vae: Any, latents: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+    """Latents (N, 4, L, L) to float32 images (N, 3, 8L, 8L) in about [-1, 1]; identity for pixel
+    models (vae None). precision: a --precision choice (bf16/fp16 autocast the decoder)."""
     if vae is None:
-        return latents
-    return vae.decode(latents / LATENT_SCALE).sample
+        return latents.clamp(-1, 1)  # pixels: the model's output, kept to the images' range
+    with autocast(precision, latents.device):
+        return vae.decode(latents / LATENT_SCALE).sample.float()
 
 
 def encode_images(vae: Any, images: torch.Tensor) -> torch.Tensor:

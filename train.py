@@ -12,8 +12,14 @@ Resume (continues in the same experiment folder; losses equal those of an uninte
     --ckpt results/003-.../checkpoints/0050000.pt   that checkpoint
 Model and transport settings then come from the checkpoint (asking for different ones is an error);
 the command line keeps run length, logging, checkpoint/sample intervals, workers and --wandb.
+--lr and --ema-decay are the checkpoint's unless given again: a new value applies from the resumed
+step on (e.g. to lower the learning rate late in a run), with a warning that the run then differs
+from an uninterrupted one.
 `--ckpt` with bare weights (a published model, or a checkpoint without optimizer state) fine-tunes
 them in a new experiment from step 0. SIGTERM/SIGINT: finish the step, save a checkpoint, exit 0.
+
+Pixel space (`--vae none`): the model learns images in [-1, 1] directly (3 channels, input size =
+image size, any size the patch size divides), e.g. the 8x8 digits of the README's CPU quick start.
 """
 from __future__ import annotations
 
@@ -38,11 +44,14 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import download
+from features import LatentFeatureDataset
 from models import MODEL_SHAPES, SiT, SiT_models, model_config_from_state_dict, model_name_for_config
 from train_utils import (LATENT_SCALE, VAE_REPOS, ResumableDistributedSampler, TrainImageFolder, all_reduce_mean,
                          atomic_torch_save, barrier, cleanup_distributed, configure_precision, create_logger,
                          gather_rng_states, load_vae, make_optimizer, parse_transport_args, positive_int,
                          restore_rng_state, setup_distributed, transport_from_args, update_ema)
+from train_utils import add_speed_arguments, autocast, compile_model, make_grad_scaler
+from sampling import decode_latents, guided_sample, noise_and_labels
 from transport import Sampler, Transport
 
 NEWEST = "newest"  # `--resume` with no value
@@ -52,9 +61,12 @@ EXPERIMENT_FOLDER = re.compile(r"^(\d{3,})-")
 CHECKPOINT_SETTINGS = ("model", "model_config", "image_size", "num_classes", "path_type", "prediction",
                        "loss_weight", "train_eps", "sample_eps", "vae")
 # What decides the data order: from the checkpoint unless given (then the run is no exact continuation).
-DATA_ORDER_SETTINGS = ("global_batch_size", "global_seed")
+DATA_ORDER_SETTINGS = ("global_batch_size", "global_seed", "random_flip")
+# Optimisation settings: from the checkpoint unless given (then the new value applies from the resumed step).
+RUN_SETTINGS = ("lr", "ema_decay")
+PIXEL_SPACE = "none"  # --vae none: no VAE, the model sees pixels
 MODEL_CONFIG_KEYS = ("patch_size", "hidden_size", "depth", "num_heads", "mlp_ratio", "class_dropout_prob", "learn_sigma")
-EMA_DECAY = 0.9999
+EMA_DECAY = 0.9999  # default of --ema-decay (the paper's)
 PREVIEW_IMAGES = 16  # EMA samples per preview grid (4 x 4)
 PREVIEW_STEPS = 50   # fixed-step Euler ODE: bounded time and memory (the original ran dopri5, issue #11)
 
@@ -89,24 +101,49 @@ def non_negative_int(value: str) -> int:
     return number
 
 
+def positive_float(value: str) -> float:
+    number = float(value)
+    if not (math.isfinite(number) and number > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
+    return number
+
+
+def decay_rate(value: str) -> float:
+    number = float(value)
+    if not 0.0 <= number < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return number
+
+
 def build_parser() -> argparse.ArgumentParser:
     # Default args train SiT-XL/2 with the paper's hyperparameters (except the number of steps).
     parser = argparse.ArgumentParser(description="Train SiT (see the module docstring for resuming).",
                                      allow_abbrev=False)
-    parser.add_argument("--data-path", type=str, required=True, help="an ImageFolder: <root>/<class>/<image>")
+    data = parser.add_mutually_exclusive_group(required=True)
+    data.add_argument("--data-path", type=str, default=None, help="an ImageFolder: <root>/<class>/<image>")
+    data.add_argument("--feature-path", type=str, default=None,
+                        help="instead of --data-path: latents cached by extract_features.py; no VAE is loaded "
+                             "(--vae then only decodes the preview grids, loaded on rank 0 at the first one)")
     parser.add_argument("--results-dir", type=str, default="results")
     parser.add_argument("--model", type=str, choices=list(SiT_models), default="SiT-XL/2")
     parser.add_argument("--model-config", type=str, default=None,
                         help="JSON overriding the --model shape, for tests and experiments, e.g. "
                              "'{\"depth\": 1, \"hidden_size\": 32, \"num_heads\": 2}'; keys: " + ", ".join(MODEL_CONFIG_KEYS))
-    parser.add_argument("--image-size", type=positive_int, default=256, help="a multiple of 8 (256 or 512 in the paper)")
+    parser.add_argument("--image-size", type=positive_int, default=256,
+                        help="a multiple of 8 (256 or 512 in the paper); with --vae none any size the patch size divides")
     parser.add_argument("--num-classes", type=positive_int, default=1000)
     parser.add_argument("--epochs", type=positive_int, default=1400)
     parser.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many steps in all")
     parser.add_argument("--global-batch-size", type=positive_int, default=256)
     parser.add_argument("--global-seed", type=int, default=0)
+    parser.add_argument("--random-flip", action=argparse.BooleanOptionalAction, default=True,
+                        help="flip training images horizontally at random (the paper's); --no-random-flip for "
+                             "data that flipping changes, such as digits")
     parser.add_argument("--vae", type=str, default="ema",
-                        help="ema, mse or a local diffusers AutoencoderKL folder (the choice hardly affects training)")
+                        help="ema, mse or a local diffusers AutoencoderKL folder (the choice hardly affects training); "
+                             "none: train on pixels in [-1, 1] without a VAE")
+    parser.add_argument("--lr", type=positive_float, default=1e-4, help="AdamW learning rate (constant)")
+    parser.add_argument("--ema-decay", type=decay_rate, default=EMA_DECAY, help="decay of the EMA weights per step")
     parser.add_argument("--num-workers", type=non_negative_int, default=4)
     parser.add_argument("--log-every", type=positive_int, default=100)
     parser.add_argument("--ckpt-every", type=positive_int, default=50_000)
@@ -118,6 +155,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a train.py checkpoint to resume, or weights (path, URL, published name) to fine-tune")
     parser.add_argument("--resume", type=str, nargs="?", const=NEWEST, default=None,
                         help="resume an experiment folder's newest checkpoint; alone: the newest experiment in --results-dir")
+    parser.add_argument("--grad-checkpointing", action="store_true",
+                        help="recompute each block in the backward pass: less memory, about a third more compute")
+    parser.add_argument("--max-grad-norm", type=positive_float, default=None,
+                        help="clip the gradient norm to this (default: no clipping); the norm is logged")
+    fid = parser.add_argument_group("FID while training (evaluate.py's definitions)")
+    fid.add_argument("--fid-every", type=positive_int, default=None, help="measure FID every N steps (default: never)")
+    fid.add_argument("--fid-num-samples", type=positive_int, default=10_000, help="EMA samples per measurement, over all ranks")
+    fid.add_argument("--fid-ref", type=str, default=None,
+                     help="reference statistics: an ADM reference batch with mu/sigma, or the .stats.npz evaluate.py caches")
+    fid.add_argument("--fid-steps", type=positive_int, default=50, help="Euler ODE steps of the FID samples")
+    fid.add_argument("--fid-cfg-scale", type=float, default=1.0, help="guidance of the FID samples")
+    fid.add_argument("--fid-inception-weights", type=str, default=None,
+                     help="a local Inception weights file (default: downloaded once by torch-fidelity)")
+    add_speed_arguments(parser)
     parse_transport_args(parser)
     return parser
 
@@ -125,9 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, set[str]]:
     """The arguments, and which of the checkpoint-owned settings the command line gave explicitly."""
     args = build_parser().parse_args(argv)
-    if args.vae not in VAE_REPOS and os.path.isdir(args.vae):
+    if args.vae not in VAE_REPOS and args.vae != PIXEL_SPACE and os.path.isdir(args.vae):
         args.vae = os.path.abspath(args.vae)  # checkpoints name the VAE folder wherever the run starts
-    owned = CHECKPOINT_SETTINGS + DATA_ORDER_SETTINGS
+    owned = CHECKPOINT_SETTINGS + DATA_ORDER_SETTINGS + RUN_SETTINGS
     not_given = object()  # a default no command line can produce (and not a string: argparse would convert it)
     explicit_parser = build_parser()
     explicit_parser.set_defaults(**{key: not_given for key in owned})
@@ -161,32 +212,45 @@ def model_overrides(args: argparse.Namespace) -> dict:
 def model_config_for_args(args: argparse.Namespace) -> dict:
     """SiT constructor arguments for --model, --model-config, --image-size and --num-classes."""
     depth, hidden_size, patch_size, num_heads = MODEL_SHAPES[args.model]
-    config = dict(input_size=args.image_size // 8, patch_size=patch_size, hidden_size=hidden_size, depth=depth,
-                  num_heads=num_heads, num_classes=args.num_classes)
+    if args.vae == PIXEL_SPACE:
+        shape = dict(input_size=args.image_size, in_channels=3)  # (3, H, W) pixels
+    else:
+        shape = dict(input_size=args.image_size // 8, in_channels=4)  # (4, H/8, W/8) SD-VAE latents
+    config = dict(**shape, patch_size=patch_size, hidden_size=hidden_size, depth=depth, num_heads=num_heads,
+                  num_classes=args.num_classes)
     config.update(model_overrides(args))
     return config
 
 
 def validate_args(args: argparse.Namespace, world_size: int) -> None:
     """One-line errors for settings that cannot work, before any heavy work."""
-    if args.image_size % 8:
+    pixel_space = args.vae == PIXEL_SPACE
+    if args.feature_path is not None and pixel_space:
+        fail("--feature-path holds VAE latents; --vae none trains on pixels: use --data-path with --vae none")
+    if args.image_size % 8 and not pixel_space:
         fail(f"--image-size must be a multiple of 8 (the VAE downsamples by 8), got {args.image_size}")
     if args.global_batch_size % world_size:
         fail(f"--global-batch-size {args.global_batch_size} is not divisible by the {world_size} processes")
     if args.ckpt is not None and args.resume is not None:
         fail("pass either --ckpt or --resume, not both")
-    if args.vae not in VAE_REPOS and not os.path.isdir(args.vae):
-        fail(f"--vae {args.vae!r} is neither one of {', '.join(VAE_REPOS)} nor a local diffusers folder")
+    if args.vae not in VAE_REPOS and not pixel_space and not os.path.isdir(args.vae):
+        fail(f"--vae {args.vae!r} is neither one of {', '.join(VAE_REPOS)}, {PIXEL_SPACE} nor a local diffusers folder")
     config = model_config_for_args(args)
     if config["input_size"] % config["patch_size"]:
-        fail(f"--image-size {args.image_size} gives {config['input_size']}x{config['input_size']} latents, "
-             f"not divisible by the patch size {config['patch_size']} of {args.model}")
+        what = "pixels" if pixel_space else "latents"
+        fail(f"--image-size {args.image_size} gives {config['input_size']}x{config['input_size']} {what}, "
+             f"not divisible by the patch size {config['patch_size']}")
     if config["hidden_size"] % config["num_heads"]:
         fail(f"hidden size {config['hidden_size']} is not divisible by {config['num_heads']} heads")
     try:
         transport_from_args(args)
     except ValueError as error:
         fail(str(error))
+    if args.fid_every is not None and (args.fid_ref is None or not os.path.isfile(args.fid_ref)):
+        fail(f"--fid-every needs --fid-ref, a file of reference statistics (got {args.fid_ref!r}); "
+             f"make one with `python evaluate.py VIRTUAL_imagenet256_labeled.npz`")
+    if args.fid_cfg_scale < 1.0:
+        fail(f"--fid-cfg-scale must be >= 1, got {args.fid_cfg_scale}")
 
 
 #################################################################################
@@ -282,6 +346,13 @@ def adopt_checkpoint_settings(args: argparse.Namespace, explicit: set[str], chec
             flag = "--" + key.replace("_", "-")
             warnings.append(f"{flag} {getattr(args, key)} differs from the checkpoint's {stored[key]}: "
                             f"the data order will not match an uninterrupted run")
+        elif key in stored:
+            setattr(args, key, stored[key])
+    for key in RUN_SETTINGS:  # absent from older checkpoints: those trained with the defaults
+        if key in explicit and key in stored and getattr(args, key) != stored[key]:
+            flag = "--" + key.replace("_", "-")
+            warnings.append(f"{flag} {getattr(args, key)} replaces the checkpoint's {stored[key]} from step "
+                            f"{checkpoint['train_steps']} on: the run will differ from an uninterrupted one")
         elif key in stored:
             setattr(args, key, stored[key])
     return warnings
@@ -418,18 +489,22 @@ def describe_weights(weights: dict) -> str:
     except (ValueError, KeyError):
         return "not SiT weights"
     name = model_name_for_config(config) or f"a custom SiT (depth {config['depth']}, width {config['hidden_size']})"
-    return f"{name} at image size {config['input_size'] * 8} with {config['num_classes']} classes"
+    downsampling = 1 if config["in_channels"] == 3 else 8  # pixels, or SD-VAE latents
+    return f"{name} at image size {config['input_size'] * downsampling} with {config['num_classes']} classes"
 
 
 def build_loader(args: argparse.Namespace, dataset: TrainImageFolder, rank: int, world_size: int,
                  seed: int) -> tuple[DataLoader, ResumableDistributedSampler]:
-    sampler = ResumableDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=args.global_seed)
+    # (epoch, index) items: flips follow the epoch even in persistent workers, which never see set_epoch
+    sampler = ResumableDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
+                                          seed=args.global_seed, with_epoch=True)
     local_batch_size = args.global_batch_size // world_size
     if sampler.num_samples < local_batch_size:
         fail(f"the dataset has {len(dataset)} images, fewer than one global batch of {args.global_batch_size}")
     loader = DataLoader(
         dataset, batch_size=local_batch_size, shuffle=False, sampler=sampler, num_workers=args.num_workers,
         pin_memory=torch.cuda.is_available(), drop_last=True, worker_init_fn=ignore_stop_signals,
+        persistent_workers=args.num_workers > 0,  # workers live across epochs (items carry their epoch)
         # The loader's own generator: starting an iterator must not draw from the training RNG,
         # or a resumed run (which starts one mid-epoch) would drift from an uninterrupted one.
         generator=torch.Generator().manual_seed(seed),
@@ -449,20 +524,14 @@ def preview_inputs(args: argparse.Namespace, config: dict) -> tuple[torch.Tensor
 @torch.no_grad()
 def save_preview(ema: SiT, vae: Any, transport: Transport, inputs: tuple[torch.Tensor, torch.Tensor],
                  cfg_scale: float, path: str, device: torch.device) -> None:
-    """Sample the EMA model with a fixed-step Euler ODE (no trajectory kept), decode, save a grid PNG."""
+    """Sample the EMA model with a fixed-step Euler ODE (no trajectory kept), decode (vae None: pixels), save a grid PNG."""
     from torchvision.utils import save_image
 
     z, y = (tensor.to(device) for tensor in inputs)
     sample_fn = Sampler(transport).sample_ode(sampling_method="euler", num_steps=PREVIEW_STEPS, keep_trajectory=False)
     use_cfg = cfg_scale > 1.0 and ema.y_embedder.dropout_prob > 0  # no null class without label dropout
-    if use_cfg:
-        z = torch.cat([z, z], dim=0)                                         # (2N, C, L, L)
-        y = torch.cat([y, torch.full_like(y, ema.num_classes)], dim=0)     # (2N,): second half null
-        latents = sample_fn(z, ema.forward_with_cfg, y=y, cfg_scale=cfg_scale)[-1]
-        latents = latents[: len(latents) // 2]                             # (N, C, L, L)
-    else:
-        latents = sample_fn(z, ema.forward, y=y)[-1]
-    images = vae.decode(latents / LATENT_SCALE).sample                     # (N, 3, H, W) in about [-1, 1]
+    latents = guided_sample(sample_fn, ema, z, y, cfg_scale if use_cfg else 1.0)
+    images = decode_latents(vae, latents)                                  # (N, 3, H, W) in about [-1, 1]
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp_path = path + ".tmp"
     save_image(images.float().cpu(), tmp_path, nrow=int(math.sqrt(len(images))), normalize=True,
@@ -479,11 +548,23 @@ class LossMonitor:
 
     def __init__(self, first_step: int):
         self.losses: list[torch.Tensor] = []
+        self.grad_norms: list[torch.Tensor] = []  # with --max-grad-norm: the norms before clipping
         self.first_step = first_step  # the step of losses[0]
         self.start_time = time()
 
     def add(self, loss: torch.Tensor) -> None:
         self.losses.append(loss.detach())
+
+    def add_grad_norm(self, grad_norm: torch.Tensor) -> None:
+        self.grad_norms.append(grad_norm.detach())
+
+    def mean_grad_norm(self) -> Optional[float]:
+        """The mean gradient norm since the last call (equal on all ranks after DDP), or None; clears it."""
+        if not self.grad_norms:
+            return None
+        value = torch.stack(self.grad_norms).float().mean().item()
+        self.grad_norms = []
+        return value
 
     def reduced(self) -> list[float]:
         """The pending losses averaged over ranks (a collective), as floats."""
@@ -509,8 +590,9 @@ def log_progress(monitor: LossMonitor, step: int, global_batch_size: int, logger
     """Log the loss averaged over ranks and steps since the last log, steps/s and images/s."""
     average_loss, steps_per_sec = monitor.flush(step + 1)
     images_per_sec = steps_per_sec * global_batch_size
+    grad_norm = monitor.mean_grad_norm()
     logger.info(f"(step={step:07d}) Train Loss: {average_loss:.4f}, Train Steps/Sec: {steps_per_sec:.2f}, "
-                f"Images/Sec: {images_per_sec:.1f}")
+                f"Images/Sec: {images_per_sec:.1f}" + (f", Grad Norm: {grad_norm:.4f}" if grad_norm is not None else ""))
     if wandb_run is not None:
         wandb_run.log({"train loss": average_loss, "train steps/sec": steps_per_sec,
                        "train images/sec": images_per_sec}, step=step)
@@ -550,6 +632,9 @@ class Run:
     preview: tuple[torch.Tensor, torch.Tensor]  # fixed noise and labels of the sample grids
     monitor: LossMonitor
     last_saved_step: Optional[int] = None
+    scaler: Optional[torch.amp.GradScaler] = None  # fp16 loss scaling (a pass-through otherwise)
+    preview_vae_failed: bool = False  # --feature-path: the preview VAE could not be loaded
+    fid_monitor: Any = None  # evaluate.FIDMonitor with --fid-every
 
 
 def save_checkpoint(run: Run) -> None:
@@ -563,6 +648,7 @@ def save_checkpoint(run: Run) -> None:
             "model": run.model.state_dict(), "ema": run.ema.state_dict(), "opt": run.opt.state_dict(),
             "args": run.args, "train_steps": state.train_steps, "epoch": state.epoch, "epoch_step": state.epoch_step,
             "rng": rng, "model_config": dict(run.model.config), "experiment_dir": run.experiment_dir,
+            "scaler": run.scaler.state_dict() if run.scaler is not None else {},
             "wandb_id": run.wandb_run.id if run.wandb_run is not None else None,
         }, path)
         run.logger.info(f"Saved checkpoint to {path}")
@@ -574,6 +660,15 @@ def save_samples(run: Run) -> None:
     """Rank 0: an EMA preview grid at samples/<step>.png (and to wandb)."""
     step = run.state.train_steps
     path = os.path.join(run.experiment_dir, "samples", f"{step:07d}.png")
+    if run.args.feature_path is not None and run.vae is None:
+        if run.preview_vae_failed:
+            return
+        try:  # loaded only now, on rank 0 only: a run with no preview never holds a VAE
+            run.vae = load_vae(run.args.vae, run.ctx.device)
+        except SystemExit as error:
+            run.preview_vae_failed = True
+            run.logger.warning(f"warning: no preview grids: {error}")
+            return
     save_preview(run.ema, run.vae, run.transport, run.preview, run.args.cfg_scale, path, run.ctx.device)
     run.logger.info(f"Saved EMA samples to {path}")
     if run.wandb_run is not None:
@@ -582,18 +677,89 @@ def save_samples(run: Run) -> None:
         run.wandb_run.log({"samples": wandb.Image(path)}, step=step)
 
 
-def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """One optimisation step on images (N, 3, H, W) in [-1, 1] and labels (N,); returns the loss (on device)."""
+def decoder_for_fid(run: Run) -> Any:
+    """The VAE that turns FID samples into images: the training one, or (--feature-path) one loaded
+    on every rank at the first measurement. None for pixel-space models."""
+    if run.args.vae == PIXEL_SPACE or run.vae is not None:
+        return run.vae
+    run.vae = load_vae_on_all_ranks(run.args.vae, run.ctx.device)
+    return run.vae
+
+
+@torch.no_grad()
+def measure_fid(run: Run) -> float:
+    """FID of --fid-num-samples EMA samples (all ranks take part; the same value on every rank).
+
+    Each image's noise and label come from its own generator (sampling.noise_and_labels with
+    --global-seed), so the training RNG is untouched and `sample_ddp.py ODE --sampling-method euler
+    --num-sampling-steps <fid-steps> --cfg-scale <fid-cfg-scale>` on the checkpoint of the same step
+    draws the same images. Only one batch of images exists at a time.
+    """
+    args, ctx, config = run.args, run.ctx, run.ema.config
+    vae = decoder_for_fid(run)
+    sample_fn = Sampler(run.transport).sample_ode(sampling_method="euler", num_steps=args.fid_steps, keep_trajectory=False)
+    batch_size = args.global_batch_size // ctx.world_size
+    indices = range(ctx.rank, args.fid_num_samples, ctx.world_size)
+    latent_shape = (config["in_channels"], config["input_size"], config["input_size"])
+    for start in range(0, len(indices), batch_size):
+        z, y = noise_and_labels(indices[start:start + batch_size], args.global_seed, latent_shape, config["num_classes"])
+        with autocast(args.precision, ctx.device):
+            latents = guided_sample(sample_fn, run.ema, z.to(ctx.device), y.to(ctx.device), args.fid_cfg_scale)
+        run.fid_monitor.update(decode_latents(vae, latents.float(), args.precision))  # (B, 3, H, W)
+    fid = run.fid_monitor.compute()
+    run.fid_monitor.reset()
+    return fid
+
+
+def log_fid(run: Run) -> None:
+    step = run.state.train_steps
+    fid = measure_fid(run)
+    run.logger.info(f"(step={step:07d}) FID-{run.args.fid_num_samples}: {fid:.4f}")
+    if run.wandb_run is not None:
+        run.wandb_run.log({"fid": fid}, step=step)
+
+
+@torch.no_grad()
+def training_latents(run: Run, inputs: list[torch.Tensor]) -> torch.Tensor:
+    """What the model learns, (N, C, L, L), from a batch's inputs: [images (N, 3, H, W) in [-1, 1]]
+    (encoded by the VAE, or the pixels themselves with --vae none) or, with --feature-path, the
+    cached posterior [mean, std] (N, 4, H/8, W/8) each.
+
+    A fresh latent (mean + std * noise) * scale is what vae.encode(x).latent_dist.sample() * scale
+    computes, with the same draw of torch.randn: training from features equals training from images.
+    """
     device = run.ctx.device
+    if run.args.feature_path is not None:
+        mean, std = (tensor.to(device, non_blocking=True) for tensor in inputs)
+        noise = torch.randn(mean.shape, device=device, dtype=mean.dtype)
+        return (mean + std * noise).mul_(LATENT_SCALE)
+    (images,) = inputs
     images = images.to(device, non_blocking=True)
-    labels = labels.to(device, non_blocking=True)
-    with torch.no_grad():
-        latents = run.vae.encode(images).latent_dist.sample().mul_(LATENT_SCALE)  # (N, 4, H/8, W/8)
-    loss = run.transport.training_losses(run.ddp_model, latents, dict(y=labels))["loss"].mean()
+    if run.vae is None:
+        return images  # pixel space: the model learns (N, 3, H, W) in [-1, 1] directly
+    with autocast(run.args.precision, device):
+        posterior = run.vae.encode(images).latent_dist
+    return posterior.sample().float().mul_(LATENT_SCALE)  # (N, 4, H/8, W/8)
+
+
+def train_step(run: Run, inputs: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """One optimisation step on a batch (see training_latents) with labels (N,); returns the loss (on device).
+
+    --precision autocasts the forward (fp16 scales the loss); --max-grad-norm clips (and records) the norm.
+    """
+    latents = training_latents(run, inputs)
+    labels = labels.to(run.ctx.device, non_blocking=True)
+    with autocast(run.args.precision, run.ctx.device):
+        loss = run.transport.training_losses(run.ddp_model, latents, dict(y=labels))["loss"].mean()
     run.opt.zero_grad(set_to_none=True)
-    loss.backward()
-    run.opt.step()
-    update_ema(run.ema, run.model, decay=EMA_DECAY)
+    run.scaler.scale(loss).backward()
+    if run.args.max_grad_norm is not None:
+        run.scaler.unscale_(run.opt)
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.args.max_grad_norm)
+        run.monitor.add_grad_norm(grad_norm)
+    run.scaler.step(run.opt)
+    run.scaler.update()
+    update_ema(run.ema, run.model, decay=run.args.ema_decay)
     return loss
 
 
@@ -609,8 +775,8 @@ def train_loop(run: Run) -> bool:
         run.dataset.set_epoch(state.epoch)
         run.logger.info(f"Beginning epoch {state.epoch}...")
         show_bar = run.ctx.is_main and sys.stderr.isatty()
-        for images, labels in tqdm(run.loader, desc=f"epoch {state.epoch}", disable=not show_bar, leave=False):
-            run.monitor.add(train_step(run, images, labels))
+        for *inputs, labels in tqdm(run.loader, desc=f"epoch {state.epoch}", disable=not show_bar, leave=False):
+            run.monitor.add(train_step(run, inputs, labels))
             state.train_steps += 1
             state.epoch_step += 1
             step = state.train_steps
@@ -618,6 +784,8 @@ def train_loop(run: Run) -> bool:
                 log_progress(run.monitor, step, args.global_batch_size, run.logger, run.wandb_run)
             if step % args.sample_every == 0 and run.ctx.is_main:
                 save_samples(run)  # before the checkpoint, so that its RNG state follows everything
+            if args.fid_every is not None and step % args.fid_every == 0:
+                log_fid(run)
             if step % args.ckpt_every == 0:
                 save_checkpoint(run)
             finished = args.max_steps is not None and step >= args.max_steps
@@ -659,7 +827,9 @@ def setup_experiment(args: argparse.Namespace, ctx: Any, checkpoint: Optional[di
 
 
 def load_vae_on_all_ranks(name: str, device: torch.device) -> Any:
-    """load_vae; if any rank fails, every rank stops (rather than wait for it at the next collective)."""
+    """load_vae (None for --vae none); if any rank fails, every rank stops (rather than wait for it at the next collective)."""
+    if name == PIXEL_SPACE:
+        return None
     vae, vae_error = None, None
     try:
         vae = load_vae(name, device)
@@ -679,9 +849,14 @@ def build_training(args: argparse.Namespace, ctx: Any, checkpoint: Optional[dict
     ema = deepcopy(model).requires_grad_(False).eval()  # after DDP's broadcast: the same start on every rank
     if checkpoint is not None and "ema" in checkpoint:
         ema.load_state_dict(checkpoint["ema"])
-    opt = make_optimizer(model, lr=1e-4, weight_decay=0)  # the paper: AdamW, constant lr 1e-4, no weight decay
+    model.grad_checkpointing = args.grad_checkpointing
+    if args.compile:
+        compile_model(model)  # after the EMA's deepcopy (see compile_model); DDP calls the compiled blocks
+    opt = make_optimizer(model, lr=args.lr, weight_decay=0)  # the paper: AdamW, constant lr 1e-4, no weight decay
     if resuming:
         opt.load_state_dict(checkpoint["opt"])
+        for group in opt.param_groups:  # the state holds the old lr; --lr (the checkpoint's unless given) rules
+            group["lr"] = args.lr
         logger.info(f"Resumed from {source} at step {checkpoint['train_steps']} "
                     f"(epoch {checkpoint['epoch']}, batch {checkpoint['epoch_step']})")
     elif checkpoint is not None:
@@ -701,21 +876,37 @@ def restore_rng(checkpoint: dict, ctx: Any, seed: int, logger: logging.Logger) -
     torch.manual_seed(seed + checkpoint["train_steps"])
 
 
+def fid_monitor(args: argparse.Namespace, device: torch.device) -> Any:
+    """The FID accumulator of --fid-every, with a one-line error if its statistics or weights are unusable."""
+    from evaluate import FIDMonitor, InceptionWeightsError
+
+    try:
+        return FIDMonitor(args.fid_ref, device, weights_path=args.fid_inception_weights)
+    except (InceptionWeightsError, ValueError, OSError) as error:
+        fail(f"cannot measure FID: {error}")
+
+
 def train(args: argparse.Namespace, ctx: Any, dataset: TrainImageFolder, checkpoint: Optional[dict], resuming: bool,
           source: Optional[str], warnings: list[str], stop: StopSignal) -> None:
     """Set up (experiment, VAE, model, data), restore, train, save the final checkpoint."""
-    configure_precision("tf32")  # as the original: TF32 matmuls on GPUs
+    configure_precision(args.precision)  # default tf32, as the original: TF32 matmuls on GPUs
     seed = args.global_seed * ctx.world_size + ctx.rank
     torch.manual_seed(seed)
     experiment_dir, logger, wandb_run = setup_experiment(args, ctx, checkpoint, resuming, source)
     for warning in warnings:
         logger.warning(f"warning: {warning}")
-    vae = load_vae_on_all_ranks(args.vae, ctx.device)
+    if args.feature_path is None:
+        vae = load_vae_on_all_ranks(args.vae, ctx.device)
+        channels = 3 if vae is None else vae.config.latent_channels
+    else:
+        vae = None  # cached latents: no VAE on the device (save_samples loads one for the previews)
+        channels = dataset.meta["latent_shape"][0]
     model, ddp_model, ema, opt = build_training(args, ctx, checkpoint, resuming, source, logger)
-    if vae.config.latent_channels != model.config["in_channels"]:
-        fail(f"the VAE has {vae.config.latent_channels} latent channels, the model {model.config['in_channels']}")
+    if channels != model.config["in_channels"]:
+        fail(f"the {'pixels have' if vae is None else 'VAE has'} {channels} channels, the model {model.config['in_channels']}")
     loader, sampler = build_loader(args, dataset, ctx.rank, ctx.world_size, seed)
-    logger.info(f"Dataset contains {len(dataset):,} images in {len(dataset.classes)} classes ({args.data_path})")
+    logger.info(f"Dataset contains {len(dataset):,} images in {len(dataset.classes)} classes "
+                f"({args.data_path or args.feature_path})")
     state = TrainState()
     if resuming:
         state = TrainState(checkpoint["train_steps"], checkpoint["epoch"], checkpoint["epoch_step"])
@@ -724,7 +915,12 @@ def train(args: argparse.Namespace, ctx: Any, dataset: TrainImageFolder, checkpo
               transport=transport_from_args(args), dataset=dataset, loader=loader, sampler=sampler, state=state,
               logger=logger, experiment_dir=experiment_dir, wandb_run=wandb_run, stop=stop,
               preview=preview_inputs(args, model.config), monitor=LossMonitor(state.train_steps + 1),
-              last_saved_step=state.train_steps if resuming else None)
+              last_saved_step=state.train_steps if resuming else None,
+              scaler=make_grad_scaler(args.precision, ctx.device))
+    if resuming and checkpoint.get("scaler"):
+        run.scaler.load_state_dict(checkpoint["scaler"])  # fp16: the loss scale continues too
+    if args.fid_every is not None:
+        run.fid_monitor = fid_monitor(args, ctx.device)
     del checkpoint  # the loaded tensors are no longer needed
 
     ddp_model.train()  # enables label dropout for classifier-free guidance
@@ -741,6 +937,20 @@ def train(args: argparse.Namespace, ctx: Any, dataset: TrainImageFolder, checkpo
     logger.info("Done!")
 
 
+def open_feature_dataset(args: argparse.Namespace, explicit: set[str]) -> LatentFeatureDataset:
+    """The cached latents of --feature-path, checked against --image-size; without an explicit
+    --vae, previews decode with the VAE that made the features. Raises ValueError."""
+    dataset = LatentFeatureDataset(args.feature_path, seed=args.global_seed)
+    meta = dataset.meta
+    if meta["image_size"] != args.image_size:
+        raise ValueError(f"the features in {args.feature_path} are of {meta['image_size']}px images, "
+                         f"not --image-size {args.image_size}: pass --image-size {meta['image_size']}")
+    if "vae" not in explicit and meta.get("vae"):
+        args.vae = meta["vae"]
+    dataset.classes = meta["classes"]  # as TrainImageFolder's, for the checks and the log
+    return dataset
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Check the command line and data, join the job, train; one-line errors, exit 0 on a stop signal."""
     args, explicit = parse_args(argv)
@@ -751,11 +961,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     warnings = adopt_checkpoint_settings(args, explicit, checkpoint, source) if resuming else []
     validate_args(args, launched_world_size())
     try:
-        dataset = TrainImageFolder(args.data_path, args.image_size, seed=args.global_seed)
+        if args.feature_path is not None:
+            dataset = open_feature_dataset(args, explicit)
+        else:
+            dataset = TrainImageFolder(args.data_path, args.image_size, seed=args.global_seed,
+                                       random_flip=args.random_flip)
     except ValueError as error:
         fail(str(error))
     if len(dataset.classes) > args.num_classes:
-        fail(f"--data-path has {len(dataset.classes)} class folders but --num-classes is {args.num_classes}")
+        fail(f"{'--feature-path' if args.feature_path else '--data-path'} has {len(dataset.classes)} class folders "
+             f"but --num-classes is {args.num_classes}")
 
     stop = StopSignal()
     stop.install()

@@ -297,6 +297,38 @@ def update_ema(ema_model: torch.nn.Module, model: torch.nn.Module, decay: float 
     torch._foreach_add_(targets, [model_params[name].detach() for name in names], alpha=1 - decay)
 
 
+def add_speed_arguments(parser: argparse.ArgumentParser, precision_default: Optional[str] = "tf32") -> None:
+    """--precision and --compile, shared by train.py, sample.py and sample_ddp.py.
+
+    precision_default None lets a script tell an explicit --precision apart (sample_ddp's --no-tf32).
+    """
+    group = parser.add_argument_group("Speed arguments")
+    group.add_argument("--precision", type=str, choices=list(PRECISIONS), default=precision_default,
+                       help="fp32; tf32 (the original's default: fp32 weights, TF32 matmuls on GPUs); bf16 or fp16 "
+                            "autocast of the model (and VAE) forward, weights, EMA and optimizer state stay fp32")
+    group.add_argument("--compile", action="store_true",
+                       help="torch.compile each transformer block (the first steps are slow while compiling)")
+
+
+def compile_model(model: torch.nn.Module) -> torch.nn.Module:
+    """torch.compile every SiT block in place (static shapes) and return the model.
+
+    Blocks rather than the whole model: DDP still overlaps gradient all-reduce with the backward
+    of earlier blocks, gradient checkpointing recomputes a compiled block, forward_with_cfg
+    (which calls self.forward) runs compiled too, and all blocks share one graph. The time t
+    reaches the blocks only as the tensor c, so sampler steps at new times never recompile.
+    Compile after any deepcopy (e.g. the EMA): a copy would keep calling the original's blocks.
+    """
+    for block in model.blocks:
+        block.compile(dynamic=False)
+    return model
+
+
+def make_grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
+    """A GradScaler that scales the loss for fp16 and is a pass-through otherwise."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
 def make_optimizer(model: torch.nn.Module, lr: float = 1e-4, weight_decay: float = 0.0) -> torch.optim.Optimizer:
     """The paper's AdamW (constant lr 1e-4, no weight decay), fused on GPUs, multi-tensor elsewhere.
 
@@ -342,17 +374,21 @@ class TrainImageFolder(torch.utils.data.Dataset):
         self.warned: set[str] = set()
 
     def set_epoch(self, epoch: int) -> None:
-        """Choose the epoch whose flips to draw. DataLoader workers copy the dataset when an
-        iterator starts, so call this before iterating (workers must not be persistent)."""
+        """Choose the epoch whose flips to draw for plain-index items. DataLoader workers copy the
+        dataset when an iterator starts, so call this before iterating; persistent workers need
+        (epoch, index) items (ResumableDistributedSampler(with_epoch=True))."""
         self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, item) -> tuple[torch.Tensor, int]:
+        """item: an index (flipped per `set_epoch`'s epoch) or an (epoch, index) pair, which stays
+        right with persistent DataLoader workers that never see set_epoch."""
         from features import flip_for
         from PIL import Image
 
+        epoch, index = item if isinstance(item, tuple) else (self.epoch, item)
         for offset in range(len(self.samples)):
             path, label = self.samples[(index + offset) % len(self.samples)]
             try:
@@ -366,25 +402,33 @@ class TrainImageFolder(torch.utils.data.Dataset):
                           file=sys.stderr, flush=True)
         else:
             raise RuntimeError("no image of the dataset could be read")
-        if self.random_flip and flip_for(self.seed, self.epoch, index):
+        if self.random_flip and flip_for(self.seed, epoch, index):
             image = image.flip(-1)
         return image, label
 
 
 class ResumableDistributedSampler(torch.utils.data.distributed.DistributedSampler):
     """DistributedSampler that can start an epoch part-way: `set_epoch(epoch, skip)` drops the
-    first `skip` indices of this rank's share of the epoch (without loading them)."""
+    first `skip` indices of this rank's share of the epoch (without loading them).
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    with_epoch=True yields (epoch, index) pairs, so that datasets drawing per-epoch flips stay
+    right in persistent DataLoader workers (which keep their own copy of the dataset).
+    """
+
+    def __init__(self, *args: Any, with_epoch: bool = False, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.skip = 0
+        self.with_epoch = with_epoch
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         super().set_epoch(epoch)
         self.skip = skip
 
     def __iter__(self):
-        return iter(list(super().__iter__())[self.skip:])
+        indices = list(super().__iter__())[self.skip:]
+        if self.with_epoch:
+            return iter([(self.epoch, index) for index in indices])
+        return iter(indices)
 
     def __len__(self) -> int:
         return max(0, self.num_samples - self.skip)

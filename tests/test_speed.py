@@ -342,6 +342,8 @@ def test_train_precision_default_and_choices(capsys):
     args, _ = train.parse_args(["--data-path", "x"])
     assert (args.precision, args.compile, args.grad_checkpointing, args.max_grad_norm) == ("tf32", False, False, None)
     assert set(PRECISIONS) == {"fp32", "tf32", "bf16", "fp16"}
-    for argv in (["--data-path", "x", "--feature-path", "y"], ["--model", "SiT-S/2"]):
-        with pytest.raises(SystemExit, match="pass exactly one of --data-path .images. and --feature-path"):
-            train.validate_args(train.parse_args(argv)[0], 1)
+    for argv, message in ((["--data-path", "x", "--feature-path", "y"], "not allowed with argument --data-path"),
+                          (["--model", "SiT-S/2"], "one of the arguments --data-path --feature-path is required")):
+        with pytest.raises(SystemExit) as error:
+            train.parse_args(argv)
+        assert error.value.code == 2 and message in capsys.readouterr().err

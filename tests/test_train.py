@@ -336,7 +336,7 @@ def test_bad_inputs_end_with_one_line_before_heavy_work(tmp_path, tiny_data, mon
 
 
 @pytest.mark.parametrize("argv, expected", [
-    ([], "the following arguments are required: --data-path"),
+    ([], "one of the arguments --data-path --feature-path is required"),
     (["--data-path", "x", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     (["--data-path", "x", "--model", "SiT-XXL/2"], "invalid choice: 'SiT-XXL/2'"),
     (["--data-path", "x", "--prediction", "velocit"], "invalid choice: 'velocit'"),
