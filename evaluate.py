@@ -38,7 +38,7 @@ import torch.distributed as dist
 from scipy import linalg, special
 from tqdm import tqdm
 
-from train_utils import positive_int
+from train_utils import non_negative_int, positive_int
 
 INCEPTION_WEIGHTS_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                          "weights-inception-2015-12-05-6726825d.pth")
@@ -594,13 +594,6 @@ class FIDMonitor:
 
 METRIC_NAMES = {"inception_score": "Inception Score", "fid": "FID", "sfid": "sFID",
                 "precision": "Precision", "recall": "Recall"}
-
-
-def non_negative_int(value: str) -> int:
-    number = int(value)
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return number
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

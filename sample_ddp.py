@@ -40,8 +40,8 @@ from tqdm import tqdm
 
 import sampling
 from dequantize import DEQUANTIZATIONS, dequantize, image_bits_per_dim
-from train_utils import CenterCrop, DistContext, barrier, cleanup_distributed, create_logger, image_transform, \
-    positive_int, setup_distributed
+from train_utils import (CenterCrop, DistContext, barrier, cleanup_distributed, create_logger, image_transform,
+                         non_negative_int, positive_int, setup_distributed)
 
 PNG_NAME = re.compile(r"^\d{6,}\.png$")
 
@@ -49,14 +49,6 @@ PNG_NAME = re.compile(r"^\d{6,}\.png$")
 #################################################################################
 #                                 Command line                                  #
 #################################################################################
-
-def non_negative_int(value: str) -> int:
-    """argparse type: an integer >= 0."""
-    number = int(value)
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return number
-
 
 def add_ddp_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sample-dir", type=str, default="samples")

@@ -20,7 +20,7 @@ import download
 from models import SiT, SiT_models
 from train_utils import (SAMPLING_MODES, load_vae, parse_ode_args, parse_sde_args, parse_transport_args,
                          positive_int, sample_fn_from_args, transport_from_args, LATENT_SCALE)
-from train_utils import autocast, add_speed_arguments, compile_model, configure_precision
+from train_utils import add_speed_arguments, autocast, compile_for_sampling, compile_model, configure_precision
 from transport import Sampler
 
 # The original's transport defaults, for settings neither a flag nor the checkpoint gives
@@ -266,8 +266,13 @@ def setup_torch(precision: str) -> None:
 
 
 def speed_up_model(model: SiT, args: argparse.Namespace) -> SiT:
-    """--compile: compile the model's blocks in place (see train_utils.compile_model)."""
-    return compile_model(model) if args.compile else model
+    """--compile: compile the model for inference (see train_utils.compile_for_sampling); the
+    likelihood differentiates through the model, so it keeps the per-block compile of training."""
+    if not args.compile:
+        return model
+    if getattr(args, "likelihood", False):
+        return compile_model(model)
+    return compile_for_sampling(model)
 
 
 #################################################################################

@@ -46,12 +46,12 @@ from tqdm import tqdm
 import download
 from features import LatentFeatureDataset
 from models import MODEL_SHAPES, SiT, SiT_models, model_config_from_state_dict, model_name_for_config
-from train_utils import (LATENT_SCALE, VAE_REPOS, ResumableDistributedSampler, TrainImageFolder, all_reduce_mean,
-                         atomic_torch_save, barrier, cleanup_distributed, configure_precision, create_logger,
-                         gather_rng_states, load_vae, make_optimizer, parse_transport_args, positive_int,
-                         restore_rng_state, setup_distributed, transport_from_args, update_ema)
-from train_utils import add_speed_arguments, autocast, compile_model, make_grad_scaler
 from sampling import decode_latents, guided_sample, noise_and_labels
+from train_utils import (LATENT_SCALE, VAE_REPOS, ResumableDistributedSampler, TrainImageFolder, add_speed_arguments,
+                         all_reduce_mean, atomic_torch_save, autocast, barrier, cleanup_distributed, compile_model,
+                         configure_precision, create_logger, gather_rng_states, load_vae, make_grad_scaler,
+                         make_optimizer, non_negative_int, parse_transport_args, positive_int, restore_rng_state,
+                         setup_distributed, transport_from_args, update_ema)
 from transport import Sampler, Transport
 
 NEWEST = "newest"  # `--resume` with no value
@@ -93,13 +93,6 @@ def fail(message: str) -> NoReturn:
 #################################################################################
 #                                 Command line                                  #
 #################################################################################
-
-def non_negative_int(value: str) -> int:
-    number = int(value)
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return number
-
 
 def positive_float(value: str) -> float:
     number = float(value)

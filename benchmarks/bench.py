@@ -6,8 +6,10 @@
 Baseline, shaped like the original train.py: fp32 weights (TF32 matmuls on GPU), the VAE encoding
 every batch, a per-parameter EMA loop, default AdamW, eager, `loss.item()` every step.
 Optimised: --precision autocast, optional torch.compile, fused EMA and AdamW, no per-step sync;
-measured from images (online VAE) and from cached latents (no VAE). Sampling: one guided
-sampler step (forward_with_cfg on 2N inputs), eager fp32 against --precision/--compile.
+measured from images (online VAE) and from cached latents (no VAE). Sampling: one guided ODE
+step and one guided SDE step (forward_with_cfg on 2N inputs), the original's (eager fp32; the SDE
+drift evaluating the model twice, for the velocity and for the score) against ours (--precision,
+--compile as sample.py's; one model evaluation per SDE drift).
 Weights are random (speed does not depend on them); the VAE has the SD-VAE architecture.
 Prints images/s, peak memory, model TFLOP/s (FlopCounterMode) and, on a known GPU, the
 fraction of its dense bf16 peak.
@@ -27,9 +29,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models import SiT_models  # noqa: E402
-from train_utils import (LATENT_SCALE, PRECISIONS, autocast, compile_model, configure_precision,  # noqa: E402
+from train_utils import (LATENT_SCALE, PRECISIONS, autocast, compile_for_sampling, compile_model, configure_precision,  # noqa: E402
                          make_optimizer, update_ema)
-from transport import create_transport  # noqa: E402
+from transport import Sampler, create_transport  # noqa: E402
 
 # Dense bf16 tensor-core peaks (TFLOP/s) of GPUs we know, by a substring of their name.
 GPU_BF16_PEAK = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "4090": 165.0}
@@ -148,17 +150,78 @@ class TrainBench:
         return counter.get_total_flops()
 
 
-def sampling_step_fn(model, batch: int, latent: int, device: torch.device, precision: str) -> Callable[[], None]:
-    """One guided sampler step: forward_with_cfg on (2N, 4, latent, latent) inputs."""
+def guided_inputs(batch: int, latent: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Doubled noise (2N, 4, L, L), times (2N,) and labels (2N,) with the null label in the second half."""
     x = torch.randn(2 * batch, 4, latent, latent, device=device)
     t = torch.full((2 * batch,), 0.5, device=device)
     y = torch.cat([torch.randint(0, 1000, (batch,), device=device), torch.full((batch,), 1000, device=device)])
+    return x, t, y
+
+
+def ode_step_fn(model, batch: int, latent: int, device: torch.device, precision: str) -> Callable[[], None]:
+    """One guided ODE step: the drift is one forward_with_cfg on (2N, 4, L, L)."""
+    x, t, y = guided_inputs(batch, latent, device)
+    drift = Sampler(create_transport()).drift
 
     def step():
         with torch.no_grad(), autocast(precision, device):
-            model.forward_with_cfg(x, t, y, 4.0)
+            drift(x, t, model.forward_with_cfg, y=y, cfg_scale=4.0)
 
     return step
+
+
+def sde_step_fn(model, batch: int, latent: int, device: torch.device, precision: str, original: bool) -> Callable[[], None]:
+    """One guided SDE step's drift v + w(t) * score: the original evaluates the model once for the
+    velocity and again for the score; ours once for both."""
+    x, t, y = guided_inputs(batch, latent, device)
+    sampler = Sampler(create_transport())
+    sde_drift, diffusion = sampler._sde_drift_and_diffusion(diffusion_form="sigma")
+
+    def original_drift():
+        kwargs = dict(y=y, cfg_scale=4.0)
+        return sampler.drift(x, t, model.forward_with_cfg, **kwargs) + diffusion(x, t) * sampler.score(x, t, model.forward_with_cfg, **kwargs)
+
+    def step():
+        with torch.no_grad(), autocast(precision, device):
+            if original:
+                original_drift()
+            else:
+                sde_drift(x, t, model.forward_with_cfg, y=y, cfg_scale=4.0)
+
+    return step
+
+
+def interleaved_seconds(steps: list[Callable[[], None]], device: torch.device, rounds: int, warmup: int) -> list[float]:
+    """The fastest time of each step over `rounds` rounds that run them in turn: timing noise from
+    the rest of the machine hits all steps alike and the minimum drops it."""
+    for step in steps:
+        for _ in range(warmup):
+            step()
+    best = [float("inf")] * len(steps)
+    for _ in range(rounds):
+        for position, step in enumerate(steps):
+            best[position] = min(best[position], time_steps(step, device, 1, 0))
+    return best
+
+
+def measure_sampling(args: argparse.Namespace, device: torch.device, rows: dict) -> None:
+    """ODE and SDE sampler steps: the original's (eager fp32) against ours (--precision, --compile),
+    interleaved."""
+    latent = args.image_size // 8
+    model = SiT_models[args.model](input_size=latent).to(device).eval()
+    fast_model = compile_for_sampling(copy.deepcopy(model)) if args.compile else model  # sample.py's --compile
+    configure_precision(args.precision)  # only GPUs read it: the baseline's TF32 equals the default tf32
+    for name in ("ODE", "SDE"):
+        if name == "ODE":
+            steps = [ode_step_fn(model, args.batch_size, latent, device, "fp32"),
+                     ode_step_fn(fast_model, args.batch_size, latent, device, args.precision)]
+        else:
+            steps = [sde_step_fn(model, args.batch_size, latent, device, "fp32", original=True),
+                     sde_step_fn(fast_model, args.batch_size, latent, device, args.precision, original=False)]
+        reset_peak_memory(device)
+        baseline, optimised = interleaved_seconds(steps, device, max(args.steps, 3), max(args.warmup, 1))
+        rows[f"{name} baseline"] = report(f"{name} sampler step, baseline (original)", baseline, args.batch_size, peak_memory_gib(device))
+        rows[f"{name} optimised"] = report(f"{name} sampler step, optimised", optimised, args.batch_size, peak_memory_gib(device))
 
 
 def report(name: str, seconds: float, batch: int, memory: float, flops: int = 0, peak: float = 0.0) -> dict:
@@ -200,23 +263,15 @@ def main() -> None:
         seconds = time_steps(lambda: bench.optimised_step(model, opt, from_images), device, args.steps, args.warmup)
         rows[label] = report(f"train, optimised, {label}", seconds, args.batch_size, peak_memory_gib(device), flops, peak)
 
-    latent = args.image_size // 8
-    sample_model = SiT_models[args.model](input_size=latent).to(device).eval()
-    configure_precision("tf32")
-    reset_peak_memory(device)
-    seconds = time_steps(sampling_step_fn(sample_model, args.batch_size, latent, device, "fp32"), device, args.steps, args.warmup)
-    rows["sample baseline"] = report("sampling step, baseline (eager fp32)", seconds, args.batch_size, peak_memory_gib(device))
-    configure_precision(args.precision)
-    fast_model = compile_model(sample_model) if args.compile else sample_model  # sample.py's --compile
-    reset_peak_memory(device)
-    seconds = time_steps(sampling_step_fn(fast_model, args.batch_size, latent, device, args.precision), device, args.steps, args.warmup)
-    rows["sample optimised"] = report("sampling step, optimised", seconds, args.batch_size, peak_memory_gib(device))
+    measure_sampling(args, device, rows)
 
     print()
     if "baseline" in rows:
         for label in ("from images", "cached latents"):
             print(f"training speed-up, {label}: {rows[label]['images_per_s'] / rows['baseline']['images_per_s']:.2f}x")
-    print(f"sampling speed-up: {rows['sample optimised']['images_per_s'] / rows['sample baseline']['images_per_s']:.2f}x")
+    for name in ("ODE", "SDE"):
+        speed_up = rows[f"{name} optimised"]["images_per_s"] / rows[f"{name} baseline"]["images_per_s"]
+        print(f"sampling speed-up, {name} step: {speed_up:.2f}x")
     if args.json:
         write_json(args, name, rows)
 

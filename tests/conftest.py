@@ -45,3 +45,11 @@ def tiny_vae(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def image_folder(tmp_path_factory) -> str:
     return make_image_folder(str(tmp_path_factory.mktemp("images") / "train"))
+
+
+@pytest.fixture(autouse=True)
+def restore_grad_mode():
+    """The scripts' main() turn gradients off globally (sampling); in-process tests must not leak that."""
+    enabled = torch.is_grad_enabled()
+    yield
+    torch.set_grad_enabled(enabled)

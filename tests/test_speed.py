@@ -22,7 +22,8 @@ from conftest import REPO, make_image_folder
 
 import train
 from models import SiT
-from train_utils import (PRECISIONS, ResumableDistributedSampler, compile_model, make_grad_scaler, make_optimizer)
+from train_utils import (PRECISIONS, ResumableDistributedSampler, compile_for_sampling, compile_model, make_grad_scaler,
+                         make_optimizer)
 from transport import Sampler, create_transport
 
 CPU = torch.device("cpu")
@@ -250,6 +251,31 @@ def test_compiled_blocks_do_not_recompile_across_training_and_sampler_steps():
                                                       y=torch.tensor([0, 1, 2, 2]), cfg_scale=2.0)[-1]
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
     assert torch.allclose(ode, ode_eager, atol=1e-5) and torch.allclose(sde, sde_eager, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_sampling_model_matches_eager_and_never_recompiles(monkeypatch):
+    """sample.py --compile: the whole forward compiled with frozen weights; guided ODE steps at new
+    times reuse one graph and equal eager to 1e-5."""
+    import torch._inductor.config as inductor_config
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(inductor_config, "freezing", False)  # restored after the test
+    torch._dynamo.reset()
+    counters.clear()
+    eager = tiny_sit(depth=2).eval()
+    model = compile_for_sampling(deepcopy(eager))
+    z = torch.randn(2, 4, 4, 4)
+    guided = dict(y=torch.tensor([0, 1, 2, 2]), cfg_scale=2.0)
+    sampler = Sampler(create_transport())
+    with torch.no_grad():
+        sampler.sample_ode(sampling_method="euler", num_steps=2)(torch.cat([z, z]), model.forward_with_cfg, **guided)
+        warm = counters["stats"]["unique_graphs"]
+        fast = sampler.sample_ode(sampling_method="euler", num_steps=6)(torch.cat([z, z]), model.forward_with_cfg, **guided)[-1]
+        reference = sampler.sample_ode(sampling_method="euler", num_steps=6)(torch.cat([z, z]), eager.forward_with_cfg, **guided)[-1]
+    assert warm >= 1 and counters["stats"]["unique_graphs"] == warm
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    assert ((fast - reference).abs().max() / reference.abs().max()).item() <= 1e-5
 
 
 #################################################################################
