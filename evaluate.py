@@ -22,12 +22,12 @@ script only writes that cache, which `FIDMonitor` (FID during training) can read
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
 import os
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -38,7 +38,7 @@ import torch.distributed as dist
 from scipy import linalg, special
 from tqdm import tqdm
 
-from train_utils import non_negative_int, positive_int
+from train_utils import atomic_write, non_negative_int, positive_int
 
 INCEPTION_WEIGHTS_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                          "weights-inception-2015-12-05-6726825d.pth")
@@ -425,16 +425,7 @@ def extract_features(extractor: InceptionFeatureExtractor, path: str, batch_size
 
 def save_npz_atomic(path: str, **arrays: np.ndarray) -> None:
     """np.savez to a temporary file beside `path`, then rename."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            np.savez(file, **arrays)
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
+    atomic_write(path, functools.partial(np.savez, **arrays), suffix=".npz")
 
 
 #################################################################################
@@ -627,12 +618,14 @@ def format_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def dump_json(data: dict, path: str) -> None:
+    with open(path, "w") as file:
+        json.dump(data, file, indent=2)
+
+
 def write_json(path: str, metrics: dict) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as file:
-        json.dump(metrics, file, indent=2)
-    os.replace(tmp_path, path)
+    """The metrics as JSON, written to a temporary name and renamed."""
+    atomic_write(path, functools.partial(dump_json, metrics), suffix=".json")
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import hashlib
 import math
 import os
 import re
-import tempfile
 import zipfile
 from typing import Any, Callable, Optional, Sequence
 
@@ -40,8 +40,8 @@ from tqdm import tqdm
 
 import sampling
 from dequantize import DEQUANTIZATIONS, dequantize, image_bits_per_dim
-from train_utils import (CenterCrop, DistContext, barrier, cleanup_distributed, create_logger, image_transform,
-                         non_negative_int, positive_int, setup_distributed)
+from train_utils import (CenterCrop, DistContext, atomic_write, barrier, cleanup_distributed, create_logger,
+                         image_transform, non_negative_int, positive_int, setup_distributed)
 
 PNG_NAME = re.compile(r"^\d{6,}\.png$")
 
@@ -138,14 +138,7 @@ def png_path(folder: str, index: int) -> str:
 
 def save_png(pixels: np.ndarray, path: str) -> None:
     """Write uint8 (H, W, 3) pixels as a PNG via a temporary name and a rename (no half-written PNG)."""
-    tmp_path = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        Image.fromarray(pixels).save(tmp_path, format="PNG")
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
+    atomic_write(path, functools.partial(Image.fromarray(pixels).save, format="PNG"), suffix=".png.tmp")
 
 
 def remove_stale_temporary_files(folder: str) -> int:
@@ -244,23 +237,21 @@ def create_npz_from_sample_folder(folder: str, num: int) -> str:
     """
     npz_path = f"{folder}.npz"
     first = np.asarray(Image.open(png_path(folder, 0)).convert("RGB"))
-    shape = (num, *first.shape)  # (N, H, W, 3)
-    fd, tmp_path = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(npz_path)), prefix=".tmp-", suffix=".npz")
-    os.close(fd)
-    try:
-        with zipfile.ZipFile(tmp_path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
-            with archive.open("arr_0.npy", "w", force_zip64=True) as stream:
-                np.lib.format.write_array_header_1_0(stream, {"descr": "|u1", "fortran_order": False, "shape": shape})
-                for index in tqdm(range(num), desc="Building .npz file from samples"):
-                    pixels = np.asarray(Image.open(png_path(folder, index)).convert("RGB"), dtype=np.uint8)
-                    if pixels.shape != first.shape:
-                        raise SystemExit(f"error: {png_path(folder, index)} is {pixels.shape}, not {first.shape}")
-                    stream.write(pixels.tobytes())
-        os.replace(tmp_path, npz_path)
-    except BaseException:
-        os.remove(tmp_path)
-        raise
+    atomic_write(npz_path, functools.partial(write_npz_stream, folder, num, first.shape), suffix=".npz")
     return npz_path
+
+
+def write_npz_stream(folder: str, num: int, image_shape: tuple, path: str) -> None:
+    """Write the PNGs 0 .. num-1 of folder, each of image_shape (H, W, 3), as arr_0 of an npz at path."""
+    shape = (num, *image_shape)  # (N, H, W, 3)
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+        with archive.open("arr_0.npy", "w", force_zip64=True) as stream:
+            np.lib.format.write_array_header_1_0(stream, {"descr": "|u1", "fortran_order": False, "shape": shape})
+            for index in tqdm(range(num), desc="Building .npz file from samples"):
+                pixels = np.asarray(Image.open(png_path(folder, index)).convert("RGB"), dtype=np.uint8)
+                if pixels.shape != image_shape:
+                    raise SystemExit(f"error: {png_path(folder, index)} is {pixels.shape}, not {image_shape}")
+                stream.write(pixels.tobytes())
 
 
 def finish_npz(folder: str, num: int, logger: Any) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import logging
 import os
 import sys
@@ -207,19 +208,25 @@ def load_vae(name: str, device: torch.device) -> Any:
     return vae.to(device).eval().requires_grad_(False)
 
 
-def atomic_torch_save(obj: Any, path: str) -> None:
-    """torch.save to a temporary file beside `path`, then rename: a crash never leaves a partial file."""
+def atomic_write(path: str, write: Callable[[str], None], suffix: str = ".tmp") -> None:
+    """Call write(tmp_path) on a temporary file beside `path`, then rename it to `path`: a crash never
+    leaves a partial file at `path` (the temporary name starts with ".tmp-" and ends with `suffix`)."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pt")
+    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=suffix)
     os.close(fd)
     try:
-        torch.save(obj, tmp_path)
+        write(tmp_path)
         os.replace(tmp_path, path)
     except BaseException:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
         raise
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    """torch.save to a temporary file beside `path`, then rename."""
+    atomic_write(path, functools.partial(torch.save, obj), suffix=".pt")
 
 
 #################################################################################
