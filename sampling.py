@@ -34,14 +34,6 @@ PIXEL_SPACE = "none"  # --vae none: a pixel-space model (in_channels 3), nothing
 #                                 Command line                                  #
 #################################################################################
 
-def multiple_of_8(value: str) -> int:
-    """argparse type: a positive multiple of 8 (the SD-VAE downsamples by 8)."""
-    number = positive_int(value)
-    if number % 8:
-        raise argparse.ArgumentTypeError(f"must be a multiple of 8, got {value}")
-    return number
-
-
 def guidance_scale(value: str) -> float:
     """argparse type: a finite float >= 1 (1 means no guidance)."""
     number = float(value)
@@ -67,8 +59,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, vae_default: str, cf
                         help=f"ema, mse or a local diffusers AutoencoderKL folder "
                              f"(default: the checkpoint's local VAE folder, else {vae_default}); pixel-space "
                              f"checkpoints (trained with --vae none) need none")
-    parser.add_argument("--image-size", type=multiple_of_8, default=None,
-                        help="image size, a multiple of 8 (default: the checkpoint's, else 256)")
+    parser.add_argument("--image-size", type=positive_int, default=None,
+                        help="image size, a multiple of 8 unless --vae none (default: the checkpoint's, else 256)")
     parser.add_argument("--num-classes", type=positive_int, default=None,
                         help="number of classes (default: the checkpoint's, else 1000)")
     parser.add_argument("--cfg-scale", type=guidance_scale, default=cfg_default,
@@ -145,6 +137,9 @@ def resolve_precision(parser: argparse.ArgumentParser, args: argparse.Namespace)
 def check_common_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Checks that involve several flags."""
     resolve_precision(parser, args)
+    if args.image_size is not None and args.image_size % 8 and args.vae != PIXEL_SPACE:
+        parser.error(f"--image-size must be a multiple of 8 for latent models (the VAE downsamples by 8), got "
+                     f"{args.image_size}; a pixel-space checkpoint takes any size with --vae none")
     low, high = args.cfg_interval
     if low > high:
         parser.error(f"--cfg-interval LO HI needs LO <= HI, got {low} {high}")

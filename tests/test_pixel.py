@@ -255,3 +255,11 @@ def test_pixel_space_train_sample_and_likelihood_scripts(tmp_path):
     assert step4["args"].lr == 2e-3 and step4["args"].ema_decay == 0.5 and step4["args"].vae == "none"
     assert all(group["lr"] == 2e-3 for group in step4["opt"]["param_groups"])
     assert step5["args"].lr == 1e-3 and all(group["lr"] == 1e-3 for group in step5["opt"]["param_groups"])
+
+
+def test_explicit_image_size_needs_a_multiple_of_8_only_for_latent_models(capsys):
+    assert sample_ddp.parse_args(["ODE", "--vae", "none", "--image-size", "12"]).image_size == 12
+    with pytest.raises(SystemExit) as exit_info:
+        sample_ddp.parse_args(["ODE", "--image-size", "12"])
+    assert exit_info.value.code == 2
+    assert "multiple of 8 for latent models" in capsys.readouterr().err
