@@ -8,8 +8,8 @@ For many images (FID) or likelihoods, see sample_ddp.py.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
-import tempfile
 from time import time
 from typing import Optional, Sequence
 
@@ -17,7 +17,7 @@ import torch
 from torchvision.utils import save_image
 
 import sampling
-from train_utils import create_logger, positive_int, setup_distributed
+from train_utils import atomic_write, create_logger, positive_int, setup_distributed
 
 # Labels to condition the model with (the original's; change with --class-labels)
 DEFAULT_CLASS_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
@@ -68,16 +68,8 @@ def labels_for(args: argparse.Namespace) -> list[int]:
 
 def save_grid(images: torch.Tensor, path: str) -> None:
     """Save images (N, 3, H, W) in [-1, 1] as a 4-column grid, via a temporary file and a rename."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.splitext(path)[1])
-    os.close(fd)
-    try:
-        save_image(images, tmp_path, nrow=4, normalize=True, value_range=(-1, 1))
-        os.replace(tmp_path, path)
-    except BaseException:
-        os.remove(tmp_path)
-        raise
+    write = functools.partial(save_image, images, nrow=4, normalize=True, value_range=(-1, 1))
+    atomic_write(path, write, suffix=os.path.splitext(path)[1])  # the format follows the extension
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
