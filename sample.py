@@ -74,6 +74,9 @@ def save_grid(images: torch.Tensor, path: str) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
+    # As the original: seeded first, so that z follows the same draws (on the CPU, the model's and the
+    # VAE's initialisation come before z; on a GPU, z is the first draw of its generator).
+    torch.manual_seed(args.seed)
     sampling.setup_torch(args.precision)
     device = setup_distributed().device  # a single plain process: cuda:0 if there is a GPU, else the CPU
     logger = create_logger(None)
@@ -86,9 +89,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 f"{args.sampling_method}, {args.num_sampling_steps} steps, cfg {args.cfg_scale}, "
                 f"{args.path_type}/{args.prediction}")
 
-    # Noise drawn right after seeding, on the device, as the original (the same z on GPU for a seed).
     latent_size = model.config["input_size"]
-    torch.manual_seed(args.seed)
     z = torch.randn(len(labels), model.in_channels, latent_size, latent_size, device=device)
     y = torch.tensor(labels, device=device)
 
