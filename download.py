@@ -40,6 +40,10 @@ PUBLISHED_MODELS = {
         "?rlkey=uxzxmpicu46coq3msb17b9ofa&dl=0",
     ],
 }
+# The 512 model is on the hub too (the authors' answer in issue #42); its file name there is
+# not verified from here (no network), hence no fallback.
+PUBLISHED_MODELS["SiT-XL-2-512x512.pt"] = ["hf://nyu-visionx/SiT-collections/SiT-XL-2-512.pt"]
+PUBLISHED_SIZES = {256: DEFAULT_MODEL, 512: "SiT-XL-2-512x512.pt"}  # image size -> published SiT-XL/2
 pretrained_models = set(PUBLISHED_MODELS)  # the original's name for the set of published names
 URL_SCHEMES = ("http://", "https://", "file://")
 HUB_SCHEME = "hf://"
@@ -258,14 +262,15 @@ def load_model(ckpt: Optional[str], model_name: Optional[str] = None, image_size
                num_classes: Optional[int] = None) -> tuple[models.SiT, dict]:
     """The SiT a checkpoint holds, in eval mode with its (EMA) weights, and what it knows about itself.
 
-    ckpt: published name, hub file, URL or path; None means the published SiT-XL/2 256.
+    ckpt: published name, hub file, URL or path; None means the published SiT-XL/2 at image_size
+    (256 by default, or 512).
     model_name / image_size / num_classes: what the user asked for, or None to take the
     checkpoint's; a contradiction raises CheckpointError naming both.
     Returns (model on the CPU, info) with info = {"model_name", "image_size", "num_classes",
     "in_channels", "vae", "transport"}; "vae" and "transport" (path_type, prediction, loss_weight,
     train_eps, sample_eps, those the args hold) come from the checkpoint's args, None without.
     """
-    source = DEFAULT_MODEL if ckpt is None else ckpt
+    source = published_model(model_name, image_size, num_classes) if ckpt is None else ckpt
     checkpoint = load_checkpoint(source)
     state_dict = state_dict_of(checkpoint)
     args = _args_dict(checkpoint.get("args"))
@@ -280,6 +285,18 @@ def load_model(ckpt: Optional[str], model_name: Optional[str] = None, image_size
         detail = " ".join(line.strip() for line in lines[1:3])[:300]  # skip "Error(s) in loading state_dict"
         raise CheckpointError(f"the weights in {source} do not fit the model they describe: {detail}") from None
     return model.eval(), info
+
+
+def published_model(model_name: Optional[str], image_size: Optional[int], num_classes: Optional[int]) -> str:
+    """The published checkpoint for a request without --ckpt, refused before any download when none fits."""
+    if model_name not in (None, "SiT-XL/2"):
+        raise CheckpointError(f"only SiT-XL/2 is published (asked for --model {model_name}); pass --ckpt /path/to/model.pt")
+    if image_size is not None and image_size not in PUBLISHED_SIZES:
+        sizes = ", ".join(map(str, PUBLISHED_SIZES))
+        raise CheckpointError(f"no published model at --image-size {image_size} (published: {sizes}); pass --ckpt")
+    if num_classes not in (None, 1000):
+        raise CheckpointError(f"the published models have 1000 classes (asked for --num-classes {num_classes}); pass --ckpt")
+    return PUBLISHED_SIZES[image_size or 256]
 
 
 def _model_config(checkpoint: dict, state_dict: dict, source: str) -> dict:

@@ -320,7 +320,7 @@ def test_published_sources_hub_first_then_dropbox():
     sources = download.PUBLISHED_MODELS["SiT-XL-2-256x256.pt"]
     assert sources[0] == "hf://nyu-visionx/SiT-collections/SiT-XL-2-256.pt"
     assert sources[1].startswith("https://www.dl.dropboxusercontent.com/scl/fi/as9oeomcbub47de5g4be0/SiT-XL-2-256.pt?")
-    assert download.pretrained_models == {"SiT-XL-2-256x256.pt"}
+    assert download.pretrained_models == {"SiT-XL-2-256x256.pt", "SiT-XL-2-512x512.pt"}
 
 
 def test_published_model_falls_back_to_url_when_hub_is_offline(server, tmp_path, offline_hub, monkeypatch):
@@ -548,3 +548,24 @@ def test_load_model_default_is_the_published_model(offline_hub):
     assert offline_hub == []
     with pytest.raises(CheckpointError, match="--image-size 256 but the checkpoint was trained at 64"):
         load_model(None, image_size=256)
+
+
+def test_no_ckpt_picks_the_published_model_of_the_image_size_or_refuses_before_downloading(monkeypatch):
+    requested = []
+
+    def record(source):
+        requested.append(source)
+        raise download.CheckpointError("stop here")
+
+    monkeypatch.setattr(download, "load_checkpoint", record)
+    for image_size, name in ((None, "SiT-XL-2-256x256.pt"), (256, "SiT-XL-2-256x256.pt"), (512, "SiT-XL-2-512x512.pt")):
+        with pytest.raises(download.CheckpointError, match="stop here"):
+            download.load_model(None, model_name="SiT-XL/2", image_size=image_size)
+        assert requested.pop() == name
+    for kwargs, message in ((dict(model_name="SiT-B/2"), "only SiT-XL/2 is published"),
+                            (dict(image_size=384), "no published model at --image-size 384"),
+                            (dict(num_classes=10), "1000 classes")):
+        with pytest.raises(download.CheckpointError, match=message):
+            download.load_model(None, **kwargs)
+    assert requested == []  # refused before any download
+    assert download.PUBLISHED_MODELS["SiT-XL-2-512x512.pt"][0].startswith("hf://nyu-visionx/SiT-collections/")
