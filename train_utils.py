@@ -16,9 +16,12 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
+from PIL import Image
 
+from features import flip_for
 from transport import (DIFFUSION_FORMS, LAST_STEPS, LOSS_WEIGHTS, ODE_METHODS, PATH_TYPES, PREDICTIONS,
                        SDE_METHODS, Sampler, Transport, create_transport)
 
@@ -236,9 +239,6 @@ def atomic_torch_save(obj: Any, path: str) -> None:
 def center_crop_arr(pil_image, image_size: int):
     """ADM's center crop: halve with a box filter while large, resize bicubic so the short side is
     image_size, then crop the center square."""
-    import numpy as np
-    from PIL import Image
-
     while min(*pil_image.size) >= 2 * image_size:
         pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
     scale = image_size / min(*pil_image.size)
@@ -416,9 +416,6 @@ class TrainImageFolder(torch.utils.data.Dataset):
     def __getitem__(self, item) -> tuple[torch.Tensor, int]:
         """item: an index (flipped per `set_epoch`'s epoch) or an (epoch, index) pair, which stays
         right with persistent DataLoader workers that never see set_epoch."""
-        from features import flip_for
-        from PIL import Image
-
         epoch, index = item if isinstance(item, tuple) else (self.epoch, item)
         for offset in range(len(self.samples)):
             path, label = self.samples[(index + offset) % len(self.samples)]
