@@ -114,17 +114,44 @@ def test_sde(golden, model):
         assert relative_error(out[-1], case["final"]) <= 1e-3, case
 
 
+def likelihood_fn(case):
+    sampler = Sampler(create_transport(case["path_type"], case["prediction"]))
+    return sampler.sample_ode_likelihood(sampling_method=case["sampling_method"], num_steps=case["num_steps"],
+                                         atol=case["atol"], rtol=case["rtol"])
+
+
+def is_chaotic(case) -> bool:
+    """The GVP/score/dopri5 case: ~300 adaptive steps whose error control sees a fresh Hutchinson
+    probe at every evaluation, so a last-bit difference in the model's forward (test_forward: 2e-7
+    between CPUs) flips one accept/reject decision and from there the run draws a different sample
+    of the estimator. Only its deterministic part (the prior sample) can match the recording closely."""
+    return case["path_type"] == "GVP"
+
+
 def test_likelihood(golden, model):
     section = golden["likelihood"]
     for case in section["cases"]:
-        sampler = Sampler(create_transport(case["path_type"], case["prediction"]))
-        sample_fn = sampler.sample_ode_likelihood(sampling_method=case["sampling_method"], num_steps=case["num_steps"],
-                                                  atol=case["atol"], rtol=case["rtol"])
         torch.manual_seed(case["seed"])
-        logp, prior_sample = sample_fn(section["x"], model.forward, y=section["y"])
-        # The GVP/score/dopri5 case is chaotic: the recording machine's forward differs from this
-        # one's in the last bits (2e-7, test_forward), which can move one adaptive step and with it
-        # the later Hutchinson probes. It matches to 2.5e-3 here; the other cases to 1e-7.
-        tolerance = 5e-3 if case["path_type"] == "GVP" else 1e-3
-        assert relative_error(logp, case["logp"]) <= tolerance, case
+        logp, prior_sample = likelihood_fn(case)(section["x"], model.forward, y=section["y"])
         assert relative_error(prior_sample, case["prior_sample"]) <= 1e-3, case
+        if not is_chaotic(case):
+            assert relative_error(logp, case["logp"]) <= 1e-3, case
+
+
+def test_likelihood_chaotic_case_is_a_draw_of_the_same_estimator(golden, model):
+    """The recorded GVP/score estimate is one draw of the Hutchinson estimator: it must lie within
+    4 standard deviations of our estimator's distribution, measured per image over 8 other seeds
+    (its spread here: ~0.75% of the value; a wrong divergence or drift sign moves it by far more)."""
+    section = golden["likelihood"]
+    case = next(case for case in section["cases"] if is_chaotic(case))
+    sample_fn = likelihood_fn(case)
+    draws = []
+    for seed in range(8):
+        torch.manual_seed(10_000 + seed)
+        logp, _ = sample_fn(section["x"], model.forward, y=section["y"])
+        draws.append(logp)
+    draws = torch.stack(draws)  # (seeds, N)
+    mean, std = draws.mean(0), draws.std(0)
+    spread = std * (1 + 1 / len(draws)) ** 0.5  # a new draw against the mean of 8
+    assert (std / mean.abs()).max() < 0.02, std  # the estimator is not degenerate
+    assert ((case["logp"] - mean).abs() <= 4 * spread).all(), (case["logp"], mean, std)
