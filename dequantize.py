@@ -19,7 +19,6 @@ import math
 
 import torch
 
-DEQUANTIZATIONS = ("none", "uniform", "gaussian")
 GAUSSIAN_STD = 0.25
 NUM_LEVELS = 256
 
@@ -37,16 +36,20 @@ def dequantize(images: torch.Tensor, method: str, generator: torch.Generator | N
     if method not in DEQUANTIZATIONS:
         raise ValueError(f"unknown dequantization {method!r}; choose one of {', '.join(DEQUANTIZATIONS)}")
     levels = images.to(torch.float64)
-    if method == "none":
-        noise = torch.full_like(levels, 0.5)
-        log_q = torch.zeros(levels.shape[0], dtype=torch.float64, device=levels.device)
-    elif method == "uniform":
-        noise = torch.rand(levels.shape, generator=generator, dtype=torch.float64).to(levels.device)
-        log_q = torch.zeros(levels.shape[0], dtype=torch.float64, device=levels.device)
-    else:
-        noise, log_q = _truncated_gaussian(levels.shape, generator, levels.device)
+    noise, log_q = DEQUANTIZATIONS[method](levels.shape, generator, levels.device)
     x = 2 * (levels + noise) / NUM_LEVELS - 1
     return x, log_q
+
+
+def _bin_centres(shape: torch.Size, generator: torch.Generator | None, device: torch.device):
+    """No noise: u = 1/2 (no bound; for comparison only)."""
+    return torch.full(shape, 0.5, dtype=torch.float64, device=device), torch.zeros(shape[0], dtype=torch.float64, device=device)
+
+
+def _uniform(shape: torch.Size, generator: torch.Generator | None, device: torch.device):
+    """u ~ U[0, 1), drawn on the CPU generator; log q = 0."""
+    noise = torch.rand(shape, generator=generator, dtype=torch.float64).to(device)
+    return noise, torch.zeros(shape[0], dtype=torch.float64, device=device)
 
 
 def _truncated_gaussian(shape: torch.Size, generator: torch.Generator | None, device: torch.device):
@@ -59,6 +62,10 @@ def _truncated_gaussian(shape: torch.Size, generator: torch.Generator | None, de
     noise = (0.5 + std * z).clamp(0.0, 1.0 - 1e-12)
     log_density = -0.5 * z ** 2 - math.log(std * math.sqrt(2 * math.pi)) - torch.log(high - low)
     return noise.to(device), log_density.flatten(1).sum(dim=1).to(device)
+
+
+# --dequantize choice -> (noise u: (N, C, H, W), log q(u): (N,)); drives the choices and dequantize alike.
+DEQUANTIZATIONS = {"none": _bin_centres, "uniform": _uniform, "gaussian": _truncated_gaussian}
 
 
 def image_bits_per_dim(logp_x: torch.Tensor, log_q: torch.Tensor, num_dims: int) -> torch.Tensor:

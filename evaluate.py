@@ -61,11 +61,8 @@ class InceptionWeightsError(RuntimeError):
 #                                   The math                                    #
 #################################################################################
 
-FID_METHODS = ("eigh", "sqrtm")
-
-
-def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray, method: str = "eigh", eps: float = 1e-6) -> float:
-    """tr((sigma1 sigma2)^1/2) for covariances (D, D).
+def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray, method: str = "eigh") -> float:
+    """tr((sigma1 sigma2)^1/2) for covariances (D, D), by one of FID_METHODS:
 
     "eigh": the eigenvalues of the symmetric sigma1^1/2 sigma2 sigma1^1/2, which has the same
     spectrum as sigma1 sigma2 (several times faster than sqrtm and real by construction; agrees
@@ -73,24 +70,34 @@ def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray, method: str = "ei
     (scipy sqrtm; eps on the diagonal when the product is singular; ValueError when the square
     root has a sizeable imaginary part).
     """
-    if method == "eigh":
-        eigenvalues, eigenvectors = np.linalg.eigh(sigma1)
-        root = (eigenvectors * np.sqrt(np.clip(eigenvalues, 0, None))) @ eigenvectors.T  # sigma1^1/2
-        product = root @ sigma2 @ root
-        spectrum = np.linalg.eigvalsh((product + product.T) / 2)
-        return float(np.sqrt(np.clip(spectrum, 0, None)).sum())
-    if method == "sqrtm":
-        covmean = linalg.sqrtm(sigma1.dot(sigma2))
-        if not np.isfinite(covmean).all():
-            offset = np.eye(sigma1.shape[0]) * eps
-            covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
-        if np.iscomplexobj(covmean):
-            if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-                raise ValueError(f"Fréchet distance: imaginary component {np.max(np.abs(covmean.imag)):.3g} "
-                                 f"in the covariance square root (too few samples for the feature dimension?)")
-            covmean = covmean.real
-        return float(np.trace(covmean))
-    raise ValueError(f"unknown Fréchet distance method {method!r}; choose one of {', '.join(FID_METHODS)}")
+    if method not in FID_METHODS:
+        raise ValueError(f"unknown Fréchet distance method {method!r}; choose one of {', '.join(FID_METHODS)}")
+    return FID_METHODS[method](sigma1, sigma2)
+
+
+def trace_sqrt_by_eigh(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    eigenvalues, eigenvectors = np.linalg.eigh(sigma1)
+    root = (eigenvectors * np.sqrt(np.clip(eigenvalues, 0, None))) @ eigenvectors.T  # sigma1^1/2
+    product = root @ sigma2 @ root
+    spectrum = np.linalg.eigvalsh((product + product.T) / 2)
+    return float(np.sqrt(np.clip(spectrum, 0, None)).sum())
+
+
+def trace_sqrt_by_sqrtm(sigma1: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6) -> float:
+    covmean = linalg.sqrtm(sigma1.dot(sigma2))
+    if not np.isfinite(covmean).all():
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"Fréchet distance: imaginary component {np.max(np.abs(covmean.imag)):.3g} "
+                             f"in the covariance square root (too few samples for the feature dimension?)")
+        covmean = covmean.real
+    return float(np.trace(covmean))
+
+
+# --fid-method choice -> tr((sigma1 sigma2)^1/2); drives the argparse choices and the dispatch alike.
+FID_METHODS = {"eigh": trace_sqrt_by_eigh, "sqrtm": trace_sqrt_by_sqrtm}
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,

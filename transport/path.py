@@ -10,10 +10,6 @@ import math
 
 import torch as th
 
-# Diffusion coefficient forms of the SDE sampler (Tab. 2 of the SiT paper).
-DIFFUSION_FORMS = ("constant", "SBDM", "sigma", "linear", "decreasing", "increasing-decreasing")
-
-
 def expand_t_like_x(t: th.Tensor, x: th.Tensor) -> th.Tensor:
     """Reshape a time vector t: (N,) to (N, 1, ..., 1) so that it broadcasts against x: (N, ...)."""
     dims = [1] * (x.dim() - 1)
@@ -56,20 +52,9 @@ class ICPlan:
 
         form: one of DIFFUSION_FORMS; norm scales it.
         """
-        t = expand_t_like_x(t, x)
-        if form == "constant":
-            return th.full_like(t, norm)
-        if form == "SBDM":
-            return norm * self.compute_drift(x, t)[1]
-        if form == "sigma":
-            return norm * self.compute_sigma_t(t)[0]
-        if form == "linear":
-            return norm * (1 - t)
-        if form == "decreasing":
-            return 0.25 * (norm * th.cos(math.pi * t) + 1) ** 2
-        if form == "increasing-decreasing":
-            return norm * th.sin(math.pi * t) ** 2
-        raise ValueError(f"unknown diffusion form {form!r}; choose one of {', '.join(DIFFUSION_FORMS)}")
+        if form not in DIFFUSION_FORMS:
+            raise ValueError(f"unknown diffusion form {form!r}; choose one of {', '.join(DIFFUSION_FORMS)}")
+        return DIFFUSION_FORMS[form](self, x, expand_t_like_x(t, x), norm)
 
     def get_score_from_velocity(self, velocity: th.Tensor, x: th.Tensor, t: th.Tensor) -> th.Tensor:
         """Score grad log p_t(x) from a velocity prediction. velocity, x: (N, ...); t: (N,)."""
@@ -171,3 +156,44 @@ class GVPCPlan(ICPlan):
 
     def compute_d_alpha_alpha_ratio_t(self, t):
         return math.pi / (2 * th.tan(t * math.pi / 2))
+
+
+#################################################################################
+#              Diffusion coefficient forms of the SDE sampler                   #
+#################################################################################
+# Each takes the plan, x: (N, ...), t: (N, 1, ..., 1) and the norm (Tab. 2 of the SiT paper).
+
+def constant_diffusion(plan: ICPlan, x: th.Tensor, t: th.Tensor, norm: float) -> th.Tensor:
+    return th.full_like(t, norm)
+
+
+def sbdm_diffusion(plan: ICPlan, x: th.Tensor, t: th.Tensor, norm: float) -> th.Tensor:
+    """The score-based diffusion model's choice: w(t) = the probability-flow drift's variance term."""
+    return norm * plan.compute_drift(x, t)[1]
+
+
+def sigma_diffusion(plan: ICPlan, x: th.Tensor, t: th.Tensor, norm: float) -> th.Tensor:
+    return norm * plan.compute_sigma_t(t)[0]
+
+
+def linear_diffusion(plan: ICPlan, x: th.Tensor, t: th.Tensor, norm: float) -> th.Tensor:
+    return norm * (1 - t)
+
+
+def decreasing_diffusion(plan: ICPlan, x: th.Tensor, t: th.Tensor, norm: float) -> th.Tensor:
+    return 0.25 * (norm * th.cos(math.pi * t) + 1) ** 2
+
+
+def increasing_decreasing_diffusion(plan: ICPlan, x: th.Tensor, t: th.Tensor, norm: float) -> th.Tensor:
+    return norm * th.sin(math.pi * t) ** 2
+
+
+# --diffusion-form choice -> w(t); drives the argparse choices and compute_diffusion alike.
+DIFFUSION_FORMS = {
+    "constant": constant_diffusion,
+    "SBDM": sbdm_diffusion,
+    "sigma": sigma_diffusion,
+    "linear": linear_diffusion,
+    "decreasing": decreasing_diffusion,
+    "increasing-decreasing": increasing_decreasing_diffusion,
+}

@@ -3,6 +3,7 @@ likelihood), with the original SiT's API and random-number order."""
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from typing import Callable, Optional
 
@@ -15,7 +16,6 @@ from .utils import mean_flat
 # Where a score diverges at the interval's end and the user gave no sample_eps, the SDE starts
 # this far inside it (the original's default sample_eps for score and noise models).
 DEFAULT_SAMPLE_EPS = 1e-3
-LAST_STEPS = (None, "Mean", "Tweedie", "Euler")
 # A coefficient this small counts as zero: GVP's sigma_1 = cos(pi / 2) is 6e-17 in float64, not 0.
 VANISHING = 1e-12
 
@@ -288,28 +288,10 @@ class Sampler:
         return sde_drift, diffusion_fn
 
     def _last_step(self, sde_drift: Callable, *, last_step: Optional[str], last_step_size: float) -> Callable:
-        """The final step of the SDE sampler, from t1 to (about) 1."""
-        path_sampler = self.transport.path_sampler
-
-        def identity(x, t, model, **model_kwargs):
-            return x
-
-        def mean_step(x, t, model, **model_kwargs):
-            return x + sde_drift(x, t, model, **model_kwargs) * last_step_size
-
-        def tweedie_step(x, t, model, **model_kwargs):
-            # E[x1 | x_t] = (x + sigma^2 score) / alpha; as the original, with the first sample's t
-            alpha = path_sampler.compute_alpha_t(t)[0][0]
-            sigma = path_sampler.compute_sigma_t(t)[0][0]
-            return x / alpha + (sigma ** 2) / alpha * self.score(x, t, model, **model_kwargs)
-
-        def euler_step(x, t, model, **model_kwargs):
-            return x + self.drift(x, t, model, **model_kwargs) * last_step_size
-
-        steps = {None: identity, "Mean": mean_step, "Tweedie": tweedie_step, "Euler": euler_step}
-        if last_step not in steps:
+        """The final step of the SDE sampler, from t1 to (about) 1: fn(x, t, model, **model_kwargs)."""
+        if last_step not in LAST_STEPS:
             raise ValueError(f"unknown last step {last_step!r}; choose one of {', '.join(map(str, LAST_STEPS))}")
-        return steps[last_step]
+        return functools.partial(LAST_STEPS[last_step], self, sde_drift, last_step_size)
 
     def sample_sde(self, *, sampling_method: str = "Euler", diffusion_form: str = "SBDM", diffusion_norm: float = 1.0,
                    last_step: Optional[str] = "Mean", last_step_size: float = 0.04, num_steps: int = 250,
@@ -460,3 +442,34 @@ def exact_divergence(drift: th.Tensor, x: th.Tensor, num_probes: int = 1) -> th.
         grad = th.autograd.grad(drift_flat[:, i].sum(), x, retain_graph=i < num_dims - 1)[0]
         total = total + grad.reshape(grad.size(0), -1)[:, i]
     return total
+
+
+#################################################################################
+#                          Last steps of the SDE sampler                        #
+#################################################################################
+# Each takes the Sampler, the SDE drift and the step size, then the state x: (N, ...) at t: (N,).
+
+def no_last_step(sampler: Sampler, sde_drift: Callable, step_size: float, x, t, model, **model_kwargs):
+    return x
+
+
+def mean_last_step(sampler: Sampler, sde_drift: Callable, step_size: float, x, t, model, **model_kwargs):
+    """An SDE step without the noise."""
+    return x + sde_drift(x, t, model, **model_kwargs) * step_size
+
+
+def tweedie_last_step(sampler: Sampler, sde_drift: Callable, step_size: float, x, t, model, **model_kwargs):
+    """E[x1 | x_t] = (x + sigma^2 score) / alpha; as the original, with the first sample's t."""
+    plan = sampler.transport.path_sampler
+    alpha = plan.compute_alpha_t(t)[0][0]
+    sigma = plan.compute_sigma_t(t)[0][0]
+    return x / alpha + (sigma ** 2) / alpha * sampler.score(x, t, model, **model_kwargs)
+
+
+def euler_last_step(sampler: Sampler, sde_drift: Callable, step_size: float, x, t, model, **model_kwargs):
+    """A probability-flow ODE step."""
+    return x + sampler.drift(x, t, model, **model_kwargs) * step_size
+
+
+# --last-step choice -> the step; drives the argparse choices and Sampler._last_step alike.
+LAST_STEPS = {None: no_last_step, "Mean": mean_last_step, "Tweedie": tweedie_last_step, "Euler": euler_last_step}
