@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import os
 import resource
 import sys
@@ -48,6 +49,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (compilation happens here)")
     parser.add_argument("--skip-baseline-train", action="store_true", help="only when the baseline does not fit")
     parser.add_argument("--json", type=str, default=None, help="also write the measured rows to this JSON file")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print where the time of one baseline and one optimised ODE step goes (torch.profiler)")
     args = parser.parse_args()
     if args.image_size % 8 or args.batch_size <= 0 or args.steps <= 0 or args.warmup < 0:
         parser.error("--image-size must be a multiple of 8; --batch-size and --steps positive")
@@ -91,6 +94,13 @@ def time_steps(step: Callable[[], None], device: torch.device, steps: int, warmu
         step()
     synchronize(device)
     return (time.perf_counter() - start) / steps
+
+
+def matmul_tflops(device: torch.device, size: int = 2048, repeats: int = 10) -> float:
+    """TFLOP/s of a plain fp32 (size x size) matmul on the device: what the model's matmuls can reach."""
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    seconds = time_steps(functools.partial(torch.mm, a, b), device, repeats, 2)
+    return 2 * size ** 3 / seconds / 1e12
 
 
 def original_update_ema(ema_model, model, decay=0.9999):
@@ -204,11 +214,32 @@ def interleaved_seconds(steps: list[Callable[[], None]], device: torch.device, r
     return best
 
 
-def measure_sampling(args: argparse.Namespace, device: torch.device, rows: dict) -> None:
+def sampling_flops(model, batch: int, latent: int, device: torch.device) -> int:
+    """FLOPs of one forward_with_cfg on (2N, 4, L, L): one guided ODE drift."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, t, y = guided_inputs(batch, latent, device)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.forward_with_cfg(x, t, y, 4.0)
+    return counter.get_total_flops()
+
+
+def print_profile(name: str, step: Callable[[], None]) -> None:
+    """The operators that take most of one call of step (after a warm-up call)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA] if torch.cuda.is_available() else [ProfilerActivity.CPU]) as prof:
+        step()
+    print(f"\n{name}:\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8), flush=True)
+
+
+def measure_sampling(args: argparse.Namespace, device: torch.device, rows: dict, peak: float) -> None:
     """ODE and SDE sampler steps: the original's (eager fp32) against ours (--precision, --compile),
     interleaved."""
     latent = args.image_size // 8
     model = SiT_models[args.model](input_size=latent).to(device).eval()
+    flops = sampling_flops(model, args.batch_size, latent, device)
     fast_model = compile_for_sampling(copy.deepcopy(model)) if args.compile else model  # sample.py's --compile
     configure_precision(args.precision)  # only GPUs read it: the baseline's TF32 equals the default tf32
     for name in ("ODE", "SDE"):
@@ -218,10 +249,16 @@ def measure_sampling(args: argparse.Namespace, device: torch.device, rows: dict)
         else:
             steps = [sde_step_fn(model, args.batch_size, latent, device, "fp32", original=True),
                      sde_step_fn(fast_model, args.batch_size, latent, device, args.precision, original=False)]
+        baseline_flops = 2 * flops if name == "SDE" else flops  # the original's SDE drift: two forwards
         reset_peak_memory(device)
         baseline, optimised = interleaved_seconds(steps, device, max(args.steps, 3), max(args.warmup, 1))
-        rows[f"{name} baseline"] = report(f"{name} sampler step, baseline (original)", baseline, args.batch_size, peak_memory_gib(device))
-        rows[f"{name} optimised"] = report(f"{name} sampler step, optimised", optimised, args.batch_size, peak_memory_gib(device))
+        rows[f"{name} baseline"] = report(f"{name} sampler step, baseline (original)", baseline, args.batch_size,
+                                          peak_memory_gib(device), baseline_flops, peak)
+        rows[f"{name} optimised"] = report(f"{name} sampler step, optimised", optimised, args.batch_size,
+                                           peak_memory_gib(device), flops, peak)
+        if args.profile and name == "ODE":
+            print_profile("ODE sampler step, baseline (original)", steps[0])
+            print_profile("ODE sampler step, optimised", steps[1])
 
 
 def report(name: str, seconds: float, batch: int, memory: float, flops: int = 0, peak: float = 0.0) -> dict:
@@ -241,6 +278,8 @@ def main() -> None:
     peak = next((value for key, value in GPU_BF16_PEAK.items() if key in name), 0.0)
     print(f"device: {name}; torch {torch.__version__}; {args.model} at {args.image_size}px, batch {args.batch_size}; "
           f"optimised: {args.precision}{' + compile' if args.compile else ''}", flush=True)
+    configure_precision("fp32")
+    print(f"fp32 matmul (2048 x 2048) on this device: {matmul_tflops(device):.3f} TFLOP/s", flush=True)
     torch.manual_seed(0)
     vae = sd_vae(device)
     bench = TrainBench(args, device, vae)
@@ -263,7 +302,7 @@ def main() -> None:
         seconds = time_steps(lambda: bench.optimised_step(model, opt, from_images), device, args.steps, args.warmup)
         rows[label] = report(f"train, optimised, {label}", seconds, args.batch_size, peak_memory_gib(device), flops, peak)
 
-    measure_sampling(args, device, rows)
+    measure_sampling(args, device, rows, peak)
 
     print()
     if "baseline" in rows:

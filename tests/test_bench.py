@@ -1,0 +1,45 @@
+"""benchmarks/bench.py runs end to end on a tiny setting and reports consistent rows."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+BENCH = os.path.join(REPO, "benchmarks", "bench.py")
+ROWS = ["baseline", "from images", "cached latents", "ODE baseline", "ODE optimised", "SDE baseline", "SDE optimised"]
+
+
+def run_bench(*flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, BENCH, *flags], capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_tiny_benchmark_prints_every_row_and_writes_consistent_json(tmp_path):
+    json_path = tmp_path / "bench.json"
+    result = run_bench("--model", "SiT-S/8", "--image-size", "64", "--batch-size", "2", "--precision", "fp32",
+                       "--steps", "1", "--warmup", "0", "--profile", "--json", str(json_path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    for line in ["fp32 matmul (2048 x 2048) on this device:", "train, baseline (original loop)",
+                 "ODE sampler step, optimised", "sampling speed-up, SDE step:", "ODE sampler step, baseline (original):"]:
+        assert line in result.stdout, line
+    record = json.loads(json_path.read_text())
+    assert (record["model"], record["image_size"], record["batch_size"]) == ("SiT-S/8", 64, 2)
+    rows = record["rows"]
+    assert sorted(rows) == sorted(ROWS)
+    for row in rows.values():
+        assert row["images_per_s"] == pytest.approx(2 / row["seconds"], rel=1e-12)
+    # the original's SDE drift runs the model twice, ours once: twice the FLOPs in the baseline's row
+    sde_flops = {name: rows[name]["tflops"] * rows[name]["seconds"] for name in ("SDE baseline", "SDE optimised")}
+    assert sde_flops["SDE baseline"] == pytest.approx(2 * sde_flops["SDE optimised"], rel=1e-9)
+    ode_flops = rows["ODE baseline"]["tflops"] * rows["ODE baseline"]["seconds"]
+    assert ode_flops == pytest.approx(sde_flops["SDE optimised"], rel=1e-9)
+
+
+def test_bad_settings_are_refused_with_one_line():
+    result = run_bench("--image-size", "60")
+    assert result.returncode == 2
+    assert "--image-size must be a multiple of 8" in result.stderr
+    assert "Traceback" not in result.stderr
