@@ -61,7 +61,7 @@ def _truncated_gaussian(shape: torch.Size, generator: torch.Generator | None, de
     z = math.sqrt(2) * torch.erfinv(2 * uniform - 1)                       # standard normal quantile
     noise = (0.5 + std * z).clamp(0.0, 1.0 - 1e-12)
     log_density = -0.5 * z ** 2 - math.log(std * math.sqrt(2 * math.pi)) - torch.log(high - low)
-    return noise.to(device), log_density.flatten(1).sum(dim=1).to(device)
+    return noise.to(device), log_density.flatten(1).sum(dim=1).to(device)  # (N, D) summed to (N,)
 
 
 # --dequantize choice -> (noise u: (N, C, H, W), log q(u): (N,)); drives the choices and dequantize alike.

@@ -339,7 +339,8 @@ class InceptionFeatureExtractor:
         pool, logits = self.network(images.to(self.device))
         spatial = self.captured_spatial[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1)  # (N, 17, 17, 7)
         self.captured_spatial = None
-        return InceptionFeatures(pool=pool, spatial=spatial.reshape(len(images), -1).float(), logits=logits)
+        spatial = spatial.reshape(len(images), -1)  # (N, 17 * 17 * 7), in TF's (H, W, C) order
+        return InceptionFeatures(pool=pool, spatial=spatial.float(), logits=logits)
 
 
 def to_uint8_images(images: torch.Tensor) -> torch.Tensor:

@@ -222,7 +222,7 @@ class SiT(nn.Module):
             self.pos_embed.data.copy_(get_2d_sincos_pos_embed(self.pos_embed.shape[-1], grid).unsqueeze(0))
         # Patch embedding initialised like a linear layer rather than a convolution:
         w = self.x_embedder.proj.weight.data
-        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))  # (D, C * p * p)
         nn.init.constant_(self.x_embedder.proj.bias, 0)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)

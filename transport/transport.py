@@ -440,7 +440,7 @@ def exact_divergence(drift: th.Tensor, x: th.Tensor, num_probes: int = 1) -> th.
     total = th.zeros(x.size(0), dtype=x.dtype, device=x.device)
     for i in range(num_dims):
         grad = th.autograd.grad(drift_flat[:, i].sum(), x, retain_graph=i < num_dims - 1)[0]
-        total = total + grad.reshape(grad.size(0), -1)[:, i]
+        total = total + grad.reshape(grad.size(0), -1)[:, i]  # (N, D) -> d drift_i / d x_i: (N,)
     return total
 
 
