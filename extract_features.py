@@ -10,56 +10,78 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import NoReturn
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
-from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
 from features import block_marker, open_arrays, read_meta, write_meta
-from train_utils import barrier, cleanup_distributed, image_transform, load_vae, setup_distributed
+from train_utils import (VAE_REPOS, TrainImageFolder, barrier, cleanup_distributed, load_vae, non_negative_int,
+                         positive_int, setup_distributed)
 
 # Settings that make a feature folder what it is: a rerun must agree on them.
 IDENTITY_KEYS = ("image_size", "vae", "num_images", "classes", "dtype", "block_size")
 
 
+def fail(message: str) -> NoReturn:
+    """End with a one-line message (printed once: by rank 0, or by the single process)."""
+    if os.environ.get("RANK", "0") == "0":
+        raise SystemExit(f"extract_features.py: error: {message}")
+    raise SystemExit(1)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
+    """The command line; a local --vae folder becomes an absolute path (meta.json names it wherever training runs)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-path", type=str, required=True, help="an ImageFolder (one sub-folder per class)")
     parser.add_argument("--features-path", type=str, required=True, help="output folder")
-    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--image-size", type=positive_int, default=256)
     parser.add_argument("--vae", type=str, default="ema", help="ema, mse or a local diffusers AutoencoderKL folder")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per process per VAE call")
-    parser.add_argument("--block-size", type=int, default=1024, help="images per resumable block")
-    parser.add_argument("--num-workers", type=int, default=4)
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="images per process per VAE call")
+    parser.add_argument("--block-size", type=positive_int, default=1024, help="images per resumable block")
+    parser.add_argument("--num-workers", type=non_negative_int, default=4)
     parser.add_argument("--float32", action="store_true", help="store float32 instead of float16")
     args = parser.parse_args(argv)
     if args.image_size % 8:
         parser.error(f"--image-size must be a multiple of 8 (the VAE downsamples by 8), got {args.image_size}")
-    if args.batch_size <= 0 or args.block_size <= 0 or args.num_workers < 0:
-        parser.error("--batch-size and --block-size must be positive, --num-workers non-negative")
     if not os.path.isdir(args.data_path):
         parser.error(f"--data-path {args.data_path} is not a folder")
+    if args.vae not in VAE_REPOS and os.path.isdir(args.vae):
+        args.vae = os.path.abspath(args.vae)
     return args
 
 
-def build_meta(args: argparse.Namespace, dataset: ImageFolder) -> dict:
+def open_images(args: argparse.Namespace) -> TrainImageFolder:
+    """The images in train.py --data-path's order, unflipped (train.py's listing: one-line errors for a
+    folder without class folders or images; an unreadable image is skipped with a warning, as in training)."""
+    try:
+        return TrainImageFolder(args.data_path, args.image_size, random_flip=False)
+    except ValueError as error:
+        fail(str(error))
+
+
+def build_meta(args: argparse.Namespace, dataset: TrainImageFolder) -> dict:
+    """meta.json's contents for this run (not yet complete)."""
     latent = args.image_size // 8
     return dict(image_size=args.image_size, vae=args.vae, num_images=len(dataset), classes=dataset.classes,
                 dtype="float32" if args.float32 else "float16", block_size=args.block_size,
                 latent_shape=[4, latent, latent], data_path=os.path.abspath(args.data_path), complete=False)
 
 
-def prepare_folder(args: argparse.Namespace, dataset: ImageFolder, is_main: bool) -> dict:
+def prepare_folder(args: argparse.Namespace, dataset: TrainImageFolder, is_main: bool) -> dict:
     """Create the folder and arrays (rank 0), or check that an existing one matches this run."""
     meta = build_meta(args, dataset)
     existing = read_meta(args.features_path)
     if existing is not None:
+        if existing.get("data_path") not in (None, meta["data_path"]):
+            fail(f"{args.features_path} holds features of {existing['data_path']}, not of --data-path "
+                 f"{meta['data_path']}; choose another --features-path")
         different = [key for key in IDENTITY_KEYS if existing.get(key) != meta[key]]
         if different:
-            raise SystemExit(f"error: {args.features_path} holds features made with other settings "
-                             f"({', '.join(different)}); choose another --features-path")
+            fail(f"{args.features_path} holds features made with other settings "
+                 f"({', '.join(different)}); choose another --features-path")
         return existing
     if is_main:
         os.makedirs(os.path.join(args.features_path, "done"), exist_ok=True)
@@ -84,10 +106,9 @@ def encode_block(vae, loader: DataLoader, device: torch.device) -> tuple[np.ndar
 
 
 def main(args: argparse.Namespace) -> None:
+    """Encode the blocks of --data-path not done yet (this rank's share), then mark the folder complete."""
+    dataset = open_images(args)  # before joining the job: a bad folder stops every rank alike
     ctx = setup_distributed()
-    dataset = ImageFolder(args.data_path, transform=image_transform(args.image_size, random_flip=False))
-    if len(dataset) == 0:
-        raise SystemExit(f"error: no images found under {args.data_path}")
     meta = prepare_folder(args, dataset, ctx.is_main)
     barrier()
     meta = read_meta(args.features_path)

@@ -18,6 +18,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 
+DEFAULT_CLASS_DROPOUT_PROB = 0.1  # the original's label dropout for classifier-free guidance
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN modulation. x: (N, T, D); shift, scale: (N, D)."""
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
@@ -181,7 +184,7 @@ class SiT(nn.Module):
         depth: int = 28,
         num_heads: int = 16,
         mlp_ratio: float = 4.0,
-        class_dropout_prob: float = 0.1,
+        class_dropout_prob: float = DEFAULT_CLASS_DROPOUT_PROB,
         num_classes: int = 1000,
         learn_sigma: bool = True,
     ):
@@ -293,6 +296,12 @@ class SiT(nn.Module):
         half_eps = uncond_eps + scale * (cond_eps - uncond_eps)
         eps = torch.cat([half_eps, half_eps], dim=0)
         return torch.cat([eps, rest], dim=1)
+
+
+def has_null_class(config: dict) -> bool:
+    """Whether a SiT of this config (SiT.config) has the null label that classifier-free guidance
+    needs: only models trained with label dropout (class_dropout_prob > 0) have one."""
+    return config.get("class_dropout_prob", DEFAULT_CLASS_DROPOUT_PROB) > 0
 
 
 def _interval_scale(t: torch.Tensor, cfg_scale: float, interval: tuple[float, float], ndim: int) -> Any:

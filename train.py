@@ -14,7 +14,9 @@ Model and transport settings then come from the checkpoint (asking for different
 the command line keeps run length, logging, checkpoint/sample intervals, workers and --wandb.
 --lr and --ema-decay are the checkpoint's unless given again: a new value applies from the resumed
 step on (e.g. to lower the learning rate late in a run), with a warning that the run then differs
-from an uninterrupted one.
+from an uninterrupted one. --vae is the checkpoint's unless given: another path (a moved copy of the
+same VAE) is allowed with a warning; switching between pixels (--vae none) and latents is not.
+--resume skips a newest checkpoint that cannot be loaded (truncated) with a warning, for the one before.
 `--ckpt` with bare weights (a published model, or a checkpoint without optimizer state) fine-tunes
 them in a new experiment from step 0. SIGTERM/SIGINT: finish the step, save a checkpoint, exit 0.
 
@@ -24,6 +26,7 @@ image size, any size the patch size divides), e.g. the 8x8 digits of the README'
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -45,10 +48,10 @@ from tqdm import tqdm
 
 import download
 from features import LatentFeatureDataset
-from models import MODEL_SHAPES, SiT, SiT_models, model_config_from_state_dict, model_name_for_config
+from models import MODEL_SHAPES, SiT, SiT_models, has_null_class, model_config_from_state_dict, model_name_for_config
 from sampling import decode_latents, guided_sample, noise_and_labels
 from train_utils import (LATENT_SCALE, VAE_REPOS, ResumableDistributedSampler, TrainImageFolder, add_speed_arguments,
-                         all_reduce_mean, atomic_torch_save, autocast, barrier, cleanup_distributed, compile_model,
+                         all_ranks_ok, all_reduce_mean, atomic_torch_save, atomic_write, autocast, cleanup_distributed, compile_model,
                          configure_precision, create_logger, gather_rng_states, load_vae, make_grad_scaler,
                          make_optimizer, non_negative_int, parse_transport_args, positive_int, restore_rng_state,
                          setup_distributed, transport_from_args, update_ema)
@@ -59,7 +62,10 @@ CHECKPOINT_FILE = re.compile(r"^(\d{7,})\.pt$")
 EXPERIMENT_FOLDER = re.compile(r"^(\d{3,})-")
 # What the model is and what it learns: on resume these come from the checkpoint.
 CHECKPOINT_SETTINGS = ("model", "model_config", "image_size", "num_classes", "path_type", "prediction",
-                       "loss_weight", "train_eps", "sample_eps", "vae")
+                       "loss_weight", "train_eps", "sample_eps")
+# The VAE: the checkpoint's unless given; another one (a moved copy, or mse for ema: they share the
+# encoder) is allowed with a warning, but not switching between pixel space and latents.
+VAE_SETTING = "vae"
 # What decides the data order: from the checkpoint unless given (then the run is no exact continuation).
 DATA_ORDER_SETTINGS = ("global_batch_size", "global_seed", "random_flip")
 # Optimisation settings: from the checkpoint unless given (then the new value applies from the resumed step).
@@ -171,7 +177,7 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, se
     args = build_parser().parse_args(argv)
     if args.vae not in VAE_REPOS and args.vae != PIXEL_SPACE and os.path.isdir(args.vae):
         args.vae = os.path.abspath(args.vae)  # checkpoints name the VAE folder wherever the run starts
-    owned = CHECKPOINT_SETTINGS + DATA_ORDER_SETTINGS + RUN_SETTINGS
+    owned = CHECKPOINT_SETTINGS + (VAE_SETTING,) + DATA_ORDER_SETTINGS + RUN_SETTINGS
     not_given = object()  # a default no command line can produce (and not a string: argparse would convert it)
     explicit_parser = build_parser()
     explicit_parser.set_defaults(**{key: not_given for key in owned})
@@ -244,19 +250,28 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
              f"make one with `python evaluate.py VIRTUAL_imagenet256_labeled.npz`")
     if args.fid_cfg_scale < 1.0:
         fail(f"--fid-cfg-scale must be >= 1, got {args.fid_cfg_scale}")
+    if args.fid_every is not None and args.fid_cfg_scale > 1.0 and not has_null_class(config):
+        fail(f"--fid-cfg-scale {args.fid_cfg_scale} needs a model with label dropout (its null class), but "
+             f"class_dropout_prob is 0: use --fid-cfg-scale 1")
 
 
 #################################################################################
 #                          Checkpoints: find, load, adopt                       #
 #################################################################################
 
-def newest_checkpoint(experiment_dir: str) -> Optional[str]:
-    """The checkpoint with the highest step in <experiment_dir>/checkpoints, or None."""
+def experiment_checkpoints(experiment_dir: str) -> list[str]:
+    """The <experiment_dir>/checkpoints/<step>.pt files, the highest step first."""
     folder = os.path.join(experiment_dir, "checkpoints")
     if not os.path.isdir(folder):
-        return None
+        return []
     steps = [(int(match.group(1)), name) for name in os.listdir(folder) if (match := CHECKPOINT_FILE.match(name))]
-    return os.path.join(folder, max(steps)[1]) if steps else None
+    return [os.path.join(folder, name) for _, name in sorted(steps, reverse=True)]
+
+
+def newest_checkpoint(experiment_dir: str) -> Optional[str]:
+    """The checkpoint with the highest step in <experiment_dir>/checkpoints, or None."""
+    found = experiment_checkpoints(experiment_dir)
+    return found[0] if found else None
 
 
 def newest_experiment(results_dir: str) -> Optional[str]:
@@ -299,10 +314,36 @@ def is_train_checkpoint(checkpoint: dict) -> bool:
 
 
 def load_start_checkpoint(path: str) -> dict:
+    """The checkpoint at path, or a one-line error."""
     try:
         return download.load_checkpoint(path)
     except download.CheckpointError as error:
         fail(str(error))
+
+
+def load_newest_loadable(experiment_dir: str) -> tuple[str, dict, list[str]]:
+    """(path, checkpoint, warnings): the experiment's newest checkpoint that loads; each newer one
+    that does not (e.g. truncated by a crash while copying) is skipped with a warning naming it."""
+    warnings, first_error = [], None
+    for path in experiment_checkpoints(experiment_dir):
+        try:
+            return path, download.load_checkpoint(path), warnings
+        except download.CheckpointError as error:
+            first_error = first_error or error
+            warnings.append(f"skipped {path}: {error}; resuming from the checkpoint before it")
+    fail(f"no checkpoint of {experiment_dir} can be loaded: {first_error}")
+
+
+def start_checkpoint(args: argparse.Namespace) -> tuple[Optional[str], Optional[dict], list[str]]:
+    """(path, checkpoint, warnings) to start from, or (None, None, []) to train from scratch. A file
+    the user named must load; one that --resume picked may fall back to the one before it."""
+    source = checkpoint_to_start_from(args)
+    if source is None:
+        return None, None, []
+    named = args.ckpt is not None or (args.resume != NEWEST and os.path.isfile(args.resume))
+    if named:
+        return source, load_start_checkpoint(source), []
+    return load_newest_loadable(experiment_dir_of(source))
 
 
 def experiment_dir_of(checkpoint_path: str) -> Optional[str]:
@@ -313,8 +354,25 @@ def experiment_dir_of(checkpoint_path: str) -> Optional[str]:
     return os.path.dirname(folder)
 
 
+def adopt_checkpoint_vae(args: argparse.Namespace, explicit: set[str], stored: dict, path: str) -> list[str]:
+    """--vae on resume: the checkpoint's unless given. Another VAE (a moved or local copy of the same
+    one, or ema for mse: they share the encoder) is allowed with a warning; pixel space against
+    latents is an error. Returns the warnings."""
+    if VAE_SETTING not in stored:
+        return []
+    given, held = args.vae, stored[VAE_SETTING]
+    if VAE_SETTING not in explicit or given == held:
+        args.vae = held
+        return []
+    if (given == PIXEL_SPACE) != (held == PIXEL_SPACE):
+        fail(f"--vae {given} but the checkpoint {path} was trained with --vae {held}; a model learns either pixels "
+             f"(--vae none) or VAE latents: drop the flag or start a new experiment")
+    return [f"--vae {given} replaces the checkpoint's {held}: fine for a copy of the same VAE (or ema/mse, which "
+            f"share the encoder); another encoder changes what the model learns"]
+
+
 def adopt_checkpoint_settings(args: argparse.Namespace, explicit: set[str], checkpoint: dict, path: str) -> list[str]:
-    """Take the model, transport and data-order settings from a train checkpoint's args.
+    """Take the model, transport, VAE and data-order settings from a train checkpoint's args.
 
     An explicit flag contradicting a model or transport setting is an error. Returns warnings for
     explicit data-order settings that differ (allowed, but no exact continuation then).
@@ -333,7 +391,7 @@ def adopt_checkpoint_settings(args: argparse.Namespace, explicit: set[str], chec
             fail(f"{flag} {given} but the checkpoint {path} was trained with {flag} {held}; "
                  f"drop the flag (model and transport settings come from the checkpoint) or start a new experiment")
         setattr(args, key, held)
-    warnings = []
+    warnings = adopt_checkpoint_vae(args, explicit, stored, path)
     for key in DATA_ORDER_SETTINGS:
         if key in explicit and getattr(args, key) != stored.get(key, getattr(args, key)):
             flag = "--" + key.replace("_", "-")
@@ -401,15 +459,6 @@ def init_wandb(args: argparse.Namespace, experiment_dir: str, stored_id: Optiona
     except Exception as error:  # login, network or configuration: one line for the user
         fail(f"wandb could not start ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
              f"set WANDB_KEY, or WANDB_MODE=offline, or drop --wandb")
-
-
-def all_ranks_ok(ok: bool, device: torch.device) -> bool:
-    """Whether every rank reports ok (a collective in a distributed job)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return ok
-    flag = torch.tensor([0 if ok else 1], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag.item() == 0
 
 
 class StopSignal:
@@ -522,14 +571,12 @@ def save_preview(ema: SiT, vae: Any, transport: Transport, inputs: tuple[torch.T
 
     z, y = (tensor.to(device) for tensor in inputs)
     sample_fn = Sampler(transport).sample_ode(sampling_method="euler", num_steps=PREVIEW_STEPS, keep_trajectory=False)
-    use_cfg = cfg_scale > 1.0 and ema.y_embedder.dropout_prob > 0  # no null class without label dropout
+    use_cfg = cfg_scale > 1.0 and has_null_class(ema.config)
     latents = guided_sample(sample_fn, ema, z, y, cfg_scale if use_cfg else 1.0)
     images = decode_latents(vae, latents)                                  # (N, 3, H, W) in about [-1, 1]
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp_path = path + ".tmp"
-    save_image(images.float().cpu(), tmp_path, nrow=int(math.sqrt(len(images))), normalize=True,
-               value_range=(-1, 1), format="png")
-    os.replace(tmp_path, path)
+    grid = functools.partial(save_image, images.float().cpu(), nrow=int(math.sqrt(len(images))), normalize=True,
+                             value_range=(-1, 1), format="png")
+    atomic_write(path, grid, suffix=".png")
 
 
 #################################################################################
@@ -627,32 +674,66 @@ class Run:
     last_saved_step: Optional[int] = None
     scaler: Optional[torch.amp.GradScaler] = None  # fp16 loss scaling (a pass-through otherwise)
     preview_vae_failed: bool = False  # --feature-path: the preview VAE could not be loaded
+    fid_decoder_ready: bool = False  # --feature-path: every rank holds the VAE (since the first FID)
     fid_monitor: Any = None  # evaluate.FIDMonitor with --fid-every
 
 
+def stop_unless_written(run: Run, what: str, path: Optional[str], error: Optional[Exception]) -> None:
+    """After rank 0 wrote (or failed to write) a file: every rank learns the outcome (a collective, which
+    also holds the others until rank 0 is done) and, on failure, stops with one line naming the file."""
+    if all_ranks_ok(error is None, run.ctx.device):
+        return
+    message = f"cannot write the {what} {path} ({error})"
+    run.logger.error(message)  # rank 0's log.txt; silent elsewhere
+    fail(message)
+
+
+def checkpoint_contents(run: Run, rng: list[dict]) -> dict:
+    """What <step>.pt holds: everything an exact resume needs."""
+    state = run.state
+    return {
+        "model": run.model.state_dict(), "ema": run.ema.state_dict(), "opt": run.opt.state_dict(),
+        "args": run.args, "train_steps": state.train_steps, "epoch": state.epoch, "epoch_step": state.epoch_step,
+        "rng": rng, "model_config": dict(run.model.config), "experiment_dir": run.experiment_dir,
+        "scaler": run.scaler.state_dict() if run.scaler is not None else {},
+        "wandb_id": run.wandb_run.id if run.wandb_run is not None else None,
+    }
+
+
 def save_checkpoint(run: Run) -> None:
-    """Check health, gather every rank's RNG state, then rank 0 writes <step>.pt atomically (all ranks call this)."""
+    """Check health, gather every rank's RNG state, then rank 0 writes <step>.pt atomically (all ranks
+    call this); if rank 0 cannot write it (disk full, permissions), every rank stops with one line."""
     state = run.state
     check_health(run.model, run.monitor, state.train_steps)
     rng = gather_rng_states(run.ctx.device)
+    path, error = None, None
     if run.ctx.is_main:
         path = os.path.join(run.experiment_dir, "checkpoints", f"{state.train_steps:07d}.pt")
-        atomic_torch_save({
-            "model": run.model.state_dict(), "ema": run.ema.state_dict(), "opt": run.opt.state_dict(),
-            "args": run.args, "train_steps": state.train_steps, "epoch": state.epoch, "epoch_step": state.epoch_step,
-            "rng": rng, "model_config": dict(run.model.config), "experiment_dir": run.experiment_dir,
-            "scaler": run.scaler.state_dict() if run.scaler is not None else {},
-            "wandb_id": run.wandb_run.id if run.wandb_run is not None else None,
-        }, path)
-        run.logger.info(f"Saved checkpoint to {path}")
+        try:
+            atomic_torch_save(checkpoint_contents(run, rng), path)
+            run.logger.info(f"Saved checkpoint to {path}")
+        except (OSError, RuntimeError) as caught:  # torch.save reports a full disk as a RuntimeError
+            error = caught
+    stop_unless_written(run, "checkpoint", path, error)
     run.last_saved_step = state.train_steps
-    barrier()
 
 
 def save_samples(run: Run) -> None:
-    """Rank 0: an EMA preview grid at samples/<step>.png (and to wandb)."""
-    step = run.state.train_steps
-    path = os.path.join(run.experiment_dir, "samples", f"{step:07d}.png")
+    """An EMA preview grid at samples/<step>.png (and to wandb), made by rank 0; every rank calls this
+    and stops with one line if rank 0 cannot write the grid."""
+    path, error = None, None
+    if run.ctx.is_main:
+        path = os.path.join(run.experiment_dir, "samples", f"{run.state.train_steps:07d}.png")
+        try:
+            write_preview(run, path)
+        except OSError as caught:
+            error = caught
+    stop_unless_written(run, "preview grid", path, error)
+
+
+def write_preview(run: Run, path: str) -> None:
+    """Rank 0: sample, decode and save the preview grid at path (--feature-path: the VAE is loaded
+    at the first one, on rank 0 only; without one, a warning and no grids)."""
     if run.args.feature_path is not None and run.vae is None:
         if run.preview_vae_failed:
             return
@@ -667,15 +748,20 @@ def save_samples(run: Run) -> None:
     if run.wandb_run is not None:
         import wandb
 
-        run.wandb_run.log({"samples": wandb.Image(path)}, step=step)
+        run.wandb_run.log({"samples": wandb.Image(path)}, step=run.state.train_steps)
 
 
 def decoder_for_fid(run: Run) -> Any:
-    """The VAE that turns FID samples into images: the training one, or (--feature-path) one loaded
-    on every rank at the first measurement. None for pixel-space models."""
-    if run.args.vae == PIXEL_SPACE or run.vae is not None:
+    """The VAE that turns FID samples into images: the training one, or (--feature-path) one that
+    every rank loads at the first measurement. None for pixel-space models.
+
+    With --feature-path, rank 0 may already hold the preview VAE: it keeps it but still joins the
+    load check, so that every rank takes part in the same collectives."""
+    if run.args.vae == PIXEL_SPACE or run.args.feature_path is None:
         return run.vae
-    run.vae = load_vae_on_all_ranks(run.args.vae, run.ctx.device)
+    if not run.fid_decoder_ready:
+        run.vae = load_vae_on_all_ranks(run.args.vae, run.ctx.device, loaded=run.vae)
+        run.fid_decoder_ready = True
     return run.vae
 
 
@@ -775,7 +861,7 @@ def train_loop(run: Run) -> bool:
             step = state.train_steps
             if step % args.log_every == 0:
                 log_progress(run.monitor, step, args.global_batch_size, run.logger, run.wandb_run)
-            if step % args.sample_every == 0 and run.ctx.is_main:
+            if step % args.sample_every == 0:
                 save_samples(run)  # before the checkpoint, so that its RNG state follows everything
             if args.fid_every is not None and step % args.fid_every == 0:
                 log_fid(run)
@@ -819,13 +905,14 @@ def setup_experiment(args: argparse.Namespace, ctx: Any, checkpoint: Optional[di
     return experiment_dir, logger, wandb_run
 
 
-def load_vae_on_all_ranks(name: str, device: torch.device) -> Any:
-    """load_vae (None for --vae none); if any rank fails, every rank stops (rather than wait for it at the next collective)."""
+def load_vae_on_all_ranks(name: str, device: torch.device, loaded: Any = None) -> Any:
+    """load_vae (None for --vae none); if any rank fails, every rank stops (rather than wait for it at
+    the next collective). loaded: a VAE this rank already holds, kept (the rank still joins the check)."""
     if name == PIXEL_SPACE:
         return None
-    vae, vae_error = None, None
+    vae, vae_error = loaded, None
     try:
-        vae = load_vae(name, device)
+        vae = vae if vae is not None else load_vae(name, device)
     except SystemExit as error:
         vae_error = error
     if not all_ranks_ok(vae_error is None, device):
@@ -870,11 +957,16 @@ def restore_rng(checkpoint: dict, ctx: Any, seed: int, logger: logging.Logger) -
 
 
 def fid_monitor(args: argparse.Namespace, device: torch.device) -> Any:
-    """The FID accumulator of --fid-every, with a one-line error if its statistics or weights are unusable."""
+    """The FID accumulator of --fid-every, with a one-line error if its statistics or weights are unusable.
+
+    Building the Inception network draws random initial weights: it does so on forked RNGs, so the
+    training streams (fresh, or restored on resume) are exactly those of a run without --fid-every.
+    """
     from evaluate import FIDMonitor, InceptionWeightsError
 
     try:
-        return FIDMonitor(args.fid_ref, device, weights_path=args.fid_inception_weights)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            return FIDMonitor(args.fid_ref, device, weights_path=args.fid_inception_weights)
     except (InceptionWeightsError, ValueError, OSError) as error:
         fail(f"cannot measure FID: {error}")
 
@@ -900,6 +992,7 @@ def train(args: argparse.Namespace, ctx: Any, dataset: TrainImageFolder, checkpo
     loader, sampler = build_loader(args, dataset, ctx.rank, ctx.world_size, seed)
     logger.info(f"Dataset contains {len(dataset):,} images in {len(dataset.classes)} classes "
                 f"({args.data_path or args.feature_path})")
+    fid = fid_monitor(args, ctx.device) if args.fid_every is not None else None  # on forked RNGs
     state = TrainState()
     if resuming:
         state = TrainState(checkpoint["train_steps"], checkpoint["epoch"], checkpoint["epoch_step"])
@@ -909,11 +1002,9 @@ def train(args: argparse.Namespace, ctx: Any, dataset: TrainImageFolder, checkpo
               logger=logger, experiment_dir=experiment_dir, wandb_run=wandb_run, stop=stop,
               preview=preview_inputs(args, model.config), monitor=LossMonitor(state.train_steps + 1),
               last_saved_step=state.train_steps if resuming else None,
-              scaler=make_grad_scaler(args.precision, ctx.device))
+              scaler=make_grad_scaler(args.precision, ctx.device), fid_monitor=fid)
     if resuming and checkpoint.get("scaler"):
         run.scaler.load_state_dict(checkpoint["scaler"])  # fp16: the loss scale continues too
-    if args.fid_every is not None:
-        run.fid_monitor = fid_monitor(args, ctx.device)
     del checkpoint  # the loaded tensors are no longer needed
 
     ddp_model.train()  # enables label dropout for classifier-free guidance
@@ -933,7 +1024,7 @@ def train(args: argparse.Namespace, ctx: Any, dataset: TrainImageFolder, checkpo
 def open_feature_dataset(args: argparse.Namespace, explicit: set[str]) -> LatentFeatureDataset:
     """The cached latents of --feature-path, checked against --image-size; without an explicit
     --vae, previews decode with the VAE that made the features. Raises ValueError."""
-    dataset = LatentFeatureDataset(args.feature_path, seed=args.global_seed)
+    dataset = LatentFeatureDataset(args.feature_path, seed=args.global_seed, random_flip=args.random_flip)
     meta = dataset.meta
     if meta["image_size"] != args.image_size:
         raise ValueError(f"the features in {args.feature_path} are of {meta['image_size']}px images, "
@@ -948,10 +1039,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     """Check the command line and data, join the job, train; one-line errors, exit 0 on a stop signal."""
     args, explicit = parse_args(argv)
     validate_args(args, launched_world_size())
-    source = checkpoint_to_start_from(args)
-    checkpoint = load_start_checkpoint(source) if source is not None else None
+    source, checkpoint, warnings = start_checkpoint(args)
     resuming = checkpoint is not None and is_train_checkpoint(checkpoint)
-    warnings = adopt_checkpoint_settings(args, explicit, checkpoint, source) if resuming else []
+    if resuming:
+        warnings += adopt_checkpoint_settings(args, explicit, checkpoint, source)
     validate_args(args, launched_world_size())
     try:
         if args.feature_path is not None:

@@ -27,7 +27,6 @@ from transport import (DIFFUSION_FORMS, LAST_STEPS, LOSS_WEIGHTS, ODE_METHODS, P
 
 LATENT_SCALE = 0.18215  # SD-VAE latents are scaled by this to unit variance
 VAE_REPOS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
-SAMPLING_MODES = ("ODE", "SDE")
 
 
 #################################################################################
@@ -63,6 +62,14 @@ def positive_float(value: str) -> float:
     return number
 
 
+def non_negative_float(value: str) -> float:
+    """argparse type: a float >= 0."""
+    number = float(value)
+    if not number >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return number
+
+
 def parse_transport_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("Transport arguments")
     group.add_argument("--path-type", type=str, default="Linear", choices=list(PATH_TYPES))
@@ -89,7 +96,8 @@ def parse_sde_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--sampling-method", type=str, default="Euler", choices=list(SDE_METHODS))
     group.add_argument("--diffusion-form", type=str, default="sigma", choices=list(DIFFUSION_FORMS),
                        help="form of diffusion coefficient in the SDE")
-    group.add_argument("--diffusion-norm", type=float, default=1.0)
+    group.add_argument("--diffusion-norm", type=non_negative_float, default=1.0,
+                       help="magnitude of the diffusion coefficient (>= 0)")
     group.add_argument("--last-step", type=none_or_str, default="Mean", choices=list(LAST_STEPS),
                        help="form of last step taken in the SDE")
     group.add_argument("--last-step-size", type=positive_float, default=0.04, help="size of the last step taken")
@@ -100,17 +108,29 @@ def transport_from_args(args: argparse.Namespace) -> Transport:
     return create_transport(args.path_type, args.prediction, args.loss_weight, args.train_eps, args.sample_eps)
 
 
+def ode_fn_from_args(sampler: Sampler, args: argparse.Namespace, keep_trajectory: bool = False) -> Callable:
+    """The ODE sampling function that the ODE argument group describes."""
+    return sampler.sample_ode(sampling_method=args.sampling_method, num_steps=args.num_sampling_steps,
+                              atol=args.atol, rtol=args.rtol, reverse=args.reverse, keep_trajectory=keep_trajectory)
+
+
+def sde_fn_from_args(sampler: Sampler, args: argparse.Namespace, keep_trajectory: bool = False) -> Callable:
+    """The SDE sampling function that the SDE argument group describes."""
+    return sampler.sample_sde(sampling_method=args.sampling_method, diffusion_form=args.diffusion_form,
+                              diffusion_norm=args.diffusion_norm, last_step=args.last_step,
+                              last_step_size=args.last_step_size, num_steps=args.num_sampling_steps,
+                              keep_trajectory=keep_trajectory)
+
+
+# The scripts' mode argument -> its sampling function; drives the argparse choices and the dispatch.
+SAMPLING_MODES = {"ODE": ode_fn_from_args, "SDE": sde_fn_from_args}
+
+
 def sample_fn_from_args(sampler: Sampler, mode: str, args: argparse.Namespace, keep_trajectory: bool = False) -> Callable:
     """The ODE or SDE sampling function that the ODE/SDE argument groups describe."""
-    if mode == "ODE":
-        return sampler.sample_ode(sampling_method=args.sampling_method, num_steps=args.num_sampling_steps,
-                                  atol=args.atol, rtol=args.rtol, reverse=args.reverse, keep_trajectory=keep_trajectory)
-    if mode == "SDE":
-        return sampler.sample_sde(sampling_method=args.sampling_method, diffusion_form=args.diffusion_form,
-                                  diffusion_norm=args.diffusion_norm, last_step=args.last_step,
-                                  last_step_size=args.last_step_size, num_steps=args.num_sampling_steps,
-                                  keep_trajectory=keep_trajectory)
-    raise ValueError(f"unknown sampling mode {mode!r}; choose one of {', '.join(SAMPLING_MODES)}")
+    if mode not in SAMPLING_MODES:
+        raise ValueError(f"unknown sampling mode {mode!r}; choose one of {', '.join(SAMPLING_MODES)}")
+    return SAMPLING_MODES[mode](sampler, args, keep_trajectory)
 
 
 #################################################################################
@@ -170,6 +190,15 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_ranks_ok(ok: bool, device: torch.device) -> bool:
+    """Whether every rank reports ok (a collective in a distributed job)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return ok
+    flag = torch.tensor([0 if ok else 1], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() == 0
+
+
 def create_logger(logging_dir: Optional[str], is_main: bool = True, name: str = "sit") -> logging.Logger:
     """A logger writing to stdout and `<logging_dir>/log.txt` on rank 0, silent elsewhere."""
     logger = logging.getLogger(name)
@@ -211,20 +240,55 @@ def load_vae(name: str, device: torch.device) -> Any:
     return vae.to(device).eval().requires_grad_(False)
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux allows (os.umask can only swap it)."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)  # elsewhere: swap and restore at once
+    os.umask(umask)
+    return umask
+
+
+def fsync_path(path: str) -> None:
+    """Flush a file's (or a folder's) data to disk; folders are best effort (not every system can open them)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if os.path.isdir(path):
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not os.path.isdir(path):
+            raise
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: str, write: Callable[[str], None], suffix: str = ".tmp") -> None:
-    """Call write(tmp_path) on a temporary file beside `path`, then rename it to `path`: a crash never
-    leaves a partial file at `path` (the temporary name starts with ".tmp-" and ends with `suffix`)."""
+    """Call write(tmp_path) on a temporary file beside `path`, fsync it, then rename it to `path`: a crash
+    never leaves a partial file at `path` (the temporary name starts with ".tmp-" and ends with `suffix`).
+    The file gets the permissions the umask gives a new file (mkstemp's own are 0600)."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=suffix)
     os.close(fd)
     try:
         write(tmp_path)
+        fsync_path(tmp_path)
+        os.chmod(tmp_path, 0o666 & ~current_umask())
         os.replace(tmp_path, path)
     except BaseException:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
         raise
+    fsync_path(directory)  # the rename itself
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:

@@ -22,8 +22,8 @@ from conftest import REPO, make_image_folder
 
 import train
 from models import SiT
-from train_utils import (PRECISIONS, ResumableDistributedSampler, compile_for_sampling, compile_model, make_grad_scaler,
-                         make_optimizer)
+from train_utils import (PRECISIONS, DistContext, ResumableDistributedSampler, compile_for_sampling, compile_model,
+                         make_grad_scaler, make_optimizer)
 from transport import Sampler, create_transport
 
 CPU = torch.device("cpu")
@@ -166,20 +166,56 @@ def test_feature_path_training_resumes_exactly(feature_runs):
     assert straight["args"].feature_path == str(root / "feat") and straight["args"].data_path is None
 
 
+def write_tiny_features(folder: str, vae: str) -> str:
+    """A complete feature folder of 4 images (2 classes, 32 px): every latent mean is 0.5 for the
+    image and -0.5 for its flip, std 0.1."""
+    from features import open_arrays, write_meta
+
+    os.makedirs(folder)
+    meta = dict(image_size=32, vae=vae, num_images=4, classes=["a", "b"], dtype="float32", block_size=4,
+                latent_shape=[4, 4, 4], data_path="unused", complete=False)
+    mean, std, labels = open_arrays(folder, meta, "w+")  # (4, 2, 4, 4, 4) x 2, (4,)
+    mean[:, 0], mean[:, 1], std[:], labels[:] = 0.5, -0.5, 0.1, [0, 1, 0, 1]
+    mean.flush(), std.flush(), labels.flush()
+    write_meta(folder, dict(meta, complete=True))
+    return folder
+
+
+def test_no_random_flip_reaches_the_feature_dataset(tmp_path, tiny_vae):
+    feat = write_tiny_features(str(tmp_path / "feat"), tiny_vae)
+    for flag, means in (("--random-flip", {0.5, -0.5}), ("--no-random-flip", {0.5})):
+        args, explicit = train.parse_args(["--feature-path", feat, *TINY, flag])
+        dataset = train.open_feature_dataset(args, explicit)
+        seen = {dataset[(epoch, index)][0][0, 0, 0].item() for epoch in range(4) for index in range(4)}
+        assert seen == means, flag
+
+
+def test_every_rank_takes_the_same_collectives_around_a_feature_path_preview(tmp_path, monkeypatch):
+    """--feature-path with --sample-every and --fid-every in a 2-process job, rank by rank in-process:
+    rank 0 loads a VAE for the preview grid, yet both ranks join the same checks (a rank skipping
+    one would leave the other waiting forever) and both decode the FID samples with a VAE."""
+    collectives, loads = [], []
+    monkeypatch.setattr(train, "all_ranks_ok", lambda ok, device: collectives.append(ok) or ok)
+    monkeypatch.setattr(train, "load_vae", lambda name, device: loads.append(name) or f"vae {name}")
+    monkeypatch.setattr(train, "save_preview", lambda *args: None)
+    traces = {}
+    for rank in (0, 1):
+        collectives.clear(), loads.clear()
+        run = SimpleNamespace(args=SimpleNamespace(feature_path="feat", vae="ema", cfg_scale=4.0), vae=None,
+                              ctx=DistContext(rank=rank, world_size=2, local_rank=rank, device=CPU),
+                              experiment_dir=str(tmp_path) if rank == 0 else None, state=train.TrainState(2),
+                              preview_vae_failed=False, fid_decoder_ready=False, logger=train.create_logger(None, False),
+                              wandb_run=None, ema=None, transport=None, preview=None)
+        train.save_samples(run)  # step 2: the preview grid
+        decoders = [train.decoder_for_fid(run) for _ in range(2)]  # FID at steps 2 and 4
+        traces[rank] = (list(collectives), list(loads), decoders)
+    assert traces[0] == traces[1] == ([True, True], ["ema"], ["vae ema", "vae ema"])
+
+
 def test_feature_path_loads_no_vae_unless_a_preview_is_due(tmp_path, tiny_vae, monkeypatch):
     """In-process: the VAE loaders are replaced by counters; 2 steps without a preview load none,
     with --sample-every 2 rank 0 loads one once for the grid."""
-    from features import open_arrays, write_meta
-
-    feat = tmp_path / "feat"
-    os.makedirs(feat)
-    meta = dict(image_size=32, vae=tiny_vae, num_images=4, classes=["a", "b"], dtype="float32", block_size=4,
-                latent_shape=[4, 4, 4], data_path="unused", complete=False)
-    mean, std, labels = open_arrays(str(feat), meta, "w+")
-    mean[:], std[:], labels[:] = 0.5, 0.1, [0, 1, 0, 1]
-    mean.flush(), std.flush(), labels.flush()
-    write_meta(str(feat), dict(meta, complete=True))
-
+    feat = write_tiny_features(str(tmp_path / "feat"), tiny_vae)
     loads = []
 
     def counting_load_vae(name, device):
@@ -195,7 +231,7 @@ def test_feature_path_loads_no_vae_unless_a_preview_is_due(tmp_path, tiny_vae, m
     monkeypatch.setattr(train.StopSignal, "install", no_signal_handlers)
     monkeypatch.setattr(train, "load_vae", counting_load_vae)
     monkeypatch.setattr(train, "load_vae_on_all_ranks", refuse)
-    base = ["--feature-path", str(feat), *TINY, "--global-batch-size", "2", "--num-workers", "0", "--max-steps", "2",
+    base = ["--feature-path", feat, *TINY, "--global-batch-size", "2", "--num-workers", "0", "--max-steps", "2",
             "--ckpt-every", "100000", "--log-every", "1"]
     train.main([*base, "--results-dir", str(tmp_path / "a"), "--sample-every", "100000"])
     assert loads == []

@@ -357,3 +357,182 @@ def test_real_process_exits_non_zero_with_one_line(workspace):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == ["train.py: error: --image-size must be a multiple of 8 "
                                                   "(the VAE downsamples by 8), got 36"]
+
+
+def test_fid_guidance_without_label_dropout_is_a_bad_input(tmp_path, tiny_data, monkeypatch):
+    import train
+
+    forbid_heavy_work(monkeypatch, train)
+    vae_dir = str(tmp_path / "vae")
+    os.makedirs(vae_dir)
+    no_dropout = json.dumps(dict(TINY_CONFIG, class_dropout_prob=0))
+    argv = ["--data-path", tiny_data, "--vae", vae_dir, *TINY, "--model-config", no_dropout, "--fid-every", "5",
+            "--fid-ref", os.path.join(tiny_data, "class0", "0.png"), "--fid-cfg-scale", "1.5"]  # any file as --fid-ref
+    with pytest.raises(SystemExit) as error:
+        train.main(argv)
+    assert str(error.value.code) == ("train.py: error: --fid-cfg-scale 1.5 needs a model with label dropout (its "
+                                     "null class), but class_dropout_prob is 0: use --fid-cfg-scale 1")
+
+
+#################################################################################
+#                       Resume: another --vae, unreadable newest                 #
+#################################################################################
+
+def test_resume_takes_another_vae_path_with_a_warning_but_never_switches_pixels_and_latents(tmp_path):
+    import train
+
+    moved = str(tmp_path / "moved_vae")
+    os.makedirs(moved)
+    checkpoint = {"args": argparse.Namespace(vae="/old/place/vae"), "train_steps": 4}
+    args, explicit = train.parse_args(["--data-path", "x", "--vae", moved])
+    warnings = train.adopt_checkpoint_settings(args, explicit, checkpoint, "ckpt.pt")
+    assert args.vae == moved
+    assert warnings == [f"--vae {moved} replaces the checkpoint's /old/place/vae: fine for a copy of the same VAE "
+                        f"(or ema/mse, which share the encoder); another encoder changes what the model learns"]
+    args, explicit = train.parse_args(["--data-path", "x"])
+    assert train.adopt_checkpoint_settings(args, explicit, checkpoint, "ckpt.pt") == [] and args.vae == "/old/place/vae"
+    for given, held in (("none", "/old/place/vae"), ("ema", "none")):
+        args, explicit = train.parse_args(["--data-path", "x", "--vae", given])
+        with pytest.raises(SystemExit) as error:
+            train.adopt_checkpoint_settings(args, explicit, {"args": argparse.Namespace(vae=held)}, "ckpt.pt")
+        assert str(error.value.code).startswith(f"train.py: error: --vae {given} but the checkpoint ckpt.pt was "
+                                                f"trained with --vae {held}; a model learns either pixels")
+
+
+class Started(Exception):
+    """Raised by a stand-in for train.train: what main() would have trained with."""
+
+
+def start_in_process(monkeypatch, argv: list) -> tuple:
+    """train.main(argv) up to the start of training: (source, checkpoint, warnings) it would train from."""
+    import train
+    from train_utils import DistContext
+
+    def capture(args, ctx, dataset, checkpoint, resuming, source, warnings, stop):
+        raise Started(source, checkpoint, warnings)
+
+    monkeypatch.setattr(train, "train", capture)
+    monkeypatch.setattr(train, "setup_distributed", lambda: DistContext(0, 1, 0, torch.device("cpu")))
+    monkeypatch.setattr(train.StopSignal, "install", lambda self: None)
+    with pytest.raises(Started) as started:
+        train.main(argv)
+    return started.value.args
+
+
+def test_resume_skips_an_unreadable_newest_checkpoint_unless_named(tmp_path, tiny_data, monkeypatch):
+    import train
+
+    vae_dir = str(tmp_path / "vae")
+    os.makedirs(vae_dir)
+    common = ["--data-path", tiny_data, "--vae", vae_dir, *TINY, "--results-dir", str(tmp_path / "results")]
+    folder = tmp_path / "results" / "000-SiT-S-2-Linear-velocity-None" / "checkpoints"
+    os.makedirs(folder)
+    stored = {"model": {}, "ema": {}, "opt": {}, "model_config": {}, "args": train.parse_args(common)[0]}
+    for step in (2, 4):
+        torch.save(dict(stored, train_steps=step), folder / f"{step:07d}.pt")
+    truncated = str(folder / "0000004.pt")
+    with open(truncated, "r+b") as handle:
+        handle.truncate(os.path.getsize(truncated) // 2)
+    for resume in (["--resume"], ["--resume", str(folder.parent)]):
+        source, checkpoint, warnings = start_in_process(monkeypatch, common + resume)
+        assert source == str(folder / "0000002.pt") and checkpoint["train_steps"] == 2
+        assert len(warnings) == 1 and warnings[0].startswith(f"skipped {truncated}: {truncated} is not a readable "
+                                                             f"PyTorch checkpoint (truncated")
+        assert warnings[0].endswith("; resuming from the checkpoint before it")
+    for named in (["--resume", truncated], ["--ckpt", truncated]):
+        with pytest.raises(SystemExit) as error:
+            train.main(common + named)
+        message = str(error.value.code)
+        assert message.startswith(f"train.py: error: {truncated} is not a readable PyTorch checkpoint")
+        assert "\n" not in message
+
+
+#################################################################################
+#              Files: atomic, synced, umask; rank-0 write failures               #
+#################################################################################
+
+def test_atomic_write_syncs_before_renaming_and_gives_the_umask_permissions(tmp_path, monkeypatch):
+    from train_utils import atomic_write
+
+    events = []  # (call, real path) of os.fsync and os.replace, in order
+    fsync, replace = os.fsync, os.replace
+
+    def recording_fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def recording_replace(src: str, dst: str) -> None:
+        events.append(("replace", os.path.realpath(src)))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+
+    def write(temporary: str) -> None:
+        with open(temporary, "w") as handle:
+            handle.write("data")
+
+    path = str(tmp_path / "out.txt")
+    umask = os.umask(0o027)
+    try:
+        atomic_write(path, write)
+    finally:
+        os.umask(umask)
+    (first, synced), (second, renamed), folder = events
+    assert (first, second) == ("fsync", "replace") and synced == renamed and os.path.basename(synced).startswith(".tmp-")
+    assert folder == ("fsync", os.path.realpath(str(tmp_path)))  # the rename itself
+    assert oct(os.stat(path).st_mode & 0o777) == oct(0o640)
+    with open(path) as handle:
+        assert handle.read() == "data"
+
+
+def rank_run(tmp_path, rank: int) -> object:
+    """The parts of train.Run that save_checkpoint and save_samples use, for `rank` of a 2-process job."""
+    import logging
+    from types import SimpleNamespace
+
+    import train
+    from models import SiT
+    from train_utils import DistContext, make_optimizer
+
+    model = SiT(input_size=4, patch_size=2, hidden_size=32, depth=1, num_heads=2, num_classes=2)
+    args = argparse.Namespace(feature_path=None, cfg_scale=4.0)
+    return SimpleNamespace(model=model, ema=model, opt=make_optimizer(model), args=args,
+                           state=train.TrainState(3, 1, 0), ctx=DistContext(rank, 2, rank, torch.device("cpu")),
+                           experiment_dir=str(tmp_path) if rank == 0 else None, monitor=train.LossMonitor(1),
+                           scaler=None, wandb_run=None, logger=logging.getLogger("test"), last_saved_step=None,
+                           vae=None, transport=None, preview=None)
+
+
+@pytest.mark.parametrize("what", ["checkpoint", "preview grid"])
+def test_rank_0_write_failure_stops_every_rank_with_one_line(what, tmp_path, monkeypatch):
+    import errno
+
+    import train
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(train, "atomic_torch_save" if what == "checkpoint" else "save_preview", no_space)
+    save = train.save_checkpoint if what == "checkpoint" else train.save_samples
+    path = str(tmp_path / ("checkpoints/0000003.pt" if what == "checkpoint" else "samples/0000003.png"))
+    for rank in (0, 1):  # rank 0 fails to write; rank 1 learns it from the check (which here answers what rank 0 sent)
+        reported = []
+        monkeypatch.setattr(train, "all_ranks_ok", lambda ok, device: reported.append(ok) or (ok and rank == 0))
+        monkeypatch.setenv("RANK", str(rank))
+        with pytest.raises(SystemExit) as error:
+            save(rank_run(tmp_path, rank))
+        assert reported == [rank != 0]
+        expected = f"train.py: error: cannot write the {what} {path} ([Errno 28] No space left on device)"
+        assert error.value.code == (expected if rank == 0 else 1)
+
+
+def test_save_checkpoint_writes_and_every_rank_joins_the_check(tmp_path, monkeypatch):
+    import train
+
+    reported = []
+    monkeypatch.setattr(train, "all_ranks_ok", lambda ok, device: reported.append(ok) or ok)
+    run = rank_run(tmp_path, 0)
+    train.save_checkpoint(run)
+    assert reported == [True] and run.last_saved_step == 3
+    assert load(str(tmp_path / "checkpoints" / "0000003.pt"))["train_steps"] == 3

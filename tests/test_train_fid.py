@@ -75,3 +75,40 @@ def test_fid_every_without_reference_is_refused(image_folder, tiny_vae, tmp_path
     assert result.returncode != 0
     assert "--fid-every needs --fid-ref" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_fid_monitor_leaves_the_training_rng_untouched(tmp_path):
+    """Building the Inception network draws random initial weights; train.fid_monitor must not take
+    them from the training RNG (a resumed run restores that RNG first, a fresh one has just seeded it)."""
+    import argparse
+
+    import train
+
+    weights, stats = str(tmp_path / "inception.pth"), str(tmp_path / "ref.stats.npz")
+    torch.save(evaluate.random_inception_state_dict(seed=0), weights)
+    np.savez(stats, mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(7), sigma_s=np.eye(7))
+    args = argparse.Namespace(fid_ref=stats, fid_inception_weights=weights)
+    torch.manual_seed(5)
+    monitor = train.fid_monitor(args, torch.device("cpu"))
+    after = torch.rand(3)
+    torch.manual_seed(5)
+    assert torch.equal(after, torch.rand(3))  # the same draws as without the monitor
+    assert isinstance(monitor, evaluate.FIDMonitor)
+
+
+def test_fid_guidance_without_label_dropout_is_refused(image_folder, tiny_vae, tmp_path):
+    """--fid-cfg-scale > 1 needs the null class, which only a model with label dropout has."""
+    import train
+
+    no_dropout = json.dumps({"depth": 1, "hidden_size": 32, "num_heads": 2, "class_dropout_prob": 0})
+    argv = ["--data-path", image_folder, "--vae", tiny_vae, *TINY, "--model-config", no_dropout,
+            "--results-dir", str(tmp_path), "--fid-every", "10",
+            "--fid-ref", os.path.join(tiny_vae, "config.json"),  # any file: only its existence is checked here
+            "--fid-cfg-scale", "4"]
+    args, _ = train.parse_args(argv)
+    with pytest.raises(SystemExit) as error:
+        train.validate_args(args, 1)
+    assert str(error.value.code) == ("train.py: error: --fid-cfg-scale 4.0 needs a model with label dropout (its "
+                                     "null class), but class_dropout_prob is 0: use --fid-cfg-scale 1")
+    args, _ = train.parse_args(argv[:-2])  # no guidance: accepted
+    train.validate_args(args, 1)

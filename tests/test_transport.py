@@ -73,6 +73,22 @@ def test_unknown_sampler_names_raise_listing_valid_ones():
     assert_lists(error, "Median", LAST_STEPS)
 
 
+@pytest.mark.parametrize("value", ["-1", "-0.5", "nan"])
+def test_negative_diffusion_norm_is_refused_on_the_command_line(value, capsys):
+    """sqrt(2 w(t)) of a negative norm gave NaN images silently."""
+    import argparse
+
+    from train_utils import parse_sde_args
+
+    parser = argparse.ArgumentParser()
+    parse_sde_args(parser)
+    assert parser.parse_args(["--diffusion-norm", "0"]).diffusion_norm == 0.0
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["--diffusion-norm", value])
+    assert exit_info.value.code == 2
+    assert f"--diffusion-norm: must be >= 0, got {value}" in capsys.readouterr().err
+
+
 def test_known_names_and_none_string_are_accepted():
     assert create_transport("VP", "noise", "None").loss_type == transport_pkg.WeightType.NONE
     assert create_transport("GVP", "score", "likelihood").loss_type == transport_pkg.WeightType.LIKELIHOOD
