@@ -5,7 +5,7 @@ Accepted sources (`find_model`, `load_checkpoint`, `load_model`):
   the working directory, as the original), from the Hugging Face hub first
   (`nyu-visionx/SiT-collections`), the original Dropbox link as fallback;
 - `hf://<org>/<repo>/<file>`: a Hugging Face hub file, fetched into the hub's cache;
-- `http(s)://...` or `file://...`: downloaded into `pretrained_models/`;
+- `http(s)://...` or `file://...`: downloaded into `pretrained_models/<hash of the URL>-<file name>`;
 - a local path.
 
 Downloads stream to a temporary file beside the target, with a progress bar, and are renamed into
@@ -16,6 +16,7 @@ and plain containers, plus `argparse.Namespace` (train.py checkpoints hold their
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import re
 import shutil
@@ -161,14 +162,26 @@ def place_file(source: str, path: str) -> None:
         raise
 
 
+def url_file_name(url: str) -> str:
+    """The file name at the end of a URL's path ("checkpoint.pt" when it has none)."""
+    return os.path.basename(urllib.parse.unquote(urllib.parse.urlparse(url).path)) or "checkpoint.pt"
+
+
+def url_cache_name(url: str) -> str:
+    """The file name a URL is cached under: `<sha1(url)[:8]>-<file name>`, so that two runs'
+    `.../0400000.pt` never share a cached file."""
+    return f"{hashlib.sha1(url.encode()).hexdigest()[:8]}-{url_file_name(url)}"
+
+
 def fetch_url(url: str) -> str:
-    """Local path of a URL's file, downloaded into pretrained_models/.
+    """Local path of a URL's file, downloaded into pretrained_models/<url_cache_name(url)>.
 
     An http(s) file already there is reused (downloads are atomic, so it is complete); a
-    file:// URL is copied afresh, since the file behind it may have changed.
+    file:// URL is copied afresh, since the file behind it may have changed. (Published names
+    keep their own cache path, pretrained_models/<name>: see fetch_published.)
     """
-    name = os.path.basename(urllib.parse.unquote(urllib.parse.urlparse(url).path)) or "checkpoint.pt"
-    local_path = os.path.join(PRETRAINED_DIR, name)
+    name = url_file_name(url)
+    local_path = os.path.join(PRETRAINED_DIR, url_cache_name(url))
     if not url.startswith("file://") and os.path.isfile(local_path):
         return local_path
     try:
@@ -267,7 +280,7 @@ def load_model(ckpt: Optional[str], model_name: Optional[str] = None, image_size
     model_name / image_size / num_classes: what the user asked for, or None to take the
     checkpoint's; a contradiction raises CheckpointError naming both.
     Returns (model on the CPU, info) with info = {"model_name", "image_size", "num_classes",
-    "in_channels", "vae", "transport"}; "vae" and "transport" (path_type, prediction, loss_weight,
+    "in_channels", "pixel_space", "vae", "transport"}; "vae" and "transport" (path_type, prediction, loss_weight,
     train_eps, sample_eps, those the args hold) come from the checkpoint's args, None without.
     """
     source = published_model(model_name, image_size, num_classes) if ckpt is None else ckpt
@@ -328,6 +341,7 @@ def _checkpoint_info(config: dict, args: dict) -> dict:
         "image_size": config["input_size"] if pixel_space else config["input_size"] * 8,  # SD-VAE: 8x downsampling
         "num_classes": config["num_classes"],
         "in_channels": config["in_channels"],
+        "pixel_space": pixel_space,
         "vae": vae,
         "transport": transport,
     }
@@ -344,6 +358,9 @@ def _check_request(info: dict, config: dict, model_name: Optional[str], image_si
         depth, hidden_size, patch_size, _ = models.MODEL_SHAPES[model_name]
         if (depth, hidden_size, patch_size) != (config["depth"], config["hidden_size"], config["patch_size"]):
             raise CheckpointError(f"--model {model_name} but the checkpoint holds {held}")
+    if image_size is not None and image_size % 8 and not info["pixel_space"]:
+        raise CheckpointError(f"--image-size must be a multiple of 8 for latent models (the VAE downsamples by 8), "
+                              f"got {image_size}; the checkpoint is a latent model trained at {info['image_size']}")
     if image_size is not None and image_size != info["image_size"]:
         raise CheckpointError(f"--image-size {image_size} but the checkpoint was trained at {info['image_size']}")
     if num_classes is not None and num_classes != info["num_classes"]:

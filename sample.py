@@ -14,9 +14,11 @@ from time import time
 from typing import Optional, Sequence
 
 import torch
+from PIL import Image
 from torchvision.utils import save_image
 
 import sampling
+from models import has_null_class
 from train_utils import atomic_write, create_logger, positive_int, setup_distributed
 
 # Labels to condition the model with (the original's; change with --class-labels)
@@ -49,9 +51,26 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         add_script_arguments=add_sample_arguments,
         likelihood_hint="--likelihood is evaluated by sample_ddp.py (e.g. `sample_ddp.py ODE --likelihood "
                         "--data-path DIR`), which reports NLL and bits/dim and saves per-image values")
-    if not os.path.splitext(args.output)[1]:
-        parser.error(f"--output {args.output!r} needs an image extension such as .png or .jpg")
+    problem = output_problem(args.output)
+    if problem:
+        parser.error(f"--output {args.output!r}: {problem}")
     return args
+
+
+def output_problem(path: str) -> Optional[str]:
+    """Why the grid could not be saved at `path` (None if it can), checked before any sampling:
+    an extension PIL cannot write, or a folder that neither exists nor can be created writable."""
+    extension = os.path.splitext(path)[1].lower()
+    if Image.registered_extensions().get(extension) not in Image.SAVE:
+        return f"needs an image extension that PIL can write, such as .png or .jpg (got {extension or 'none'})"
+    existing = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(existing):  # the nearest folder that exists: the rest gets created in it
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{existing} is not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"cannot write in {existing}"
+    return None
 
 
 def labels_for(args: argparse.Namespace) -> list[int]:
@@ -94,7 +113,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     y = torch.tensor(labels, device=device)
 
     start_time = time()
-    latents = sampling.generate_latents(sample_fn, model, z, y, args)
+    # As the original sample.py: the doubled, guided batch even at --cfg-scale 1 (same numbers for a seed);
+    # a model without a null class (no label dropout; the original would fail) samples unguided.
+    latents = sampling.generate_latents(sample_fn, model, z, y, args, always_guide=has_null_class(model.config))
     images = sampling.decode_latents(vae, latents, args.precision)
     logger.info(f"Sampling took {time() - start_time:.2f} seconds, {sample_fn.nfe} model evaluations.")
 

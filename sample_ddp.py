@@ -40,8 +40,8 @@ from tqdm import tqdm
 
 import sampling
 from dequantize import DEQUANTIZATIONS, dequantize, image_bits_per_dim
-from train_utils import (CenterCrop, DistContext, atomic_write, barrier, cleanup_distributed, create_logger,
-                         image_transform, non_negative_int, positive_int, setup_distributed)
+from train_utils import (CenterCrop, DistContext, all_ranks_ok, atomic_write, barrier, cleanup_distributed,
+                         create_logger, image_transform, non_negative_int, positive_int, setup_distributed)
 
 PNG_NAME = re.compile(r"^\d{6,}\.png$")
 
@@ -141,11 +141,21 @@ def save_png(pixels: np.ndarray, path: str) -> None:
     atomic_write(path, functools.partial(Image.fromarray(pixels).save, format="PNG"), suffix=".png.tmp")
 
 
+def npz_temporary_suffix(folder: str) -> str:
+    """How the temporary name of <folder>.npz ends (atomic_write puts ".tmp-XXXXXXXX" before it): a
+    hash of the folder's name, so a killed build's leftover is known to be this folder's."""
+    return f"-{short_hash(os.path.basename(os.path.normpath(folder)))}.npz"
+
+
 def remove_stale_temporary_files(folder: str) -> int:
-    """Delete the temporary PNGs a killed run left behind; returns how many."""
-    stale = [name for name in os.listdir(folder) if name.startswith(".") and name.endswith(".tmp")]
-    for name in stale:
-        os.remove(os.path.join(folder, name))
+    """Delete what a killed run left behind: temporary PNGs in folder, and temporary <folder>.npz
+    files beside it (each may be gigabytes); returns how many."""
+    parent, npz_suffix = os.path.dirname(os.path.normpath(folder)), npz_temporary_suffix(folder)
+    stale = [os.path.join(folder, name) for name in os.listdir(folder) if name.startswith(".") and name.endswith(".tmp")]
+    stale += [os.path.join(parent, name) for name in os.listdir(parent or ".")
+              if name.startswith(".tmp-") and name.endswith(npz_suffix)]
+    for path in stale:
+        os.remove(path)
     return len(stale)
 
 
@@ -237,7 +247,8 @@ def create_npz_from_sample_folder(folder: str, num: int) -> str:
     """
     npz_path = f"{folder}.npz"
     first = np.asarray(Image.open(png_path(folder, 0)).convert("RGB"))
-    atomic_write(npz_path, functools.partial(write_npz_stream, folder, num, first.shape), suffix=".npz")
+    write = functools.partial(write_npz_stream, folder, num, first.shape)
+    atomic_write(npz_path, write, suffix=npz_temporary_suffix(folder))
     return npz_path
 
 
@@ -431,8 +442,35 @@ def write_likelihood_csv(rows: list, path: str, header: Sequence[str] = LATENT_L
 #                                     Main                                      #
 #################################################################################
 
+def agreed(ctx: DistContext, step: Optional[Callable[[], Any]], what: str) -> Any:
+    """step() on this rank (None: nothing here), then agreement: if it failed on any rank, every rank
+    exits with the first failing rank's one-line message, instead of the others waiting for it.
+
+    A failure is a SystemExit (the scripts' refusals) or an OSError (reported as "error: <what>: ...").
+    Every rank must call this at the same point (it is a collective).
+    """
+    result, message = None, None
+    try:
+        result = step() if step is not None else None
+    except SystemExit as error:
+        message = error.code if isinstance(error.code, str) else f"error: {what} (exit status {error.code})"
+    except OSError as error:
+        message = f"error: {what}: {error}"
+    if all_ranks_ok(message is None, ctx.device):
+        return result
+    raise SystemExit(gather_rows([message] if message else [], ctx)[0])
+
+
+def create_sample_folder(folder: str, logger: Any) -> None:
+    """Create folder, clearing a killed run's temporary files, and say so."""
+    os.makedirs(folder, exist_ok=True)
+    removed = remove_stale_temporary_files(folder)
+    logger.info(f"Saving to {folder}" + (f" (removed {removed} unfinished files)" if removed else ""))
+
+
 def prepare_folder(ctx: DistContext, args: argparse.Namespace, vae_name: Optional[str], logger: Any) -> str:
-    """Create <sample-dir>/<folder> on rank 0 (clearing a killed run's temporary files)."""
+    """Create <sample-dir>/<folder> on rank 0 (clearing a killed run's temporary files); if that
+    fails, every rank exits with its message."""
     name = folder_name(args, vae_name)
     if args.likelihood:
         name += "-likelihood-" + (f"data-{checkpoint_tag(args.data_path)}" if args.data_path else "generated")
@@ -441,24 +479,25 @@ def prepare_folder(ctx: DistContext, args: argparse.Namespace, vae_name: Optiona
         if args.exact_trace or args.num_probes != 1:
             name += "-exact-trace" if args.exact_trace else f"-probes-{args.num_probes}"
     folder = os.path.join(args.sample_dir, name)
-    if ctx.is_main:
-        os.makedirs(folder, exist_ok=True)
-        removed = remove_stale_temporary_files(folder)
-        logger.info(f"Saving to {folder}" + (f" (removed {removed} unfinished files)" if removed else ""))
-    barrier()
+    create = functools.partial(create_sample_folder, folder, logger) if ctx.is_main else None
+    agreed(ctx, create, f"cannot create the sample folder {folder}")
     return folder
 
 
 def load_everything(ctx: DistContext, args: argparse.Namespace) -> tuple[Any, Any, Optional[str]]:
-    """Model and VAE; rank 0 first, so a download happens once."""
-    if not ctx.is_main:
-        barrier()
+    """Model, VAE and VAE name: rank 0 first, so a download happens once, then the others; a
+    failure on any rank ends every rank with its message."""
+    load = functools.partial(load_model_and_vae, ctx, args)
+    on_main = agreed(ctx, load if ctx.is_main else None, "cannot load the model")
+    on_others = agreed(ctx, None if ctx.is_main else load, "cannot load the model")
+    return on_main if ctx.is_main else on_others
+
+
+def load_model_and_vae(ctx: DistContext, args: argparse.Namespace) -> tuple[Any, Any, Optional[str]]:
+    """This rank's model and VAE (None in pixel space), and the VAE's name."""
     model, info = sampling.load_model_from_args(args, ctx.device)
     vae_name = sampling.vae_name_from_args(args, info, default="ema")
-    vae = sampling.load_decoder(vae_name, ctx.device)
-    if ctx.is_main:
-        barrier()
-    return model, vae, vae_name
+    return model, sampling.load_decoder(vae_name, ctx.device), vae_name
 
 
 def run(ctx: DistContext, args: argparse.Namespace) -> None:
@@ -471,9 +510,8 @@ def run(ctx: DistContext, args: argparse.Namespace) -> None:
         return
     sample_images(ctx, args, model, vae, folder, logger)
     barrier()  # every PNG is written before rank 0 reads them
-    if ctx.is_main:
-        finish_npz(folder, args.num_fid_samples, logger)
-    barrier()
+    build = functools.partial(finish_npz, folder, args.num_fid_samples, logger) if ctx.is_main else None
+    agreed(ctx, build, f"cannot write {folder}.npz")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

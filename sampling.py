@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 import download
-from models import SiT, SiT_models
+from models import SiT, SiT_models, has_null_class
 from train_utils import (SAMPLING_MODES, load_vae, parse_ode_args, parse_sde_args, parse_transport_args,
                          positive_int, sample_fn_from_args, transport_from_args, LATENT_SCALE)
 from train_utils import add_speed_arguments, autocast, compile_for_sampling, compile_model, configure_precision
@@ -137,9 +137,12 @@ def resolve_precision(parser: argparse.ArgumentParser, args: argparse.Namespace)
 def check_common_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Checks that involve several flags."""
     resolve_precision(parser, args)
-    if args.image_size is not None and args.image_size % 8 and args.vae != PIXEL_SPACE:
+    # Known latent here: a VAE named by --vae, or no --vae and no --ckpt (the published models). With
+    # --ckpt alone the checkpoint tells (download.load_model refuses the size for a latent checkpoint).
+    known_latent = args.vae != PIXEL_SPACE and (args.vae is not None or args.ckpt is None)
+    if args.image_size is not None and args.image_size % 8 and known_latent:
         parser.error(f"--image-size must be a multiple of 8 for latent models (the VAE downsamples by 8), got "
-                     f"{args.image_size}; a pixel-space checkpoint takes any size with --vae none")
+                     f"{args.image_size}; a pixel-space checkpoint takes any size")
     low, high = args.cfg_interval
     if low > high:
         parser.error(f"--cfg-interval LO HI needs LO <= HI, got {low} {high}")
@@ -172,7 +175,7 @@ def load_model_from_args(args: argparse.Namespace, device: torch.device) -> tupl
     args.image_size = info["image_size"]
     args.num_classes = info["num_classes"]
     resolve_transport_args(args, info.get("transport"))
-    if args.cfg_scale > 1.0 and model.y_embedder.dropout_prob == 0:
+    if args.cfg_scale > 1.0 and not has_null_class(model.config):
         raise SystemExit("error: this model was trained without label dropout, so it has no null class for "
                          "guidance: pass --cfg-scale 1")
     return speed_up_model(model.to(device).eval(), args), info
@@ -275,13 +278,16 @@ def speed_up_model(model: SiT, args: argparse.Namespace) -> SiT:
 #################################################################################
 
 def guided_sample(sample_fn: Callable, model: SiT, z: torch.Tensor, y: torch.Tensor, cfg_scale: float,
-                  guide_all_channels: bool = False, cfg_interval: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
+                  guide_all_channels: bool = False, cfg_interval: tuple[float, float] = (0.0, 1.0),
+                  always_guide: bool = False) -> torch.Tensor:
     """Run the sampler from noise z: (N, C, L, L) with labels y: (N,); returns the samples (N, C, L, L).
 
-    With cfg_scale > 1, as the original: z is doubled, the second half gets the null label
-    (num_classes), and model.forward_with_cfg combines the two halves.
+    With cfg_scale > 1 (the original sample_ddp.py's rule), or always with `always_guide` (the
+    original sample.py's, even at cfg_scale 1): z is doubled, the second half gets the null label
+    (num_classes), and model.forward_with_cfg combines the two halves. The doubled batch draws other
+    SDE noise than the plain one, hence the two rules.
     """
-    if cfg_scale > 1.0:
+    if cfg_scale > 1.0 or always_guide:
         null_labels = torch.full_like(y, model.num_classes)
         z_in = torch.cat([z, z], dim=0)            # (2N, C, L, L)
         y_in = torch.cat([y, null_labels], dim=0)  # (2N,)
@@ -293,10 +299,11 @@ def guided_sample(sample_fn: Callable, model: SiT, z: torch.Tensor, y: torch.Ten
 
 
 def generate_latents(sample_fn: Callable, model: SiT, z: torch.Tensor, y: torch.Tensor,
-                     args: argparse.Namespace) -> torch.Tensor:
+                     args: argparse.Namespace, always_guide: bool = False) -> torch.Tensor:
     """guided_sample with the command line's guidance settings, under its --precision autocast."""
     with autocast(args.precision, z.device):  # only the model's matmuls; the state stays fp32
-        return guided_sample(sample_fn, model, z, y, args.cfg_scale, args.guide_all_channels, tuple(args.cfg_interval))
+        return guided_sample(sample_fn, model, z, y, args.cfg_scale, args.guide_all_channels, tuple(args.cfg_interval),
+                             always_guide)
 
 
 def decode_latents(vae: Any, latents: torch.Tensor, precision: str = "fp32") -> torch.Tensor:

@@ -257,8 +257,9 @@ def test_http_download_into_pretrained_models(server, tmp_path):
     server.files["/ckpts/my-sit.pt"] = saved_bytes(train_checkpoint(random_sit(), ema), tmp_path)
     loaded = find_model(server.url("/ckpts/my-sit.pt"))
     assert_same_weights(loaded, ema.state_dict())
-    assert leftovers("pretrained_models") == ["my-sit.pt"]
-    assert (tmp_path / "pretrained_models" / "my-sit.pt").read_bytes() == server.files["/ckpts/my-sit.pt"]
+    cached = download.url_cache_name(server.url("/ckpts/my-sit.pt"))
+    assert leftovers("pretrained_models") == [cached] and cached.endswith("-my-sit.pt") and len(cached) == 8 + 10
+    assert (tmp_path / "pretrained_models" / cached).read_bytes() == server.files["/ckpts/my-sit.pt"]
     # a second call reuses the complete file: no new request
     find_model(server.url("/ckpts/my-sit.pt"))
     assert server.hits == ["/ckpts/my-sit.pt"]
@@ -270,7 +271,20 @@ def test_file_url_download(tmp_path):
     source.parent.mkdir()
     torch.save(state_dict, source)
     assert_same_weights(find_model(source.as_uri()), state_dict)
-    assert leftovers("pretrained_models") == ["weights file.pt"]
+    assert leftovers("pretrained_models") == [download.url_cache_name(source.as_uri())]
+    assert leftovers("pretrained_models")[0].endswith("-weights file.pt")
+
+
+def test_two_runs_checkpoints_of_the_same_name_are_cached_apart(server, tmp_path):
+    """runA/0400000.pt then runB/0400000.pt: each URL gets its own weights, not the first one's cache."""
+    run_a, run_b = random_sit(seed=1).state_dict(), random_sit(seed=2).state_dict()
+    server.files["/runA/0400000.pt"] = saved_bytes(run_a, tmp_path)
+    server.files["/runB/0400000.pt"] = saved_bytes(run_b, tmp_path)
+    assert_same_weights(find_model(server.url("/runA/0400000.pt")), run_a)
+    assert_same_weights(find_model(server.url("/runB/0400000.pt")), run_b)
+    assert_same_weights(find_model(server.url("/runA/0400000.pt")), run_a)  # from its cache
+    assert server.hits == ["/runA/0400000.pt", "/runB/0400000.pt"]
+    assert len(leftovers("pretrained_models")) == 2
 
 
 def test_interrupted_download_leaves_no_file(server, tmp_path):
@@ -421,7 +435,7 @@ def test_load_model_from_train_checkpoint(tmp_path):
     assert not loaded.training
     assert loaded.config == dict(ema.config, num_heads=1)  # read from shapes: head size 64 assumed
     assert_same_weights(loaded.state_dict(), ema.state_dict())
-    assert info == {"model_name": None, "image_size": 64, "num_classes": 10, "in_channels": 4, "vae": "ema",
+    assert info == {"model_name": None, "image_size": 64, "num_classes": 10, "in_channels": 4, "pixel_space": False, "vae": "ema",
                     "transport": {"path_type": "GVP", "prediction": "noise", "loss_weight": "velocity",
                                   "train_eps": 1e-5, "sample_eps": 1e-3}}
     # the flags that agree with the checkpoint are accepted
@@ -433,7 +447,7 @@ def test_load_model_from_bare_state_dict(tmp_path):
     torch.save(original.state_dict(), tmp_path / "bare.pt")
     loaded, info = load_model(str(tmp_path / "bare.pt"))
     assert loaded.learn_sigma is False
-    assert info == {"model_name": None, "image_size": 64, "num_classes": 5, "in_channels": 4, "vae": None,
+    assert info == {"model_name": None, "image_size": 64, "num_classes": 5, "in_channels": 4, "pixel_space": False, "vae": None,
                     "transport": None}
     # the weights are the same; the head count (not in the shapes) is guessed, see the next test
     assert_same_weights(loaded.state_dict(), original.state_dict())

@@ -19,10 +19,12 @@ import pytest
 import torch
 from PIL import Image
 
+import sample
 import sample_ddp
 import sampling
 import train
 from conftest import REPO, make_image_folder
+from test_sample import write_checkpoint
 from dequantize import dequantize, image_bits_per_dim
 
 MEAN, STD = 0.1, 0.3           # the data distribution, per pixel, on the [-1, 1] scale
@@ -257,9 +259,19 @@ def test_pixel_space_train_sample_and_likelihood_scripts(tmp_path):
     assert step5["args"].lr == 1e-3 and all(group["lr"] == 1e-3 for group in step5["opt"]["param_groups"])
 
 
-def test_explicit_image_size_needs_a_multiple_of_8_only_for_latent_models(capsys):
+def test_explicit_image_size_needs_a_multiple_of_8_only_for_latent_models(capsys, tmp_path):
     assert sample_ddp.parse_args(["ODE", "--vae", "none", "--image-size", "12"]).image_size == 12
-    with pytest.raises(SystemExit) as exit_info:
-        sample_ddp.parse_args(["ODE", "--image-size", "12"])
-    assert exit_info.value.code == 2
-    assert "multiple of 8 for latent models" in capsys.readouterr().err
+    for argv in (["ODE", "--image-size", "12"], ["ODE", "--image-size", "12", "--ckpt", "x.pt", "--vae", "ema"]):
+        with pytest.raises(SystemExit) as exit_info:
+            sample_ddp.parse_args(argv)  # the published models, or a VAE named: latent, known at parse time
+        assert exit_info.value.code == 2
+        assert "multiple of 8 for latent models" in capsys.readouterr().err
+    # with --ckpt alone, the checkpoint tells: a pixel-space one samples at 12 px without --vae none
+    pixel = write_checkpoint(tmp_path / "pixel.pt", "none", in_channels=3, input_size=12, num_classes=2)
+    fast = ["--num-sampling-steps", "2", "--sampling-method", "euler", "--class-labels", "0,1"]
+    sample.main(["ODE", "--ckpt", pixel, "--image-size", "12", *fast, "--output", str(tmp_path / "grid.png")])
+    assert Image.open(tmp_path / "grid.png").size == (2 * 12 + 3 * 2, 12 + 2 * 2)
+    latent = write_checkpoint(tmp_path / "latent.pt", "ema", num_classes=2)  # 4 channels, 32 px
+    with pytest.raises(SystemExit, match=r"^error: --image-size must be a multiple of 8 for latent models .* "
+                                         r"trained at 32$"):
+        sample.main(["ODE", "--ckpt", latent, "--image-size", "12", *fast, "--output", str(tmp_path / "x.png")])

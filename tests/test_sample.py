@@ -179,11 +179,27 @@ def test_bad_command_lines_exit_with_a_usage_message(argv, message, capsys):
     (["ODE", "--class-labels", "1,x"], "comma-separated"),
     (["ODE", "--likelihood"], "sample_ddp.py"),
     (["ODE", "--num-images", "0"], "positive integer"),
+    (["ODE", "--output", "grid.jepg"], "needs an image extension that PIL can write, such as .png or .jpg (got .jepg)"),
+    (["ODE", "--output", "grid"], "(got none)"),
+    (["ODE", "--output", "grid.psd"], "(got .psd)"),  # PIL reads .psd but cannot write it
 ])
 def test_sample_py_bad_command_lines(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         sample.parse_args(argv)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_sample_py_output_folder_is_checked_before_sampling(tmp_path, capsys, monkeypatch):
+    (tmp_path / "file.txt").write_text("")
+    assert sample.parse_args(["ODE", "--output", str(tmp_path / "new" / "deeper" / "grid.JPG")]).output.endswith("JPG")
+    assert not (tmp_path / "new").exists()  # checked, not created
+    with pytest.raises(SystemExit) as exit_info:
+        sample.parse_args(["ODE", "--output", str(tmp_path / "file.txt" / "sub" / "grid.png")])
+    assert exit_info.value.code == 2 and f"{tmp_path / 'file.txt'} is not a folder" in capsys.readouterr().err
+    monkeypatch.setattr(os, "access", lambda path, mode: path != str(tmp_path))  # as a read-only folder for a non-root user
+    with pytest.raises(SystemExit) as exit_info:
+        sample.parse_args(["ODE", "--output", str(tmp_path / "sub" / "grid.png")])
+    assert exit_info.value.code == 2 and f"cannot write in {tmp_path}" in capsys.readouterr().err
 
 
 #################################################################################
@@ -203,6 +219,33 @@ def test_sample_py_ode_and_sde_grids(ckpt, tmp_path):
     assert not np.array_equal(ode, np.asarray(Image.open(tmp_path / "seed1.png")))
     assert np.asarray(Image.open(tmp_path / "sub" / "sde.png")).shape == (70, 138, 3)
     assert not [name for name in os.listdir(tmp_path) if name.startswith(".")]  # no temporary files left
+
+
+def test_sample_py_doubles_the_batch_even_at_cfg_1_as_the_original(ckpt, tmp_path, monkeypatch):
+    """The original sample.py always samples [z, z] with [y, null] through forward_with_cfg: at
+    --cfg-scale 1 the SDE then draws 2N noises per step, so the plain N-image path gives other images."""
+    calls = []
+
+    def recording(sample_fn, model, z, y, args, **kwargs):
+        calls.append(dict(sample_fn=sample_fn, model=model, z=z.clone(), y=y.clone(), rng=torch.get_rng_state()))
+        calls[-1]["latents"] = generate_latents(sample_fn, model, z, y, args, **kwargs)
+        return calls[-1]["latents"]
+
+    generate_latents = sampling.generate_latents
+    monkeypatch.setattr(sampling, "generate_latents", recording)
+    sample.main(["SDE", "--ckpt", ckpt, "--num-sampling-steps", "4", "--cfg-scale", "1", "--class-labels", "1,2,3",
+                 "--output", str(tmp_path / "grid.png")])
+    (call,) = calls
+    model, z, y = call["model"], call["z"], call["y"]
+    torch.set_rng_state(call["rng"])  # the same seeded state: the doubled computation by hand
+    doubled = call["sample_fn"](torch.cat([z, z]), model.forward_with_cfg, y=torch.cat([y, torch.full_like(y, 10)]),
+                                cfg_scale=1.0)[-1]
+    assert torch.equal(call["latents"], doubled.chunk(2)[0])
+    torch.set_rng_state(call["rng"])
+    plain = call["sample_fn"](z, model.forward, y=y)[-1]
+    assert not torch.allclose(call["latents"], plain, atol=1e-3)
+    torch.set_rng_state(call["rng"])  # sample_ddp.py keeps the original sample_ddp.py's rule: plain at cfg 1
+    assert torch.equal(sampling.guided_sample(call["sample_fn"], model, z, y, 1.0), plain)
 
 
 def test_sample_py_default_labels_need_1000_classes(ckpt, tmp_path):
@@ -267,6 +310,61 @@ def test_one_and_two_gloo_processes_give_the_same_images(ckpt, tmp_path):
     packed = np.load(f"{two}.npz")["arr_0"]
     assert packed.dtype == np.uint8 and packed.shape == (7, 32, 32, 3)
     assert np.array_equal(packed, images_one)
+
+
+@pytest.mark.slow
+def test_a_setup_failure_on_rank_0_ends_both_gloo_processes_with_its_message(ckpt, tmp_path):
+    """--sample-dir inside a file: rank 0's makedirs fails (OSError); rank 1 does not wait for it."""
+    (tmp_path / "file.txt").write_text("")
+    flags = ["ODE", *FAST_ODE, "--ckpt", ckpt, "--num-fid-samples", "2", "--sample-dir", str(tmp_path / "file.txt")]
+    start = time.time()
+    result = run_script(["sample_ddp.py", *flags], cwd=tmp_path, torchrun_procs=2)
+    assert result.returncode != 0 and time.time() - start < 60
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: cannot create the sample folder")]
+    assert len(lines) == 2 and lines[0] == lines[1] and "Not a directory" in lines[0], result.stderr[-3000:]
+    assert 'sample_ddp.py", line' not in result.stderr  # no Python traceback from the script
+
+
+def test_agreed_turns_a_failure_into_one_line_on_every_rank(monkeypatch):
+    from train_utils import DistContext
+
+    ctx = DistContext(0, 1, 0, torch.device("cpu"))
+    assert sample_ddp.agreed(ctx, lambda: 3, "x") == 3 and sample_ddp.agreed(ctx, None, "x") is None
+    with pytest.raises(SystemExit, match=r"^error: cannot write here: \[Errno 13\] denied$"):
+        sample_ddp.agreed(ctx, lambda: (_ for _ in ()).throw(PermissionError(13, "denied")), "cannot write here")
+    with pytest.raises(SystemExit, match=r"^error: --model SiT-B/2 needs --ckpt$"):
+        sample_ddp.agreed(ctx, lambda: sys.exit("error: --model SiT-B/2 needs --ckpt"), "cannot load")
+    # another rank failed: this one stops too, with that rank's message (the gathered list, in rank order)
+    monkeypatch.setattr(sample_ddp, "all_ranks_ok", lambda ok, device: False)
+    monkeypatch.setattr(sample_ddp, "gather_rows", lambda rows, ctx: rows + ["error: rank 1's refusal"])
+    with pytest.raises(SystemExit, match=r"^error: rank 1's refusal$"):
+        sample_ddp.agreed(ctx, lambda: 3, "x")
+
+
+def test_a_killed_npz_build_leaves_a_temporary_file_that_the_next_run_removes(tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "samples" / "SiT-S-2-run-cfg-1.0"
+    folder.mkdir(parents=True)
+    for index in range(2):
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(sample_ddp.png_path(str(folder), index))
+    temporary = []
+
+    def killed(folder, num, image_shape, path):
+        temporary.append(path)
+        raise KeyboardInterrupt  # atomic_write cleans up after this; a SIGKILL would not
+
+    monkeypatch.setattr(sample_ddp, "write_npz_stream", killed)
+    with pytest.raises(KeyboardInterrupt):
+        sample_ddp.create_npz_from_sample_folder(str(folder), 2)
+    (path,) = temporary
+    assert os.path.dirname(path) == str(tmp_path / "samples")
+    assert os.path.basename(path).startswith(".tmp-") and path.endswith(sample_ddp.npz_temporary_suffix(str(folder)))
+    open(path, "wb").close()  # what the SIGKILL leaves, and an earlier retry's
+    open(tmp_path / "samples" / f".tmp-earlier1{sample_ddp.npz_temporary_suffix(str(folder))}", "wb").close()
+    others = tmp_path / "samples" / f".tmp-abcdefgh{sample_ddp.npz_temporary_suffix('another-folder')}"
+    open(others, "wb").close()  # another folder's build, perhaps running now: kept
+    sample_ddp.create_sample_folder(str(folder), sample_ddp.create_logger(None))
+    assert "(removed 2 unfinished files)" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path / "samples")) == [others.name, folder.name]
 
 
 def test_sde_images_do_not_depend_on_the_number_of_processes(ckpt, tmp_path):
