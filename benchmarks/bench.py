@@ -34,6 +34,7 @@ from train_utils import (LATENT_SCALE, PRECISIONS, autocast, compile_for_samplin
                          make_optimizer, update_ema)
 from transport import Sampler, create_transport  # noqa: E402
 
+MATMUL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Dense bf16 tensor-core peaks (TFLOP/s) of GPUs we know, by a substring of their name.
 GPU_BF16_PEAK = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "4090": 165.0}
 
@@ -96,9 +97,9 @@ def time_steps(step: Callable[[], None], device: torch.device, steps: int, warmu
     return (time.perf_counter() - start) / steps
 
 
-def matmul_tflops(device: torch.device, size: int = 2048, repeats: int = 10) -> float:
-    """TFLOP/s of a plain fp32 (size x size) matmul on the device: what the model's matmuls can reach."""
-    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+def matmul_tflops(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
+    """TFLOP/s of a plain (size x size) matmul in dtype on the device: what the model's matmuls can reach."""
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
     seconds = time_steps(functools.partial(torch.mm, a, b), device, repeats, 2)
     return 2 * size ** 3 / seconds / 1e12
 
@@ -279,7 +280,9 @@ def main() -> None:
     print(f"device: {name}; torch {torch.__version__}; {args.model} at {args.image_size}px, batch {args.batch_size}; "
           f"optimised: {args.precision}{' + compile' if args.compile else ''}", flush=True)
     configure_precision("fp32")
-    print(f"fp32 matmul (2048 x 2048) on this device: {matmul_tflops(device):.3f} TFLOP/s", flush=True)
+    speeds = {name: matmul_tflops(device, dtype) for name, dtype in MATMUL_DTYPES.items()}
+    print("matmul (2048 x 2048) on this device: " + ", ".join(f"{name} {value:.3f}" for name, value in speeds.items())
+          + " TFLOP/s", flush=True)
     torch.manual_seed(0)
     vae = sd_vae(device)
     bench = TrainBench(args, device, vae)
