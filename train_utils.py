@@ -407,7 +407,7 @@ def compile_for_sampling(model: torch.nn.Module) -> torch.nn.Module:
     """torch.compile the whole forward for inference and return the model.
 
     The weights are frozen into the graph (Inductor's freezing: constant folding and, on CPU,
-    prepacked oneDNN matmuls) and, on CPU, kernels are autotuned: about 1.2x per sampler step on a
+    prepacked oneDNN matmuls) and, on CPU, kernels are autotuned: about 1.3x per sampler step on a
     2-core CPU (benchmarks/bench.py), at ~1 min of compilation. Only for weights that no longer
     change (the sampling scripts); training uses compile_model.
     """
