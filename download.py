@@ -1,6 +1,6 @@
 """Where SiT checkpoints come from, how they are fetched, and how they are loaded safely.
 
-Accepted sources (`find_model`, `load_checkpoint`, `load_model`):
+Accepted sources (`find_model`, `load_checkpoint`, and `sit.checkpoint.load_model`, which builds the model):
 - the published name `SiT-XL-2-256x256.pt`: fetched once into `pretrained_models/` (relative to
   the working directory, as the original), from the Hugging Face hub first
   (`nyu-visionx/SiT-collections`), the original Dropbox link as fallback;
@@ -16,11 +16,11 @@ and plain containers, plus `argparse.Namespace` (train.py checkpoints hold their
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import os
 import re
 import shutil
-import tempfile
 import urllib.parse
 import urllib.request
 from typing import Any, Optional
@@ -28,7 +28,8 @@ from typing import Any, Optional
 import torch
 from tqdm import tqdm
 
-import models
+from sit.errors import UsageError
+from sit.files import atomic_write
 
 PRETRAINED_DIR = "pretrained_models"
 DEFAULT_MODEL = "SiT-XL-2-256x256.pt"
@@ -53,7 +54,7 @@ DOWNLOAD_TIMEOUT_S = 60
 SAFE_GLOBALS = [argparse.Namespace]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UsageError):
     """A checkpoint that cannot be found, fetched, loaded or matched to the requested model."""
 
 
@@ -68,35 +69,32 @@ def download_url(url: str, path: str, progress: bool = True) -> str:
     is complete (and as long as the server announced). Raises CheckpointError on any failure,
     leaving nothing at `path`.
     """
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=".download-", suffix=".part")
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
-            length = response.headers.get("Content-Length")
-            total = int(length) if length else None
-            received = 0
-            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                      desc=os.path.basename(path), disable=not progress) as bar:
-                while True:
-                    chunk = response.read(CHUNK_BYTES)
-                    if not chunk:
-                        break
-                    out.write(chunk)
-                    received += len(chunk)
-                    bar.update(len(chunk))
-        if total is not None and received != total:
-            raise CheckpointError(f"download of {url} was interrupted: got {received} of {total} bytes")
-        os.replace(tmp_path, path)
+        atomic_write(path, functools.partial(_stream_url, url, progress=progress), suffix=".part")
     except CheckpointError:
-        _remove_quietly(tmp_path)
         raise
-    except BaseException as error:  # network errors, interrupted reads, Ctrl-C: leave no partial file
-        _remove_quietly(tmp_path)
-        if isinstance(error, Exception):
-            raise CheckpointError(f"could not download {url} ({_describe(error)})") from error
-        raise
+    except Exception as error:  # network errors, interrupted reads: one message for the user
+        raise CheckpointError(f"could not download {url} ({_describe(error)})") from error
     return path
+
+
+def _stream_url(url: str, path: str, progress: bool = True) -> None:
+    """Write the bytes at `url` to `path`; CheckpointError when fewer arrive than the server announced."""
+    with open(path, "wb") as out, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
+        length = response.headers.get("Content-Length")
+        total = int(length) if length else None
+        received = 0
+        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                  desc=os.path.basename(path), disable=not progress) as bar:
+            while True:
+                chunk = response.read(CHUNK_BYTES)
+                if not chunk:
+                    break
+                out.write(chunk)
+                received += len(chunk)
+                bar.update(len(chunk))
+    if total is not None and received != total:
+        raise CheckpointError(f"download of {url} was interrupted: got {received} of {total} bytes")
 
 
 def download_hub_file(spec: str) -> str:
@@ -152,14 +150,7 @@ def place_file(source: str, path: str) -> None:
         return
     except OSError:
         pass  # other filesystem, or links unsupported: copy instead
-    fd, tmp_path = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".copy-", suffix=".part")
-    os.close(fd)
-    try:
-        shutil.copyfile(source, tmp_path)
-        os.replace(tmp_path, path)
-    except BaseException:
-        _remove_quietly(tmp_path)
-        raise
+    atomic_write(path, functools.partial(shutil.copyfile, source), suffix=".part")
 
 
 def url_file_name(url: str) -> str:
@@ -267,39 +258,6 @@ def state_dict_of(checkpoint: dict) -> dict:
     return checkpoint
 
 
-#################################################################################
-#                           Building a model for a checkpoint                   #
-#################################################################################
-
-def load_model(ckpt: Optional[str], model_name: Optional[str] = None, image_size: Optional[int] = None,
-               num_classes: Optional[int] = None) -> tuple[models.SiT, dict]:
-    """The SiT a checkpoint holds, in eval mode with its (EMA) weights, and what it knows about itself.
-
-    ckpt: published name, hub file, URL or path; None means the published SiT-XL/2 at image_size
-    (256 by default, or 512).
-    model_name / image_size / num_classes: what the user asked for, or None to take the
-    checkpoint's; a contradiction raises CheckpointError naming both.
-    Returns (model on the CPU, info) with info = {"model_name", "image_size", "num_classes",
-    "in_channels", "pixel_space", "vae", "transport"}; "vae" and "transport" (path_type, prediction, loss_weight,
-    train_eps, sample_eps, those the args hold) come from the checkpoint's args, None without.
-    """
-    source = published_model(model_name, image_size, num_classes) if ckpt is None else ckpt
-    checkpoint = load_checkpoint(source)
-    state_dict = state_dict_of(checkpoint)
-    args = _args_dict(checkpoint.get("args"))
-    config = _model_config(checkpoint, state_dict, source)
-    info = _checkpoint_info(config, args)
-    _check_request(info, config, model_name, image_size, num_classes)
-    model = models.SiT(**config)
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as error:
-        lines = str(error).strip().splitlines()
-        detail = " ".join(line.strip() for line in lines[1:3])[:300]  # skip "Error(s) in loading state_dict"
-        raise CheckpointError(f"the weights in {source} do not fit the model they describe: {detail}") from None
-    return model.eval(), info
-
-
 def published_model(model_name: Optional[str], image_size: Optional[int], num_classes: Optional[int]) -> str:
     """The published checkpoint for a request without --ckpt, refused before any download when none fits."""
     if model_name not in (None, "SiT-XL/2"):
@@ -312,63 +270,8 @@ def published_model(model_name: Optional[str], image_size: Optional[int], num_cl
     return PUBLISHED_SIZES[image_size or 256]
 
 
-def _model_config(checkpoint: dict, state_dict: dict, source: str) -> dict:
-    """SiT constructor kwargs: the stored "model_config", else read from the parameter shapes."""
-    if isinstance(checkpoint.get("model_config"), dict):
-        return dict(checkpoint["model_config"])
-    try:
-        return models.model_config_from_state_dict(state_dict)
-    except (ValueError, KeyError, AttributeError) as error:
-        raise CheckpointError(f"{source} does not hold SiT weights ({error})") from None
-
-
-def _args_dict(args: Any) -> dict:
-    """The checkpoint's training args as a dict (Namespace or dict; empty when absent)."""
-    if isinstance(args, argparse.Namespace):
-        return vars(args)
-    return dict(args) if isinstance(args, dict) else {}
-
-
-def _checkpoint_info(config: dict, args: dict) -> dict:
-    """What the checkpoint says about itself: name, image size, classes, channels, VAE, transport."""
-    vae = args.get("vae")
-    pixel_space = vae == "none" or config["in_channels"] == 3
-    transport_keys = ("path_type", "prediction", "loss_weight", "train_eps", "sample_eps")
-    # only the settings the args hold: a missing key means "unknown", not None
-    transport = {key: args[key] for key in transport_keys if key in args} or None
-    return {
-        "model_name": models.model_name_for_config(config),
-        "image_size": config["input_size"] if pixel_space else config["input_size"] * 8,  # SD-VAE: 8x downsampling
-        "num_classes": config["num_classes"],
-        "in_channels": config["in_channels"],
-        "pixel_space": pixel_space,
-        "vae": vae,
-        "transport": transport,
-    }
-
-
-def _check_request(info: dict, config: dict, model_name: Optional[str], image_size: Optional[int],
-                   num_classes: Optional[int]) -> None:
-    """Raise CheckpointError when the user's flags contradict the checkpoint."""
-    held = (f"{info['model_name'] or 'a custom SiT'} (depth {config['depth']}, width {config['hidden_size']}, "
-            f"patch {config['patch_size']})")
-    if model_name is not None:
-        if model_name not in models.SiT_models:
-            raise CheckpointError(f"unknown --model {model_name!r}; choose one of {', '.join(models.SiT_models)}")
-        depth, hidden_size, patch_size, _ = models.MODEL_SHAPES[model_name]
-        if (depth, hidden_size, patch_size) != (config["depth"], config["hidden_size"], config["patch_size"]):
-            raise CheckpointError(f"--model {model_name} but the checkpoint holds {held}")
-    if image_size is not None and image_size % 8 and not info["pixel_space"]:
-        raise CheckpointError(f"--image-size must be a multiple of 8 for latent models (the VAE downsamples by 8), "
-                              f"got {image_size}; the checkpoint is a latent model trained at {info['image_size']}")
-    if image_size is not None and image_size != info["image_size"]:
-        raise CheckpointError(f"--image-size {image_size} but the checkpoint was trained at {info['image_size']}")
-    if num_classes is not None and num_classes != info["num_classes"]:
-        raise CheckpointError(f"--num-classes {num_classes} but the checkpoint has {info['num_classes']} classes")
-
-
 #################################################################################
-#                                    Helpers                                    #
+#                                Error messages                                 #
 #################################################################################
 
 def _refused_object(message: str) -> Optional[str]:
@@ -387,10 +290,3 @@ def _describe(error: BaseException) -> str:
     first = lines[0] if lines else ""
     first = re.split(r"(?<=\.) ", first, maxsplit=1)[0][:160]  # first sentence
     return f"{type(error).__name__}: {first}" if first else type(error).__name__
-
-
-def _remove_quietly(path: str) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass

@@ -12,7 +12,8 @@ import torch
 
 import download
 import models
-from download import CheckpointError, find_model, load_checkpoint, load_model
+from download import CheckpointError, find_model, load_checkpoint
+from sit.checkpoint import load_model
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10)
 
@@ -574,12 +575,12 @@ def test_no_ckpt_picks_the_published_model_of_the_image_size_or_refuses_before_d
     monkeypatch.setattr(download, "load_checkpoint", record)
     for image_size, name in ((None, "SiT-XL-2-256x256.pt"), (256, "SiT-XL-2-256x256.pt"), (512, "SiT-XL-2-512x512.pt")):
         with pytest.raises(download.CheckpointError, match="stop here"):
-            download.load_model(None, model_name="SiT-XL/2", image_size=image_size)
+            load_model(None, model_name="SiT-XL/2", image_size=image_size)
         assert requested.pop() == name
     for kwargs, message in ((dict(model_name="SiT-B/2"), "only SiT-XL/2 is published"),
                             (dict(image_size=384), "no published model at --image-size 384"),
                             (dict(num_classes=10), "1000 classes")):
         with pytest.raises(download.CheckpointError, match=message):
-            download.load_model(None, **kwargs)
+            load_model(None, **kwargs)
     assert requested == []  # refused before any download
     assert download.PUBLISHED_MODELS["SiT-XL-2-512x512.pt"][0].startswith("hf://nyu-visionx/SiT-collections/")

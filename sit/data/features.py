@@ -7,12 +7,11 @@ A feature folder holds, for N images of an ImageFolder (in its sorted order):
     labels.npy             (N,) int64 class indices
     done/<start>.ok        one marker per finished block of `block_size` images
 The arrays are memory-mapped, so a training step reads only the rows it needs. Training draws a
-fresh latent (mean + std * noise) * LATENT_SCALE each time and a flip per image and epoch, as the
+fresh latent (mean + std * noise) * LATENT_SCALE (sit.vae) each time and a flip per image and epoch, as the
 online VAE path does.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from typing import Optional
@@ -20,6 +19,10 @@ from typing import Optional
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from sit.data.order import flip_for
+from sit.errors import UsageError
+from sit.files import atomic_json
 
 META_FILE = "meta.json"
 
@@ -39,11 +42,7 @@ def read_meta(feature_path: str) -> Optional[dict]:
 
 def write_meta(feature_path: str, meta: dict) -> None:
     """Write meta.json atomically."""
-    path = os.path.join(feature_path, META_FILE)
-    tmp_path = path + ".tmp"
-    with open(tmp_path, "w") as handle:
-        json.dump(meta, handle, indent=2)
-    os.replace(tmp_path, path)
+    atomic_json(os.path.join(feature_path, META_FILE), meta)
 
 
 def open_arrays(feature_path: str, meta: dict, mode: str) -> tuple[np.memmap, np.memmap, np.memmap]:
@@ -60,21 +59,15 @@ def open_arrays(feature_path: str, meta: dict, mode: str) -> tuple[np.memmap, np
     return arrays[0], arrays[1], arrays[2]
 
 
-def flip_for(seed: int, epoch: int, index: int) -> bool:
-    """A reproducible coin flip per (seed, epoch, image): independent of workers and resumes."""
-    digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=1).digest()
-    return bool(digest[0] & 1)
-
-
 class LatentFeatureDataset(Dataset):
     """Items (mean, std, label) of one image or its flip; mean, std: (C, h, w) float32."""
 
     def __init__(self, feature_path: str, seed: int = 0, random_flip: bool = True):
         meta = read_meta(feature_path)
         if meta is None:
-            raise ValueError(f"{feature_path} holds no cached features (no {META_FILE}); run extract_features.py first")
+            raise UsageError(f"{feature_path} holds no cached features (no {META_FILE}); run extract_features.py first")
         if not meta.get("complete"):
-            raise ValueError(f"the features in {feature_path} are incomplete; run extract_features.py again to finish them")
+            raise UsageError(f"the features in {feature_path} are incomplete; run extract_features.py again to finish them")
         self.feature_path = feature_path
         self.meta = meta
         self.seed = seed

@@ -1,0 +1,171 @@
+"""What a checkpoint holds, in one place: train.py's resumable checkpoints (`TrainCheckpoint`), and
+building the right SiT for any checkpoint (`load_model`) with the flags resolved against it.
+
+A train checkpoint is a plain dict (nanoGPT style), loadable with `torch.load(weights_only=True)`:
+
+    model, ema, opt        state dicts (the raw model, its EMA, AdamW)
+    args                   the run's settings as a plain dict (older checkpoints: an argparse.Namespace)
+    model_config           SiT constructor arguments
+    train_steps, epoch, epoch_step   where training stands (batches done in the current epoch)
+    rng                    every rank's RNG states, in rank order
+    scaler                 the fp16 GradScaler's state ({} otherwise)
+    experiment_dir, wandb_id
+Published checkpoints and bare state dicts hold only weights; they load for sampling and fine-tuning.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import download
+import models
+from sit.config import Rule, Setting, resolve_settings
+from sit.errors import UsageError
+from sit.files import atomic_torch_save
+from sit.vae import PIXEL_CHANNELS, PIXEL_SPACE, image_size_for
+
+RESUMABLE_KEYS = ("model", "ema", "opt", "args", "model_config", "train_steps")
+TRANSPORT_KEYS = ("path_type", "prediction", "loss_weight", "train_eps", "sample_eps")
+
+
+def settings_of(checkpoint: dict) -> dict:
+    """The checkpoint's run settings ("args") as a plain dict: a dict, an older Namespace, or {} when absent."""
+    stored = checkpoint.get("args")
+    if isinstance(stored, argparse.Namespace):
+        return dict(vars(stored))
+    return dict(stored) if isinstance(stored, dict) else {}
+
+
+def is_resumable(checkpoint: dict) -> bool:
+    """Whether a checkpoint can be resumed (train.py's format), rather than only fine-tuned or sampled."""
+    return all(key in checkpoint for key in RESUMABLE_KEYS)
+
+
+@dataclass
+class TrainCheckpoint:
+    """Everything an exact resume needs (see the module docstring for the stored keys)."""
+    model: dict
+    ema: dict
+    opt: dict
+    settings: dict
+    model_config: dict
+    train_steps: int
+    epoch: int = 0
+    epoch_step: int = 0
+    rng: list = field(default_factory=list)
+    scaler: dict = field(default_factory=dict)
+    experiment_dir: Optional[str] = None
+    wandb_id: Optional[str] = None
+
+    @classmethod
+    def from_dict(cls, checkpoint: dict) -> "TrainCheckpoint":
+        """A loaded train checkpoint (older ones hold their settings as a Namespace)."""
+        return cls(model=checkpoint["model"], ema=checkpoint["ema"], opt=checkpoint["opt"],
+                   settings=settings_of(checkpoint), model_config=dict(checkpoint["model_config"]),
+                   train_steps=checkpoint["train_steps"], epoch=checkpoint.get("epoch", 0),
+                   epoch_step=checkpoint.get("epoch_step", 0), rng=checkpoint.get("rng") or [],
+                   scaler=checkpoint.get("scaler") or {}, experiment_dir=checkpoint.get("experiment_dir"),
+                   wandb_id=checkpoint.get("wandb_id"))
+
+    def to_dict(self) -> dict:
+        """The stored form: plain containers and tensors only."""
+        return {"model": self.model, "ema": self.ema, "opt": self.opt, "args": dict(self.settings),
+                "train_steps": self.train_steps, "epoch": self.epoch, "epoch_step": self.epoch_step,
+                "rng": self.rng, "model_config": dict(self.model_config), "experiment_dir": self.experiment_dir,
+                "scaler": self.scaler, "wandb_id": self.wandb_id}
+
+    def save(self, path: str) -> None:
+        """Write to path atomically (a temporary file, then a rename)."""
+        atomic_torch_save(self.to_dict(), path)
+
+
+#################################################################################
+#                      Building the model a checkpoint holds                    #
+#################################################################################
+
+def model_config_of(checkpoint: dict, source: str) -> dict:
+    """SiT constructor arguments: the stored "model_config", else read from the parameter shapes."""
+    if isinstance(checkpoint.get("model_config"), dict):
+        return dict(checkpoint["model_config"])
+    try:
+        return models.model_config_from_state_dict(download.state_dict_of(checkpoint))
+    except (ValueError, KeyError, AttributeError) as error:
+        raise download.CheckpointError(f"{source} does not hold SiT weights ({error})") from None
+
+
+def checkpoint_info(config: dict, settings: dict) -> dict:
+    """What a checkpoint says about itself: name, image size, classes, channels, VAE, transport."""
+    vae = settings.get("vae")
+    pixel_space = vae == PIXEL_SPACE or config["in_channels"] == 3
+    # only the settings the args hold: a missing key means "unknown", not None
+    transport = {key: settings[key] for key in TRANSPORT_KEYS if key in settings} or None
+    return {
+        "model_name": models.model_name_for_config(config),
+        "image_size": image_size_for(config["input_size"], PIXEL_CHANNELS if pixel_space else config["in_channels"]),
+        "num_classes": config["num_classes"],
+        "in_channels": config["in_channels"],
+        "pixel_space": pixel_space,
+        "vae": vae,
+        "transport": transport,
+    }
+
+
+def _same_shape(model_name: str, config: dict) -> bool:
+    """Whether --model names the depth, width and patch size of this config."""
+    depth, hidden_size, patch_size, _ = models.MODEL_SHAPES[model_name]
+    return (depth, hidden_size, patch_size) == (config["depth"], config["hidden_size"], config["patch_size"])
+
+
+def check_request(info: dict, config: dict, model_name: Optional[str], image_size: Optional[int],
+                  num_classes: Optional[int]) -> None:
+    """Raise CheckpointError when the user's --model/--image-size/--num-classes contradict the checkpoint."""
+    if model_name is not None and model_name not in models.SiT_models:
+        raise download.CheckpointError(f"unknown --model {model_name!r}; choose one of {', '.join(models.SiT_models)}")
+    if image_size is not None and image_size % 8 and not info["pixel_space"]:
+        raise download.CheckpointError(f"--image-size must be a multiple of 8 for latent models (the VAE downsamples "
+                                       f"by 8), got {image_size}; the checkpoint is a latent model trained at "
+                                       f"{info['image_size']}")
+    held = (f"{info['model_name'] or 'a custom SiT'} (depth {config['depth']}, width {config['hidden_size']}, "
+            f"patch {config['patch_size']})")
+    settings = {
+        "model": Setting(Rule.LOCKED, conflict="{flag} {given} but the checkpoint holds {held}",
+                         same=lambda given, _: _same_shape(given, config)),
+        "image_size": Setting(Rule.LOCKED, conflict="{flag} {given} but the checkpoint was trained at {held}"),
+        "num_classes": Setting(Rule.LOCKED, conflict="{flag} {given} but the checkpoint has {held} classes"),
+    }
+    given = {key: value for key, value in (("model", model_name), ("image_size", image_size),
+                                           ("num_classes", num_classes)) if value is not None}
+    stored = {"model": held, "image_size": info["image_size"], "num_classes": info["num_classes"]}
+    try:
+        resolve_settings(settings, given, stored)
+    except UsageError as error:
+        raise download.CheckpointError(str(error)) from None
+
+
+def load_model(ckpt: Optional[str | os.PathLike], model_name: Optional[str] = None, image_size: Optional[int] = None,
+               num_classes: Optional[int] = None) -> tuple[models.SiT, dict]:
+    """The SiT a checkpoint holds, in eval mode with its (EMA) weights, and what it knows about itself.
+
+    ckpt: published name, hub file, URL or path; None means the published SiT-XL/2 at image_size
+    (256 by default, or 512).
+    model_name / image_size / num_classes: what the user asked for, or None to take the
+    checkpoint's; a contradiction raises CheckpointError naming both.
+    Returns (model on the CPU, info) with info = {"model_name", "image_size", "num_classes",
+    "in_channels", "pixel_space", "vae", "transport"}; "vae" and "transport" (path_type, prediction, loss_weight,
+    train_eps, sample_eps, those the args hold) come from the checkpoint's args, None without.
+    """
+    source = download.published_model(model_name, image_size, num_classes) if ckpt is None else os.fspath(ckpt)
+    checkpoint = download.load_checkpoint(source)
+    config = model_config_of(checkpoint, source)
+    info = checkpoint_info(config, settings_of(checkpoint))
+    check_request(info, config, model_name, image_size, num_classes)
+    model = models.SiT(**config)
+    try:
+        model.load_state_dict(download.state_dict_of(checkpoint), strict=True)
+    except RuntimeError as error:
+        lines = str(error).strip().splitlines()
+        detail = " ".join(line.strip() for line in lines[1:3])[:300]  # skip "Error(s) in loading state_dict"
+        raise download.CheckpointError(f"the weights in {source} do not fit the model they describe: {detail}") from None
+    return model.eval(), info

@@ -1,0 +1,110 @@
+"""What the scripts share about the command line: argparse value types, the speed flags, telling
+explicit flags from defaults, and turning library errors into one line and an exit code.
+
+Scripts call `run_main(main, "train.py")` and hand its code to `sys.exit`: a UsageError exits 2,
+a RunFailure or OSError exits 1, each as `<script>: error: <message>` on stderr (printed by rank 0
+only, so a torchrun job shows it once).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from typing import Any, Callable, Optional, Sequence
+
+from sit.distributed import launched_rank
+from sit.errors import SiTError
+from sit.speed import PRECISIONS
+from train_utils import non_negative_float, none_or_str, positive_float  # noqa: F401  (all types from here)
+
+
+def positive_int(value: str) -> int:
+    """argparse type: an integer > 0."""
+    number = int(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return number
+
+
+def non_negative_int(value: str) -> int:
+    """argparse type: an integer >= 0."""
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return number
+
+
+def decay_rate(value: str) -> float:
+    """argparse type: a float in [0, 1)."""
+    number = float(value)
+    if not 0.0 <= number < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return number
+
+
+def unit_interval_float(value: str) -> float:
+    """argparse type: a float in [0, 1]."""
+    number = float(value)
+    if not 0.0 <= number <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return number
+
+
+def guidance_scale(value: str) -> float:
+    """argparse type: a finite float >= 1 (1 means no guidance)."""
+    number = float(value)
+    if not (math.isfinite(number) and number >= 1.0):
+        raise argparse.ArgumentTypeError(f"must be >= 1 (1 means no guidance), got {value}")
+    return number
+
+
+def class_label_list(value: str) -> list[int]:
+    """argparse type: comma-separated non-negative integers, e.g. 1,2,3."""
+    try:
+        labels = [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,2,3, got {value!r}")
+    if not labels or min(labels) < 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated non-negative integers such as 1,2,3, got {value!r}")
+    return labels
+
+
+def add_speed_arguments(parser: argparse.ArgumentParser, precision_default: Optional[str] = "tf32") -> None:
+    """--precision and --compile, shared by train.py, sample.py and sample_ddp.py.
+
+    precision_default None lets a script tell an explicit --precision apart (the sampling scripts' --no-tf32).
+    """
+    group = parser.add_argument_group("Speed arguments")
+    group.add_argument("--precision", type=str, choices=list(PRECISIONS), default=precision_default,
+                       help="fp32; tf32 (the original's default: fp32 weights, TF32 matmuls on GPUs); bf16 or fp16 "
+                            "autocast of the model (and VAE) forward, weights, EMA and optimizer state stay fp32")
+    group.add_argument("--compile", action="store_true",
+                       help="torch.compile each transformer block (the first steps are slow while compiling)")
+
+
+def parse_with_explicit(build_parser: Callable[[], argparse.ArgumentParser],
+                        argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace, frozenset[str]]:
+    """Parse argv, and tell which destinations the command line gave explicitly (not argparse defaults).
+
+    The second parse runs with every default replaced by a marker that no command line can produce.
+    """
+    args = build_parser().parse_args(argv)
+    not_given = object()
+    explicit_parser = build_parser()
+    explicit_parser.set_defaults(**{key: not_given for key in vars(args)})
+    given = vars(explicit_parser.parse_args(argv))
+    return args, frozenset(key for key, value in given.items() if value is not not_given)
+
+
+def run_main(main: Callable[[], Any], script: str) -> int:
+    """Run a script's main(); returns its exit code, with library errors as one line on stderr (rank 0 only)."""
+    try:
+        main()
+        return 0
+    except SiTError as error:
+        message, code = str(error), error.exit_code
+    except OSError as error:  # a file the run could not read or write
+        message, code = str(error), 1
+    if launched_rank() == 0:
+        print(f"{script}: error: {message}", file=sys.stderr, flush=True)
+    return code

@@ -1,0 +1,195 @@
+"""Typed configuration, and the one rule for settings that both a flag and a checkpoint can give.
+
+`resolve_settings` is that rule, used by train.py (resume), the sampling scripts and
+`sit.checkpoint.load_model`: an explicit flag that contradicts the checkpoint is an error (for
+settings that describe what the model is) or a warning (for settings a run may change); otherwise
+the flag, else the checkpoint's value, else the original's default. It records where each value
+came from, so messages can say "from the checkpoint" rather than blame a flag the user never gave.
+
+The dataclasses hold what the library needs to build a transport and its sampling functions.
+"""
+from __future__ import annotations
+
+import enum
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional, Union
+
+from sit.errors import UsageError
+from transport import Sampler, Transport, create_transport
+
+
+#################################################################################
+#                         Flag versus checkpoint resolution                      #
+#################################################################################
+
+class Rule(enum.Enum):
+    LOCKED = "locked"   # describes the model: a contradicting flag is an error
+    WARN = "warn"       # the flag wins, with a warning that the run differs from the checkpoint's
+    FREE = "free"       # the flag wins silently (e.g. an integration choice)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How one setting resolves. `conflict`/`warning` are message templates with {flag}, {given},
+    {held} and {source}; `same` compares a flag's value with the checkpoint's."""
+    rule: Rule = Rule.LOCKED
+    default: Any = None
+    conflict: str = "{flag} {given} but {source} was trained with {flag} {held}"
+    warning: str = "{flag} {given} replaces the value {held} of {source}"
+    same: Callable[[Any, Any], bool] = operator.eq
+
+
+@dataclass
+class Resolved:
+    """The resolved values, where each came from ("flag", "checkpoint" or "default"), and the warnings."""
+    values: dict[str, Any]
+    origin: dict[str, str]
+    warnings: list[str] = field(default_factory=list)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.values[key]
+
+    def describe(self, key: str) -> str:
+        """`--flag value` or `value (from the checkpoint)`, for messages."""
+        flag = "--" + key.replace("_", "-")
+        if self.origin[key] == "flag":
+            return f"{flag} {self.values[key]}"
+        return f"{self.values[key]} (the {self.origin[key]}'s {flag})"
+
+
+def resolve_settings(settings: Mapping[str, Setting], given: Mapping[str, Any], stored: Optional[Mapping[str, Any]],
+                     source: str = "the checkpoint", held_display: Optional[Mapping[str, str]] = None,
+                     hint: str = "") -> Resolved:
+    """Resolve each setting from the explicit flags `given`, the checkpoint's `stored` values and the defaults.
+
+    given: only the flags the command line gave (see sit.cli.parse_with_explicit); stored: what the
+    checkpoint holds (None: no checkpoint; a missing key means unknown). held_display: how to show
+    a stored value in messages. hint: appended to conflict messages ("; drop the flag ...").
+    Raises UsageError on a contradiction of a LOCKED setting.
+    """
+    stored = stored or {}
+    values, origin, warnings = {}, {}, []
+    for key, setting in settings.items():
+        if key in given:
+            values[key], origin[key] = given[key], "flag"
+            if key in stored and not setting.same(given[key], stored[key]) and setting.rule != Rule.FREE:
+                words = dict(flag="--" + key.replace("_", "-"), given=given[key], source=source,
+                             held=(held_display or {}).get(key, stored[key]))
+                if setting.rule == Rule.LOCKED:
+                    raise UsageError(setting.conflict.format(**words) + hint)
+                warnings.append(setting.warning.format(**words))
+        elif key in stored:
+            values[key], origin[key] = stored[key], "checkpoint"
+        else:
+            values[key], origin[key] = setting.default, "default"
+    return Resolved(values, origin, warnings)
+
+
+#################################################################################
+#                              Transport and samplers                            #
+#################################################################################
+
+@dataclass(frozen=True)
+class TransportConfig:
+    """What the model learns: the original's create_transport arguments."""
+    path_type: str = "Linear"
+    prediction: str = "velocity"
+    loss_weight: Optional[str] = None
+    train_eps: Optional[float] = None
+    sample_eps: Optional[float] = None
+
+    def build(self) -> Transport:
+        """The Transport; an invalid combination raises UsageError naming the flag's values."""
+        try:
+            return create_transport(self.path_type, self.prediction, self.loss_weight, self.train_eps, self.sample_eps)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+
+    def as_dict(self) -> dict:
+        return dict(path_type=self.path_type, prediction=self.prediction, loss_weight=self.loss_weight,
+                    train_eps=self.train_eps, sample_eps=self.sample_eps)
+
+
+# The transport settings: what the model was trained to output is locked to the checkpoint; the
+# eps values are integration choices, where a flag wins.
+TRANSPORT_SETTINGS = {
+    "path_type": Setting(Rule.LOCKED, "Linear"),
+    "prediction": Setting(Rule.LOCKED, "velocity"),
+    "loss_weight": Setting(Rule.LOCKED, None),
+    "train_eps": Setting(Rule.FREE, None),
+    "sample_eps": Setting(Rule.FREE, None),
+}
+
+
+@dataclass(frozen=True)
+class ODEConfig:
+    """The probability-flow ODE sampler (the original's ODE flags)."""
+    sampling_method: str = "dopri5"
+    num_steps: int = 250
+    atol: float = 1e-6
+    rtol: float = 1e-3
+    reverse: bool = False
+
+    mode = "ODE"
+
+    def sample_fn(self, sampler: Sampler, keep_trajectory: bool = False) -> Callable:
+        return sampler.sample_ode(sampling_method=self.sampling_method, num_steps=self.num_steps, atol=self.atol,
+                                  rtol=self.rtol, reverse=self.reverse, keep_trajectory=keep_trajectory)
+
+    def likelihood_fn(self, sampler: Sampler, num_probes: int = 1, exact_trace: bool = False) -> Callable:
+        """fn(x, model, **kwargs) -> LikelihoodResult, integrating the ODE from the data to the prior."""
+        return sampler.sample_ode_likelihood(sampling_method=self.sampling_method, num_steps=self.num_steps,
+                                             atol=self.atol, rtol=self.rtol, num_probes=num_probes,
+                                             exact_trace=exact_trace)
+
+
+@dataclass(frozen=True)
+class SDEConfig:
+    """The reverse SDE sampler (the original's SDE flags)."""
+    sampling_method: str = "Euler"
+    num_steps: int = 250
+    diffusion_form: str = "sigma"
+    diffusion_norm: float = 1.0
+    last_step: Optional[str] = "Mean"
+    last_step_size: float = 0.04
+
+    mode = "SDE"
+
+    def sample_fn(self, sampler: Sampler, keep_trajectory: bool = False) -> Callable:
+        return sampler.sample_sde(sampling_method=self.sampling_method, diffusion_form=self.diffusion_form,
+                                  diffusion_norm=self.diffusion_norm, last_step=self.last_step,
+                                  last_step_size=self.last_step_size, num_steps=self.num_steps,
+                                  keep_trajectory=keep_trajectory)
+
+
+SamplerConfig = Union[ODEConfig, SDEConfig]
+# The scripts' mode argument -> its sampler configuration; drives the argparse choices and the dispatch.
+SAMPLING_MODES = {"ODE": ODEConfig, "SDE": SDEConfig}
+
+
+def sampler_config_from_flags(mode: str, flags: Mapping[str, Any]) -> SamplerConfig:
+    """The sampler configuration of the ODE or SDE flag group (argparse destinations, e.g. vars(args))."""
+    if mode not in SAMPLING_MODES:
+        raise UsageError(f"unknown sampling mode {mode!r}; choose one of {', '.join(SAMPLING_MODES)}")
+    if mode == "ODE":
+        return ODEConfig(flags["sampling_method"], flags["num_sampling_steps"], flags["atol"], flags["rtol"],
+                         flags["reverse"])
+    return SDEConfig(flags["sampling_method"], flags["num_sampling_steps"], flags["diffusion_form"],
+                     flags["diffusion_norm"], flags["last_step"], flags["last_step_size"])
+
+
+def build_sample_fn(transport: TransportConfig, sampler: SamplerConfig, keep_trajectory: bool = False) -> Callable:
+    """The sampling function fn(x, model, **kwargs) of a transport and sampler; UsageError when they do not fit."""
+    try:
+        return sampler.sample_fn(Sampler(transport.build()), keep_trajectory)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
+@dataclass(frozen=True)
+class GuidanceConfig:
+    """Classifier-free guidance: scale (1: none), which channels, and the interval of t where it applies."""
+    scale: float = 1.0
+    all_channels: bool = False
+    interval: tuple[float, float] = (0.0, 1.0)

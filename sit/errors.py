@@ -1,0 +1,24 @@
+"""The exceptions the library raises; only the scripts turn them into a one-line message and an exit code.
+
+- `UsageError`: something the user can fix (a flag, a file they named); the message names it. Exit 2.
+- `RunFailure`: the run itself failed (a write, divergence, another rank's failure). Exit 1.
+"""
+from __future__ import annotations
+
+
+class SiTError(Exception):
+    """Base of the library's own errors: their message is one line meant for the user."""
+
+    exit_code = 1
+
+
+class UsageError(SiTError, ValueError):
+    """Bad input the user can fix; the message names the flag or file and what to do instead."""
+
+    exit_code = 2
+
+
+class RunFailure(SiTError, RuntimeError):
+    """The run failed (disk, divergence, a failure on another rank); what was saved is kept."""
+
+    exit_code = 1

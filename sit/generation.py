@@ -1,0 +1,109 @@
+"""Generating images from a SiT: per-index seeds, the guided model call, and an iterator over index
+blocks that sample_ddp.py and FID-during-training share.
+
+Image i's noise and label come from a generator seeded by (global seed, i), so images do not depend
+on the number of processes; a block's SDE noise is seeded from its first index (and drawn on forked
+RNGs, so the caller's random streams, e.g. training's, are left as they were).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from sit.config import GuidanceConfig
+from sit.speed import autocast
+from sit.vae import decode_latents, latent_shape
+
+SEED_STREAMS = {"image": 0, "sde": 1, "likelihood": 2, "dequantize": 3}
+
+
+def seed_for(global_seed: int, index: int, stream: str) -> int:
+    """A 63-bit seed for one image index (or block start) and one use (a key of SEED_STREAMS).
+
+    Distinct (seed, index, stream) triples give unrelated generators, so the noise of image i never
+    equals the SDE noise of a block that starts at i.
+    """
+    state = np.random.SeedSequence([global_seed, index, SEED_STREAMS[stream]]).generate_state(2, dtype=np.uint32)
+    return int((int(state[0]) << 32 | int(state[1])) >> 1)
+
+
+def noise_and_labels(indices: Sequence[int], global_seed: int, shape: tuple[int, int, int],
+                     num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each image's own noise (C, L, L) and label, from a CPU generator seeded by (global_seed, index).
+
+    Returns z: (N, C, L, L) and y: (N,) int64 on the CPU; identical whatever the batch, process
+    count or device.
+    """
+    noises, labels = [], []
+    for index in indices:
+        generator = torch.Generator().manual_seed(seed_for(global_seed, index, "image"))
+        noises.append(torch.randn(shape, generator=generator))
+        labels.append(torch.randint(0, num_classes, (), generator=generator))
+    return torch.stack(noises), torch.stack(labels)
+
+
+def guided_sample(sample_fn: Callable, model: Any, z: torch.Tensor, y: torch.Tensor,
+                  guidance: GuidanceConfig = GuidanceConfig(), always_guide: bool = False) -> torch.Tensor:
+    """Run the sampler from noise z: (N, C, L, L) with labels y: (N,); returns the samples (N, C, L, L).
+
+    With guidance.scale > 1 (the original sample_ddp.py's rule), or always with `always_guide` (the
+    original sample.py's, even at scale 1): z is doubled, the second half gets the null label
+    (num_classes), and model.forward_with_cfg combines the two halves. The doubled batch draws other
+    SDE noise than the plain one, hence the two rules.
+    """
+    if guidance.scale > 1.0 or always_guide:
+        null_labels = torch.full_like(y, model.num_classes)
+        z_in = torch.cat([z, z], dim=0)            # (2N, C, L, L)
+        y_in = torch.cat([y, null_labels], dim=0)  # (2N,)
+        samples = sample_fn(z_in, model.forward_with_cfg, y=y_in, cfg_scale=guidance.scale,
+                            guide_all_channels=guidance.all_channels, cfg_interval=tuple(guidance.interval))[-1]
+        samples, _ = samples.chunk(2, dim=0)       # drop the null-class half
+        return samples
+    return sample_fn(z, model.forward, y=y)[-1]
+
+
+def generate_latents(sample_fn: Callable, model: Any, z: torch.Tensor, y: torch.Tensor, guidance: GuidanceConfig,
+                     precision: str = "fp32", always_guide: bool = False) -> torch.Tensor:
+    """guided_sample under the --precision autocast (only the model's matmuls; the state stays fp32)."""
+    with autocast(precision, z.device):
+        return guided_sample(sample_fn, model, z, y, guidance, always_guide)
+
+
+def index_blocks(num_images: int, block_size: int) -> list[range]:
+    """Indices 0..num_images-1 cut into consecutive blocks of block_size (the last may be shorter)."""
+    return [range(start, min(start + block_size, num_images)) for start in range(0, num_images, block_size)]
+
+
+def blocks_of_rank(blocks: list[range], rank: int, world_size: int) -> list[range]:
+    """Blocks dealt to ranks in turn: block k goes to rank k % world_size."""
+    return blocks[rank::world_size]
+
+
+@dataclass
+class GeneratedBlock:
+    """One block of generated images: their indices, images (n, 3, H, W) float in about [-1, 1], labels (n,)."""
+    indices: range
+    images: torch.Tensor
+    labels: torch.Tensor
+
+
+@torch.no_grad()
+def generate_blocks(blocks: Iterable[range], model: Any, vae: Any, sample_fn: Callable, *, global_seed: int,
+                    num_classes: int, guidance: GuidanceConfig, precision: str,
+                    device: torch.device) -> Iterator[GeneratedBlock]:
+    """Sample and decode each block of indices as one batch (vae None: a pixel-space model).
+
+    Each image's noise and label come from noise_and_labels; the block's SDE noise from a seed of its
+    first index, drawn on forked RNGs (the caller's streams are left untouched).
+    """
+    shape = latent_shape(model.config)
+    forked = [device] if device.type == "cuda" else []
+    for block in blocks:
+        z, y = noise_and_labels(block, global_seed, shape, num_classes)
+        with torch.random.fork_rng(devices=forked):
+            torch.manual_seed(seed_for(global_seed, block.start, "sde"))
+            latents = generate_latents(sample_fn, model, z.to(device), y.to(device), guidance, precision)
+        yield GeneratedBlock(block, decode_latents(vae, latents.float(), precision), y)

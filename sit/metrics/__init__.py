@@ -1,0 +1,33 @@
+"""Sample quality metrics in PyTorch with the ADM evaluation suite's definitions.
+
+Inception Score, FID, sFID, precision and recall as openai/guided-diffusion's `evaluations/evaluator.py`
+defines them, computed with the TensorFlow-ported FID Inception-v3 of torch-fidelity:
+- FID, precision and recall use the 2048 `pool_3` features;
+- sFID uses the spatial features `mixed_6/conv` (Mixed_6d.branch1x1 here), first 7 channels of the
+  17x17 map, flattened in TensorFlow's (H, W, C) order so the ADM files' `mu_s`/`sigma_s` apply;
+- Inception Score uses softmax over the 1008 bias-free logits `pool_3 @ W` (ADM's softmax graph;
+  torch-fidelity's `logits_unbiased`), in splits of 5000 images (10 splits for 50k samples);
+- precision/recall use k=3 nearest-neighbour manifolds (squared Euclidean distances, `<=` test).
+  Distances are computed in float32; ADM uses float16 with a float32 fallback.
+The trace of the covariance square root comes from a symmetric eigendecomposition by default
+(`sqrtm` runs ADM's scipy sqrtm path; both agree to ~1e-12 on full-rank statistics).
+
+Modules: statistics (Fréchet distance, streaming mean/covariance), precision_recall, inception
+(the feature network, Inception Score), npz (reading sample batches), evaluator (Evaluator, FIDMonitor).
+A new metric is a module here plus its name in evaluate.py's table.
+"""
+from sit.metrics.evaluator import (BatchFeatures, Evaluator, FIDMonitor, ReferenceStatistics, extract_features,
+                                   read_statistics_file, stats_cache_path)
+from sit.metrics.inception import (InceptionFeatureExtractor, InceptionFeatures, InceptionWeightsError, inception_score,
+                                   random_inception_state_dict, to_uint8_images)
+from sit.metrics.npz import NpzBatches, open_npz_images
+from sit.metrics.precision_recall import manifold_precision_recall, manifold_radii, pairwise_squared_distances
+from sit.metrics.statistics import FID_METHODS, RunningStatistics, frechet_distance, trace_sqrt_product
+
+__all__ = [
+    "BatchFeatures", "Evaluator", "FIDMonitor", "ReferenceStatistics", "extract_features", "read_statistics_file",
+    "stats_cache_path", "InceptionFeatureExtractor", "InceptionFeatures", "InceptionWeightsError", "inception_score",
+    "random_inception_state_dict", "to_uint8_images", "NpzBatches", "open_npz_images", "manifold_precision_recall",
+    "manifold_radii", "pairwise_squared_distances", "FID_METHODS", "RunningStatistics", "frechet_distance",
+    "trace_sqrt_product",
+]
