@@ -9,10 +9,16 @@ quick start of the README trains a pixel-space SiT in minutes (train.py --vae no
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import sys
 from typing import Optional, Sequence
 
 import numpy as np
+
+from sit.cli import run_main
+from sit.errors import UsageError
+from sit.files import atomic_write, remove_temporaries
 
 DIGIT_LEVELS = 16  # sklearn's digits hold integers 0..16
 
@@ -31,36 +37,42 @@ def class_folder(label: int) -> str:
     return f"class{label:02d}"
 
 
+def save_png(rgb: np.ndarray, path: str) -> None:
+    """An (H, W, 3) uint8 image as a PNG at `path` (whatever its extension)."""
+    from PIL import Image
+
+    Image.fromarray(rgb).save(path, format="PNG")
+
+
 def export_digits(root: str) -> int:
     """Write every digit as root/classNN/IIII.png (RGB); returns the number of images written.
 
-    Each PNG goes to a temporary name first and is then renamed, so a killed export leaves no
-    half-written image.
+    Each PNG goes through atomic_write, so a killed export leaves no half-written image; its
+    temporaries end in .tmp, which no image folder reads (and the next export removes them).
+    Raises UsageError when `root` exists and is not a folder.
     """
-    from PIL import Image
-
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise UsageError(f"{root!r} exists and is not a folder")
     images, labels = digits_uint8()
     for label in range(10):
         os.makedirs(os.path.join(root, class_folder(label)), exist_ok=True)
+        remove_temporaries(os.path.join(root, class_folder(label)), ".tmp")
     for index, (grey, label) in enumerate(zip(images, labels)):
         path = os.path.join(root, class_folder(int(label)), f"{index:04d}.png")
-        tmp_path = path + ".tmp"
-        rgb = np.repeat(grey[:, :, None], 3, axis=2)  # (8, 8, 3)
-        Image.fromarray(rgb).save(tmp_path, format="PNG")
-        os.replace(tmp_path, path)
+        rgb = np.repeat(grey[:, :, None], 3, axis=2)  # (8, 8) -> (8, 8, 3)
+        atomic_write(path, functools.partial(save_png, rgb), suffix=".tmp")
     return len(images)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Export the digits to the folder on the command line (UsageError when it is a file)."""
     parser = argparse.ArgumentParser(description="Export scikit-learn's 8x8 digits as an ImageFolder of PNGs.",
                                      allow_abbrev=False)
     parser.add_argument("output", type=str, help="folder to write class00 ... class09 into")
     args = parser.parse_args(argv)
-    if os.path.exists(args.output) and not os.path.isdir(args.output):
-        parser.error(f"{args.output!r} exists and is not a folder")
     count = export_digits(args.output)
     print(f"Wrote {count} digit images in 10 class folders to {args.output}")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main, "export_digits.py"))

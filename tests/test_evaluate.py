@@ -1,5 +1,5 @@
-"""evaluate.py: the metric math against closed forms and direct numpy/scipy computations, the npz and
-cache handling with a stub feature network, and the whole pipeline with a randomly initialised
+"""evaluate.py and sit.metrics: the metric math against closed forms and direct numpy/scipy computations,
+the npz and cache handling with a stub feature network, and the whole pipeline with a randomly initialised
 Inception of the real architecture (no downloaded weights)."""
 import json
 import os
@@ -12,8 +12,10 @@ import torch
 from scipy import linalg
 
 import evaluate
-from evaluate import (FIDMonitor, InceptionFeatures, RunningStatistics, frechet_distance,
-                      inception_score, manifold_precision_recall)
+from sit import metrics
+from sit.errors import UsageError
+from sit.metrics import (NUM_LOGITS, POOL_DIM, SPATIAL_DIM, FIDMonitor, InceptionFeatures, MetricInputError,
+                         RunningStatistics, frechet_distance, inception_score, manifold_precision_recall)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,7 +34,7 @@ def random_covariance(rng, dim):
 #                                 Fréchet distance                              #
 #################################################################################
 
-@pytest.mark.parametrize("method", evaluate.FID_METHODS)
+@pytest.mark.parametrize("method", metrics.FID_METHODS)
 def test_frechet_distance_matches_direct_scipy_computation(method):
     rng = np.random.default_rng(0)
     mu1, mu2 = rng.standard_normal(16), rng.standard_normal(16)
@@ -50,14 +52,14 @@ def test_frechet_distance_methods_agree_on_sample_statistics_and_unknown_method_
         frechet_distance(*stats, "svd")
 
 
-@pytest.mark.parametrize("method", evaluate.FID_METHODS)
+@pytest.mark.parametrize("method", metrics.FID_METHODS)
 def test_frechet_distance_of_a_set_with_itself_is_zero(method):
     features = np.random.default_rng(1).standard_normal((200, 8))
     mu, sigma = features.mean(0), np.cov(features, rowvar=False)
     assert frechet_distance(mu, sigma, mu, sigma, method) == pytest.approx(0.0, abs=1e-9)
 
 
-@pytest.mark.parametrize("method", evaluate.FID_METHODS)
+@pytest.mark.parametrize("method", metrics.FID_METHODS)
 def test_frechet_distance_closed_form_for_commuting_gaussians(method):
     # Diagonal covariances: |mu1-mu2|^2 + sum (sqrt(a) - sqrt(b))^2
     mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
@@ -66,7 +68,7 @@ def test_frechet_distance_closed_form_for_commuting_gaussians(method):
     assert frechet_distance(mu1, np.diag(variances1), mu2, np.diag(variances2), method) == pytest.approx(expected, rel=1e-12)
 
 
-@pytest.mark.parametrize("method", evaluate.FID_METHODS)
+@pytest.mark.parametrize("method", metrics.FID_METHODS)
 def test_frechet_distance_closed_form_for_scaled_covariance(method):
     # sigma2 = c^2 sigma1: tr(s1 + c^2 s1 - 2 c s1) = (1 - c)^2 tr(s1)
     rng = np.random.default_rng(2)
@@ -137,7 +139,7 @@ def test_precision_recall_hand_built_case():
 
 def test_precision_recall_radius_boundary_is_inclusive_and_k_excludes_self():
     ref = np.array([[0.0], [2.0], [4.0], [6.0]], dtype=np.float32)  # k=2 radii: 16, 4, 4, 16 (squared)
-    radii = evaluate.manifold_radii(torch.from_numpy(ref), k=2)
+    radii = metrics.manifold_radii(torch.from_numpy(ref), k=2)
     assert radii.tolist() == [16.0, 4.0, 4.0, 16.0]
     sample = np.array([[10.0], [10.5], [11.0]], dtype=np.float32)  # 10 is exactly on the ball around 6
     precision, _ = manifold_precision_recall(ref, sample, k=2)
@@ -208,41 +210,41 @@ class StubExtractor:
     def __call__(self, images):
         self.images_seen += len(images)
         pixels = images.double().flatten(1)  # (N, 3 H W)
-        pool = torch.cat([pixels.mean(1, keepdim=True), pixels.std(1, keepdim=True), pixels[:, :evaluate.POOL_DIM - 2]], 1)
-        pool = torch.nn.functional.pad(pool, (0, evaluate.POOL_DIM - pool.shape[1])).float()
-        spatial = torch.nn.functional.pad(pixels, (0, evaluate.SPATIAL_DIM - pixels.shape[1])).float()
-        return InceptionFeatures(pool=pool, spatial=spatial, logits=pool[:, :evaluate.NUM_LOGITS])
+        pool = torch.cat([pixels.mean(1, keepdim=True), pixels.std(1, keepdim=True), pixels[:, :POOL_DIM - 2]], 1)
+        pool = torch.nn.functional.pad(pool, (0, POOL_DIM - pool.shape[1])).float()
+        spatial = torch.nn.functional.pad(pixels, (0, SPATIAL_DIM - pixels.shape[1])).float()
+        return InceptionFeatures(pool=pool, spatial=spatial, logits=pool[:, :NUM_LOGITS])
 
 
 def test_open_npz_images_memory_maps_stored_and_loads_compressed(tmp_path):
     images = np.random.default_rng(8).integers(0, 256, (5, 4, 6, 3), dtype=np.uint8)
     np.savez(tmp_path / "stored.npz", arr_0=images, labels=np.arange(5))
     np.savez_compressed(tmp_path / "compressed.npz", arr_0=images)
-    stored = evaluate.open_npz_images(str(tmp_path / "stored.npz"))
+    stored = metrics.open_npz_images(str(tmp_path / "stored.npz"))
     assert isinstance(stored, np.memmap)
     np.testing.assert_array_equal(stored, images)
-    np.testing.assert_array_equal(evaluate.open_npz_images(str(tmp_path / "compressed.npz")), images)
+    np.testing.assert_array_equal(metrics.open_npz_images(str(tmp_path / "compressed.npz")), images)
     np.savez(tmp_path / "float.npz", arr_0=images.astype(np.float32))
     with pytest.raises(ValueError, match=r"uint8 images of shape \(N, H, W, 3\)"):
-        evaluate.open_npz_images(str(tmp_path / "float.npz"))
+        metrics.open_npz_images(str(tmp_path / "float.npz"))
 
 
 def test_extract_features_streams_batches_and_workers_agree(tmp_path):
     images = np.random.default_rng(9).integers(0, 256, (7, 4, 4, 3), dtype=np.uint8)
     np.savez(tmp_path / "batch.npz", arr_0=images)
     stub = StubExtractor()
-    batch = evaluate.extract_features(stub, str(tmp_path / "batch.npz"), batch_size=3)
+    batch = metrics.extract_features(stub, str(tmp_path / "batch.npz"), batch_size=3)
     expected = stub(torch.from_numpy(images).permute(0, 3, 1, 2))
     np.testing.assert_array_equal(batch.pool, expected.pool.numpy())
     np.testing.assert_allclose(batch.spatial_stats.mean, expected.spatial.double().mean(0).numpy(), rtol=1e-12)
     np.testing.assert_allclose(batch.pool_stats.covariance, np.cov(expected.pool.double().numpy(), rowvar=False),
                                rtol=1e-9, atol=1e-9)
-    with_workers = evaluate.extract_features(stub, str(tmp_path / "batch.npz"), batch_size=2, num_workers=2)
+    with_workers = metrics.extract_features(stub, str(tmp_path / "batch.npz"), batch_size=2, num_workers=2)
     np.testing.assert_array_equal(with_workers.pool, batch.pool)
 
 
 def stub_evaluator():
-    evaluator = evaluate.Evaluator("cpu", weights_path=None, batch_size=4)
+    evaluator = metrics.Evaluator("cpu", weights_path=None, batch_size=4)
     evaluator.extractor = StubExtractor()
     return evaluator
 
@@ -262,20 +264,20 @@ def test_reference_cache_is_written_reused_and_invalidated(tmp_path):
     os.utime(ref_path, ns=(1, 1))  # the reference changed: recompute
     evaluator.reference(ref_path)
     assert evaluator.extractor.images_seen == 12
-    other_weights = evaluate.reference_fingerprint(ref_path, "sha256:0123")
-    assert other_weights != evaluate.reference_fingerprint(ref_path, evaluate.weights_fingerprint(None))
+    other_weights = metrics.reference_fingerprint(ref_path, "sha256:0123")
+    assert other_weights != metrics.reference_fingerprint(ref_path, metrics.weights_fingerprint(None))
 
 
 def test_adm_precomputed_statistics_take_precedence_and_stats_only_files_work(tmp_path):
     rng = np.random.default_rng(11)
-    adm = {"mu": rng.standard_normal(evaluate.POOL_DIM), "sigma": np.eye(evaluate.POOL_DIM),
-           "mu_s": rng.standard_normal(evaluate.SPATIAL_DIM), "sigma_s": np.eye(evaluate.SPATIAL_DIM)}
+    adm = {"mu": rng.standard_normal(POOL_DIM), "sigma": np.eye(POOL_DIM),
+           "mu_s": rng.standard_normal(SPATIAL_DIM), "sigma_s": np.eye(SPATIAL_DIM)}
     np.savez(tmp_path / "adm.npz", arr_0=rng.integers(0, 256, (5, 4, 4, 3), dtype=np.uint8), **adm)
     evaluator = stub_evaluator()
     reference = evaluator.reference(str(tmp_path / "adm.npz"))
     np.testing.assert_array_equal(reference.mu, adm["mu"])
     np.testing.assert_array_equal(reference.sigma_s, adm["sigma_s"])
-    assert reference.pool.shape == (5, evaluate.POOL_DIM)  # still computed, for precision/recall
+    assert reference.pool.shape == (5, POOL_DIM)  # still computed, for precision/recall
     np.savez(tmp_path / "stats_only.npz", **adm)
     stats_only = evaluator.reference(str(tmp_path / "stats_only.npz"))
     assert stats_only.pool is None
@@ -288,13 +290,13 @@ def test_adm_precomputed_statistics_take_precedence_and_stats_only_files_work(tm
 def test_to_uint8_images_inverts_the_sampling_conversion():
     pixels = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16).expand(1, 3, 16, 16)
     as_float = (pixels.float() - 127.5) / 127.5  # in [-1, 1]
-    assert torch.equal(evaluate.to_uint8_images(as_float), pixels)
-    assert evaluate.to_uint8_images(pixels) is pixels
+    assert torch.equal(metrics.to_uint8_images(as_float), pixels)
+    assert metrics.to_uint8_images(pixels) is pixels
 
 
 def test_random_inception_weights_are_seeded_and_shaped_like_the_real_ones():
-    first, second = evaluate.random_inception_state_dict(seed=0), evaluate.random_inception_state_dict(seed=0)
-    assert first["fc.weight"].shape == (evaluate.NUM_LOGITS, evaluate.POOL_DIM)
+    first, second = metrics.random_inception_state_dict(seed=0), metrics.random_inception_state_dict(seed=0)
+    assert first["fc.weight"].shape == (NUM_LOGITS, POOL_DIM)
     assert first["Mixed_6d.branch1x1.conv.weight"].shape == (192, 768, 1, 1)  # the sFID layer
     assert all(torch.equal(first[name], second[name]) for name in first)
 
@@ -312,7 +314,7 @@ def run_evaluate(*args):
 def pipeline(tmp_path_factory):
     folder = tmp_path_factory.mktemp("evaluate")
     weights = str(folder / "random_inception.pth")
-    torch.save(evaluate.random_inception_state_dict(seed=0), weights)
+    torch.save(metrics.random_inception_state_dict(seed=0), weights)
     rng = np.random.default_rng(12)
     ref_images = rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
     sample_images = np.clip(ref_images[:6].astype(int) + rng.integers(-40, 40, (6, 16, 16, 3)), 0, 255).astype(np.uint8)
@@ -334,8 +336,8 @@ def test_pipeline_prints_the_table_and_writes_json_and_cache(pipeline):
     assert metrics["fid"] > 0 and metrics["sfid"] > 0 and metrics["inception_score"] >= 1.0
     assert 0 <= metrics["precision"] <= 1 and 0 <= metrics["recall"] <= 1
     cache = np.load(folder / "ref.stats.npz")
-    assert cache["pool"].shape == (8, evaluate.POOL_DIM)
-    assert cache["sigma_s"].shape == (evaluate.SPATIAL_DIM, evaluate.SPATIAL_DIM)
+    assert cache["pool"].shape == (8, POOL_DIM)
+    assert cache["sigma_s"].shape == (SPATIAL_DIM, SPATIAL_DIM)
     np.testing.assert_allclose(cache["mu"], cache["pool"].astype(np.float64).mean(0), rtol=1e-6)
 
 
@@ -376,6 +378,33 @@ def test_cli_errors_are_one_line(tmp_path):
     assert missing.returncode == 2 and "no such file" in missing.stderr
     np.savez(tmp_path / "ref.npz", arr_0=np.zeros((4, 8, 8, 3), dtype=np.uint8))
     no_weights = run_evaluate(str(tmp_path / "ref.npz"), "--device", "cpu", "--inception-weights", str(tmp_path / "w.pth"))
-    assert no_weights.returncode == 1
-    assert no_weights.stderr.strip().splitlines()[-1].startswith("error: Inception weights file")
+    assert no_weights.returncode == 2  # a user error (was 1 before UsageError)
+    assert no_weights.stderr.strip().splitlines()[-1].startswith("evaluate.py: error: Inception weights file")
     assert "Traceback" not in no_weights.stderr
+
+
+def test_main_raises_usage_errors_in_process(tmp_path):
+    with pytest.raises(UsageError, match="^no such file: .*nope.npz$"):
+        evaluate.main([str(tmp_path / "nope.npz"), "--device", "cpu"])
+    (tmp_path / "text.npz").write_text("not an npz")
+    with pytest.raises(MetricInputError, match=r"text.npz is not a readable .npz file"):
+        evaluate.main([str(tmp_path / "text.npz"), "--device", "cpu"])
+
+
+def test_unusable_files_are_metric_input_errors_naming_the_file(tmp_path):
+    (tmp_path / "text.npz").write_text("not an npz")
+    with pytest.raises(MetricInputError, match="text.npz is not a readable .npz file"):
+        metrics.open_npz_images(str(tmp_path / "text.npz"))
+    with pytest.raises(MetricInputError, match="text.npz is not a readable .npz file"):
+        metrics.read_statistics_file(str(tmp_path / "text.npz"))
+    np.save(tmp_path / "single.npy", np.zeros(3))
+    with pytest.raises(MetricInputError, match="single.npy is not an .npz file"):
+        metrics.read_statistics_file(str(tmp_path / "single.npy"))
+    np.savez(tmp_path / "labels.npz", labels=np.arange(3))
+    with pytest.raises(MetricInputError, match="labels.npz has no 'arr_0' array"):
+        metrics.open_npz_images(str(tmp_path / "labels.npz"))
+    np.savez(tmp_path / "empty.npz", arr_0=np.zeros((0, 4, 4, 3), dtype=np.uint8))
+    with pytest.raises(MetricInputError, match="empty.npz: arr_0 holds no images"):
+        metrics.open_npz_images(str(tmp_path / "empty.npz"))
+    with pytest.raises(MetricInputError, match="holds no mu/sigma statistics"):
+        FIDMonitor(str(tmp_path / "labels.npz"), "cpu")

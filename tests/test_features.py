@@ -1,4 +1,4 @@
-"""extract_features.py and the cached-latent dataset."""
+"""extract_features.py, sit.data.extraction and the cached-latent dataset."""
 import os
 import subprocess
 import sys
@@ -8,9 +8,13 @@ import pytest
 import torch
 from torchvision.datasets import ImageFolder
 
+import extract_features
 from conftest import REPO, make_image_folder
-from features import LatentFeatureDataset, block_marker, flip_for, read_meta
-from train_utils import image_transform
+from sit.data.extraction import ExtractionConfig, build_meta, open_image_folder, prepare_feature_folder
+from sit.data.features import LatentFeatureDataset, block_marker, read_meta
+from sit.data.images import image_transform
+from sit.data.order import flip_for
+from sit.errors import UsageError
 
 
 def run_extract(args, nproc=1):
@@ -115,40 +119,36 @@ def test_incomplete_features_are_refused(tmp_path):
 @pytest.mark.parametrize("flag, value", [("--image-size", "0"), ("--image-size", "-8"), ("--batch-size", "0"),
                                          ("--block-size", "-1")])
 def test_sizes_must_be_positive(flag, value, image_folder, tmp_path, capsys):
-    import extract_features
-
     with pytest.raises(SystemExit) as error:
-        extract_features.parse_args(["--data-path", image_folder, "--features-path", str(tmp_path / "f"), flag, value])
+        extract_features.main(["--data-path", image_folder, "--features-path", str(tmp_path / "f"), flag, value])
     assert error.value.code == 2
     assert f"argument {flag}: must be a positive integer, got {value}" in capsys.readouterr().err
 
 
 def test_folder_without_class_folders_is_one_line(tmp_path, monkeypatch):
-    import extract_features
-
     flat = tmp_path / "flat"
     flat.mkdir()
     (flat / "image.png").write_bytes(b"")
     monkeypatch.delenv("RANK", raising=False)
-    with pytest.raises(SystemExit) as error:
-        extract_features.main(extract_features.parse_args(["--data-path", str(flat), "--features-path",
-                                                           str(tmp_path / "f"), "--image-size", "32"]))
-    assert error.value.code == (f"extract_features.py: error: --data-path {flat} holds no class folders "
-                                f"(expected <root>/<class>/<image>)")
+    with pytest.raises(UsageError) as error:
+        extract_features.main(["--data-path", str(flat), "--features-path", str(tmp_path / "f"), "--image-size", "32"])
+    assert str(error.value) == f"--data-path {flat} holds no class folders (expected <root>/<class>/<image>)"
+    result = run_extract(["--data-path", str(flat), "--features-path", str(tmp_path / "f"), "--image-size", "32"])
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"extract_features.py: error: --data-path {flat} holds no class folders "
+                                     f"(expected <root>/<class>/<image>)")
 
 
 def test_empty_class_and_unreadable_image_are_handled_as_in_training(tmp_path, tiny_vae, monkeypatch, capsys):
     """As train.py --data-path: an empty class folder is a class without images, and an unreadable
     image is skipped with a warning, the next image (here class1/0.png) taking its place."""
-    import extract_features
-
     data = make_image_folder(str(tmp_path / "data"), num_classes=2, per_class=2)
     (tmp_path / "data" / "class0" / "broken.png").write_bytes(b"not a PNG")  # index 2 of 5, after 0.png, 1.png
     (tmp_path / "data" / "class2").mkdir()
     out = str(tmp_path / "feats")
     monkeypatch.delenv("RANK", raising=False)
-    extract_features.main(extract_features.parse_args(["--data-path", data, "--features-path", out, "--image-size", "32",
-                                                       "--vae", tiny_vae, "--num-workers", "0", "--float32"]))
+    extract_features.main(["--data-path", data, "--features-path", out, "--image-size", "32",
+                           "--vae", tiny_vae, "--num-workers", "0", "--float32"])
     meta = read_meta(out)
     assert meta["complete"] and meta["num_images"] == 5 and meta["classes"] == ["class0", "class1", "class2"]
     assert f"warning: skipping unreadable image {os.path.join(data, 'class0', 'broken.png')}" in capsys.readouterr().err
@@ -162,31 +162,27 @@ def test_rerun_with_another_data_path_is_refused(tmp_path, monkeypatch):
     another way (relative) is the same dataset."""
     import shutil
 
-    import extract_features
-
     first = make_image_folder(str(tmp_path / "first"), num_classes=2, per_class=1, size=16)
     second = shutil.copytree(first, str(tmp_path / "second"))
     out = str(tmp_path / "feats")
 
     def prepare(data_path: str) -> dict:
-        args = extract_features.parse_args(["--data-path", data_path, "--features-path", out, "--image-size", "16"])
-        return extract_features.prepare_folder(args, extract_features.open_images(args), is_main=True)
+        config = ExtractionConfig(data_path=data_path, features_path=out, image_size=16)
+        return prepare_feature_folder(config, open_image_folder(config))
 
-    monkeypatch.delenv("RANK", raising=False)
     created = prepare(first)
     monkeypatch.chdir(tmp_path)
     assert prepare("first") == created
-    with pytest.raises(SystemExit) as error:
+    with pytest.raises(UsageError) as error:
         prepare(second)
-    assert error.value.code == (f"extract_features.py: error: {out} holds features of {first}, not of --data-path "
+    assert str(error.value) == (f"{out} holds features of {first}, not of --data-path "
                                 f"{second}; choose another --features-path")
 
 
 def test_local_vae_is_stored_as_an_absolute_path(tiny_vae, image_folder, tmp_path, monkeypatch):
-    import extract_features
-
     monkeypatch.chdir(os.path.dirname(tiny_vae))
     args = extract_features.parse_args(["--data-path", image_folder, "--features-path", str(tmp_path / "f"),
                                         "--vae", os.path.basename(tiny_vae)])
-    meta = extract_features.build_meta(args, extract_features.open_images(args))
+    config = extract_features.config_from_args(args)
+    meta = build_meta(config, open_image_folder(config))
     assert meta["vae"] == tiny_vae and os.path.isabs(tiny_vae)

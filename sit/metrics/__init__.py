@@ -12,22 +12,29 @@ defines them, computed with the TensorFlow-ported FID Inception-v3 of torch-fide
 The trace of the covariance square root comes from a symmetric eigendecomposition by default
 (`sqrtm` runs ADM's scipy sqrtm path; both agree to ~1e-12 on full-rank statistics).
 
-Modules: statistics (Fréchet distance, streaming mean/covariance), precision_recall, inception
-(the feature network, Inception Score), npz (reading sample batches), evaluator (Evaluator, FIDMonitor).
-A new metric is a module here plus its name in evaluate.py's table.
+Modules, one concern each: errors (MetricInputError, InceptionWeightsError), statistics (Fréchet
+distance, streaming mean/covariance), precision_recall, inception (the feature network, Inception
+Score), npz (reading and writing batches), batch_features (a batch through the network), reference
+(reference statistics and their cache), evaluator (Evaluator: every metric of a batch), fid_monitor
+(FIDMonitor: FID while training). A new metric is a module here plus its name in evaluate.py's table.
 """
-from sit.metrics.evaluator import (BatchFeatures, Evaluator, FIDMonitor, ReferenceStatistics, extract_features,
-                                   read_statistics_file, stats_cache_path)
-from sit.metrics.inception import (InceptionFeatureExtractor, InceptionFeatures, InceptionWeightsError, inception_score,
-                                   random_inception_state_dict, to_uint8_images)
-from sit.metrics.npz import NpzBatches, open_npz_images
+from sit.metrics.batch_features import BatchFeatures, extract_features
+from sit.metrics.errors import InceptionWeightsError, MetricInputError
+from sit.metrics.evaluator import Evaluator
+from sit.metrics.fid_monitor import FIDMonitor
+from sit.metrics.inception import (NUM_LOGITS, POOL_DIM, SPATIAL_DIM, InceptionFeatureExtractor, InceptionFeatures,
+                                   inception_score, random_inception_state_dict, to_uint8_images, weights_fingerprint)
+from sit.metrics.npz import NpzBatches, open_npz, open_npz_images, save_npz_atomic
 from sit.metrics.precision_recall import manifold_precision_recall, manifold_radii, pairwise_squared_distances
+from sit.metrics.reference import (ReferenceStatistics, read_statistics_file, reference_fingerprint,
+                                   reference_statistics, stats_cache_path)
 from sit.metrics.statistics import FID_METHODS, RunningStatistics, frechet_distance, trace_sqrt_product
 
 __all__ = [
-    "BatchFeatures", "Evaluator", "FIDMonitor", "ReferenceStatistics", "extract_features", "read_statistics_file",
-    "stats_cache_path", "InceptionFeatureExtractor", "InceptionFeatures", "InceptionWeightsError", "inception_score",
-    "random_inception_state_dict", "to_uint8_images", "NpzBatches", "open_npz_images", "manifold_precision_recall",
-    "manifold_radii", "pairwise_squared_distances", "FID_METHODS", "RunningStatistics", "frechet_distance",
-    "trace_sqrt_product",
+    "BatchFeatures", "extract_features", "InceptionWeightsError", "MetricInputError", "Evaluator", "FIDMonitor",
+    "NUM_LOGITS", "POOL_DIM", "SPATIAL_DIM", "InceptionFeatureExtractor", "InceptionFeatures", "inception_score",
+    "random_inception_state_dict", "to_uint8_images", "weights_fingerprint", "NpzBatches", "open_npz",
+    "open_npz_images", "save_npz_atomic", "manifold_precision_recall", "manifold_radii", "pairwise_squared_distances",
+    "ReferenceStatistics", "read_statistics_file", "reference_fingerprint", "reference_statistics",
+    "stats_cache_path", "FID_METHODS", "RunningStatistics", "frechet_distance", "trace_sqrt_product",
 ]

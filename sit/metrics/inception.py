@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from scipy import special
 
-from sit.errors import UsageError
+from sit.metrics.errors import InceptionWeightsError
 from sit.metrics.statistics import ArrayLike
 
 INCEPTION_WEIGHTS_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
@@ -22,10 +22,6 @@ NUM_LOGITS = 1008
 SPATIAL_CHANNELS = 7
 SPATIAL_DIM = 17 * 17 * SPATIAL_CHANNELS  # 2023
 IS_SPLIT_SIZE = 5000
-
-
-class InceptionWeightsError(UsageError):
-    """The Inception weights could not be fetched or read."""
 
 
 def inception_score(predictions: ArrayLike, split_size: int = IS_SPLIT_SIZE, from_logits: bool = False) -> float:
@@ -55,6 +51,7 @@ def inception_score(predictions: ArrayLike, split_size: int = IS_SPLIT_SIZE, fro
 
 @dataclass
 class InceptionFeatures:
+    """The network's three outputs for N images."""
     pool: torch.Tensor  # (N, 2048) pool_3
     spatial: torch.Tensor  # (N, 2023) mixed_6/conv[..., :7] flattened as (H, W, C)
     logits: torch.Tensor  # (N, 1008) bias-free logits pool_3 @ W
@@ -137,6 +134,7 @@ class InceptionFeatureExtractor:
         self.network.Mixed_6d.branch1x1.register_forward_hook(self.capture_spatial)
 
     def capture_spatial(self, module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        """Forward hook of Mixed_6d.branch1x1: keeps its output (N, 192, 17, 17) for the spatial features."""
         self.captured_spatial = output
 
     @torch.no_grad()

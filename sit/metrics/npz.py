@@ -1,41 +1,79 @@
-"""Image batches in the ADM .npz format (arr_0: uint8 (N, H, W, 3)), read without loading them whole."""
+"""Image batches and statistics in .npz files: reading them (images memory-mapped, not loaded whole)
+and writing them atomically. A file that is not a usable .npz is a MetricInputError naming it."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import zipfile
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
 
+from sit.files import atomic_write
+from sit.metrics.errors import MetricInputError
 
-def open_npz_images(path: str, key: str = "arr_0") -> np.ndarray:
-    """The (N, H, W, 3) uint8 images of an .npz, memory-mapped when stored uncompressed (np.savez),
-    else loaded into memory. Raises ValueError for anything else."""
+# What numpy and zipfile raise for a file that is not an .npz (or a damaged one).
+UNREADABLE_NPZ = (zipfile.BadZipFile, EOFError, ValueError)
+
+
+@contextlib.contextmanager
+def open_npz(path: str) -> Iterator[np.lib.npyio.NpzFile]:
+    """np.load of an .npz (arrays read on access); MetricInputError naming the file when it is none."""
+    try:
+        data = np.load(path)
+    except UNREADABLE_NPZ as error:
+        raise MetricInputError(f"{path} is not a readable .npz file ({error})") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise MetricInputError(f"{path} is not an .npz file (it holds a single array)")
+    with data:
+        yield data
+
+
+def read_stored_images(path: str, key: str) -> np.ndarray:
+    """The `key` array of an .npz: memory-mapped when stored uncompressed (np.savez), else loaded."""
     with zipfile.ZipFile(path) as archive:
         member = f"{key}.npy"
         if member not in archive.namelist():
-            raise ValueError(f"{path} has no {key!r} array (it holds {', '.join(archive.namelist())})")
+            raise MetricInputError(f"{path} has no {key!r} array (it holds {', '.join(archive.namelist())})")
         info = archive.getinfo(member)
-        if info.compress_type == zipfile.ZIP_STORED:
-            with archive.open(info) as stream:
-                version = np.lib.format.read_magic(stream)
-                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                               else np.lib.format.read_array_header_2_0)
-                shape, fortran_order, dtype = read_header(stream)
-                npy_header_size = stream.tell()
-            with open(path, "rb") as raw:
-                raw.seek(info.header_offset)
-                local_header = raw.read(30)  # zip local file header: name and extra lengths at bytes 26-30
-                name_length, extra_length = np.frombuffer(local_header[26:30], dtype="<u2")
-            offset = info.header_offset + 30 + int(name_length) + int(extra_length) + npy_header_size
-            images = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape,
-                               order="F" if fortran_order else "C")
-        else:
-            images = np.load(path)[key]
+        if info.compress_type != zipfile.ZIP_STORED:
+            return np.load(path)[key]
+        with archive.open(info) as stream:
+            version = np.lib.format.read_magic(stream)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran_order, dtype = read_header(stream)
+            npy_header_size = stream.tell()
+    with open(path, "rb") as raw:
+        raw.seek(info.header_offset)
+        local_header = raw.read(30)  # zip local file header: name and extra lengths at bytes 26-30
+        name_length, extra_length = np.frombuffer(local_header[26:30], dtype="<u2")
+    offset = info.header_offset + 30 + int(name_length) + int(extra_length) + npy_header_size
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran_order else "C")
+
+
+def open_npz_images(path: str, key: str = "arr_0") -> np.ndarray:
+    """The (N, H, W, 3) uint8 images of an .npz, memory-mapped when stored uncompressed (np.savez),
+    else loaded into memory. Raises MetricInputError (a ValueError) naming the file for anything else."""
+    try:
+        images = read_stored_images(path, key)
+    except MetricInputError:
+        raise
+    except UNREADABLE_NPZ as error:
+        raise MetricInputError(f"{path} is not a readable .npz file ({error})") from None
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"{path}: {key} must be uint8 images of shape (N, H, W, 3), got {images.dtype} {images.shape}")
+        raise MetricInputError(f"{path}: {key} must be uint8 images of shape (N, H, W, 3), "
+                               f"got {images.dtype} {images.shape}")
+    if len(images) == 0:
+        raise MetricInputError(f"{path}: {key} holds no images")
     return images
+
+
+def save_npz_atomic(path: str, **arrays: np.ndarray) -> None:
+    """np.savez (uncompressed, so open_npz_images can memory-map it) to a temporary file, then rename."""
+    atomic_write(path, functools.partial(np.savez, **arrays), suffix=".npz")
 
 
 class NpzBatches(torch.utils.data.Dataset):

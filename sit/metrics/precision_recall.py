@@ -5,6 +5,7 @@ from typing import Optional
 
 import torch
 
+from sit.metrics.errors import MetricInputError
 from sit.metrics.statistics import ArrayLike
 
 PR_NEIGHBOURHOOD = 3
@@ -19,9 +20,9 @@ def pairwise_squared_distances(rows: torch.Tensor, cols: torch.Tensor) -> torch.
 
 def manifold_radii(features: torch.Tensor, k: int = PR_NEIGHBOURHOOD, block_size: int = 4096) -> torch.Tensor:
     """Squared distance (N,) from each of features (N, D) to its k-th nearest neighbour (itself excluded,
-    as ADM: the (k+1)-th smallest distance including the zero to itself)."""
+    as ADM: the (k+1)-th smallest distance including the zero to itself). MetricInputError for N <= k."""
     if len(features) <= k:
-        raise ValueError(f"precision/recall need more than k={k} feature vectors, got {len(features)}")
+        raise MetricInputError(f"precision/recall need more than k={k} feature vectors, got {len(features)}")
     radii = []
     for start in range(0, len(features), block_size):
         distances = pairwise_squared_distances(features[start: start + block_size], features)  # (B, N)

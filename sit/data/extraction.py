@@ -1,0 +1,129 @@
+"""Writing a folder of cached latents (the format of sit.data.features): its meta.json, the check that
+an existing folder is this run's, the VAE encoding of its blocks, and the mark that it is complete.
+
+A run that stops leaves the finished blocks marked (done/<start>.ok); the same command continues
+with the others. Ranks take blocks in turn (sit.generation.blocks_of_rank).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from sit.data.features import block_marker, open_arrays, read_meta, write_meta
+from sit.data.images import TrainImageFolder
+from sit.errors import UsageError
+from sit.files import atomic_text, remove_temporaries
+from sit.generation import index_blocks
+from sit.vae import LATENT_CHANNELS, check_image_size, input_size_for, latent_shape
+
+# Settings that make a feature folder what it is: a rerun must agree on them.
+IDENTITY_KEYS = ("image_size", "vae", "num_images", "classes", "dtype", "block_size")
+# What a killed run may leave behind: atomic_text's temporaries in done/, atomic_json's beside meta.json.
+TEMPORARY_SUFFIXES = {"done": ".txt", ".": ".json"}
+
+
+@dataclass(frozen=True)
+class ExtractionConfig:
+    """What extract_features.py encodes, where to, and how (its flags' defaults)."""
+    data_path: str  # an ImageFolder, as train.py --data-path
+    features_path: str  # the output folder
+    image_size: int = 256
+    vae: str = "ema"  # ema, mse or a local diffusers folder, canonical (sit.vae.canonical_vae_name)
+    batch_size: int = 32  # images per process per VAE call
+    block_size: int = 1024  # images per resumable block
+    num_workers: int = 4
+    float32: bool = False  # store float32 instead of float16
+
+    @property
+    def dtype(self) -> str:
+        return "float32" if self.float32 else "float16"
+
+
+def open_image_folder(config: ExtractionConfig) -> TrainImageFolder:
+    """The images in train.py --data-path's order, unflipped: train.py's listing, so the same one-line
+    UsageErrors for a folder without class folders or images, and an unreadable image skipped with
+    a warning. --image-size must be a multiple of 8 (UsageError)."""
+    check_image_size(config.image_size, pixel_space=False)
+    return TrainImageFolder(config.data_path, config.image_size, random_flip=False)
+
+
+def build_meta(config: ExtractionConfig, dataset: TrainImageFolder) -> dict:
+    """meta.json's contents for this run (not yet complete); latent_shape is (4, image_size / 8, image_size / 8)."""
+    shape = latent_shape({"in_channels": LATENT_CHANNELS, "input_size": input_size_for(config.image_size, False)})
+    return dict(image_size=config.image_size, vae=config.vae, num_images=len(dataset), classes=dataset.classes,
+                dtype=config.dtype, block_size=config.block_size, latent_shape=list(shape),
+                data_path=os.path.abspath(config.data_path), complete=False)
+
+
+def prepare_feature_folder(config: ExtractionConfig, dataset: TrainImageFolder) -> dict:
+    """Check that an existing folder holds this run's features (UsageError naming --features-path
+    otherwise), or create the folder, its arrays and meta.json. Returns the folder's meta (one rank's job)."""
+    meta = build_meta(config, dataset)
+    existing = read_meta(config.features_path)
+    if existing is None:
+        os.makedirs(os.path.join(config.features_path, "done"), exist_ok=True)
+        open_arrays(config.features_path, meta, "w+")
+        write_meta(config.features_path, meta)
+        return meta
+    if existing.get("data_path") not in (None, meta["data_path"]):
+        raise UsageError(f"{config.features_path} holds features of {existing['data_path']}, not of --data-path "
+                         f"{meta['data_path']}; choose another --features-path")
+    different = [key for key in IDENTITY_KEYS if existing.get(key) != meta[key]]
+    if different:
+        raise UsageError(f"{config.features_path} holds features made with other settings "
+                         f"({', '.join(different)}); choose another --features-path")
+    for folder, suffix in TEMPORARY_SUFFIXES.items():
+        remove_temporaries(os.path.join(config.features_path, folder), suffix)
+    return existing
+
+
+def feature_blocks(meta: dict) -> list[range]:
+    """The folder's blocks of image indices, in order (the last may be shorter)."""
+    return index_blocks(meta["num_images"], meta["block_size"])
+
+
+def is_block_done(features_path: str, block: range) -> bool:
+    return os.path.exists(block_marker(features_path, block.start))
+
+
+@torch.no_grad()
+def encode_block(vae: Any, loader: DataLoader, device: torch.device) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Posterior mean and std of each image and its flip: (n, 2, C, h, w) each, and labels (n,)."""
+    means, stds, labels = [], [], []
+    for images, targets in loader:
+        images = images.to(device)                                   # (B, 3, H, W)
+        both = torch.cat([images, images.flip(dims=[3])], dim=0)     # (2B, 3, H, W)
+        posterior = vae.encode(both).latent_dist
+        batch = images.shape[0]
+        means.append(torch.stack(posterior.mean.split(batch), dim=1).cpu())  # (B, 2, C, h, w)
+        stds.append(torch.stack(posterior.std.split(batch), dim=1).cpu())    # (B, 2, C, h, w)
+        labels.append(targets)
+    return torch.cat(means).numpy(), torch.cat(stds).numpy(), torch.cat(labels).numpy()
+
+
+def encode_blocks(config: ExtractionConfig, dataset: TrainImageFolder, vae: Any, meta: dict, blocks: list[range],
+                  device: torch.device, show_progress: bool = True) -> None:
+    """Encode these blocks into the folder's arrays, each flushed and then marked done."""
+    mean_array, std_array, label_array = open_arrays(config.features_path, meta, "r+")
+    for block in tqdm(blocks, desc="blocks", disable=not show_progress):
+        loader = DataLoader(Subset(dataset, block), batch_size=config.batch_size, num_workers=config.num_workers,
+                            pin_memory=device.type == "cuda")
+        means, stds, labels = encode_block(vae, loader, device)
+        mean_array[block.start:block.stop], std_array[block.start:block.stop] = means, stds
+        label_array[block.start:block.stop] = labels
+        for array in (mean_array, std_array, label_array):
+            array.flush()
+        atomic_text(block_marker(config.features_path, block.start), f"{len(block)}\n")
+
+
+def mark_complete(features_path: str, meta: dict) -> bool:
+    """Record in meta.json whether every block is done; returns it."""
+    complete = all(is_block_done(features_path, block) for block in feature_blocks(meta))
+    write_meta(features_path, {**meta, "complete": complete})
+    return complete
