@@ -42,10 +42,12 @@ class TrainStep:
     @classmethod
     def create(cls, model: torch.nn.Module, *, transport: Transport, device: torch.device, lr: float,
                ddp_model: Optional[torch.nn.Module] = None, ema_state: Optional[dict] = None,
-               grad_checkpointing: bool = False, compile_blocks: bool = False, **options: Any) -> "TrainStep":
-        """The step for `model` (already on `device`, and wrapped for DDP as ddp_model): its EMA copy
-        (ema_state: restored weights), gradient checkpointing, --compile (compile_blocks), AdamW and the GradScaler.
-        options: the remaining fields (vae, from_features, precision, ema_decay, max_grad_norm)."""
+               grad_checkpointing: bool = False, compile_blocks: bool = False, vae: Any = None,
+               from_features: bool = False, precision: str = "fp32", ema_decay: float = 0.9999,
+               max_grad_norm: Optional[float] = None) -> "TrainStep":
+        """The step for `model` (already on `device`; ddp_model: the same wrapped for DDP) as train.py
+        builds it: the EMA copy (ema_state: weights to restore), gradient checkpointing, --compile
+        (compile_blocks), AdamW at lr and the GradScaler of the precision."""
         ema = deepcopy(model).requires_grad_(False).eval()  # after DDP's broadcast: the same start on every rank
         if ema_state is not None:
             ema.load_state_dict(ema_state)
@@ -53,9 +55,9 @@ class TrainStep:
         if compile_blocks:
             compile_model(model)  # after the EMA's deepcopy (see compile_model); DDP calls the compiled blocks
         opt = make_optimizer(model, lr=lr, weight_decay=0)  # the paper: AdamW, constant lr 1e-4, no weight decay
-        scaler = make_grad_scaler(options.get("precision", "fp32"), device)
-        return cls(model=model, ddp_model=model if ddp_model is None else ddp_model, ema=ema, opt=opt, scaler=scaler,
-                   transport=transport, device=device, **options)
+        return cls(model=model, ddp_model=model if ddp_model is None else ddp_model, ema=ema, opt=opt,
+                   scaler=make_grad_scaler(precision, device), transport=transport, device=device, vae=vae,
+                   from_features=from_features, precision=precision, ema_decay=ema_decay, max_grad_norm=max_grad_norm)
 
 
 @dataclass
