@@ -3,13 +3,15 @@
     python benchmarks/bench.py --model SiT-S/2 --image-size 256 --batch-size 4            # CPU
     python benchmarks/bench.py --model SiT-XL/2 --batch-size 64 --precision bf16 --compile  # GPU
 
-Baseline, shaped like the original train.py: fp32 weights (TF32 matmuls on GPU), the VAE encoding
-every batch, a per-parameter EMA loop, default AdamW, eager, `loss.item()` every step.
-Optimised: --precision autocast, optional torch.compile, fused EMA and AdamW, no per-step sync;
-measured from images (online VAE) and from cached latents (no VAE). Sampling: one guided ODE
-step and one guided SDE step (forward_with_cfg on 2N inputs), the original's (eager fp32; the SDE
-drift evaluating the model twice, for the velocity and for the score) against ours (--precision,
---compile as sample.py's; one model evaluation per SDE drift).
+Baseline (`original_train_step`, a copy shaped like the original train.py, kept only for comparison):
+fp32 weights (TF32 matmuls on GPU), the VAE encoding every batch, a per-parameter EMA loop, default
+AdamW, eager, `loss.item()` every step.
+Optimised: train.py's own step, `sit.training.step.train_step` (--precision autocast and GradScaler,
+optional torch.compile, fused EMA and AdamW, --max-grad-norm clipping, no per-step sync), measured
+from images (online VAE) and from cached latents (no VAE). Sampling: one guided ODE step and one
+guided SDE step (forward_with_cfg on 2N inputs) of the `transport` sampler's drift: the original's
+(`original_sde_drift`: eager fp32, the model evaluated twice, for the velocity and for the score)
+against ours (--precision, --compile as sample.py's; one model evaluation per SDE drift).
 Weights are random (speed does not depend on them); the VAE has the SD-VAE architecture.
 Prints images/s, peak memory, model TFLOP/s (FlopCounterMode) and, on a known GPU, the
 fraction of its dense bf16 peak.
@@ -18,44 +20,48 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import functools
 import os
 import resource
 import sys
 import time
 from collections import OrderedDict
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models import SiT_models  # noqa: E402
-from train_utils import (LATENT_SCALE, PRECISIONS, autocast, compile_for_sampling, compile_model, configure_precision,  # noqa: E402
-                         make_optimizer, update_ema)
-from transport import Sampler, create_transport  # noqa: E402
+from sit.cli import non_negative_int, positive_float, positive_int, run_main  # noqa: E402
+from sit.config import TransportConfig  # noqa: E402
+from sit.files import atomic_json  # noqa: E402
+from sit.speed import PRECISIONS, autocast, compile_for_sampling, configure_precision  # noqa: E402
+from sit.training.step import TrainStep, train_step  # noqa: E402
+from sit.vae import LATENT_SCALE, check_image_size  # noqa: E402
+from transport import Sampler  # noqa: E402
 
 MATMUL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Dense bf16 tensor-core peaks (TFLOP/s) of GPUs we know, by a substring of their name.
 GPU_BF16_PEAK = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "4090": 165.0}
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=list(SiT_models), default="SiT-S/2")
-    parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--image-size", type=positive_int, default=256, help="a multiple of 8")
+    parser.add_argument("--batch-size", type=positive_int, default=4)
     parser.add_argument("--precision", choices=list(PRECISIONS), default="bf16")
     parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per measurement")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (compilation happens here)")
+    parser.add_argument("--max-grad-norm", type=positive_float, default=None,
+                        help="clip the gradient norm in the optimised step, as train.py's flag (default: no clipping)")
+    parser.add_argument("--steps", type=positive_int, default=3, help="timed steps per measurement")
+    parser.add_argument("--warmup", type=non_negative_int, default=1, help="untimed steps first (compilation happens here)")
     parser.add_argument("--skip-baseline-train", action="store_true", help="only when the baseline does not fit")
     parser.add_argument("--json", type=str, default=None, help="also write the measured rows to this JSON file")
     parser.add_argument("--profile", action="store_true",
                         help="also print where the time of one baseline and one optimised ODE step goes (torch.profiler)")
-    args = parser.parse_args()
-    if args.image_size % 8 or args.batch_size <= 0 or args.steps <= 0 or args.warmup < 0:
-        parser.error("--image-size must be a multiple of 8; --batch-size and --steps positive")
-    return args
+    return parser.parse_args(argv)
 
 
 def sd_vae(device: torch.device):
@@ -104,6 +110,10 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype, size: int = 2048, re
     return 2 * size ** 3 / seconds / 1e12
 
 
+#################################################################################
+#          The original's training step: a baseline copy, for comparison only   #
+#################################################################################
+
 def original_update_ema(ema_model, model, decay=0.9999):
     """The original's EMA: one multiply-add per parameter, looked up by name."""
     ema_params = OrderedDict(ema_model.named_parameters())
@@ -112,42 +122,49 @@ def original_update_ema(ema_model, model, decay=0.9999):
             ema_params[name].mul_(decay).add_(param.data, alpha=1 - decay)
 
 
+def original_train_step(model, ema, opt, vae, transport, images: torch.Tensor, labels: torch.Tensor) -> None:
+    """The original train.py's step (baseline only): encode images (N, 3, H, W), fp32 loss, plain
+    AdamW step, per-parameter EMA, and a host sync for the logged loss."""
+    with torch.no_grad():
+        x = vae.encode(images).latent_dist.sample().mul_(LATENT_SCALE)
+    loss = transport.training_losses(model, x, dict(y=labels))["loss"].mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    original_update_ema(ema, model)
+    loss.item()
+
+
 class TrainBench:
-    """One model, EMA and optimizer with the step variants to time."""
+    """One model and the batches to time its training steps on: images and cached latents."""
 
     def __init__(self, args: argparse.Namespace, device: torch.device, vae):
         latent = args.image_size // 8
         self.model = SiT_models[args.model](input_size=latent).to(device).train()
-        self.ema = copy.deepcopy(self.model).requires_grad_(False)
-        self.transport = create_transport()
-        self.device, self.vae, self.precision = device, vae, args.precision
+        self.transport = TransportConfig().build()
+        self.device, self.vae = device, vae
         self.images = torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=device) * 2 - 1
         self.labels = torch.randint(0, 1000, (args.batch_size,), device=device)
         self.latent_mean = torch.randn(args.batch_size, 4, latent, latent, device=device)
         self.latent_std = torch.rand_like(self.latent_mean) * 0.1
 
-    def baseline_step(self, opt) -> None:
-        with torch.no_grad():
-            x = self.vae.encode(self.images).latent_dist.sample().mul_(LATENT_SCALE)
-        loss = self.transport.training_losses(self.model, x, dict(y=self.labels))["loss"].mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        original_update_ema(self.ema, self.model)
-        loss.item()
+    def baseline_seconds(self, args: argparse.Namespace) -> float:
+        """Seconds per step of the original's loop (its own EMA copy and default AdamW)."""
+        ema = copy.deepcopy(self.model).requires_grad_(False)
+        opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0)
+        step = functools.partial(original_train_step, self.model, ema, opt, self.vae, self.transport, self.images,
+                                 self.labels)
+        return time_steps(step, self.device, args.steps, args.warmup)
 
-    def optimised_step(self, model, opt, from_images: bool) -> None:
-        with torch.no_grad(), autocast(self.precision, self.device):
-            if from_images:
-                x = self.vae.encode(self.images).latent_dist.sample().float().mul_(LATENT_SCALE)
-            else:
-                x = (self.latent_mean + self.latent_std * torch.randn_like(self.latent_mean)) * LATENT_SCALE
-        with autocast(self.precision, self.device):
-            loss = self.transport.training_losses(model, x, dict(y=self.labels))["loss"].mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        update_ema(self.ema, self.model)
+    def library_steps(self, args: argparse.Namespace) -> dict[str, Callable[[], None]]:
+        """train.py's step (sit.training.step) as train.py builds it, from images and from cached latents."""
+        from_images = TrainStep.create(self.model, transport=self.transport, device=self.device, lr=1e-4,
+                                       compile_blocks=args.compile, vae=self.vae, precision=args.precision,
+                                       max_grad_norm=args.max_grad_norm)
+        from_latents = dataclasses.replace(from_images, vae=None, from_features=True)  # the same model, EMA, AdamW
+        return {"from images": functools.partial(train_step, from_images, [self.images], self.labels),
+                "cached latents": functools.partial(train_step, from_latents, [self.latent_mean, self.latent_std],
+                                                    self.labels)}
 
     def training_flops(self) -> int:
         """FLOPs of one training forward and backward of the model (VAE excluded)."""
@@ -161,6 +178,10 @@ class TrainBench:
         return counter.get_total_flops()
 
 
+#################################################################################
+#                               Sampler steps                                   #
+#################################################################################
+
 def guided_inputs(batch: int, latent: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Doubled noise (2N, 4, L, L), times (2N,) and labels (2N,) with the null label in the second half."""
     x = torch.randn(2 * batch, 4, latent, latent, device=device)
@@ -172,7 +193,7 @@ def guided_inputs(batch: int, latent: int, device: torch.device) -> tuple[torch.
 def ode_step_fn(model, batch: int, latent: int, device: torch.device, precision: str) -> Callable[[], None]:
     """One guided ODE step: the drift is one forward_with_cfg on (2N, 4, L, L)."""
     x, t, y = guided_inputs(batch, latent, device)
-    drift = Sampler(create_transport()).drift
+    drift = Sampler(TransportConfig().build()).drift
 
     def step():
         with torch.no_grad(), autocast(precision, device):
@@ -181,23 +202,24 @@ def ode_step_fn(model, batch: int, latent: int, device: torch.device, precision:
     return step
 
 
-def sde_step_fn(model, batch: int, latent: int, device: torch.device, precision: str, original: bool) -> Callable[[], None]:
-    """One guided SDE step's drift v + w(t) * score: the original evaluates the model once for the
-    velocity and again for the score; ours once for both."""
-    x, t, y = guided_inputs(batch, latent, device)
-    sampler = Sampler(create_transport())
-    sde_drift, diffusion = sampler._sde_drift_and_diffusion(diffusion_form="sigma")
+def original_sde_drift(sampler: Sampler, diffusion: Callable, x: torch.Tensor, t: torch.Tensor, model_fn: Callable,
+                       **kwargs) -> torch.Tensor:
+    """The original's SDE drift v + w(t) * score (baseline only): the model evaluated once for the
+    velocity and again for the score."""
+    return sampler.drift(x, t, model_fn, **kwargs) + diffusion(x, t) * sampler.score(x, t, model_fn, **kwargs)
 
-    def original_drift():
-        kwargs = dict(y=y, cfg_scale=4.0)
-        return sampler.drift(x, t, model.forward_with_cfg, **kwargs) + diffusion(x, t) * sampler.score(x, t, model.forward_with_cfg, **kwargs)
+
+def sde_step_fn(model, batch: int, latent: int, device: torch.device, precision: str, original: bool) -> Callable[[], None]:
+    """One guided SDE step's drift v + w(t) * score: the sampler's own (one model evaluation for
+    both), or with `original` the baseline's original_sde_drift."""
+    x, t, y = guided_inputs(batch, latent, device)
+    sampler = Sampler(TransportConfig().build())
+    sde_drift, diffusion = sampler._sde_drift_and_diffusion(diffusion_form="sigma")
+    drift = functools.partial(original_sde_drift, sampler, diffusion) if original else sde_drift
 
     def step():
         with torch.no_grad(), autocast(precision, device):
-            if original:
-                original_drift()
-            else:
-                sde_drift(x, t, model.forward_with_cfg, y=y, cfg_scale=4.0)
+            drift(x, t, model.forward_with_cfg, y=y, cfg_scale=4.0)
 
     return step
 
@@ -272,12 +294,13 @@ def report(name: str, seconds: float, batch: int, memory: float, flops: int = 0,
     return row
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: Optional[list[str]] = None) -> None:
+    args = parse_args(argv)
+    check_image_size(args.image_size, pixel_space=False)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    peak = next((value for key, value in GPU_BF16_PEAK.items() if key in name), 0.0)
-    print(f"device: {name}; torch {torch.__version__}; {args.model} at {args.image_size}px, batch {args.batch_size}; "
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    peak = next((value for key, value in GPU_BF16_PEAK.items() if key in device_name), 0.0)
+    print(f"device: {device_name}; torch {torch.__version__}; {args.model} at {args.image_size}px, batch {args.batch_size}; "
           f"optimised: {args.precision}{' + compile' if args.compile else ''}", flush=True)
     configure_precision("fp32")
     speeds = {name: matmul_tflops(device, dtype) for name, dtype in MATMUL_DTYPES.items()}
@@ -291,18 +314,14 @@ def main() -> None:
 
     if not args.skip_baseline_train:
         configure_precision("tf32")  # the original: fp32 weights, TF32 matmuls on GPU
-        opt = torch.optim.AdamW(bench.model.parameters(), lr=1e-4, weight_decay=0)
         reset_peak_memory(device)
-        seconds = time_steps(lambda: bench.baseline_step(opt), device, args.steps, args.warmup)
+        seconds = bench.baseline_seconds(args)
         rows["baseline"] = report("train, baseline (original loop)", seconds, args.batch_size, peak_memory_gib(device), flops, peak)
-        del opt
 
     configure_precision(args.precision)
-    model = compile_model(bench.model) if args.compile else bench.model  # train.py's --compile (after the EMA copy)
-    opt = make_optimizer(bench.model)
-    for from_images, label in ((True, "from images"), (False, "cached latents")):
+    for label, step in bench.library_steps(args).items():  # train.py's --compile applies to both (after the EMA copy)
         reset_peak_memory(device)
-        seconds = time_steps(lambda: bench.optimised_step(model, opt, from_images), device, args.steps, args.warmup)
+        seconds = time_steps(step, device, args.steps, args.warmup)
         rows[label] = report(f"train, optimised, {label}", seconds, args.batch_size, peak_memory_gib(device), flops, peak)
 
     measure_sampling(args, device, rows, peak)
@@ -311,24 +330,14 @@ def main() -> None:
     if "baseline" in rows:
         for label in ("from images", "cached latents"):
             print(f"training speed-up, {label}: {rows[label]['images_per_s'] / rows['baseline']['images_per_s']:.2f}x")
-    for name in ("ODE", "SDE"):
-        speed_up = rows[f"{name} optimised"]["images_per_s"] / rows[f"{name} baseline"]["images_per_s"]
-        print(f"sampling speed-up, {name} step: {speed_up:.2f}x")
+    for mode in ("ODE", "SDE"):
+        speed_up = rows[f"{mode} optimised"]["images_per_s"] / rows[f"{mode} baseline"]["images_per_s"]
+        print(f"sampling speed-up, {mode} step: {speed_up:.2f}x")
     if args.json:
-        write_json(args, name, rows)
-
-
-def write_json(args: argparse.Namespace, device_name: str, rows: dict) -> None:
-    """The settings and rows as JSON, written to a temporary name and renamed."""
-    import json
-
-    record = dict(device=device_name, torch=torch.__version__, model=args.model, image_size=args.image_size,
-                  batch_size=args.batch_size, precision=args.precision, compile=args.compile, rows=rows)
-    tmp_path = args.json + ".tmp"
-    with open(tmp_path, "w") as handle:
-        json.dump(record, handle, indent=2)
-    os.replace(tmp_path, args.json)
+        atomic_json(args.json, dict(device=device_name, torch=torch.__version__, model=args.model,
+                                    image_size=args.image_size, batch_size=args.batch_size, precision=args.precision,
+                                    compile=args.compile, max_grad_norm=args.max_grad_norm, rows=rows))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main, "bench.py"))

@@ -32,12 +32,19 @@ class Rule(enum.Enum):
 @dataclass(frozen=True)
 class Setting:
     """How one setting resolves. `conflict`/`warning` are message templates with {flag}, {given},
-    {held} and {source}; `same` compares a flag's value with the checkpoint's."""
+    {held} and {source}; `same` compares a flag's value with the checkpoint's. `incompatible`
+    (optional) names values that contradict even where the rule allows another value (e.g. pixels
+    against VAE latents for a WARN setting): those are an error with the `conflict` message."""
     rule: Rule = Rule.LOCKED
     default: Any = None
     conflict: str = "{flag} {given} but {source} was trained with {flag} {held}"
     warning: str = "{flag} {given} replaces the value {held} of {source}"
     same: Callable[[Any, Any], bool] = operator.eq
+    incompatible: Optional[Callable[[Any, Any], bool]] = None
+
+    def refuses(self, given: Any, held: Any) -> bool:
+        """Whether a flag's value that differs from the checkpoint's is an error."""
+        return self.rule == Rule.LOCKED or (self.incompatible is not None and self.incompatible(given, held))
 
 
 @dataclass
@@ -73,12 +80,13 @@ def resolve_settings(settings: Mapping[str, Setting], given: Mapping[str, Any], 
     for key, setting in settings.items():
         if key in given:
             values[key], origin[key] = given[key], "flag"
-            if key in stored and not setting.same(given[key], stored[key]) and setting.rule != Rule.FREE:
+            if key in stored and not setting.same(given[key], stored[key]):
                 words = dict(flag="--" + key.replace("_", "-"), given=given[key], source=source,
                              held=(held_display or {}).get(key, stored[key]))
-                if setting.rule == Rule.LOCKED:
+                if setting.refuses(given[key], stored[key]):
                     raise UsageError(setting.conflict.format(**words) + hint)
-                warnings.append(setting.warning.format(**words))
+                if setting.rule == Rule.WARN:
+                    warnings.append(setting.warning.format(**words))
         elif key in stored:
             values[key], origin[key] = stored[key], "checkpoint"
         else:

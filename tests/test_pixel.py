@@ -139,21 +139,29 @@ def test_pixel_model_config_and_image_size_checks():
 
 
 def test_lr_and_ema_decay_come_from_the_checkpoint_unless_given():
+    from sit.checkpoint import settings_of
+    from sit.training.settings import resolve_train_config
+
+    def resolve(argv, checkpoint):
+        args, explicit = train.parse_args(argv)
+        return resolve_train_config(vars(args), explicit, settings_of(checkpoint), source="the checkpoint c.pt",
+                                    train_steps=checkpoint["train_steps"])
+
     stored = argparse.Namespace(lr=1e-3, ema_decay=0.99, global_batch_size=8, global_seed=0, random_flip=False)
     checkpoint = {"args": stored, "train_steps": 40}
     args, explicit = train.parse_args(["--data-path", "x"])
     assert (args.lr, args.ema_decay, args.random_flip) == (1e-4, 0.9999, True)  # the defaults
-    assert train.adopt_checkpoint_settings(args, explicit, checkpoint, "c.pt") == []
-    assert (args.lr, args.ema_decay, args.random_flip) == (1e-3, 0.99, False)
-    args, explicit = train.parse_args(["--data-path", "x", "--lr", "5e-4", "--ema-decay", "0.99"])
-    warnings = train.adopt_checkpoint_settings(args, explicit, checkpoint, "c.pt")
+    config, warnings = resolve(["--data-path", "x"], checkpoint)
+    assert warnings == []
+    assert (config.optim.lr, config.optim.ema_decay, config.data.random_flip) == (1e-3, 0.99, False)
+    config, warnings = resolve(["--data-path", "x", "--lr", "5e-4", "--ema-decay", "0.99"], checkpoint)
     assert warnings == ["--lr 0.0005 replaces the checkpoint's 0.001 from step 40 on: the run will differ from "
                         "an uninterrupted one"]
-    assert (args.lr, args.ema_decay) == (5e-4, 0.99)
+    assert (config.optim.lr, config.optim.ema_decay) == (5e-4, 0.99)
     older = {"args": argparse.Namespace(global_batch_size=8, global_seed=0), "train_steps": 1}
-    args, explicit = train.parse_args(["--data-path", "x"])
-    assert train.adopt_checkpoint_settings(args, explicit, older, "c.pt") == []
-    assert (args.lr, args.ema_decay) == (1e-4, 0.9999)  # what older checkpoints were trained with
+    config, warnings = resolve(["--data-path", "x"], older)
+    assert warnings == []
+    assert (config.optim.lr, config.optim.ema_decay) == (1e-4, 0.9999)  # what older checkpoints were trained with
 
 
 @pytest.mark.parametrize("flag, value, message", [("--lr", "0", "must be a positive number"),

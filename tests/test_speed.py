@@ -22,8 +22,13 @@ from conftest import REPO, make_image_folder
 
 import train
 from models import SiT
-from train_utils import (PRECISIONS, DistContext, ResumableDistributedSampler, compile_for_sampling, compile_model,
-                         make_grad_scaler, make_optimizer)
+from sit.data.images import TrainImageFolder
+from sit.data.order import ResumableDistributedSampler
+from sit.distributed import DistContext
+from sit.speed import PRECISIONS, compile_for_sampling, compile_model
+from sit.training.optimizer import make_optimizer
+from sit.training.step import TrainStep, train_step, training_latents
+from sit.vae import LATENT_SCALE
 from transport import Sampler, create_transport
 
 CPU = torch.device("cpu")
@@ -41,14 +46,10 @@ def tiny_sit(depth: int = 1, input_size: int = 4, seed: int = 0) -> SiT:
     return model
 
 
-def fake_run(model: SiT, *, features: bool, precision: str = "fp32", vae=None, max_grad_norm=None):
-    """The parts of train.Run that train_step uses."""
-    args = SimpleNamespace(feature_path="features" if features else None, precision=precision, ema_decay=0.9999,
-                           max_grad_norm=max_grad_norm)
-    return SimpleNamespace(args=args, ctx=SimpleNamespace(device=CPU), vae=vae, model=model, ddp_model=model,
-                           ema=deepcopy(model).requires_grad_(False), opt=make_optimizer(model),
-                           scaler=make_grad_scaler(precision, CPU), monitor=train.LossMonitor(1),
-                           transport=create_transport())
+def fake_step(model: SiT, *, features: bool, precision: str = "fp32", vae=None, max_grad_norm=None) -> TrainStep:
+    """train.py's training step for `model` in one CPU process (from cached latents with `features`)."""
+    return TrainStep.create(model, transport=create_transport(), device=CPU, lr=1e-4, vae=vae, from_features=features,
+                            precision=precision, ema_decay=0.9999, max_grad_norm=max_grad_norm)
 
 
 def tiny_vae_module():
@@ -73,29 +74,29 @@ def test_training_step_from_features_equals_step_from_images_given_equal_noise()
     mean, std = posterior.mean.clone(), posterior.std.clone()  # what extract_features.py stores (float32 here)
 
     model = tiny_sit()
-    from_images = fake_run(deepcopy(model), features=False, vae=vae, max_grad_norm=1e-3)
-    from_features = fake_run(deepcopy(model), features=True, max_grad_norm=1e-3)
+    from_images = fake_step(deepcopy(model), features=False, vae=vae, max_grad_norm=1e-3)
+    from_features = fake_step(deepcopy(model), features=True, max_grad_norm=1e-3)
     torch.manual_seed(7)
-    loss_images = train.train_step(from_images, [images], labels)
+    step_images = train_step(from_images, [images], labels)
     torch.manual_seed(7)
-    loss_features = train.train_step(from_features, [mean, std], labels)
+    step_features = train_step(from_features, [mean, std], labels)
 
-    assert torch.equal(loss_images, loss_features)
+    assert torch.equal(step_images.loss, step_features.loss)
     for name, param in from_images.model.state_dict().items():
         assert torch.equal(param, from_features.model.state_dict()[name]), name
-    # --max-grad-norm recorded the norm before clipping, the same on both paths, and clipped to 1e-3
-    (norm_images,), (norm_features,) = from_images.monitor.grad_norms, from_features.monitor.grad_norms
+    # --max-grad-norm returned the norm before clipping, the same on both paths, and clipped to 1e-3
+    norm_images, norm_features = step_images.grad_norm, step_features.grad_norm
     assert torch.equal(norm_images, norm_features) and norm_images.item() > 1e-3
     # the fresh latent itself is what the VAE samples with the same draw of torch.randn
     torch.manual_seed(3)
-    expected = posterior.sample() * train.LATENT_SCALE
+    expected = posterior.sample() * LATENT_SCALE
     torch.manual_seed(3)
-    assert torch.equal(train.training_latents(from_features, [mean, std]), expected)
+    assert torch.equal(training_latents(from_features, [mean, std]), expected)
 
 
 def test_sampler_items_carry_the_epoch_for_persistent_workers(tmp_path):
     folder = make_image_folder(str(tmp_path / "images"), num_classes=1, per_class=4)
-    dataset = train.TrainImageFolder(folder, 32, seed=0)
+    dataset = TrainImageFolder(folder, 32, seed=0)
     sampler = ResumableDistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=0, with_epoch=True)
     sampler.set_epoch(3, skip=1)
     items = list(sampler)
@@ -163,13 +164,13 @@ def test_feature_path_training_resumes_exactly(feature_runs):
         cut_log = handle.read()
     assert LOSS_LINE.findall(straight_log) == LOSS_LINE.findall(cut_log) and len(LOSS_LINE.findall(cut_log)) == 5
     assert "Grad Norm:" in straight_log
-    assert straight["args"].feature_path == str(root / "feat") and straight["args"].data_path is None
+    assert straight["args"]["feature_path"] == str(root / "feat") and straight["args"]["data_path"] is None
 
 
 def write_tiny_features(folder: str, vae: str) -> str:
     """A complete feature folder of 4 images (2 classes, 32 px): every latent mean is 0.5 for the
     image and -0.5 for its flip, std 0.1."""
-    from features import open_arrays, write_meta
+    from sit.data.features import open_arrays, write_meta
 
     os.makedirs(folder)
     meta = dict(image_size=32, vae=vae, num_images=4, classes=["a", "b"], dtype="float32", block_size=4,
@@ -182,10 +183,13 @@ def write_tiny_features(folder: str, vae: str) -> str:
 
 
 def test_no_random_flip_reaches_the_feature_dataset(tmp_path, tiny_vae):
+    from sit.training.data import open_training_data
+    from sit.training.settings import resolve_train_config
+
     feat = write_tiny_features(str(tmp_path / "feat"), tiny_vae)
     for flag, means in (("--random-flip", {0.5, -0.5}), ("--no-random-flip", {0.5})):
         args, explicit = train.parse_args(["--feature-path", feat, *TINY, flag])
-        dataset = train.open_feature_dataset(args, explicit)
+        dataset = open_training_data(resolve_train_config(vars(args), explicit)[0])
         seen = {dataset[(epoch, index)][0][0, 0, 0].item() for epoch in range(4) for index in range(4)}
         assert seen == means, flag
 
@@ -194,22 +198,29 @@ def test_every_rank_takes_the_same_collectives_around_a_feature_path_preview(tmp
     """--feature-path with --sample-every and --fid-every in a 2-process job, rank by rank in-process:
     rank 0 loads a VAE for the preview grid, yet both ranks join the same checks (a rank skipping
     one would leave the other waiting forever) and both decode the FID samples with a VAE."""
-    collectives, loads = [], []
-    monkeypatch.setattr(train, "all_ranks_ok", lambda ok, device: collectives.append(ok) or ok)
-    monkeypatch.setattr(train, "load_vae", lambda name, device: loads.append(name) or f"vae {name}")
-    monkeypatch.setattr(train, "save_preview", lambda *args: None)
+    import sit.distributed
+    import sit.training.decoder
+    import sit.training.loop
+    from sit.log import create_logger
+    from sit.training.decoder import RunVAE
+
+    collectives, loads = [], []  # what each rank reports at each agreement: whether it failed
+    monkeypatch.setattr(sit.distributed, "any_rank", lambda failed, device, group=None: collectives.append(failed) or failed)
+    monkeypatch.setattr(sit.training.decoder, "load_vae", lambda name, device: loads.append(name) or f"vae {name}")
+    monkeypatch.setattr(sit.training.loop, "save_preview", lambda *args: None)
     traces = {}
     for rank in (0, 1):
         collectives.clear(), loads.clear()
-        run = SimpleNamespace(args=SimpleNamespace(feature_path="feat", vae="ema", cfg_scale=4.0), vae=None,
-                              ctx=DistContext(rank=rank, world_size=2, local_rank=rank, device=CPU),
-                              experiment_dir=str(tmp_path) if rank == 0 else None, state=train.TrainState(2),
-                              preview_vae_failed=False, fid_decoder_ready=False, logger=train.create_logger(None, False),
-                              wandb_run=None, ema=None, transport=None, preview=None)
-        train.save_samples(run)  # step 2: the preview grid
-        decoders = [train.decoder_for_fid(run) for _ in range(2)]  # FID at steps 2 and 4
+        ctx = DistContext(rank=rank, world_size=2, local_rank=rank, device=CPU)
+        run = SimpleNamespace(config=SimpleNamespace(run=SimpleNamespace(cfg_scale=4.0)), ctx=ctx,
+                              vae=RunVAE.at_start(ctx, "ema", from_features=True),
+                              experiment_dir=str(tmp_path) if rank == 0 else None,
+                              state=sit.training.loop.TrainState(2), logger=create_logger(None, False),
+                              wandb_run=None, step=SimpleNamespace(ema=None, transport=None), preview=None)
+        sit.training.loop.save_samples(run)  # step 2: the preview grid
+        decoders = [run.vae.for_fid(ctx) for _ in range(2)]  # FID at steps 2 and 4
         traces[rank] = (list(collectives), list(loads), decoders)
-    assert traces[0] == traces[1] == ([True, True], ["ema"], ["vae ema", "vae ema"])
+    assert traces[0] == traces[1] == ([False, False], ["ema"], ["vae ema", "vae ema"])
 
 
 def test_feature_path_loads_no_vae_unless_a_preview_is_due(tmp_path, tiny_vae, monkeypatch):
@@ -228,9 +239,12 @@ def test_feature_path_loads_no_vae_unless_a_preview_is_due(tmp_path, tiny_vae, m
     def no_signal_handlers(self):
         pass
 
-    monkeypatch.setattr(train.StopSignal, "install", no_signal_handlers)
-    monkeypatch.setattr(train, "load_vae", counting_load_vae)
-    monkeypatch.setattr(train, "load_vae_on_all_ranks", refuse)
+    import sit.training.decoder
+    from sit.training.signals import StopSignal
+
+    monkeypatch.setattr(StopSignal, "install", no_signal_handlers)
+    monkeypatch.setattr(sit.training.decoder, "load_vae", counting_load_vae)
+    monkeypatch.setattr(sit.training.decoder, "load_vae_on_all_ranks", refuse)
     base = ["--feature-path", feat, *TINY, "--global-batch-size", "2", "--num-workers", "0", "--max-steps", "2",
             "--ckpt-every", "100000", "--log-every", "1"]
     train.main([*base, "--results-dir", str(tmp_path / "a"), "--sample-every", "100000"])
@@ -335,13 +349,13 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 def train_losses(precision: str, steps: int = 6) -> tuple[list[float], object]:
     """Losses of `steps` feature-path train steps of a tiny model (hidden 32, depth 1) at a precision."""
-    run = fake_run(tiny_sit(input_size=8), features=True, precision=precision)
+    step = fake_step(tiny_sit(input_size=8), features=True, precision=precision)
     generator = torch.Generator().manual_seed(1)
     mean, std = torch.randn(8, 4, 8, 8, generator=generator), torch.rand(8, 4, 8, 8, generator=generator) * 0.1
     labels = torch.randint(0, 2, (8,), generator=generator)
     torch.manual_seed(0)
-    losses = [train.train_step(run, [mean, std], labels).item() for _ in range(steps)]
-    return losses, run
+    losses = [train_step(step, [mean, std], labels).loss.item() for _ in range(steps)]
+    return losses, step
 
 
 # bf16 keeps 8 mantissa bits (per-element relative error ~4e-3); the mean loss over a batch averages

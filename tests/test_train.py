@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO, make_image_folder, make_tiny_vae
+from sit.errors import RunFailure, UsageError
 
 TRAIN = os.path.join(REPO, "train.py")
 TINY_CONFIG = {"depth": 1, "hidden_size": 32, "num_heads": 2}
@@ -127,8 +128,8 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(single_runs):
     assert straight_losses == resumed_losses
     assert "Resumed from" in single_runs["resumed"].stdout and "at step 4 (epoch 1, batch 1)" in single_runs["resumed"].stdout
     # The command line kept what it owns; the model settings came from the checkpoint.
-    assert resumed["args"].num_workers == 0 and resumed["args"].max_steps == 6
-    assert resumed["model_config"]["hidden_size"] == 32 and resumed["args"].image_size == 32
+    assert resumed["args"]["num_workers"] == 0 and resumed["args"]["max_steps"] == 6
+    assert resumed["model_config"]["hidden_size"] == 32 and resumed["args"]["image_size"] == 32
 
 
 @pytest.mark.slow
@@ -143,15 +144,15 @@ def test_unreadable_image_is_skipped_with_a_warning_naming_it(single_runs, works
 def test_resume_refuses_other_model_or_transport_settings(single_runs, workspace, capsys, monkeypatch):
     import train
 
-    forbid_heavy_work(monkeypatch, train)
+    forbid_heavy_work(monkeypatch)
     experiment = single_runs["interrupted_dir"]
     base = ["--data-path", str(workspace / "data"), "--resume", experiment]
     for flag, value, stored in (("--model", "SiT-B/2", "SiT-S/2"), ("--prediction", "noise", "velocity"),
                                 ("--image-size", "64", "32")):
-        with pytest.raises(SystemExit) as error:
+        with pytest.raises(UsageError) as error:
             train.main(base + [flag, value])
-        message = str(error.value.code)
-        assert message.startswith("train.py: error:") and "\n" not in message
+        message = str(error.value)
+        assert "\n" not in message
         assert f"{flag} {value} but the checkpoint" in message and f"{flag} {stored}" in message
 
 
@@ -227,7 +228,7 @@ def test_two_process_run_logs_and_writes_a_complete_checkpoint(torchrun_runs):
             "experiment_dir", "wandb_id"} <= set(checkpoint)
     # 9 files over 2 ranks: 5 each, local batch 2 -> 2 batches an epoch; step 3 is epoch 1, batch 1.
     assert (checkpoint["train_steps"], checkpoint["epoch"], checkpoint["epoch_step"]) == (3, 1, 1)
-    assert isinstance(checkpoint["args"], argparse.Namespace) and checkpoint["args"].global_batch_size == 4
+    assert isinstance(checkpoint["args"], dict) and checkpoint["args"]["global_batch_size"] == 4
     assert len(checkpoint["rng"]) == 2 and not torch.equal(checkpoint["rng"][0]["cpu"], checkpoint["rng"][1]["cpu"])
     assert checkpoint["model_config"] == dict(input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=1,
                                               num_heads=2, mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=2,
@@ -261,9 +262,9 @@ def test_two_process_resume_and_wandb_run_id_reuse(torchrun_runs):
 
 @pytest.mark.slow
 def test_checkpoint_loads_for_sampling_without_extra_flags(torchrun_runs):
-    import download
+    from sit.checkpoint import load_model
 
-    model, info = download.load_model(os.path.join(torchrun_runs["experiment"], "checkpoints", "0000004.pt"))
+    model, info = load_model(os.path.join(torchrun_runs["experiment"], "checkpoints", "0000004.pt"))
     assert (info["image_size"], info["num_classes"], info["in_channels"]) == (32, 2, 4)
     assert info["transport"]["path_type"] == "Linear" and info["transport"]["prediction"] == "velocity"
     assert model.config["hidden_size"] == 32
@@ -273,12 +274,16 @@ def test_checkpoint_loads_for_sampling_without_extra_flags(torchrun_runs):
 #                 Bad input: one line, non-zero exit, before heavy work          #
 #################################################################################
 
-def forbid_heavy_work(monkeypatch, train_module) -> None:
+def forbid_heavy_work(monkeypatch) -> None:
+    """Joining the job or loading a VAE fails the test: the checks must come before both."""
+    import sit.training.decoder
+    import sit.training.launch
+
     def heavy(*args, **kwargs):
         raise AssertionError("heavy work started before the input was checked")
 
-    monkeypatch.setattr(train_module, "load_vae", heavy)
-    monkeypatch.setattr(train_module, "setup_distributed", heavy)
+    monkeypatch.setattr(sit.training.decoder, "load_vae", heavy)
+    monkeypatch.setattr(sit.training.launch, "setup_distributed", heavy)
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(key, raising=False)
 
@@ -321,17 +326,17 @@ def bad_input_cases(tmp_path, tiny_data, vae_dir):
 def test_bad_inputs_end_with_one_line_before_heavy_work(tmp_path, tiny_data, monkeypatch):
     import train
 
-    forbid_heavy_work(monkeypatch, train)
+    forbid_heavy_work(monkeypatch)
     vae_dir = str(tmp_path / "vae")
     os.makedirs(vae_dir)  # the checks only need the folder; nothing may load it
     for name, argv, env, expected in bad_input_cases(tmp_path, tiny_data, vae_dir):
         with monkeypatch.context() as patch:
             for key, value in env.items():
                 patch.setenv(key, value)
-            with pytest.raises(SystemExit) as error:
+            with pytest.raises(UsageError) as error:
                 train.main(argv)
-        message = str(error.value.code)
-        assert message.startswith("train.py: error: ") and "\n" not in message, (name, message)
+        message = str(error.value)
+        assert "\n" not in message, (name, message)
         assert expected in message, (name, message)
 
 
@@ -354,7 +359,7 @@ def test_command_line_errors_are_argparse_errors(argv, expected, capsys):
 def test_real_process_exits_non_zero_with_one_line(workspace):
     result = run_train(["--data-path", str(workspace / "data"), "--vae", str(workspace / "vae"), *TINY,
                         "--image-size", "36"], str(workspace))
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["train.py: error: --image-size must be a multiple of 8 "
                                                   "(the VAE downsamples by 8), got 36"]
 
@@ -362,66 +367,64 @@ def test_real_process_exits_non_zero_with_one_line(workspace):
 def test_fid_guidance_without_label_dropout_is_a_bad_input(tmp_path, tiny_data, monkeypatch):
     import train
 
-    forbid_heavy_work(monkeypatch, train)
+    forbid_heavy_work(monkeypatch)
     vae_dir = str(tmp_path / "vae")
     os.makedirs(vae_dir)
     no_dropout = json.dumps(dict(TINY_CONFIG, class_dropout_prob=0))
     argv = ["--data-path", tiny_data, "--vae", vae_dir, *TINY, "--model-config", no_dropout, "--fid-every", "5",
             "--fid-ref", os.path.join(tiny_data, "class0", "0.png"), "--fid-cfg-scale", "1.5"]  # any file as --fid-ref
-    with pytest.raises(SystemExit) as error:
+    with pytest.raises(UsageError) as error:
         train.main(argv)
-    assert str(error.value.code) == ("train.py: error: --fid-cfg-scale 1.5 needs a model with label dropout (its "
-                                     "null class), but class_dropout_prob is 0: use --fid-cfg-scale 1")
+    assert str(error.value) == ("--fid-cfg-scale 1.5 needs a model with label dropout (its "
+                                "null class), but class_dropout_prob is 0: use --fid-cfg-scale 1")
 
 
 #################################################################################
 #                       Resume: another --vae, unreadable newest                 #
 #################################################################################
 
-def test_resume_takes_another_vae_path_with_a_warning_but_never_switches_pixels_and_latents(tmp_path):
+def resolve_against(argv: list, checkpoint: dict) -> tuple:
+    """(TrainConfig, warnings) of train.py's flags resolved against a checkpoint named ckpt.pt."""
     import train
+    from sit.checkpoint import settings_of
+    from sit.training.settings import resolve_train_config
 
+    args, explicit = train.parse_args(argv)
+    return resolve_train_config(vars(args), explicit, settings_of(checkpoint), source="the checkpoint ckpt.pt",
+                                train_steps=checkpoint["train_steps"])
+
+
+def test_resume_takes_another_vae_path_with_a_warning_but_never_switches_pixels_and_latents(tmp_path):
     moved = str(tmp_path / "moved_vae")
     os.makedirs(moved)
     checkpoint = {"args": argparse.Namespace(vae="/old/place/vae"), "train_steps": 4}
-    args, explicit = train.parse_args(["--data-path", "x", "--vae", moved])
-    warnings = train.adopt_checkpoint_settings(args, explicit, checkpoint, "ckpt.pt")
-    assert args.vae == moved
+    config, warnings = resolve_against(["--data-path", "x", "--vae", moved], checkpoint)
+    assert config.model.vae == moved
     assert warnings == [f"--vae {moved} replaces the checkpoint's /old/place/vae: fine for a copy of the same VAE "
                         f"(or ema/mse, which share the encoder); another encoder changes what the model learns"]
-    args, explicit = train.parse_args(["--data-path", "x"])
-    assert train.adopt_checkpoint_settings(args, explicit, checkpoint, "ckpt.pt") == [] and args.vae == "/old/place/vae"
+    config, warnings = resolve_against(["--data-path", "x"], checkpoint)
+    assert warnings == [] and config.model.vae == "/old/place/vae"
     for given, held in (("none", "/old/place/vae"), ("ema", "none")):
-        args, explicit = train.parse_args(["--data-path", "x", "--vae", given])
-        with pytest.raises(SystemExit) as error:
-            train.adopt_checkpoint_settings(args, explicit, {"args": argparse.Namespace(vae=held)}, "ckpt.pt")
-        assert str(error.value.code).startswith(f"train.py: error: --vae {given} but the checkpoint ckpt.pt was "
-                                                f"trained with --vae {held}; a model learns either pixels")
+        with pytest.raises(UsageError) as error:
+            resolve_against(["--data-path", "x", "--vae", given], {"args": {"vae": held}, "train_steps": 4})
+        assert str(error.value).startswith(f"--vae {given} but the checkpoint ckpt.pt was "
+                                           f"trained with --vae {held}; a model learns either pixels")
 
 
-class Started(Exception):
-    """Raised by a stand-in for train.train: what main() would have trained with."""
-
-
-def start_in_process(monkeypatch, argv: list) -> tuple:
-    """train.main(argv) up to the start of training: (source, checkpoint, warnings) it would train from."""
+def prepare_in_process(argv: list):
+    """What train.main(argv) would train: the checked plan, with its start point and warnings."""
     import train
-    from train_utils import DistContext
+    from sit.distributed import launched_world_size
+    from sit.training.launch import prepare_training
 
-    def capture(args, ctx, dataset, checkpoint, resuming, source, warnings, stop):
-        raise Started(source, checkpoint, warnings)
-
-    monkeypatch.setattr(train, "train", capture)
-    monkeypatch.setattr(train, "setup_distributed", lambda: DistContext(0, 1, 0, torch.device("cpu")))
-    monkeypatch.setattr(train.StopSignal, "install", lambda self: None)
-    with pytest.raises(Started) as started:
-        train.main(argv)
-    return started.value.args
+    args, explicit = train.parse_args(argv)
+    return prepare_training(vars(args), explicit, launched_world_size())
 
 
 def test_resume_skips_an_unreadable_newest_checkpoint_unless_named(tmp_path, tiny_data, monkeypatch):
     import train
 
+    forbid_heavy_work(monkeypatch)
     vae_dir = str(tmp_path / "vae")
     os.makedirs(vae_dir)
     common = ["--data-path", tiny_data, "--vae", vae_dir, *TINY, "--results-dir", str(tmp_path / "results")]
@@ -434,16 +437,17 @@ def test_resume_skips_an_unreadable_newest_checkpoint_unless_named(tmp_path, tin
     with open(truncated, "r+b") as handle:
         handle.truncate(os.path.getsize(truncated) // 2)
     for resume in (["--resume"], ["--resume", str(folder.parent)]):
-        source, checkpoint, warnings = start_in_process(monkeypatch, common + resume)
-        assert source == str(folder / "0000002.pt") and checkpoint["train_steps"] == 2
+        plan = prepare_in_process(common + resume)
+        assert plan.start.source == str(folder / "0000002.pt") and plan.start.checkpoint["train_steps"] == 2
+        warnings = plan.warnings
         assert len(warnings) == 1 and warnings[0].startswith(f"skipped {truncated}: {truncated} is not a readable "
                                                              f"PyTorch checkpoint (truncated")
         assert warnings[0].endswith("; resuming from the checkpoint before it")
     for named in (["--resume", truncated], ["--ckpt", truncated]):
-        with pytest.raises(SystemExit) as error:
+        with pytest.raises(UsageError) as error:
             train.main(common + named)
-        message = str(error.value.code)
-        assert message.startswith(f"train.py: error: {truncated} is not a readable PyTorch checkpoint")
+        message = str(error.value)
+        assert message.startswith(f"{truncated} is not a readable PyTorch checkpoint")
         assert "\n" not in message
 
 
@@ -452,7 +456,7 @@ def test_resume_skips_an_unreadable_newest_checkpoint_unless_named(tmp_path, tin
 #################################################################################
 
 def test_atomic_write_syncs_before_renaming_and_gives_the_umask_permissions(tmp_path, monkeypatch):
-    from train_utils import atomic_write
+    from sit.files import atomic_write
 
     events = []  # (call, real path) of os.fsync and os.replace, in order
     fsync, replace = os.fsync, os.replace
@@ -487,52 +491,92 @@ def test_atomic_write_syncs_before_renaming_and_gives_the_umask_permissions(tmp_
 
 
 def rank_run(tmp_path, rank: int) -> object:
-    """The parts of train.Run that save_checkpoint and save_samples use, for `rank` of a 2-process job."""
+    """The parts of sit.training.loop.TrainingRun that save_checkpoint and save_samples use, for `rank`
+    of a 2-process job."""
     import logging
     from types import SimpleNamespace
 
-    import train
     from models import SiT
-    from train_utils import DistContext, make_optimizer
+    from sit.distributed import DistContext
+    from sit.training.decoder import RunVAE
+    from sit.training.loop import TrainState
+    from sit.training.monitor import LossMonitor
+    from sit.training.step import TrainStep
+    from transport import create_transport
 
     model = SiT(input_size=4, patch_size=2, hidden_size=32, depth=1, num_heads=2, num_classes=2)
-    args = argparse.Namespace(feature_path=None, cfg_scale=4.0)
-    return SimpleNamespace(model=model, ema=model, opt=make_optimizer(model), args=args,
-                           state=train.TrainState(3, 1, 0), ctx=DistContext(rank, 2, rank, torch.device("cpu")),
-                           experiment_dir=str(tmp_path) if rank == 0 else None, monitor=train.LossMonitor(1),
-                           scaler=None, wandb_run=None, logger=logging.getLogger("test"), last_saved_step=None,
-                           vae=None, transport=None, preview=None)
+    step = TrainStep.create(model, transport=create_transport(), device=torch.device("cpu"), lr=1e-4)
+    config = SimpleNamespace(settings=lambda: {"model": "SiT-S/2"}, run=SimpleNamespace(cfg_scale=4.0))
+    return SimpleNamespace(step=step, config=config, state=TrainState(3, 1, 0),
+                           ctx=DistContext(rank, 2, rank, torch.device("cpu")),
+                           experiment_dir=str(tmp_path) if rank == 0 else None, monitor=LossMonitor(1),
+                           wandb_run=None, logger=logging.getLogger("test"), last_saved_step=None,
+                           vae=RunVAE("none", torch.device("cpu")), preview=None)
+
+
+def agreement_as_rank(monkeypatch, rank: int, reported: list, message: str = "") -> None:
+    """sit.distributed's collectives as `rank` of a 2-process job in which rank 0 fails (with message):
+    `reported` collects what this rank tells the others (whether it failed)."""
+    import sit.distributed
+
+    monkeypatch.setattr(sit.distributed, "any_rank", lambda failed, device, group=None: reported.append(failed) or True)
+    monkeypatch.setattr(sit.distributed, "gather_objects", lambda report: [("run", message), report])
 
 
 @pytest.mark.parametrize("what", ["checkpoint", "preview grid"])
 def test_rank_0_write_failure_stops_every_rank_with_one_line(what, tmp_path, monkeypatch):
     import errno
 
-    import train
+    import sit.checkpoint
+    import sit.training.loop
 
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(train, "atomic_torch_save" if what == "checkpoint" else "save_preview", no_space)
-    save = train.save_checkpoint if what == "checkpoint" else train.save_samples
+    if what == "checkpoint":
+        monkeypatch.setattr(sit.checkpoint, "atomic_torch_save", no_space)
+    else:
+        monkeypatch.setattr(sit.training.loop, "save_preview", no_space)
+    save = sit.training.loop.save_checkpoint if what == "checkpoint" else sit.training.loop.save_samples
     path = str(tmp_path / ("checkpoints/0000003.pt" if what == "checkpoint" else "samples/0000003.png"))
+    expected = f"cannot write the {what} {path} ([Errno 28] No space left on device)"
     for rank in (0, 1):  # rank 0 fails to write; rank 1 learns it from the check (which here answers what rank 0 sent)
         reported = []
-        monkeypatch.setattr(train, "all_ranks_ok", lambda ok, device: reported.append(ok) or (ok and rank == 0))
+        agreement_as_rank(monkeypatch, rank, reported, expected)
         monkeypatch.setenv("RANK", str(rank))
-        with pytest.raises(SystemExit) as error:
+        with pytest.raises(RunFailure) as error:
             save(rank_run(tmp_path, rank))
-        assert reported == [rank != 0]
-        expected = f"train.py: error: cannot write the {what} {path} ([Errno 28] No space left on device)"
-        assert error.value.code == (expected if rank == 0 else 1)
+        assert reported == [rank == 0]
+        assert str(error.value) == expected and error.value.exit_code == 1
+
+
+def test_rank_0_write_failure_is_printed_once(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import sit.checkpoint
+    from sit.cli import run_main
+    from sit.training.loop import save_checkpoint
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sit.checkpoint, "atomic_torch_save", no_space)
+    expected = f"cannot write the checkpoint {tmp_path / 'checkpoints' / '0000003.pt'} ([Errno 28] No space left on device)"
+    for rank in (0, 1):
+        agreement_as_rank(monkeypatch, rank, [], expected)
+        monkeypatch.setenv("RANK", str(rank))
+        assert run_main(lambda: save_checkpoint(rank_run(tmp_path, rank)), "train.py") == 1
+        assert capsys.readouterr().err == (f"train.py: error: {expected}\n" if rank == 0 else "")
 
 
 def test_save_checkpoint_writes_and_every_rank_joins_the_check(tmp_path, monkeypatch):
-    import train
+    import sit.distributed
+    from sit.training.loop import save_checkpoint
 
     reported = []
-    monkeypatch.setattr(train, "all_ranks_ok", lambda ok, device: reported.append(ok) or ok)
+    monkeypatch.setattr(sit.distributed, "any_rank", lambda failed, device, group=None: reported.append(failed) or failed)
     run = rank_run(tmp_path, 0)
-    train.save_checkpoint(run)
-    assert reported == [True] and run.last_saved_step == 3
-    assert load(str(tmp_path / "checkpoints" / "0000003.pt"))["train_steps"] == 3
+    save_checkpoint(run)
+    assert reported == [False] and run.last_saved_step == 3
+    checkpoint = load(str(tmp_path / "checkpoints" / "0000003.pt"))
+    assert checkpoint["train_steps"] == 3 and checkpoint["args"] == {"model": "SiT-S/2"}

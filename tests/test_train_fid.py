@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-import evaluate
 from conftest import REPO
+from sit.metrics import FIDMonitor, random_inception_state_dict
 
 TINY = ["--model", "SiT-S/2", "--model-config", json.dumps({"depth": 1, "hidden_size": 32, "num_heads": 2}),
         "--image-size", "32", "--num-classes", "2"]
@@ -33,7 +33,7 @@ def reference(tmp_path_factory, image_folder):
     """Random Inception weights and reference statistics of the training images (by evaluate.py)."""
     root = tmp_path_factory.mktemp("fid")
     weights = str(root / "inception.pth")
-    torch.save(evaluate.random_inception_state_dict(seed=0), weights)
+    torch.save(random_inception_state_dict(seed=0), weights)
     images = [np.asarray(Image.open(os.path.join(folder, name)).convert("RGB").resize((32, 32)))
               for folder, _, names in os.walk(image_folder) for name in sorted(names)]
     np.savez(str(root / "ref.npz"), arr_0=np.stack(images))
@@ -61,7 +61,7 @@ def test_training_fid_equals_offline_fid(reference, image_folder, tiny_vae):
          "--sample-dir", str(root / "samples")], str(root))
     (npz,) = [name for name in os.listdir(root / "samples") if name.endswith(".npz")]
     samples = np.load(root / "samples" / npz)["arr_0"]  # (5, 32, 32, 3) uint8
-    monitor = evaluate.FIDMonitor(stats, "cpu", weights_path=weights)
+    monitor = FIDMonitor(stats, "cpu", weights_path=weights)
     monitor.update(torch.from_numpy(samples).permute(0, 3, 1, 2))
     offline_fid = monitor.compute()
     assert np.isfinite(offline_fid) and offline_fid > 0
@@ -78,37 +78,37 @@ def test_fid_every_without_reference_is_refused(image_folder, tiny_vae, tmp_path
 
 
 def test_fid_monitor_leaves_the_training_rng_untouched(tmp_path):
-    """Building the Inception network draws random initial weights; train.fid_monitor must not take
+    """Building the Inception network draws random initial weights; make_fid_monitor must not take
     them from the training RNG (a resumed run restores that RNG first, a fresh one has just seeded it)."""
-    import argparse
-
-    import train
+    from sit.training.fid import make_fid_monitor
 
     weights, stats = str(tmp_path / "inception.pth"), str(tmp_path / "ref.stats.npz")
-    torch.save(evaluate.random_inception_state_dict(seed=0), weights)
+    torch.save(random_inception_state_dict(seed=0), weights)
     np.savez(stats, mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(7), sigma_s=np.eye(7))
-    args = argparse.Namespace(fid_ref=stats, fid_inception_weights=weights)
     torch.manual_seed(5)
-    monitor = train.fid_monitor(args, torch.device("cpu"))
+    monitor = make_fid_monitor(stats, torch.device("cpu"), weights)
     after = torch.rand(3)
     torch.manual_seed(5)
     assert torch.equal(after, torch.rand(3))  # the same draws as without the monitor
-    assert isinstance(monitor, evaluate.FIDMonitor)
+    assert isinstance(monitor, FIDMonitor)
 
 
 def test_fid_guidance_without_label_dropout_is_refused(image_folder, tiny_vae, tmp_path):
     """--fid-cfg-scale > 1 needs the null class, which only a model with label dropout has."""
     import train
+    from sit.errors import UsageError
+    from sit.training.settings import check_train_config, resolve_train_config
 
     no_dropout = json.dumps({"depth": 1, "hidden_size": 32, "num_heads": 2, "class_dropout_prob": 0})
     argv = ["--data-path", image_folder, "--vae", tiny_vae, *TINY, "--model-config", no_dropout,
             "--results-dir", str(tmp_path), "--fid-every", "10",
             "--fid-ref", os.path.join(tiny_vae, "config.json"),  # any file: only its existence is checked here
             "--fid-cfg-scale", "4"]
-    args, _ = train.parse_args(argv)
-    with pytest.raises(SystemExit) as error:
-        train.validate_args(args, 1)
-    assert str(error.value.code) == ("train.py: error: --fid-cfg-scale 4.0 needs a model with label dropout (its "
-                                     "null class), but class_dropout_prob is 0: use --fid-cfg-scale 1")
-    args, _ = train.parse_args(argv[:-2])  # no guidance: accepted
-    train.validate_args(args, 1)
+    args, explicit = train.parse_args(argv)
+    config, _ = resolve_train_config(vars(args), explicit)
+    with pytest.raises(UsageError) as error:
+        check_train_config(config, 1)
+    assert str(error.value) == ("--fid-cfg-scale 4.0 needs a model with label dropout (its "
+                                "null class), but class_dropout_prob is 0: use --fid-cfg-scale 1")
+    args, explicit = train.parse_args(argv[:-2])  # no guidance: accepted
+    check_train_config(resolve_train_config(vars(args), explicit)[0], 1)

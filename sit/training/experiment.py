@@ -1,0 +1,214 @@
+"""Experiment folders and where a run starts: results/<NNN>-<model>-<path>-<prediction>-<loss weight>/
+with log.txt, checkpoints/<step>.pt, samples/<step>.png and (with --wandb) wandb_id.txt.
+
+A run starts from scratch, from the checkpoint --ckpt names, or from the newest checkpoint that
+--resume finds (an experiment folder's, or alone: the newest experiment's in --results-dir). A newest
+checkpoint that --resume picked but cannot load (truncated by a crash) is skipped with a warning.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import secrets
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import download
+from sit.checkpoint import is_resumable
+from sit.distributed import DistContext, on_main
+from sit.errors import RunFailure, UsageError
+from sit.files import atomic_text
+from sit.log import create_logger
+from sit.training.settings import TrainConfig
+
+NEWEST = "newest"  # `--resume` with no value
+CHECKPOINT_FILE = re.compile(r"^(\d{7,})\.pt$")
+EXPERIMENT_FOLDER = re.compile(r"^(\d{3,})-")
+
+
+#################################################################################
+#                               Finding checkpoints                             #
+#################################################################################
+
+def experiment_checkpoints(experiment_dir: str) -> list[str]:
+    """The <experiment_dir>/checkpoints/<step>.pt files, the highest step first."""
+    folder = os.path.join(experiment_dir, "checkpoints")
+    if not os.path.isdir(folder):
+        return []
+    steps = [(int(match.group(1)), name) for name in os.listdir(folder) if (match := CHECKPOINT_FILE.match(name))]
+    return [os.path.join(folder, name) for _, name in sorted(steps, reverse=True)]
+
+
+def newest_checkpoint(experiment_dir: str) -> Optional[str]:
+    """The checkpoint with the highest step in <experiment_dir>/checkpoints, or None."""
+    found = experiment_checkpoints(experiment_dir)
+    return found[0] if found else None
+
+
+def newest_experiment(results_dir: str) -> Optional[str]:
+    """The experiment folder with the highest index that has a checkpoint, or None."""
+    if not os.path.isdir(results_dir):
+        return None
+    found = []
+    for name in os.listdir(results_dir):
+        match = EXPERIMENT_FOLDER.match(name)
+        if match and newest_checkpoint(os.path.join(results_dir, name)) is not None:
+            found.append((int(match.group(1)), name))
+    return os.path.join(results_dir, max(found)[1]) if found else None
+
+
+def experiment_dir_of(checkpoint_path: str) -> Optional[str]:
+    """<experiment> for <experiment>/checkpoints/<step>.pt, else None."""
+    folder = os.path.dirname(os.path.abspath(checkpoint_path))
+    if os.path.basename(folder) != "checkpoints":
+        return None
+    return os.path.dirname(folder)
+
+
+def checkpoint_to_start_from(ckpt: Optional[str], resume: Optional[str], results_dir: str) -> Optional[str]:
+    """The file that --ckpt or --resume names (None: train from scratch); UsageError when there is none."""
+    if ckpt is not None and resume is not None:
+        raise UsageError("pass either --ckpt or --resume, not both")
+    if ckpt is not None:
+        return ckpt
+    if resume is None:
+        return None
+    if resume == NEWEST:
+        experiment = newest_experiment(results_dir)
+        if experiment is None:
+            raise UsageError(f"--resume: no experiment with a checkpoint in --results-dir {results_dir}")
+        return newest_checkpoint(experiment)
+    if os.path.isfile(resume):
+        return resume
+    if os.path.isdir(resume):
+        path = newest_checkpoint(resume)
+        if path is None:
+            raise UsageError(f"--resume {resume}: no checkpoints/<step>.pt in that folder")
+        return path
+    raise UsageError(f"--resume {resume}: no such experiment folder or checkpoint file")
+
+
+@dataclass
+class StartPoint:
+    """Where training starts: `source` and its loaded `checkpoint` (both None: from scratch), and
+    warnings about checkpoints skipped on the way. A train.py checkpoint resumes; bare weights fine-tune."""
+    source: Optional[str] = None
+    checkpoint: Optional[dict] = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def resuming(self) -> bool:
+        return self.checkpoint is not None and is_resumable(self.checkpoint)
+
+
+def load_newest_loadable(experiment_dir: str) -> StartPoint:
+    """The experiment's newest checkpoint that loads; each newer one that does not (e.g. truncated by
+    a crash while copying) is skipped with a warning naming it."""
+    warnings, first_error = [], None
+    for path in experiment_checkpoints(experiment_dir):
+        try:
+            return StartPoint(path, download.load_checkpoint(path), warnings)
+        except download.CheckpointError as error:
+            first_error = first_error or error
+            warnings.append(f"skipped {path}: {error}; resuming from the checkpoint before it")
+    raise UsageError(f"no checkpoint of {experiment_dir} can be loaded: {first_error}")
+
+
+def start_checkpoint(ckpt: Optional[str], resume: Optional[str], results_dir: str) -> StartPoint:
+    """Where to start for --ckpt/--resume/--results-dir. A file the user named must load; one that
+    --resume picked may fall back to the one before it. Raises UsageError (CheckpointError)."""
+    source = checkpoint_to_start_from(ckpt, resume, results_dir)
+    if source is None:
+        return StartPoint()
+    if ckpt is not None or (resume != NEWEST and os.path.isfile(resume)):
+        return StartPoint(source, download.load_checkpoint(source))
+    return load_newest_loadable(experiment_dir_of(source))
+
+
+#################################################################################
+#                         The experiment folder and wandb                       #
+#################################################################################
+
+def create_experiment_dir(results_dir: str, model: str, path_type: str, prediction: str,
+                          loss_weight: Optional[str]) -> str:
+    """A new <results_dir>/<NNN>-<model>-<path>-<prediction>-<loss weight> folder (the original's name)."""
+    os.makedirs(results_dir, exist_ok=True)
+    indices = [int(match.group(1)) for name in os.listdir(results_dir) if (match := EXPERIMENT_FOLDER.match(name))]
+    index = max(indices, default=-1) + 1
+    model_name = model.replace("/", "-")
+    while True:  # another job may take an index at the same moment: take the next one
+        path = os.path.join(results_dir, f"{index:03d}-{model_name}-{path_type}-{prediction}-{loss_weight}")
+        try:
+            os.makedirs(path)
+            return path
+        except FileExistsError:
+            index += 1
+
+
+def wandb_run_id(experiment_dir: str, stored_id: Optional[str]) -> str:
+    """The experiment's wandb run id: from wandb_id.txt (or the checkpoint), else a new random one.
+
+    Stored in the experiment folder, so a resumed run continues its wandb run and a new
+    experiment never joins an old one."""
+    path = os.path.join(experiment_dir, "wandb_id.txt")
+    if os.path.isfile(path):
+        with open(path) as handle:
+            return handle.read().strip()
+    run_id = stored_id or secrets.token_hex(8)
+    atomic_text(path, run_id + "\n")
+    return run_id
+
+
+def init_wandb(settings: dict, experiment_dir: str, stored_id: Optional[str]) -> Any:
+    """Start (or continue) the experiment's wandb run; env is read only here (only with --wandb)."""
+    import wandb
+
+    run_id = wandb_run_id(experiment_dir, stored_id)
+    try:
+        if os.environ.get("WANDB_KEY"):
+            wandb.login(key=os.environ["WANDB_KEY"])
+        return wandb.init(id=run_id, resume="allow", entity=os.environ.get("ENTITY"),
+                          project=os.environ.get("PROJECT", "SiT"), name=os.path.basename(experiment_dir),
+                          config=settings, dir=experiment_dir)
+    except Exception as error:  # login, network or configuration: one line for the user
+        first_line = str(error).splitlines()[0] if str(error) else ""
+        raise UsageError(f"wandb could not start ({type(error).__name__}: {first_line}); "
+                         f"set WANDB_KEY, or WANDB_MODE=offline, or drop --wandb") from None
+
+
+@dataclass
+class Experiment:
+    """Where a run writes: its folder (rank 0 only; None elsewhere), logger (silent off rank 0), wandb run."""
+    folder: Optional[str]
+    logger: logging.Logger
+    wandb_run: Any = None
+
+
+def open_experiment(ctx: DistContext, config: TrainConfig, start: StartPoint) -> Experiment:
+    """Rank 0: a new experiment folder (or, resuming a checkpoint inside one, that folder), its log.txt
+    (first line: the configuration) and wandb; every rank stops if rank 0 could not set up."""
+    settings = config.settings()
+
+    def set_up() -> Experiment:
+        same_folder = experiment_dir_of(start.source) if start.resuming else None
+        try:
+            folder = same_folder or create_experiment_dir(config.run.results_dir, config.model.model,
+                                                          config.transport.path_type, config.transport.prediction,
+                                                          config.transport.loss_weight)
+            os.makedirs(os.path.join(folder, "checkpoints"), exist_ok=True)
+            logger = create_logger(folder, is_main=True)
+            logger.info(f"Configuration: {json.dumps(dict(settings, world_size=ctx.world_size), sort_keys=True)}")
+            logger.info(f"Experiment directory: {folder}")
+            wandb_run = None
+            if config.run.wandb:
+                # A checkpoint resumed outside its folder starts a new experiment, hence a new wandb run.
+                wandb_run = init_wandb(settings, folder, start.checkpoint.get("wandb_id") if same_folder else None)
+                logger.info(f"wandb run id: {wandb_run.id}")
+        except OSError as error:  # e.g. a read-only or full results folder
+            raise RunFailure(f"cannot write the experiment folder ({error})") from error
+        return Experiment(folder, logger, wandb_run)
+
+    experiment = on_main(ctx, set_up)
+    return experiment if ctx.is_main else Experiment(None, create_logger(None, is_main=False))

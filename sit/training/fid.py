@@ -1,0 +1,54 @@
+"""FID while training (--fid-every): EMA samples generated as sample_ddp.py generates them, scored
+against reference statistics with sit.metrics' definitions, never keeping more than one batch."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from sit.config import GuidanceConfig
+from sit.distributed import DistContext
+from sit.errors import UsageError
+from sit.generation import generate_blocks
+from sit.metrics import FIDMonitor
+from transport import Sampler, Transport
+
+
+def make_fid_monitor(ref_path: str, device: torch.device, weights_path: Optional[str]) -> FIDMonitor:
+    """The FID accumulator of --fid-every; UsageError if its statistics or weights are unusable.
+
+    Building the Inception network draws random initial weights: it does so on forked RNGs, so the
+    training streams (fresh, or restored on resume) are exactly those of a run without --fid-every.
+    """
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            return FIDMonitor(ref_path, device, weights_path=weights_path)
+    except (ValueError, OSError) as error:  # InceptionWeightsError is a UsageError, hence a ValueError
+        raise UsageError(f"cannot measure FID: {error}") from None
+
+
+def rank_blocks(num_images: int, batch_size: int, ctx: DistContext) -> list[range]:
+    """This rank's images (rank, rank + world size, ...) in batches of batch_size."""
+    indices = range(ctx.rank, num_images, ctx.world_size)
+    return [indices[start:start + batch_size] for start in range(0, len(indices), batch_size)]
+
+
+@torch.no_grad()
+def measure_fid(ema: torch.nn.Module, vae: Any, transport: Transport, monitor: FIDMonitor, ctx: DistContext, *,
+                num_images: int, batch_size: int, num_steps: int, cfg_scale: float, global_seed: int,
+                precision: str) -> float:
+    """FID of num_images EMA samples (all ranks take part; the same value on every rank).
+
+    Each image's noise and label come from its own generator (sit.generation with global_seed), so
+    the training RNG is untouched and `sample_ddp.py ODE --sampling-method euler --num-sampling-steps
+    <num_steps> --cfg-scale <cfg_scale>` on the checkpoint of the same step draws the same images.
+    """
+    sample_fn = Sampler(transport).sample_ode(sampling_method="euler", num_steps=num_steps, keep_trajectory=False)
+    blocks = generate_blocks(rank_blocks(num_images, batch_size, ctx), ema, vae, sample_fn, global_seed=global_seed,
+                             num_classes=ema.config["num_classes"], guidance=GuidanceConfig(scale=cfg_scale),
+                             precision=precision, device=ctx.device)
+    for block in blocks:
+        monitor.update(block.images)  # (B, 3, H, W)
+    fid = monitor.compute()
+    monitor.reset()
+    return fid

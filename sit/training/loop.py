@@ -1,0 +1,232 @@
+"""The training loop (edm2's training_loop shape): set up the experiment, the VAE, the network and the
+data, restore a resumed run exactly, then step, log, preview, measure FID and checkpoint until
+--epochs, --max-steps or a stop signal. Every rank-0 write is agreed on by every rank (`on_main`).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from sit.checkpoint import TrainCheckpoint
+from sit.data.order import ResumableDistributedSampler
+from sit.distributed import DistContext, agree, on_main
+from sit.errors import RunFailure, UsageError
+from sit.metrics import FIDMonitor
+from sit.speed import configure_precision
+from sit.training.data import TrainDataset, build_loader
+from sit.training.decoder import RunVAE
+from sit.training.experiment import StartPoint, open_experiment
+from sit.training.fid import make_fid_monitor, measure_fid
+from sit.training.monitor import LossMonitor, check_health, log_progress
+from sit.training.network import build_train_step
+from sit.training.preview import preview_inputs, save_preview
+from sit.training.rng import gather_rng_states, restore_rng
+from sit.training.settings import TrainConfig
+from sit.training.signals import StopSignal
+from sit.training.step import TrainStep, train_step
+from sit.vae import PIXEL_CHANNELS
+
+
+@dataclass
+class TrainState:
+    """Where training stands: steps done in all, the current epoch and batches done in it."""
+    train_steps: int = 0
+    epoch: int = 0
+    epoch_step: int = 0
+
+
+@dataclass
+class TrainingRun:
+    """Everything the loop works with."""
+    config: TrainConfig
+    ctx: DistContext
+    step: TrainStep
+    vae: RunVAE
+    dataset: TrainDataset
+    loader: DataLoader
+    sampler: ResumableDistributedSampler
+    state: TrainState
+    logger: logging.Logger
+    experiment_dir: Optional[str]  # rank 0 only
+    wandb_run: Any
+    stop: StopSignal
+    preview: tuple[torch.Tensor, torch.Tensor]  # fixed noise and labels of the sample grids
+    monitor: LossMonitor
+    last_saved_step: Optional[int] = None
+    fid_monitor: Optional[FIDMonitor] = None  # with --fid-every
+
+
+def write_on_main(run: TrainingRun, what: str, path: Optional[str], write: Callable[[], None]) -> None:
+    """Rank 0 writes a file (write()); every rank learns the outcome (which also holds the others until
+    rank 0 is done) and, on failure, stops with one line naming the file (also in rank 0's log.txt)."""
+
+    def attempt() -> None:
+        try:
+            write()
+        except OSError as error:
+            message = f"cannot write the {what} {path} ({error})"
+            run.logger.error(message)
+            raise RunFailure(message) from error
+
+    on_main(run.ctx, attempt)
+
+
+def save_checkpoint(run: TrainingRun) -> None:
+    """Check health, gather every rank's RNG state, then rank 0 writes <step>.pt atomically (all ranks
+    call this); if rank 0 cannot write it (disk full, permissions), every rank stops with one line."""
+    state, step = run.state, run.step
+    check_health(step.model, run.monitor, state.train_steps)
+    rng = gather_rng_states(run.ctx.device)
+    path = os.path.join(run.experiment_dir, "checkpoints", f"{state.train_steps:07d}.pt") if run.ctx.is_main else None
+
+    def write() -> None:
+        TrainCheckpoint(model=step.model.state_dict(), ema=step.ema.state_dict(), opt=step.opt.state_dict(),
+                        settings=run.config.settings(), model_config=dict(step.model.config),
+                        train_steps=state.train_steps, epoch=state.epoch, epoch_step=state.epoch_step, rng=rng,
+                        scaler=step.scaler.state_dict(), experiment_dir=run.experiment_dir,
+                        wandb_id=run.wandb_run.id if run.wandb_run is not None else None).save(path)
+        run.logger.info(f"Saved checkpoint to {path}")
+
+    write_on_main(run, "checkpoint", path, write)
+    run.last_saved_step = state.train_steps
+
+
+def save_samples(run: TrainingRun) -> None:
+    """An EMA preview grid at samples/<step>.png (and to wandb), made by rank 0; every rank calls this
+    and stops with one line if rank 0 cannot write the grid."""
+    path = os.path.join(run.experiment_dir, "samples", f"{run.state.train_steps:07d}.png") if run.ctx.is_main else None
+
+    def write() -> None:
+        ready, decoder = run.vae.for_preview(run.logger)
+        if not ready:
+            return
+        save_preview(run.step.ema, decoder, run.step.transport, run.preview, run.config.run.cfg_scale, path,
+                     run.ctx.device)
+        run.logger.info(f"Saved EMA samples to {path}")
+        if run.wandb_run is not None:
+            import wandb
+
+            run.wandb_run.log({"samples": wandb.Image(path)}, step=run.state.train_steps)
+
+    write_on_main(run, "preview grid", path, write)
+
+
+def log_fid(run: TrainingRun) -> None:
+    """Measure FID of the EMA (every rank) and log it."""
+    config, step = run.config, run.state.train_steps
+    fid = measure_fid(run.step.ema, run.vae.for_fid(run.ctx), run.step.transport, run.fid_monitor, run.ctx,
+                      num_images=config.fid.fid_num_samples,
+                      batch_size=config.data.global_batch_size // run.ctx.world_size, num_steps=config.fid.fid_steps,
+                      cfg_scale=config.fid.fid_cfg_scale, global_seed=config.data.global_seed,
+                      precision=config.optim.precision)
+    run.logger.info(f"(step={step:07d}) FID-{config.fid.fid_num_samples}: {fid:.4f}")
+    if run.wandb_run is not None:
+        run.wandb_run.log({"fid": fid}, step=step)
+
+
+def train_loop(run: TrainingRun) -> bool:
+    """Train until --epochs, --max-steps or a stop signal; returns whether a signal stopped it."""
+    config, state = run.config, run.state
+    max_steps, every = config.optim.max_steps, config.run
+    local_batch_size = config.data.global_batch_size // run.ctx.world_size
+    finished = max_steps is not None and state.train_steps >= max_steps
+    stopping = False
+    while not (finished or stopping) and state.epoch < config.optim.epochs:
+        # A resumed epoch starts after the batches it had done; the order and flips depend on the epoch only.
+        run.sampler.set_epoch(state.epoch, skip=state.epoch_step * local_batch_size)
+        run.dataset.set_epoch(state.epoch)
+        run.logger.info(f"Beginning epoch {state.epoch}...")
+        show_bar = run.ctx.is_main and sys.stderr.isatty()
+        for *inputs, labels in tqdm(run.loader, desc=f"epoch {state.epoch}", disable=not show_bar, leave=False):
+            result = train_step(run.step, inputs, labels)
+            if result.grad_norm is not None:
+                run.monitor.add_grad_norm(result.grad_norm)
+            run.monitor.add(result.loss)
+            state.train_steps += 1
+            state.epoch_step += 1
+            step = state.train_steps
+            if step % every.log_every == 0:
+                log_progress(run.monitor, step, config.data.global_batch_size, run.logger, run.wandb_run)
+            if step % every.sample_every == 0:
+                save_samples(run)  # before the checkpoint, so that its RNG state follows everything
+            if config.fid.fid_every is not None and step % config.fid.fid_every == 0:
+                log_fid(run)
+            if step % every.ckpt_every == 0:
+                save_checkpoint(run)
+            finished = max_steps is not None and step >= max_steps
+            stopping = not finished and run.stop.agreed()  # the same answer on every rank
+            if finished or stopping:
+                break
+        else:
+            state.epoch, state.epoch_step = state.epoch + 1, 0
+    return stopping
+
+
+def check_channels(step: TrainStep, vae: RunVAE, dataset: TrainDataset) -> None:
+    """The model's input channels are what the data gives: pixels, VAE latents or cached latents."""
+    if vae.lazy:
+        channels, what = dataset.meta["latent_shape"][0], "features have"
+    elif vae.module is None:
+        channels, what = PIXEL_CHANNELS, "pixels have"
+    else:
+        channels, what = vae.module.config.latent_channels, "VAE has"
+    if channels != step.model.config["in_channels"]:
+        raise UsageError(f"the {what} {channels} channels, the model {step.model.config['in_channels']}")
+
+
+def train(config: TrainConfig, *, ctx: DistContext, dataset: TrainDataset, start: StartPoint, warnings: list[str],
+          stop: StopSignal) -> None:
+    """Set up (experiment, VAE, model, data), restore a resumed run, train, save the final checkpoint.
+
+    The order below is the order of the random draws (model init, then a resumed run's RNG restore
+    last): changing it changes the weights a seed gives.
+    """
+    configure_precision(config.optim.precision)  # default tf32, as the original: TF32 matmuls on GPUs
+    seed = config.data.global_seed * ctx.world_size + ctx.rank
+    torch.manual_seed(seed)
+    experiment = open_experiment(ctx, config, start)
+    logger = experiment.logger
+    for warning in warnings:
+        logger.warning(f"warning: {warning}")
+    vae = RunVAE.at_start(ctx, config.model.vae, from_features=config.data.feature_path is not None)
+    step = build_train_step(config, ctx, start, vae.module, logger)
+    check_channels(step, vae, dataset)
+    loader, sampler = build_loader(config, dataset, ctx, seed)
+    logger.info(f"Dataset contains {len(dataset):,} images in {len(dataset.classes)} classes "
+                f"({config.data.data_path or config.data.feature_path})")
+    fid = config.fid
+    fid_monitor = None
+    if fid.fid_every is not None:  # every rank builds one, and stops if any rank could not
+        fid_monitor = agree(ctx, lambda: make_fid_monitor(fid.fid_ref, ctx.device, fid.fid_inception_weights))
+    state = TrainState()
+    if start.resuming:
+        resumed = TrainCheckpoint.from_dict(start.checkpoint)
+        state = TrainState(resumed.train_steps, resumed.epoch, resumed.epoch_step)
+        restore_rng(resumed.rng, ctx, seed, resumed.train_steps, logger)  # last: nothing may draw random numbers after this
+        if resumed.scaler:
+            step.scaler.load_state_dict(resumed.scaler)  # fp16: the loss scale continues too
+    run = TrainingRun(config=config, ctx=ctx, step=step, vae=vae, dataset=dataset, loader=loader, sampler=sampler,
+                      state=state, logger=logger, experiment_dir=experiment.folder, wandb_run=experiment.wandb_run,
+                      stop=stop, preview=preview_inputs(config.data.global_seed, step.model.config),
+                      monitor=LossMonitor(state.train_steps + 1), fid_monitor=fid_monitor,
+                      last_saved_step=state.train_steps if start.resuming else None)
+
+    step.ddp_model.train()  # enables label dropout for classifier-free guidance
+    limit = f" or {config.optim.max_steps} steps" if config.optim.max_steps else ""
+    logger.info(f"Training for {config.optim.epochs} epochs{limit}...")
+    stopped = train_loop(run)
+    if stopped:
+        logger.info(f"Received {stop.received or 'a stop signal on another rank'}: stopping at step {state.train_steps}")
+    if state.train_steps > 0 and run.last_saved_step != state.train_steps:
+        save_checkpoint(run)
+    step.ddp_model.eval()  # disables label dropout
+    if run.wandb_run is not None:
+        run.wandb_run.finish()
+    logger.info("Done!")

@@ -1,0 +1,74 @@
+"""The network being trained: a fresh SiT, a resumed one, or published/bare weights to fine-tune,
+wrapped for DDP, with its EMA and optimizer restored; ready as a `TrainStep`."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import download
+from models import SiT, model_config_from_state_dict, model_name_for_config
+from sit.distributed import DistContext, is_distributed
+from sit.errors import UsageError
+from sit.training.experiment import StartPoint
+from sit.training.settings import TrainConfig
+from sit.training.step import TrainStep
+from sit.vae import image_size_for
+
+
+def describe_weights(weights: dict) -> str:
+    """What a state dict's shapes say it is, for error messages."""
+    try:
+        config = model_config_from_state_dict(weights)
+    except (ValueError, KeyError):
+        return "not SiT weights"
+    name = model_name_for_config(config) or f"a custom SiT (depth {config['depth']}, width {config['hidden_size']})"
+    return (f"{name} at image size {image_size_for(config['input_size'], config['in_channels'])} "
+            f"with {config['num_classes']} classes")
+
+
+def build_model(config: TrainConfig, start: StartPoint) -> SiT:
+    """The SiT to train, on the CPU: the checkpoint's config and weights when resuming, bare weights
+    loaded for fine-tuning, else freshly initialised (from the torch RNG)."""
+    checkpoint = start.checkpoint
+    kwargs = dict(checkpoint["model_config"]) if start.resuming else config.model.sit_kwargs()
+    try:
+        model = SiT(**kwargs)
+    except (ValueError, AssertionError, TypeError) as error:
+        raise UsageError(f"cannot build the model {kwargs}: {error}") from None
+    if checkpoint is None:
+        return model
+    weights = checkpoint["model"] if "model" in checkpoint else download.state_dict_of(checkpoint)
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError:
+        model_settings = config.model
+        raise UsageError(f"the weights in {start.source} do not fit {model_settings.model} at --image-size "
+                         f"{model_settings.image_size} with --num-classes {model_settings.num_classes}; they are "
+                         f"{describe_weights(weights)}") from None
+    return model
+
+
+def build_train_step(config: TrainConfig, ctx: DistContext, start: StartPoint, vae: Any,
+                     logger: logging.Logger) -> TrainStep:
+    """Model, DDP, EMA and AdamW (the checkpoint's state when resuming; --lr rules either way)."""
+    checkpoint: Optional[dict] = start.checkpoint
+    model = build_model(config, start).to(ctx.device)
+    ddp_model = DDP(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None) if is_distributed() else model
+    optim = config.optim
+    step = TrainStep.create(model, ddp_model=ddp_model, ema_state=checkpoint.get("ema") if checkpoint else None,
+                            transport=config.transport.build(), device=ctx.device, lr=optim.lr,
+                            grad_checkpointing=optim.grad_checkpointing, compile_blocks=optim.compile, vae=vae,
+                            from_features=config.data.feature_path is not None, precision=optim.precision,
+                            ema_decay=optim.ema_decay, max_grad_norm=optim.max_grad_norm)
+    if start.resuming:
+        step.opt.load_state_dict(checkpoint["opt"])
+        for group in step.opt.param_groups:  # the state holds the old lr; --lr (the checkpoint's unless given) rules
+            group["lr"] = optim.lr
+        logger.info(f"Resumed from {start.source} at step {checkpoint['train_steps']} "
+                    f"(epoch {checkpoint['epoch']}, batch {checkpoint['epoch_step']})")
+    elif checkpoint is not None:
+        logger.info(f"Fine-tuning the weights of {start.source} from step 0 with a fresh optimizer")
+    logger.info(f"SiT parameters: {sum(param.numel() for param in model.parameters()):,} ({model.config})")
+    return step

@@ -1,0 +1,20 @@
+"""The optimizer and the fp16 loss scaler of training."""
+from __future__ import annotations
+
+import torch
+
+
+def make_optimizer(model: torch.nn.Module, lr: float = 1e-4, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """The paper's AdamW (constant lr 1e-4, no weight decay), fused on GPUs, multi-tensor elsewhere.
+
+    All parameters are handed over, the frozen pos_embed included (AdamW skips it), so that the
+    state's parameter indices match the original's checkpoints.
+    """
+    params = list(model.parameters())
+    on_gpu = all(param.is_cuda for param in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=on_gpu, foreach=not on_gpu)
+
+
+def make_grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
+    """A GradScaler that scales the loss for fp16 and is a pass-through otherwise."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")

@@ -1,0 +1,43 @@
+"""Preview grids while training: the EMA model's samples of fixed noise and labels, as one PNG."""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import torch
+
+from models import has_null_class
+from sit.config import GuidanceConfig
+from sit.files import atomic_write
+from sit.generation import guided_sample
+from sit.vae import decode_latents, latent_shape
+from transport import Sampler, Transport
+
+PREVIEW_IMAGES = 16  # EMA samples per preview grid (4 x 4)
+PREVIEW_STEPS = 50   # fixed-step Euler ODE: bounded time and memory (the original ran dopri5, issue #11)
+
+
+def preview_inputs(global_seed: int, model_config: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed noise (N, C, L, L) and labels (N,) for the preview grids, from their own generator."""
+    generator = torch.Generator().manual_seed(global_seed)
+    z = torch.randn(PREVIEW_IMAGES, *latent_shape(model_config), generator=generator)
+    y = torch.randint(0, model_config["num_classes"], (PREVIEW_IMAGES,), generator=generator)
+    return z, y
+
+
+@torch.no_grad()
+def save_preview(ema: torch.nn.Module, vae: Any, transport: Transport, inputs: tuple[torch.Tensor, torch.Tensor],
+                 cfg_scale: float, path: str, device: torch.device) -> None:
+    """Sample the EMA model with a fixed-step Euler ODE (no trajectory kept), decode (vae None:
+    pixels), and save a grid PNG at path atomically. cfg_scale guides models that have a null class."""
+    from torchvision.utils import save_image
+
+    z, y = (tensor.to(device) for tensor in inputs)
+    sample_fn = Sampler(transport).sample_ode(sampling_method="euler", num_steps=PREVIEW_STEPS, keep_trajectory=False)
+    use_cfg = cfg_scale > 1.0 and has_null_class(ema.config)
+    latents = guided_sample(sample_fn, ema, z, y, GuidanceConfig(scale=cfg_scale if use_cfg else 1.0))
+    images = decode_latents(vae, latents)                                  # (N, 3, H, W) in about [-1, 1]
+    grid = functools.partial(save_image, images.float().cpu(), nrow=int(math.sqrt(len(images))), normalize=True,
+                             value_range=(-1, 1), format="png")
+    atomic_write(path, grid, suffix=".png")

@@ -1,0 +1,39 @@
+"""Every rank's random number generator state, saved in checkpoints and restored on resume, so that
+a resumed run draws exactly the noise an uninterrupted one would."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from sit.distributed import DistContext, gather_objects
+
+
+def rng_state(device: torch.device) -> dict:
+    """This process's torch RNG states: {"cpu": ByteTensor, "cuda": ByteTensor or None}."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return {"cpu": torch.get_rng_state(), "cuda": cuda}
+
+
+def gather_rng_states(device: torch.device) -> list[dict]:
+    """Every rank's rng_state on the CPU, in rank order (a collective: all ranks must call it)."""
+    states = gather_objects(rng_state(device))
+    return [{key: None if value is None else value.cpu() for key, value in state.items()} for state in states]
+
+
+def restore_rng_state(state: dict, device: torch.device) -> None:
+    """Set this process's torch RNG states from rng_state's dict."""
+    torch.set_rng_state(state["cpu"].cpu())
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
+def restore_rng(stored: list[dict], ctx: DistContext, seed: int, train_steps: int, logger: logging.Logger) -> None:
+    """This rank's RNG state from a checkpoint's `rng` (exact continuation needs the same process
+    count); otherwise a warning and a fresh seed for this step."""
+    if len(stored) == ctx.world_size:
+        restore_rng_state(stored[ctx.rank], ctx.device)
+        return
+    logger.warning(f"warning: the checkpoint was written by {len(stored)} processes, this run has {ctx.world_size}: "
+                   f"random streams restart, so losses will not match an uninterrupted run")
+    torch.manual_seed(seed + train_steps)

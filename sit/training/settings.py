@@ -1,0 +1,250 @@
+"""train.py's settings as typed configuration, resolved once from the command line and (on resume) the checkpoint.
+
+`resolve_train_config` is the only place where a flag meets a checkpoint's value
+(through `sit.config.resolve_settings`):
+- what the model is and learns (model, shape, size, classes, transport) is LOCKED: another value is an error;
+- the VAE is the checkpoint's unless given; another one is allowed with a warning, pixels against latents is not;
+- what decides the data order, and the learning rate and EMA decay, are the checkpoint's unless given
+  (a WARN: the run then differs from an uninterrupted one);
+- everything else (run length, logging, intervals, workers, wandb, FID) is the command line's.
+The flags are the parsed argparse values (`vars(args)`), whose defaults are the original's; they are never modified.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from typing import AbstractSet, Any, Mapping, Optional
+
+from models import MODEL_SHAPES, has_null_class
+from sit.config import Rule, Setting, TransportConfig, resolve_settings
+from sit.errors import UsageError
+from sit.vae import (LATENT_CHANNELS, PIXEL_CHANNELS, canonical_vae_name, check_image_size, check_vae_name,
+                     input_size_for, is_pixel_space)
+
+MODEL_CONFIG_KEYS = ("patch_size", "hidden_size", "depth", "num_heads", "mlp_ratio", "class_dropout_prob", "learn_sigma")
+EMA_DECAY = 0.9999  # default of --ema-decay (the paper's)
+
+LOCKED_HINT = "; drop the flag (model and transport settings come from the checkpoint) or start a new experiment"
+VAE_CONFLICT = ("{flag} {given} but {source} was trained with {flag} {held}; a model learns either pixels "
+                "(--vae none) or VAE latents: drop the flag or start a new experiment")
+VAE_WARNING = ("{flag} {given} replaces the checkpoint's {held}: fine for a copy of the same VAE (or ema/mse, which "
+               "share the encoder); another encoder changes what the model learns")
+DATA_ORDER_WARNING = "{flag} {given} differs from the checkpoint's {held}: the data order will not match an uninterrupted run"
+RUN_WARNING = "{flag} {given} replaces the checkpoint's {held} from step {step} on: the run will differ from an uninterrupted one"
+
+MODEL_KEYS = ("model", "model_config", "image_size", "num_classes")
+TRANSPORT_KEYS = ("path_type", "prediction", "loss_weight", "train_eps", "sample_eps")
+DATA_ORDER_KEYS = ("global_batch_size", "global_seed", "random_flip")
+RUN_KEYS = ("lr", "ema_decay")
+
+
+#################################################################################
+#                                Typed settings                                 #
+#################################################################################
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """What the model is: --model, --model-config (JSON text as given), --image-size, --num-classes, --vae."""
+    model: str
+    model_config: Optional[str]
+    image_size: int
+    num_classes: int
+    vae: str
+
+    @property
+    def pixel_space(self) -> bool:
+        return is_pixel_space(self.vae)
+
+    def sit_kwargs(self) -> dict:
+        """SiT constructor arguments: (3, H, W) pixels or (4, H/8, W/8) SD-VAE latents, the --model
+        shape, then the --model-config overrides. Raises UsageError for a bad --model-config."""
+        depth, hidden_size, patch_size, num_heads = MODEL_SHAPES[self.model]
+        channels = PIXEL_CHANNELS if self.pixel_space else LATENT_CHANNELS
+        config = dict(input_size=input_size_for(self.image_size, self.pixel_space), in_channels=channels,
+                      patch_size=patch_size, hidden_size=hidden_size, depth=depth, num_heads=num_heads,
+                      num_classes=self.num_classes)
+        config.update(parse_model_config(self.model_config))
+        return config
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Where the images (or cached latents) come from and in which order."""
+    data_path: Optional[str]
+    feature_path: Optional[str]
+    global_batch_size: int
+    global_seed: int
+    random_flip: bool
+    num_workers: int
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    """How long and how the weights are optimised."""
+    epochs: int
+    max_steps: Optional[int]
+    lr: float
+    ema_decay: float
+    max_grad_norm: Optional[float]
+    grad_checkpointing: bool
+    precision: str
+    compile: bool
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Where the run writes, how often, and where it starts from."""
+    results_dir: str
+    log_every: int
+    ckpt_every: int
+    sample_every: int
+    cfg_scale: float  # guidance of the preview grids
+    wandb: bool
+    ckpt: Optional[str]
+    resume: Optional[str]
+
+
+@dataclass(frozen=True)
+class FIDSettings:
+    """FID while training (--fid-every None: never)."""
+    fid_every: Optional[int]
+    fid_num_samples: int
+    fid_ref: Optional[str]
+    fid_steps: int
+    fid_cfg_scale: float
+    fid_inception_weights: Optional[str]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run is configured with; `settings()` is its flat form (checkpoint "args", log)."""
+    model: ModelSettings
+    transport: TransportConfig
+    data: DataSettings
+    optim: OptimSettings
+    run: RunSettings
+    fid: FIDSettings
+
+    @classmethod
+    def from_settings(cls, values: Mapping[str, Any]) -> "TrainConfig":
+        """From a flat dict keyed by the flags' destinations (every one of them, nothing else)."""
+        groups, used = {}, set()
+        for group, group_type in GROUP_TYPES.items():
+            names = [field.name for field in dataclasses.fields(group_type)]
+            groups[group] = group_type(**{name: values[name] for name in names})
+            used.update(names)
+        if set(values) != used:
+            raise ValueError(f"settings without a place in TrainConfig: {sorted(set(values) - used)}")
+        return cls(**groups)
+
+    def settings(self) -> dict:
+        """The flat dict of every setting, keyed by flag destination (JSON-serialisable)."""
+        flat = {}
+        for group in GROUP_TYPES:
+            flat.update(dataclasses.asdict(getattr(self, group)))
+        return flat
+
+
+# TrainConfig's field -> the dataclass of that group
+GROUP_TYPES = {"model": ModelSettings, "transport": TransportConfig, "data": DataSettings, "optim": OptimSettings,
+               "run": RunSettings, "fid": FIDSettings}
+
+
+def parse_model_config(text: Optional[str]) -> dict:
+    """The --model-config JSON as a dict of SiT arguments ({} when not given); UsageError when unusable."""
+    if text is None:
+        return {}
+    try:
+        overrides = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise UsageError(f"--model-config is not valid JSON ({error})") from None
+    if not isinstance(overrides, dict):
+        raise UsageError("--model-config must be a JSON object, e.g. '{\"depth\": 2}'")
+    unknown = sorted(set(overrides) - set(MODEL_CONFIG_KEYS))
+    if unknown:
+        raise UsageError(f"--model-config: unknown key(s) {', '.join(unknown)}; valid: {', '.join(MODEL_CONFIG_KEYS)}")
+    return overrides
+
+
+#################################################################################
+#                     Resolution: flags against the checkpoint                  #
+#################################################################################
+
+def same_model_config(given: Optional[str], held: Optional[str]) -> bool:
+    """Two --model-config texts ask for the same overrides (JSON compared as data, not as text)."""
+    return (parse_model_config(given) if given else {}) == (parse_model_config(held) if held else {})
+
+
+def different_space(given: str, held: str) -> bool:
+    """One VAE name means pixels, the other latents."""
+    return is_pixel_space(given) != is_pixel_space(held)
+
+
+def checkpoint_owned_settings(flags: Mapping[str, Any], train_steps: int) -> dict[str, Setting]:
+    """The settings a checkpoint can give, in the order their messages appear; defaults: the flags' own."""
+    locked = Setting(Rule.LOCKED, conflict=Setting.conflict + LOCKED_HINT)
+    table = {key: dataclasses.replace(locked, default=flags[key]) for key in MODEL_KEYS + TRANSPORT_KEYS}
+    table["model_config"] = dataclasses.replace(table["model_config"], same=same_model_config)
+    table["vae"] = Setting(Rule.WARN, flags["vae"], conflict=VAE_CONFLICT, warning=VAE_WARNING,
+                           incompatible=different_space)
+    for key in DATA_ORDER_KEYS:
+        table[key] = Setting(Rule.WARN, flags[key], warning=DATA_ORDER_WARNING)
+    for key in RUN_KEYS:
+        table[key] = Setting(Rule.WARN, flags[key], warning=RUN_WARNING.replace("{step}", str(train_steps)))
+    return table
+
+
+def resolve_train_config(flags: Mapping[str, Any], explicit: AbstractSet[str], stored: Optional[Mapping[str, Any]] = None,
+                         *, source: str = "the checkpoint", train_steps: int = 0,
+                         features_vae: Optional[str] = None) -> tuple[TrainConfig, list[str]]:
+    """The run's configuration and the warnings of settings that differ from the checkpoint's.
+
+    flags: every parsed flag (argparse destinations); explicit: those the command line gave;
+    stored: the resumed checkpoint's settings (None: a new run); source: how messages name the
+    checkpoint; train_steps: its step, for the lr/EMA warnings; features_vae: the VAE named by
+    --feature-path's features, which decodes the previews unless --vae is given.
+    Raises UsageError when an explicit flag contradicts what the checkpoint's model is.
+    """
+    flags = dict(flags, vae=canonical_vae_name(flags["vae"]))  # a VAE folder is named wherever the run starts
+    table = checkpoint_owned_settings(flags, train_steps)
+    resolved = resolve_settings(table, {key: flags[key] for key in table if key in explicit}, stored, source=source)
+    values = dict(flags, **resolved.values)
+    for key in MODEL_KEYS + TRANSPORT_KEYS:  # what the model is: the checkpoint's, even as a different spelling
+        if stored is not None and key in stored:
+            values[key] = stored[key]
+    if features_vae and "vae" not in explicit and not is_pixel_space(values["vae"]):
+        values["vae"] = features_vae  # pixels with features are refused by check_train_config
+    return TrainConfig.from_settings(values), resolved.warnings
+
+
+#################################################################################
+#                            Checks before heavy work                           #
+#################################################################################
+
+def check_train_config(config: TrainConfig, world_size: int) -> None:
+    """UsageError (one line naming the flag) for settings that cannot work, before any heavy work."""
+    model, data, fid = config.model, config.data, config.fid
+    if data.feature_path is not None and model.pixel_space:
+        raise UsageError("--feature-path holds VAE latents; --vae none trains on pixels: use --data-path with --vae none")
+    check_image_size(model.image_size, model.pixel_space)
+    if data.global_batch_size % world_size:
+        raise UsageError(f"--global-batch-size {data.global_batch_size} is not divisible by the {world_size} processes")
+    check_vae_name(model.vae)
+    kwargs = model.sit_kwargs()
+    if kwargs["input_size"] % kwargs["patch_size"]:
+        what = "pixels" if model.pixel_space else "latents"
+        raise UsageError(f"--image-size {model.image_size} gives {kwargs['input_size']}x{kwargs['input_size']} {what}, "
+                         f"not divisible by the patch size {kwargs['patch_size']}")
+    if kwargs["hidden_size"] % kwargs["num_heads"]:
+        raise UsageError(f"hidden size {kwargs['hidden_size']} is not divisible by {kwargs['num_heads']} heads")
+    config.transport.build()
+    if fid.fid_every is not None and (fid.fid_ref is None or not os.path.isfile(fid.fid_ref)):
+        raise UsageError(f"--fid-every needs --fid-ref, a file of reference statistics (got {fid.fid_ref!r}); "
+                         f"make one with `python evaluate.py VIRTUAL_imagenet256_labeled.npz`")
+    if fid.fid_cfg_scale < 1.0:
+        raise UsageError(f"--fid-cfg-scale must be >= 1, got {fid.fid_cfg_scale}")
+    if fid.fid_every is not None and fid.fid_cfg_scale > 1.0 and not has_null_class(kwargs):
+        raise UsageError(f"--fid-cfg-scale {fid.fid_cfg_scale} needs a model with label dropout (its null class), but "
+                         f"class_dropout_prob is 0: use --fid-cfg-scale 1")

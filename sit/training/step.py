@@ -1,0 +1,112 @@
+"""One training step: a batch -> what the model learns -> the transport's loss -> AdamW (GradScaler,
+clipping) -> EMA. train.py's loop and benchmarks/bench.py both run exactly this.
+
+A new loss term is a module beside this one that `train_step` adds to the loss (and its flag in train.py).
+"""
+from __future__ import annotations
+
+from copy import deepcopy
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+
+from sit.speed import autocast, compile_model
+from sit.training.ema import update_ema
+from sit.training.optimizer import make_grad_scaler, make_optimizer
+from sit.vae import LATENT_SCALE
+from transport import Transport
+
+
+@dataclass
+class TrainStep:
+    """What a training step works with.
+
+    model: the raw SiT (what checkpoints hold); ddp_model: the same wrapped in DDP (or the model
+    itself in one process); vae: the encoder of --data-path images (None: pixels, or cached latents
+    with from_features); precision: a --precision choice; max_grad_norm: --max-grad-norm (None: no clipping).
+    """
+    model: torch.nn.Module
+    ddp_model: torch.nn.Module
+    ema: torch.nn.Module
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    transport: Transport
+    device: torch.device
+    vae: Any = None
+    from_features: bool = False
+    precision: str = "fp32"
+    ema_decay: float = 0.9999
+    max_grad_norm: Optional[float] = None
+
+    @classmethod
+    def create(cls, model: torch.nn.Module, *, transport: Transport, device: torch.device, lr: float,
+               ddp_model: Optional[torch.nn.Module] = None, ema_state: Optional[dict] = None,
+               grad_checkpointing: bool = False, compile_blocks: bool = False, vae: Any = None,
+               from_features: bool = False, precision: str = "fp32", ema_decay: float = 0.9999,
+               max_grad_norm: Optional[float] = None) -> "TrainStep":
+        """The step for `model` (already on `device`; ddp_model: the same wrapped for DDP) as train.py
+        builds it: the EMA copy (ema_state: weights to restore), gradient checkpointing, --compile
+        (compile_blocks), AdamW at lr and the GradScaler of the precision."""
+        ema = deepcopy(model).requires_grad_(False).eval()  # after DDP's broadcast: the same start on every rank
+        if ema_state is not None:
+            ema.load_state_dict(ema_state)
+        model.grad_checkpointing = grad_checkpointing
+        if compile_blocks:
+            compile_model(model)  # after the EMA's deepcopy (see compile_model); DDP calls the compiled blocks
+        opt = make_optimizer(model, lr=lr, weight_decay=0)  # the paper: AdamW, constant lr 1e-4, no weight decay
+        return cls(model=model, ddp_model=model if ddp_model is None else ddp_model, ema=ema, opt=opt,
+                   scaler=make_grad_scaler(precision, device), transport=transport, device=device, vae=vae,
+                   from_features=from_features, precision=precision, ema_decay=ema_decay, max_grad_norm=max_grad_norm)
+
+
+@dataclass
+class StepResult:
+    """A step's loss (a 0-dim tensor on the device) and, with clipping, the gradient norm before it."""
+    loss: torch.Tensor
+    grad_norm: Optional[torch.Tensor] = None
+
+
+@torch.no_grad()
+def training_latents(step: TrainStep, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """What the model learns, (N, C, L, L), from a batch's inputs: [images (N, 3, H, W) in [-1, 1]]
+    (encoded by the VAE, or the pixels themselves without one) or, with from_features, the cached
+    posterior [mean, std] (N, 4, H/8, W/8) each.
+
+    A fresh latent (mean + std * noise) * scale is what vae.encode(x).latent_dist.sample() * scale
+    computes, with the same draw of torch.randn: training from features equals training from images.
+    """
+    device = step.device
+    if step.from_features:
+        mean, std = (tensor.to(device, non_blocking=True) for tensor in inputs)
+        noise = torch.randn(mean.shape, device=device, dtype=mean.dtype)
+        return (mean + std * noise).mul_(LATENT_SCALE)
+    (images,) = inputs
+    images = images.to(device, non_blocking=True)
+    if step.vae is None:
+        return images  # pixel space: the model learns (N, 3, H, W) in [-1, 1] directly
+    with autocast(step.precision, device):
+        posterior = step.vae.encode(images).latent_dist
+    return posterior.sample().float().mul_(LATENT_SCALE)  # (N, 4, H/8, W/8)
+
+
+def train_step(step: TrainStep, inputs: Sequence[torch.Tensor], labels: torch.Tensor) -> StepResult:
+    """One optimisation step on a batch (see training_latents) with labels (N,).
+
+    The forward runs under the --precision autocast (fp16 scales the loss); with max_grad_norm the
+    gradients are unscaled and clipped, and the norm before clipping is returned.
+    """
+    latents = training_latents(step, inputs)
+    labels = labels.to(step.device, non_blocking=True)
+    with autocast(step.precision, step.device):
+        loss = step.transport.training_losses(step.ddp_model, latents, dict(y=labels))["loss"].mean()
+    step.opt.zero_grad(set_to_none=True)
+    step.scaler.scale(loss).backward()
+    grad_norm = None
+    if step.max_grad_norm is not None:
+        step.scaler.unscale_(step.opt)
+        grad_norm = torch.nn.utils.clip_grad_norm_(step.model.parameters(), step.max_grad_norm)
+    step.scaler.step(step.opt)
+    step.scaler.update()
+    update_ema(step.ema, step.model, decay=step.ema_decay)
+    return StepResult(loss, grad_norm)
