@@ -2,6 +2,9 @@
 
     torchrun --nnodes=1 --nproc_per_node=N train.py --model SiT-XL/2 --data-path /path/to/imagenet/train
 
+--sharding fsdp shards model, gradients, AdamW state and EMA over the processes (FSDP2) for models
+past one GPU's memory; its checkpoints are the same full files (see sit/training/sharding.py).
+
 Each run writes to results/<NNN>-<model>-<path>-<prediction>-<loss weight>/: log.txt, checkpoints/
 <step>.pt, samples/<step>.png and (with --wandb) wandb_id.txt. A checkpoint holds everything needed
 to continue exactly: model, EMA, optimizer, step, epoch, position in the epoch and every rank's RNG.
@@ -39,6 +42,7 @@ from sit.distributed import launched_world_size
 from sit.training.experiment import NEWEST
 from sit.training.launch import prepare_training, run_training
 from sit.training.settings import EMA_DECAY, MODEL_CONFIG_KEYS
+from sit.training.sharding import SHARDINGS
 from train_utils import parse_transport_args
 
 
@@ -86,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="recompute each block in the backward pass: less memory, about a third more compute")
     parser.add_argument("--max-grad-norm", type=positive_float, default=None,
                         help="clip the gradient norm to this (default: no clipping); the norm is logged")
+    parser.add_argument("--sharding", choices=SHARDINGS, default="ddp",
+                        help="ddp: a full copy of model, gradients, AdamW and EMA per GPU (the original's); fsdp: "
+                             "FSDP2 shards all four over the GPUs (with --precision bf16: bf16 weights, fp32 "
+                             "gradient reduction); checkpoints are the same full files either way")
     fid = parser.add_argument_group("FID while training (evaluate.py's definitions)")
     fid.add_argument("--fid-every", type=positive_int, default=None, help="measure FID every N steps (default: never)")
     fid.add_argument("--fid-num-samples", type=positive_int, default=10_000, help="EMA samples per measurement, over all ranks")

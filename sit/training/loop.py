@@ -84,10 +84,11 @@ def save_checkpoint(run: TrainingRun) -> None:
     state, step = run.state, run.step
     check_health(step.model, run.monitor, state.train_steps)
     rng = gather_rng_states(run.ctx.device)
+    model_state, ema_state, opt_state = step.sharding.full_state_dicts(step)  # fsdp: gathered to rank 0
     path = os.path.join(run.experiment_dir, "checkpoints", f"{state.train_steps:07d}.pt") if run.ctx.is_main else None
 
     def write() -> None:
-        TrainCheckpoint(model=step.model.state_dict(), ema=step.ema.state_dict(), opt=step.opt.state_dict(),
+        TrainCheckpoint(model=model_state, ema=ema_state, opt=opt_state,
                         settings=run.config.settings(), model_config=dict(step.model.config),
                         train_steps=state.train_steps, epoch=state.epoch, epoch_step=state.epoch_step, rng=rng,
                         scaler=step.scaler.state_dict(), experiment_dir=run.experiment_dir,
@@ -102,12 +103,13 @@ def save_samples(run: TrainingRun) -> None:
     """An EMA preview grid at samples/<step>.png (and to wandb), made by rank 0; every rank calls this
     and stops with one line if rank 0 cannot write the grid."""
     path = os.path.join(run.experiment_dir, "samples", f"{run.state.train_steps:07d}.png") if run.ctx.is_main else None
+    ema = run.step.sharding.full_ema(run.step, everywhere=False)  # fsdp: gathered to rank 0
 
     def write() -> None:
         ready, decoder = run.vae.for_preview(run.logger)
         if not ready:
             return
-        save_preview(run.step.ema, decoder, run.step.transport, run.preview, run.config.run.cfg_scale, path,
+        save_preview(ema, decoder, run.step.transport, run.preview, run.config.run.cfg_scale, path,
                      run.ctx.device)
         run.logger.info(f"Saved EMA samples to {path}")
         if run.wandb_run is not None:
@@ -121,7 +123,8 @@ def save_samples(run: TrainingRun) -> None:
 def log_fid(run: TrainingRun) -> None:
     """Measure FID of the EMA (every rank) and log it."""
     config, step = run.config, run.state.train_steps
-    fid = measure_fid(run.step.ema, run.vae.for_fid(run.ctx), run.step.transport, run.fid_monitor, run.ctx,
+    ema = run.step.sharding.full_ema(run.step, everywhere=True)  # fsdp: gathered on every rank
+    fid = measure_fid(ema, run.vae.for_fid(run.ctx), run.step.transport, run.fid_monitor, run.ctx,
                       num_images=config.fid.fid_num_samples,
                       batch_size=config.data.global_batch_size // run.ctx.world_size, num_steps=config.fid.fid_steps,
                       cfg_scale=config.fid.fid_cfg_scale, global_seed=config.data.global_seed,

@@ -8,8 +8,9 @@ from typing import Any, Optional
 
 import torch
 
-from sit.distributed import all_reduce_mean
+from sit.distributed import all_reduce_mean, any_rank
 from sit.errors import RunFailure
+from sit.training.sharding import local_tensor
 
 
 class TrainingDiverged(RunFailure):
@@ -75,6 +76,6 @@ def log_progress(monitor: LossMonitor, step: int, global_batch_size: int, logger
 def check_health(model: torch.nn.Module, monitor: LossMonitor, step: int) -> None:
     """Raise TrainingDiverged if a pending loss or any weight is non-finite (all ranks call this)."""
     monitor.check(monitor.reduced())
-    finite = torch.stack([torch.isfinite(param).all() for param in model.parameters()]).all()
-    if not finite.item():  # weights are identical on all ranks (DDP), so all ranks agree
+    finite = torch.stack([torch.isfinite(local_tensor(param)).all() for param in model.parameters()]).all()
+    if any_rank(not finite.item(), finite.device):  # FSDP: each rank sees its shards; every rank learns of any
         raise TrainingDiverged(f"the weights became non-finite by step {step}")

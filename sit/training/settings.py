@@ -19,6 +19,7 @@ from typing import AbstractSet, Any, Mapping, Optional
 
 from models import MODEL_SHAPES, has_null_class
 from sit.config import Rule, Setting, TransportConfig, resolve_settings
+from sit.distributed import launched_by_torchrun
 from sit.errors import UsageError
 from sit.vae import (LATENT_CHANNELS, PIXEL_CHANNELS, canonical_vae_name, check_image_size, check_vae_name,
                      input_size_for, is_pixel_space)
@@ -91,6 +92,7 @@ class OptimSettings:
     grad_checkpointing: bool
     precision: str
     compile: bool
+    sharding: str = "ddp"  # --sharding: ddp (a full copy per rank) or fsdp (FSDP2 shards; sit.training.sharding)
 
 
 @dataclass(frozen=True)
@@ -231,6 +233,9 @@ def check_train_config(config: TrainConfig, world_size: int) -> None:
     check_image_size(model.image_size, model.pixel_space)
     if data.global_batch_size % world_size:
         raise UsageError(f"--global-batch-size {data.global_batch_size} is not divisible by the {world_size} processes")
+    if config.optim.sharding == "fsdp" and not launched_by_torchrun():
+        raise UsageError("--sharding fsdp shards over the processes of a torchrun job (e.g. torchrun "
+                         "--nproc_per_node=8 train.py ... --sharding fsdp); one plain process holds the whole model anyway")
     check_vae_name(model.vae)
     kwargs = model.sit_kwargs()
     if kwargs["input_size"] % kwargs["patch_size"]:

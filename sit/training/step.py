@@ -14,6 +14,7 @@ import torch
 from sit.speed import autocast, compile_model
 from sit.training.ema import update_ema
 from sit.training.optimizer import make_grad_scaler, make_optimizer
+from sit.training.sharding import Sharding, full_tensor
 from sit.vae import LATENT_SCALE
 from transport import Transport
 
@@ -23,8 +24,9 @@ class TrainStep:
     """What a training step works with.
 
     model: the raw SiT (what checkpoints hold); ddp_model: the same wrapped in DDP (or the model
-    itself in one process); vae: the encoder of --data-path images (None: pixels, or cached latents
-    with from_features); precision: a --precision choice; max_grad_norm: --max-grad-norm (None: no clipping).
+    itself in one process, or sharded by FSDP2); vae: the encoder of --data-path images (None: pixels, or cached latents
+    with from_features); precision: a --precision choice; max_grad_norm: --max-grad-norm (None: no clipping);
+    sharding: --sharding (how model, EMA and AdamW are laid out over the ranks; sit.training.sharding).
     """
     model: torch.nn.Module
     ddp_model: torch.nn.Module
@@ -38,26 +40,30 @@ class TrainStep:
     precision: str = "fp32"
     ema_decay: float = 0.9999
     max_grad_norm: Optional[float] = None
+    sharding: Sharding = Sharding()
 
     @classmethod
     def create(cls, model: torch.nn.Module, *, transport: Transport, device: torch.device, lr: float,
                ddp_model: Optional[torch.nn.Module] = None, ema_state: Optional[dict] = None,
                grad_checkpointing: bool = False, compile_blocks: bool = False, vae: Any = None,
                from_features: bool = False, precision: str = "fp32", ema_decay: float = 0.9999,
-               max_grad_norm: Optional[float] = None) -> "TrainStep":
+               max_grad_norm: Optional[float] = None, sharding: Sharding = Sharding()) -> "TrainStep":
         """The step for `model` (already on `device`; ddp_model: the same wrapped for DDP) as train.py
         builds it: the EMA copy (ema_state: weights to restore), gradient checkpointing, --compile
-        (compile_blocks), AdamW at lr and the GradScaler of the precision."""
+        (compile_blocks), AdamW at lr and the GradScaler of the precision; with FSDP (sharding) the
+        model and the EMA are sharded before compiling and before AdamW sees the parameters."""
         ema = deepcopy(model).requires_grad_(False).eval()  # after DDP's broadcast: the same start on every rank
         if ema_state is not None:
             ema.load_state_dict(ema_state)
         model.grad_checkpointing = grad_checkpointing
+        sharding.shard(model, ema)
         if compile_blocks:
             compile_model(model)  # after the EMA's deepcopy (see compile_model); DDP calls the compiled blocks
         opt = make_optimizer(model, lr=lr, weight_decay=0)  # the paper: AdamW, constant lr 1e-4, no weight decay
         return cls(model=model, ddp_model=model if ddp_model is None else ddp_model, ema=ema, opt=opt,
                    scaler=make_grad_scaler(precision, device), transport=transport, device=device, vae=vae,
-                   from_features=from_features, precision=precision, ema_decay=ema_decay, max_grad_norm=max_grad_norm)
+                   from_features=from_features, precision=precision, ema_decay=ema_decay, max_grad_norm=max_grad_norm,
+                   sharding=sharding)
 
 
 @dataclass
@@ -105,7 +111,7 @@ def train_step(step: TrainStep, inputs: Sequence[torch.Tensor], labels: torch.Te
     grad_norm = None
     if step.max_grad_norm is not None:
         step.scaler.unscale_(step.opt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(step.model.parameters(), step.max_grad_norm)
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(step.model.parameters(), step.max_grad_norm))
     step.scaler.step(step.opt)
     step.scaler.update()
     update_ema(step.ema, step.model, decay=step.ema_decay)
