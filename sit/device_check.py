@@ -243,15 +243,16 @@ def check_sdpa(ctx: CheckContext) -> list[Row]:
     """Which SDPA kernel PyTorch picks for SiT-XL/2's attention (4 x 256 tokens, 16 heads of 72) in
     bf16 (profiler), and that forward and backward run with only flash/memory-efficient enabled."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.profiler import profile
+    from torch.profiler import ProfilerActivity, profile
 
     from models import Attention
 
     attention = Attention(1152, 16).to(ctx.device)
     x = torch.randn(4, 256, 1152, device=ctx.device, requires_grad=True)
-    with profile() as prof, autocast("bf16", ctx.device):
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.cuda else [])
+    with profile(activities=activities) as prof, autocast("bf16", ctx.device):
         attention(x).float().sum().backward()
-    picked = sorted({event.name for event in prof.events() if "scaled_dot_product" in event.name
+    picked = sorted({event.name.removeprefix("aten::") for event in prof.events() if "scaled_dot_product" in event.name
                      and "backward" not in event.name and event.name != "aten::scaled_dot_product_attention"})
     fused = bool(picked) and all(any(kind in name for kind in FUSED_SDPA) for name in picked)
     try:
