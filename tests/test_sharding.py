@@ -201,9 +201,10 @@ def two_process_runs(tmp_path_factory):
         copy = str(root / f"resumed_{mode}" / os.path.basename(folders["fsdp"]))
         shutil.copytree(folders["fsdp"], copy)
         os.remove(os.path.join(copy, "checkpoints", "0000004.pt"))
+        # without --sharding the checkpoint's (fsdp) is kept
         torchrun(["--data-path", str(root / "data"), "--resume", copy, "--max-steps", "4", "--log-every", "1",
-                  "--num-workers", "0", "--max-grad-norm", "1000", "--sharding", mode]
-                 + (["--grad-checkpointing"] if mode == "fsdp" else []), root)
+                  "--num-workers", "0", "--max-grad-norm", "1000"]
+                 + (["--grad-checkpointing"] if mode == "fsdp" else ["--sharding", "ddp"]), root)
         folders[f"resumed_{mode}"] = copy
     return dict(folders=folders, fsdp_stdout=fsdp.stdout, root=root)
 

@@ -5,7 +5,7 @@
 - what the model is and learns (model, shape, size, classes, transport) is LOCKED: another value is an error;
 - the VAE is the checkpoint's unless given; another one is allowed with a warning, pixels against latents is not;
 - what decides the data order, and the learning rate and EMA decay, are the checkpoint's unless given
-  (a WARN: the run then differs from an uninterrupted one);
+  (a WARN: the run then differs from an uninterrupted one); --sharding is the checkpoint's unless given (FREE);
 - everything else (run length, logging, intervals, workers, wandb, FID) is the command line's.
 The flags are the parsed argparse values (`vars(args)`), whose defaults are the original's; they are never modified.
 """
@@ -195,6 +195,7 @@ def checkpoint_owned_settings(flags: Mapping[str, Any], train_steps: int) -> dic
         table[key] = Setting(Rule.WARN, flags[key], warning=DATA_ORDER_WARNING)
     for key in RUN_KEYS:
         table[key] = Setting(Rule.WARN, flags[key], warning=RUN_WARNING.replace("{step}", str(train_steps)))
+    table["sharding"] = Setting(Rule.FREE, flags["sharding"])  # either mode resumes the other's checkpoints exactly
     return table
 
 
