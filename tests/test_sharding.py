@@ -24,7 +24,7 @@ from conftest import REPO, make_image_folder, make_tiny_vae
 from models import SiT
 from sit.distributed import DistContext
 from sit.errors import UsageError
-from sit.training.sharding import Sharding, indexed_optimizer_state, named_optimizer_state
+from sit.training.sharding import Sharding, indexed_optimizer_state, named_optimizer_state, sampling_ema
 from sit.training.step import TrainStep, train_step
 from transport import create_transport
 
@@ -135,10 +135,12 @@ def test_gathered_ema_is_a_plain_model_with_the_ema_weights_and_draws_no_random_
     ema_state = step.sharding.full_state_dicts(step)[1]
     rng = torch.get_rng_state()
     for everywhere in (False, True):
-        ema = step.sharding.full_ema(step, everywhere=everywhere)
+        ema = sampling_ema(step.ema, CPU, everywhere=everywhere)
         assert type(ema) is SiT and not ema.training and not any(param.requires_grad for param in ema.parameters())
         assert all(torch.equal(value, ema_state[name]) for name, value in ema.state_dict().items())
     assert torch.equal(rng, torch.get_rng_state())
+    plain = make_step(small_sit(), "ddp")
+    assert sampling_ema(plain.ema, CPU, everywhere=True) is plain.ema  # unsharded: the EMA itself
 
 
 def test_fsdp_needs_a_torchrun_launch(tmp_path, monkeypatch):

@@ -29,6 +29,7 @@ from sit.training.network import build_train_step
 from sit.training.preview import preview_inputs, save_preview
 from sit.training.rng import gather_rng_states, restore_rng
 from sit.training.settings import TrainConfig
+from sit.training.sharding import sampling_ema
 from sit.training.signals import StopSignal
 from sit.training.step import TrainStep, train_step
 from sit.vae import PIXEL_CHANNELS
@@ -103,7 +104,7 @@ def save_samples(run: TrainingRun) -> None:
     """An EMA preview grid at samples/<step>.png (and to wandb), made by rank 0; every rank calls this
     and stops with one line if rank 0 cannot write the grid."""
     path = os.path.join(run.experiment_dir, "samples", f"{run.state.train_steps:07d}.png") if run.ctx.is_main else None
-    ema = run.step.sharding.full_ema(run.step, everywhere=False)  # fsdp: gathered to rank 0
+    ema = sampling_ema(run.step.ema, run.ctx.device, everywhere=False)  # fsdp: gathered to rank 0
 
     def write() -> None:
         ready, decoder = run.vae.for_preview(run.logger)
@@ -123,7 +124,7 @@ def save_samples(run: TrainingRun) -> None:
 def log_fid(run: TrainingRun) -> None:
     """Measure FID of the EMA (every rank) and log it."""
     config, step = run.config, run.state.train_steps
-    ema = run.step.sharding.full_ema(run.step, everywhere=True)  # fsdp: gathered on every rank
+    ema = sampling_ema(run.step.ema, run.ctx.device, everywhere=True)  # fsdp: gathered on every rank
     fid = measure_fid(ema, run.vae.for_fid(run.ctx), run.step.transport, run.fid_monitor, run.ctx,
                       num_images=config.fid.fid_num_samples,
                       batch_size=config.data.global_batch_size // run.ctx.world_size, num_steps=config.fid.fid_steps,

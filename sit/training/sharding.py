@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -146,11 +146,12 @@ class Sharding:
         for group, saved in zip(step.opt.param_groups, state["param_groups"]):  # as Optimizer.load_state_dict
             group.update({key: value for key, value in saved.items() if key != "params"})  # (betas stay a tuple)
 
-    def full_ema(self, step: "TrainStep", everywhere: bool) -> Optional[nn.Module]:
-        """An unsharded EMA model to sample from (previews: rank 0 only; FID: everywhere=True).
-        ddp: the EMA itself. fsdp: a plain copy gathered from the shards (every rank must call this);
-        None on the ranks that do not get one."""
-        if not self.sharded:
-            return step.ema
-        state = get_model_state_dict(step.ema, options=GATHER_EVERYWHERE if everywhere else GATHER_TO_RANK_0)
-        return plain_sit(step.ema.config, state, step.device) if state else None
+
+def sampling_ema(ema: Optional[nn.Module], device: torch.device, everywhere: bool) -> Optional[nn.Module]:
+    """An unsharded EMA model to sample from (previews: rank 0 only; FID: everywhere=True). An EMA
+    sharded by FSDP2 is gathered into a plain copy (every rank must call this; the ranks that get
+    none receive None); any other EMA is returned as it is."""
+    if not isinstance(ema, FSDPModule):
+        return ema
+    state = get_model_state_dict(ema, options=GATHER_EVERYWHERE if everywhere else GATHER_TO_RANK_0)
+    return plain_sit(ema.config, state, device) if state else None
