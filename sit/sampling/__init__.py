@@ -1,0 +1,9 @@
+"""What sample.py and sample_ddp.py stand on, one concern a module:
+
+- `flags`: their command line (the shared flags, the mode first, the likelihood options);
+- `settings`: `SamplingConfig` from the flags, `ModelSettings` from it and the checkpoint;
+- `loading`: the model and VAE (rank 0 first in a job), compiled on request;
+- `folder`: sample folder names, PNGs and the streamed .npz;
+- `images`: every missing PNG of a folder, sampled by all ranks (sit.generation.generate_blocks);
+- `likelihood`: log-likelihoods of latent and pixel-space models, one path.
+"""
