@@ -133,15 +133,23 @@ def test_vae_flag_is_checked_against_the_checkpoint_and_pixels_are_clamped():
 #################################################################################
 
 def test_pixel_model_config_and_image_size_checks():
-    args, _ = train.parse_args(["--data-path", "x", "--vae", "none", "--image-size", "12", "--model", "SiT-S/2"])
-    config = train.model_config_for_args(args)
-    assert (config["input_size"], config["in_channels"], config["patch_size"]) == (12, 3, 2)
-    train.validate_args(args, 1)  # 12 is no multiple of 8, fine in pixel space
-    args, _ = train.parse_args(["--data-path", "x", "--vae", "none", "--image-size", "12", "--model", "SiT-S/8"])
-    with pytest.raises(SystemExit, match="--image-size 12 gives 12x12 pixels, not divisible by the patch size 8"):
-        train.validate_args(args, 1)
-    args, _ = train.parse_args(["--data-path", "x", "--image-size", "256", "--model", "SiT-S/2"])
-    assert train.model_config_for_args(args)["in_channels"] == 4 and train.model_config_for_args(args)["input_size"] == 32
+    from sit.errors import UsageError
+    from sit.training.settings import check_train_config, resolve_train_config
+
+    def config_for(argv):
+        args, explicit = train.parse_args(argv)
+        config, _ = resolve_train_config(vars(args), explicit)
+        return config
+
+    config = config_for(["--data-path", "x", "--vae", "none", "--image-size", "12", "--model", "SiT-S/2"])
+    kwargs = config.model.sit_kwargs()
+    assert (kwargs["input_size"], kwargs["in_channels"], kwargs["patch_size"]) == (12, 3, 2)
+    check_train_config(config, 1)  # 12 is no multiple of 8, fine in pixel space
+    config = config_for(["--data-path", "x", "--vae", "none", "--image-size", "12", "--model", "SiT-S/8"])
+    with pytest.raises(UsageError, match="--image-size 12 gives 12x12 pixels, not divisible by the patch size 8"):
+        check_train_config(config, 1)
+    kwargs = config_for(["--data-path", "x", "--image-size", "256", "--model", "SiT-S/2"]).model.sit_kwargs()
+    assert kwargs["in_channels"] == 4 and kwargs["input_size"] == 32
 
 
 def test_lr_and_ema_decay_come_from_the_checkpoint_unless_given():
