@@ -7,22 +7,25 @@ On a CPU the checks whose code runs there use small sizes; those that need CUDA 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from copy import deepcopy
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
+from PIL import Image
 
-from models import SiT, SiT_models
+from models import Attention, SiT, SiT_models
 from sit.checkpoint import TrainCheckpoint
 from sit.distributed import agree, all_reduce_mean, cleanup_distributed, setup_distributed
-from sit.speed import autocast, compile_for_sampling, compile_model, configure_precision
+from sit.speed import autocast, compile_for_sampling, configure_precision
 from sit.training.sharding import Sharding
 from sit.training.step import TrainStep, train_step
 from sit.vae import random_sd_vae
@@ -108,7 +111,8 @@ def cpu_reference() -> dict:
         for param in model.parameters():
             param.add_(torch.randn_like(param), alpha=0.05)
     inputs = dict(x=torch.randn(2, 4, 8, 8), t=torch.rand(2), y=torch.tensor([1, 2]))
-    guided = dict(x=torch.cat([inputs["x"]] * 2), t=torch.cat([inputs["t"]] * 2), y=torch.tensor([1, 2, 10, 10]), cfg_scale=3.0)
+    guided = dict(x=torch.cat([inputs["x"]] * 2), t=torch.cat([inputs["t"]] * 2), y=torch.tensor([1, 2, 10, 10]),
+                  cfg_scale=3.0)
     common = dict(path_type="Linear", prediction="velocity", cfg_scale=1.0, num_steps=8)
     reference = dict(config=config, state_dict=model.state_dict(), forward=inputs, forward_with_cfg=guided,
                      ode=dict(z=torch.randn(2, 4, 8, 8), y=inputs["y"], cases=[dict(common, sampling_method="euler")]),
@@ -125,7 +129,8 @@ def cpu_reference() -> dict:
 
 def golden_model(ctx: CheckContext) -> tuple[dict, SiT]:
     """The recording (tests/fixtures/parity.pt, else cpu_reference) and its model on the device (fp32, TF32 off)."""
-    golden = torch.load(ctx.fixture, map_location="cpu", weights_only=True) if os.path.isfile(ctx.fixture) else cpu_reference()
+    recorded = os.path.isfile(ctx.fixture)
+    golden = torch.load(ctx.fixture, map_location="cpu", weights_only=True) if recorded else cpu_reference()
     model = SiT(**golden["config"])
     model.load_state_dict(golden["state_dict"], strict=True)
     configure_precision("fp32")
@@ -162,7 +167,8 @@ def training_batch(ctx: CheckContext, batch: int, latent: int) -> tuple[list[tor
     generator = torch.Generator().manual_seed(3)
     mean = torch.randn(batch, 4, latent, latent, generator=generator)
     std = torch.rand(batch, 4, latent, latent, generator=generator) * 0.1
-    return [mean.to(ctx.device), std.to(ctx.device)], torch.randint(0, 1000, (batch,), generator=generator).to(ctx.device)
+    labels = torch.randint(0, 1000, (batch,), generator=generator)
+    return [mean.to(ctx.device), std.to(ctx.device)], labels.to(ctx.device)
 
 
 def training_losses(ctx: CheckContext, model: SiT, steps: int, batch: int, **step_options) -> list[float]:
@@ -225,16 +231,17 @@ def check_compile(ctx: CheckContext) -> list[Row]:
             train_step(step, inputs, labels)
         rows = [compile_row("compile: train.py training steps", counters, warm, 4)]
     if not ctx.cuda:
-        return rows + [skipped("compile: sample.py sampler steps", "CUDA only: CPU autotuning takes minutes (tests/test_speed.py)")]
+        reason = "CUDA only: CPU autotuning takes minutes (tests/test_speed.py)"
+        return rows + [skipped("compile: sample.py sampler steps", reason)]
     with dynamo_counting() as counters, torch.no_grad():
         model = compile_for_sampling(deepcopy(step.ema))
         z = torch.randn(batch, *inputs[0].shape[1:], device=ctx.device)
         guided = dict(y=torch.cat([labels, torch.full_like(labels, 1000)]), cfg_scale=4.0)
-        sampler = Sampler(create_transport())
+        sampler, doubled = Sampler(create_transport()), torch.cat([z, z])  # (2N, 4, L, L)
         with autocast("bf16", ctx.device):
-            sampler.sample_ode(sampling_method="euler", num_steps=2)(torch.cat([z, z]), model.forward_with_cfg, **guided)
+            sampler.sample_ode(sampling_method="euler", num_steps=2)(doubled, model.forward_with_cfg, **guided)
             warm = counters["stats"]["unique_graphs"]
-            sampler.sample_ode(sampling_method="euler", num_steps=7)(torch.cat([z, z]), model.forward_with_cfg, **guided)
+            sampler.sample_ode(sampling_method="euler", num_steps=7)(doubled, model.forward_with_cfg, **guided)
         rows.append(compile_row("compile: sample.py sampler steps", counters, warm, 6))
     return rows
 
@@ -244,8 +251,6 @@ def check_sdpa(ctx: CheckContext) -> list[Row]:
     bf16 (profiler), and that forward and backward run with only flash/memory-efficient enabled."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.profiler import ProfilerActivity, profile
-
-    from models import Attention
 
     attention = Attention(1152, 16).to(ctx.device)
     x = torch.randn(4, 256, 1152, device=ctx.device, requires_grad=True)
@@ -324,12 +329,14 @@ def check_process_group(ctx: CheckContext) -> list[Row]:
         rows = [Row(f"process group ({backend}), world size 1", "PASS" if (value, agreed) == (3.0, "ok") else "FAIL",
                     f"all_reduce_mean 3 -> {value:g}; agree -> {agreed}", "exact")]
         worst = max(abs(a - b) / b for a, b in zip(fsdp_losses(ctx, job, 3), reference))
-        rows.append(bound_row("FSDP2 step (world size 1) vs unsharded", worst, FSDP_LOSS_RTOL, "3 steps, max rel loss diff"))
+        rows.append(bound_row("FSDP2 step (world size 1) vs unsharded", worst, FSDP_LOSS_RTOL,
+                              "3 steps, max rel loss diff"))
         with dynamo_counting():
             combined = fsdp_losses(ctx, job, 3, precision="bf16", compile_blocks=True, grad_checkpointing=True,
                                    max_grad_norm=1.0)
         worst = max(abs(a - b) / b for a, b in zip(combined, reference))
-        rows.append(bound_row("FSDP2 bf16+compile+ckpt+clip vs fp32", worst, AUTOCAST_LOSS_RTOL, "3 steps, max rel loss diff"))
+        rows.append(bound_row("FSDP2 bf16+compile+ckpt+clip vs fp32", worst, AUTOCAST_LOSS_RTOL,
+                              "3 steps, max rel loss diff"))
     return rows
 
 
@@ -341,7 +348,8 @@ def run_script(ctx: CheckContext, args: list[str], timeout: int) -> subprocess.C
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    return subprocess.run([sys.executable, *args], cwd=ctx.scratch, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, *args], cwd=ctx.scratch, env=env, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def failure_line(result: subprocess.CompletedProcess) -> str:
@@ -369,8 +377,6 @@ def check_sample_script(ctx: CheckContext) -> list[Row]:
                               "--output", output] + (["--precision", "bf16"] if ctx.cuda else []), timeout=300)
     if result.returncode != 0:
         return [Row(f"sample.py end to end, {name}", "FAIL", failure_line(result), "exit 0, 4-image grid")]
-    from PIL import Image
-
     with Image.open(output) as grid:
         size = grid.size
     expected = (4 * (image_size + 2) + 2, image_size + 4)
@@ -384,10 +390,9 @@ def target_row(check: str, value: float, target: float, figure: str) -> Row:
 
 def check_bench(ctx: CheckContext, batch_size: int = 64) -> list[Row]:
     """benchmarks/bench.py for SiT-XL/2 at 256 (bf16, compile) against the original-style loop, in one run."""
-    import json
-
     if not ctx.cuda:
-        return [skipped("bench.py SiT-XL/2, batch 64, bf16, compile", "needs a GPU (tests/test_bench.py runs it tiny on CPU)")]
+        return [skipped("bench.py SiT-XL/2, batch 64, bf16, compile",
+                        "needs a GPU (tests/test_bench.py runs it tiny on CPU)")]
     record_path = os.path.join(ctx.scratch, "bench.json")
     result = run_script(ctx, [os.path.join(ctx.repo, "benchmarks", "bench.py"), "--model", "SiT-XL/2", "--image-size",
                               "256", "--batch-size", str(batch_size), "--precision", "bf16", "--compile", "--json",
@@ -395,18 +400,23 @@ def check_bench(ctx: CheckContext, batch_size: int = 64) -> list[Row]:
     if result.returncode != 0:
         return [Row("bench.py SiT-XL/2", "FAIL", failure_line(result), "exit 0")]
     with open(record_path) as handle:
-        record = json.load(handle)
+        return bench_rows(json.load(handle))
+
+
+def bench_rows(record: dict) -> list[Row]:
+    """The speed rows of a bench.py --json record against the issue's targets (MISS below a target)."""
     rows, peak = record["rows"], record["bf16_peak_tflops"]
     speed = {name: rows[name]["images_per_s"] for name in rows}
-    best = rows["cached latents"]
-    table = [target_row("bench: training vs original loop", speed["cached latents"] / speed["baseline"], TRAIN_SPEEDUP,
+    best, training = rows["cached latents"], speed["cached latents"] / speed["baseline"]
+    table = [target_row("bench: training vs original loop", training, TRAIN_SPEEDUP,
                         f"{speed['cached latents']:.0f} img/s (cached latents) vs {speed['baseline']:.0f}: "
-                        f"{speed['cached latents'] / speed['baseline']:.2f}x; from images {speed['from images']:.0f}")]
+                        f"{training:.2f}x; from images {speed['from images']:.0f}")]
     if peak:
         table.append(target_row("bench: fraction of bf16 peak", best["tflops"] / peak, PEAK_FRACTION,
                                 f"{best['tflops']:.0f} TFLOP/s of {peak:.0f}: {100 * best['tflops'] / peak:.0f}%"))
     else:
-        table.append(Row("bench: fraction of bf16 peak", "INFO", f"{best['tflops']:.0f} TFLOP/s; peak of {record['device']} unknown", "-"))
+        table.append(Row("bench: fraction of bf16 peak", "INFO",
+                         f"{best['tflops']:.0f} TFLOP/s; peak of {record['device']} unknown", "-"))
     for mode in ("ODE", "SDE"):
         ratio = speed[f"{mode} optimised"] / speed[f"{mode} baseline"]
         table.append(target_row(f"bench: {mode} sampler step vs original", ratio, SAMPLING_SPEEDUP, f"{ratio:.2f}x"))
@@ -427,8 +437,6 @@ def run_checks(names: list[str], repo: str, device: torch.device, fixture: str,
                report: Callable[[str, list[Row], float], None]) -> list[Row]:
     """Run the named checks in a scratch folder; a check that raises is one FAIL row with its error.
     report(name, rows, seconds) is called after each."""
-    import time
-
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="device_check_") as scratch:
         ctx = CheckContext(device=device, repo=repo, scratch=scratch, fixture=fixture)
@@ -437,7 +445,8 @@ def run_checks(names: list[str], repo: str, device: torch.device, fixture: str,
             try:
                 found = CHECKS[name](ctx)
             except Exception as error:  # one failing check must not hide the others
-                found = [Row(name, "FAIL", f"{type(error).__name__}: {str(error).splitlines()[0][:100] if str(error) else ''}", "-")]
+                first_line = str(error).splitlines()[0][:100] if str(error) else ""
+                found = [Row(name, "FAIL", f"{type(error).__name__}: {first_line}", "-")]
             rows.extend(found)
             report(name, found, time.perf_counter() - start)
     return rows

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from sit.device_check import CHECKS, run_checks
+from sit.device_check import CHECKS, bench_rows, run_checks
 
 SCRIPT = os.path.join(REPO, "benchmarks", "device_check.py")
 FIXTURE = os.path.join(REPO, "tests", "fixtures", "parity.pt")
@@ -90,3 +90,27 @@ def test_check_names_are_the_command_line_choices(capsys):
     with pytest.raises(SystemExit):
         device_check.parse_args(["--only", "nccl"])
     assert "invalid choice: 'nccl'" in capsys.readouterr().err
+
+
+def bench_record(scale: float, peak: float) -> dict:
+    """A bench.py --json record (its row names) whose optimised rows run `scale` times the baseline's speed."""
+    def row(images_per_s: float, tflops: float = 0.0) -> dict:
+        return dict(images_per_s=images_per_s, seconds=64 / images_per_s, memory_gib=40.0, tflops=tflops)
+
+    rows = {"baseline": row(100.0, 100.0), "from images": row(150.0), "cached latents": row(100.0 * scale, 100.0 * scale),
+            "ODE baseline": row(200.0), "ODE optimised": row(200.0 * scale), "SDE baseline": row(100.0),
+            "SDE optimised": row(100.0 * scale)}
+    return dict(device="NVIDIA H200", bf16_peak_tflops=peak, rows=rows)
+
+
+def test_bench_rows_hold_the_measured_speeds_to_the_targets():
+    met = bench_rows(bench_record(4.0, 989.0))  # 400 TFLOP/s of 989: 40.4%
+    assert [(row.check, row.result) for row in met] == [
+        ("bench: training vs original loop", "PASS"), ("bench: fraction of bf16 peak", "PASS"),
+        ("bench: ODE sampler step vs original", "PASS"), ("bench: SDE sampler step vs original", "PASS"),
+        ("bench: peak memory, training", "INFO")]
+    assert met[0].figure == "400 img/s (cached latents) vs 100: 4.00x; from images 150" and met[0].tolerance == ">= 3 (target)"
+    assert met[1].figure == "400 TFLOP/s of 989: 40%"
+    missed = bench_rows(bench_record(1.5, 0.0))
+    assert [row.result for row in missed] == ["MISS", "INFO", "MISS", "MISS", "INFO"]
+    assert missed[1].figure == "150 TFLOP/s; peak of NVIDIA H200 unknown"

@@ -4,7 +4,8 @@ In-process, one rank (a Gloo group of world size 1): the sharded step equals the
 bitwise, its checkpoint state has the unsharded layout (index-keyed AdamW state), the AdamW state
 round-trips, bf16 gathers bf16 weights but keeps fp32 shards, the gathered EMA draws no random numbers.
 Real train.py under torch.distributed.run, 2 processes: FSDP's weights, EMA, AdamW state and losses equal DDP's
-bitwise, resume is exact, resume into DDP is exact, and the checkpoint samples with sample.py.
+bitwise, resume is exact, resume into DDP is exact, and the checkpoint samples with sample.py;
+fp16's GradScaler skips the step on every rank when one rank's gradient shard overflows.
 """
 import glob
 import json
@@ -141,6 +142,38 @@ def test_gathered_ema_is_a_plain_model_with_the_ema_weights_and_draws_no_random_
     assert torch.equal(rng, torch.get_rng_state())
     plain = make_step(small_sit(), "ddp")
     assert sampling_ema(plain.ema, CPU, everywhere=True) is plain.ema  # unsharded: the EMA itself
+
+
+def fp16_rank(rank: int, store: str, results: dict) -> None:
+    """One rank of a 2-rank Gloo job: an fp16 FSDP2 step whose gradient is infinite in rank 1's shard only."""
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        step = make_step(small_sit(), "fsdp", precision="fp16")
+        before = [param.to_local().clone() for param in step.model.parameters()]
+        x, t, y = torch.randn(2, 4, 4, 4), torch.rand(2), torch.tensor([0, 1])
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = step.model(x, t, y).float().square().mean()
+        step.scaler.scale(loss).backward()
+        if rank == 1:
+            step.model.blocks[0].attn.qkv.weight.grad.to_local()[0, 0] = float("inf")
+        step.scaler.step(step.opt)
+        step.scaler.update()
+        unchanged = all(torch.equal(old, param.to_local()) for old, param in zip(before, step.model.parameters()))
+        results[rank] = (unchanged, step.scaler.get_scale())
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fp16_grad_scaler_skips_the_step_on_every_rank_when_one_shard_overflows(tmp_path):
+    """GradScaler with FSDP2: the inf check over DTensor gradients is reduced over the ranks (DTensor's
+    handler for _amp_foreach_non_finite_check_and_unscale_), so no rank steps when any shard overflows."""
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(fp16_rank, args=(str(tmp_path / "store"), results), nprocs=2)
+        assert dict(results) == {0: (True, 32768.0), 1: (True, 32768.0)}  # skipped everywhere; scale 65536 halved
 
 
 def test_fsdp_needs_a_torchrun_launch(tmp_path, monkeypatch):
