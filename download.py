@@ -274,12 +274,21 @@ def safe_torch_load(path: str) -> Any:
                               f"kind of file): {_describe(error)}") from None
 
 
+def check_source(name: str, value: Any, optional: bool = False) -> None:
+    """TypeError naming the argument unless value is a str or os.PathLike (or, optional, None)."""
+    if (value is None and optional) or isinstance(value, (str, os.PathLike)):
+        return
+    expected = "a published name, URL or path (str or os.PathLike)" + (", or None" if optional else "")
+    raise TypeError(f"{name} must be {expected}, got {type(value).__name__} {value!r}")
+
+
 def find_model(model_name: str | os.PathLike) -> dict:
     """A state dict for `model_name` (published name, hub file, URL or local path).
 
     Train checkpoints yield their EMA weights (their raw weights if they have no EMA); a bare
-    state dict is returned as is.
+    state dict is returned as is. A model_name that is no str or path is a TypeError naming it.
     """
+    check_source("find_model(model_name)", model_name)
     return state_dict_of(load_checkpoint(model_name))
 
 

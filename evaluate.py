@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from sit.cli import non_negative_int, positive_int, run_main
+from sit.cli import ScriptParser, non_negative_int, positive_int, run_main
 from sit.errors import UsageError
 from sit.files import atomic_json
 from sit.metrics import (DEFAULT_METRICS, FID_METHODS, METRICS, Evaluator, format_table, npz_array_shape,
@@ -35,8 +35,8 @@ from sit.speed import configure_precision
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """The command line (argparse's own errors exit 2 with the usage)."""
-    parser = argparse.ArgumentParser(description="IS, FID, sFID, precision and recall (ADM definitions) and "
+    """The command line (argparse's own errors: one line, exit 2)."""
+    parser = ScriptParser(description="IS, FID, sFID, precision and recall (ADM definitions) and "
                                                  "FD-DINOv2 of a sample batch against a reference batch.",
                                      allow_abbrev=False)
     parser.add_argument("ref_batch", help="reference .npz: arr_0 (N, H, W, 3) uint8 and/or mu, sigma, mu_s, sigma_s")

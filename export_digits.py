@@ -8,7 +8,6 @@ quick start of the README trains a pixel-space SiT in minutes (train.py --vae no
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import sys
@@ -16,9 +15,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from sit.cli import run_main
+from sit.cli import ScriptParser, run_main
 from sit.errors import UsageError
-from sit.files import atomic_write, remove_temporaries
+from sit.files import atomic_write, folder_problem, remove_temporaries
 
 DIGIT_LEVELS = 16  # sklearn's digits hold integers 0..16
 
@@ -53,10 +52,17 @@ def export_digits(root: str) -> int:
     """
     if os.path.exists(root) and not os.path.isdir(root):
         raise UsageError(f"{root!r} exists and is not a folder")
+    problem = folder_problem(root)
+    if problem:
+        raise UsageError(f"output {root}: {problem}; name a folder you can write (it is created if missing)")
     images, labels = digits_uint8()
-    for label in range(10):
-        os.makedirs(os.path.join(root, class_folder(label)), exist_ok=True)
-        remove_temporaries(os.path.join(root, class_folder(label)), ".tmp")
+    try:
+        for label in range(10):
+            os.makedirs(os.path.join(root, class_folder(label)), exist_ok=True)
+            remove_temporaries(os.path.join(root, class_folder(label)), ".tmp")
+    except OSError as error:
+        raise UsageError(f"output {root}: cannot create its class folders ({error.strerror or error}); "
+                         f"name a folder you can write") from None
     for index, (grey, label) in enumerate(zip(images, labels)):
         path = os.path.join(root, class_folder(int(label)), f"{index:04d}.png")
         rgb = np.repeat(grey[:, :, None], 3, axis=2)  # (8, 8) -> (8, 8, 3)
@@ -66,7 +72,7 @@ def export_digits(root: str) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Export the digits to the folder on the command line (UsageError when it is a file)."""
-    parser = argparse.ArgumentParser(description="Export scikit-learn's 8x8 digits as an ImageFolder of PNGs.",
+    parser = ScriptParser(description="Export scikit-learn's 8x8 digits as an ImageFolder of PNGs.",
                                      allow_abbrev=False)
     parser.add_argument("output", type=str, help="folder to write class00 ... class09 into")
     args = parser.parse_args(argv)

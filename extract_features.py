@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 from typing import Optional, Sequence
 
-from sit.cli import non_negative_int, positive_int, run_main
-from sit.data.extraction import (ExtractionConfig, encode_blocks, feature_blocks, is_block_done, mark_complete,
-                                 open_image_folder, prepare_feature_folder)
+from sit.cli import ScriptParser, non_negative_int, positive_int, run_main
+from sit.data.extraction import (ExtractionConfig, check_features_path, discard_unstarted_folder, encode_blocks,
+                                 feature_blocks, is_block_done, mark_complete, open_image_folder,
+                                 prepare_feature_folder)
 from sit.data.features import read_meta
 from sit.distributed import agree, cleanup_distributed, on_main, setup_distributed
 from sit.generation import blocks_of_rank
@@ -23,8 +25,8 @@ from sit.vae import canonical_vae_name, load_vae
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """The command line (argparse's own errors exit 2 with the usage)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    """The command line (argparse's own errors: one line, exit 2)."""
+    parser = ScriptParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     parser.add_argument("--data-path", type=str, required=True, help="an ImageFolder (one sub-folder per class)")
     parser.add_argument("--features-path", type=str, required=True, help="output folder")
     parser.add_argument("--image-size", type=positive_int, default=256)
@@ -46,12 +48,17 @@ def config_from_args(args: argparse.Namespace) -> ExtractionConfig:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Encode the blocks of --data-path not done yet (this rank's share), then mark the folder complete.
 
-    Raises UsageError for a bad folder, size or VAE, or a --features-path made with other settings.
+    Raises UsageError for a bad folder, size or VAE, or a --features-path made with other settings. A
+    run that fails before its first block removes the folder it created.
     """
     config = config_from_args(parse_args(argv))
+    check_features_path(config.features_path)
     dataset = open_image_folder(config)  # before joining the job: a bad folder stops every rank alike
+    created = not os.path.exists(config.features_path)
     ctx = setup_distributed()
     try:
+        if ctx.is_main and dataset.listing_warning:
+            print(f"warning: {dataset.listing_warning}", file=sys.stderr, flush=True)
         on_main(ctx, functools.partial(prepare_feature_folder, config, dataset))
         meta = read_meta(config.features_path)
         vae = agree(ctx, functools.partial(load_vae, config.vae, ctx.device))
@@ -64,6 +71,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         complete = on_main(ctx, functools.partial(mark_complete, config.features_path, meta))
         if ctx.is_main:
             print(f"Features {'complete' if complete else 'INCOMPLETE'} in {config.features_path}")
+    except BaseException:
+        if created and ctx.is_main:
+            discard_unstarted_folder(config.features_path)
+        raise
     finally:
         cleanup_distributed()
 

@@ -23,7 +23,7 @@ from sit.cli import class_label_list, parse_with_explicit, positive_int, run_mai
 from sit.config import build_sample_fn
 from sit.distributed import setup_distributed
 from sit.errors import UsageError
-from sit.files import atomic_write
+from sit.files import atomic_write, folder_problem
 from sit.generation import generate_latents
 from sit.log import create_logger
 from sit.sampling.flags import sampling_mode, sampling_parser
@@ -71,14 +71,9 @@ def output_problem(path: str) -> Optional[str]:
     extension = os.path.splitext(path)[1].lower()
     if Image.registered_extensions().get(extension) not in Image.SAVE:
         return f"needs an image extension that PIL can write, such as .png or .jpg (got {extension or 'none'})"
-    existing = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(existing):  # the nearest folder that exists: the rest gets created in it
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        return f"{existing} is not a folder"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"cannot write in {existing}"
-    return None
+    if os.path.isdir(path):
+        return "is a folder; name the image file to write, e.g. grid.png"
+    return folder_problem(os.path.dirname(os.path.abspath(path)))
 
 
 def labels_for(class_labels: Optional[list[int]], num_images: int, num_classes: int) -> list[int]:
@@ -106,6 +101,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     setup_torch(config.precision)
     device = setup_distributed().device  # a single plain process: cuda:0 if there is a GPU, else the CPU
     logger = create_logger(None)
+    for warning in config.warnings:
+        logger.warning(f"warning: {warning}")
 
     model, settings = load_sampling_model(config, device, vae_default="mse")
     labels = labels_for(args.class_labels, config.num_images, settings.num_classes)

@@ -43,7 +43,7 @@ from sit.distributed import (DistContext, barrier, cleanup_distributed, gather_o
 from sit.log import create_logger
 from sit.sampling.batch_record import build_record, finish_sample_batch, identify_sources
 from sit.sampling.flags import add_likelihood_arguments, sampling_mode, sampling_parser
-from sit.sampling.folder import prepare_sample_folder
+from sit.sampling.folder import prepare_sample_folder, removed_if_left_empty
 from sit.sampling.images import write_missing_images
 from sit.sampling.likelihood import evaluate_likelihood
 from sit.sampling.loading import load_for_sampling, setup_torch
@@ -102,18 +102,21 @@ def run(ctx: DistContext, config: SamplingConfig, sample_dir: str, preset: Optio
         logger.info(preset.summary())
         for warning in preset.warnings():
             logger.warning(warning)
+    for warning in config.warnings:
+        logger.warning(f"warning: {warning}")
     # rank 0 first, so that a download happens once; a failure on any rank ends every rank with its message
     loaded = main_first(ctx, functools.partial(load_for_sampling, config, ctx.device, "ema"))
     folder = prepare_sample_folder(ctx, sample_dir, config, loaded.settings, logger)
-    if config.likelihood is not None:
-        evaluate_likelihood(ctx, config, loaded, folder, logger)
-        return
-    sources = on_main(ctx, functools.partial(identify_sources, config, loaded.settings, folder, logger))
-    per_rank_nfe = gather_objects(write_missing_images(ctx, config, loaded, folder, logger))
-    barrier()  # every PNG is written before rank 0 reads them
-    make_record = functools.partial(build_record, config, loaded, sources, per_rank_nfe, ctx.world_size,
-                                    None if preset is None else preset.name)
-    on_main(ctx, functools.partial(finish_sample_batch, folder, config.num_images, make_record, logger))
+    with removed_if_left_empty(ctx, folder):  # a run that fails before its first file leaves no folder
+        if config.likelihood is not None:
+            evaluate_likelihood(ctx, config, loaded, folder, logger)
+            return
+        sources = on_main(ctx, functools.partial(identify_sources, config, loaded.settings, folder, logger))
+        per_rank_nfe = gather_objects(write_missing_images(ctx, config, loaded, folder, logger))
+        barrier()  # every PNG is written before rank 0 reads them
+        make_record = functools.partial(build_record, config, loaded, sources, per_rank_nfe, ctx.world_size,
+                                        None if preset is None else preset.name)
+        on_main(ctx, functools.partial(finish_sample_batch, folder, config.num_images, make_record, logger))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

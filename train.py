@@ -36,8 +36,8 @@ import sys
 from typing import Optional
 
 from models import SiT_models
-from sit.cli import (add_speed_arguments, decay_rate, non_negative_int, parse_with_explicit, positive_float,
-                     positive_int, run_main)
+from sit.cli import (ScriptParser, add_speed_arguments, decay_rate, guidance_scale, non_negative_int,
+                     parse_with_explicit, positive_float, positive_int, run_main)
 from sit.distributed import launched_world_size
 from sit.training.experiment import NEWEST
 from sit.training.launch import prepare_training, run_training
@@ -48,7 +48,7 @@ from train_utils import parse_transport_args
 
 def build_parser() -> argparse.ArgumentParser:
     # Default args train SiT-XL/2 with the paper's hyperparameters (except the number of steps).
-    parser = argparse.ArgumentParser(description="Train SiT (see the module docstring for resuming).",
+    parser = ScriptParser(description="Train SiT (see the module docstring for resuming).",
                                      allow_abbrev=False)
     data = parser.add_mutually_exclusive_group(required=True)
     data.add_argument("--data-path", type=str, default=None, help="an ImageFolder: <root>/<class>/<image>")
@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-every", type=positive_int, default=100)
     parser.add_argument("--ckpt-every", type=positive_int, default=50_000)
     parser.add_argument("--sample-every", type=positive_int, default=10_000)
-    parser.add_argument("--cfg-scale", type=float, default=4.0, help="guidance of the preview samples")
+    parser.add_argument("--cfg-scale", type=guidance_scale, default=4.0,
+                        help="guidance of the preview samples, >= 1 (1: none)")
     parser.add_argument("--wandb", action="store_true",
                         help="log to Weights & Biases (env: WANDB_KEY optional, ENTITY, PROJECT)")
     parser.add_argument("--ckpt", type=str, default=None,
@@ -100,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--fid-ref", type=str, default=None,
                      help="reference statistics: an ADM reference batch with mu/sigma, or the .stats.npz evaluate.py caches")
     fid.add_argument("--fid-steps", type=positive_int, default=50, help="Euler ODE steps of the FID samples")
-    fid.add_argument("--fid-cfg-scale", type=float, default=1.0, help="guidance of the FID samples")
+    fid.add_argument("--fid-cfg-scale", type=guidance_scale, default=1.0, help="guidance of the FID samples, >= 1")
     fid.add_argument("--fid-inception-weights", type=str, default=None,
                      help="a local Inception weights file (default: downloaded once by torch-fidelity)")
     add_speed_arguments(parser)

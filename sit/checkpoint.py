@@ -15,9 +15,12 @@ Published checkpoints and bare state dicts hold only weights; they load for samp
 from __future__ import annotations
 
 import argparse
+import numbers
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
+
+import torch
 
 import download
 import models
@@ -144,6 +147,32 @@ def check_request(info: dict, config: dict, model_name: Optional[str], image_siz
         raise download.CheckpointError(str(error)) from None
 
 
+def check_load_arguments(ckpt: Any, model_name: Any, image_size: Any, num_classes: Any) -> None:
+    """TypeError/ValueError naming the first bad argument of load_model."""
+    download.check_source("load_model(ckpt)", ckpt, optional=True)
+    if model_name is not None and not isinstance(model_name, str):
+        raise TypeError(f"load_model(model_name) must be a str such as 'SiT-XL/2', or None, got "
+                        f"{type(model_name).__name__} {model_name!r}")
+    for name, value in (("image_size", image_size), ("num_classes", num_classes)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"load_model({name}) must be a positive int or None, got {type(value).__name__} {value!r}")
+        if value <= 0:
+            raise ValueError(f"load_model({name}) must be positive, got {value}")
+
+
+def check_finite_weights(weights: dict, source: str) -> None:
+    """CheckpointError naming the first tensor that holds NaN or infinity (a run that diverged): such a
+    model samples black images "successfully". The one check of every weights file sampling loads."""
+    for name, tensor in weights.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise download.CheckpointError(f"{source} holds non-finite weights: {name} has {bad} NaN or infinite "
+                                           f"values of {tensor.numel()} (its training diverged before it was "
+                                           f"saved); use an earlier checkpoint")
+
+
 def load_model(ckpt: Optional[str | os.PathLike], model_name: Optional[str] = None, image_size: Optional[int] = None,
                num_classes: Optional[int] = None) -> tuple[models.SiT, dict]:
     """The SiT a checkpoint holds, in eval mode with its (EMA) weights, and what it knows about itself.
@@ -151,19 +180,24 @@ def load_model(ckpt: Optional[str | os.PathLike], model_name: Optional[str] = No
     ckpt: published name, hub file, URL or path; None means the published checkpoint of model_name
     (SiT-XL/2 by default: 256 or 512; SiT-L/2, SiT-B/2, SiT-S/2: 256) at image_size (256 by default).
     model_name / image_size / num_classes: what the user asked for, or None to take the
-    checkpoint's; a contradiction raises CheckpointError naming both.
+    checkpoint's; a contradiction raises CheckpointError naming both. Arguments of the wrong type
+    or range are a TypeError/ValueError naming the argument; weights holding NaN or infinity are
+    refused (CheckpointError naming the tensor).
     Returns (model on the CPU, info) with info = {"model_name", "image_size", "num_classes",
     "in_channels", "pixel_space", "vae", "transport"}; "vae" and "transport" (path_type, prediction, loss_weight,
     train_eps, sample_eps, those the args hold) come from the checkpoint's args, None without.
     """
+    check_load_arguments(ckpt, model_name, image_size, num_classes)
     source = download.published_model(model_name, image_size, num_classes) if ckpt is None else os.fspath(ckpt)
     checkpoint = download.load_checkpoint(source)
     config = model_config_of(checkpoint, source)
     info = checkpoint_info(config, settings_of(checkpoint))
     check_request(info, config, model_name, image_size, num_classes)
+    weights = download.state_dict_of(checkpoint)
+    check_finite_weights(weights, source)
     model = models.SiT(**config)
     try:
-        model.load_state_dict(download.state_dict_of(checkpoint), strict=True)
+        model.load_state_dict(weights, strict=True)
     except RuntimeError as error:
         lines = str(error).strip().splitlines()
         detail = " ".join(line.strip() for line in lines[1:3])[:300]  # skip "Error(s) in loading state_dict"

@@ -3,12 +3,16 @@ explicit flags from defaults, and turning library errors into one line and an ex
 
 Scripts call `run_main(main, "train.py")` and exit with the code it returns: a UsageError exits 2,
 a RunFailure or OSError exits 1, each as `<script>: error: <message>` on stderr (printed by rank 0
-only, so a torchrun job shows it once).
+only, so a torchrun job shows it once). Anything else (a bug, or a failure no check foresaw) is one
+line too, naming its type, exit 1; SIT_TRACEBACK=1 shows its traceback instead. Ctrl-C outside the
+training loop (which saves and exits 0) is "interrupted", exit 130. `ScriptParser` makes argparse's
+own errors one line as well (the usage is for --help).
 """
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from typing import Any, Callable, Optional, Sequence
 
@@ -35,6 +39,14 @@ def class_label_list(value: str) -> list[int]:
     if not labels or min(labels) < 0:
         raise argparse.ArgumentTypeError(f"expected comma-separated non-negative integers such as 1,2,3, got {value!r}")
     return labels
+
+
+class ScriptParser(argparse.ArgumentParser):
+    """argparse.ArgumentParser whose errors are one line, `<prog>: error: <message> (see <prog> --help)`,
+    exit 2 (argparse's own code), instead of the usage block followed by the message."""
+
+    def error(self, message: str) -> None:  # argparse's hook for every command-line error
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
 
 
 def add_speed_arguments(parser: argparse.ArgumentParser, precision_default: Optional[str] = "tf32") -> None:
@@ -64,15 +76,45 @@ def parse_with_explicit(build_parser: Callable[[], argparse.ArgumentParser],
     return args, frozenset(key for key, value in given.items() if value is not not_given)
 
 
+INTERRUPTED_EXIT_CODE = 130  # the shell's code for a process ended by Ctrl-C (128 + SIGINT)
+TRACEBACK_VARIABLE = "SIT_TRACEBACK"  # set to 1: unexpected errors show their traceback
+
+
+def one_line(message: str) -> str:
+    """A message as one line (its lines joined by spaces). An error re-raised by a DataLoader worker
+    carries the worker's traceback; its last line is the error itself."""
+    lines = [line.strip() for line in message.strip().splitlines()]
+    if "Original Traceback (most recent call last):" in lines:
+        lines = lines[-1:]
+    return " ".join(line for line in lines if line)
+
+
 def run_main(main: Callable[[], Any], script: str) -> int:
-    """Run a script's main(); returns its exit code, with library errors as one line on stderr (rank 0 only)."""
+    """Run a script's main(); returns its exit code, with every error as one line on stderr (rank 0 only)."""
     try:
         main()
         return 0
     except SiTError as error:
         message, code = str(error), error.exit_code
     except OSError as error:  # a file the run could not read or write
-        message, code = str(error), 1
+        message, code = describe_os_error(error), 1
+    except KeyboardInterrupt:
+        message, code = "interrupted (Ctrl-C); what was written is complete, the same command continues", \
+            INTERRUPTED_EXIT_CODE
+    except Exception as error:  # not foreseen by any check: still one line, unless asked for the traceback
+        if os.environ.get(TRACEBACK_VARIABLE) == "1":
+            raise
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        message = (f"unexpected {type(error).__name__}: {first_line} (please report it; "
+                   f"{TRACEBACK_VARIABLE}=1 shows the traceback)")
+        code = 1
     if launched_rank() == 0:
-        print(f"{script}: error: {message}", file=sys.stderr, flush=True)
+        print(f"{script}: error: {one_line(message)}", file=sys.stderr, flush=True)
     return code
+
+
+def describe_os_error(error: OSError) -> str:
+    """An OSError as `<what failed>: <path>`, e.g. "Permission denied: /data/out", or its own text."""
+    if error.strerror and error.filename is not None:
+        return f"{error.strerror}: {error.filename}" + (f" -> {error.filename2}" if error.filename2 else "")
+    return str(error)

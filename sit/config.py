@@ -58,11 +58,14 @@ class Resolved:
         return self.values[key]
 
     def describe(self, key: str) -> str:
-        """`--flag value` or `value (from the checkpoint)`, for messages."""
+        """Where a value came from, for messages: `--num-classes 2` (a flag), `the checkpoint's
+        num_classes 2`, or `--num-classes 1000 (the default)`."""
         flag = "--" + key.replace("_", "-")
         if self.origin[key] == "flag":
             return f"{flag} {self.values[key]}"
-        return f"{self.values[key]} (the {self.origin[key]}'s {flag})"
+        if self.origin[key] == "checkpoint":
+            return f"the checkpoint's {key} {self.values[key]}"
+        return f"{flag} {self.values[key]} (the default)"
 
 
 def resolve_settings(settings: Mapping[str, Setting], given: Mapping[str, Any], stored: Optional[Mapping[str, Any]],
@@ -113,6 +116,12 @@ class TransportConfig:
             return create_transport(self.path_type, self.prediction, self.loss_weight, self.train_eps, self.sample_eps)
         except ValueError as error:
             raise UsageError(str(error)) from None
+
+    @property
+    def applied_loss_weight(self) -> Optional[str]:
+        """The loss weight training applies: None for a velocity model, whose loss the original never
+        weights whatever --loss-weight says (only score and noise losses are weighted)."""
+        return None if self.prediction == "velocity" else self.loss_weight
 
     def as_dict(self) -> dict:
         return dict(path_type=self.path_type, prediction=self.prediction, loss_weight=self.loss_weight,

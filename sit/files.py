@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import tempfile
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -140,3 +140,18 @@ def folder_sha256(folder: str) -> str:
             path = os.path.join(root, name)
             lines.append(f"{os.path.relpath(path, folder)} {sha256_file(path)}\n")
     return hashlib.sha256("".join(sorted(lines)).encode()).hexdigest()
+
+
+def folder_problem(path: str) -> Optional[str]:
+    """Why a folder at `path` cannot be used for writing (None if it can): a file is there, or the nearest
+    existing folder above it (where the rest would be created) is a file or not writable."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        return f"{path} is a file, not a folder"
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):  # the nearest folder that exists: the rest is created in it
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{existing} is not a folder, so nothing can be created in it"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"cannot write in {existing}"
+    return None

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Optional, Union
 
+from .arguments import check_real
 from .integrators import ODE_METHODS, SDE_METHODS
 from .path import DIFFUSION_FORMS
 from .transport import (DEFAULT_SAMPLE_EPS, LAST_STEPS, LikelihoodResult, ModelType, PathType, Sampler,
@@ -14,9 +15,12 @@ PREDICTIONS = {"velocity": ModelType.VELOCITY, "score": ModelType.SCORE, "noise"
 LOSS_WEIGHTS = {None: WeightType.NONE, "velocity": WeightType.VELOCITY, "likelihood": WeightType.LIKELIHOOD}
 
 
-def _lookup(table: dict, value, what: str):
+def _lookup(table: dict, value, what: str, argument: str):
     if isinstance(value, enum_types(table)):
         return value
+    if not isinstance(value, str) and not (value is None and None in table):
+        raise TypeError(f"{argument} must be one of {', '.join(repr(name) for name in table)} (or a "
+                        f"{enum_types(table).__name__}), got {type(value).__name__} {value!r}")
     if value == "None" and None in table:
         value = None
     if value not in table:
@@ -50,13 +54,16 @@ def create_transport(
     loss_weight: None, "velocity" or "likelihood" (score and noise models only).
     train_eps / sample_eps: how far from the interval's ends training / sampling stays; each one
     left None gets the original's default for the path and prediction, a given value is kept.
-    Unknown names raise ValueError listing the valid ones.
+    Unknown names raise ValueError listing the valid ones; an argument of another type (e.g.
+    train_eps="0.1") a TypeError naming it.
     """
-    path_enum = _lookup(PATH_TYPES, path_type, "path type")
-    model_type = _lookup(PREDICTIONS, prediction, "prediction")
-    loss_type = _lookup(LOSS_WEIGHTS, loss_weight, "loss weight")
+    path_enum = _lookup(PATH_TYPES, path_type, "path type", "path_type")
+    model_type = _lookup(PREDICTIONS, prediction, "prediction", "prediction")
+    loss_type = _lookup(LOSS_WEIGHTS, loss_weight, "loss weight", "loss_weight")
     default_train_eps, default_sample_eps = default_eps(path_enum, model_type)
     for name, value in (("train_eps", train_eps), ("sample_eps", sample_eps)):
+        if value is not None:
+            check_real(name, value)
         if value is not None and not 0 <= value < 0.5:
             raise ValueError(f"{name} must be in [0, 0.5), got {value}")
     return Transport(

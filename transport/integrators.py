@@ -13,6 +13,10 @@ from torchdiffeq._impl.odeint import SOLVERS as TORCHDIFFEQ_SOLVERS
 from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
 
 ODE_METHODS = tuple(sorted(TORCHDIFFEQ_SOLVERS))
+# Fixed-grid methods that never read atol/rtol (the Adams-Bashforth-Moulton corrector of fixed_adams and
+# implicit_adams does); the adaptive ones choose their own steps, so num_steps only sets the output grid.
+TOLERANCE_FREE_METHODS = ("euler", "midpoint", "rk4", "heun2", "heun3", "explicit_adams")
+ADAPTIVE_METHODS = tuple(name for name in ODE_METHODS if issubclass(TORCHDIFFEQ_SOLVERS[name], RKAdaptiveStepsizeODESolver))
 SDE_METHODS = ("Euler", "Heun")
 
 State = Union[th.Tensor, tuple]

@@ -5,12 +5,13 @@ from __future__ import annotations
 import enum
 import functools
 import math
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch as th
 
 from . import path
-from .integrators import ODESolver, SDESolver
+from .arguments import check_choice, check_flag, check_integer, check_real
+from .integrators import ODE_METHODS, SDE_METHODS, ODESolver, SDESolver
 from .utils import mean_flat
 
 # Where a score diverges at the interval's end and the user gave no sample_eps, the SDE starts
@@ -267,6 +268,9 @@ class Sampler:
     """ODE, SDE and likelihood samplers for a Transport."""
 
     def __init__(self, transport: Transport):
+        if not isinstance(transport, Transport):
+            raise TypeError(f"Sampler(transport): transport must be a Transport (from create_transport), "
+                            f"got {type(transport).__name__}")
         self.transport = transport
         self.drift = self.transport.get_drift()
         self.score = self.transport.get_score()
@@ -302,6 +306,13 @@ class Sampler:
         only `[sample]` with keep_trajectory=False). num_steps counts the grid points, so the model
         is called num_steps - 1 times (twice that for Heun), plus once for a last step.
         """
+        check_choice("sampling_method", sampling_method, SDE_METHODS)
+        check_choice("diffusion_form", diffusion_form, path.DIFFUSION_FORMS)
+        check_real("diffusion_norm", diffusion_norm, minimum=0.0)
+        check_choice("last_step", last_step, LAST_STEPS)
+        check_real("last_step_size", last_step_size)
+        check_integer("num_steps", num_steps, 1)
+        check_flag("keep_trajectory", keep_trajectory)
         if num_steps < 2:
             raise ValueError(f"the SDE sampler needs at least 2 steps, got {num_steps}")
         if last_step is None:
@@ -352,8 +363,9 @@ class Sampler:
         midpoint, rk4, ...) num_steps is the grid; for adaptive ones (dopri5, ...) only the output
         points. keep_trajectory=False returns the last state only, as a (1, N, ...) tensor.
         """
-        if num_steps < 2:
-            raise ValueError(f"the ODE sampler needs at least 2 steps, got {num_steps}")
+        check_ode_arguments(sampling_method, num_steps, atol, rtol)
+        check_flag("reverse", reverse)
+        check_flag("keep_trajectory", keep_trajectory)
         t0, t1 = self.transport.check_interval(
             self.transport.train_eps, self.transport.sample_eps, sde=False, eval=True, reverse=reverse, last_step_size=0.0,
         )
@@ -379,10 +391,9 @@ class Sampler:
         or with exact_trace=True the exact trace, one autograd pass per dimension (small inputs).
         The model is called once per solver evaluation.
         """
-        if num_steps < 2:
-            raise ValueError(f"the ODE sampler needs at least 2 steps, got {num_steps}")
-        if num_probes < 1:
-            raise ValueError(f"num_probes must be at least 1, got {num_probes}")
+        check_ode_arguments(sampling_method, num_steps, atol, rtol)
+        check_integer("num_probes", num_probes, 1)
+        check_flag("exact_trace", exact_trace)
         if exact_trace and num_probes != 1:
             raise ValueError("exact_trace computes the divergence without probes; leave num_probes at 1")
         drift_fn = self.drift
@@ -412,6 +423,16 @@ class Sampler:
             return LikelihoodResult(logp.detach(), prior_sample.detach())
 
         return SampleFunction(run)
+
+
+def check_ode_arguments(sampling_method: Any, num_steps: Any, atol: Any, rtol: Any) -> None:
+    """TypeError/ValueError naming the first bad argument of sample_ode or sample_ode_likelihood."""
+    check_choice("sampling_method", sampling_method, ODE_METHODS)
+    check_integer("num_steps", num_steps, 1)
+    if num_steps < 2:
+        raise ValueError(f"the ODE sampler needs at least 2 steps, got {num_steps}")
+    check_real("atol", atol, positive=True)
+    check_real("rtol", rtol, positive=True)
 
 
 def hutchinson_divergence(drift: th.Tensor, x: th.Tensor, num_probes: int = 1) -> th.Tensor:

@@ -7,6 +7,7 @@ with the others. Ranks take blocks in turn (sit.generation.blocks_of_rank).
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +19,7 @@ from tqdm import tqdm
 from sit.data.features import block_marker, open_arrays, read_meta, write_meta
 from sit.data.images import TrainImageFolder
 from sit.errors import UsageError
-from sit.files import atomic_text, remove_temporaries
+from sit.files import atomic_text, folder_problem, remove_temporaries
 from sit.generation import index_blocks
 from sit.vae import LATENT_CHANNELS, check_image_size, input_size_for, latent_shape
 
@@ -43,6 +44,24 @@ class ExtractionConfig:
     @property
     def dtype(self) -> str:
         return "float32" if self.float32 else "float16"
+
+
+def check_features_path(path: str) -> None:
+    """UsageError (one line) when --features-path cannot be the output folder: a file, or a place
+    where no folder can be created; checked before anything is read or loaded."""
+    problem = folder_problem(path)
+    if problem:
+        raise UsageError(f"--features-path {path}: {problem}; name a folder you can write (it is created if missing)")
+
+
+def discard_unstarted_folder(features_path: str) -> bool:
+    """Remove a feature folder that this run created and that holds no finished block (a run that
+    failed before its first): its arrays hold nothing. Returns whether it was removed."""
+    done = os.path.join(features_path, "done")
+    if os.path.isdir(done) and any(name.endswith(".ok") for name in os.listdir(done)):
+        return False
+    shutil.rmtree(features_path, ignore_errors=True)
+    return not os.path.exists(features_path)
 
 
 def open_image_folder(config: ExtractionConfig) -> TrainImageFolder:

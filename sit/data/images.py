@@ -1,16 +1,107 @@
-"""Image folders as training and evaluation read them: ADM's center crop, [-1, 1] tensors, and an
-ImageFolder whose every item depends on (seed, epoch, index) only, so resumed runs see the same images."""
+"""Image folders as training and evaluation read them: one reader for every mode an image file may
+have, ADM's center crop, [-1, 1] tensors, and an ImageFolder whose every item depends on (seed,
+epoch, index) only, so resumed runs see the same images.
+
+`read_rgb` is the one reader of train.py, extract_features.py and `sample_ddp.py --likelihood
+--data-path` (the listing rule they share is sit.data.listing's). Modes:
+- RGB, L, 1, P (without transparency), CMYK, YCbCr, RGBX: Pillow's conversion to RGB (the original's;
+  CMYK: R = 255 (1 - C/255)(1 - K/255), likewise G and B);
+- 16-bit grey (I;16, I;16L, I;16B, I;16N; and I holding 0..65535, as older Pillows decode 16-bit
+  PNGs): scaled, not clipped, to round(v / 257), which maps 0..65535 onto 0..255 and an 8-bit value
+  stored as v * 257 back onto itself; I with values outside 0..65535 is refused;
+- with transparency (LA, La, PA, RGBA, RGBa, P with a transparent colour): composited over white,
+  round((c a + 255 (255 - a)) / 255) per channel (Pillow's plain conversion would keep the colour
+  hidden under transparent pixels, often black);
+- F (32-bit float, whose range no file says) and anything Pillow cannot convert are refused.
+A file is refused without being decoded when it is not a regular file or has more pixels than
+Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS, 89.5 million). Refused and unreadable
+files are skipped with a warning naming them.
+"""
 from __future__ import annotations
 
 import os
+import stat
 import sys
+import warnings
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 from PIL import Image
 
+from sit.data.listing import IMAGE_EXTENSIONS, list_image_folder
 from sit.data.order import flip_for
-from sit.errors import UsageError
+from sit.errors import RunFailure, UsageError
+
+SIXTEEN_BIT_GREY = ("I;16", "I;16L", "I;16B", "I;16N")
+WITH_ALPHA = ("LA", "La", "PA", "RGBA", "RGBa")
+SIXTEEN_BIT_MAX = 65535
+
+
+class ImageRefused(ValueError):
+    """An image file the reader will not use; the message names the file and the reason."""
+
+
+def scale_16_bit(values: np.ndarray) -> np.ndarray:
+    """16-bit values (any integer dtype, 0..65535) -> uint8 round(v / 257), exactly (v / 257 is never x.5)."""
+    return ((values.astype(np.uint32) + 128) // 257).astype(np.uint8)
+
+
+def composite_over_white(rgba: np.ndarray) -> np.ndarray:
+    """(H, W, 4) uint8 -> (H, W, 3) uint8: round((c a + 255 (255 - a)) / 255) per channel."""
+    colour, alpha = rgba[..., :3].astype(np.uint32), rgba[..., 3:].astype(np.uint32)
+    return ((colour * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
+
+
+def to_rgb(image: Image.Image, path: str) -> Image.Image:
+    """An RGB image of a loaded image of any mode (see the module docstring); ImageRefused naming path."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in SIXTEEN_BIT_GREY or mode == "I":
+        values = np.asarray(image)  # (H, W), uint16 (either byte order) or int32
+        if mode == "I" and values.size and (values.min() < 0 or values.max() > SIXTEEN_BIT_MAX):
+            raise ImageRefused(f"{path}: 32-bit integer pixels outside 0..{SIXTEEN_BIT_MAX} (mode I), whose scale "
+                               f"is unknown: save it as an 8-bit or 16-bit image")
+        return Image.fromarray(scale_16_bit(values), "L").convert("RGB")
+    if mode == "F":
+        raise ImageRefused(f"{path}: 32-bit float pixels (mode F), whose range is unknown: save it as an 8-bit "
+                           f"or 16-bit image")
+    if mode in WITH_ALPHA or (mode == "P" and "transparency" in image.info):
+        return Image.fromarray(composite_over_white(np.asarray(image.convert("RGBA"))), "RGB")
+    try:
+        return image.convert("RGB")
+    except (ValueError, OSError) as error:
+        raise ImageRefused(f"{path}: Pillow cannot convert mode {mode} to RGB ({error})") from None
+
+
+def read_rgb(path: str) -> Image.Image:
+    """The image at path as a loaded RGB PIL image. Raises ImageRefused (not a regular file, more pixels
+    than the decompression-bomb limit, a mode that cannot be converted) or whatever decoding raised."""
+    if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block on open
+        raise ImageRefused(f"{path} is not a regular file")
+    with open(path, "rb") as handle:
+        with warnings.catch_warnings():  # the size is judged below, with the file named
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            try:
+                image = Image.open(handle)
+            except Image.DecompressionBombError as error:  # over twice the limit: Pillow refuses it itself
+                raise ImageRefused(f"{path}: {error} Raise PIL.Image.MAX_IMAGE_PIXELS if the image is genuine") from None
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit is not None and image.width * image.height > limit:
+            raise ImageRefused(f"{path}: {image.width}x{image.height} pixels, more than Pillow's limit of {limit} "
+                               f"(a decompression bomb?); raise PIL.Image.MAX_IMAGE_PIXELS if the image is genuine")
+        image.load()
+        return to_rgb(image, path)
+
+
+def describe_failure(path: str, error: BaseException) -> str:
+    """Why an image cannot be used, one line starting with its path: the refusal, or the decoder's error."""
+    if isinstance(error, ImageRefused):
+        return " ".join(str(error).split())
+    if isinstance(error, Image.UnidentifiedImageError):
+        return f"{path} (not an image file Pillow can identify: empty, damaged or another kind of file)"
+    return f"{path} ({type(error).__name__}: {' '.join(str(error).split())})"
 
 
 def center_crop_arr(pil_image, image_size: int):
@@ -50,31 +141,37 @@ def image_transform(image_size: int, random_flip: bool = True):
 class TrainImageFolder(torch.utils.data.Dataset):
     """An ImageFolder for training whose every item depends on (seed, epoch, index) only.
 
-    Items are ((3, H, W) image in [-1, 1], label): ADM center crop, then a horizontal flip decided
-    by `features.flip_for(seed, epoch, index)` rather than by worker RNG, so that an interrupted
-    and resumed run sees exactly the images an uninterrupted one does, whatever the worker count.
+    Items are ((3, H, W) image in [-1, 1], label): read by `read_rgb`, ADM center crop, then a
+    horizontal flip decided by `features.flip_for(seed, epoch, index)` rather than by worker RNG, so
+    that an interrupted and resumed run sees exactly the images an uninterrupted one does, whatever
+    the worker count. Listed by sit.data.listing (`listing_warning`: what it skipped, or None).
     An image that cannot be read is skipped with a warning naming the file; the next readable
-    image of the folder takes its place (the batch keeps its size).
-    Raises UsageError when `root` is missing or holds no images.
+    image of the folder takes its place (the batch keeps its size). `transform` replaces the crop to
+    [-1, 1] (e.g. to uint8 pixels).
+    Raises UsageError when `root` is missing, holds no images, or none of them can be read.
     """
 
-    def __init__(self, root: str, image_size: int, seed: int = 0, random_flip: bool = True):
-        from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
-
+    def __init__(self, root: str, image_size: int, seed: int = 0, random_flip: bool = True,
+                 transform: Optional[Callable] = None):
         if not os.path.isdir(root):
             raise UsageError(f"--data-path {root} is not a folder")
         try:
-            self.classes, class_to_idx = find_classes(root)
+            listing = list_image_folder(root)
         except FileNotFoundError:
             raise UsageError(f"--data-path {root} holds no class folders (expected <root>/<class>/<image>)") from None
-        self.samples = make_dataset(root, class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+        except OSError as error:
+            raise UsageError(f"--data-path {root} cannot be listed ({error.strerror or error})") from None
+        self.root, self.classes, self.samples = root, listing.classes, listing.samples
+        self.listing_warning = listing.warning()
         if not self.samples:
-            raise UsageError(f"--data-path {root} holds no images (extensions: {', '.join(IMG_EXTENSIONS)})")
-        self.transform = image_transform(image_size, random_flip=False)
+            raise UsageError(f"--data-path {root} holds no images (extensions: {', '.join(IMAGE_EXTENSIONS)})")
+        self.transform = transform or image_transform(image_size, random_flip=False)
         self.seed = seed
         self.random_flip = random_flip
         self.epoch = 0
         self.warned: set[str] = set()
+        self.last_failure: Optional[str] = None
+        self.first_readable()
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch whose flips to draw for plain-index items. DataLoader workers copy the
@@ -85,23 +182,45 @@ class TrainImageFolder(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def read(self, index: int, warn: bool = True) -> Optional[torch.Tensor]:
+        """The transformed image at index (unflipped), or None if it cannot be read (with a warning naming
+        it, once per file; warn=False: none, and the reason is kept in `last_failure`)."""
+        path = self.samples[index][0]
+        try:
+            return self.transform(read_rgb(path))  # (3, H, W)
+        except Exception as error:  # any decoding failure of one file must not end a long run
+            self.last_failure = describe_failure(path, error)
+            if warn and path not in self.warned:
+                self.warned.add(path)
+                print(f"warning: skipping unreadable image {self.last_failure}", file=sys.stderr, flush=True)
+            return None
+
+    def first_readable(self) -> int:
+        """The index of the first image that can be read (the ones before it are warned about); UsageError
+        (one line) when none can."""
+        first_failure = None
+        for index in range(len(self.samples)):
+            if self.read(index, warn=False) is not None:
+                for earlier in range(index):
+                    self.read(earlier)  # now with the warning
+                return index
+            first_failure = first_failure or self.last_failure
+        raise UsageError(f"--data-path {self.root}: none of its {len(self.samples)} images can be read, e.g. "
+                         f"{first_failure}; check the files")
+
     def __getitem__(self, item) -> tuple[torch.Tensor, int]:
         """item: an index (flipped per `set_epoch`'s epoch) or an (epoch, index) pair, which stays
         right with persistent DataLoader workers that never see set_epoch."""
         epoch, index = item if isinstance(item, tuple) else (self.epoch, item)
         for offset in range(len(self.samples)):
-            path, label = self.samples[(index + offset) % len(self.samples)]
-            try:
-                with open(path, "rb") as handle:
-                    image = self.transform(Image.open(handle).convert("RGB"))  # (3, H, W)
+            position = (index + offset) % len(self.samples)
+            image = self.read(position)
+            if image is not None:
                 break
-            except Exception as error:  # any decoding failure of one file must not end a long run
-                if path not in self.warned:
-                    self.warned.add(path)
-                    print(f"warning: skipping unreadable image {path} ({type(error).__name__}: {error})",
-                          file=sys.stderr, flush=True)
         else:
-            raise RuntimeError("no image of the dataset could be read")
+            raise RunFailure(f"no image of --data-path can be read any more (e.g. {self.samples[index][0]}); "
+                             f"were the files removed while the run was reading them?")
+        label = self.samples[position][1]
         if self.random_flip and flip_for(self.seed, epoch, index):
             image = image.flip(-1)
         return image, label

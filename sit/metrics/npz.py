@@ -18,9 +18,23 @@ from sit.metrics.errors import MetricInputError
 UNREADABLE_NPZ = (zipfile.BadZipFile, EOFError, ValueError)
 
 
+NPY_MAGIC = b"\x93NUMPY"
+
+
+def refuse_non_numpy_file(path: str) -> None:
+    """MetricInputError when path is neither a zip archive (.npz) nor a .npy array: numpy would try it
+    as a pickle and advise allow_pickle, which would run code from the file (and is never needed here)."""
+    with open(path, "rb") as handle:
+        start = handle.read(len(NPY_MAGIC))
+    if not zipfile.is_zipfile(path) and start != NPY_MAGIC:
+        raise MetricInputError(f"{path} is not an .npz file (neither a zip archive nor a NumPy array; it starts "
+                               f"with {start!r}): pass the .npz that sample_ddp.py or the ADM suite wrote")
+
+
 @contextlib.contextmanager
 def open_npz(path: str) -> Iterator[np.lib.npyio.NpzFile]:
     """np.load of an .npz (arrays read on access); MetricInputError naming the file when it is none."""
+    refuse_non_numpy_file(path)
     try:
         data = np.load(path)
     except UNREADABLE_NPZ as error:

@@ -11,7 +11,7 @@ import argparse
 from typing import Callable, Optional, Sequence
 
 from models import SiT_models
-from sit.cli import add_speed_arguments, guidance_scale, positive_int, unit_interval_float
+from sit.cli import ScriptParser, add_speed_arguments, guidance_scale, positive_int, unit_interval_float
 from sit.config import SAMPLING_MODES
 from sit.dequantize import DEQUANTIZATIONS
 from sit.errors import UsageError
@@ -82,7 +82,7 @@ def sampling_parser(mode: Optional[str], *, description: str, vae_default: str, 
     the original's defaults; which of them were given decides what the checkpoint's values yield to.
     """
     # allow_abbrev=False: a misspelt or truncated flag is an error, never a silent match
-    parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
+    parser = ScriptParser(description=description, allow_abbrev=False,
                                      epilog="The mode comes first; `<script> ODE -h` or `<script> SDE -h` "
                                             "lists the sampler's own options.")
     add_model_arguments(parser, vae_default=vae_default, cfg_default=cfg_default)

@@ -8,11 +8,12 @@ what it leaves (temporary names) the next run removes.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
 import zipfile
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 from PIL import Image
@@ -125,14 +126,52 @@ def prepare_sample_folder(ctx: DistContext, sample_dir: str, config: SamplingCon
     return folder
 
 
+@contextlib.contextmanager
+def removed_if_left_empty(ctx: DistContext, folder: str) -> Iterator[None]:
+    """A block that, if it fails, leaves no empty sample folder behind (rank 0 removes folder when it
+    holds nothing; a folder with any file in it is kept)."""
+    try:
+        yield
+    except BaseException:
+        if ctx.is_main and os.path.isdir(folder) and not os.listdir(folder):
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+        raise
+
+
 def save_png(pixels: np.ndarray, path: str) -> None:
     """Write uint8 (H, W, 3) pixels as a PNG via a temporary name and a rename (no half-written PNG)."""
     atomic_write(path, functools.partial(Image.fromarray(pixels).save, format="PNG"), suffix=".png.tmp")
 
 
-def missing_indices(folder: str, indices: range) -> list[int]:
-    """The indices whose PNG is not in folder yet."""
-    return [index for index in indices if not os.path.exists(png_path(folder, index))]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk: length 0, type, CRC; every whole PNG ends so
+RGB_8_BIT = (8, 2)  # IHDR bit depth and colour type of the PNGs save_png writes
+
+
+def png_is_complete(path: str, image_size: int) -> bool:
+    """Whether path holds a whole 8-bit RGB PNG of image_size x image_size, judged without decoding it
+    from its first 26 bytes (signature; IHDR: width, height, bit depth, colour type) and its last 12
+    (the IEND chunk). A zero-byte, truncated, foreign or other-size file is not."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(26)
+            if len(head) < 26 or head[:8] != PNG_SIGNATURE or head[12:16] != b"IHDR":
+                return False
+            handle.seek(-len(PNG_END), os.SEEK_END)
+            tail = handle.read(len(PNG_END))
+    except OSError:
+        return False
+    width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    return (width, height) == (image_size, image_size) and tuple(head[24:26]) == RGB_8_BIT and tail == PNG_END
+
+
+def missing_indices(folder: str, indices: range, image_size: Optional[int] = None) -> list[int]:
+    """The indices whose PNG is not in folder yet; with image_size, also those whose PNG is not a whole
+    image of that size (png_is_complete), which a rerun samples again."""
+    if image_size is None:
+        return [index for index in indices if not os.path.exists(png_path(folder, index))]
+    return [index for index in indices if not png_is_complete(png_path(folder, index), image_size)]
 
 
 #################################################################################
@@ -158,7 +197,11 @@ def write_npz_stream(folder: str, num: int, image_shape: tuple, path: str) -> No
         with archive.open("arr_0.npy", "w", force_zip64=True) as stream:
             np.lib.format.write_array_header_1_0(stream, {"descr": "|u1", "fortran_order": False, "shape": shape})
             for index in tqdm(range(num), desc="Building .npz file from samples"):
-                pixels = np.asarray(Image.open(png_path(folder, index)).convert("RGB"), dtype=np.uint8)
+                try:
+                    pixels = np.asarray(Image.open(png_path(folder, index)).convert("RGB"), dtype=np.uint8)
+                except (OSError, ValueError) as error:
+                    raise RunFailure(f"{png_path(folder, index)} cannot be read ({error}): delete it and run the "
+                                     f"same command again to sample it anew") from None
                 if pixels.shape != image_shape:
                     raise RunFailure(f"{png_path(folder, index)} is {pixels.shape}, not {image_shape}")
                 stream.write(pixels.tobytes())

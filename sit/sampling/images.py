@@ -30,10 +30,17 @@ def write_missing_images(ctx: DistContext, config: SamplingConfig, loaded: Sampl
     settings = loaded.settings
     sample_fn = build_sample_fn(settings.transport, config.sampler)
     blocks = blocks_of_rank(index_blocks(config.num_images, config.batch_size), ctx.rank, ctx.world_size)
-    pending = [block for block in blocks if missing_indices(folder, block)]
-    missing_here = sum(len(missing_indices(folder, block)) for block in pending)
-    (total_missing,) = reduce_numbers([missing_here], ctx.device)
+    # a PNG that is there but not a whole image of the right size (zero bytes, cut, foreign) is sampled again
+    to_write = {block.start: missing_indices(folder, block, settings.image_size) for block in blocks}
+    pending = [block for block in blocks if to_write[block.start]]
+    missing_here = sum(len(to_write[block.start]) for block in pending)
+    damaged = [index for block in pending for index in to_write[block.start] if os.path.exists(png_path(folder, index))]
+    total_missing, total_damaged = reduce_numbers([missing_here, len(damaged)], ctx.device)
     (num_rounds,) = reduce_numbers([len(pending)], ctx.device, "max")
+    if total_damaged:
+        example = f", e.g. {png_path(folder, damaged[0])}" if damaged else ""
+        logger.warning(f"warning: {int(total_damaged)} existing PNGs are not whole {settings.image_size}x"
+                       f"{settings.image_size} RGB images (empty, cut or foreign{example}): sampling them again")
     logger.info(f"{config.num_images - int(total_missing)} of {config.num_images} images already exist; "
                 f"sampling {int(total_missing)} on {ctx.world_size} process(es)")
     generated = generate_blocks(pending, loaded.model, loaded.vae, sample_fn, global_seed=config.seed,
@@ -45,8 +52,9 @@ def write_missing_images(ctx: DistContext, config: SamplingConfig, loaded: Sampl
         written = 0
         if round_index < len(pending):
             block = next(generated)
+            wanted = set(to_write[block.indices[0]])
             for index, pixels in zip(block.indices, to_uint8_hwc(block.images)):  # pixels: (H, W, 3) uint8
-                if not os.path.exists(png_path(folder, index)):
+                if index in wanted:
                     save_png(pixels, png_path(folder, index))
                     written += 1
             measured.append((written, sample_fn.nfe))  # .nfe: this batch's model evaluations

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from sit.config import ODEConfig, TransportConfig, build_sample_fn
-from sit.data.images import CenterCrop, image_transform
+from sit.data.images import CenterCrop, TrainImageFolder, image_transform
 from sit.dequantize import dequantize, image_bits_per_dim
 from sit.distributed import DistContext, gather_objects
 from sit.errors import UsageError
@@ -122,19 +122,15 @@ def build_likelihood_fn(transport: TransportConfig, sampler: ODEConfig, config: 
         raise UsageError(str(error)) from None
 
 
-def open_dataset(data_path: Optional[str], transform: Callable, num_classes: int) -> Any:
-    """The --data-path ImageFolder with `transform` (None without --data-path)."""
+def open_dataset(data_path: Optional[str], transform: Callable, num_classes: int) -> Optional[TrainImageFolder]:
+    """The --data-path images (None without --data-path), listed and read as train.py reads them
+    (sit.data.images): unreadable images are skipped with a warning, links and FIFOs as its listing says."""
     if data_path is None:
         return None
-    from torchvision.datasets import ImageFolder
-
-    try:
-        dataset = ImageFolder(data_path, transform=transform)
-    except (FileNotFoundError, OSError) as error:
-        raise UsageError(f"--data-path {data_path}: {error}")
+    dataset = TrainImageFolder(data_path, 0, random_flip=False, transform=transform)  # the size is transform's
     if len(dataset.classes) > num_classes:
-        raise UsageError(f"--data-path has {len(dataset.classes)} class folders but the model has "
-                         f"{num_classes} classes")
+        raise UsageError(f"--data-path has {len(dataset.classes)} class folders but the model has {num_classes} "
+                         f"classes (the checkpoint's num_classes): use a folder with at most {num_classes} classes")
     return dataset
 
 
@@ -145,11 +141,16 @@ def _write_rows(header: tuple, rows: list, path: str) -> None:
         writer.writerows(rows)
 
 
-def real_block(dataset: Any, block: range, measure: Measure) -> tuple[torch.Tensor, torch.Tensor]:
-    """The data and labels (n,) of the dataset's images at the block's indices."""
-    items = [dataset[index] for index in block]
-    images = torch.stack([image for image, _ in items])  # (n, 3, H, W)
-    return measure.observe_real(images), torch.tensor([label for _, label in items], device=measure.device)
+def real_block(dataset: TrainImageFolder, block: range, measure: Measure) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """The indices, data and labels (n,) of the dataset's readable images at the block's indices (an
+    unreadable one is left out, with a warning naming it)."""
+    read = [(index, dataset.read(index)) for index in block]
+    kept = [(index, image) for index, image in read if image is not None]
+    if not kept:
+        return [], torch.empty(0), torch.empty(0, dtype=torch.long)
+    images = torch.stack([image for _, image in kept])  # (n, 3, H, W)
+    labels = torch.tensor([dataset.samples[index][1] for index, _ in kept], device=measure.device)
+    return [index for index, _ in kept], measure.observe_real(images), labels
 
 
 def generated_block(block: range, config: SamplingConfig, loaded: SamplingModel, sample_fn: Callable,
@@ -170,20 +171,25 @@ def evaluate_likelihood(ctx: DistContext, config: SamplingConfig, loaded: Sampli
     measure = measure_for(loaded, options, ctx.device)
     transform = dataset_transform(settings.image_size, pixel_space=loaded.vae is None)
     dataset = open_dataset(options.data_path, transform, settings.num_classes)
+    if dataset is not None and dataset.listing_warning:
+        logger.warning(f"warning: {dataset.listing_warning}")
     num_images = config.num_images if dataset is None else min(config.num_images, len(dataset))
     sample_fn = None if dataset is not None else build_sample_fn(settings.transport, config.sampler)
     likelihood_fn = build_likelihood_fn(settings.transport, config.sampler, options)
     rows = []
     progress = tqdm(total=num_images, unit="img", disable=not ctx.is_main, dynamic_ncols=True)
     for block in blocks_of_rank(index_blocks(num_images, config.batch_size), ctx.rank, ctx.world_size):
+        indices = list(block)
         if dataset is not None:
-            data, labels = real_block(dataset, block, measure)
+            indices, data, labels = real_block(dataset, block, measure)
+            if not indices:
+                continue
         else:
             data, labels = generated_block(block, config, loaded, sample_fn, measure)
         generator = torch.Generator().manual_seed(seed_for(config.seed, block.start, "dequantize"))
         torch.manual_seed(seed_for(config.seed, block.start, "likelihood"))  # Hutchinson probes
         logp, nll, bpd = measure.scores(data, labels, model.forward, likelihood_fn, generator)
-        rows += zip(block, labels.tolist(), logp.tolist(), nll.tolist(), bpd.tolist())
+        rows += zip(indices, labels.tolist(), logp.tolist(), nll.tolist(), bpd.tolist())
         progress.update(min(len(block) * ctx.world_size, progress.total - progress.n))  # estimate: ranks run alike
     progress.close()
     all_rows = [row for part in gather_objects(rows) for row in part]  # every rank's, in rank order

@@ -18,7 +18,7 @@ import argparse
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from sit.cli import parse_with_explicit
+from sit.cli import ScriptParser, parse_with_explicit
 from sit.config import SAMPLING_MODES
 from sit.errors import UsageError
 from sit.sampling.flags import HELP_FLAGS
@@ -106,7 +106,7 @@ def preset_names() -> list[str]:
 
 def requested_preset(argv: Sequence[str]) -> Optional[str]:
     """The name after --preset in argv (None without one); UsageError (one line) for a name that does not exist."""
-    finder = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    finder = ScriptParser(add_help=False, allow_abbrev=False)
     finder.add_argument(PRESET_FLAG, default=None)
     name = finder.parse_known_args(list(argv))[0].preset
     if name is not None and name not in preset_names():

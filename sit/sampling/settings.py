@@ -18,6 +18,7 @@ from sit.config import (TRANSPORT_SETTINGS, GuidanceConfig, SamplerConfig, Trans
                         sampler_config_from_flags)
 from sit.errors import UsageError
 from sit.vae import PIXEL_SPACE, VAE_DOWNSAMPLING, VAE_REPOS
+from transport.integrators import ADAPTIVE_METHODS, TOLERANCE_FREE_METHODS
 
 LIKELIHOOD_FLAGS = {"--dequantize": ("dequantize", None), "--num-probes": ("num_probes", 1),
                     "--exact-trace": ("exact_trace", False)}  # flag -> (destination, its default)
@@ -59,6 +60,7 @@ class SamplingConfig:
     num_images: int = 1
     batch_size: int = 1      # images sampled as one batch (sample_ddp.py: a block of indices)
     likelihood: Optional[LikelihoodConfig] = None
+    warnings: tuple[str, ...] = ()  # flags given that this run does not use (logged once by the script)
 
     @property
     def tf32(self) -> bool:
@@ -134,7 +136,34 @@ def sampling_config(flags: Mapping[str, Any], given: frozenset[str], *, seed: in
                            {key: flags[key] for key in TRANSPORT_SETTINGS if key in given})
     guidance = GuidanceConfig(flags["cfg_scale"], flags["guide_all_channels"], tuple(flags["cfg_interval"]))
     return SamplingConfig(request, sampler_config_from_flags(flags["mode"], flags), guidance, precision,
-                          flags["compile"], seed, num_images, batch_size, likelihood_config(flags))
+                          flags["compile"], seed, num_images, batch_size, likelihood_config(flags),
+                          unused_flag_warnings(flags, given))
+
+
+def unused_flag_warnings(flags: Mapping[str, Any], given: frozenset[str]) -> tuple[str, ...]:
+    """One line per flag given that the run will not read (accepted for the original's command lines)."""
+    warnings = []
+    if "loss_weight" in given:
+        warnings.append(f"--loss-weight {flags['loss_weight']} is not used: it weights training losses only")
+    if "train_eps" in given:
+        warnings.append(f"--train-eps {flags['train_eps']} is not used: it sets the training interval; sampling "
+                        f"uses --sample-eps")
+    if flags["cfg_scale"] == 1.0:
+        for key, flag in (("cfg_interval", "--cfg-interval"), ("guide_all_channels", "--guide-all-channels")):
+            if key in given:
+                warnings.append(f"{flag} is not used: --cfg-scale 1 means no guidance (pass a scale above 1)")
+    method = flags.get("sampling_method")
+    if flags["mode"] == "ODE" and method in TOLERANCE_FREE_METHODS:
+        for flag in ("atol", "rtol"):
+            if flag in given:
+                warnings.append(f"--{flag} is not used: --sampling-method {method} takes fixed steps "
+                                f"(--num-sampling-steps); tolerances apply to adaptive solvers such as dopri5")
+    if flags["mode"] == "ODE" and method in ADAPTIVE_METHODS and "num_sampling_steps" in given:
+        warnings.append(f"--num-sampling-steps {flags['num_sampling_steps']} does not change what {method} "
+                        f"computes: an adaptive solver chooses its own steps by --atol and --rtol")
+    if flags["mode"] == "SDE" and flags.get("last_step") is None and "last_step_size" in given:
+        warnings.append("--last-step-size is not used: --last-step None takes no last step")
+    return tuple(warnings)
 
 
 def resolve_vae(requested: Optional[str], info: Mapping[str, Any], default: str) -> Optional[str]:

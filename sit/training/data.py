@@ -36,17 +36,25 @@ def open_feature_dataset(config: TrainConfig) -> LatentFeatureDataset:
     return dataset
 
 
-def open_training_data(config: TrainConfig) -> TrainDataset:
-    """The dataset of --data-path or --feature-path, with no more class folders than --num-classes."""
+def open_training_data(config: TrainConfig, num_classes_origin: str = "flag") -> TrainDataset:
+    """The dataset of --data-path or --feature-path, with no more class folders than --num-classes.
+    num_classes_origin: where the class count came from ("flag", "checkpoint" or "default"; see
+    sit.config.Resolved), so that the message blames the right one."""
     data = config.data
     if data.feature_path is not None:
         dataset = open_feature_dataset(config)
     else:
         dataset = TrainImageFolder(data.data_path, config.model.image_size, seed=data.global_seed,
                                    random_flip=data.random_flip)
-    if len(dataset.classes) > config.model.num_classes:
+    count, limit = len(dataset.classes), config.model.num_classes
+    if count > limit:
         flag = "--feature-path" if data.feature_path else "--data-path"
-        raise UsageError(f"{flag} has {len(dataset.classes)} class folders but --num-classes is {config.model.num_classes}")
+        if num_classes_origin == "checkpoint":
+            raise UsageError(f"{flag} has {count} class folders but the checkpoint's num_classes is {limit}: its "
+                             f"model has {limit} class labels; use data with at most {limit} class folders")
+        default = " (the default)" if num_classes_origin == "default" else ""
+        raise UsageError(f"{flag} has {count} class folders but --num-classes is {limit}{default}: "
+                         f"pass --num-classes {count} or more")
     return dataset
 
 

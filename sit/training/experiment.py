@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -147,6 +148,29 @@ def create_experiment_dir(results_dir: str, model: str, path_type: str, predicti
             index += 1
 
 
+# The experiment folders this process created (rank 0), until the run ends: a run that fails before its
+# first checkpoint removes its own (discard_unfinished_experiments), never another run's.
+CREATED_FOLDERS: list[str] = []
+
+
+def discard_unfinished_experiments() -> list[str]:
+    """Remove the experiment folders this process created that hold no checkpoint (a run that failed
+    before its first: nothing in them can be resumed; the log also went to stdout). Returns those removed."""
+    removed = []
+    while CREATED_FOLDERS:
+        folder = CREATED_FOLDERS.pop()
+        if newest_checkpoint(folder) is not None:
+            continue
+        for handler in list(logging.getLogger("sit").handlers):  # log.txt is open inside the folder
+            if isinstance(handler, logging.FileHandler) and handler.baseFilename.startswith(os.path.abspath(folder) + os.sep):
+                handler.close()
+                logging.getLogger("sit").removeHandler(handler)
+        shutil.rmtree(folder, ignore_errors=True)
+        if not os.path.exists(folder):
+            removed.append(folder)
+    return removed
+
+
 def wandb_run_id(experiment_dir: str, stored_id: Optional[str]) -> str:
     """The experiment's wandb run id: from wandb_id.txt (or the checkpoint), else a new random one.
 
@@ -196,7 +220,9 @@ def open_experiment(ctx: DistContext, config: TrainConfig, start: StartPoint) ->
         try:
             folder = same_folder or create_experiment_dir(config.run.results_dir, config.model.model,
                                                           config.transport.path_type, config.transport.prediction,
-                                                          config.transport.loss_weight)
+                                                          config.transport.applied_loss_weight)
+            if not same_folder:
+                CREATED_FOLDERS.append(folder)
             os.makedirs(os.path.join(folder, "checkpoints"), exist_ok=True)
             logger = create_logger(folder, is_main=True)
             logger.info(f"Configuration: {json.dumps(dict(settings, world_size=ctx.world_size), sort_keys=True)}")

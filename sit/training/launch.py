@@ -1,30 +1,36 @@
 """From the command line's values to a running job: `prepare_training` does every check and opens
 the data before any heavy work (no VAE, no process group); `run_training` joins the ranks, trains,
-and turns a divergence into a one-line failure."""
+and turns a divergence into a one-line failure. A run that fails before its first checkpoint removes
+the experiment folder it created (its log went to stdout as well); a resume with nothing left to do
+says so and creates nothing."""
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
-from typing import AbstractSet, Any, Mapping
+from typing import AbstractSet, Any, Mapping, Optional
 
 from sit.checkpoint import settings_of
-from sit.distributed import cleanup_distributed, setup_distributed
-from sit.errors import RunFailure
+from sit.distributed import cleanup_distributed, launched_rank, setup_distributed
+from sit.errors import RunFailure, UsageError
+from sit.training.checks import nothing_left_to_do, unused_setting_warnings
 from sit.training.data import TrainDataset, features_vae, open_training_data
-from sit.training.experiment import StartPoint, start_checkpoint
+from sit.training.experiment import StartPoint, discard_unfinished_experiments, start_checkpoint
 from sit.training.loop import train
 from sit.training.monitor import TrainingDiverged
-from sit.training.settings import TrainConfig, check_train_config, resolve_train_config
+from sit.training.settings import TrainConfig, check_train_config, resolve_train_settings
 from sit.training.signals import StopSignal
 
 
 @dataclass
 class TrainingPlan:
-    """A checked run: its configuration, data, starting point and the warnings to log once it runs."""
+    """A checked run: its configuration, data, starting point and the warnings to log once it runs;
+    `finished`: a resume with nothing left to do says this and does nothing."""
     config: TrainConfig
     dataset: TrainDataset
     start: StartPoint
     warnings: list[str]
+    finished: Optional[str] = None
 
 
 def prepare_training(flags: Mapping[str, Any], explicit: AbstractSet[str], world_size: int) -> TrainingPlan:
@@ -34,16 +40,25 @@ def prepare_training(flags: Mapping[str, Any], explicit: AbstractSet[str], world
     start = start_checkpoint(flags["ckpt"], flags["resume"], flags["results_dir"])
     stored, train_steps = (settings_of(start.checkpoint), start.checkpoint["train_steps"]) if start.resuming else (None, 0)
     made_by = features_vae(flags["feature_path"]) if flags["feature_path"] is not None else None
-    config, warnings = resolve_train_config(flags, explicit, stored, source=f"the checkpoint {start.source}",
-                                            train_steps=train_steps, features_vae=made_by)
+    config, resolved = resolve_train_settings(flags, explicit, stored, source=f"the checkpoint {start.source}",
+                                              train_steps=train_steps, features_vae=made_by)
     check_train_config(config, world_size)
-    return TrainingPlan(config, open_training_data(config), start, start.warnings + warnings)
+    warnings = resolved.warnings + unused_setting_warnings(config, explicit, start.resuming)
+    finished = nothing_left_to_do(config, start.checkpoint if start.resuming else None, start.source, explicit)
+    dataset = open_training_data(config, resolved.origin["num_classes"])
+    listing = [dataset.listing_warning] if getattr(dataset, "listing_warning", None) else []
+    return TrainingPlan(config, dataset, start, start.warnings + warnings + listing, finished)
 
 
 def run_training(plan: TrainingPlan) -> None:
     """Join the job and train the plan; SIGTERM/SIGINT stop after a checkpoint (a normal return).
 
-    Raises RunFailure when training diverges (the last good checkpoint is kept)."""
+    Raises RunFailure when training diverges (the last good checkpoint is kept, if there is one). Any
+    failure before this run's first checkpoint removes the experiment folder it created."""
+    if plan.finished is not None:
+        if launched_rank() == 0:
+            print(plan.finished, file=sys.stderr, flush=True)
+        return
     stop = StopSignal()
     stop.install()
     ctx = setup_distributed()
@@ -51,8 +66,20 @@ def run_training(plan: TrainingPlan) -> None:
     try:
         train(plan.config, ctx=ctx, dataset=plan.dataset, start=plan.start, warnings=plan.warnings, stop=stop)
     except TrainingDiverged as error:
-        message = f"{error}; stopping, the last good checkpoint is kept"
+        removed = discard_unfinished_experiments()
+        if removed:
+            message = f"{error}; stopping before any checkpoint was written, so the run's folder {removed[0]} was removed"
+        else:
+            message = f"{error}; stopping, the last good checkpoint is kept"
         logging.getLogger("sit").error(message)
         raise RunFailure(message) from None
+    except BaseException as error:
+        removed = discard_unfinished_experiments()
+        if removed and isinstance(error, (RunFailure, UsageError)):
+            kind = UsageError if isinstance(error, UsageError) else RunFailure
+            raise kind(f"{error} (no checkpoint had been written: removed the run's folder {removed[0]})") from None
+        raise
+    else:
+        discard_unfinished_experiments()  # stopped by a signal before the first step: nothing to keep
     finally:
         cleanup_distributed()

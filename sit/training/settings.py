@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import AbstractSet, Any, Mapping, Optional
 
 from models import MODEL_SHAPES, has_null_class
-from sit.config import Rule, Setting, TransportConfig, resolve_settings
+from sit.config import Resolved, Rule, Setting, TransportConfig, resolve_settings
 from sit.distributed import launched_by_torchrun
 from sit.errors import UsageError
 from sit.vae import (LATENT_CHANNELS, PIXEL_CHANNELS, canonical_vae_name, check_image_size, check_vae_name,
@@ -202,7 +202,18 @@ def checkpoint_owned_settings(flags: Mapping[str, Any], train_steps: int) -> dic
 def resolve_train_config(flags: Mapping[str, Any], explicit: AbstractSet[str], stored: Optional[Mapping[str, Any]] = None,
                          *, source: str = "the checkpoint", train_steps: int = 0,
                          features_vae: Optional[str] = None) -> tuple[TrainConfig, list[str]]:
-    """The run's configuration and the warnings of settings that differ from the checkpoint's.
+    """The run's configuration and the warnings of settings that differ from the checkpoint's (see
+    resolve_train_settings, which also says where each checkpoint-owned setting came from)."""
+    config, resolved = resolve_train_settings(flags, explicit, stored, source=source, train_steps=train_steps,
+                                              features_vae=features_vae)
+    return config, resolved.warnings
+
+
+def resolve_train_settings(flags: Mapping[str, Any], explicit: AbstractSet[str],
+                           stored: Optional[Mapping[str, Any]] = None, *, source: str = "the checkpoint",
+                           train_steps: int = 0, features_vae: Optional[str] = None) -> tuple[TrainConfig, Resolved]:
+    """The run's configuration, and the resolution of the settings a checkpoint can give (values, origins
+    for messages such as "the checkpoint's num_classes 2", and the warnings).
 
     flags: every parsed flag (argparse destinations); explicit: those the command line gave;
     stored: the resumed checkpoint's settings (None: a new run); source: how messages name the
@@ -219,7 +230,7 @@ def resolve_train_config(flags: Mapping[str, Any], explicit: AbstractSet[str], s
             values[key] = stored[key]
     if features_vae and "vae" not in explicit and not is_pixel_space(values["vae"]):
         values["vae"] = features_vae  # pixels with features are refused by check_train_config
-    return TrainConfig.from_settings(values), resolved.warnings
+    return TrainConfig.from_settings(values), resolved
 
 
 #################################################################################

@@ -1,0 +1,75 @@
+"""train.py's settings that would otherwise do nothing, silently: refused (a flag the user gave that no
+part of the run would read), or warned about once (a checkpoint's setting that is not applied, a
+default that does not fit the model); and a resume with no steps left.
+
+- `--loss-weight` weights only score and noise losses; a velocity model's loss is never weighted
+  (the original accepted it and ignored it, and named the experiment folder after it). A new run
+  refuses it; resuming a checkpoint that holds one warns, and a new folder is named after the
+  weight applied (None).
+- The FID flags without --fid-every; --cfg-scale above 1 for a model without a null class.
+- Resuming a checkpoint at --max-steps (or --epochs) has nothing to do: exit 0 with one line, no
+  folder. Past it, the request cannot be met (a checkpoint cannot be trained back): exit 2.
+"""
+from __future__ import annotations
+
+from typing import AbstractSet, Optional
+
+from models import has_null_class
+from sit.errors import UsageError
+from sit.training.settings import TrainConfig
+
+# --fid-every's companions: destination -> flag
+FID_COMPANIONS = {"fid_num_samples": "--fid-num-samples", "fid_ref": "--fid-ref", "fid_steps": "--fid-steps",
+                  "fid_cfg_scale": "--fid-cfg-scale", "fid_inception_weights": "--fid-inception-weights"}
+
+
+def unused_setting_warnings(config: TrainConfig, explicit: AbstractSet[str], resuming: bool) -> list[str]:
+    """Warnings for settings that the run will not apply; UsageError for such a flag given explicitly.
+
+    explicit: the flags the command line gave; resuming: whether the settings come from a train checkpoint."""
+    warnings = []
+    transport = config.transport
+    if transport.loss_weight is not None and transport.applied_loss_weight is None:
+        if not resuming:
+            raise UsageError(f"--loss-weight {transport.loss_weight} weights only score and noise losses; a velocity "
+                             f"model's loss is never weighted (the original accepted the flag and ignored it): drop "
+                             f"--loss-weight, or pass --prediction score or noise")
+        warnings.append(f"the checkpoint's loss_weight {transport.loss_weight} is not applied: a velocity model's "
+                        f"loss is never weighted (as in the original run that wrote it)")
+    if config.fid.fid_every is None:
+        given = [flag for key, flag in FID_COMPANIONS.items() if key in explicit]
+        if given:
+            raise UsageError(f"{given[0]} is read only with --fid-every N (FID while training): add --fid-every "
+                             f"or drop {', '.join(given)}")
+    kwargs = config.model.sit_kwargs()
+    if config.run.cfg_scale > 1.0 and not has_null_class(kwargs):
+        if "cfg_scale" in explicit:
+            raise UsageError(f"--cfg-scale {config.run.cfg_scale} guides the preview grids, but this model has no "
+                             f"null class to guide with (class_dropout_prob 0): pass --cfg-scale 1")
+        warnings.append(f"the preview grids are not guided: the model has no null class (class_dropout_prob 0), "
+                        f"so the default --cfg-scale {config.run.cfg_scale} does not apply")
+    return warnings
+
+
+def nothing_left_to_do(config: TrainConfig, checkpoint: Optional[dict], source: Optional[str],
+                       explicit: AbstractSet[str]) -> Optional[str]:
+    """For a resumed checkpoint: None when training has steps left; a one-line "nothing to do" when it
+    stands exactly at --max-steps or --epochs. UsageError when it is already past either."""
+    if checkpoint is None:
+        return None
+    steps, epoch = checkpoint.get("train_steps", 0), checkpoint.get("epoch", 0)
+    max_steps, epochs = config.optim.max_steps, config.optim.epochs
+    epochs_given = f"--epochs {epochs}" + ("" if "epochs" in explicit else " (the default)")
+    if max_steps is not None and steps > max_steps:
+        raise UsageError(f"--max-steps {max_steps} but the checkpoint {source} is already at step {steps}: pass a "
+                         f"larger --max-steps to train on (a checkpoint cannot be trained back)")
+    if epoch > epochs:
+        raise UsageError(f"{epochs_given} but the checkpoint {source} has already finished {epoch} epochs: pass a "
+                         f"larger --epochs to train on")
+    if max_steps is not None and steps == max_steps:
+        return (f"nothing to do: the checkpoint {source} is already at step {steps} = --max-steps; pass a larger "
+                f"--max-steps to train on")
+    if epoch == epochs:
+        return (f"nothing to do: the checkpoint {source} has finished {epoch} epochs = {epochs_given}; pass a "
+                f"larger --epochs to train on")
+    return None
