@@ -17,6 +17,7 @@ and plain containers, plus `argparse.Namespace` (train.py checkpoints hold their
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import hashlib
 import os
@@ -24,7 +25,7 @@ import re
 import shutil
 import urllib.parse
 import urllib.request
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from tqdm import tqdm
@@ -135,11 +136,29 @@ def hub_web_url(spec: str) -> str:
     return f"https://huggingface.co/{repo_id}/resolve/main/{filename}"
 
 
+@contextlib.contextmanager
+def removed_if_left_empty(folder: str) -> Iterator[None]:
+    """A download into folder that, if it fails, leaves no empty folder it created (pretrained_models/)."""
+    existed = os.path.isdir(folder)
+    try:
+        yield
+    except BaseException:
+        if not existed and os.path.isdir(folder) and not os.listdir(folder):
+            os.rmdir(folder)
+        raise
+
+
 def fetch_published(name: str) -> str:
     """Local path of a published checkpoint, fetched into pretrained_models/ on first use."""
     local_path = os.path.join(PRETRAINED_DIR, name)
     if os.path.isfile(local_path):
         return local_path
+    with removed_if_left_empty(PRETRAINED_DIR):
+        return fetch_published_sources(name, local_path)
+
+
+def fetch_published_sources(name: str, local_path: str) -> str:
+    """Try each source of a published checkpoint in turn; CheckpointError naming them all when none works."""
     failures = []
     for source in PUBLISHED_MODELS[name]:
         try:
@@ -190,7 +209,8 @@ def fetch_url(url: str) -> str:
     if not url.startswith("file://") and os.path.isfile(local_path):
         return local_path
     try:
-        return download_url(url, local_path)
+        with removed_if_left_empty(PRETRAINED_DIR):
+            return download_url(url, local_path)
     except CheckpointError as error:
         raise CheckpointError(f"{error}. Download it by hand and pass the local file instead: "
                               f"--ckpt /path/to/{name}") from error

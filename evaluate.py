@@ -27,9 +27,10 @@ import torch
 
 from sit.cli import ScriptParser, non_negative_int, positive_int, run_main
 from sit.errors import UsageError
-from sit.files import atomic_json
+from sit.files import atomic_json, folder_problem
 from sit.metrics import (DEFAULT_METRICS, FID_METHODS, METRICS, Evaluator, format_table, npz_array_shape,
                          parse_metric_list)
+from sit.metrics.npz import open_npz_images
 from sit.record import record_beside, record_path
 from sit.speed import configure_precision
 
@@ -70,6 +71,20 @@ def check_inputs(args: argparse.Namespace) -> None:
     if args.json is not None and args.sample_batch is not None and \
             os.path.abspath(args.json) == os.path.abspath(record_path(args.sample_batch)):
         raise UsageError(f"--json {args.json} is the sample batch's record; write the metrics elsewhere")
+    if args.json is not None and args.sample_batch is None:
+        raise UsageError(f"--json writes the metrics of a sample batch; with only {args.ref_batch} there are none "
+                         f"(the reference statistics are cached beside it): pass the sample .npz too, or drop --json")
+    problem = None if args.json is None else (f"{args.json} is a folder" if os.path.isdir(args.json)
+                                              else folder_problem(os.path.dirname(os.path.abspath(args.json))))
+    if problem:  # found now, not after the metrics were computed
+        raise UsageError(f"--json {args.json}: {problem}; name a file in a folder you can write")
+    networks = {METRICS[name].network for name in parse_metric_list(args.metrics)}
+    for flag, value, network, metrics in (("--dinov2-weights", args.dinov2_weights, "dinov2", "fd_dinov2"),
+                                          ("--inception-weights", args.inception_weights, "inception",
+                                           "is, fid, sfid, precision or recall")):
+        if value is not None and network not in networks:
+            raise UsageError(f"{flag} is read only for --metrics {metrics}, which --metrics {args.metrics} leaves "
+                             f"out: drop {flag} or add the metric")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -87,6 +102,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         evaluator.cache_reference(args.ref_batch)
         return
     shape = npz_array_shape(args.sample_batch)  # (N, H, W, 3), read from the header only
+    open_npz_images(args.sample_batch)  # uint8 (N, H, W, 3), N > 0: refused now, not after a network has loaded
     record = record_beside(args.sample_batch, shape[0], shape[1:])
     metrics = evaluator.evaluate(args.ref_batch, args.sample_batch)
     print(format_table(metrics, metric_names))

@@ -68,11 +68,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[argparse.Namespace
 def output_problem(path: str) -> Optional[str]:
     """Why the grid could not be saved at `path` (None if it can), checked before any sampling:
     an extension PIL cannot write, or a folder that neither exists nor can be created writable."""
+    if os.path.isdir(path):
+        return "is a folder; name the image file to write, e.g. grid.png"
     extension = os.path.splitext(path)[1].lower()
     if Image.registered_extensions().get(extension) not in Image.SAVE:
         return f"needs an image extension that PIL can write, such as .png or .jpg (got {extension or 'none'})"
-    if os.path.isdir(path):
-        return "is a folder; name the image file to write, e.g. grid.png"
     return folder_problem(os.path.dirname(os.path.abspath(path)))
 
 

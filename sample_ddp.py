@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -106,8 +107,9 @@ def run(ctx: DistContext, config: SamplingConfig, sample_dir: str, preset: Optio
         logger.warning(f"warning: {warning}")
     # rank 0 first, so that a download happens once; a failure on any rank ends every rank with its message
     loaded = main_first(ctx, functools.partial(load_for_sampling, config, ctx.device, "ema"))
+    sample_dir_existed = os.path.isdir(sample_dir)
     folder = prepare_sample_folder(ctx, sample_dir, config, loaded.settings, logger)
-    with removed_if_left_empty(ctx, folder):  # a run that fails before its first file leaves no folder
+    with removed_if_left_empty(ctx, folder, sample_dir_existed):  # a failed run leaves no empty folder
         if config.likelihood is not None:
             evaluate_likelihood(ctx, config, loaded, folder, logger)
             return

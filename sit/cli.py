@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 from typing import Any, Callable, Optional, Sequence
 
@@ -43,7 +44,13 @@ def class_label_list(value: str) -> list[int]:
 
 class ScriptParser(argparse.ArgumentParser):
     """argparse.ArgumentParser whose errors are one line, `<prog>: error: <message> (see <prog> --help)`,
-    exit 2 (argparse's own code), instead of the usage block followed by the message."""
+    exit 2 (argparse's own code), instead of the usage block followed by the message. A value such as
+    -1e-4 is read as a (negative) number, not as an unknown flag (argparse's own pattern misses exponents),
+    so that it gets the flag's own message."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
     def error(self, message: str) -> None:  # argparse's hook for every command-line error
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")

@@ -146,7 +146,7 @@ def folder_problem(path: str) -> Optional[str]:
     """Why a folder at `path` cannot be used for writing (None if it can): a file is there, or the nearest
     existing folder above it (where the rest would be created) is a file or not writable."""
     if os.path.exists(path) and not os.path.isdir(path):
-        return f"{path} is a file, not a folder"
+        return f"{path} is not a folder (it is a file)"
     existing = os.path.abspath(path)
     while not os.path.exists(existing):  # the nearest folder that exists: the rest is created in it
         existing = os.path.dirname(existing)

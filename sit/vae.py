@@ -6,6 +6,7 @@ images <-> model inputs <-> uint8 pixels.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Optional
 
 import numpy as np
@@ -72,7 +73,9 @@ def load_vae(name: str, device: torch.device) -> Any:
     check_vae_name(name, allow_pixels=False)
     source = VAE_REPOS.get(name, name)
     try:
-        vae = AutoencoderKL.from_pretrained(source)
+        with warnings.catch_warnings():  # diffusers passes huggingface_hub an argument it deprecated: not the user's
+            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*", category=UserWarning)
+            vae = AutoencoderKL.from_pretrained(source)
     except Exception as error:  # network, hub or file errors: all end the same way for the user
         raise UsageError(f"could not load the VAE {source!r} ({type(error).__name__}: {str(error)[:200]}); "
                          f"download it once with network access, or pass --vae /path/to/a/local/diffusers/AutoencoderKL/folder")

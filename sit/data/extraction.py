@@ -21,7 +21,7 @@ from sit.data.images import TrainImageFolder
 from sit.errors import UsageError
 from sit.files import atomic_text, folder_problem, remove_temporaries
 from sit.generation import index_blocks
-from sit.vae import LATENT_CHANNELS, check_image_size, input_size_for, latent_shape
+from sit.vae import LATENT_CHANNELS, check_image_size, check_vae_name, input_size_for, latent_shape
 
 # Settings that make a feature folder what it is: a rerun must agree on them.
 IDENTITY_KEYS = ("image_size", "vae", "num_images", "classes", "dtype", "block_size")
@@ -69,6 +69,7 @@ def open_image_folder(config: ExtractionConfig) -> TrainImageFolder:
     UsageErrors for a folder without class folders or images, and an unreadable image skipped with
     a warning. --image-size must be a multiple of 8 (UsageError)."""
     check_image_size(config.image_size, pixel_space=False)
+    check_vae_name(config.vae, allow_pixels=False)  # before any folder is made: features are VAE latents
     return TrainImageFolder(config.data_path, config.image_size, random_flip=False)
 
 

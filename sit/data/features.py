@@ -65,7 +65,8 @@ class LatentFeatureDataset(Dataset):
     def __init__(self, feature_path: str, seed: int = 0, random_flip: bool = True):
         meta = read_meta(feature_path)
         if meta is None:
-            raise UsageError(f"{feature_path} holds no cached features (no {META_FILE}); run extract_features.py first")
+            raise UsageError(f"--feature-path {feature_path} holds no cached features (no {META_FILE}); run "
+                             f"extract_features.py first")
         if not meta.get("complete"):
             raise UsageError(f"the features in {feature_path} are incomplete; run extract_features.py again to finish them")
         self.feature_path = feature_path

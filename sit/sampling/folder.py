@@ -127,15 +127,18 @@ def prepare_sample_folder(ctx: DistContext, sample_dir: str, config: SamplingCon
 
 
 @contextlib.contextmanager
-def removed_if_left_empty(ctx: DistContext, folder: str) -> Iterator[None]:
-    """A block that, if it fails, leaves no empty sample folder behind (rank 0 removes folder when it
-    holds nothing; a folder with any file in it is kept)."""
+def removed_if_left_empty(ctx: DistContext, folder: str, sample_dir_existed: bool = True) -> Iterator[None]:
+    """A block that, if it fails, leaves no empty sample folder behind: rank 0 removes folder when it
+    holds nothing (a folder with any file in it is kept), and --sample-dir too when this run created it."""
     try:
         yield
     except BaseException:
-        if ctx.is_main and os.path.isdir(folder) and not os.listdir(folder):
-            with contextlib.suppress(OSError):
-                os.rmdir(folder)
+        if ctx.is_main:
+            empty = [folder] + ([] if sample_dir_existed else [os.path.dirname(os.path.normpath(folder))])
+            for path in empty:
+                if os.path.isdir(path) and not os.listdir(path):
+                    with contextlib.suppress(OSError):
+                        os.rmdir(path)
         raise
 
 

@@ -6,16 +6,23 @@ default that does not fit the model); and a resume with no steps left.
   (the original accepted it and ignored it, and named the experiment folder after it). A new run
   refuses it; resuming a checkpoint that holds one warns, and a new folder is named after the
   weight applied (None).
-- The FID flags without --fid-every; --cfg-scale above 1 for a model without a null class.
+- The FID flags without --fid-every; --cfg-scale above 1 for a model without a null class; a
+  --results-dir where no folder can be made.
 - Resuming a checkpoint at --max-steps (or --epochs) has nothing to do: exit 0 with one line, no
   folder. Past it, the request cannot be met (a checkpoint cannot be trained back): exit 2.
 """
 from __future__ import annotations
 
+import math
+import os
 from typing import AbstractSet, Optional
 
 from models import has_null_class
 from sit.errors import UsageError
+from sit.files import folder_problem
+from sit.metrics.errors import MetricInputError
+from sit.metrics.npz import open_npz
+from sit.metrics.reference import STATISTICS_KEYS, stats_cache_path
 from sit.training.settings import TrainConfig
 
 # --fid-every's companions: destination -> flag
@@ -49,6 +56,39 @@ def unused_setting_warnings(config: TrainConfig, explicit: AbstractSet[str], res
         warnings.append(f"the preview grids are not guided: the model has no null class (class_dropout_prob 0), "
                         f"so the default --cfg-scale {config.run.cfg_scale} does not apply")
     return warnings
+
+
+def check_results_dir(config: TrainConfig, resuming: bool) -> None:
+    """UsageError when a new experiment folder cannot be made in --results-dir (found before any work)."""
+    problem = None if resuming else folder_problem(config.run.results_dir)
+    if problem:
+        raise UsageError(f"--results-dir {config.run.results_dir}: {problem}; name a folder you can write")
+
+
+def check_fid_reference(config: TrainConfig) -> None:
+    """With --fid-every: --fid-ref must hold mu/sigma statistics and --fid-inception-weights must exist,
+    found before the run starts (its keys are read, not its arrays)."""
+    fid = config.fid
+    if fid.fid_every is None:
+        return
+    try:
+        with open_npz(fid.fid_ref) as data:
+            keys = set(data.files)
+    except MetricInputError as error:
+        raise UsageError(f"--fid-ref: {error}") from None
+    if not set(STATISTICS_KEYS) <= keys:
+        raise UsageError(f"--fid-ref {fid.fid_ref} holds no mu/sigma statistics; make them once with `python "
+                         f"evaluate.py {fid.fid_ref}` and pass {stats_cache_path(fid.fid_ref)}")
+    if fid.fid_inception_weights is not None and not os.path.isfile(fid.fid_inception_weights):
+        raise UsageError(f"--fid-inception-weights {fid.fid_inception_weights}: no such file")
+
+
+def check_enough_data(num_images: int, config: TrainConfig, world_size: int) -> None:
+    """UsageError when a rank's share of the data is less than one local batch (no step could run)."""
+    global_batch_size = config.data.global_batch_size
+    if math.ceil(num_images / world_size) < global_batch_size // world_size:
+        raise UsageError(f"the dataset has {num_images} images, fewer than one global batch of {global_batch_size}: "
+                         f"pass a smaller --global-batch-size")
 
 
 def nothing_left_to_do(config: TrainConfig, checkpoint: Optional[dict], source: Optional[str],

@@ -148,26 +148,30 @@ def create_experiment_dir(results_dir: str, model: str, path_type: str, predicti
             index += 1
 
 
-# The experiment folders this process created (rank 0), until the run ends: a run that fails before its
-# first checkpoint removes its own (discard_unfinished_experiments), never another run's.
-CREATED_FOLDERS: list[str] = []
+# The experiment folders this process created (rank 0), each with --results-dir when the run created that
+# too, until the run ends: a run that fails before its first checkpoint removes its own, never another's.
+CREATED_FOLDERS: list[tuple[str, Optional[str]]] = []
 
 
 def discard_unfinished_experiments() -> list[str]:
     """Remove the experiment folders this process created that hold no checkpoint (a run that failed
-    before its first: nothing in them can be resumed; the log also went to stdout). Returns those removed."""
+    before its first: nothing in them can be resumed; the log also went to stdout), and an emptied
+    --results-dir this process created. Returns the experiment folders removed."""
     removed = []
     while CREATED_FOLDERS:
-        folder = CREATED_FOLDERS.pop()
+        folder, created_parent = CREATED_FOLDERS.pop()
         if newest_checkpoint(folder) is not None:
             continue
-        for handler in list(logging.getLogger("sit").handlers):  # log.txt is open inside the folder
+        logger = logging.getLogger("sit")
+        for handler in list(logger.handlers):  # log.txt is open inside the folder
             if isinstance(handler, logging.FileHandler) and handler.baseFilename.startswith(os.path.abspath(folder) + os.sep):
                 handler.close()
-                logging.getLogger("sit").removeHandler(handler)
+                logger.removeHandler(handler)
         shutil.rmtree(folder, ignore_errors=True)
         if not os.path.exists(folder):
             removed.append(folder)
+        if created_parent is not None and os.path.isdir(created_parent) and not os.listdir(created_parent):
+            os.rmdir(created_parent)  # only when empty: another run may have started in it meanwhile
     return removed
 
 
@@ -218,11 +222,12 @@ def open_experiment(ctx: DistContext, config: TrainConfig, start: StartPoint) ->
     def set_up() -> Experiment:
         same_folder = experiment_dir_of(start.source) if start.resuming else None
         try:
+            new_results_dir = None if same_folder or os.path.isdir(config.run.results_dir) else config.run.results_dir
             folder = same_folder or create_experiment_dir(config.run.results_dir, config.model.model,
                                                           config.transport.path_type, config.transport.prediction,
                                                           config.transport.applied_loss_weight)
             if not same_folder:
-                CREATED_FOLDERS.append(folder)
+                CREATED_FOLDERS.append((folder, new_results_dir))
             os.makedirs(os.path.join(folder, "checkpoints"), exist_ok=True)
             logger = create_logger(folder, is_main=True)
             logger.info(f"Configuration: {json.dumps(dict(settings, world_size=ctx.world_size), sort_keys=True)}")

@@ -13,7 +13,8 @@ from typing import AbstractSet, Any, Mapping, Optional
 from sit.checkpoint import settings_of
 from sit.distributed import cleanup_distributed, launched_rank, setup_distributed
 from sit.errors import RunFailure, UsageError
-from sit.training.checks import nothing_left_to_do, unused_setting_warnings
+from sit.training.checks import (check_enough_data, check_fid_reference, check_results_dir, nothing_left_to_do,
+                                 unused_setting_warnings)
 from sit.training.data import TrainDataset, features_vae, open_training_data
 from sit.training.experiment import StartPoint, discard_unfinished_experiments, start_checkpoint
 from sit.training.loop import train
@@ -44,8 +45,11 @@ def prepare_training(flags: Mapping[str, Any], explicit: AbstractSet[str], world
                                               train_steps=train_steps, features_vae=made_by)
     check_train_config(config, world_size)
     warnings = resolved.warnings + unused_setting_warnings(config, explicit, start.resuming)
+    check_results_dir(config, start.resuming)
+    check_fid_reference(config)
     finished = nothing_left_to_do(config, start.checkpoint if start.resuming else None, start.source, explicit)
     dataset = open_training_data(config, resolved.origin["num_classes"])
+    check_enough_data(len(dataset), config, world_size)
     listing = [dataset.listing_warning] if getattr(dataset, "listing_warning", None) else []
     return TrainingPlan(config, dataset, start, start.warnings + warnings + listing, finished)
 

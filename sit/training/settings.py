@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import AbstractSet, Any, Mapping, Optional
@@ -167,7 +168,29 @@ def parse_model_config(text: Optional[str]) -> dict:
     unknown = sorted(set(overrides) - set(MODEL_CONFIG_KEYS))
     if unknown:
         raise UsageError(f"--model-config: unknown key(s) {', '.join(unknown)}; valid: {', '.join(MODEL_CONFIG_KEYS)}")
+    for key, value in overrides.items():
+        accepts, requirement = MODEL_CONFIG_VALUES[key]
+        if not accepts(value):
+            raise UsageError(f"--model-config: {key} must be {requirement}, got {json.dumps(value)}")
     return overrides
+
+
+def is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# --model-config key -> (accepts its JSON value, what it must be)
+MODEL_CONFIG_VALUES = {
+    "patch_size": (is_count, "a positive integer"), "hidden_size": (is_count, "a positive integer"),
+    "depth": (is_count, "a positive integer"), "num_heads": (is_count, "a positive integer"),
+    "mlp_ratio": (lambda value: is_number(value) and value > 0, "a positive number"),
+    "class_dropout_prob": (lambda value: is_number(value) and 0 <= value < 1, "a number in [0, 1)"),
+    "learn_sigma": (lambda value: isinstance(value, bool), "true or false"),
+}
 
 
 #################################################################################
