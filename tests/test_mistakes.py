@@ -39,7 +39,7 @@ EXPERIMENT = "000-SiT-S-2-Linear-velocity-None"
 def assets(tmp_path_factory) -> dict:
     """Data folders, a 2-step pixel-space checkpoint, its NaN copy, batches and odd files (paths by name)."""
     root = tmp_path_factory.mktemp("assets")
-    paths = {"root": str(root), "tiny_config": TINY_CONFIG}
+    paths = {"root": str(root)}
     paths["data"] = make_image_folder(str(root / "data"), num_classes=2, per_class=3, size=8)
     paths["data3"] = make_image_folder(str(root / "data3"), num_classes=3, per_class=2, size=8)
     bad = root / "bad"
@@ -119,200 +119,29 @@ def tree(*folders: str) -> dict:
 
 @dataclass(frozen=True)
 class Mistake:
-    """A command line of `script` ({name} placeholders are assets' paths) and what it must end with."""
+    """A command line of `script` and what it must end with (a row of fixtures/mistakes.tsv)."""
     script: str
-    argv: tuple
     code: int
+    argv: str  # split on spaces once {name} placeholders are filled with the assets' paths
     expect: str  # words of the one stderr line
 
     def command(self, assets: dict) -> list[str]:
-        return [part.format(**assets) for part in self.argv]
+        return self.argv.format(**assets, tiny=TINY_MODEL).split()
 
 
-def m(script: str, argv: str, code: int, expect: str) -> Mistake:
-    return Mistake(script, tuple(argv.split()), code, expect)
+# a tiny pixel-space model on the assets' 8x8 images, the table's {tiny}
+TINY_MODEL = f"--model SiT-S/2 --model-config {TINY_CONFIG} --vae none --image-size 8 --num-classes 2 " \
+             f"--num-workers 0 --global-batch-size 4"
 
 
-# a tiny pixel-space model on the 8x8 images ({tiny_config}: TINY_CONFIG, kept out of str.format's way)
-T = "--data-path {data} --model SiT-S/2 --model-config {tiny_config} --vae none --image-size 8 --num-classes 2 " \
-    "--num-workers 0 --global-batch-size 4"
+def read_table(path: str) -> list[Mistake]:
+    """The rows of a table of mistakes: script, exit code, arguments, expected words (tab-separated)."""
+    with open(path) as handle:
+        rows = [line.rstrip("\n").split("\t") for line in handle if line.strip() and not line.startswith("#")]
+    return [Mistake(script, int(code), argv, expect) for script, code, argv, expect in rows]
 
-MISTAKES = [
-    # train.py: the command line
-    m("train.py", "", 2, "one of the arguments --data-path --feature-path is required"),
-    m("train.py", "--data-path {data} --no-such-flag", 2, "unrecognized arguments: --no-such-flag"),
-    m("train.py", "--data-path {data} --model SiT-XXL/2", 2, "invalid choice: 'SiT-XXL/2'"),
-    m("train.py", "--data-path {data} --cfg-scale -3", 2, "--cfg-scale: must be >= 1"),
-    m("train.py", "--data-path {data} --cfg-scale nan", 2, "--cfg-scale: must be >= 1"),
-    m("train.py", "--data-path {data} --fid-cfg-scale 0.5", 2, "--fid-cfg-scale: must be >= 1"),
-    m("train.py", "--data-path {data} --lr 0", 2, "--lr: must be a positive number, got 0"),
-    m("train.py", "--data-path {data} --lr -1e-4", 2, "--lr: must be a positive number"),
-    m("train.py", "--data-path {data} --global-batch-size 0", 2, "--global-batch-size: must be a positive integer"),
-    m("train.py", "--data-path {data} --ema-decay 1.5", 2, "--ema-decay: must be in [0, 1)"),
-    m("train.py", "--data-path {data} --epochs 0", 2, "--epochs: must be a positive integer"),
-    m("train.py", "--data-path {data} --max-steps -5", 2, "--max-steps: must be a positive integer"),
-    m("train.py", "--data-path {data} --num-workers -1", 2, "--num-workers: must be >= 0"),
-    m("train.py", "--data-path {data} --feature-path {data}", 2, "not allowed with argument"),
-    m("train.py", "--data-path {data} --prediction velocit", 2, "invalid choice: 'velocit'"),
-    m("train.py", "--data-path {data} --max-steps", 2, "--max-steps: expected one argument"),
-    # train.py: settings that cannot work or would be ignored
-    m("train.py", T + " --model SiT-S/2 --image-size 9", 2, "not divisible by the patch size 2"),
-    m("train.py", T + " --model-config {{depth:1}}", 2, "--model-config is not valid JSON"),
-    m("train.py", T + " --model-config {{\"depthh\":1}}", 2, "--model-config: unknown key(s) depthh"),
-    m("train.py", T + " --model-config [1]", 2, "--model-config must be a JSON object"),
-    m("train.py", T + " --train-eps 0.7", 2, "train_eps must be in [0, 0.5), got 0.7"),
-    m("train.py", T + " --sample-eps -1", 2, "sample_eps must be in [0, 0.5), got -1.0"),
-    m("train.py", T + " --loss-weight likelihood", 2, "--loss-weight likelihood weights only score and noise losses"),
-    m("train.py", T + " --loss-weight velocity", 2, "drop --loss-weight, or pass --prediction score or noise"),
-    m("train.py", T + " --fid-ref {npz}", 2, "--fid-ref is read only with --fid-every N"),
-    m("train.py", T + " --fid-num-samples 10 --fid-steps 5", 2, "add --fid-every or drop --fid-num-samples, --fid-steps"),
-    m("train.py", T + " --fid-every 5", 2, "--fid-every needs --fid-ref"),
-    m("train.py", T + " --model-config {{\"class_dropout_prob\":0}} --cfg-scale 4", 2,
-      "--cfg-scale 4.0 guides the preview grids, but this model has no null class"),
-    m("train.py", T + " --sharding fsdp", 2, "--sharding fsdp shards over the processes of a torchrun job"),
-    m("train.py", "--data-path {data} --vae {vae_missing}", 2, "is neither one of ema, mse, none nor a local diffusers folder"),
-    m("train.py", "--data-path {data} --image-size 36", 2, "--image-size must be a multiple of 8"),
-    m("train.py", T + " --results-dir {file}", 2, "--results-dir {file}: {file} is not a folder (it is a file)"),
-    m("train.py", T + " --results-dir {file}/sub", 2, "is not a folder, so nothing can be created in it"),
-    # train.py: data
-    m("train.py", "--data-path {missing} --vae none --image-size 8", 2, "--data-path {missing} is not a folder"),
-    m("train.py", "--data-path {file} --vae none --image-size 8", 2, "--data-path {file} is not a folder"),
-    m("train.py", "--data-path {empty} --vae none --image-size 8", 2, "holds no class folders"),
-    m("train.py", "--data-path {no_images} --vae none --image-size 8", 2, "holds no images (extensions: .jpg"),
-    m("train.py", "--data-path {bad} --vae none --image-size 8", 2, "--data-path {bad}: none of its 4 images can be read"),
-    m("train.py", "--data-path {data3} --vae none --image-size 8 --num-classes 2", 2,
-      "has 3 class folders but --num-classes is 2: pass --num-classes 3 or more"),
-    m("train.py", "--data-path {data3} --resume {experiment} --max-steps 9", 2,
-      "has 3 class folders but the checkpoint's num_classes is 2"),
-    m("train.py", T + " --global-batch-size 64", 2, "fewer than one global batch of 64"),
-    m("train.py", "--feature-path {missing}", 2, "--feature-path"),
-    # train.py: where to start from
-    m("train.py", "--data-path {data} --resume x --ckpt y", 2, "pass either --ckpt or --resume, not both"),
-    m("train.py", "--data-path {data} --resume {missing}", 2, "no such experiment folder or checkpoint file"),
-    m("train.py", "--data-path {data} --resume --results-dir {empty}", 2, "--resume: no experiment with a checkpoint"),
-    m("train.py", "--data-path {data} --ckpt {missing}.pt", 2, "no SiT checkpoint at {missing}.pt"),
-    m("train.py", "--data-path {data} --ckpt {file}", 2, "is not a readable PyTorch checkpoint"),
-    m("train.py", "--data-path {data} --ckpt {data}", 2, "is a folder, not a checkpoint file"),
-    m("train.py", "--data-path {data} --resume {experiment} --max-steps 1", 2,
-      "--max-steps 1 but the checkpoint {ckpt} is already at step 2: pass a larger --max-steps"),
-    m("train.py", "--data-path {data} --resume {experiment} --max-steps 2", 0,
-      "nothing to do: the checkpoint {ckpt} is already at step 2 = --max-steps"),
-    m("train.py", "--data-path {data} --resume {experiment} --max-steps 4 --prediction score", 2,
-      "--prediction score but the checkpoint {ckpt} was trained with --prediction velocity"),
-    m("train.py", "--data-path {data} --resume {experiment} --max-steps 4 --vae ema", 2,
-      "--vae ema but the checkpoint {ckpt} was trained with --vae none"),
-    m("train.py", "--data-path {data} --resume {experiment}/checkpoints", 2, "no checkpoints/<step>.pt in that folder"),
-    m("train.py", T + " --ckpt SiT-XL-2-256x256.pt", 2, "could not download SiT-XL-2-256x256.pt"),
-    m("train.py", T.replace("--vae none --image-size 8", "--vae ema --image-size 16"), 2, "could not"),
-    m("train.py", T + " --model-config {{\"depth\":0}}", 2, "--model-config: depth must be"),
-    m("train.py", T + " --model-config {{\"depth\":\"2\"}}", 2, "--model-config: depth must be"),
-    m("train.py", T + " --model-config {{\"class_dropout_prob\":1.5}}", 2, "--model-config: class_dropout_prob must be"),
-    m("train.py", T + " --model-config {{\"learn_sigma\":1}}", 2, "--model-config: learn_sigma must be"),
-    m("train.py", T + " --fid-every 5 --fid-ref {text_npz}", 2, "is not an .npz file"),
-    m("train.py", T + " --fid-every 5 --fid-ref {npz} --max-steps 2", 2, "--fid-ref {npz} holds no mu/sigma statistics"),
-    m("train.py", T + " --fid-every 5 --fid-ref {npz} --fid-inception-weights x.pth", 2, "holds no mu/sigma"),
-    # sample.py
-    m("sample.py", "", 2, "the first argument must be the sampling mode, ODE or SDE (got nothing)"),
-    m("sample.py", "--ckpt {ckpt}", 2, "the first argument must be the sampling mode, ODE or SDE (got '--ckpt')"),
-    m("sample.py", "ode", 2, "(got 'ode')"),
-    m("sample.py", "ODE --cfg-scale 0.5", 2, "--cfg-scale: must be >= 1 (1 means no guidance), got 0.5"),
-    m("sample.py", "ODE --num-sampling-steps 1", 2, "--num-sampling-steps must be at least 2, got 1"),
-    m("sample.py", "ODE --num-sampling-steps 0", 2, "--num-sampling-steps: must be a positive integer"),
-    m("sample.py", "ODE --likelihood", 2, "--likelihood is evaluated by sample_ddp.py"),
-    m("sample.py", "ODE --cfg-interval 0.8 0.2", 2, "--cfg-interval LO HI needs LO <= HI"),
-    m("sample.py", "ODE --cfg-interval 0 2", 2, "--cfg-interval: must be in [0, 1]"),
-    m("sample.py", "ODE --precision fp8", 2, "invalid choice: 'fp8'"),
-    m("sample.py", "ODE --no-tf32 --precision bf16", 2, "--no-tf32 means --precision fp32"),
-    m("sample.py", "ODE --class-labels a,b", 2, "expected comma-separated integers"),
-    m("sample.py", "ODE --class-labels=-1", 2, "expected comma-separated non-negative integers"),
-    m("sample.py", "SDE --last-step-size 0", 2, "--last-step-size: must be a positive number"),
-    m("sample.py", "SDE --diffusion-norm -1", 2, "--diffusion-norm: must be >= 0"),
-    m("sample.py", "ODE --atol 0", 2, "--atol: must be a positive number"),
-    m("sample.py", "ODE --sampling-method Euler", 2, "invalid choice: 'Euler'"),
-    m("sample.py", "ODE --output {root}/grid.txt", 2, "needs an image extension that PIL can write"),
-    m("sample.py", "ODE --output {root}", 2, "is a folder; name the image file to write"),
-    m("sample.py", "ODE --output {file}/grid.png", 2, "{file} is not a folder"),
-    m("sample.py", "ODE --image-size 36", 2, "--image-size must be a multiple of 8 for latent models"),
-    m("sample.py", "ODE --ckpt {missing}.pt", 2, "no SiT checkpoint at {missing}.pt"),
-    m("sample.py", "ODE --ckpt {file}", 2, "is not a readable PyTorch checkpoint"),
-    m("sample.py", "ODE --ckpt {nan}", 2, "{nan} holds non-finite weights: final_layer.linear.weight has 1 NaN"),
-    m("sample.py", "ODE --ckpt {ckpt} --num-classes 5", 2, "--num-classes 5 but the checkpoint has 2 classes"),
-    m("sample.py", "ODE --ckpt {ckpt} --image-size 16", 2, "--image-size 16 but the checkpoint was trained at 8"),
-    m("sample.py", "ODE --ckpt {ckpt} --model SiT-B/2", 2, "--model SiT-B/2 but the checkpoint holds"),
-    m("sample.py", "ODE --ckpt {ckpt} --class-labels 7", 2, "class labels [7] are out of range for a model with 2 classes"),
-    m("sample.py", "ODE --ckpt {ckpt}", 2, "(the default labels are ImageNet's): pass --class-labels"),
-    m("sample.py", "ODE --ckpt {ckpt} --vae ema --class-labels 0", 2, "but the checkpoint is a pixel-space model"),
-    m("sample.py", "ODE --ckpt {ckpt} --prediction score --class-labels 0", 2,
-      "--prediction score but the checkpoint was trained with --prediction velocity"),
-    m("sample.py", "ODE --ckpt hf://nobody/nothing", 2, "bad hub file 'hf://nobody/nothing'"),
-    m("sample.py", "ODE --model SiT-S/4", 2, "no published checkpoint of --model SiT-S/4"),
-    m("sample.py", "ODE --image-size 128", 2, "no published model at --image-size 128"),
-    m("sample.py", "ODE --ckpt {experiment}", 2, "is a folder, not a checkpoint file"),
-    m("sample.py", "ODE --ckpt {ckpt} --num-images 0", 2, "--num-images: must be a positive integer"),
-    m("sample.py", "ODE --seed abc", 2, "--seed: invalid int value: 'abc'"),
-    m("sample.py", "ODE --ckpt SiT-XL-2-256x256.pt", 2, "could not download SiT-XL-2-256x256.pt"),
-    m("sample.py", "SDE --ckpt {ckpt} --class-labels 0 --diffusion-form SBDM --sample-eps 0", 2, "SBDM diverges at t=0"),
-    # sample_ddp.py
-    m("sample_ddp.py", "ODE --per-proc-batch-size 0", 2, "--per-proc-batch-size: must be a positive integer"),
-    m("sample_ddp.py", "ODE --num-fid-samples 0", 2, "--num-fid-samples: must be a positive integer"),
-    m("sample_ddp.py", "ODE --global-seed -1", 2, "--global-seed: must be >= 0"),
-    m("sample_ddp.py", "--preset sit-xl", 2, "--preset 'sit-xl' does not exist"),
-    m("sample_ddp.py", "ODE --preset", 2, "--preset: expected one argument"),
-    m("sample_ddp.py", "SDE --likelihood", 2, "--likelihood works in ODE mode only"),
-    m("sample_ddp.py", "ODE --data-path {data}", 2, "--data-path is read only with --likelihood"),
-    m("sample_ddp.py", "ODE --likelihood --data-path {missing}", 2, "is not a folder"),
-    m("sample_ddp.py", "ODE --likelihood --cfg-scale 2", 2, "--likelihood evaluates the unguided model"),
-    m("sample_ddp.py", "ODE --dequantize uniform", 2, "--dequantize is read only with --likelihood"),
-    m("sample_ddp.py", "ODE --likelihood --exact-trace --num-probes 2", 2, "--exact-trace computes the divergence without probes"),
-    m("sample_ddp.py", "ODE --ckpt {nan}", 2, "holds non-finite weights"),
-    m("sample_ddp.py", "ODE --ckpt {ckpt} --likelihood --data-path {bad} --sample-dir samples", 2,
-      "--data-path {bad}: none of its 4 images can be read"),
-    m("sample_ddp.py", "ODE --ckpt {ckpt} --likelihood --data-path {data3} --sample-dir samples", 2,
-      "--data-path has 3 class folders but the model has 2 classes"),
-    m("sample_ddp.py", "ODE --ckpt {ckpt} --likelihood --dequantize none --data-path {empty}", 2, "holds no class folders"),
-    m("sample_ddp.py", "ODE --ckpt {ckpt} --sample-dir {file}", 1, "cannot create the sample folder {file}/"),
-    m("sample_ddp.py", "ODE --ckpt {ckpt} --image-size 16", 2, "--image-size 16 but the checkpoint was trained at 8"),
-    m("sample_ddp.py", "ODE --ckpt {ckpt} --cfg-scale 1.5 --model-config x", 2, "unrecognized arguments: --model-config x"),
-    # extract_features.py
-    m("extract_features.py", "--data-path {data}", 2, "the following arguments are required: --features-path"),
-    m("extract_features.py", "--data-path {data} --features-path {file}", 2,
-      "--features-path {file}: {file} is not a folder (it is a file)"),
-    m("extract_features.py", "--data-path {data} --features-path {file}/sub", 2, "is not a folder, so nothing can be created"),
-    m("extract_features.py", "--data-path {missing} --features-path out", 2, "--data-path {missing} is not a folder"),
-    m("extract_features.py", "--data-path {bad} --features-path out --image-size 8", 2, "none of its 4 images can be read"),
-    m("extract_features.py", "--data-path {data} --features-path out --image-size 12", 2, "multiple of 8"),
-    m("extract_features.py", "--data-path {data} --features-path out --image-size 8 --vae {vae_missing}", 2,
-      "is neither one of ema, mse nor a local diffusers folder"),
-    m("extract_features.py", "--data-path {data} --features-path out --vae none", 2, "is neither one of ema, mse"),
-    m("extract_features.py", "--data-path {data} --features-path out --batch-size 0", 2, "--batch-size: must be a positive"),
-    m("extract_features.py", "--data-path {data} --features-path out --image-size 16", 2, "could not"),
-    # evaluate.py
-    m("evaluate.py", "", 2, "the following arguments are required: ref_batch"),
-    m("evaluate.py", "{missing}.npz", 2, "no such file: {missing}.npz"),
-    m("evaluate.py", "{text_npz} --device cpu", 2, "{text_npz} is not an .npz file (neither a zip archive nor a NumPy array"),
-    m("evaluate.py", "{npz} {text_npz} --device cpu", 2, "{text_npz} is not a readable .npz file"),
-    m("evaluate.py", "{npz} {grey_npz} --device cpu", 2, "must be uint8 images of shape (N, H, W, 3)"),
-    m("evaluate.py", "{npz} {float_npz} --device cpu", 2, "must be uint8 images of shape (N, H, W, 3), got float32"),
-    m("evaluate.py", "{npz} {none_npz} --device cpu", 2, "holds no images"),
-    m("evaluate.py", "{npz} {other_npz} --device cpu", 2, "has no 'arr_0' array"),
-    m("evaluate.py", "{npz} {npz} --metrics fid,bogus", 2, "--metrics 'fid,bogus': unknown metric 'bogus'"),
-    m("evaluate.py", "{npz} {npz} --batch-size 0", 2, "--batch-size: must be a positive integer"),
-    m("evaluate.py", "{npz} {npz} --device tpu", 2, "invalid choice: 'tpu'"),
-    m("evaluate.py", "{npz} {npz} --device cpu --json {file}/m.json", 2, "--json {file}/m.json: {file} is not a folder"),
-    m("evaluate.py", "{npz} {npz} --device cpu --json {root}", 2, "--json {root}: {root} is a folder"),
-    m("evaluate.py", "{npz} {npz} --device cpu --dinov2-weights x.pth", 2,
-      "--dinov2-weights is read only for --metrics fd_dinov2"),
-    m("evaluate.py", "{npz} {npz} --device cpu --metrics fd_dinov2 --inception-weights x.pth", 2,
-      "--inception-weights is read only for --metrics is, fid"),
-    m("evaluate.py", "{npz} --json m.json", 2, "--json writes the metrics of a sample batch"),
-    m("evaluate.py", "{npz} {npz} --metrics ,", 2, "no metric named"),
-    # export_digits.py
-    m("export_digits.py", "", 2, "the following arguments are required: output"),
-    m("export_digits.py", "{file}", 2, "exists and is not a folder"),
-    m("export_digits.py", "{file}/digits", 2, "is not a folder, so nothing can be created in it"),
-    m("export_digits.py", "/proc/sit-digits", 2, "output /proc/sit-digits: cannot create its class folders"),
-    m("export_digits.py", "a b", 2, "unrecognized arguments: b"),
-]
+
+MISTAKES = read_table(os.path.join(os.path.dirname(__file__), "fixtures", "mistakes.tsv"))
 
 
 def run_script(script: str, argv: list) -> int:
@@ -341,6 +170,7 @@ def run_script(script: str, argv: list) -> int:
 
 
 def check_outcome(case: Mistake, code: int, err: str, assets: dict) -> None:
+    """The exit code, one stderr line (`<script>: error: ` first unless it exits 0), no traceback, the words."""
     lines = [line for line in err.splitlines() if line.strip()]
     expect = case.expect.format(**assets)
     assert "Traceback" not in err, err
@@ -485,14 +315,11 @@ def test_a_run_that_diverges_before_its_first_checkpoint_leaves_no_folder(assets
 #                       A few as real processes, concurrently                    #
 #################################################################################
 
-REAL_PROCESSES = [  # one per script (each process spends seconds importing torch)
-    m("train.py", "--data-path {bad} --vae none --image-size 8 --cfg-scale 2", 2, "none of its 4 images can be read"),
-    m("sample.py", "ODE --ckpt {nan}", 2, "holds non-finite weights"),
-    m("sample_ddp.py", "ODE --ckpt {ckpt} --likelihood --data-path {bad}", 2, "none of its 4 images can be read"),
-    m("extract_features.py", "--data-path {data} --features-path {file}", 2, "is not a folder (it is a file)"),
-    m("evaluate.py", "{text_npz}", 2, "is not an .npz file"),
-    m("export_digits.py", "{file}/digits", 2, "is not a folder"),
-]
+REAL_PROCESSES = [case for case in MISTAKES if (case.script, case.argv) in {  # one per script
+    ("train.py", "--data-path {bad} --vae none --image-size 8"), ("sample.py", "ODE --ckpt {nan}"),
+    ("sample_ddp.py", "ODE --ckpt {ckpt} --likelihood --data-path {bad} --sample-dir samples"),
+    ("extract_features.py", "--data-path {data} --features-path {file}"), ("evaluate.py", "{text_npz} --device cpu"),
+    ("export_digits.py", "{file}/digits")}]
 
 
 @pytest.mark.slow
@@ -508,3 +335,86 @@ def test_real_processes_end_with_one_line_and_their_exit_code(assets, tmp_path):
         _, err = process.communicate(timeout=300)
         check_outcome(case, process.returncode, err, assets)
     assert tree(assets["root"], str(tmp_path)) == before
+
+
+#################################################################################
+#              Damaged files from before: resampled, skipped, never counted      #
+#################################################################################
+
+def test_a_rerun_resamples_empty_garbage_cut_and_foreign_pngs(assets, sandbox, capsys):
+    argv = ["ODE", "--ckpt", assets["ckpt"], "--sampling-method", "euler", "--num-sampling-steps", "2",
+            "--num-fid-samples", "6", "--per-proc-batch-size", "2", "--sample-dir", "samples"]
+    assert run_script("sample_ddp.py", argv) == 0
+    (name,) = [entry for entry in os.listdir("samples") if os.path.isdir(os.path.join("samples", entry))]
+    folder = os.path.join("samples", name)
+    pngs = {index: open(os.path.join(folder, f"{index:06d}.png"), "rb").read() for index in range(6)}
+    npz = np.load(folder + ".npz")["arr_0"].copy()
+    os.remove(folder + ".npz")
+    with open(os.path.join(folder, "000001.png"), "wb"):
+        pass  # zero bytes
+    with open(os.path.join(folder, "000002.png"), "wb") as handle:
+        handle.write(b"garbage, not a PNG")
+    with open(os.path.join(folder, "000003.png"), "wb") as handle:
+        handle.write(pngs[3][:-20])  # cut short
+    Image.new("RGB", (16, 16)).save(os.path.join(folder, "000004.png"))  # whole, but of another size
+    capsys.readouterr()
+    assert run_script("sample_ddp.py", argv) == 0
+    out = capsys.readouterr().out
+    assert ("warning: 4 existing PNGs are not whole 8x8 RGB images (empty, cut or foreign, e.g. "
+            f"{folder}/000001.png): sampling them again") in out
+    assert "2 of 6 images already exist; sampling 4 on 1 process(es)" in out
+    for index in range(6):  # the same bytes as the first run: per-index seeds, whole blocks resampled
+        assert open(os.path.join(folder, f"{index:06d}.png"), "rb").read() == pngs[index]
+    assert np.array_equal(np.load(folder + ".npz")["arr_0"], npz)
+
+
+def test_likelihood_reads_real_images_as_training_does(assets, sandbox, capsys):
+    """--likelihood --data-path: the listing and reader of train.py; unreadable images and FIFOs are skipped
+    with a warning (no traceback, no hang), links to files already listed count once."""
+    data = make_image_folder(str(sandbox / "real"), num_classes=2, per_class=2, size=8)
+    (sandbox / "real" / "class0" / "0-empty.png").write_bytes(b"")
+    os.mkfifo(sandbox / "real" / "class1" / "pipe.png")
+    os.symlink(os.path.join("..", "class0", "0.png"), sandbox / "real" / "class1" / "again.png")
+    argv = ["ODE", "--ckpt", assets["ckpt"], "--likelihood", "--data-path", data, "--sampling-method", "euler",
+            "--num-sampling-steps", "2", "--num-fid-samples", "10", "--per-proc-batch-size", "2",
+            "--sample-dir", "samples"]
+    assert run_script("sample_ddp.py", argv) == 0
+    out, err = capsys.readouterr()
+    empty = os.path.join(data, "class0", "0-empty.png")
+    warnings_shown = [line for line in err.splitlines() if "warning" in line.lower()]  # besides the progress bar
+    assert warnings_shown == [f"warning: skipping unreadable image {empty} (not an image file Pillow can identify: "
+                              f"empty, damaged or another kind of file)"]
+    assert "Traceback" not in err
+    assert f"skipped 2 entries, each real image file is read once: 1 not a regular file" in out
+    (csv_path,) = [os.path.join(parent, name) for parent, _, names in os.walk("samples") for name in names
+                   if name == "likelihood.csv"]
+    with open(csv_path) as handle:
+        rows = [line.split(",")[:2] for line in handle.read().splitlines()[1:]]
+    assert rows == [["1", "0"], ["2", "0"], ["3", "1"], ["4", "1"]]  # index 0 (the empty file) left out
+
+
+def test_a_checkpoints_own_setting_is_named_as_the_checkpoints(assets, sandbox, capsys, monkeypatch):
+    """Messages say where a value came from: a resumed checkpoint's global batch size or VAE folder is
+    "the checkpoint's", never a flag the user did not give."""
+    experiment = sandbox / "results" / EXPERIMENT
+    shutil.copytree(assets["experiment"], experiment)
+    argv = ["--data-path", assets["data"], "--resume", str(experiment), "--max-steps", "9"]
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert run_script("train.py", argv) == 2
+    assert capsys.readouterr().err == (
+        "train.py: error: the checkpoint's global_batch_size 4 is not divisible by the 3 processes: pass "
+        "--global-batch-size (a multiple of 3; the data order then differs from an uninterrupted run) or run 1, 2 "
+        "or 4 processes\n")
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    path = experiment / "checkpoints" / "0000002.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["args"]["vae"] = "/gone/vae"
+    torch.save(checkpoint, path)
+    before = tree(str(sandbox))
+    assert run_script("train.py", argv) == 2
+    assert capsys.readouterr().err == ("train.py: error: the checkpoint's vae /gone/vae is not a folder any more: pass "
+                                       "--vae with where that VAE is now (a copy of the same VAE; ema or mse share its "
+                                       "encoder)\n")
+    assert tree(str(sandbox)) == before

@@ -6,6 +6,8 @@ default that does not fit the model); and a resume with no steps left.
   (the original accepted it and ignored it, and named the experiment folder after it). A new run
   refuses it; resuming a checkpoint that holds one warns, and a new folder is named after the
   weight applied (None).
+- A resumed checkpoint's own global batch size or VAE folder that cannot work here, said as the
+  checkpoint's, with the flag that overrides it.
 - The FID flags without --fid-every; --cfg-scale above 1 for a model without a null class; a
   --results-dir where no folder can be made.
 - Resuming a checkpoint at --max-steps (or --epochs) has nothing to do: exit 0 with one line, no
@@ -18,16 +20,38 @@ import os
 from typing import AbstractSet, Optional
 
 from models import has_null_class
+from sit.config import Resolved
 from sit.errors import UsageError
 from sit.files import folder_problem
 from sit.metrics.errors import MetricInputError
 from sit.metrics.npz import open_npz
 from sit.metrics.reference import STATISTICS_KEYS, stats_cache_path
 from sit.training.settings import TrainConfig
+from sit.vae import VAE_REPOS, is_pixel_space
 
 # --fid-every's companions: destination -> flag
 FID_COMPANIONS = {"fid_num_samples": "--fid-num-samples", "fid_ref": "--fid-ref", "fid_steps": "--fid-steps",
                   "fid_cfg_scale": "--fid-cfg-scale", "fid_inception_weights": "--fid-inception-weights"}
+
+
+def check_checkpoint_settings(config: TrainConfig, resolved: Resolved, world_size: int) -> None:
+    """UsageError for a resumed checkpoint's own setting that cannot work here, said as the checkpoint's
+    (not as a flag the user never gave), with the flag that overrides it."""
+    batch = config.data.global_batch_size
+    if resolved.origin.get("global_batch_size") == "checkpoint" and batch % world_size:
+        raise UsageError(f"{resolved.describe('global_batch_size')} is not divisible by the {world_size} processes: "
+                         f"pass --global-batch-size (a multiple of {world_size}; the data order then differs from "
+                         f"an uninterrupted run) or run {world_size_hint(batch)} processes")
+    vae = config.model.vae
+    if resolved.origin.get("vae") == "checkpoint" and not (vae in VAE_REPOS or is_pixel_space(vae) or os.path.isdir(vae)):
+        raise UsageError(f"{resolved.describe('vae')} is not a folder any more: pass --vae with where that VAE is "
+                         f"now (a copy of the same VAE; ema or mse share its encoder)")
+
+
+def world_size_hint(batch: int) -> str:
+    """Process counts that divide a global batch, for a message: e.g. "1, 2, 4 or 8"."""
+    counts = [count for count in (1, 2, 4, 8, 16) if batch % count == 0]
+    return ", ".join(map(str, counts[:-1])) + f" or {counts[-1]}" if len(counts) > 1 else str(counts[0])
 
 
 def unused_setting_warnings(config: TrainConfig, explicit: AbstractSet[str], resuming: bool) -> list[str]:

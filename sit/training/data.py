@@ -2,7 +2,7 @@
 loader that deals it to ranks in an order a resumed run can continue exactly."""
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Mapping, Optional, Union
 
 import torch
 from torch.utils.data import DataLoader
@@ -24,11 +24,15 @@ def features_vae(feature_path: str) -> Optional[str]:
     return meta.get("vae") if meta else None
 
 
-def open_feature_dataset(config: TrainConfig) -> LatentFeatureDataset:
-    """The cached latents of --feature-path, checked against --image-size. Raises UsageError."""
+def open_feature_dataset(config: TrainConfig, image_size_origin: str = "flag") -> LatentFeatureDataset:
+    """The cached latents of --feature-path, checked against --image-size (image_size_origin: where that
+    came from, see sit.config.Resolved). Raises UsageError."""
     data = config.data
     dataset = LatentFeatureDataset(data.feature_path, seed=data.global_seed, random_flip=data.random_flip)
     meta = dataset.meta
+    if meta["image_size"] != config.model.image_size and image_size_origin == "checkpoint":
+        raise UsageError(f"the features in {data.feature_path} are of {meta['image_size']}px images, not the "
+                         f"checkpoint's image_size {config.model.image_size}: use features extracted at that size")
     if meta["image_size"] != config.model.image_size:
         raise UsageError(f"the features in {data.feature_path} are of {meta['image_size']}px images, "
                          f"not --image-size {config.model.image_size}: pass --image-size {meta['image_size']}")
@@ -36,13 +40,15 @@ def open_feature_dataset(config: TrainConfig) -> LatentFeatureDataset:
     return dataset
 
 
-def open_training_data(config: TrainConfig, num_classes_origin: str = "flag") -> TrainDataset:
+def open_training_data(config: TrainConfig, origins: Optional[Mapping[str, str]] = None) -> TrainDataset:
     """The dataset of --data-path or --feature-path, with no more class folders than --num-classes.
-    num_classes_origin: where the class count came from ("flag", "checkpoint" or "default"; see
-    sit.config.Resolved), so that the message blames the right one."""
+    origins: where image_size and num_classes came from ("flag", "checkpoint" or "default"; see
+    sit.config.Resolved), so that a message blames the right one (default: the flags)."""
     data = config.data
+    origins = origins or {}
+    num_classes_origin = origins.get("num_classes", "flag")
     if data.feature_path is not None:
-        dataset = open_feature_dataset(config)
+        dataset = open_feature_dataset(config, origins.get("image_size", "flag"))
     else:
         dataset = TrainImageFolder(data.data_path, config.model.image_size, seed=data.global_seed,
                                    random_flip=data.random_flip)

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from typing import AbstractSet, Any, Mapping, Optional
 
 from sit.checkpoint import settings_of
-from sit.distributed import cleanup_distributed, launched_rank, setup_distributed
+from sit.distributed import cleanup_distributed, launched_rank, launched_world_size, setup_distributed
 from sit.errors import RunFailure, UsageError
-from sit.training.checks import (check_enough_data, check_fid_reference, check_results_dir, nothing_left_to_do,
+from sit.training.checks import (check_checkpoint_settings, check_enough_data, check_fid_reference, check_results_dir, nothing_left_to_do,
                                  unused_setting_warnings)
 from sit.training.data import TrainDataset, features_vae, open_training_data
 from sit.training.experiment import StartPoint, discard_unfinished_experiments, start_checkpoint
@@ -43,13 +43,13 @@ def prepare_training(flags: Mapping[str, Any], explicit: AbstractSet[str], world
     made_by = features_vae(flags["feature_path"]) if flags["feature_path"] is not None else None
     config, resolved = resolve_train_settings(flags, explicit, stored, source=f"the checkpoint {start.source}",
                                               train_steps=train_steps, features_vae=made_by)
+    check_checkpoint_settings(config, resolved, world_size)
     check_train_config(config, world_size)
     warnings = resolved.warnings + unused_setting_warnings(config, explicit, start.resuming)
     check_results_dir(config, start.resuming)
     check_fid_reference(config)
     finished = nothing_left_to_do(config, start.checkpoint if start.resuming else None, start.source, explicit)
-    dataset = open_training_data(config, resolved.origin["num_classes"])
-    check_enough_data(len(dataset), config, world_size)
+    dataset = open_training_data(config, resolved.origin)
     listing = [dataset.listing_warning] if getattr(dataset, "listing_warning", None) else []
     return TrainingPlan(config, dataset, start, start.warnings + warnings + listing, finished)
 
@@ -63,6 +63,7 @@ def run_training(plan: TrainingPlan) -> None:
         if launched_rank() == 0:
             print(plan.finished, file=sys.stderr, flush=True)
         return
+    check_enough_data(len(plan.dataset), plan.config, launched_world_size())  # before any folder is made
     stop = StopSignal()
     stop.install()
     ctx = setup_distributed()

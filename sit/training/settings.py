@@ -278,7 +278,9 @@ def check_train_config(config: TrainConfig, world_size: int) -> None:
         raise UsageError(f"--image-size {model.image_size} gives {kwargs['input_size']}x{kwargs['input_size']} {what}, "
                          f"not divisible by the patch size {kwargs['patch_size']}")
     if kwargs["hidden_size"] % kwargs["num_heads"]:
-        raise UsageError(f"hidden size {kwargs['hidden_size']} is not divisible by {kwargs['num_heads']} heads")
+        raise UsageError(f"hidden size {kwargs['hidden_size']} is not divisible by {kwargs['num_heads']} heads (--model "
+                         f"{model.model}{' with --model-config' if model.model_config else ''}): set num_heads in "
+                         f"--model-config to a divisor of hidden_size")
     config.transport.build()
     if fid.fid_every is not None and (fid.fid_ref is None or not os.path.isfile(fid.fid_ref)):
         raise UsageError(f"--fid-every needs --fid-ref, a file of reference statistics (got {fid.fid_ref!r}); "
