@@ -418,3 +418,26 @@ def test_a_checkpoints_own_setting_is_named_as_the_checkpoints(assets, sandbox, 
                                        "--vae with where that VAE is now (a copy of the same VAE; ema or mse share its "
                                        "encoder)\n")
     assert tree(str(sandbox)) == before
+
+
+def test_training_flags_that_change_nothing_are_warned_about(assets, sandbox):
+    import train
+    from sit.training.launch import prepare_training
+
+    def warnings_of(argv: list) -> list:
+        args, explicit = train.parse_args(argv)
+        return prepare_training(vars(args), explicit, 1).warnings
+
+    no_dropout = json.dumps({"depth": 1, "hidden_size": 32, "num_heads": 2, "class_dropout_prob": 0})
+    argv = ["--data-path", assets["data"], *TINY, "--model-config", no_dropout, "--max-steps", "3",
+            "--sample-every", "5", "--fid-every", "4", "--fid-ref", assets["npz"]]
+    with pytest.raises(Exception, match="holds no mu/sigma statistics"):  # the FID reference is read first
+        warnings_of(argv)
+    assert warnings_of(argv[:-4]) == [
+        "--sample-every 5 but the run ends at --max-steps 3: no preview grid is made",
+        "the preview grids are not guided: the model has no null class (class_dropout_prob 0), so the default "
+        "--cfg-scale 4.0 does not apply"]
+    resumed = warnings_of(["--data-path", assets["data"], "--resume", assets["experiment"], "--max-steps", "9",
+                           "--results-dir", "elsewhere"])
+    assert resumed == [f"--results-dir is not used: the run continues in the checkpoint's own folder "
+                       f"{os.path.abspath(assets['experiment'])}"]

@@ -324,6 +324,9 @@ class Sampler:
             self.transport.train_eps, self.transport.sample_eps, diffusion_form=diffusion_form,
             sde=True, eval=True, reverse=False, last_step_size=last_step_size,
         )
+        if t0 >= t1:
+            raise ValueError(f"last_step_size {last_step_size} (--last-step-size) and sample_eps {self.transport.sample_eps} "
+                             f"(--sample-eps) leave no time to integrate (from t={t0} to t={t1}): keep them below 1 together")
         self.transport.check_drift_finite(t0)
         if sampling_method == "Heun" and last_step is None and self._score_singular_at(t1):
             raise ValueError("SDE Heun with no last step evaluates the score at t=1, where it is undefined for this "

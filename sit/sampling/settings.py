@@ -161,6 +161,10 @@ def unused_flag_warnings(flags: Mapping[str, Any], given: frozenset[str]) -> tup
     if flags["mode"] == "ODE" and method in ADAPTIVE_METHODS and "num_sampling_steps" in given:
         warnings.append(f"--num-sampling-steps {flags['num_sampling_steps']} does not change what {method} "
                         f"computes: an adaptive solver chooses its own steps by --atol and --rtol")
+    if flags["mode"] == "ODE" and flags.get("reverse"):
+        warnings.append("--reverse is not used: --likelihood always integrates from the data to noise" if flags["likelihood"]
+                        else "--reverse integrates from data (t=1) back to noise (t=0): started from noise, as here, "
+                             "it does not sample the model's images")
     if flags["mode"] == "SDE" and flags.get("last_step") is None and "last_step_size" in given:
         warnings.append("--last-step-size is not used: --last-step None takes no last step")
     return tuple(warnings)

@@ -26,6 +26,7 @@ from sit.files import folder_problem
 from sit.metrics.errors import MetricInputError
 from sit.metrics.npz import open_npz
 from sit.metrics.reference import STATISTICS_KEYS, stats_cache_path
+from sit.training.experiment import NEWEST
 from sit.training.settings import TrainConfig
 from sit.vae import VAE_REPOS, is_pixel_space
 
@@ -72,6 +73,12 @@ def unused_setting_warnings(config: TrainConfig, explicit: AbstractSet[str], res
         if given:
             raise UsageError(f"{given[0]} is read only with --fid-every N (FID while training): add --fid-every "
                              f"or drop {', '.join(given)}")
+    max_steps = config.optim.max_steps
+    for key, flag, what in (("fid_every", "--fid-every", "FID is never measured"),
+                            ("sample_every", "--sample-every", "no preview grid is made")):
+        every = getattr(config.fid if key == "fid_every" else config.run, key)
+        if key in explicit and max_steps is not None and every is not None and every > max_steps:
+            warnings.append(f"{flag} {every} but the run ends at --max-steps {max_steps}: {what}")
     kwargs = config.model.sit_kwargs()
     if config.run.cfg_scale > 1.0 and not has_null_class(kwargs):
         if "cfg_scale" in explicit:
@@ -80,6 +87,14 @@ def unused_setting_warnings(config: TrainConfig, explicit: AbstractSet[str], res
         warnings.append(f"the preview grids are not guided: the model has no null class (class_dropout_prob 0), "
                         f"so the default --cfg-scale {config.run.cfg_scale} does not apply")
     return warnings
+
+
+def results_dir_warnings(explicit: AbstractSet[str], resume: Optional[str], resumed_in: Optional[str]) -> list[str]:
+    """--results-dir given while resuming in an experiment's own folder (resumed_in) is not used, unless
+    --resume alone looks for the newest experiment in it."""
+    if "results_dir" in explicit and resumed_in is not None and resume != NEWEST:
+        return [f"--results-dir is not used: the run continues in the checkpoint's own folder {resumed_in}"]
+    return []
 
 
 def check_results_dir(config: TrainConfig, resuming: bool) -> None:
