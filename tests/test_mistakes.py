@@ -437,7 +437,3 @@ def test_training_flags_that_change_nothing_are_warned_about(assets, sandbox):
         "--sample-every 5 but the run ends at --max-steps 3: no preview grid is made",
         "the preview grids are not guided: the model has no null class (class_dropout_prob 0), so the default "
         "--cfg-scale 4.0 does not apply"]
-    resumed = warnings_of(["--data-path", assets["data"], "--resume", assets["experiment"], "--max-steps", "9",
-                           "--results-dir", "elsewhere"])
-    assert resumed == [f"--results-dir is not used: the run continues in the checkpoint's own folder "
-                       f"{os.path.abspath(assets['experiment'])}"]

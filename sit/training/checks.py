@@ -26,7 +26,6 @@ from sit.files import folder_problem
 from sit.metrics.errors import MetricInputError
 from sit.metrics.npz import open_npz
 from sit.metrics.reference import STATISTICS_KEYS, stats_cache_path
-from sit.training.experiment import NEWEST
 from sit.training.settings import TrainConfig
 from sit.vae import VAE_REPOS, is_pixel_space
 
@@ -87,14 +86,6 @@ def unused_setting_warnings(config: TrainConfig, explicit: AbstractSet[str], res
         warnings.append(f"the preview grids are not guided: the model has no null class (class_dropout_prob 0), "
                         f"so the default --cfg-scale {config.run.cfg_scale} does not apply")
     return warnings
-
-
-def results_dir_warnings(explicit: AbstractSet[str], resume: Optional[str], resumed_in: Optional[str]) -> list[str]:
-    """--results-dir given while resuming in an experiment's own folder (resumed_in) is not used, unless
-    --resume alone looks for the newest experiment in it."""
-    if "results_dir" in explicit and resumed_in is not None and resume != NEWEST:
-        return [f"--results-dir is not used: the run continues in the checkpoint's own folder {resumed_in}"]
-    return []
 
 
 def check_results_dir(config: TrainConfig, resuming: bool) -> None:

@@ -14,9 +14,9 @@ from sit.checkpoint import settings_of
 from sit.distributed import cleanup_distributed, launched_rank, launched_world_size, setup_distributed
 from sit.errors import RunFailure, UsageError
 from sit.training.checks import (check_checkpoint_settings, check_enough_data, check_fid_reference, check_results_dir,
-                                 nothing_left_to_do, results_dir_warnings, unused_setting_warnings)
+                                 nothing_left_to_do, unused_setting_warnings)
 from sit.training.data import TrainDataset, features_vae, open_training_data
-from sit.training.experiment import StartPoint, discard_unfinished_experiments, experiment_dir_of, start_checkpoint
+from sit.training.experiment import StartPoint, discard_unfinished_experiments, start_checkpoint
 from sit.training.loop import train
 from sit.training.monitor import TrainingDiverged
 from sit.training.settings import TrainConfig, check_train_config, resolve_train_settings
@@ -46,8 +46,6 @@ def prepare_training(flags: Mapping[str, Any], explicit: AbstractSet[str], world
     check_checkpoint_settings(config, resolved, world_size)
     check_train_config(config, world_size)
     warnings = resolved.warnings + unused_setting_warnings(config, explicit, start.resuming)
-    resumed_in = experiment_dir_of(start.source) if start.resuming else None
-    warnings += results_dir_warnings(explicit, flags["resume"], resumed_in)
     check_results_dir(config, start.resuming)
     check_fid_reference(config)
     finished = nothing_left_to_do(config, start.checkpoint if start.resuming else None, start.source, explicit)
