@@ -6,7 +6,9 @@ log-likelihoods (--likelihood).
 
 Images go to <sample-dir>/<folder>/000000.png ..., where <folder> names every setting that changes
 the images, then into <sample-dir>/<folder>.npz (arr_0: uint8 (N, H, W, 3), the format of the ADM
-evaluation suite: https://github.com/openai/guided-diffusion/tree/main/evaluations).
+evaluation suite: https://github.com/openai/guided-diffusion/tree/main/evaluations; labels: (N,) int64,
+the class each image was conditioned on). --ckpt may name a train.py experiment folder (its newest
+checkpoint) or a results folder (its newest experiment's).
 
 Reproducible and resumable:
 - image i's noise and label come from a generator seeded by (global seed, i);
@@ -32,10 +34,11 @@ from sit.distributed import DistContext, barrier, cleanup_distributed, main_firs
 from sit.log import create_logger
 from sit.sampling.flags import add_likelihood_arguments, sampling_mode, sampling_parser
 from sit.sampling.folder import finish_npz, prepare_sample_folder
-from sit.sampling.images import write_missing_images
+from sit.sampling.images import sampled_labels, write_missing_images
 from sit.sampling.likelihood import evaluate_likelihood
 from sit.sampling.loading import load_for_sampling, setup_torch
 from sit.sampling.settings import SamplingConfig, sampling_config
+from sit.speed import configure_cpu_threads
 
 
 def add_ddp_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,6 +69,9 @@ def run(ctx: DistContext, config: SamplingConfig, sample_dir: str) -> None:
     """Sample the missing images and build the .npz, or evaluate the likelihoods (every rank)."""
     logger = create_logger(None, ctx.is_main)
     logger.info(f"Starting rank={ctx.rank}, world_size={ctx.world_size}, device={ctx.device}")
+    threads = configure_cpu_threads(ctx.device)  # on a CPU: OMP_NUM_THREADS (torchrun's), else cores / processes
+    if threads:
+        logger.info(threads)
     # rank 0 first, so that a download happens once; a failure on any rank ends every rank with its message
     loaded = main_first(ctx, functools.partial(load_for_sampling, config, ctx.device, "ema"))
     folder = prepare_sample_folder(ctx, sample_dir, config, loaded.settings, logger)
@@ -74,7 +80,7 @@ def run(ctx: DistContext, config: SamplingConfig, sample_dir: str) -> None:
         return
     write_missing_images(ctx, config, loaded, folder, logger)
     barrier()  # every PNG is written before rank 0 reads them
-    on_main(ctx, functools.partial(finish_npz, folder, config.num_images, logger))
+    on_main(ctx, lambda: finish_npz(folder, config.num_images, logger, sampled_labels(config, loaded)))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

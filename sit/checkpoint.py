@@ -95,6 +95,13 @@ def model_config_of(checkpoint: dict, source: str) -> dict:
         raise download.CheckpointError(f"{source} does not hold SiT weights ({error})") from None
 
 
+def model_shape_name(config: dict) -> str:
+    """What experiment and sample folders call a SiT of this config (SiT constructor arguments): its
+    published name (e.g. SiT-S/2) when the shape is one, else custom-d<depth>-w<width>-p<patch>."""
+    return (models.model_name_for_config(config)
+            or f"custom-d{config['depth']}-w{config['hidden_size']}-p{config['patch_size']}")
+
+
 def checkpoint_info(config: dict, settings: dict) -> dict:
     """What a checkpoint says about itself: name, image size, classes, channels, VAE, transport."""
     vae = settings.get("vae")

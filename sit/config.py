@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 
 from sit.errors import UsageError
 from transport import Sampler, Transport, create_transport
+from transport.integrators import is_adaptive
 
 
 #################################################################################
@@ -141,6 +142,18 @@ class ODEConfig:
 
     mode = "ODE"
 
+    def describe(self) -> str:
+        """The sampler in words, e.g. `ODE dopri5 (adaptive steps, atol 1e-06, rtol 0.001)`, `ODE euler, 50 steps`."""
+        if is_adaptive(self.sampling_method):
+            return f"ODE {self.sampling_method} (adaptive steps, atol {self.atol:g}, rtol {self.rtol:g})"
+        return f"ODE {self.sampling_method}, {self.num_steps} steps"
+
+    def evaluations(self, nfe: int) -> str:
+        """The model evaluations a run made, e.g. `dopri5: adaptive, 62 model evaluations`."""
+        if is_adaptive(self.sampling_method):
+            return f"{self.sampling_method}: adaptive, {nfe} model evaluations"
+        return f"{self.sampling_method}, {self.num_steps} steps: {nfe} model evaluations"
+
     def sample_fn(self, sampler: Sampler, keep_trajectory: bool = False) -> Callable:
         return sampler.sample_ode(sampling_method=self.sampling_method, num_steps=self.num_steps, atol=self.atol,
                                   rtol=self.rtol, reverse=self.reverse, keep_trajectory=keep_trajectory)
@@ -163,6 +176,15 @@ class SDEConfig:
     last_step_size: float = 0.04
 
     mode = "SDE"
+
+    def describe(self) -> str:
+        """The sampler in words, e.g. `SDE Euler, 250 steps (diffusion sigma x1, last step Mean)`."""
+        return (f"SDE {self.sampling_method}, {self.num_steps} steps (diffusion {self.diffusion_form} "
+                f"x{self.diffusion_norm:g}, last step {self.last_step})")
+
+    def evaluations(self, nfe: int) -> str:
+        """The model evaluations a run made, e.g. `Euler, 250 steps: 250 model evaluations`."""
+        return f"{self.sampling_method}, {self.num_steps} steps: {nfe} model evaluations"
 
     def sample_fn(self, sampler: Sampler, keep_trajectory: bool = False) -> Callable:
         return sampler.sample_sde(sampling_method=self.sampling_method, diffusion_form=self.diffusion_form,

@@ -11,8 +11,15 @@ import torch as th
 from torchdiffeq import odeint
 from torchdiffeq._impl.odeint import SOLVERS as TORCHDIFFEQ_SOLVERS
 from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
+from torchdiffeq._impl.solvers import AdaptiveStepsizeODESolver
 
 ODE_METHODS = tuple(sorted(TORCHDIFFEQ_SOLVERS))
+
+
+def is_adaptive(method: str) -> bool:
+    """Whether a torchdiffeq method chooses its own steps (dopri5, bosh3, ...): then the number of model
+    evaluations is the solver's choice, and num_steps only sets the output grid."""
+    return method in TORCHDIFFEQ_SOLVERS and issubclass(TORCHDIFFEQ_SOLVERS[method], AdaptiveStepsizeODESolver)
 SDE_METHODS = ("Euler", "Heun")
 
 State = Union[th.Tensor, tuple]

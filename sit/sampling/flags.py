@@ -53,7 +53,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, vae_default: str, cf
     add_speed_arguments(parser, precision_default=None)  # None: tell an explicit --precision from --no-tf32's
     parser.add_argument("--ckpt", type=str, default=None,
                         help="a SiT checkpoint: local .pt, URL, hf://org/repo/file or a published name "
-                             "(default: download the published SiT-XL/2 at --image-size 256, or 512)")
+                             "(default: download the published SiT-XL/2 at --image-size 256, or 512); "
+                             "a train.py experiment folder takes its newest checkpoint, a results folder "
+                             "(e.g. results) its newest experiment's")
     parser.add_argument("--guide-all-channels", action="store_true",
                         help="guide all latent channels (the original guides only the first 3)")
     parser.add_argument("--cfg-interval", type=unit_interval_float, nargs=2, metavar=("LO", "HI"), default=(0.0, 1.0),

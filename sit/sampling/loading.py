@@ -6,13 +6,14 @@ first (a download happens once, into the shared cache) and ends every rank alike
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 
 from models import SiT, has_null_class
-from sit.checkpoint import load_model
+from sit.checkpoint import load_model, model_shape_name
 from sit.errors import reported_as
 from sit.sampling.settings import ModelSettings, SamplingConfig, resolve_model_settings
 from sit.speed import compile_for_sampling, compile_model, configure_precision
@@ -50,11 +51,13 @@ def load_sampling_model(config: SamplingConfig, device: torch.device, vae_defaul
     Raises UsageError when the checkpoint cannot be fetched or loaded or contradicts the flags.
     """
     request = config.request
+    if request.ckpt_choice:
+        logging.getLogger("sit").info(request.ckpt_choice)  # which checkpoint a folder given as --ckpt gave
     with reported_as("cannot load the model"):
         model, info = load_model(request.ckpt, model_name=request.model_name, image_size=request.image_size,
                                  num_classes=request.num_classes)
     settings = resolve_model_settings(config, info, has_null_class=has_null_class(model.config),
-                                      vae_default=vae_default)
+                                      vae_default=vae_default, shape_name=model_shape_name(model.config))
     return speed_up(model.to(device).eval(), config), settings
 
 

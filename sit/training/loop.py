@@ -6,25 +6,25 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from sit.checkpoint import TrainCheckpoint
 from sit.data.order import ResumableDistributedSampler
 from sit.distributed import DistContext, agree, on_main
+from sit.grid import labels_path
 from sit.errors import RunFailure, UsageError
 from sit.metrics import FIDMonitor
-from sit.speed import configure_precision
+from sit.progress import Progress
+from sit.speed import configure_cpu_threads, configure_precision
 from sit.training.data import TrainDataset, build_loader
 from sit.training.decoder import RunVAE
-from sit.training.experiment import StartPoint, open_experiment
+from sit.training.experiment import StartPoint, open_experiment, write_latest
 from sit.training.fid import make_fid_monitor, measure_fid
-from sit.training.monitor import LossMonitor, check_health, log_progress
+from sit.training.monitor import LossMonitor, check_health, log_first_loss, log_progress
 from sit.training.network import build_train_step
 from sit.training.preview import preview_inputs, save_preview
 from sit.training.rng import gather_rng_states, restore_rng
@@ -93,6 +93,7 @@ def save_checkpoint(run: TrainingRun) -> None:
                         scaler=step.scaler.state_dict(), experiment_dir=run.experiment_dir,
                         wandb_id=run.wandb_run.id if run.wandb_run is not None else None).save(path)
         run.logger.info(f"Saved checkpoint to {path}")
+        write_latest(run.experiment_dir, path)  # <experiment>/latest.txt names it
 
     write_on_main(run, "checkpoint", path, write)
     run.last_saved_step = state.train_steps
@@ -109,7 +110,7 @@ def save_samples(run: TrainingRun) -> None:
             return
         save_preview(run.step.ema, decoder, run.step.transport, run.preview, run.config.run.cfg_scale, path,
                      run.ctx.device)
-        run.logger.info(f"Saved EMA samples to {path}")
+        run.logger.info(f"Saved EMA samples to {path} (their labels in {labels_path(path)})")
         if run.wandb_run is not None:
             import wandb
 
@@ -138,13 +139,16 @@ def train_loop(run: TrainingRun) -> bool:
     local_batch_size = config.data.global_batch_size // run.ctx.world_size
     finished = max_steps is not None and state.train_steps >= max_steps
     stopping = False
+    total_steps = config.optim.epochs * (run.sampler.num_samples // local_batch_size)  # full epochs, drop_last
+    progress = Progress("train", min(total_steps, max_steps or total_steps), "step", enabled=run.ctx.is_main,
+                        initial=state.train_steps)
+    first_step = state.train_steps + 1
     while not (finished or stopping) and state.epoch < config.optim.epochs:
         # A resumed epoch starts after the batches it had done; the order and flips depend on the epoch only.
         run.sampler.set_epoch(state.epoch, skip=state.epoch_step * local_batch_size)
         run.dataset.set_epoch(state.epoch)
         run.logger.info(f"Beginning epoch {state.epoch}...")
-        show_bar = run.ctx.is_main and sys.stderr.isatty()
-        for *inputs, labels in tqdm(run.loader, desc=f"epoch {state.epoch}", disable=not show_bar, leave=False):
+        for *inputs, labels in run.loader:
             result = train_step(run.step, inputs, labels)
             if result.grad_norm is not None:
                 run.monitor.add_grad_norm(result.grad_norm)
@@ -154,6 +158,9 @@ def train_loop(run: TrainingRun) -> bool:
             step = state.train_steps
             if step % every.log_every == 0:
                 log_progress(run.monitor, step, config.data.global_batch_size, run.logger, run.wandb_run)
+            elif step == first_step:
+                log_first_loss(run.monitor, step, run.logger)
+            progress.update_to(step)
             if step % every.sample_every == 0:
                 save_samples(run)  # before the checkpoint, so that its RNG state follows everything
             if config.fid.fid_every is not None and step % config.fid.fid_every == 0:
@@ -166,6 +173,7 @@ def train_loop(run: TrainingRun) -> bool:
                 break
         else:
             state.epoch, state.epoch_step = state.epoch + 1, 0
+    progress.close()
     return stopping
 
 
@@ -195,6 +203,9 @@ def train(config: TrainConfig, *, ctx: DistContext, dataset: TrainDataset, start
     logger = experiment.logger
     for warning in warnings:
         logger.warning(f"warning: {warning}")
+    threads = configure_cpu_threads(ctx.device)  # on a CPU: OMP_NUM_THREADS, else the cores shared by the processes
+    if threads:
+        logger.info(threads)
     vae = RunVAE.at_start(ctx, config.model.vae, from_features=config.data.feature_path is not None)
     step = build_train_step(config, ctx, start, vae.module, logger)
     check_channels(step, vae, dataset)
@@ -229,4 +240,7 @@ def train(config: TrainConfig, *, ctx: DistContext, dataset: TrainDataset, start
     step.ddp_model.eval()  # disables label dropout
     if run.wandb_run is not None:
         run.wandb_run.finish()
+    if ctx.is_main and run.last_saved_step is not None:
+        logger.info(f"Newest checkpoint in {run.experiment_dir}/latest.txt; sample it with `python sample.py ODE "
+                    f"--ckpt {run.experiment_dir}` (an experiment folder: its newest checkpoint)")
     logger.info("Done!")

@@ -72,6 +72,15 @@ def log_progress(monitor: LossMonitor, step: int, global_batch_size: int, logger
                        "train images/sec": images_per_sec}, step=step)
 
 
+def log_first_loss(monitor: LossMonitor, step: int, logger: logging.Logger) -> None:
+    """Log the loss of the run's first step (averaged over ranks; a collective) at once, so that a run
+    shows it works before --log-every steps. The pending losses stay: the next regular line still
+    averages every step since the last one, as without this line."""
+    values = monitor.reduced()
+    monitor.check(values)
+    logger.info(f"(step={step:07d}) Train Loss: {values[-1]:.4f} (first step of this run)")
+
+
 def check_health(model: torch.nn.Module, monitor: LossMonitor, step: int) -> None:
     """Raise TrainingDiverged if a pending loss or any weight is non-finite (all ranks call this)."""
     monitor.check(monitor.reduced())

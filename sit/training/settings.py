@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import AbstractSet, Any, Mapping, Optional
 
 from models import MODEL_SHAPES, has_null_class
+from sit.checkpoint import model_shape_name
 from sit.config import Rule, Setting, TransportConfig, resolve_settings
 from sit.errors import UsageError
 from sit.vae import (LATENT_CHANNELS, PIXEL_CHANNELS, canonical_vae_name, check_image_size, check_vae_name,
@@ -56,6 +57,12 @@ class ModelSettings:
     @property
     def pixel_space(self) -> bool:
         return is_pixel_space(self.vae)
+
+    @property
+    def shape_name(self) -> str:
+        """The model's name in the experiment folder: --model, or with --model-config the real shape's
+        (sit.checkpoint.model_shape_name: a published name, else custom-d<depth>-w<width>-p<patch>)."""
+        return self.model if self.model_config is None else model_shape_name(self.sit_kwargs())
 
     def sit_kwargs(self) -> dict:
         """SiT constructor arguments: (3, H, W) pixels or (4, H/8, W/8) SD-VAE latents, the --model
