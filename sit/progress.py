@@ -82,10 +82,14 @@ class Progress:
         self.last_line = self.clock()
         print(self.line(), file=self.stream, flush=True)
 
-    def close(self) -> None:
-        """End the bar, or write the last line (when anything moved)."""
+    def close(self, final: Optional[float] = None) -> None:
+        """End the bar, or write the last line (when anything moved); `final`: where progress ended."""
         if not self.enabled:
             return
+        if final is not None:
+            if self.bar is not None:
+                self.bar.update(final - self.bar.n)
+            self.n = final
         if self.bar is not None:
             self.bar.close()
         elif self.n != self.initial:
@@ -111,4 +115,5 @@ class SamplerProgress:
         self.progress.update_to(round(self.position, 3), evaluations=self.evaluations)
 
     def close(self) -> None:
-        self.progress.close()
+        """The run is done: at the end of the interval (a fixed-step solver's last evaluation comes before it)."""
+        self.progress.close(final=1.0 if self.evaluations else None)

@@ -63,6 +63,8 @@ def test_sampler_progress_follows_t_and_counts_evaluations():
         progress(t)
     assert progress.evaluations == 4 and progress.position == 0.5
     assert stream.getvalue().splitlines()[-1] == "sampling: 0.5/1 t (50%), 0.125 t/s, ETA 4s, evaluations 4"
+    progress.close()  # done: the whole interval, whatever t the last evaluation had
+    assert stream.getvalue().splitlines()[-1] == "sampling: 1/1 t (100%), 0.25 t/s, evaluations 4"
     reverse = SamplerProgress(reverse=True, enabled=False)
     reverse(0.75)
     assert reverse.position == 0.25 and reverse.evaluations == 1
