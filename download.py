@@ -216,6 +216,25 @@ def resolve(path_or_name: str | os.PathLike) -> str:
     return path_or_name
 
 
+def local_copy(path_or_name: str | os.PathLike) -> Optional[str]:
+    """The local file (absolute path) behind a published name, hub file, URL or path once it has been
+    fetched (see resolve), without fetching anything; None when there is none."""
+    path_or_name = os.fspath(path_or_name)
+    if path_or_name in PUBLISHED_MODELS:
+        candidate: Any = os.path.join(PRETRAINED_DIR, path_or_name)
+    elif path_or_name.startswith(HUB_SCHEME):
+        try:
+            import huggingface_hub
+            candidate = huggingface_hub.try_to_load_from_cache(*parse_hub_spec(path_or_name))
+        except Exception:  # no huggingface_hub, or a cache it cannot read: nothing known
+            return None
+    elif path_or_name.startswith(URL_SCHEMES):
+        candidate = os.path.join(PRETRAINED_DIR, url_cache_name(path_or_name))
+    else:
+        candidate = path_or_name
+    return os.path.abspath(candidate) if isinstance(candidate, str) and os.path.isfile(candidate) else None
+
+
 #################################################################################
 #                                    Loading                                    #
 #################################################################################

@@ -21,6 +21,16 @@ Reproducible and resumable:
   written to a temporary name and renamed, so a killed run leaves no half-written file and the
   same command continues where it stopped.
 Works with NCCL on GPUs and with Gloo on CPU (torchrun), or as a plain single process.
+
+Beside <folder>.npz goes <folder>.json, the record of every setting that shaped the images
+(sit.sampling.batch_record): checkpoint and VAE files with their SHA-256, sampler, steps, model
+evaluations measured, guidance, precision, seeds, label draw, counts and package versions.
+evaluate.py checks it against the .npz and copies it into its --json output.
+
+Published evaluations as presets: `--preset list` shows them with their numbers and sources;
+`sample_ddp.py --preset NAME [flags]` fills their flags (the mode too; explicit flags win, with a warning):
+
+    torchrun --nnodes=1 --nproc_per_node=N sample_ddp.py --preset sit-xl2-256-ode-cfg1.5
 """
 from __future__ import annotations
 
@@ -30,13 +40,17 @@ import sys
 from typing import Optional, Sequence
 
 from sit.cli import non_negative_int, parse_with_explicit, positive_int, run_main
-from sit.distributed import DistContext, barrier, cleanup_distributed, main_first, on_main, setup_distributed
+from sit.distributed import (DistContext, barrier, cleanup_distributed, gather_objects, main_first, on_main,
+                             setup_distributed)
 from sit.log import create_logger
+from sit.sampling.batch_record import build_record, finish_sample_batch, identify_sources
 from sit.sampling.flags import add_likelihood_arguments, sampling_mode, sampling_parser
-from sit.sampling.folder import finish_npz, prepare_sample_folder
+from sit.sampling.folder import prepare_sample_folder
 from sit.sampling.images import sampled_labels, write_missing_images
 from sit.sampling.likelihood import evaluate_likelihood
 from sit.sampling.loading import load_for_sampling, setup_torch
+from sit.sampling.presets import (LIST_PRESETS, PresetUse, apply_preset, preset_names, preset_table, requested_preset,
+                                  with_preset_mode)
 from sit.sampling.settings import SamplingConfig, sampling_config
 from sit.speed import configure_cpu_threads
 
@@ -47,6 +61,9 @@ def add_ddp_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-fid-samples", type=positive_int, default=50_000,
                         help="number of images to sample (with --likelihood: to evaluate)")
     parser.add_argument("--global-seed", type=non_negative_int, default=0)
+    parser.add_argument("--preset", choices=preset_names(), default=None,
+                        help="fill the flags of a published evaluation, its mode too (explicit flags win, with a "
+                             "warning); `--preset list` shows them with their published numbers and sources")
     add_likelihood_arguments(parser)
 
 
@@ -55,40 +72,67 @@ def build_parser(mode: Optional[str]) -> argparse.ArgumentParser:
                            vae_default="ema", cfg_default=1.0, add_script_arguments=add_ddp_arguments)
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[argparse.Namespace, SamplingConfig]:
-    """The flags and their SamplingConfig; UsageError (or argparse's exit 2) for a bad command line."""
+def parse_command_line(argv: Optional[Sequence[str]] = None
+                       ) -> tuple[argparse.Namespace, SamplingConfig, Optional[PresetUse]]:
+    """The flags, their SamplingConfig (with a --preset's flags filled in) and the preset's use; UsageError
+    (or argparse's exit 2) for a bad command line."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    preset_name = requested_preset(argv)
+    argv = with_preset_mode(argv, preset_name)
     mode = sampling_mode(argv)
-    args, given = parse_with_explicit(functools.partial(build_parser, mode), argv)
-    config = sampling_config(vars(args), given, seed=args.global_seed, num_images=args.num_fid_samples,
-                             batch_size=args.per_proc_batch_size)
+    parser_of_mode = functools.partial(build_parser, mode)
+    args, given = parse_with_explicit(parser_of_mode, argv)
+    flags, preset = vars(args), None
+    if preset_name is not None:  # merged into a copy: the Namespace stays as parsed
+        preset = apply_preset(preset_name, flags, given, parser_of_mode)
+        flags, given = preset.flags, preset.given
+    config = sampling_config(flags, given, seed=flags["global_seed"], num_images=flags["num_fid_samples"],
+                             batch_size=flags["per_proc_batch_size"])
+    return args, config, preset
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[argparse.Namespace, SamplingConfig]:
+    """The flags and their SamplingConfig (see parse_command_line)."""
+    args, config, _ = parse_command_line(argv)
     return args, config
 
 
-def run(ctx: DistContext, config: SamplingConfig, sample_dir: str) -> None:
-    """Sample the missing images and build the .npz, or evaluate the likelihoods (every rank)."""
+def run(ctx: DistContext, config: SamplingConfig, sample_dir: str, preset: Optional[PresetUse] = None) -> None:
+    """Sample the missing images and build the .npz and its record, or evaluate the likelihoods (every rank)."""
     logger = create_logger(None, ctx.is_main)
     logger.info(f"Starting rank={ctx.rank}, world_size={ctx.world_size}, device={ctx.device}")
     threads = configure_cpu_threads(ctx.device)  # on a CPU: OMP_NUM_THREADS (torchrun's), else cores / processes
     if threads:
         logger.info(threads)
+    if preset is not None:
+        logger.info(preset.summary())
+        for warning in preset.warnings():
+            logger.warning(warning)
     # rank 0 first, so that a download happens once; a failure on any rank ends every rank with its message
     loaded = main_first(ctx, functools.partial(load_for_sampling, config, ctx.device, "ema"))
     folder = prepare_sample_folder(ctx, sample_dir, config, loaded.settings, logger)
     if config.likelihood is not None:
         evaluate_likelihood(ctx, config, loaded, folder, logger)
         return
-    write_missing_images(ctx, config, loaded, folder, logger)
+    sources = on_main(ctx, functools.partial(identify_sources, config, loaded.settings, folder, logger))
+    per_rank_nfe = gather_objects(write_missing_images(ctx, config, loaded, folder, logger))
     barrier()  # every PNG is written before rank 0 reads them
-    on_main(ctx, lambda: finish_npz(folder, config.num_images, logger, sampled_labels(config, loaded)))
+    make_record = functools.partial(build_record, config, loaded, sources, per_rank_nfe, ctx.world_size,
+                                    None if preset is None else preset.name)
+    on_main(ctx, lambda: finish_sample_batch(folder, config.num_images, make_record, logger,
+                                             sampled_labels(config, loaded)))  # labels: rank 0 draws them
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    args, config = parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if requested_preset(argv) == LIST_PRESETS:
+        print(preset_table())
+        return
+    args, config, preset = parse_command_line(argv)
     setup_torch(config.precision)
     ctx = setup_distributed()
     try:
-        run(ctx, config, args.sample_dir)
+        run(ctx, config, args.sample_dir, preset)
     finally:
         cleanup_distributed()
 

@@ -38,7 +38,7 @@ class SampleRecord:
     model: str  # "SiT-XL/2", or "custom (depth D, width W, patch P)"
     image_size: int
     num_classes: int
-    vae: str  # "ema", "mse", or "none" (pixel space)
+    vae: str  # "ema", "mse", "none" (pixel space) or a local VAE folder (absolute path)
     mode: str  # "ODE" or "SDE"
     sampling_method: str  # e.g. "dopri5", "heun2", "Euler"
     num_sampling_steps: int  # as asked (adaptive solvers choose their own)
@@ -53,6 +53,13 @@ class SampleRecord:
     image_shape: tuple[int, int, int]  # (H, W, 3) of each image
     sampler_settings: dict[str, Any] = field(default_factory=dict)  # the rest: tolerances, SDE form, eps, ...
     versions: dict[str, str] = field(default_factory=dict)  # package_versions() of the sampling run
+    # Optional in a record (older records lack them):
+    checkpoint_file: Optional[str] = None  # the local file loaded (absolute), whose bytes checkpoint_sha256 hashes
+    vae_sha256: Optional[str] = None  # of a local VAE folder's files (sit.files.folder_sha256); None for hub VAEs
+    nfe_measured: dict[str, Any] = field(default_factory=dict)  # per-batch model evaluations this run measured
+    batch_size: Optional[int] = None  # images sampled as one batch (sample_ddp.py's --per-proc-batch-size)
+    world_size: Optional[int] = None  # processes of the run that wrote the record
+    preset: Optional[str] = None  # sample_ddp.py --preset NAME, if one filled flags
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object: format, version, then the fields (tuples as lists)."""
@@ -68,7 +75,9 @@ class SampleRecord:
                               f"this code reads version {RECORD_VERSION}")
         names = [item.name for item in dataclasses.fields(cls)]
         fields = {key: value for key, value in data.items() if key not in ("format", "version")}
-        missing = [name for name in names if name not in fields and name not in ("sampler_settings", "versions")]
+        optional = {item.name for item in dataclasses.fields(cls)
+                    if item.default is not dataclasses.MISSING or item.default_factory is not dataclasses.MISSING}
+        missing = [name for name in names if name not in fields and name not in optional]
         unknown = sorted(set(fields) - set(names))
         if missing or unknown:
             problem = f"lacks {', '.join(missing)}" if missing else f"has unknown fields {', '.join(unknown)}"

@@ -409,6 +409,31 @@ def test_hub_file_offline(offline_hub):
         find_model("hf://org/repo/x.pt")
 
 
+def test_local_copy_finds_each_sources_fetched_file_without_fetching(server, tmp_path, offline_hub, monkeypatch):
+    """download.local_copy: what the record beside a sample batch hashes; it never downloads."""
+    assert download.local_copy("SiT-XL-2-256x256.pt") is None  # not fetched yet
+    os.makedirs("pretrained_models")
+    torch.save(random_sit().state_dict(), "pretrained_models/SiT-XL-2-256x256.pt")
+    assert download.local_copy("SiT-XL-2-256x256.pt") == str(tmp_path / "pretrained_models" / "SiT-XL-2-256x256.pt")
+    url = server.url("/ckpts/my-sit.pt")
+    assert download.local_copy(url) is None and server.hits == []
+    server.files["/ckpts/my-sit.pt"] = saved_bytes(random_sit().state_dict(), tmp_path)
+    find_model(url)
+    assert download.local_copy(url) == str(tmp_path / "pretrained_models" / download.url_cache_name(url))
+    cached = saved_in_hub_cache(tmp_path, "SiT-B-2-256.pt", random_sit().state_dict())
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache",
+                        lambda repo_id, filename: asked.append((repo_id, filename)) or str(cached))
+    assert download.local_copy("hf://nyu-visionx/SiT-collections/SiT-B-2-256.pt") == str(cached)
+    assert asked == [("nyu-visionx/SiT-collections", "SiT-B-2-256.pt")]
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo_id, filename: None)
+    assert download.local_copy("hf://nyu-visionx/SiT-collections/SiT-L-2-256.pt") is None
+    assert download.local_copy("pretrained_models/SiT-XL-2-256x256.pt") == \
+        str(tmp_path / "pretrained_models" / "SiT-XL-2-256x256.pt")  # a path: itself, made absolute
+    assert download.local_copy(tmp_path / "missing.pt") is None and download.local_copy(tmp_path) is None
+    assert offline_hub == [] and server.hits == ["/ckpts/my-sit.pt"]
+
+
 @pytest.mark.parametrize("spec", ["hf://org", "hf://org/repo", "hf://org//x.pt"])
 def test_bad_hub_spec(spec):
     with pytest.raises(CheckpointError, match="expected hf://<org>/<repo>/<file>"):

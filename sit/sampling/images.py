@@ -23,8 +23,11 @@ from sit.vae import latent_shape, to_uint8_hwc
 
 
 def write_missing_images(ctx: DistContext, config: SamplingConfig, loaded: SamplingModel, folder: str,
-                         logger: Any) -> None:
-    """Write every missing PNG of indices 0..num_images-1 into folder (every rank takes part)."""
+                         logger: Any) -> list[tuple[int, int]]:
+    """Write every missing PNG of indices 0..num_images-1 into folder (every rank takes part).
+
+    Returns, for each block this rank sampled, (PNGs it wrote, model evaluations its batch took).
+    """
     settings = loaded.settings
     sample_fn = build_sample_fn(settings.transport, config.sampler)
     blocks = blocks_of_rank(index_blocks(config.num_images, config.batch_size), ctx.rank, ctx.world_size)
@@ -38,6 +41,7 @@ def write_missing_images(ctx: DistContext, config: SamplingConfig, loaded: Sampl
                                 num_classes=settings.num_classes, guidance=config.guidance,
                                 precision=config.precision, device=ctx.device)
     progress = tqdm(total=int(total_missing), unit="img", disable=not ctx.is_main, dynamic_ncols=True)
+    measured: list[tuple[int, int]] = []
     for round_index in range(int(num_rounds)):  # in lockstep, so rank 0 can count everyone's images
         written = 0
         if round_index < len(pending):
@@ -46,11 +50,13 @@ def write_missing_images(ctx: DistContext, config: SamplingConfig, loaded: Sampl
                 if not os.path.exists(png_path(folder, index)):
                     save_png(pixels, png_path(folder, index))
                     written += 1
+            measured.append((written, sample_fn.nfe))  # .nfe: this batch's model evaluations
         (written_everywhere,) = reduce_numbers([written], ctx.device)
         progress.update(int(written_everywhere))
     progress.close()
     if sample_fn.nfe:
         logger.info(f"{config.sampler.evaluations(sample_fn.nfe)} per batch (last batch)")
+    return measured
 
 
 def sampled_labels(config: SamplingConfig, loaded: SamplingModel) -> np.ndarray:
