@@ -24,11 +24,17 @@ def hub_offline() -> bool:
 
 
 def cached_hub_file(repo_id: str, filename: str) -> str | None:
-    """The cached copy of a hub file (its "main" revision), or None."""
+    """The cached copy of a hub file (its "main" revision), or None when it is not cached; asks no server.
+    Raises HubUnavailable when the cache cannot be read."""
     import huggingface_hub
+    from huggingface_hub.utils import LocalEntryNotFoundError
 
-    found = huggingface_hub.try_to_load_from_cache(repo_id, filename)
-    return found if isinstance(found, str) else None
+    try:
+        return huggingface_hub.hf_hub_download(repo_id=repo_id, filename=filename, local_files_only=True)
+    except LocalEntryNotFoundError:
+        return None
+    except Exception as error:
+        raise HubUnavailable(f"could not fetch {repo_id}/{filename} ({error_line(error)})") from None
 
 
 def probe_hub(repo_id: str, filename: str) -> None:

@@ -97,7 +97,7 @@ def summarise_nfe(per_rank: Sequence[Sequence[tuple[int, int]]], num_images: int
 
 def model_description(settings: ModelSettings, model_config: dict) -> str:
     """"SiT-XL/2", or "custom (depth D, width W, patch P)" for a checkpoint of no named size."""
-    if settings.name != "custom":
+    if not settings.name.startswith("custom"):  # custom-d<depth>-w<width>-p<patch> (sit.checkpoint.model_shape_name)
         return settings.name
     return (f"custom (depth {model_config['depth']}, width {model_config['hidden_size']}, "
             f"patch {model_config['patch_size']})")
