@@ -19,6 +19,7 @@ from sit.data.extraction import (ExtractionConfig, encode_blocks, feature_blocks
 from sit.data.features import read_meta
 from sit.distributed import agree, cleanup_distributed, on_main, setup_distributed
 from sit.generation import blocks_of_rank
+from sit.speed import configure_cpu_threads
 from sit.vae import canonical_vae_name, load_vae
 
 
@@ -51,6 +52,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     config = config_from_args(parse_args(argv))
     dataset = open_image_folder(config)  # before joining the job: a bad folder stops every rank alike
     ctx = setup_distributed()
+    threads = configure_cpu_threads(ctx.device)  # on a CPU: OMP_NUM_THREADS (torchrun's), else cores / processes
+    if threads and ctx.is_main:
+        print(threads)
     try:
         on_main(ctx, functools.partial(prepare_feature_folder, config, dataset))
         meta = read_meta(config.features_path)

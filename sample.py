@@ -23,7 +23,7 @@ from sit.config import build_sample_fn
 from sit.distributed import setup_distributed
 from sit.errors import UsageError
 from sit.generation import ObservedSampleFunction, generate_latents
-from sit.grid import GridLayout, label_rows, save_grid, save_labels
+from sit.grid import GridLayout, label_rows, labels_path, save_grid, save_labels
 from sit.log import create_logger
 from sit.progress import SamplerProgress
 from sit.sampling.flags import sampling_mode, sampling_parser
@@ -139,7 +139,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     layout = grid_layout(args, len(labels))
     save_grid(images, layout, args.output)
-    labels_file = save_labels(labels, layout, args.output)
+    labels_file = save_labels(labels, layout, labels_path(args.output))
     logger.info(f"Saved {len(labels)} images (labels {labels}) to {args.output}; by grid row (as in {labels_file}): "
                 f"{' | '.join(label_rows(labels, layout))}")
 

@@ -2,9 +2,11 @@
 
     torchrun --nnodes=1 --nproc_per_node=N train.py --model SiT-XL/2 --data-path /path/to/imagenet/train
 
-Each run writes to results/<NNN>-<model>-<path>-<prediction>-<loss weight>/: log.txt, checkpoints/
-<step>.pt, samples/<step>.png and (with --wandb) wandb_id.txt. A checkpoint holds everything needed
-to continue exactly: model, EMA, optimizer, step, epoch, position in the epoch and every rank's RNG.
+Each run writes to results/<NNN>-<model>-<path>-<prediction>-<loss weight>/ (<model>: with --model-config
+the real shape's name, e.g. custom-d4-w64-p2): log.txt, checkpoints/<step>.pt, latest.txt (the newest
+checkpoint's path), samples/<step>.png, preview_labels.txt and (with --wandb) wandb_id.txt. A checkpoint holds
+everything needed to continue exactly: model, EMA, optimizer, step, epoch, position in the epoch and every
+rank's RNG.
 
 Resume (continues in the same experiment folder; losses equal those of an uninterrupted run):
     --resume                          the newest checkpoint of the newest experiment in --results-dir

@@ -1,6 +1,6 @@
 """Image grids and their labels: where each image of a batch goes (`GridLayout`), the grid PNG, and the
-labels laid out like the grid (`<grid>.labels.txt`: one line per row), so a grid can be checked
-against the classes it was conditioned on. Used by sample.py and by training's preview grids.
+labels laid out like the grid (one line per row; sample.py's `<grid>.labels.txt`, training's
+`preview_labels.txt`), so a grid can be checked against the classes it was conditioned on.
 """
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def labels_text(labels: Sequence[int], layout: GridLayout) -> str:
 
 
 def labels_path(grid_path: str) -> str:
-    """Where a grid's labels go: samples/0001000.png -> samples/0001000.labels.txt."""
+    """Where sample.py puts a grid's labels: out/grid.png -> out/grid.labels.txt."""
     return os.path.splitext(grid_path)[0] + ".labels.txt"
 
 
@@ -87,8 +87,7 @@ def save_grid(images: torch.Tensor, layout: GridLayout, path: str, fmt: Optional
     atomic_write(path, write, suffix=os.path.splitext(path)[1])
 
 
-def save_labels(labels: Sequence[int], layout: GridLayout, grid_path: str) -> str:
-    """Write the grid's labels beside it (labels_path), atomically; returns that path."""
-    path = labels_path(grid_path)
+def save_labels(labels: Sequence[int], layout: GridLayout, path: str) -> str:
+    """Write a grid's labels (labels_text) to path (e.g. labels_path(grid)), atomically; returns path."""
     atomic_text(path, labels_text(labels, layout))
     return path

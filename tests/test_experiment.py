@@ -77,12 +77,14 @@ def test_the_first_loss_line_comes_after_step_1_and_the_regular_lines_are_unchan
     assert all(errors.strip().splitlines()[-1].startswith("train: 3/3 step (100%), ") for errors in two_runs[1])
 
 
-def test_preview_grids_have_their_labels_beside_them(two_runs):
+def test_preview_grids_labels_are_in_the_experiment_folder(two_runs):
     samples = two_runs[0] / "results" / f"000-{FOLDER}" / "samples"
-    assert sorted(os.listdir(samples)) == ["0000002.labels.txt", "0000002.png"]
+    assert os.listdir(samples) == ["0000002.png"]
     config = torch.load(two_runs[0] / "results" / f"000-{FOLDER}" / "checkpoints" / "0000002.pt", weights_only=True)["model_config"]
     _, labels = preview_inputs(0, config)  # --global-seed 0: the grid's fixed labels
-    assert (samples / "0000002.labels.txt").read_text() == labels_text(labels.tolist(), GridLayout.with_columns(16, 4))
+    written = (samples.parent / "preview_labels.txt").read_text()
+    assert written == labels_text(labels.tolist(), GridLayout.with_columns(16, 4))  # 4 rows of 4
+    assert len(written.splitlines()) == 4 and all(len(row.split()) == 4 for row in written.splitlines())
 
 
 def test_a_folder_as_ckpt_takes_its_newest_checkpoint(two_runs, tmp_path):

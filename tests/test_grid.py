@@ -1,5 +1,5 @@
 """sit.grid: where each image of a grid goes, the grid PNG and its labels file; used by sample.py
-(--one-row-per-label) and by training's preview grids (<step>.labels.txt)."""
+(--one-row-per-label) and by training's preview grids (<experiment>/preview_labels.txt)."""
 import os
 
 import numpy as np
@@ -46,7 +46,7 @@ def test_layouts_place_images_row_by_row_or_one_row_per_label():
     assert by_label.cells(7) == [0, 3, 6, 1, 4, None, 2, 5, None]
     assert label_rows([5, 8, 9, 5, 8, 9, 5], by_label) == ["5 5 5", "8 8 .", "9 9 ."]
     assert labels_text([7, 1, 2], GridLayout.with_columns(3, 2)) == "7 1\n2 .\n"
-    assert labels_path("results/000-x/samples/0001000.png") == "results/000-x/samples/0001000.labels.txt"
+    assert labels_path("out/grid.png") == "out/grid.labels.txt"
 
 
 def test_a_row_major_grid_is_torchvisions_own_and_one_row_per_label_moves_the_same_images(tmp_path):
@@ -82,15 +82,15 @@ def test_preview_grids_save_their_labels_as_the_grid_shows_them(tmp_path):
     torch.manual_seed(0)
     ema = SiT(**PIXEL_MODEL).eval()
     inputs = preview_inputs(7, ema.config)
-    path = str(tmp_path / "samples" / "0000010.png")
-    save_preview(ema, None, TransportConfig().build(), inputs, 1.0, path, torch.device("cpu"))
+    path, labels_file = str(tmp_path / "samples" / "0000010.png"), str(tmp_path / "preview_labels.txt")
+    save_preview(ema, None, TransportConfig().build(), inputs, 1.0, path, torch.device("cpu"), labels_file)
     labels = inputs[1].tolist()
     assert Image.open(path).size == (4 * CELL + 2, 4 * CELL + 2)
     expected = "".join(" ".join(str(label) for label in labels[row * 4:row * 4 + 4]) + "\n" for row in range(4))
-    assert (tmp_path / "samples" / "0000010.labels.txt").read_text() == expected
-    assert sorted(os.listdir(tmp_path / "samples")) == ["0000010.labels.txt", "0000010.png"]
+    assert (tmp_path / "preview_labels.txt").read_text() == expected
+    assert os.listdir(tmp_path / "samples") == ["0000010.png"]
 
 
 def test_save_labels_returns_where_it_wrote(tmp_path):
-    path = save_labels([1, 2, 3, 4], GridLayout.with_columns(4, 2), str(tmp_path / "grid.jpg"))
+    path = save_labels([1, 2, 3, 4], GridLayout.with_columns(4, 2), labels_path(str(tmp_path / "grid.jpg")))
     assert path == str(tmp_path / "grid.labels.txt") and open(path).read() == "1 2\n3 4\n"

@@ -1,6 +1,6 @@
 """Experiment folders and where a run starts: results/<NNN>-<model>-<path>-<prediction>-<loss weight>/
 with log.txt, checkpoints/<step>.pt, latest.txt (the newest checkpoint's path), samples/<step>.png
-(and <step>.labels.txt) and (with --wandb) wandb_id.txt. <model> is --model, or with --model-config
+preview_labels.txt (their labels) and (with --wandb) wandb_id.txt. <model> is --model, or with --model-config
 the real shape's name (sit.checkpoint.model_shape_name).
 
 A run starts from scratch, from the checkpoint --ckpt names, or from the newest checkpoint that

@@ -15,7 +15,6 @@ from torch.utils.data import DataLoader
 from sit.checkpoint import TrainCheckpoint
 from sit.data.order import ResumableDistributedSampler
 from sit.distributed import DistContext, agree, on_main
-from sit.grid import labels_path
 from sit.errors import RunFailure, UsageError
 from sit.metrics import FIDMonitor
 from sit.progress import Progress
@@ -26,7 +25,7 @@ from sit.training.experiment import StartPoint, open_experiment, write_latest
 from sit.training.fid import make_fid_monitor, measure_fid
 from sit.training.monitor import LossMonitor, check_health, log_first_loss, log_progress
 from sit.training.network import build_train_step
-from sit.training.preview import preview_inputs, save_preview
+from sit.training.preview import PREVIEW_LABELS, preview_inputs, save_preview
 from sit.training.rng import gather_rng_states, restore_rng
 from sit.training.settings import TrainConfig
 from sit.training.signals import StopSignal
@@ -108,9 +107,10 @@ def save_samples(run: TrainingRun) -> None:
         ready, decoder = run.vae.for_preview(run.logger)
         if not ready:
             return
+        labels_file = os.path.join(run.experiment_dir, PREVIEW_LABELS)  # the grids' labels, row by row
         save_preview(run.step.ema, decoder, run.step.transport, run.preview, run.config.run.cfg_scale, path,
-                     run.ctx.device)
-        run.logger.info(f"Saved EMA samples to {path} (their labels in {labels_path(path)})")
+                     run.ctx.device, labels_file)
+        run.logger.info(f"Saved EMA samples to {path} (their labels in {labels_file})")
         if run.wandb_run is not None:
             import wandb
 
