@@ -31,7 +31,7 @@ from sit.files import atomic_json
 from sit.metrics import (DEFAULT_METRICS, FID_METHODS, METRICS, Evaluator, format_table, npz_array_shape,
                          parse_metric_list)
 from sit.record import record_beside, record_path
-from sit.speed import configure_cpu_threads, configure_precision
+from sit.speed import configure_precision
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -81,9 +81,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     check_inputs(args)
     metric_names = parse_metric_list(args.metrics)
     configure_precision("fp32")  # full float32 matmuls and convolutions, like the TensorFlow reference
-    threads = configure_cpu_threads(torch.device(args.device))  # on a CPU: OMP_NUM_THREADS, else the cores
-    if threads:
-        print(threads, file=sys.stderr)  # stdout holds only the table
     evaluator = Evaluator(args.device, args.inception_weights, args.batch_size, args.num_workers, args.fid_method,
                           metric_names, args.dinov2_weights)
     if args.sample_batch is None:
