@@ -6,7 +6,8 @@ through a trained MLP projector, are pulled toward a frozen encoder's patch toke
 The projector (REPA's build_mlp: Linear, SiLU, Linear, SiLU, Linear from the SiT width through
 --repa-projector-dim to the encoder width) trains with the model and is saved in the checkpoint
 beside it, never inside the SiT's state dict: sampling loads the SiT alone. The encoder's token grid
-is interpolated to the SiT's when they differ (bilinear, antialiased).
+is interpolated to the SiT's when they differ (area averages or bilinear; DINOv2 at 224/256 of a
+256 px image has SiT-XL/2's 16 x 16 grid, so REPA's recipe needs none).
 """
 from __future__ import annotations
 
@@ -59,15 +60,16 @@ class AlignedSiT(nn.Module):
 
 def match_token_grid(tokens: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """Encoder tokens (N, T, D) on a square grid, resampled to a square grid of num_tokens tokens
-    (bilinear, antialiased when shrinking); unchanged when the grids agree."""
+    (area averages when shrinking, bilinear when growing); unchanged when the grids agree."""
     count, side, target = tokens.shape[1], math.isqrt(tokens.shape[1]), math.isqrt(num_tokens)
-    if side * side != count or target * target != num_tokens:
-        raise ValueError(f"token grids must be square, got {count} and {num_tokens} tokens")
-    if side == target:
+    if count == num_tokens:
         return tokens
+    if side * side != count or target * target != num_tokens:
+        raise ValueError(f"token grids must be square to be matched, got {count} and {num_tokens} tokens")
     batch, _, width = tokens.shape
     grid = tokens.transpose(1, 2).reshape(batch, width, side, side)                  # (N, D, h, w)
-    grid = F.interpolate(grid, size=(target, target), mode="bilinear", align_corners=False, antialias=True)
+    # shrinking averages the encoder tokens that each SiT token covers; growing interpolates bilinearly
+    grid = F.interpolate(grid, size=(target, target), mode="area" if target < side else "bilinear")
     return grid.flatten(2).transpose(1, 2)                                             # (N, target^2, D)
 
 

@@ -312,7 +312,7 @@ def check_alignment(config: TrainConfig, model_depth: int) -> None:
     repa = config.repa
     if not repa.enabled:
         return
-    if not 1 <= repa.repa_depth <= model_depth:
-        raise UsageError(f"--repa-depth {repa.repa_depth} is beyond the model's {model_depth} blocks (1..{model_depth})")
     if config.data.feature_path is None:  # cached latents carry the tokens (checked against the features)
         describe_encoder(repa.repa_encoder).input_size(config.model.image_size)
+    if not 1 <= repa.repa_depth <= model_depth:
+        raise UsageError(f"--repa-depth {repa.repa_depth} is beyond the model's {model_depth} blocks (1..{model_depth})")
