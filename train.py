@@ -103,12 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     repa.add_argument("--repa-depth", type=positive_int, default=8, help="the block (1-based) whose tokens are aligned")
     repa.add_argument("--repa-coeff", type=non_negative_float, default=0.5, help="weight of the alignment loss")
     repa.add_argument("--repa-projector-dim", type=positive_int, default=2048, help="hidden width of the projector MLP")
-    time = parser.add_argument_group("time-step schedule of training (transport/schedules.py; t=0 noise, t=1 data)")
-    time.add_argument("--time-sampling", type=str, choices=TIME_SAMPLINGS, default="uniform",
+    times = parser.add_argument_group("time-step schedule of training (transport/schedules.py; t=0 noise, t=1 data)")
+    times.add_argument("--time-sampling", type=str, choices=TIME_SAMPLINGS, default="uniform",
                       help="how t is drawn: uniform (the original's) or logit-normal (SD3, LightningDiT)")
-    time.add_argument("--time-mean", type=float, default=0.0, help="mean of the logit-normal's normal")
-    time.add_argument("--time-std", type=positive_float, default=1.0, help="std of the logit-normal's normal")
-    time.add_argument("--time-shift", type=positive_float, default=None,
+    times.add_argument("--time-mean", type=float, default=0.0, help="mean of the logit-normal's normal")
+    times.add_argument("--time-std", type=positive_float, default=1.0, help="std of the logit-normal's normal")
+    times.add_argument("--time-shift", type=positive_float, default=None,
                       help="shift t -> t / (t + s (1 - t)); s > 1 draws more times near the noise end (default: none)")
     add_speed_arguments(parser)
     parse_transport_args(parser)

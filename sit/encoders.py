@@ -232,15 +232,21 @@ class VisionEncoder:
         The normalisation and resize run in fp32 (REPA's order: normalise, then bicubic resize);
         the ViT runs under the --precision autocast.
         """
-        device = images.device
-        mean = torch.tensor(self.spec.mean, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(self.spec.std, device=device).view(1, 3, 1, 1)
-        pixels = ((images.float() + 1) / 2 - mean) / std                   # (N, 3, H, W)
-        if pixels.shape[-1] != self.input_size or pixels.shape[-2] != self.input_size:
-            pixels = F.interpolate(pixels, size=(self.input_size, self.input_size), mode="bicubic")
-        with autocast(precision, device):
+        pixels = encoder_inputs(images, self.spec.mean, self.spec.std, self.input_size)
+        with autocast(precision, images.device):
             tokens = self.module.forward_features(pixels)                   # (N, prefix + T, D)
         return tokens[:, self.module.num_prefix_tokens:].float()           # (N, T, D)
+
+
+def encoder_inputs(images: torch.Tensor, mean: tuple, std: tuple, input_size: int) -> torch.Tensor:
+    """What an encoder sees of images (N, 3, H, W) in [-1, 1]: [0, 1], normalised by mean and std,
+    then (REPA's order) resized bicubically to input_size; (N, 3, input_size, input_size) float32."""
+    mean = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
+    pixels = ((images.float() + 1) / 2 - mean) / std                       # (N, 3, H, W)
+    if pixels.shape[-1] != input_size or pixels.shape[-2] != input_size:
+        pixels = F.interpolate(pixels, size=(input_size, input_size), mode="bicubic")
+    return pixels
 
 
 def load_weights_into(model: torch.nn.Module, weights: dict, source: str) -> None:
