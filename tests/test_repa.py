@@ -4,17 +4,17 @@ cached-latent REPA equal to online REPA, the checkpoint sampling loads), and bad
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from conftest import REPO, make_image_folder, make_tiny_vae
+from conftest import make_image_folder, make_tiny_vae
 from models import SiT
 from sit.errors import UsageError
 from sit.training.repa import AlignedSiT, Alignment, alignment_loss, build_projector, match_token_grid
+from test_speed import run_script
+from test_train import forbid_heavy_work, load, only_experiment
 from transport import create_transport
 
 TINY_CONFIG = {"depth": 2, "hidden_size": 32, "num_heads": 2}
@@ -118,25 +118,6 @@ def test_alignment_keeps_the_transport_draws_and_the_sit_output():
 #                        Real train.py runs with a tiny encoder                 #
 #################################################################################
 
-def run(script: str, args: list, cwd: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    result = subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=cwd, env=env, text=True,
-                            capture_output=True, timeout=600)
-    assert result.returncode == 0, f"{script}: exit {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
-    return result
-
-
-def load(path: str) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def only_experiment(results_dir) -> str:
-    (name,) = os.listdir(results_dir)
-    return os.path.join(results_dir, name)
-
-
 def checkpoint_at(results_dir, step: int) -> dict:
     return load(os.path.join(only_experiment(results_dir), "checkpoints", f"{step:07d}.pt"))
 
@@ -159,15 +140,16 @@ def repa_runs(tmp_path_factory):
     common = [*TINY, "--vae", vae, "--global-batch-size", "3", "--log-every", "1", "--num-workers", "0", *QUIET,
               "--repa-encoder", encoder, *REPA, "--time-sampling", "logit-normal", "--time-shift", "2"]
     online = ["--data-path", data, *common]
-    runs = {"straight": run("train.py", [*online, "--results-dir", str(root / "straight"), "--max-steps", "6"], str(root)),
-            "first": run("train.py", [*online, "--results-dir", str(root / "interrupted"), "--max-steps", "4"], str(root))}
-    runs["resumed"] = run("train.py", ["--data-path", data, "--results-dir", str(root / "interrupted"), "--resume",
-                                       "--max-steps", "6", "--log-every", "1", "--num-workers", "0", *QUIET], str(root))
-    run("extract_features.py", ["--data-path", data, "--features-path", str(root / "feat"), "--image-size", "32",
-                                "--vae", vae, "--batch-size", "3", "--num-workers", "0", "--float32",
-                                "--repa-encoder", encoder], str(root))
-    runs["cached"] = run("train.py", ["--feature-path", str(root / "feat"), *common, "--results-dir",
-                                      str(root / "cached"), "--max-steps", "6"], str(root))
+    runs = {name: run_script("train.py", [*online, "--results-dir", str(root / folder), "--max-steps", steps], str(root))
+            for name, folder, steps in (("straight", "straight", "6"), ("first", "interrupted", "4"))}
+    runs["resumed"] = run_script("train.py", ["--data-path", data, "--results-dir", str(root / "interrupted"),
+                                              "--resume", "--max-steps", "6", "--log-every", "1", "--num-workers", "0",
+                                              *QUIET], str(root))
+    run_script("extract_features.py", ["--data-path", data, "--features-path", str(root / "feat"), "--image-size",
+                                       "32", "--vae", vae, "--batch-size", "3", "--num-workers", "0", "--float32",
+                                       "--repa-encoder", encoder], str(root))
+    runs["cached"] = run_script("train.py", ["--feature-path", str(root / "feat"), *common, "--results-dir",
+                                             str(root / "cached"), "--max-steps", "6"], str(root))
     return root, runs
 
 
@@ -300,19 +282,6 @@ def test_repa_checkpoint_samples_as_a_plain_sit(repa_runs):
 #################################################################################
 #                                   Bad inputs                                  #
 #################################################################################
-
-def forbid_heavy_work(monkeypatch) -> None:
-    import sit.training.decoder
-    import sit.training.launch
-
-    def heavy(*args, **kwargs):
-        raise AssertionError("heavy work started before the input was checked")
-
-    monkeypatch.setattr(sit.training.decoder, "load_vae", heavy)
-    monkeypatch.setattr(sit.training.launch, "setup_distributed", heavy)
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(key, raising=False)
-
 
 def test_bad_repa_and_time_inputs_end_with_one_line_before_heavy_work(tmp_path, monkeypatch):
     import train
