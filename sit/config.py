@@ -152,6 +152,8 @@ class ODEConfig:
 
     def likelihood_fn(self, sampler: Sampler, num_probes: int = 1, exact_trace: bool = False) -> Callable:
         """fn(x, model, **kwargs) -> LikelihoodResult, integrating the ODE from the data to the prior."""
+        if self.time_shift is not None:
+            raise UsageError("--time-shift places the steps of sampling; the likelihood integration does not take it")
         return sampler.sample_ode_likelihood(sampling_method=self.sampling_method, num_steps=self.num_steps,
                                              atol=self.atol, rtol=self.rtol, num_probes=num_probes,
                                              exact_trace=exact_trace)

@@ -229,3 +229,5 @@ def test_sampler_configs_carry_the_time_shift():
     with pytest.raises(Exception, match="chooses its own steps"):
         build_sample_fn(TransportConfig(), ODEConfig(time_shift=2.0))  # dopri5: a UsageError
     np.testing.assert_equal(ODEConfig().time_shift, None)
+    with pytest.raises(Exception, match="likelihood integration does not take it"):
+        config.likelihood_fn(Sampler(create_transport()))

@@ -23,6 +23,7 @@ from torch import nn
 
 from sit.distributed import DistContext, agree
 from sit.encoders import VisionEncoder, load_encoder
+from transport import Transport
 
 if TYPE_CHECKING:
     from sit.training.settings import RepaSettings
@@ -100,7 +101,7 @@ class Alignment:
             return images_or_tokens.float()
         return self.encoder.patch_tokens(images_or_tokens, precision)
 
-    def losses(self, transport, aligned_model: Callable, latents: torch.Tensor, labels: torch.Tensor,
+    def losses(self, transport: Transport, aligned_model: Callable, latents: torch.Tensor, labels: torch.Tensor,
                targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(denoising loss, alignment loss), each (N,), of one forward of the aligned model (an
         AlignedSiT, or DDP around one). The transport draws noise and t exactly as without REPA."""
