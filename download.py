@@ -1,9 +1,10 @@
 """Where SiT checkpoints come from, how they are fetched, and how they are loaded safely.
 
 Accepted sources (`find_model`, `load_checkpoint`, and `sit.checkpoint.load_model`, which builds the model):
-- the published name `SiT-XL-2-256x256.pt`: fetched once into `pretrained_models/` (relative to
-  the working directory, as the original), from the Hugging Face hub first
-  (`nyu-visionx/SiT-collections`), the original Dropbox link as fallback;
+- a published name (`SiT-XL-2-256x256.pt`, `SiT-XL-2-512x512.pt`, `SiT-L-2-256.pt`, `SiT-B-2-256.pt`,
+  `SiT-S-2-256.pt`): fetched once into `pretrained_models/` (relative to the working directory, as the
+  original), from the Hugging Face hub (`nyu-visionx/SiT-collections`); for the XL/2 256 model the
+  original Dropbox link is the fallback. `--model` without `--ckpt` picks one (PUBLISHED_CHECKPOINTS);
 - `hf://<org>/<repo>/<file>`: a Hugging Face hub file, fetched into the hub's cache;
 - `http(s)://...` or `file://...`: downloaded into `pretrained_models/<hash of the URL>-<file name>`;
 - a local path.
@@ -45,7 +46,20 @@ PUBLISHED_MODELS = {
 # The 512 model is on the hub too (the authors' answer in issue #42); its file name there is
 # not verified from here (no network), hence no fallback.
 PUBLISHED_MODELS["SiT-XL-2-512x512.pt"] = ["hf://nyu-visionx/SiT-collections/SiT-XL-2-512.pt"]
-PUBLISHED_SIZES = {256: DEFAULT_MODEL, 512: "SiT-XL-2-512x512.pt"}  # image size -> published SiT-XL/2
+# The S/B/L models at 256 (hub only). File names as public code that downloads them from the collection
+# spells them (not verified from here, no network):
+# - SiT-S-2-256.pt: hf_hub_download at revision 9a43ddf08f80ac7f3525208ce72943e98fe98343, 131,893,962 bytes,
+#   sha256 a245dc6330cd0d5906a5da00718b7d348a417d740e6b6cfeeb504e9d1448d070 (a bare state dict, 1001 class
+#   rows). Code also downloads SiT-S-2-256_orig.pt from the collection; what differs is not documented, so
+#   that file is only reachable by name: --ckpt hf://nyu-visionx/SiT-collections/SiT-S-2-256_orig.pt;
+# - SiT-B-2-256.pt: hf_hub_download and curl .../resolve/main/SiT-B-2-256.pt (522 MB);
+# - SiT-L-2-256.pt: named as nyu-visionx/SiT-collections/SiT-L-2-256.pt in a project's README (1.8 GB).
+PUBLISHED_MODELS.update({name: [f"hf://nyu-visionx/SiT-collections/{name}"]
+                         for name in ("SiT-S-2-256.pt", "SiT-B-2-256.pt", "SiT-L-2-256.pt")})
+# (--model, image size) -> its published checkpoint, for requests without --ckpt.
+PUBLISHED_CHECKPOINTS = {("SiT-XL/2", 256): DEFAULT_MODEL, ("SiT-XL/2", 512): "SiT-XL-2-512x512.pt",
+                         ("SiT-L/2", 256): "SiT-L-2-256.pt", ("SiT-B/2", 256): "SiT-B-2-256.pt",
+                         ("SiT-S/2", 256): "SiT-S-2-256.pt"}
 pretrained_models = set(PUBLISHED_MODELS)  # the original's name for the set of published names
 URL_SCHEMES = ("http://", "https://", "file://")
 HUB_SCHEME = "hf://"
@@ -198,6 +212,25 @@ def resolve(path_or_name: str | os.PathLike) -> str:
     return path_or_name
 
 
+def local_copy(path_or_name: str | os.PathLike) -> Optional[str]:
+    """The local file (absolute path) behind a published name, hub file, URL or path once it has been
+    fetched (see resolve), without fetching anything; None when there is none."""
+    path_or_name = os.fspath(path_or_name)
+    if path_or_name in PUBLISHED_MODELS:
+        candidate: Any = os.path.join(PRETRAINED_DIR, path_or_name)
+    elif path_or_name.startswith(HUB_SCHEME):
+        try:
+            import huggingface_hub
+            candidate = huggingface_hub.try_to_load_from_cache(*parse_hub_spec(path_or_name))
+        except Exception:  # no huggingface_hub, or a cache it cannot read: nothing known
+            return None
+    elif path_or_name.startswith(URL_SCHEMES):
+        candidate = os.path.join(PRETRAINED_DIR, url_cache_name(path_or_name))
+    else:
+        candidate = path_or_name
+    return os.path.abspath(candidate) if isinstance(candidate, str) and os.path.isfile(candidate) else None
+
+
 #################################################################################
 #                                    Loading                                    #
 #################################################################################
@@ -259,15 +292,21 @@ def state_dict_of(checkpoint: dict) -> dict:
 
 
 def published_model(model_name: Optional[str], image_size: Optional[int], num_classes: Optional[int]) -> str:
-    """The published checkpoint for a request without --ckpt, refused before any download when none fits."""
-    if model_name not in (None, "SiT-XL/2"):
-        raise CheckpointError(f"only SiT-XL/2 is published (asked for --model {model_name}); pass --ckpt /path/to/model.pt")
-    if image_size is not None and image_size not in PUBLISHED_SIZES:
-        sizes = ", ".join(map(str, PUBLISHED_SIZES))
-        raise CheckpointError(f"no published model at --image-size {image_size} (published: {sizes}); pass --ckpt")
+    """The published checkpoint for a request without --ckpt (--model default SiT-XL/2, --image-size
+    default 256), refused before any download when none fits."""
+    model_name = model_name or "SiT-XL/2"
+    sizes = sorted(size for model, size in PUBLISHED_CHECKPOINTS if model == model_name)
+    if not sizes:
+        published = ", ".join(dict.fromkeys(model for model, _ in PUBLISHED_CHECKPOINTS))
+        raise CheckpointError(f"no published checkpoint of --model {model_name} (published: {published}); "
+                              f"pass --ckpt /path/to/model.pt")
+    if image_size is not None and image_size not in sizes:
+        raise CheckpointError(f"no published model at --image-size {image_size} for {model_name} (published: "
+                              f"{', '.join(map(str, sizes))}); pass --ckpt")
     if num_classes not in (None, 1000):
-        raise CheckpointError(f"the published models have 1000 classes (asked for --num-classes {num_classes}); pass --ckpt")
-    return PUBLISHED_SIZES[image_size or 256]
+        raise CheckpointError(f"the published models have 1000 classes (asked for --num-classes {num_classes}); "
+                              f"pass --ckpt")
+    return PUBLISHED_CHECKPOINTS[(model_name, image_size or 256)]
 
 
 #################################################################################

@@ -1,11 +1,15 @@
-"""Sample quality metrics in PyTorch with the ADM evaluation suite's definitions.
+"""Sample quality metrics in PyTorch with the ADM evaluation suite's definitions, and edm2's FD-DINOv2.
 
     python evaluate.py VIRTUAL_imagenet256_labeled.npz samples/<folder>.npz [--json metrics.json]
+        [--metrics is,fid,sfid,precision,recall,fd_dinov2]
 
 Inception Score, FID, sFID, precision and recall as openai/guided-diffusion's `evaluations/evaluator.py`
-defines them, computed with the TensorFlow-ported FID Inception-v3 of torch-fidelity (see sit/metrics/
-for the definitions). The trace of the covariance square root comes from a symmetric eigendecomposition
-by default (`--fid-method sqrtm` runs ADM's scipy sqrtm path; both agree to ~1e-12 on full-rank statistics).
+defines them, computed with the TensorFlow-ported FID Inception-v3 of torch-fidelity (its weights, or
+NVlabs' TorchScript inception-2015-12-05.pt via --inception-weights); FD-DINOv2 with DINOv2 ViT-L/14
+(see sit/metrics/ for the definitions). The trace of the covariance square root comes from a symmetric
+eigendecomposition by default (`--fid-method sqrtm` runs ADM's scipy sqrtm path; both agree to ~1e-12
+on full-rank statistics). The sample batch's record (`<folder>.json`, written by sample_ddp.py) is
+checked against the .npz and copied into the --json output with the evaluator's own settings.
 
 Reference batches: `arr_0` (N, H, W, 3) uint8 images, optionally with precomputed `mu`, `sigma`,
 `mu_s`, `sigma_s` (which then take precedence for FID/sFID, as in ADM). Reference statistics and
@@ -24,18 +28,17 @@ import torch
 from sit.cli import non_negative_int, positive_int, run_main
 from sit.errors import UsageError
 from sit.files import atomic_json
-from sit.metrics import FID_METHODS, Evaluator
+from sit.metrics import (DEFAULT_METRICS, FID_METHODS, METRICS, Evaluator, format_table, npz_array_shape,
+                         parse_metric_list)
+from sit.record import record_beside, record_path
 from sit.speed import configure_precision
-
-# The table's rows: a metric's key in Evaluator.evaluate's result -> its name in the table.
-METRIC_NAMES = {"inception_score": "Inception Score", "fid": "FID", "sfid": "sFID",
-                "precision": "Precision", "recall": "Recall"}
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """The command line (argparse's own errors exit 2 with the usage)."""
-    parser = argparse.ArgumentParser(description="IS, FID, sFID, precision and recall (ADM definitions) of a "
-                                                 "sample batch against a reference batch.", allow_abbrev=False)
+    parser = argparse.ArgumentParser(description="IS, FID, sFID, precision and recall (ADM definitions) and "
+                                                 "FD-DINOv2 of a sample batch against a reference batch.",
+                                     allow_abbrev=False)
     parser.add_argument("ref_batch", help="reference .npz: arr_0 (N, H, W, 3) uint8 and/or mu, sigma, mu_s, sigma_s")
     parser.add_argument("sample_batch", nargs="?", default=None,
                         help="sample .npz with arr_0 (N, H, W, 3) uint8; omit to only cache the reference statistics")
@@ -46,7 +49,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="how tr((s1 s2)^1/2) is computed: eigh (fast, symmetric) or sqrtm (ADM's exact code path)")
     parser.add_argument("--json", default=None, help="also write the metrics to this JSON file")
     parser.add_argument("--inception-weights", default=None,
-                        help="local torch-fidelity Inception weights file (default: download once to the torch hub cache)")
+                        help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth or NVlabs' TorchScript "
+                             "inception-2015-12-05.pt (default: torch-fidelity's, downloaded once to the torch hub "
+                             "cache)")
+    parser.add_argument("--metrics", default=",".join(DEFAULT_METRICS),
+                        help=f"comma-separated, from {','.join(METRICS)} (default: %(default)s)")
+    parser.add_argument("--dinov2-weights", default=None,
+                        help="DINOv2 ViT-L/14 weights for fd_dinov2 (default: the torch hub's "
+                             "dinov2_vitl14_pretrain.pth, else timm's vit_large_patch14_dinov2.lvd142m)")
     return parser.parse_args(argv)
 
 
@@ -57,34 +67,33 @@ def check_inputs(args: argparse.Namespace) -> None:
     for path in (args.ref_batch, args.sample_batch):
         if path is not None and not os.path.isfile(path):
             raise UsageError(f"no such file: {path}")
-
-
-def format_table(metrics: dict) -> str:
-    """One row per METRIC_NAMES entry, n/a where a metric could not be computed."""
-    lines = [f"{'Metric':<16} {'Value':>12}"]
-    for key, name in METRIC_NAMES.items():
-        value = metrics[key]
-        lines.append(f"{name:<16} {'n/a' if value is None else format(value, '12.4f'):>12}")
-    return "\n".join(lines)
+    if args.json is not None and args.sample_batch is not None and \
+            os.path.abspath(args.json) == os.path.abspath(record_path(args.sample_batch)):
+        raise UsageError(f"--json {args.json} is the sample batch's record; write the metrics elsewhere")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Print the metrics table (and write --json), or only cache the reference statistics.
 
-    Raises UsageError (e.g. MetricInputError, InceptionWeightsError) for what the user can fix.
+    Raises UsageError (e.g. MetricInputError, InceptionWeightsError, RecordError) for what the user can fix.
     """
     args = parse_args(argv)
     check_inputs(args)
+    metric_names = parse_metric_list(args.metrics)
     configure_precision("fp32")  # full float32 matmuls and convolutions, like the TensorFlow reference
-    evaluator = Evaluator(args.device, args.inception_weights, args.batch_size, args.num_workers, args.fid_method)
+    evaluator = Evaluator(args.device, args.inception_weights, args.batch_size, args.num_workers, args.fid_method,
+                          metric_names, args.dinov2_weights)
     if args.sample_batch is None:
-        evaluator.reference(args.ref_batch)
+        evaluator.cache_reference(args.ref_batch)
         return
+    shape = npz_array_shape(args.sample_batch)  # (N, H, W, 3), read from the header only
+    record = record_beside(args.sample_batch, shape[0], shape[1:])
     metrics = evaluator.evaluate(args.ref_batch, args.sample_batch)
-    print(format_table(metrics))
+    print(format_table(metrics, metric_names))
     if args.json is not None:
         atomic_json(args.json, {**metrics, "ref_batch": args.ref_batch, "sample_batch": args.sample_batch,
-                                "fid_method": args.fid_method})
+                                "fid_method": args.fid_method, "evaluator": evaluator.settings(args.ref_batch),
+                                "sample_record": None if record is None else record.to_dict()})
 
 
 if __name__ == "__main__":

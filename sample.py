@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import sys
 from time import time
 from typing import Optional, Sequence
 
@@ -17,23 +18,23 @@ import torch
 from PIL import Image
 from torchvision.utils import save_image
 
-import sampling
 from models import has_null_class
-from train_utils import atomic_write, create_logger, positive_int, setup_distributed
+from sit.cli import class_label_list, parse_with_explicit, positive_int, run_main
+from sit.config import build_sample_fn
+from sit.distributed import setup_distributed
+from sit.errors import UsageError
+from sit.files import atomic_write
+from sit.generation import generate_latents
+from sit.log import create_logger
+from sit.sampling.flags import sampling_mode, sampling_parser
+from sit.sampling.loading import load_decoder, load_sampling_model, setup_torch
+from sit.sampling.settings import SamplingConfig, sampling_config
+from sit.vae import decode_latents, latent_shape
 
 # Labels to condition the model with (the original's; change with --class-labels)
 DEFAULT_CLASS_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
-
-
-def class_label_list(value: str) -> list[int]:
-    """argparse type: comma-separated non-negative integers, e.g. 1,2,3."""
-    try:
-        labels = [int(part) for part in value.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,2,3, got {value!r}")
-    if not labels or min(labels) < 0:
-        raise argparse.ArgumentTypeError(f"expected comma-separated non-negative integers such as 1,2,3, got {value!r}")
-    return labels
+LIKELIHOOD_REFUSAL = ("--likelihood is evaluated by sample_ddp.py (e.g. `sample_ddp.py ODE --likelihood --data-path "
+                      "DIR`), which reports NLL and bits/dim and saves per-image values")
 
 
 def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,16 +46,23 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", type=str, default="sample.png", help="where to save the grid (4 columns)")
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser, args = sampling.parse_sampling_args(
-        argv, description="Sample a grid of images from a SiT.", vae_default="mse", cfg_default=4.0,
-        add_script_arguments=add_sample_arguments,
-        likelihood_hint="--likelihood is evaluated by sample_ddp.py (e.g. `sample_ddp.py ODE --likelihood "
-                        "--data-path DIR`), which reports NLL and bits/dim and saves per-image values")
+def build_parser(mode: Optional[str]) -> argparse.ArgumentParser:
+    return sampling_parser(mode, description="Sample a grid of images from a SiT.", vae_default="mse",
+                           cfg_default=4.0, add_script_arguments=add_sample_arguments)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[argparse.Namespace, SamplingConfig]:
+    """The flags and their SamplingConfig; UsageError (or argparse's exit 2) for a bad command line."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    mode = sampling_mode(argv)
+    args, given = parse_with_explicit(functools.partial(build_parser, mode), argv)
+    count = args.num_images or len(args.class_labels or DEFAULT_CLASS_LABELS)
+    config = sampling_config(vars(args), given, seed=args.seed, num_images=count, batch_size=count,
+                             likelihood_refusal=LIKELIHOOD_REFUSAL)
     problem = output_problem(args.output)
     if problem:
-        parser.error(f"--output {args.output!r}: {problem}")
-    return args
+        raise UsageError(f"--output {args.output!r}: {problem}")
+    return args, config
 
 
 def output_problem(path: str) -> Optional[str]:
@@ -73,16 +81,15 @@ def output_problem(path: str) -> Optional[str]:
     return None
 
 
-def labels_for(args: argparse.Namespace) -> list[int]:
-    """The class labels of the images: --class-labels or the original's 8, repeated to --num-images."""
-    labels = args.class_labels or DEFAULT_CLASS_LABELS
-    out_of_range = [label for label in labels if label >= args.num_classes]
+def labels_for(class_labels: Optional[list[int]], num_images: int, num_classes: int) -> list[int]:
+    """The class labels of the images: --class-labels or the original's 8, repeated to num_images."""
+    labels = class_labels or DEFAULT_CLASS_LABELS
+    out_of_range = [label for label in labels if label >= num_classes]
     if out_of_range:
-        hint = "" if args.class_labels else " (the default labels are ImageNet's): pass --class-labels"
-        raise SystemExit(f"error: class labels {out_of_range} are out of range for a model with "
-                         f"{args.num_classes} classes (0..{args.num_classes - 1}){hint}")
-    count = args.num_images or len(labels)
-    return [labels[i % len(labels)] for i in range(count)]
+        hint = "" if class_labels else " (the default labels are ImageNet's): pass --class-labels"
+        raise UsageError(f"class labels {out_of_range} are out of range for a model with "
+                         f"{num_classes} classes (0..{num_classes - 1}){hint}")
+    return [labels[i % len(labels)] for i in range(num_images)]
 
 
 def save_grid(images: torch.Tensor, path: str) -> None:
@@ -92,31 +99,32 @@ def save_grid(images: torch.Tensor, path: str) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    args = parse_args(argv)
+    args, config = parse_args(argv)
     # As the original: seeded first, so that z follows the same draws (on the CPU, the model's and the
     # VAE's initialisation come before z; on a GPU, z is the first draw of its generator).
-    torch.manual_seed(args.seed)
-    sampling.setup_torch(args.precision)
+    torch.manual_seed(config.seed)
+    setup_torch(config.precision)
     device = setup_distributed().device  # a single plain process: cuda:0 if there is a GPU, else the CPU
     logger = create_logger(None)
 
-    model, info = sampling.load_model_from_args(args, device)
-    labels = labels_for(args)
-    vae = sampling.load_decoder(sampling.vae_name_from_args(args, info, default="mse"), device)
-    sample_fn = sampling.sample_fn_for_args(args)
-    logger.info(f"{args.model} ({args.ckpt or 'published'}), {args.image_size}px, {args.mode} "
-                f"{args.sampling_method}, {args.num_sampling_steps} steps, cfg {args.cfg_scale}, "
-                f"{args.path_type}/{args.prediction}")
+    model, settings = load_sampling_model(config, device, vae_default="mse")
+    labels = labels_for(args.class_labels, config.num_images, settings.num_classes)
+    vae = load_decoder(settings.vae, device)
+    sample_fn = build_sample_fn(settings.transport, config.sampler)
+    sampler = config.sampler
+    logger.info(f"{settings.name} ({settings.ckpt or 'published'}), {settings.image_size}px, {sampler.mode} "
+                f"{sampler.sampling_method}, {sampler.num_steps} steps, cfg {config.guidance.scale}, "
+                f"{settings.transport.path_type}/{settings.transport.prediction}")
 
-    latent_size = model.config["input_size"]
-    z = torch.randn(len(labels), model.in_channels, latent_size, latent_size, device=device)
+    z = torch.randn(len(labels), *latent_shape(model.config), device=device)  # (N, C, L, L)
     y = torch.tensor(labels, device=device)
 
     start_time = time()
     # As the original sample.py: the doubled, guided batch even at --cfg-scale 1 (same numbers for a seed);
     # a model without a null class (no label dropout; the original would fail) samples unguided.
-    latents = sampling.generate_latents(sample_fn, model, z, y, args, always_guide=has_null_class(model.config))
-    images = sampling.decode_latents(vae, latents, args.precision)
+    latents = generate_latents(sample_fn, model, z, y, config.guidance, config.precision,
+                               always_guide=has_null_class(model.config))
+    images = decode_latents(vae, latents, config.precision)
     logger.info(f"Sampling took {time() - start_time:.2f} seconds, {sample_fn.nfe} model evaluations.")
 
     save_grid(images, args.output)
@@ -124,4 +132,4 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main, "sample.py"))

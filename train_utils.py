@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 from transport import DIFFUSION_FORMS, LAST_STEPS, LOSS_WEIGHTS, ODE_METHODS, PATH_TYPES, PREDICTIONS, SDE_METHODS
 
@@ -21,20 +21,21 @@ def none_or_str(value: str) -> Optional[str]:
     return None if value == "None" else value
 
 
-def positive_float(value: str) -> float:
-    """argparse type: a finite float > 0."""
-    number = float(value)
-    if not (math.isfinite(number) and number > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
-    return number
+def checked_number(convert: Callable[[str], float], accepts: Callable[[float], bool], requirement: str,
+                   name: str) -> Callable[[str], float]:
+    """An argparse type: `convert(value)`, refused with "must be <requirement>, got <value>" unless `accepts` it."""
+    def parse(value: str) -> float:
+        number = convert(value)
+        if not accepts(number):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {value}")
+        return number
+
+    parse.__name__ = name  # argparse names the type in its own messages
+    return parse
 
 
-def non_negative_float(value: str) -> float:
-    """argparse type: a finite float >= 0."""
-    number = float(value)
-    if not (math.isfinite(number) and number >= 0):
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return number
+positive_float = checked_number(float, lambda x: math.isfinite(x) and x > 0, "a positive number", "positive_float")
+non_negative_float = checked_number(float, lambda x: math.isfinite(x) and x >= 0, ">= 0", "non_negative_float")
 
 
 def parse_transport_args(parser: argparse.ArgumentParser) -> None:

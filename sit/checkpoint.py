@@ -153,8 +153,8 @@ def load_model(ckpt: Optional[str | os.PathLike], model_name: Optional[str] = No
                num_classes: Optional[int] = None) -> tuple[models.SiT, dict]:
     """The SiT a checkpoint holds, in eval mode with its (EMA) weights, and what it knows about itself.
 
-    ckpt: published name, hub file, URL or path; None means the published SiT-XL/2 at image_size
-    (256 by default, or 512).
+    ckpt: published name, hub file, URL or path; None means the published checkpoint of model_name
+    (SiT-XL/2 by default: 256 or 512; SiT-L/2, SiT-B/2, SiT-S/2: 256) at image_size (256 by default).
     model_name / image_size / num_classes: what the user asked for, or None to take the
     checkpoint's; a contradiction raises CheckpointError naming both.
     Returns (model on the CPU, info) with info = {"model_name", "image_size", "num_classes",

@@ -1,7 +1,7 @@
 """What the scripts share about the command line: argparse value types, the speed flags, telling
 explicit flags from defaults, and turning library errors into one line and an exit code.
 
-Scripts call `run_main(main, "train.py")` and hand its code to `sys.exit`: a UsageError exits 2,
+Scripts call `run_main(main, "train.py")` and exit with the code it returns: a UsageError exits 2,
 a RunFailure or OSError exits 1, each as `<script>: error: <message>` on stderr (printed by rank 0
 only, so a torchrun job shows it once).
 """
@@ -15,47 +15,15 @@ from typing import Any, Callable, Optional, Sequence
 from sit.distributed import launched_rank
 from sit.errors import SiTError
 from sit.speed import PRECISIONS
-from train_utils import non_negative_float, none_or_str, positive_float  # noqa: F401  (all types from here)
+from train_utils import checked_number, non_negative_float, none_or_str, positive_float  # noqa: F401  (all types from here)
 
 
-def positive_int(value: str) -> int:
-    """argparse type: an integer > 0."""
-    number = int(value)
-    if number <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return number
-
-
-def non_negative_int(value: str) -> int:
-    """argparse type: an integer >= 0."""
-    number = int(value)
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return number
-
-
-def decay_rate(value: str) -> float:
-    """argparse type: a float in [0, 1)."""
-    number = float(value)
-    if not 0.0 <= number < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
-    return number
-
-
-def unit_interval_float(value: str) -> float:
-    """argparse type: a float in [0, 1]."""
-    number = float(value)
-    if not 0.0 <= number <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
-    return number
-
-
-def guidance_scale(value: str) -> float:
-    """argparse type: a finite float >= 1 (1 means no guidance)."""
-    number = float(value)
-    if not (math.isfinite(number) and number >= 1.0):
-        raise argparse.ArgumentTypeError(f"must be >= 1 (1 means no guidance), got {value}")
-    return number
+positive_int = checked_number(int, lambda x: x > 0, "a positive integer", "positive_int")
+non_negative_int = checked_number(int, lambda x: x >= 0, ">= 0", "non_negative_int")
+decay_rate = checked_number(float, lambda x: 0.0 <= x < 1.0, "in [0, 1)", "decay_rate")
+unit_interval_float = checked_number(float, lambda x: 0.0 <= x <= 1.0, "in [0, 1]", "unit_interval_float")
+guidance_scale = checked_number(float, lambda x: math.isfinite(x) and x >= 1.0, ">= 1 (1 means no guidance)",
+                                "guidance_scale")
 
 
 def class_label_list(value: str) -> list[int]:

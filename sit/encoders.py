@@ -131,8 +131,8 @@ def read_weights(path: str) -> dict:
 
 def timm_form(weights: dict) -> dict:
     """A ViT state dict in timm's names: DINOv2's release names converted (its mask token dropped, its
-    SwiGLU w12/w3 as fc1/fc2, its register tokens and class position moved as timm's no_embed_class
-    models hold them), the classifier head dropped."""
+    chunked blocks numbered plainly, its SwiGLU w12/w3 as fc1/fc2, its register tokens and class
+    position moved as timm's no_embed_class models hold them), the classifier head dropped."""
     weights = {key: value for key, value in weights.items() if not key.startswith("head.") and key != "mask_token"}
     if "register_tokens" in weights:
         weights["reg_token"] = weights.pop("register_tokens")
@@ -141,6 +141,7 @@ def timm_form(weights: dict) -> dict:
     renames = {".mlp.w12.": ".mlp.fc1.", ".mlp.w3.": ".mlp.fc2."}
     converted = {}
     for key, value in weights.items():
+        key = re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", key)  # chunked blocks.<chunk>.<i>. (global i)
         for old, new in renames.items():
             key = key.replace(old, new)
         converted[key] = value

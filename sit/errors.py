@@ -5,6 +5,9 @@
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 
 class SiTError(Exception):
     """Base of the library's own errors: their message is one line meant for the user."""
@@ -22,3 +25,12 @@ class RunFailure(SiTError, RuntimeError):
     """The run failed (disk, divergence, a failure on another rank); what was saved is kept."""
 
     exit_code = 1
+
+
+@contextlib.contextmanager
+def reported_as(what: str) -> Iterator[None]:
+    """Turn an OSError inside the block into a RunFailure saying what failed: "<what>: <the OSError>"."""
+    try:
+        yield
+    except OSError as error:
+        raise RunFailure(f"{what}: {error}") from error

@@ -7,6 +7,7 @@ folder can recognise (and remove) what a killed run left behind (`remove_tempora
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import tempfile
@@ -112,3 +113,30 @@ def remove_temporaries(folder: str, suffix: str) -> int:
     for name in stale:
         os.remove(os.path.join(folder, name))
     return len(stale)
+
+
+def sha256_file(path: str, chunk_bytes: int = 1 << 20) -> str:
+    """The SHA-256 of a file's bytes, as 64 hex digits (read in chunks: weights and batches can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(chunk_bytes), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_fingerprint(path: str) -> str:
+    """A short identifier of a file's content, "sha256:<first 16 hex digits>" (for cache keys)."""
+    return "sha256:" + sha256_file(path)[:16]
+
+
+def folder_sha256(folder: str) -> str:
+    """The SHA-256 of a folder's files: of the lines "<relative path> <its sha256>", sorted (64 hex digits).
+
+    Names and contents count, so renaming, changing, adding or removing a file changes it.
+    """
+    lines = []
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            lines.append(f"{os.path.relpath(path, folder)} {sha256_file(path)}\n")
+    return hashlib.sha256("".join(sorted(lines)).encode()).hexdigest()

@@ -1,4 +1,5 @@
-"""Shared test fixtures: a tiny VAE with SD-VAE's downsampling and a tiny image folder."""
+"""Shared test fixtures: a tiny VAE with SD-VAE's downsampling, a tiny image folder, and a tiny
+DINOv2-style ViT standing in for DINOv2 ViT-L/14 (FD-DINOv2)."""
 import os
 import sys
 
@@ -35,6 +36,40 @@ def make_image_folder(path: str, num_classes: int = 2, per_class: int = 4, size:
             pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(os.path.join(folder, f"{index}.png"))
     return path
+
+
+class MakesMarker:
+    """A pickle payload that would create a folder on load (stand-in for os.system)."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+TINY_VIT = dict(img_size=56, patch_size=14, embed_dim=64, depth=2, num_heads=1, mlp_ratio=4.0, init_values=1e-5,
+                num_classes=0, global_pool="token")  # head size 64 like every DINOv2; a 4x4 grid of patches
+
+
+def tiny_vit_state(seed: int = 0) -> dict:
+    """A randomly initialised timm VisionTransformer in DINOv2's layout (LayerScale, CLS token), as a state dict."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(seed)
+    network = VisionTransformer(**TINY_VIT)
+    with torch.no_grad():
+        for parameter in network.parameters():
+            parameter.normal_(0, 0.2)
+    return network.state_dict()
+
+
+@pytest.fixture(scope="session")
+def tiny_dinov2_weights(tmp_path_factory) -> str:
+    """tiny_vit_state() saved to a local weights file (what --dinov2-weights takes)."""
+    path = tmp_path_factory.mktemp("dinov2") / "tiny_vit.pth"
+    torch.save(tiny_vit_state(), path)
+    return str(path)
 
 
 @pytest.fixture(scope="session")

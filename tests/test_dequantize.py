@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from dequantize import GAUSSIAN_STD, NUM_LEVELS, dequantize, image_bits_per_dim
+from sit.dequantize import GAUSSIAN_STD, NUM_LEVELS, dequantize, image_bits_per_dim
 
 
 def normal_pdf(z: float) -> float:

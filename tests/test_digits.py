@@ -6,6 +6,7 @@ the real digits must recognise the class each sample was conditioned on. The sam
 neighbour distances to the training set are reported beside the training set's own, so that
 memorisation would be visible, and no sample may be an exact copy of a training digit.
 """
+import functools
 import json
 import os
 import shutil
@@ -18,8 +19,9 @@ import torch
 from PIL import Image
 
 import export_digits
-import sampling
 from conftest import REPO
+from sit.files import atomic_write
+from sit.generation import noise_and_labels
 
 NUM_CLASSES = 10
 MODEL_CONFIG = {"patch_size": 2, "hidden_size": 64, "depth": 4, "num_heads": 4, "learn_sigma": False}
@@ -74,7 +76,7 @@ def nearest_neighbour_distances(queries: np.ndarray, references: np.ndarray, exc
 
 
 def save_class_grid(samples: np.ndarray, labels: np.ndarray, path: str, per_class: int = 10, zoom: int = 4) -> None:
-    """One row per class of up to per_class samples (N, 8, 8) uint8, zoomed, as a PNG (temp name, rename)."""
+    """One row per class of up to per_class samples (N, 8, 8) uint8, zoomed, as a PNG (written atomically)."""
     from torchvision.utils import save_image
 
     rows = []
@@ -85,10 +87,7 @@ def save_class_grid(samples: np.ndarray, labels: np.ndarray, path: str, per_clas
         rows.append(row)
     grid = torch.tensor(np.concatenate(rows), dtype=torch.float32)[:, None] / 255.0  # (10 * per_class, 1, 8, 8)
     grid = torch.nn.functional.interpolate(grid, scale_factor=zoom, mode="nearest")   # (.., 1, 8 zoom, 8 zoom)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp_path = path + ".tmp.png"
-    save_image(grid, tmp_path, nrow=per_class, padding=2, pad_value=0.5)
-    os.replace(tmp_path, path)
+    atomic_write(path, functools.partial(save_image, grid, nrow=per_class, padding=2, pad_value=0.5), suffix=".png")
 
 
 @pytest.mark.slow
@@ -115,7 +114,7 @@ def test_sit_learns_the_digits_on_the_cpu(tmp_path):
     assert pixels.shape == (NUM_SAMPLES, 8, 8, 3)
     samples = np.rint(pixels.astype(np.float64).mean(axis=3)).astype(np.uint8)  # (N, 8, 8) grey
     # sample_ddp draws image i's label from the generator seeded by (global seed, i): recompute them
-    _, labels = sampling.noise_and_labels(range(NUM_SAMPLES), SAMPLE_SEED, (3, 8, 8), NUM_CLASSES)
+    _, labels = noise_and_labels(range(NUM_SAMPLES), SAMPLE_SEED, (3, 8, 8), NUM_CLASSES)
     labels = labels.numpy()
 
     classifier, held_out_accuracy = digit_classifier()
@@ -130,8 +129,7 @@ def test_sit_learns_the_digits_on_the_cpu(tmp_path):
     grid_path = str(tmp_path / "digits_grid.png")
     save_class_grid(samples, labels, grid_path)
     if os.environ.get("SIT_UPDATE_README_FIGURE") == "1":  # a test run leaves the tracked files alone otherwise
-        shutil.copyfile(grid_path, README_FIGURE + ".tmp")
-        os.replace(README_FIGURE + ".tmp", README_FIGURE)
+        atomic_write(README_FIGURE, functools.partial(shutil.copyfile, grid_path), suffix=".png")
     report = (f"digits: SVC held-out accuracy on real digits {held_out_accuracy:.3f}; {NUM_SAMPLES} samples after "
               f"{TRAIN_STEPS} steps (cfg {CFG_SCALE}) classified as their class: {accuracy:.3f}\n"
               f"nearest-neighbour distance to the training set (grey levels, L2 over 64 pixels): samples median "

@@ -9,6 +9,7 @@ import threading
 import huggingface_hub
 import pytest
 import torch
+from conftest import MakesMarker
 
 import download
 import models
@@ -36,6 +37,27 @@ def offline_hub(monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fail)
     return calls
+
+
+def hub_stand_in(monkeypatch, cache_file) -> list:
+    """huggingface_hub.hf_hub_download answers every request with `cache_file` (as if already in the hub's
+    cache), recording each (repo_id, filename)."""
+    calls = []
+
+    def fake_hub_download(repo_id, filename, **kwargs):
+        calls.append((repo_id, filename))
+        return str(cache_file)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_hub_download)
+    return calls
+
+
+def saved_in_hub_cache(tmp_path, file_name: str, state_dict: dict):
+    """state_dict saved as tmp_path/hub-cache/<file_name> (a stand-in hub cache); returns the path."""
+    cache_file = tmp_path / "hub-cache" / file_name
+    cache_file.parent.mkdir(exist_ok=True)
+    torch.save(state_dict, cache_file)
+    return cache_file
 
 
 def random_sit(seed: int = 0, **overrides) -> models.SiT:
@@ -69,16 +91,6 @@ def train_checkpoint(model: models.SiT, ema: models.SiT, **extra) -> dict:
     checkpoint = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "args": train_args()}
     checkpoint.update(extra)
     return checkpoint
-
-
-class MakesMarker:
-    """A pickle payload that would create a folder on load (stand-in for os.system)."""
-
-    def __init__(self, marker: str):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.mkdir, (self.marker,))
 
 
 #################################################################################
@@ -335,7 +347,8 @@ def test_published_sources_hub_first_then_dropbox():
     sources = download.PUBLISHED_MODELS["SiT-XL-2-256x256.pt"]
     assert sources[0] == "hf://nyu-visionx/SiT-collections/SiT-XL-2-256.pt"
     assert sources[1].startswith("https://www.dl.dropboxusercontent.com/scl/fi/as9oeomcbub47de5g4be0/SiT-XL-2-256.pt?")
-    assert download.pretrained_models == {"SiT-XL-2-256x256.pt", "SiT-XL-2-512x512.pt"}
+    assert download.pretrained_models == {"SiT-XL-2-256x256.pt", "SiT-XL-2-512x512.pt", "SiT-L-2-256.pt",
+                                          "SiT-B-2-256.pt", "SiT-S-2-256.pt"}
 
 
 def test_published_model_falls_back_to_url_when_hub_is_offline(server, tmp_path, offline_hub, monkeypatch):
@@ -353,16 +366,8 @@ def test_published_model_falls_back_to_url_when_hub_is_offline(server, tmp_path,
 
 def test_published_model_from_hub(server, tmp_path, monkeypatch):
     state_dict = random_sit().state_dict()
-    cache_file = tmp_path / "hub-cache" / "SiT-XL-2-256.pt"
-    cache_file.parent.mkdir()
-    torch.save(state_dict, cache_file)
-    calls = []
-
-    def fake_hub_download(repo_id, filename, **kwargs):
-        calls.append((repo_id, filename))
-        return str(cache_file)
-
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_hub_download)
+    cache_file = saved_in_hub_cache(tmp_path, "SiT-XL-2-256.pt", state_dict)
+    calls = hub_stand_in(monkeypatch, cache_file)
     hub_source = download.PUBLISHED_MODELS["SiT-XL-2-256x256.pt"][0]
     monkeypatch.setitem(download.PUBLISHED_MODELS, "SiT-XL-2-256x256.pt", [hub_source, server.url("/SiT-XL-2-256.pt")])
     assert_same_weights(find_model("SiT-XL-2-256x256.pt"), state_dict)
@@ -393,14 +398,7 @@ def test_published_model_already_downloaded_needs_no_network(offline_hub, tmp_pa
 
 def test_hub_file_spec(tmp_path, monkeypatch):
     state_dict = random_sit().state_dict()
-    torch.save(state_dict, tmp_path / "cached.pt")
-    calls = []
-
-    def fake_hub_download(repo_id, filename, **kwargs):
-        calls.append((repo_id, filename))
-        return str(tmp_path / "cached.pt")
-
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_hub_download)
+    calls = hub_stand_in(monkeypatch, saved_in_hub_cache(tmp_path, "cached.pt", state_dict))
     assert_same_weights(find_model("hf://nyu-visionx/SiT-collections/sub/dir/SiT-B-2-256.pt"), state_dict)
     assert calls == [("nyu-visionx/SiT-collections", "sub/dir/SiT-B-2-256.pt")]
     assert leftovers("pretrained_models") == []  # hub files stay in the hub's cache
@@ -409,6 +407,31 @@ def test_hub_file_spec(tmp_path, monkeypatch):
 def test_hub_file_offline(offline_hub):
     with pytest.raises(CheckpointError, match=r"could not fetch hf://org/repo/x\.pt .*--ckpt /path/to/x\.pt$"):
         find_model("hf://org/repo/x.pt")
+
+
+def test_local_copy_finds_each_sources_fetched_file_without_fetching(server, tmp_path, offline_hub, monkeypatch):
+    """download.local_copy: what the record beside a sample batch hashes; it never downloads."""
+    assert download.local_copy("SiT-XL-2-256x256.pt") is None  # not fetched yet
+    os.makedirs("pretrained_models")
+    torch.save(random_sit().state_dict(), "pretrained_models/SiT-XL-2-256x256.pt")
+    assert download.local_copy("SiT-XL-2-256x256.pt") == str(tmp_path / "pretrained_models" / "SiT-XL-2-256x256.pt")
+    url = server.url("/ckpts/my-sit.pt")
+    assert download.local_copy(url) is None and server.hits == []
+    server.files["/ckpts/my-sit.pt"] = saved_bytes(random_sit().state_dict(), tmp_path)
+    find_model(url)
+    assert download.local_copy(url) == str(tmp_path / "pretrained_models" / download.url_cache_name(url))
+    cached = saved_in_hub_cache(tmp_path, "SiT-B-2-256.pt", random_sit().state_dict())
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache",
+                        lambda repo_id, filename: asked.append((repo_id, filename)) or str(cached))
+    assert download.local_copy("hf://nyu-visionx/SiT-collections/SiT-B-2-256.pt") == str(cached)
+    assert asked == [("nyu-visionx/SiT-collections", "SiT-B-2-256.pt")]
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo_id, filename: None)
+    assert download.local_copy("hf://nyu-visionx/SiT-collections/SiT-L-2-256.pt") is None
+    assert download.local_copy("pretrained_models/SiT-XL-2-256x256.pt") == \
+        str(tmp_path / "pretrained_models" / "SiT-XL-2-256x256.pt")  # a path: itself, made absolute
+    assert download.local_copy(tmp_path / "missing.pt") is None and download.local_copy(tmp_path) is None
+    assert offline_hub == [] and server.hits == ["/ckpts/my-sit.pt"]
 
 
 @pytest.mark.parametrize("spec", ["hf://org", "hf://org/repo", "hf://org//x.pt"])
@@ -577,10 +600,48 @@ def test_no_ckpt_picks_the_published_model_of_the_image_size_or_refuses_before_d
         with pytest.raises(download.CheckpointError, match="stop here"):
             load_model(None, model_name="SiT-XL/2", image_size=image_size)
         assert requested.pop() == name
-    for kwargs, message in ((dict(model_name="SiT-B/2"), "only SiT-XL/2 is published"),
+    for kwargs, message in ((dict(model_name="SiT-B/4"), "no published checkpoint of --model SiT-B/4"),
                             (dict(image_size=384), "no published model at --image-size 384"),
                             (dict(num_classes=10), "1000 classes")):
         with pytest.raises(download.CheckpointError, match=message):
             load_model(None, **kwargs)
     assert requested == []  # refused before any download
     assert download.PUBLISHED_MODELS["SiT-XL-2-512x512.pt"][0].startswith("hf://nyu-visionx/SiT-collections/")
+
+
+@pytest.mark.parametrize("model_name,name", [("SiT-L/2", "SiT-L-2-256.pt"), ("SiT-B/2", "SiT-B-2-256.pt"),
+                                             ("SiT-S/2", "SiT-S-2-256.pt")])
+def test_no_ckpt_picks_the_published_s_b_l_checkpoint_of_the_model(model_name, name, monkeypatch):
+    requested = []
+
+    def record(source):
+        requested.append(source)
+        raise download.CheckpointError("stop here")
+
+    monkeypatch.setattr(download, "load_checkpoint", record)
+    for image_size in (None, 256):
+        with pytest.raises(download.CheckpointError, match="stop here"):
+            load_model(None, model_name=model_name, image_size=image_size)
+        assert requested.pop() == name
+    assert download.PUBLISHED_MODELS[name] == [f"hf://nyu-visionx/SiT-collections/{name}"]
+    with pytest.raises(download.CheckpointError) as raised:
+        load_model(None, model_name=model_name, image_size=512)
+    assert str(raised.value) == f"no published model at --image-size 512 for {model_name} (published: 256); pass --ckpt"
+    with pytest.raises(download.CheckpointError) as raised:
+        load_model(None, model_name="SiT-S/4")
+    assert str(raised.value) == ("no published checkpoint of --model SiT-S/4 (published: SiT-XL/2, SiT-L/2, SiT-B/2, "
+                                 "SiT-S/2); pass --ckpt /path/to/model.pt")
+    assert requested == []  # refused before any download
+
+
+def test_published_s_b_l_checkpoint_is_fetched_from_the_hub_into_pretrained_models(tmp_path, monkeypatch):
+    """SiT-B/2 without --ckpt: the hub file SiT-B-2-256.pt (here a tiny stand-in in a fake hub cache)."""
+    state_dict = random_sit().state_dict()
+    cache_file = saved_in_hub_cache(tmp_path, "SiT-B-2-256.pt", state_dict)
+    calls = hub_stand_in(monkeypatch, cache_file)
+    with pytest.raises(CheckpointError, match="--model SiT-B/2 but the checkpoint holds a custom SiT"):
+        load_model(None, model_name="SiT-B/2")  # the stand-in is no SiT-B/2: fetched, then refused
+    assert calls == [("nyu-visionx/SiT-collections", "SiT-B-2-256.pt")]
+    assert (tmp_path / "pretrained_models" / "SiT-B-2-256.pt").read_bytes() == cache_file.read_bytes()
+    assert_same_weights(find_model("SiT-B-2-256.pt"), state_dict)
+    assert len(calls) == 1  # already in pretrained_models/

@@ -4,6 +4,7 @@ Tiny randomly initialised timm ViTs stand in for DINOv2 (offline)."""
 import json
 import os
 import pickle
+import re
 
 import pytest
 import torch
@@ -105,6 +106,9 @@ def test_dinov2_release_format_with_registers_loads(tmp_path):
     release["cls_token"] = timm_weights["cls_token"] - class_position
     release["register_tokens"] = timm_weights["reg_token"]
     release["mask_token"] = torch.zeros(1, 64)
+    # DINOv2's chunked layout: blocks.<chunk>.<global index>. (here each block in its own chunk)
+    release = {re.sub(r"^blocks\.(\d+)\.", r"blocks.\1.\1.", key): value for key, value in release.items()}
+    assert "blocks.1.1.attn.qkv.weight" in release
     torch.testing.assert_close(timm_form(release)["cls_token"], timm_weights["cls_token"])
     path = str(tmp_path / "dinov2_release.pth")
     torch.save(release, path)

@@ -287,6 +287,28 @@ def test_adm_precomputed_statistics_take_precedence_and_stats_only_files_work(tm
         evaluator.reference(str(tmp_path / "empty.npz"))
 
 
+def test_a_statistics_only_reference_gives_fid_and_one_note_for_precision_and_recall(tmp_path):
+    rng = np.random.default_rng(14)
+    sample_images = rng.integers(0, 256, (5, 4, 4, 3), dtype=np.uint8)
+    np.savez(tmp_path / "samples.npz", arr_0=sample_images)
+    features = StubExtractor()(torch.from_numpy(sample_images).permute(0, 3, 1, 2))
+    adm = {"mu": np.zeros(POOL_DIM), "sigma": np.eye(POOL_DIM), "mu_s": np.zeros(SPATIAL_DIM),
+           "sigma_s": np.eye(SPATIAL_DIM)}
+    np.savez(tmp_path / "stats.npz", **adm)
+    evaluator = metrics.Evaluator("cpu", batch_size=2, metrics=("fid", "precision", "recall"))
+    evaluator.extractor = StubExtractor()
+    result = evaluator.evaluate(str(tmp_path / "stats.npz"), str(tmp_path / "samples.npz"))
+    pool = features.pool.double().numpy()
+    assert result["fid"] == pytest.approx(frechet_distance(pool.mean(0), np.cov(pool, rowvar=False), adm["mu"],
+                                                           adm["sigma"]), rel=1e-9)
+    assert result["precision"] is None and result["recall"] is None and "sfid" not in result
+    assert result["num_samples"] == 5 and result["num_reference"] is None
+    note = f"precision and recall need the reference images (arr_0); {tmp_path / 'stats.npz'} holds statistics only"
+    assert metrics.format_table(result, ("fid", "precision", "recall")).splitlines() == [
+        f"{'Metric':<16} {'Value':>12}", f"{'FID':<16} {result['fid']:12.4f}", f"{'Precision':<16} {'n/a':>12}",
+        f"{'Recall':<16} {'n/a':>12}", f"note: {note}"]
+
+
 def test_to_uint8_images_inverts_the_sampling_conversion():
     pixels = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16).expand(1, 3, 16, 16)
     as_float = (pixels.float() - 127.5) / 127.5  # in [-1, 1]

@@ -2,9 +2,9 @@
 
 The closed-form check: 8-bit images drawn from a Gaussian N(mu, s^2) on the model's [-1, 1] scale,
 and a "model" whose velocity is the exact field of that data distribution on the Linear path. Run
-through sample_ddp's own likelihood code (parse its flags, build its likelihood function, call its
-image_likelihood), the bits/dim must equal the Gaussian's closed-form value for the same dequantized
-images.
+through sample_ddp's own likelihood code (parse its flags, build its likelihood function, score
+with sit.sampling.likelihood's PixelMeasure), the bits/dim must equal the Gaussian's closed-form
+value for the same dequantized images.
 """
 import argparse
 import csv
@@ -21,11 +21,16 @@ from PIL import Image
 
 import sample
 import sample_ddp
-import sampling
 import train
 from conftest import REPO, make_image_folder
 from test_sample import write_checkpoint
-from dequantize import dequantize, image_bits_per_dim
+from sit.checkpoint import settings_of
+from sit.config import TransportConfig
+from sit.dequantize import dequantize, image_bits_per_dim
+from sit.errors import UsageError
+from sit.sampling.likelihood import PixelMeasure, build_likelihood_fn
+from sit.sampling.settings import resolve_vae
+from sit.vae import decode_latents
 
 MEAN, STD = 0.1, 0.3           # the data distribution, per pixel, on the [-1, 1] scale
 IMAGE_SHAPE = (3, 4, 4)        # D = 48
@@ -54,23 +59,23 @@ def closed_form_bits_per_dim(x: torch.Tensor, log_q: torch.Tensor) -> torch.Tens
     return image_bits_per_dim(log_density.flatten(1).sum(dim=1), log_q, x[0].numel())
 
 
-def likelihood_args(*flags: str) -> argparse.Namespace:
-    """sample_ddp's parsed flags, transport settings filled as for a checkpoint without any."""
-    args = sample_ddp.parse_args(["ODE", "--likelihood", "--ckpt", "unused.pt", *flags])
-    sampling.resolve_transport_args(args, None)
-    return args
+def likelihood_config(*flags: str):
+    """sample_ddp's SamplingConfig of these flags (the transport: as for a checkpoint without settings)."""
+    _, config = sample_ddp.parse_args(["ODE", "--likelihood", "--ckpt", "unused.pt", *flags])
+    return config
 
 
 @pytest.mark.parametrize("dequantization", ["uniform", "gaussian", "none"])
 @pytest.mark.parametrize("divergence", [["--exact-trace"], ["--num-probes", "2"]])
 def test_image_bits_per_dim_of_gaussian_data_match_the_closed_form(dequantization, divergence):
-    args = likelihood_args("--dequantize", dequantization, *divergence)
-    likelihood_fn = sampling.likelihood_fn_for_args(args)
+    config = likelihood_config("--dequantize", dequantization, *divergence)
+    likelihood_fn = build_likelihood_fn(TransportConfig(), config.sampler, config.likelihood)
     images = gaussian_images(8)
     labels = torch.zeros(8, dtype=torch.long)
     torch.manual_seed(0)
-    logp_x, nll, bits = sample_ddp.image_likelihood(images, labels, GaussianVelocity(), likelihood_fn,
-                                                    dequantization, torch.Generator().manual_seed(1), torch.device("cpu"))
+    measure = PixelMeasure(device=torch.device("cpu"), dequantization=config.likelihood.dequantization)
+    generator = torch.Generator().manual_seed(1)
+    logp_x, nll, bits = measure.scores(images, labels, GaussianVelocity(), likelihood_fn, generator)
     # the same dequantization noise, recomputed
     x, log_q = dequantize(images, dequantization, torch.Generator().manual_seed(1))
     expected = closed_form_bits_per_dim(x, log_q)
@@ -110,16 +115,17 @@ def test_likelihood_flags_are_checked():
 
 
 def test_vae_flag_is_checked_against_the_checkpoint_and_pixels_are_clamped():
-    pixel_info, latent_info = {"vae": "none", "in_channels": 3}, {"vae": "ema", "in_channels": 4}
-    assert sampling.vae_name_from_args(argparse.Namespace(vae=None), pixel_info, default="ema") is None
-    assert sampling.vae_name_from_args(argparse.Namespace(vae="none"), pixel_info, default="ema") is None
-    assert sampling.vae_name_from_args(argparse.Namespace(vae=None), latent_info, default="mse") == "mse"
-    with pytest.raises(SystemExit, match="--vae ema but the checkpoint is a pixel-space model"):
-        sampling.vae_name_from_args(argparse.Namespace(vae="ema"), pixel_info, default="ema")
-    with pytest.raises(SystemExit, match="--vae none but the checkpoint's model works on 4-channel VAE latents"):
-        sampling.vae_name_from_args(argparse.Namespace(vae="none"), latent_info, default="ema")
+    pixel_info = {"vae": "none", "in_channels": 3, "pixel_space": True}
+    latent_info = {"vae": "ema", "in_channels": 4, "pixel_space": False}
+    assert resolve_vae(None, pixel_info, default="ema") is None
+    assert resolve_vae("none", pixel_info, default="ema") is None
+    assert resolve_vae(None, latent_info, default="mse") == "mse"
+    with pytest.raises(UsageError, match="--vae ema but the checkpoint is a pixel-space model"):
+        resolve_vae("ema", pixel_info, default="ema")
+    with pytest.raises(UsageError, match="--vae none but the checkpoint's model works on 4-channel VAE latents"):
+        resolve_vae("none", latent_info, default="ema")
     outputs = torch.tensor([-1.7, -0.25, 0.5, 1.2])
-    assert torch.equal(sampling.decode_latents(None, outputs), torch.tensor([-1.0, -0.25, 0.5, 1.0]))
+    assert torch.equal(decode_latents(None, outputs), torch.tensor([-1.0, -0.25, 0.5, 1.0]))
 
 
 #################################################################################
@@ -127,15 +133,23 @@ def test_vae_flag_is_checked_against_the_checkpoint_and_pixels_are_clamped():
 #################################################################################
 
 def test_pixel_model_config_and_image_size_checks():
-    args, _ = train.parse_args(["--data-path", "x", "--vae", "none", "--image-size", "12", "--model", "SiT-S/2"])
-    config = train.model_config_for_args(args)
-    assert (config["input_size"], config["in_channels"], config["patch_size"]) == (12, 3, 2)
-    train.validate_args(args, 1)  # 12 is no multiple of 8, fine in pixel space
-    args, _ = train.parse_args(["--data-path", "x", "--vae", "none", "--image-size", "12", "--model", "SiT-S/8"])
-    with pytest.raises(SystemExit, match="--image-size 12 gives 12x12 pixels, not divisible by the patch size 8"):
-        train.validate_args(args, 1)
-    args, _ = train.parse_args(["--data-path", "x", "--image-size", "256", "--model", "SiT-S/2"])
-    assert train.model_config_for_args(args)["in_channels"] == 4 and train.model_config_for_args(args)["input_size"] == 32
+    from sit.errors import UsageError
+    from sit.training.settings import check_train_config, resolve_train_config
+
+    def config_for(argv):
+        args, explicit = train.parse_args(argv)
+        config, _ = resolve_train_config(vars(args), explicit)
+        return config
+
+    config = config_for(["--data-path", "x", "--vae", "none", "--image-size", "12", "--model", "SiT-S/2"])
+    kwargs = config.model.sit_kwargs()
+    assert (kwargs["input_size"], kwargs["in_channels"], kwargs["patch_size"]) == (12, 3, 2)
+    check_train_config(config, 1)  # 12 is no multiple of 8, fine in pixel space
+    config = config_for(["--data-path", "x", "--vae", "none", "--image-size", "12", "--model", "SiT-S/8"])
+    with pytest.raises(UsageError, match="--image-size 12 gives 12x12 pixels, not divisible by the patch size 8"):
+        check_train_config(config, 1)
+    kwargs = config_for(["--data-path", "x", "--image-size", "256", "--model", "SiT-S/2"]).model.sit_kwargs()
+    assert kwargs["in_channels"] == 4 and kwargs["input_size"] == 32
 
 
 def test_lr_and_ema_decay_come_from_the_checkpoint_unless_given():
@@ -205,7 +219,8 @@ def test_pixel_space_train_sample_and_likelihood_scripts(tmp_path):
     ckpt = str(tmp_path / "results" / experiment / "checkpoints" / "0000003.pt")
     with torch.serialization.safe_globals([argparse.Namespace]):
         checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
-    assert checkpoint["args"].vae == "none" and checkpoint["args"].lr == 2e-3 and checkpoint["args"].ema_decay == 0.5
+    stored = settings_of(checkpoint)  # a plain dict (older train.py: a Namespace)
+    assert stored["vae"] == "none" and stored["lr"] == 2e-3 and stored["ema_decay"] == 0.5
     assert checkpoint["model_config"]["in_channels"] == 3 and checkpoint["model_config"]["input_size"] == 12
     assert all(group["lr"] == 2e-3 for group in checkpoint["opt"]["param_groups"])
     preview = Image.open(tmp_path / "results" / experiment / "samples" / "0000003.png")
@@ -262,24 +277,24 @@ def test_pixel_space_train_sample_and_likelihood_scripts(tmp_path):
     with torch.serialization.safe_globals([argparse.Namespace]):
         step4, step5 = (torch.load(str(tmp_path / "results" / experiment / "checkpoints" / f"000000{step}.pt"),
                                    map_location="cpu", weights_only=True) for step in (4, 5))
-    assert step4["args"].lr == 2e-3 and step4["args"].ema_decay == 0.5 and step4["args"].vae == "none"
+    stored4, stored5 = settings_of(step4), settings_of(step5)
+    assert stored4["lr"] == 2e-3 and stored4["ema_decay"] == 0.5 and stored4["vae"] == "none"
     assert all(group["lr"] == 2e-3 for group in step4["opt"]["param_groups"])
-    assert step5["args"].lr == 1e-3 and all(group["lr"] == 1e-3 for group in step5["opt"]["param_groups"])
+    assert stored5["lr"] == 1e-3 and all(group["lr"] == 1e-3 for group in step5["opt"]["param_groups"])
 
 
 def test_explicit_image_size_needs_a_multiple_of_8_only_for_latent_models(capsys, tmp_path):
-    assert sample_ddp.parse_args(["ODE", "--vae", "none", "--image-size", "12"]).image_size == 12
+    assert sample_ddp.parse_args(["ODE", "--vae", "none", "--image-size", "12"])[1].request.image_size == 12
     for argv in (["ODE", "--image-size", "12"], ["ODE", "--image-size", "12", "--ckpt", "x.pt", "--vae", "ema"]):
-        with pytest.raises(SystemExit) as exit_info:
+        with pytest.raises(UsageError) as error:  # exit 2 from the script
             sample_ddp.parse_args(argv)  # the published models, or a VAE named: latent, known at parse time
-        assert exit_info.value.code == 2
-        assert "multiple of 8 for latent models" in capsys.readouterr().err
+        assert "multiple of 8 for latent models" in str(error.value)
     # with --ckpt alone, the checkpoint tells: a pixel-space one samples at 12 px without --vae none
     pixel = write_checkpoint(tmp_path / "pixel.pt", "none", in_channels=3, input_size=12, num_classes=2)
     fast = ["--num-sampling-steps", "2", "--sampling-method", "euler", "--class-labels", "0,1"]
     sample.main(["ODE", "--ckpt", pixel, "--image-size", "12", *fast, "--output", str(tmp_path / "grid.png")])
     assert Image.open(tmp_path / "grid.png").size == (2 * 12 + 3 * 2, 12 + 2 * 2)
     latent = write_checkpoint(tmp_path / "latent.pt", "ema", num_classes=2)  # 4 channels, 32 px
-    with pytest.raises(SystemExit, match=r"^error: --image-size must be a multiple of 8 for latent models .* "
+    with pytest.raises(UsageError, match=r"^--image-size must be a multiple of 8 for latent models .* "
                                          r"trained at 32$"):
         sample.main(["ODE", "--ckpt", latent, "--image-size", "12", *fast, "--output", str(tmp_path / "x.png")])

@@ -1,9 +1,11 @@
-"""sample.py, sample_ddp.py and sampling.py: tiny checkpoints, a tiny VAE, CPU, no network."""
+"""sample.py, sample_ddp.py and sit.sampling: tiny checkpoints, a tiny VAE, CPU, no network."""
 import argparse
 import csv
+import dataclasses
 import glob
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,8 +19,16 @@ from PIL import Image
 from conftest import REPO
 import sample
 import sample_ddp
-import sampling
 from models import SiT
+from sit.config import GuidanceConfig, TransportConfig
+from sit.distributed import DistContext, agree
+from sit.errors import RunFailure, UsageError, reported_as
+from sit.generation import blocks_of_rank, guided_sample, index_blocks, noise_and_labels, seed_for
+from sit.log import create_logger
+from sit.sampling import folder as sample_folder
+from sit.sampling.images import write_missing_images
+from sit.sampling.loading import load_for_sampling
+from sit.sampling.settings import resolve_model_settings, resolve_vae
 
 TINY = dict(input_size=4, patch_size=2, hidden_size=32, depth=1, num_heads=2, num_classes=10)
 FAST_ODE = ["--sampling-method", "euler", "--num-sampling-steps", "4"]
@@ -56,6 +66,26 @@ def run_script(args, cwd, timeout=120, torchrun_procs=None):
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def usage_message(parse, argv, capsys):
+    """The message of a refused command line: argparse's own (exit 2, on stderr) or a UsageError's (exit 2)."""
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            parse(argv)
+    except UsageError as error:
+        return str(error)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def settings_without_checkpoint(config, vae="ema", image_size=256):
+    """ModelSettings as for a checkpoint that holds no settings (the flags and the defaults decide)."""
+    info = {"model_name": None, "image_size": image_size, "num_classes": 1000, "in_channels": 4,
+            "pixel_space": False, "vae": None, "transport": None}
+    return resolve_model_settings(config, info, has_null_class=True, vae_default=vae)
+
+
 def only_folder(sample_dir):
     folders = [path for path in glob.glob(os.path.join(sample_dir, "*")) if os.path.isdir(path)]
     assert len(folders) == 1, folders
@@ -68,27 +98,27 @@ def read_pngs(folder):
 
 
 #################################################################################
-#                              sampling.py helpers                              #
+#                              sit.sampling helpers                             #
 #################################################################################
 
 def test_per_index_noise_does_not_depend_on_the_batch():
-    z_all, y_all = sampling.noise_and_labels(range(6), 0, (4, 2, 2), 10)
-    z_part, y_part = sampling.noise_and_labels([3, 4], 0, (4, 2, 2), 10)
+    z_all, y_all = noise_and_labels(range(6), 0, (4, 2, 2), 10)
+    z_part, y_part = noise_and_labels([3, 4], 0, (4, 2, 2), 10)
     assert torch.equal(z_all[3:5], z_part) and torch.equal(y_all[3:5], y_part)
     assert not torch.equal(z_all[0], z_all[1])
-    z_other, _ = sampling.noise_and_labels(range(6), 1, (4, 2, 2), 10)
+    z_other, _ = noise_and_labels(range(6), 1, (4, 2, 2), 10)
     assert not torch.equal(z_all, z_other)  # the global seed matters
     assert y_all.dtype == torch.int64 and 0 <= int(y_all.min()) and int(y_all.max()) < 10
     # the SDE stream of a batch starting at i is not image i's noise stream
-    assert sampling.seed_for(0, 3, "image") != sampling.seed_for(0, 3, "sde")
+    assert seed_for(0, 3, "image") != seed_for(0, 3, "sde")
 
 
 def test_blocks_are_dealt_to_ranks_independently_of_their_number():
-    blocks = sample_ddp.index_blocks(10, 4)
+    blocks = index_blocks(10, 4)
     assert blocks == [range(0, 4), range(4, 8), range(8, 10)]
-    assert sample_ddp.blocks_of_rank(blocks, 0, 2) == [range(0, 4), range(8, 10)]
-    assert sample_ddp.blocks_of_rank(blocks, 1, 2) == [range(4, 8)]
-    assert sample_ddp.blocks_of_rank(blocks, 3, 4) == []
+    assert blocks_of_rank(blocks, 0, 2) == [range(0, 4), range(8, 10)]
+    assert blocks_of_rank(blocks, 1, 2) == [range(4, 8)]
+    assert blocks_of_rank(blocks, 3, 4) == []
 
 
 def test_folder_name_changes_with_every_image_setting():
@@ -99,51 +129,50 @@ def test_folder_name_changes_with_every_image_setting():
                 ["--cfg-scale", "2", "--guide-all-channels"], ["--cfg-scale", "2", "--cfg-interval", "0", "0.7"]]
     names = set()
     for extra in variants:
-        args = sample_ddp.parse_args(base + extra)
-        sampling.resolve_transport_args(args, None)
-        args.image_size = 256
-        names.add(sample_ddp.folder_name(args, "ema"))
-    args = sample_ddp.parse_args(base)
-    sampling.resolve_transport_args(args, None)
-    args.image_size = 256
-    names |= {sample_ddp.folder_name(args, "mse"), sample_ddp.folder_name(args, None)}
-    args.ckpt = "b/0001.pt"  # same file name, another run
-    names.add(sample_ddp.folder_name(args, "ema"))
+        _, config = sample_ddp.parse_args(base + extra)
+        names.add(sample_folder.folder_name(config, settings_without_checkpoint(config)))
+    _, config = sample_ddp.parse_args(base)
+    settings = settings_without_checkpoint(config)
+    names |= {sample_folder.folder_name(config, dataclasses.replace(settings, vae=vae)) for vae in ("mse", None)}
+    # same file name, another run
+    names.add(sample_folder.folder_name(config, dataclasses.replace(settings, ckpt="b/0001.pt")))
     sde = ["SDE", "--model", "SiT-S/2", "--ckpt", "a/0001.pt"]
     for extra in [[], ["--diffusion-form", "SBDM"], ["--diffusion-norm", "2"], ["--last-step", "Tweedie"],
                   ["--last-step-size", "0.1"]]:
-        args = sample_ddp.parse_args(sde + extra)
-        sampling.resolve_transport_args(args, None)
-        args.image_size = 256
-        names.add(sample_ddp.folder_name(args, "ema"))
+        _, config = sample_ddp.parse_args(sde + extra)
+        names.add(sample_folder.folder_name(config, settings_without_checkpoint(config)))
     assert len(names) == len(variants) + 3 + 5
 
 
 def test_defaults_are_the_originals():
-    args = sample.parse_args(["ODE"])
-    assert (args.cfg_scale, args.num_sampling_steps, args.seed, args.tf32) == (4.0, 250, 0, True)
-    assert (args.sampling_method, args.atol, args.rtol) == ("dopri5", 1e-6, 1e-3)
-    sampling.resolve_transport_args(args, None)
-    assert (args.path_type, args.prediction, args.loss_weight) == ("Linear", "velocity", None)
-    assert sampling.vae_name_from_args(args, {"vae": None, "in_channels": 4}, "mse") == "mse"
-    args = sample_ddp.parse_args(["SDE", "--no-tf32"])
-    assert (args.cfg_scale, args.global_seed, args.per_proc_batch_size, args.num_fid_samples) == (1.0, 0, 4, 50_000)
-    assert (args.sample_dir, args.tf32, args.cfg_interval) == ("samples", False, (0.0, 1.0))
-    assert (args.sampling_method, args.diffusion_form, args.last_step, args.last_step_size) == ("Euler", "sigma", "Mean", 0.04)
+    args, config = sample.parse_args(["ODE"])
+    assert (config.guidance.scale, config.sampler.num_steps, config.seed, config.tf32) == (4.0, 250, 0, True)
+    assert (config.sampler.sampling_method, config.sampler.atol, config.sampler.rtol) == ("dopri5", 1e-6, 1e-3)
+    transport = settings_without_checkpoint(config, vae="mse").transport
+    assert (transport.path_type, transport.prediction, transport.loss_weight) == ("Linear", "velocity", None)
+    assert resolve_vae(None, {"vae": None, "in_channels": 4, "pixel_space": False}, "mse") == "mse"
+    args, config = sample_ddp.parse_args(["SDE", "--no-tf32"])
+    assert (config.guidance.scale, config.seed, config.batch_size, config.num_images) == (1.0, 0, 4, 50_000)
+    assert (args.sample_dir, config.tf32, config.guidance.interval) == ("samples", False, (0.0, 1.0))
+    sde = config.sampler
+    assert (sde.sampling_method, sde.diffusion_form, sde.last_step, sde.last_step_size) == ("Euler", "sigma", "Mean", 0.04)
 
 
 def test_transport_settings_come_from_the_checkpoint():
     stored = {"path_type": "GVP", "prediction": "noise", "loss_weight": "likelihood", "train_eps": 1e-3, "sample_eps": None}
-    args = sample.parse_args(["ODE"])
-    sampling.resolve_transport_args(args, stored)
-    assert (args.path_type, args.prediction, args.loss_weight, args.train_eps) == ("GVP", "noise", "likelihood", 1e-3)
-    args = sample.parse_args(["ODE", "--prediction", "noise", "--sample-eps", "0.01"])
-    sampling.resolve_transport_args(args, stored)
-    assert (args.prediction, args.sample_eps) == ("noise", 0.01)
+    info = {"model_name": None, "image_size": 32, "num_classes": 10, "in_channels": 4, "pixel_space": False,
+            "vae": None, "transport": stored}
+
+    def transport_of(flags):
+        _, config = sample.parse_args(["ODE"] + flags)
+        return resolve_model_settings(config, info, has_null_class=True, vae_default="mse").transport
+
+    assert transport_of([]) == TransportConfig("GVP", "noise", "likelihood", 1e-3, None)
+    transport = transport_of(["--prediction", "noise", "--sample-eps", "0.01"])
+    assert (transport.prediction, transport.sample_eps) == ("noise", 0.01)
     for flags in (["--prediction", "velocity"], ["--path-type", "Linear"], ["--loss-weight", "None"]):
-        args = sample.parse_args(["ODE"] + flags)
-        with pytest.raises(SystemExit, match="the checkpoint was trained with"):
-            sampling.resolve_transport_args(args, stored)
+        with pytest.raises(UsageError, match="the checkpoint was trained with"):
+            transport_of(flags)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -168,11 +197,7 @@ def test_transport_settings_come_from_the_checkpoint():
     (["ODE", "--global-seed", "-1"], "must be >= 0"),
 ])
 def test_bad_command_lines_exit_with_a_usage_message(argv, message, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        sample_ddp.parse_args(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
+    assert message in usage_message(sample_ddp.parse_args, argv, capsys)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -184,22 +209,41 @@ def test_bad_command_lines_exit_with_a_usage_message(argv, message, capsys):
     (["ODE", "--output", "grid.psd"], "(got .psd)"),  # PIL reads .psd but cannot write it
 ])
 def test_sample_py_bad_command_lines(argv, message, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        sample.parse_args(argv)
-    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert message in usage_message(sample.parse_args, argv, capsys)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["ODE"], "tf32"),
+    (["ODE", "--no-tf32"], "fp32"),
+    (["ODE", "--tf32"], "tf32"),
+    (["SDE", "--precision", "bf16"], "bf16"),
+    (["ODE", "--no-tf32", "--precision", "fp32"], "fp32"),
+])
+def test_sampling_precision_flags(argv, expected):
+    assert sample.parse_args(argv)[1].precision == expected
+    _, config = sample_ddp.parse_args(argv)
+    assert config.precision == expected and config.tf32 == (expected != "fp32")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["ODE", "--no-tf32", "--precision", "bf16"], "--no-tf32 means --precision fp32"),
+    (["ODE", "--tf32", "--precision", "fp32"], "--tf32 contradicts --precision fp32"),
+    (["ODE", "--precision", "fp8"], "invalid choice: 'fp8'"),
+])
+def test_contradicting_precision_flags_are_one_line_errors(argv, message, capsys):
+    assert message in usage_message(sample_ddp.parse_args, argv, capsys)
 
 
 def test_sample_py_output_folder_is_checked_before_sampling(tmp_path, capsys, monkeypatch):
     (tmp_path / "file.txt").write_text("")
-    assert sample.parse_args(["ODE", "--output", str(tmp_path / "new" / "deeper" / "grid.JPG")]).output.endswith("JPG")
+    args, _ = sample.parse_args(["ODE", "--output", str(tmp_path / "new" / "deeper" / "grid.JPG")])
+    assert args.output.endswith("JPG")
     assert not (tmp_path / "new").exists()  # checked, not created
-    with pytest.raises(SystemExit) as exit_info:
-        sample.parse_args(["ODE", "--output", str(tmp_path / "file.txt" / "sub" / "grid.png")])
-    assert exit_info.value.code == 2 and f"{tmp_path / 'file.txt'} is not a folder" in capsys.readouterr().err
+    argv = ["ODE", "--output", str(tmp_path / "file.txt" / "sub" / "grid.png")]
+    assert f"{tmp_path / 'file.txt'} is not a folder" in usage_message(sample.parse_args, argv, capsys)
     monkeypatch.setattr(os, "access", lambda path, mode: path != str(tmp_path))  # as a read-only folder for a non-root user
-    with pytest.raises(SystemExit) as exit_info:
-        sample.parse_args(["ODE", "--output", str(tmp_path / "sub" / "grid.png")])
-    assert exit_info.value.code == 2 and f"cannot write in {tmp_path}" in capsys.readouterr().err
+    argv = ["ODE", "--output", str(tmp_path / "sub" / "grid.png")]
+    assert f"cannot write in {tmp_path}" in usage_message(sample.parse_args, argv, capsys)
 
 
 #################################################################################
@@ -224,15 +268,16 @@ def test_sample_py_ode_and_sde_grids(ckpt, tmp_path):
 def test_sample_py_doubles_the_batch_even_at_cfg_1_as_the_original(ckpt, tmp_path, monkeypatch):
     """The original sample.py always samples [z, z] with [y, null] through forward_with_cfg: at
     --cfg-scale 1 the SDE then draws 2N noises per step, so the plain N-image path gives other images."""
+    import sit.generation
+
     calls = []
 
-    def recording(sample_fn, model, z, y, args, **kwargs):
+    def recording(sample_fn, model, z, y, guidance, always_guide=False):
         calls.append(dict(sample_fn=sample_fn, model=model, z=z.clone(), y=y.clone(), rng=torch.get_rng_state()))
-        calls[-1]["latents"] = generate_latents(sample_fn, model, z, y, args, **kwargs)
+        calls[-1]["latents"] = guided_sample(sample_fn, model, z, y, guidance, always_guide)
         return calls[-1]["latents"]
 
-    generate_latents = sampling.generate_latents
-    monkeypatch.setattr(sampling, "generate_latents", recording)
+    monkeypatch.setattr(sit.generation, "guided_sample", recording)  # what generate_latents calls
     sample.main(["SDE", "--ckpt", ckpt, "--num-sampling-steps", "4", "--cfg-scale", "1", "--class-labels", "1,2,3",
                  "--output", str(tmp_path / "grid.png")])
     (call,) = calls
@@ -245,13 +290,13 @@ def test_sample_py_doubles_the_batch_even_at_cfg_1_as_the_original(ckpt, tmp_pat
     plain = call["sample_fn"](z, model.forward, y=y)[-1]
     assert not torch.allclose(call["latents"], plain, atol=1e-3)
     torch.set_rng_state(call["rng"])  # sample_ddp.py keeps the original sample_ddp.py's rule: plain at cfg 1
-    assert torch.equal(sampling.guided_sample(call["sample_fn"], model, z, y, 1.0), plain)
+    assert torch.equal(guided_sample(call["sample_fn"], model, z, y, GuidanceConfig(1.0)), plain)
 
 
 def test_sample_py_default_labels_need_1000_classes(ckpt, tmp_path):
-    with pytest.raises(SystemExit, match="pass --class-labels"):
+    with pytest.raises(UsageError, match="pass --class-labels"):
         sample.main(["ODE", "--ckpt", ckpt, *FAST_ODE, "--output", str(tmp_path / "x.png")])
-    with pytest.raises(SystemExit, match="out of range"):
+    with pytest.raises(UsageError, match="out of range"):
         sample.main(["ODE", "--ckpt", ckpt, *FAST_ODE, "--class-labels", "3,10", "--output", str(tmp_path / "x.png")])
 
 
@@ -320,66 +365,81 @@ def test_a_setup_failure_on_rank_0_ends_both_gloo_processes_with_its_message(ckp
     start = time.time()
     result = run_script(["sample_ddp.py", *flags], cwd=tmp_path, torchrun_procs=2)
     assert result.returncode != 0 and time.time() - start < 60
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error: cannot create the sample folder")]
-    assert len(lines) == 2 and lines[0] == lines[1] and "Not a directory" in lines[0], result.stderr[-3000:]
+    # printed once (by rank 0); rank 1 ends on its own with the same error (exit 1), not killed by torchrun
+    lines = [line for line in result.stderr.splitlines() if "error: cannot create the sample folder" in line]
+    assert len(lines) == 1 and lines[0].startswith("sample_ddp.py: error: cannot create the sample folder")
+    assert "Not a directory" in lines[0], result.stderr[-3000:]
+    assert re.search(r"rank\s*:\s*1 .*\n.*exitcode\s*:\s*1 ", result.stderr), result.stderr[-3000:]
     assert 'sample_ddp.py", line' not in result.stderr  # no Python traceback from the script
 
 
-def test_agreed_turns_a_failure_into_one_line_on_every_rank(monkeypatch):
-    from train_utils import DistContext
+def test_agree_turns_a_failure_into_one_line_on_every_rank(tmp_path, monkeypatch):
+    import sit.distributed
 
     ctx = DistContext(0, 1, 0, torch.device("cpu"))
-    assert sample_ddp.agreed(ctx, lambda: 3, "x") == 3 and sample_ddp.agreed(ctx, None, "x") is None
-    with pytest.raises(SystemExit, match=r"^error: cannot write here: \[Errno 13\] denied$"):
-        sample_ddp.agreed(ctx, lambda: (_ for _ in ()).throw(PermissionError(13, "denied")), "cannot write here")
-    with pytest.raises(SystemExit, match=r"^error: --model SiT-B/2 needs --ckpt$"):
-        sample_ddp.agreed(ctx, lambda: sys.exit("error: --model SiT-B/2 needs --ckpt"), "cannot load")
+    assert agree(ctx, lambda: 3) == 3 and agree(ctx, None) is None
+
+    def denied():
+        with reported_as("cannot write here"):
+            raise PermissionError(13, "denied")
+
+    with pytest.raises(RunFailure, match=r"^cannot write here: \[Errno 13\] denied$"):
+        agree(ctx, denied)
+    (tmp_path / "file.txt").write_text("")
+    folder = str(tmp_path / "file.txt" / "samples")
+    refusal = rf"^cannot create the sample folder {re.escape(folder)}: \[Errno 20\] Not a directory"
+    with pytest.raises(RunFailure, match=refusal):
+        agree(ctx, lambda: sample_folder.create_sample_folder(folder, create_logger(None)))
+
+    def refuse():
+        raise UsageError("--model SiT-B/2 needs --ckpt")
+
+    with pytest.raises(UsageError, match=r"^--model SiT-B/2 needs --ckpt$"):
+        agree(ctx, refuse)
     # another rank failed: this one stops too, with that rank's message (the gathered list, in rank order)
-    monkeypatch.setattr(sample_ddp, "all_ranks_ok", lambda ok, device: False)
-    monkeypatch.setattr(sample_ddp, "gather_rows", lambda rows, ctx: rows + ["error: rank 1's refusal"])
-    with pytest.raises(SystemExit, match=r"^error: rank 1's refusal$"):
-        sample_ddp.agreed(ctx, lambda: 3, "x")
+    monkeypatch.setattr(sit.distributed, "any_rank", lambda flag, device, group=None: True)
+    monkeypatch.setattr(sit.distributed, "gather_objects", lambda report: [report, ("run", "rank 1's refusal")])
+    with pytest.raises(RunFailure, match=r"^rank 1's refusal$"):
+        agree(ctx, lambda: 3)
 
 
 def test_a_killed_npz_build_leaves_a_temporary_file_that_the_next_run_removes(tmp_path, capsys, monkeypatch):
     folder = tmp_path / "samples" / "SiT-S-2-run-cfg-1.0"
     folder.mkdir(parents=True)
     for index in range(2):
-        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(sample_ddp.png_path(str(folder), index))
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(sample_folder.png_path(str(folder), index))
     temporary = []
 
     def killed(folder, num, image_shape, path):
         temporary.append(path)
         raise KeyboardInterrupt  # atomic_write cleans up after this; a SIGKILL would not
 
-    monkeypatch.setattr(sample_ddp, "write_npz_stream", killed)
+    monkeypatch.setattr(sample_folder, "write_npz_stream", killed)
     with pytest.raises(KeyboardInterrupt):
-        sample_ddp.create_npz_from_sample_folder(str(folder), 2)
+        sample_folder.create_npz_from_sample_folder(str(folder), 2)
     (path,) = temporary
     assert os.path.dirname(path) == str(tmp_path / "samples")
-    assert os.path.basename(path).startswith(".tmp-") and path.endswith(sample_ddp.npz_temporary_suffix(str(folder)))
+    assert os.path.basename(path).startswith(".tmp-") and path.endswith(sample_folder.npz_temporary_suffix(str(folder)))
     open(path, "wb").close()  # what the SIGKILL leaves, and an earlier retry's
-    open(tmp_path / "samples" / f".tmp-earlier1{sample_ddp.npz_temporary_suffix(str(folder))}", "wb").close()
-    others = tmp_path / "samples" / f".tmp-abcdefgh{sample_ddp.npz_temporary_suffix('another-folder')}"
+    open(tmp_path / "samples" / f".tmp-earlier1{sample_folder.npz_temporary_suffix(str(folder))}", "wb").close()
+    others = tmp_path / "samples" / f".tmp-abcdefgh{sample_folder.npz_temporary_suffix('another-folder')}"
     open(others, "wb").close()  # another folder's build, perhaps running now: kept
-    sample_ddp.create_sample_folder(str(folder), sample_ddp.create_logger(None))
+    sample_folder.create_sample_folder(str(folder), create_logger(None))
     assert "(removed 2 unfinished files)" in capsys.readouterr().out
     assert sorted(os.listdir(tmp_path / "samples")) == [others.name, folder.name]
 
 
 def test_sde_images_do_not_depend_on_the_number_of_processes(ckpt, tmp_path):
     """The ranks' loops of a 3-process job, run one after another here, give the one-process images."""
-    from train_utils import DistContext
-
     flags = ["SDE", "--num-sampling-steps", "4", "--ckpt", ckpt, "--num-fid-samples", "5", "--per-proc-batch-size", "2"]
     sample_ddp.main([*flags, "--sample-dir", str(tmp_path / "one")])
-    args = sample_ddp.parse_args([*flags, "--sample-dir", str(tmp_path / "three")])
-    model, vae, vae_name = sample_ddp.load_everything(DistContext(0, 1, 0, torch.device("cpu")), args)
-    folder = os.path.join(args.sample_dir, sample_ddp.folder_name(args, vae_name))
+    args, config = sample_ddp.parse_args([*flags, "--sample-dir", str(tmp_path / "three")])
+    loaded = load_for_sampling(config, torch.device("cpu"), "ema")
+    folder = os.path.join(args.sample_dir, sample_folder.folder_name(config, loaded.settings))
     os.makedirs(folder)
     for rank in (2, 0, 1):
         ctx = DistContext(rank=rank, world_size=3, local_rank=rank, device=torch.device("cpu"))
-        sample_ddp.sample_images(ctx, args, model, vae, folder, sample_ddp.create_logger(None))
+        write_missing_images(ctx, config, loaded, folder, create_logger(None))
     one = only_folder(tmp_path / "one")
     assert os.path.basename(one) == os.path.basename(folder)
     names, images = read_pngs(one)
@@ -436,7 +496,8 @@ def test_likelihood_of_real_images_matches_the_analytic_answer(tmp_path, tiny_va
     is the identity, so logp(x) is the standard normal log-density of the image's latent."""
     from diffusers.models import AutoencoderKL
     from torchvision.datasets import ImageFolder
-    from train_utils import LATENT_SCALE, image_transform
+    from sit.data.images import image_transform
+    from sit.vae import LATENT_SCALE
 
     zero_ckpt = write_checkpoint(tmp_path / "zero.pt", tiny_vae, random_weights=False)
     sample_ddp.main(["ODE", "--likelihood", "--ckpt", zero_ckpt, "--data-path", image_folder, *FAST_ODE,
@@ -494,7 +555,7 @@ def test_train_py_checkpoint_samples_with_no_extra_flags(tmp_path, tiny_vae, ima
     folder = only_folder(tmp_path / "samples")
     assert "-noise-" in os.path.basename(folder)  # the checkpoint's prediction was used
     assert np.load(f"{folder}.npz")["arr_0"].shape == (3, 32, 32, 3)
-    with pytest.raises(SystemExit, match="trained with --prediction noise"):
+    with pytest.raises(UsageError, match="trained with --prediction noise"):
         sample.main(["ODE", "--ckpt", checkpoint, "--class-labels", "0", "--prediction", "velocity"])
 
 
@@ -503,7 +564,7 @@ def test_no_ckpt_uses_the_published_model_and_a_failed_download_says_what_to_pas
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setitem(download.PUBLISHED_MODELS, download.DEFAULT_MODEL, [f"file://{tmp_path}/missing.pt"])
-    with pytest.raises(SystemExit, match=r"pass the local file instead: --ckpt /path/to/SiT-XL-2-256x256.pt"):
+    with pytest.raises(UsageError, match=r"pass the local file instead: --ckpt /path/to/SiT-XL-2-256x256.pt"):
         sample.main(["ODE", *FAST_ODE, "--class-labels", "1"])
     monkeypatch.setitem(download.PUBLISHED_MODELS, download.DEFAULT_MODEL, [f"file://{ckpt}"])  # a stand-in "download"
     sample.main(["ODE", *FAST_ODE, "--class-labels", "1"])

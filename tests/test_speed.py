@@ -385,35 +385,6 @@ def test_fp16_scales_the_loss_and_keeps_fp32_state():
 #                                Precision flags                                #
 #################################################################################
 
-@pytest.mark.parametrize("argv, expected", [
-    (["ODE"], "tf32"),
-    (["ODE", "--no-tf32"], "fp32"),
-    (["ODE", "--tf32"], "tf32"),
-    (["SDE", "--precision", "bf16"], "bf16"),
-    (["ODE", "--no-tf32", "--precision", "fp32"], "fp32"),
-])
-def test_sampling_precision_flags(argv, expected):
-    import sample
-    import sample_ddp
-
-    assert sample.parse_args(argv).precision == expected
-    args = sample_ddp.parse_args(argv)
-    assert args.precision == expected and args.tf32 == (expected != "fp32")
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["ODE", "--no-tf32", "--precision", "bf16"], "--no-tf32 means --precision fp32"),
-    (["ODE", "--tf32", "--precision", "fp32"], "--tf32 contradicts --precision fp32"),
-    (["ODE", "--precision", "fp8"], "invalid choice: 'fp8'"),
-])
-def test_contradicting_precision_flags_are_one_line_errors(argv, message, capsys):
-    import sample_ddp
-
-    with pytest.raises(SystemExit) as error:
-        sample_ddp.parse_args(argv)
-    assert error.value.code == 2 and message in capsys.readouterr().err
-
-
 def test_train_precision_default_and_choices(capsys):
     args, _ = train.parse_args(["--data-path", "x"])
     assert (args.precision, args.compile, args.grad_checkpointing, args.max_grad_norm) == ("tf32", False, False, None)

@@ -56,25 +56,25 @@ class ICPlan:
             raise ValueError(f"unknown diffusion form {form!r}; choose one of {', '.join(DIFFUSION_FORMS)}")
         return DIFFUSION_FORMS[form](self, x, expand_t_like_x(t, x), norm)
 
-    def get_score_from_velocity(self, velocity: th.Tensor, x: th.Tensor, t: th.Tensor) -> th.Tensor:
-        """Score grad log p_t(x) from a velocity prediction. velocity, x: (N, ...); t: (N,)."""
+    def _velocity_coefficients(self, x: th.Tensor, t: th.Tensor) -> tuple:
+        """(alpha_t / d_alpha_t, sigma_t, d_sigma_t), each shaped to broadcast against x: what
+        converting a velocity back to a score or a noise needs. t: (N,)."""
         t = expand_t_like_x(t, x)
         alpha_t, d_alpha_t = self.compute_alpha_t(t)
         sigma_t, d_sigma_t = self.compute_sigma_t(t)
-        mean = x
-        reverse_alpha_ratio = alpha_t / d_alpha_t
+        return alpha_t / d_alpha_t, sigma_t, d_sigma_t
+
+    def get_score_from_velocity(self, velocity: th.Tensor, x: th.Tensor, t: th.Tensor) -> th.Tensor:
+        """Score grad log p_t(x) from a velocity prediction. velocity, x: (N, ...); t: (N,)."""
+        reverse_alpha_ratio, sigma_t, d_sigma_t = self._velocity_coefficients(x, t)
         var = sigma_t ** 2 - reverse_alpha_ratio * d_sigma_t * sigma_t
-        return (reverse_alpha_ratio * velocity - mean) / var
+        return (reverse_alpha_ratio * velocity - x) / var
 
     def get_noise_from_velocity(self, velocity: th.Tensor, x: th.Tensor, t: th.Tensor) -> th.Tensor:
         """Noise x0 from a velocity prediction. velocity, x: (N, ...); t: (N,)."""
-        t = expand_t_like_x(t, x)
-        alpha_t, d_alpha_t = self.compute_alpha_t(t)
-        sigma_t, d_sigma_t = self.compute_sigma_t(t)
-        mean = x
-        reverse_alpha_ratio = alpha_t / d_alpha_t
+        reverse_alpha_ratio, sigma_t, d_sigma_t = self._velocity_coefficients(x, t)
         var = reverse_alpha_ratio * d_sigma_t - sigma_t
-        return (reverse_alpha_ratio * velocity - mean) / var
+        return (reverse_alpha_ratio * velocity - x) / var
 
     def get_velocity_from_score(self, score: th.Tensor, x: th.Tensor, t: th.Tensor) -> th.Tensor:
         """Velocity from a score prediction. score, x: (N, ...); t: (N,)."""

@@ -1,37 +1,56 @@
-"""All metrics of a sample batch against a reference batch, as evaluate.py reports them."""
+"""The requested metrics of a sample batch against a reference batch, as evaluate.py reports them,
+and the evaluator's own settings for the record of a result."""
 from __future__ import annotations
 
 import functools
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
+import numpy as np
 import torch
 
-from sit.metrics.batch_features import BatchFeatures, extract_features
-from sit.metrics.inception import IS_SPLIT_SIZE, InceptionFeatureExtractor, inception_score, weights_fingerprint
+from sit.files import file_fingerprint, sha256_file
+from sit.metrics.batch_features import BatchFeatures, embedding_statistics, extract_features
+from sit.metrics.dinov2 import DINOV2_RESIZE, DINOv2FeatureExtractor, fetch_dinov2_weights
+from sit.metrics.inception import IS_SPLIT_SIZE, SPATIAL_CHANNELS, InceptionFeatureExtractor, inception_score
+from sit.metrics.inception_weights import WHICH_FILES, weights_fingerprint
+from sit.metrics.npz import npz_array_shape
 from sit.metrics.precision_recall import PR_NEIGHBOURHOOD, manifold_precision_recall
-from sit.metrics.reference import ReferenceStatistics, reference_statistics
-from sit.metrics.statistics import frechet_distance
+from sit.metrics.reference import ReferenceStatistics, reference_embedding_statistics, reference_statistics
+from sit.metrics.statistics import RunningStatistics, frechet_distance
+from sit.metrics.table import DEFAULT_METRICS, METRICS
+from sit.record import package_versions
+
+INCEPTION_RESIZE = "TF1 bilinear (align_corners=False) to 299x299, then (x - 128) / 128 (torch-fidelity)"
 
 
 class Evaluator:
-    """Computes the metrics of sample batches against a reference batch; builds the network lazily
-    (a cached reference needs none).
+    """Computes the requested metrics of sample batches against a reference batch; builds each feature
+    network lazily (a cached reference needs none, fd_dinov2 alone no Inception).
 
-    device: where the network and precision/recall run; weights_path: torch-fidelity Inception
-    weights (None: the published ones, downloaded once); fid_method: a key of FID_METHODS.
+    device: where the networks and precision/recall run; weights_path: Inception weights (None: torch-
+    fidelity's, downloaded once); fid_method: a key of FID_METHODS; metrics: keys of METRICS;
+    dinov2_weights: a DINOv2 weights file (None: the torch hub's, else timm's).
     """
 
     def __init__(self, device: Union[str, torch.device] = "cpu", weights_path: Optional[str] = None,
-                 batch_size: int = 64, num_workers: int = 0, fid_method: str = "eigh"):
+                 batch_size: int = 64, num_workers: int = 0, fid_method: str = "eigh",
+                 metrics: Sequence[str] = DEFAULT_METRICS, dinov2_weights: Optional[str] = None):
         self.device = torch.device(device)
         self.fid_method = fid_method
         self.weights_path = weights_path
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.metrics = tuple(metrics)
+        self.dinov2_weights = dinov2_weights
         self.extractor: Optional[InceptionFeatureExtractor] = None
+        self.dinov2: Optional[DINOv2FeatureExtractor] = None
+
+    def needs(self, network: str) -> bool:
+        """Whether any requested metric is computed from this network's features."""
+        return any(METRICS[name].network == network for name in self.metrics)
 
     def features(self, path: str, description: str) -> BatchFeatures:
-        """The features of an npz's images (N, H, W, 3), building the network on first use."""
+        """The Inception features of an npz's images (N, H, W, 3), building the network on first use."""
         if self.extractor is None:
             self.extractor = InceptionFeatureExtractor(self.device, self.weights_path)
         return extract_features(self.extractor, path, self.batch_size, self.num_workers, description)
@@ -41,23 +60,96 @@ class Evaluator:
         return reference_statistics(ref_path, functools.partial(weights_fingerprint, self.weights_path),
                                     functools.partial(self.features, ref_path, "reference"))
 
+    def dinov2_network(self) -> DINOv2FeatureExtractor:
+        """The DINOv2 network, built on first use."""
+        if self.dinov2 is None:
+            self.dinov2 = DINOv2FeatureExtractor(self.device, self.dinov2_weights)
+        return self.dinov2
+
+    def dinov2_statistics(self, path: str, description: str) -> RunningStatistics:
+        """Streamed mean and covariance of the DINOv2 embeddings of an npz's images."""
+        network = self.dinov2_network()
+        return embedding_statistics(network, network.dim, self.device, path, self.batch_size, self.num_workers,
+                                    description)
+
+    def dinov2_weights_id(self) -> str:
+        """The DINOv2 weights' fingerprint (for the reference cache), without building the network."""
+        return file_fingerprint(fetch_dinov2_weights(self.dinov2_weights))
+
+    def dinov2_reference(self, ref_path: str) -> tuple[np.ndarray, np.ndarray, int]:
+        """(mu (D,), sigma (D, D), count) of the reference's DINOv2 embeddings, from ref.dinov2.npz when valid."""
+        return reference_embedding_statistics(ref_path, "dinov2", self.dinov2_weights_id,
+                                              functools.partial(self.dinov2_statistics, ref_path, "reference (DINOv2)"))
+
+    def cache_reference(self, ref_path: str) -> None:
+        """Compute (or check) the reference's cached statistics for the requested metrics' networks."""
+        if self.needs("inception"):
+            self.reference(ref_path)
+        if self.needs("dinov2"):
+            self.dinov2_reference(ref_path)
+
     def evaluate(self, ref_path: str, sample_path: str) -> dict:
-        """All metrics of the sample batch against the reference batch: inception_score, fid, sfid,
-        precision and recall (None without the reference's images), num_samples, num_reference."""
+        """The requested metrics (keys of METRICS' `key`; None where one cannot be computed, with the
+        reason in result["notes"]), num_samples and num_reference (None when the reference holds
+        statistics only)."""
+        result: dict = {"notes": {}}
+        wanted = set(self.metrics)
+        result["num_samples"] = npz_array_shape(sample_path)[0]
+        result["num_reference"] = None
+        if self.needs("inception"):
+            self.inception_metrics(ref_path, sample_path, wanted, result)
+        if "fd_dinov2" in wanted:
+            mu, sigma, count = self.dinov2_reference(ref_path)
+            samples = self.dinov2_statistics(sample_path, "samples (DINOv2)")
+            result["fd_dinov2"] = frechet_distance(samples.mean, samples.covariance, mu, sigma, self.fid_method)
+            result["num_reference"] = count
+        return result
+
+    def inception_metrics(self, ref_path: str, sample_path: str, wanted: set, result: dict) -> None:
+        """Fill `result` with the requested Inception metrics (IS, FID, sFID, precision, recall)."""
         reference = self.reference(ref_path)
         samples = self.features(sample_path, "samples")
-        metrics = {
-            "inception_score": inception_score(samples.logits, IS_SPLIT_SIZE, from_logits=True),
-            "fid": frechet_distance(samples.pool_stats.mean, samples.pool_stats.covariance, reference.mu,
-                                    reference.sigma, self.fid_method),
-            "sfid": frechet_distance(samples.spatial_stats.mean, samples.spatial_stats.covariance,
-                                     reference.mu_s, reference.sigma_s, self.fid_method),
-            "precision": None,
-            "recall": None,
-        }
+        if "is" in wanted:
+            result["inception_score"] = None
+            if self.extractor.has_logits:
+                result["inception_score"] = inception_score(samples.logits, IS_SPLIT_SIZE, from_logits=True)
+            else:
+                result["notes"]["inception_score"] = (
+                    f"the Inception Score needs weights with logits; {self.extractor.weights_path} "
+                    f"({self.extractor.file_format}) stops at pool_3: {WHICH_FILES}")
+        if "fid" in wanted:
+            result["fid"] = frechet_distance(samples.pool_stats.mean, samples.pool_stats.covariance, reference.mu,
+                                             reference.sigma, self.fid_method)
+        if "sfid" in wanted:
+            result["sfid"] = frechet_distance(samples.spatial_stats.mean, samples.spatial_stats.covariance,
+                                              reference.mu_s, reference.sigma_s, self.fid_method)
+        asked = [name for name in ("precision", "recall") if name in wanted]
+        if asked and reference.pool is None:
+            for name in asked:
+                result[name] = None
+                result["notes"][name] = (f"precision and recall need the reference images (arr_0); {ref_path} "
+                                         f"holds statistics only")
+        elif asked:
+            precision, recall = manifold_precision_recall(reference.pool, samples.pool, PR_NEIGHBOURHOOD,
+                                                          device=self.device)
+            result.update({name: {"precision": precision, "recall": recall}[name] for name in asked})
         if reference.pool is not None:
-            metrics["precision"], metrics["recall"] = manifold_precision_recall(
-                reference.pool, samples.pool, PR_NEIGHBOURHOOD, device=self.device)
-        metrics["num_samples"] = len(samples.pool)
-        metrics["num_reference"] = None if reference.pool is None else len(reference.pool)
-        return metrics
+            result["num_reference"] = len(reference.pool)
+
+    def settings(self, ref_path: str) -> dict:
+        """What a result depends on besides the samples: metrics, reference file and hash, each network's
+        weights (file, hash, format) and resize, package versions. Call after evaluate()."""
+        settings = {"metrics": list(self.metrics), "fid_method": self.fid_method,
+                    "reference": {"path": ref_path, "sha256": sha256_file(ref_path)}, "inception": None,
+                    "dinov2": None, "versions": package_versions()}
+        if self.extractor is not None:
+            settings["inception"] = {
+                "weights": self.extractor.weights_path, "sha256": sha256_file(self.extractor.weights_path),
+                "format": self.extractor.file_format, "has_logits": self.extractor.has_logits,
+                "resize": INCEPTION_RESIZE, "is_split_size": IS_SPLIT_SIZE,
+                "sfid_features": f"mixed_6/conv, first {SPATIAL_CHANNELS} channels, (H, W, C) order",
+                "precision_recall_k": PR_NEIGHBOURHOOD}
+        if self.dinov2 is not None:
+            settings["dinov2"] = {"weights": self.dinov2.weights_path, "sha256": sha256_file(self.dinov2.weights_path),
+                                  "resize": DINOV2_RESIZE}
+        return settings

@@ -8,7 +8,8 @@ import torch.distributed as dist
 
 from sit.distributed import is_distributed
 from sit.metrics.errors import MetricInputError
-from sit.metrics.inception import POOL_DIM, InceptionFeatureExtractor, to_uint8_images
+from sit.metrics.inception import InceptionFeatureExtractor, to_uint8_images
+from sit.metrics.inception_weights import POOL_DIM
 from sit.metrics.reference import read_statistics_file, stats_cache_path
 from sit.metrics.statistics import RunningStatistics, frechet_distance
 

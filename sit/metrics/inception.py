@@ -1,10 +1,8 @@
-"""The TF-ported FID Inception-v3 (torch-fidelity's weights): pool_3, mixed_6/conv and logit features,
-and the Inception Score of its predictions."""
+"""The TF-ported FID Inception-v3 (torch-fidelity's network, weights from any file inception_weights
+reads): pool_3, mixed_6/conv and logit features, and the Inception Score of its predictions."""
 from __future__ import annotations
 
-import hashlib
-import math
-import os
+import io
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -12,13 +10,9 @@ import numpy as np
 import torch
 from scipy import special
 
-from sit.metrics.errors import InceptionWeightsError
+from sit.metrics.inception_weights import InceptionWeights, fetch_inception_weights, load_inception_weights
 from sit.metrics.statistics import ArrayLike
 
-INCEPTION_WEIGHTS_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
-                         "weights-inception-2015-12-05-6726825d.pth")
-POOL_DIM = 2048
-NUM_LOGITS = 1008
 SPATIAL_CHANNELS = 7
 SPATIAL_DIM = 17 * 17 * SPATIAL_CHANNELS  # 2023
 IS_SPLIT_SIZE = 5000
@@ -57,79 +51,24 @@ class InceptionFeatures:
     logits: torch.Tensor  # (N, 1008) bias-free logits pool_3 @ W
 
 
-def default_weights_path() -> str:
-    """Where torch-fidelity's converted Inception weights are cached (the torch hub checkpoints folder)."""
-    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(INCEPTION_WEIGHTS_URL))
-
-
-def fetch_inception_weights(weights_path: Optional[str] = None) -> str:
-    """A local path to the Inception weights: `weights_path` if given, else the cached download
-    (fetched once). Raises InceptionWeightsError with a one-line explanation when that fails."""
-    if weights_path is not None:
-        if not os.path.isfile(weights_path):
-            raise InceptionWeightsError(f"Inception weights file {weights_path!r} does not exist")
-        return weights_path
-    path = default_weights_path()
-    if not os.path.isfile(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        try:
-            torch.hub.download_url_to_file(INCEPTION_WEIGHTS_URL, path, progress=True)  # temp file, then rename
-        except Exception as error:  # network or disk errors all end the same way for the user
-            raise InceptionWeightsError(
-                f"could not download the Inception weights ({type(error).__name__}: {str(error)[:120]}); "
-                f"fetch {INCEPTION_WEIGHTS_URL} yourself and put it at {path}, or pass --inception-weights FILE")
-    return path
-
-
-def weights_fingerprint(weights_path: Optional[str]) -> str:
-    """An identifier of the feature network's weights, stored in reference caches."""
-    if weights_path is None:
-        return os.path.basename(INCEPTION_WEIGHTS_URL)  # the name carries the file's hash
-    digest = hashlib.sha256()
-    with open(fetch_inception_weights(weights_path), "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return "sha256:" + digest.hexdigest()[:16]
-
-
-def random_inception_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
-    """Randomly initialised weights for the same Inception architecture (tests and offline smoke runs).
-
-    He-normal convolutions keep activations of order one through the ~100 layers.
-    """
-    from torchvision.models import inception_v3
-
-    generator = torch.Generator().manual_seed(seed)
-    # torchvision's Inception-v3 has the same parameter names and shapes as torch-fidelity's.
-    state_dict = inception_v3(weights=None, aux_logits=False, init_weights=False, num_classes=NUM_LOGITS).state_dict()
-    for name, tensor in state_dict.items():
-        if tensor.dim() == 4:
-            tensor.copy_(torch.randn(tensor.shape, generator=generator) * math.sqrt(2.0 / tensor[0].numel()))
-        elif name == "fc.weight":
-            tensor.copy_(torch.randn(tensor.shape, generator=generator) / math.sqrt(tensor.shape[1]))
-        elif name == "fc.bias":
-            tensor.zero_()
-    return state_dict
-
-
 class InceptionFeatureExtractor:
-    """The TF-ported FID Inception-v3 (torch-fidelity), returning pool, spatial and logit features.
+    """The TF-ported FID Inception-v3 (torch-fidelity's network), returning pool, spatial and logit features.
 
-    weights_path: a torch-fidelity weights file; None downloads the published one once.
+    weights_path: torch-fidelity's weights, NVlabs' TorchScript or another file inception_weights reads;
+    None downloads torch-fidelity's once. `has_logits` says whether the file had the logits layer
+    (without it the logits are zeros and the Inception Score cannot be computed).
     """
 
     def __init__(self, device: Union[str, torch.device] = "cpu", weights_path: Optional[str] = None):
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-        path = fetch_inception_weights(weights_path)
-        try:  # checks the file holds only tensors before torch-fidelity unpickles it
-            torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:
-            raise InceptionWeightsError(f"cannot read Inception weights {path!r} ({type(error).__name__}: "
-                                        f"{str(error)[:120]}); delete it to download again, or pass another file")
+        self.weights_path = fetch_inception_weights(weights_path)
+        weights = load_inception_weights(self.weights_path)
+        self.has_logits = weights.has_logits
+        self.file_format = weights.file_format
         self.device = torch.device(device)
         self.network = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
-                                                   feature_extractor_weights_path=path).to(self.device)
+                                                   feature_extractor_weights_path=serialized(weights)).to(self.device)
         self.captured_spatial: Optional[torch.Tensor] = None
         self.network.Mixed_6d.branch1x1.register_forward_hook(self.capture_spatial)
 
@@ -147,6 +86,15 @@ class InceptionFeatureExtractor:
         self.captured_spatial = None
         spatial = spatial.reshape(len(images), -1)  # (N, 17 * 17 * 7), in TF's (H, W, C) order
         return InceptionFeatures(pool=pool, spatial=spatial.float(), logits=logits)
+
+
+def serialized(weights: InceptionWeights) -> io.BytesIO:
+    """The weights as torch.save bytes: torch-fidelity's constructor takes a file (and torch.loads it
+    without weights_only, harmless here: these are our own bytes of plain tensors, checked on reading)."""
+    buffer = io.BytesIO()
+    torch.save(weights.state_dict, buffer)
+    buffer.seek(0)
+    return buffer
 
 
 def to_uint8_images(images: torch.Tensor) -> torch.Tensor:

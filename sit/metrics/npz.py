@@ -31,27 +31,43 @@ def open_npz(path: str) -> Iterator[np.lib.npyio.NpzFile]:
         yield data
 
 
+def read_array_header(archive: zipfile.ZipFile, path: str, key: str) -> tuple[tuple, bool, np.dtype, int]:
+    """(shape, fortran_order, dtype, header size) of the `key` array in an open .npz, read from its
+    first bytes only (decompressing no more than the header)."""
+    member = f"{key}.npy"
+    if member not in archive.namelist():
+        raise MetricInputError(f"{path} has no {key!r} array (it holds {', '.join(archive.namelist())})")
+    with archive.open(member) as stream:
+        version = np.lib.format.read_magic(stream)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, fortran_order, dtype = read_header(stream)
+        return shape, fortran_order, dtype, stream.tell()
+
+
 def read_stored_images(path: str, key: str) -> np.ndarray:
     """The `key` array of an .npz: memory-mapped when stored uncompressed (np.savez), else loaded."""
     with zipfile.ZipFile(path) as archive:
-        member = f"{key}.npy"
-        if member not in archive.namelist():
-            raise MetricInputError(f"{path} has no {key!r} array (it holds {', '.join(archive.namelist())})")
-        info = archive.getinfo(member)
+        shape, fortran_order, dtype, npy_header_size = read_array_header(archive, path, key)
+        info = archive.getinfo(f"{key}.npy")
         if info.compress_type != zipfile.ZIP_STORED:
             return np.load(path)[key]
-        with archive.open(info) as stream:
-            version = np.lib.format.read_magic(stream)
-            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                           else np.lib.format.read_array_header_2_0)
-            shape, fortran_order, dtype = read_header(stream)
-            npy_header_size = stream.tell()
     with open(path, "rb") as raw:
         raw.seek(info.header_offset)
         local_header = raw.read(30)  # zip local file header: name and extra lengths at bytes 26-30
         name_length, extra_length = np.frombuffer(local_header[26:30], dtype="<u2")
     offset = info.header_offset + 30 + int(name_length) + int(extra_length) + npy_header_size
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran_order else "C")
+
+
+def npz_array_shape(path: str, key: str = "arr_0") -> tuple[int, ...]:
+    """The shape of an .npz's array without reading its data (compressed or not); MetricInputError naming
+    the file when it is not a readable .npz with that array."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return tuple(read_array_header(archive, path, key)[0])
+    except UNREADABLE_NPZ as error:
+        raise MetricInputError(f"{path} is not a readable .npz file ({error})") from None
 
 
 def open_npz_images(path: str, key: str = "arr_0") -> np.ndarray:

@@ -1,0 +1,183 @@
+"""FD-DINOv2 (Stein et al. 2023) as edm2 computes it: the Fréchet distance between Gaussians of DINOv2
+ViT-L/14 embeddings (the normalised CLS token, 1024-d) of images resized to 224x224 (bicubic,
+antialiased, in float: edm2's default "torch" resize) and normalised with ImageNet's mean and std.
+
+Weights, the first that can be had (each loaded as tensors only, into timm's VisionTransformer; the
+torch hub repository's code is never run):
+1. `--dinov2-weights FILE`: DINOv2's own `dinov2_vitl14_pretrain.pth`, or a timm state dict
+   (.pth/.pt/.safetensors) of any DINOv2-style ViT (head size 64, as every DINOv2);
+2. the torch hub's `checkpoints/dinov2_vitl14_pretrain.pth`, the file
+   `torch.hub.load("facebookresearch/dinov2", "dinov2_vitl14")` fetches (downloaded once if missing);
+3. timm's `vit_large_patch14_dinov2.lvd142m` from the Hugging Face hub (its cache, or a download).
+The position embeddings (37x37 for 518-pixel training) are interpolated to the 16x16 grid of 224
+pixels exactly as DINOv2's `interpolate_pos_encoding` does (bicubic, scale factor (16 + 0.1) / 37,
+no antialias), so the features are those of the hub model.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from typing import Optional, Union
+
+import torch
+
+from sit.errors import UsageError
+
+DINOV2_INPUT_SIZE = 224
+DINOV2_HEAD_DIM = 64
+DINOV2_WEIGHTS_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth"
+DINOV2_TIMM_REPO = "timm/vit_large_patch14_dinov2.lvd142m"  # timm's vit_large_patch14_dinov2.lvd142m
+DINOV2_TIMM_FILE = "model.safetensors"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INTERPOLATE_OFFSET = 0.1  # DINOv2's "historical kludge" in the scale factor, kept for identical features
+DINOV2_RESIZE = f"bicubic {DINOV2_INPUT_SIZE}x{DINOV2_INPUT_SIZE}, antialiased (edm2's torch resize)"
+# Keys of DINOv2's own checkpoints that the embedding does not use.
+UNUSED_KEYS = ("mask_token",)
+
+
+class DINOv2WeightsError(UsageError):
+    """DINOv2 weights that cannot be had or read; the message says where to put the file."""
+
+
+def hub_weights_path() -> str:
+    """Where torch.hub keeps dinov2_vitl14_pretrain.pth (`<torch hub dir>/checkpoints/`)."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(DINOV2_WEIGHTS_URL))
+
+
+def where_to_put_it() -> str:
+    """The one-line advice for a missing network."""
+    return (f"download {DINOV2_WEIGHTS_URL} to {hub_weights_path()}, or pass --dinov2-weights FILE "
+            f"(that file, or timm's {DINOV2_TIMM_REPO.split('/')[1]} weights)")
+
+
+def read_weights_file(path: str) -> dict[str, torch.Tensor]:
+    """A state dict of tensors from .safetensors or torch.save (weights_only); DINOv2WeightsError otherwise."""
+    if not os.path.isfile(path):
+        raise DINOv2WeightsError(f"DINOv2 weights file {path!r} does not exist; {where_to_put_it()}")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise DINOv2WeightsError(f"cannot read DINOv2 weights {path!r} ({type(error).__name__}); a pickle other than "
+                                 f"a state dict is not loaded (it could run code); {where_to_put_it()}") from None
+    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+        raise DINOv2WeightsError(f"{path} is not a state dict of tensors; {where_to_put_it()}")
+    return state
+
+
+def fetch_dinov2_weights(weights_path: Optional[str]) -> str:
+    """A local file of DINOv2 ViT-L/14 weights: the given one, else the torch hub's, else timm's (see the
+    module docstring). DINOv2WeightsError (one line, saying where to put the file) when none can be had."""
+    if weights_path is not None:
+        if not os.path.isfile(weights_path):
+            raise DINOv2WeightsError(f"DINOv2 weights file {weights_path!r} does not exist; {where_to_put_it()}")
+        return weights_path
+    hub_path = hub_weights_path()
+    if os.path.isfile(hub_path):
+        return hub_path
+    failures = []
+    try:
+        os.makedirs(os.path.dirname(hub_path), exist_ok=True)
+        torch.hub.download_url_to_file(DINOV2_WEIGHTS_URL, hub_path, progress=True)  # temp file, then rename
+        return hub_path
+    except Exception as error:  # network or disk: try timm's copy next
+        failures.append(f"torch hub: {type(error).__name__}")
+    try:
+        import huggingface_hub
+        return huggingface_hub.hf_hub_download(DINOV2_TIMM_REPO, DINOV2_TIMM_FILE)
+    except Exception as error:
+        failures.append(f"timm/Hugging Face: {type(error).__name__}")
+    raise DINOv2WeightsError(f"FD-DINOv2 needs the DINOv2 ViT-L/14 weights and none could be had "
+                             f"({'; '.join(failures)}): {where_to_put_it()}")
+
+
+def timm_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """DINOv2's names -> timm's: chunked blocks (`blocks.<chunk>.<i>.`, whose inner index is global) become
+    `blocks.<i>.`, and what the embedding does not use (the masked-modelling token) goes."""
+    return {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", key): value for key, value in state.items()
+            if key not in UNUSED_KEYS}
+
+
+def vit_config_of(state: dict[str, torch.Tensor], source: str) -> dict:
+    """timm VisionTransformer arguments for a DINOv2-style state dict, read from its shapes (head size 64)."""
+    required = ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "norm.weight")
+    missing = [key for key in required if key not in state]
+    if missing:
+        raise DINOv2WeightsError(f"{source} does not hold DINOv2 ViT weights (no {missing[0]}); {where_to_put_it()}")
+    embed_dim = state["cls_token"].shape[-1]
+    depth = 1 + max(int(key.split(".")[1]) for key in state if key.startswith("blocks."))
+    grid = math.isqrt(state["pos_embed"].shape[1] - 1)
+    if grid * grid != state["pos_embed"].shape[1] - 1 or embed_dim % DINOV2_HEAD_DIM:
+        raise DINOv2WeightsError(f"{source}: a ViT this module cannot rebuild (pos_embed "
+                                 f"{tuple(state['pos_embed'].shape)}, width {embed_dim}); {where_to_put_it()}")
+    return dict(img_size=DINOV2_INPUT_SIZE, patch_size=state["patch_embed.proj.weight"].shape[-1], embed_dim=embed_dim,
+                depth=depth, num_heads=embed_dim // DINOV2_HEAD_DIM,
+                mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim,
+                init_values=1.0 if "blocks.0.ls1.gamma" in state else None, num_classes=0, global_pool="token")
+
+
+def interpolate_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
+    """DINOv2's interpolate_pos_encoding: (1, 1 + M*M, D) -> (1, 1 + grid*grid, D), the class token's kept."""
+    patches = pos_embed.shape[1] - 1
+    side = math.isqrt(patches)
+    if side == grid:
+        return pos_embed
+    scale = (grid + INTERPOLATE_OFFSET) / side
+    patch_embed = pos_embed[:, 1:].float().reshape(1, side, side, -1).permute(0, 3, 1, 2)  # (1, D, M, M)
+    patch_embed = torch.nn.functional.interpolate(patch_embed, scale_factor=(scale, scale), mode="bicubic",
+                                                  antialias=False)  # (1, D, grid, grid)
+    patch_embed = patch_embed.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)  # (1, grid*grid, D)
+    return torch.cat([pos_embed[:, :1].float(), patch_embed], dim=1).to(pos_embed.dtype)
+
+
+def build_vit(state: dict[str, torch.Tensor], source: str) -> torch.nn.Module:
+    """timm's VisionTransformer at 224 pixels with these weights (position embeddings interpolated), in eval mode."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    state = timm_names(state)
+    config = vit_config_of(state, source)
+    grid = DINOV2_INPUT_SIZE // config["patch_size"]
+    state["pos_embed"] = interpolate_pos_embed(state["pos_embed"], grid)
+    with torch.device("meta"):  # no initialisation of ~300M parameters about to be overwritten
+        network = VisionTransformer(**config)
+    try:
+        network.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as error:
+        detail = " ".join(line.strip() for line in str(error).strip().splitlines()[1:2])[:200]
+        raise DINOv2WeightsError(f"{source} does not fit a DINOv2 ViT ({detail}); {where_to_put_it()}") from None
+    return network.float().eval().requires_grad_(False)
+
+
+def dinov2_preprocess(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images (N, 3, H, W) -> the network's input (N, 3, 224, 224): edm2's bicubic antialiased
+    resize in float32, then [0, 1] and ImageNet's normalisation."""
+    pixels = torch.nn.functional.interpolate(images.to(torch.float32), size=(DINOV2_INPUT_SIZE, DINOV2_INPUT_SIZE),
+                                             mode="bicubic", antialias=True) / 255
+    mean = torch.tensor(IMAGENET_MEAN, device=pixels.device).reshape(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=pixels.device).reshape(1, 3, 1, 1)
+    return (pixels - mean) / std
+
+
+class DINOv2FeatureExtractor:
+    """DINOv2 embeddings (N, D) of uint8 images (N, 3, H, W); D = 1024 for ViT-L/14.
+
+    weights_path: a local weights file, or None for the torch hub's / timm's (see the module docstring).
+    """
+
+    def __init__(self, device: Union[str, torch.device] = "cpu", weights_path: Optional[str] = None):
+        self.device = torch.device(device)
+        self.weights_path = fetch_dinov2_weights(weights_path)
+        self.network = build_vit(read_weights_file(self.weights_path), self.weights_path).to(self.device)
+        self.dim = self.network.embed_dim
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """images: (N, 3, H, W) uint8 -> (N, D) float32 embeddings (the normalised CLS token)."""
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected uint8 images of shape (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+        return self.network(dinov2_preprocess(images.to(self.device))).float()

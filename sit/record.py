@@ -1,0 +1,152 @@
+"""The record beside a sample batch: every setting that shaped its images, so a number can be traced and repeated.
+
+`samples/<folder>.npz` gets `samples/<folder>.json`:
+
+    {"format": "sit-sample-record", "version": 1, "checkpoint": ..., "checkpoint_sha256": ..., ...}
+
+with the fields of `SampleRecord`. sample_ddp.py writes it (`write_record`) after the .npz; evaluate.py
+reads it (`record_beside`), refuses one that disagrees with the .npz (image count or shape), and copies
+it into its --json output next to its own settings. Package versions come from `package_versions`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import os
+import platform
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from sit.errors import UsageError
+from sit.files import atomic_json
+
+RECORD_FORMAT = "sit-sample-record"
+RECORD_VERSION = 1
+VERSIONED_PACKAGES = ("torch", "torchvision", "numpy", "scipy", "diffusers", "timm", "torchdiffeq", "torch-fidelity")
+
+
+class RecordError(UsageError):
+    """A sample record that cannot be read, is not one, or disagrees with its .npz; the message names the file."""
+
+
+@dataclass
+class SampleRecord:
+    """Every setting that shapes a sample batch's images (None where a setting does not apply)."""
+    checkpoint: Optional[str]  # as given: path, URL, hf:// file or published name
+    checkpoint_sha256: Optional[str]  # of the file loaded (64 hex digits)
+    model: str  # "SiT-XL/2", or "custom (depth D, width W, patch P)"
+    image_size: int
+    num_classes: int
+    vae: str  # "ema", "mse", "none" (pixel space) or a local VAE folder (absolute path)
+    mode: str  # "ODE" or "SDE"
+    sampling_method: str  # e.g. "dopri5", "heun2", "Euler"
+    num_sampling_steps: int  # as asked (adaptive solvers choose their own)
+    nfe: Optional[int]  # model evaluations actually used per image (guided pairs count once), when known
+    cfg_scale: float
+    guided_channels: Optional[int]  # latent channels classifier-free guidance applies to; None without guidance
+    guidance_interval: Optional[tuple[float, float]]  # t-range where guidance applies; None: everywhere
+    precision: str  # "fp32", "tf32", "bf16" or "fp16"
+    global_seed: int
+    label_draw: str  # how labels were chosen, e.g. "uniform over 1000 classes, seeded per image index"
+    num_images: int  # images in the .npz
+    image_shape: tuple[int, int, int]  # (H, W, 3) of each image
+    sampler_settings: dict[str, Any] = field(default_factory=dict)  # the rest: tolerances, SDE form, eps, ...
+    versions: dict[str, str] = field(default_factory=dict)  # package_versions() of the sampling run
+    # Optional in a record (older records lack them):
+    checkpoint_file: Optional[str] = None  # the local file loaded (absolute), whose bytes checkpoint_sha256 hashes
+    vae_sha256: Optional[str] = None  # of a local VAE folder's files (sit.files.folder_sha256); None for hub VAEs
+    nfe_measured: dict[str, Any] = field(default_factory=dict)  # per-batch model evaluations this run measured
+    batch_size: Optional[int] = None  # images sampled as one batch (sample_ddp.py's --per-proc-batch-size)
+    world_size: Optional[int] = None  # processes of the run that wrote the record
+    preset: Optional[str] = None  # sample_ddp.py --preset NAME, if one filled flags
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object: format, version, then the fields (tuples as lists)."""
+        return {"format": RECORD_FORMAT, "version": RECORD_VERSION, **json.loads(json.dumps(dataclasses.asdict(self)))}
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str) -> "SampleRecord":
+        """A record from its JSON object; RecordError naming `source` for anything else."""
+        if not isinstance(data, dict) or data.get("format") != RECORD_FORMAT:
+            raise RecordError(f"{source} is not a sample record (no \"format\": \"{RECORD_FORMAT}\")")
+        if data.get("version") != RECORD_VERSION:
+            raise RecordError(f"{source} is a sample record of version {data.get('version')!r}; "
+                              f"this code reads version {RECORD_VERSION}")
+        names = [item.name for item in dataclasses.fields(cls)]
+        fields = {key: value for key, value in data.items() if key not in ("format", "version")}
+        optional = {item.name for item in dataclasses.fields(cls)
+                    if item.default is not dataclasses.MISSING or item.default_factory is not dataclasses.MISSING}
+        missing = [name for name in names if name not in fields and name not in optional]
+        unknown = sorted(set(fields) - set(names))
+        if missing or unknown:
+            problem = f"lacks {', '.join(missing)}" if missing else f"has unknown fields {', '.join(unknown)}"
+            raise RecordError(f"{source} {problem}")
+        shape = fields["image_shape"]
+        if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(side, int) for side in shape)):
+            raise RecordError(f"{source}: image_shape must be [H, W, 3], got {shape!r}")
+        if not isinstance(fields["num_images"], int) or fields["num_images"] < 0:
+            raise RecordError(f"{source}: num_images must be a count, got {fields['num_images']!r}")
+        fields["image_shape"] = tuple(shape)
+        if fields.get("guidance_interval") is not None:
+            fields["guidance_interval"] = tuple(fields["guidance_interval"])
+        return cls(**fields)
+
+    def check_against(self, num_images: int, image_shape: tuple[int, ...], source: str, npz_path: str) -> None:
+        """RecordError (one line) unless the .npz holds the images the record describes."""
+        if num_images != self.num_images or tuple(image_shape) != tuple(self.image_shape):
+            raise RecordError(f"{source} describes {self.num_images} images of {format_shape(self.image_shape)} but "
+                              f"{npz_path} holds {num_images} of {format_shape(image_shape)}: the record belongs "
+                              f"to another batch (move it away to evaluate without it)")
+
+
+def format_shape(shape: tuple[int, ...]) -> str:
+    """(256, 256, 3) -> "256x256x3"."""
+    return "x".join(str(side) for side in shape)
+
+
+def record_path(npz_path: str) -> str:
+    """samples/<folder>.npz -> samples/<folder>.json"""
+    root, extension = os.path.splitext(npz_path)
+    return (root if extension == ".npz" else npz_path) + ".json"
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of Python and of the packages that shape samples and metrics (those installed)."""
+    versions = {"python": platform.python_version()}
+    for package in VERSIONED_PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def write_record(npz_path: str, record: SampleRecord) -> str:
+    """Write `record` beside the .npz (atomically); returns the record's path."""
+    path = record_path(npz_path)
+    atomic_json(path, record.to_dict())
+    return path
+
+
+def read_record(path: str) -> SampleRecord:
+    """The record in a JSON file; RecordError (one line) for a file that is not one."""
+    try:
+        with open(path) as handle:
+            data = json.load(handle)
+    except (OSError, ValueError) as error:
+        raise RecordError(f"cannot read the sample record {path} ({type(error).__name__}: {error})") from None
+    return SampleRecord.from_dict(data, path)
+
+
+def record_beside(npz_path: str, num_images: int, image_shape: tuple[int, ...]) -> Optional[SampleRecord]:
+    """The record beside a .npz holding `num_images` images of `image_shape` (H, W, 3), or None without one.
+
+    RecordError when the record is unreadable or describes another batch.
+    """
+    path = record_path(npz_path)
+    if not os.path.isfile(path):
+        return None
+    record = read_record(path)
+    record.check_against(num_images, image_shape, path, npz_path)
+    return record

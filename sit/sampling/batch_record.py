@@ -1,0 +1,158 @@
+"""sample_ddp.py's record beside `<folder>.npz` (a `sit.record.SampleRecord` in `<folder>.json`): every
+setting that shaped the images, the files they came from (by SHA-256) and the model evaluations measured.
+
+- `identify_sources` (rank 0, before sampling): the checkpoint's local file and its hash (the published
+  model's too) and a local VAE folder's hash; it refuses a folder whose earlier record says its images
+  came from other weights (the folder's name knows the checkpoint's path, not its content).
+- `summarise_nfe`: every rank's per-batch model evaluations (sit.distributed.gather_objects), summarised.
+  Blocks sampled by an earlier (killed) run were not measured, and the record says how many images that is.
+- `finish_sample_batch` (rank 0, after sampling): the .npz, then the record (sit.record.write_record,
+  atomic). A rerun that sampled nothing keeps an earlier record that describes the same images.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import download
+from sit.errors import UsageError, reported_as
+from sit.files import folder_sha256, sha256_file
+from sit.record import RecordError, SampleRecord, package_versions, read_record, record_path, write_record
+from sit.sampling.folder import finish_npz, npz_shape
+from sit.sampling.loading import SamplingModel
+from sit.sampling.settings import ModelSettings, SamplingConfig
+from sit.vae import PIXEL_SPACE, VAE_REPOS
+
+# What a rerun may differ in and still describe the same images (an earlier record of them is kept):
+# the checkpoint as given (the same file may be named another way; its hash is compared) and the preset.
+NOT_SHAPING_IMAGES = ("nfe", "nfe_measured", "versions", "world_size", "checkpoint", "preset")
+
+
+@dataclass(frozen=True)
+class SampleSources:
+    """The files a sample batch comes from: the checkpoint as given and its local file, and the VAE."""
+    checkpoint: str  # --ckpt as given, or the published model's name
+    checkpoint_file: Optional[str]  # absolute path; None when its local copy cannot be found
+    checkpoint_sha256: Optional[str]
+    vae: str  # "ema", "mse", "none" or a local folder (absolute)
+    vae_sha256: Optional[str]  # of a local VAE folder's files (sit.files.folder_sha256)
+
+
+def checkpoint_as_given(config: SamplingConfig) -> str:
+    """--ckpt, or the name of the published checkpoint a request without it loads."""
+    request = config.request
+    if request.ckpt is not None:
+        return request.ckpt
+    return download.published_model(request.model_name, request.image_size, request.num_classes)
+
+
+def check_earlier_record(folder: str, checkpoint: str, checkpoint_sha256: Optional[str]) -> None:
+    """UsageError when the record beside <folder>.npz names other weights than `checkpoint_sha256`."""
+    path = record_path(f"{folder}.npz")
+    if checkpoint_sha256 is None or not os.path.isfile(path):
+        return
+    try:
+        earlier = read_record(path)
+    except RecordError:
+        return  # not a record this code reads: replaced when the batch is finished
+    if earlier.checkpoint_sha256 not in (None, checkpoint_sha256):
+        raise UsageError(f"--ckpt {checkpoint} now holds other weights (sha256 {checkpoint_sha256[:12]}...) than "
+                         f"those the images in {folder} were sampled from ({earlier.checkpoint_sha256[:12]}..., per "
+                         f"{path}): move {folder} and its .npz and .json away, or pass another --sample-dir")
+
+
+def identify_sources(config: SamplingConfig, settings: ModelSettings, folder: str, logger: Any) -> SampleSources:
+    """The checkpoint's and VAE's identity (files hashed once, on rank 0); see check_earlier_record."""
+    checkpoint = checkpoint_as_given(config)
+    local_file = download.local_copy(checkpoint)
+    if local_file is None:
+        logger.warning(f"cannot find the local file of {checkpoint}: its record will have no checkpoint hash")
+    with reported_as(f"cannot read {local_file} to hash it"):
+        checkpoint_sha256 = None if local_file is None else sha256_file(local_file)
+    check_earlier_record(folder, checkpoint, checkpoint_sha256)
+    vae = PIXEL_SPACE if settings.vae is None else settings.vae
+    local_vae = vae not in VAE_REPOS and vae != PIXEL_SPACE
+    with reported_as(f"cannot read the VAE folder {vae} to hash it"):
+        vae_sha256 = folder_sha256(vae) if local_vae else None
+    return SampleSources(checkpoint, local_file, checkpoint_sha256, os.path.abspath(vae) if local_vae else vae,
+                         vae_sha256)
+
+
+def summarise_nfe(per_rank: Sequence[Sequence[tuple[int, int]]], num_images: int) -> tuple[Optional[int], dict]:
+    """(model evaluations per image, or None unless one count holds for every image of the batch; the
+    measured counts). per_rank: each rank's (PNGs written, model evaluations) per batch it sampled."""
+    batches = [batch for rank in per_rank for batch in rank]
+    images = sum(written for written, _ in batches)
+    counts = [count for _, count in batches]
+    measured: dict[str, Any] = {"batches": len(batches), "images": images, "images_not_measured": num_images - images}
+    if counts:
+        measured.update(per_batch_min=min(counts), per_batch_max=max(counts), total=sum(counts))
+    same_everywhere = bool(counts) and min(counts) == max(counts) and images == num_images
+    return (counts[0] if same_everywhere else None), measured
+
+
+def model_description(settings: ModelSettings, model_config: dict) -> str:
+    """"SiT-XL/2", or "custom (depth D, width W, patch P)" for a checkpoint of no named size."""
+    if settings.name != "custom":
+        return settings.name
+    return (f"custom (depth {model_config['depth']}, width {model_config['hidden_size']}, "
+            f"patch {model_config['patch_size']})")
+
+
+def build_record(config: SamplingConfig, loaded: SamplingModel, sources: SampleSources,
+                 per_rank_nfe: Sequence[Sequence[tuple[int, int]]], world_size: int, preset: Optional[str],
+                 npz_shape_: tuple[int, ...]) -> SampleRecord:
+    """The record of a finished batch whose .npz holds arr_0 of `npz_shape_` (N, H, W, 3)."""
+    settings, model_config = loaded.settings, loaded.model.config
+    sampler, guidance = config.sampler, config.guidance
+    guided = guidance.scale > 1.0
+    nfe, measured = summarise_nfe(per_rank_nfe, npz_shape_[0])
+    sampler_settings = {key: value for key, value in dataclasses.asdict(sampler).items()
+                        if key not in ("sampling_method", "num_steps")}
+    sampler_settings.update(dataclasses.asdict(settings.transport), compile=config.compile,
+                            noise_draw="per image: standard normal on a CPU generator seeded by (global seed, index), "
+                                       "before its label; SDE noise per batch, seeded by its first index")
+    return SampleRecord(
+        checkpoint=sources.checkpoint, checkpoint_sha256=sources.checkpoint_sha256,
+        model=model_description(settings, model_config), image_size=settings.image_size,
+        num_classes=settings.num_classes, vae=sources.vae, mode=sampler.mode, sampling_method=sampler.sampling_method,
+        num_sampling_steps=sampler.num_steps, nfe=nfe, cfg_scale=guidance.scale,
+        guided_channels=(model_config["in_channels"] if guidance.all_channels else 3) if guided else None,
+        guidance_interval=tuple(guidance.interval) if guided and tuple(guidance.interval) != (0.0, 1.0) else None,
+        precision=config.precision, global_seed=config.seed,
+        label_draw=f"uniform over {settings.num_classes} classes: torch.randint on a CPU generator seeded by "
+                   f"(global seed, image index), as sit.generation.noise_and_labels",
+        num_images=npz_shape_[0], image_shape=tuple(npz_shape_[1:]), sampler_settings=sampler_settings,
+        versions=package_versions(), checkpoint_file=sources.checkpoint_file, vae_sha256=sources.vae_sha256,
+        nfe_measured=measured, batch_size=config.batch_size, world_size=world_size, preset=preset)
+
+
+def describes_same_images(earlier: SampleRecord, record: SampleRecord) -> bool:
+    """Whether two records agree on everything that shapes the images (not on what a rerun may change)."""
+    mine, theirs = earlier.to_dict(), record.to_dict()
+    return all(mine[key] == theirs[key] for key in mine if key not in NOT_SHAPING_IMAGES)
+
+
+def finish_sample_batch(folder: str, num_images: int, make_record: Callable[[tuple[int, ...]], SampleRecord],
+                        logger: Any) -> str:
+    """Build <folder>.npz (finish_npz), then write its record; returns the record's path.
+
+    make_record: the record of an .npz of that shape (N, H, W, 3). A run that sampled nothing keeps an
+    earlier record that describes the same images (its NFE and versions are those of the run that sampled).
+    """
+    finish_npz(folder, num_images, logger)
+    npz_path = f"{folder}.npz"
+    record, path = make_record(npz_shape(npz_path)), record_path(npz_path)
+    try:
+        earlier = read_record(path) if os.path.isfile(path) else None
+    except RecordError:
+        earlier = None
+    if earlier is not None and record.nfe_measured["batches"] == 0 and describes_same_images(earlier, record):
+        logger.info(f"Kept the record {path} (no image was sampled again)")
+        return path
+    with reported_as(f"cannot write the record {path}"):
+        write_record(npz_path, record)
+    logger.info(f"Saved the record of how the images were made to {path}")
+    return path

@@ -1,0 +1,98 @@
+"""The sampling scripts' command line, declared once: the flags sample.py and sample_ddp.py share,
+and the likelihood flags of sample_ddp.py.
+
+The mode (ODE or SDE) comes first and picks its flag group (the original's parse_ode_args or
+parse_sde_args). Only declarations live here; `sit.sampling.settings` checks the parsed flags and
+turns them into a `SamplingConfig`.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Callable, Optional, Sequence
+
+from models import SiT_models
+from sit.cli import add_speed_arguments, guidance_scale, positive_int, unit_interval_float
+from sit.config import SAMPLING_MODES
+from sit.dequantize import DEQUANTIZATIONS
+from sit.errors import UsageError
+from train_utils import parse_ode_args, parse_sde_args, parse_transport_args
+
+HELP_FLAGS = ("-h", "--help")
+
+
+def sampling_mode(argv: Sequence[str]) -> Optional[str]:
+    """The mode that argv starts with (ODE or SDE), or None for a help request; UsageError otherwise."""
+    mode = argv[0] if argv else None
+    if mode in SAMPLING_MODES:
+        return mode
+    if mode in HELP_FLAGS:
+        return None
+    got = "nothing" if mode is None else repr(mode)
+    raise UsageError(f"the first argument must be the sampling mode, ODE or SDE (got {got})")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, *, vae_default: str, cfg_default: float) -> None:
+    """The flags both scripts share (the original's, plus the guidance options)."""
+    parser.add_argument("mode", choices=SAMPLING_MODES, help="sampler: ODE (probability flow) or SDE; must come first")
+    parser.add_argument("--model", type=str, choices=list(SiT_models), default=None,
+                        help="model size (default: the checkpoint's, else SiT-XL/2)")
+    parser.add_argument("--vae", type=str, default=None,
+                        help=f"ema, mse or a local diffusers AutoencoderKL folder "
+                             f"(default: the checkpoint's local VAE folder, else {vae_default}); pixel-space "
+                             f"checkpoints (trained with --vae none) need none")
+    parser.add_argument("--image-size", type=positive_int, default=None,
+                        help="image size, a multiple of 8 unless --vae none (default: the checkpoint's, else 256)")
+    parser.add_argument("--num-classes", type=positive_int, default=None,
+                        help="number of classes (default: the checkpoint's, else 1000)")
+    parser.add_argument("--cfg-scale", type=guidance_scale, default=cfg_default,
+                        help="classifier-free guidance scale, >= 1 (1: no guidance)")
+    parser.add_argument("--num-sampling-steps", type=positive_int, default=250)
+    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None,
+                        help="TF32 matmuls on Ampere+ GPUs (the default): much faster, slightly different numbers; "
+                             "--no-tf32 is --precision fp32")
+    add_speed_arguments(parser, precision_default=None)  # None: tell an explicit --precision from --no-tf32's
+    parser.add_argument("--ckpt", type=str, default=None,
+                        help="a SiT checkpoint: local .pt, URL, hf://org/repo/file or a published name "
+                             "(default: download the published SiT-XL/2 at --image-size 256, or 512)")
+    parser.add_argument("--guide-all-channels", action="store_true",
+                        help="guide all latent channels (the original guides only the first 3)")
+    parser.add_argument("--cfg-interval", type=unit_interval_float, nargs=2, metavar=("LO", "HI"), default=(0.0, 1.0),
+                        help="apply guidance only for t in [LO, HI] (t=0 noise, t=1 data); default 0 1")
+
+
+def add_likelihood_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of --likelihood (sample_ddp.py)."""
+    parser.add_argument("--data-path", type=str, default=None,
+                        help="with --likelihood: an ImageFolder of real images to evaluate "
+                             "(default: evaluate freshly generated samples)")
+    parser.add_argument("--dequantize", choices=DEQUANTIZATIONS, default=None,
+                        help="with --likelihood of a pixel-space model: noise added to the 8-bit images "
+                             "(default uniform; none: density at the bin centres, no bound)")
+    parser.add_argument("--num-probes", type=positive_int, default=1,
+                        help="with --likelihood: Hutchinson probes averaged per divergence (default 1)")
+    parser.add_argument("--exact-trace", action="store_true",
+                        help="with --likelihood: the exact divergence, one backward pass per dimension (small images)")
+
+
+def sampling_parser(mode: Optional[str], *, description: str, vae_default: str, cfg_default: float,
+                    add_script_arguments: Callable[[argparse.ArgumentParser], None]) -> argparse.ArgumentParser:
+    """The parser of `<mode> [options]`: the shared flags, the script's own, then the mode's group.
+
+    mode None (a help request before any mode) lists the shared flags only. The transport flags keep
+    the original's defaults; which of them were given decides what the checkpoint's values yield to.
+    """
+    # allow_abbrev=False: a misspelt or truncated flag is an error, never a silent match
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
+                                     epilog="The mode comes first; `<script> ODE -h` or `<script> SDE -h` "
+                                            "lists the sampler's own options.")
+    add_model_arguments(parser, vae_default=vae_default, cfg_default=cfg_default)
+    add_script_arguments(parser)
+    if mode is not None:
+        parse_transport_args(parser)
+        if mode == "ODE":
+            parse_ode_args(parser)
+        else:
+            parse_sde_args(parser)
+            # accepted here only to refuse it with a clear message
+            parser.add_argument("--likelihood", action="store_true", help=argparse.SUPPRESS)
+    return parser

@@ -1,0 +1,192 @@
+"""sample_ddp.py's sample folder: its name, its PNGs and the .npz built from them.
+
+Images go to <sample-dir>/<folder>/000000.png ..., where <folder> names every setting that changes
+the images (the names stay as they were, so a rerun continues an older folder), then into
+<sample-dir>/<folder>.npz (arr_0: uint8 (N, H, W, 3), the format of the ADM evaluation suite).
+Every file is written through sit.files.atomic_write, so a killed run leaves no half-written file;
+what it leaves (temporary names) the next run removes.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import zipfile
+from typing import Any, Optional
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from sit.config import ODEConfig
+from sit.distributed import DistContext, on_main
+from sit.errors import RunFailure, reported_as
+from sit.files import atomic_write, remove_temporaries
+from sit.sampling.settings import ModelSettings, SamplingConfig
+from sit.vae import VAE_REPOS
+
+#################################################################################
+#                                   Names                                       #
+#################################################################################
+
+
+def short_hash(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
+def checkpoint_tag(ckpt: Optional[str]) -> str:
+    """'pretrained', or the checkpoint's file stem plus a hash of where it is (two runs' 0400000.pt differ)."""
+    if ckpt is None:
+        return "pretrained"
+    where = os.path.realpath(ckpt) if os.path.exists(ckpt) else ckpt
+    stem = os.path.splitext(os.path.basename(ckpt.rstrip("/")))[0] or "ckpt"
+    return f"{stem}-{short_hash(where)}"
+
+
+def vae_tag(vae: Optional[str]) -> str:
+    if vae is None:
+        return "pixels"
+    if vae in VAE_REPOS:
+        return vae
+    return f"{os.path.basename(os.path.normpath(vae))}-{short_hash(os.path.realpath(vae))}"
+
+
+def folder_name(config: SamplingConfig, settings: ModelSettings) -> str:
+    """A folder name made of every setting that changes the images (or the likelihoods)."""
+    sampler, guidance, transport = config.sampler, config.guidance, settings.transport
+    parts = [settings.name.replace("/", "-"), checkpoint_tag(settings.ckpt), f"{settings.image_size}px",
+             f"vae-{vae_tag(settings.vae)}", sampler.mode, sampler.sampling_method, f"steps-{sampler.num_steps}",
+             f"cfg-{guidance.scale}", transport.path_type, transport.prediction, f"seed-{config.seed}",
+             f"bs-{config.batch_size}"]
+    if isinstance(sampler, ODEConfig):
+        parts += [f"atol-{sampler.atol}", f"rtol-{sampler.rtol}"] + (["reverse"] if sampler.reverse else [])
+    else:
+        parts += [sampler.diffusion_form, f"norm-{sampler.diffusion_norm}", f"last-{sampler.last_step}",
+                  f"lastsize-{sampler.last_step_size}"]
+    if transport.sample_eps is not None:
+        parts.append(f"eps-{transport.sample_eps}")
+    if guidance.scale > 1.0 and guidance.all_channels:
+        parts.append("allchannels")
+    if guidance.scale > 1.0 and tuple(guidance.interval) != (0.0, 1.0):
+        parts.append(f"interval-{guidance.interval[0]}-{guidance.interval[1]}")
+    if config.precision != "tf32":  # other precisions give other images; the default keeps older folder names
+        parts.append(f"prec-{config.precision}")
+    name = "-".join(str(part) for part in parts)
+    likelihood = config.likelihood
+    if likelihood is not None:
+        source = f"data-{checkpoint_tag(likelihood.data_path)}" if likelihood.data_path else "generated"
+        name += f"-likelihood-{source}"
+        if settings.vae is None:  # pixel space: 8-bit images, dequantized
+            name += f"-deq-{likelihood.dequantization}"
+        if likelihood.exact_trace or likelihood.num_probes != 1:
+            name += "-exact-trace" if likelihood.exact_trace else f"-probes-{likelihood.num_probes}"
+    return name
+
+
+def png_path(folder: str, index: int) -> str:
+    return os.path.join(folder, f"{index:06d}.png")
+
+
+def npz_temporary_suffix(folder: str) -> str:
+    """How the temporary name of <folder>.npz ends (atomic_write puts ".tmp-XXXXXXXX" before it): a
+    hash of the folder's name, so a killed build's leftover is known to be this folder's."""
+    return f"-{short_hash(os.path.basename(os.path.normpath(folder)))}.npz"
+
+
+#################################################################################
+#                            The folder and its PNGs                            #
+#################################################################################
+
+def remove_stale_temporary_files(folder: str) -> int:
+    """Delete what a killed run left behind: temporary PNGs in folder, and temporary <folder>.npz
+    files beside it (each may be gigabytes; other folders' are kept); returns how many."""
+    # every hidden .tmp name: atomic_write's ".tmp-XXXXXXXX.png.tmp" and older versions' ".<name>.<pid>.tmp"
+    stale = [name for name in os.listdir(folder) if name.startswith(".") and name.endswith(".tmp")]
+    for name in stale:
+        os.remove(os.path.join(folder, name))
+    parent = os.path.dirname(os.path.normpath(folder)) or "."
+    return len(stale) + remove_temporaries(parent, npz_temporary_suffix(folder))
+
+
+def create_sample_folder(folder: str, logger: Any) -> None:
+    """Create folder, clearing a killed run's temporary files, and say so."""
+    with reported_as(f"cannot create the sample folder {folder}"):
+        os.makedirs(folder, exist_ok=True)
+        removed = remove_stale_temporary_files(folder)
+    logger.info(f"Saving to {folder}" + (f" (removed {removed} unfinished files)" if removed else ""))
+
+
+def prepare_sample_folder(ctx: DistContext, sample_dir: str, config: SamplingConfig, settings: ModelSettings,
+                          logger: Any) -> str:
+    """<sample-dir>/<folder>, created by rank 0 (see create_sample_folder); if that fails, every rank
+    raises its message."""
+    folder = os.path.join(sample_dir, folder_name(config, settings))
+    on_main(ctx, functools.partial(create_sample_folder, folder, logger))
+    return folder
+
+
+def save_png(pixels: np.ndarray, path: str) -> None:
+    """Write uint8 (H, W, 3) pixels as a PNG via a temporary name and a rename (no half-written PNG)."""
+    atomic_write(path, functools.partial(Image.fromarray(pixels).save, format="PNG"), suffix=".png.tmp")
+
+
+def missing_indices(folder: str, indices: range) -> list[int]:
+    """The indices whose PNG is not in folder yet."""
+    return [index for index in indices if not os.path.exists(png_path(folder, index))]
+
+
+#################################################################################
+#                                 The .npz file                                 #
+#################################################################################
+
+def npz_shape(path: str) -> Optional[tuple]:
+    """The shape of arr_0 in an .npz, read from its header only (None if unreadable)."""
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open("arr_0.npy") as stream:
+            version = np.lib.format.read_magic(stream)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(stream)
+            return tuple(shape) if dtype == np.uint8 else None
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
+
+
+def write_npz_stream(folder: str, num: int, image_shape: tuple, path: str) -> None:
+    """Write the PNGs 0 .. num-1 of folder, each of image_shape (H, W, 3), as arr_0 of an npz at path."""
+    shape = (num, *image_shape)  # (N, H, W, 3)
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+        with archive.open("arr_0.npy", "w", force_zip64=True) as stream:
+            np.lib.format.write_array_header_1_0(stream, {"descr": "|u1", "fortran_order": False, "shape": shape})
+            for index in tqdm(range(num), desc="Building .npz file from samples"):
+                pixels = np.asarray(Image.open(png_path(folder, index)).convert("RGB"), dtype=np.uint8)
+                if pixels.shape != image_shape:
+                    raise RunFailure(f"{png_path(folder, index)} is {pixels.shape}, not {image_shape}")
+                stream.write(pixels.tobytes())
+
+
+def create_npz_from_sample_folder(folder: str, num: int) -> str:
+    """Write <folder>.npz with arr_0: uint8 (num, H, W, 3) from 000000.png ...; returns its path.
+
+    Streamed image by image (memory stays small for 50K images) into a temporary file, renamed
+    when complete.
+    """
+    npz_path = f"{folder}.npz"
+    first = np.asarray(Image.open(png_path(folder, 0)).convert("RGB"))
+    atomic_write(npz_path, functools.partial(write_npz_stream, folder, num, first.shape),
+                 suffix=npz_temporary_suffix(folder))
+    return npz_path
+
+
+def finish_npz(folder: str, num: int, logger: Any) -> None:
+    """Build <folder>.npz once all num PNGs exist (unless an identical one is there)."""
+    missing = missing_indices(folder, range(num))
+    if missing:
+        raise RunFailure(f"{len(missing)} images are still missing in {folder} (first: {missing[0]}); "
+                         f"run the same command again")
+    existing = npz_shape(f"{folder}.npz")
+    if existing is not None and existing[0] == num:
+        logger.info(f"{folder}.npz already holds {num} images {existing}")
+        return
+    with reported_as(f"cannot write {folder}.npz"):
+        path = create_npz_from_sample_folder(folder, num)
+    logger.info(f"Saved .npz file to {path} [shape={npz_shape(path)}].")

@@ -1,0 +1,58 @@
+"""sample_ddp.py's images: every missing PNG of a sample folder, written by all ranks together.
+
+Indices are cut into fixed blocks of the batch size and dealt to ranks in turn; each block is always
+sampled as one batch by sit.generation.generate_blocks (per-index noise and labels, per-block SDE
+noise), so the images do not depend on the number of processes. A block with any PNG missing is
+sampled again and only its missing PNGs are written, so a killed run continues where it stopped.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from tqdm import tqdm
+
+from sit.config import build_sample_fn
+from sit.distributed import DistContext, reduce_numbers
+from sit.generation import blocks_of_rank, generate_blocks, index_blocks
+from sit.sampling.folder import missing_indices, png_path, save_png
+from sit.sampling.loading import SamplingModel
+from sit.sampling.settings import SamplingConfig
+from sit.vae import to_uint8_hwc
+
+
+def write_missing_images(ctx: DistContext, config: SamplingConfig, loaded: SamplingModel, folder: str,
+                         logger: Any) -> list[tuple[int, int]]:
+    """Write every missing PNG of indices 0..num_images-1 into folder (every rank takes part).
+
+    Returns, for each block this rank sampled, (PNGs it wrote, model evaluations its batch took).
+    """
+    settings = loaded.settings
+    sample_fn = build_sample_fn(settings.transport, config.sampler)
+    blocks = blocks_of_rank(index_blocks(config.num_images, config.batch_size), ctx.rank, ctx.world_size)
+    pending = [block for block in blocks if missing_indices(folder, block)]
+    missing_here = sum(len(missing_indices(folder, block)) for block in pending)
+    (total_missing,) = reduce_numbers([missing_here], ctx.device)
+    (num_rounds,) = reduce_numbers([len(pending)], ctx.device, "max")
+    logger.info(f"{config.num_images - int(total_missing)} of {config.num_images} images already exist; "
+                f"sampling {int(total_missing)} on {ctx.world_size} process(es)")
+    generated = generate_blocks(pending, loaded.model, loaded.vae, sample_fn, global_seed=config.seed,
+                                num_classes=settings.num_classes, guidance=config.guidance,
+                                precision=config.precision, device=ctx.device)
+    progress = tqdm(total=int(total_missing), unit="img", disable=not ctx.is_main, dynamic_ncols=True)
+    measured: list[tuple[int, int]] = []
+    for round_index in range(int(num_rounds)):  # in lockstep, so rank 0 can count everyone's images
+        written = 0
+        if round_index < len(pending):
+            block = next(generated)
+            for index, pixels in zip(block.indices, to_uint8_hwc(block.images)):  # pixels: (H, W, 3) uint8
+                if not os.path.exists(png_path(folder, index)):
+                    save_png(pixels, png_path(folder, index))
+                    written += 1
+            measured.append((written, sample_fn.nfe))  # .nfe: this batch's model evaluations
+        (written_everywhere,) = reduce_numbers([written], ctx.device)
+        progress.update(int(written_everywhere))
+    progress.close()
+    if sample_fn.nfe:
+        logger.info(f"{sample_fn.nfe} model evaluations per batch (last batch)")
+    return measured

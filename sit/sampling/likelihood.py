@@ -1,0 +1,196 @@
+"""sample_ddp.py --likelihood: log-likelihoods of real images (--data-path) or of fresh samples,
+one path for latent and pixel-space models.
+
+What differs between the two is a `Measure`: what the data are (VAE latents, the posterior mean of
+real images; or 8-bit images, dequantized), and how the ODE's log-density becomes the reported
+numbers (per latent dimension; or bits/dim of the 8-bit images, with the change of variables from
+[0, 256) and the dequantization density, see sit.dequantize). Per-image values go to
+<folder>/likelihood.csv, the means over all ranks to the log.
+"""
+from __future__ import annotations
+
+import csv
+import functools
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from sit.config import ODEConfig, TransportConfig, build_sample_fn
+from sit.data.images import CenterCrop, image_transform
+from sit.dequantize import dequantize, image_bits_per_dim
+from sit.distributed import DistContext, gather_objects
+from sit.errors import UsageError
+from sit.files import atomic_write
+from sit.generation import blocks_of_rank, generate_latents, index_blocks, noise_and_labels, seed_for
+from sit.sampling.loading import SamplingModel
+from sit.sampling.settings import LikelihoodConfig, SamplingConfig
+from sit.vae import decode_latents, encode_mean, latent_shape, to_uint8_hwc
+from transport import Sampler
+
+Scores = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # per image (n,): log-density, NLL (nats), bits/dim
+
+
+@dataclass(frozen=True)
+class Measure:
+    """What the likelihood is measured on. Data are what a block holds (observe_real: from the dataset's
+    (n, 3, H, W) images; observe_generated: from the sampler's output); `scores` runs the likelihood."""
+    device: torch.device
+    header: ClassVar[tuple[str, ...]]  # the CSV columns
+
+
+@dataclass(frozen=True)
+class LatentMeasure(Measure):
+    """A latent model: the likelihood of VAE latents (real images: their posterior mean), per latent dimension."""
+    vae: Any
+    header = ("index", "label", "logp_nats", "nll_nats", "bits_per_dim")
+
+    def observe_real(self, images: torch.Tensor) -> torch.Tensor:
+        """images (n, 3, H, W) in [-1, 1] -> latents (n, 4, H/8, W/8): the mean makes the result deterministic."""
+        return encode_mean(self.vae, images.to(self.device))
+
+    def observe_generated(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents
+
+    def scores(self, latents: torch.Tensor, labels: torch.Tensor, model_fn: Callable, likelihood_fn: Callable,
+               generator: torch.Generator) -> Scores:
+        result = likelihood_fn(latents, model_fn, y=labels)
+        return result.logp, -result.logp, result.bits_per_dim
+
+    def summary(self, num: int, source: str, nll: float, bpd: float, config: LikelihoodConfig) -> str:
+        return f"{num} {source}: mean NLL {nll:.4f} nats per image, {bpd:.6f} bits per latent dimension"
+
+
+@dataclass(frozen=True)
+class PixelMeasure(Measure):
+    """A pixel-space model: bits/dim of 8-bit images (uint8 (n, 3, H, W)), dequantized with `dequantization`."""
+    dequantization: str
+    header = ("index", "label", "logp_x_nats", "nll_image_nats", "bits_per_dim")
+
+    def observe_real(self, images: torch.Tensor) -> torch.Tensor:
+        return images  # dequantized on the CPU, from the block's own generator
+
+    def observe_generated(self, samples: torch.Tensor) -> torch.Tensor:
+        """Samples (n, 3, H, W) quantized as the PNGs would be: uint8 (n, 3, H, W)."""
+        pixels = torch.from_numpy(to_uint8_hwc(decode_latents(None, samples)))  # (n, H, W, 3)
+        return pixels.permute(0, 3, 1, 2)                                        # (n, 3, H, W)
+
+    def scores(self, images: torch.Tensor, labels: torch.Tensor, model_fn: Callable, likelihood_fn: Callable,
+               generator: torch.Generator) -> Scores:
+        """float64 (n,) each: log p(x) on the model's [-1, 1] scale, the negative bound on log P(image), bits/dim."""
+        x, log_q = dequantize(images, self.dequantization, generator)  # (n, 3, H, W) float64, (n,)
+        result = likelihood_fn(x.to(self.device, torch.float32), model_fn, y=labels)
+        logp_x = result.logp.double().cpu()
+        num_dims = x[0].numel()
+        bits_per_dim = image_bits_per_dim(logp_x, log_q.cpu(), num_dims)
+        return logp_x, bits_per_dim * num_dims * math.log(2), bits_per_dim
+
+    def summary(self, num: int, source: str, nll: float, bpd: float, config: LikelihoodConfig) -> str:
+        divergence = "exact trace" if config.exact_trace else f"{config.num_probes} Hutchinson probe(s)"
+        return f"{num} 8-bit {source} ({self.dequantization} dequantization, {divergence}): mean {bpd:.4f} bits/dim"
+
+
+def dataset_transform(image_size: int, pixel_space: bool) -> Callable:
+    """How --data-path images are read: uint8 (3, H, W) for pixel-space models, else (3, H, W) in
+    [-1, 1]; the ADM center crop, no flip."""
+    if not pixel_space:
+        return image_transform(image_size, random_flip=False)
+    from torchvision import transforms
+
+    return transforms.Compose([CenterCrop(image_size), transforms.PILToTensor()])
+
+
+def measure_for(loaded: SamplingModel, config: LikelihoodConfig, device: torch.device) -> Measure:
+    """The measure of the loaded model: pixels without a VAE, else latents (which refuse --dequantize)."""
+    if loaded.vae is None:
+        return PixelMeasure(device, config.dequantization)
+    if config.dequantize is not None:
+        raise UsageError("--dequantize applies to pixel-space models (trained with --vae none); this one works on "
+                         "VAE latents, whose likelihood is reported per latent dimension: drop --dequantize")
+    return LatentMeasure(device, loaded.vae)
+
+
+def build_likelihood_fn(transport: TransportConfig, sampler: ODEConfig, config: LikelihoodConfig) -> Callable:
+    """fn(x, model, **kwargs) -> LikelihoodResult of the ODE flags; UsageError when the settings do not fit."""
+    try:
+        return sampler.likelihood_fn(Sampler(transport.build()), config.num_probes, config.exact_trace)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
+def open_dataset(data_path: Optional[str], transform: Callable, num_classes: int) -> Any:
+    """The --data-path ImageFolder with `transform` (None without --data-path)."""
+    if data_path is None:
+        return None
+    from torchvision.datasets import ImageFolder
+
+    try:
+        dataset = ImageFolder(data_path, transform=transform)
+    except (FileNotFoundError, OSError) as error:
+        raise UsageError(f"--data-path {data_path}: {error}")
+    if len(dataset.classes) > num_classes:
+        raise UsageError(f"--data-path has {len(dataset.classes)} class folders but the model has "
+                         f"{num_classes} classes")
+    return dataset
+
+
+def _write_rows(header: tuple, rows: list, path: str) -> None:
+    with open(path, "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def real_block(dataset: Any, block: range, measure: Measure) -> tuple[torch.Tensor, torch.Tensor]:
+    """The data and labels (n,) of the dataset's images at the block's indices."""
+    items = [dataset[index] for index in block]
+    images = torch.stack([image for image, _ in items])  # (n, 3, H, W)
+    return measure.observe_real(images), torch.tensor([label for _, label in items], device=measure.device)
+
+
+def generated_block(block: range, config: SamplingConfig, loaded: SamplingModel, sample_fn: Callable,
+                    measure: Measure) -> tuple[torch.Tensor, torch.Tensor]:
+    """The data and labels (n,) of fresh samples at the block's indices (per-index noise and labels)."""
+    model, device = loaded.model, measure.device
+    z, y = noise_and_labels(block, config.seed, latent_shape(model.config), loaded.settings.num_classes)
+    labels = y.to(device)
+    latents = generate_latents(sample_fn, model, z.to(device), labels, config.guidance, config.precision)
+    return measure.observe_generated(latents), labels
+
+
+def evaluate_likelihood(ctx: DistContext, config: SamplingConfig, loaded: SamplingModel, folder: str,
+                        logger: Any) -> None:
+    """Log-likelihood of the --data-path images or of fresh samples (every rank takes part): per-image
+    rows to <folder>/likelihood.csv, the means to the log."""
+    options, settings, model = config.likelihood, loaded.settings, loaded.model
+    measure = measure_for(loaded, options, ctx.device)
+    transform = dataset_transform(settings.image_size, pixel_space=loaded.vae is None)
+    dataset = open_dataset(options.data_path, transform, settings.num_classes)
+    num_images = config.num_images if dataset is None else min(config.num_images, len(dataset))
+    sample_fn = None if dataset is not None else build_sample_fn(settings.transport, config.sampler)
+    likelihood_fn = build_likelihood_fn(settings.transport, config.sampler, options)
+    rows = []
+    progress = tqdm(total=num_images, unit="img", disable=not ctx.is_main, dynamic_ncols=True)
+    for block in blocks_of_rank(index_blocks(num_images, config.batch_size), ctx.rank, ctx.world_size):
+        if dataset is not None:
+            data, labels = real_block(dataset, block, measure)
+        else:
+            data, labels = generated_block(block, config, loaded, sample_fn, measure)
+        generator = torch.Generator().manual_seed(seed_for(config.seed, block.start, "dequantize"))
+        torch.manual_seed(seed_for(config.seed, block.start, "likelihood"))  # Hutchinson probes
+        logp, nll, bpd = measure.scores(data, labels, model.forward, likelihood_fn, generator)
+        rows += zip(block, labels.tolist(), logp.tolist(), nll.tolist(), bpd.tolist())
+        progress.update(min(len(block) * ctx.world_size, progress.total - progress.n))  # estimate: ranks run alike
+    progress.close()
+    all_rows = [row for part in gather_objects(rows) for row in part]  # every rank's, in rank order
+    if ctx.is_main:
+        path = os.path.join(folder, "likelihood.csv")
+        atomic_write(path, functools.partial(_write_rows, measure.header, sorted(all_rows)), suffix=".csv.tmp")
+        source = f"images of {options.data_path}" if dataset is not None else "generated samples"
+        nll, bpd = (float(np.mean([row[column] for row in all_rows])) for column in (3, 4))
+        logger.info(f"Likelihood of {measure.summary(len(all_rows), source, nll, bpd, options)}; "
+                    f"per-image values in {folder}/likelihood.csv")

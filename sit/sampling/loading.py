@@ -1,0 +1,70 @@
+"""The model and VAE a sampling run uses: the checkpoint's SiT (or the published one), its settings
+resolved against the request, compiled on request, and the VAE that decodes its latents.
+
+In a torchrun job, `sit.distributed.main_first(ctx, partial(load_for_sampling, ...))` loads on rank 0
+first (a download happens once, into the shared cache) and ends every rank alike on any failure.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from models import SiT, has_null_class
+from sit.checkpoint import load_model
+from sit.errors import reported_as
+from sit.sampling.settings import ModelSettings, SamplingConfig, resolve_model_settings
+from sit.speed import compile_for_sampling, compile_model, configure_precision
+from sit.vae import load_vae
+
+
+@dataclass
+class SamplingModel:
+    """A loaded model (eval mode, on its device), its VAE (None in pixel space) and its settings."""
+    model: SiT
+    vae: Any
+    settings: ModelSettings
+
+
+def setup_torch(precision: str) -> None:
+    """No gradients; the matmul precision flags of a --precision choice (TF32 unless fp32)."""
+    configure_precision(precision)
+    torch.set_grad_enabled(False)
+
+
+def speed_up(model: SiT, config: SamplingConfig) -> SiT:
+    """--compile: compile the model for inference (sit.speed.compile_for_sampling); the likelihood
+    differentiates through the model, so it keeps the per-block compile of training."""
+    if not config.compile:
+        return model
+    if config.likelihood is not None:
+        return compile_model(model)
+    return compile_for_sampling(model)
+
+
+def load_sampling_model(config: SamplingConfig, device: torch.device, vae_default: str) -> tuple[SiT, ModelSettings]:
+    """The SiT of the request's checkpoint (or the published model) on `device` in eval mode, and its
+    settings (vae_default: the script's VAE when neither --vae nor the checkpoint names a local one).
+
+    Raises UsageError when the checkpoint cannot be fetched or loaded or contradicts the flags.
+    """
+    request = config.request
+    with reported_as("cannot load the model"):
+        model, info = load_model(request.ckpt, model_name=request.model_name, image_size=request.image_size,
+                                 num_classes=request.num_classes)
+    settings = resolve_model_settings(config, info, has_null_class=has_null_class(model.config),
+                                      vae_default=vae_default)
+    return speed_up(model.to(device).eval(), config), settings
+
+
+def load_decoder(vae: Optional[str], device: torch.device) -> Any:
+    """sit.vae.load_vae(vae) (UsageError when it cannot load), or None for pixel-space models."""
+    return None if vae is None else load_vae(vae, device)
+
+
+def load_for_sampling(config: SamplingConfig, device: torch.device, vae_default: str) -> SamplingModel:
+    """The model, its settings and its VAE (see load_sampling_model)."""
+    model, settings = load_sampling_model(config, device, vae_default)
+    with reported_as("cannot load the model"):
+        return SamplingModel(model, load_decoder(settings.vae, device), settings)

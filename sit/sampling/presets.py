@@ -1,0 +1,171 @@
+"""Published evaluations as presets of sample_ddp.py's flags: `--preset NAME`, `--preset list`.
+
+A preset is the command line of a published evaluation (its mode, sampler, steps, guidance, model,
+image size, VAE and image count) with the number it gave and where that number and those settings
+come from. `apply_preset` merges it into the parsed flags BEFORE the typed configuration is built:
+
+- a flag the preset sets and the command line does not give takes the preset's value ("filled");
+- a flag given explicitly with another value wins, with a warning naming it ("overridden");
+- the preset's values are parsed by the script's own parser, so they pass the same types and choices.
+
+The mode is part of the preset: `sample_ddp.py --preset NAME ...` runs the preset's mode, and a mode
+given first must be the preset's (`ODE --preset <an SDE preset>` is a one-line UsageError: the mode
+decides which sampler flags exist, so a preset cannot switch it under the user's feet).
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+from sit.cli import parse_with_explicit
+from sit.config import SAMPLING_MODES
+from sit.errors import UsageError
+from sit.sampling.flags import HELP_FLAGS
+
+PRESET_FLAG = "--preset"
+LIST_PRESETS = "list"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One published evaluation: its mode and flags (as typed on a command line), result and sources."""
+    name: str
+    mode: str  # ODE or SDE
+    flags: tuple[tuple[str, tuple[str, ...]], ...]  # (flag, its values); () for a switch such as --guide-all-channels
+    published: str  # the published result, e.g. "FID 2.06, IS 270.3"
+    source: str  # where the settings and the number come from
+    note: str = ""  # what could not be verified, or how the settings were mapped onto this code's flags
+
+    def argv(self) -> list[str]:
+        """The preset as a command line: the mode, then its flags."""
+        return [self.mode] + [token for flag, values in self.flags for token in (flag, *values)]
+
+
+# The settings of SiT's original evaluation that every preset below shares: the published XL/2 at 256,
+# 50K images (FID-50K), decoded with sd-vae-ft-ema (the original sample_ddp.py's VAE).
+SIT_XL_256 = (("--model", ("SiT-XL/2",)), ("--image-size", ("256",)), ("--vae", ("ema",)),
+              ("--num-fid-samples", ("50000",)))
+# The original SDE sampler's defaults, written out: Euler-Maruyama on 250 points from t=0 to 0.96, w(t) = sigma_t,
+# then one noiseless (Mean) step of 0.04 to the data.
+SIT_SDE_250 = (("--sampling-method", ("Euler",)), ("--num-sampling-steps", ("250",)), ("--diffusion-form", ("sigma",)),
+               ("--diffusion-norm", ("1.0",)), ("--last-step", ("Mean",)), ("--last-step-size", ("0.04",)))
+
+PRESETS: dict[str, Preset] = {preset.name: preset for preset in (
+    Preset("sit-xl2-256-ode-cfg1.5", "ODE",
+           SIT_XL_256 + (("--sampling-method", ("heun2",)), ("--num-sampling-steps", ("125",)),
+                         ("--cfg-scale", ("1.5",))),
+           published="FID-50K 2.06, IS 270.3 (SiT-XL/2, ImageNet 256, GPU; 2.15 when sampled on TPU)",
+           source="settings: the authors' answer in willisma/SiT issue #18 (second-order Heun ODE, 125 steps, "
+                  "cfg scale 1.5); numbers: the willisma/SiT README's model table (FID-50K 2.06, IS 270.27)",
+           note="guides the first 3 latent channels, as the original; the authors count 250 model evaluations, "
+                "a 125-point heun2 grid here (and in the original PyTorch code) makes 248 (the record's nfe)"),
+    Preset("sit-xl2-256-sde", "SDE", SIT_XL_256 + SIT_SDE_250 + (("--cfg-scale", ("1.0",)),),
+           published="FID-50K 8.3 without guidance (SiT-XL/2 at 7M iterations, the published checkpoint)",
+           source="the REPA paper (Yu et al. 2024, arXiv:2410.06940), Table 3: vanilla SiT-XL/2, 7M iterations, "
+                  "250-step SDE sampler, no guidance",
+           note="not verified against the SiT paper's own table (not readable here; another paper lists 8.61); "
+                "diffusion form, last step and VAE are the original's defaults, assumed for this number"),
+    Preset("repa-xl2-256-sde-cfg1.8-interval", "SDE",
+           SIT_XL_256 + SIT_SDE_250 + (("--cfg-scale", ("1.8",)), ("--guide-all-channels", ()),
+                                       ("--cfg-interval", ("0.3", "1.0"))),
+           published="FID-50K 1.42 (SiT-XL/2 + REPA, 4M iterations, guidance interval)",
+           source="sihyun-yu/REPA README (FID=1.42; evaluation: generate.py --mode=sde --num_steps=250 "
+                  "--cfg-scale=1.8 --guidance_high=0.7) and its samplers.py (euler_maruyama_sampler)",
+           note="mapped onto this code's flags: REPA's time runs from noise (1) to data (0), so guidance for its "
+                "t in [0, 0.7] is --cfg-interval 0.3 1.0 here; its diffusion 2t is w(t) = sigma_t (--diffusion-form "
+                "sigma) on the Linear path; it guides all 4 latent channels; same 250-point grid to 0.04 and "
+                "noiseless last step (REPA keeps the state in float64, this code in float32). REPA's own "
+                "checkpoint does not load here (another model class): use it for SiT-XL/2 models trained with REPA"),
+)}
+
+
+@dataclass(frozen=True)
+class PresetUse:
+    """A preset merged into parsed flags: the merged flags and what was filled and overridden."""
+    name: str
+    flags: dict[str, Any]  # the parsed flags (destination -> value) with the preset's filled in
+    given: frozenset[str]  # destinations given explicitly or filled by the preset
+    filled: tuple[str, ...]  # e.g. ("--cfg-scale 1.5", "--guide-all-channels")
+    overridden: tuple[str, ...]  # e.g. ("--cfg-scale 4.0 (the preset's: --cfg-scale 1.5)",)
+
+    def summary(self) -> str:
+        """One log line: the preset's name and the flags it filled."""
+        filled = " ".join(self.filled) if self.filled else "nothing (every flag it sets was given)"
+        return f"Preset {self.name} filled: {filled} [published: {PRESETS[self.name].published}]"
+
+    def warnings(self) -> list[str]:
+        """One line per explicit flag that overrides the preset."""
+        return [f"--preset {self.name}: explicit {text} overrides the preset" for text in self.overridden]
+
+
+def preset_names() -> list[str]:
+    """The names --preset accepts: every preset, and `list`."""
+    return [*PRESETS, LIST_PRESETS]
+
+
+def requested_preset(argv: Sequence[str]) -> Optional[str]:
+    """The name after --preset in argv (None without one); UsageError (one line) for a name that does not exist."""
+    finder = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    finder.add_argument(PRESET_FLAG, default=None)
+    name = finder.parse_known_args(list(argv))[0].preset
+    if name is not None and name not in preset_names():
+        raise UsageError(f"--preset {name!r} does not exist; choose one of {', '.join(preset_names())}")
+    return name
+
+
+def with_preset_mode(argv: Sequence[str], name: Optional[str]) -> list[str]:
+    """argv with the preset's mode first when no mode was given; UsageError when the mode given is another."""
+    argv = list(argv)
+    if name is None or name == LIST_PRESETS or (argv and argv[0] in HELP_FLAGS):
+        return argv
+    mode = PRESETS[name].mode
+    if argv and argv[0] in SAMPLING_MODES:
+        if argv[0] != mode:
+            raise UsageError(f"--preset {name} is an {mode} evaluation but the mode given is {argv[0]}: "
+                             f"run `{mode} --preset {name}` (or leave the mode out; the preset sets it)")
+        return argv
+    return [mode, *argv]
+
+
+def format_value(value: Any) -> str:
+    """A parsed flag value as typed on a command line."""
+    if isinstance(value, (list, tuple)):
+        return " ".join(str(item) for item in value)
+    return str(value)
+
+
+def apply_preset(name: str, flags: Mapping[str, Any], given: frozenset[str],
+                 build_parser: Callable[[], argparse.ArgumentParser]) -> PresetUse:
+    """Merge preset `name` into parsed flags (e.g. vars(args)), explicit flags (`given`) winning.
+
+    build_parser: the script's parser for the preset's mode, which parses the preset's own flags.
+    The flags passed in are not changed; the merged copy is returned.
+    """
+    preset = PRESETS[name]
+    values, _ = parse_with_explicit(build_parser, preset.argv())
+    merged, filled, overridden, filled_dests = dict(flags), [], [], set()
+    for flag, raw in preset.flags:
+        dest = flag[2:].replace("-", "_")
+        text = " ".join((flag, *raw))
+        if dest not in given:
+            merged[dest] = getattr(values, dest)
+            filled.append(text)
+            filled_dests.add(dest)
+        elif flags[dest] != getattr(values, dest):
+            mine = flag if flags[dest] is True else f"{flag} {format_value(flags[dest])}"
+            overridden.append(f"{mine} (the preset's: {text})")
+    return PresetUse(name, merged, given | frozenset(filled_dests), tuple(filled), tuple(overridden))
+
+
+def preset_table() -> str:
+    """What `--preset list` prints: each preset's mode, flags, published result, source and notes."""
+    lines = []
+    for preset in PRESETS.values():
+        lines += [f"{preset.name}  ({preset.mode})",
+                  f"    flags:     {' '.join(preset.argv())}",
+                  f"    published: {preset.published}",
+                  f"    source:    {preset.source}"]
+        if preset.note:
+            lines.append(f"    note:      {preset.note}")
+    return "\n".join(lines)

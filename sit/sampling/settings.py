@@ -1,0 +1,178 @@
+"""Typed configuration of a sampling run, each part built once.
+
+- `SamplingConfig`, from the parsed flags (`sampling_config`), before anything is loaded: every
+  check that involves several flags happens here (UsageError, exit 2).
+- `ModelSettings`, from that config's `ModelRequest` and what the checkpoint says about itself
+  (`resolve_model_settings`): model name, image size, classes, VAE and transport, resolved by
+  `sit.config.resolve_settings` (a flag contradicting what the model was trained as is an error;
+  else the flag, else the checkpoint's value, else the original's default).
+The parsed Namespace is only read (as a mapping of its flags), never changed.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+from sit.config import (TRANSPORT_SETTINGS, GuidanceConfig, SamplerConfig, TransportConfig, resolve_settings,
+                        sampler_config_from_flags)
+from sit.errors import UsageError
+from sit.vae import PIXEL_SPACE, VAE_DOWNSAMPLING, VAE_REPOS
+
+LIKELIHOOD_FLAGS = {"--dequantize": ("dequantize", None), "--num-probes": ("num_probes", 1),
+                    "--exact-trace": ("exact_trace", False)}  # flag -> (destination, its default)
+
+
+@dataclass(frozen=True)
+class ModelRequest:
+    """What the command line asks of the model; None (or a transport key not given): the checkpoint's."""
+    ckpt: Optional[str] = None
+    model_name: Optional[str] = None
+    image_size: Optional[int] = None
+    num_classes: Optional[int] = None
+    vae: Optional[str] = None
+    transport: Mapping[str, Any] = field(default_factory=dict)  # only the transport flags given explicitly
+
+
+@dataclass(frozen=True)
+class LikelihoodConfig:
+    """--likelihood: what to evaluate (--data-path, else fresh samples) and how."""
+    data_path: Optional[str] = None
+    dequantize: Optional[str] = None  # pixel-space models only; None: the default, uniform
+    num_probes: int = 1
+    exact_trace: bool = False
+
+    @property
+    def dequantization(self) -> str:
+        return self.dequantize or "uniform"
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Everything the flags say about a sampling run."""
+    request: ModelRequest
+    sampler: SamplerConfig
+    guidance: GuidanceConfig
+    precision: str = "tf32"
+    compile: bool = False
+    seed: int = 0            # sample.py: the global torch seed; sample_ddp.py: the per-index seeds' global seed
+    num_images: int = 1
+    batch_size: int = 1      # images sampled as one batch (sample_ddp.py: a block of indices)
+    likelihood: Optional[LikelihoodConfig] = None
+
+    @property
+    def tf32(self) -> bool:
+        return self.precision != "fp32"
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """The model that samples, as the request and the checkpoint together say; vae None: pixel space."""
+    name: str
+    ckpt: Optional[str]
+    image_size: int
+    num_classes: int
+    vae: Optional[str]
+    transport: TransportConfig
+
+
+def resolve_precision(tf32: Optional[bool], precision: Optional[str]) -> str:
+    """--precision from itself and the older --tf32/--no-tf32 (default tf32); contradictions are UsageErrors."""
+    if tf32 is False:
+        if precision not in (None, "fp32"):
+            raise UsageError(f"--no-tf32 means --precision fp32, which contradicts --precision {precision}")
+        return "fp32"
+    if tf32 is True and precision == "fp32":
+        raise UsageError("--tf32 contradicts --precision fp32 (pass one of them)")
+    return precision or "tf32"  # the original's: fp32 weights, TF32 matmuls on GPUs
+
+
+def likelihood_config(flags: Mapping[str, Any]) -> Optional[LikelihoodConfig]:
+    """The --likelihood options (None without --likelihood); a likelihood option without it is a UsageError."""
+    likelihood, data_path = flags["likelihood"], flags.get("data_path")
+    if data_path is not None and not likelihood:
+        raise UsageError("--data-path is read only with --likelihood")
+    if data_path is not None and not os.path.isdir(data_path):
+        raise UsageError(f"--data-path {data_path!r} is not a folder")
+    values = {key: flags.get(key, default) for key, default in LIKELIHOOD_FLAGS.values()}
+    for flag, (key, default) in LIKELIHOOD_FLAGS.items():
+        if values[key] != default and not likelihood:
+            raise UsageError(f"{flag} is read only with --likelihood")
+    if values["exact_trace"] and values["num_probes"] != 1:
+        raise UsageError("--exact-trace computes the divergence without probes: drop --num-probes")
+    return LikelihoodConfig(data_path, **values) if likelihood else None
+
+
+def sampling_config(flags: Mapping[str, Any], given: frozenset[str], *, seed: int, num_images: int,
+                    batch_size: int, likelihood_refusal: Optional[str] = None) -> SamplingConfig:
+    """The SamplingConfig of parsed flags (e.g. vars(args)); `given`: the flags given explicitly.
+
+    seed, num_images, batch_size: the script's own flags for them. likelihood_refusal: the message
+    refusing --likelihood, for a script that does not evaluate it. Raises UsageError.
+    """
+    if likelihood_refusal and flags["likelihood"]:
+        raise UsageError(likelihood_refusal)
+    precision = resolve_precision(flags["tf32"], flags["precision"])
+    # Known latent here: a VAE named by --vae, or no --vae and no --ckpt (the published models). With
+    # --ckpt alone the checkpoint tells (sit.checkpoint.load_model refuses the size for a latent checkpoint).
+    image_size, vae = flags["image_size"], flags["vae"]
+    known_latent = vae != PIXEL_SPACE and (vae is not None or flags["ckpt"] is None)
+    if image_size is not None and image_size % VAE_DOWNSAMPLING and known_latent:
+        raise UsageError(f"--image-size must be a multiple of 8 for latent models (the VAE downsamples by 8), got "
+                         f"{image_size}; a pixel-space checkpoint takes any size")
+    low, high = flags["cfg_interval"]
+    if low > high:
+        raise UsageError(f"--cfg-interval LO HI needs LO <= HI, got {low} {high}")
+    if flags["num_sampling_steps"] < 2:
+        raise UsageError(f"--num-sampling-steps must be at least 2, got {flags['num_sampling_steps']}")
+    if flags["likelihood"] and flags["mode"] != "ODE":
+        raise UsageError("--likelihood works in ODE mode only (it integrates the probability-flow ODE)")
+    if flags["likelihood"] and flags["cfg_scale"] != 1.0:
+        raise UsageError(f"--likelihood evaluates the unguided model: pass --cfg-scale 1 (got {flags['cfg_scale']}); "
+                         f"a guided sampler has no likelihood")
+    request = ModelRequest(flags["ckpt"], flags["model"], image_size, flags["num_classes"], vae,
+                           {key: flags[key] for key in TRANSPORT_SETTINGS if key in given})
+    guidance = GuidanceConfig(flags["cfg_scale"], flags["guide_all_channels"], tuple(flags["cfg_interval"]))
+    return SamplingConfig(request, sampler_config_from_flags(flags["mode"], flags), guidance, precision,
+                          flags["compile"], seed, num_images, batch_size, likelihood_config(flags))
+
+
+def resolve_vae(requested: Optional[str], info: Mapping[str, Any], default: str) -> Optional[str]:
+    """The VAE to decode with; None for a pixel-space model. info: sit.checkpoint.load_model's.
+
+    --vae wins; else the checkpoint's VAE when it is a local folder that exists (a custom VAE the
+    model was trained with); else the script's default (the original's: sample.py mse, sample_ddp.py
+    ema; the two SD-VAEs share one encoder, so either decodes any SD-VAE latent).
+    """
+    if info["pixel_space"] and requested not in (None, PIXEL_SPACE):
+        raise UsageError(f"--vae {requested} but the checkpoint is a pixel-space model (trained with "
+                         f"--vae none, 3 channels): drop --vae")
+    if info["pixel_space"]:
+        return None
+    if requested == PIXEL_SPACE:
+        raise UsageError(f"--vae none but the checkpoint's model works on {info['in_channels']}-channel "
+                         f"VAE latents: pass --vae ema, mse or a VAE folder, or drop --vae")
+    if requested is not None:
+        return requested
+    stored = info["vae"]
+    if isinstance(stored, str) and stored not in VAE_REPOS and os.path.isdir(stored):
+        return stored
+    return default
+
+
+def resolve_model_settings(config: SamplingConfig, info: Mapping[str, Any], *, has_null_class: bool,
+                           vae_default: str) -> ModelSettings:
+    """The ModelSettings of a request and the checkpoint's info (sit.checkpoint.load_model's; its
+    "transport": the training settings the checkpoint holds, or None). has_null_class: whether the
+    model can be guided. Raises UsageError for a contradiction."""
+    request = config.request
+    # a path type or prediction stored as None is unknown; a loss weight of None is a real setting
+    stored = {key: value for key, value in (info["transport"] or {}).items()
+              if value is not None or key == "loss_weight"}
+    transport = TransportConfig(**resolve_settings(TRANSPORT_SETTINGS, request.transport, stored).values)
+    if config.guidance.scale > 1.0 and not has_null_class:
+        raise UsageError("this model was trained without label dropout, so it has no null class for "
+                         "guidance: pass --cfg-scale 1")
+    return ModelSettings(name=request.model_name or info["model_name"] or "custom", ckpt=request.ckpt,
+                         image_size=info["image_size"], num_classes=info["num_classes"],
+                         vae=resolve_vae(request.vae, info, vae_default), transport=transport)

@@ -1,0 +1,123 @@
+"""The record beside a sample batch (sit.record): written and read back with a synthetic .npz, checked
+against the .npz, and copied by evaluate.py into its --json output with the evaluator's settings.
+(FD-DINOv2 with the tiny ViT keeps evaluate.py fast here; the Inception's settings are checked with
+real weights in test_inception_weights.py.)"""
+import json
+
+import numpy as np
+import pytest
+
+import evaluate
+from sit.errors import UsageError
+from sit.files import sha256_file
+from sit.metrics import MetricInputError, npz_array_shape
+from sit.record import (RECORD_FORMAT, RecordError, SampleRecord, package_versions, read_record, record_beside,
+                        record_path, write_record)
+
+
+def synthetic_record(**overrides) -> SampleRecord:
+    fields = dict(checkpoint="pretrained_models/SiT-XL-2-256x256.pt", checkpoint_sha256="ab" * 32, model="SiT-XL/2",
+                  image_size=256, num_classes=1000, vae="ema", mode="ODE", sampling_method="heun2",
+                  num_sampling_steps=125, nfe=250, cfg_scale=1.5, guided_channels=3, guidance_interval=None,
+                  precision="fp32", global_seed=0, label_draw="uniform over 1000 classes, seeded per image index",
+                  num_images=6, image_shape=(40, 40, 3), sampler_settings={"atol": 1e-6, "rtol": 1e-3},
+                  versions=package_versions())
+    fields.update(overrides)
+    return SampleRecord(**fields)
+
+
+@pytest.fixture
+def batch(tmp_path):
+    """A synthetic sample batch (6, 40, 40, 3) and a reference (7, 40, 40, 3)."""
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "samples.npz", arr_0=rng.integers(0, 256, (6, 40, 40, 3), dtype=np.uint8))
+    np.savez(tmp_path / "ref.npz", arr_0=rng.integers(0, 256, (7, 40, 40, 3), dtype=np.uint8))
+    return tmp_path
+
+
+def test_the_npz_shape_is_read_from_its_header_stored_or_compressed(batch):
+    np.savez_compressed(batch / "compressed.npz", arr_0=np.zeros((3, 8, 9, 3), dtype=np.uint8), labels=np.arange(3))
+    assert npz_array_shape(str(batch / "compressed.npz")) == (3, 8, 9, 3)
+    assert npz_array_shape(str(batch / "samples.npz")) == (6, 40, 40, 3)
+    with pytest.raises(MetricInputError, match=r"compressed\.npz has no 'images' array \(it holds arr_0\.npy, "
+                                               r"labels\.npy\)"):
+        npz_array_shape(str(batch / "compressed.npz"), "images")
+    (batch / "text.npz").write_text("not an npz")
+    with pytest.raises(MetricInputError, match=r"text\.npz is not a readable \.npz file"):
+        npz_array_shape(str(batch / "text.npz"))
+
+
+def test_record_path_is_the_npz_name_with_json():
+    assert record_path("samples/SiT-XL-2-cfg-1.5.npz") == "samples/SiT-XL-2-cfg-1.5.json"
+    assert record_path("/a/b.c/samples") == "/a/b.c/samples.json"
+
+
+def test_record_is_written_beside_the_npz_and_read_back_equal(batch):
+    record = synthetic_record(guidance_interval=(0.0, 0.7))
+    path = write_record(str(batch / "samples.npz"), record)
+    assert path == str(batch / "samples.json")
+    data = json.loads((batch / "samples.json").read_text())
+    assert data["format"] == RECORD_FORMAT and data["version"] == 1
+    assert data["image_shape"] == [40, 40, 3] and data["guidance_interval"] == [0.0, 0.7]
+    assert data["versions"]["torch"] == package_versions()["torch"]
+    assert read_record(path) == record
+    assert record_beside(str(batch / "samples.npz"), 6, (40, 40, 3)) == record
+    assert record_beside(str(batch / "ref.npz"), 7, (40, 40, 3)) is None  # no record: nothing to check
+
+
+@pytest.mark.parametrize("count,shape", [(5, (40, 40, 3)), (6, (32, 32, 3))])  # another count, another shape
+def test_a_record_that_disagrees_with_the_npz_is_refused_in_one_line(batch, count, shape):
+    write_record(str(batch / "samples.npz"), synthetic_record(num_images=count, image_shape=shape))
+    with pytest.raises(RecordError) as raised:
+        record_beside(str(batch / "samples.npz"), 6, (40, 40, 3))
+    assert str(raised.value) == (f"{batch / 'samples.json'} describes {count} images of {'x'.join(map(str, shape))} "
+                                 f"but {batch / 'samples.npz'} holds 6 of 40x40x3: the record belongs to another batch "
+                                 f"(move it away to evaluate without it)")
+    assert "\n" not in str(raised.value)
+
+
+def test_files_that_are_not_records_are_refused_naming_them(batch):
+    (batch / "a.json").write_text("{not json")
+    with pytest.raises(RecordError, match=r"cannot read the sample record .*a\.json \(JSONDecodeError"):
+        read_record(str(batch / "a.json"))
+    (batch / "b.json").write_text(json.dumps({"fid": 2.06}))
+    with pytest.raises(RecordError, match=r"b\.json is not a sample record \(no \"format\": \"sit-sample-record\"\)"):
+        read_record(str(batch / "b.json"))
+    data = synthetic_record().to_dict()
+    (batch / "c.json").write_text(json.dumps({**data, "version": 2}))
+    with pytest.raises(RecordError, match=r"c\.json is a sample record of version 2; this code reads version 1"):
+        read_record(str(batch / "c.json"))
+    del data["nfe"], data["cfg_scale"]
+    (batch / "d.json").write_text(json.dumps(data))
+    with pytest.raises(RecordError, match=r"d\.json lacks nfe, cfg_scale$"):
+        read_record(str(batch / "d.json"))
+    (batch / "e.json").write_text(json.dumps({**synthetic_record().to_dict(), "image_shape": [40, 40]}))
+    with pytest.raises(RecordError, match=r"e\.json: image_shape must be \[H, W, 3\], got \[40, 40\]"):
+        read_record(str(batch / "e.json"))
+
+
+def test_evaluate_copies_the_record_and_its_own_settings_into_the_json(batch, tiny_dinov2_weights, capsys):
+    record = synthetic_record()
+    write_record(str(batch / "samples.npz"), record)
+    evaluate.main([str(batch / "ref.npz"), str(batch / "samples.npz"), "--device", "cpu", "--metrics", "fd_dinov2",
+                   "--dinov2-weights", tiny_dinov2_weights, "--json", str(batch / "metrics.json")])
+    written = json.loads((batch / "metrics.json").read_text())
+    assert written["sample_record"] == record.to_dict()
+    settings = written["evaluator"]
+    assert settings["metrics"] == ["fd_dinov2"] and settings["fid_method"] == "eigh"
+    assert settings["reference"] == {"path": str(batch / "ref.npz"), "sha256": sha256_file(str(batch / "ref.npz"))}
+    assert settings["dinov2"] == {"weights": tiny_dinov2_weights, "sha256": sha256_file(tiny_dinov2_weights),
+                                  "resize": "bicubic 224x224, antialiased (edm2's torch resize)"}
+    assert settings["versions"] == package_versions()
+    assert "FD-DINOv2" in capsys.readouterr().out
+
+
+def test_evaluate_refuses_a_disagreeing_record_before_any_network_and_keeps_the_record_safe(batch):
+    write_record(str(batch / "samples.npz"), synthetic_record(num_images=50000))
+    with pytest.raises(RecordError, match=r"samples\.json describes 50000 images of 40x40x3 but .*samples\.npz holds "
+                                          r"6 of 40x40x3"):
+        evaluate.main([str(batch / "ref.npz"), str(batch / "samples.npz"), "--device", "cpu",
+                       "--inception-weights", str(batch / "no-such-weights.pth")])  # never reached
+    with pytest.raises(UsageError, match=r"^--json .*samples\.json is the sample batch's record; write the metrics "
+                                         r"elsewhere$"):
+        evaluate.main([str(batch / "ref.npz"), str(batch / "samples.npz"), "--json", str(batch / "samples.json")])
