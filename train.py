@@ -23,6 +23,10 @@ them in a new experiment from step 0. SIGTERM/SIGINT: finish the step, save a ch
 Pixel space (`--vae none`): the model learns images in [-1, 1] directly (3 channels, input size =
 image size, any size the patch size divides), e.g. the 8x8 digits of the README's CPU quick start.
 
+Representation alignment (--repa-encoder dinov2-vit-b --repa-depth 8 --repa-coeff 0.5, REPA's recipe;
+sit/training/repa.py) and time-step schedules (--time-sampling logit-normal --time-shift S;
+transport/schedules.py) are options, off by default.
+
 The work is done by sit.training (settings, experiment, network, step, loop); this script parses the
 flags, builds the checked plan once (sit.training.launch.prepare_training) and runs it.
 """

@@ -25,9 +25,9 @@ from sit.training.decoder import RunVAE
 from sit.training.experiment import StartPoint, open_experiment
 from sit.training.fid import make_fid_monitor, measure_fid
 from sit.training.monitor import LossMonitor, check_health, log_progress
-from sit.training.repa import ALIGN_LOSS, prepare_alignment
 from sit.training.network import build_train_step
 from sit.training.preview import preview_inputs, save_preview
+from sit.training.repa import ALIGN_LOSS, prepare_alignment
 from sit.training.rng import gather_rng_states, restore_rng
 from sit.training.settings import TrainConfig
 from sit.training.signals import StopSignal

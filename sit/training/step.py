@@ -14,7 +14,7 @@ import torch
 from sit.speed import autocast, compile_model
 from sit.training.ema import update_ema
 from sit.training.optimizer import make_grad_scaler, make_optimizer
-from sit.training.repa import Alignment
+from sit.training.repa import AlignedSiT, Alignment
 from sit.vae import LATENT_SCALE
 from transport import Transport
 
@@ -61,7 +61,9 @@ class TrainStep:
             compile_model(model)  # after the EMA's deepcopy (see compile_model); DDP calls the compiled blocks
         # the paper: AdamW, constant lr 1e-4, no weight decay
         opt = make_optimizer(model, lr=lr, weight_decay=0, extra=projector.parameters() if projector else ())
-        return cls(model=model, ddp_model=model if ddp_model is None else ddp_model, ema=ema, opt=opt,
+        if ddp_model is None:  # one process: the model itself (with REPA, the SiT and its projector)
+            ddp_model = AlignedSiT(model, projector, alignment.depth) if alignment else model
+        return cls(model=model, ddp_model=ddp_model, ema=ema, opt=opt,
                    scaler=make_grad_scaler(precision, device), transport=transport, device=device, vae=vae,
                    from_features=from_features, precision=precision, ema_decay=ema_decay, max_grad_norm=max_grad_norm,
                    projector=projector, alignment=alignment)
