@@ -26,6 +26,10 @@ them in a new experiment from step 0. SIGTERM/SIGINT: finish the step, save a ch
 Pixel space (`--vae none`): the model learns images in [-1, 1] directly (3 channels, input size =
 image size, any size the patch size divides), e.g. the 8x8 digits of the README's CPU quick start.
 
+Representation alignment (--repa-encoder dinov2-vit-b --repa-depth 8 --repa-coeff 0.5, REPA's recipe;
+sit/training/repa.py) and time-step schedules (--time-sampling logit-normal --time-shift S;
+transport/schedules.py) are options, off by default.
+
 The work is done by sit.training (settings, experiment, network, step, loop); this script parses the
 flags, builds the checked plan once (sit.training.launch.prepare_training) and runs it.
 """
@@ -36,14 +40,15 @@ import sys
 from typing import Optional
 
 from models import SiT_models
-from sit.cli import (add_speed_arguments, decay_rate, non_negative_int, parse_with_explicit, positive_float,
-                     positive_int, run_main)
+from sit.cli import (add_speed_arguments, decay_rate, non_negative_float, non_negative_int, parse_with_explicit,
+                     positive_float, positive_int, run_main)
 from sit.distributed import launched_world_size
 from sit.training.experiment import NEWEST
 from sit.training.launch import prepare_training, run_training
 from sit.training.settings import EMA_DECAY, MODEL_CONFIG_KEYS
 from sit.training.sharding import SHARDINGS
 from train_utils import parse_transport_args
+from transport.schedules import TIME_SAMPLINGS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,6 +108,20 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--fid-cfg-scale", type=float, default=1.0, help="guidance of the FID samples")
     fid.add_argument("--fid-inception-weights", type=str, default=None,
                      help="a local Inception weights file (default: downloaded once by torch-fidelity)")
+    repa = parser.add_argument_group("representation alignment (REPA; sit/training/repa.py)")
+    repa.add_argument("--repa-encoder", type=str, default=None,
+                      help="align block --repa-depth with this frozen encoder's patch tokens: dinov2-vit-s/b/l/g, "
+                           "dinov2_vitb14[_reg], a timm ViT name, or a local weights file/timm folder (default: off)")
+    repa.add_argument("--repa-depth", type=positive_int, default=8, help="the block (1-based) whose tokens are aligned")
+    repa.add_argument("--repa-coeff", type=non_negative_float, default=0.5, help="weight of the alignment loss")
+    repa.add_argument("--repa-projector-dim", type=positive_int, default=2048, help="hidden width of the projector MLP")
+    times = parser.add_argument_group("time-step schedule of training (transport/schedules.py; t=0 noise, t=1 data)")
+    times.add_argument("--time-sampling", type=str, choices=TIME_SAMPLINGS, default="uniform",
+                      help="how t is drawn: uniform (the original's) or logit-normal (SD3, LightningDiT)")
+    times.add_argument("--time-mean", type=float, default=0.0, help="mean of the logit-normal's normal")
+    times.add_argument("--time-std", type=positive_float, default=1.0, help="std of the logit-normal's normal")
+    times.add_argument("--time-shift", type=positive_float, default=None,
+                      help="shift t -> t / (t + s (1 - t)); s > 1 draws more times near the noise end (default: none)")
     add_speed_arguments(parser)
     parse_transport_args(parser)
     return parser

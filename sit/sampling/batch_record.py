@@ -110,7 +110,7 @@ def build_record(config: SamplingConfig, loaded: SamplingModel, sources: SampleS
     guided = guidance.scale > 1.0
     nfe, measured = summarise_nfe(per_rank_nfe, npz_shape_[0])
     sampler_settings = {key: value for key, value in dataclasses.asdict(sampler).items()
-                        if key not in ("sampling_method", "num_steps")}
+                        if key not in ("sampling_method", "num_steps") and not (key == "time_shift" and value is None)}
     sampler_settings.update(dataclasses.asdict(settings.transport), compile=config.compile,
                             noise_draw="per image: standard normal on a CPU generator seeded by (global seed, index), "
                                        "before its label; SDE noise per batch, seeded by its first index")

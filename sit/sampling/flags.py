@@ -11,7 +11,7 @@ import argparse
 from typing import Callable, Optional, Sequence
 
 from models import SiT_models
-from sit.cli import add_speed_arguments, guidance_scale, positive_int, unit_interval_float
+from sit.cli import add_speed_arguments, guidance_scale, positive_float, positive_int, unit_interval_float
 from sit.config import SAMPLING_MODES
 from sit.dequantize import DEQUANTIZATIONS
 from sit.errors import UsageError
@@ -47,6 +47,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, vae_default: str, cf
     parser.add_argument("--cfg-scale", type=guidance_scale, default=cfg_default,
                         help="classifier-free guidance scale, >= 1 (1: no guidance)")
     parser.add_argument("--num-sampling-steps", type=positive_int, default=250)
+    parser.add_argument("--time-shift", type=positive_float, default=None,
+                        help="fixed-step samplers: place the steps by t -> t / (t + S (1 - t)) (S > 1: more steps "
+                             "near noise; SD3/LightningDiT's shift); adaptive solvers refuse it")
     parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None,
                         help="TF32 matmuls on Ampere+ GPUs (the default): much faster, slightly different numbers; "
                              "--no-tf32 is --precision fp32")

@@ -65,6 +65,8 @@ def folder_name(config: SamplingConfig, settings: ModelSettings) -> str:
                   f"lastsize-{sampler.last_step_size}"]
     if transport.sample_eps is not None:
         parts.append(f"eps-{transport.sample_eps}")
+    if sampler.time_shift is not None:  # a shifted step grid (--time-shift)
+        parts.append(f"shift-{sampler.time_shift}")
     if guidance.scale > 1.0 and guidance.all_channels:
         parts.append("allchannels")
     if guidance.scale > 1.0 and tuple(guidance.interval) != (0.0, 1.0):

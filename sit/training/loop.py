@@ -27,6 +27,7 @@ from sit.training.fid import make_fid_monitor, measure_fid
 from sit.training.monitor import LossMonitor, check_health, log_progress
 from sit.training.network import build_train_step
 from sit.training.preview import preview_inputs, save_preview
+from sit.training.repa import ALIGN_LOSS, prepare_alignment
 from sit.training.rng import gather_rng_states, restore_rng
 from sit.training.settings import TrainConfig
 from sit.training.sharding import sampling_ema
@@ -93,7 +94,8 @@ def save_checkpoint(run: TrainingRun) -> None:
                         settings=run.config.settings(), model_config=dict(step.model.config),
                         train_steps=state.train_steps, epoch=state.epoch, epoch_step=state.epoch_step, rng=rng,
                         scaler=step.scaler.state_dict(), experiment_dir=run.experiment_dir,
-                        wandb_id=run.wandb_run.id if run.wandb_run is not None else None).save(path)
+                        wandb_id=run.wandb_run.id if run.wandb_run is not None else None,
+                        repa_projector=step.projector.state_dict() if step.projector is not None else None).save(path)
         run.logger.info(f"Saved checkpoint to {path}")
 
     write_on_main(run, "checkpoint", path, write)
@@ -153,6 +155,8 @@ def train_loop(run: TrainingRun) -> bool:
             if result.grad_norm is not None:
                 run.monitor.add_grad_norm(result.grad_norm)
             run.monitor.add(result.loss)
+            if result.align_loss is not None:
+                run.monitor.add_term(ALIGN_LOSS, result.align_loss)
             state.train_steps += 1
             state.epoch_step += 1
             step = state.train_steps
@@ -200,7 +204,9 @@ def train(config: TrainConfig, *, ctx: DistContext, dataset: TrainDataset, start
     for warning in warnings:
         logger.warning(f"warning: {warning}")
     vae = RunVAE.at_start(ctx, config.model.vae, from_features=config.data.feature_path is not None)
-    step = build_train_step(config, ctx, start, vae.module, logger)
+    alignment = prepare_alignment(config.repa, config.model.image_size,
+                                  dataset.meta if config.data.feature_path is not None else None, ctx, logger)
+    step = build_train_step(config, ctx, start, vae.module, logger, alignment)
     check_channels(step, vae, dataset)
     loader, sampler = build_loader(config, dataset, ctx, seed)
     logger.info(f"Dataset contains {len(dataset):,} images in {len(dataset.classes)} classes "
