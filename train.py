@@ -23,6 +23,10 @@ them in a new experiment from step 0. SIGTERM/SIGINT: finish the step, save a ch
 Pixel space (`--vae none`): the model learns images in [-1, 1] directly (3 channels, input size =
 image size, any size the patch size divides), e.g. the 8x8 digits of the README's CPU quick start.
 
+Options of today's recipes, off by default: post-hoc EMA snapshots (--phema-stds; reconstruct_ema.py
+builds any EMA length from them) and self-healing (--max-rollbacks, --spike-factor: roll back to the
+last good state and skip the batch that diverged); see the README.
+
 The work is done by sit.training (settings, experiment, network, step, loop); this script parses the
 flags, builds the checked plan once (sit.training.launch.prepare_training) and runs it.
 """
@@ -37,7 +41,9 @@ from sit.cli import (add_speed_arguments, decay_rate, non_negative_int, parse_wi
                      positive_int, run_main)
 from sit.distributed import launched_world_size
 from sit.training.experiment import NEWEST
+from sit.training.healing import add_healing_arguments
 from sit.training.launch import prepare_training, run_training
+from sit.training.phema import add_phema_arguments
 from sit.training.settings import EMA_DECAY, MODEL_CONFIG_KEYS
 from train_utils import parse_transport_args
 
@@ -95,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--fid-cfg-scale", type=float, default=1.0, help="guidance of the FID samples")
     fid.add_argument("--fid-inception-weights", type=str, default=None,
                      help="a local Inception weights file (default: downloaded once by torch-fidelity)")
+    add_phema_arguments(parser)
+    add_healing_arguments(parser)
     add_speed_arguments(parser)
     parse_transport_args(parser)
     return parser

@@ -4,26 +4,32 @@ from __future__ import annotations
 import logging
 import math
 from time import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
-from sit.distributed import all_reduce_mean
+from sit.distributed import all_reduce_mean, any_rank
 from sit.errors import RunFailure
 
 
 class TrainingDiverged(RunFailure):
-    """The loss or the weights became non-finite."""
+    """The loss or the weights became non-finite; `step`: the first step found bad, when known."""
+
+    def __init__(self, message: str, step: Optional[int] = None):
+        super().__init__(message)
+        self.step = step
 
 
 class LossMonitor:
     """Per-step losses kept on the device (no host sync per step), reduced over ranks when logged."""
 
-    def __init__(self, first_step: int):
+    def __init__(self, first_step: int, inspect: Optional[Callable[[int, float], None]] = None):
         self.losses: list[torch.Tensor] = []
         self.grad_norms: list[torch.Tensor] = []  # with --max-grad-norm: the norms before clipping
         self.first_step = first_step  # the step of losses[0]
         self.start_time = time()
+        self.inspect = inspect  # called once per step, in order, with its finite loss (the spike check)
+        self.inspected_through = first_step - 1
 
     def add(self, loss: torch.Tensor) -> None:
         self.losses.append(loss.detach())
@@ -46,10 +52,14 @@ class LossMonitor:
         return all_reduce_mean(torch.stack(self.losses).float()).tolist()
 
     def check(self, values: list[float]) -> None:
-        """TrainingDiverged naming the first step whose loss is not finite."""
+        """TrainingDiverged naming the first step whose loss is not finite (or that `inspect` refuses)."""
         for offset, value in enumerate(values):
+            step = self.first_step + offset
             if not math.isfinite(value):
-                raise TrainingDiverged(f"the loss became non-finite ({value}) at step {self.first_step + offset}")
+                raise TrainingDiverged(f"the loss became non-finite ({value}) at step {step}", step)
+            if self.inspect is not None and step > self.inspected_through:
+                self.inspect(step, value)
+                self.inspected_through = step
 
     def flush(self, next_step: int) -> tuple[float, float]:
         """(mean loss, steps/s) since the last flush, after checking that every loss is finite."""
@@ -76,5 +86,5 @@ def check_health(model: torch.nn.Module, monitor: LossMonitor, step: int) -> Non
     """Raise TrainingDiverged if a pending loss or any weight is non-finite (all ranks call this)."""
     monitor.check(monitor.reduced())
     finite = torch.stack([torch.isfinite(param).all() for param in model.parameters()]).all()
-    if not finite.item():  # weights are identical on all ranks (DDP), so all ranks agree
-        raise TrainingDiverged(f"the weights became non-finite by step {step}")
+    if any_rank(not finite.item(), finite.device):  # agreed, also where ranks hold different shards of the weights
+        raise TrainingDiverged(f"the weights became non-finite by step {step}", step)  # its losses were finite
