@@ -15,7 +15,9 @@ import torch
 from sit.checkpoint import TrainCheckpoint
 from sit.data.features import open_arrays, write_meta
 from sit.data.order import ResumableDistributedSampler
-from sit.training.healing import SPIKE_MIN_HISTORY, Healer, HealingSettings, LossSpiked, batch_positions
+from sit.errors import UsageError
+from sit.training.healing import (SPIKE_MIN_HISTORY, Healer, HealingSettings, LossSpiked, batch_positions,
+                                  check_healing_settings)
 from sit.training.monitor import LossMonitor, TrainingDiverged
 from test_train import TINY, assert_ok, load, logged_losses, only_experiment, run_train
 
@@ -34,6 +36,14 @@ def test_skip_batches_parses_epoch_batch_pairs():
     for bad in ("7", "0:-1", "a:b", "1:2:3", ""):
         with pytest.raises(argparse.ArgumentTypeError, match="EPOCH:BATCH"):
             batch_positions(bad)
+
+
+def test_settings_that_cannot_work_are_one_line_naming_the_flag():
+    with pytest.raises(UsageError, match=r"^--spike-factor must be above 1 \(a factor of the median loss\), got 0.5$"):
+        check_healing_settings(settings(spike_factor=0.5))
+    with pytest.raises(UsageError, match="^--rollback-every keeps rollback points for --max-rollbacks: pass"):
+        check_healing_settings(settings(max_rollbacks=0, rollback_every=10))
+    assert not settings(max_rollbacks=0).active and settings(max_rollbacks=0, skip_batches=((0, 1),)).active
 
 
 def test_a_spike_is_a_loss_above_factor_times_the_running_median_each_step_checked_once():
