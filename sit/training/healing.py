@@ -130,7 +130,8 @@ class Healer:
         """Whether to drop the batch at (epoch, batch); else remember it as the data of step next_step."""
         if (epoch, batch) in self.skipped:
             return True
-        self.positions[next_step] = (epoch, batch)
+        if self.settings.max_rollbacks > 0:  # only a rollback asks, and only since the last point
+            self.positions[next_step] = (epoch, batch)
         return False
 
     def inspect(self, step: int, loss: float) -> None:
@@ -162,8 +163,8 @@ class Healer:
         if self.point is None or limit == 0:
             raise error
         if len(self.rollbacks) >= limit:
-            raise TrainingDiverged(f"{error}, after {len(self.rollbacks)} rollbacks (--max-rollbacks {limit})",
-                                   error.step) from None
+            done = f"{len(self.rollbacks)} rollback" + ("s" if len(self.rollbacks) != 1 else "")
+            raise TrainingDiverged(f"{error}, after {done} (--max-rollbacks {limit})", error.step) from None
         position = self.positions.get(error.step) if error.step is not None else None
         if position is not None:
             self.skipped.add(position)
