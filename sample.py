@@ -114,7 +114,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     sampler = config.sampler
     logger.info(f"{settings.name} ({settings.ckpt or 'published'}), {settings.image_size}px, {sampler.mode} "
                 f"{sampler.sampling_method}, {sampler.num_steps} steps, cfg {config.guidance.scale}, "
-                f"{settings.transport.path_type}/{settings.transport.prediction}")
+                f"{settings.transport.path_type}/{settings.transport.prediction}"
+                + (f", autoguided by {config.guidance.guide_ckpt}" if config.guidance.guide_ckpt else ""))
 
     z = torch.randn(len(labels), *latent_shape(model.config), device=device)  # (N, C, L, L)
     y = torch.tensor(labels, device=device)

@@ -29,6 +29,9 @@ image size, any size the patch size divides), e.g. the 8x8 digits of the README'
 Representation alignment (--repa-encoder dinov2-vit-b --repa-depth 8 --repa-coeff 0.5, REPA's recipe;
 sit/training/repa.py) and time-step schedules (--time-sampling logit-normal --time-shift S;
 transport/schedules.py) are options, off by default.
+Options of today's recipes, off by default: post-hoc EMA snapshots (--phema-stds; reconstruct_ema.py
+builds any EMA length from them) and self-healing (--max-rollbacks, --spike-factor: roll back to the
+last good state and skip the batch that diverged); see the README.
 
 The work is done by sit.training (settings, experiment, network, step, loop); this script parses the
 flags, builds the checked plan once (sit.training.launch.prepare_training) and runs it.
@@ -44,7 +47,9 @@ from sit.cli import (add_speed_arguments, decay_rate, non_negative_float, non_ne
                      positive_float, positive_int, run_main)
 from sit.distributed import launched_world_size
 from sit.training.experiment import NEWEST
+from sit.training.healing import add_healing_arguments
 from sit.training.launch import prepare_training, run_training
+from sit.training.phema import add_phema_arguments
 from sit.training.settings import EMA_DECAY, MODEL_CONFIG_KEYS
 from sit.training.sharding import SHARDINGS
 from train_utils import parse_transport_args
@@ -122,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     times.add_argument("--time-std", type=positive_float, default=1.0, help="std of the logit-normal's normal")
     times.add_argument("--time-shift", type=positive_float, default=None,
                       help="shift t -> t / (t + s (1 - t)); s > 1 draws more times near the noise end (default: none)")
+    add_phema_arguments(parser)
+    add_healing_arguments(parser)
     add_speed_arguments(parser)
     parse_transport_args(parser)
     return parser

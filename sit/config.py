@@ -207,7 +207,9 @@ def build_sample_fn(transport: TransportConfig, sampler: SamplerConfig, keep_tra
 
 @dataclass(frozen=True)
 class GuidanceConfig:
-    """Classifier-free guidance: scale (1: none), which channels, and the interval of t where it applies."""
+    """Classifier-free guidance: scale (1: none), which channels, and the interval of t where it applies;
+    with guide_ckpt, autoguidance by that checkpoint's model instead of the null label (sit.guidance)."""
     scale: float = 1.0
     all_channels: bool = False
     interval: tuple[float, float] = (0.0, 1.0)
+    guide_ckpt: Optional[str] = None

@@ -61,6 +61,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, vae_default: str, cf
                         help="guide all latent channels (the original guides only the first 3)")
     parser.add_argument("--cfg-interval", type=unit_interval_float, nargs=2, metavar=("LO", "HI"), default=(0.0, 1.0),
                         help="apply guidance only for t in [LO, HI] (t=0 noise, t=1 data); default 0 1")
+    parser.add_argument("--guide-ckpt", type=str, default=None,
+                        help="autoguidance: guide with this checkpoint's model (smaller or trained for less; same "
+                             "classes, latent size and transport) instead of the null label, all channels, at "
+                             "--cfg-scale and --cfg-interval; its settings come from its checkpoint")
 
 
 def add_likelihood_arguments(parser: argparse.ArgumentParser) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import math
 from time import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -14,18 +14,24 @@ from sit.training.sharding import local_tensor
 
 
 class TrainingDiverged(RunFailure):
-    """The loss or the weights became non-finite."""
+    """The loss or the weights became non-finite; `step`: the first step found bad, when known."""
+
+    def __init__(self, message: str, step: Optional[int] = None):
+        super().__init__(message)
+        self.step = step
 
 
 class LossMonitor:
     """Per-step losses kept on the device (no host sync per step), reduced over ranks when logged."""
 
-    def __init__(self, first_step: int):
+    def __init__(self, first_step: int, inspect: Optional[Callable[[int, float], None]] = None):
         self.losses: list[torch.Tensor] = []
         self.grad_norms: list[torch.Tensor] = []  # with --max-grad-norm: the norms before clipping
         self.terms: dict[str, list[torch.Tensor]] = {}  # further loss terms by log name (REPA's alignment)
         self.first_step = first_step  # the step of losses[0]
         self.start_time = time()
+        self.inspect = inspect  # called once per step, in order, with its finite loss (the spike check)
+        self.inspected_through = first_step - 1
 
     def add(self, loss: torch.Tensor) -> None:
         self.losses.append(loss.detach())
@@ -65,10 +71,15 @@ class LossMonitor:
         return all_reduce_mean(torch.stack(self.losses).float()).tolist()
 
     def check(self, values: list[float], what: str = "loss") -> None:
-        """TrainingDiverged naming the first step whose loss (or other term) is not finite."""
+        """TrainingDiverged naming the first step whose loss (or other term) is not finite, or whose
+        loss `inspect` refuses (a spike)."""
         for offset, value in enumerate(values):
+            step = self.first_step + offset
             if not math.isfinite(value):
-                raise TrainingDiverged(f"the {what} became non-finite ({value}) at step {self.first_step + offset}")
+                raise TrainingDiverged(f"the {what} became non-finite ({value}) at step {step}", step)
+            if what == "loss" and self.inspect is not None and step > self.inspected_through:
+                self.inspect(step, value)
+                self.inspected_through = step
 
     def flush(self, next_step: int) -> tuple[float, float]:
         """(mean loss, steps/s) since the last flush, after checking that every loss is finite."""
@@ -101,4 +112,4 @@ def check_health(model: torch.nn.Module, monitor: LossMonitor, step: int) -> Non
         monitor.check(values, name)
     finite = torch.stack([torch.isfinite(local_tensor(param)).all() for param in model.parameters()]).all()
     if any_rank(not finite.item(), finite.device):  # FSDP: each rank sees its shards; every rank learns of any
-        raise TrainingDiverged(f"the weights became non-finite by step {step}")
+        raise TrainingDiverged(f"the weights became non-finite by step {step}", step)  # its losses were finite

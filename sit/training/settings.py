@@ -23,6 +23,8 @@ from sit.distributed import launched_by_torchrun
 from sit.encoders import canonical_encoder_name, describe_encoder
 from sit.errors import UsageError
 from transport.schedules import LOGIT_NORMAL, TimeSchedule
+from sit.training.healing import HealingSettings, check_healing_settings
+from sit.training.phema import PhemaSettings
 from sit.vae import (LATENT_CHANNELS, PIXEL_CHANNELS, canonical_vae_name, check_image_size, check_vae_name,
                      input_size_for, is_pixel_space)
 
@@ -35,6 +37,8 @@ VAE_CONFLICT = ("{flag} {given} but {source} was trained with {flag} {held}; a m
 VAE_WARNING = ("{flag} {given} replaces the checkpoint's {held}: fine for a copy of the same VAE (or ema/mse, which "
                "share the encoder); another encoder changes what the model learns")
 DATA_ORDER_WARNING = "{flag} {given} differs from the checkpoint's {held}: the data order will not match an uninterrupted run"
+PHEMA_CONFLICT = ("{flag} {given} but {source} tracked {flag} {held}; post-hoc EMAs follow a run from step 0: "
+                  "drop the flag or start a new experiment")
 RUN_WARNING = "{flag} {given} replaces the checkpoint's {held} from step {step} on: the run will differ from an uninterrupted one"
 
 MODEL_KEYS = ("model", "model_config", "image_size", "num_classes")
@@ -164,6 +168,8 @@ class TrainConfig:
     fid: FIDSettings
     repa: RepaSettings
     time: TimeSettings
+    phema: PhemaSettings
+    healing: HealingSettings
 
     @classmethod
     def from_settings(cls, values: Mapping[str, Any]) -> "TrainConfig":
@@ -187,7 +193,8 @@ class TrainConfig:
 
 # TrainConfig's field -> the dataclass of that group
 GROUP_TYPES = {"model": ModelSettings, "transport": TransportConfig, "data": DataSettings, "optim": OptimSettings,
-               "run": RunSettings, "fid": FIDSettings, "repa": RepaSettings, "time": TimeSettings}
+               "run": RunSettings, "fid": FIDSettings, "repa": RepaSettings, "time": TimeSettings,
+               "phema": PhemaSettings, "healing": HealingSettings}
 
 
 def parse_model_config(text: Optional[str]) -> dict:
@@ -236,6 +243,10 @@ def checkpoint_owned_settings(flags: Mapping[str, Any], train_steps: int) -> dic
                                     incompatible=lambda given, held: (given is None) != (held is None))
     for key in REPA_SHAPE_KEYS:
         table[key] = dataclasses.replace(locked, default=flags[key])
+    # post-hoc EMAs follow a run from step 0: the stds are the checkpoint's; the snapshot interval too unless given
+    table["phema_stds"] = Setting(Rule.LOCKED, flags["phema_stds"], conflict=PHEMA_CONFLICT,
+                                  same=lambda given, held: tuple(given or ()) == tuple(held or ()))
+    table["phema_every"] = Setting(Rule.FREE, flags["phema_every"])
     return table
 
 
@@ -275,6 +286,8 @@ def resolve_train_config(flags: Mapping[str, Any], explicit: AbstractSet[str], s
     if features_vae and "vae" not in explicit and not is_pixel_space(values["vae"]):
         values["vae"] = features_vae  # pixels with features are refused by check_train_config
     check_option_groups(values, explicit)
+    if values["phema_stds"] is not None:
+        values["phema_stds"] = tuple(values["phema_stds"])  # a checkpoint may hold a list
     return TrainConfig.from_settings(values), resolved.warnings
 
 
@@ -302,6 +315,11 @@ def check_train_config(config: TrainConfig, world_size: int) -> None:
     if kwargs["hidden_size"] % kwargs["num_heads"]:
         raise UsageError(f"hidden size {kwargs['hidden_size']} is not divisible by {kwargs['num_heads']} heads")
     config.transport.build()
+    check_healing_settings(config.healing)
+    if config.optim.sharding == "fsdp" and (config.phema.enabled or config.healing.active):
+        # their in-memory copies and trackers hold whole tensors; FSDP2 ranks hold shards
+        raise UsageError("--phema-stds and self-healing (--max-rollbacks, --spike-factor, --skip-batches) work with "
+                         "--sharding ddp only: drop --sharding fsdp or those flags")
     if fid.fid_every is not None and (fid.fid_ref is None or not os.path.isfile(fid.fid_ref)):
         raise UsageError(f"--fid-every needs --fid-ref, a file of reference statistics (got {fid.fid_ref!r}); "
                          f"make one with `python evaluate.py VIRTUAL_imagenet256_labeled.npz`")
