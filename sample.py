@@ -122,7 +122,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     sample_fn = build_sample_fn(settings.transport, config.sampler)
     sampler = config.sampler
     logger.info(f"{settings.name} ({settings.ckpt or 'published'}), {settings.image_size}px, {sampler.describe()}, "
-                f"cfg {config.guidance.scale}, {settings.transport.path_type}/{settings.transport.prediction}")
+                f"cfg {config.guidance.scale}, {settings.transport.path_type}/{settings.transport.prediction}"
+                + (f", autoguided by {config.guidance.guide_ckpt}" if config.guidance.guide_ckpt else ""))
 
     z = torch.randn(len(labels), *latent_shape(model.config), device=device)  # (N, C, L, L)
     y = torch.tensor(labels, device=device)

@@ -38,7 +38,7 @@ from sit.config import TransportConfig  # noqa: E402
 from sit.files import atomic_json  # noqa: E402
 from sit.speed import PRECISIONS, autocast, compile_for_sampling, configure_precision  # noqa: E402
 from sit.training.step import TrainStep, train_step  # noqa: E402
-from sit.vae import LATENT_SCALE, check_image_size  # noqa: E402
+from sit.vae import LATENT_SCALE, check_image_size, random_sd_vae  # noqa: E402
 from transport import Sampler  # noqa: E402
 
 MATMUL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -62,16 +62,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true",
                         help="also print where the time of one baseline and one optimised ODE step goes (torch.profiler)")
     return parser.parse_args(argv)
-
-
-def sd_vae(device: torch.device):
-    """A randomly initialised AutoencoderKL with Stable Diffusion's VAE architecture."""
-    from diffusers.models import AutoencoderKL
-
-    blocks = 4
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * blocks,
-                         up_block_types=("UpDecoderBlock2D",) * blocks, block_out_channels=(128, 256, 512, 512),
-                         layers_per_block=2, latent_channels=4, sample_size=256).to(device).eval().requires_grad_(False)
 
 
 def synchronize(device: torch.device) -> None:
@@ -307,7 +297,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     print("matmul (2048 x 2048) on this device: " + ", ".join(f"{name} {value:.3f}" for name, value in speeds.items())
           + " TFLOP/s", flush=True)
     torch.manual_seed(0)
-    vae = sd_vae(device)
+    vae = random_sd_vae().to(device).requires_grad_(False)  # Stable Diffusion's VAE architecture
     bench = TrainBench(args, device, vae)
     flops = bench.training_flops()
     rows = {}
@@ -334,7 +324,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         speed_up = rows[f"{mode} optimised"]["images_per_s"] / rows[f"{mode} baseline"]["images_per_s"]
         print(f"sampling speed-up, {mode} step: {speed_up:.2f}x")
     if args.json:
-        atomic_json(args.json, dict(device=device_name, torch=torch.__version__, model=args.model,
+        atomic_json(args.json, dict(device=device_name, bf16_peak_tflops=peak, torch=torch.__version__, model=args.model,
                                     image_size=args.image_size, batch_size=args.batch_size, precision=args.precision,
                                     compile=args.compile, max_grad_norm=args.max_grad_norm, rows=rows))
 

@@ -36,9 +36,14 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def launched_by_torchrun() -> bool:
+    """Whether torchrun (or another launcher setting RANK and WORLD_SIZE) started this process."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
 def launched_world_size() -> int:
     """The number of processes torchrun started (1 for a plain `python script.py`), before joining."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+    if launched_by_torchrun():
         return int(os.environ["WORLD_SIZE"])
     return 1
 
@@ -54,7 +59,7 @@ def setup_distributed(timeout_minutes: int = 30) -> DistContext:
     The device comes from LOCAL_RANK, so multi-node jobs pick the right GPU.
     """
     use_cuda = torch.cuda.is_available()
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+    if not launched_by_torchrun():
         device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
         if use_cuda:
             torch.cuda.set_device(device)

@@ -81,8 +81,11 @@ def guided_sample(sample_fn: Callable, model: Any, z: torch.Tensor, y: torch.Ten
     With guidance.scale > 1 (the original sample_ddp.py's rule), or always with `always_guide` (the
     original sample.py's, even at scale 1): z is doubled, the second half gets the null label
     (num_classes), and model.forward_with_cfg combines the two halves. The doubled batch draws other
-    SDE noise than the plain one, hence the two rules.
+    SDE noise than the plain one, hence the two rules. An autoguided model (sit.guidance) guides
+    itself inside each call: its batch stays z as it is.
     """
+    if getattr(model, "guides_itself", False):
+        return sample_fn(z, model.forward, y=y)[-1]
     if guidance.scale > 1.0 or always_guide:
         null_labels = torch.full_like(y, model.num_classes)
         z_in = torch.cat([z, z], dim=0)            # (2N, C, L, L)

@@ -85,6 +85,18 @@ def load_vae(name: str, device: torch.device) -> Any:
     return vae.to(device).eval().requires_grad_(False)
 
 
+def random_sd_vae(widths: tuple[int, ...] = (128, 256, 512, 512), layers_per_block: int = 2, norm_groups: int = 32) -> Any:
+    """A randomly initialised AutoencoderKL: by default Stable Diffusion's VAE architecture (downsampling
+    by 8 to 4 channels), for benchmarks and device checks without a download; narrower widths give a
+    tiny one with the same downsampling. On the CPU, in eval mode."""
+    from diffusers.models import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(widths),
+                         up_block_types=("UpDecoderBlock2D",) * len(widths), block_out_channels=widths,
+                         layers_per_block=layers_per_block, latent_channels=LATENT_CHANNELS, norm_num_groups=norm_groups,
+                         sample_size=256).eval()
+
+
 def decode_latents(vae: Any, latents: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
     """Latents (N, 4, L, L) to float32 images (N, 3, 8L, 8L) in about [-1, 1]; identity for pixel
     models (vae None). precision: a --precision choice (bf16/fp16 autocast the decoder)."""

@@ -11,7 +11,7 @@ import argparse
 from typing import Callable, Optional, Sequence
 
 from models import SiT_models
-from sit.cli import add_speed_arguments, guidance_scale, positive_int, unit_interval_float
+from sit.cli import add_speed_arguments, guidance_scale, positive_float, positive_int, unit_interval_float
 from sit.config import SAMPLING_MODES
 from sit.dequantize import DEQUANTIZATIONS
 from sit.errors import UsageError
@@ -47,6 +47,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, vae_default: str, cf
     parser.add_argument("--cfg-scale", type=guidance_scale, default=cfg_default,
                         help="classifier-free guidance scale, >= 1 (1: no guidance)")
     parser.add_argument("--num-sampling-steps", type=positive_int, default=250)
+    parser.add_argument("--time-shift", type=positive_float, default=None,
+                        help="fixed-step samplers: place the steps by t -> t / (t + S (1 - t)) (S > 1: more steps "
+                             "near noise; SD3/LightningDiT's shift); adaptive solvers refuse it")
     parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None,
                         help="TF32 matmuls on Ampere+ GPUs (the default): much faster, slightly different numbers; "
                              "--no-tf32 is --precision fp32")
@@ -60,6 +63,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, vae_default: str, cf
                         help="guide all latent channels (the original guides only the first 3)")
     parser.add_argument("--cfg-interval", type=unit_interval_float, nargs=2, metavar=("LO", "HI"), default=(0.0, 1.0),
                         help="apply guidance only for t in [LO, HI] (t=0 noise, t=1 data); default 0 1")
+    parser.add_argument("--guide-ckpt", type=str, default=None,
+                        help="autoguidance: guide with this checkpoint's model (smaller or trained for less; same "
+                             "classes, latent size and transport) instead of the null label, all channels, at "
+                             "--cfg-scale and --cfg-interval; its settings come from its checkpoint")
 
 
 def add_likelihood_arguments(parser: argparse.ArgumentParser) -> None:

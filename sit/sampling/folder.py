@@ -68,10 +68,14 @@ def folder_name(config: SamplingConfig, settings: ModelSettings) -> str:
                   f"lastsize-{sampler.last_step_size}"]
     if transport.sample_eps is not None:
         parts.append(f"eps-{transport.sample_eps}")
-    if guidance.scale > 1.0 and guidance.all_channels:
-        parts.append("allchannels")
+    if sampler.time_shift is not None:  # a shifted step grid (--time-shift)
+        parts.append(f"shift-{sampler.time_shift}")
+    if guidance.scale > 1.0 and guidance.all_channels and guidance.guide_ckpt is None:
+        parts.append("allchannels")  # autoguidance guides every channel anyway
     if guidance.scale > 1.0 and tuple(guidance.interval) != (0.0, 1.0):
         parts.append(f"interval-{guidance.interval[0]}-{guidance.interval[1]}")
+    if guidance.guide_ckpt is not None:
+        parts.append(f"guide-{checkpoint_tag(guidance.guide_ckpt)}")
     if config.precision != "tf32":  # other precisions give other images; the default keeps older folder names
         parts.append(f"prec-{config.precision}")
     name = "-".join(str(part) for part in parts)

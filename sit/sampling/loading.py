@@ -15,6 +15,7 @@ import torch
 from models import SiT, has_null_class
 from sit.checkpoint import load_model, model_shape_name
 from sit.errors import reported_as
+from sit.sampling.guide import attach_guide
 from sit.sampling.settings import ModelSettings, SamplingConfig, resolve_model_settings
 from sit.speed import compile_for_sampling, compile_model, configure_precision
 from sit.vae import load_vae
@@ -47,6 +48,7 @@ def speed_up(model: SiT, config: SamplingConfig) -> SiT:
 def load_sampling_model(config: SamplingConfig, device: torch.device, vae_default: str) -> tuple[SiT, ModelSettings]:
     """The SiT of the request's checkpoint (or the published model) on `device` in eval mode, and its
     settings (vae_default: the script's VAE when neither --vae nor the checkpoint names a local one).
+    With --guide-ckpt the model is a sit.guidance.AutoGuidedModel around the SiT (its config is the SiT's).
 
     Raises UsageError when the checkpoint cannot be fetched or loaded or contradicts the flags.
     """
@@ -58,7 +60,10 @@ def load_sampling_model(config: SamplingConfig, device: torch.device, vae_defaul
                                  num_classes=request.num_classes)
     settings = resolve_model_settings(config, info, has_null_class=has_null_class(model.config),
                                       vae_default=vae_default, shape_name=model_shape_name(model.config))
-    return speed_up(model.to(device).eval(), config), settings
+    model = speed_up(model.to(device).eval(), config)
+    if config.guidance.guide_ckpt is not None:  # autoguidance: the model the samplers call guides itself
+        model = attach_guide(model, settings, config, device)
+    return model, settings
 
 
 def load_decoder(vae: Optional[str], device: torch.device) -> Any:

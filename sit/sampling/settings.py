@@ -129,6 +129,8 @@ def sampling_config(flags: Mapping[str, Any], given: frozenset[str], *, seed: in
         raise UsageError(f"--num-sampling-steps must be at least 2, got {flags['num_sampling_steps']}")
     if flags["likelihood"] and flags["mode"] != "ODE":
         raise UsageError("--likelihood works in ODE mode only (it integrates the probability-flow ODE)")
+    if flags["likelihood"] and flags["guide_ckpt"] is not None:
+        raise UsageError("--guide-ckpt guides sampling; --likelihood evaluates the unguided model: drop --guide-ckpt")
     if flags["likelihood"] and flags["cfg_scale"] != 1.0:
         raise UsageError(f"--likelihood evaluates the unguided model: pass --cfg-scale 1 (got {flags['cfg_scale']}); "
                          f"a guided sampler has no likelihood")
@@ -137,7 +139,8 @@ def sampling_config(flags: Mapping[str, Any], given: frozenset[str], *, seed: in
         ckpt, ckpt_choice = checkpoint_in_folder(ckpt)
     request = ModelRequest(ckpt, flags["model"], image_size, flags["num_classes"], vae,
                            {key: flags[key] for key in TRANSPORT_SETTINGS if key in given}, ckpt_choice)
-    guidance = GuidanceConfig(flags["cfg_scale"], flags["guide_all_channels"], tuple(flags["cfg_interval"]))
+    guidance = GuidanceConfig(flags["cfg_scale"], flags["guide_all_channels"], tuple(flags["cfg_interval"]),
+                              flags["guide_ckpt"])
     return SamplingConfig(request, sampler_config_from_flags(flags["mode"], flags), guidance, precision,
                           flags["compile"], seed, num_images, batch_size, likelihood_config(flags))
 
@@ -176,7 +179,7 @@ def resolve_model_settings(config: SamplingConfig, info: Mapping[str, Any], *, h
     stored = {key: value for key, value in (info["transport"] or {}).items()
               if value is not None or key == "loss_weight"}
     transport = TransportConfig(**resolve_settings(TRANSPORT_SETTINGS, request.transport, stored).values)
-    if config.guidance.scale > 1.0 and not has_null_class:
+    if config.guidance.scale > 1.0 and not has_null_class and config.guidance.guide_ckpt is None:
         raise UsageError("this model was trained without label dropout, so it has no null class for "
                          "guidance: pass --cfg-scale 1")
     return ModelSettings(name=request.model_name or info["model_name"] or shape_name, ckpt=request.ckpt,

@@ -9,11 +9,12 @@ from typing import AbstractSet, Any, Mapping
 
 from sit.checkpoint import settings_of
 from sit.distributed import cleanup_distributed, setup_distributed
-from sit.errors import RunFailure
+from sit.errors import RunFailure, UsageError
 from sit.training.data import TrainDataset, features_vae, open_training_data
 from sit.training.experiment import StartPoint, start_checkpoint
 from sit.training.loop import train
 from sit.training.monitor import TrainingDiverged
+from sit.training.phema import check_phema_start
 from sit.training.settings import TrainConfig, check_train_config, resolve_train_config
 from sit.training.signals import StopSignal
 
@@ -37,6 +38,10 @@ def prepare_training(flags: Mapping[str, Any], explicit: AbstractSet[str], world
     config, warnings = resolve_train_config(flags, explicit, stored, source=f"the checkpoint {start.source}",
                                             train_steps=train_steps, features_vae=made_by)
     check_train_config(config, world_size)
+    if config.repa.enabled and start.resuming and start.checkpoint.get("repa_projector") is None:
+        raise UsageError(f"--repa-encoder: {start.source} was trained without representation alignment; "
+                         f"start a new experiment")
+    check_phema_start(config.phema, start.checkpoint if start.resuming else None)
     return TrainingPlan(config, open_training_data(config), start, start.warnings + warnings)
 
 
