@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from sit.errors import UsageError
 from sit.files import atomic_write
+from sit.hub import HubUnavailable, hub_file, hub_offline
 
 PRETRAINED_DIR = "pretrained_models"
 DEFAULT_MODEL = "SiT-XL-2-256x256.pt"
@@ -113,13 +114,13 @@ def _stream_url(url: str, path: str, progress: bool = True) -> None:
 
 
 def download_hub_file(spec: str) -> str:
-    """Fetch `hf://<org>/<repo>/<file>` with huggingface_hub into its cache; returns the local path."""
+    """`hf://<org>/<repo>/<file>` from huggingface_hub's cache, or fetched into it (sit.hub.hub_file:
+    a failure is one line after one short request, not minutes of retries); returns the local path."""
     repo_id, filename = parse_hub_spec(spec)
     try:
-        import huggingface_hub
-        return huggingface_hub.hf_hub_download(repo_id=repo_id, filename=filename)
-    except Exception as error:  # offline, missing file, auth: one message for the user
-        raise CheckpointError(f"could not fetch {spec} from the Hugging Face hub ({_describe(error)})") from error
+        return hub_file(repo_id, filename)
+    except HubUnavailable as error:  # offline, missing file, auth: one message for the user
+        raise CheckpointError(f"could not fetch {spec} from the Hugging Face hub: {error}") from None
 
 
 def parse_hub_spec(spec: str) -> tuple[str, str]:
@@ -161,6 +162,9 @@ def fetch_published_sources(name: str, local_path: str) -> str:
     """Try each source of a published checkpoint in turn; CheckpointError naming them all when none works."""
     failures = []
     for source in PUBLISHED_MODELS[name]:
+        if hub_offline() and not source.startswith(HUB_SCHEME):
+            failures.append(f"{source.split('?')[0]} not tried (HF_HUB_OFFLINE is set)")
+            continue
         try:
             if source.startswith(HUB_SCHEME):
                 place_file(download_hub_file(source), local_path)

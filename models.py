@@ -260,26 +260,34 @@ class SiT(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)              # (N, C, h, p, w, p)
         return x.reshape(x.shape[0], c, h * p, w * p)      # (N, C, H, W)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                hidden_at: Optional[int] = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Predict the model output (velocity, score or noise) for inputs at time t.
 
         x: (N, C, H, W) latents or images; t: (N,) times in [0, 1]; y: (N,) int labels
         (`num_classes` is the null label). Returns (N, C, H, W).
+        hidden_at: a block number k in 1..depth (REPA's encoder_depth, 1-based): then returns
+        (output, the tokens (N, T, D) after block k) for representation alignment.
         """
+        if hidden_at is not None and not 1 <= hidden_at <= len(self.blocks):
+            raise ValueError(f"hidden_at must be a block number in 1..{len(self.blocks)}, got {hidden_at}")
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D), T = H * W / p ** 2
         t = self.t_embedder(t)                   # (N, D)
         y = self.y_embedder(y, self.training)    # (N, D)
         c = t + y                                # (N, D)
-        for block in self.blocks:
+        hidden = None
+        for number, block in enumerate(self.blocks, start=1):
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, c, use_reentrant=False)
             else:
                 x = block(x, c)                  # (N, T, D)
+            if number == hidden_at:
+                hidden = x
         x = self.final_layer(x, c)               # (N, T, p * p * C_out)
         x = self.unpatchify(x)                   # (N, C_out, H, W)
         if self.learn_sigma:
             x, _ = x.chunk(2, dim=1)             # (N, C, H, W): the sigma half is unused
-        return x
+        return x if hidden_at is None else (x, hidden)
 
     def forward_with_cfg(
         self,

@@ -16,23 +16,26 @@ from typing import Optional, Sequence
 
 import torch
 from PIL import Image
-from torchvision.utils import save_image
 
 from models import has_null_class
 from sit.cli import class_label_list, parse_with_explicit, positive_int, run_main
 from sit.config import build_sample_fn
 from sit.distributed import setup_distributed
 from sit.errors import UsageError
-from sit.files import atomic_write, folder_problem
-from sit.generation import generate_latents
+from sit.files import folder_problem
+from sit.generation import ObservedSampleFunction, generate_latents
+from sit.grid import GridLayout, label_rows, labels_path, save_grid, save_labels
 from sit.log import create_logger
+from sit.progress import SamplerProgress
 from sit.sampling.flags import sampling_mode, sampling_parser
 from sit.sampling.loading import load_decoder, load_sampling_model, setup_torch
 from sit.sampling.settings import SamplingConfig, sampling_config
+from sit.speed import configure_cpu_threads
 from sit.vae import decode_latents, latent_shape
 
 # Labels to condition the model with (the original's; change with --class-labels)
 DEFAULT_CLASS_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
+GRID_COLUMNS = 4  # the original's grid of the default labels
 LIKELIHOOD_REFUSAL = ("--likelihood is evaluated by sample_ddp.py (e.g. `sample_ddp.py ODE --likelihood --data-path "
                       "DIR`), which reports NLL and bits/dim and saves per-image values")
 
@@ -43,7 +46,10 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated class labels (default: {','.join(map(str, DEFAULT_CLASS_LABELS))})")
     parser.add_argument("--num-images", type=positive_int, default=None,
                         help="number of images; the labels repeat to fill them (default: one per label)")
-    parser.add_argument("--output", type=str, default="sample.png", help="where to save the grid (4 columns)")
+    parser.add_argument("--output", type=str, default="sample.png",
+                        help="where to save the grid (4 columns), its labels beside it (<name>.labels.txt)")
+    parser.add_argument("--one-row-per-label", action="store_true",
+                        help="one grid row per label of --class-labels, e.g. 0,...,9 with --num-images 40: 10 rows of 4")
 
 
 def build_parser(mode: Optional[str]) -> argparse.ArgumentParser:
@@ -87,10 +93,11 @@ def labels_for(class_labels: Optional[list[int]], num_images: int, num_classes: 
     return [labels[i % len(labels)] for i in range(num_images)]
 
 
-def save_grid(images: torch.Tensor, path: str) -> None:
-    """Save images (N, 3, H, W) in [-1, 1] as a 4-column grid, via a temporary file and a rename."""
-    write = functools.partial(save_image, images, nrow=4, normalize=True, value_range=(-1, 1))
-    atomic_write(path, write, suffix=os.path.splitext(path)[1])  # the format follows the extension
+def grid_layout(args: argparse.Namespace, num_images: int) -> GridLayout:
+    """The original's 4 columns; --one-row-per-label: row r holds every image of the r-th label (they cycle)."""
+    if args.one_row_per_label:
+        return GridLayout.one_row_per_label(num_images, len(args.class_labels or DEFAULT_CLASS_LABELS))
+    return GridLayout.with_columns(num_images, GRID_COLUMNS)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -101,6 +108,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     setup_torch(config.precision)
     device = setup_distributed().device  # a single plain process: cuda:0 if there is a GPU, else the CPU
     logger = create_logger(None)
+    threads = configure_cpu_threads(device)
+    if threads:
+        logger.info(threads)
     for warning in config.warnings:
         logger.warning(f"warning: {warning}")
 
@@ -109,23 +119,28 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     vae = load_decoder(settings.vae, device)
     sample_fn = build_sample_fn(settings.transport, config.sampler)
     sampler = config.sampler
-    logger.info(f"{settings.name} ({settings.ckpt or 'published'}), {settings.image_size}px, {sampler.mode} "
-                f"{sampler.sampling_method}, {sampler.num_steps} steps, cfg {config.guidance.scale}, "
-                f"{settings.transport.path_type}/{settings.transport.prediction}")
+    logger.info(f"{settings.name} ({settings.ckpt or 'published'}), {settings.image_size}px, {sampler.describe()}, "
+                f"cfg {config.guidance.scale}, {settings.transport.path_type}/{settings.transport.prediction}"
+                + (f", autoguided by {config.guidance.guide_ckpt}" if config.guidance.guide_ckpt else ""))
 
     z = torch.randn(len(labels), *latent_shape(model.config), device=device)  # (N, C, L, L)
     y = torch.tensor(labels, device=device)
 
     start_time = time()
+    progress = SamplerProgress(reverse=getattr(sampler, "reverse", False))  # a bar, or a line every few seconds
     # As the original sample.py: the doubled, guided batch even at --cfg-scale 1 (same numbers for a seed);
     # a model without a null class (no label dropout; the original would fail) samples unguided.
-    latents = generate_latents(sample_fn, model, z, y, config.guidance, config.precision,
-                               always_guide=has_null_class(model.config))
+    latents = generate_latents(ObservedSampleFunction(sample_fn, progress), model, z, y, config.guidance,
+                               config.precision, always_guide=has_null_class(model.config))
+    progress.close()
     images = decode_latents(vae, latents, config.precision)
-    logger.info(f"Sampling took {time() - start_time:.2f} seconds, {sample_fn.nfe} model evaluations.")
+    logger.info(f"Sampling took {time() - start_time:.2f} seconds: {sampler.evaluations(sample_fn.nfe)}.")
 
-    save_grid(images, args.output)
-    logger.info(f"Saved {len(labels)} images (labels {labels}) to {args.output}")
+    layout = grid_layout(args, len(labels))
+    save_grid(images, layout, args.output)
+    labels_file = save_labels(labels, layout, labels_path(args.output))
+    logger.info(f"Saved {len(labels)} images (labels {labels}) to {args.output}; by grid row (as in {labels_file}): "
+                f"{' | '.join(label_rows(labels, layout))}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ log-likelihoods (--likelihood).
 
 Images go to <sample-dir>/<folder>/000000.png ..., where <folder> names every setting that changes
 the images, then into <sample-dir>/<folder>.npz (arr_0: uint8 (N, H, W, 3), the format of the ADM
-evaluation suite: https://github.com/openai/guided-diffusion/tree/main/evaluations).
+evaluation suite: https://github.com/openai/guided-diffusion/tree/main/evaluations; labels: (N,) int64,
+the class each image was conditioned on). --ckpt may name a train.py experiment folder (its newest
+checkpoint) or a results folder (its newest experiment's).
 
 Reproducible and resumable:
 - image i's noise and label come from a generator seeded by (global seed, i);
@@ -45,12 +47,13 @@ from sit.log import create_logger
 from sit.sampling.batch_record import build_record, finish_sample_batch, identify_sources
 from sit.sampling.flags import add_likelihood_arguments, sampling_mode, sampling_parser
 from sit.sampling.folder import prepare_sample_folder, removed_if_left_empty
-from sit.sampling.images import write_missing_images
+from sit.sampling.images import sampled_labels, write_missing_images
 from sit.sampling.likelihood import evaluate_likelihood
 from sit.sampling.loading import load_for_sampling, setup_torch
 from sit.sampling.presets import (LIST_PRESETS, PresetUse, apply_preset, preset_names, preset_table, requested_preset,
                                   with_preset_mode)
 from sit.sampling.settings import SamplingConfig, sampling_config
+from sit.speed import configure_cpu_threads
 
 
 def add_ddp_arguments(parser: argparse.ArgumentParser) -> None:
@@ -99,6 +102,9 @@ def run(ctx: DistContext, config: SamplingConfig, sample_dir: str, preset: Optio
     """Sample the missing images and build the .npz and its record, or evaluate the likelihoods (every rank)."""
     logger = create_logger(None, ctx.is_main)
     logger.info(f"Starting rank={ctx.rank}, world_size={ctx.world_size}, device={ctx.device}")
+    threads = configure_cpu_threads(ctx.device)  # on a CPU: OMP_NUM_THREADS (torchrun's), else cores / processes
+    if threads:
+        logger.info(threads)
     if preset is not None:
         logger.info(preset.summary())
         for warning in preset.warnings():
@@ -118,7 +124,8 @@ def run(ctx: DistContext, config: SamplingConfig, sample_dir: str, preset: Optio
         barrier()  # every PNG is written before rank 0 reads them
         make_record = functools.partial(build_record, config, loaded, sources, per_rank_nfe, ctx.world_size,
                                         None if preset is None else preset.name)
-        on_main(ctx, functools.partial(finish_sample_batch, folder, config.num_images, make_record, logger))
+        on_main(ctx, lambda: finish_sample_batch(folder, config.num_images, make_record, logger,
+                                                 sampled_labels(config, loaded)))  # labels: rank 0 draws them
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

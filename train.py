@@ -5,9 +5,11 @@
 --sharding fsdp shards model, gradients, AdamW state and EMA over the processes (FSDP2) for models
 past one GPU's memory; its checkpoints are the same full files (see sit/training/sharding.py).
 
-Each run writes to results/<NNN>-<model>-<path>-<prediction>-<loss weight>/: log.txt, checkpoints/
-<step>.pt, samples/<step>.png and (with --wandb) wandb_id.txt. A checkpoint holds everything needed
-to continue exactly: model, EMA, optimizer, step, epoch, position in the epoch and every rank's RNG.
+Each run writes to results/<NNN>-<model>-<path>-<prediction>-<loss weight>/ (<model>: with --model-config
+the real shape's name, e.g. custom-d4-w64-p2): log.txt, checkpoints/<step>.pt, latest.txt (the newest
+checkpoint's path), samples/<step>.png, preview_labels.txt and (with --wandb) wandb_id.txt. A checkpoint holds
+everything needed to continue exactly: model, EMA, optimizer, step, epoch, position in the epoch and every
+rank's RNG.
 
 Resume (continues in the same experiment folder; losses equal those of an uninterrupted run):
     --resume                          the newest checkpoint of the newest experiment in --results-dir
@@ -26,6 +28,13 @@ them in a new experiment from step 0. SIGTERM/SIGINT: finish the step, save a ch
 Pixel space (`--vae none`): the model learns images in [-1, 1] directly (3 channels, input size =
 image size, any size the patch size divides), e.g. the 8x8 digits of the README's CPU quick start.
 
+Representation alignment (--repa-encoder dinov2-vit-b --repa-depth 8 --repa-coeff 0.5, REPA's recipe;
+sit/training/repa.py) and time-step schedules (--time-sampling logit-normal --time-shift S;
+transport/schedules.py) are options, off by default.
+Options of today's recipes, off by default: post-hoc EMA snapshots (--phema-stds; reconstruct_ema.py
+builds any EMA length from them) and self-healing (--max-rollbacks, --spike-factor: roll back to the
+last good state and skip the batch that diverged); see the README.
+
 The work is done by sit.training (settings, experiment, network, step, loop); this script parses the
 flags, builds the checked plan once (sit.training.launch.prepare_training) and runs it.
 """
@@ -36,14 +45,17 @@ import sys
 from typing import Optional
 
 from models import SiT_models
-from sit.cli import (ScriptParser, add_speed_arguments, decay_rate, guidance_scale, non_negative_int,
-                     parse_with_explicit, positive_float, positive_int, run_main)
+from sit.cli import (ScriptParser, add_speed_arguments, decay_rate, guidance_scale, non_negative_float,
+                     non_negative_int, parse_with_explicit, positive_float, positive_int, run_main)
 from sit.distributed import launched_world_size
 from sit.training.experiment import NEWEST
+from sit.training.healing import add_healing_arguments
 from sit.training.launch import prepare_training, run_training
+from sit.training.phema import add_phema_arguments
 from sit.training.settings import EMA_DECAY, MODEL_CONFIG_KEYS
 from sit.training.sharding import SHARDINGS
 from train_utils import parse_transport_args
+from transport.schedules import TIME_SAMPLINGS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,6 +116,22 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--fid-cfg-scale", type=guidance_scale, default=1.0, help="guidance of the FID samples, >= 1")
     fid.add_argument("--fid-inception-weights", type=str, default=None,
                      help="a local Inception weights file (default: downloaded once by torch-fidelity)")
+    repa = parser.add_argument_group("representation alignment (REPA; sit/training/repa.py)")
+    repa.add_argument("--repa-encoder", type=str, default=None,
+                      help="align block --repa-depth with this frozen encoder's patch tokens: dinov2-vit-s/b/l/g, "
+                           "dinov2_vitb14[_reg], a timm ViT name, or a local weights file/timm folder (default: off)")
+    repa.add_argument("--repa-depth", type=positive_int, default=8, help="the block (1-based) whose tokens are aligned")
+    repa.add_argument("--repa-coeff", type=non_negative_float, default=0.5, help="weight of the alignment loss")
+    repa.add_argument("--repa-projector-dim", type=positive_int, default=2048, help="hidden width of the projector MLP")
+    times = parser.add_argument_group("time-step schedule of training (transport/schedules.py; t=0 noise, t=1 data)")
+    times.add_argument("--time-sampling", type=str, choices=TIME_SAMPLINGS, default="uniform",
+                      help="how t is drawn: uniform (the original's) or logit-normal (SD3, LightningDiT)")
+    times.add_argument("--time-mean", type=float, default=0.0, help="mean of the logit-normal's normal")
+    times.add_argument("--time-std", type=positive_float, default=1.0, help="std of the logit-normal's normal")
+    times.add_argument("--time-shift", type=positive_float, default=None,
+                      help="shift t -> t / (t + s (1 - t)); s > 1 draws more times near the noise end (default: none)")
+    add_phema_arguments(parser)
+    add_healing_arguments(parser)
     add_speed_arguments(parser)
     parse_transport_args(parser)
     return parser

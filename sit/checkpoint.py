@@ -10,6 +10,9 @@ A train checkpoint is a plain dict (nanoGPT style), loadable with `torch.load(we
     rng                    every rank's RNG states, in rank order
     scaler                 the fp16 GradScaler's state ({} otherwise)
     experiment_dir, wandb_id
+    repa_projector         only with --repa-encoder: the alignment projector's state dict (sampling ignores it)
+    phema                  with --phema-stds: the power-function EMAs ({"stds", "emas"}; sit.training.phema)
+    healing                with self-healing: skipped batches, rollbacks, recent losses (sit.training.healing)
 Published checkpoints and bare state dicts hold only weights; they load for sampling and fine-tuning.
 """
 from __future__ import annotations
@@ -61,6 +64,9 @@ class TrainCheckpoint:
     scaler: dict = field(default_factory=dict)
     experiment_dir: Optional[str] = None
     wandb_id: Optional[str] = None
+    repa_projector: Optional[dict] = None
+    phema: dict = field(default_factory=dict)  # stored only when not empty, so that runs without it write the same files
+    healing: dict = field(default_factory=dict)  # likewise
 
     @classmethod
     def from_dict(cls, checkpoint: dict) -> "TrainCheckpoint":
@@ -70,14 +76,19 @@ class TrainCheckpoint:
                    train_steps=checkpoint["train_steps"], epoch=checkpoint.get("epoch", 0),
                    epoch_step=checkpoint.get("epoch_step", 0), rng=checkpoint.get("rng") or [],
                    scaler=checkpoint.get("scaler") or {}, experiment_dir=checkpoint.get("experiment_dir"),
-                   wandb_id=checkpoint.get("wandb_id"))
+                   wandb_id=checkpoint.get("wandb_id"), repa_projector=checkpoint.get("repa_projector"),
+                   phema=checkpoint.get("phema") or {}, healing=checkpoint.get("healing") or {})
 
     def to_dict(self) -> dict:
-        """The stored form: plain containers and tensors only."""
-        return {"model": self.model, "ema": self.ema, "opt": self.opt, "args": dict(self.settings),
-                "train_steps": self.train_steps, "epoch": self.epoch, "epoch_step": self.epoch_step,
-                "rng": self.rng, "model_config": dict(self.model_config), "experiment_dir": self.experiment_dir,
-                "scaler": self.scaler, "wandb_id": self.wandb_id}
+        """The stored form: plain containers and tensors only (the optional parts only when present)."""
+        stored = {"model": self.model, "ema": self.ema, "opt": self.opt, "args": dict(self.settings),
+                  "train_steps": self.train_steps, "epoch": self.epoch, "epoch_step": self.epoch_step,
+                  "rng": self.rng, "model_config": dict(self.model_config), "experiment_dir": self.experiment_dir,
+                  "scaler": self.scaler, "wandb_id": self.wandb_id}
+        if self.repa_projector is not None:
+            stored["repa_projector"] = self.repa_projector
+        stored.update({key: value for key, value in (("phema", self.phema), ("healing", self.healing)) if value})
+        return stored
 
     def save(self, path: str) -> None:
         """Write to path atomically (a temporary file, then a rename)."""
@@ -96,6 +107,13 @@ def model_config_of(checkpoint: dict, source: str) -> dict:
         return models.model_config_from_state_dict(download.state_dict_of(checkpoint))
     except (ValueError, KeyError, AttributeError) as error:
         raise download.CheckpointError(f"{source} does not hold SiT weights ({error})") from None
+
+
+def model_shape_name(config: dict) -> str:
+    """What experiment and sample folders call a SiT of this config (SiT constructor arguments): its
+    published name (e.g. SiT-S/2) when the shape is one, else custom-d<depth>-w<width>-p<patch>."""
+    return (models.model_name_for_config(config)
+            or f"custom-d{config['depth']}-w{config['hidden_size']}-p{config['patch_size']}")
 
 
 def checkpoint_info(config: dict, settings: dict) -> dict:

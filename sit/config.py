@@ -17,6 +17,8 @@ from typing import Any, Callable, Mapping, Optional, Union
 
 from sit.errors import UsageError
 from transport import Sampler, Transport, create_transport
+from transport.integrators import is_adaptive
+from transport.schedules import TimeSchedule
 
 
 #################################################################################
@@ -110,10 +112,12 @@ class TransportConfig:
     train_eps: Optional[float] = None
     sample_eps: Optional[float] = None
 
-    def build(self) -> Transport:
-        """The Transport; an invalid combination raises UsageError naming the flag's values."""
+    def build(self, time_schedule: Optional[TimeSchedule] = None) -> Transport:
+        """The Transport (time_schedule: how training draws t; None: the original's uniform draw);
+        an invalid combination raises UsageError naming the flag's values."""
         try:
-            return create_transport(self.path_type, self.prediction, self.loss_weight, self.train_eps, self.sample_eps)
+            return create_transport(self.path_type, self.prediction, self.loss_weight, self.train_eps, self.sample_eps,
+                                    time_schedule=time_schedule)
         except ValueError as error:
             raise UsageError(str(error)) from None
 
@@ -147,15 +151,32 @@ class ODEConfig:
     atol: float = 1e-6
     rtol: float = 1e-3
     reverse: bool = False
+    time_shift: Optional[float] = None  # --time-shift: shifted fixed-step grid (transport.schedules); None: uniform
 
     mode = "ODE"
 
+    def describe(self) -> str:
+        """The sampler in words, e.g. `ODE dopri5 (adaptive steps, atol 1e-06, rtol 0.001)`, `ODE euler, 50 steps`."""
+        if is_adaptive(self.sampling_method):
+            return f"ODE {self.sampling_method} (adaptive steps, atol {self.atol:g}, rtol {self.rtol:g})"
+        shift = f" (time shift {self.time_shift:g})" if self.time_shift is not None else ""
+        return f"ODE {self.sampling_method}, {self.num_steps} steps{shift}"
+
+    def evaluations(self, nfe: int) -> str:
+        """The model evaluations a run made, e.g. `dopri5: adaptive, 62 model evaluations`."""
+        if is_adaptive(self.sampling_method):
+            return f"{self.sampling_method}: adaptive, {nfe} model evaluations"
+        return f"{self.sampling_method}, {self.num_steps} steps: {nfe} model evaluations"
+
     def sample_fn(self, sampler: Sampler, keep_trajectory: bool = False) -> Callable:
         return sampler.sample_ode(sampling_method=self.sampling_method, num_steps=self.num_steps, atol=self.atol,
-                                  rtol=self.rtol, reverse=self.reverse, keep_trajectory=keep_trajectory)
+                                  rtol=self.rtol, reverse=self.reverse, keep_trajectory=keep_trajectory,
+                                  time_shift=self.time_shift)
 
     def likelihood_fn(self, sampler: Sampler, num_probes: int = 1, exact_trace: bool = False) -> Callable:
         """fn(x, model, **kwargs) -> LikelihoodResult, integrating the ODE from the data to the prior."""
+        if self.time_shift is not None:
+            raise UsageError("--time-shift places the steps of sampling; the likelihood integration does not take it")
         return sampler.sample_ode_likelihood(sampling_method=self.sampling_method, num_steps=self.num_steps,
                                              atol=self.atol, rtol=self.rtol, num_probes=num_probes,
                                              exact_trace=exact_trace)
@@ -170,14 +191,25 @@ class SDEConfig:
     diffusion_norm: float = 1.0
     last_step: Optional[str] = "Mean"
     last_step_size: float = 0.04
+    time_shift: Optional[float] = None  # --time-shift: shifted step grid (transport.schedules); None: uniform
 
     mode = "SDE"
+
+    def describe(self) -> str:
+        """The sampler in words, e.g. `SDE Euler, 250 steps (diffusion sigma x1, last step Mean)`."""
+        shift = f", time shift {self.time_shift:g}" if self.time_shift is not None else ""
+        return (f"SDE {self.sampling_method}, {self.num_steps} steps (diffusion {self.diffusion_form} "
+                f"x{self.diffusion_norm:g}, last step {self.last_step}{shift})")
+
+    def evaluations(self, nfe: int) -> str:
+        """The model evaluations a run made, e.g. `Euler, 250 steps: 250 model evaluations`."""
+        return f"{self.sampling_method}, {self.num_steps} steps: {nfe} model evaluations"
 
     def sample_fn(self, sampler: Sampler, keep_trajectory: bool = False) -> Callable:
         return sampler.sample_sde(sampling_method=self.sampling_method, diffusion_form=self.diffusion_form,
                                   diffusion_norm=self.diffusion_norm, last_step=self.last_step,
                                   last_step_size=self.last_step_size, num_steps=self.num_steps,
-                                  keep_trajectory=keep_trajectory)
+                                  keep_trajectory=keep_trajectory, time_shift=self.time_shift)
 
 
 SamplerConfig = Union[ODEConfig, SDEConfig]
@@ -186,14 +218,16 @@ SAMPLING_MODES = {"ODE": ODEConfig, "SDE": SDEConfig}
 
 
 def sampler_config_from_flags(mode: str, flags: Mapping[str, Any]) -> SamplerConfig:
-    """The sampler configuration of the ODE or SDE flag group (argparse destinations, e.g. vars(args))."""
+    """The sampler configuration of the ODE or SDE flag group (argparse destinations, e.g. vars(args));
+    `time_shift` (--time-shift) is optional: None when the script has no such flag."""
     if mode not in SAMPLING_MODES:
         raise UsageError(f"unknown sampling mode {mode!r}; choose one of {', '.join(SAMPLING_MODES)}")
     if mode == "ODE":
         return ODEConfig(flags["sampling_method"], flags["num_sampling_steps"], flags["atol"], flags["rtol"],
-                         flags["reverse"])
+                         flags["reverse"], time_shift=flags.get("time_shift"))
     return SDEConfig(flags["sampling_method"], flags["num_sampling_steps"], flags["diffusion_form"],
-                     flags["diffusion_norm"], flags["last_step"], flags["last_step_size"])
+                     flags["diffusion_norm"], flags["last_step"], flags["last_step_size"],
+                     time_shift=flags.get("time_shift"))
 
 
 def build_sample_fn(transport: TransportConfig, sampler: SamplerConfig, keep_trajectory: bool = False) -> Callable:
@@ -206,7 +240,9 @@ def build_sample_fn(transport: TransportConfig, sampler: SamplerConfig, keep_tra
 
 @dataclass(frozen=True)
 class GuidanceConfig:
-    """Classifier-free guidance: scale (1: none), which channels, and the interval of t where it applies."""
+    """Classifier-free guidance: scale (1: none), which channels, and the interval of t where it applies;
+    with guide_ckpt, autoguidance by that checkpoint's model instead of the null label (sit.guidance)."""
     scale: float = 1.0
     all_channels: bool = False
     interval: tuple[float, float] = (0.0, 1.0)
+    guide_ckpt: Optional[str] = None

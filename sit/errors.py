@@ -34,3 +34,10 @@ def reported_as(what: str) -> Iterator[None]:
         yield
     except OSError as error:
         raise RunFailure(f"{what}: {error}") from error
+
+
+def error_line(error: BaseException, limit: int = 200) -> str:
+    """`Type: the first line of its message`, cut to `limit` characters: an error inside one line."""
+    lines = str(error).strip().splitlines()
+    first = lines[0].strip()[:limit] if lines else ""
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__

@@ -45,6 +45,35 @@ def noise_and_labels(indices: Sequence[int], global_seed: int, shape: tuple[int,
     return torch.stack(noises), torch.stack(labels)
 
 
+def image_labels(num_images: int, global_seed: int, shape: tuple[int, int, int], num_classes: int,
+                 chunk: int = 1024) -> np.ndarray:
+    """The labels (num_images,) int64 of images 0..num_images-1: exactly noise_and_labels' (each image's
+    generator draws its noise first), computed in chunks so that memory stays small for 50K images."""
+    parts = [noise_and_labels(range(start, min(start + chunk, num_images)), global_seed, shape, num_classes)[1]
+             for start in range(0, num_images, chunk)]
+    return torch.cat(parts).numpy() if parts else np.zeros(0, dtype=np.int64)
+
+
+class ObservedSampleFunction:
+    """A sampler function fn(x, model_fn, **kwargs) whose model evaluations also call on_evaluation(t)
+    (t of the first sample; e.g. a progress display); `nfe` is the wrapped function's."""
+
+    def __init__(self, sample_fn: Callable, on_evaluation: Callable[[float], None]):
+        self.sample_fn, self.on_evaluation = sample_fn, on_evaluation
+
+    @property
+    def nfe(self) -> int:
+        return self.sample_fn.nfe
+
+    def __call__(self, x: torch.Tensor, model_fn: Callable, **kwargs: Any) -> Any:
+        def evaluate(x_t: torch.Tensor, t: torch.Tensor, **model_kwargs: Any) -> Any:
+            output = model_fn(x_t, t, **model_kwargs)
+            self.on_evaluation(float(t.reshape(-1)[0]))
+            return output
+
+        return self.sample_fn(x, evaluate, **kwargs)
+
+
 def guided_sample(sample_fn: Callable, model: Any, z: torch.Tensor, y: torch.Tensor,
                   guidance: GuidanceConfig = GuidanceConfig(), always_guide: bool = False) -> torch.Tensor:
     """Run the sampler from noise z: (N, C, L, L) with labels y: (N,); returns the samples (N, C, L, L).
@@ -52,8 +81,11 @@ def guided_sample(sample_fn: Callable, model: Any, z: torch.Tensor, y: torch.Ten
     With guidance.scale > 1 (the original sample_ddp.py's rule), or always with `always_guide` (the
     original sample.py's, even at scale 1): z is doubled, the second half gets the null label
     (num_classes), and model.forward_with_cfg combines the two halves. The doubled batch draws other
-    SDE noise than the plain one, hence the two rules.
+    SDE noise than the plain one, hence the two rules. An autoguided model (sit.guidance) guides
+    itself inside each call: its batch stays z as it is.
     """
+    if getattr(model, "guides_itself", False):
+        return sample_fn(z, model.forward, y=y)[-1]
     if guidance.scale > 1.0 or always_guide:
         null_labels = torch.full_like(y, model.num_classes)
         z_in = torch.cat([z, z], dim=0)            # (2N, C, L, L)

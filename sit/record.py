@@ -23,6 +23,7 @@ from sit.files import atomic_json
 
 RECORD_FORMAT = "sit-sample-record"
 RECORD_VERSION = 1
+GUIDE_FIELDS = ("guide_checkpoint", "guide_checkpoint_sha256")
 VERSIONED_PACKAGES = ("torch", "torchvision", "numpy", "scipy", "diffusers", "timm", "torchdiffeq", "torch-fidelity")
 
 
@@ -60,10 +61,17 @@ class SampleRecord:
     batch_size: Optional[int] = None  # images sampled as one batch (sample_ddp.py's --per-proc-batch-size)
     world_size: Optional[int] = None  # processes of the run that wrote the record
     preset: Optional[str] = None  # sample_ddp.py --preset NAME, if one filled flags
+    # Autoguidance only (absent from records without it): the guide model, --guide-ckpt as given, and its file's hash
+    guide_checkpoint: Optional[str] = None
+    guide_checkpoint_sha256: Optional[str] = None
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON object: format, version, then the fields (tuples as lists)."""
-        return {"format": RECORD_FORMAT, "version": RECORD_VERSION, **json.loads(json.dumps(dataclasses.asdict(self)))}
+        """The JSON object: format, version, then the fields (tuples as lists; the guide's only with one)."""
+        fields = json.loads(json.dumps(dataclasses.asdict(self)))
+        for key in GUIDE_FIELDS:
+            if fields[key] is None:
+                del fields[key]
+        return {"format": RECORD_FORMAT, "version": RECORD_VERSION, **fields}
 
     @classmethod
     def from_dict(cls, data: Any, source: str) -> "SampleRecord":

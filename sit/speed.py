@@ -1,7 +1,10 @@
-"""Numeric precision and compilation: the --precision and --compile flags' meaning, in one place."""
+"""Numeric precision, compilation and CPU threads: the --precision and --compile flags' meaning, and how
+many threads a CPU process runs, in one place."""
 from __future__ import annotations
 
 import contextlib
+import os
+from typing import Mapping, Optional
 
 import torch
 
@@ -57,3 +60,48 @@ def compile_for_sampling(model: torch.nn.Module) -> torch.nn.Module:
     on_cpu = all(not param.is_cuda for param in model.parameters())
     model.forward = torch.compile(model.forward, dynamic=False, mode="max-autotune-no-cudagraphs" if on_cpu else None)
     return model
+
+
+#################################################################################
+#                          CPU threads per process                              #
+#################################################################################
+
+THREADS_ENV = "OMP_NUM_THREADS"  # torchrun sets it to 1 per process when it starts several and it is unset
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. a container's or taskset's share)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def cpu_thread_choice(environ: Mapping[str, str], cores: int, local_processes: int) -> tuple[int, str]:
+    """(threads per process, why) for torch on a CPU: OMP_NUM_THREADS when set (the user's or
+    torchrun's choice), else the cores shared evenly by this machine's processes (at least 1)."""
+    given = environ.get(THREADS_ENV, "").strip()
+    if given.isdigit() and int(given) > 0:
+        return int(given), f"{THREADS_ENV}={given}"
+    processes = max(local_processes, 1)
+    plural = "es" if processes > 1 else ""
+    return max(1, cores // processes), f"{cores} cores / {processes} process{plural}; set {THREADS_ENV} to choose"
+
+
+def configure_cpu_threads(device: torch.device, environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
+    """On a CPU: set torch's threads for this process (cpu_thread_choice) and return the line to log,
+    with advice when the machine is busier than its cores (other jobs: fewer threads often run much
+    faster). On a GPU: nothing (None)."""
+    if device.type != "cpu":
+        return None
+    environ = os.environ if environ is None else environ
+    cores = available_cores()
+    threads, why = cpu_thread_choice(environ, cores, int(environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    message = f"CPU threads: {threads} per process ({why})"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if threads > 1 and load > cores:
+        message += (f"; the machine is busy (load {load:.1f} on {cores} cores): if steps are slow, "
+                    f"try {THREADS_ENV}=1")
+    return message

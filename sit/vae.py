@@ -12,11 +12,13 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from sit.errors import UsageError
+from sit.errors import UsageError, error_line
+from sit.hub import HubUnavailable, hub_folder
 from sit.speed import autocast
 
 LATENT_SCALE = 0.18215  # SD-VAE latents are scaled by this to unit variance
 VAE_REPOS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
+VAE_HUB_FILES = ("config.json", "diffusion_pytorch_model.safetensors")  # what loading a hub VAE downloads
 PIXEL_SPACE = "none"  # --vae none: no VAE, the model learns pixels in [-1, 1]
 VAE_DOWNSAMPLING = 8  # SD-VAE: an image of size H gives latents of size H / 8
 LATENT_CHANNELS = 4
@@ -72,13 +74,15 @@ def load_vae(name: str, device: torch.device) -> Any:
 
     check_vae_name(name, allow_pixels=False)
     source = VAE_REPOS.get(name, name)
+    advice = "download it once with network access, or pass --vae /path/to/a/local/diffusers/AutoencoderKL/folder"
     try:
-        with warnings.catch_warnings():  # diffusers passes huggingface_hub an argument it deprecated: not the user's
-            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*", category=UserWarning)
-            vae = AutoencoderKL.from_pretrained(source)
-    except Exception as error:  # network, hub or file errors: all end the same way for the user
-        raise UsageError(f"could not load the VAE {source!r} ({type(error).__name__}: {str(error)[:200]}); "
-                         f"download it once with network access, or pass --vae /path/to/a/local/diffusers/AutoencoderKL/folder")
+        # the hub's VAE: its two files from the cache, or fetched with a bounded failure (sit.hub)
+        folder = hub_folder(source, VAE_HUB_FILES) if name in VAE_REPOS else source
+        vae = AutoencoderKL.from_pretrained(folder)
+    except HubUnavailable as error:
+        raise UsageError(f"could not load the VAE {source!r}: {error}; {advice}") from None
+    except Exception as error:  # file errors: all end the same way for the user
+        raise UsageError(f"could not load the VAE {source!r} ({error_line(error)}); {advice}") from None
     return vae.to(device).eval().requires_grad_(False)
 
 

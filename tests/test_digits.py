@@ -1,15 +1,15 @@
 """A real learning check: a class-conditional pixel-space SiT learns scikit-learn's 8x8 digits on the CPU.
 
 export_digits.py writes the 1,797 digits as an ImageFolder; train.py trains a small SiT on it
-(--vae none); sample_ddp.py samples images whose labels are known per index; an SVC trained on
-the real digits must recognise the class each sample was conditioned on. The samples' nearest-
+(--vae none); the README's commands sample it (`--ckpt results`): sample.py the one-row-per-class
+figure, sample_ddp.py images whose labels its .npz holds; an SVC trained on the real digits must
+recognise the class each sample was conditioned on. The samples' nearest-
 neighbour distances to the training set are reported beside the training set's own, so that
 memorisation would be visible, and no sample may be an exact copy of a training digit.
 """
 import functools
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -90,6 +90,12 @@ def save_class_grid(samples: np.ndarray, labels: np.ndarray, path: str, per_clas
     atomic_write(path, functools.partial(save_image, grid, nrow=per_class, padding=2, pad_value=0.5), suffix=".png")
 
 
+def save_enlarged(source: str, path: str, zoom: int = 4) -> None:
+    """The PNG at source, enlarged zoom times (nearest neighbour: the pixels stay sharp), as a PNG at path."""
+    with Image.open(source) as image:
+        image.resize((image.width * zoom, image.height * zoom), Image.NEAREST).save(path, format="PNG")
+
+
 @pytest.mark.slow
 def test_sit_learns_the_digits_on_the_cpu(tmp_path):
     data = str(tmp_path / "digits")
@@ -102,24 +108,42 @@ def test_sit_learns_the_digits_on_the_cpu(tmp_path):
         "--num-workers", "0", "--log-every", "100", "--ckpt-every", str(TRAIN_STEPS), "--sample-every", str(TRAIN_STEPS),
         "--cfg-scale", str(CFG_SCALE)], str(tmp_path))
     (experiment,) = os.listdir(results)
+    assert experiment == "000-custom-d4-w64-p2-Linear-velocity-None"  # named after the real shape
     ckpt = os.path.join(results, experiment, "checkpoints", f"{TRAIN_STEPS:07d}.pt")
+    with open(os.path.join(results, experiment, "latest.txt")) as handle:
+        assert handle.read() == os.path.abspath(ckpt) + "\n"
+
+    # the README's figure command: --ckpt results takes the newest checkpoint, one row per class
+    figure = str(tmp_path / "digits.png")
+    run_script("sample.py", [
+        "ODE", "--ckpt", results, "--class-labels", ",".join(map(str, range(NUM_CLASSES))), "--num-images",
+        str(4 * NUM_CLASSES), "--one-row-per-label", "--sampling-method", "euler", "--num-sampling-steps", "50",
+        "--cfg-scale", str(CFG_SCALE), "--output", figure], str(tmp_path))
+    with open(tmp_path / "digits.labels.txt") as handle:
+        assert handle.read() == "".join(f"{label} {label} {label} {label}\n" for label in range(NUM_CLASSES))
 
     sample_dir = str(tmp_path / "samples")
     run_script("sample_ddp.py", [
-        "ODE", "--ckpt", ckpt, "--sample-dir", sample_dir, "--num-fid-samples", str(NUM_SAMPLES),
+        "ODE", "--ckpt", results, "--sample-dir", sample_dir, "--num-fid-samples", str(NUM_SAMPLES),
         "--per-proc-batch-size", "100", "--sampling-method", "euler", "--num-sampling-steps", "50",
         "--cfg-scale", str(CFG_SCALE), "--global-seed", str(SAMPLE_SEED)], str(tmp_path))
     (npz,) = [name for name in os.listdir(sample_dir) if name.endswith(".npz")]
-    pixels = np.load(os.path.join(sample_dir, npz))["arr_0"]  # (N, 8, 8, 3) uint8
+    with np.load(os.path.join(sample_dir, npz)) as batch:
+        pixels, labels = batch["arr_0"], batch["labels"]  # (N, 8, 8, 3) uint8, (N,) the conditioning
     assert pixels.shape == (NUM_SAMPLES, 8, 8, 3)
     samples = np.rint(pixels.astype(np.float64).mean(axis=3)).astype(np.uint8)  # (N, 8, 8) grey
-    # sample_ddp draws image i's label from the generator seeded by (global seed, i): recompute them
-    _, labels = noise_and_labels(range(NUM_SAMPLES), SAMPLE_SEED, (3, 8, 8), NUM_CLASSES)
-    labels = labels.numpy()
+    # sample_ddp draws image i's label from the generator seeded by (global seed, i): the saved labels are those
+    _, conditioned = noise_and_labels(range(NUM_SAMPLES), SAMPLE_SEED, (3, 8, 8), NUM_CLASSES)
+    assert np.array_equal(labels, conditioned.numpy())
 
     classifier, held_out_accuracy = digit_classifier()
     predicted = classifier.predict(samples.reshape(NUM_SAMPLES, 64) / 255.0 * 16)
     accuracy = float(np.mean(predicted == labels))
+    grid = np.asarray(Image.open(figure).convert("L"))  # 10 rows of 4 cells of 8 px, 2 px padding
+    cells = np.stack([grid[2 + 10 * row:10 + 10 * row, 2 + 10 * column:10 + 10 * column]
+                      for row in range(NUM_CLASSES) for column in range(4)])
+    figure_accuracy = float(np.mean(classifier.predict(cells.reshape(-1, 64) / 255.0 * 16)
+                                    == np.repeat(np.arange(NUM_CLASSES), 4)))
 
     real, _ = export_digits.digits_uint8()
     real_flat = real.reshape(len(real), 64).astype(np.float64)
@@ -129,9 +153,10 @@ def test_sit_learns_the_digits_on_the_cpu(tmp_path):
     grid_path = str(tmp_path / "digits_grid.png")
     save_class_grid(samples, labels, grid_path)
     if os.environ.get("SIT_UPDATE_README_FIGURE") == "1":  # a test run leaves the tracked files alone otherwise
-        atomic_write(README_FIGURE, functools.partial(shutil.copyfile, grid_path), suffix=".png")
+        atomic_write(README_FIGURE, functools.partial(save_enlarged, figure), suffix=".png")
     report = (f"digits: SVC held-out accuracy on real digits {held_out_accuracy:.3f}; {NUM_SAMPLES} samples after "
-              f"{TRAIN_STEPS} steps (cfg {CFG_SCALE}) classified as their class: {accuracy:.3f}\n"
+              f"{TRAIN_STEPS} steps (cfg {CFG_SCALE}) classified as their class: {accuracy:.3f}; the README figure's "
+              f"40: {figure_accuracy:.3f}\n"
               f"nearest-neighbour distance to the training set (grey levels, L2 over 64 pixels): samples median "
               f"{np.median(sample_nn):.1f} (min {sample_nn.min():.1f}); training digits to each other median "
               f"{np.median(real_nn):.1f} (min {real_nn.min():.1f})\ngrid (one row per class): {grid_path}")
@@ -140,5 +165,5 @@ def test_sit_learns_the_digits_on_the_cpu(tmp_path):
         handle.write(report + "\n")
 
     assert held_out_accuracy > 0.9
-    assert accuracy >= 0.8, report
+    assert accuracy >= 0.8 and figure_accuracy >= 0.8, report
     assert sample_nn.min() > 0, report  # no sample is an exact copy of a training digit

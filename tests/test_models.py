@@ -175,3 +175,29 @@ def test_compiled_tanh_gelu_equals_the_eager_one():
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), F.gelu(x, approximate="tanh"), atol=2e-7, rtol=2e-6)
         assert torch.equal(models.TanhGELU()(x), F.gelu(x, approximate="tanh"))  # eager: the original's op
+
+
+@pytest.mark.parametrize("grad_checkpointing", [False, True])
+def test_hidden_tokens_of_a_block_leave_the_output_alone(grad_checkpointing):
+    """forward(..., hidden_at=k): the same output, and the tokens after block k (1-based) as REPA takes them."""
+    torch.manual_seed(0)
+    model = models.SiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=3, num_heads=2, num_classes=5,
+                       class_dropout_prob=0.0)  # no label dropout: train mode (checkpointing) is deterministic
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    model.grad_checkpointing = grad_checkpointing
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 4])
+    model.train()
+    plain = model(x, t, y)
+    for depth in (1, 3):
+        output, hidden = model(x, t, y, hidden_at=depth)
+        assert torch.equal(output, plain)
+        with torch.no_grad():
+            tokens = model.x_embedder(x) + model.pos_embed                 # (N, T, D)
+            c = model.t_embedder(t) + model.y_embedder(y, False)           # (N, D)
+            for block in model.blocks[:depth]:
+                tokens = block(tokens, c)
+        torch.testing.assert_close(hidden, tokens, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="block number in 1..3"):
+        model(x, t, y, hidden_at=4)

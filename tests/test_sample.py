@@ -126,7 +126,8 @@ def test_folder_name_changes_with_every_image_setting():
     variants = [[], ["--cfg-scale", "2"], ["--num-sampling-steps", "10"], ["--sampling-method", "euler"],
                 ["--path-type", "GVP"], ["--prediction", "noise"], ["--global-seed", "3"], ["--atol", "1e-5"],
                 ["--rtol", "1e-2"], ["--per-proc-batch-size", "8"], ["--sample-eps", "0.01"],
-                ["--cfg-scale", "2", "--guide-all-channels"], ["--cfg-scale", "2", "--cfg-interval", "0", "0.7"]]
+                ["--cfg-scale", "2", "--guide-all-channels"], ["--cfg-scale", "2", "--cfg-interval", "0", "0.7"],
+                ["--sampling-method", "euler", "--time-shift", "3"]]
     names = set()
     for extra in variants:
         _, config = sample_ddp.parse_args(base + extra)
@@ -263,6 +264,17 @@ def test_sample_py_ode_and_sde_grids(ckpt, tmp_path):
     assert not np.array_equal(ode, np.asarray(Image.open(tmp_path / "seed1.png")))
     assert np.asarray(Image.open(tmp_path / "sub" / "sde.png")).shape == (70, 138, 3)
     assert not [name for name in os.listdir(tmp_path) if name.startswith(".")]  # no temporary files left
+
+
+def test_sample_py_time_shift_moves_the_fixed_steps_and_adaptive_solvers_refuse_it(ckpt, tmp_path):
+    """--time-shift 1 is the uniform grid exactly; another shift changes the images; dopri5 refuses it."""
+    common = ["ODE", "--ckpt", ckpt, "--num-sampling-steps", "5", "--class-labels", "1,2", "--sampling-method", "euler"]
+    for name, extra in (("plain", []), ("one", ["--time-shift", "1"]), ("three", ["--time-shift", "3"])):
+        sample.main([*common, *extra, "--output", str(tmp_path / f"{name}.png")])
+    plain, one, three = (np.asarray(Image.open(tmp_path / f"{name}.png")) for name in ("plain", "one", "three"))
+    assert np.array_equal(plain, one) and not np.array_equal(plain, three)
+    with pytest.raises(UsageError, match="time"):
+        sample.main(["ODE", "--ckpt", ckpt, "--time-shift", "3", "--class-labels", "1", "--output", str(tmp_path / "adaptive.png")])
 
 
 def test_sample_py_doubles_the_batch_even_at_cfg_1_as_the_original(ckpt, tmp_path, monkeypatch):

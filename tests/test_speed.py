@@ -394,3 +394,37 @@ def test_train_precision_default_and_choices(capsys):
         with pytest.raises(SystemExit) as error:
             train.parse_args(argv)
         assert error.value.code == 2 and message in capsys.readouterr().err
+
+
+#################################################################################
+#                          CPU threads per process                              #
+#################################################################################
+
+def test_cpu_threads_follow_omp_num_threads_else_share_the_cores():
+    from sit.speed import cpu_thread_choice
+
+    assert cpu_thread_choice({"OMP_NUM_THREADS": "3"}, cores=8, local_processes=4) == (3, "OMP_NUM_THREADS=3")
+    assert cpu_thread_choice({}, cores=8, local_processes=2) == (4, "8 cores / 2 processes; set OMP_NUM_THREADS to choose")
+    assert cpu_thread_choice({}, cores=2, local_processes=1) == (2, "2 cores / 1 process; set OMP_NUM_THREADS to choose")
+    assert cpu_thread_choice({}, cores=2, local_processes=4)[0] == 1  # never 0
+    for unusable in ("", "0", "two"):
+        assert cpu_thread_choice({"OMP_NUM_THREADS": unusable}, cores=6, local_processes=3)[0] == 2
+
+
+def test_configure_cpu_threads_sets_torch_and_says_so_only_on_a_cpu(monkeypatch):
+    import sit.speed as speed
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(speed, "available_cores", lambda: 4)
+    monkeypatch.setattr(speed.os, "getloadavg", lambda: (9.5, 0.0, 0.0))
+    try:
+        message = speed.configure_cpu_threads(torch.device("cpu"), {"LOCAL_WORLD_SIZE": "2"})
+        assert torch.get_num_threads() == 2
+        assert message == ("CPU threads: 2 per process (4 cores / 2 processes; set OMP_NUM_THREADS to choose); the "
+                           "machine is busy (load 9.5 on 4 cores): if steps are slow, try OMP_NUM_THREADS=1")
+        message = speed.configure_cpu_threads(torch.device("cpu"), {"OMP_NUM_THREADS": "1", "LOCAL_WORLD_SIZE": "2"})
+        assert torch.get_num_threads() == 1 and message == "CPU threads: 1 per process (OMP_NUM_THREADS=1)"
+        assert speed.configure_cpu_threads(torch.device("cuda", 0), {}) is None
+        assert torch.get_num_threads() == 1  # a GPU process keeps its threads
+    finally:
+        torch.set_num_threads(before)

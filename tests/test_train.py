@@ -511,7 +511,7 @@ def rank_run(tmp_path, rank: int) -> object:
                            ctx=DistContext(rank, 2, rank, torch.device("cpu")),
                            experiment_dir=str(tmp_path) if rank == 0 else None, monitor=LossMonitor(1),
                            wandb_run=None, logger=logging.getLogger("test"), last_saved_step=None,
-                           vae=RunVAE("none", torch.device("cpu")), preview=None)
+                           vae=RunVAE("none", torch.device("cpu")), preview=None, phema=None, healer=None)
 
 
 def agreement_as_rank(monkeypatch, rank: int, reported: list, message: str = "") -> None:

@@ -6,6 +6,7 @@ from typing import Optional, Union
 from .arguments import check_real
 from .integrators import ODE_METHODS, SDE_METHODS
 from .path import DIFFUSION_FORMS
+from .schedules import TIME_SAMPLINGS, TimeSchedule, shift_time
 from .transport import (DEFAULT_SAMPLE_EPS, LAST_STEPS, LikelihoodResult, ModelType, PathType, Sampler,
                         SampleFunction, Transport, WeightType)
 
@@ -47,6 +48,8 @@ def create_transport(
     loss_weight: Optional[Union[str, WeightType]] = None,
     train_eps: Optional[float] = None,
     sample_eps: Optional[float] = None,
+    *,
+    time_schedule: Optional[TimeSchedule] = None,
 ) -> Transport:
     """Build a Transport.
 
@@ -54,6 +57,7 @@ def create_transport(
     loss_weight: None, "velocity" or "likelihood" (score and noise models only).
     train_eps / sample_eps: how far from the interval's ends training / sampling stays; each one
     left None gets the original's default for the path and prediction, a given value is kept.
+    time_schedule: how training draws t (transport.schedules); None: uniform, the original's draw.
     Unknown names raise ValueError listing the valid ones; an argument of another type (e.g.
     train_eps="0.1") a TypeError naming it.
     """
@@ -73,11 +77,13 @@ def create_transport(
         train_eps=default_train_eps if train_eps is None else train_eps,
         sample_eps=default_sample_eps if sample_eps is None else sample_eps,
         sample_eps_is_default=sample_eps is None,
+        time_schedule=time_schedule,
     )
 
 
 __all__ = [
     "create_transport", "Transport", "Sampler", "ModelType", "PathType", "WeightType", "SampleFunction",
     "LikelihoodResult", "PATH_TYPES", "PREDICTIONS", "LOSS_WEIGHTS", "ODE_METHODS", "SDE_METHODS",
-    "DIFFUSION_FORMS", "LAST_STEPS", "DEFAULT_SAMPLE_EPS", "default_eps",
+    "DIFFUSION_FORMS", "LAST_STEPS", "DEFAULT_SAMPLE_EPS", "default_eps", "TimeSchedule", "TIME_SAMPLINGS",
+    "shift_time",
 ]

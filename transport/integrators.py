@@ -1,11 +1,12 @@
 """Time integrators: the torchdiffeq call for ODEs and fixed-grid SDE steppers.
 
-Both work in "solver time" from t0 to t1 on a uniform grid of `num_steps` points; the time grid
-follows the state's dtype, so float64 states are integrated in float64.
+Both work in "solver time" from t0 to t1 on a uniform grid of `num_steps` points (or that grid
+through `grid_transform`, e.g. a time shift); the time grid follows the state's dtype, so float64
+states are integrated in float64.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch as th
 from torchdiffeq import odeint
@@ -20,6 +21,13 @@ ADAPTIVE_METHODS = tuple(name for name in ODE_METHODS if issubclass(TORCHDIFFEQ_
 SDE_METHODS = ("Euler", "Heun")
 
 State = Union[th.Tensor, tuple]
+GridTransform = Callable[[th.Tensor], th.Tensor]  # (n,) uniform grid -> (n,) grid, same end points
+
+
+def is_adaptive(sampling_method: str) -> bool:
+    """Whether a torchdiffeq method chooses its own steps (its grid only says where to report)."""
+    solver = TORCHDIFFEQ_SOLVERS.get(sampling_method)
+    return solver is not None and issubclass(solver, RKAdaptiveStepsizeODESolver)
 
 
 def _batch_times(t: th.Tensor, x: th.Tensor) -> th.Tensor:
@@ -34,7 +42,8 @@ class SDESolver:
     moves it to the state's device, so a seed gives the same samples on CPU and GPU.
     """
 
-    def __init__(self, drift: Callable, diffusion: Callable, *, t0: float, t1: float, num_steps: int, sampler_type: str):
+    def __init__(self, drift: Callable, diffusion: Callable, *, t0: float, t1: float, num_steps: int, sampler_type: str,
+                 grid_transform: Optional[GridTransform] = None):
         if not t0 < t1:
             raise ValueError(f"the SDE sampler runs forward in time, got t0={t0} >= t1={t1}")
         if sampler_type not in SDE_METHODS:
@@ -44,10 +53,12 @@ class SDESolver:
         self.drift = drift
         self.diffusion = diffusion
         self.sampler_type = sampler_type
+        self.grid_transform = grid_transform
 
     def grid(self, dtype: th.dtype) -> th.Tensor:
         """The time grid (num_steps,) in the given dtype."""
-        return th.linspace(self.t0, self.t1, self.num_timesteps, dtype=dtype)
+        grid = th.linspace(self.t0, self.t1, self.num_timesteps, dtype=dtype)
+        return grid if self.grid_transform is None else self.grid_transform(grid)
 
     def euler_maruyama_step(self, x, mean_x, t, dt, model, **model_kwargs):
         w_cur = th.randn(x.size(), dtype=x.dtype).to(x)
@@ -75,12 +86,13 @@ class SDESolver:
         when keep_trajectory is False)."""
         step = self.euler_maruyama_step if self.sampler_type == "Euler" else self.heun_step
         grid = self.grid(init.dtype)
-        dt = grid[1] - grid[0]
+        dt = grid[1] - grid[0]  # the original's one step size; a transformed grid steps by its own gaps
+        steps = grid[1:] - grid[:-1] if self.grid_transform is not None else None
         x, mean_x = init, init
         samples = []
         with th.no_grad():
-            for ti in grid[:-1]:
-                x, mean_x = step(x, mean_x, ti, dt, model, **model_kwargs)
+            for index, ti in enumerate(grid[:-1]):
+                x, mean_x = step(x, mean_x, ti, dt if steps is None else steps[index], model, **model_kwargs)
                 if keep_trajectory or not samples:
                     samples.append(x)
                 else:
@@ -92,9 +104,10 @@ class ODESolver:
     """torchdiffeq integration of dx/dt = drift(x, t) from t0 to t1 (either order)."""
 
     def __init__(self, drift: Callable, *, t0: float, t1: float, sampler_type: str, num_steps: int, atol: float, rtol: float,
-                 stop_at_end: bool = False):
+                 stop_at_end: bool = False, grid_transform: Optional[GridTransform] = None):
         """stop_at_end: keep an adaptive solver from stepping past t1 (it would evaluate the drift
-        beyond the interval and interpolate back); fixed-grid solvers never do."""
+        beyond the interval and interpolate back); fixed-grid solvers never do. grid_transform: the
+        fixed-step grid's times (e.g. shifted), applied to the uniform grid."""
         if sampler_type not in TORCHDIFFEQ_SOLVERS:
             raise ValueError(f"unknown ODE sampling method {sampler_type!r}; choose one of {', '.join(ODE_METHODS)}")
         self.drift = drift
@@ -103,7 +116,8 @@ class ODESolver:
         self.atol = atol
         self.rtol = rtol
         self.sampler_type = sampler_type
-        self.stop_at_end = stop_at_end and issubclass(TORCHDIFFEQ_SOLVERS[sampler_type], RKAdaptiveStepsizeODESolver)
+        self.stop_at_end = stop_at_end and is_adaptive(sampler_type)
+        self.grid_transform = grid_transform
 
     def sample(self, x: State, model: Callable, **model_kwargs) -> Union[th.Tensor, Sequence[th.Tensor]]:
         """Integrate from x (a tensor or a tuple of tensors). Returns odeint's output: the state at
@@ -116,6 +130,8 @@ class ODESolver:
             return self.drift(state, _batch_times(t, first_state), model, **model_kwargs)
 
         grid = th.linspace(self.t0, self.t1, self.num_steps, dtype=first.dtype).to(device)
+        if self.grid_transform is not None:
+            grid = self.grid_transform(grid)
         num_parts = len(x) if isinstance(x, tuple) else 1
         options = {"step_t": grid[-1:]} if self.stop_at_end else None
         return odeint(ode_fn, x, grid, method=self.sampler_type, atol=[self.atol] * num_parts, rtol=[self.rtol] * num_parts,

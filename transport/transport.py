@@ -11,7 +11,8 @@ import torch as th
 
 from . import path
 from .arguments import check_choice, check_flag, check_integer, check_real
-from .integrators import ODE_METHODS, SDE_METHODS, ODESolver, SDESolver
+from .integrators import ODE_METHODS, SDE_METHODS, ODESolver, SDESolver, is_adaptive
+from .schedules import TimeSchedule, shifted_unit_grid
 from .utils import mean_flat
 
 # Where a score diverges at the interval's end and the user gave no sample_eps, the SDE starts
@@ -49,7 +50,10 @@ class Transport:
     """An interpolant plus what the model predicts: training losses and the sampling drift."""
 
     def __init__(self, *, model_type: ModelType, path_type: PathType, loss_type: WeightType,
-                 train_eps: float, sample_eps: float, sample_eps_is_default: bool = False):
+                 train_eps: float, sample_eps: float, sample_eps_is_default: bool = False,
+                 time_schedule: Optional[TimeSchedule] = None):
+        """time_schedule: how training draws t (None: uniform, the original's torch.rand)."""
+        self.time_schedule = time_schedule
         self.loss_type = loss_type
         self.model_type = model_type
         self.path_type = path_type
@@ -123,7 +127,8 @@ class Transport:
         """Draw noise x0 and times t for data x1: (N, ...), in the original's order (x0 first)."""
         x0 = th.randn_like(x1)
         t0, t1 = self.check_interval(self.train_eps, self.sample_eps)
-        t = th.rand((x1.shape[0],)) * (t1 - t0) + t0
+        unit = th.rand((x1.shape[0],)) if self.time_schedule is None else self.time_schedule.draw(x1.shape[0])
+        t = unit * (t1 - t0) + t0
         t = t.to(x1)
         return t, x0, x1
 
@@ -299,12 +304,14 @@ class Sampler:
 
     def sample_sde(self, *, sampling_method: str = "Euler", diffusion_form: str = "SBDM", diffusion_norm: float = 1.0,
                    last_step: Optional[str] = "Mean", last_step_size: float = 0.04, num_steps: int = 250,
-                   keep_trajectory: bool = True) -> SampleFunction:
+                   keep_trajectory: bool = True, time_shift: Optional[float] = None) -> SampleFunction:
         """A function fn(x, model, **model_kwargs) integrating the SDE from noise x: (N, ...).
 
         It returns the list of states after each step and the last step (`[-1]` is the sample;
         only `[sample]` with keep_trajectory=False). num_steps counts the grid points, so the model
         is called num_steps - 1 times (twice that for Heun), plus once for a last step.
+        time_shift: place the grid's points by the shift s (transport.schedules; s > 1: more steps
+        near the noise end); None: the original's uniform grid.
         """
         check_choice("sampling_method", sampling_method, SDE_METHODS)
         check_choice("diffusion_form", diffusion_form, path.DIFFUSION_FORMS)
@@ -313,6 +320,8 @@ class Sampler:
         check_real("last_step_size", last_step_size)
         check_integer("num_steps", num_steps, 1)
         check_flag("keep_trajectory", keep_trajectory)
+        if time_shift is not None:
+            check_real("time_shift", time_shift, positive=True)
         if num_steps < 2:
             raise ValueError(f"the SDE sampler needs at least 2 steps, got {num_steps}")
         if last_step is None:
@@ -331,7 +340,8 @@ class Sampler:
         if sampling_method == "Heun" and last_step is None and self._score_singular_at(t1):
             raise ValueError("SDE Heun with no last step evaluates the score at t=1, where it is undefined for this "
                              "path; pass --last-step Mean (or Tweedie, Euler) or a positive --sample-eps")
-        solver = SDESolver(sde_drift, sde_diffusion, t0=t0, t1=t1, num_steps=num_steps, sampler_type=sampling_method)
+        solver = SDESolver(sde_drift, sde_diffusion, t0=t0, t1=t1, num_steps=num_steps, sampler_type=sampling_method,
+                           grid_transform=_shifted_grid(time_shift, t0, t1))
         last_step_fn = self._last_step(sde_drift, last_step=last_step, last_step_size=last_step_size)
 
         def run(init, model, **model_kwargs):
@@ -358,23 +368,30 @@ class Sampler:
         return self.transport.model_type == ModelType.NOISE and self.transport.path_type == PathType.VP
 
     def sample_ode(self, *, sampling_method: str = "dopri5", num_steps: int = 50, atol: float = 1e-6, rtol: float = 1e-3,
-                   reverse: bool = False, keep_trajectory: bool = True) -> SampleFunction:
+                   reverse: bool = False, keep_trajectory: bool = True, time_shift: Optional[float] = None) -> SampleFunction:
         """A function fn(x, model, **model_kwargs) solving the probability-flow ODE from x: (N, ...).
 
         It returns the states at num_steps uniform times, stacked (num_steps, N, ...): `[-1]` is the
         sample (noise to data; data to noise with reverse=True). For fixed-step methods (euler,
         midpoint, rk4, ...) num_steps is the grid; for adaptive ones (dopri5, ...) only the output
         points. keep_trajectory=False returns the last state only, as a (1, N, ...) tensor.
+        time_shift (fixed-step methods only): place the grid's points by the shift s
+        (transport.schedules; s > 1: more steps near the noise end); None: the uniform grid.
         """
         check_ode_arguments(sampling_method, num_steps, atol, rtol)
         check_flag("reverse", reverse)
         check_flag("keep_trajectory", keep_trajectory)
+        if time_shift is not None:
+            check_real("time_shift", time_shift, positive=True)
+        if time_shift is not None and (is_adaptive(sampling_method) or sampling_method == "scipy_solver"):
+            raise ValueError(f"a time shift places the steps of fixed-step samplers; {sampling_method} chooses its own "
+                             f"steps: pick a fixed-step method (euler, heun2, midpoint, rk4, ...) or drop the time shift")
         t0, t1 = self.transport.check_interval(
             self.transport.train_eps, self.transport.sample_eps, sde=False, eval=True, reverse=reverse, last_step_size=0.0,
         )
         self.transport.check_drift_finite(t0, t1)
         solver = ODESolver(self.drift, t0=t0, t1=t1, sampler_type=sampling_method, num_steps=num_steps, atol=atol,
-                           rtol=rtol, stop_at_end=self._stop_at_end())
+                           rtol=rtol, stop_at_end=self._stop_at_end(), grid_transform=_shifted_grid(time_shift, t0, t1))
 
         def run(x, model, **model_kwargs):
             with th.no_grad():
@@ -436,6 +453,13 @@ def check_ode_arguments(sampling_method: Any, num_steps: Any, atol: Any, rtol: A
         raise ValueError(f"the ODE sampler needs at least 2 steps, got {num_steps}")
     check_real("atol", atol, positive=True)
     check_real("rtol", rtol, positive=True)
+def _shifted_grid(time_shift: Optional[float], t0: float, t1: float) -> Optional[Callable[[th.Tensor], th.Tensor]]:
+    """The grid transform of a time shift over the interval between t0 and t1 (None: none)."""
+    if time_shift is None:
+        return None
+    if time_shift <= 0:
+        raise ValueError(f"the time shift must be positive, got {time_shift}")
+    return functools.partial(shifted_unit_grid, shift=time_shift, low=min(t0, t1), high=max(t0, t1))
 
 
 def hutchinson_divergence(drift: th.Tensor, x: th.Tensor, num_probes: int = 1) -> th.Tensor:

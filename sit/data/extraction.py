@@ -1,5 +1,6 @@
 """Writing a folder of cached latents (the format of sit.data.features): its meta.json, the check that
-an existing folder is this run's, the VAE encoding of its blocks, and the mark that it is complete.
+an existing folder is this run's, the VAE encoding of its blocks (and with --repa-encoder the encoder's
+patch tokens), and the mark that it is complete.
 
 A run that stops leaves the finished blocks marked (done/<start>.ok); the same command continues
 with the others. Ranks take blocks in turn (sit.generation.blocks_of_rank).
@@ -9,22 +10,23 @@ from __future__ import annotations
 import os
 import shutil
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from sit.data.features import block_marker, open_arrays, read_meta, write_meta
+from sit.data.features import block_marker, has_tokens, open_arrays, open_token_array, read_meta, write_meta
 from sit.data.images import TrainImageFolder
+from sit.encoders import VisionEncoder, describe_encoder
 from sit.errors import UsageError
 from sit.files import atomic_text, folder_problem, remove_temporaries
 from sit.generation import index_blocks
 from sit.vae import LATENT_CHANNELS, check_image_size, check_vae_name, input_size_for, latent_shape
 
 # Settings that make a feature folder what it is: a rerun must agree on them.
-IDENTITY_KEYS = ("image_size", "vae", "num_images", "classes", "dtype", "block_size")
+IDENTITY_KEYS = ("image_size", "vae", "num_images", "classes", "dtype", "block_size", "repa_encoder")
 # What a killed run may leave behind: atomic_text's temporaries in done/, atomic_json's beside meta.json.
 TEMPORARY_SUFFIXES = {"done": ".txt", ".": ".json"}
 
@@ -40,6 +42,7 @@ class ExtractionConfig:
     block_size: int = 1024  # images per resumable block
     num_workers: int = 4
     float32: bool = False  # store float32 instead of float16
+    repa_encoder: Optional[str] = None  # also store this encoder's patch tokens (canonical, sit.encoders)
 
     @property
     def dtype(self) -> str:
@@ -70,15 +73,22 @@ def open_image_folder(config: ExtractionConfig) -> TrainImageFolder:
     a warning. --image-size must be a multiple of 8 (UsageError)."""
     check_image_size(config.image_size, pixel_space=False)
     check_vae_name(config.vae, allow_pixels=False)  # before any folder is made: features are VAE latents
+    if config.repa_encoder is not None:
+        describe_encoder(config.repa_encoder).input_size(config.image_size)
     return TrainImageFolder(config.data_path, config.image_size, random_flip=False)
 
 
 def build_meta(config: ExtractionConfig, dataset: TrainImageFolder) -> dict:
     """meta.json's contents for this run (not yet complete); latent_shape is (4, image_size / 8, image_size / 8)."""
     shape = latent_shape({"in_channels": LATENT_CHANNELS, "input_size": input_size_for(config.image_size, False)})
-    return dict(image_size=config.image_size, vae=config.vae, num_images=len(dataset), classes=dataset.classes,
+    meta = dict(image_size=config.image_size, vae=config.vae, num_images=len(dataset), classes=dataset.classes,
                 dtype=config.dtype, block_size=config.block_size, latent_shape=list(shape),
                 data_path=os.path.abspath(config.data_path), complete=False)
+    if config.repa_encoder is not None:  # only then: a folder without tokens keeps its old meta.json
+        spec = describe_encoder(config.repa_encoder)
+        side = spec.input_size(config.image_size) // spec.patch_size
+        meta.update(repa_encoder=spec.source, repa_tokens_shape=[side * side, spec.embed_dim])
+    return meta
 
 
 def prepare_feature_folder(config: ExtractionConfig, dataset: TrainImageFolder) -> dict:
@@ -89,12 +99,14 @@ def prepare_feature_folder(config: ExtractionConfig, dataset: TrainImageFolder) 
     if existing is None:
         os.makedirs(os.path.join(config.features_path, "done"), exist_ok=True)
         open_arrays(config.features_path, meta, "w+")
+        if has_tokens(meta):
+            open_token_array(config.features_path, meta, "w+")
         write_meta(config.features_path, meta)
         return meta
     if existing.get("data_path") not in (None, meta["data_path"]):
         raise UsageError(f"{config.features_path} holds features of {existing['data_path']}, not of --data-path "
                          f"{meta['data_path']}; choose another --features-path")
-    different = [key for key in IDENTITY_KEYS if existing.get(key) != meta[key]]
+    different = [key for key in IDENTITY_KEYS if existing.get(key) != meta.get(key)]
     if different:
         raise UsageError(f"{config.features_path} holds features made with other settings "
                          f"({', '.join(different)}); choose another --features-path")
@@ -113,9 +125,11 @@ def is_block_done(features_path: str, block: range) -> bool:
 
 
 @torch.no_grad()
-def encode_block(vae: Any, loader: DataLoader, device: torch.device) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Posterior mean and std of each image and its flip: (n, 2, C, h, w) each, and labels (n,)."""
-    means, stds, labels = [], [], []
+def encode_block(vae: Any, loader: DataLoader, device: torch.device,
+                 encoder: Optional[VisionEncoder] = None) -> tuple[np.ndarray, ...]:
+    """Posterior mean and std of each image and its flip: (n, 2, C, h, w) each, labels (n,), and with
+    an encoder its patch tokens of both (n, 2, T, D) (else None)."""
+    means, stds, labels, tokens = [], [], [], []
     for images, targets in loader:
         images = images.to(device)                                   # (B, 3, H, W)
         both = torch.cat([images, images.flip(dims=[3])], dim=0)     # (2B, 3, H, W)
@@ -124,20 +138,25 @@ def encode_block(vae: Any, loader: DataLoader, device: torch.device) -> tuple[np
         means.append(torch.stack(posterior.mean.split(batch), dim=1).cpu())  # (B, 2, C, h, w)
         stds.append(torch.stack(posterior.std.split(batch), dim=1).cpu())    # (B, 2, C, h, w)
         labels.append(targets)
-    return torch.cat(means).numpy(), torch.cat(stds).numpy(), torch.cat(labels).numpy()
+        if encoder is not None:
+            tokens.append(torch.stack(encoder.patch_tokens(both).split(batch), dim=1).cpu())  # (B, 2, T, D)
+    return (torch.cat(means).numpy(), torch.cat(stds).numpy(), torch.cat(labels).numpy(),
+            torch.cat(tokens).numpy() if tokens else None)
 
 
 def encode_blocks(config: ExtractionConfig, dataset: TrainImageFolder, vae: Any, meta: dict, blocks: list[range],
-                  device: torch.device, show_progress: bool = True) -> None:
-    """Encode these blocks into the folder's arrays, each flushed and then marked done."""
-    mean_array, std_array, label_array = open_arrays(config.features_path, meta, "r+")
+                  device: torch.device, show_progress: bool = True, encoder: Optional[VisionEncoder] = None) -> None:
+    """Encode these blocks into the folder's arrays (with an encoder also its tokens), each flushed
+    and then marked done."""
+    arrays = list(open_arrays(config.features_path, meta, "r+"))
+    if encoder is not None:
+        arrays.append(open_token_array(config.features_path, meta, "r+"))
     for block in tqdm(blocks, desc="blocks", disable=not show_progress):
         loader = DataLoader(Subset(dataset, block), batch_size=config.batch_size, num_workers=config.num_workers,
                             pin_memory=device.type == "cuda")
-        means, stds, labels = encode_block(vae, loader, device)
-        mean_array[block.start:block.stop], std_array[block.start:block.stop] = means, stds
-        label_array[block.start:block.stop] = labels
-        for array in (mean_array, std_array, label_array):
+        encoded = encode_block(vae, loader, device, encoder)
+        for array, values in zip(arrays, encoded):  # mean, std, labels[, tokens]
+            array[block.start:block.stop] = values
             array.flush()
         atomic_text(block_marker(config.features_path, block.start), f"{len(block)}\n")
 

@@ -16,6 +16,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
+import numpy as np
+
 import download
 from sit.errors import UsageError, reported_as
 from sit.files import folder_sha256, sha256_file
@@ -26,8 +28,8 @@ from sit.sampling.settings import ModelSettings, SamplingConfig
 from sit.vae import PIXEL_SPACE, VAE_REPOS
 
 # What a rerun may differ in and still describe the same images (an earlier record of them is kept):
-# the checkpoint as given (the same file may be named another way; its hash is compared) and the preset.
-NOT_SHAPING_IMAGES = ("nfe", "nfe_measured", "versions", "world_size", "checkpoint", "preset")
+# the checkpoints as given (the same file may be named another way; its hash is compared) and the preset.
+NOT_SHAPING_IMAGES = ("nfe", "nfe_measured", "versions", "world_size", "checkpoint", "preset", "guide_checkpoint")
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,8 @@ class SampleSources:
     checkpoint_sha256: Optional[str]
     vae: str  # "ema", "mse", "none" or a local folder (absolute)
     vae_sha256: Optional[str]  # of a local VAE folder's files (sit.files.folder_sha256)
+    guide: Optional[str] = None  # --guide-ckpt as given (autoguidance)
+    guide_sha256: Optional[str] = None  # of its local file
 
 
 def checkpoint_as_given(config: SamplingConfig) -> str:
@@ -48,8 +52,10 @@ def checkpoint_as_given(config: SamplingConfig) -> str:
     return download.published_model(request.model_name, request.image_size, request.num_classes)
 
 
-def check_earlier_record(folder: str, checkpoint: str, checkpoint_sha256: Optional[str]) -> None:
-    """UsageError when the record beside <folder>.npz names other weights than `checkpoint_sha256`."""
+def check_earlier_record(folder: str, checkpoint: str, checkpoint_sha256: Optional[str], flag: str = "--ckpt",
+                         field: str = "checkpoint_sha256") -> None:
+    """UsageError when the record beside <folder>.npz names other weights than `checkpoint_sha256` (in
+    its `field`; flag: how the message names the checkpoint)."""
     path = record_path(f"{folder}.npz")
     if checkpoint_sha256 is None or not os.path.isfile(path):
         return
@@ -57,9 +63,10 @@ def check_earlier_record(folder: str, checkpoint: str, checkpoint_sha256: Option
         earlier = read_record(path)
     except RecordError:
         return  # not a record this code reads: replaced when the batch is finished
-    if earlier.checkpoint_sha256 not in (None, checkpoint_sha256):
-        raise UsageError(f"--ckpt {checkpoint} now holds other weights (sha256 {checkpoint_sha256[:12]}...) than "
-                         f"those the images in {folder} were sampled from ({earlier.checkpoint_sha256[:12]}..., per "
+    earlier_sha256 = getattr(earlier, field)
+    if earlier_sha256 not in (None, checkpoint_sha256):
+        raise UsageError(f"{flag} {checkpoint} now holds other weights (sha256 {checkpoint_sha256[:12]}...) than "
+                         f"those the images in {folder} were sampled from ({earlier_sha256[:12]}..., per "
                          f"{path}): move {folder} and its .npz and .json away, or pass another --sample-dir")
 
 
@@ -76,8 +83,13 @@ def identify_sources(config: SamplingConfig, settings: ModelSettings, folder: st
     local_vae = vae not in VAE_REPOS and vae != PIXEL_SPACE
     with reported_as(f"cannot read the VAE folder {vae} to hash it"):
         vae_sha256 = folder_sha256(vae) if local_vae else None
+    guide = config.guidance.guide_ckpt
+    guide_file = download.local_copy(guide) if guide is not None else None
+    with reported_as(f"cannot read {guide_file} to hash it"):
+        guide_sha256 = None if guide_file is None else sha256_file(guide_file)
+    check_earlier_record(folder, guide, guide_sha256, flag="--guide-ckpt", field="guide_checkpoint_sha256")
     return SampleSources(checkpoint, local_file, checkpoint_sha256, os.path.abspath(vae) if local_vae else vae,
-                         vae_sha256)
+                         vae_sha256, guide, guide_sha256)
 
 
 def summarise_nfe(per_rank: Sequence[Sequence[tuple[int, int]]], num_images: int) -> tuple[Optional[int], dict]:
@@ -95,7 +107,7 @@ def summarise_nfe(per_rank: Sequence[Sequence[tuple[int, int]]], num_images: int
 
 def model_description(settings: ModelSettings, model_config: dict) -> str:
     """"SiT-XL/2", or "custom (depth D, width W, patch P)" for a checkpoint of no named size."""
-    if settings.name != "custom":
+    if not settings.name.startswith("custom"):  # custom-d<depth>-w<width>-p<patch> (sit.checkpoint.model_shape_name)
         return settings.name
     return (f"custom (depth {model_config['depth']}, width {model_config['hidden_size']}, "
             f"patch {model_config['patch_size']})")
@@ -110,7 +122,7 @@ def build_record(config: SamplingConfig, loaded: SamplingModel, sources: SampleS
     guided = guidance.scale > 1.0
     nfe, measured = summarise_nfe(per_rank_nfe, npz_shape_[0])
     sampler_settings = {key: value for key, value in dataclasses.asdict(sampler).items()
-                        if key not in ("sampling_method", "num_steps")}
+                        if key not in ("sampling_method", "num_steps") and not (key == "time_shift" and value is None)}
     sampler_settings.update(dataclasses.asdict(settings.transport), compile=config.compile,
                             noise_draw="per image: standard normal on a CPU generator seeded by (global seed, index), "
                                        "before its label; SDE noise per batch, seeded by its first index")
@@ -119,30 +131,32 @@ def build_record(config: SamplingConfig, loaded: SamplingModel, sources: SampleS
         model=model_description(settings, model_config), image_size=settings.image_size,
         num_classes=settings.num_classes, vae=sources.vae, mode=sampler.mode, sampling_method=sampler.sampling_method,
         num_sampling_steps=sampler.num_steps, nfe=nfe, cfg_scale=guidance.scale,
-        guided_channels=(model_config["in_channels"] if guidance.all_channels else 3) if guided else None,
+        guided_channels=(model_config["in_channels"] if guidance.all_channels or sources.guide else 3) if guided else None,
         guidance_interval=tuple(guidance.interval) if guided and tuple(guidance.interval) != (0.0, 1.0) else None,
         precision=config.precision, global_seed=config.seed,
         label_draw=f"uniform over {settings.num_classes} classes: torch.randint on a CPU generator seeded by "
                    f"(global seed, image index), as sit.generation.noise_and_labels",
         num_images=npz_shape_[0], image_shape=tuple(npz_shape_[1:]), sampler_settings=sampler_settings,
         versions=package_versions(), checkpoint_file=sources.checkpoint_file, vae_sha256=sources.vae_sha256,
-        nfe_measured=measured, batch_size=config.batch_size, world_size=world_size, preset=preset)
+        nfe_measured=measured, batch_size=config.batch_size, world_size=world_size, preset=preset,
+        guide_checkpoint=sources.guide, guide_checkpoint_sha256=sources.guide_sha256)
 
 
 def describes_same_images(earlier: SampleRecord, record: SampleRecord) -> bool:
     """Whether two records agree on everything that shapes the images (not on what a rerun may change)."""
     mine, theirs = earlier.to_dict(), record.to_dict()
-    return all(mine[key] == theirs[key] for key in mine if key not in NOT_SHAPING_IMAGES)
+    return all(mine[key] == theirs.get(key) for key in mine if key not in NOT_SHAPING_IMAGES)
 
 
 def finish_sample_batch(folder: str, num_images: int, make_record: Callable[[tuple[int, ...]], SampleRecord],
-                        logger: Any) -> str:
-    """Build <folder>.npz (finish_npz), then write its record; returns the record's path.
+                        logger: Any, labels: Optional[np.ndarray] = None) -> str:
+    """Build <folder>.npz (finish_npz; with the images' class `labels` when given), then write its record;
+    returns the record's path.
 
     make_record: the record of an .npz of that shape (N, H, W, 3). A run that sampled nothing keeps an
     earlier record that describes the same images (its NFE and versions are those of the run that sampled).
     """
-    finish_npz(folder, num_images, logger)
+    finish_npz(folder, num_images, logger, labels)
     npz_path = f"{folder}.npz"
     record, path = make_record(npz_shape(npz_path)), record_path(npz_path)
     try:

@@ -11,7 +11,7 @@ import argparse
 from typing import Callable, Optional, Sequence
 
 from models import SiT_models
-from sit.cli import ScriptParser, add_speed_arguments, guidance_scale, positive_int, unit_interval_float
+from sit.cli import ScriptParser, add_speed_arguments, guidance_scale, positive_float, positive_int, unit_interval_float
 from sit.config import SAMPLING_MODES
 from sit.dequantize import DEQUANTIZATIONS
 from sit.errors import UsageError
@@ -47,17 +47,26 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, vae_default: str, cf
     parser.add_argument("--cfg-scale", type=guidance_scale, default=cfg_default,
                         help="classifier-free guidance scale, >= 1 (1: no guidance)")
     parser.add_argument("--num-sampling-steps", type=positive_int, default=250)
+    parser.add_argument("--time-shift", type=positive_float, default=None,
+                        help="fixed-step samplers: place the steps by t -> t / (t + S (1 - t)) (S > 1: more steps "
+                             "near noise; SD3/LightningDiT's shift); adaptive solvers refuse it")
     parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None,
                         help="TF32 matmuls on Ampere+ GPUs (the default): much faster, slightly different numbers; "
                              "--no-tf32 is --precision fp32")
     add_speed_arguments(parser, precision_default=None)  # None: tell an explicit --precision from --no-tf32's
     parser.add_argument("--ckpt", type=str, default=None,
                         help="a SiT checkpoint: local .pt, URL, hf://org/repo/file or a published name "
-                             "(default: download the published SiT-XL/2 at --image-size 256, or 512)")
+                             "(default: download the published SiT-XL/2 at --image-size 256, or 512); "
+                             "a train.py experiment folder takes its newest checkpoint, a results folder "
+                             "(e.g. results) its newest experiment's")
     parser.add_argument("--guide-all-channels", action="store_true",
                         help="guide all latent channels (the original guides only the first 3)")
     parser.add_argument("--cfg-interval", type=unit_interval_float, nargs=2, metavar=("LO", "HI"), default=(0.0, 1.0),
                         help="apply guidance only for t in [LO, HI] (t=0 noise, t=1 data); default 0 1")
+    parser.add_argument("--guide-ckpt", type=str, default=None,
+                        help="autoguidance: guide with this checkpoint's model (smaller or trained for less; same "
+                             "classes, latent size and transport) instead of the null label, all channels, at "
+                             "--cfg-scale and --cfg-interval; its settings come from its checkpoint")
 
 
 def add_likelihood_arguments(parser: argparse.ArgumentParser) -> None:

@@ -2,7 +2,8 @@
 
 Images go to <sample-dir>/<folder>/000000.png ..., where <folder> names every setting that changes
 the images (the names stay as they were, so a rerun continues an older folder), then into
-<sample-dir>/<folder>.npz (arr_0: uint8 (N, H, W, 3), the format of the ADM evaluation suite).
+<sample-dir>/<folder>.npz (arr_0: uint8 (N, H, W, 3), the format of the ADM evaluation suite; labels:
+(N,) int64, the class each image was conditioned on).
 Every file is written through sit.files.atomic_write, so a killed run leaves no half-written file;
 what it leaves (temporary names) the next run removes.
 """
@@ -25,6 +26,8 @@ from sit.errors import RunFailure, reported_as
 from sit.files import atomic_write, remove_temporaries
 from sit.sampling.settings import ModelSettings, SamplingConfig
 from sit.vae import VAE_REPOS
+
+LABELS_KEY = "labels"  # <folder>.npz: the class label of each image of arr_0, in the same order
 
 #################################################################################
 #                                   Names                                       #
@@ -66,10 +69,14 @@ def folder_name(config: SamplingConfig, settings: ModelSettings) -> str:
                   f"lastsize-{sampler.last_step_size}"]
     if transport.sample_eps is not None:
         parts.append(f"eps-{transport.sample_eps}")
-    if guidance.scale > 1.0 and guidance.all_channels:
-        parts.append("allchannels")
+    if sampler.time_shift is not None:  # a shifted step grid (--time-shift)
+        parts.append(f"shift-{sampler.time_shift}")
+    if guidance.scale > 1.0 and guidance.all_channels and guidance.guide_ckpt is None:
+        parts.append("allchannels")  # autoguidance guides every channel anyway
     if guidance.scale > 1.0 and tuple(guidance.interval) != (0.0, 1.0):
         parts.append(f"interval-{guidance.interval[0]}-{guidance.interval[1]}")
+    if guidance.guide_ckpt is not None:
+        parts.append(f"guide-{checkpoint_tag(guidance.guide_ckpt)}")
     if config.precision != "tf32":  # other precisions give other images; the default keeps older folder names
         parts.append(f"prec-{config.precision}")
     name = "-".join(str(part) for part in parts)
@@ -210,29 +217,55 @@ def write_npz_stream(folder: str, num: int, image_shape: tuple, path: str) -> No
                 stream.write(pixels.tobytes())
 
 
-def create_npz_from_sample_folder(folder: str, num: int) -> str:
-    """Write <folder>.npz with arr_0: uint8 (num, H, W, 3) from 000000.png ...; returns its path.
+def append_labels(labels: np.ndarray, path: str) -> None:
+    """Add `labels` (N,) int64 to the .npz at path as its `labels` array (beside arr_0; ADM's evaluator
+    and ours read arr_0 only)."""
+    with zipfile.ZipFile(path, "a", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+        with archive.open(f"{LABELS_KEY}.npy", "w", force_zip64=True) as stream:
+            np.lib.format.write_array(stream, np.ascontiguousarray(labels, dtype=np.int64))
+
+
+def write_npz_with_labels(folder: str, num: int, image_shape: tuple, labels: Optional[np.ndarray], path: str) -> None:
+    """write_npz_stream, then the labels array when given."""
+    write_npz_stream(folder, num, image_shape, path)
+    if labels is not None:
+        append_labels(labels, path)
+
+
+def npz_has_labels(path: str) -> bool:
+    """Whether an .npz holds a `labels` array (older sample batches do not)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return f"{LABELS_KEY}.npy" in archive.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def create_npz_from_sample_folder(folder: str, num: int, labels: Optional[np.ndarray] = None) -> str:
+    """Write <folder>.npz with arr_0: uint8 (num, H, W, 3) from 000000.png ... and, when given, the
+    images' class labels (num,) int64 as `labels`; returns its path.
 
     Streamed image by image (memory stays small for 50K images) into a temporary file, renamed
     when complete.
     """
     npz_path = f"{folder}.npz"
     first = np.asarray(Image.open(png_path(folder, 0)).convert("RGB"))
-    atomic_write(npz_path, functools.partial(write_npz_stream, folder, num, first.shape),
+    atomic_write(npz_path, functools.partial(write_npz_with_labels, folder, num, first.shape, labels),
                  suffix=npz_temporary_suffix(folder))
     return npz_path
 
 
-def finish_npz(folder: str, num: int, logger: Any) -> None:
-    """Build <folder>.npz once all num PNGs exist (unless an identical one is there)."""
+def finish_npz(folder: str, num: int, logger: Any, labels: Optional[np.ndarray] = None) -> None:
+    """Build <folder>.npz (with `labels`, when given) once all num PNGs exist (unless an identical one is there)."""
     missing = missing_indices(folder, range(num))
     if missing:
         raise RunFailure(f"{len(missing)} images are still missing in {folder} (first: {missing[0]}); "
                          f"run the same command again")
     existing = npz_shape(f"{folder}.npz")
-    if existing is not None and existing[0] == num:
+    if existing is not None and existing[0] == num and (labels is None or npz_has_labels(f"{folder}.npz")):
         logger.info(f"{folder}.npz already holds {num} images {existing}")
         return
     with reported_as(f"cannot write {folder}.npz"):
-        path = create_npz_from_sample_folder(folder, num)
-    logger.info(f"Saved .npz file to {path} [shape={npz_shape(path)}].")
+        path = create_npz_from_sample_folder(folder, num, labels)
+    with_labels = f" and their class labels as '{LABELS_KEY}'" if labels is not None else ""
+    logger.info(f"Saved .npz file to {path} [shape={npz_shape(path)}]{with_labels}.")

@@ -10,15 +10,16 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import numpy as np
 from tqdm import tqdm
 
 from sit.config import build_sample_fn
 from sit.distributed import DistContext, reduce_numbers
-from sit.generation import blocks_of_rank, generate_blocks, index_blocks
+from sit.generation import blocks_of_rank, generate_blocks, image_labels, index_blocks
 from sit.sampling.folder import missing_indices, png_path, save_png
 from sit.sampling.loading import SamplingModel
 from sit.sampling.settings import SamplingConfig
-from sit.vae import to_uint8_hwc
+from sit.vae import latent_shape, to_uint8_hwc
 
 
 def write_missing_images(ctx: DistContext, config: SamplingConfig, loaded: SamplingModel, folder: str,
@@ -42,7 +43,7 @@ def write_missing_images(ctx: DistContext, config: SamplingConfig, loaded: Sampl
         logger.warning(f"warning: {int(total_damaged)} existing PNGs are not whole {settings.image_size}x"
                        f"{settings.image_size} RGB images (empty, cut or foreign{example}): sampling them again")
     logger.info(f"{config.num_images - int(total_missing)} of {config.num_images} images already exist; "
-                f"sampling {int(total_missing)} on {ctx.world_size} process(es)")
+                f"sampling {int(total_missing)} on {ctx.world_size} process(es) with {config.sampler.describe()}")
     generated = generate_blocks(pending, loaded.model, loaded.vae, sample_fn, global_seed=config.seed,
                                 num_classes=settings.num_classes, guidance=config.guidance,
                                 precision=config.precision, device=ctx.device)
@@ -62,5 +63,11 @@ def write_missing_images(ctx: DistContext, config: SamplingConfig, loaded: Sampl
         progress.update(int(written_everywhere))
     progress.close()
     if sample_fn.nfe:
-        logger.info(f"{sample_fn.nfe} model evaluations per batch (last batch)")
+        logger.info(f"{config.sampler.evaluations(sample_fn.nfe)} per batch (last batch)")
     return measured
+
+
+def sampled_labels(config: SamplingConfig, loaded: SamplingModel) -> np.ndarray:
+    """The class label (num_images,) int64 each image of the folder was conditioned on (sit.generation's
+    per-index draw, the one generate_blocks makes)."""
+    return image_labels(config.num_images, config.seed, latent_shape(loaded.model.config), loaded.settings.num_classes)

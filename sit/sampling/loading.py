@@ -6,14 +6,16 @@ first (a download happens once, into the shared cache) and ends every rank alike
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 
 from models import SiT, has_null_class
-from sit.checkpoint import load_model
+from sit.checkpoint import load_model, model_shape_name
 from sit.errors import reported_as
+from sit.sampling.guide import attach_guide
 from sit.sampling.settings import ModelSettings, SamplingConfig, resolve_model_settings
 from sit.speed import compile_for_sampling, compile_model, configure_precision
 from sit.vae import load_vae
@@ -46,16 +48,22 @@ def speed_up(model: SiT, config: SamplingConfig) -> SiT:
 def load_sampling_model(config: SamplingConfig, device: torch.device, vae_default: str) -> tuple[SiT, ModelSettings]:
     """The SiT of the request's checkpoint (or the published model) on `device` in eval mode, and its
     settings (vae_default: the script's VAE when neither --vae nor the checkpoint names a local one).
+    With --guide-ckpt the model is a sit.guidance.AutoGuidedModel around the SiT (its config is the SiT's).
 
     Raises UsageError when the checkpoint cannot be fetched or loaded or contradicts the flags.
     """
     request = config.request
+    if request.ckpt_choice:
+        logging.getLogger("sit").info(request.ckpt_choice)  # which checkpoint a folder given as --ckpt gave
     with reported_as("cannot load the model"):
         model, info = load_model(request.ckpt, model_name=request.model_name, image_size=request.image_size,
                                  num_classes=request.num_classes)
     settings = resolve_model_settings(config, info, has_null_class=has_null_class(model.config),
-                                      vae_default=vae_default)
-    return speed_up(model.to(device).eval(), config), settings
+                                      vae_default=vae_default, shape_name=model_shape_name(model.config))
+    model = speed_up(model.to(device).eval(), config)
+    if config.guidance.guide_ckpt is not None:  # autoguidance: the model the samplers call guides itself
+        model = attach_guide(model, settings, config, device)
+    return model, settings
 
 
 def load_decoder(vae: Optional[str], device: torch.device) -> Any:

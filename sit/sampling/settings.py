@@ -17,6 +17,7 @@ from typing import Any, Mapping, Optional
 from sit.config import (TRANSPORT_SETTINGS, GuidanceConfig, SamplerConfig, TransportConfig, resolve_settings,
                         sampler_config_from_flags)
 from sit.errors import UsageError
+from sit.training.experiment import checkpoint_in_folder
 from sit.vae import PIXEL_SPACE, VAE_DOWNSAMPLING, VAE_REPOS
 from transport.integrators import ADAPTIVE_METHODS, TOLERANCE_FREE_METHODS
 
@@ -33,6 +34,7 @@ class ModelRequest:
     num_classes: Optional[int] = None
     vae: Optional[str] = None
     transport: Mapping[str, Any] = field(default_factory=dict)  # only the transport flags given explicitly
+    ckpt_choice: Optional[str] = None  # --ckpt named a folder: which checkpoint in it was taken, for the log
 
 
 @dataclass(frozen=True)
@@ -129,12 +131,18 @@ def sampling_config(flags: Mapping[str, Any], given: frozenset[str], *, seed: in
         raise UsageError(f"--num-sampling-steps must be at least 2, got {flags['num_sampling_steps']}")
     if flags["likelihood"] and flags["mode"] != "ODE":
         raise UsageError("--likelihood works in ODE mode only (it integrates the probability-flow ODE)")
+    if flags["likelihood"] and flags["guide_ckpt"] is not None:
+        raise UsageError("--guide-ckpt guides sampling; --likelihood evaluates the unguided model: drop --guide-ckpt")
     if flags["likelihood"] and flags["cfg_scale"] != 1.0:
         raise UsageError(f"--likelihood evaluates the unguided model: pass --cfg-scale 1 (got {flags['cfg_scale']}); "
                          f"a guided sampler has no likelihood")
-    request = ModelRequest(flags["ckpt"], flags["model"], image_size, flags["num_classes"], vae,
-                           {key: flags[key] for key in TRANSPORT_SETTINGS if key in given})
-    guidance = GuidanceConfig(flags["cfg_scale"], flags["guide_all_channels"], tuple(flags["cfg_interval"]))
+    ckpt, ckpt_choice = flags["ckpt"], None
+    if ckpt is not None and os.path.isdir(ckpt):  # an experiment or results folder: its newest checkpoint
+        ckpt, ckpt_choice = checkpoint_in_folder(ckpt)
+    request = ModelRequest(ckpt, flags["model"], image_size, flags["num_classes"], vae,
+                           {key: flags[key] for key in TRANSPORT_SETTINGS if key in given}, ckpt_choice)
+    guidance = GuidanceConfig(flags["cfg_scale"], flags["guide_all_channels"], tuple(flags["cfg_interval"]),
+                              flags["guide_ckpt"])
     return SamplingConfig(request, sampler_config_from_flags(flags["mode"], flags), guidance, precision,
                           flags["compile"], seed, num_images, batch_size, likelihood_config(flags),
                           unused_flag_warnings(flags, given))
@@ -194,18 +202,19 @@ def resolve_vae(requested: Optional[str], info: Mapping[str, Any], default: str)
 
 
 def resolve_model_settings(config: SamplingConfig, info: Mapping[str, Any], *, has_null_class: bool,
-                           vae_default: str) -> ModelSettings:
+                           vae_default: str, shape_name: str = "custom") -> ModelSettings:
     """The ModelSettings of a request and the checkpoint's info (sit.checkpoint.load_model's; its
     "transport": the training settings the checkpoint holds, or None). has_null_class: whether the
-    model can be guided. Raises UsageError for a contradiction."""
+    model can be guided; shape_name: its name when it has no published one (sit.checkpoint.model_shape_name).
+    Raises UsageError for a contradiction."""
     request = config.request
     # a path type or prediction stored as None is unknown; a loss weight of None is a real setting
     stored = {key: value for key, value in (info["transport"] or {}).items()
               if value is not None or key == "loss_weight"}
     transport = TransportConfig(**resolve_settings(TRANSPORT_SETTINGS, request.transport, stored).values)
-    if config.guidance.scale > 1.0 and not has_null_class:
+    if config.guidance.scale > 1.0 and not has_null_class and config.guidance.guide_ckpt is None:
         raise UsageError("this model was trained without label dropout, so it has no null class for "
                          "guidance: pass --cfg-scale 1")
-    return ModelSettings(name=request.model_name or info["model_name"] or "custom", ckpt=request.ckpt,
+    return ModelSettings(name=request.model_name or info["model_name"] or shape_name, ckpt=request.ckpt,
                          image_size=info["image_size"], num_classes=info["num_classes"],
                          vae=resolve_vae(request.vae, info, vae_default), transport=transport)

@@ -7,7 +7,7 @@ from typing import Mapping, Optional, Union
 import torch
 from torch.utils.data import DataLoader
 
-from sit.data.features import LatentFeatureDataset, read_meta
+from sit.data.features import LatentFeatureDataset, has_tokens, read_meta
 from sit.data.images import TrainImageFolder
 from sit.data.order import ResumableDistributedSampler
 from sit.distributed import DistContext
@@ -27,8 +27,9 @@ def features_vae(feature_path: str) -> Optional[str]:
 def open_feature_dataset(config: TrainConfig, image_size_origin: str = "flag") -> LatentFeatureDataset:
     """The cached latents of --feature-path, checked against --image-size (image_size_origin: where that
     came from, see sit.config.Resolved). Raises UsageError."""
-    data = config.data
-    dataset = LatentFeatureDataset(data.feature_path, seed=data.global_seed, random_flip=data.random_flip)
+    data, encoder = config.data, config.repa.repa_encoder
+    dataset = LatentFeatureDataset(data.feature_path, seed=data.global_seed, random_flip=data.random_flip,
+                                   with_tokens=encoder is not None)
     meta = dataset.meta
     if meta["image_size"] != config.model.image_size and image_size_origin == "checkpoint":
         raise UsageError(f"the features in {data.feature_path} are of {meta['image_size']}px images, not the "
@@ -36,6 +37,10 @@ def open_feature_dataset(config: TrainConfig, image_size_origin: str = "flag") -
     if meta["image_size"] != config.model.image_size:
         raise UsageError(f"the features in {data.feature_path} are of {meta['image_size']}px images, "
                          f"not --image-size {config.model.image_size}: pass --image-size {meta['image_size']}")
+    if encoder is not None and meta.get("repa_encoder") != encoder:
+        made_with = f"tokens of {meta['repa_encoder']}" if has_tokens(meta) else "no encoder tokens"
+        raise UsageError(f"--repa-encoder {encoder} with --feature-path {data.feature_path}, which holds {made_with}: "
+                         f"run extract_features.py --repa-encoder {encoder} into a new --features-path")
     dataset.classes = meta["classes"]  # as TrainImageFolder's, for the checks and the log
     return dataset
 

@@ -1,5 +1,7 @@
 """Experiment folders and where a run starts: results/<NNN>-<model>-<path>-<prediction>-<loss weight>/
-with log.txt, checkpoints/<step>.pt, samples/<step>.png and (with --wandb) wandb_id.txt.
+with log.txt, checkpoints/<step>.pt, latest.txt (the newest checkpoint's path), samples/<step>.png
+preview_labels.txt (their labels) and (with --wandb) wandb_id.txt. <model> is --model, or with --model-config
+the real shape's name (sit.checkpoint.model_shape_name).
 
 A run starts from scratch, from the checkpoint --ckpt names, or from the newest checkpoint that
 --resume finds (an experiment folder's, or alone: the newest experiment's in --results-dir). A newest
@@ -27,6 +29,7 @@ from sit.training.settings import TrainConfig
 NEWEST = "newest"  # `--resume` with no value
 CHECKPOINT_FILE = re.compile(r"^(\d{7,})\.pt$")
 EXPERIMENT_FOLDER = re.compile(r"^(\d{3,})-")
+LATEST_FILE = "latest.txt"  # <experiment>/latest.txt: the path of the newest checkpoint the run wrote
 
 
 #################################################################################
@@ -66,6 +69,21 @@ def experiment_dir_of(checkpoint_path: str) -> Optional[str]:
     if os.path.basename(folder) != "checkpoints":
         return None
     return os.path.dirname(folder)
+
+
+def checkpoint_in_folder(folder: str, flag: str = "--ckpt") -> tuple[str, str]:
+    """The checkpoint a folder names, and how it was picked: an experiment folder's newest checkpoint
+    (the highest step, as --resume takes), or for a results folder (e.g. `results`) that of its newest
+    experiment with a checkpoint. UsageError when the folder holds neither."""
+    path = newest_checkpoint(folder)
+    if path is not None:
+        return path, f"{flag} {folder}: its newest checkpoint, {path}"
+    experiment = newest_experiment(folder)
+    if experiment is None:
+        raise UsageError(f"{flag} {folder}: a folder with neither checkpoints/<step>.pt nor an experiment "
+                         f"folder (<NNN>-...) with one")
+    path = newest_checkpoint(experiment)
+    return path, f"{flag} {folder}: the newest experiment's newest checkpoint, {path}"
 
 
 def checkpoint_to_start_from(ckpt: Optional[str], resume: Optional[str], results_dir: str) -> Optional[str]:
@@ -175,6 +193,14 @@ def discard_unfinished_experiments() -> list[str]:
     return removed
 
 
+def write_latest(experiment_dir: str, checkpoint_path: str) -> str:
+    """Point <experiment>/latest.txt at the checkpoint just written (its absolute path and a newline,
+    for `--ckpt "$(cat .../latest.txt)"`), atomically; returns latest.txt's path."""
+    path = os.path.join(experiment_dir, LATEST_FILE)
+    atomic_text(path, os.path.abspath(checkpoint_path) + "\n")
+    return path
+
+
 def wandb_run_id(experiment_dir: str, stored_id: Optional[str]) -> str:
     """The experiment's wandb run id: from wandb_id.txt (or the checkpoint), else a new random one.
 
@@ -223,7 +249,7 @@ def open_experiment(ctx: DistContext, config: TrainConfig, start: StartPoint) ->
         same_folder = experiment_dir_of(start.source) if start.resuming else None
         try:
             new_results_dir = None if same_folder or os.path.isdir(config.run.results_dir) else config.run.results_dir
-            folder = same_folder or create_experiment_dir(config.run.results_dir, config.model.model,
+            folder = same_folder or create_experiment_dir(config.run.results_dir, config.model.shape_name,
                                                           config.transport.path_type, config.transport.prediction,
                                                           config.transport.applied_loss_weight)
             if not same_folder:

@@ -6,27 +6,29 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from sit.checkpoint import TrainCheckpoint
 from sit.data.order import ResumableDistributedSampler
 from sit.distributed import DistContext, agree, on_main
 from sit.errors import RunFailure, UsageError
 from sit.metrics import FIDMonitor
-from sit.speed import configure_precision
+from sit.progress import Progress
+from sit.speed import configure_cpu_threads, configure_precision
 from sit.training.data import TrainDataset, build_loader
 from sit.training.decoder import RunVAE
-from sit.training.experiment import StartPoint, open_experiment
+from sit.training.experiment import StartPoint, open_experiment, write_latest
 from sit.training.fid import make_fid_monitor, measure_fid
-from sit.training.monitor import LossMonitor, check_health, log_progress
+from sit.training.healing import Healer
+from sit.training.monitor import LossMonitor, TrainingDiverged, check_health, log_first_loss, log_progress
 from sit.training.network import build_train_step
-from sit.training.preview import preview_inputs, save_preview
+from sit.training.phema import PowerEMATracker, snapshot_path, start_tracker, write_snapshot
+from sit.training.preview import PREVIEW_LABELS, preview_inputs, save_preview
+from sit.training.repa import ALIGN_LOSS, prepare_alignment
 from sit.training.rng import gather_rng_states, restore_rng
 from sit.training.settings import TrainConfig
 from sit.training.sharding import sampling_ema
@@ -62,6 +64,9 @@ class TrainingRun:
     monitor: LossMonitor
     last_saved_step: Optional[int] = None
     fid_monitor: Optional[FIDMonitor] = None  # with --fid-every
+    phema: Optional[PowerEMATracker] = None  # with --phema-stds
+    last_phema_step: Optional[int] = None
+    healer: Optional[Healer] = None  # with self-healing (sit.training.healing)
 
 
 def write_on_main(run: TrainingRun, what: str, path: Optional[str], write: Callable[[], None]) -> None:
@@ -79,25 +84,58 @@ def write_on_main(run: TrainingRun, what: str, path: Optional[str], write: Calla
     on_main(run.ctx, attempt)
 
 
+def checkpoint_of(run: TrainingRun) -> TrainCheckpoint:
+    """The run's state as a checkpoint (a collective: every rank's RNG state is gathered)."""
+    state, step = run.state, run.step
+    rng = gather_rng_states(run.ctx.device)
+    model_state, ema_state, opt_state = step.sharding.full_state_dicts(step)  # fsdp: gathered to rank 0
+    return TrainCheckpoint(model=model_state, ema=ema_state, opt=opt_state,
+                           settings=run.config.settings(), model_config=dict(step.model.config),
+                           train_steps=state.train_steps, epoch=state.epoch, epoch_step=state.epoch_step, rng=rng,
+                           scaler=step.scaler.state_dict(), experiment_dir=run.experiment_dir,
+                           wandb_id=run.wandb_run.id if run.wandb_run is not None else None,
+                           phema=run.phema.state_dict() if run.phema is not None else {},
+                           healing=run.healer.state_dict() if run.healer is not None else {},
+                           repa_projector=step.projector.state_dict() if step.projector is not None else None)
+
+
 def save_checkpoint(run: TrainingRun) -> None:
     """Check health, gather every rank's RNG state, then rank 0 writes <step>.pt atomically (all ranks
     call this); if rank 0 cannot write it (disk full, permissions), every rank stops with one line."""
-    state, step = run.state, run.step
-    check_health(step.model, run.monitor, state.train_steps)
-    rng = gather_rng_states(run.ctx.device)
-    model_state, ema_state, opt_state = step.sharding.full_state_dicts(step)  # fsdp: gathered to rank 0
+    state = run.state
+    check_health(run.step.model, run.monitor, state.train_steps)
+    checkpoint = checkpoint_of(run)
     path = os.path.join(run.experiment_dir, "checkpoints", f"{state.train_steps:07d}.pt") if run.ctx.is_main else None
 
     def write() -> None:
-        TrainCheckpoint(model=model_state, ema=ema_state, opt=opt_state,
-                        settings=run.config.settings(), model_config=dict(step.model.config),
-                        train_steps=state.train_steps, epoch=state.epoch, epoch_step=state.epoch_step, rng=rng,
-                        scaler=step.scaler.state_dict(), experiment_dir=run.experiment_dir,
-                        wandb_id=run.wandb_run.id if run.wandb_run is not None else None).save(path)
+        checkpoint.save(path)
         run.logger.info(f"Saved checkpoint to {path}")
+        write_latest(run.experiment_dir, path)  # <experiment>/latest.txt names it
 
     write_on_main(run, "checkpoint", path, write)
     run.last_saved_step = state.train_steps
+    if run.healer is not None:
+        run.healer.keep(checkpoint)
+
+
+def keep_rollback_point(run: TrainingRun) -> None:
+    """Check health (every loss so far, every weight), then keep the state in CPU memory to roll back to."""
+    check_health(run.step.model, run.monitor, run.state.train_steps)
+    run.healer.keep(checkpoint_of(run))
+
+
+def save_phema_snapshot(run: TrainingRun) -> None:
+    """Check health, then rank 0 writes the post-hoc EMAs to phema/<step>.pt atomically (all ranks call this)."""
+    step = run.state.train_steps
+    check_health(run.step.model, run.monitor, step)
+    path = snapshot_path(run.experiment_dir, step) if run.ctx.is_main else None
+
+    def write() -> None:
+        write_snapshot(path, step, run.phema, run.step.model, run.config.settings())
+        run.logger.info(f"Saved post-hoc EMA snapshot to {path}")
+
+    write_on_main(run, "post-hoc EMA snapshot", path, write)
+    run.last_phema_step = step
 
 
 def save_samples(run: TrainingRun) -> None:
@@ -110,9 +148,10 @@ def save_samples(run: TrainingRun) -> None:
         ready, decoder = run.vae.for_preview(run.logger)
         if not ready:
             return
+        labels_file = os.path.join(run.experiment_dir, PREVIEW_LABELS)  # the grids' labels, row by row
         save_preview(ema, decoder, run.step.transport, run.preview, run.config.run.cfg_scale, path,
-                     run.ctx.device)
-        run.logger.info(f"Saved EMA samples to {path}")
+                     run.ctx.device, labels_file)
+        run.logger.info(f"Saved EMA samples to {path} (their labels in {labels_file})")
         if run.wandb_run is not None:
             import wandb
 
@@ -142,35 +181,96 @@ def train_loop(run: TrainingRun) -> bool:
     local_batch_size = config.data.global_batch_size // run.ctx.world_size
     finished = max_steps is not None and state.train_steps >= max_steps
     stopping = False
+    total_steps = config.optim.epochs * (run.sampler.num_samples // local_batch_size)  # full epochs, drop_last
+    progress = Progress("train", min(total_steps, max_steps or total_steps), "step", enabled=run.ctx.is_main,
+                        initial=state.train_steps)
+    first_step = state.train_steps + 1
     while not (finished or stopping) and state.epoch < config.optim.epochs:
         # A resumed epoch starts after the batches it had done; the order and flips depend on the epoch only.
         run.sampler.set_epoch(state.epoch, skip=state.epoch_step * local_batch_size)
         run.dataset.set_epoch(state.epoch)
         run.logger.info(f"Beginning epoch {state.epoch}...")
-        show_bar = run.ctx.is_main and sys.stderr.isatty()
-        for *inputs, labels in tqdm(run.loader, desc=f"epoch {state.epoch}", disable=not show_bar, leave=False):
+        for *inputs, labels in run.loader:
+            if run.healer is not None and run.healer.skips(state.epoch, state.epoch_step, state.train_steps + 1):
+                state.epoch_step += 1  # a batch that made the loss diverge: read and dropped, never trained on
+                continue
             result = train_step(run.step, inputs, labels)
             if result.grad_norm is not None:
                 run.monitor.add_grad_norm(result.grad_norm)
             run.monitor.add(result.loss)
+            if result.align_loss is not None:
+                run.monitor.add_term(ALIGN_LOSS, result.align_loss)
             state.train_steps += 1
             state.epoch_step += 1
             step = state.train_steps
+            if run.phema is not None:
+                run.phema.update(run.step.model, step)
             if step % every.log_every == 0:
                 log_progress(run.monitor, step, config.data.global_batch_size, run.logger, run.wandb_run)
+            elif step == first_step:
+                log_first_loss(run.monitor, step, run.logger)
+            progress.update_to(step)
             if step % every.sample_every == 0:
                 save_samples(run)  # before the checkpoint, so that its RNG state follows everything
             if config.fid.fid_every is not None and step % config.fid.fid_every == 0:
                 log_fid(run)
+            if run.phema is not None and step % config.phema.phema_every == 0:
+                save_phema_snapshot(run)
             if step % every.ckpt_every == 0:
                 save_checkpoint(run)
+            elif run.healer is not None and run.healer.keeps_points(step):
+                keep_rollback_point(run)
             finished = max_steps is not None and step >= max_steps
             stopping = not finished and run.stop.agreed()  # the same answer on every rank
             if finished or stopping:
                 break
         else:
             state.epoch, state.epoch_step = state.epoch + 1, 0
+    progress.close()
     return stopping
+
+
+def restore_progress(saved: TrainCheckpoint, step: TrainStep, ctx: DistContext, seed: int,
+                     logger: logging.Logger) -> TrainState:
+    """Where a saved run stood, with its random streams and loss scale restored (a resume or a rollback)."""
+    restore_rng(saved.rng, ctx, seed, saved.train_steps, logger)  # last: nothing may draw random numbers after this
+    if saved.scaler:
+        step.scaler.load_state_dict(saved.scaler)  # fp16: the loss scale continues too
+    return TrainState(saved.train_steps, saved.epoch, saved.epoch_step)
+
+
+def new_monitor(healer: Optional[Healer], first_step: int) -> LossMonitor:
+    """The loss monitor from first_step on; with --spike-factor it checks each step's loss for spikes."""
+    spikes = healer is not None and healer.settings.spike_factor is not None
+    return LossMonitor(first_step, inspect=healer.inspect if spikes else None)
+
+
+def roll_back(run: TrainingRun, error: TrainingDiverged) -> None:
+    """Restore the rollback point through the path a resume takes (sit.training.network) and skip the
+    batch that diverged (every rank alike); re-raises error when the run cannot heal."""
+    saved = run.healer.roll_back(error, run.logger)
+    run.step = None  # let the diverged model, EMA and optimizer go before building their replacements
+    start = StartPoint(f"the rollback point of step {saved.train_steps}", saved.to_dict())
+    run.step = build_train_step(run.config, run.ctx, start, run.vae.module, run.logger)
+    run.step.ddp_model.train()
+    run.phema = start_tracker(run.config.phema, run.step.model, saved.phema)
+    seed = run.config.data.global_seed * run.ctx.world_size + run.ctx.rank
+    run.state = restore_progress(saved, run.step, run.ctx, seed, run.logger)
+    run.monitor = new_monitor(run.healer, run.state.train_steps + 1)
+
+
+def train_with_rollbacks(run: TrainingRun) -> bool:
+    """train_loop; with --max-rollbacks, a divergence rolls back and training goes on (see roll_back)."""
+    while True:
+        try:
+            stopped = train_loop(run)
+            if run.healer is not None:  # the steps since the last check, inside the rollbacks' reach
+                check_health(run.step.model, run.monitor, run.state.train_steps)
+            return stopped
+        except TrainingDiverged as error:
+            if run.healer is None:
+                raise
+            roll_back(run, error)
 
 
 def check_channels(step: TrainStep, vae: RunVAE, dataset: TrainDataset) -> None:
@@ -199,8 +299,13 @@ def train(config: TrainConfig, *, ctx: DistContext, dataset: TrainDataset, start
     logger = experiment.logger
     for warning in warnings:
         logger.warning(f"warning: {warning}")
+    threads = configure_cpu_threads(ctx.device)  # on a CPU: OMP_NUM_THREADS, else the cores shared by the processes
+    if threads:
+        logger.info(threads)
     vae = RunVAE.at_start(ctx, config.model.vae, from_features=config.data.feature_path is not None)
-    step = build_train_step(config, ctx, start, vae.module, logger)
+    alignment = prepare_alignment(config.repa, config.model.image_size,
+                                  dataset.meta if config.data.feature_path is not None else None, ctx, logger)
+    step = build_train_step(config, ctx, start, vae.module, logger, alignment)
     check_channels(step, vae, dataset)
     loader, sampler = build_loader(config, dataset, ctx, seed)
     logger.info(f"Dataset contains {len(dataset):,} images in {len(dataset.classes)} classes "
@@ -209,28 +314,39 @@ def train(config: TrainConfig, *, ctx: DistContext, dataset: TrainDataset, start
     fid_monitor = None
     if fid.fid_every is not None:  # every rank builds one, and stops if any rank could not
         fid_monitor = agree(ctx, lambda: make_fid_monitor(fid.fid_ref, ctx.device, fid.fid_inception_weights))
-    state = TrainState()
+    state, resumed = TrainState(), None
     if start.resuming:
         resumed = TrainCheckpoint.from_dict(start.checkpoint)
-        state = TrainState(resumed.train_steps, resumed.epoch, resumed.epoch_step)
-        restore_rng(resumed.rng, ctx, seed, resumed.train_steps, logger)  # last: nothing may draw random numbers after this
-        if resumed.scaler:
-            step.scaler.load_state_dict(resumed.scaler)  # fp16: the loss scale continues too
+        state = restore_progress(resumed, step, ctx, seed, logger)
+    saved_healing = resumed.healing if resumed is not None else {}
+    healer = Healer(config.healing, config.run.ckpt_every, saved_healing) if config.healing.active or saved_healing else None
     run = TrainingRun(config=config, ctx=ctx, step=step, vae=vae, dataset=dataset, loader=loader, sampler=sampler,
                       state=state, logger=logger, experiment_dir=experiment.folder, wandb_run=experiment.wandb_run,
                       stop=stop, preview=preview_inputs(config.data.global_seed, step.model.config),
-                      monitor=LossMonitor(state.train_steps + 1), fid_monitor=fid_monitor,
-                      last_saved_step=state.train_steps if start.resuming else None)
+                      monitor=new_monitor(healer, state.train_steps + 1), fid_monitor=fid_monitor,
+                      last_saved_step=state.train_steps if start.resuming else None,
+                      phema=start_tracker(config.phema, step.model, resumed.phema if resumed else None),
+                      last_phema_step=state.train_steps if start.resuming else None, healer=healer)
+    if run.phema is not None and state.train_steps == 0:
+        save_phema_snapshot(run)  # the initial weights: a traditional EMA's share of them (reconstruct_ema.py)
+    if healer is not None and config.healing.max_rollbacks:
+        keep_rollback_point(run)  # the first rollback point: the start
 
     step.ddp_model.train()  # enables label dropout for classifier-free guidance
     limit = f" or {config.optim.max_steps} steps" if config.optim.max_steps else ""
     logger.info(f"Training for {config.optim.epochs} epochs{limit}...")
-    stopped = train_loop(run)
+    stopped = train_with_rollbacks(run)
+    state, step = run.state, run.step  # a rollback replaces them
     if stopped:
         logger.info(f"Received {stop.received or 'a stop signal on another rank'}: stopping at step {state.train_steps}")
+    if run.phema is not None and state.train_steps > 0 and run.last_phema_step != state.train_steps:
+        save_phema_snapshot(run)
     if state.train_steps > 0 and run.last_saved_step != state.train_steps:
         save_checkpoint(run)
     step.ddp_model.eval()  # disables label dropout
     if run.wandb_run is not None:
         run.wandb_run.finish()
+    if ctx.is_main and run.last_saved_step is not None:
+        logger.info(f"Newest checkpoint in {run.experiment_dir}/latest.txt; sample it with `python sample.py ODE "
+                    f"--ckpt {run.experiment_dir}` (an experiment folder: its newest checkpoint)")
     logger.info("Done!")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import math
 from time import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -14,20 +14,44 @@ from sit.training.sharding import local_tensor
 
 
 class TrainingDiverged(RunFailure):
-    """The loss or the weights became non-finite."""
+    """The loss or the weights became non-finite; `step`: the first step found bad, when known."""
+
+    def __init__(self, message: str, step: Optional[int] = None):
+        super().__init__(message)
+        self.step = step
 
 
 class LossMonitor:
     """Per-step losses kept on the device (no host sync per step), reduced over ranks when logged."""
 
-    def __init__(self, first_step: int):
+    def __init__(self, first_step: int, inspect: Optional[Callable[[int, float], None]] = None):
         self.losses: list[torch.Tensor] = []
         self.grad_norms: list[torch.Tensor] = []  # with --max-grad-norm: the norms before clipping
+        self.terms: dict[str, list[torch.Tensor]] = {}  # further loss terms by log name (REPA's alignment)
         self.first_step = first_step  # the step of losses[0]
         self.start_time = time()
+        self.inspect = inspect  # called once per step, in order, with its finite loss (the spike check)
+        self.inspected_through = first_step - 1
 
     def add(self, loss: torch.Tensor) -> None:
         self.losses.append(loss.detach())
+
+    def add_term(self, name: str, value: torch.Tensor) -> None:
+        """Another loss term of this step (logged as `name`, averaged like the loss, checked for divergence)."""
+        self.terms.setdefault(name, []).append(value.detach())
+
+    def reduced_terms(self) -> dict[str, list[float]]:
+        """The pending further terms averaged over ranks (a collective), as floats; kept until flushed."""
+        return {name: all_reduce_mean(torch.stack(values).float()).tolist() for name, values in self.terms.items() if values}
+
+    def flush_terms(self) -> dict[str, float]:
+        """Each further term's mean since the last flush, after checking that it is finite; clears them."""
+        means = {}
+        for name, values in self.reduced_terms().items():
+            self.check(values, name)
+            means[name] = sum(values) / len(values)
+        self.terms = {}
+        return means
 
     def add_grad_norm(self, grad_norm: torch.Tensor) -> None:
         self.grad_norms.append(grad_norm.detach())
@@ -46,11 +70,16 @@ class LossMonitor:
             return []
         return all_reduce_mean(torch.stack(self.losses).float()).tolist()
 
-    def check(self, values: list[float]) -> None:
-        """TrainingDiverged naming the first step whose loss is not finite."""
+    def check(self, values: list[float], what: str = "loss") -> None:
+        """TrainingDiverged naming the first step whose loss (or other term) is not finite, or whose
+        loss `inspect` refuses (a spike)."""
         for offset, value in enumerate(values):
+            step = self.first_step + offset
             if not math.isfinite(value):
-                raise TrainingDiverged(f"the loss became non-finite ({value}) at step {self.first_step + offset}")
+                raise TrainingDiverged(f"the {what} became non-finite ({value}) at step {step}", step)
+            if what == "loss" and self.inspect is not None and step > self.inspected_through:
+                self.inspect(step, value)
+                self.inspected_through = step
 
     def flush(self, next_step: int) -> tuple[float, float]:
         """(mean loss, steps/s) since the last flush, after checking that every loss is finite."""
@@ -63,19 +92,33 @@ class LossMonitor:
 
 def log_progress(monitor: LossMonitor, step: int, global_batch_size: int, logger: logging.Logger, wandb_run: Any) -> None:
     """Log the loss averaged over ranks and steps since the last log, steps/s and images/s."""
+    terms = monitor.flush_terms()
     average_loss, steps_per_sec = monitor.flush(step + 1)
     images_per_sec = steps_per_sec * global_batch_size
     grad_norm = monitor.mean_grad_norm()
-    logger.info(f"(step={step:07d}) Train Loss: {average_loss:.4f}, Train Steps/Sec: {steps_per_sec:.2f}, "
-                f"Images/Sec: {images_per_sec:.1f}" + (f", Grad Norm: {grad_norm:.4f}" if grad_norm is not None else ""))
+    logger.info(f"(step={step:07d}) Train Loss: {average_loss:.4f}, "
+                + "".join(f"{name}: {value:.4f}, " for name, value in terms.items())
+                + f"Train Steps/Sec: {steps_per_sec:.2f}, Images/Sec: {images_per_sec:.1f}"
+                + (f", Grad Norm: {grad_norm:.4f}" if grad_norm is not None else ""))
     if wandb_run is not None:
-        wandb_run.log({"train loss": average_loss, "train steps/sec": steps_per_sec,
-                       "train images/sec": images_per_sec}, step=step)
+        wandb_run.log({"train loss": average_loss, "train steps/sec": steps_per_sec, "train images/sec": images_per_sec,
+                       **{name.lower(): value for name, value in terms.items()}}, step=step)
+
+
+def log_first_loss(monitor: LossMonitor, step: int, logger: logging.Logger) -> None:
+    """Log the loss of the run's first step (averaged over ranks; a collective) at once, so that a run
+    shows it works before --log-every steps. The pending losses stay: the next regular line still
+    averages every step since the last one, as without this line."""
+    values = monitor.reduced()
+    monitor.check(values)
+    logger.info(f"(step={step:07d}) Train Loss: {values[-1]:.4f} (first step of this run)")
 
 
 def check_health(model: torch.nn.Module, monitor: LossMonitor, step: int) -> None:
     """Raise TrainingDiverged if a pending loss or any weight is non-finite (all ranks call this)."""
     monitor.check(monitor.reduced())
+    for name, values in monitor.reduced_terms().items():
+        monitor.check(values, name)
     finite = torch.stack([torch.isfinite(local_tensor(param)).all() for param in model.parameters()]).all()
     if any_rank(not finite.item(), finite.device):  # FSDP: each rank sees its shards; every rank learns of any
-        raise TrainingDiverged(f"the weights became non-finite by step {step}")
+        raise TrainingDiverged(f"the weights became non-finite by step {step}", step)  # its losses were finite

@@ -5,11 +5,14 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional
 
+import torch
+
 import download
 from models import SiT, model_config_from_state_dict, model_name_for_config
 from sit.distributed import DistContext
 from sit.errors import UsageError
 from sit.training.experiment import StartPoint
+from sit.training.repa import AlignedSiT, Alignment, build_projector
 from sit.training.settings import TrainConfig
 from sit.training.sharding import Sharding
 from sit.training.step import TrainStep
@@ -49,19 +52,30 @@ def build_model(config: TrainConfig, start: StartPoint) -> SiT:
     return model
 
 
+def build_projector_for(model: SiT, alignment: Alignment, config: TrainConfig, start: StartPoint) -> torch.nn.Module:
+    """REPA's projector for this SiT (after it, from the torch RNG), the checkpoint's weights when resuming."""
+    projector = build_projector(model.config["hidden_size"], config.repa.repa_projector_dim, alignment.encoder_dim)
+    if start.resuming:  # prepare_training made sure that the checkpoint has one
+        projector.load_state_dict(start.checkpoint["repa_projector"])
+    return projector
+
+
 def build_train_step(config: TrainConfig, ctx: DistContext, start: StartPoint, vae: Any,
-                     logger: logging.Logger) -> TrainStep:
-    """Model, DDP or FSDP2, EMA and AdamW (the checkpoint's state when resuming; --lr rules either way)."""
+                     logger: logging.Logger, alignment: Optional[Alignment] = None) -> TrainStep:
+    """Model, DDP or FSDP2, EMA and AdamW (the checkpoint's state when resuming; --lr rules either way); with
+    alignment also the projector, trained beside the model (DDP wraps both)."""
     checkpoint: Optional[dict] = start.checkpoint
     optim = config.optim
     sharding = Sharding(optim.sharding, optim.precision)
     model = build_model(config, start).to(ctx.device)
-    ddp_model = sharding.wrap(model, ctx)
+    projector = build_projector_for(model, alignment, config, start).to(ctx.device) if alignment else None
+    ddp_model = sharding.wrap(AlignedSiT(model, projector, alignment.depth) if alignment else model, ctx)
     step = TrainStep.create(model, ddp_model=ddp_model, ema_state=checkpoint.get("ema") if checkpoint else None,
-                            transport=config.transport.build(), device=ctx.device, lr=optim.lr,
+                            transport=config.transport.build(config.time.schedule()), device=ctx.device, lr=optim.lr,
                             grad_checkpointing=optim.grad_checkpointing, compile_blocks=optim.compile, vae=vae,
                             from_features=config.data.feature_path is not None, precision=optim.precision,
-                            ema_decay=optim.ema_decay, max_grad_norm=optim.max_grad_norm, sharding=sharding)
+                            ema_decay=optim.ema_decay, max_grad_norm=optim.max_grad_norm, sharding=sharding,
+                            projector=projector, alignment=alignment)
     if start.resuming:
         sharding.load_optimizer(step, checkpoint["opt"])
         for group in step.opt.param_groups:  # the state holds the old lr; --lr (the checkpoint's unless given) rules

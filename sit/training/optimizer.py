@@ -1,16 +1,20 @@
 """The optimizer and the fp16 loss scaler of training."""
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 
 
-def make_optimizer(model: torch.nn.Module, lr: float = 1e-4, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, lr: float = 1e-4, weight_decay: float = 0.0,
+                   extra: Iterable[torch.nn.Parameter] = ()) -> torch.optim.Optimizer:
     """The paper's AdamW (constant lr 1e-4, no weight decay), fused on GPUs, multi-tensor elsewhere.
 
     All parameters are handed over, the frozen pos_embed included (AdamW skips it), so that the
-    state's parameter indices match the original's checkpoints.
+    state's parameter indices match the original's checkpoints; `extra` ones (the REPA projector's)
+    come after them, in the same group.
     """
-    params = list(model.parameters())
+    params = list(model.parameters()) + list(extra)
     on_gpu = all(param.is_cuda for param in params)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=on_gpu, foreach=not on_gpu)
 

@@ -19,9 +19,14 @@ from dataclasses import dataclass
 from typing import AbstractSet, Any, Mapping, Optional
 
 from models import MODEL_SHAPES, has_null_class
+from sit.checkpoint import model_shape_name
 from sit.config import Resolved, Rule, Setting, TransportConfig, resolve_settings
 from sit.distributed import launched_by_torchrun
+from sit.encoders import canonical_encoder_name, describe_encoder
 from sit.errors import UsageError
+from transport.schedules import LOGIT_NORMAL, TimeSchedule
+from sit.training.healing import HealingSettings, check_healing_settings
+from sit.training.phema import PhemaSettings
 from sit.vae import (LATENT_CHANNELS, PIXEL_CHANNELS, canonical_vae_name, check_image_size, check_vae_name,
                      input_size_for, is_pixel_space)
 
@@ -34,12 +39,19 @@ VAE_CONFLICT = ("{flag} {given} but {source} was trained with {flag} {held}; a m
 VAE_WARNING = ("{flag} {given} replaces the checkpoint's {held}: fine for a copy of the same VAE (or ema/mse, which "
                "share the encoder); another encoder changes what the model learns")
 DATA_ORDER_WARNING = "{flag} {given} differs from the checkpoint's {held}: the data order will not match an uninterrupted run"
+PHEMA_CONFLICT = ("{flag} {given} but {source} tracked {flag} {held}; post-hoc EMAs follow a run from step 0: "
+                  "drop the flag or start a new experiment")
 RUN_WARNING = "{flag} {given} replaces the checkpoint's {held} from step {step} on: the run will differ from an uninterrupted one"
 
 MODEL_KEYS = ("model", "model_config", "image_size", "num_classes")
 TRANSPORT_KEYS = ("path_type", "prediction", "loss_weight", "train_eps", "sample_eps")
 DATA_ORDER_KEYS = ("global_batch_size", "global_seed", "random_flip")
 RUN_KEYS = ("lr", "ema_decay")
+REPA_SHAPE_KEYS = ("repa_depth", "repa_projector_dim")  # what the projector is: locked to the checkpoint
+TIME_KEYS = ("time_sampling", "time_mean", "time_std", "time_shift")
+REPA_CONFLICT = ("{flag} {given} but {source} was trained with {flag} {held}; alignment cannot be switched on or "
+                 "off in a resumed run: start a new experiment")
+REPA_WARNING = "{flag} {given} replaces the checkpoint's {held}: the projector was trained against the other encoder"
 
 
 #################################################################################
@@ -58,6 +70,12 @@ class ModelSettings:
     @property
     def pixel_space(self) -> bool:
         return is_pixel_space(self.vae)
+
+    @property
+    def shape_name(self) -> str:
+        """The model's name in the experiment folder: --model, or with --model-config the real shape's
+        (sit.checkpoint.model_shape_name: a published name, else custom-d<depth>-w<width>-p<patch>)."""
+        return self.model if self.model_config is None else model_shape_name(self.sit_kwargs())
 
     def sit_kwargs(self) -> dict:
         """SiT constructor arguments: (3, H, W) pixels or (4, H/8, W/8) SD-VAE latents, the --model
@@ -121,6 +139,33 @@ class FIDSettings:
 
 
 @dataclass(frozen=True)
+class RepaSettings:
+    """Representation alignment (sit.training.repa); repa_encoder None: off."""
+    repa_encoder: Optional[str]
+    repa_depth: int
+    repa_coeff: float
+    repa_projector_dim: int
+
+    @property
+    def enabled(self) -> bool:
+        return self.repa_encoder is not None
+
+
+@dataclass(frozen=True)
+class TimeSettings:
+    """How training draws t (transport.schedules)."""
+    time_sampling: str
+    time_mean: float
+    time_std: float
+    time_shift: Optional[float]
+
+    def schedule(self) -> Optional[TimeSchedule]:
+        """The transport's time schedule; None for the original's uniform draw (unchanged numbers)."""
+        schedule = TimeSchedule(self.time_sampling, self.time_mean, self.time_std, self.time_shift)
+        return None if schedule.is_original else schedule
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Everything a training run is configured with; `settings()` is its flat form (checkpoint "args", log)."""
     model: ModelSettings
@@ -129,6 +174,10 @@ class TrainConfig:
     optim: OptimSettings
     run: RunSettings
     fid: FIDSettings
+    repa: RepaSettings
+    time: TimeSettings
+    phema: PhemaSettings
+    healing: HealingSettings
 
     @classmethod
     def from_settings(cls, values: Mapping[str, Any]) -> "TrainConfig":
@@ -152,7 +201,8 @@ class TrainConfig:
 
 # TrainConfig's field -> the dataclass of that group
 GROUP_TYPES = {"model": ModelSettings, "transport": TransportConfig, "data": DataSettings, "optim": OptimSettings,
-               "run": RunSettings, "fid": FIDSettings}
+               "run": RunSettings, "fid": FIDSettings, "repa": RepaSettings, "time": TimeSettings,
+               "phema": PhemaSettings, "healing": HealingSettings}
 
 
 def parse_model_config(text: Optional[str]) -> dict:
@@ -216,10 +266,32 @@ def checkpoint_owned_settings(flags: Mapping[str, Any], train_steps: int) -> dic
                            incompatible=different_space)
     for key in DATA_ORDER_KEYS:
         table[key] = Setting(Rule.WARN, flags[key], warning=DATA_ORDER_WARNING)
-    for key in RUN_KEYS:
+    for key in RUN_KEYS + ("repa_coeff",) + TIME_KEYS:
         table[key] = Setting(Rule.WARN, flags[key], warning=RUN_WARNING.replace("{step}", str(train_steps)))
     table["sharding"] = Setting(Rule.FREE, flags["sharding"])  # either mode resumes the other's checkpoints exactly
+    table["repa_encoder"] = Setting(Rule.WARN, flags["repa_encoder"], conflict=REPA_CONFLICT, warning=REPA_WARNING,
+                                    incompatible=lambda given, held: (given is None) != (held is None))
+    for key in REPA_SHAPE_KEYS:
+        table[key] = dataclasses.replace(locked, default=flags[key])
+    # post-hoc EMAs follow a run from step 0: the stds are the checkpoint's; the snapshot interval too unless given
+    table["phema_stds"] = Setting(Rule.LOCKED, flags["phema_stds"], conflict=PHEMA_CONFLICT,
+                                  same=lambda given, held: tuple(given or ()) == tuple(held or ()))
+    table["phema_every"] = Setting(Rule.FREE, flags["phema_every"])
     return table
+
+
+def check_option_groups(values: Mapping[str, Any], explicit: AbstractSet[str]) -> None:
+    """Flags that only mean something beside another: REPA's without an encoder, the logit-normal's
+    without logit-normal sampling (UsageError naming the flag)."""
+    if values["repa_encoder"] is None:
+        for key in ("repa_depth", "repa_coeff", "repa_projector_dim"):
+            if key in explicit:
+                raise UsageError(f"--{key.replace('_', '-')} needs --repa-encoder (representation alignment is off)")
+    if values["time_sampling"] != LOGIT_NORMAL:
+        for key in ("time_mean", "time_std"):
+            if key in explicit:
+                raise UsageError(f"--{key.replace('_', '-')} applies to --time-sampling {LOGIT_NORMAL}, "
+                                 f"not {values['time_sampling']}")
 
 
 def resolve_train_config(flags: Mapping[str, Any], explicit: AbstractSet[str], stored: Optional[Mapping[str, Any]] = None,
@@ -244,7 +316,8 @@ def resolve_train_settings(flags: Mapping[str, Any], explicit: AbstractSet[str],
     --feature-path's features, which decodes the previews unless --vae is given.
     Raises UsageError when an explicit flag contradicts what the checkpoint's model is.
     """
-    flags = dict(flags, vae=canonical_vae_name(flags["vae"]))  # a VAE folder is named wherever the run starts
+    # a VAE folder or encoder file is named wherever the run starts
+    flags = dict(flags, vae=canonical_vae_name(flags["vae"]), repa_encoder=canonical_encoder_name(flags["repa_encoder"]))
     table = checkpoint_owned_settings(flags, train_steps)
     resolved = resolve_settings(table, {key: flags[key] for key in table if key in explicit}, stored, source=source)
     values = dict(flags, **resolved.values)
@@ -253,6 +326,9 @@ def resolve_train_settings(flags: Mapping[str, Any], explicit: AbstractSet[str],
             values[key] = stored[key]
     if features_vae and "vae" not in explicit and not is_pixel_space(values["vae"]):
         values["vae"] = features_vae  # pixels with features are refused by check_train_config
+    check_option_groups(values, explicit)
+    if values["phema_stds"] is not None:
+        values["phema_stds"] = tuple(values["phema_stds"])  # a checkpoint may hold a list
     return TrainConfig.from_settings(values), resolved
 
 
@@ -282,6 +358,11 @@ def check_train_config(config: TrainConfig, world_size: int) -> None:
                          f"{model.model}{' with --model-config' if model.model_config else ''}): set num_heads in "
                          f"--model-config to a divisor of hidden_size")
     config.transport.build()
+    check_healing_settings(config.healing)
+    if config.optim.sharding == "fsdp" and (config.phema.enabled or config.healing.active):
+        # their in-memory copies and trackers hold whole tensors; FSDP2 ranks hold shards
+        raise UsageError("--phema-stds and self-healing (--max-rollbacks, --spike-factor, --skip-batches) work with "
+                         "--sharding ddp only: drop --sharding fsdp or those flags")
     if fid.fid_every is not None and (fid.fid_ref is None or not os.path.isfile(fid.fid_ref)):
         raise UsageError(f"--fid-every needs --fid-ref, a file of reference statistics (got {fid.fid_ref!r}); "
                          f"make one with `python evaluate.py VIRTUAL_imagenet256_labeled.npz`")
@@ -290,3 +371,18 @@ def check_train_config(config: TrainConfig, world_size: int) -> None:
     if fid.fid_every is not None and fid.fid_cfg_scale > 1.0 and not has_null_class(kwargs):
         raise UsageError(f"--fid-cfg-scale {fid.fid_cfg_scale} needs a model with label dropout (its null class), but "
                          f"class_dropout_prob is 0: use --fid-cfg-scale 1")
+    check_alignment(config, kwargs["depth"])
+
+
+def check_alignment(config: TrainConfig, model_depth: int) -> None:
+    """REPA's settings against the model and the encoder (the encoder's shapes only, no weights)."""
+    repa = config.repa
+    if not repa.enabled:
+        return
+    if config.data.feature_path is None:  # cached latents carry the tokens (checked against the features)
+        describe_encoder(repa.repa_encoder).input_size(config.model.image_size)
+    if config.optim.sharding == "fsdp":  # the projector beside a sharded SiT is not laid out yet
+        raise UsageError("--repa-encoder works with --sharding ddp only (REPA's projector is not sharded): drop "
+                         "--sharding fsdp")
+    if not 1 <= repa.repa_depth <= model_depth:
+        raise UsageError(f"--repa-depth {repa.repa_depth} is beyond the model's {model_depth} blocks (1..{model_depth})")

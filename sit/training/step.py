@@ -15,6 +15,7 @@ from sit.speed import autocast, compile_model
 from sit.training.ema import update_ema
 from sit.training.optimizer import make_grad_scaler, make_optimizer
 from sit.training.sharding import Sharding, full_tensor
+from sit.training.repa import AlignedSiT, Alignment
 from sit.vae import LATENT_SCALE
 from transport import Transport
 
@@ -27,6 +28,7 @@ class TrainStep:
     itself in one process, or sharded by FSDP2); vae: the encoder of --data-path images (None: pixels, or cached latents
     with from_features); precision: a --precision choice; max_grad_norm: --max-grad-norm (None: no clipping);
     sharding: --sharding (how model, EMA and AdamW are laid out over the ranks; sit.training.sharding).
+    With REPA: projector (trained beside the model) and alignment; ddp_model then wraps an AlignedSiT.
     """
     model: torch.nn.Module
     ddp_model: torch.nn.Module
@@ -41,17 +43,21 @@ class TrainStep:
     ema_decay: float = 0.9999
     max_grad_norm: Optional[float] = None
     sharding: Sharding = Sharding()
+    projector: Optional[torch.nn.Module] = None
+    alignment: Optional[Alignment] = None
 
     @classmethod
     def create(cls, model: torch.nn.Module, *, transport: Transport, device: torch.device, lr: float,
                ddp_model: Optional[torch.nn.Module] = None, ema_state: Optional[dict] = None,
                grad_checkpointing: bool = False, compile_blocks: bool = False, vae: Any = None,
                from_features: bool = False, precision: str = "fp32", ema_decay: float = 0.9999,
-               max_grad_norm: Optional[float] = None, sharding: Sharding = Sharding()) -> "TrainStep":
+               max_grad_norm: Optional[float] = None, sharding: Sharding = Sharding(),
+               projector: Optional[torch.nn.Module] = None, alignment: Optional[Alignment] = None) -> "TrainStep":
         """The step for `model` (already on `device`; ddp_model: the same wrapped for DDP) as train.py
         builds it: the EMA copy (ema_state: weights to restore), gradient checkpointing, --compile
-        (compile_blocks), AdamW at lr and the GradScaler of the precision; with FSDP (sharding) the
-        model and the EMA are sharded before compiling and before AdamW sees the parameters."""
+        (compile_blocks), AdamW at lr (over the projector's parameters too) and the GradScaler of the
+        precision; with FSDP (sharding) the model and the EMA are sharded before compiling and before
+        AdamW sees the parameters."""
         ema = deepcopy(model).requires_grad_(False).eval()  # after DDP's broadcast: the same start on every rank
         if ema_state is not None:
             ema.load_state_dict(ema_state)
@@ -59,18 +65,27 @@ class TrainStep:
         sharding.shard(model, ema)
         if compile_blocks:
             compile_model(model)  # after the EMA's deepcopy (see compile_model); DDP calls the compiled blocks
-        opt = make_optimizer(model, lr=lr, weight_decay=0)  # the paper: AdamW, constant lr 1e-4, no weight decay
-        return cls(model=model, ddp_model=model if ddp_model is None else ddp_model, ema=ema, opt=opt,
+        # the paper: AdamW, constant lr 1e-4, no weight decay
+        opt = make_optimizer(model, lr=lr, weight_decay=0, extra=projector.parameters() if projector else ())
+        if ddp_model is None:  # one process: the model itself (with REPA, the SiT and its projector)
+            ddp_model = AlignedSiT(model, projector, alignment.depth) if alignment else model
+        return cls(model=model, ddp_model=ddp_model, ema=ema, opt=opt,
                    scaler=make_grad_scaler(precision, device), transport=transport, device=device, vae=vae,
                    from_features=from_features, precision=precision, ema_decay=ema_decay, max_grad_norm=max_grad_norm,
-                   sharding=sharding)
+                   sharding=sharding, projector=projector, alignment=alignment)
+
+    def trained_parameters(self) -> list[torch.nn.Parameter]:
+        """What AdamW updates and clipping sees: the SiT's parameters, then the projector's."""
+        return list(self.model.parameters()) + (list(self.projector.parameters()) if self.projector else [])
 
 
 @dataclass
 class StepResult:
-    """A step's loss (a 0-dim tensor on the device) and, with clipping, the gradient norm before it."""
+    """A step's denoising loss (a 0-dim tensor on the device), with clipping the gradient norm before
+    it, and with REPA the alignment loss (the optimised loss is loss + coeff * align_loss)."""
     loss: torch.Tensor
     grad_norm: Optional[torch.Tensor] = None
+    align_loss: Optional[torch.Tensor] = None
 
 
 @torch.no_grad()
@@ -84,7 +99,7 @@ def training_latents(step: TrainStep, inputs: Sequence[torch.Tensor]) -> torch.T
     """
     device = step.device
     if step.from_features:
-        mean, std = (tensor.to(device, non_blocking=True) for tensor in inputs)
+        mean, std = (tensor.to(device, non_blocking=True) for tensor in inputs[:2])  # [2]: REPA's tokens
         noise = torch.randn(mean.shape, device=device, dtype=mean.dtype)
         return (mean + std * noise).mul_(LATENT_SCALE)
     (images,) = inputs
@@ -100,19 +115,30 @@ def train_step(step: TrainStep, inputs: Sequence[torch.Tensor], labels: torch.Te
     """One optimisation step on a batch (see training_latents) with labels (N,).
 
     The forward runs under the --precision autocast (fp16 scales the loss); with max_grad_norm the
-    gradients are unscaled and clipped, and the norm before clipping is returned.
+    gradients are unscaled and clipped, and the norm before clipping is returned. With REPA the
+    encoder tokens of the clean images (or the cached ones, inputs[2]) are the alignment's targets.
     """
     latents = training_latents(step, inputs)
     labels = labels.to(step.device, non_blocking=True)
-    with autocast(step.precision, step.device):
-        loss = step.transport.training_losses(step.ddp_model, latents, dict(y=labels))["loss"].mean()
+    align_loss = None
+    if step.alignment is None:
+        with autocast(step.precision, step.device):
+            loss = step.transport.training_losses(step.ddp_model, latents, dict(y=labels))["loss"].mean()
+        total = loss
+    else:
+        source = inputs[2] if step.from_features else inputs[0]  # cached tokens, or the images in [-1, 1]
+        targets = step.alignment.targets(source.to(step.device, non_blocking=True), step.precision)
+        with autocast(step.precision, step.device):
+            denoising, aligned = step.alignment.losses(step.transport, step.ddp_model, latents, labels, targets)
+        loss, align_loss = denoising.mean(), aligned.mean()
+        total = loss + step.alignment.coeff * align_loss
     step.opt.zero_grad(set_to_none=True)
-    step.scaler.scale(loss).backward()
+    step.scaler.scale(total).backward()
     grad_norm = None
     if step.max_grad_norm is not None:
         step.scaler.unscale_(step.opt)
-        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(step.model.parameters(), step.max_grad_norm))
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(step.trained_parameters(), step.max_grad_norm))
     step.scaler.step(step.opt)
     step.scaler.update()
     update_ema(step.ema, step.model, decay=step.ema_decay)
-    return StepResult(loss, grad_norm)
+    return StepResult(loss, grad_norm, align_loss)

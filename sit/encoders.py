@@ -1,0 +1,296 @@
+"""Frozen vision encoders for representation alignment (REPA, train.py --repa-encoder): which encoder
+a name means, its weights loaded without running pickled code, and its patch tokens of clean images.
+
+--repa-encoder takes
+- DINOv2 by REPA's spelling (dinov2-vit-s/b/l/g, dinov2reg-vit-b for the 4-register models) or by
+  torch.hub's facebookresearch/dinov2 name (dinov2_vitb14, dinov2_vitb14_reg): the same released
+  weights through timm (vit_base_patch14_dinov2.lvd142m, ...), downloaded once as safetensors, so
+  no repository code is fetched and run (as torch.hub.load would);
+- any timm ViT name (e.g. vit_large_patch14_reg4_dinov2.lvd142m);
+- a local weights file (.pth/.pt/.bin read with torch.load(weights_only=True), or .safetensors): a
+  ViT state dict in DINOv2's release format or timm's, whose shape gives the architecture (heads of
+  64 dimensions, as every DINOv2);
+- a local folder in timm's layout: config.json ({"architecture": ..., "model_args": {...}}) and
+  model.safetensors or pytorch_model.bin.
+
+As REPA, an encoder sees the image resized to 224/256 of its size (224 px for 256 px images, 448 for
+512), normalised with the encoder's mean and std (ImageNet's for DINOv2), and gives its final-norm
+patch tokens (no class or register tokens). The absolute position embedding is resampled to that
+grid when the weights load (timm's bicubic resampling, which REPA applies to DINOv2 too).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from sit.errors import UsageError
+from sit.speed import autocast
+
+FLAG = "--repa-encoder"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# REPA's encoders see 224 px for 256 px images (torch.nn.functional.interpolate to 224 * resolution / 256).
+INPUT_SCALE = (224, 256)
+DINOV2_SIZES = {"s": "small", "b": "base", "l": "large", "g": "giant"}
+REPA_SPELLING = re.compile(r"^dinov2(reg)?-vit-([sblg])$")     # REPA's --enc-type
+HUB_SPELLING = re.compile(r"^dinov2_vit([sblg])14(_reg)?$")     # torch.hub facebookresearch/dinov2
+HEAD_DIM = 64  # every DINOv2 (S/B/L/g: 6/12/16/24 heads); how a weights file's heads are counted
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+NAMES_HELP = ("dinov2-vit-s/b/l/g (REPA's), dinov2_vitb14[_reg] (torch.hub's), a timm ViT name, "
+              "or a local weights file or timm folder")
+
+
+def dinov2_timm_name(size: str, registers: bool) -> str:
+    """timm's name of a released DINOv2: size one of s, b, l, g."""
+    return f"vit_{DINOV2_SIZES[size]}_patch14{'_reg4' if registers else ''}_dinov2.lvd142m"
+
+
+def canonical_encoder_name(name: Optional[str]) -> Optional[str]:
+    """One spelling per encoder, as runs and feature folders record it: a DINOv2 alias -> its timm name,
+    a local path -> absolute; anything else as given (None stays None)."""
+    if name is None:
+        return None
+    if os.path.exists(name):
+        return os.path.abspath(name)
+    if match := REPA_SPELLING.match(name):
+        return dinov2_timm_name(match.group(2), registers=bool(match.group(1)))
+    if match := HUB_SPELLING.match(name):
+        return dinov2_timm_name(match.group(1), registers=bool(match.group(2)))
+    return name
+
+
+#################################################################################
+#                 What an encoder is: architecture without the weights           #
+#################################################################################
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """An encoder as a recipe: `source` (canonical name or path), how to build its timm ViT
+    (`architecture` name and `model_args`, or None for a weights file's inferred VisionTransformer),
+    and what checks need: patch size, token width, normalisation."""
+    source: str
+    architecture: Optional[str]
+    model_args: dict
+    patch_size: int
+    embed_dim: int
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+
+    def input_size(self, image_size: int) -> int:
+        """The side of the encoder's input for images of image_size; UsageError when the image size
+        gives no whole number of the encoder's patches."""
+        scaled = image_size * INPUT_SCALE[0] / INPUT_SCALE[1]
+        if scaled != int(scaled) or int(scaled) % self.patch_size:
+            step = INPUT_SCALE[1] * self.patch_size // math.gcd(INPUT_SCALE[0], INPUT_SCALE[1] * self.patch_size)
+            raise UsageError(f"--image-size {image_size} gives {FLAG} {self.source} inputs of {scaled:g} px "
+                             f"(224/256 of the image, as REPA), not a multiple of its patch size {self.patch_size}: "
+                             f"use an --image-size that is a multiple of {step}")
+        return int(scaled)
+
+    def build(self, image_size: int, device: Optional[torch.device] = None) -> torch.nn.Module:
+        """The encoder's timm ViT for images of image_size, randomly initialised (weights: load_encoder)."""
+        import timm
+        from timm.models.vision_transformer import VisionTransformer
+
+        args = dict(self.model_args, num_classes=0, img_size=self.input_size(image_size))
+        with torch.device(device or "cpu"):
+            if self.architecture is None:
+                return VisionTransformer(**args)
+            return timm.create_model(self.architecture, pretrained=False, **args)
+
+
+def read_weights(path: str) -> dict:
+    """The state dict in a local file, read without unpickling code (UsageError naming the flag)."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            weights = load_file(path, device="cpu")
+        else:
+            try:  # memory-mapped: the checks read only the shapes
+                weights = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # the legacy (non-zip) format cannot be mapped
+                weights = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a pickle that weights_only refuses, a truncated or foreign file
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"{FLAG} {path}: cannot read its weights ({first_line[:200]})") from None
+    for key in ("model", "state_dict"):  # common wrappers of a state dict
+        if isinstance(weights, dict) and isinstance(weights.get(key), dict):
+            weights = weights[key]
+    if not isinstance(weights, dict) or not all(isinstance(value, torch.Tensor) for value in weights.values()):
+        raise UsageError(f"{FLAG} {path} does not hold a state dict of tensors")
+    return weights
+
+
+def timm_form(weights: dict) -> dict:
+    """A ViT state dict in timm's names: DINOv2's release names converted (its mask token dropped, its
+    chunked blocks numbered plainly, its SwiGLU w12/w3 as fc1/fc2, its register tokens and class
+    position moved as timm's no_embed_class models hold them), the classifier head dropped."""
+    weights = {key: value for key, value in weights.items() if not key.startswith("head.") and key != "mask_token"}
+    if "register_tokens" in weights:
+        weights["reg_token"] = weights.pop("register_tokens")
+        weights["cls_token"] = weights["cls_token"] + weights["pos_embed"][:, 0]  # (1, 1, D)
+        weights["pos_embed"] = weights["pos_embed"][:, 1:]                          # (1, N, D)
+    renames = {".mlp.w12.": ".mlp.fc1.", ".mlp.w3.": ".mlp.fc2."}
+    converted = {}
+    for key, value in weights.items():
+        key = re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", key)  # chunked blocks.<chunk>.<i>. (global i)
+        for old, new in renames.items():
+            key = key.replace(old, new)
+        converted[key] = value
+    return converted
+
+
+def vit_args_from_weights(weights: dict, source: str) -> dict:
+    """timm VisionTransformer arguments that fit a timm-form ViT state dict (see timm_form)."""
+    if "patch_embed.proj.weight" not in weights or "blocks.0.mlp.fc2.weight" not in weights:
+        raise UsageError(f"{FLAG} {source} does not hold ViT weights (no patch_embed.proj / blocks.*.mlp)")
+    embed_dim, in_chans, patch_size, _ = weights["patch_embed.proj.weight"].shape  # (D, C, p, p)
+    depth = 1 + max(int(key.split(".")[1]) for key in weights if key.startswith("blocks."))
+    hidden = weights["blocks.0.mlp.fc2.weight"].shape[1]
+    args = dict(patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, depth=depth,
+                num_heads=max(1, embed_dim // HEAD_DIM), mlp_ratio=hidden / embed_dim,
+                qkv_bias="blocks.0.attn.qkv.bias" in weights, class_token="cls_token" in weights,
+                reg_tokens=weights["reg_token"].shape[1] if "reg_token" in weights else 0,
+                init_values=1.0 if "blocks.0.ls1.gamma" in weights else None)
+    prefix = int(args["class_token"]) + args["reg_tokens"]
+    positions = weights["pos_embed"].shape[1] if "pos_embed" in weights else 0
+    # class and register tokens outside the position embedding (DINOv2 with registers, in timm's form):
+    # then it has a square number of rows; with the class token inside it has 1 + a square
+    args["no_embed_class"] = prefix > 0 and math.isqrt(positions) ** 2 == positions
+    if weights["blocks.0.mlp.fc1.weight"].shape[0] == 2 * hidden:  # DINOv2-g's packed SwiGLU
+        from timm.layers import SwiGLUPacked
+
+        args.update(mlp_layer=SwiGLUPacked, act_layer=torch.nn.SiLU)
+    return args
+
+
+def describe_encoder(name: str) -> EncoderSpec:
+    """The EncoderSpec a --repa-encoder value names, without loading weights (a weights file is read
+    for its shapes). Raises UsageError naming the flag for an unknown encoder."""
+    import timm
+
+    source = canonical_encoder_name(name)
+    if os.path.isfile(source):
+        args = vit_args_from_weights(timm_form(read_weights(source)), source)
+        return EncoderSpec(source, None, args, args["patch_size"], args["embed_dim"])
+    if os.path.isdir(source):
+        config_path = os.path.join(source, "config.json")
+        if not os.path.isfile(config_path) or not any(os.path.isfile(os.path.join(source, f)) for f in WEIGHT_FILES):
+            raise UsageError(f"{FLAG} {source}: a folder needs timm's config.json and one of {', '.join(WEIGHT_FILES)}")
+        with open(config_path) as handle:
+            config = json.load(handle)
+        architecture, model_args = config.get("architecture"), dict(config.get("model_args") or {})
+        pretrained = config.get("pretrained_cfg") or {}
+        norm = dict(mean=tuple(pretrained.get("mean", IMAGENET_MEAN)), std=tuple(pretrained.get("std", IMAGENET_STD)))
+    elif timm.is_model(source):
+        architecture, model_args, norm = source, {}, {}
+    else:
+        raise UsageError(f"unknown {FLAG} {name}: give {NAMES_HELP}")
+    if not timm.is_model(architecture):
+        raise UsageError(f"{FLAG} {source}: unknown timm architecture {architecture!r}")
+    with torch.device("meta"):  # the shapes only: no memory, no initialisation
+        model = timm.create_model(architecture, pretrained=False, num_classes=0, **model_args)
+    if not hasattr(model, "patch_embed") or not hasattr(model, "num_prefix_tokens"):
+        raise UsageError(f"{FLAG} {source}: {architecture} is not a ViT with patch tokens")
+    if not norm:
+        config = getattr(model, "pretrained_cfg", None) or {}
+        norm = dict(mean=tuple(config.get("mean", IMAGENET_MEAN)), std=tuple(config.get("std", IMAGENET_STD)))
+    return EncoderSpec(source, architecture, model_args, model.patch_embed.patch_size[0], model.embed_dim, **norm)
+
+
+#################################################################################
+#                          The loaded encoder and its tokens                    #
+#################################################################################
+
+class VisionEncoder:
+    """A frozen ViT in eval mode and the preprocessing its tokens need."""
+
+    def __init__(self, spec: EncoderSpec, module: torch.nn.Module, image_size: int):
+        self.spec = spec
+        self.module = module.eval().requires_grad_(False)
+        self.image_size = image_size
+        self.input_size = spec.input_size(image_size)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.spec.embed_dim
+
+    def num_tokens(self) -> int:
+        return (self.input_size // self.spec.patch_size) ** 2
+
+    @torch.no_grad()
+    def patch_tokens(self, images: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+        """Patch tokens (N, T, D) float32 of images (N, 3, H, W) in [-1, 1]; T = (input size / patch)^2.
+
+        The normalisation and resize run in fp32 (REPA's order: normalise, then bicubic resize);
+        the ViT runs under the --precision autocast.
+        """
+        pixels = encoder_inputs(images, self.spec.mean, self.spec.std, self.input_size)
+        with autocast(precision, images.device):
+            tokens = self.module.forward_features(pixels)                   # (N, prefix + T, D)
+        return tokens[:, self.module.num_prefix_tokens:].float()           # (N, T, D)
+
+
+def encoder_inputs(images: torch.Tensor, mean: tuple, std: tuple, input_size: int) -> torch.Tensor:
+    """What an encoder sees of images (N, 3, H, W) in [-1, 1]: [0, 1], normalised by mean and std,
+    then (REPA's order) resized bicubically to input_size; (N, 3, input_size, input_size) float32."""
+    mean = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
+    pixels = ((images.float() + 1) / 2 - mean) / std                       # (N, 3, H, W)
+    if pixels.shape[-1] != input_size or pixels.shape[-2] != input_size:
+        pixels = F.interpolate(pixels, size=(input_size, input_size), mode="bicubic")
+    return pixels
+
+
+def load_weights_into(model: torch.nn.Module, weights: dict, source: str) -> None:
+    """Load a timm-form state dict (position embedding resampled to the model's grid), strictly."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    try:
+        model.load_state_dict(checkpoint_filter_fn(weights, model), strict=True)
+    except (RuntimeError, KeyError, ValueError) as error:
+        detail = " ".join(line.strip() for line in str(error).strip().splitlines()[:2])[:300]
+        raise UsageError(f"{FLAG} {source}: its weights do not fit the ViT they describe ({detail})") from None
+
+
+def load_encoder(name: str, image_size: int, device: torch.device) -> VisionEncoder:
+    """The frozen encoder --repa-encoder names, for images of image_size, on device.
+
+    Named encoders download their weights through timm (safetensors, once); local files and
+    folders are read with weights_only. The torch RNG is left as it was (building a ViT draws its
+    initial weights): a run with an encoder draws the same noise as one without. Raises UsageError
+    naming the flag.
+    """
+    with torch.random.fork_rng(devices=[]):  # the module is built on the CPU
+        return _load_encoder(name, image_size, device)
+
+
+def _load_encoder(name: str, image_size: int, device: torch.device) -> VisionEncoder:
+    spec = describe_encoder(name)
+    source = spec.source
+    if os.path.isfile(source) or os.path.isdir(source):
+        module = spec.build(image_size)
+        if os.path.isfile(source):
+            weights = read_weights(source)
+        else:
+            weights = read_weights(next(os.path.join(source, f) for f in WEIGHT_FILES
+                                        if os.path.isfile(os.path.join(source, f))))
+        load_weights_into(module, timm_form(weights), source)
+    else:
+        import timm
+
+        try:
+            module = timm.create_model(source, pretrained=True, num_classes=0, img_size=spec.input_size(image_size))
+        except Exception as error:  # no network, no disk space, an unpublished name
+            first_line = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+            raise UsageError(f"{FLAG} {name}: cannot get the weights of {source} ({first_line}); download them once "
+                             f"where there is network, or pass a local weights file") from None
+    return VisionEncoder(spec, module.to(device), image_size)

@@ -1,0 +1,93 @@
+"""Image grids and their labels: where each image of a batch goes (`GridLayout`), the grid PNG, and the
+labels laid out like the grid (one line per row; sample.py's `<grid>.labels.txt`, training's
+`preview_labels.txt`), so a grid can be checked against the classes it was conditioned on.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from sit.files import atomic_text, atomic_write
+
+EMPTY_CELL = "."  # a cell of the labels file with no image
+
+
+@dataclass(frozen=True)
+class GridLayout:
+    """rows x columns cells; image i sits at (i // columns, i % columns), or with `column_major` at
+    (i % rows, i // rows): labels that cycle through K values then give one row per value."""
+    rows: int
+    columns: int
+    column_major: bool = False
+
+    @classmethod
+    def with_columns(cls, num_images: int, columns: int) -> "GridLayout":
+        """Row by row, `columns` wide (torchvision's make_grid with nrow=columns)."""
+        columns = max(1, min(columns, num_images))
+        return cls(math.ceil(num_images / columns), columns)
+
+    @classmethod
+    def one_row_per_label(cls, num_images: int, num_labels: int) -> "GridLayout":
+        """For images whose labels cycle through num_labels values (image i has label i % num_labels):
+        row r holds every image of the r-th label."""
+        rows = max(1, min(num_labels, num_images))
+        return cls(rows, math.ceil(num_images / rows), column_major=True)
+
+    def cells(self, num_images: int) -> list[Optional[int]]:
+        """The image index of each cell, row by row (None: an empty cell)."""
+        order = []
+        for row in range(self.rows):
+            for column in range(self.columns):
+                index = column * self.rows + row if self.column_major else row * self.columns + column
+                order.append(index if index < num_images else None)
+        return order
+
+
+def label_rows(labels: Sequence[int], layout: GridLayout) -> list[str]:
+    """The labels as the grid shows them: one string per row, space-separated ('.' for an empty cell)."""
+    cells = layout.cells(len(labels))
+    rows = []
+    for row in range(layout.rows):
+        cell_row = cells[row * layout.columns:(row + 1) * layout.columns]
+        rows.append(" ".join(EMPTY_CELL if index is None else str(int(labels[index])) for index in cell_row))
+    return rows
+
+
+def labels_text(labels: Sequence[int], layout: GridLayout) -> str:
+    """The labels file's text: label_rows, one line each."""
+    return "".join(row + "\n" for row in label_rows(labels, layout))
+
+
+def labels_path(grid_path: str) -> str:
+    """Where sample.py puts a grid's labels: out/grid.png -> out/grid.labels.txt."""
+    return os.path.splitext(grid_path)[0] + ".labels.txt"
+
+
+def arrange(images: torch.Tensor, layout: GridLayout) -> torch.Tensor:
+    """Images (N, 3, H, W) in [-1, 1] in the layout's row-by-row cell order (M, 3, H, W), empty cells
+    black (-1); a row-major layout keeps the batch as it is (make_grid leaves trailing cells blank)."""
+    if not layout.column_major:
+        return images
+    blank = torch.full_like(images[0], -1.0)
+    return torch.stack([blank if index is None else images[index] for index in layout.cells(len(images))])
+
+
+def save_grid(images: torch.Tensor, layout: GridLayout, path: str, fmt: Optional[str] = None) -> None:
+    """Save images (N, 3, H, W) in [-1, 1] as one grid PNG (or the format the extension names, or fmt)
+    at `path`, through a temporary file and a rename."""
+    from torchvision.utils import save_image
+
+    write = functools.partial(save_image, arrange(images, layout), nrow=layout.columns, normalize=True,
+                              value_range=(-1, 1), **({"format": fmt} if fmt else {}))
+    atomic_write(path, write, suffix=os.path.splitext(path)[1])
+
+
+def save_labels(labels: Sequence[int], layout: GridLayout, path: str) -> str:
+    """Write a grid's labels (labels_text) to path (e.g. labels_path(grid)), atomically; returns path."""
+    atomic_text(path, labels_text(labels, layout))
+    return path

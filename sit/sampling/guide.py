@@ -1,0 +1,59 @@
+"""--guide-ckpt: the guide model of autoguidance (sit.guidance), loaded from its own checkpoint (its
+size, transport and VAE are the checkpoint's; no flag describes it) and checked against the main
+model: the same classes, the same latent (or pixel) shape, and the same prediction on the same path,
+so that its output means what the main model's does. Each mismatch is one line naming the flag.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from models import SiT
+from sit.checkpoint import load_model
+from sit.config import TRANSPORT_SETTINGS
+from sit.errors import UsageError, reported_as
+from sit.guidance import AutoGuidedModel
+from sit.sampling.settings import ModelSettings, SamplingConfig
+from sit.speed import compile_for_sampling
+from sit.vae import latent_shape
+
+FLAG = "--guide-ckpt"
+
+
+def describe_shape(config: Mapping[str, Any]) -> str:
+    """"4x32x32 latents" or "3x64x64 pixels" for a SiT config."""
+    channels, height, width = latent_shape(config)
+    return f"{channels}x{height}x{width} {'pixels' if channels == 3 else 'latents'}"
+
+
+def check_guide(path: str, guide: SiT, info: Mapping[str, Any], main: SiT, settings: ModelSettings) -> None:
+    """UsageError (one line naming --guide-ckpt) unless the guide can guide the main model."""
+    if guide.num_classes != main.num_classes:
+        raise UsageError(f"{FLAG} {path} has {guide.num_classes} classes but the main model {main.num_classes}: the "
+                         f"guide must know the same labels")
+    if latent_shape(guide.config) != latent_shape(main.config):
+        raise UsageError(f"{FLAG} {path} works on {describe_shape(guide.config)} but the main model on "
+                         f"{describe_shape(main.config)}: the guide must see the same inputs")
+    stored = info["transport"] or {}
+    held = {key: stored.get(key) or TRANSPORT_SETTINGS[key].default for key in ("path_type", "prediction")}
+    wanted = {"path_type": settings.transport.path_type, "prediction": settings.transport.prediction}
+    if held != wanted:
+        raise UsageError(f"{FLAG} {path} predicts {held['prediction']} on the {held['path_type']} path but the main "
+                         f"model {wanted['prediction']} on the {wanted['path_type']} path: guide with a model of the "
+                         f"same transport")
+
+
+def attach_guide(main: SiT, settings: ModelSettings, config: SamplingConfig, device: torch.device) -> AutoGuidedModel:
+    """The main model (eval, on device) autoguided by --guide-ckpt's model at --cfg-scale over --cfg-interval."""
+    path = config.guidance.guide_ckpt
+    try:
+        with reported_as(f"{FLAG}: cannot load the guide model"):
+            guide, info = load_model(path)
+    except UsageError as error:
+        raise UsageError(f"{FLAG}: {error}") from None
+    check_guide(path, guide, info, main, settings)
+    guide = guide.to(device).eval()
+    if config.compile:
+        guide = compile_for_sampling(guide)
+    return AutoGuidedModel(main, guide, config.guidance.scale, config.guidance.interval).eval()

@@ -1,0 +1,180 @@
+"""Self-healing training: a non-finite or spiking loss rolls every rank back to the last good state,
+skips the batch that caused it, and training goes on; after --max-rollbacks it stops as without it.
+
+- Rollback points: a copy of the whole train state (sit.checkpoint.TrainCheckpoint: model, EMA,
+  optimizer, loss scale, every rank's RNG, data position, post-hoc EMAs, this module's state) on the
+  CPU, taken at the start, at every checkpoint and every --rollback-every steps, each after checking
+  that every loss so far is finite (and not a spike) and every weight finite. The train loop restores
+  one through the path a resume takes (sit.training.network.build_train_step), so a rolled-back run
+  continues exactly as a run resumed from a checkpoint of that step.
+- Data positions: a batch is (epoch, batch within the epoch); the step that diverged names the batch
+  to skip. The order of the data stays the seeded one: a skipped batch is read and dropped, the next
+  step takes the batch after it. `--skip-batches EPOCH:BATCH,...` skips batches from the start, e.g.
+  to repeat a healed run without its rollbacks (equal weights, bit for bit).
+- Spikes (--spike-factor F): a step whose loss (averaged over ranks) exceeds F x the median of the
+  last SPIKE_WINDOW steps' losses diverged. Losses are checked where the loss monitor reduces them
+  (each log line, checkpoint and rollback point): the values are the all-reduced ones, the same on
+  every rank, and the weights' check is agreed (sit.distributed.any_rank), so every rank decides alike.
+Checkpoints keep this module's state under "healing": the skipped batches, the rollbacks done (step,
+reason, batch skipped) and the recent losses of the spike median, so a resume continues exactly.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from sit.checkpoint import TrainCheckpoint
+from sit.cli import non_negative_int, positive_int
+from sit.errors import UsageError
+from sit.training.monitor import TrainingDiverged
+from train_utils import positive_float
+
+SPIKE_WINDOW = 100  # the running median is over this many recent steps' losses
+SPIKE_MIN_HISTORY = 10  # no spike is called before this many losses were seen
+
+BatchPosition = tuple[int, int]  # (epoch, batch within the epoch)
+
+
+def batch_positions(value: str) -> tuple[BatchPosition, ...]:
+    """argparse type of --skip-batches: comma-separated EPOCH:BATCH pairs of non-negative integers."""
+    try:
+        pairs = [tuple(int(number) for number in part.split(":")) for part in value.split(",") if part.strip()]
+    except ValueError:
+        pairs = []
+    if not pairs or any(len(pair) != 2 or min(pair) < 0 for pair in pairs):
+        raise argparse.ArgumentTypeError(f"expected comma-separated EPOCH:BATCH pairs such as 0:7,2:31, got {value!r}")
+    return tuple(sorted(set(pairs)))  # type: ignore[arg-type]
+
+
+def add_healing_arguments(parser: argparse.ArgumentParser) -> None:
+    """train.py's self-healing flags (off by default: a non-finite loss stops the run, exit 1)."""
+    group = parser.add_argument_group("self-healing (off by default)")
+    group.add_argument("--max-rollbacks", type=non_negative_int, default=0,
+                       help="on a non-finite (or, with --spike-factor, spiking) loss, roll back to the last good "
+                            "state and skip the batch that caused it, at most this many times in a run; then stop "
+                            "(exit 1, the last good checkpoint kept). 0: stop at the first (the default)")
+    group.add_argument("--spike-factor", type=positive_float, default=None,
+                       help=f"a loss above this factor x the median of the last {SPIKE_WINDOW} steps' losses "
+                            f"diverged too (default: only non-finite losses)")
+    group.add_argument("--rollback-every", type=positive_int, default=None,
+                       help="steps between rollback points kept in CPU memory (default: --ckpt-every; there is "
+                            "one at every checkpoint too)")
+    group.add_argument("--skip-batches", type=batch_positions, default=None,
+                       help="EPOCH:BATCH,... batches to skip from the start, e.g. those a healed run skipped")
+
+
+@dataclass(frozen=True)
+class HealingSettings:
+    """The self-healing flags (all off: today's behaviour)."""
+    max_rollbacks: int
+    spike_factor: Optional[float]
+    rollback_every: Optional[int]
+    skip_batches: Optional[tuple[BatchPosition, ...]]
+
+    @property
+    def active(self) -> bool:
+        return self.max_rollbacks > 0 or self.spike_factor is not None or bool(self.skip_batches)
+
+
+def check_healing_settings(settings: HealingSettings) -> None:
+    """UsageError (one line naming the flag) for settings that cannot work."""
+    if settings.spike_factor is not None and settings.spike_factor <= 1.0:
+        raise UsageError(f"--spike-factor must be above 1 (a factor of the median loss), got {settings.spike_factor}")
+    if settings.rollback_every is not None and settings.max_rollbacks == 0:
+        raise UsageError("--rollback-every keeps rollback points for --max-rollbacks: pass --max-rollbacks N too")
+
+
+class LossSpiked(TrainingDiverged):
+    """A loss above --spike-factor x the running median."""
+
+
+def cpu_copy(value: Any) -> Any:
+    """A deep copy of nested dicts/lists/tuples whose tensors are copied to the CPU (no shared storage)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: cpu_copy(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(cpu_copy(item) for item in value)
+    return value
+
+
+class Healer:
+    """What self-healing keeps while training: the rollback point, the batches to skip, the data
+    position of each step since the rollback point, the rollbacks done and the spike median's window."""
+
+    def __init__(self, settings: HealingSettings, ckpt_every: int, saved: Optional[dict] = None):
+        saved = saved or {}
+        self.settings = settings
+        self.every = settings.rollback_every or ckpt_every
+        self.skipped: set[BatchPosition] = {tuple(pair) for pair in saved.get("skipped_batches", [])}
+        self.skipped.update(settings.skip_batches or ())
+        self.rollbacks: list[dict] = list(saved.get("rollbacks", []))
+        self.recent_losses: deque[float] = deque(saved.get("recent_losses", []), maxlen=SPIKE_WINDOW)
+        self.positions: dict[int, BatchPosition] = {}  # step -> the batch it trained on
+        self.point: Optional[TrainCheckpoint] = None
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps (only what is not empty)."""
+        state = {"skipped_batches": [list(pair) for pair in sorted(self.skipped)], "rollbacks": list(self.rollbacks),
+                 "recent_losses": list(self.recent_losses)}
+        return {key: value for key, value in state.items() if value}
+
+    def skips(self, epoch: int, batch: int, next_step: int) -> bool:
+        """Whether to drop the batch at (epoch, batch); else remember it as the data of step next_step."""
+        if (epoch, batch) in self.skipped:
+            return True
+        if self.settings.max_rollbacks > 0:  # only a rollback asks, and only since the last point
+            self.positions[next_step] = (epoch, batch)
+        return False
+
+    def inspect(self, step: int, loss: float) -> None:
+        """The spike check of one step's finite loss (LossMonitor calls it once per step, in order)."""
+        factor = self.settings.spike_factor
+        if factor is not None and len(self.recent_losses) >= SPIKE_MIN_HISTORY:
+            median = statistics.median(self.recent_losses)
+            if loss > factor * median:
+                raise LossSpiked(f"the loss spiked to {loss:.4f} at step {step} (above {factor} x the running "
+                                 f"median {median:.4f})", step)
+        self.recent_losses.append(loss)
+
+    def keeps_points(self, step: int) -> bool:
+        """Whether step is one of --rollback-every's (never without --max-rollbacks)."""
+        return self.settings.max_rollbacks > 0 and step % self.every == 0
+
+    def keep(self, checkpoint: TrainCheckpoint) -> None:
+        """Make a checkpoint of the current, checked state the rollback point (copied to the CPU; nothing
+        is kept without --max-rollbacks)."""
+        if self.settings.max_rollbacks == 0:
+            return
+        self.point = TrainCheckpoint.from_dict(cpu_copy(checkpoint.to_dict()))
+        self.positions = {step: position for step, position in self.positions.items() if step > checkpoint.train_steps}
+
+    def roll_back(self, error: TrainingDiverged, logger: logging.Logger) -> TrainCheckpoint:
+        """Note the rollback for `error` and the batch to skip; returns a copy of the rollback point to
+        restore. Raises TrainingDiverged (the run stops) without a point or after --max-rollbacks."""
+        limit = self.settings.max_rollbacks
+        if self.point is None or limit == 0:
+            raise error
+        if len(self.rollbacks) >= limit:
+            done = f"{len(self.rollbacks)} rollback" + ("s" if len(self.rollbacks) != 1 else "")
+            raise TrainingDiverged(f"{error}, after {done} (--max-rollbacks {limit})", error.step) from None
+        position = self.positions.get(error.step) if error.step is not None else None
+        if position is not None:
+            self.skipped.add(position)
+        point = self.point
+        self.rollbacks.append({"step": error.step, "reason": str(error), "restored_step": point.train_steps,
+                               "skipped_batch": list(position) if position else None})
+        skipped = (f"skipping batch {position[1]} of epoch {position[0]} (the data of step {error.step})"
+                   if position else "the batch that caused it is unknown, none is skipped")
+        logger.warning(f"warning: rollback {len(self.rollbacks)} of {limit}: {error}; restoring step "
+                       f"{point.train_steps} (epoch {point.epoch}, batch {point.epoch_step}), {skipped}")
+        self.recent_losses = deque(point.healing.get("recent_losses", []), maxlen=SPIKE_WINDOW)
+        self.positions = {}
+        return TrainCheckpoint.from_dict(cpu_copy(point.to_dict()))  # the optimizer may keep the tensors it loads

@@ -1,0 +1,182 @@
+"""Post-hoc EMA while training (Karras et al. 2024, "Analyzing and Improving the Training Dynamics of
+Diffusion Models", Sec. 3 and App. C; the idea of edm2's training/phema.py): power-function EMAs of
+the weights, tracked every step and saved as snapshots every --phema-every steps, from which
+reconstruct_ema.py (sit.training.reconstruction) later builds an EMA of any length.
+
+Time is counted in optimizer steps t = 1, 2, ... A power-function EMA of exponent gamma averages
+the weights with the profile p_t(tau) = (gamma + 1) tau^gamma / t^(gamma + 1) on (0, t]. Tracked with
+beta_t = (1 - 1/t)^(gamma + 1) per step, it weights the weights after step j by exactly
+(j^(gamma+1) - (j-1)^(gamma+1)) / t^(gamma+1): the profile's integral over (j-1, j]. Its length is
+given as the relative standard deviation sigma_rel = sqrt((gamma + 1) / ((gamma + 2)^2 (gamma + 3)))
+(the profile's standard deviation over t): --phema-stds 0.050,0.100 tracks two of them.
+
+Snapshot files, <experiment>/phema/<step>.pt (written atomically by rank 0; step 0: the initial weights,
+which a traditional EMA keeps a share of):
+    format "sit-phema-snapshot", version, step, stds, emas (one state dict per std, fp32),
+    model_config, args (the run's settings)
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from sit.cli import positive_int
+from sit.errors import UsageError
+from sit.files import atomic_torch_save
+
+SNAPSHOT_FORMAT = "sit-phema-snapshot"
+SNAPSHOT_VERSION = 1
+SNAPSHOT_FOLDER = "phema"
+SNAPSHOT_FILE = re.compile(r"^(\d{7,})\.pt$")
+MAX_STD = math.sqrt(1 / 12)  # sigma_rel of gamma = 0 (a flat average); longer profiles need gamma < 0
+DEFAULT_PHEMA_EVERY = 10_000
+
+
+#################################################################################
+#                          Power-function profiles                              #
+#################################################################################
+
+def exponent_to_std(gamma: float) -> float:
+    """The relative standard deviation of the power-function profile of exponent gamma."""
+    return math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))
+
+
+def std_to_exponent(std: float) -> float:
+    """The exponent gamma >= 0 whose profile has relative standard deviation std, 0 < std < sqrt(1/12).
+
+    sigma^2 = (gamma + 1) / ((gamma + 2)^2 (gamma + 3)) is the cubic
+    gamma^3 + 7 gamma^2 + (16 - sigma^-2) gamma + (12 - sigma^-2) = 0; its largest real root.
+    """
+    if not 0.0 < std < MAX_STD:
+        raise ValueError(f"a relative standard deviation must lie in (0, {MAX_STD:.4f}), got {std}")
+    inverse_square = std ** -2
+    roots = np.roots([1.0, 7.0, 16.0 - inverse_square, 12.0 - inverse_square])
+    return float(max(root.real for root in roots if abs(root.imag) < 1e-9))
+
+
+def power_beta(gamma: float, step: int) -> float:
+    """The decay of step `step` (1-based) that keeps an EMA on the power-function profile of gamma."""
+    return (1.0 - 1.0 / step) ** (gamma + 1.0)
+
+
+def std_list(value: str) -> tuple[float, ...]:
+    """argparse type of --phema-stds: comma-separated relative standard deviations in (0, 0.2887)."""
+    try:
+        stds = tuple(float(part) for part in value.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.050,0.100, got {value!r}")
+    if not stds or not all(0.0 < std < MAX_STD for std in stds) or len(set(stds)) != len(stds):
+        raise argparse.ArgumentTypeError(f"expected distinct relative standard deviations in (0, {MAX_STD:.4f}) "
+                                         f"such as 0.050,0.100, got {value!r}")
+    return stds
+
+
+@dataclass(frozen=True)
+class PhemaSettings:
+    """--phema-stds (None: off) and --phema-every."""
+    phema_stds: Optional[tuple[float, ...]]
+    phema_every: int
+
+    @property
+    def enabled(self) -> bool:
+        return self.phema_stds is not None
+
+
+def add_phema_arguments(parser: argparse.ArgumentParser) -> None:
+    """train.py's post-hoc EMA flags (off by default)."""
+    group = parser.add_argument_group("post-hoc EMA (Karras et al. 2024; reconstruct_ema.py)")
+    group.add_argument("--phema-stds", type=std_list, default=None,
+                       help="track power-function EMAs of these relative standard deviations, e.g. 0.050,0.100, "
+                            "and save their snapshots to <experiment>/phema/<step>.pt (default: off)")
+    group.add_argument("--phema-every", type=positive_int, default=DEFAULT_PHEMA_EVERY,
+                       help="steps between post-hoc EMA snapshots (and one at the end of the run)")
+
+
+#################################################################################
+#                                   Tracking                                    #
+#################################################################################
+
+class PowerEMATracker:
+    """Power-function EMAs of a model's parameters (on its device), one per std, updated every step."""
+
+    def __init__(self, model: torch.nn.Module, stds: Sequence[float], state: Optional[dict] = None):
+        """state: a `state_dict()` to continue from (a resumed run); else the EMAs start as the weights
+        (step 1 replaces them entirely: its beta is 0)."""
+        self.stds = tuple(float(std) for std in stds)
+        self.exponents = [std_to_exponent(std) for std in self.stds]
+        self.names = [name for name, _ in model.named_parameters()]
+        params = dict(model.named_parameters())
+        if state is not None and tuple(state["stds"]) != self.stds:
+            raise ValueError(f"the post-hoc EMA state tracks stds {tuple(state['stds'])}, not {self.stds}")
+        self.averages = [
+            [(stored[name] if state is not None else params[name]).detach().to(params[name].device, copy=True)
+             for name in self.names]
+            for stored in (state["emas"] if state is not None else [None] * len(self.stds))
+        ]
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        """Fold in the weights after optimizer step `step` (1-based, counted from the run's start)."""
+        params = dict(model.named_parameters())
+        current = [params[name].detach() for name in self.names]
+        for gamma, averages in zip(self.exponents, self.averages):
+            torch._foreach_lerp_(averages, current, 1.0 - power_beta(gamma, step))
+
+    def state_dict(self) -> dict:
+        """{"stds": [...], "emas": [{name: tensor}, ...]}: what a train checkpoint keeps (references)."""
+        return {"stds": list(self.stds), "emas": [dict(zip(self.names, averages)) for averages in self.averages]}
+
+    def ema_state_dicts(self, model: torch.nn.Module) -> list[dict]:
+        """One full state dict per std (the model's buffers, these EMAs' parameters), fp32 on the CPU."""
+        full = []
+        for averages in self.averages:
+            state = {name: tensor.detach().float().cpu().clone() for name, tensor in model.state_dict().items()}
+            state.update({name: tensor.detach().float().cpu().clone() for name, tensor in zip(self.names, averages)})
+            full.append(state)
+        return full
+
+
+#################################################################################
+#                                  Snapshots                                    #
+#################################################################################
+
+def snapshot_path(experiment_dir: str, step: int) -> str:
+    return os.path.join(experiment_dir, SNAPSHOT_FOLDER, f"{step:07d}.pt")
+
+
+def write_snapshot(path: str, step: int, tracker: PowerEMATracker, model: torch.nn.Module,
+                   settings: dict[str, Any]) -> None:
+    """Save the tracked EMAs after `step` to path atomically (see the module docstring for the keys)."""
+    atomic_torch_save({"format": SNAPSHOT_FORMAT, "version": SNAPSHOT_VERSION, "step": step,
+                       "stds": list(tracker.stds), "emas": tracker.ema_state_dicts(model),
+                       "model_config": dict(model.config), "args": dict(settings)}, path)
+
+
+def list_snapshots(folder: str) -> list[tuple[int, str]]:
+    """(step, path) of every <step>.pt snapshot in folder, by step."""
+    if not os.path.isdir(folder):
+        return []
+    found = [(int(match.group(1)), os.path.join(folder, name))
+             for name in os.listdir(folder) if (match := SNAPSHOT_FILE.match(name))]
+    return sorted(found)
+
+
+def check_phema_start(settings: PhemaSettings, resumed: Optional[dict]) -> None:
+    """UsageError when --phema-stds would start in the middle of a run (resumed: the checkpoint, or None)."""
+    if settings.enabled and resumed is not None and resumed.get("train_steps", 0) > 0 and not resumed.get("phema"):
+        raise UsageError(f"--phema-stds: the checkpoint at step {resumed['train_steps']} holds no post-hoc EMAs, and "
+                         f"they follow a run from step 0: start a new experiment (or fine-tune its weights with --ckpt)")
+
+
+def start_tracker(settings: PhemaSettings, model: torch.nn.Module, state: Optional[dict]) -> Optional[PowerEMATracker]:
+    """The run's tracker (None without --phema-stds), continuing `state` (a checkpoint's "phema") if any."""
+    if not settings.enabled:
+        return None
+    return PowerEMATracker(model, settings.phema_stds, state or None)

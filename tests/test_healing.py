@@ -1,0 +1,203 @@
+"""Self-healing training (sit.training.healing): spikes against the running median, rollback points
+that later steps cannot touch, and real 2-process (Gloo) runs on cached latents with a corrupted
+batch: a NaN and a spike roll back, skip their batches and end with the weights of a run told to
+skip those batches (bit for bit), every checkpoint kept; past --max-rollbacks the run stops (exit 1)
+keeping the last good checkpoint; a healed run resumes exactly."""
+import argparse
+import logging
+import os
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from sit.checkpoint import TrainCheckpoint
+from sit.data.features import open_arrays, write_meta
+from sit.data.order import ResumableDistributedSampler
+from sit.errors import UsageError
+from sit.training.healing import (SPIKE_MIN_HISTORY, Healer, HealingSettings, LossSpiked, batch_positions,
+                                  check_healing_settings)
+from sit.training.monitor import LossMonitor, TrainingDiverged
+from test_train import TINY, assert_ok, load, logged_losses, only_experiment, run_train
+
+NUM_LATENTS, GLOBAL_BATCH = 64, 4  # 2 ranks x 2: 16 batches an epoch
+NAN_BATCH, SPIKE_BATCH = (0, 4), (0, 12)  # the data of step 5, and of step 12 once batch 4 is skipped
+HEALING = ["--max-rollbacks", "2", "--spike-factor", "3", "--rollback-every", "2"]  # points at 2, 4, 6, ... and checkpoints
+
+
+def settings(**changes) -> HealingSettings:
+    return HealingSettings(**{**dict(max_rollbacks=2, spike_factor=None, rollback_every=None, skip_batches=None),
+                              **changes})
+
+
+def test_skip_batches_parses_epoch_batch_pairs():
+    assert batch_positions("2:31, 0:7,0:7") == ((0, 7), (2, 31))
+    for bad in ("7", "0:-1", "a:b", "1:2:3", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="EPOCH:BATCH"):
+            batch_positions(bad)
+
+
+def test_settings_that_cannot_work_are_one_line_naming_the_flag():
+    with pytest.raises(UsageError, match=r"^--spike-factor must be above 1 \(a factor of the median loss\), got 0.5$"):
+        check_healing_settings(settings(spike_factor=0.5))
+    with pytest.raises(UsageError, match="^--rollback-every keeps rollback points for --max-rollbacks: pass"):
+        check_healing_settings(settings(max_rollbacks=0, rollback_every=10))
+    assert not settings(max_rollbacks=0).active and settings(max_rollbacks=0, skip_batches=((0, 1),)).active
+
+
+def test_a_spike_is_a_loss_above_factor_times_the_running_median_each_step_checked_once():
+    healer = Healer(settings(spike_factor=3.0), ckpt_every=100)
+    monitor = LossMonitor(1, inspect=healer.inspect)
+    # median 1.5: 4.5 is not above 3 x 1.5; with it the median is 2.0, and 6.5 is above 3 x 2.0
+    losses = [1.0, 2.0] * (SPIKE_MIN_HISTORY // 2) + [4.5, 6.5]
+    for value in losses[:-1]:
+        monitor.add(torch.tensor(value))
+    monitor.check(monitor.reduced())
+    monitor.check(monitor.reduced())  # a checkpoint's check, then a log line's: each step is inspected once
+    assert list(healer.recent_losses) == losses[:-1]
+    monitor.add(torch.tensor(losses[-1]))
+    with pytest.raises(LossSpiked) as error:
+        monitor.flush(len(losses) + 1)
+    assert error.value.step == len(losses)
+    assert str(error.value) == f"the loss spiked to 6.5000 at step {len(losses)} (above 3.0 x the running median 2.0000)"
+
+
+def test_no_spike_is_called_before_enough_history():
+    healer = Healer(settings(spike_factor=2.0), ckpt_every=100)
+    for step, value in enumerate([1.0] * (SPIKE_MIN_HISTORY - 1) + [50.0], start=1):
+        healer.inspect(step, value)  # the 10th value is compared with nothing yet
+    with pytest.raises(LossSpiked):
+        healer.inspect(SPIKE_MIN_HISTORY + 1, 50.0)
+
+
+def test_rollback_points_are_copies_and_the_limit_stops_the_run():
+    healer = Healer(settings(max_rollbacks=1), ckpt_every=2)
+    weights = {"w": torch.zeros(3)}
+    checkpoint = TrainCheckpoint(model=weights, ema=weights, opt={"state": {0: {"exp_avg": torch.zeros(3)}}},
+                                 settings={}, model_config={}, train_steps=2, epoch=0, epoch_step=2)
+    healer.keep(checkpoint)
+    assert not healer.skips(0, 2, 3) and not healer.skips(0, 3, 4)
+    weights["w"].fill_(float("nan"))  # the live weights diverge after the point was kept
+    restored = healer.roll_back(TrainingDiverged("the loss became non-finite (nan) at step 4", 4), logging.getLogger("t"))
+    assert torch.equal(restored.model["w"], torch.zeros(3)) and healer.skips(0, 3, 4)
+    restored.opt["state"][0]["exp_avg"].fill_(1.0)  # an optimizer updating what it loaded leaves the point alone
+    assert torch.equal(healer.point.opt["state"][0]["exp_avg"], torch.zeros(3))
+    assert healer.state_dict()["skipped_batches"] == [[0, 3]]
+    with pytest.raises(TrainingDiverged, match=r"at step 5, after 1 rollback \(--max-rollbacks 1\)$"):
+        healer.roll_back(TrainingDiverged("the loss became non-finite (nan) at step 5", 5), logging.getLogger("t"))
+
+
+#################################################################################
+#                      Real runs: 2 processes, a corrupted batch                #
+#################################################################################
+
+def index_at(position: tuple[int, int], rank: int = 0) -> int:
+    """The first latent that rank `rank` reads in the batch at (epoch, batch) (ResumableDistributedSampler)."""
+    sampler = ResumableDistributedSampler(range(NUM_LATENTS), num_replicas=2, rank=rank, shuffle=True, seed=0)
+    sampler.set_epoch(position[0])
+    return list(sampler)[position[1] * GLOBAL_BATCH // 2]
+
+
+def write_features(path: str) -> str:
+    """64 cached 4x4x4 latents; the one of NAN_BATCH is NaN, the one of SPIKE_BATCH 300 times too large."""
+    os.makedirs(path)
+    meta = dict(image_size=32, vae="ema", num_images=NUM_LATENTS, classes=["a", "b"], dtype="float32",
+                block_size=NUM_LATENTS, latent_shape=[4, 4, 4], data_path="/nowhere", complete=True)
+    mean, std, labels = open_arrays(path, meta, "w+")
+    mean[:] = np.random.default_rng(0).normal(size=mean.shape).astype(np.float32)
+    std[:], labels[:] = 0.1, np.arange(NUM_LATENTS) % 2
+    mean[index_at(NAN_BATCH)] = np.nan
+    mean[index_at(SPIKE_BATCH, rank=1)] *= 300.0
+    for array in (mean, std, labels):
+        array.flush()
+    write_meta(path, meta)
+    return path
+
+
+def healing_args(root, results: str, *more: str) -> list:
+    return ["--feature-path", str(root / "features"), *TINY, "--results-dir", str(root / results),
+            "--global-batch-size", str(GLOBAL_BATCH), "--log-every", "4", "--ckpt-every", "4",
+            "--sample-every", "100000", "--num-workers", "0", "--max-steps", "16", *more]
+
+
+@pytest.fixture(scope="module")
+def healed_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("healing")
+    write_features(str(root / "features"))
+    skip = f"{NAN_BATCH[0]}:{NAN_BATCH[1]},{SPIKE_BATCH[0]}:{SPIKE_BATCH[1]}"
+    healed = run_train(healing_args(root, "healed", *HEALING), str(root), nproc=2)
+    told = run_train(healing_args(root, "told", "--skip-batches", skip), str(root), nproc=2)
+    assert_ok(healed)
+    assert_ok(told)
+    return dict(root=root, healed=healed, told=told, healed_dir=only_experiment(root / "healed"),
+                told_dir=only_experiment(root / "told"))
+
+
+def assert_same_training_state(first: dict, second: dict) -> None:
+    for key in ("model", "ema"):
+        for name in first[key]:
+            assert torch.equal(first[key][name], second[key][name]), f"{key}.{name} differs"
+    for index, state in first["opt"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, second["opt"]["state"][index][name]), f"opt state {index}.{name} differs"
+    assert (first["train_steps"], first["epoch"], first["epoch_step"]) == (second["train_steps"], second["epoch"],
+                                                                        second["epoch_step"])
+
+
+@pytest.mark.slow
+def test_a_nan_and_a_spike_roll_back_and_end_as_a_run_that_skipped_their_batches(healed_runs):
+    checkpoints = ["0000004.pt", "0000008.pt", "0000012.pt", "0000016.pt"]
+    for experiment in (healed_runs["healed_dir"], healed_runs["told_dir"]):
+        assert sorted(os.listdir(os.path.join(experiment, "checkpoints"))) == checkpoints  # no checkpoint lost
+    healed = load(os.path.join(healed_runs["healed_dir"], "checkpoints", "0000016.pt"))
+    told = load(os.path.join(healed_runs["told_dir"], "checkpoints", "0000016.pt"))
+    assert_same_training_state(healed, told)
+    assert (healed["epoch"], healed["epoch_step"]) == (1, 2)  # 16 steps + 2 skipped batches of 16 an epoch
+    assert healed["healing"]["skipped_batches"] == told["healing"]["skipped_batches"] == [list(NAN_BATCH),
+                                                                                          list(SPIKE_BATCH)]
+    nan, spike = healed["healing"]["rollbacks"]
+    assert (nan["step"], nan["restored_step"], nan["skipped_batch"]) == (5, 4, list(NAN_BATCH))
+    assert nan["reason"] == "the loss became non-finite (nan) at step 5"
+    assert (spike["step"], spike["restored_step"], spike["skipped_batch"]) == (12, 10, list(SPIKE_BATCH))
+    assert spike["reason"].startswith("the loss spiked to ") and "at step 12 (above 3.0 x the running median" in spike["reason"]
+    log = healed_runs["healed"].stdout
+    assert ("warning: rollback 1 of 2: the loss became non-finite (nan) at step 5; restoring step 4 (epoch 0, batch 4), "
+            "skipping batch 4 of epoch 0 (the data of step 5)") in log
+    assert "warning: rollback 2 of 2: the loss spiked to " in log
+    healed_losses = logged_losses(os.path.join(healed_runs["healed_dir"], "log.txt"))
+    told_losses = logged_losses(os.path.join(healed_runs["told_dir"], "log.txt"))
+    # a log line averages the steps since the last one, or since the rollback point (10, for step 12's)
+    assert {step: healed_losses[step] for step in (4, 8, 16)} == {step: told_losses[step] for step in (4, 8, 16)}
+
+
+@pytest.mark.slow
+def test_past_max_rollbacks_the_run_stops_with_exit_1_keeping_the_last_good_checkpoint(healed_runs):
+    root = healed_runs["root"]
+    result = run_train(healing_args(root, "limited", *HEALING[2:], "--max-rollbacks", "1"), str(root), nproc=2)
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.startswith("train.py: error:")]
+    assert len(lines) == 1 and re.fullmatch(
+        r"train.py: error: the loss spiked to [\d.]+ at step 12 \(above 3.0 x the running median [\d.]+\), after 1 "
+        r"rollback \(--max-rollbacks 1\); stopping, the last good checkpoint is kept", lines[0]), lines
+    experiment = only_experiment(root / "limited")
+    assert sorted(os.listdir(os.path.join(experiment, "checkpoints"))) == ["0000004.pt", "0000008.pt"]
+    assert_same_training_state(load(os.path.join(experiment, "checkpoints", "0000008.pt")),
+                               load(os.path.join(healed_runs["told_dir"], "checkpoints", "0000008.pt")))
+
+
+@pytest.mark.slow
+def test_a_healed_run_resumes_exactly(healed_runs, tmp_path):
+    """Resumed at step 8 (after the NaN's rollback), the run meets the spike again and ends the same."""
+    experiment = str(tmp_path / "resumed")
+    shutil.copytree(healed_runs["healed_dir"], experiment)
+    for name in ("0000012.pt", "0000016.pt"):
+        os.remove(os.path.join(experiment, "checkpoints", name))
+    result = run_train(["--feature-path", str(healed_runs["root"] / "features"), "--resume", experiment, *HEALING,
+                        "--log-every", "4", "--ckpt-every", "4", "--num-workers", "0", "--max-steps", "16"],
+                       str(healed_runs["root"]), nproc=2)
+    assert_ok(result)
+    assert "warning: rollback 2 of 2: the loss spiked to " in result.stdout
+    assert_same_training_state(load(os.path.join(experiment, "checkpoints", "0000016.pt")),
+                               load(os.path.join(healed_runs["healed_dir"], "checkpoints", "0000016.pt")))
