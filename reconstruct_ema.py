@@ -18,7 +18,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from sit.cli import checked_number, positive_int, run_main
+from sit.cli import ScriptParser, checked_number, positive_int, run_main
 from sit.errors import UsageError
 from sit.training.phema import std_list
 from sit.training.reconstruction import EMATarget, plan_reconstruction, snapshot_folder, write_reconstruction
@@ -28,7 +28,7 @@ SHARE_WARNING = 0.01  # warn when the initial weights' share of a traditional EM
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Reconstruct an EMA of any length from post-hoc EMA snapshots.",
+    parser = ScriptParser(description="Reconstruct an EMA of any length from post-hoc EMA snapshots.",
                                      allow_abbrev=False)
     parser.add_argument("snapshots", help="an experiment folder of train.py --phema-stds (or its phema/ folder)")
     targets = parser.add_argument_group("the EMAs to build (one checkpoint each)")

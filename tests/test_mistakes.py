@@ -28,7 +28,7 @@ TINY_CONFIG = json.dumps({"depth": 1, "hidden_size": 32, "num_heads": 2}, separa
 TINY = ["--model", "SiT-S/2", "--model-config", TINY_CONFIG, "--vae", "none", "--image-size", "8",
         "--num-classes", "2", "--num-workers", "0", "--global-batch-size", "4"]
 QUIET = ["--ckpt-every", "100000", "--sample-every", "100000", "--log-every", "1"]
-EXPERIMENT = "000-SiT-S-2-Linear-velocity-None"
+EXPERIMENT = "000-custom-d1-w32-p2-Linear-velocity-None"  # the tiny model's experiment folder
 
 
 #################################################################################

@@ -157,7 +157,8 @@ def unused_flag_warnings(flags: Mapping[str, Any], given: frozenset[str]) -> tup
         warnings.append(f"--train-eps {flags['train_eps']} is not used: it sets the training interval; sampling "
                         f"uses --sample-eps")
     if flags["cfg_scale"] == 1.0:
-        for key, flag in (("cfg_interval", "--cfg-interval"), ("guide_all_channels", "--guide-all-channels")):
+        for key, flag in (("cfg_interval", "--cfg-interval"), ("guide_all_channels", "--guide-all-channels"),
+                          ("guide_ckpt", "--guide-ckpt")):
             if key in given:
                 warnings.append(f"{flag} is not used: --cfg-scale 1 means no guidance (pass a scale above 1)")
     method = flags.get("sampling_method")
