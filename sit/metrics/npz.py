@@ -1,5 +1,6 @@
 """Image batches and statistics in .npz files: reading them (images memory-mapped, not loaded whole)
-and writing them atomically. A file that is not a usable .npz is a MetricInputError naming it."""
+and writing them atomically. A file that is not a usable .npz is a MetricInputError naming it, and so
+is one whose headers claim more than it stores or than memory holds (`check_npz`, before any read)."""
 from __future__ import annotations
 
 import contextlib
@@ -11,6 +12,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
+from sit.archives import npy_size_problem, read_npy_header, zip_problem
 from sit.files import atomic_write
 from sit.metrics.errors import MetricInputError
 
@@ -18,9 +20,32 @@ from sit.metrics.errors import MetricInputError
 UNREADABLE_NPZ = (zipfile.BadZipFile, EOFError, ValueError)
 
 
+def check_npz(path: str) -> None:
+    """MetricInputError naming the file when its zip records (sit.archives.zip_problem) or any array's
+    .npy header disagree with what it stores, or inflating it would exceed memory; reads headers only."""
+    problem = zip_problem(path, whole_in_memory=False)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for record in archive.infolist():
+                if problem is not None or not record.filename.endswith(".npy"):
+                    break
+                with archive.open(record) as stream:
+                    shape, _, dtype, header_bytes = read_npy_header(stream)
+                problem = npy_size_problem(shape, dtype, header_bytes, record.file_size)
+                if problem is not None:
+                    problem = f"its array {record.filename[:-4]!r}: {problem}"
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return  # not a zip archive: the reader says what it is
+    except (ValueError, SyntaxError) as error:
+        problem = f"an array header cannot be read ({error})"
+    if problem is not None:
+        raise MetricInputError(f"refused to read {path}: {problem}")
+
+
 @contextlib.contextmanager
 def open_npz(path: str) -> Iterator[np.lib.npyio.NpzFile]:
     """np.load of an .npz (arrays read on access); MetricInputError naming the file when it is none."""
+    check_npz(path)
     try:
         data = np.load(path)
     except UNREADABLE_NPZ as error:
@@ -38,15 +63,12 @@ def read_array_header(archive: zipfile.ZipFile, path: str, key: str) -> tuple[tu
     if member not in archive.namelist():
         raise MetricInputError(f"{path} has no {key!r} array (it holds {', '.join(archive.namelist())})")
     with archive.open(member) as stream:
-        version = np.lib.format.read_magic(stream)
-        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                       else np.lib.format.read_array_header_2_0)
-        shape, fortran_order, dtype = read_header(stream)
-        return shape, fortran_order, dtype, stream.tell()
+        return read_npy_header(stream)
 
 
 def read_stored_images(path: str, key: str) -> np.ndarray:
     """The `key` array of an .npz: memory-mapped when stored uncompressed (np.savez), else loaded."""
+    check_npz(path)
     with zipfile.ZipFile(path) as archive:
         shape, fortran_order, dtype, npy_header_size = read_array_header(archive, path, key)
         info = archive.getinfo(f"{key}.npy")
@@ -63,6 +85,7 @@ def read_stored_images(path: str, key: str) -> np.ndarray:
 def npz_array_shape(path: str, key: str = "arr_0") -> tuple[int, ...]:
     """The shape of an .npz's array without reading its data (compressed or not); MetricInputError naming
     the file when it is not a readable .npz with that array."""
+    check_npz(path)
     try:
         with zipfile.ZipFile(path) as archive:
             return tuple(read_array_header(archive, path, key)[0])

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import AbstractSet, Any, Mapping, Optional
 
 from models import MODEL_SHAPES, has_null_class
+from sit.checkpoint import model_config_problem
 from sit.config import Rule, Setting, TransportConfig, resolve_settings
 from sit.distributed import launched_by_torchrun
 from sit.errors import UsageError
@@ -245,6 +246,9 @@ def check_train_config(config: TrainConfig, world_size: int) -> None:
                          f"not divisible by the patch size {kwargs['patch_size']}")
     if kwargs["hidden_size"] % kwargs["num_heads"]:
         raise UsageError(f"hidden size {kwargs['hidden_size']} is not divisible by {kwargs['num_heads']} heads")
+    problem = model_config_problem(kwargs)  # absurd sizes: refused before the model is built on the CPU
+    if problem is not None:
+        raise UsageError(f"--model {model.model} with --model-config: {problem}")
     config.transport.build()
     if fid.fid_every is not None and (fid.fid_ref is None or not os.path.isfile(fid.fid_ref)):
         raise UsageError(f"--fid-every needs --fid-ref, a file of reference statistics (got {fid.fid_ref!r}); "
