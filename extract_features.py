@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import argparse
 import functools
-import sys
 from typing import Optional, Sequence
 
-from sit.cli import non_negative_int, positive_int, run_main
+from sit.cli import exit_process, non_negative_int, positive_int, run_main
 from sit.data.extraction import (ExtractionConfig, encode_blocks, feature_blocks, is_block_done, mark_complete,
                                  open_image_folder, prepare_feature_folder)
 from sit.data.features import read_meta
@@ -78,4 +77,4 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main, "extract_features.py"))
+    exit_process(run_main(main, "extract_features.py"))

@@ -37,7 +37,7 @@ import functools
 import sys
 from typing import Optional, Sequence
 
-from sit.cli import non_negative_int, parse_with_explicit, positive_int, run_main
+from sit.cli import exit_process, non_negative_int, parse_with_explicit, positive_int, run_main
 from sit.distributed import (DistContext, barrier, cleanup_distributed, gather_objects, main_first, on_main,
                              setup_distributed)
 from sit.locks import folder_locks_released
@@ -133,4 +133,4 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main, "sample_ddp.py"))
+    exit_process(run_main(main, "sample_ddp.py"))

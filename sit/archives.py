@@ -101,8 +101,8 @@ def npy_size_problem(shape: tuple[int, ...], dtype: np.dtype, header_bytes: int,
         return "it holds Python objects (loading them could run code)"
     claimed = npy_data_bytes(shape, dtype)
     if header_bytes + claimed != stored_bytes:
-        return (f"its header claims {dtype} {shape} ({format_bytes(claimed)}) but {format_bytes(stored_bytes - header_bytes)} "
-                f"are stored")
+        stored = format_bytes(stored_bytes - header_bytes)
+        return f"its header claims {dtype} {shape} ({format_bytes(claimed)}) but {stored} are stored"
     return None
 
 

@@ -201,7 +201,7 @@ def _tensor_dict_problem(weights: Any, what: str) -> Optional[str]:
 
 def optimizer_problem(opt: Any, parameter_shapes: list[torch.Size]) -> Optional[str]:
     """What is wrong with a stored AdamW state for parameters of these shapes (in model order), or None."""
-    if not isinstance(opt, dict) or not isinstance(opt.get("state"), dict) or not isinstance(opt.get("param_groups"), list):
+    if not (isinstance(opt, dict) and isinstance(opt.get("state"), dict) and isinstance(opt.get("param_groups"), list)):
         return "its optimizer state is not {'state': {...}, 'param_groups': [...]}"
     indices = []
     for group in opt["param_groups"]:

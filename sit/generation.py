@@ -115,7 +115,8 @@ class NonFiniteWatch:
 
 
 def generate_latents(sample_fn: Callable, model: Any, z: torch.Tensor, y: torch.Tensor, guidance: GuidanceConfig,
-                     precision: str = "fp32", always_guide: bool = False, stop_on_non_finite: bool = False) -> torch.Tensor:
+                     precision: str = "fp32", always_guide: bool = False,
+                     stop_on_non_finite: bool = False) -> torch.Tensor:
     """guided_sample under the --precision autocast (only the model's matmuls; the state stays fp32).
 
     stop_on_non_finite: RunFailure naming the step and t where the samples stopped being finite (NonFiniteWatch)."""
@@ -175,5 +176,6 @@ def generate_blocks(blocks: Iterable[range], model: Any, vae: Any, sample_fn: Ca
                                            stop_on_non_finite=stop_on_non_finite)
             except RunFailure as failure:
                 raise RunFailure(f"images {block.start}..{block.stop - 1}: {failure}; the weights or sampler "
-                                 f"settings diverge (try more steps, another sampler or an earlier checkpoint)") from None
+                                 f"settings diverge (try more steps, another sampler or an earlier checkpoint)"
+                                 ) from None
         yield GeneratedBlock(block, decode_latents(vae, latents.float(), precision), y)

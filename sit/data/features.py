@@ -69,7 +69,8 @@ def meta_problem(meta: object) -> Optional[str]:
             return f"its {key} is {meta.get(key, 'missing')!r:.80}, expected {expected}"
     latent = meta["image_size"] // VAE_DOWNSAMPLING
     if meta["latent_shape"] != [LATENT_CHANNELS, latent, latent]:
-        return f"its latent_shape {meta['latent_shape']} is not [{LATENT_CHANNELS}, {latent}, {latent}] of {meta['image_size']}px images"
+        return (f"its latent_shape {meta['latent_shape']} is not [{LATENT_CHANNELS}, {latent}, {latent}] of "
+                f"{meta['image_size']}px images")
     if meta["num_images"] * BYTES_PER_INDEX > available_memory():
         return f"its {meta['num_images']:,} images would not fit the memory of a sampler's index list"
     return None

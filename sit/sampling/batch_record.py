@@ -90,7 +90,8 @@ def identify_sources(config: SamplingConfig, settings: ModelSettings, folder: st
 
 
 def folder_settings(config: SamplingConfig, loaded: SamplingModel, sources: SampleSources) -> dict[str, Any]:
-    """What shapes a folder's images, as its settings record holds it (a SampleRecord's fields less NOT_SHAPING_FOLDER)."""
+    """What shapes a folder's images, as its settings record holds it (a SampleRecord's fields less
+    NOT_SHAPING_FOLDER)."""
     size = loaded.settings.image_size
     record = build_record(config, loaded, sources, [], 1, None, (0, size, size, 3)).to_dict()
     return {key: value for key, value in record.items() if key not in NOT_SHAPING_FOLDER}

@@ -211,7 +211,8 @@ def open_experiment(ctx: DistContext, config: TrainConfig, start: StartPoint) ->
                                                           config.transport.loss_weight)
             os.makedirs(os.path.join(folder, "checkpoints"), exist_ok=True)
             notes: list[str] = []
-            acquire_folder_lock(folder, "the experiment folder", warn=notes.append)  # UsageError while another run lives
+            # one writer: a UsageError while another run lives
+            acquire_folder_lock(folder, "the experiment folder", warn=notes.append)
             removed = sum(remove_temporaries(os.path.join(folder, sub), "") for sub in ("checkpoints", "samples", "."))
             logger = create_logger(folder, is_main=True)
             logger.info(f"Configuration: {json.dumps(dict(settings, world_size=ctx.world_size), sort_keys=True)}")
