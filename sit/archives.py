@@ -114,3 +114,25 @@ def npy_file_problem(path: str) -> Optional[str]:
     except (ValueError, EOFError, SyntaxError) as error:
         return f"it has no readable .npy header ({error})"
     return npy_size_problem(shape, dtype, header_bytes, os.path.getsize(path))
+
+
+def npz_problem(path: str) -> Optional[str]:
+    """What is wrong with an .npz: its zip records (zip_problem, stored records memory-mapped or read as
+    stored) or an array whose .npy header claims other than the bytes its record holds; None when
+    sound or no zip archive at all. Reads headers only (a compressed record: its first bytes)."""
+    problem = zip_problem(path, whole_in_memory=False)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for record in archive.infolist():
+                if problem is not None or not record.filename.endswith(".npy"):
+                    break
+                with archive.open(record) as stream:
+                    shape, _, dtype, header_bytes = read_npy_header(stream)
+                problem = npy_size_problem(shape, dtype, header_bytes, record.file_size)
+                if problem is not None:
+                    problem = f"its array {record.filename[:-4]!r}: {problem}"
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return None  # not a zip archive: the reader says what it is
+    except (ValueError, SyntaxError) as error:
+        return f"an array header cannot be read ({error})"
+    return problem

@@ -12,7 +12,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from sit.archives import npy_size_problem, read_npy_header, zip_problem
+from sit.archives import npz_problem, read_npy_header
 from sit.files import atomic_write
 from sit.metrics.errors import MetricInputError
 
@@ -21,23 +21,9 @@ UNREADABLE_NPZ = (zipfile.BadZipFile, EOFError, ValueError)
 
 
 def check_npz(path: str) -> None:
-    """MetricInputError naming the file when its zip records (sit.archives.zip_problem) or any array's
-    .npy header disagree with what it stores, or inflating it would exceed memory; reads headers only."""
-    problem = zip_problem(path, whole_in_memory=False)
-    try:
-        with zipfile.ZipFile(path) as archive:
-            for record in archive.infolist():
-                if problem is not None or not record.filename.endswith(".npy"):
-                    break
-                with archive.open(record) as stream:
-                    shape, _, dtype, header_bytes = read_npy_header(stream)
-                problem = npy_size_problem(shape, dtype, header_bytes, record.file_size)
-                if problem is not None:
-                    problem = f"its array {record.filename[:-4]!r}: {problem}"
-    except (zipfile.BadZipFile, OSError, EOFError):
-        return  # not a zip archive: the reader says what it is
-    except (ValueError, SyntaxError) as error:
-        problem = f"an array header cannot be read ({error})"
+    """MetricInputError naming the file when its zip records or any array's .npy header disagree with
+    what it stores, or inflating it would exceed memory (sit.archives.npz_problem); reads headers only."""
+    problem = npz_problem(path)
     if problem is not None:
         raise MetricInputError(f"refused to read {path}: {problem}")
 

@@ -19,13 +19,12 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from sit.archives import read_npy_header
+from sit.archives import npz_problem, read_npy_header
 from sit.config import ODEConfig
 from sit.distributed import DistContext, on_main
 from sit.errors import RunFailure, reported_as
 from sit.files import atomic_write, check_free_space, remove_temporaries
 from sit.locks import acquire_folder_lock
-from sit.metrics.npz import check_npz
 from sit.sampling.settings import ModelSettings, SamplingConfig
 from sit.vae import VAE_REPOS
 
@@ -146,11 +145,12 @@ def missing_indices(folder: str, indices: range) -> list[int]:
 def npz_shape(path: str) -> Optional[tuple]:
     """The shape of arr_0 in an .npz, read from its header only (None if unreadable)."""
     try:
-        check_npz(path)  # a header that claims more than the file stores is no finished batch
+        if npz_problem(path) is not None:  # a header that claims more than the file stores is no finished batch
+            return None
         with zipfile.ZipFile(path) as archive, archive.open("arr_0.npy") as stream:
             shape, _, dtype, _ = read_npy_header(stream)
             return tuple(shape) if dtype == np.uint8 else None
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile):  # MetricInputError is a ValueError
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
         return None
 
 
