@@ -29,6 +29,7 @@ from typing import Any, Optional
 import torch
 from tqdm import tqdm
 
+from sit.archives import zip_problem
 from sit.errors import UsageError
 from sit.files import atomic_write
 from sit.hub import HubUnavailable, hub_file, hub_offline
@@ -254,6 +255,9 @@ def load_checkpoint(path_or_name: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path} is a folder, not a checkpoint file")
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"{path} is empty, not a checkpoint (an interrupted copy?)")
+    problem = zip_problem(path, whole_in_memory=True)  # judged from the central directory, before inflating
+    if problem is not None:
+        raise CheckpointError(f"refused to load {path}: {problem}")
     checkpoint = safe_torch_load(path)
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict")

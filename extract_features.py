@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import argparse
 import functools
-import sys
 from typing import Optional, Sequence
 
-from sit.cli import non_negative_int, positive_int, run_main
+from sit.cli import exit_process, non_negative_int, positive_int, run_main
 from sit.data.extraction import (ExtractionConfig, encode_blocks, feature_blocks, is_block_done, mark_complete,
                                  open_image_folder, prepare_feature_folder)
 from sit.data.features import read_meta
-from sit.distributed import agree, cleanup_distributed, on_main, setup_distributed
+from sit.data.images import TrainImageFolder
+from sit.distributed import DistContext, agree, cleanup_distributed, on_main, setup_distributed
 from sit.encoders import canonical_encoder_name, load_encoder
 from sit.generation import blocks_of_rank
+from sit.locks import folder_locks_released
 from sit.speed import configure_cpu_threads
 from sit.vae import canonical_vae_name, load_vae
 
@@ -50,10 +51,29 @@ def config_from_args(args: argparse.Namespace) -> ExtractionConfig:
                             repa_encoder=canonical_encoder_name(args.repa_encoder))
 
 
+def encode_missing_blocks(ctx: DistContext, config: ExtractionConfig, dataset: TrainImageFolder) -> None:
+    """Every rank: lock and prepare the folder (rank 0), encode this rank's missing blocks, mark completeness."""
+    on_main(ctx, functools.partial(prepare_feature_folder, config, dataset))
+    meta = read_meta(config.features_path)
+    vae = agree(ctx, functools.partial(load_vae, config.vae, ctx.device))
+    encoder = None if config.repa_encoder is None else agree(
+        ctx, functools.partial(load_encoder, config.repa_encoder, config.image_size, ctx.device))
+    blocks = blocks_of_rank(feature_blocks(meta), ctx.rank, ctx.world_size)
+    todo = [block for block in blocks if not is_block_done(config.features_path, block)]
+    if ctx.is_main:  # the block total is rank 0's share times the ranks (the message as it was)
+        print(f"Encoding {meta['num_images']:,} images in {len(blocks) * ctx.world_size} blocks; "
+              f"{len(blocks) - len(todo)} of this rank's {len(blocks)} blocks already done.")
+    agree(ctx, functools.partial(encode_blocks, config, dataset, vae, meta, todo, ctx.device, ctx.is_main, encoder))
+    complete = on_main(ctx, functools.partial(mark_complete, config.features_path, meta))
+    if ctx.is_main:
+        print(f"Features {'complete' if complete else 'INCOMPLETE'} in {config.features_path}")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Encode the blocks of --data-path not done yet (this rank's share), then mark the folder complete.
 
-    Raises UsageError for a bad folder, size or VAE, or a --features-path made with other settings.
+    Raises UsageError for a bad folder, size or VAE, a --features-path made with other settings or one
+    that another live run writes (its lock, sit.locks, is released when this run ends).
     """
     config = config_from_args(parse_args(argv))
     dataset = open_image_folder(config)  # before joining the job: a bad folder stops every rank alike
@@ -62,23 +82,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if threads and ctx.is_main:
         print(threads)
     try:
-        on_main(ctx, functools.partial(prepare_feature_folder, config, dataset))
-        meta = read_meta(config.features_path)
-        vae = agree(ctx, functools.partial(load_vae, config.vae, ctx.device))
-        encoder = None if config.repa_encoder is None else agree(
-            ctx, functools.partial(load_encoder, config.repa_encoder, config.image_size, ctx.device))
-        blocks = blocks_of_rank(feature_blocks(meta), ctx.rank, ctx.world_size)
-        todo = [block for block in blocks if not is_block_done(config.features_path, block)]
-        if ctx.is_main:  # the block total is rank 0's share times the ranks (the message as it was)
-            print(f"Encoding {meta['num_images']:,} images in {len(blocks) * ctx.world_size} blocks; "
-                  f"{len(blocks) - len(todo)} of this rank's {len(blocks)} blocks already done.")
-        agree(ctx, functools.partial(encode_blocks, config, dataset, vae, meta, todo, ctx.device, ctx.is_main, encoder))
-        complete = on_main(ctx, functools.partial(mark_complete, config.features_path, meta))
-        if ctx.is_main:
-            print(f"Features {'complete' if complete else 'INCOMPLETE'} in {config.features_path}")
+        with folder_locks_released():
+            encode_missing_blocks(ctx, config, dataset)
     finally:
         cleanup_distributed()
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main, "extract_features.py"))
+    exit_process(run_main(main, "extract_features.py"))

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NoReturn, Optional, Sequence
 
-from sit.distributed import launched_rank
+from sit.distributed import launched_by_torchrun, launched_rank
 from sit.errors import SiTError
 from sit.speed import PRECISIONS
 from train_utils import checked_number, non_negative_float, none_or_str, positive_float  # noqa: F401  (all types from here)
@@ -76,3 +77,21 @@ def run_main(main: Callable[[], Any], script: str) -> int:
     if launched_rank() == 0:
         print(f"{script}: error: {message}", file=sys.stderr, flush=True)
     return code
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a script's process with `code` (its last line: `exit_process(run_main(main, "train.py"))`).
+
+    Under torchrun the process ends with os._exit once stdout and stderr are flushed: the run has
+    already left the process group and released its locks, and skipping the interpreter's teardown
+    skips the C++ destructors of Gloo/NCCL and store threads that, run in an unlucky order, abort a
+    finished worker ("terminate called without an active exception") and turn its exit 0 into a crash.
+    """
+    if not launched_by_torchrun():
+        sys.exit(code)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing more to say
+            pass
+    os._exit(code)

@@ -1,17 +1,21 @@
 """From the command line's values to a running job: `prepare_training` does every check and opens
-the data before any heavy work (no VAE, no process group); `run_training` joins the ranks, trains,
-and turns a divergence into a one-line failure."""
+the data before any heavy work (no VAE, no process group); `run_training` judges the checkpoint to
+resume whole (sit.checkpoint.check_train_checkpoint) and the free space for the next checkpoint
+before it joins the ranks, then trains, turns a divergence into a one-line failure, and says when a stop signal
+ended the run cleanly (exit 0 on every rank)."""
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
 from typing import AbstractSet, Any, Mapping
 
-from sit.checkpoint import settings_of
-from sit.distributed import cleanup_distributed, setup_distributed
+from sit.checkpoint import check_epoch_position, check_train_checkpoint, settings_of, sit_parameter_count
+from sit.distributed import DistContext, cleanup_distributed, launched_world_size, setup_distributed
 from sit.errors import RunFailure, UsageError
+from sit.files import check_free_space
 from sit.training.data import TrainDataset, features_vae, open_training_data
-from sit.training.experiment import StartPoint, start_checkpoint
+from sit.locks import folder_locks_released
+from sit.training.experiment import StartPoint, experiment_dir_of, start_checkpoint
 from sit.training.loop import train
 from sit.training.monitor import TrainingDiverged
 from sit.training.phema import check_phema_start
@@ -45,19 +49,55 @@ def prepare_training(flags: Mapping[str, Any], explicit: AbstractSet[str], world
     return TrainingPlan(config, open_training_data(config), start, start.warnings + warnings)
 
 
+def check_start(plan: TrainingPlan, world_size: int) -> None:
+    """Before joining the job: a checkpoint to resume judged whole (model config, counters, optimizer,
+    RNG; its place in the epoch against this data), and the free space for the next checkpoint.
+    Raises UsageError / NoSpaceLeft with one line."""
+    start, config = plan.start, plan.config
+    if start.resuming:
+        check_train_checkpoint(start.checkpoint, start.source)
+        batch = settings_of(start.checkpoint).get("global_batch_size") or config.data.global_batch_size
+        per_rank = -(-len(plan.dataset) // world_size)  # DistributedSampler pads to a multiple of the ranks
+        check_epoch_position(start.checkpoint, start.source, per_rank // max(1, batch // world_size))
+    check_space_for_checkpoint(config, start)
+
+
+def checkpoint_bytes(model_config: dict) -> int:
+    """About the size of a train checkpoint: float32 weights, EMA and AdamW's two moments, plus 1 MiB
+    for the rest (RNG states, settings)."""
+    return 4 * 4 * sit_parameter_count(model_config) + (1 << 20)
+
+
+def check_space_for_checkpoint(config: TrainConfig, start: StartPoint) -> None:
+    """NoSpaceLeft before any heavy work when the folder the checkpoints go to cannot take the next one."""
+    model_config = start.checkpoint["model_config"] if start.resuming else config.model.sit_kwargs()
+    folder = (experiment_dir_of(start.source) if start.resuming else None) or config.run.results_dir
+    check_free_space(folder, checkpoint_bytes(model_config), "the next checkpoint (weights, EMA and AdamW state)")
+
+
 def run_training(plan: TrainingPlan) -> None:
     """Join the job and train the plan; SIGTERM/SIGINT stop after a checkpoint (a normal return).
 
     Raises RunFailure when training diverges (the last good checkpoint is kept)."""
+    check_start(plan, launched_world_size())
     stop = StopSignal()
     stop.install()
     ctx = setup_distributed()
     stop.connect()
     try:
-        train(plan.config, ctx=ctx, dataset=plan.dataset, start=plan.start, warnings=plan.warnings, stop=stop)
+        with folder_locks_released():  # the experiment folder's lock (sit.locks), held by rank 0
+            train(plan.config, ctx=ctx, dataset=plan.dataset, start=plan.start, warnings=plan.warnings, stop=stop)
+        report_clean_stop(stop, ctx)
     except TrainingDiverged as error:
         message = f"{error}; stopping, the last good checkpoint is kept"
         logging.getLogger("sit").error(message)
         raise RunFailure(message) from None
     finally:
         cleanup_distributed()
+
+
+def report_clean_stop(stop: StopSignal, ctx: DistContext) -> None:
+    """After a stop signal ended training with its checkpoint saved: one line saying so (rank 0), exit 0."""
+    if stop.stopped and ctx.is_main:
+        logging.getLogger("sit").info(f"Stopped cleanly by {stop.received or 'a signal to another rank'} after saving "
+                                      f"the checkpoint: every process exits 0 (torchrun itself may report the signal)")
