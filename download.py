@@ -17,7 +17,6 @@ and plain containers, plus `argparse.Namespace` (train.py checkpoints hold their
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import hashlib
 import os
@@ -25,13 +24,14 @@ import re
 import shutil
 import urllib.parse
 import urllib.request
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 from tqdm import tqdm
 
+from sit.archives import zip_problem
 from sit.errors import UsageError
-from sit.files import atomic_write
+from sit.files import atomic_write, removed_on_failure_if_empty
 from sit.hub import HubUnavailable, hub_file, hub_offline
 
 PRETRAINED_DIR = "pretrained_models"
@@ -137,24 +137,12 @@ def hub_web_url(spec: str) -> str:
     return f"https://huggingface.co/{repo_id}/resolve/main/{filename}"
 
 
-@contextlib.contextmanager
-def removed_if_left_empty(folder: str) -> Iterator[None]:
-    """A download into folder that, if it fails, leaves no empty folder it created (pretrained_models/)."""
-    existed = os.path.isdir(folder)
-    try:
-        yield
-    except BaseException:
-        if not existed and os.path.isdir(folder) and not os.listdir(folder):
-            os.rmdir(folder)
-        raise
-
-
 def fetch_published(name: str) -> str:
     """Local path of a published checkpoint, fetched into pretrained_models/ on first use."""
     local_path = os.path.join(PRETRAINED_DIR, name)
     if os.path.isfile(local_path):
         return local_path
-    with removed_if_left_empty(PRETRAINED_DIR):
+    with removed_on_failure_if_empty([PRETRAINED_DIR], enabled=not os.path.isdir(PRETRAINED_DIR)):
         return fetch_published_sources(name, local_path)
 
 
@@ -213,7 +201,7 @@ def fetch_url(url: str) -> str:
     if not url.startswith("file://") and os.path.isfile(local_path):
         return local_path
     try:
-        with removed_if_left_empty(PRETRAINED_DIR):
+        with removed_on_failure_if_empty([PRETRAINED_DIR], enabled=not os.path.isdir(PRETRAINED_DIR)):
             return download_url(url, local_path)
     except CheckpointError as error:
         raise CheckpointError(f"{error}. Download it by hand and pass the local file instead: "
@@ -274,6 +262,9 @@ def load_checkpoint(path_or_name: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path} is a folder, not a checkpoint file")
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"{path} is empty, not a checkpoint (an interrupted copy?)")
+    problem = zip_problem(path, whole_in_memory=True)  # judged from the central directory, before inflating
+    if problem is not None:
+        raise CheckpointError(f"refused to load {path}: {problem}")
     checkpoint = safe_torch_load(path)
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict")

@@ -16,14 +16,16 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from sit.cli import ScriptParser, non_negative_int, positive_int, run_main
+from sit.cli import ScriptParser, exit_process, non_negative_int, positive_int, run_main
 from sit.data.extraction import (ExtractionConfig, check_features_path, discard_unstarted_folder, encode_blocks,
                                  feature_blocks, is_block_done, mark_complete, open_image_folder,
                                  prepare_feature_folder)
 from sit.data.features import read_meta
-from sit.distributed import agree, cleanup_distributed, on_main, setup_distributed
+from sit.data.images import TrainImageFolder
+from sit.distributed import DistContext, agree, cleanup_distributed, on_main, setup_distributed
 from sit.encoders import canonical_encoder_name, load_encoder
 from sit.generation import blocks_of_rank
+from sit.locks import folder_locks_released
 from sit.speed import configure_cpu_threads
 from sit.vae import canonical_vae_name, load_vae
 
@@ -52,11 +54,32 @@ def config_from_args(args: argparse.Namespace) -> ExtractionConfig:
                             repa_encoder=canonical_encoder_name(args.repa_encoder))
 
 
+def encode_missing_blocks(ctx: DistContext, config: ExtractionConfig, dataset: TrainImageFolder) -> None:
+    """Every rank: lock and prepare the folder (rank 0), encode this rank's missing blocks, mark completeness."""
+    if ctx.is_main and dataset.listing_warning:
+        print(f"warning: {dataset.listing_warning}", file=sys.stderr, flush=True)
+    on_main(ctx, functools.partial(prepare_feature_folder, config, dataset))
+    meta = read_meta(config.features_path)
+    vae = agree(ctx, functools.partial(load_vae, config.vae, ctx.device))
+    encoder = None if config.repa_encoder is None else agree(
+        ctx, functools.partial(load_encoder, config.repa_encoder, config.image_size, ctx.device))
+    blocks = blocks_of_rank(feature_blocks(meta), ctx.rank, ctx.world_size)
+    todo = [block for block in blocks if not is_block_done(config.features_path, block)]
+    if ctx.is_main:  # the block total is rank 0's share times the ranks (the message as it was)
+        print(f"Encoding {meta['num_images']:,} images in {len(blocks) * ctx.world_size} blocks; "
+              f"{len(blocks) - len(todo)} of this rank's {len(blocks)} blocks already done.")
+    agree(ctx, functools.partial(encode_blocks, config, dataset, vae, meta, todo, ctx.device, ctx.is_main, encoder))
+    complete = on_main(ctx, functools.partial(mark_complete, config.features_path, meta))
+    if ctx.is_main:
+        print(f"Features {'complete' if complete else 'INCOMPLETE'} in {config.features_path}")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Encode the blocks of --data-path not done yet (this rank's share), then mark the folder complete.
 
-    Raises UsageError for a bad folder, size or VAE, or a --features-path made with other settings. A
-    run that fails before its first block removes the folder it created.
+    Raises UsageError for a bad folder, size or VAE, a --features-path made with other settings or one
+    that another live run writes (its lock, sit.locks, is released when this run ends). A run that
+    fails before its first block removes the folder it created.
     """
     config = config_from_args(parse_args(argv))
     check_features_path(config.features_path)
@@ -67,29 +90,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if threads and ctx.is_main:
         print(threads)
     try:
-        if ctx.is_main and dataset.listing_warning:
-            print(f"warning: {dataset.listing_warning}", file=sys.stderr, flush=True)
-        on_main(ctx, functools.partial(prepare_feature_folder, config, dataset))
-        meta = read_meta(config.features_path)
-        vae = agree(ctx, functools.partial(load_vae, config.vae, ctx.device))
-        encoder = None if config.repa_encoder is None else agree(
-            ctx, functools.partial(load_encoder, config.repa_encoder, config.image_size, ctx.device))
-        blocks = blocks_of_rank(feature_blocks(meta), ctx.rank, ctx.world_size)
-        todo = [block for block in blocks if not is_block_done(config.features_path, block)]
-        if ctx.is_main:  # the block total is rank 0's share times the ranks (the message as it was)
-            print(f"Encoding {meta['num_images']:,} images in {len(blocks) * ctx.world_size} blocks; "
-                  f"{len(blocks) - len(todo)} of this rank's {len(blocks)} blocks already done.")
-        agree(ctx, functools.partial(encode_blocks, config, dataset, vae, meta, todo, ctx.device, ctx.is_main, encoder))
-        complete = on_main(ctx, functools.partial(mark_complete, config.features_path, meta))
-        if ctx.is_main:
-            print(f"Features {'complete' if complete else 'INCOMPLETE'} in {config.features_path}")
-    except BaseException:
-        if created and ctx.is_main:
-            discard_unstarted_folder(config.features_path)
-        raise
+        with folder_locks_released():
+            try:
+                encode_missing_blocks(ctx, config, dataset)
+            except BaseException:
+                if created and ctx.is_main:  # under the lock: no other run is writing there
+                    discard_unstarted_folder(config.features_path)
+                raise
     finally:
         cleanup_distributed()
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main, "extract_features.py"))
+    exit_process(run_main(main, "extract_features.py"))

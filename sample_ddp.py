@@ -40,11 +40,12 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from sit.cli import non_negative_int, parse_with_explicit, positive_int, run_main
+from sit.cli import exit_process, non_negative_int, parse_with_explicit, positive_int, run_main
 from sit.distributed import (DistContext, barrier, cleanup_distributed, gather_objects, main_first, on_main,
                              setup_distributed)
+from sit.locks import folder_locks_released
 from sit.log import create_logger
-from sit.sampling.batch_record import build_record, finish_sample_batch, identify_sources
+from sit.sampling.batch_record import build_record, claim_sample_folder, finish_sample_batch
 from sit.sampling.flags import add_likelihood_arguments, sampling_mode, sampling_parser
 from sit.sampling.folder import prepare_sample_folder, removed_if_left_empty
 from sit.sampling.images import sampled_labels, write_missing_images
@@ -119,7 +120,7 @@ def run(ctx: DistContext, config: SamplingConfig, sample_dir: str, preset: Optio
         if config.likelihood is not None:
             evaluate_likelihood(ctx, config, loaded, folder, logger)
             return
-        sources = on_main(ctx, functools.partial(identify_sources, config, loaded.settings, folder, logger))
+        sources = on_main(ctx, functools.partial(claim_sample_folder, config, loaded, folder, logger))
         per_rank_nfe = gather_objects(write_missing_images(ctx, config, loaded, folder, logger))
         barrier()  # every PNG is written before rank 0 reads them
         make_record = functools.partial(build_record, config, loaded, sources, per_rank_nfe, ctx.world_size,
@@ -137,10 +138,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     setup_torch(config.precision)
     ctx = setup_distributed()
     try:
-        run(ctx, config, args.sample_dir, preset)
+        with folder_locks_released():  # the sample folder's lock (sit.locks), held by rank 0
+            run(ctx, config, args.sample_dir, preset)
     finally:
         cleanup_distributed()
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main, "sample_ddp.py"))
+    exit_process(run_main(main, "sample_ddp.py"))

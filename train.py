@@ -13,6 +13,7 @@ rank's RNG.
 
 Resume (continues in the same experiment folder; losses equal those of an uninterrupted run):
     --resume                          the newest checkpoint of the newest experiment in --results-dir
+                                      (refused if that one died before its first checkpoint)
     --resume results/003-SiT-XL-2-... the newest checkpoint of that experiment
     --ckpt results/003-.../checkpoints/0050000.pt   that checkpoint
 Model and transport settings then come from the checkpoint (asking for different ones is an error);
@@ -23,7 +24,9 @@ from an uninterrupted one. --vae is the checkpoint's unless given: another path 
 same VAE) is allowed with a warning; switching between pixels (--vae none) and latents is not.
 --resume skips a newest checkpoint that cannot be loaded (truncated) with a warning, for the one before.
 `--ckpt` with bare weights (a published model, or a checkpoint without optimizer state) fine-tunes
-them in a new experiment from step 0. SIGTERM/SIGINT: finish the step, save a checkpoint, exit 0.
+them in a new experiment from step 0. SIGTERM/SIGINT: finish the step, save a checkpoint, exit 0
+(every torchrun worker; torchrun itself exits 1 after a signal: see the README). One run per
+experiment folder (its owner.lock); a full disk or a malformed checkpoint is one line.
 
 Pixel space (`--vae none`): the model learns images in [-1, 1] directly (3 channels, input size =
 image size, any size the patch size divides), e.g. the 8x8 digits of the README's CPU quick start.
@@ -41,12 +44,12 @@ flags, builds the checked plan once (sit.training.launch.prepare_training) and r
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Optional
 
 from models import SiT_models
-from sit.cli import (ScriptParser, add_speed_arguments, decay_rate, guidance_scale, non_negative_float,
-                     non_negative_int, parse_with_explicit, positive_float, positive_int, run_main)
+from sit.cli import (ScriptParser, add_speed_arguments, decay_rate, exit_process, guidance_scale,
+                     non_negative_float, non_negative_int, parse_with_explicit, positive_float, positive_int,
+                     run_main)
 from sit.distributed import launched_world_size
 from sit.training.experiment import NEWEST
 from sit.training.healing import add_healing_arguments
@@ -150,4 +153,4 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main, "train.py"))
+    exit_process(run_main(main, "train.py"))

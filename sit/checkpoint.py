@@ -14,10 +14,17 @@ A train checkpoint is a plain dict (nanoGPT style), loadable with `torch.load(we
     phema                  with --phema-stds: the power-function EMAs ({"stds", "emas"}; sit.training.phema)
     healing                with self-healing: skipped batches, rollbacks, recent losses (sit.training.healing)
 Published checkpoints and bare state dicts hold only weights; they load for sampling and fine-tuning.
+
+What a checkpoint says is checked before it is used (one line naming the file): a model config
+(`model_config_problem`: known keys, types, sane bounds, the memory its parameters would take) before
+any model is allocated; a train checkpoint's counters, optimizer and RNG states before a resume
+(`check_train_checkpoint`); weights for sampling are finite (`non_finite_tensor`).
 """
 from __future__ import annotations
 
 import argparse
+import inspect
+import math
 import numbers
 import os
 from dataclasses import dataclass, field
@@ -27,9 +34,10 @@ import torch
 
 import download
 import models
+from sit.archives import available_memory
 from sit.config import Rule, Setting, resolve_settings
 from sit.errors import UsageError
-from sit.files import atomic_torch_save
+from sit.files import atomic_torch_save, check_free_space, format_bytes
 from sit.vae import PIXEL_CHANNELS, PIXEL_SPACE, image_size_for
 
 RESUMABLE_KEYS = ("model", "ema", "opt", "args", "model_config", "train_steps")
@@ -91,8 +99,198 @@ class TrainCheckpoint:
         return stored
 
     def save(self, path: str) -> None:
-        """Write to path atomically (a temporary file, then a rename)."""
-        atomic_torch_save(self.to_dict(), path)
+        """Write to path atomically (a temporary file, then a rename), after checking that its tensors fit
+        the free space there (NoSpaceLeft, one line, before anything is written)."""
+        stored = self.to_dict()
+        check_free_space(path, tensor_bytes(stored) + (1 << 20), f"the checkpoint {os.path.basename(path)}")
+        atomic_torch_save(stored, path)
+
+
+def tensor_bytes(value: Any) -> int:
+    """The bytes of every tensor in nested dicts and lists (what torch.save writes, less its small headers)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(tensor_bytes(item) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(item) for item in value)
+    return 0
+
+
+#################################################################################
+#                  Judging what a checkpoint says, before using it              #
+#################################################################################
+
+# SiT's constructor arguments: (type, smallest, largest). The bounds are far past any published model
+# (SiT-XL/2: depth 28, width 1152, 1000 classes, 32x32 latents) and short of what no machine can hold.
+MODEL_CONFIG_BOUNDS: dict[str, tuple[type, float, float]] = {
+    "input_size": (int, 1, 4096), "patch_size": (int, 1, 256), "in_channels": (int, 1, 256),
+    "hidden_size": (int, 1, 65536), "depth": (int, 1, 1024), "num_heads": (int, 1, 4096),
+    "mlp_ratio": (float, 1e-3, 64.0), "class_dropout_prob": (float, 0.0, 1.0), "num_classes": (int, 1, 10_000_000),
+    "learn_sigma": (bool, 0, 1),
+}
+FLOAT32_BYTES = 4
+# SiT's own defaults, for a stored config that leaves a key out
+MODEL_DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(models.SiT).parameters.items()}
+
+
+def sit_parameter_count(config: dict) -> int:
+    """The number of parameters SiT(**config) has, computed without building it (pos_embed included)."""
+    full = {**MODEL_DEFAULTS, **config}
+    width, patch, channels = full["hidden_size"], full["patch_size"], full["in_channels"]
+    out_channels = channels * (2 if full["learn_sigma"] else 1)
+    mlp = int(width * full["mlp_ratio"])
+    tokens = (full["input_size"] // patch) ** 2
+    embedders = (channels * patch * patch * width + width                     # patch embedding
+                 + 256 * width + width + width * width + width                 # timestep MLP
+                 + (full["num_classes"] + int(full["class_dropout_prob"] > 0)) * width  # label table
+                 + tokens * width)                                             # pos_embed
+    block = (width * 3 * width + 3 * width + width * width + width             # attention
+             + width * mlp + mlp + mlp * width + width                          # MLP
+             + width * 6 * width + 6 * width)                                   # adaLN
+    final = width * 2 * width + 2 * width + width * patch * patch * out_channels + patch * patch * out_channels
+    return embedders + full["depth"] * block + final
+
+
+def value_problem(key: str, value: Any) -> Optional[str]:
+    """What is wrong with one SiT argument's value (type and bounds), or None."""
+    kind, low, high = MODEL_CONFIG_BOUNDS[key]
+    if kind is bool:
+        return None if isinstance(value, bool) else f"{key} must be true or false, got {value!r}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+        return f"{key} must be {'an integer' if kind is int else 'a number'}, got {value!r}"
+    if not (math.isfinite(value) and low <= value <= high) or (key == "class_dropout_prob" and value >= 1):
+        return f"{key} {value} is outside [{low:g}, {high:g}{')' if key == 'class_dropout_prob' else ']'}"
+    return None
+
+
+def model_config_problem(config: Any) -> Optional[str]:
+    """What is wrong with SiT constructor arguments (None when they build a sane model that fits):
+    an unknown key, a wrong type, a value out of bounds, a shape that does not divide, or float32
+    parameters (as the model is first built, on the CPU) exceeding the memory available."""
+    if not isinstance(config, dict):
+        return f"the model config is a {type(config).__name__}, not a dict"
+    unknown = sorted(str(key) for key in config if key not in MODEL_CONFIG_BOUNDS)
+    if unknown:
+        return f"the model config has unknown key(s) {', '.join(unknown)} (valid: {', '.join(MODEL_CONFIG_BOUNDS)})"
+    for key, value in config.items():
+        problem = value_problem(key, value)
+        if problem is not None:
+            return f"the model config's {problem}"
+    full = {**MODEL_DEFAULTS, **config}
+    if full["input_size"] % full["patch_size"]:
+        return f"the model config's input_size {full['input_size']} is not divisible by patch_size {full['patch_size']}"
+    if full["hidden_size"] % full["num_heads"]:
+        return f"the model config's hidden_size {full['hidden_size']} is not divisible by num_heads {full['num_heads']}"
+    count = sit_parameter_count(config)
+    memory = available_memory()
+    if count * FLOAT32_BYTES > memory:
+        return (f"the model config describes {count:,} parameters ({format_bytes(count * FLOAT32_BYTES)} in float32), "
+                f"more than the {format_bytes(memory)} of memory available")
+    return None
+
+
+def non_finite_tensor(state_dict: dict) -> Optional[str]:
+    """The name of the first floating-point tensor holding NaN or Inf, with what it holds; None when all are finite."""
+    for name, tensor in state_dict.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            kinds = [kind for kind, present in (("NaN", torch.isnan(tensor).any()), ("Inf", torch.isinf(tensor).any()))
+                     if present]
+            return f"{name} ({' and '.join(kinds)})"
+    return None
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _tensor_dict_problem(weights: Any, what: str) -> Optional[str]:
+    if not isinstance(weights, dict) or not all(isinstance(key, str) and isinstance(value, torch.Tensor)
+                                                for key, value in weights.items()):
+        return f"its {what} is not a dict of named tensors"
+    return None
+
+
+def optimizer_problem(opt: Any, parameter_shapes: list[torch.Size]) -> Optional[str]:
+    """What is wrong with a stored AdamW state for parameters of these shapes (in model order), or None."""
+    if not (isinstance(opt, dict) and isinstance(opt.get("state"), dict) and isinstance(opt.get("param_groups"), list)):
+        return "its optimizer state is not {'state': {...}, 'param_groups': [...]}"
+    indices = []
+    for group in opt["param_groups"]:
+        if not isinstance(group, dict) or not isinstance(group.get("params"), list) \
+                or not all(_is_count(index) for index in group["params"]):
+            return "its optimizer state has a parameter group without a list of parameter indices"
+        indices += group["params"]
+    if sorted(indices) != list(range(len(parameter_shapes))):
+        return (f"its optimizer state covers parameter indices {len(indices)} in all, the model has "
+                f"{len(parameter_shapes)} parameters")
+    for index, state in opt["state"].items():
+        if not _is_count(index) or index >= len(parameter_shapes) or not isinstance(state, dict):
+            return f"its optimizer state has an entry {index!r} that is no parameter's"
+        for key in ("exp_avg", "exp_avg_sq"):
+            moment = state.get(key)
+            if not isinstance(moment, torch.Tensor) or moment.shape != parameter_shapes[index]:
+                shape = tuple(moment.shape) if isinstance(moment, torch.Tensor) else type(moment).__name__
+                return (f"its optimizer state's {key} of parameter {index} is {shape}, the parameter "
+                        f"{tuple(parameter_shapes[index])}")
+        step = state.get("step")
+        if not isinstance(step, (int, float, torch.Tensor)) or (isinstance(step, torch.Tensor) and step.numel() != 1):
+            return f"its optimizer state's step of parameter {index} is not a number"
+    return None
+
+
+def rng_problem(rng: Any) -> Optional[str]:
+    """What is wrong with a checkpoint's per-rank RNG states ([{"cpu": ByteTensor, "cuda": ...}]), or None."""
+    if not isinstance(rng, list):
+        return "its RNG states are not a list (one per rank)"
+    cpu_size = torch.get_rng_state().numel()
+    for rank, state in enumerate(rng):
+        if not isinstance(state, dict):
+            return f"its RNG state of rank {rank} is not a dict"
+        cpu, cuda = state.get("cpu"), state.get("cuda")
+        if not isinstance(cpu, torch.Tensor) or cpu.dtype != torch.uint8 or cpu.shape != (cpu_size,):
+            return f"its CPU RNG state of rank {rank} is not {cpu_size} bytes"
+        if cuda is not None and (not isinstance(cuda, torch.Tensor) or cuda.dtype != torch.uint8 or cuda.dim() != 1):
+            return f"its CUDA RNG state of rank {rank} is not a byte tensor"
+    return None
+
+
+def train_checkpoint_problem(checkpoint: dict) -> Optional[str]:
+    """What is wrong with a resumable checkpoint's contents (see check_train_checkpoint), or None."""
+    problem = model_config_problem(checkpoint["model_config"])  # the model is built on the CPU first
+    if problem is not None:
+        return problem
+    for key in ("train_steps", "epoch", "epoch_step"):
+        if key in checkpoint and not _is_count(checkpoint[key]):
+            return f"its {key} is {checkpoint[key]!r}, not a count >= 0"
+    for key in ("model", "ema"):
+        problem = _tensor_dict_problem(checkpoint[key], key)
+        if problem is not None:
+            return problem
+    problem = optimizer_problem(checkpoint["opt"], [tensor.shape for tensor in checkpoint["model"].values()])
+    if problem is None and checkpoint.get("rng"):
+        problem = rng_problem(checkpoint["rng"])
+    scaler = checkpoint.get("scaler")
+    if problem is None and scaler and not (isinstance(scaler, dict) and all(
+            isinstance(value, (int, float)) and not isinstance(value, bool) for value in scaler.values())):
+        problem = "its fp16 loss scaler state is not a dict of numbers"
+    return problem
+
+
+def check_train_checkpoint(checkpoint: dict, source: str) -> None:
+    """UsageError naming `source` when a checkpoint to resume holds an unusable model config, counters,
+    optimizer, RNG or scaler state; checked before anything is built from it."""
+    problem = train_checkpoint_problem(checkpoint)
+    if problem is not None:
+        raise download.CheckpointError(f"cannot resume {source}: {problem}")
+
+
+def check_epoch_position(checkpoint: dict, source: str, batches_per_epoch: int) -> None:
+    """UsageError when the checkpoint's position in its epoch lies past the epoch's batches (as this data
+    and batch size count them)."""
+    if checkpoint.get("epoch_step", 0) > batches_per_epoch:
+        raise download.CheckpointError(f"cannot resume {source}: its epoch_step {checkpoint['epoch_step']} lies past "
+                                       f"the {batches_per_epoch} batches of an epoch of this data")
 
 
 #################################################################################
@@ -100,13 +298,19 @@ class TrainCheckpoint:
 #################################################################################
 
 def model_config_of(checkpoint: dict, source: str) -> dict:
-    """SiT constructor arguments: the stored "model_config", else read from the parameter shapes."""
-    if isinstance(checkpoint.get("model_config"), dict):
-        return dict(checkpoint["model_config"])
-    try:
-        return models.model_config_from_state_dict(download.state_dict_of(checkpoint))
-    except (ValueError, KeyError, AttributeError) as error:
-        raise download.CheckpointError(f"{source} does not hold SiT weights ({error})") from None
+    """SiT constructor arguments: the stored "model_config", else read from the parameter shapes;
+    CheckpointError naming `source` when they are not sane (model_config_problem), before any allocation."""
+    if "model_config" in checkpoint:
+        config = checkpoint["model_config"]
+    else:
+        try:
+            config = models.model_config_from_state_dict(download.state_dict_of(checkpoint))
+        except (ValueError, KeyError, AttributeError, TypeError, IndexError) as error:
+            raise download.CheckpointError(f"{source} does not hold SiT weights ({error})") from None
+    problem = model_config_problem(config)
+    if problem is not None:
+        raise download.CheckpointError(f"refused to build the model of {source}: {problem}")
+    return dict(config)
 
 
 def model_shape_name(config: dict) -> str:
@@ -180,17 +384,6 @@ def check_load_arguments(ckpt: Any, model_name: Any, image_size: Any, num_classe
             raise ValueError(f"load_model({name}) must be positive, got {value}")
 
 
-def check_finite_weights(weights: dict, source: str) -> None:
-    """CheckpointError naming the first tensor that holds NaN or infinity (a run that diverged): such a
-    model samples black images "successfully". The one check of every weights file sampling loads."""
-    for name, tensor in weights.items():
-        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            bad = int((~torch.isfinite(tensor)).sum())
-            raise download.CheckpointError(f"{source} holds non-finite weights: {name} has {bad} NaN or infinite "
-                                           f"values of {tensor.numel()} (its training diverged before it was "
-                                           f"saved); use an earlier checkpoint")
-
-
 def load_model(ckpt: Optional[str | os.PathLike], model_name: Optional[str] = None, image_size: Optional[int] = None,
                num_classes: Optional[int] = None) -> tuple[models.SiT, dict]:
     """The SiT a checkpoint holds, in eval mode with its (EMA) weights, and what it knows about itself.
@@ -212,7 +405,10 @@ def load_model(ckpt: Optional[str | os.PathLike], model_name: Optional[str] = No
     info = checkpoint_info(config, settings_of(checkpoint))
     check_request(info, config, model_name, image_size, num_classes)
     weights = download.state_dict_of(checkpoint)
-    check_finite_weights(weights, source)
+    bad = non_finite_tensor(weights)
+    if bad is not None:
+        raise download.CheckpointError(f"the weights in {source} are not finite: {bad}; sample from an earlier "
+                                       f"checkpoint (training diverged?)")
     model = models.SiT(**config)
     try:
         model.load_state_dict(weights, strict=True)

@@ -15,9 +15,9 @@ import math
 import os
 import re
 import sys
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NoReturn, Optional, Sequence
 
-from sit.distributed import launched_rank
+from sit.distributed import launched_by_torchrun, launched_rank
 from sit.errors import SiTError
 from sit.speed import PRECISIONS
 from train_utils import checked_number, non_negative_float, none_or_str, positive_float  # noqa: F401  (all types from here)
@@ -125,3 +125,21 @@ def describe_os_error(error: OSError) -> str:
     if error.strerror and error.filename is not None:
         return f"{error.strerror}: {error.filename}" + (f" -> {error.filename2}" if error.filename2 else "")
     return str(error)
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a script's process with `code` (its last line: `exit_process(run_main(main, "train.py"))`).
+
+    Under torchrun the process ends with os._exit once stdout and stderr are flushed: the run has
+    already left the process group and released its locks, and skipping the interpreter's teardown
+    skips the C++ destructors of Gloo/NCCL and store threads that, run in an unlucky order, abort a
+    finished worker ("terminate called without an active exception") and turn its exit 0 into a crash.
+    """
+    if not launched_by_torchrun():
+        sys.exit(code)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing more to say
+            pass
+    os._exit(code)

@@ -1,21 +1,132 @@
 """Every file the project writes goes through `atomic_write`: a temporary file beside the target,
 flushed to disk, then renamed over it. A crash never leaves a partial file at the final path.
 
-Temporary names start with `.tmp-` and end with a suffix the caller chooses, so that the owner of a
-folder can recognise (and remove) what a killed run left behind (`remove_temporaries`).
+Temporary names say who wrote them: `.tmp-<pid>@<host>~XXXXXXXX<suffix>` (the suffix chosen by the
+caller), so that the owner of a folder can remove what a killed run left behind (`remove_temporaries`)
+without touching the file another live process on this host is still writing.
+
+A full disk is one line: a write that fails for want of space (ENOSPC, a quota, or torch.save's
+"unexpected pos") raises `NoSpaceLeft` naming the file and the space left; `check_free_space` refuses
+heavy work up front when an estimate of what it will write does not fit.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import hashlib
 import json
 import os
+import re
+import socket
 import tempfile
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Collection, Iterator, Optional, Sequence
 
 import torch
 
+from sit.errors import RunFailure
+
 TEMPORARY_PREFIX = ".tmp-"
+# .tmp-<pid>@<host>~<random><suffix>: host names hold letters, digits, dots and hyphens, never "@" or "~"
+OWNED_TEMPORARY = re.compile(r"^\.tmp-(\d+)@([A-Za-z0-9.-]+)~")
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# What torch.save's C++ writer says when a write comes up short (it loses the errno).
+TORCH_SHORT_WRITE = re.compile(r"unexpected pos|file write failed|enforce fail at inline_container")
+
+
+class NoSpaceLeft(RunFailure):
+    """A write failed for want of disk space (or a file size limit); the message names the file."""
+
+
+def this_host() -> str:
+    """This machine's name as temporary and lock files record it (letters, digits, dots, hyphens)."""
+    return re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname())[:64] or "localhost"
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this host (one of another user counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def temporary_owner(name: str) -> Optional[tuple[int, str]]:
+    """(pid, host) of a temporary file's writer, read from its name; None for a name without one
+    (an older version's, or not atomic_write's)."""
+    match = OWNED_TEMPORARY.match(name)
+    return (int(match.group(1)), match.group(2)) if match else None
+
+
+def held_by_another_process(name: str) -> bool:
+    """Whether a temporary file may still be written: its writer is another live process on this host,
+    or a process on another host (which cannot be checked from here)."""
+    owner = temporary_owner(name)
+    if owner is None:
+        return False
+    pid, host = owner
+    if host != this_host():
+        return True
+    return pid != os.getpid() and process_alive(pid)
+
+
+def free_bytes(path: str) -> int:
+    """Bytes available to this user on the file system holding `path` (or its nearest existing parent)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    stats = os.statvfs(path)
+    return stats.f_bavail * stats.f_frsize
+
+
+def format_bytes(count: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(count) < 1024 or unit == "TiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} TiB"
+
+
+def check_free_space(path: str, needed: int, what: str) -> None:
+    """NoSpaceLeft before heavy work when `needed` bytes (an estimate of `what` will be written at
+    `path`) do not fit in the space left there."""
+    available = free_bytes(path)
+    if needed > available:
+        raise NoSpaceLeft(f"no space left on {path}: {what} needs about {format_bytes(needed)}, only "
+                          f"{format_bytes(available)} free; free some space or write elsewhere")
+
+
+def preallocate(path: str) -> None:
+    """Reserve the disk blocks of a file's whole length (a sparse file made by a memory map): a write
+    through the map to a full disk is then no SIGBUS; NoSpaceLeft when the blocks are not there."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as error:
+        if is_no_space(error):
+            raise no_space_left(path, error) from error
+        if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without it: nothing reserved
+            raise
+    finally:
+        os.close(fd)
+
+
+def is_no_space(error: BaseException) -> bool:
+    """Whether a failed write ran out of space: ENOSPC, a quota, a file size limit, or torch.save's short write."""
+    if isinstance(error, OSError) and error.errno in NO_SPACE_ERRNOS:
+        return True
+    return isinstance(error, RuntimeError) and TORCH_SHORT_WRITE.search(str(error)) is not None
+
+
+def no_space_left(path: str, error: BaseException) -> NoSpaceLeft:
+    """The one-line error for a write of `path` that ran out of space."""
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
+    return NoSpaceLeft(f"no space left on {path}: {reason} ({format_bytes(free_bytes(path))} free); free some "
+                       f"space and run the same command again")
 
 
 def current_umask() -> int:
@@ -52,21 +163,31 @@ def fsync_path(path: str) -> None:
 def atomic_write(path: str, write: Callable[[str], None], suffix: str = ".tmp") -> None:
     """Call write(tmp_path) on a temporary file beside `path`, fsync it, then rename it to `path`.
 
-    The temporary name is `.tmp-XXXXXXXX<suffix>`; on any failure it is removed and the error
-    propagates. The file gets the permissions the umask gives a new file (mkstemp's own are 0600).
+    The temporary name is `.tmp-<pid>@<host>~XXXXXXXX<suffix>`; on any failure it is removed and the
+    error propagates, a full disk as `NoSpaceLeft`. The file gets the permissions the umask gives a
+    new file (mkstemp's own are 0600).
     """
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=TEMPORARY_PREFIX, suffix=suffix)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f"{TEMPORARY_PREFIX}{os.getpid()}@{this_host()}~",
+                                        suffix=suffix)
+    except OSError as error:
+        if is_no_space(error):
+            raise no_space_left(path, error) from error
+        raise
     os.close(fd)
     try:
         write(tmp_path)
         fsync_path(tmp_path)
         os.chmod(tmp_path, 0o666 & ~current_umask())
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as error:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
+        for cause in (error, error.__cause__):  # _torch_save keeps torch's RuntimeError as the cause
+            if cause is not None and is_no_space(cause):
+                raise no_space_left(path, cause) from error
         raise
     fsync_path(directory)  # the rename itself
 
@@ -105,14 +226,38 @@ def atomic_text(path: str, text: str) -> None:
     atomic_write(path, functools.partial(_write_text, text), suffix=".txt")
 
 
-def remove_temporaries(folder: str, suffix: str) -> int:
-    """Delete the temporary files atomic_write left in `folder` with this suffix (a killed run's); returns how many."""
+@contextlib.contextmanager
+def removed_on_failure_if_empty(folders: Sequence[str], ignoring: Collection[str] = (),
+                                enabled: bool = True) -> Iterator[None]:
+    """On an exception inside the block, remove each of folders, in order, that holds nothing but the
+    names in `ignoring` (a lock file, a settings record); re-raise. A folder with anything else is kept."""
+    try:
+        yield
+    except BaseException:
+        for folder in folders if enabled else ():
+            if os.path.isdir(folder) and set(os.listdir(folder)) <= set(ignoring):
+                for name in os.listdir(folder):
+                    with contextlib.suppress(OSError):
+                        os.remove(os.path.join(folder, name))
+                with contextlib.suppress(OSError):
+                    os.rmdir(folder)
+        raise
+
+
+def remove_temporaries(folder: str, suffix: str, prefix: str = TEMPORARY_PREFIX) -> int:
+    """Delete the temporary files atomic_write left in `folder` with this suffix (a killed run's), except
+    those another live process may still be writing (see held_by_another_process); returns how many."""
     if not os.path.isdir(folder):
         return 0
-    stale = [name for name in os.listdir(folder) if name.startswith(TEMPORARY_PREFIX) and name.endswith(suffix)]
-    for name in stale:
-        os.remove(os.path.join(folder, name))
-    return len(stale)
+    removed = 0
+    for name in os.listdir(folder):
+        if name.startswith(prefix) and name.endswith(suffix) and not held_by_another_process(name):
+            try:
+                os.remove(os.path.join(folder, name))
+                removed += 1
+            except FileNotFoundError:  # its writer finished (renamed it) meanwhile
+                pass
+    return removed
 
 
 def sha256_file(path: str, chunk_bytes: int = 1 << 20) -> str:

@@ -4,16 +4,21 @@ blocks that sample_ddp.py and FID-during-training share.
 Image i's noise and label come from a generator seeded by (global seed, i), so images do not depend
 on the number of processes; a block's SDE noise is seeded from its first index (and drawn on forked
 RNGs, so the caller's random streams, e.g. training's, are left as they were).
+
+With `stop_on_non_finite`, a sampler whose model outputs turn NaN/Inf stops with RunFailure naming
+the model evaluation (the sampler's step) and its t. The watch costs one isfinite reduction per model
+call, kept on the device (no synchronisation), and one synchronisation per block of images.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 
 from sit.config import GuidanceConfig
+from sit.errors import RunFailure
 from sit.speed import autocast
 from sit.vae import decode_latents, latent_shape
 
@@ -97,11 +102,71 @@ def guided_sample(sample_fn: Callable, model: Any, z: torch.Tensor, y: torch.Ten
     return sample_fn(z, model.forward, y=y)[-1]
 
 
+class NonFiniteWatch:
+    """A model seen by a sampler: its forward and forward_with_cfg record, on the device, the first
+    evaluation whose output holds NaN or Inf and the t it was called at (everything else is the model's)."""
+
+    def __init__(self, model: Any):
+        self.model = model
+        self.calls = 0
+        self.first_bad: Any = None  # (evaluation number, t) as device tensors once called; number 0: none yet
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+    def watched(self, function: Callable) -> Callable:
+        def call(x: torch.Tensor, t: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            output = function(x, t, *args, **kwargs)
+            self.calls += 1
+            bad = ~torch.isfinite(output).all()
+            number, at = self.first_bad if self.first_bad is not None else (torch.zeros((), device=output.device,
+                                                                                        dtype=torch.long),
+                                                                            torch.zeros((), device=output.device))
+            new = bad & (number == 0)
+            self.first_bad = (torch.where(new, self.calls, number), torch.where(new, t.reshape(-1)[0].float(), at))
+            return output
+        return call
+
+    @property
+    def forward(self) -> Callable:
+        return self.watched(self.model.forward)
+
+    @property
+    def forward_with_cfg(self) -> Callable:
+        return self.watched(self.model.forward_with_cfg)
+
+    def failure(self, latents: Optional[torch.Tensor]) -> Optional[RunFailure]:
+        """The RunFailure to raise when a model output or the final latents (N, C, L, L) were not finite, else None."""
+        if self.first_bad is not None and int(self.first_bad[0]) > 0:
+            return RunFailure(f"the sampler produced non-finite values at step {int(self.first_bad[0])} of "
+                              f"{self.calls} (model evaluation at t = {float(self.first_bad[1]):.4f})")
+        if latents is not None and not bool(torch.isfinite(latents).all()):
+            return RunFailure(f"the sampler produced non-finite values after its last step ({self.calls} model "
+                              f"evaluations, all finite)")
+        return None
+
+
 def generate_latents(sample_fn: Callable, model: Any, z: torch.Tensor, y: torch.Tensor, guidance: GuidanceConfig,
-                     precision: str = "fp32", always_guide: bool = False) -> torch.Tensor:
-    """guided_sample under the --precision autocast (only the model's matmuls; the state stays fp32)."""
+                     precision: str = "fp32", always_guide: bool = False,
+                     stop_on_non_finite: bool = False) -> torch.Tensor:
+    """guided_sample under the --precision autocast (only the model's matmuls; the state stays fp32).
+
+    stop_on_non_finite: RunFailure naming the step and t where the samples stopped being finite (NonFiniteWatch)."""
     with autocast(precision, z.device):
-        return guided_sample(sample_fn, model, z, y, guidance, always_guide)
+        if not stop_on_non_finite:
+            return guided_sample(sample_fn, model, z, y, guidance, always_guide)
+        watch = NonFiniteWatch(model)
+        try:
+            latents = guided_sample(sample_fn, watch, z, y, guidance, always_guide)
+        except (AssertionError, RuntimeError) as error:  # e.g. an adaptive solver's "underflow in dt nan"
+            failure = watch.failure(None)
+            if failure is not None:
+                raise failure from error
+            raise
+        failure = watch.failure(latents)
+        if failure is not None:
+            raise failure
+        return latents
 
 
 def index_blocks(num_images: int, block_size: int) -> list[range]:
@@ -125,11 +190,12 @@ class GeneratedBlock:
 @torch.no_grad()
 def generate_blocks(blocks: Iterable[range], model: Any, vae: Any, sample_fn: Callable, *, global_seed: int,
                     num_classes: int, guidance: GuidanceConfig, precision: str,
-                    device: torch.device) -> Iterator[GeneratedBlock]:
+                    device: torch.device, stop_on_non_finite: bool = False) -> Iterator[GeneratedBlock]:
     """Sample and decode each block of indices as one batch (vae None: a pixel-space model).
 
     Each image's noise and label come from noise_and_labels; the block's SDE noise from a seed of its
-    first index, drawn on forked RNGs (the caller's streams are left untouched).
+    first index, drawn on forked RNGs (the caller's streams are left untouched). stop_on_non_finite:
+    RunFailure naming the block, the step and t where the samples stopped being finite.
     """
     shape = latent_shape(model.config)
     forked = [device] if device.type == "cuda" else []
@@ -137,5 +203,11 @@ def generate_blocks(blocks: Iterable[range], model: Any, vae: Any, sample_fn: Ca
         z, y = noise_and_labels(block, global_seed, shape, num_classes)
         with torch.random.fork_rng(devices=forked):
             torch.manual_seed(seed_for(global_seed, block.start, "sde"))
-            latents = generate_latents(sample_fn, model, z.to(device), y.to(device), guidance, precision)
+            try:
+                latents = generate_latents(sample_fn, model, z.to(device), y.to(device), guidance, precision,
+                                           stop_on_non_finite=stop_on_non_finite)
+            except RunFailure as failure:
+                raise RunFailure(f"images {block.start}..{block.stop - 1}: {failure}; the weights or sampler "
+                                 f"settings diverge (try more steps, another sampler or an earlier checkpoint)"
+                                 ) from None
         yield GeneratedBlock(block, decode_latents(vae, latents.float(), precision), y)

@@ -1,10 +1,36 @@
-"""The run's logger: stdout and `<folder>/log.txt` on rank 0, silent on the other ranks."""
+"""The run's logger: stdout and `<folder>/log.txt` on rank 0, silent on the other ranks.
+
+A log.txt that cannot be written (a full disk) does not print logging's "--- Logging error ---"
+traceback at every line: the file handler drops out with one warning and the run logs to stdout only
+(the next checkpoint write then fails the run with one line, sit.files.NoSpaceLeft).
+"""
 from __future__ import annotations
 
 import logging
 import os
 import sys
 from typing import Optional
+
+
+class LogFile(logging.FileHandler):
+    """log.txt; when a line cannot be written, one warning on stderr and the file is no longer written."""
+
+    def __init__(self, path: str, logger: logging.Logger):
+        super().__init__(path)
+        self.logger = logger
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        error = sys.exc_info()[1]
+        if not isinstance(error, OSError):
+            super().handleError(record)
+            return
+        self.logger.removeHandler(self)
+        try:
+            self.close()
+        except OSError:  # the buffered line cannot be flushed either
+            pass
+        print(f"warning: cannot write {self.baseFilename} ({error.strerror or error}); logging to the console "
+              f"only from now on", file=sys.stderr, flush=True)
 
 
 def create_logger(logging_dir: Optional[str], is_main: bool = True, name: str = "sit") -> logging.Logger:
@@ -19,7 +45,7 @@ def create_logger(logging_dir: Optional[str], is_main: bool = True, name: str = 
     formatter = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
     if logging_dir is not None:
-        handlers.append(logging.FileHandler(os.path.join(logging_dir, "log.txt")))
+        handlers.append(LogFile(os.path.join(logging_dir, "log.txt"), logger))
     for handler in handlers:
         handler.setFormatter(formatter)
         logger.addHandler(handler)

@@ -22,6 +22,7 @@ from sit.data.images import TrainImageFolder
 from sit.encoders import VisionEncoder, describe_encoder
 from sit.errors import UsageError
 from sit.files import atomic_text, folder_problem, remove_temporaries
+from sit.locks import acquire_folder_lock
 from sit.generation import index_blocks
 from sit.vae import LATENT_CHANNELS, check_image_size, check_vae_name, input_size_for, latent_shape
 
@@ -92,9 +93,12 @@ def build_meta(config: ExtractionConfig, dataset: TrainImageFolder) -> dict:
 
 
 def prepare_feature_folder(config: ExtractionConfig, dataset: TrainImageFolder) -> dict:
-    """Check that an existing folder holds this run's features (UsageError naming --features-path
-    otherwise), or create the folder, its arrays and meta.json. Returns the folder's meta (one rank's job)."""
+    """Lock the folder for this run (UsageError while another live run writes it), check that an existing
+    folder holds this run's features (UsageError naming --features-path otherwise), or create the folder,
+    its arrays and meta.json. Returns the folder's meta (one rank's job)."""
     meta = build_meta(config, dataset)
+    os.makedirs(config.features_path, exist_ok=True)
+    acquire_folder_lock(config.features_path, "the feature folder", warn=print)  # one writer (sit.locks)
     existing = read_meta(config.features_path)
     if existing is None:
         os.makedirs(os.path.join(config.features_path, "done"), exist_ok=True)

@@ -9,13 +9,16 @@ A feature folder holds, for N images of an ImageFolder (in its sorted order):
                            tokens (sit.encoders) of the image and its flip; meta.json then names the
                            encoder ("repa_encoder") and the token shape ("repa_tokens_shape": [T, D])
     done/<start>.ok        one marker per finished block of `block_size` images
-The arrays are memory-mapped, so a training step reads only the rows it needs. Training draws a
+The arrays are memory-mapped, so a training step reads only the rows it needs. They are preallocated
+on disk when created (no SIGBUS when a write through the map meets a full disk), and `read_meta`
+refuses a meta.json that is no JSON, has absurd values, or disagrees with the arrays' own headers. Training draws a
 fresh latent (mean + std * noise) * LATENT_SCALE (sit.vae) each time and a flip per image and epoch, as the
 online VAE path does.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Optional
 
@@ -23,24 +26,93 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from sit.archives import available_memory, npy_file_problem, read_npy_header
 from sit.data.order import flip_for
 from sit.errors import UsageError
-from sit.files import atomic_json
+from sit.files import atomic_json, check_free_space, preallocate
+from sit.vae import LATENT_CHANNELS, VAE_DOWNSAMPLING
 
 META_FILE = "meta.json"
+FEATURE_DTYPES = ("float16", "float32")
+MAX_IMAGES = 100_000_000  # ImageNet-21k holds 14M
+BYTES_PER_INDEX = 64  # what a sampler's index list costs per image (a Python int in a list, and a permutation)
 
 
 def block_marker(feature_path: str, start: int) -> str:
     return os.path.join(feature_path, "done", f"{start:09d}.ok")
 
 
+def array_shapes(meta: dict) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{array name: (shape, dtype)} of a feature folder with this meta: mean/std (N, 2, C, h, w), labels (N,)."""
+    shape = (meta["num_images"], 2, *meta["latent_shape"])
+    return {"mean": (shape, meta["dtype"]), "std": (shape, meta["dtype"]), "labels": ((meta["num_images"],), "int64")}
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def meta_problem(meta: object) -> Optional[str]:
+    """What is wrong with a meta.json's values (types, bounds, a latent shape its image size cannot give), or None."""
+    if not isinstance(meta, dict):
+        return "it is not a JSON object"
+    checks = (
+        ("image_size", lambda v: _is_int(v) and 8 <= v <= 16384 and v % VAE_DOWNSAMPLING == 0, "a multiple of 8"),
+        ("num_images", lambda v: _is_int(v) and 1 <= v <= MAX_IMAGES, f"a count in [1, {MAX_IMAGES:,}]"),
+        ("block_size", lambda v: _is_int(v) and v >= 1, "a positive integer"),
+        ("dtype", lambda v: v in FEATURE_DTYPES, " or ".join(FEATURE_DTYPES)),
+        ("vae", lambda v: isinstance(v, str), "a VAE name"),
+        ("classes", lambda v: isinstance(v, list) and 1 <= len(v) <= MAX_IMAGES and all(isinstance(c, str) for c in v),
+         "a list of class names"),
+        ("latent_shape", lambda v: isinstance(v, list) and len(v) == 3 and all(_is_int(n) for n in v), "3 integers"),
+        ("complete", lambda v: isinstance(v, bool), "true or false"),
+    )
+    for key, valid, expected in checks:
+        if key not in meta or not valid(meta[key]):
+            return f"its {key} is {meta.get(key, 'missing')!r:.80}, expected {expected}"
+    latent = meta["image_size"] // VAE_DOWNSAMPLING
+    if meta["latent_shape"] != [LATENT_CHANNELS, latent, latent]:
+        return (f"its latent_shape {meta['latent_shape']} is not [{LATENT_CHANNELS}, {latent}, {latent}] of "
+                f"{meta['image_size']}px images")
+    if meta["num_images"] * BYTES_PER_INDEX > available_memory():
+        return f"its {meta['num_images']:,} images would not fit the memory of a sampler's index list"
+    return None
+
+
+def arrays_problem(feature_path: str, meta: dict) -> Optional[str]:
+    """What is wrong when the arrays on disk are not those meta.json describes (read from their headers), or None."""
+    for name, (shape, dtype) in array_shapes(meta).items():
+        path = os.path.join(feature_path, f"{name}.npy")
+        if not os.path.isfile(path):
+            return f"{name}.npy is missing"
+        problem = npy_file_problem(path)
+        if problem is None:
+            with open(path, "rb") as stream:
+                stored_shape, _, stored_dtype, _ = read_npy_header(stream)
+            if (stored_shape, str(stored_dtype)) != (shape, dtype):
+                problem = f"it holds {stored_dtype} {stored_shape}, meta.json says {dtype} {shape}"
+        if problem is not None:
+            return f"{name}.npy: {problem}"
+    return None
+
+
 def read_meta(feature_path: str) -> Optional[dict]:
-    """The folder's meta.json, or None when there is none."""
+    """The folder's meta.json, or None when there is none; UsageError naming the file when it is no
+    JSON, holds absurd values, or disagrees with the arrays beside it (judged from their headers)."""
     path = os.path.join(feature_path, META_FILE)
     if not os.path.isfile(path):
         return None
-    with open(path) as handle:
-        return json.load(handle)
+    try:
+        with open(path) as handle:
+            meta = json.load(handle)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise UsageError(f"{path} is not valid JSON ({error}); delete {feature_path} and run extract_features.py "
+                         f"again") from None
+    problem = meta_problem(meta) or arrays_problem(feature_path, meta)
+    if problem is not None:
+        raise UsageError(f"{path} does not describe usable features: {problem}; delete {feature_path} and run "
+                         f"extract_features.py again")
+    return meta
 
 
 def write_meta(feature_path: str, meta: dict) -> None:
@@ -62,16 +134,25 @@ def open_token_array(feature_path: str, meta: dict, mode: str) -> np.memmap:
     return np.load(path, mmap_mode=mode)
 
 
+def arrays_bytes(meta: dict) -> int:
+    """The bytes of a feature folder's three arrays (their data, without the small .npy headers)."""
+    return sum(math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in array_shapes(meta).values())
+
+
 def open_arrays(feature_path: str, meta: dict, mode: str) -> tuple[np.memmap, np.memmap, np.memmap]:
-    """Memory-map (mean, std, labels); mode "w+" creates them, "r+" writes, "r" reads."""
-    shape = (meta["num_images"], 2, *meta["latent_shape"])
+    """Memory-map (mean, std, labels); mode "w+" creates them (after checking the free space, and
+    preallocated: see sit.files.preallocate), "r+" writes (preallocated too), "r" reads."""
+    if mode == "w+":
+        check_free_space(feature_path, arrays_bytes(meta), f"the features of {meta['num_images']:,} images")
     arrays = []
-    for name, dtype, array_shape in (("mean", meta["dtype"], shape), ("std", meta["dtype"], shape),
-                                     ("labels", "int64", (meta["num_images"],))):
+    for name, (array_shape, dtype) in array_shapes(meta).items():
         path = os.path.join(feature_path, f"{name}.npy")
         if mode == "w+":
             arrays.append(np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=array_shape))
+            preallocate(path)
         else:
+            if mode == "r+":
+                preallocate(path)  # a folder an older version left sparse
             arrays.append(np.load(path, mmap_mode=mode))
     return arrays[0], arrays[1], arrays[2]
 

@@ -1,5 +1,6 @@
 """Image batches and statistics in .npz files: reading them (images memory-mapped, not loaded whole)
-and writing them atomically. A file that is not a usable .npz is a MetricInputError naming it."""
+and writing them atomically. A file that is not a usable .npz is a MetricInputError naming it, and so
+is one whose headers claim more than it stores or than memory holds (`check_npz`, before any read)."""
 from __future__ import annotations
 
 import contextlib
@@ -11,6 +12,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
+from sit.archives import npz_problem, read_npy_header
 from sit.files import atomic_write
 from sit.metrics.errors import MetricInputError
 
@@ -31,10 +33,19 @@ def refuse_non_numpy_file(path: str) -> None:
                                f"with {start!r}): pass the .npz that sample_ddp.py or the ADM suite wrote")
 
 
+def check_npz(path: str) -> None:
+    """MetricInputError naming the file when its zip records or any array's .npy header disagree with
+    what it stores, or inflating it would exceed memory (sit.archives.npz_problem); reads headers only."""
+    problem = npz_problem(path)
+    if problem is not None:
+        raise MetricInputError(f"refused to read {path}: {problem}")
+
+
 @contextlib.contextmanager
 def open_npz(path: str) -> Iterator[np.lib.npyio.NpzFile]:
     """np.load of an .npz (arrays read on access); MetricInputError naming the file when it is none."""
     refuse_non_numpy_file(path)
+    check_npz(path)
     try:
         data = np.load(path)
     except UNREADABLE_NPZ as error:
@@ -52,15 +63,12 @@ def read_array_header(archive: zipfile.ZipFile, path: str, key: str) -> tuple[tu
     if member not in archive.namelist():
         raise MetricInputError(f"{path} has no {key!r} array (it holds {', '.join(archive.namelist())})")
     with archive.open(member) as stream:
-        version = np.lib.format.read_magic(stream)
-        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                       else np.lib.format.read_array_header_2_0)
-        shape, fortran_order, dtype = read_header(stream)
-        return shape, fortran_order, dtype, stream.tell()
+        return read_npy_header(stream)
 
 
 def read_stored_images(path: str, key: str) -> np.ndarray:
     """The `key` array of an .npz: memory-mapped when stored uncompressed (np.savez), else loaded."""
+    check_npz(path)
     with zipfile.ZipFile(path) as archive:
         shape, fortran_order, dtype, npy_header_size = read_array_header(archive, path, key)
         info = archive.getinfo(f"{key}.npy")
@@ -77,6 +85,7 @@ def read_stored_images(path: str, key: str) -> np.ndarray:
 def npz_array_shape(path: str, key: str = "arr_0") -> tuple[int, ...]:
     """The shape of an .npz's array without reading its data (compressed or not); MetricInputError naming
     the file when it is not a readable .npz with that array."""
+    check_npz(path)
     try:
         with zipfile.ZipFile(path) as archive:
             return tuple(read_array_header(archive, path, key)[0])

@@ -4,6 +4,10 @@ setting that shaped the images, the files they came from (by SHA-256) and the mo
 - `identify_sources` (rank 0, before sampling): the checkpoint's local file and its hash (the published
   model's too) and a local VAE folder's hash; it refuses a folder whose earlier record says its images
   came from other weights (the folder's name knows the checkpoint's path, not its content).
+- `claim_sample_folder` (rank 0, before sampling): identify_sources, then the folder's own record
+  `<folder>/settings.json` (every setting that shapes the images and the checkpoint's hash, written
+  before the first image): a rerun that differs in any of them is refused, so a folder never mixes
+  images of two models or two settings; and the free space for the images and the .npz is checked.
 - `summarise_nfe`: every rank's per-batch model evaluations (sit.distributed.gather_objects), summarised.
   Blocks sampled by an earlier (killed) run were not measured, and the record says how many images that is.
 - `finish_sample_batch` (rank 0, after sampling): the .npz, then the record (sit.record.write_record,
@@ -12,6 +16,7 @@ setting that shaped the images, the files they came from (by SHA-256) and the mo
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
@@ -20,9 +25,9 @@ import numpy as np
 
 import download
 from sit.errors import UsageError, reported_as
-from sit.files import folder_sha256, sha256_file
+from sit.files import atomic_json, folder_sha256, sha256_file
 from sit.record import RecordError, SampleRecord, package_versions, read_record, record_path, write_record
-from sit.sampling.folder import finish_npz, npz_shape
+from sit.sampling.folder import FOLDER_SETTINGS, check_space_for_samples, finish_npz, npz_shape
 from sit.sampling.loading import SamplingModel
 from sit.sampling.settings import ModelSettings, SamplingConfig
 from sit.vae import PIXEL_SPACE, VAE_REPOS
@@ -30,6 +35,9 @@ from sit.vae import PIXEL_SPACE, VAE_REPOS
 # What a rerun may differ in and still describe the same images (an earlier record of them is kept):
 # the checkpoints as given (the same file may be named another way; its hash is compared) and the preset.
 NOT_SHAPING_IMAGES = ("nfe", "nfe_measured", "versions", "world_size", "checkpoint", "preset", "guide_checkpoint")
+# ... and what a folder's settings record leaves out besides: how many images (a rerun may add more),
+# their shape (known once sampled) and where the checkpoint file lies (its hash is compared).
+NOT_SHAPING_FOLDER = NOT_SHAPING_IMAGES + ("num_images", "image_shape", "checkpoint_file")
 
 
 @dataclass(frozen=True)
@@ -90,6 +98,51 @@ def identify_sources(config: SamplingConfig, settings: ModelSettings, folder: st
     check_earlier_record(folder, guide, guide_sha256, flag="--guide-ckpt", field="guide_checkpoint_sha256")
     return SampleSources(checkpoint, local_file, checkpoint_sha256, os.path.abspath(vae) if local_vae else vae,
                          vae_sha256, guide, guide_sha256)
+
+
+def folder_settings(config: SamplingConfig, loaded: SamplingModel, sources: SampleSources) -> dict[str, Any]:
+    """What shapes a folder's images, as its settings record holds it (a SampleRecord's fields less
+    NOT_SHAPING_FOLDER)."""
+    size = loaded.settings.image_size
+    record = build_record(config, loaded, sources, [], 1, None, (0, size, size, 3)).to_dict()
+    return {key: value for key, value in record.items() if key not in NOT_SHAPING_FOLDER}
+
+
+def settings_difference(earlier: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """The keys whose values differ ("key: was X, now Y"); a checkpoint hash counts only where both runs know it."""
+    differences = []
+    for key in sorted(set(earlier) | set(now)):
+        before, after = earlier.get(key), now.get(key)
+        if key == "checkpoint_sha256" and None in (before, after):
+            continue
+        if before != after:
+            differences.append(f"{key}: was {before!r:.60}, now {after!r:.60}")
+    return differences
+
+
+def claim_sample_folder(config: SamplingConfig, loaded: SamplingModel, folder: str, logger: Any) -> SampleSources:
+    """Rank 0, before sampling: the sources (identify_sources), then <folder>/settings.json checked against
+    this run (UsageError naming what differs) or written, then the free space checked. Returns the sources."""
+    sources = identify_sources(config, loaded.settings, folder, logger)
+    settings, path = folder_settings(config, loaded, sources), os.path.join(folder, FOLDER_SETTINGS)
+    earlier = None
+    if os.path.isfile(path):
+        with reported_as(f"cannot read {path}"):
+            with open(path) as handle:
+                try:
+                    earlier = json.load(handle)
+                except ValueError:
+                    earlier = None  # a damaged record: rewritten below (the images' hashes cannot be told)
+    if isinstance(earlier, dict):
+        differences = settings_difference(earlier, settings)
+        if differences:
+            raise UsageError(f"{folder} holds images made with other settings or weights ({'; '.join(differences)}); "
+                             f"pass the same flags and --ckpt, or another --sample-dir")
+    else:
+        with reported_as(f"cannot write {path}"):
+            atomic_json(path, settings)
+    check_space_for_samples(folder, config.num_images, loaded.settings.image_size)
+    return sources
 
 
 def summarise_nfe(per_rank: Sequence[Sequence[tuple[int, int]]], num_images: int) -> tuple[Optional[int], dict]:

@@ -5,7 +5,8 @@ the images (the names stay as they were, so a rerun continues an older folder), 
 <sample-dir>/<folder>.npz (arr_0: uint8 (N, H, W, 3), the format of the ADM evaluation suite; labels:
 (N,) int64, the class each image was conditioned on).
 Every file is written through sit.files.atomic_write, so a killed run leaves no half-written file;
-what it leaves (temporary names) the next run removes.
+what it leaves (temporary names) the next run removes, once it holds the folder's lock (sit.locks).
+The .npz's space is checked before it is built (sit.files.check_free_space).
 """
 from __future__ import annotations
 
@@ -14,19 +15,22 @@ import functools
 import hashlib
 import os
 import zipfile
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from sit.archives import npz_problem, read_npy_header
 from sit.config import ODEConfig
 from sit.distributed import DistContext, on_main
 from sit.errors import RunFailure, reported_as
-from sit.files import atomic_write, remove_temporaries
+from sit.files import atomic_write, check_free_space, remove_temporaries, removed_on_failure_if_empty
+from sit.locks import LOCK_FILE, acquire_folder_lock
 from sit.sampling.settings import ModelSettings, SamplingConfig
 from sit.vae import VAE_REPOS
 
+FOLDER_SETTINGS = "settings.json"  # what shaped the folder's images (sit.sampling.batch_record)
 LABELS_KEY = "labels"  # <folder>.npz: the class label of each image of arr_0, in the same order
 
 #################################################################################
@@ -108,18 +112,18 @@ def npz_temporary_suffix(folder: str) -> str:
 def remove_stale_temporary_files(folder: str) -> int:
     """Delete what a killed run left behind: temporary PNGs in folder, and temporary <folder>.npz
     files beside it (each may be gigabytes; other folders' are kept); returns how many."""
-    # every hidden .tmp name: atomic_write's ".tmp-XXXXXXXX.png.tmp" and older versions' ".<name>.<pid>.tmp"
-    stale = [name for name in os.listdir(folder) if name.startswith(".") and name.endswith(".tmp")]
-    for name in stale:
-        os.remove(os.path.join(folder, name))
+    # every hidden .tmp name: atomic_write's ".tmp-<pid>@<host>~XXXXXXXX.png.tmp" and older versions'
+    # ".<name>.<pid>.tmp"; those of another live process are kept (remove_temporaries)
     parent = os.path.dirname(os.path.normpath(folder)) or "."
-    return len(stale) + remove_temporaries(parent, npz_temporary_suffix(folder))
+    return remove_temporaries(folder, ".tmp", prefix=".") + remove_temporaries(parent, npz_temporary_suffix(folder))
 
 
 def create_sample_folder(folder: str, logger: Any) -> None:
-    """Create folder, clearing a killed run's temporary files, and say so."""
+    """Create folder and lock it for this run (sit.locks: UsageError while another live run writes it),
+    clear a killed run's temporary files, and say so."""
     with reported_as(f"cannot create the sample folder {folder}"):
         os.makedirs(folder, exist_ok=True)
+        acquire_folder_lock(folder, "the sample folder", warn=logger.warning)
         removed = remove_stale_temporary_files(folder)
     logger.info(f"Saving to {folder}" + (f" (removed {removed} unfinished files)" if removed else ""))
 
@@ -133,20 +137,12 @@ def prepare_sample_folder(ctx: DistContext, sample_dir: str, config: SamplingCon
     return folder
 
 
-@contextlib.contextmanager
-def removed_if_left_empty(ctx: DistContext, folder: str, sample_dir_existed: bool = True) -> Iterator[None]:
+def removed_if_left_empty(ctx: DistContext, folder: str,
+                          sample_dir_existed: bool = True) -> contextlib.AbstractContextManager[None]:
     """A block that, if it fails, leaves no empty sample folder behind: rank 0 removes folder when it
-    holds nothing (a folder with any file in it is kept), and --sample-dir too when this run created it."""
-    try:
-        yield
-    except BaseException:
-        if ctx.is_main:
-            empty = [folder] + ([] if sample_dir_existed else [os.path.dirname(os.path.normpath(folder))])
-            for path in empty:
-                if os.path.isdir(path) and not os.listdir(path):
-                    with contextlib.suppress(OSError):
-                        os.rmdir(path)
-        raise
+    holds no image (only its lock and settings record), and --sample-dir too when this run created it."""
+    created = [folder] + ([] if sample_dir_existed else [os.path.dirname(os.path.normpath(folder))])
+    return removed_on_failure_if_empty(created, ignoring=(LOCK_FILE, FOLDER_SETTINGS), enabled=ctx.is_main)
 
 
 def save_png(pixels: np.ndarray, path: str) -> None:
@@ -191,10 +187,10 @@ def missing_indices(folder: str, indices: range, image_size: Optional[int] = Non
 def npz_shape(path: str) -> Optional[tuple]:
     """The shape of arr_0 in an .npz, read from its header only (None if unreadable)."""
     try:
+        if npz_problem(path) is not None:  # a header that claims more than the file stores is no finished batch
+            return None
         with zipfile.ZipFile(path) as archive, archive.open("arr_0.npy") as stream:
-            version = np.lib.format.read_magic(stream)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, _, dtype = read_header(stream)
+            shape, _, dtype, _ = read_npy_header(stream)
             return tuple(shape) if dtype == np.uint8 else None
     except (OSError, KeyError, ValueError, zipfile.BadZipFile):
         return None
@@ -215,6 +211,28 @@ def write_npz_stream(folder: str, num: int, image_shape: tuple, path: str) -> No
                 if pixels.shape != image_shape:
                     raise RunFailure(f"{png_path(folder, index)} is {pixels.shape}, not {image_shape}")
                 stream.write(pixels.tobytes())
+
+
+def png_shape(folder: str) -> tuple[int, int, int]:
+    """(H, W, 3) of the folder's first PNG, read from its header."""
+    with Image.open(png_path(folder, 0)) as image:
+        return image.height, image.width, 3
+
+
+def npz_bytes(num: int, image_shape: tuple[int, int, int]) -> int:
+    """The size of an .npz of num uint8 images (N, H, W, 3): the pixels plus 4 KiB of zip and .npy headers."""
+    return num * image_shape[0] * image_shape[1] * image_shape[2] + 4096
+
+
+def check_space_for_samples(folder: str, num: int, image_size: int) -> None:
+    """NoSpaceLeft before sampling when the missing PNGs and the .npz will not fit: the .npz exactly,
+    a PNG at the mean size of those already written (at half the raw size while there are none)."""
+    existing = [png_path(folder, index) for index in range(num) if os.path.exists(png_path(folder, index))]
+    raw = image_size * image_size * 3
+    sizes = [os.path.getsize(path) for path in existing[:100]]
+    per_png = sum(sizes) / len(sizes) if sizes else raw / 2
+    needed = int((num - len(existing)) * per_png) + npz_bytes(num, (image_size, image_size, 3))
+    check_free_space(folder, needed, f"{num - len(existing):,} more PNGs and the .npz of {num:,} images")
 
 
 def append_labels(labels: np.ndarray, path: str) -> None:
@@ -265,6 +283,7 @@ def finish_npz(folder: str, num: int, logger: Any, labels: Optional[np.ndarray] 
     if existing is not None and existing[0] == num and (labels is None or npz_has_labels(f"{folder}.npz")):
         logger.info(f"{folder}.npz already holds {num} images {existing}")
         return
+    check_free_space(f"{folder}.npz", npz_bytes(num, png_shape(folder)), f"{folder}.npz")
     with reported_as(f"cannot write {folder}.npz"):
         path = create_npz_from_sample_folder(folder, num, labels)
     with_labels = f" and their class labels as '{LABELS_KEY}'" if labels is not None else ""

@@ -7,19 +7,35 @@ sampled again and only its missing PNGs are written, so a killed run continues w
 """
 from __future__ import annotations
 
+import functools
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 from tqdm import tqdm
 
 from sit.config import build_sample_fn
-from sit.distributed import DistContext, reduce_numbers
-from sit.generation import blocks_of_rank, generate_blocks, image_labels, index_blocks
+from sit.distributed import DistContext, agree, reduce_numbers
+from sit.generation import GeneratedBlock, blocks_of_rank, generate_blocks, image_labels, index_blocks
 from sit.sampling.folder import missing_indices, png_path, save_png
 from sit.sampling.loading import SamplingModel
 from sit.sampling.settings import SamplingConfig
 from sit.vae import latent_shape, to_uint8_hwc
+
+
+def sample_block(generated: Iterator[GeneratedBlock], folder: str, sample_fn: Any, to_write: dict[int, list[int]],
+                 measured: list[tuple[int, int]]) -> int:
+    """Sample the next block and write its PNGs listed in to_write (block start -> indices missing or
+    damaged); appends (PNGs written, model evaluations) to measured."""
+    block = next(generated)
+    wanted = set(to_write[block.indices[0]])
+    written = 0
+    for index, pixels in zip(block.indices, to_uint8_hwc(block.images)):  # pixels: (H, W, 3) uint8
+        if index in wanted:
+            save_png(pixels, png_path(folder, index))
+            written += 1
+    measured.append((written, sample_fn.nfe))  # .nfe: this batch's model evaluations
+    return written
 
 
 def write_missing_images(ctx: DistContext, config: SamplingConfig, loaded: SamplingModel, folder: str,
@@ -46,19 +62,13 @@ def write_missing_images(ctx: DistContext, config: SamplingConfig, loaded: Sampl
                 f"sampling {int(total_missing)} on {ctx.world_size} process(es) with {config.sampler.describe()}")
     generated = generate_blocks(pending, loaded.model, loaded.vae, sample_fn, global_seed=config.seed,
                                 num_classes=settings.num_classes, guidance=config.guidance,
-                                precision=config.precision, device=ctx.device)
+                                precision=config.precision, device=ctx.device, stop_on_non_finite=True)
     progress = tqdm(total=int(total_missing), unit="img", disable=not ctx.is_main, dynamic_ncols=True)
     measured: list[tuple[int, int]] = []
     for round_index in range(int(num_rounds)):  # in lockstep, so rank 0 can count everyone's images
-        written = 0
-        if round_index < len(pending):
-            block = next(generated)
-            wanted = set(to_write[block.indices[0]])
-            for index, pixels in zip(block.indices, to_uint8_hwc(block.images)):  # pixels: (H, W, 3) uint8
-                if index in wanted:
-                    save_png(pixels, png_path(folder, index))
-                    written += 1
-            measured.append((written, sample_fn.nfe))  # .nfe: this batch's model evaluations
+        round_of_rank = functools.partial(sample_block, generated, folder, sample_fn, to_write, measured)
+        # every rank learns any rank's failure (a full disk, non-finite samples) instead of waiting for it
+        written = agree(ctx, round_of_rank if round_index < len(pending) else None) or 0
         (written_everywhere,) = reduce_numbers([written], ctx.device)
         progress.update(int(written_everywhere))
     progress.close()

@@ -6,6 +6,12 @@ the real shape's name (sit.checkpoint.model_shape_name).
 A run starts from scratch, from the checkpoint --ckpt names, or from the newest checkpoint that
 --resume finds (an experiment folder's, or alone: the newest experiment's in --results-dir). A newest
 checkpoint that --resume picked but cannot load (truncated by a crash) is skipped with a warning.
+`--resume` alone refuses when the newest experiment has no checkpoint (it died before its first one)
+rather than silently extending an older one: naming the folder to resume is then unambiguous.
+
+An experiment folder has one writer: rank 0 holds `<experiment>/owner.lock` (sit.locks) while the
+run lives, so a second run on it is refused in one line; on taking it, the run removes the temporary
+files a killed run left in checkpoints/, samples/ and the folder itself (never a live process's).
 """
 from __future__ import annotations
 
@@ -22,7 +28,8 @@ import download
 from sit.checkpoint import is_resumable
 from sit.distributed import DistContext, on_main
 from sit.errors import RunFailure, UsageError
-from sit.files import atomic_text
+from sit.files import atomic_text, remove_temporaries
+from sit.locks import acquire_folder_lock
 from sit.log import create_logger
 from sit.training.settings import TrainConfig
 
@@ -51,14 +58,16 @@ def newest_checkpoint(experiment_dir: str) -> Optional[str]:
     return found[0] if found else None
 
 
-def newest_experiment(results_dir: str) -> Optional[str]:
-    """The experiment folder with the highest index that has a checkpoint, or None."""
+def newest_experiment(results_dir: str, with_checkpoint: bool = True) -> Optional[str]:
+    """The experiment folder with the highest index (that has a checkpoint, unless with_checkpoint is
+    False), or None."""
     if not os.path.isdir(results_dir):
         return None
     found = []
     for name in os.listdir(results_dir):
         match = EXPERIMENT_FOLDER.match(name)
-        if match and newest_checkpoint(os.path.join(results_dir, name)) is not None:
+        path = os.path.join(results_dir, name)
+        if match and os.path.isdir(path) and (not with_checkpoint or newest_checkpoint(path) is not None):
             found.append((int(match.group(1)), name))
     return os.path.join(results_dir, max(found)[1]) if found else None
 
@@ -95,9 +104,12 @@ def checkpoint_to_start_from(ckpt: Optional[str], resume: Optional[str], results
     if resume is None:
         return None
     if resume == NEWEST:
-        experiment = newest_experiment(results_dir)
+        experiment, newest = newest_experiment(results_dir), newest_experiment(results_dir, with_checkpoint=False)
         if experiment is None:
             raise UsageError(f"--resume: no experiment with a checkpoint in --results-dir {results_dir}")
+        if newest != experiment:  # it died before its first checkpoint: which one is meant is not clear
+            raise UsageError(f"--resume: the newest experiment {newest} has no checkpoint (it stopped before its "
+                             f"first); to continue the older {experiment}, name it: --resume {experiment}")
         return newest_checkpoint(experiment)
     if os.path.isfile(resume):
         return resume
@@ -255,9 +267,15 @@ def open_experiment(ctx: DistContext, config: TrainConfig, start: StartPoint) ->
             if not same_folder:
                 CREATED_FOLDERS.append((folder, new_results_dir))
             os.makedirs(os.path.join(folder, "checkpoints"), exist_ok=True)
+            notes: list[str] = []
+            # one writer: a UsageError while another run lives
+            acquire_folder_lock(folder, "the experiment folder", warn=notes.append)
+            removed = sum(remove_temporaries(os.path.join(folder, sub), "") for sub in ("checkpoints", "samples", "."))
             logger = create_logger(folder, is_main=True)
             logger.info(f"Configuration: {json.dumps(dict(settings, world_size=ctx.world_size), sort_keys=True)}")
             logger.info(f"Experiment directory: {folder}")
+            for note in notes + ([f"removed {removed} unfinished files a killed run left"] if removed else []):
+                logger.warning(note)
             wandb_run = None
             if config.run.wandb:
                 # A checkpoint resumed outside its folder starts a new experiment, hence a new wandb run.

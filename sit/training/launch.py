@@ -1,8 +1,10 @@
 """From the command line's values to a running job: `prepare_training` does every check and opens
-the data before any heavy work (no VAE, no process group); `run_training` joins the ranks, trains,
-and turns a divergence into a one-line failure. A run that fails before its first checkpoint removes
-the experiment folder it created (its log went to stdout as well); a resume with nothing left to do
-says so and creates nothing."""
+the data before any heavy work (no VAE, no process group); `run_training` judges the checkpoint to
+resume whole (sit.checkpoint.check_train_checkpoint) and the free space for the next checkpoint
+before it joins the ranks, then trains, turns a divergence into a one-line failure, and says when a
+stop signal ended the run cleanly (exit 0 on every rank). A run that fails before its first
+checkpoint removes the experiment folder it created (its log went to stdout as well); a resume with
+nothing left to do says so and creates nothing."""
 from __future__ import annotations
 
 import logging
@@ -10,13 +12,15 @@ import sys
 from dataclasses import dataclass
 from typing import AbstractSet, Any, Mapping, Optional
 
-from sit.checkpoint import settings_of
-from sit.distributed import cleanup_distributed, launched_rank, launched_world_size, setup_distributed
+from sit.checkpoint import check_epoch_position, check_train_checkpoint, settings_of, sit_parameter_count
+from sit.distributed import DistContext, cleanup_distributed, launched_rank, launched_world_size, setup_distributed
 from sit.errors import RunFailure, UsageError
+from sit.files import check_free_space
+from sit.locks import folder_locks_released
 from sit.training.checks import (check_checkpoint_settings, check_enough_data, check_fid_reference, check_results_dir,
                                  nothing_left_to_do, unused_setting_warnings)
 from sit.training.data import TrainDataset, features_vae, open_training_data
-from sit.training.experiment import StartPoint, discard_unfinished_experiments, start_checkpoint
+from sit.training.experiment import StartPoint, discard_unfinished_experiments, experiment_dir_of, start_checkpoint
 from sit.training.loop import train
 from sit.training.monitor import TrainingDiverged
 from sit.training.phema import check_phema_start
@@ -59,6 +63,32 @@ def prepare_training(flags: Mapping[str, Any], explicit: AbstractSet[str], world
     return TrainingPlan(config, dataset, start, start.warnings + warnings + listing, finished)
 
 
+def check_start(plan: TrainingPlan, world_size: int) -> None:
+    """Before joining the job: a checkpoint to resume judged whole (model config, counters, optimizer,
+    RNG; its place in the epoch against this data), and the free space for the next checkpoint.
+    Raises UsageError / NoSpaceLeft with one line."""
+    start, config = plan.start, plan.config
+    if start.resuming:
+        check_train_checkpoint(start.checkpoint, start.source)
+        batch = settings_of(start.checkpoint).get("global_batch_size") or config.data.global_batch_size
+        per_rank = -(-len(plan.dataset) // world_size)  # DistributedSampler pads to a multiple of the ranks
+        check_epoch_position(start.checkpoint, start.source, per_rank // max(1, batch // world_size))
+    check_space_for_checkpoint(config, start)
+
+
+def checkpoint_bytes(model_config: dict) -> int:
+    """About the size of a train checkpoint: float32 weights, EMA and AdamW's two moments, plus 1 MiB
+    for the rest (RNG states, settings)."""
+    return 4 * 4 * sit_parameter_count(model_config) + (1 << 20)
+
+
+def check_space_for_checkpoint(config: TrainConfig, start: StartPoint) -> None:
+    """NoSpaceLeft before any heavy work when the folder the checkpoints go to cannot take the next one."""
+    model_config = start.checkpoint["model_config"] if start.resuming else config.model.sit_kwargs()
+    folder = (experiment_dir_of(start.source) if start.resuming else None) or config.run.results_dir
+    check_free_space(folder, checkpoint_bytes(model_config), "the next checkpoint (weights, EMA and AdamW state)")
+
+
 def run_training(plan: TrainingPlan) -> None:
     """Join the job and train the plan; SIGTERM/SIGINT stop after a checkpoint (a normal return).
 
@@ -69,12 +99,15 @@ def run_training(plan: TrainingPlan) -> None:
             print(plan.finished, file=sys.stderr, flush=True)
         return
     check_enough_data(len(plan.dataset), plan.config, launched_world_size())  # before any folder is made
+    check_start(plan, launched_world_size())
     stop = StopSignal()
     stop.install()
     ctx = setup_distributed()
     stop.connect()
     try:
-        train(plan.config, ctx=ctx, dataset=plan.dataset, start=plan.start, warnings=plan.warnings, stop=stop)
+        with folder_locks_released():  # the experiment folder's lock (sit.locks), held by rank 0
+            train(plan.config, ctx=ctx, dataset=plan.dataset, start=plan.start, warnings=plan.warnings, stop=stop)
+        report_clean_stop(stop, ctx)
     except TrainingDiverged as error:
         removed = discard_unfinished_experiments()
         if removed:
@@ -93,3 +126,10 @@ def run_training(plan: TrainingPlan) -> None:
         discard_unfinished_experiments()  # stopped by a signal before the first step: nothing to keep
     finally:
         cleanup_distributed()
+
+
+def report_clean_stop(stop: StopSignal, ctx: DistContext) -> None:
+    """After a stop signal ended training with its checkpoint saved: one line saying so (rank 0), exit 0."""
+    if stop.stopped and ctx.is_main:
+        logging.getLogger("sit").info(f"Stopped cleanly by {stop.received or 'a signal to another rank'} after saving "
+                                      f"the checkpoint: every process exits 0 (torchrun itself may report the signal)")

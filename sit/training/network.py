@@ -77,7 +77,12 @@ def build_train_step(config: TrainConfig, ctx: DistContext, start: StartPoint, v
                             ema_decay=optim.ema_decay, max_grad_norm=optim.max_grad_norm, sharding=sharding,
                             projector=projector, alignment=alignment)
     if start.resuming:
-        sharding.load_optimizer(step, checkpoint["opt"])
+        try:  # judged before (sit.checkpoint.check_train_checkpoint); what torch still refuses is one line too
+            sharding.load_optimizer(step, checkpoint["opt"])
+        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as error:
+            detail = str(error).splitlines()[0][:200] if str(error) else ""
+            raise UsageError(f"cannot resume {start.source}: its optimizer state does not load "
+                             f"({type(error).__name__}: {detail})") from None
         for group in step.opt.param_groups:  # the state holds the old lr; --lr (the checkpoint's unless given) rules
             group["lr"] = optim.lr
         logger.info(f"Resumed from {start.source} at step {checkpoint['train_steps']} "

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import AbstractSet, Any, Mapping, Optional
 
 from models import MODEL_SHAPES, has_null_class
-from sit.checkpoint import model_shape_name
+from sit.checkpoint import model_config_problem, model_shape_name
 from sit.config import Resolved, Rule, Setting, TransportConfig, resolve_settings
 from sit.distributed import launched_by_torchrun
 from sit.encoders import canonical_encoder_name, describe_encoder
@@ -357,6 +357,9 @@ def check_train_config(config: TrainConfig, world_size: int) -> None:
         raise UsageError(f"hidden size {kwargs['hidden_size']} is not divisible by {kwargs['num_heads']} heads (--model "
                          f"{model.model}{' with --model-config' if model.model_config else ''}): set num_heads in "
                          f"--model-config to a divisor of hidden_size")
+    problem = model_config_problem(kwargs)  # absurd sizes: refused before the model is built on the CPU
+    if problem is not None:
+        raise UsageError(f"--model {model.model} with --model-config: {problem}")
     config.transport.build()
     check_healing_settings(config.healing)
     if config.optim.sharding == "fsdp" and (config.phema.enabled or config.healing.active):

@@ -1,23 +1,36 @@
-"""SIGTERM/SIGINT end training cleanly: the current step finishes, a checkpoint is saved, exit 0."""
+"""SIGTERM/SIGINT end training cleanly: the current step finishes, a checkpoint is saved, exit 0.
+
+Under torchrun a Ctrl-C reaches each worker twice: from the terminal (the whole foreground process
+group gets it) and again from torchrun, which forwards the signal it received. That repeat, the same
+signal within REPEAT_WINDOW_S, is not the user's second signal; it once ended the workers with a
+KeyboardInterrupt traceback and exit 1 after the checkpoint was saved.
+"""
 from __future__ import annotations
 
 import signal
+import time
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
-from sit.distributed import any_rank, is_distributed
+from sit.distributed import any_rank, is_distributed, launched_by_torchrun
+
+REPEAT_WINDOW_S = 5.0  # torchrun forwards a signal within milliseconds of receiving it
 
 
 class StopSignal:
-    """SIGTERM/SIGINT set a flag; a second signal ends at once.
+    """SIGTERM/SIGINT set a flag; a second signal ends at once (under torchrun: a second one besides
+    the forwarded copy of the first).
 
     All ranks agree on stopping through an all_reduce on a Gloo group, which needs no GPU synchronisation.
     """
 
     def __init__(self):
         self.received: Optional[str] = None
+        self.received_at = 0.0
+        self.forwarded_copy_seen = False
+        self.stopped = False  # the ranks agreed to stop
         self.group = None
 
     def install(self) -> None:
@@ -25,9 +38,18 @@ class StopSignal:
             signal.signal(signum, self.handle)
 
     def handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
         if self.received is not None:
-            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
-        self.received = signal.Signals(signum).name
+            if self.is_forwarded_copy(name):
+                self.forwarded_copy_seen = True
+                return
+            raise KeyboardInterrupt(f"second {name}")
+        self.received, self.received_at = name, time.monotonic()
+
+    def is_forwarded_copy(self, name: str) -> bool:
+        """Whether a repeat of the first signal is torchrun's forwarded copy of it (see the module docstring)."""
+        return (launched_by_torchrun() and not self.forwarded_copy_seen and name == self.received
+                and time.monotonic() - self.received_at < REPEAT_WINDOW_S)
 
     def connect(self) -> None:
         """Create the Gloo group used to agree (all ranks must call this)."""
@@ -36,7 +58,8 @@ class StopSignal:
 
     def agreed(self) -> bool:
         """Whether any rank received a stop signal (a collective in a distributed job)."""
-        return any_rank(self.received is not None, torch.device("cpu"), group=self.group)
+        self.stopped = any_rank(self.received is not None, torch.device("cpu"), group=self.group)
+        return self.stopped
 
 
 def ignore_stop_signals(worker_id: int) -> None:
