@@ -267,7 +267,12 @@ def train_checkpoint_problem(checkpoint: dict) -> Optional[str]:
         problem = _tensor_dict_problem(checkpoint[key], key)
         if problem is not None:
             return problem
-    problem = optimizer_problem(checkpoint["opt"], [tensor.shape for tensor in checkpoint["model"].values()])
+    projector = checkpoint.get("repa_projector") or {}  # REPA: AdamW holds the SiT's parameters, then the projector's
+    problem = _tensor_dict_problem(projector, "repa_projector") if projector else None
+    if problem is not None:
+        return problem
+    shapes = [tensor.shape for weights in (checkpoint["model"], projector) for tensor in weights.values()]
+    problem = optimizer_problem(checkpoint["opt"], shapes)
     if problem is None and checkpoint.get("rng"):
         problem = rng_problem(checkpoint["rng"])
     scaler = checkpoint.get("scaler")

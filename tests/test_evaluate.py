@@ -409,7 +409,7 @@ def test_main_raises_usage_errors_in_process(tmp_path):
     with pytest.raises(UsageError, match="^no such file: .*nope.npz$"):
         evaluate.main([str(tmp_path / "nope.npz"), "--device", "cpu"])
     (tmp_path / "text.npz").write_text("not an npz")
-    with pytest.raises(MetricInputError, match=r"text.npz is not a readable .npz file"):
+    with pytest.raises(MetricInputError, match=r"text.npz is not an .npz file \(neither a zip archive nor a NumPy array"):
         evaluate.main([str(tmp_path / "text.npz"), "--device", "cpu"])
 
 
@@ -417,7 +417,7 @@ def test_unusable_files_are_metric_input_errors_naming_the_file(tmp_path):
     (tmp_path / "text.npz").write_text("not an npz")
     with pytest.raises(MetricInputError, match="text.npz is not a readable .npz file"):
         metrics.open_npz_images(str(tmp_path / "text.npz"))
-    with pytest.raises(MetricInputError, match="text.npz is not a readable .npz file"):
+    with pytest.raises(MetricInputError, match="text.npz is not an .npz file \\(neither a zip archive nor a NumPy array"):
         metrics.read_statistics_file(str(tmp_path / "text.npz"))
     np.save(tmp_path / "single.npy", np.zeros(3))
     with pytest.raises(MetricInputError, match="single.npy is not an .npz file"):

@@ -5,6 +5,7 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -332,7 +333,7 @@ def test_single_flag_errors_are_argparse_errors(argv, expected, capsys):
 
 def test_features_without_tokens_or_of_another_encoder_are_refused(tmp_path, monkeypatch):
     import train
-    from sit.data.features import write_meta
+    from sit.data.features import array_shapes, write_meta
 
     forbid_heavy_work(monkeypatch)
     encoder = save_tiny_encoder(str(tmp_path / "encoder.pt"))
@@ -341,6 +342,8 @@ def test_features_without_tokens_or_of_another_encoder_are_refused(tmp_path, mon
     meta = dict(image_size=32, vae="ema", num_images=2, classes=["a", "b"], dtype="float32", block_size=2,
                 latent_shape=[4, 4, 4], complete=True)
     write_meta(feat, meta)
+    for name, (shape, dtype) in array_shapes(meta).items():  # arrays that agree with meta.json (sit.data.features)
+        np.lib.format.open_memmap(os.path.join(feat, f"{name}.npy"), mode="w+", dtype=dtype, shape=shape).flush()
     with pytest.raises(UsageError) as error:
         train.main(["--feature-path", feat, *TINY, "--repa-encoder", encoder, "--repa-depth", "1"])
     assert str(error.value) == (f"--repa-encoder {encoder} with --feature-path {feat}, which holds no encoder tokens: "
