@@ -108,6 +108,7 @@ def requested_preset(argv: Sequence[str]) -> Optional[str]:
     """The name after --preset in argv (None without one); UsageError (one line) for a name that does not exist."""
     finder = ScriptParser(add_help=False, allow_abbrev=False)
     finder.add_argument(PRESET_FLAG, default=None)
+    # a pre-scan for --preset alone (the presets fill defaults); the full parse_args then rejects unknown flags
     name = finder.parse_known_args(list(argv))[0].preset
     if name is not None and name not in preset_names():
         raise UsageError(f"--preset {name!r} does not exist; choose one of {', '.join(preset_names())}")
