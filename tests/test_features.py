@@ -186,3 +186,23 @@ def test_local_vae_is_stored_as_an_absolute_path(tiny_vae, image_folder, tmp_pat
     config = extract_features.config_from_args(args)
     meta = build_meta(config, open_image_folder(config))
     assert meta["vae"] == tiny_vae and os.path.isabs(tiny_vae)
+
+
+def test_encoder_tokens_count_in_the_free_space_check_and_are_preallocated(tmp_path, monkeypatch):
+    import sit.files
+    from sit.data.features import arrays_bytes, open_arrays, open_token_array
+    from sit.files import NoSpaceLeft
+
+    meta = dict(image_size=64, vae="ema", num_images=10, classes=["a"], dtype="float16", block_size=4,
+                latent_shape=[4, 8, 8], complete=False, repa_encoder="dinov2_vitb14", repa_tokens_shape=[16, 32])
+    latents = 2 * 10 * 2 * 256 * 2 + 10 * 8  # mean and std (N, 2, 4, 8, 8) float16, labels (N,) int64
+    tokens = 10 * 2 * 16 * 32 * 2  # (N, 2, T, D) float16
+    assert arrays_bytes(meta) == latents + tokens
+    monkeypatch.setattr(sit.files, "free_bytes", lambda path: latents + tokens // 2)  # room for the latents only
+    with pytest.raises(NoSpaceLeft, match="the features of 10 images needs about"):
+        open_arrays(str(tmp_path), meta, "w+")
+    assert os.listdir(tmp_path) == []  # refused before any array was made
+    monkeypatch.undo()
+    open_arrays(str(tmp_path), meta, "w+")
+    open_token_array(str(tmp_path), meta, "w+")
+    assert os.stat(tmp_path / "repa_tokens.npy").st_blocks * 512 >= tokens  # reserved, not sparse

@@ -18,7 +18,6 @@ online VAE path does.
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import Optional
 
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from sit.archives import available_memory, npy_file_problem, read_npy_header
+from sit.archives import available_memory, npy_data_bytes, npy_file_problem, read_npy_header
 from sit.data.order import flip_for
 from sit.errors import UsageError
 from sit.files import atomic_json, check_free_space, preallocate
@@ -125,23 +124,36 @@ def has_tokens(meta: dict) -> bool:
     return meta.get("repa_encoder") is not None
 
 
+def token_array_shape(meta: dict) -> tuple[int, ...]:
+    """The shape of repa_tokens.npy: (N, 2, T, D)."""
+    return (meta["num_images"], 2, *meta["repa_tokens_shape"])
+
+
 def open_token_array(feature_path: str, meta: dict, mode: str) -> np.memmap:
-    """Memory-map repa_tokens.npy (N, 2, T, D); mode as open_arrays."""
+    """Memory-map repa_tokens.npy (N, 2, T, D); mode as open_arrays (its space is checked there, as
+    part of arrays_bytes, before any array is created)."""
     path = os.path.join(feature_path, "repa_tokens.npy")
     if mode == "w+":
-        shape = (meta["num_images"], 2, *meta["repa_tokens_shape"])
-        return np.lib.format.open_memmap(path, mode="w+", dtype=meta["dtype"], shape=shape)
+        tokens = np.lib.format.open_memmap(path, mode="w+", dtype=meta["dtype"], shape=token_array_shape(meta))
+        preallocate(path)
+        return tokens
+    if mode == "r+":
+        preallocate(path)  # a folder an older version left sparse
     return np.load(path, mmap_mode=mode)
 
 
 def arrays_bytes(meta: dict) -> int:
-    """The bytes of a feature folder's three arrays (their data, without the small .npy headers)."""
-    return sum(math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in array_shapes(meta).values())
+    """The bytes of a feature folder's arrays (their data, without the small .npy headers): mean, std
+    and labels, and the encoder tokens when meta names an encoder (by far the largest)."""
+    shapes = list(array_shapes(meta).values())
+    if has_tokens(meta):
+        shapes.append((token_array_shape(meta), meta["dtype"]))
+    return sum(npy_data_bytes(shape, np.dtype(dtype)) for shape, dtype in shapes)
 
 
 def open_arrays(feature_path: str, meta: dict, mode: str) -> tuple[np.memmap, np.memmap, np.memmap]:
-    """Memory-map (mean, std, labels); mode "w+" creates them (after checking the free space, and
-    preallocated: see sit.files.preallocate), "r+" writes (preallocated too), "r" reads."""
+    """Memory-map (mean, std, labels); mode "w+" creates them (after checking the free space for them and
+    the encoder tokens, and preallocated: see sit.files.preallocate), "r+" writes (preallocated too), "r" reads."""
     if mode == "w+":
         check_free_space(feature_path, arrays_bytes(meta), f"the features of {meta['num_images']:,} images")
     arrays = []
