@@ -25,7 +25,7 @@ from sit.data.images import TrainImageFolder
 from sit.distributed import DistContext, agree, cleanup_distributed, on_main, setup_distributed
 from sit.encoders import canonical_encoder_name, load_encoder
 from sit.generation import blocks_of_rank
-from sit.locks import folder_locks_released
+from sit.locks import folder_locks_released, holds_folder_lock
 from sit.speed import configure_cpu_threads
 from sit.vae import canonical_vae_name, load_vae
 
@@ -94,7 +94,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             try:
                 encode_missing_blocks(ctx, config, dataset)
             except BaseException:
-                if created and ctx.is_main:  # under the lock: no other run is writing there
+                # only under our lock: a run that was refused it must not remove the folder of the run
+                # that created it meanwhile (between the check of `created` and the lock)
+                if created and ctx.is_main and holds_folder_lock(config.features_path):
                     discard_unstarted_folder(config.features_path)
                 raise
     finally:

@@ -124,6 +124,11 @@ def acquire_folder_lock(folder: str, what: str, warn: Callable[[str], None]) -> 
     return lock
 
 
+def holds_folder_lock(folder: str) -> bool:
+    """Whether this process holds `folder`'s lock (taken by acquire_folder_lock and not yet released)."""
+    return os.path.abspath(os.path.join(folder, LOCK_FILE)) in _held
+
+
 def release_folder_locks() -> None:
     """Release every lock this process holds (at the end of a run; a killed run's are taken over later)."""
     for lock in list(_held.values()):

@@ -206,3 +206,27 @@ def test_encoder_tokens_count_in_the_free_space_check_and_are_preallocated(tmp_p
     open_arrays(str(tmp_path), meta, "w+")
     open_token_array(str(tmp_path), meta, "w+")
     assert os.stat(tmp_path / "repa_tokens.npy").st_blocks * 512 >= tokens  # reserved, not sparse
+
+
+def test_a_run_refused_the_lock_keeps_the_folder_another_run_created_meanwhile(image_folder, tmp_path, monkeypatch):
+    import fcntl
+
+    from sit.locks import LOCK_FILE
+
+    features = tmp_path / "f"  # missing when the run starts: it counts as created by this run
+    setup = extract_features.setup_distributed
+    holder = []
+
+    def another_run_takes_the_folder():  # what a second run started at the same moment does meanwhile
+        features.mkdir()
+        holder.append(os.open(features / LOCK_FILE, os.O_RDWR | os.O_CREAT))
+        fcntl.flock(holder[0], fcntl.LOCK_EX)
+        return setup()
+
+    monkeypatch.setattr(extract_features, "setup_distributed", another_run_takes_the_folder)
+    try:
+        with pytest.raises(UsageError, match="is in use by"):
+            extract_features.main(["--data-path", image_folder, "--features-path", str(features), "--image-size", "32"])
+        assert os.listdir(features) == [LOCK_FILE]  # the other run's folder and lock are left alone
+    finally:
+        os.close(holder[0])
