@@ -142,7 +142,7 @@ class TrainImageFolder(torch.utils.data.Dataset):
     """An ImageFolder for training whose every item depends on (seed, epoch, index) only.
 
     Items are ((3, H, W) image in [-1, 1], label): read by `read_rgb`, ADM center crop, then a
-    horizontal flip decided by `features.flip_for(seed, epoch, index)` rather than by worker RNG, so
+    horizontal flip decided by `sit.data.order.flip_for(seed, epoch, index)` rather than by worker RNG, so
     that an interrupted and resumed run sees exactly the images an uninterrupted one does, whatever
     the worker count. Listed by sit.data.listing (`listing_warning`: what it skipped, or None).
     An image that cannot be read is skipped with a warning naming the file; the next readable

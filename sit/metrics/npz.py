@@ -73,7 +73,8 @@ def read_stored_images(path: str, key: str) -> np.ndarray:
         shape, fortran_order, dtype, npy_header_size = read_array_header(archive, path, key)
         info = archive.getinfo(f"{key}.npy")
         if info.compress_type != zipfile.ZIP_STORED:
-            return np.load(path)[key]
+            with np.load(path) as data:  # closes the file once the array is read
+                return data[key]
     with open(path, "rb") as raw:
         raw.seek(info.header_offset)
         local_header = raw.read(30)  # zip local file header: name and extra lengths at bytes 26-30
