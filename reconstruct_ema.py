@@ -29,7 +29,7 @@ SHARE_WARNING = 0.01  # warn when the initial weights' share of a traditional EM
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ScriptParser(description="Reconstruct an EMA of any length from post-hoc EMA snapshots.",
-                                     allow_abbrev=False)
+                          allow_abbrev=False)
     parser.add_argument("snapshots", help="an experiment folder of train.py --phema-stds (or its phema/ folder)")
     targets = parser.add_argument_group("the EMAs to build (one checkpoint each)")
     targets.add_argument("--std", type=std_list, help="relative standard deviations of power-function EMAs, e.g. 0.1,0.15")

@@ -64,7 +64,7 @@ from transport.schedules import TIME_SAMPLINGS
 def build_parser() -> argparse.ArgumentParser:
     # Default args train SiT-XL/2 with the paper's hyperparameters (except the number of steps).
     parser = ScriptParser(description="Train SiT (see the module docstring for resuming).",
-                                     allow_abbrev=False)
+                          allow_abbrev=False)
     data = parser.add_mutually_exclusive_group(required=True)
     data.add_argument("--data-path", type=str, default=None, help="an ImageFolder: <root>/<class>/<image>")
     data.add_argument("--feature-path", type=str, default=None,

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from sit.checkpoint import TrainCheckpoint
-from sit.data.features import open_arrays, write_meta
+from sit.data.features import open_arrays, open_token_array, write_meta
 from sit.data.order import ResumableDistributedSampler
 from sit.errors import UsageError
 from sit.training.healing import (SPIKE_MIN_HISTORY, Healer, HealingSettings, LossSpiked, batch_positions,
@@ -201,3 +201,50 @@ def test_a_healed_run_resumes_exactly(healed_runs, tmp_path):
     assert "warning: rollback 2 of 2: the loss spiked to " in result.stdout
     assert_same_training_state(load(os.path.join(experiment, "checkpoints", "0000016.pt")),
                                load(os.path.join(healed_runs["healed_dir"], "checkpoints", "0000016.pt")))
+
+
+def write_token_features(path: str, nan_batch: tuple[int, int], batch_size: int) -> str:
+    """16 cached 4x4x4 latents with REPA tokens (4 tokens of 8 dims: the tiny SiT's 2 x 2 grid) for one
+    process; the latent of nan_batch is NaN."""
+    count = 16
+    os.makedirs(path)
+    meta = dict(image_size=32, vae="ema", num_images=count, classes=["a", "b"], dtype="float32", block_size=count,
+                latent_shape=[4, 4, 4], data_path="/nowhere", complete=True, repa_encoder="tiny-test-encoder",
+                repa_tokens_shape=[4, 8])
+    mean, std, labels = open_arrays(path, meta, "w+")
+    tokens = open_token_array(path, meta, "w+")
+    generator = np.random.default_rng(0)
+    mean[:] = generator.normal(size=mean.shape).astype(np.float32)
+    tokens[:] = generator.normal(size=tokens.shape).astype(np.float32)
+    std[:], labels[:] = 0.1, np.arange(count) % 2
+    sampler = ResumableDistributedSampler(range(count), num_replicas=1, rank=0, shuffle=True, seed=0)
+    sampler.set_epoch(nan_batch[0])
+    mean[list(sampler)[nan_batch[1] * batch_size]] = np.nan
+    for array in (mean, std, labels, tokens):
+        array.flush()
+    write_meta(path, meta)
+    return path
+
+
+@pytest.mark.slow
+def test_a_rollback_keeps_representation_alignment(tmp_path):
+    """A REPA run that rolls back goes on aligning, from the rollback point's projector: it ends as a run
+    told to skip the batch (model, EMA and projector bit for bit), and logs the alignment loss throughout."""
+    nan_batch = (0, 2)  # the data of step 3; the rollback point is step 2
+    write_token_features(str(tmp_path / "features"), nan_batch, batch_size=2)
+    common = ["--feature-path", str(tmp_path / "features"), *TINY, "--global-batch-size", "2", "--log-every", "1",
+              "--ckpt-every", "100000", "--sample-every", "100000", "--num-workers", "0", "--max-steps", "5",
+              "--repa-encoder", "tiny-test-encoder", "--repa-depth", "1", "--repa-projector-dim", "16"]
+    healed = run_train([*common, "--results-dir", str(tmp_path / "healed"), "--max-rollbacks", "1",
+                        "--rollback-every", "2"], str(tmp_path))
+    told = run_train([*common, "--results-dir", str(tmp_path / "told"), "--skip-batches", "0:2"], str(tmp_path))
+    assert_ok(healed)
+    assert_ok(told)
+    assert re.search(r"warning: rollback 1 of 1: the .* became non-finite \(nan\) at step 3", healed.stdout)
+    final = [load(os.path.join(only_experiment(tmp_path / run), "checkpoints", "0000005.pt")) for run in ("healed", "told")]
+    assert_same_training_state(*final)
+    for name, tensor in final[1]["repa_projector"].items():
+        assert torch.equal(final[0]["repa_projector"][name], tensor), f"repa_projector.{name} differs"
+    with open(os.path.join(only_experiment(tmp_path / "healed"), "log.txt")) as handle:
+        lines = [line for line in handle if "Train Loss" in line and "(first step" not in line]
+    assert lines and all(", Align Loss: " in line for line in lines)

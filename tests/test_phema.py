@@ -130,6 +130,11 @@ def test_reconstruct_ema_bad_inputs_are_one_line(toy_run, tmp_path):
         reconstruct_ema.main([toy_run["folder"], "--std", "0.1", "--step", "35"])
     with pytest.raises(UsageError, match="no post-hoc EMA snapshots"):
         reconstruct_ema.main([str(tmp_path), "--std", "0.1"])
+    only_initial = tmp_path / "initial"
+    only_initial.mkdir()
+    shutil.copy(os.path.join(toy_run["folder"], "0000000.pt"), only_initial)
+    with pytest.raises(UsageError, match=r"^snapshots .*: only the snapshot of step 0 \(the initial weights\)"):
+        reconstruct_ema.main([str(only_initial), "--std", "0.1"])
 
 
 #################################################################################

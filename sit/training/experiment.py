@@ -15,6 +15,7 @@ files a killed run left in checkpoints/, samples/ and the folder itself (never a
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -201,7 +202,8 @@ def discard_unfinished_experiments() -> list[str]:
         if not os.path.exists(folder):
             removed.append(folder)
         if created_parent is not None and os.path.isdir(created_parent) and not os.listdir(created_parent):
-            os.rmdir(created_parent)  # only when empty: another run may have started in it meanwhile
+            with contextlib.suppress(OSError):  # only when empty: another run may start in it meanwhile
+                os.rmdir(created_parent)
     return removed
 
 

@@ -30,10 +30,9 @@ from typing import Any, Optional
 import torch
 
 from sit.checkpoint import TrainCheckpoint
-from sit.cli import non_negative_int, positive_int
+from sit.cli import non_negative_int, positive_float, positive_int
 from sit.errors import UsageError
 from sit.training.monitor import TrainingDiverged
-from train_utils import positive_float
 
 SPIKE_WINDOW = 100  # the running median is over this many recent steps' losses
 SPIKE_MIN_HISTORY = 10  # no spike is called before this many losses were seen

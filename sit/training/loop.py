@@ -249,9 +249,10 @@ def roll_back(run: TrainingRun, error: TrainingDiverged) -> None:
     """Restore the rollback point through the path a resume takes (sit.training.network) and skip the
     batch that diverged (every rank alike); re-raises error when the run cannot heal."""
     saved = run.healer.roll_back(error, run.logger)
+    alignment = run.step.alignment  # REPA: the same encoder (or cached tokens); the projector is the point's
     run.step = None  # let the diverged model, EMA and optimizer go before building their replacements
     start = StartPoint(f"the rollback point of step {saved.train_steps}", saved.to_dict())
-    run.step = build_train_step(run.config, run.ctx, start, run.vae.module, run.logger)
+    run.step = build_train_step(run.config, run.ctx, start, run.vae.module, run.logger, alignment)
     run.step.ddp_model.train()
     run.phema = start_tracker(run.config.phema, run.step.model, saved.phema)
     seed = run.config.data.global_seed * run.ctx.world_size + run.ctx.rank

@@ -142,7 +142,10 @@ def plan_reconstruction(folder: str, target: EMATarget, at_step: Optional[int] =
     if not found:
         raise UsageError(f"{flag} {folder}: no post-hoc EMA snapshots (<step>.pt of train.py --phema-stds)")
     steps = [step for step, _ in found if step > 0]
-    at_step = (steps[-1] if steps else 0) if at_step is None else at_step
+    if not steps:
+        raise UsageError(f"{flag} {folder}: only the snapshot of step 0 (the initial weights); an EMA needs the "
+                         f"snapshots of trained steps (every --phema-every steps, and at the end of a run)")
+    at_step = steps[-1] if at_step is None else at_step
     if at_step not in steps:
         raise UsageError(f"--step {at_step}: no snapshot of that step in {folder} (steps: "
                          f"{', '.join(map(str, steps))})")

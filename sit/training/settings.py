@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import AbstractSet, Any, Mapping, Optional
 
 from models import MODEL_SHAPES, has_null_class
-from sit.checkpoint import model_config_problem, model_shape_name
+from sit.checkpoint import TRANSPORT_KEYS, model_config_problem, model_shape_name
 from sit.config import Resolved, Rule, Setting, TransportConfig, resolve_settings
 from sit.distributed import launched_by_torchrun
 from sit.encoders import canonical_encoder_name, describe_encoder
@@ -44,7 +44,6 @@ PHEMA_CONFLICT = ("{flag} {given} but {source} tracked {flag} {held}; post-hoc E
 RUN_WARNING = "{flag} {given} replaces the checkpoint's {held} from step {step} on: the run will differ from an uninterrupted one"
 
 MODEL_KEYS = ("model", "model_config", "image_size", "num_classes")
-TRANSPORT_KEYS = ("path_type", "prediction", "loss_weight", "train_eps", "sample_eps")
 DATA_ORDER_KEYS = ("global_batch_size", "global_seed", "random_flip")
 RUN_KEYS = ("lr", "ema_decay")
 REPA_SHAPE_KEYS = ("repa_depth", "repa_projector_dim")  # what the projector is: locked to the checkpoint
