@@ -27,7 +27,7 @@ import models
 from sit.archives import zip_problem
 from sit.checkpoint import (MODEL_CONFIG_BOUNDS, MODEL_DEFAULTS, TrainCheckpoint, check_train_checkpoint,
                             load_model, model_config_problem, sit_parameter_count)
-from sit.data.features import LatentFeatureDataset, open_arrays, read_meta, write_meta
+from sit.data.features import LatentFeatureDataset, open_arrays, open_token_array, read_meta, write_meta
 from sit.errors import RunFailure, UsageError
 from sit.files import (NoSpaceLeft, atomic_json, atomic_torch_save, atomic_write, held_by_another_process,
                        preallocate, remove_temporaries, temporary_owner, this_host)
@@ -601,6 +601,31 @@ def test_a_corrupt_feature_meta_is_one_line_and_allocates_nothing(tmp_path):
         expected = message if content == cases[0][0] else (f"{path} does not describe usable features: {message}; "
                                                             f"delete {folder} and run extract_features.py again")
         assert str(error.value) == expected
+
+
+def test_feature_tokens_are_judged_with_the_other_arrays(tmp_path):
+    folder = str(tmp_path / "features")
+    os.makedirs(folder)
+    meta = dict(image_size=32, vae="ema", num_images=4, classes=["a", "b"], dtype="float32", block_size=4,
+                latent_shape=[4, 4, 4], complete=True, repa_encoder="encoder.pt", repa_tokens_shape=[16, 8])
+    open_arrays(folder, meta, "w+")
+    open_token_array(folder, meta, "w+")
+    write_meta(folder, meta)
+    assert read_meta(folder) == meta
+    path, tokens = os.path.join(folder, "meta.json"), os.path.join(folder, "repa_tokens.npy")
+    write_meta(folder, dict(meta, repa_tokens_shape="16x8"))
+    with pytest.raises(UsageError) as error:
+        LatentFeatureDataset(folder, with_tokens=True)
+    assert str(error.value) == (f"{path} does not describe usable features: its repa_tokens_shape is '16x8', expected "
+                                f"[tokens, width] of the encoder; delete {folder} and run extract_features.py again")
+    write_meta(folder, dict(meta, repa_tokens_shape=[16, 9]))
+    with pytest.raises(UsageError, match=r"repa_tokens.npy: it holds float32 \(4, 2, 16, 8\), meta.json says "
+                                         r"float32 \(4, 2, 16, 9\)"):
+        LatentFeatureDataset(folder, with_tokens=True)
+    write_meta(folder, meta)
+    os.truncate(tokens, os.path.getsize(tokens) // 2)  # a copy cut short
+    with pytest.raises(UsageError, match=r"does not describe usable features: repa_tokens.npy: "):
+        LatentFeatureDataset(folder, with_tokens=True)
 
 
 #################################################################################

@@ -331,9 +331,17 @@ def test_single_flag_errors_are_argparse_errors(argv, expected, capsys):
     assert error.value.code == 2 and expected in capsys.readouterr().err
 
 
+def write_arrays(feat: str, meta: dict) -> None:
+    """Zero arrays that agree with meta.json (sit.data.features.stored_arrays), so that read_meta accepts it."""
+    from sit.data.features import stored_arrays
+
+    for name, (shape, dtype) in stored_arrays(meta).items():
+        np.lib.format.open_memmap(os.path.join(feat, f"{name}.npy"), mode="w+", dtype=dtype, shape=shape).flush()
+
+
 def test_features_without_tokens_or_of_another_encoder_are_refused(tmp_path, monkeypatch):
     import train
-    from sit.data.features import array_shapes, write_meta
+    from sit.data.features import write_meta
 
     forbid_heavy_work(monkeypatch)
     encoder = save_tiny_encoder(str(tmp_path / "encoder.pt"))
@@ -342,13 +350,13 @@ def test_features_without_tokens_or_of_another_encoder_are_refused(tmp_path, mon
     meta = dict(image_size=32, vae="ema", num_images=2, classes=["a", "b"], dtype="float32", block_size=2,
                 latent_shape=[4, 4, 4], complete=True)
     write_meta(feat, meta)
-    for name, (shape, dtype) in array_shapes(meta).items():  # arrays that agree with meta.json (sit.data.features)
-        np.lib.format.open_memmap(os.path.join(feat, f"{name}.npy"), mode="w+", dtype=dtype, shape=shape).flush()
+    write_arrays(feat, meta)
     with pytest.raises(UsageError) as error:
         train.main(["--feature-path", feat, *TINY, "--repa-encoder", encoder, "--repa-depth", "1"])
     assert str(error.value) == (f"--repa-encoder {encoder} with --feature-path {feat}, which holds no encoder tokens: "
                                 f"run extract_features.py --repa-encoder {encoder} into a new --features-path")
     write_meta(feat, dict(meta, repa_encoder="vit_base_patch14_dinov2.lvd142m", repa_tokens_shape=[256, 768]))
+    write_arrays(feat, dict(meta, repa_encoder="vit_base_patch14_dinov2.lvd142m", repa_tokens_shape=[256, 768]))
     with pytest.raises(UsageError, match="which holds tokens of vit_base_patch14_dinov2.lvd142m"):
         train.main(["--feature-path", feat, *TINY, "--repa-encoder", encoder, "--repa-depth", "1"])
 

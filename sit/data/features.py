@@ -47,6 +47,12 @@ def array_shapes(meta: dict) -> dict[str, tuple[tuple[int, ...], str]]:
     return {"mean": (shape, meta["dtype"]), "std": (shape, meta["dtype"]), "labels": ((meta["num_images"],), "int64")}
 
 
+def stored_arrays(meta: dict) -> dict[str, tuple[tuple[int, ...], str]]:
+    """array_shapes, plus repa_tokens (N, 2, T, D) when meta names an encoder: every array of the folder."""
+    tokens = {"repa_tokens": (token_array_shape(meta), meta["dtype"])} if has_tokens(meta) else {}
+    return {**array_shapes(meta), **tokens}
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -69,6 +75,10 @@ def meta_problem(meta: object) -> Optional[str]:
     for key, valid, expected in checks:
         if key not in meta or not valid(meta[key]):
             return f"its {key} is {meta.get(key, 'missing')!r:.80}, expected {expected}"
+    tokens_shape = meta.get("repa_tokens_shape")
+    if has_tokens(meta) and not (isinstance(tokens_shape, list) and len(tokens_shape) == 2
+                                 and all(_is_int(n) and 1 <= n <= 1 << 16 for n in tokens_shape)):
+        return f"its repa_tokens_shape is {tokens_shape!r:.80}, expected [tokens, width] of the encoder"
     latent = meta["image_size"] // VAE_DOWNSAMPLING
     if meta["latent_shape"] != [LATENT_CHANNELS, latent, latent]:
         return (f"its latent_shape {meta['latent_shape']} is not [{LATENT_CHANNELS}, {latent}, {latent}] of "
@@ -80,7 +90,7 @@ def meta_problem(meta: object) -> Optional[str]:
 
 def arrays_problem(feature_path: str, meta: dict) -> Optional[str]:
     """What is wrong when the arrays on disk are not those meta.json describes (read from their headers), or None."""
-    for name, (shape, dtype) in array_shapes(meta).items():
+    for name, (shape, dtype) in stored_arrays(meta).items():
         path = os.path.join(feature_path, f"{name}.npy")
         if not os.path.isfile(path):
             return f"{name}.npy is missing"
@@ -145,10 +155,7 @@ def open_token_array(feature_path: str, meta: dict, mode: str) -> np.memmap:
 def arrays_bytes(meta: dict) -> int:
     """The bytes of a feature folder's arrays (their data, without the small .npy headers): mean, std
     and labels, and the encoder tokens when meta names an encoder (by far the largest)."""
-    shapes = list(array_shapes(meta).values())
-    if has_tokens(meta):
-        shapes.append((token_array_shape(meta), meta["dtype"]))
-    return sum(npy_data_bytes(shape, np.dtype(dtype)) for shape, dtype in shapes)
+    return sum(npy_data_bytes(shape, np.dtype(dtype)) for shape, dtype in stored_arrays(meta).values())
 
 
 def open_arrays(feature_path: str, meta: dict, mode: str) -> tuple[np.memmap, np.memmap, np.memmap]:
