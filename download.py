@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from sit.archives import zip_problem
 from sit.errors import UsageError
-from sit.files import atomic_write, removed_on_failure_if_empty
+from sit.files import NoSpaceLeft, atomic_write, removed_on_failure_if_empty
 from sit.hub import HubUnavailable, hub_file, hub_offline
 
 PRETRAINED_DIR = "pretrained_models"
@@ -82,12 +82,12 @@ def download_url(url: str, path: str, progress: bool = True) -> str:
     """Stream `url` (http, https or file) to `path`, atomically, with a progress bar.
 
     The bytes go to a temporary file beside `path`, renamed to `path` only when the transfer
-    is complete (and as long as the server announced). Raises CheckpointError on any failure,
-    leaving nothing at `path`.
+    is complete (and as long as the server announced). Raises CheckpointError on any failure
+    (NoSpaceLeft for a full disk), leaving nothing at `path`.
     """
     try:
         atomic_write(path, functools.partial(_stream_url, url, progress=progress), suffix=".part")
-    except CheckpointError:
+    except (CheckpointError, NoSpaceLeft):  # a full disk is the machine's failure (exit 1), not the download's
         raise
     except Exception as error:  # network errors, interrupted reads: one message for the user
         raise CheckpointError(f"could not download {url} ({_describe(error)})") from error

@@ -11,6 +11,7 @@ are skipped with the reason.
 """
 import json
 import os
+import pathlib
 import re
 import signal
 import subprocess
@@ -299,6 +300,12 @@ def test_a_full_disk_is_one_line_naming_the_file_and_leaves_no_temporary(small_d
     with pytest.raises(NoSpaceLeft, match=r"^no space left on .*0000004\.pt: the checkpoint 0000004\.pt needs about 3\.0 MiB, only "):
         TrainCheckpoint(model={"w": torch.zeros(1 << 19)}, ema={}, opt={}, settings={}, model_config={},
                         train_steps=4).save(os.path.join(disk, "0000004.pt"))
+    source = os.path.join(os.path.dirname(disk), "published.pt")  # beside the small disk, on the real one
+    with open(source, "wb") as handle:
+        handle.write(os.urandom(2 << 20))
+    with pytest.raises(NoSpaceLeft, match=r"^no space left on .*published\.pt: "):  # exit 1, not the download's 2
+        download.download_url(pathlib.Path(source).as_uri(), os.path.join(disk, "published.pt"), progress=False)
+    assert leftovers(disk) == [] and not os.path.exists(os.path.join(disk, "published.pt"))
 
 
 def test_feature_arrays_are_preallocated_so_a_full_disk_is_no_sigbus(small_disk):
