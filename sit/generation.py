@@ -7,7 +7,8 @@ RNGs, so the caller's random streams, e.g. training's, are left as they were).
 
 With `stop_on_non_finite`, a sampler whose model outputs turn NaN/Inf stops with RunFailure naming
 the model evaluation (the sampler's step) and its t. The watch costs one isfinite reduction per model
-call, kept on the device (no synchronisation), and one synchronisation per block of images.
+call, kept on the device (no synchronisation), and one synchronisation per block of images
+(NonFiniteWatch.failure).
 """
 from __future__ import annotations
 
@@ -136,14 +137,19 @@ class NonFiniteWatch:
         return self.watched(self.model.forward_with_cfg)
 
     def failure(self, latents: Optional[torch.Tensor]) -> Optional[RunFailure]:
-        """The RunFailure to raise when a model output or the final latents (N, C, L, L) were not finite, else None."""
+        """The RunFailure to raise when a model output or the final latents (N, C, L, L) were not finite, else None.
+
+        One synchronisation when all is finite (both checks combined on the device), more only to name a failure."""
+        finite = torch.isfinite(latents).all() if latents is not None else torch.ones((), dtype=torch.bool)
+        if self.first_bad is not None:
+            finite = finite & (self.first_bad[0] == 0)
+        if bool(finite):
+            return None
         if self.first_bad is not None and int(self.first_bad[0]) > 0:
             return RunFailure(f"the sampler produced non-finite values at step {int(self.first_bad[0])} of "
                               f"{self.calls} (model evaluation at t = {float(self.first_bad[1]):.4f})")
-        if latents is not None and not bool(torch.isfinite(latents).all()):
-            return RunFailure(f"the sampler produced non-finite values after its last step ({self.calls} model "
-                              f"evaluations, all finite)")
-        return None
+        return RunFailure(f"the sampler produced non-finite values after its last step ({self.calls} model "
+                          f"evaluations, all finite)")
 
 
 def generate_latents(sample_fn: Callable, model: Any, z: torch.Tensor, y: torch.Tensor, guidance: GuidanceConfig,
