@@ -62,9 +62,10 @@ def image_labels(num_images: int, global_seed: int, shape: tuple[int, int, int],
 
 class ObservedSampleFunction:
     """A sampler function fn(x, model_fn, **kwargs) whose model evaluations also call on_evaluation(t)
-    (t of the first sample; e.g. a progress display); `nfe` is the wrapped function's."""
+    (e.g. a progress display); `nfe` is the wrapped function's. t: the first sample's time, a 0-dim
+    tensor on the sampler's device, not read here (reading it would wait for the device at every step)."""
 
-    def __init__(self, sample_fn: Callable, on_evaluation: Callable[[float], None]):
+    def __init__(self, sample_fn: Callable, on_evaluation: Callable[[torch.Tensor], None]):
         self.sample_fn, self.on_evaluation = sample_fn, on_evaluation
 
     @property
@@ -74,7 +75,7 @@ class ObservedSampleFunction:
     def __call__(self, x: torch.Tensor, model_fn: Callable, **kwargs: Any) -> Any:
         def evaluate(x_t: torch.Tensor, t: torch.Tensor, **model_kwargs: Any) -> Any:
             output = model_fn(x_t, t, **model_kwargs)
-            self.on_evaluation(float(t.reshape(-1)[0]))
+            self.on_evaluation(t.reshape(-1)[0])  # (N,) -> ()
             return output
 
         return self.sample_fn(x, evaluate, **kwargs)
