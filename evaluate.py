@@ -38,8 +38,8 @@ from sit.speed import configure_precision
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """The command line (argparse's own errors: one line, exit 2)."""
     parser = ScriptParser(description="IS, FID, sFID, precision and recall (ADM definitions) and "
-                                                 "FD-DINOv2 of a sample batch against a reference batch.",
-                                     allow_abbrev=False)
+                                      "FD-DINOv2 of a sample batch against a reference batch.",
+                          allow_abbrev=False)
     parser.add_argument("ref_batch", help="reference .npz: arr_0 (N, H, W, 3) uint8 and/or mu, sigma, mu_s, sigma_s")
     parser.add_argument("sample_batch", nargs="?", default=None,
                         help="sample .npz with arr_0 (N, H, W, 3) uint8; omit to only cache the reference statistics")

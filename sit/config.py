@@ -127,10 +127,6 @@ class TransportConfig:
         weights whatever --loss-weight says (only score and noise losses are weighted)."""
         return None if self.prediction == "velocity" else self.loss_weight
 
-    def as_dict(self) -> dict:
-        return dict(path_type=self.path_type, prediction=self.prediction, loss_weight=self.loss_weight,
-                    train_eps=self.train_eps, sample_eps=self.sample_eps)
-
 
 # The transport settings: what the model was trained to output is locked to the checkpoint; the
 # eps values are integration choices, where a flag wins.

@@ -7,7 +7,8 @@ RNGs, so the caller's random streams, e.g. training's, are left as they were).
 
 With `stop_on_non_finite`, a sampler whose model outputs turn NaN/Inf stops with RunFailure naming
 the model evaluation (the sampler's step) and its t. The watch costs one isfinite reduction per model
-call, kept on the device (no synchronisation), and one synchronisation per block of images.
+call, kept on the device (no synchronisation), and one synchronisation per block of images
+(NonFiniteWatch.failure).
 """
 from __future__ import annotations
 
@@ -61,9 +62,10 @@ def image_labels(num_images: int, global_seed: int, shape: tuple[int, int, int],
 
 class ObservedSampleFunction:
     """A sampler function fn(x, model_fn, **kwargs) whose model evaluations also call on_evaluation(t)
-    (t of the first sample; e.g. a progress display); `nfe` is the wrapped function's."""
+    (e.g. a progress display); `nfe` is the wrapped function's. t: the first sample's time, a 0-dim
+    tensor on the sampler's device, not read here (reading it would wait for the device at every step)."""
 
-    def __init__(self, sample_fn: Callable, on_evaluation: Callable[[float], None]):
+    def __init__(self, sample_fn: Callable, on_evaluation: Callable[[torch.Tensor], None]):
         self.sample_fn, self.on_evaluation = sample_fn, on_evaluation
 
     @property
@@ -73,7 +75,7 @@ class ObservedSampleFunction:
     def __call__(self, x: torch.Tensor, model_fn: Callable, **kwargs: Any) -> Any:
         def evaluate(x_t: torch.Tensor, t: torch.Tensor, **model_kwargs: Any) -> Any:
             output = model_fn(x_t, t, **model_kwargs)
-            self.on_evaluation(float(t.reshape(-1)[0]))
+            self.on_evaluation(t.reshape(-1)[0])  # (N,) -> ()
             return output
 
         return self.sample_fn(x, evaluate, **kwargs)
@@ -136,14 +138,19 @@ class NonFiniteWatch:
         return self.watched(self.model.forward_with_cfg)
 
     def failure(self, latents: Optional[torch.Tensor]) -> Optional[RunFailure]:
-        """The RunFailure to raise when a model output or the final latents (N, C, L, L) were not finite, else None."""
+        """The RunFailure to raise when a model output or the final latents (N, C, L, L) were not finite, else None.
+
+        One synchronisation when all is finite (both checks combined on the device), more only to name a failure."""
+        finite = torch.isfinite(latents).all() if latents is not None else torch.ones((), dtype=torch.bool)
+        if self.first_bad is not None:
+            finite = finite & (self.first_bad[0] == 0)
+        if bool(finite):
+            return None
         if self.first_bad is not None and int(self.first_bad[0]) > 0:
             return RunFailure(f"the sampler produced non-finite values at step {int(self.first_bad[0])} of "
                               f"{self.calls} (model evaluation at t = {float(self.first_bad[1]):.4f})")
-        if latents is not None and not bool(torch.isfinite(latents).all()):
-            return RunFailure(f"the sampler produced non-finite values after its last step ({self.calls} model "
-                              f"evaluations, all finite)")
-        return None
+        return RunFailure(f"the sampler produced non-finite values after its last step ({self.calls} model "
+                          f"evaluations, all finite)")
 
 
 def generate_latents(sample_fn: Callable, model: Any, z: torch.Tensor, y: torch.Tensor, guidance: GuidanceConfig,

@@ -47,10 +47,12 @@ class AutoGuidedModel(torch.nn.Module):
         low, high = self.interval
         everywhere = low <= 0.0 and high >= 1.0
         inside = None if everywhere else (t >= low) & (t <= high)  # (N,)
-        if inside is not None and not bool(inside.any()):
+        # with an interval: one synchronisation per call, which decides whether the guide runs at all
+        num_inside = len(t) if inside is None else int(inside.sum())
+        if num_inside == 0:
             return main_output
         guide_output = self.guide(x, t, y)
         guided = guide_output + self.scale * (main_output - guide_output)
-        if inside is None or bool(inside.all()):
+        if num_inside == len(t):
             return guided
         return torch.where(inside.view(-1, *([1] * (guided.ndim - 1))), guided, main_output)  # (N, 1, 1, 1) mask

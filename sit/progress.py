@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Callable, Optional, TextIO
+from typing import TYPE_CHECKING, Callable, Optional, TextIO, Union
 
 from tqdm import tqdm
 
+if TYPE_CHECKING:
+    import torch
+
 LINE_INTERVAL_S = 10.0  # seconds between two plain progress lines (stderr not a terminal)
+READ_INTERVAL_S = 0.5  # seconds between two reads of a sampler's t held on its device (each read waits for it)
 
 
 def format_duration(seconds: float) -> str:
@@ -107,13 +111,24 @@ class SamplerProgress:
         self.reverse = reverse
         self.evaluations = 0
         self.position = 0.0
+        self.last_read = -float("inf")
 
-    def __call__(self, t: float) -> None:
+    def __call__(self, t: Union[float, "torch.Tensor"]) -> None:
+        """One model evaluation at t: a number, or a 0-dim tensor on the sampler's device, read (a
+        synchronisation with the device) at most every READ_INTERVAL_S seconds; the others are counted."""
         self.evaluations += 1
-        position = 1.0 - t if self.reverse else t
+        if not isinstance(t, (int, float)):
+            now = self.progress.clock()
+            if now - self.last_read < READ_INTERVAL_S:
+                return
+            self.last_read = now
+        position = 1.0 - float(t) if self.reverse else float(t)
         self.position = min(1.0, max(self.position, position))  # an adaptive solver may retry a step
         self.progress.update_to(round(self.position, 3), evaluations=self.evaluations)
 
     def close(self) -> None:
-        """The run is done: at the end of the interval (a fixed-step solver's last evaluation comes before it)."""
+        """The run is done: at the end of the interval (a fixed-step solver's last evaluation comes before it),
+        with every evaluation counted (those whose t was not read too)."""
+        if self.evaluations:
+            self.progress.update_to(round(self.position, 3), evaluations=self.evaluations)
         self.progress.close(final=1.0 if self.evaluations else None)

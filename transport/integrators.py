@@ -35,11 +35,19 @@ def _batch_times(t: th.Tensor, x: th.Tensor) -> th.Tensor:
     return th.ones(x.size(0), dtype=x.dtype, device=x.device) * t
 
 
+def _step_noise(x: th.Tensor) -> th.Tensor:
+    """Standard normal noise shaped like x: (N, ...), drawn on the CPU generator (the original's draw)
+    and moved to x's device. For a GPU state it is drawn into pinned memory and copied without
+    waiting: a plain copy from pageable memory would synchronise the device at every step."""
+    noise = th.randn(x.size(), dtype=x.dtype, pin_memory=x.is_cuda)
+    return noise.to(x.device, non_blocking=x.is_cuda)
+
+
 class SDESolver:
     """Fixed-grid SDE integration dx = drift dt + sqrt(2 w(t)) dW from t0 to t1 (t0 < t1).
 
     As the original, each step draws its Gaussian noise with `torch.randn` on the CPU generator and
-    moves it to the state's device, so a seed gives the same samples on CPU and GPU.
+    moves it to the state's device (_step_noise), so a seed gives the same samples on CPU and GPU.
     """
 
     def __init__(self, drift: Callable, diffusion: Callable, *, t0: float, t1: float, num_steps: int, sampler_type: str,
@@ -61,7 +69,7 @@ class SDESolver:
         return grid if self.grid_transform is None else self.grid_transform(grid)
 
     def euler_maruyama_step(self, x, mean_x, t, dt, model, **model_kwargs):
-        w_cur = th.randn(x.size(), dtype=x.dtype).to(x)
+        w_cur = _step_noise(x)
         t = _batch_times(t, x)
         dw = w_cur * th.sqrt(dt)
         drift = self.drift(x, t, model, **model_kwargs)
@@ -71,7 +79,7 @@ class SDESolver:
         return x, mean_x
 
     def heun_step(self, x, mean_x, t, dt, model, **model_kwargs):
-        w_cur = th.randn(x.size(), dtype=x.dtype).to(x)
+        w_cur = _step_noise(x)
         dw = w_cur * th.sqrt(dt)
         t_cur = _batch_times(t, x)
         diffusion = self.diffusion(x, t_cur)

@@ -453,12 +453,13 @@ def check_ode_arguments(sampling_method: Any, num_steps: Any, atol: Any, rtol: A
         raise ValueError(f"the ODE sampler needs at least 2 steps, got {num_steps}")
     check_real("atol", atol, positive=True)
     check_real("rtol", rtol, positive=True)
+
+
 def _shifted_grid(time_shift: Optional[float], t0: float, t1: float) -> Optional[Callable[[th.Tensor], th.Tensor]]:
-    """The grid transform of a time shift over the interval between t0 and t1 (None: none)."""
+    """The grid transform of a time shift (checked positive by the caller) over the interval between
+    t0 and t1 (None: none)."""
     if time_shift is None:
         return None
-    if time_shift <= 0:
-        raise ValueError(f"the time shift must be positive, got {time_shift}")
     return functools.partial(shifted_unit_grid, shift=time_shift, low=min(t0, t1), high=max(t0, t1))
 
 

@@ -92,8 +92,8 @@ def sampling_parser(mode: Optional[str], *, description: str, vae_default: str, 
     """
     # allow_abbrev=False: a misspelt or truncated flag is an error, never a silent match
     parser = ScriptParser(description=description, allow_abbrev=False,
-                                     epilog="The mode comes first; `<script> ODE -h` or `<script> SDE -h` "
-                                            "lists the sampler's own options.")
+                          epilog="The mode comes first; `<script> ODE -h` or `<script> SDE -h` "
+                                 "lists the sampler's own options.")
     add_model_arguments(parser, vae_default=vae_default, cfg_default=cfg_default)
     add_script_arguments(parser)
     if mode is not None:

@@ -267,8 +267,7 @@ def create_npz_from_sample_folder(folder: str, num: int, labels: Optional[np.nda
     when complete.
     """
     npz_path = f"{folder}.npz"
-    first = np.asarray(Image.open(png_path(folder, 0)).convert("RGB"))
-    atomic_write(npz_path, functools.partial(write_npz_with_labels, folder, num, first.shape, labels),
+    atomic_write(npz_path, functools.partial(write_npz_with_labels, folder, num, png_shape(folder), labels),
                  suffix=npz_temporary_suffix(folder))
     return npz_path
 
