@@ -235,8 +235,11 @@ def removed_on_failure_if_empty(folders: Sequence[str], ignoring: Collection[str
         yield
     except BaseException:
         for folder in folders if enabled else ():
-            if os.path.isdir(folder) and set(os.listdir(folder)) <= set(ignoring):
-                for name in os.listdir(folder):
+            if not os.path.isdir(folder):
+                continue
+            names = os.listdir(folder)
+            if set(names) <= set(ignoring):
+                for name in names:
                     with contextlib.suppress(OSError):
                         os.remove(os.path.join(folder, name))
                 with contextlib.suppress(OSError):
