@@ -10,9 +10,10 @@ A train checkpoint is a plain dict (nanoGPT style), loadable with `torch.load(we
     rng                    every rank's RNG states, in rank order
     scaler                 the fp16 GradScaler's state ({} otherwise)
     experiment_dir, wandb_id
-    repa_projector         only with --repa-encoder: the alignment projector's state dict (sampling ignores it)
-    phema                  with --phema-stds: the power-function EMAs ({"stds", "emas"}; sit.training.phema)
-    healing                with self-healing: skipped batches, rollbacks, recent losses (sit.training.healing)
+    extras                 with loss terms that have parameters: {term name: its state dict} (sit.training.terms;
+                           sampling ignores them; older REPA checkpoints hold "repa_projector" instead)
+    <extension name>       each loop extension's state under its own name, when it has one: "phema" (the
+                           power-function EMAs), "healing" (skipped batches, rollbacks, recent losses)
 Published checkpoints and bare state dicts hold only weights; they load for sampling and fine-tuning.
 
 What a checkpoint says is checked before it is used (one line naming the file): a model config
@@ -41,6 +42,9 @@ from sit.files import atomic_torch_save, check_free_space, format_bytes
 from sit.vae import PIXEL_CHANNELS, PIXEL_SPACE, image_size_for
 
 RESUMABLE_KEYS = ("model", "ema", "opt", "args", "model_config", "train_steps")
+CORE_KEYS = RESUMABLE_KEYS + ("epoch", "epoch_step", "rng", "scaler", "experiment_dir", "wandb_id", "extras")
+# older checkpoints' key of a loss term's state -> (the term's name, the prefix of its state dict's keys)
+LEGACY_EXTRAS = {"repa_projector": ("repa", "projector.")}
 TRANSPORT_KEYS = ("path_type", "prediction", "loss_weight", "train_eps", "sample_eps")
 
 
@@ -72,9 +76,8 @@ class TrainCheckpoint:
     scaler: dict = field(default_factory=dict)
     experiment_dir: Optional[str] = None
     wandb_id: Optional[str] = None
-    repa_projector: Optional[dict] = None
-    phema: dict = field(default_factory=dict)  # stored only when not empty, so that runs without it write the same files
-    healing: dict = field(default_factory=dict)  # likewise
+    extras: dict = field(default_factory=dict)  # loss terms' state dicts by name (stored only when not empty)
+    extensions: dict = field(default_factory=dict)  # loop extensions' states by name (each stored only when not empty)
 
     @classmethod
     def from_dict(cls, checkpoint: dict) -> "TrainCheckpoint":
@@ -84,8 +87,9 @@ class TrainCheckpoint:
                    train_steps=checkpoint["train_steps"], epoch=checkpoint.get("epoch", 0),
                    epoch_step=checkpoint.get("epoch_step", 0), rng=checkpoint.get("rng") or [],
                    scaler=checkpoint.get("scaler") or {}, experiment_dir=checkpoint.get("experiment_dir"),
-                   wandb_id=checkpoint.get("wandb_id"), repa_projector=checkpoint.get("repa_projector"),
-                   phema=checkpoint.get("phema") or {}, healing=checkpoint.get("healing") or {})
+                   wandb_id=checkpoint.get("wandb_id"), extras=extras_of(checkpoint),
+                   extensions={key: value for key, value in checkpoint.items()
+                               if key not in CORE_KEYS and key not in LEGACY_EXTRAS and isinstance(value, dict)})
 
     def to_dict(self) -> dict:
         """The stored form: plain containers and tensors only (the optional parts only when present)."""
@@ -93,9 +97,9 @@ class TrainCheckpoint:
                   "train_steps": self.train_steps, "epoch": self.epoch, "epoch_step": self.epoch_step,
                   "rng": self.rng, "model_config": dict(self.model_config), "experiment_dir": self.experiment_dir,
                   "scaler": self.scaler, "wandb_id": self.wandb_id}
-        if self.repa_projector is not None:
-            stored["repa_projector"] = self.repa_projector
-        stored.update({key: value for key, value in (("phema", self.phema), ("healing", self.healing)) if value})
+        if self.extras:
+            stored["extras"] = self.extras
+        stored.update({key: value for key, value in self.extensions.items() if value})
         return stored
 
     def save(self, path: str) -> None:
@@ -104,6 +108,15 @@ class TrainCheckpoint:
         stored = self.to_dict()
         check_free_space(path, tensor_bytes(stored) + (1 << 20), f"the checkpoint {os.path.basename(path)}")
         atomic_torch_save(stored, path)
+
+
+def extras_of(checkpoint: dict) -> dict:
+    """The loss terms' state dicts by term name (older checkpoints: their own keys, see LEGACY_EXTRAS)."""
+    extras = dict(checkpoint.get("extras") or {})
+    for key, (name, prefix) in LEGACY_EXTRAS.items():
+        if isinstance(checkpoint.get(key), dict):
+            extras.setdefault(name, {prefix + param: value for param, value in checkpoint[key].items()})
+    return extras
 
 
 def tensor_bytes(value: Any) -> int:
@@ -267,11 +280,12 @@ def train_checkpoint_problem(checkpoint: dict) -> Optional[str]:
         problem = _tensor_dict_problem(checkpoint[key], key)
         if problem is not None:
             return problem
-    projector = checkpoint.get("repa_projector") or {}  # REPA: AdamW holds the SiT's parameters, then the projector's
-    problem = _tensor_dict_problem(projector, "repa_projector") if projector else None
-    if problem is not None:
-        return problem
-    shapes = [tensor.shape for weights in (checkpoint["model"], projector) for tensor in weights.values()]
+    extras = extras_of(checkpoint)  # AdamW holds the SiT's parameters, then each loss term's
+    for name, weights in extras.items():
+        problem = _tensor_dict_problem(weights, f"{name} term's state")
+        if problem is not None:
+            return problem
+    shapes = [tensor.shape for weights in (checkpoint["model"], *extras.values()) for tensor in weights.values()]
     problem = optimizer_problem(checkpoint["opt"], shapes)
     if problem is None and checkpoint.get("rng"):
         problem = rng_problem(checkpoint["rng"])

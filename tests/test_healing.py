@@ -243,8 +243,8 @@ def test_a_rollback_keeps_representation_alignment(tmp_path):
     assert re.search(r"warning: rollback 1 of 1: the .* became non-finite \(nan\) at step 3", healed.stdout)
     final = [load(os.path.join(only_experiment(tmp_path / run), "checkpoints", "0000005.pt")) for run in ("healed", "told")]
     assert_same_training_state(*final)
-    for name, tensor in final[1]["repa_projector"].items():
-        assert torch.equal(final[0]["repa_projector"][name], tensor), f"repa_projector.{name} differs"
+    for name, tensor in final[1]["extras"]["repa"].items():
+        assert torch.equal(final[0]["extras"]["repa"][name], tensor), f"the repa term's {name} differs"
     with open(os.path.join(only_experiment(tmp_path / "healed"), "log.txt")) as handle:
         lines = [line for line in handle if "Train Loss" in line and "(first step" not in line]
     assert lines and all(", Align Loss: " in line for line in lines)

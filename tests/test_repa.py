@@ -13,7 +13,9 @@ from timm.models.vision_transformer import VisionTransformer
 from conftest import make_image_folder, make_tiny_vae
 from models import SiT
 from sit.errors import UsageError
-from sit.training.repa import AlignedSiT, Alignment, alignment_loss, build_projector, match_token_grid
+from sit.training.repa import RepaSettings, RepaTerm, alignment_loss, build_projector, match_token_grid
+from sit.training.step import TrainStep, losses_with_terms
+from sit.training.terms import ModelWithTerms
 from test_speed import run_script
 from test_train import forbid_heavy_work, load, only_experiment
 from transport import create_transport
@@ -85,34 +87,37 @@ def randomised_sit(depth: int = 4) -> SiT:
 
 def test_alignment_gradients_reach_only_blocks_up_to_the_depth_and_the_projector():
     model = randomised_sit(depth=4)
-    projector = build_projector(32, 16, 8)
-    aligned = AlignedSiT(model, projector, depth=2)
+    term = RepaTerm(32, RepaSettings("tiny", repa_depth=2, repa_coeff=0.5, repa_projector_dim=16), encoder_dim=8)
+    aligned = ModelWithTerms(model, [term])
     x, t, y = torch.randn(2, 3, 8, 8), torch.rand(2), torch.tensor([0, 2])
-    _, projected = aligned(x, t, y)
-    loss = alignment_loss(projected, torch.randn(2, 16, 8)).mean()
+    _, heads = aligned(x, t, y)
+    loss = alignment_loss(heads["repa"], torch.randn(2, 16, 8)).mean()
     named = [(name, param) for name, param in aligned.named_parameters() if param.requires_grad]
     grads = torch.autograd.grad(loss, [param for _, param in named], allow_unused=True)
     reached = {name for (name, _), grad in zip(named, grads) if grad is not None and grad.abs().sum() > 0}
     for name, _ in named:
         if name.startswith(("sit.blocks.2.", "sit.blocks.3.", "sit.final_layer.")):
             assert name not in reached, name
-        else:  # embedders, blocks 0 and 1 (1-based 1 and 2), the projector
+        else:  # embedders, blocks 0 and 1 (1-based 1 and 2), the term's projector
             assert name in reached, name
 
 
 def test_alignment_keeps_the_transport_draws_and_the_sit_output():
-    """Alignment.losses draws noise and t as the plain loss does and returns the same denoising loss."""
+    """The step with the REPA term draws noise and t as the plain loss does, has the same denoising loss,
+    and optimises it plus coeff x the alignment loss."""
     model = randomised_sit(depth=2)
-    aligned = AlignedSiT(model, build_projector(32, 16, 8), depth=1)
+    term = RepaTerm(32, RepaSettings("tiny", repa_depth=1, repa_coeff=0.5, repa_projector_dim=16), encoder_dim=8)
     transport = create_transport()
     x1, labels = torch.randn(3, 3, 8, 8), torch.tensor([0, 1, 2])
     model.eval()
     torch.manual_seed(4)
-    plain = transport.training_losses(model, x1, dict(y=labels))["loss"]
+    plain = transport.training_losses(model, x1, dict(y=labels))["loss"].mean()
     targets = torch.randn(3, 16, 8)
+    step = TrainStep.create(model, transport=transport, device=torch.device("cpu"), lr=1e-4, terms=[term])
     torch.manual_seed(4)
-    denoising, aligned_loss = Alignment(0.5, 1, 8).losses(transport, aligned, x1, labels, targets)
-    assert torch.equal(plain, denoising) and aligned_loss.shape == (3,)
+    denoising, total, named = losses_with_terms(step, x1, labels, [targets])
+    assert torch.equal(plain, denoising) and named["Align Loss"].shape == ()
+    torch.testing.assert_close(total, denoising + 0.5 * named["Align Loss"], rtol=0, atol=0)
 
 
 #################################################################################
@@ -163,10 +168,12 @@ def logged(results_dir) -> list[str]:
 def test_repa_resume_is_bit_exact(repa_runs):
     root, _ = repa_runs
     straight, resumed = checkpoint_at(root / "straight", 6), checkpoint_at(root / "interrupted", 6)
-    for key in ("model", "ema", "repa_projector"):
-        assert straight[key].keys() == resumed[key].keys()
-        for name in straight[key]:
-            assert torch.equal(straight[key][name], resumed[key][name]), (key, name)
+    for key in ("model", "ema", "projector"):
+        stored_straight, stored_resumed = ((saved["extras"]["repa"] if key == "projector" else saved[key])
+                                          for saved in (straight, resumed))
+        assert stored_straight.keys() == stored_resumed.keys()
+        for name in stored_straight:
+            assert torch.equal(stored_straight[name], stored_resumed[name]), (key, name)
     for index, state in straight["opt"]["state"].items():
         assert torch.equal(state["exp_avg"], resumed["opt"]["state"][index]["exp_avg"])
     # both loss terms are logged, and the resumed run logs what the straight one did
@@ -175,7 +182,7 @@ def test_repa_resume_is_bit_exact(repa_runs):
     assert logged(root / "interrupted") == lines
     # the SiT's keys are the original's; the projector (hidden 32 -> 16 -> 16 -> 64) is beside them
     assert not any(name.startswith(("sit.", "projector.")) for name in straight["model"])
-    assert straight["repa_projector"]["4.weight"].shape == (64, 16)
+    assert straight["extras"]["repa"]["projector.4.weight"].shape == (64, 16)
     assert straight["args"]["repa_encoder"] == str(root / "encoder.pt") and straight["args"]["time_shift"] == 2.0
 
 
@@ -241,16 +248,16 @@ def test_cached_latent_repa_equals_online_repa(repa_runs):
     vae, encoder = ContiguousPosterior(load_vae(str(root / "vae"), cpu)), load_encoder(str(root / "encoder.pt"), 32, cpu)
     torch.manual_seed(0)
     model = SiT(input_size=4, in_channels=4, num_classes=2, patch_size=2, **TINY_CONFIG)
-    projector = build_projector(32, 16, 64)
+    settings = RepaSettings(str(root / "encoder.pt"), repa_depth=1, repa_coeff=0.7, repa_projector_dim=16)
+    term = RepaTerm(32, settings, encoder_dim=64)
     batches = [(0, [0, 5, 3]), (0, [7, 1, 2]), (1, [4, 6, 0]), (1, [2, 3, 1])]  # (epoch, indices): flips differ
     results = {}
     for kind, dataset in datasets.items():
-        sit, head = deepcopy(model), deepcopy(projector)
-        alignment = Alignment(0.7, 1, 64, encoder if kind == "online" else None)
-        step = TrainStep.create(sit, ddp_model=AlignedSiT(sit, head, 1), device=cpu, lr=1e-4,
+        sit, head = deepcopy(model), deepcopy(term)
+        head.encoder = encoder if kind == "online" else None
+        step = TrainStep.create(sit, device=cpu, lr=1e-4,
                                 transport=create_transport(time_schedule=TimeSchedule("logit-normal", shift=2.0)),
-                                vae=vae if kind == "online" else None, from_features=kind == "cached",
-                                projector=head, alignment=alignment)
+                                vae=vae if kind == "online" else None, from_features=kind == "cached", terms=[head])
         step.ddp_model.train()
         losses = []
         for number, (epoch, indices) in enumerate(batches):
@@ -258,7 +265,7 @@ def test_cached_latent_repa_equals_online_repa(repa_runs):
             *inputs, labels = [torch.stack([torch.as_tensor(item[part]) for item in items]) for part in range(len(items[0]))]
             torch.manual_seed(100 + number)
             result = train_step(step, inputs, labels)
-            losses.append((result.loss.item(), result.align_loss.item()))
+            losses.append((result.loss.item(), result.terms["Align Loss"].item()))
         results[kind] = (losses, sit.state_dict(), head.state_dict())
     (online_losses, online_sit, online_head), (cached_losses, cached_sit, cached_head) = results.values()
     for online_pair, cached_pair in zip(online_losses, cached_losses):

@@ -93,7 +93,8 @@ def test_fsdp_step_equals_the_unsharded_step_and_saves_the_same_state(one_rank_g
     sharded = make_step(small_sit(), "fsdp")
     assert type(sharded.model).__name__ == "FSDPSiT" and type(plain.model) is SiT
     assert run_steps(plain, 3) == run_steps(sharded, 3)
-    plain_state, sharded_state = plain.sharding.full_state_dicts(plain), sharded.sharding.full_state_dicts(sharded)
+    plain_state = plain.sharding.full_state_dicts(plain.model, plain.ema, plain.opt)
+    sharded_state = sharded.sharding.full_state_dicts(sharded.model, sharded.ema, sharded.opt)
     assert_same_state(plain_state, sharded_state)
     assert sorted(plain_state[2]["state"]) == list(range(1, 32))  # pos_embed (index 0) is frozen: no AdamW state
     assert all(not hasattr(value, "placements") for value in sharded_state[0].values())  # plain tensors, no DTensors
@@ -102,12 +103,12 @@ def test_fsdp_step_equals_the_unsharded_step_and_saves_the_same_state(one_rank_g
 def test_adamw_state_loads_into_a_sharded_step_exactly(one_rank_group):
     source = make_step(small_sit(), "ddp")
     run_steps(source, 2)
-    saved = deepcopy(source.sharding.full_state_dicts(source))  # as loaded from a file: not the live tensors
+    saved = deepcopy(source.sharding.full_state_dicts(source.model, source.ema, source.opt))  # as loaded from a file: not the live tensors
     model = small_sit(seed=5)
     model.load_state_dict(saved[0])
     resumed = make_step(model, "fsdp")
-    resumed.sharding.load_optimizer(resumed, saved[2])
-    after = resumed.sharding.full_state_dicts(resumed)
+    resumed.sharding.load_optimizer(resumed.model, resumed.opt, saved[2])
+    after = resumed.sharding.full_state_dicts(resumed.model, resumed.ema, resumed.opt)
     assert_same_state((saved[0], after[1], saved[2]), after)  # the EMA restarts from the model in this test
     # the name <-> index conversion is its own inverse
     names = named_optimizer_state(resumed.model, saved[2])
@@ -133,7 +134,7 @@ def test_bf16_gathers_bf16_weights_keeps_fp32_shards_and_tracks_fp32_losses(one_
 def test_gathered_ema_is_a_plain_model_with_the_ema_weights_and_draws_no_random_numbers(one_rank_group):
     step = make_step(small_sit(), "fsdp")
     run_steps(step, 2)
-    ema_state = step.sharding.full_state_dicts(step)[1]
+    ema_state = step.sharding.full_state_dicts(step.model, step.ema, step.opt)[1]
     rng = torch.get_rng_state()
     for everywhere in (False, True):
         ema = sampling_ema(step.ema, CPU, everywhere=everywhere)

@@ -135,7 +135,8 @@ class Transport:
     def training_losses(self, model: Callable, x1: th.Tensor, model_kwargs: Optional[dict] = None) -> dict:
         """Per-sample loss of `model` on data x1: (N, ...).
 
-        Returns {"loss": (N,), "pred": the model output (N, ...)}.
+        Returns {"loss": (N,), "pred": the model output (N, ...)}, and what the loss was computed
+        from: "x_t" (the model's input), "t" (N,) and "target" (the path's velocity at x_t, t).
         """
         if model_kwargs is None:
             model_kwargs = {}
@@ -144,7 +145,7 @@ class Transport:
         model_output = model(xt, t, **model_kwargs)
         if model_output.shape != xt.shape:
             raise ValueError(f"model output shape {tuple(model_output.shape)} differs from its input's {tuple(xt.shape)}")
-        terms = {"pred": model_output}
+        terms = {"pred": model_output, "x_t": xt, "t": t, "target": ut}
         if self.model_type == ModelType.VELOCITY:
             terms["loss"] = mean_flat((model_output - ut) ** 2)
             return terms

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from sit.training.sharding import local_tensor
+from sit.training.dtensors import local_tensor
 
 
 @torch.no_grad()

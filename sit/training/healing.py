@@ -174,6 +174,6 @@ class Healer:
                    if position else "the batch that caused it is unknown, none is skipped")
         logger.warning(f"warning: rollback {len(self.rollbacks)} of {limit}: {error}; restoring step "
                        f"{point.train_steps} (epoch {point.epoch}, batch {point.epoch_step}), {skipped}")
-        self.recent_losses = deque(point.healing.get("recent_losses", []), maxlen=SPIKE_WINDOW)
+        self.recent_losses = deque(point.extensions.get("healing", {}).get("recent_losses", []), maxlen=SPIKE_WINDOW)
         self.positions = {}
         return TrainCheckpoint.from_dict(cpu_copy(point.to_dict()))  # the optimizer may keep the tensors it loads

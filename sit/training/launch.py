@@ -50,9 +50,6 @@ def prepare_training(flags: Mapping[str, Any], explicit: AbstractSet[str], world
                                               train_steps=train_steps, features_vae=made_by)
     check_checkpoint_settings(config, resolved, world_size)
     check_train_config(config, world_size)
-    if config.repa.enabled and start.resuming and start.checkpoint.get("repa_projector") is None:
-        raise UsageError(f"--repa-encoder: {start.source} was trained without representation alignment; "
-                         f"start a new experiment")
     check_phema_start(config.phema, start.checkpoint if start.resuming else None)
     warnings = resolved.warnings + unused_setting_warnings(config, explicit, start.resuming)
     check_results_dir(config, start.resuming)

@@ -28,12 +28,13 @@ from sit.training.monitor import LossMonitor, TrainingDiverged, check_health, lo
 from sit.training.network import build_train_step
 from sit.training.phema import PowerEMATracker, snapshot_path, start_tracker, write_snapshot
 from sit.training.preview import PREVIEW_LABELS, preview_inputs, save_preview
-from sit.training.repa import ALIGN_LOSS, prepare_alignment
+from sit.training.registry import term_factories
 from sit.training.rng import gather_rng_states, restore_rng
 from sit.training.settings import TrainConfig
 from sit.training.sharding import sampling_ema
 from sit.training.signals import StopSignal
 from sit.training.step import TrainStep, train_step
+from sit.training.terms import TermContext, TermFactory
 from sit.vae import PIXEL_CHANNELS
 
 
@@ -62,6 +63,7 @@ class TrainingRun:
     stop: StopSignal
     preview: tuple[torch.Tensor, torch.Tensor]  # fixed noise and labels of the sample grids
     monitor: LossMonitor
+    term_factories: list[TermFactory]  # the loss terms (set up once: a rollback rebuilds them from these)
     last_saved_step: Optional[int] = None
     fid_monitor: Optional[FIDMonitor] = None  # with --fid-every
     phema: Optional[PowerEMATracker] = None  # with --phema-stds
@@ -88,15 +90,15 @@ def checkpoint_of(run: TrainingRun) -> TrainCheckpoint:
     """The run's state as a checkpoint (a collective: every rank's RNG state is gathered)."""
     state, step = run.state, run.step
     rng = gather_rng_states(run.ctx.device)
-    model_state, ema_state, opt_state = step.sharding.full_state_dicts(step)  # fsdp: gathered to rank 0
+    model_state, ema_state, opt_state = step.sharding.full_state_dicts(step.model, step.ema, step.opt)  # fsdp: to rank 0
     return TrainCheckpoint(model=model_state, ema=ema_state, opt=opt_state,
                            settings=run.config.settings(), model_config=dict(step.model.config),
                            train_steps=state.train_steps, epoch=state.epoch, epoch_step=state.epoch_step, rng=rng,
                            scaler=step.scaler.state_dict(), experiment_dir=run.experiment_dir,
                            wandb_id=run.wandb_run.id if run.wandb_run is not None else None,
-                           phema=run.phema.state_dict() if run.phema is not None else {},
-                           healing=run.healer.state_dict() if run.healer is not None else {},
-                           repa_projector=step.projector.state_dict() if step.projector is not None else None)
+                           extras={term.name: term.state_dict() for term in step.terms if term.state_dict()},
+                           extensions=dict(phema=run.phema.state_dict() if run.phema is not None else {},
+                                           healing=run.healer.state_dict() if run.healer is not None else {}))
 
 
 def save_checkpoint(run: TrainingRun) -> None:
@@ -198,8 +200,8 @@ def train_loop(run: TrainingRun) -> bool:
             if result.grad_norm is not None:
                 run.monitor.add_grad_norm(result.grad_norm)
             run.monitor.add(result.loss)
-            if result.align_loss is not None:
-                run.monitor.add_term(ALIGN_LOSS, result.align_loss)
+            for name, value in result.terms.items():
+                run.monitor.add_term(name, value)
             state.train_steps += 1
             state.epoch_step += 1
             step = state.train_steps
@@ -249,12 +251,11 @@ def roll_back(run: TrainingRun, error: TrainingDiverged) -> None:
     """Restore the rollback point through the path a resume takes (sit.training.network) and skip the
     batch that diverged (every rank alike); re-raises error when the run cannot heal."""
     saved = run.healer.roll_back(error, run.logger)
-    alignment = run.step.alignment  # REPA: the same encoder (or cached tokens); the projector is the point's
     run.step = None  # let the diverged model, EMA and optimizer go before building their replacements
     start = StartPoint(f"the rollback point of step {saved.train_steps}", saved.to_dict())
-    run.step = build_train_step(run.config, run.ctx, start, run.vae.module, run.logger, alignment)
+    run.step = build_train_step(run.config, run.ctx, start, run.vae.module, run.logger, run.term_factories)
     run.step.ddp_model.train()
-    run.phema = start_tracker(run.config.phema, run.step.model, saved.phema)
+    run.phema = start_tracker(run.config.phema, run.step.model, saved.extensions.get("phema"))
     seed = run.config.data.global_seed * run.ctx.world_size + run.ctx.rank
     run.state = restore_progress(saved, run.step, run.ctx, seed, run.logger)
     run.monitor = new_monitor(run.healer, run.state.train_steps + 1)
@@ -304,9 +305,9 @@ def train(config: TrainConfig, *, ctx: DistContext, dataset: TrainDataset, start
     if threads:
         logger.info(threads)
     vae = RunVAE.at_start(ctx, config.model.vae, from_features=config.data.feature_path is not None)
-    alignment = prepare_alignment(config.repa, config.model.image_size,
-                                  dataset.meta if config.data.feature_path is not None else None, ctx, logger)
-    step = build_train_step(config, ctx, start, vae.module, logger, alignment)
+    factories = term_factories(config, TermContext(config.model.image_size, dataset.meta if config.data.feature_path
+                                                   is not None else None, ctx, logger))
+    step = build_train_step(config, ctx, start, vae.module, logger, factories)
     check_channels(step, vae, dataset)
     loader, sampler = build_loader(config, dataset, ctx, seed)
     logger.info(f"Dataset contains {len(dataset):,} images in {len(dataset.classes)} classes "
@@ -319,14 +320,15 @@ def train(config: TrainConfig, *, ctx: DistContext, dataset: TrainDataset, start
     if start.resuming:
         resumed = TrainCheckpoint.from_dict(start.checkpoint)
         state = restore_progress(resumed, step, ctx, seed, logger)
-    saved_healing = resumed.healing if resumed is not None else {}
+    saved_healing = resumed.extensions.get("healing", {}) if resumed is not None else {}
     healer = Healer(config.healing, config.run.ckpt_every, saved_healing) if config.healing.active or saved_healing else None
     run = TrainingRun(config=config, ctx=ctx, step=step, vae=vae, dataset=dataset, loader=loader, sampler=sampler,
                       state=state, logger=logger, experiment_dir=experiment.folder, wandb_run=experiment.wandb_run,
                       stop=stop, preview=preview_inputs(config.data.global_seed, step.model.config),
-                      monitor=new_monitor(healer, state.train_steps + 1), fid_monitor=fid_monitor,
+                      monitor=new_monitor(healer, state.train_steps + 1), term_factories=factories,
+                      fid_monitor=fid_monitor,
                       last_saved_step=state.train_steps if start.resuming else None,
-                      phema=start_tracker(config.phema, step.model, resumed.phema if resumed else None),
+                      phema=start_tracker(config.phema, step.model, resumed.extensions.get("phema") if resumed else None),
                       last_phema_step=state.train_steps if start.resuming else None, healer=healer)
     if run.phema is not None and state.train_steps == 0:
         save_phema_snapshot(run)  # the initial weights: a traditional EMA's share of them (reconstruct_ema.py)

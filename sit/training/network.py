@@ -3,19 +3,18 @@ wrapped for DDP or sharded by FSDP2 (--sharding), with its EMA and optimizer res
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
-
-import torch
+from typing import Any, Optional, Sequence
 
 import download
 from models import SiT, model_config_from_state_dict, model_name_for_config
+from sit.checkpoint import extras_of
 from sit.distributed import DistContext
 from sit.errors import UsageError
 from sit.training.experiment import StartPoint
-from sit.training.repa import AlignedSiT, Alignment, build_projector
 from sit.training.settings import TrainConfig
 from sit.training.sharding import Sharding
 from sit.training.step import TrainStep
+from sit.training.terms import LossTerm, ModelWithTerms, TermFactory
 from sit.vae import image_size_for
 
 
@@ -52,33 +51,39 @@ def build_model(config: TrainConfig, start: StartPoint) -> SiT:
     return model
 
 
-def build_projector_for(model: SiT, alignment: Alignment, config: TrainConfig, start: StartPoint) -> torch.nn.Module:
-    """REPA's projector for this SiT (after it, from the torch RNG), the checkpoint's weights when resuming."""
-    projector = build_projector(model.config["hidden_size"], config.repa.repa_projector_dim, alignment.encoder_dim)
-    if start.resuming:  # prepare_training made sure that the checkpoint has one
-        projector.load_state_dict(start.checkpoint["repa_projector"])
-    return projector
+def build_terms(model: SiT, factories: Sequence[TermFactory], start: StartPoint) -> list[LossTerm]:
+    """The run's loss terms for this SiT (built after it, from the torch RNG), each with the checkpoint's
+    state when resuming; a checkpoint without a term's state cannot resume with that term."""
+    terms = [factory(model) for factory in factories]
+    saved = extras_of(start.checkpoint) if start.resuming else {}
+    for term in terms:
+        if start.resuming and term.name not in saved and any(True for _ in term.parameters()):
+            raise UsageError(f"{start.source} was trained without the {term.name} loss term; it cannot be switched on "
+                             f"in a resumed run: start a new experiment")
+        if term.name in saved:
+            term.load_state_dict(saved[term.name])
+    return terms
 
 
 def build_train_step(config: TrainConfig, ctx: DistContext, start: StartPoint, vae: Any,
-                     logger: logging.Logger, alignment: Optional[Alignment] = None) -> TrainStep:
+                     logger: logging.Logger, term_factories: Sequence[TermFactory] = ()) -> TrainStep:
     """Model, DDP or FSDP2, EMA and AdamW (the checkpoint's state when resuming; --lr rules either way); with
-    alignment also the projector, trained beside the model (DDP wraps both)."""
+    loss terms also their parameters, trained beside the model (DDP wraps both)."""
     checkpoint: Optional[dict] = start.checkpoint
     optim = config.optim
     sharding = Sharding(optim.sharding, optim.precision)
     model = build_model(config, start).to(ctx.device)
-    projector = build_projector_for(model, alignment, config, start).to(ctx.device) if alignment else None
-    ddp_model = sharding.wrap(AlignedSiT(model, projector, alignment.depth) if alignment else model, ctx)
+    terms = [term.to(ctx.device) for term in build_terms(model, term_factories, start)]
+    ddp_model = sharding.wrap(ModelWithTerms(model, terms) if terms else model, ctx)
     step = TrainStep.create(model, ddp_model=ddp_model, ema_state=checkpoint.get("ema") if checkpoint else None,
                             transport=config.transport.build(config.time.schedule()), device=ctx.device, lr=optim.lr,
                             grad_checkpointing=optim.grad_checkpointing, compile_blocks=optim.compile, vae=vae,
                             from_features=config.data.feature_path is not None, precision=optim.precision,
                             ema_decay=optim.ema_decay, max_grad_norm=optim.max_grad_norm, sharding=sharding,
-                            projector=projector, alignment=alignment)
+                            terms=terms)
     if start.resuming:
         try:  # judged before (sit.checkpoint.check_train_checkpoint); what torch still refuses is one line too
-            sharding.load_optimizer(step, checkpoint["opt"])
+            sharding.load_optimizer(step.model, step.opt, checkpoint["opt"])
         except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as error:
             detail = str(error).splitlines()[0][:200] if str(error) else ""
             raise UsageError(f"cannot resume {start.source}: its optimizer state does not load "

@@ -3,33 +3,42 @@ through a trained MLP projector, are pulled toward a frozen encoder's patch toke
 
     loss = denoising loss + coeff * mean over tokens of -cos(projector(h_k), encoder tokens)
 
-The projector (REPA's build_mlp: Linear, SiLU, Linear, SiLU, Linear from the SiT width through
---repa-projector-dim to the encoder width) trains with the model and is saved in the checkpoint
-beside it, never inside the SiT's state dict: sampling loads the SiT alone. The encoder's token grid
+A loss term (sit.training.terms). The projector (REPA's build_mlp: Linear, SiLU, Linear, SiLU, Linear
+from the SiT width through --repa-projector-dim to the encoder width) is its head: it trains with the
+model and is saved in the checkpoint's extras["repa"], never inside the SiT's state dict: sampling
+loads the SiT alone. The encoder's token grid
 is interpolated to the SiT's when they differ (area averages or bilinear; DINOv2 at 224/256 of a
 256 px image has SiT-XL/2's 16 x 16 grid, so REPA's recipe needs none).
 """
 from __future__ import annotations
 
 import functools
-import logging
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sit.distributed import DistContext, agree
+from sit.distributed import agree
 from sit.encoders import VisionEncoder, load_encoder
-from transport import Transport
-
-if TYPE_CHECKING:
-    from sit.training.settings import RepaSettings
-
+from sit.training.terms import LossTerm, StepView, TermContext, TermFactory
 
 ALIGN_LOSS = "Align Loss"  # its name in log.txt (and "align loss" in wandb)
+
+
+@dataclass(frozen=True)
+class RepaSettings:
+    """Representation alignment (train.py's REPA flags); repa_encoder None: off."""
+    repa_encoder: Optional[str]
+    repa_depth: int
+    repa_coeff: float
+    repa_projector_dim: int
+
+    @property
+    def enabled(self) -> bool:
+        return self.repa_encoder is not None
 
 
 def build_projector(hidden_size: int, projector_dim: int, encoder_dim: int) -> nn.Sequential:
@@ -42,21 +51,6 @@ def build_projector(hidden_size: int, projector_dim: int, encoder_dim: int) -> n
             nn.init.xavier_uniform_(layer.weight)
             nn.init.zeros_(layer.bias)
     return projector
-
-
-class AlignedSiT(nn.Module):
-    """The SiT and its projector as the one module that DDP wraps (so that both gradients are reduced):
-    forward(x, t, y) -> (the SiT's output (N, C, H, W), projected block-`depth` tokens (N, T, encoder dim))."""
-
-    def __init__(self, sit: nn.Module, projector: nn.Module, depth: int):
-        super().__init__()
-        self.sit = sit
-        self.projector = projector
-        self.depth = depth
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        output, hidden = self.sit(x, t, y, hidden_at=self.depth)  # hidden: (N, T, D)
-        return output, self.projector(hidden)
 
 
 def match_token_grid(tokens: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -85,48 +79,48 @@ def alignment_loss(projected: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     return -cosine.mean(dim=1)
 
 
-@dataclass
-class Alignment:
-    """REPA in a training step: the coefficient, the block, the encoder's token width, and where the
-    tokens come from (the encoder, or with cached latents the features' stored tokens)."""
-    coeff: float
-    depth: int
-    encoder_dim: int
-    encoder: Optional[VisionEncoder] = None  # None: tokens come with the batch (--feature-path)
+class RepaTerm(LossTerm):
+    """REPA as a loss term: the projector is its head on block `block`'s tokens; the targets are the
+    encoder's tokens of the clean images, or with cached latents the batch's stored tokens (inputs[2])."""
+    name = "repa"
 
-    def targets(self, images_or_tokens: torch.Tensor, precision: str) -> torch.Tensor:
-        """Encoder tokens (N, T, D) of a batch: the images' (N, 3, H, W) in [-1, 1] through the
+    def __init__(self, hidden_size: int, settings: RepaSettings, encoder_dim: int,
+                 encoder: Optional[VisionEncoder] = None):
+        super().__init__()
+        self.block, self.weight = settings.repa_depth, settings.repa_coeff
+        self.projector = build_projector(hidden_size, settings.repa_projector_dim, encoder_dim)
+        self.encoder = encoder  # frozen and not an nn.Module: neither trained nor stored
+
+    def prepare(self, inputs: Sequence[torch.Tensor], device: torch.device, precision: str) -> torch.Tensor:
+        """Encoder tokens (N, T, D) of the batch: the images' (N, 3, H, W) in [-1, 1] through the
         encoder, or the cached tokens themselves."""
         if self.encoder is None:
-            return images_or_tokens.float()
-        return self.encoder.patch_tokens(images_or_tokens, precision)
+            return inputs[2].to(device, non_blocking=True).float()
+        return self.encoder.patch_tokens(inputs[0].to(device, non_blocking=True), precision)
 
-    def losses(self, transport: Transport, aligned_model: Callable, latents: torch.Tensor, labels: torch.Tensor,
-               targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(denoising loss, alignment loss), each (N,), of one forward of the aligned model (an
-        AlignedSiT, or DDP around one). The transport draws noise and t exactly as without REPA."""
-        captured = {}
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.projector(hidden)  # (N, T, D) -> (N, T, encoder dim)
 
-        def output_only(x, t, **kwargs):
-            output, captured["projected"] = aligned_model(x, t, **kwargs)
-            return output
+    def losses(self, view: StepView) -> dict[str, torch.Tensor]:
+        return {ALIGN_LOSS: alignment_loss(view.head, view.prepared)}
 
-        denoising = transport.training_losses(output_only, latents, dict(y=labels))["loss"]
-        return denoising, alignment_loss(captured["projected"], targets)
+    def sharding_refusal(self) -> Optional[str]:
+        return "REPA's projector is not sharded"
 
 
-def prepare_alignment(repa: "RepaSettings", image_size: int, feature_meta: Optional[dict], ctx: DistContext,
-                      logger: logging.Logger) -> Optional[Alignment]:
-    """The run's Alignment (None without --repa-encoder): with cached latents (feature_meta, the
-    features' meta.json) the tokens come with the batches; otherwise every rank loads the encoder
-    (one failure stops all ranks with one line)."""
+def setup_repa(config: Any, context: TermContext) -> Optional[TermFactory]:
+    """How to build the run's REPA term (config.repa) for a SiT (None without --repa-encoder): with cached latents
+    (context.feature_meta) the tokens come with the batches; otherwise every rank loads the encoder
+    once here (one failure stops all ranks with one line)."""
+    repa: RepaSettings = config.repa
     if not repa.enabled:
         return None
-    if feature_meta is not None:
-        encoder, encoder_dim = None, feature_meta["repa_tokens_shape"][1]
+    ctx = context.ctx
+    if context.feature_meta is not None:
+        encoder, encoder_dim = None, context.feature_meta["repa_tokens_shape"][1]
     else:
-        encoder = agree(ctx, functools.partial(load_encoder, repa.repa_encoder, image_size, ctx.device))
+        encoder = agree(ctx, functools.partial(load_encoder, repa.repa_encoder, context.image_size, ctx.device))
         encoder_dim = encoder.embed_dim
-    logger.info(f"Representation alignment: block {repa.repa_depth} to {repa.repa_encoder} ({encoder_dim}-dim tokens"
-                f"{', cached' if encoder is None else ''}), coefficient {repa.repa_coeff}")
-    return Alignment(repa.repa_coeff, repa.repa_depth, encoder_dim, encoder)
+    context.logger.info(f"Representation alignment: block {repa.repa_depth} to {repa.repa_encoder} ({encoder_dim}-dim "
+                        f"tokens{', cached' if encoder is None else ''}), coefficient {repa.repa_coeff}")
+    return lambda sit: RepaTerm(sit.config["hidden_size"], repa, encoder_dim, encoder)

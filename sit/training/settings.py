@@ -27,6 +27,7 @@ from sit.errors import UsageError
 from transport.schedules import LOGIT_NORMAL, TimeSchedule
 from sit.training.healing import HealingSettings, check_healing_settings
 from sit.training.phema import PhemaSettings
+from sit.training.repa import RepaSettings
 from sit.vae import (LATENT_CHANNELS, PIXEL_CHANNELS, canonical_vae_name, check_image_size, check_vae_name,
                      input_size_for, is_pixel_space)
 
@@ -135,19 +136,6 @@ class FIDSettings:
     fid_steps: int
     fid_cfg_scale: float
     fid_inception_weights: Optional[str]
-
-
-@dataclass(frozen=True)
-class RepaSettings:
-    """Representation alignment (sit.training.repa); repa_encoder None: off."""
-    repa_encoder: Optional[str]
-    repa_depth: int
-    repa_coeff: float
-    repa_projector_dim: int
-
-    @property
-    def enabled(self) -> bool:
-        return self.repa_encoder is not None
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -26,28 +26,14 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from models import SiT
 from sit.distributed import DistContext, is_distributed
 
-if TYPE_CHECKING:  # the step holds its Sharding; only its type is needed here
-    from sit.training.step import TrainStep
-
 SHARDINGS = ("ddp", "fsdp")  # --sharding choices
 GATHER_TO_RANK_0 = StateDictOptions(full_state_dict=True, cpu_offload=True)  # full tensors on rank 0's CPU, {} elsewhere
 GATHER_EVERYWHERE = StateDictOptions(full_state_dict=True)  # full tensors on every rank, on its device
-
-
-def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a sharded tensor (the tensor itself when it is not sharded)."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
-
-
-def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole value of a DTensor (e.g. a gradient norm reduced over the shards), as a plain tensor."""
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def broadcast_weights(model: nn.Module) -> None:
@@ -126,24 +112,24 @@ class Sharding:
                 fully_shard(block, mp_policy=policy(False))
             fully_shard(module, mp_policy=policy(True))
 
-    def full_state_dicts(self, step: "TrainStep") -> tuple[dict, dict, dict]:
+    def full_state_dicts(self, model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict, dict]:
         """(model, EMA, AdamW) state dicts as a checkpoint stores them. fsdp: gathered to rank 0's
         CPU ({} on the other ranks), so every rank must call this (a collective)."""
         if not self.sharded:
-            return step.model.state_dict(), step.ema.state_dict(), step.opt.state_dict()
-        model_state = get_model_state_dict(step.model, options=GATHER_TO_RANK_0)
-        ema_state = get_model_state_dict(step.ema, options=GATHER_TO_RANK_0)
-        named = get_optimizer_state_dict(step.model, step.opt, options=GATHER_TO_RANK_0)
-        return model_state, ema_state, indexed_optimizer_state(step.model, named)
+            return model.state_dict(), ema.state_dict(), opt.state_dict()
+        model_state = get_model_state_dict(model, options=GATHER_TO_RANK_0)
+        ema_state = get_model_state_dict(ema, options=GATHER_TO_RANK_0)
+        named = get_optimizer_state_dict(model, opt, options=GATHER_TO_RANK_0)
+        return model_state, ema_state, indexed_optimizer_state(model, named)
 
-    def load_optimizer(self, step: "TrainStep", state: dict) -> None:
+    def load_optimizer(self, model: nn.Module, opt: torch.optim.Optimizer, state: dict) -> None:
         """Restore AdamW from a checkpoint's (full, index-keyed) state; fsdp: each rank keeps its shards."""
         if not self.sharded:
-            step.opt.load_state_dict(state)
+            opt.load_state_dict(state)
             return
-        set_optimizer_state_dict(step.model, step.opt, named_optimizer_state(step.model, state),
+        set_optimizer_state_dict(model, opt, named_optimizer_state(model, state),
                                  options=StateDictOptions(full_state_dict=True))
-        for group, saved in zip(step.opt.param_groups, state["param_groups"]):  # as Optimizer.load_state_dict
+        for group, saved in zip(opt.param_groups, state["param_groups"]):  # as Optimizer.load_state_dict
             group.update({key: value for key, value in saved.items() if key != "params"})  # (betas stay a tuple)
 
 

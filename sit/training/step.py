@@ -1,12 +1,12 @@
 """One training step: a batch -> what the model learns -> the transport's loss -> AdamW (GradScaler,
 clipping) -> EMA. train.py's loop and benchmarks/bench.py both run exactly this.
 
-A new loss term is a module beside this one that `train_step` adds to the loss (and its flag in train.py).
+Loss terms (sit.training.terms: REPA's alignment, or a new objective) add to the transport's loss.
 """
 from __future__ import annotations
 
 from copy import deepcopy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import torch
@@ -14,8 +14,9 @@ import torch
 from sit.speed import autocast, compile_model
 from sit.training.ema import update_ema
 from sit.training.optimizer import make_grad_scaler, make_optimizer
-from sit.training.sharding import Sharding, full_tensor
-from sit.training.repa import AlignedSiT, Alignment
+from sit.training.dtensors import full_tensor
+from sit.training.sharding import Sharding
+from sit.training.terms import LossTerm, ModelWithTerms, StepView, term_parameters
 from sit.vae import LATENT_SCALE
 from transport import Transport
 
@@ -27,8 +28,8 @@ class TrainStep:
     model: the raw SiT (what checkpoints hold); ddp_model: the same wrapped in DDP (or the model
     itself in one process, or sharded by FSDP2); vae: the encoder of --data-path images (None: pixels, or cached latents
     with from_features); precision: a --precision choice; max_grad_norm: --max-grad-norm (None: no clipping);
-    sharding: --sharding (how model, EMA and AdamW are laid out over the ranks; sit.training.sharding).
-    With REPA: projector (trained beside the model) and alignment; ddp_model then wraps an AlignedSiT.
+    sharding: --sharding (how model, EMA and AdamW are laid out over the ranks; sit.training.sharding);
+    terms: the loss terms beside the transport's loss (ddp_model then wraps a ModelWithTerms).
     """
     model: torch.nn.Module
     ddp_model: torch.nn.Module
@@ -43,8 +44,7 @@ class TrainStep:
     ema_decay: float = 0.9999
     max_grad_norm: Optional[float] = None
     sharding: Sharding = Sharding()
-    projector: Optional[torch.nn.Module] = None
-    alignment: Optional[Alignment] = None
+    terms: Sequence[LossTerm] = ()
 
     @classmethod
     def create(cls, model: torch.nn.Module, *, transport: Transport, device: torch.device, lr: float,
@@ -52,10 +52,10 @@ class TrainStep:
                grad_checkpointing: bool = False, compile_blocks: bool = False, vae: Any = None,
                from_features: bool = False, precision: str = "fp32", ema_decay: float = 0.9999,
                max_grad_norm: Optional[float] = None, sharding: Sharding = Sharding(),
-               projector: Optional[torch.nn.Module] = None, alignment: Optional[Alignment] = None) -> "TrainStep":
+               terms: Sequence[LossTerm] = ()) -> "TrainStep":
         """The step for `model` (already on `device`; ddp_model: the same wrapped for DDP) as train.py
         builds it: the EMA copy (ema_state: weights to restore), gradient checkpointing, --compile
-        (compile_blocks), AdamW at lr (over the projector's parameters too) and the GradScaler of the
+        (compile_blocks), AdamW at lr (over the terms' parameters too) and the GradScaler of the
         precision; with FSDP (sharding) the model and the EMA are sharded before compiling and before
         AdamW sees the parameters."""
         ema = deepcopy(model).requires_grad_(False).eval()  # after DDP's broadcast: the same start on every rank
@@ -66,26 +66,26 @@ class TrainStep:
         if compile_blocks:
             compile_model(model)  # after the EMA's deepcopy (see compile_model); DDP calls the compiled blocks
         # the paper: AdamW, constant lr 1e-4, no weight decay
-        opt = make_optimizer(model, lr=lr, weight_decay=0, extra=projector.parameters() if projector else ())
-        if ddp_model is None:  # one process: the model itself (with REPA, the SiT and its projector)
-            ddp_model = AlignedSiT(model, projector, alignment.depth) if alignment else model
+        opt = make_optimizer(model, lr=lr, weight_decay=0, extra=term_parameters(terms))
+        if ddp_model is None:  # one process: the model itself (with loss terms, the SiT and their heads)
+            ddp_model = ModelWithTerms(model, terms) if terms else model
         return cls(model=model, ddp_model=ddp_model, ema=ema, opt=opt,
                    scaler=make_grad_scaler(precision, device), transport=transport, device=device, vae=vae,
                    from_features=from_features, precision=precision, ema_decay=ema_decay, max_grad_norm=max_grad_norm,
-                   sharding=sharding, projector=projector, alignment=alignment)
+                   sharding=sharding, terms=tuple(terms))
 
     def trained_parameters(self) -> list[torch.nn.Parameter]:
-        """What AdamW updates and clipping sees: the SiT's parameters, then the projector's."""
-        return list(self.model.parameters()) + (list(self.projector.parameters()) if self.projector else [])
+        """What AdamW updates and clipping sees: the SiT's parameters, then the loss terms'."""
+        return list(self.model.parameters()) + term_parameters(self.terms)
 
 
 @dataclass
 class StepResult:
     """A step's denoising loss (a 0-dim tensor on the device), with clipping the gradient norm before
-    it, and with REPA the alignment loss (the optimised loss is loss + coeff * align_loss)."""
+    it, and each loss term's batch mean by name (the optimised loss adds weight x each)."""
     loss: torch.Tensor
     grad_norm: Optional[torch.Tensor] = None
-    align_loss: Optional[torch.Tensor] = None
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -99,7 +99,7 @@ def training_latents(step: TrainStep, inputs: Sequence[torch.Tensor]) -> torch.T
     """
     device = step.device
     if step.from_features:
-        mean, std = (tensor.to(device, non_blocking=True) for tensor in inputs[:2])  # [2]: REPA's tokens
+        mean, std = (tensor.to(device, non_blocking=True) for tensor in inputs[:2])  # [2:]: the terms'
         noise = torch.randn(mean.shape, device=device, dtype=mean.dtype)
         return (mean + std * noise).mul_(LATENT_SCALE)
     (images,) = inputs
@@ -115,23 +115,18 @@ def train_step(step: TrainStep, inputs: Sequence[torch.Tensor], labels: torch.Te
     """One optimisation step on a batch (see training_latents) with labels (N,).
 
     The forward runs under the --precision autocast (fp16 scales the loss); with max_grad_norm the
-    gradients are unscaled and clipped, and the norm before clipping is returned. With REPA the
-    encoder tokens of the clean images (or the cached ones, inputs[2]) are the alignment's targets.
+    gradients are unscaled and clipped, and the norm before clipping is returned. Loss terms add
+    weight x their batch means to the transport's loss (see sit.training.terms).
     """
     latents = training_latents(step, inputs)
     labels = labels.to(step.device, non_blocking=True)
-    align_loss = None
-    if step.alignment is None:
-        with autocast(step.precision, step.device):
+    prepared = [term.prepare(inputs, step.device, step.precision) for term in step.terms]
+    with autocast(step.precision, step.device):
+        if not step.terms:
             loss = step.transport.training_losses(step.ddp_model, latents, dict(y=labels))["loss"].mean()
-        total = loss
-    else:
-        source = inputs[2] if step.from_features else inputs[0]  # cached tokens, or the images in [-1, 1]
-        targets = step.alignment.targets(source.to(step.device, non_blocking=True), step.precision)
-        with autocast(step.precision, step.device):
-            denoising, aligned = step.alignment.losses(step.transport, step.ddp_model, latents, labels, targets)
-        loss, align_loss = denoising.mean(), aligned.mean()
-        total = loss + step.alignment.coeff * align_loss
+            total, term_losses = loss, {}
+        else:
+            loss, total, term_losses = losses_with_terms(step, latents, labels, prepared)
     step.opt.zero_grad(set_to_none=True)
     step.scaler.scale(total).backward()
     grad_norm = None
@@ -141,4 +136,27 @@ def train_step(step: TrainStep, inputs: Sequence[torch.Tensor], labels: torch.Te
     step.scaler.step(step.opt)
     step.scaler.update()
     update_ema(step.ema, step.model, decay=step.ema_decay)
-    return StepResult(loss, grad_norm, align_loss)
+    return StepResult(loss, grad_norm, term_losses)
+
+
+def losses_with_terms(step: TrainStep, latents: torch.Tensor, labels: torch.Tensor,
+                      prepared: list) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """(the transport's loss, the optimised total, each term's loss by name) of one forward of the
+    model with its terms' heads. The transport draws noise and t exactly as without terms."""
+    heads = {}
+
+    def output_only(x, t, **kwargs):
+        output, heads_out = step.ddp_model(x, t, **kwargs)
+        heads.update(heads_out)
+        return output
+
+    out = step.transport.training_losses(output_only, latents, dict(y=labels))
+    loss = total = out["loss"].mean()
+    named = {}
+    for term, ready in zip(step.terms, prepared):
+        view = StepView(output=out["pred"], x_t=out["x_t"], t=out["t"], target=out["target"], latents=latents,
+                        labels=labels, head=heads.get(term.name), prepared=ready)
+        for name, value in term.losses(view).items():
+            named[name] = value.mean()
+            total = total + term.weight * named[name]
+    return loss, total, named

@@ -1,0 +1,78 @@
+"""Settings declared once: a frozen dataclass per feature, one field per setting, each field carrying its
+flag's help, type, choices and default and how a resumed run treats it. The scripts' flags are built
+from these declarations (`add_flags`), the flag-vs-checkpoint resolution reads their rules
+(`resume_rules`), and the typed settings are made from the parsed values (`from_values`).
+
+    @dataclass(frozen=True)
+    class RepaSettings:
+        TITLE: ClassVar[str] = "representation alignment (REPA)"
+        repa_depth: int = declare(8, "the block whose tokens are aligned", type=positive_int,
+                                  resume=Setting(Rule.LOCKED))
+
+A field's name is its flag's destination (`repa_depth` -> `--repa-depth`). `resume`: None keeps the
+command line's value on a resume (run length, logging); a `sit.config.Setting` reads the checkpoint's
+value unless the flag is given, by its rule (LOCKED: a contradicting flag is an error; WARN: the flag
+wins with a warning; FREE: the flag wins silently).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+from sit.config import Setting
+
+
+@dataclass(frozen=True)
+class FlagSpec:
+    """How one setting appears on the command line (argparse's add_argument keywords)."""
+    help: str
+    type: Optional[Callable[[str], Any]] = None
+    choices: Optional[Sequence[Any]] = None
+    action: Optional[Any] = None  # e.g. "store_true", argparse.BooleanOptionalAction
+    nargs: Optional[str] = None
+    const: Any = None
+    metavar: Optional[str] = None
+
+
+def declare(default: Any, help: str, *, type: Optional[Callable[[str], Any]] = None,
+            choices: Optional[Sequence[Any]] = None, action: Any = None, nargs: Optional[str] = None, const: Any = None,
+            metavar: Optional[str] = None, resume: Optional[Setting] = None) -> Any:
+    """A settings dataclass field: its default, its flag (help, type, choices, ...) and its resume rule."""
+    spec = FlagSpec(help, type, choices, action, nargs, const, metavar)
+    return dataclasses.field(default=default, metadata={"flag": spec, "resume": resume})
+
+
+def declared_fields(settings_type: type) -> list[dataclasses.Field]:
+    """The fields of a settings dataclass that declare a flag, in declaration order."""
+    return [field for field in dataclasses.fields(settings_type) if "flag" in field.metadata]
+
+
+def flag_name(destination: str) -> str:
+    """A destination's flag: repa_depth -> --repa-depth."""
+    return "--" + destination.replace("_", "-")
+
+
+def add_flags(parser: argparse.ArgumentParser, settings_type: type) -> None:
+    """The settings' flags, in a group titled by the class's TITLE (none: on the parser itself)."""
+    title = getattr(settings_type, "TITLE", None)
+    target = parser.add_argument_group(title) if title else parser
+    for field in declared_fields(settings_type):
+        spec: FlagSpec = field.metadata["flag"]
+        options = {key: value for key, value in (("type", spec.type), ("choices", spec.choices),
+                                                  ("action", spec.action), ("nargs", spec.nargs),
+                                                  ("const", spec.const), ("metavar", spec.metavar))
+                   if value is not None}
+        target.add_argument(flag_name(field.name), dest=field.name, default=field.default, help=spec.help, **options)
+
+
+def from_values(settings_type: type, values: Mapping[str, Any]) -> Any:
+    """The settings from a flat dict keyed by destination (every field of the class must be there)."""
+    return settings_type(**{field.name: values[field.name] for field in dataclasses.fields(settings_type)})
+
+
+def resume_rules(settings_type: type, flags: Mapping[str, Any]) -> dict[str, Setting]:
+    """The settings a checkpoint can give, with the flags' values as their defaults (see resolve_settings)."""
+    return {field.name: dataclasses.replace(field.metadata["resume"], default=flags[field.name])
+            for field in declared_fields(settings_type) if field.metadata["resume"] is not None}

@@ -1,0 +1,106 @@
+"""Loss terms: training objectives beside the transport's loss, one module each (REPA's alignment is one).
+
+A loss term is an `nn.Module` whose parameters train with the model. In a step it
+  1. `prepare(inputs, device, precision)`: what it needs of the batch, outside autograd (e.g. a frozen
+     encoder's tokens of the clean images);
+  2. `head(hidden)`: inside the trained model's forward, on the tokens after block `block` (when it
+     asks for them), so that DDP reduces its parameters' gradients with the SiT's;
+  3. `losses(view)`: per-sample losses by name, from what the step has (`StepView`). The step adds
+     `weight` x the batch mean of each to the optimised loss and logs each by its name.
+What it owns beside its forward: AdamW takes its parameters after the SiT's (in the order of the run's
+terms); the checkpoint stores its state dict under `extras[name]`; a rollback restores that with the
+rest of the state; `sharding_refusal` says why it cannot run sharded (FSDP2), or None.
+
+A new term is a module with a subclass of `LossTerm` and its settings; `sit.training.registry` lists it.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from sit.distributed import DistContext
+
+
+@dataclass
+class StepView:
+    """What a loss term sees of one training step (N samples).
+
+    output: the model's output (N, C, H, W); x_t: its input, the interpolant at times t (N,);
+    target: the path's velocity at (x_t, t), what a velocity model regresses onto; latents: the
+    clean data x1 (N, C, H, W); labels: (N,); head: the term's head output on its block's tokens
+    (None when it asks for none); prepared: what its `prepare` returned for this batch.
+    """
+    output: torch.Tensor
+    x_t: torch.Tensor
+    t: torch.Tensor
+    target: torch.Tensor
+    latents: torch.Tensor
+    labels: torch.Tensor
+    head: Optional[torch.Tensor] = None
+    prepared: Any = None
+
+
+class LossTerm(nn.Module):
+    """An extra training objective (see the module docstring). Subclasses set `name` and implement `losses`."""
+    name: str = ""
+    block: Optional[int] = None  # 1-based block whose tokens (N, T, D) reach `head`; None: no tokens
+    weight: float = 1.0
+
+    def prepare(self, inputs: Sequence[torch.Tensor], device: torch.device, precision: str) -> Any:
+        """What the term needs of a batch's inputs (the loader's tensors before the labels), without gradients."""
+        return None
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The term's trained map of the block's tokens (N, T, D); runs inside the wrapped model's forward."""
+        return hidden
+
+    def losses(self, view: StepView) -> dict[str, torch.Tensor]:
+        """Per-sample losses (N,) by the name they are logged under."""
+        raise NotImplementedError
+
+    def sharding_refusal(self) -> Optional[str]:
+        """Why the term cannot run with --sharding fsdp (None: it can). Terms with parameters keep them
+        whole on every rank unless they say otherwise."""
+        return None if not any(True for _ in self.parameters()) else f"the {self.name} term's parameters are not sharded"
+
+
+class ModelWithTerms(nn.Module):
+    """The SiT and the loss terms' heads as the one module that DDP wraps (so that every gradient is
+    reduced): forward(x, t, y) -> (the SiT's output (N, C, H, W), {term name: its head's output})."""
+
+    def __init__(self, sit: nn.Module, terms: Sequence[LossTerm]):
+        super().__init__()
+        self.sit = sit
+        self.terms = nn.ModuleList(terms)
+        blocks = {term.block for term in terms if term.block is not None}
+        if len(blocks) > 1:
+            raise ValueError(f"loss terms ask for the tokens of blocks {sorted(blocks)}; one block per run is supported")
+        self.block = blocks.pop() if blocks else None
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        if self.block is None:
+            return self.sit(x, t, y), {}
+        output, hidden = self.sit(x, t, y, hidden_at=self.block)  # hidden: (N, T, D)
+        return output, {term.name: term.head(hidden) for term in self.terms if term.block is not None}
+
+
+def term_parameters(terms: Sequence[LossTerm]) -> list[nn.Parameter]:
+    """The terms' parameters in the order AdamW holds them (after the SiT's)."""
+    return [param for term in terms for param in term.parameters()]
+
+
+@dataclass
+class TermContext:
+    """What a loss term's setup may use, once per run: the image size, the cached latents' meta.json
+    (None when training from images), the ranks and the run's log."""
+    image_size: int
+    feature_meta: Optional[dict]
+    ctx: DistContext
+    logger: logging.Logger
+
+
+TermFactory = Callable[[nn.Module], LossTerm]  # the SiT -> its term (built after it, from the torch RNG)
