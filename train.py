@@ -50,11 +50,11 @@ from models import SiT_models
 from sit.cli import (ScriptParser, add_speed_arguments, decay_rate, exit_process, guidance_scale,
                      non_negative_float, non_negative_int, parse_with_explicit, positive_float, positive_int,
                      run_main)
+from sit.declarations import add_flags
 from sit.distributed import launched_world_size
 from sit.training.experiment import NEWEST
-from sit.training.healing import add_healing_arguments
 from sit.training.launch import prepare_training, run_training
-from sit.training.phema import add_phema_arguments
+from sit.training.registry import FEATURES
 from sit.training.settings import EMA_DECAY, MODEL_CONFIG_KEYS
 from sit.training.sharding import SHARDINGS
 from train_utils import parse_transport_args
@@ -119,13 +119,6 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--fid-cfg-scale", type=guidance_scale, default=1.0, help="guidance of the FID samples, >= 1")
     fid.add_argument("--fid-inception-weights", type=str, default=None,
                      help="a local Inception weights file (default: downloaded once by torch-fidelity)")
-    repa = parser.add_argument_group("representation alignment (REPA; sit/training/repa.py)")
-    repa.add_argument("--repa-encoder", type=str, default=None,
-                      help="align block --repa-depth with this frozen encoder's patch tokens: dinov2-vit-s/b/l/g, "
-                           "dinov2_vitb14[_reg], a timm ViT name, or a local weights file/timm folder (default: off)")
-    repa.add_argument("--repa-depth", type=positive_int, default=8, help="the block (1-based) whose tokens are aligned")
-    repa.add_argument("--repa-coeff", type=non_negative_float, default=0.5, help="weight of the alignment loss")
-    repa.add_argument("--repa-projector-dim", type=positive_int, default=2048, help="hidden width of the projector MLP")
     times = parser.add_argument_group("time-step schedule of training (transport/schedules.py; t=0 noise, t=1 data)")
     times.add_argument("--time-sampling", type=str, choices=TIME_SAMPLINGS, default="uniform",
                       help="how t is drawn: uniform (the original's) or logit-normal (SD3, LightningDiT)")
@@ -133,8 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     times.add_argument("--time-std", type=positive_float, default=1.0, help="std of the logit-normal's normal")
     times.add_argument("--time-shift", type=positive_float, default=None,
                       help="shift t -> t / (t + s (1 - t)); s > 1 draws more times near the noise end (default: none)")
-    add_phema_arguments(parser)
-    add_healing_arguments(parser)
+    for feature in FEATURES.values():  # REPA, post-hoc EMA, self-healing, ...: their declared settings
+        if feature.settings:
+            add_flags(parser, feature.settings)
     add_speed_arguments(parser)
     parse_transport_args(parser)
     return parser

@@ -49,6 +49,14 @@ class Setting:
         return self.rule == Rule.LOCKED or (self.incompatible is not None and self.incompatible(given, held))
 
 
+# The common rules of settings a checkpoint gives (messages: the templates' words, plus {step} for RUN_CHANGE)
+LOCKED_HINT = "; drop the flag (model and transport settings come from the checkpoint) or start a new experiment"
+LOCKED = Setting(Rule.LOCKED, conflict=Setting.conflict + LOCKED_HINT)
+RUN_CHANGE = Setting(Rule.WARN, warning="{flag} {given} replaces the checkpoint's {held} from step {step} on: the run "
+                                        "will differ from an uninterrupted one")
+FREE = Setting(Rule.FREE)
+
+
 @dataclass
 class Resolved:
     """The resolved values, where each came from ("flag", "checkpoint" or "default"), and the warnings."""

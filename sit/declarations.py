@@ -38,10 +38,12 @@ class FlagSpec:
 
 def declare(default: Any, help: str, *, type: Optional[Callable[[str], Any]] = None,
             choices: Optional[Sequence[Any]] = None, action: Any = None, nargs: Optional[str] = None, const: Any = None,
-            metavar: Optional[str] = None, resume: Optional[Setting] = None) -> Any:
-    """A settings dataclass field: its default, its flag (help, type, choices, ...) and its resume rule."""
+            metavar: Optional[str] = None, resume: Optional[Setting] = None,
+            canonical: Optional[Callable[[Any], Any]] = None) -> Any:
+    """A settings dataclass field: its default, its flag (help, type, choices, ...), its resume rule and
+    (canonical) how a given value is named wherever the run starts (e.g. a local file: its real path)."""
     spec = FlagSpec(help, type, choices, action, nargs, const, metavar)
-    return dataclasses.field(default=default, metadata={"flag": spec, "resume": resume})
+    return dataclasses.field(default=default, metadata={"flag": spec, "resume": resume, "canonical": canonical})
 
 
 def declared_fields(settings_type: type) -> list[dataclasses.Field]:
@@ -70,6 +72,15 @@ def add_flags(parser: argparse.ArgumentParser, settings_type: type) -> None:
 def from_values(settings_type: type, values: Mapping[str, Any]) -> Any:
     """The settings from a flat dict keyed by destination (every field of the class must be there)."""
     return settings_type(**{field.name: values[field.name] for field in dataclasses.fields(settings_type)})
+
+
+def canonical_values(settings_type: type, values: Mapping[str, Any]) -> dict[str, Any]:
+    """values with each of these settings' values in its canonical form (see declare)."""
+    values = dict(values)
+    for field in declared_fields(settings_type):
+        if field.metadata["canonical"] is not None:
+            values[field.name] = field.metadata["canonical"](values[field.name])
+    return values
 
 
 def resume_rules(settings_type: type, flags: Mapping[str, Any]) -> dict[str, Setting]:

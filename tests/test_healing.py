@@ -17,8 +17,7 @@ from sit.checkpoint import TrainCheckpoint
 from sit.data.features import open_arrays, open_token_array, write_meta
 from sit.data.order import ResumableDistributedSampler
 from sit.errors import UsageError
-from sit.training.healing import (SPIKE_MIN_HISTORY, Healer, HealingSettings, LossSpiked, batch_positions,
-                                  check_healing_settings)
+from sit.training.healing import SPIKE_MIN_HISTORY, Healer, HealingSettings, LossSpiked, batch_positions
 from sit.training.monitor import LossMonitor, TrainingDiverged
 from test_train import TINY, assert_ok, load, logged_losses, only_experiment, run_train
 
@@ -41,15 +40,15 @@ def test_skip_batches_parses_epoch_batch_pairs():
 
 def test_settings_that_cannot_work_are_one_line_naming_the_flag():
     with pytest.raises(UsageError, match=r"^--spike-factor must be above 1 \(a factor of the median loss\), got 0.5$"):
-        check_healing_settings(settings(spike_factor=0.5))
+        settings(spike_factor=0.5).check()
     with pytest.raises(UsageError, match="^--rollback-every keeps rollback points for --max-rollbacks: pass"):
-        check_healing_settings(settings(max_rollbacks=0, rollback_every=10))
+        settings(max_rollbacks=0, rollback_every=10).check()
     assert not settings(max_rollbacks=0).active and settings(max_rollbacks=0, skip_batches=((0, 1),)).active
 
 
 def test_a_spike_is_a_loss_above_factor_times_the_running_median_each_step_checked_once():
     healer = Healer(settings(spike_factor=3.0), ckpt_every=100)
-    monitor = LossMonitor(1, inspect=healer.inspect)
+    monitor = LossMonitor(1, inspect=healer.inspect_loss)
     # median 1.5: 4.5 is not above 3 x 1.5; with it the median is 2.0, and 6.5 is above 3 x 2.0
     losses = [1.0, 2.0] * (SPIKE_MIN_HISTORY // 2) + [4.5, 6.5]
     for value in losses[:-1]:
@@ -67,9 +66,9 @@ def test_a_spike_is_a_loss_above_factor_times_the_running_median_each_step_check
 def test_no_spike_is_called_before_enough_history():
     healer = Healer(settings(spike_factor=2.0), ckpt_every=100)
     for step, value in enumerate([1.0] * (SPIKE_MIN_HISTORY - 1) + [50.0], start=1):
-        healer.inspect(step, value)  # the 10th value is compared with nothing yet
+        healer.inspect_loss(step, value)  # the 10th value is compared with nothing yet
     with pytest.raises(LossSpiked):
-        healer.inspect(SPIKE_MIN_HISTORY + 1, 50.0)
+        healer.inspect_loss(SPIKE_MIN_HISTORY + 1, 50.0)
 
 
 def test_rollback_points_are_copies_and_the_limit_stops_the_run():

@@ -1,5 +1,5 @@
 """sit/training/terms.py: a loss term written in this file alone (registered by a monkeypatch of the
-registry's table, no edit anywhere else) trains through train.py's real step, resumes bit-exact and
+registry's table of features, no edit anywhere else) trains through train.py's real step, resumes bit-exact and
 survives a rollback."""
 import os
 
@@ -11,7 +11,8 @@ from torch import nn
 import train
 from sit.data.features import open_arrays, write_meta
 from sit.data.order import ResumableDistributedSampler
-from sit.training import registry
+from sit.training.extensions import Feature
+from sit.training.registry import FEATURES
 from sit.training.terms import LossTerm, ModelWithTerms, StepView
 from test_train import TINY, load, only_experiment
 
@@ -58,7 +59,8 @@ def write_features(path: str, nan_at=None) -> str:
 
 @pytest.fixture
 def toy_registered(monkeypatch):
-    monkeypatch.setitem(registry.LOSS_TERMS, "toy", lambda config, context: lambda sit: ToyTerm(sit.config["hidden_size"]))
+    toy = Feature("toy", term=lambda settings, context: lambda sit: ToyTerm(sit.config["hidden_size"]))
+    monkeypatch.setitem(FEATURES, "toy", toy)
 
 
 def run(features: str, results: str, *more: str) -> None:

@@ -27,7 +27,7 @@ def features_vae(feature_path: str) -> Optional[str]:
 def open_feature_dataset(config: TrainConfig, image_size_origin: str = "flag") -> LatentFeatureDataset:
     """The cached latents of --feature-path, checked against --image-size (image_size_origin: where that
     came from, see sit.config.Resolved). Raises UsageError."""
-    data, encoder = config.data, config.repa.repa_encoder
+    data, encoder = config.data, config.token_encoder
     dataset = LatentFeatureDataset(data.feature_path, seed=data.global_seed, random_flip=data.random_flip,
                                    with_tokens=encoder is not None)
     meta = dataset.meta

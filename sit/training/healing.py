@@ -25,13 +25,15 @@ import logging
 import statistics
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 
 from sit.checkpoint import TrainCheckpoint
 from sit.cli import non_negative_int, positive_float, positive_int
+from sit.declarations import declare
 from sit.errors import UsageError
+from sit.training.extensions import ExtensionContext, Feature, LoopExtension
 from sit.training.monitor import TrainingDiverged
 
 SPIKE_WINDOW = 100  # the running median is over this many recent steps' losses
@@ -51,42 +53,37 @@ def batch_positions(value: str) -> tuple[BatchPosition, ...]:
     return tuple(sorted(set(pairs)))  # type: ignore[arg-type]
 
 
-def add_healing_arguments(parser: argparse.ArgumentParser) -> None:
-    """train.py's self-healing flags (off by default: a non-finite loss stops the run, exit 1)."""
-    group = parser.add_argument_group("self-healing (off by default)")
-    group.add_argument("--max-rollbacks", type=non_negative_int, default=0,
-                       help="on a non-finite (or, with --spike-factor, spiking) loss, roll back to the last good "
-                            "state and skip the batch that caused it, at most this many times in a run; then stop "
-                            "(exit 1, the last good checkpoint kept). 0: stop at the first (the default)")
-    group.add_argument("--spike-factor", type=positive_float, default=None,
-                       help=f"a loss above this factor x the median of the last {SPIKE_WINDOW} steps' losses "
-                            f"diverged too (default: only non-finite losses)")
-    group.add_argument("--rollback-every", type=positive_int, default=None,
-                       help="steps between rollback points kept in CPU memory (default: --ckpt-every; there is "
-                            "one at every checkpoint too)")
-    group.add_argument("--skip-batches", type=batch_positions, default=None,
-                       help="EPOCH:BATCH,... batches to skip from the start, e.g. those a healed run skipped")
-
-
 @dataclass(frozen=True)
 class HealingSettings:
     """The self-healing flags (all off: today's behaviour)."""
-    max_rollbacks: int
-    spike_factor: Optional[float]
-    rollback_every: Optional[int]
-    skip_batches: Optional[tuple[BatchPosition, ...]]
+    TITLE: ClassVar[str] = "self-healing (off by default)"
+    max_rollbacks: int = declare(
+        0, "on a non-finite (or, with --spike-factor, spiking) loss, roll back to the last good state and skip the "
+           "batch that caused it, at most this many times in a run; then stop (exit 1, the last good checkpoint "
+           "kept). 0: stop at the first (the default)", type=non_negative_int)
+    spike_factor: Optional[float] = declare(
+        None, f"a loss above this factor x the median of the last {SPIKE_WINDOW} steps' losses diverged too "
+              f"(default: only non-finite losses)", type=positive_float)
+    rollback_every: Optional[int] = declare(
+        None, "steps between rollback points kept in CPU memory (default: --ckpt-every; there is one at every "
+              "checkpoint too)", type=positive_int)
+    skip_batches: Optional[tuple[BatchPosition, ...]] = declare(
+        None, "EPOCH:BATCH,... batches to skip from the start, e.g. those a healed run skipped", type=batch_positions)
 
     @property
     def active(self) -> bool:
         return self.max_rollbacks > 0 or self.spike_factor is not None or bool(self.skip_batches)
 
-
-def check_healing_settings(settings: HealingSettings) -> None:
-    """UsageError (one line naming the flag) for settings that cannot work."""
-    if settings.spike_factor is not None and settings.spike_factor <= 1.0:
-        raise UsageError(f"--spike-factor must be above 1 (a factor of the median loss), got {settings.spike_factor}")
-    if settings.rollback_every is not None and settings.max_rollbacks == 0:
-        raise UsageError("--rollback-every keeps rollback points for --max-rollbacks: pass --max-rollbacks N too")
+    def check(self, config: Any = None) -> None:
+        """UsageError (one line naming the flag) for settings that cannot work."""
+        if self.spike_factor is not None and self.spike_factor <= 1.0:
+            raise UsageError(f"--spike-factor must be above 1 (a factor of the median loss), got {self.spike_factor}")
+        if self.rollback_every is not None and self.max_rollbacks == 0:
+            raise UsageError("--rollback-every keeps rollback points for --max-rollbacks: pass --max-rollbacks N too")
+        if self.active and config is not None and config.optim.sharding == "fsdp":
+            # its in-memory copies hold whole tensors; FSDP2 ranks hold shards
+            raise UsageError("self-healing (--max-rollbacks, --spike-factor, --skip-batches) works with --sharding "
+                             "ddp only: drop --sharding fsdp or those flags")
 
 
 class LossSpiked(TrainingDiverged):
@@ -104,13 +101,15 @@ def cpu_copy(value: Any) -> Any:
     return value
 
 
-class Healer:
+class Healer(LoopExtension):
     """What self-healing keeps while training: the rollback point, the batches to skip, the data
     position of each step since the rollback point, the rollbacks done and the spike median's window."""
+    name = "healing"
 
     def __init__(self, settings: HealingSettings, ckpt_every: int, saved: Optional[dict] = None):
         saved = saved or {}
         self.settings = settings
+        self.inspects_losses = settings.spike_factor is not None
         self.every = settings.rollback_every or ckpt_every
         self.skipped: set[BatchPosition] = {tuple(pair) for pair in saved.get("skipped_batches", [])}
         self.skipped.update(settings.skip_batches or ())
@@ -133,7 +132,7 @@ class Healer:
             self.positions[next_step] = (epoch, batch)
         return False
 
-    def inspect(self, step: int, loss: float) -> None:
+    def inspect_loss(self, step: int, loss: float) -> None:
         """The spike check of one step's finite loss (LossMonitor calls it once per step, in order)."""
         factor = self.settings.spike_factor
         if factor is not None and len(self.recent_losses) >= SPIKE_MIN_HISTORY:
@@ -177,3 +176,40 @@ class Healer:
         self.recent_losses = deque(point.extensions.get("healing", {}).get("recent_losses", []), maxlen=SPIKE_WINDOW)
         self.positions = {}
         return TrainCheckpoint.from_dict(cpu_copy(point.to_dict()))  # the optimizer may keep the tensors it loads
+
+    # The loop's hooks (sit.training.extensions.LoopExtension)
+    def start(self, run: Any) -> None:
+        if self.settings.max_rollbacks:
+            self.keep_point(run)  # the first rollback point: the start
+
+    def checkpoint_saved(self, run: Any, checkpoint: TrainCheckpoint) -> None:
+        self.keep(checkpoint)
+
+    def step_done(self, run: Any, saved: bool) -> None:
+        if not saved and self.keeps_points(run.state.train_steps):
+            self.keep_point(run)
+
+    def loop_done(self, run: Any) -> None:
+        run.check_health()  # the steps since the last check, inside the rollbacks' reach
+
+    def keep_point(self, run: Any) -> None:
+        """Check health (every loss so far, every weight), then keep the state in CPU memory to roll back to."""
+        run.check_health()
+        self.keep(run.checkpoint())
+
+    def recover(self, run: Any, error: TrainingDiverged) -> bool:
+        """Restore the rollback point through the path a resume takes and skip the batch that diverged
+        (every rank alike); re-raises error when the run cannot heal."""
+        run.restore(self.roll_back(error, run.logger))
+        return True
+
+
+def setup_healing(settings: HealingSettings, context: ExtensionContext) -> Optional[Healer]:
+    """The run's healer: with self-healing flags, or a resumed checkpoint of a run that had them (its
+    skipped batches stay skipped)."""
+    if not (settings.active or context.saved):
+        return None
+    return Healer(settings, context.config.run.ckpt_every, context.saved)
+
+
+FEATURE = Feature("healing", HealingSettings, extension=setup_healing)

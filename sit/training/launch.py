@@ -23,7 +23,6 @@ from sit.training.data import TrainDataset, features_vae, open_training_data
 from sit.training.experiment import StartPoint, discard_unfinished_experiments, experiment_dir_of, start_checkpoint
 from sit.training.loop import train
 from sit.training.monitor import TrainingDiverged
-from sit.training.phema import check_phema_start
 from sit.training.settings import TrainConfig, check_train_config, resolve_train_settings
 from sit.training.signals import StopSignal
 
@@ -50,7 +49,9 @@ def prepare_training(flags: Mapping[str, Any], explicit: AbstractSet[str], world
                                               train_steps=train_steps, features_vae=made_by)
     check_checkpoint_settings(config, resolved, world_size)
     check_train_config(config, world_size)
-    check_phema_start(config.phema, start.checkpoint if start.resuming else None)
+    for settings in config.features.values():  # a feature that cannot start in the middle of a run
+        if hasattr(settings, "check_start"):
+            settings.check_start(start.checkpoint if start.resuming else None)
     warnings = resolved.warnings + unused_setting_warnings(config, explicit, start.resuming)
     check_results_dir(config, start.resuming)
     check_fid_reference(config)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
@@ -23,12 +23,11 @@ from sit.training.data import TrainDataset, build_loader
 from sit.training.decoder import RunVAE
 from sit.training.experiment import StartPoint, open_experiment, write_latest
 from sit.training.fid import make_fid_monitor, measure_fid
-from sit.training.healing import Healer
 from sit.training.monitor import LossMonitor, TrainingDiverged, check_health, log_first_loss, log_progress
 from sit.training.network import build_train_step
-from sit.training.phema import PowerEMATracker, snapshot_path, start_tracker, write_snapshot
 from sit.training.preview import PREVIEW_LABELS, preview_inputs, save_preview
-from sit.training.registry import term_factories
+from sit.training.extensions import LoopExtension
+from sit.training.registry import loop_extensions, term_factories
 from sit.training.rng import gather_rng_states, restore_rng
 from sit.training.settings import TrainConfig
 from sit.training.sharding import sampling_ema
@@ -66,47 +65,60 @@ class TrainingRun:
     term_factories: list[TermFactory]  # the loss terms (set up once: a rollback rebuilds them from these)
     last_saved_step: Optional[int] = None
     fid_monitor: Optional[FIDMonitor] = None  # with --fid-every
-    phema: Optional[PowerEMATracker] = None  # with --phema-stds
-    last_phema_step: Optional[int] = None
-    healer: Optional[Healer] = None  # with self-healing (sit.training.healing)
+    extensions: list[LoopExtension] = field(default_factory=list)  # post-hoc EMA, self-healing, ... (registry)
 
+    # Services for the loop extensions (sit.training.extensions)
+    def write_on_main(self, what: str, path: Optional[str], write: Callable[[], None]) -> None:
+        """Rank 0 writes a file (write()); every rank learns the outcome (which also holds the others until
+        rank 0 is done) and, on failure, stops with one line naming the file (also in rank 0's log.txt)."""
 
-def write_on_main(run: TrainingRun, what: str, path: Optional[str], write: Callable[[], None]) -> None:
-    """Rank 0 writes a file (write()); every rank learns the outcome (which also holds the others until
-    rank 0 is done) and, on failure, stops with one line naming the file (also in rank 0's log.txt)."""
+        def attempt() -> None:
+            try:
+                write()
+            except OSError as error:
+                message = f"cannot write the {what} {path} ({error})"
+                self.logger.error(message)
+                raise RunFailure(message) from error
 
-    def attempt() -> None:
-        try:
-            write()
-        except OSError as error:
-            message = f"cannot write the {what} {path} ({error})"
-            run.logger.error(message)
-            raise RunFailure(message) from error
+        on_main(self.ctx, attempt)
 
-    on_main(run.ctx, attempt)
+    def check_health(self) -> None:
+        """Every loss so far and every weight finite (TrainingDiverged otherwise; every rank alike)."""
+        check_health(self.step.model, self.monitor, self.state.train_steps)
 
+    def checkpoint(self) -> TrainCheckpoint:
+        """The run's state as a checkpoint (a collective: every rank's RNG state is gathered)."""
+        state, step = self.state, self.step
+        rng = gather_rng_states(self.ctx.device)
+        model_state, ema_state, opt_state = step.sharding.full_state_dicts(step.model, step.ema, step.opt)  # fsdp: to rank 0
+        return TrainCheckpoint(model=model_state, ema=ema_state, opt=opt_state,
+                               settings=self.config.settings(), model_config=dict(step.model.config),
+                               train_steps=state.train_steps, epoch=state.epoch, epoch_step=state.epoch_step, rng=rng,
+                               scaler=step.scaler.state_dict(), experiment_dir=self.experiment_dir,
+                               wandb_id=self.wandb_run.id if self.wandb_run is not None else None,
+                               extras={term.name: term.state_dict() for term in step.terms if term.state_dict()},
+                               extensions={extension.name: extension.state_dict() for extension in self.extensions})
 
-def checkpoint_of(run: TrainingRun) -> TrainCheckpoint:
-    """The run's state as a checkpoint (a collective: every rank's RNG state is gathered)."""
-    state, step = run.state, run.step
-    rng = gather_rng_states(run.ctx.device)
-    model_state, ema_state, opt_state = step.sharding.full_state_dicts(step.model, step.ema, step.opt)  # fsdp: to rank 0
-    return TrainCheckpoint(model=model_state, ema=ema_state, opt=opt_state,
-                           settings=run.config.settings(), model_config=dict(step.model.config),
-                           train_steps=state.train_steps, epoch=state.epoch, epoch_step=state.epoch_step, rng=rng,
-                           scaler=step.scaler.state_dict(), experiment_dir=run.experiment_dir,
-                           wandb_id=run.wandb_run.id if run.wandb_run is not None else None,
-                           extras={term.name: term.state_dict() for term in step.terms if term.state_dict()},
-                           extensions=dict(phema=run.phema.state_dict() if run.phema is not None else {},
-                                           healing=run.healer.state_dict() if run.healer is not None else {}))
+    def restore(self, saved: TrainCheckpoint) -> None:
+        """Go on from a saved state (a rollback point) through the path a resume takes (sit.training.network):
+        model, EMA, optimizer, loss terms, random streams, data position and each extension's state."""
+        self.step = None  # let the diverged model, EMA and optimizer go before building their replacements
+        start = StartPoint(f"the rollback point of step {saved.train_steps}", saved.to_dict())
+        self.step = build_train_step(self.config, self.ctx, start, self.vae.module, self.logger, self.term_factories)
+        self.step.ddp_model.train()
+        for extension in self.extensions:
+            extension.restore(self, saved.extensions.get(extension.name, {}))
+        seed = self.config.data.global_seed * self.ctx.world_size + self.ctx.rank
+        self.state = restore_progress(saved, self.step, self.ctx, seed, self.logger)
+        self.monitor = new_monitor(self.extensions, self.state.train_steps + 1)
 
 
 def save_checkpoint(run: TrainingRun) -> None:
     """Check health, gather every rank's RNG state, then rank 0 writes <step>.pt atomically (all ranks
     call this); if rank 0 cannot write it (disk full, permissions), every rank stops with one line."""
     state = run.state
-    check_health(run.step.model, run.monitor, state.train_steps)
-    checkpoint = checkpoint_of(run)
+    run.check_health()
+    checkpoint = run.checkpoint()
     path = os.path.join(run.experiment_dir, "checkpoints", f"{state.train_steps:07d}.pt") if run.ctx.is_main else None
 
     def write() -> None:
@@ -114,30 +126,10 @@ def save_checkpoint(run: TrainingRun) -> None:
         run.logger.info(f"Saved checkpoint to {path}")
         write_latest(run.experiment_dir, path)  # <experiment>/latest.txt names it
 
-    write_on_main(run, "checkpoint", path, write)
+    run.write_on_main("checkpoint", path, write)
     run.last_saved_step = state.train_steps
-    if run.healer is not None:
-        run.healer.keep(checkpoint)
-
-
-def keep_rollback_point(run: TrainingRun) -> None:
-    """Check health (every loss so far, every weight), then keep the state in CPU memory to roll back to."""
-    check_health(run.step.model, run.monitor, run.state.train_steps)
-    run.healer.keep(checkpoint_of(run))
-
-
-def save_phema_snapshot(run: TrainingRun) -> None:
-    """Check health, then rank 0 writes the post-hoc EMAs to phema/<step>.pt atomically (all ranks call this)."""
-    step = run.state.train_steps
-    check_health(run.step.model, run.monitor, step)
-    path = snapshot_path(run.experiment_dir, step) if run.ctx.is_main else None
-
-    def write() -> None:
-        write_snapshot(path, step, run.phema, run.step.model, run.config.settings())
-        run.logger.info(f"Saved post-hoc EMA snapshot to {path}")
-
-    write_on_main(run, "post-hoc EMA snapshot", path, write)
-    run.last_phema_step = step
+    for extension in run.extensions:
+        extension.checkpoint_saved(run, checkpoint)
 
 
 def save_samples(run: TrainingRun) -> None:
@@ -159,7 +151,7 @@ def save_samples(run: TrainingRun) -> None:
 
             run.wandb_run.log({"samples": wandb.Image(path)}, step=run.state.train_steps)
 
-    write_on_main(run, "preview grid", path, write)
+    run.write_on_main("preview grid", path, write)
 
 
 def log_fid(run: TrainingRun) -> None:
@@ -193,8 +185,8 @@ def train_loop(run: TrainingRun) -> bool:
         run.dataset.set_epoch(state.epoch)
         run.logger.info(f"Beginning epoch {state.epoch}...")
         for *inputs, labels in run.loader:
-            if run.healer is not None and run.healer.skips(state.epoch, state.epoch_step, state.train_steps + 1):
-                state.epoch_step += 1  # a batch that made the loss diverge: read and dropped, never trained on
+            if any(extension.skips(state.epoch, state.epoch_step, state.train_steps + 1) for extension in run.extensions):
+                state.epoch_step += 1  # e.g. a batch that made the loss diverge: read and dropped, never trained on
                 continue
             result = train_step(run.step, inputs, labels)
             if result.grad_norm is not None:
@@ -205,8 +197,8 @@ def train_loop(run: TrainingRun) -> bool:
             state.train_steps += 1
             state.epoch_step += 1
             step = state.train_steps
-            if run.phema is not None:
-                run.phema.update(run.step.model, step)
+            for extension in run.extensions:
+                extension.after_step(run)
             if step % every.log_every == 0:
                 log_progress(run.monitor, step, config.data.global_batch_size, run.logger, run.wandb_run)
             elif step == first_step:
@@ -216,12 +208,13 @@ def train_loop(run: TrainingRun) -> bool:
                 save_samples(run)  # before the checkpoint, so that its RNG state follows everything
             if config.fid.fid_every is not None and step % config.fid.fid_every == 0:
                 log_fid(run)
-            if run.phema is not None and step % config.phema.phema_every == 0:
-                save_phema_snapshot(run)
-            if step % every.ckpt_every == 0:
+            for extension in run.extensions:
+                extension.before_checkpoint(run)
+            saved = step % every.ckpt_every == 0
+            if saved:
                 save_checkpoint(run)
-            elif run.healer is not None and run.healer.keeps_points(step):
-                keep_rollback_point(run)
+            for extension in run.extensions:
+                extension.step_done(run, saved)
             finished = max_steps is not None and step >= max_steps
             stopping = not finished and run.stop.agreed()  # the same answer on every rank
             if finished or stopping:
@@ -241,38 +234,28 @@ def restore_progress(saved: TrainCheckpoint, step: TrainStep, ctx: DistContext, 
     return TrainState(saved.train_steps, saved.epoch, saved.epoch_step)
 
 
-def new_monitor(healer: Optional[Healer], first_step: int) -> LossMonitor:
-    """The loss monitor from first_step on; with --spike-factor it checks each step's loss for spikes."""
-    spikes = healer is not None and healer.settings.spike_factor is not None
-    return LossMonitor(first_step, inspect=healer.inspect if spikes else None)
+def new_monitor(extensions: list[LoopExtension], first_step: int) -> LossMonitor:
+    """The loss monitor from first_step on; extensions that inspect losses (a spike check) see each step's."""
+    inspectors = [extension.inspect_loss for extension in extensions if extension.inspects_losses]
+
+    def inspect(step: int, loss: float) -> None:
+        for inspector in inspectors:
+            inspector(step, loss)
+
+    return LossMonitor(first_step, inspect=inspect if inspectors else None)
 
 
-def roll_back(run: TrainingRun, error: TrainingDiverged) -> None:
-    """Restore the rollback point through the path a resume takes (sit.training.network) and skip the
-    batch that diverged (every rank alike); re-raises error when the run cannot heal."""
-    saved = run.healer.roll_back(error, run.logger)
-    run.step = None  # let the diverged model, EMA and optimizer go before building their replacements
-    start = StartPoint(f"the rollback point of step {saved.train_steps}", saved.to_dict())
-    run.step = build_train_step(run.config, run.ctx, start, run.vae.module, run.logger, run.term_factories)
-    run.step.ddp_model.train()
-    run.phema = start_tracker(run.config.phema, run.step.model, saved.extensions.get("phema"))
-    seed = run.config.data.global_seed * run.ctx.world_size + run.ctx.rank
-    run.state = restore_progress(saved, run.step, run.ctx, seed, run.logger)
-    run.monitor = new_monitor(run.healer, run.state.train_steps + 1)
-
-
-def train_with_rollbacks(run: TrainingRun) -> bool:
-    """train_loop; with --max-rollbacks, a divergence rolls back and training goes on (see roll_back)."""
+def train_with_extensions(run: TrainingRun) -> bool:
+    """train_loop; a divergence that an extension recovers from (a rollback) goes on training."""
     while True:
         try:
             stopped = train_loop(run)
-            if run.healer is not None:  # the steps since the last check, inside the rollbacks' reach
-                check_health(run.step.model, run.monitor, run.state.train_steps)
+            for extension in run.extensions:
+                extension.loop_done(run)
             return stopped
         except TrainingDiverged as error:
-            if run.healer is None:
+            if not any(extension.recover(run, error) for extension in run.extensions):
                 raise
-            roll_back(run, error)
 
 
 def check_channels(step: TrainStep, vae: RunVAE, dataset: TrainDataset) -> None:
@@ -305,7 +288,7 @@ def train(config: TrainConfig, *, ctx: DistContext, dataset: TrainDataset, start
     if threads:
         logger.info(threads)
     vae = RunVAE.at_start(ctx, config.model.vae, from_features=config.data.feature_path is not None)
-    factories = term_factories(config, TermContext(config.model.image_size, dataset.meta if config.data.feature_path
+    factories = term_factories(config.features, TermContext(config.model.image_size, dataset.meta if config.data.feature_path
                                                    is not None else None, ctx, logger))
     step = build_train_step(config, ctx, start, vae.module, logger, factories)
     check_channels(step, vae, dataset)
@@ -316,34 +299,29 @@ def train(config: TrainConfig, *, ctx: DistContext, dataset: TrainDataset, start
     fid_monitor = None
     if fid.fid_every is not None:  # every rank builds one, and stops if any rank could not
         fid_monitor = agree(ctx, lambda: make_fid_monitor(fid.fid_ref, ctx.device, fid.fid_inception_weights))
-    state, resumed = TrainState(), None
+    state, saved = TrainState(), {}
     if start.resuming:
         resumed = TrainCheckpoint.from_dict(start.checkpoint)
-        state = restore_progress(resumed, step, ctx, seed, logger)
-    saved_healing = resumed.extensions.get("healing", {}) if resumed is not None else {}
-    healer = Healer(config.healing, config.run.ckpt_every, saved_healing) if config.healing.active or saved_healing else None
+        state, saved = restore_progress(resumed, step, ctx, seed, logger), resumed.extensions
+    extensions = loop_extensions(config.features, (config, step.model), saved)
     run = TrainingRun(config=config, ctx=ctx, step=step, vae=vae, dataset=dataset, loader=loader, sampler=sampler,
                       state=state, logger=logger, experiment_dir=experiment.folder, wandb_run=experiment.wandb_run,
                       stop=stop, preview=preview_inputs(config.data.global_seed, step.model.config),
-                      monitor=new_monitor(healer, state.train_steps + 1), term_factories=factories,
+                      monitor=new_monitor(extensions, state.train_steps + 1), term_factories=factories,
                       fid_monitor=fid_monitor,
-                      last_saved_step=state.train_steps if start.resuming else None,
-                      phema=start_tracker(config.phema, step.model, resumed.extensions.get("phema") if resumed else None),
-                      last_phema_step=state.train_steps if start.resuming else None, healer=healer)
-    if run.phema is not None and state.train_steps == 0:
-        save_phema_snapshot(run)  # the initial weights: a traditional EMA's share of them (reconstruct_ema.py)
-    if healer is not None and config.healing.max_rollbacks:
-        keep_rollback_point(run)  # the first rollback point: the start
+                      last_saved_step=state.train_steps if start.resuming else None, extensions=extensions)
+    for extension in extensions:
+        extension.start(run)
 
     step.ddp_model.train()  # enables label dropout for classifier-free guidance
     limit = f" or {config.optim.max_steps} steps" if config.optim.max_steps else ""
     logger.info(f"Training for {config.optim.epochs} epochs{limit}...")
-    stopped = train_with_rollbacks(run)
+    stopped = train_with_extensions(run)
     state, step = run.state, run.step  # a rollback replaces them
     if stopped:
         logger.info(f"Received {stop.received or 'a stop signal on another rank'}: stopping at step {state.train_steps}")
-    if run.phema is not None and state.train_steps > 0 and run.last_phema_step != state.train_steps:
-        save_phema_snapshot(run)
+    for extension in run.extensions:
+        extension.end(run)
     if state.train_steps > 0 and run.last_saved_step != state.train_steps:
         save_checkpoint(run)
     step.ddp_model.eval()  # disables label dropout

@@ -22,14 +22,17 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, ClassVar, Optional, Sequence
 
 import numpy as np
 import torch
 
 from sit.cli import positive_int
+from sit.config import FREE, Rule, Setting
+from sit.declarations import declare
 from sit.errors import UsageError
 from sit.files import atomic_torch_save
+from sit.training.extensions import ExtensionContext, Feature, LoopExtension
 
 SNAPSHOT_FORMAT = "sit-phema-snapshot"
 SNAPSHOT_VERSION = 1
@@ -78,25 +81,42 @@ def std_list(value: str) -> tuple[float, ...]:
     return stds
 
 
+PHEMA_CONFLICT = ("{flag} {given} but {source} tracked {flag} {held}; post-hoc EMAs follow a run from step 0: "
+                  "drop the flag or start a new experiment")
+
+
 @dataclass(frozen=True)
 class PhemaSettings:
     """--phema-stds (None: off) and --phema-every."""
-    phema_stds: Optional[tuple[float, ...]]
-    phema_every: int
+    TITLE: ClassVar[str] = "post-hoc EMA (Karras et al. 2024; reconstruct_ema.py)"
+    # post-hoc EMAs follow a run from step 0: the stds are the checkpoint's; the snapshot interval too unless given
+    phema_stds: Optional[tuple[float, ...]] = declare(
+        None, "track power-function EMAs of these relative standard deviations, e.g. 0.050,0.100, and save their "
+              "snapshots to <experiment>/phema/<step>.pt (default: off)", type=std_list,
+        resume=Setting(Rule.LOCKED, conflict=PHEMA_CONFLICT, same=lambda given, held: tuple(given or ()) == tuple(held or ())))
+    phema_every: int = declare(DEFAULT_PHEMA_EVERY, "steps between post-hoc EMA snapshots (and one at the end of the run)",
+                               type=positive_int, resume=FREE)
+
+    def __post_init__(self):
+        if self.phema_stds is not None:  # a checkpoint holds a list
+            object.__setattr__(self, "phema_stds", tuple(self.phema_stds))
 
     @property
     def enabled(self) -> bool:
         return self.phema_stds is not None
 
+    def check(self, config: Any) -> None:
+        """--phema-stds keeps whole tensors, which FSDP2's ranks do not hold."""
+        if self.enabled and config.optim.sharding == "fsdp":
+            raise UsageError("--phema-stds works with --sharding ddp only (its EMAs hold whole tensors): drop "
+                             "--sharding fsdp or --phema-stds")
 
-def add_phema_arguments(parser: argparse.ArgumentParser) -> None:
-    """train.py's post-hoc EMA flags (off by default)."""
-    group = parser.add_argument_group("post-hoc EMA (Karras et al. 2024; reconstruct_ema.py)")
-    group.add_argument("--phema-stds", type=std_list, default=None,
-                       help="track power-function EMAs of these relative standard deviations, e.g. 0.050,0.100, "
-                            "and save their snapshots to <experiment>/phema/<step>.pt (default: off)")
-    group.add_argument("--phema-every", type=positive_int, default=DEFAULT_PHEMA_EVERY,
-                       help="steps between post-hoc EMA snapshots (and one at the end of the run)")
+    def check_start(self, resumed: Optional[dict]) -> None:
+        """UsageError when --phema-stds would start in the middle of a run (resumed: the checkpoint, or None)."""
+        if self.enabled and resumed is not None and resumed.get("train_steps", 0) > 0 and not resumed.get("phema"):
+            raise UsageError(f"--phema-stds: the checkpoint at step {resumed['train_steps']} holds no post-hoc EMAs, "
+                             f"and they follow a run from step 0: start a new experiment (or fine-tune its weights "
+                             f"with --ckpt)")
 
 
 #################################################################################
@@ -168,15 +188,56 @@ def list_snapshots(folder: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def check_phema_start(settings: PhemaSettings, resumed: Optional[dict]) -> None:
-    """UsageError when --phema-stds would start in the middle of a run (resumed: the checkpoint, or None)."""
-    if settings.enabled and resumed is not None and resumed.get("train_steps", 0) > 0 and not resumed.get("phema"):
-        raise UsageError(f"--phema-stds: the checkpoint at step {resumed['train_steps']} holds no post-hoc EMAs, and "
-                         f"they follow a run from step 0: start a new experiment (or fine-tune its weights with --ckpt)")
+class PhemaSnapshots(LoopExtension):
+    """The loop extension: fold the weights into the EMAs after every step, write a snapshot at step 0
+    (the initial weights: a traditional EMA keeps a share of them), every --phema-every steps and at the end."""
+    name = "phema"
+
+    def __init__(self, settings: PhemaSettings, model: torch.nn.Module, state: Optional[dict]):
+        self.settings = settings
+        self.tracker = PowerEMATracker(model, settings.phema_stds, state or None)
+        self.last_step: Optional[int] = None  # the step of the last snapshot written by this process
+
+    def state_dict(self) -> dict:
+        return self.tracker.state_dict()
+
+    def restore(self, run: Any, state: dict) -> None:
+        self.tracker = PowerEMATracker(run.step.model, self.settings.phema_stds, state or None)
+
+    def start(self, run: Any) -> None:
+        if run.state.train_steps == 0:
+            self.save(run)
+        else:
+            self.last_step = run.state.train_steps  # a resumed run wrote this step's snapshot before
+
+    def after_step(self, run: Any) -> None:
+        self.tracker.update(run.step.model, run.state.train_steps)
+
+    def before_checkpoint(self, run: Any) -> None:
+        if run.state.train_steps % self.settings.phema_every == 0:
+            self.save(run)
+
+    def end(self, run: Any) -> None:
+        if run.state.train_steps > 0 and self.last_step != run.state.train_steps:
+            self.save(run)
+
+    def save(self, run: Any) -> None:
+        """Check health, then rank 0 writes the EMAs to phema/<step>.pt atomically (all ranks call this)."""
+        step = run.state.train_steps
+        run.check_health()
+        path = snapshot_path(run.experiment_dir, step) if run.ctx.is_main else None
+
+        def write() -> None:
+            write_snapshot(path, step, self.tracker, run.step.model, run.config.settings())
+            run.logger.info(f"Saved post-hoc EMA snapshot to {path}")
+
+        run.write_on_main("post-hoc EMA snapshot", path, write)
+        self.last_step = step
 
 
-def start_tracker(settings: PhemaSettings, model: torch.nn.Module, state: Optional[dict]) -> Optional[PowerEMATracker]:
-    """The run's tracker (None without --phema-stds), continuing `state` (a checkpoint's "phema") if any."""
-    if not settings.enabled:
-        return None
-    return PowerEMATracker(model, settings.phema_stds, state or None)
+def setup_snapshots(settings: PhemaSettings, context: ExtensionContext) -> Optional[PhemaSnapshots]:
+    """The run's snapshots (None without --phema-stds), continuing a resumed checkpoint's EMAs."""
+    return PhemaSnapshots(settings, context.model, context.saved) if settings.enabled else None
+
+
+FEATURE = Feature("phema", PhemaSettings, extension=setup_snapshots)

@@ -1,19 +1,44 @@
-"""The features a training run can switch on, one table each; a new one is its module plus its entry here.
-
-LOSS_TERMS: a term's name -> setup(the run's TrainConfig, TermContext) -> a TermFactory, or None when the
-settings leave the term off (sit.training.terms).
+"""The features a training run can switch on: one module each, listed here by name (a new feature is its
+module plus its line in FEATURE_MODULES). Each module defines FEATURE (sit.training.extensions.Feature):
+its declared settings and the loss term or loop extension it adds. Tests may add entries to FEATURES.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+import importlib
+from typing import Any, Mapping
 
-from sit.training.repa import setup_repa
+from sit.training.extensions import ExtensionContext, Feature, LoopExtension
 from sit.training.terms import TermContext, TermFactory
 
-LOSS_TERMS: dict[str, Callable[[Any, TermContext], Optional[TermFactory]]] = {"repa": setup_repa}
+FEATURE_MODULES = (
+    "sit.training.repa",      # representation alignment: a loss term
+    "sit.training.phema",     # post-hoc EMA snapshots: a loop extension
+    "sit.training.healing",   # rollbacks on divergence: a loop extension
+)
+FEATURES: dict[str, Feature] = {}
+for _module in FEATURE_MODULES:
+    _feature = importlib.import_module(_module).FEATURE
+    FEATURES[_feature.name] = _feature
 
 
-def term_factories(config: Any, context: TermContext) -> list[TermFactory]:
+def feature_settings(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Each feature's settings (None for a feature without any) from flat values keyed by destination."""
+    from sit.declarations import from_values
+
+    return {name: from_values(feature.settings, values) if feature.settings else None
+            for name, feature in FEATURES.items()}
+
+
+def term_factories(settings: Mapping[str, Any], context: TermContext) -> list[TermFactory]:
     """The run's loss terms, set up once (e.g. their frozen encoders loaded), in the table's order."""
-    made = (setup(config, context) for setup in LOSS_TERMS.values())
+    made = (feature.term(settings.get(name), context) for name, feature in FEATURES.items() if feature.term)
     return [factory for factory in made if factory is not None]
+
+
+def loop_extensions(settings: Mapping[str, Any], context: Any, saved: Mapping[str, dict]) -> list[LoopExtension]:
+    """The run's loop extensions in the table's order; saved: the resumed checkpoint's states by name.
+    context: (config, model) of the run."""
+    config, model = context
+    made = (feature.extension(settings.get(name), ExtensionContext(config, model, saved.get(name)))
+            for name, feature in FEATURES.items() if feature.extension)
+    return [extension for extension in made if extension is not None]

@@ -15,30 +15,70 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import AbstractSet, Any, ClassVar, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sit.cli import non_negative_float, positive_int
+from sit.config import LOCKED, RUN_CHANGE, Rule, Setting
+from sit.declarations import declare, declared_fields, flag_name
 from sit.distributed import agree
-from sit.encoders import VisionEncoder, load_encoder
+from sit.encoders import VisionEncoder, canonical_encoder_name, describe_encoder, load_encoder
+from sit.errors import UsageError
+from sit.training.extensions import Feature
 from sit.training.terms import LossTerm, StepView, TermContext, TermFactory
 
 ALIGN_LOSS = "Align Loss"  # its name in log.txt (and "align loss" in wandb)
 
 
+REPA_CONFLICT = ("{flag} {given} but {source} was trained with {flag} {held}; alignment cannot be switched on or "
+                 "off in a resumed run: start a new experiment")
+REPA_WARNING = "{flag} {given} replaces the checkpoint's {held}: the projector was trained against the other encoder"
+
+
 @dataclass(frozen=True)
 class RepaSettings:
     """Representation alignment (train.py's REPA flags); repa_encoder None: off."""
-    repa_encoder: Optional[str]
-    repa_depth: int
-    repa_coeff: float
-    repa_projector_dim: int
+    TITLE: ClassVar[str] = "representation alignment (REPA; sit/training/repa.py)"
+    repa_encoder: Optional[str] = declare(
+        None, "align block --repa-depth with this frozen encoder's patch tokens: dinov2-vit-s/b/l/g, "
+              "dinov2_vitb14[_reg], a timm ViT name, or a local weights file/timm folder (default: off)",
+        canonical=canonical_encoder_name, resume=Setting(Rule.WARN, conflict=REPA_CONFLICT, warning=REPA_WARNING,
+                       incompatible=lambda given, held: (given is None) != (held is None)))
+    repa_depth: int = declare(8, "the block (1-based) whose tokens are aligned", type=positive_int, resume=LOCKED)
+    repa_coeff: float = declare(0.5, "weight of the alignment loss", type=non_negative_float, resume=RUN_CHANGE)
+    repa_projector_dim: int = declare(2048, "hidden width of the projector MLP", type=positive_int, resume=LOCKED)
 
     @property
     def enabled(self) -> bool:
         return self.repa_encoder is not None
+
+    @property
+    def token_encoder(self) -> Optional[str]:
+        """The encoder whose tokens cached latents must hold (--feature-path), or None."""
+        return self.repa_encoder
+
+    def check_flags(self, explicit: AbstractSet[str]) -> None:
+        """UsageError naming a REPA flag given without --repa-encoder."""
+        for field in declared_fields(RepaSettings)[1:]:
+            if not self.enabled and field.name in explicit:
+                raise UsageError(f"{flag_name(field.name)} needs --repa-encoder (representation alignment is off)")
+
+    def check(self, config: Any) -> None:
+        """UsageError (one line naming the flag) for an encoder that cannot see these images, a block beyond
+        the model, and --sharding fsdp."""
+        if not self.enabled:
+            return
+        if config.data.feature_path is None:  # cached latents carry the tokens (checked against the features)
+            describe_encoder(self.repa_encoder).input_size(config.model.image_size)
+        if config.optim.sharding == "fsdp":  # the projector beside a sharded SiT is not laid out yet
+            raise UsageError("--repa-encoder works with --sharding ddp only (REPA's projector is not sharded): drop "
+                             "--sharding fsdp")
+        depth = config.model.sit_kwargs()["depth"]
+        if not 1 <= self.repa_depth <= depth:
+            raise UsageError(f"--repa-depth {self.repa_depth} is beyond the model's {depth} blocks (1..{depth})")
 
 
 def build_projector(hidden_size: int, projector_dim: int, encoder_dim: int) -> nn.Sequential:
@@ -108,11 +148,10 @@ class RepaTerm(LossTerm):
         return "REPA's projector is not sharded"
 
 
-def setup_repa(config: Any, context: TermContext) -> Optional[TermFactory]:
-    """How to build the run's REPA term (config.repa) for a SiT (None without --repa-encoder): with cached latents
+def setup_repa(repa: RepaSettings, context: TermContext) -> Optional[TermFactory]:
+    """How to build the run's REPA term for a SiT (None without --repa-encoder): with cached latents
     (context.feature_meta) the tokens come with the batches; otherwise every rank loads the encoder
     once here (one failure stops all ranks with one line)."""
-    repa: RepaSettings = config.repa
     if not repa.enabled:
         return None
     ctx = context.ctx
@@ -124,3 +163,6 @@ def setup_repa(config: Any, context: TermContext) -> Optional[TermFactory]:
     context.logger.info(f"Representation alignment: block {repa.repa_depth} to {repa.repa_encoder} ({encoder_dim}-dim "
                         f"tokens{', cached' if encoder is None else ''}), coefficient {repa.repa_coeff}")
     return lambda sit: RepaTerm(sit.config["hidden_size"], repa, encoder_dim, encoder)
+
+
+FEATURE = Feature("repa", RepaSettings, term=setup_repa)

@@ -20,38 +20,28 @@ from typing import AbstractSet, Any, Mapping, Optional
 
 from models import MODEL_SHAPES, has_null_class
 from sit.checkpoint import TRANSPORT_KEYS, model_config_problem, model_shape_name
-from sit.config import Resolved, Rule, Setting, TransportConfig, resolve_settings
+from sit.config import LOCKED, RUN_CHANGE, Resolved, Rule, Setting, TransportConfig, resolve_settings
+from sit.declarations import canonical_values, resume_rules
 from sit.distributed import launched_by_torchrun
-from sit.encoders import canonical_encoder_name, describe_encoder
 from sit.errors import UsageError
+from sit.training.registry import FEATURES, feature_settings
 from transport.schedules import LOGIT_NORMAL, TimeSchedule
-from sit.training.healing import HealingSettings, check_healing_settings
-from sit.training.phema import PhemaSettings
-from sit.training.repa import RepaSettings
 from sit.vae import (LATENT_CHANNELS, PIXEL_CHANNELS, canonical_vae_name, check_image_size, check_vae_name,
                      input_size_for, is_pixel_space)
 
 MODEL_CONFIG_KEYS = ("patch_size", "hidden_size", "depth", "num_heads", "mlp_ratio", "class_dropout_prob", "learn_sigma")
 EMA_DECAY = 0.9999  # default of --ema-decay (the paper's)
 
-LOCKED_HINT = "; drop the flag (model and transport settings come from the checkpoint) or start a new experiment"
 VAE_CONFLICT = ("{flag} {given} but {source} was trained with {flag} {held}; a model learns either pixels "
                 "(--vae none) or VAE latents: drop the flag or start a new experiment")
 VAE_WARNING = ("{flag} {given} replaces the checkpoint's {held}: fine for a copy of the same VAE (or ema/mse, which "
                "share the encoder); another encoder changes what the model learns")
 DATA_ORDER_WARNING = "{flag} {given} differs from the checkpoint's {held}: the data order will not match an uninterrupted run"
-PHEMA_CONFLICT = ("{flag} {given} but {source} tracked {flag} {held}; post-hoc EMAs follow a run from step 0: "
-                  "drop the flag or start a new experiment")
-RUN_WARNING = "{flag} {given} replaces the checkpoint's {held} from step {step} on: the run will differ from an uninterrupted one"
 
 MODEL_KEYS = ("model", "model_config", "image_size", "num_classes")
 DATA_ORDER_KEYS = ("global_batch_size", "global_seed", "random_flip")
 RUN_KEYS = ("lr", "ema_decay")
-REPA_SHAPE_KEYS = ("repa_depth", "repa_projector_dim")  # what the projector is: locked to the checkpoint
 TIME_KEYS = ("time_sampling", "time_mean", "time_std", "time_shift")
-REPA_CONFLICT = ("{flag} {given} but {source} was trained with {flag} {held}; alignment cannot be switched on or "
-                 "off in a resumed run: start a new experiment")
-REPA_WARNING = "{flag} {given} replaces the checkpoint's {held}: the projector was trained against the other encoder"
 
 
 #################################################################################
@@ -161,10 +151,8 @@ class TrainConfig:
     optim: OptimSettings
     run: RunSettings
     fid: FIDSettings
-    repa: RepaSettings
     time: TimeSettings
-    phema: PhemaSettings
-    healing: HealingSettings
+    features: Mapping[str, Any]  # each registered feature's settings by name (sit.training.registry)
 
     @classmethod
     def from_settings(cls, values: Mapping[str, Any]) -> "TrainConfig":
@@ -174,22 +162,31 @@ class TrainConfig:
             names = [field.name for field in dataclasses.fields(group_type)]
             groups[group] = group_type(**{name: values[name] for name in names})
             used.update(names)
+        features = feature_settings(values)
+        used.update(field.name for settings in features.values() if settings for field in dataclasses.fields(settings))
         if set(values) != used:
             raise ValueError(f"settings without a place in TrainConfig: {sorted(set(values) - used)}")
-        return cls(**groups)
+        return cls(**groups, features=features)
 
     def settings(self) -> dict:
         """The flat dict of every setting, keyed by flag destination (JSON-serialisable)."""
         flat = {}
         for group in GROUP_TYPES:
             flat.update(dataclasses.asdict(getattr(self, group)))
+        for settings in self.features.values():
+            flat.update(dataclasses.asdict(settings) if settings else {})
         return flat
 
+    @property
+    def token_encoder(self) -> Optional[str]:
+        """The encoder whose tokens a feature needs with the batches (cached latents must hold them), or None."""
+        encoders = [getattr(settings, "token_encoder", None) for settings in self.features.values()]
+        return next((encoder for encoder in encoders if encoder is not None), None)
 
-# TrainConfig's field -> the dataclass of that group
+
+# TrainConfig's field -> the dataclass of that group (the features' groups come from sit.training.registry)
 GROUP_TYPES = {"model": ModelSettings, "transport": TransportConfig, "data": DataSettings, "optim": OptimSettings,
-               "run": RunSettings, "fid": FIDSettings, "repa": RepaSettings, "time": TimeSettings,
-               "phema": PhemaSettings, "healing": HealingSettings}
+               "run": RunSettings, "fid": FIDSettings, "time": TimeSettings}
 
 
 def parse_model_config(text: Optional[str]) -> dict:
@@ -246,34 +243,25 @@ def different_space(given: str, held: str) -> bool:
 
 def checkpoint_owned_settings(flags: Mapping[str, Any], train_steps: int) -> dict[str, Setting]:
     """The settings a checkpoint can give, in the order their messages appear; defaults: the flags' own."""
-    locked = Setting(Rule.LOCKED, conflict=Setting.conflict + LOCKED_HINT)
-    table = {key: dataclasses.replace(locked, default=flags[key]) for key in MODEL_KEYS + TRANSPORT_KEYS}
+    table = {key: dataclasses.replace(LOCKED, default=flags[key]) for key in MODEL_KEYS + TRANSPORT_KEYS}
     table["model_config"] = dataclasses.replace(table["model_config"], same=same_model_config)
     table["vae"] = Setting(Rule.WARN, flags["vae"], conflict=VAE_CONFLICT, warning=VAE_WARNING,
                            incompatible=different_space)
     for key in DATA_ORDER_KEYS:
         table[key] = Setting(Rule.WARN, flags[key], warning=DATA_ORDER_WARNING)
-    for key in RUN_KEYS + ("repa_coeff",) + TIME_KEYS:
-        table[key] = Setting(Rule.WARN, flags[key], warning=RUN_WARNING.replace("{step}", str(train_steps)))
+    for key in RUN_KEYS + TIME_KEYS:
+        table[key] = dataclasses.replace(RUN_CHANGE, default=flags[key])
     table["sharding"] = Setting(Rule.FREE, flags["sharding"])  # either mode resumes the other's checkpoints exactly
-    table["repa_encoder"] = Setting(Rule.WARN, flags["repa_encoder"], conflict=REPA_CONFLICT, warning=REPA_WARNING,
-                                    incompatible=lambda given, held: (given is None) != (held is None))
-    for key in REPA_SHAPE_KEYS:
-        table[key] = dataclasses.replace(locked, default=flags[key])
-    # post-hoc EMAs follow a run from step 0: the stds are the checkpoint's; the snapshot interval too unless given
-    table["phema_stds"] = Setting(Rule.LOCKED, flags["phema_stds"], conflict=PHEMA_CONFLICT,
-                                  same=lambda given, held: tuple(given or ()) == tuple(held or ()))
-    table["phema_every"] = Setting(Rule.FREE, flags["phema_every"])
-    return table
+    for feature in FEATURES.values():
+        if feature.settings:
+            table.update(resume_rules(feature.settings, flags))
+    return {key: dataclasses.replace(setting, warning=setting.warning.replace("{step}", str(train_steps)))
+            for key, setting in table.items()}
 
 
 def check_option_groups(values: Mapping[str, Any], explicit: AbstractSet[str]) -> None:
-    """Flags that only mean something beside another: REPA's without an encoder, the logit-normal's
-    without logit-normal sampling (UsageError naming the flag)."""
-    if values["repa_encoder"] is None:
-        for key in ("repa_depth", "repa_coeff", "repa_projector_dim"):
-            if key in explicit:
-                raise UsageError(f"--{key.replace('_', '-')} needs --repa-encoder (representation alignment is off)")
+    """Flags that only mean something beside another: the logit-normal's without logit-normal sampling
+    (UsageError naming the flag); the features' own (each settings' check)."""
     if values["time_sampling"] != LOGIT_NORMAL:
         for key in ("time_mean", "time_std"):
             if key in explicit:
@@ -304,7 +292,10 @@ def resolve_train_settings(flags: Mapping[str, Any], explicit: AbstractSet[str],
     Raises UsageError when an explicit flag contradicts what the checkpoint's model is.
     """
     # a VAE folder or encoder file is named wherever the run starts
-    flags = dict(flags, vae=canonical_vae_name(flags["vae"]), repa_encoder=canonical_encoder_name(flags["repa_encoder"]))
+    flags = dict(flags, vae=canonical_vae_name(flags["vae"]))
+    for feature in FEATURES.values():
+        if feature.settings:
+            flags = canonical_values(feature.settings, flags)
     table = checkpoint_owned_settings(flags, train_steps)
     resolved = resolve_settings(table, {key: flags[key] for key in table if key in explicit}, stored, source=source)
     values = dict(flags, **resolved.values)
@@ -314,9 +305,11 @@ def resolve_train_settings(flags: Mapping[str, Any], explicit: AbstractSet[str],
     if features_vae and "vae" not in explicit and not is_pixel_space(values["vae"]):
         values["vae"] = features_vae  # pixels with features are refused by check_train_config
     check_option_groups(values, explicit)
-    if values["phema_stds"] is not None:
-        values["phema_stds"] = tuple(values["phema_stds"])  # a checkpoint may hold a list
-    return TrainConfig.from_settings(values), resolved
+    config = TrainConfig.from_settings(values)
+    for settings in config.features.values():
+        if hasattr(settings, "check_flags"):
+            settings.check_flags(explicit)
+    return config, resolved
 
 
 #################################################################################
@@ -348,11 +341,6 @@ def check_train_config(config: TrainConfig, world_size: int) -> None:
     if problem is not None:
         raise UsageError(f"--model {model.model} with --model-config: {problem}")
     config.transport.build()
-    check_healing_settings(config.healing)
-    if config.optim.sharding == "fsdp" and (config.phema.enabled or config.healing.active):
-        # their in-memory copies and trackers hold whole tensors; FSDP2 ranks hold shards
-        raise UsageError("--phema-stds and self-healing (--max-rollbacks, --spike-factor, --skip-batches) work with "
-                         "--sharding ddp only: drop --sharding fsdp or those flags")
     if fid.fid_every is not None and (fid.fid_ref is None or not os.path.isfile(fid.fid_ref)):
         raise UsageError(f"--fid-every needs --fid-ref, a file of reference statistics (got {fid.fid_ref!r}); "
                          f"make one with `python evaluate.py VIRTUAL_imagenet256_labeled.npz`")
@@ -361,18 +349,6 @@ def check_train_config(config: TrainConfig, world_size: int) -> None:
     if fid.fid_every is not None and fid.fid_cfg_scale > 1.0 and not has_null_class(kwargs):
         raise UsageError(f"--fid-cfg-scale {fid.fid_cfg_scale} needs a model with label dropout (its null class), but "
                          f"class_dropout_prob is 0: use --fid-cfg-scale 1")
-    check_alignment(config, kwargs["depth"])
-
-
-def check_alignment(config: TrainConfig, model_depth: int) -> None:
-    """REPA's settings against the model and the encoder (the encoder's shapes only, no weights)."""
-    repa = config.repa
-    if not repa.enabled:
-        return
-    if config.data.feature_path is None:  # cached latents carry the tokens (checked against the features)
-        describe_encoder(repa.repa_encoder).input_size(config.model.image_size)
-    if config.optim.sharding == "fsdp":  # the projector beside a sharded SiT is not laid out yet
-        raise UsageError("--repa-encoder works with --sharding ddp only (REPA's projector is not sharded): drop "
-                         "--sharding fsdp")
-    if not 1 <= repa.repa_depth <= model_depth:
-        raise UsageError(f"--repa-depth {repa.repa_depth} is beyond the model's {model_depth} blocks (1..{model_depth})")
+    for settings in config.features.values():
+        if hasattr(settings, "check"):
+            settings.check(config)
