@@ -10,7 +10,8 @@ No I/O and no argparse here: see download.py for loading checkpoints.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping, Optional, get_type_hints
 
 import torch
 import torch.nn as nn
@@ -18,7 +19,106 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 
-DEFAULT_CLASS_DROPOUT_PROB = 0.1  # the original's label dropout for classifier-free guidance
+#################################################################################
+#                     The model configuration, declared once                    #
+#################################################################################
+
+def _hyperparameter(default: Any, low: float = 0, high: float = 1, *, below_high: bool = False,
+                    from_data: bool = False) -> Any:
+    """A ModelConfig field: its default, its bounds [low, high] ([low, high) with below_high; unused for
+    bools) and whether the data sets it (image size, channels, classes) rather than the network's design."""
+    interval = f"[{low:g}, {high:g}{')' if below_high else ']'}"  # as messages write it
+    return field(default=default, metadata=dict(low=low, high=high, below_high=below_high, interval=interval,
+                                                from_data=from_data))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """SiT's hyperparameters (its constructor arguments), each with its type, default and bounds.
+
+    The bounds are far past any published model (SiT-XL/2: depth 28, width 1152, 1000 classes,
+    32x32 latents) and short of what no machine can hold. A new hyperparameter is one field here
+    (and SiT's argument of the same name): a stored config without it loads with its default.
+    """
+    input_size: int = _hyperparameter(32, 1, 4096, from_data=True)
+    patch_size: int = _hyperparameter(2, 1, 256)
+    in_channels: int = _hyperparameter(4, 1, 256, from_data=True)
+    hidden_size: int = _hyperparameter(1152, 1, 65536)
+    depth: int = _hyperparameter(28, 1, 1024)
+    num_heads: int = _hyperparameter(16, 1, 4096)
+    mlp_ratio: float = _hyperparameter(4.0, 1e-3, 64.0)
+    class_dropout_prob: float = _hyperparameter(0.1, 0.0, 1.0, below_high=True)  # the original's label dropout
+    num_classes: int = _hyperparameter(1000, 1, 10_000_000, from_data=True)
+    learn_sigma: bool = _hyperparameter(True)
+
+    @classmethod
+    def network_keys(cls) -> tuple[str, ...]:
+        """The hyperparameters of the network's design, not set by the data (train.py's --model-config keys)."""
+        return tuple(spec.name for spec in fields(cls) if not spec.metadata["from_data"])
+
+    @classmethod
+    def requirement(cls, key: str) -> str:
+        """What a value of `key` must be, e.g. "an integer in [1, 1024]"."""
+        kind = get_type_hints(cls)[key]
+        if kind is bool:
+            return "true or false"
+        return f"{'an integer' if kind is int else 'a number'} in {_FIELDS[key].metadata['interval']}"
+
+    @classmethod
+    def value_problem(cls, key: str, value: Any) -> Optional[str]:
+        """What is wrong with one hyperparameter's value (type, bounds), or None. `key` must be a field."""
+        kind = get_type_hints(cls)[key]
+        if kind is bool:
+            return None if isinstance(value, bool) else f"{key} must be true or false, got {value!r}"
+        if isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)):
+            return f"{key} must be {'an integer' if kind is int else 'a number'}, got {value!r}"
+        spec = _FIELDS[key].metadata
+        too_high = value >= spec["high"] if spec["below_high"] else value > spec["high"]
+        if value < spec["low"] or too_high or not math.isfinite(value):  # ints past float range: too high
+            return f"{key} {value} is outside {spec['interval']}"
+        return None
+
+    @classmethod
+    def problem_of(cls, stored: Any) -> Optional[str]:
+        """One line saying what is wrong with a stored config dict (unknown key, wrong type, out of bounds,
+        a size that does not divide), or None; missing keys take their defaults."""
+        if not isinstance(stored, Mapping):
+            return f"the model config is a {type(stored).__name__}, not a dict"
+        unknown = sorted(str(key) for key in stored if key not in _FIELDS)
+        if unknown:
+            return f"the model config has unknown key(s) {', '.join(unknown)} (valid: {', '.join(_FIELDS)})"
+        for key, value in stored.items():
+            problem = cls.value_problem(key, value)
+            if problem is not None:
+                return f"the model config's {problem}"
+        config = cls(**stored)
+        for size, divisor in (("input_size", "patch_size"), ("hidden_size", "num_heads")):
+            if getattr(config, size) % getattr(config, divisor):
+                return (f"the model config's {size} {getattr(config, size)} is not divisible by {divisor} "
+                        f"{getattr(config, divisor)}")
+        return None
+
+    @classmethod
+    def from_dict(cls, stored: Mapping[str, Any]) -> "ModelConfig":
+        """The config a checkpoint stores ("model_config"); a key it lacks takes the field's default.
+        Raises ValueError (the one line of `problem_of`) when it is not a sane config."""
+        problem = cls.problem_of(stored)
+        if problem is not None:
+            raise ValueError(problem)
+        return cls(**stored)
+
+    def to_dict(self) -> dict:
+        """The stored form, SiT's keyword arguments: every field in order, values as given (no conversion)."""
+        return {name: getattr(self, name) for name in _FIELDS}
+
+    def parameter_count(self) -> int:
+        """The parameters of SiT(**self.to_dict()) (pos_embed included), counted on the meta device."""
+        with torch.device("meta"):
+            model = SiT(**self.to_dict())
+        return sum(parameter.numel() for parameter in model.parameters())
+
+
+_FIELDS = {spec.name: spec for spec in fields(ModelConfig)}  # in SiT's argument order
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -183,31 +283,31 @@ class FinalLayer(nn.Module):
 class SiT(nn.Module):
     """Scalable Interpolant Transformer.
 
-    The constructor arguments are the model's whole configuration; `self.config` keeps them
-    so that checkpoints can store the config beside the weights (see `model_config_from_state_dict`).
+    The constructor arguments are the model's whole configuration (ModelConfig's fields, defaults and
+    bounds); `self.config` keeps them as a dict so that checkpoints can store the config beside the weights.
     """
 
     def __init__(
         self,
-        input_size: int = 32,
-        patch_size: int = 2,
-        in_channels: int = 4,
-        hidden_size: int = 1152,
-        depth: int = 28,
-        num_heads: int = 16,
-        mlp_ratio: float = 4.0,
-        class_dropout_prob: float = DEFAULT_CLASS_DROPOUT_PROB,
-        num_classes: int = 1000,
-        learn_sigma: bool = True,
+        input_size: int = ModelConfig.input_size,
+        patch_size: int = ModelConfig.patch_size,
+        in_channels: int = ModelConfig.in_channels,
+        hidden_size: int = ModelConfig.hidden_size,
+        depth: int = ModelConfig.depth,
+        num_heads: int = ModelConfig.num_heads,
+        mlp_ratio: float = ModelConfig.mlp_ratio,
+        class_dropout_prob: float = ModelConfig.class_dropout_prob,
+        num_classes: int = ModelConfig.num_classes,
+        learn_sigma: bool = ModelConfig.learn_sigma,
     ):
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"input size {input_size} is not divisible by the patch size {patch_size}")
-        self.config = dict(
+        self.config = ModelConfig(  # a plain dict (ModelConfig.to_dict), as checkpoints store it
             input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
             depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, class_dropout_prob=class_dropout_prob,
             num_classes=num_classes, learn_sigma=learn_sigma,
-        )
+        ).to_dict()
         self.learn_sigma = learn_sigma
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
@@ -321,7 +421,7 @@ class SiT(nn.Module):
 def has_null_class(config: dict) -> bool:
     """Whether a SiT of this config (SiT.config) has the null label that classifier-free guidance
     needs: only models trained with label dropout (class_dropout_prob > 0) have one."""
-    return config.get("class_dropout_prob", DEFAULT_CLASS_DROPOUT_PROB) > 0
+    return config.get("class_dropout_prob", ModelConfig.class_dropout_prob) > 0
 
 
 def _interval_scale(t: torch.Tensor, cfg_scale: float, interval: tuple[float, float], ndim: int) -> Any:
@@ -421,9 +521,9 @@ def model_config_from_state_dict(state_dict: dict) -> dict:
     out_channels = state_dict["final_layer.linear.weight"].shape[0] // (patch_size * patch_size)
     mlp_hidden = state_dict["blocks.0.mlp.fc1.weight"].shape[0] if depth else 4 * hidden_size
     num_heads = HEADS_FOR_WIDTH.get(hidden_size, max(1, hidden_size // 64))
-    return dict(
+    return ModelConfig(  # the rest (label dropout) as the fields' defaults
         input_size=grid * patch_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
-        depth=depth, num_heads=num_heads, mlp_ratio=mlp_hidden / hidden_size, class_dropout_prob=0.1,
+        depth=depth, num_heads=num_heads, mlp_ratio=mlp_hidden / hidden_size,
         num_classes=state_dict["y_embedder.embedding_table.weight"].shape[0] - 1,
         learn_sigma=out_channels == 2 * in_channels,
-    )
+    ).to_dict()

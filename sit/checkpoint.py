@@ -24,8 +24,6 @@ any model is allocated; a train checkpoint's counters, optimizer and RNG states 
 from __future__ import annotations
 
 import argparse
-import inspect
-import math
 import numbers
 import os
 from dataclasses import dataclass, field
@@ -134,68 +132,17 @@ def tensor_bytes(value: Any) -> int:
 #                  Judging what a checkpoint says, before using it              #
 #################################################################################
 
-# SiT's constructor arguments: (type, smallest, largest). The bounds are far past any published model
-# (SiT-XL/2: depth 28, width 1152, 1000 classes, 32x32 latents) and short of what no machine can hold.
-MODEL_CONFIG_BOUNDS: dict[str, tuple[type, float, float]] = {
-    "input_size": (int, 1, 4096), "patch_size": (int, 1, 256), "in_channels": (int, 1, 256),
-    "hidden_size": (int, 1, 65536), "depth": (int, 1, 1024), "num_heads": (int, 1, 4096),
-    "mlp_ratio": (float, 1e-3, 64.0), "class_dropout_prob": (float, 0.0, 1.0), "num_classes": (int, 1, 10_000_000),
-    "learn_sigma": (bool, 0, 1),
-}
 FLOAT32_BYTES = 4
-# SiT's own defaults, for a stored config that leaves a key out
-MODEL_DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(models.SiT).parameters.items()}
-
-
-def sit_parameter_count(config: dict) -> int:
-    """The number of parameters SiT(**config) has, computed without building it (pos_embed included)."""
-    full = {**MODEL_DEFAULTS, **config}
-    width, patch, channels = full["hidden_size"], full["patch_size"], full["in_channels"]
-    out_channels = channels * (2 if full["learn_sigma"] else 1)
-    mlp = int(width * full["mlp_ratio"])
-    tokens = (full["input_size"] // patch) ** 2
-    embedders = (channels * patch * patch * width + width                     # patch embedding
-                 + 256 * width + width + width * width + width                 # timestep MLP
-                 + (full["num_classes"] + int(full["class_dropout_prob"] > 0)) * width  # label table
-                 + tokens * width)                                             # pos_embed
-    block = (width * 3 * width + 3 * width + width * width + width             # attention
-             + width * mlp + mlp + mlp * width + width                          # MLP
-             + width * 6 * width + 6 * width)                                   # adaLN
-    final = width * 2 * width + 2 * width + width * patch * patch * out_channels + patch * patch * out_channels
-    return embedders + full["depth"] * block + final
-
-
-def value_problem(key: str, value: Any) -> Optional[str]:
-    """What is wrong with one SiT argument's value (type and bounds), or None."""
-    kind, low, high = MODEL_CONFIG_BOUNDS[key]
-    if kind is bool:
-        return None if isinstance(value, bool) else f"{key} must be true or false, got {value!r}"
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
-        return f"{key} must be {'an integer' if kind is int else 'a number'}, got {value!r}"
-    if not (math.isfinite(value) and low <= value <= high) or (key == "class_dropout_prob" and value >= 1):
-        return f"{key} {value} is outside [{low:g}, {high:g}{')' if key == 'class_dropout_prob' else ']'}"
-    return None
 
 
 def model_config_problem(config: Any) -> Optional[str]:
     """What is wrong with SiT constructor arguments (None when they build a sane model that fits):
     an unknown key, a wrong type, a value out of bounds, a shape that does not divide, or float32
     parameters (as the model is first built, on the CPU) exceeding the memory available."""
-    if not isinstance(config, dict):
-        return f"the model config is a {type(config).__name__}, not a dict"
-    unknown = sorted(str(key) for key in config if key not in MODEL_CONFIG_BOUNDS)
-    if unknown:
-        return f"the model config has unknown key(s) {', '.join(unknown)} (valid: {', '.join(MODEL_CONFIG_BOUNDS)})"
-    for key, value in config.items():
-        problem = value_problem(key, value)
-        if problem is not None:
-            return f"the model config's {problem}"
-    full = {**MODEL_DEFAULTS, **config}
-    if full["input_size"] % full["patch_size"]:
-        return f"the model config's input_size {full['input_size']} is not divisible by patch_size {full['patch_size']}"
-    if full["hidden_size"] % full["num_heads"]:
-        return f"the model config's hidden_size {full['hidden_size']} is not divisible by num_heads {full['num_heads']}"
-    count = sit_parameter_count(config)
+    problem = models.ModelConfig.problem_of(config)
+    if problem is not None:
+        return problem
+    count = models.ModelConfig.from_dict(config).parameter_count()
     memory = available_memory()
     if count * FLOAT32_BYTES > memory:
         return (f"the model config describes {count:,} parameters ({format_bytes(count * FLOAT32_BYTES)} in float32), "
@@ -317,8 +264,9 @@ def check_epoch_position(checkpoint: dict, source: str, batches_per_epoch: int) 
 #################################################################################
 
 def model_config_of(checkpoint: dict, source: str) -> dict:
-    """SiT constructor arguments: the stored "model_config", else read from the parameter shapes;
-    CheckpointError naming `source` when they are not sane (model_config_problem), before any allocation."""
+    """SiT constructor arguments (every models.ModelConfig key): the stored "model_config", else read from the
+    parameter shapes; CheckpointError naming `source` when they are not sane (model_config_problem), before any
+    allocation."""
     if "model_config" in checkpoint:
         config = checkpoint["model_config"]
     else:
@@ -329,7 +277,7 @@ def model_config_of(checkpoint: dict, source: str) -> dict:
     problem = model_config_problem(config)
     if problem is not None:
         raise download.CheckpointError(f"refused to build the model of {source}: {problem}")
-    return dict(config)
+    return models.ModelConfig.from_dict(config).to_dict()  # an older config: the keys it lacks take their defaults
 
 
 def model_shape_name(config: dict) -> str:

@@ -26,8 +26,7 @@ from conftest import REPO, make_image_folder
 import download
 import models
 from sit.archives import zip_problem
-from sit.checkpoint import (MODEL_CONFIG_BOUNDS, MODEL_DEFAULTS, TrainCheckpoint, check_train_checkpoint,
-                            load_model, model_config_problem, sit_parameter_count)
+from sit.checkpoint import TrainCheckpoint, check_train_checkpoint, load_model, model_config_problem
 from sit.data.features import LatentFeatureDataset, open_arrays, open_token_array, read_meta, write_meta
 from sit.errors import RunFailure, UsageError
 from sit.files import (NoSpaceLeft, atomic_json, atomic_torch_save, atomic_write, held_by_another_process,
@@ -480,18 +479,21 @@ def test_an_absurd_stored_model_config_is_refused_before_anything_is_allocated(c
     checkpoint = torch.load(path, weights_only=True)
     checkpoint["model_config"] = {**model.config, **change}
     torch.save(checkpoint, path)
-    monkeypatch.setattr(models, "SiT", lambda *args, **kwargs: pytest.fail("a model was built"))
+    real_sit = models.SiT
+
+    def shapes_only(*args, **kwargs):  # the parameter count builds SiT on the meta device: no memory
+        if torch.empty(0).device.type != "meta":
+            pytest.fail("a model was built")
+        return real_sit(*args, **kwargs)
+
+    monkeypatch.setattr(models, "SiT", shapes_only)
     with pytest.raises(download.CheckpointError) as error:
         load_model(path)
     assert str(error.value).startswith(f"refused to build the model of {path}: {message}")
     assert "\n" not in str(error.value)
 
 
-def test_parameter_count_is_sits_own_and_bounds_cover_every_argument():
-    assert set(MODEL_CONFIG_BOUNDS) == set(MODEL_DEFAULTS)
-    for config in (TINY_SIT, dict(TINY_SIT, learn_sigma=False, class_dropout_prob=0.0, mlp_ratio=2.5), {}):
-        built = models.SiT(**{**config, "depth": 1} if not config else config)
-        assert sit_parameter_count(built.config) == sum(parameter.numel() for parameter in built.parameters())
+def test_a_sane_model_config_has_no_problem():
     assert model_config_problem({"depth": 1, "hidden_size": 32, "num_heads": 2}) is None
 
 

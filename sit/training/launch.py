@@ -12,7 +12,8 @@ import sys
 from dataclasses import dataclass
 from typing import AbstractSet, Any, Mapping, Optional
 
-from sit.checkpoint import check_epoch_position, check_train_checkpoint, settings_of, sit_parameter_count
+from models import ModelConfig
+from sit.checkpoint import check_epoch_position, check_train_checkpoint, settings_of
 from sit.distributed import DistContext, cleanup_distributed, launched_rank, launched_world_size, setup_distributed
 from sit.errors import RunFailure, UsageError
 from sit.files import check_free_space
@@ -77,7 +78,7 @@ def check_start(plan: TrainingPlan, world_size: int) -> None:
 def checkpoint_bytes(model_config: dict) -> int:
     """About the size of a train checkpoint: float32 weights, EMA and AdamW's two moments, plus 1 MiB
     for the rest (RNG states, settings)."""
-    return 4 * 4 * sit_parameter_count(model_config) + (1 << 20)
+    return 4 * 4 * ModelConfig.from_dict(model_config).parameter_count() + (1 << 20)
 
 
 def check_space_for_checkpoint(config: TrainConfig, start: StartPoint) -> None:

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from dataclasses import dataclass
 from typing import AbstractSet, Any, Mapping, Optional
 
-from models import MODEL_SHAPES, has_null_class
+from models import MODEL_SHAPES, ModelConfig, has_null_class
 from sit.checkpoint import TRANSPORT_KEYS, model_config_problem, model_shape_name
 from sit.config import LOCKED, RUN_CHANGE, Resolved, Rule, Setting, TransportConfig, resolve_settings
 from sit.declarations import canonical_values, resume_rules
@@ -29,7 +28,7 @@ from transport.schedules import LOGIT_NORMAL, TimeSchedule
 from sit.vae import (LATENT_CHANNELS, PIXEL_CHANNELS, canonical_vae_name, check_image_size, check_vae_name,
                      input_size_for, is_pixel_space)
 
-MODEL_CONFIG_KEYS = ("patch_size", "hidden_size", "depth", "num_heads", "mlp_ratio", "class_dropout_prob", "learn_sigma")
+MODEL_CONFIG_KEYS = ModelConfig.network_keys()  # --model-config's: the data (flags) sets input size, channels, classes
 EMA_DECAY = 0.9999  # default of --ema-decay (the paper's)
 
 VAE_CONFLICT = ("{flag} {given} but {source} was trained with {flag} {held}; a model learns either pixels "
@@ -203,28 +202,9 @@ def parse_model_config(text: Optional[str]) -> dict:
     if unknown:
         raise UsageError(f"--model-config: unknown key(s) {', '.join(unknown)}; valid: {', '.join(MODEL_CONFIG_KEYS)}")
     for key, value in overrides.items():
-        accepts, requirement = MODEL_CONFIG_VALUES[key]
-        if not accepts(value):
-            raise UsageError(f"--model-config: {key} must be {requirement}, got {json.dumps(value)}")
+        if ModelConfig.value_problem(key, value) is not None:
+            raise UsageError(f"--model-config: {key} must be {ModelConfig.requirement(key)}, got {json.dumps(value)}")
     return overrides
-
-
-def is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-# --model-config key -> (accepts its JSON value, what it must be)
-MODEL_CONFIG_VALUES = {
-    "patch_size": (is_count, "a positive integer"), "hidden_size": (is_count, "a positive integer"),
-    "depth": (is_count, "a positive integer"), "num_heads": (is_count, "a positive integer"),
-    "mlp_ratio": (lambda value: is_number(value) and value > 0, "a positive number"),
-    "class_dropout_prob": (lambda value: is_number(value) and 0 <= value < 1, "a number in [0, 1)"),
-    "learn_sigma": (lambda value: isinstance(value, bool), "true or false"),
-}
 
 
 #################################################################################
