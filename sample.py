@@ -87,8 +87,9 @@ def labels_for(class_labels: Optional[list[int]], num_images: int, num_classes: 
     labels = class_labels or DEFAULT_CLASS_LABELS
     out_of_range = [label for label in labels if label >= num_classes]
     if out_of_range:
-        hint = "" if class_labels else " (the default labels are ImageNet's): pass --class-labels"
-        raise UsageError(f"class labels {out_of_range} are out of range for a model with "
+        which = "--class-labels" if class_labels else "the default class labels (ImageNet's)"
+        hint = "" if class_labels else ": pass --class-labels"
+        raise UsageError(f"{which} {out_of_range} are out of range for a model with "
                          f"{num_classes} classes (0..{num_classes - 1}){hint}")
     return [labels[i % len(labels)] for i in range(num_images)]
 

@@ -3,10 +3,10 @@ explicit flags from defaults, and turning library errors into one line and an ex
 
 Scripts call `run_main(main, "train.py")` and exit with the code it returns: a UsageError exits 2,
 a RunFailure or OSError exits 1, each as `<script>: error: <message>` on stderr (printed by rank 0
-only, so a torchrun job shows it once). Anything else (a bug, or a failure no check foresaw) is one
-line too, naming its type, exit 1; SIT_TRACEBACK=1 shows its traceback instead. Ctrl-C outside the
-training loop (which saves and exits 0) is "interrupted", exit 130. `ScriptParser` makes argparse's
-own errors one line as well (the usage is for --help).
+only, so a torchrun job shows it once). Anything else is a bug (or a failure no check foresaw): its
+full traceback, then `<script>: error: unexpected <Type>: ...`, exit 1, on every rank that raised it.
+Ctrl-C outside the training loop (which saves and exits 0) is "interrupted", exit 130. `ScriptParser`
+makes argparse's own errors one line as well (the usage is for --help).
 """
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ import math
 import os
 import re
 import sys
+import traceback
 from typing import Any, Callable, NoReturn, Optional, Sequence
 
-from sit.distributed import launched_by_torchrun, launched_rank
-from sit.errors import SiTError
+from sit.distributed import launched_by_torchrun, launched_rank, launched_world_size
+from sit.errors import SiTError, error_line
 from sit.speed import PRECISIONS
 from train_utils import checked_number, non_negative_float, none_or_str, positive_float  # noqa: F401  (all types from here)
 
@@ -84,7 +85,6 @@ def parse_with_explicit(build_parser: Callable[[], argparse.ArgumentParser],
 
 
 INTERRUPTED_EXIT_CODE = 130  # the shell's code for a process ended by Ctrl-C (128 + SIGINT)
-TRACEBACK_VARIABLE = "SIT_TRACEBACK"  # set to 1: unexpected errors show their traceback
 
 
 def one_line(message: str) -> str:
@@ -97,7 +97,16 @@ def one_line(message: str) -> str:
 
 
 def run_main(main: Callable[[], Any], script: str) -> int:
-    """Run a script's main(); returns its exit code, with every error as one line on stderr (rank 0 only)."""
+    """Run a script's main(); returns its exit code.
+
+    The user's errors (SiTError: UsageError, RunFailure; an OSError naming a file; Ctrl-C) are one line
+    on stderr, `<script>: error: <message>`, printed by rank 0 only: every rank agrees on them, so a
+    torchrun job shows the line once. Any other exception is a bug to fix, not a message: its full
+    traceback goes to stderr, then one last line `<script>: error: unexpected <Type>: <first line of its
+    message> (a bug: please report it with the traceback above)`, exit 1. That is printed by every rank
+    that raised it, not rank 0 only: a bug may hit one rank alone (rank 0 then waits or fails otherwise),
+    and in a torchrun job each rank's traceback is needed to debug it; the last line says which rank.
+    """
     try:
         main()
         return 0
@@ -108,13 +117,12 @@ def run_main(main: Callable[[], Any], script: str) -> int:
     except KeyboardInterrupt:
         message, code = "interrupted (Ctrl-C); what was written is complete, the same command continues", \
             INTERRUPTED_EXIT_CODE
-    except Exception as error:  # not foreseen by any check: still one line, unless asked for the traceback
-        if os.environ.get(TRACEBACK_VARIABLE) == "1":
-            raise
-        first_line = (str(error).strip().splitlines() or [""])[0]
-        message = (f"unexpected {type(error).__name__}: {first_line} (please report it; "
-                   f"{TRACEBACK_VARIABLE}=1 shows the traceback)")
-        code = 1
+    except Exception as error:  # not foreseen by any check: a bug, shown with its traceback on every rank
+        traceback.print_exc(file=sys.stderr)
+        where = f"; rank {launched_rank()} of {launched_world_size()}" if launched_world_size() > 1 else ""
+        print(f"{script}: error: unexpected {error_line(error)} "
+              f"(a bug: please report it with the traceback above{where})", file=sys.stderr, flush=True)
+        return 1
     if launched_rank() == 0:
         print(f"{script}: error: {one_line(message)}", file=sys.stderr, flush=True)
     return code

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 import operator
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Union
 
@@ -126,8 +127,8 @@ class TransportConfig:
         try:
             return create_transport(self.path_type, self.prediction, self.loss_weight, self.train_eps, self.sample_eps,
                                     time_schedule=time_schedule)
-        except ValueError as error:
-            raise UsageError(str(error)) from None
+        except ValueError as error:  # create_transport names its arguments; the scripts' user gave flags
+            raise UsageError(re.sub(r"\b(train|sample)_eps\b", r"--\1-eps", str(error))) from None
 
     @property
     def applied_loss_weight(self) -> Optional[str]:

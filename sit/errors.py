@@ -36,6 +36,18 @@ def reported_as(what: str) -> Iterator[None]:
         raise RunFailure(f"{what}: {error}") from error
 
 
+@contextlib.contextmanager
+def named_by(flag: str) -> Iterator[None]:
+    """A UsageError inside the block that names no flag is `flag`'s: "<flag>: <message>" (of the same type).
+    The checkpoint loaders name the file they were given; the user needs the flag that gave it too."""
+    try:
+        yield
+    except UsageError as error:
+        if "--" in str(error):
+            raise
+        raise type(error)(f"{flag}: {error}") from None
+
+
 def error_line(error: BaseException, limit: int = 200) -> str:
     """`Type: the first line of its message`, cut to `limit` characters: an error inside one line."""
     lines = str(error).strip().splitlines()

@@ -88,3 +88,14 @@ def restore_grad_mode():
     enabled = torch.is_grad_enabled()
     yield
     torch.set_grad_enabled(enabled)
+
+
+def assert_names(message: object, *words: str) -> str:
+    """An error message (an exception, or a script's stderr) is one line holding each of `words`: the flag or
+    file it names and at most a key word telling the kind of problem apart, not the whole sentence, so that
+    rewording a message does not churn the tests. Returns the line."""
+    lines = [line for line in str(message).splitlines() if line.strip()]
+    assert len(lines) == 1, message
+    missing = [word for word in words if word not in lines[0]]
+    assert not missing, (missing, lines[0])
+    return lines[0]

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_VIT, tiny_vit_state
+from conftest import TINY_VIT, tiny_vit_state, assert_names
 from scipy import linalg
 from timm.models.vision_transformer import VisionTransformer
 
@@ -130,20 +130,19 @@ def test_metric_names_are_parsed_in_table_order_and_unknown_ones_refused_with_th
         parse_metric_list("fid,kid")
     assert str(raised.value) == expected
     np.savez(tmp_path / "ref.npz", arr_0=np.zeros((4, 8, 8, 3), dtype=np.uint8))
-    with pytest.raises(UsageError, match="^--metrics '': no metric named; choose from is,fid,"):
+    with pytest.raises(UsageError, match="^--metrics '': .*is,fid,"):
         evaluate.main([str(tmp_path / "ref.npz"), "--device", "cpu", "--metrics", ""])
 
 
 def test_unreadable_or_foreign_dinov2_weights_are_refused(tmp_path, batches):
     torch.save({"weight": torch.zeros(3)}, tmp_path / "other.pth")
-    with pytest.raises(DINOv2WeightsError, match=r"other\.pth does not hold DINOv2 ViT weights \(no cls_token\); "
-                                                 r"download https://dl\.fbaipublicfiles\.com/dinov2/"):
+    with pytest.raises(DINOv2WeightsError, match=r"other\.pth .*cls_token.*https://dl\.fbaipublicfiles\.com/dinov2/"):
         DINOv2FeatureExtractor("cpu", str(tmp_path / "other.pth"))
-    with pytest.raises(DINOv2WeightsError, match=r"DINOv2 weights file '.*missing\.pth' does not exist"):
+    with pytest.raises(DINOv2WeightsError, match=r"missing\.pth.* not exist"):
         DINOv2FeatureExtractor("cpu", str(tmp_path / "missing.pth"))
     np.savez(tmp_path / "stats.npz", mu=np.zeros(3), sigma=np.eye(3), mu_s=np.zeros(3), sigma_s=np.eye(3))
     folder, _, _ = batches
-    with pytest.raises(MetricInputError, match=r"stats\.npz holds no images \(arr_0\): dinov2 statistics need"):
+    with pytest.raises(MetricInputError, match=r"stats\.npz .*arr_0"):
         Evaluator("cpu", metrics=("fd_dinov2",)).evaluate(str(tmp_path / "stats.npz"), str(folder / "samples.npz"))
 
 
@@ -157,9 +156,6 @@ def test_no_network_and_no_file_is_one_line_saying_where_to_put_it(tmp_path, bat
                             cwd=REPO, capture_output=True, text=True, timeout=600, env=offline)
     assert result.returncode == 2, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("evaluate.py: error: FD-DINOv2 needs the DINOv2 ViT-L/14 weights and none could be had "
-                           "(torch hub: ")
-    assert last.endswith(f": download https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth "
-                         f"to {tmp_path / 'torch' / 'hub' / 'checkpoints' / 'dinov2_vitl14_pretrain.pth'}, or pass "
-                         f"--dinov2-weights FILE (that file, or timm's vit_large_patch14_dinov2.lvd142m weights)")
+    assert last.startswith("evaluate.py: error: ")  # where to put the file, and the flag that reads it
+    assert_names(last, str(tmp_path / "torch" / "hub" / "checkpoints" / "dinov2_vitl14_pretrain.pth"), "--dinov2-weights")
     assert "Traceback" not in result.stderr

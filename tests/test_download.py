@@ -9,7 +9,7 @@ import threading
 import huggingface_hub
 import pytest
 import torch
-from conftest import MakesMarker
+from conftest import MakesMarker, assert_names
 
 import download
 import models
@@ -533,24 +533,24 @@ def tiny_checkpoint(tmp_path):
 def test_mismatch_model_name_custom(tiny_checkpoint):
     with pytest.raises(CheckpointError) as raised:
         load_model(tiny_checkpoint, model_name="SiT-B/2")
-    assert str(raised.value) == "--model SiT-B/2 but the checkpoint holds a custom SiT (depth 2, width 32, patch 2)"
+    assert_names(raised.value, "--model SiT-B/2", "custom")
 
 
 def test_unknown_model_name(tiny_checkpoint):
-    with pytest.raises(CheckpointError, match=r"unknown --model 'SiT-M/2'; choose one of SiT-XL/2, .*SiT-S/8"):
+    with pytest.raises(CheckpointError, match=r"--model 'SiT-M/2'.*SiT-S/8"):
         load_model(tiny_checkpoint, model_name="SiT-M/2")
 
 
 def test_mismatch_image_size(tiny_checkpoint):
     with pytest.raises(CheckpointError) as raised:
         load_model(tiny_checkpoint, image_size=256)
-    assert str(raised.value) == "--image-size 256 but the checkpoint was trained at 64"
+    assert_names(raised.value, "--image-size 256", "64")
 
 
 def test_mismatch_num_classes(tiny_checkpoint):
     with pytest.raises(CheckpointError) as raised:
         load_model(tiny_checkpoint, num_classes=1000)
-    assert str(raised.value) == "--num-classes 1000 but the checkpoint has 10 classes"
+    assert_names(raised.value, "--num-classes 1000", "10")
 
 
 @pytest.fixture(scope="module")
@@ -573,7 +573,7 @@ def test_published_shape_is_named(published_shape_checkpoint):
 def test_mismatch_model_name_published(published_shape_checkpoint, requested):
     with pytest.raises(CheckpointError) as raised:
         load_model(published_shape_checkpoint, model_name=requested)
-    assert str(raised.value) == f"--model {requested} but the checkpoint holds SiT-S/8 (depth 12, width 384, patch 8)"
+    assert_names(raised.value, f"--model {requested}", "SiT-S/8")
 
 
 def test_load_model_default_is_the_published_model(offline_hub):
@@ -626,11 +626,10 @@ def test_no_ckpt_picks_the_published_s_b_l_checkpoint_of_the_model(model_name, n
     assert download.PUBLISHED_MODELS[name] == [f"hf://nyu-visionx/SiT-collections/{name}"]
     with pytest.raises(download.CheckpointError) as raised:
         load_model(None, model_name=model_name, image_size=512)
-    assert str(raised.value) == f"no published model at --image-size 512 for {model_name} (published: 256); pass --ckpt"
+    assert_names(raised.value, "--image-size 512", "--ckpt", "published")
     with pytest.raises(download.CheckpointError) as raised:
         load_model(None, model_name="SiT-S/4")
-    assert str(raised.value) == ("no published checkpoint of --model SiT-S/4 (published: SiT-XL/2, SiT-L/2, SiT-B/2, "
-                                 "SiT-S/2); pass --ckpt /path/to/model.pt")
+    assert_names(raised.value, "--model SiT-S/4", "--ckpt", "published")
     assert requested == []  # refused before any download
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from scipy import linalg
 
+from conftest import assert_names
 import evaluate
 from sit import metrics
 from sit.errors import UsageError
@@ -397,36 +398,35 @@ def test_pipeline_reuses_the_cache_without_the_network(pipeline):
 @pytest.mark.slow
 def test_cli_errors_are_one_line(tmp_path):
     missing = run_evaluate(str(tmp_path / "nope.npz"), "--device", "cpu")
-    assert missing.returncode == 2 and "no such file" in missing.stderr
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert_names(missing.stderr.strip().splitlines()[-1], "evaluate.py: error: ", str(tmp_path / "nope.npz"))
     np.savez(tmp_path / "ref.npz", arr_0=np.zeros((4, 8, 8, 3), dtype=np.uint8))
     no_weights = run_evaluate(str(tmp_path / "ref.npz"), "--device", "cpu", "--inception-weights", str(tmp_path / "w.pth"))
     assert no_weights.returncode == 2  # a user error (was 1 before UsageError)
-    assert no_weights.stderr.strip().splitlines()[-1].startswith("evaluate.py: error: Inception weights file")
+    assert_names(no_weights.stderr.strip().splitlines()[-1], "evaluate.py: error: ", str(tmp_path / "w.pth"))
     assert "Traceback" not in no_weights.stderr
 
 
 def test_main_raises_usage_errors_in_process(tmp_path):
-    with pytest.raises(UsageError, match="^no such file: .*nope.npz$"):
+    with pytest.raises(UsageError) as error:
         evaluate.main([str(tmp_path / "nope.npz"), "--device", "cpu"])
+    assert_names(error.value, str(tmp_path / "nope.npz"), "no such file")
     (tmp_path / "text.npz").write_text("not an npz")
-    with pytest.raises(MetricInputError, match=r"text.npz is not an .npz file \(neither a zip archive nor a NumPy array"):
+    with pytest.raises(MetricInputError) as error:
         evaluate.main([str(tmp_path / "text.npz"), "--device", "cpu"])
+    assert_names(error.value, str(tmp_path / "text.npz"), "zip")
 
 
 def test_unusable_files_are_metric_input_errors_naming_the_file(tmp_path):
     (tmp_path / "text.npz").write_text("not an npz")
-    with pytest.raises(MetricInputError, match="text.npz is not a readable .npz file"):
-        metrics.open_npz_images(str(tmp_path / "text.npz"))
-    with pytest.raises(MetricInputError, match="text.npz is not an .npz file \\(neither a zip archive nor a NumPy array"):
-        metrics.read_statistics_file(str(tmp_path / "text.npz"))
     np.save(tmp_path / "single.npy", np.zeros(3))
-    with pytest.raises(MetricInputError, match="single.npy is not an .npz file"):
-        metrics.read_statistics_file(str(tmp_path / "single.npy"))
     np.savez(tmp_path / "labels.npz", labels=np.arange(3))
-    with pytest.raises(MetricInputError, match="labels.npz has no 'arr_0' array"):
-        metrics.open_npz_images(str(tmp_path / "labels.npz"))
     np.savez(tmp_path / "empty.npz", arr_0=np.zeros((0, 4, 4, 3), dtype=np.uint8))
-    with pytest.raises(MetricInputError, match="empty.npz: arr_0 holds no images"):
-        metrics.open_npz_images(str(tmp_path / "empty.npz"))
-    with pytest.raises(MetricInputError, match="holds no mu/sigma statistics"):
-        FIDMonitor(str(tmp_path / "labels.npz"), "cpu")
+    cases = [(metrics.open_npz_images, "text.npz", "readable"), (metrics.read_statistics_file, "text.npz", "zip"),
+             (metrics.read_statistics_file, "single.npy", "single array"),
+             (metrics.open_npz_images, "labels.npz", "'arr_0'"), (metrics.open_npz_images, "empty.npz", "no images"),
+             (lambda path: FIDMonitor(path, "cpu"), "labels.npz", "mu/sigma")]
+    for read, name, word in cases:
+        with pytest.raises(MetricInputError) as error:
+            read(str(tmp_path / name))
+        assert_names(error.value, str(tmp_path / name), word)

@@ -19,6 +19,7 @@ from sit.generation import generate_latents
 from sit.guidance import AutoGuidedModel
 from sit.sampling.loading import load_for_sampling
 from test_sample import TINY, write_checkpoint
+from conftest import assert_names
 
 
 @pytest.fixture(scope="module")
@@ -90,18 +91,16 @@ def test_sample_py_autoguides_with_a_model_from_its_checkpoint(checkpoints, tmp_
 
 
 @pytest.mark.parametrize("case, message", [
-    ("classes", "--guide-ckpt {path} has 7 classes but the main model 10: the guide must know the same labels"),
-    ("size", "--guide-ckpt {path} works on 4x8x8 latents but the main model on 4x4x4 latents: the guide must see "
-             "the same inputs"),
-    ("noise", "--guide-ckpt {path} predicts noise on the Linear path but the main model velocity on the Linear "
-              "path: guide with a model of the same transport"),
+    ("classes", "{path} | classes"),  # the words of the message (" | " between): the guide's file and a key word
+    ("size", "{path} | latents"),
+    ("noise", "{path} | noise"),
 ])
 def test_a_guide_that_cannot_guide_is_one_line_naming_the_flag(checkpoints, case, message):
     argv = ["ODE", "--ckpt", checkpoints["main"], "--class-labels", "1", "--cfg-scale", "2",
             "--guide-ckpt", checkpoints[case]]
     with pytest.raises(UsageError) as error:
         sample.main(argv)
-    assert str(error.value) == message.format(path=checkpoints[case])
+    assert_names(error.value, "--guide-ckpt", *message.format(path=checkpoints[case]).split(" | "))
     with pytest.raises(UsageError, match="^--guide-ckpt: no SiT checkpoint at"):
         sample.main(argv[:-1] + [checkpoints[case] + ".missing"])
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_image_folder
+from conftest import assert_names, make_image_folder
 from sit.data.images import (ImageRefused, TrainImageFolder, composite_over_white, read_rgb, scale_16_bit,
                              to_rgb)
 from sit.errors import UsageError
@@ -54,13 +54,15 @@ def test_big_endian_16_bit_and_32_bit_integer_modes(tmp_path):
     assert as_int32.mode == "I"
     assert np.array_equal(channels(to_rgb(as_int32, "x")), EXPECTED_8_BIT)
     for outside in (-1, 65536):
-        with pytest.raises(ImageRefused, match=r"^img\.tif: 32-bit integer pixels outside 0\.\.65535 \(mode I\)"):
+        with pytest.raises(ImageRefused) as error:
             to_rgb(Image.fromarray(np.array([[0, outside]], dtype=np.int32)), "img.tif")
+        assert_names(error.value, "img.tif", "0..65535")
 
 
 def test_float_images_are_refused_naming_the_file():
-    with pytest.raises(ImageRefused, match=r"^a/b\.tif: 32-bit float pixels \(mode F\)"):
+    with pytest.raises(ImageRefused) as error:
         to_rgb(Image.fromarray(np.array([[0.0, 0.5]], dtype=np.float32)), "a/b.tif")
+    assert_names(error.value, "a/b.tif", "float")
 
 
 def test_alpha_is_composited_over_white_with_exact_rounding(tmp_path):
@@ -93,15 +95,18 @@ def test_palette_grey_bilevel_and_cmyk_modes(tmp_path):
 def test_decompression_bombs_and_non_regular_files_are_refused_without_decoding(tmp_path, monkeypatch):
     path = saved(tmp_path, Image.new("RGB", (4, 4)))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 12)
-    with pytest.raises(ImageRefused, match=rf"^{path}: 4x4 pixels, more than Pillow's limit of 12"):
+    with pytest.raises(ImageRefused) as error:
         read_rgb(path)
+    assert_names(error.value, path, "4x4", "12")  # its size and the limit
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5)  # over twice the limit: Pillow's own refusal, file named
-    with pytest.raises(ImageRefused, match=rf"^{path}: Image size \(16 pixels\) exceeds limit"):
+    with pytest.raises(ImageRefused) as error:
         read_rgb(path)
+    assert_names(error.value, path, "16 pixels")
     fifo = str(tmp_path / "pipe.png")
     os.mkfifo(fifo)
-    with pytest.raises(ImageRefused, match="pipe.png is not a regular file"):  # opening it would block
+    with pytest.raises(ImageRefused) as error:  # opening it would block
         read_rgb(fifo)
+    assert_names(error.value, fifo, "regular file")
 
 
 def test_train_folder_skips_unreadable_images_with_one_warning_each(tmp_path, capsys):
@@ -129,7 +134,5 @@ def test_a_folder_of_unreadable_images_is_one_line(tmp_path, capsys):
     with pytest.raises(UsageError) as raised:
         TrainImageFolder(str(tmp_path / "data"), 16)
     path = tmp_path / "data" / "a" / "x.png"
-    assert str(raised.value) == (f"--data-path {tmp_path / 'data'}: none of its 2 images can be read, e.g. {path} (not "
-                                 f"an image file Pillow can identify: empty, damaged or another kind of file); check "
-                                 f"the files")
+    assert_names(raised.value, f"--data-path {tmp_path / 'data'}", "2 images", str(path))  # how many, an example
     assert capsys.readouterr().err == ""

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import skimage.data
 import torch
-from conftest import MakesMarker
+from conftest import MakesMarker, assert_names
 from sklearn.datasets import load_sample_images
 
 from sit.metrics import (DEFAULT_METRICS, POOL_DIM, Evaluator, InceptionFeatureExtractor, InceptionWeightsError,
@@ -301,11 +301,7 @@ def test_a_torchscript_that_is_not_the_inception_is_refused(tmp_path):
     torch.jit.script(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())).save(str(tmp_path / "other.pt"))
     with pytest.raises(InceptionWeightsError) as raised:
         load_inception_weights(str(tmp_path / "other.pt"))
-    message = str(raised.value)
-    assert message.startswith(f"{tmp_path / 'other.pt'} is a TorchScript archive (__torch__.torch.nn.modules."
-                              f"container.Sequential) but not of the Inception 2015-12-05 network (no "
-                              f"layers.mixed_6.conv.weight)")
-    assert "\n" not in message
+    assert_names(raised.value, str(tmp_path / "other.pt"), "container.Sequential", "layers.mixed_6.conv.weight")
 
 
 def test_weights_of_another_network_are_refused(tmp_path):
@@ -314,23 +310,23 @@ def test_weights_of_another_network_are_refused(tmp_path):
     torch.save(resnet18(weights=None).state_dict(), tmp_path / "resnet.pth")
     with pytest.raises(InceptionWeightsError) as raised:
         load_inception_weights(str(tmp_path / "resnet.pth"))
-    assert str(raised.value).startswith(
-        f"{tmp_path / 'resnet.pth'} holds the weights of another network, not the FID Inception-v3 (missing "
-        f"Conv2d_1a_3x3.bn.bias and 469 more; unexpected bn1.bias and 119 more; other shape of fc.bias and 1 more); "
-        f"pass torch-fidelity's weights-inception-2015-12-05-6726825d.pth or NVlabs' inception-2015-12-05.pt")
+    # the file, then what differs: a missing, an unexpected and a reshaped tensor with their counts
+    assert_names(raised.value, str(tmp_path / "resnet.pth"), "Conv2d_1a_3x3.bn.bias and 469 more",
+                 "bn1.bias and 119 more", "fc.bias and 1 more")
 
 
 def test_pickled_code_is_never_run_in_a_state_dict_or_a_torchscript_archive(tmp_path):
     marker = tmp_path / "pwned"
     torch.save({"fc.weight": torch.zeros(2), "hook": MakesMarker(str(marker))}, tmp_path / "evil.pth")
-    with pytest.raises(InceptionWeightsError, match=r"cannot read Inception weights .*evil\.pth"):
+    with pytest.raises(InceptionWeightsError) as raised:
         load_inception_weights(str(tmp_path / "evil.pth"))
+    assert_names(raised.value, str(tmp_path / "evil.pth"))
     with zipfile.ZipFile(tmp_path / "evil.pt", "w") as archive:  # a TorchScript-looking zip whose pickle runs code
         archive.writestr("evil/data.pkl", pickle.dumps(MakesMarker(str(marker)), protocol=2))
         archive.writestr("evil/code/__torch__/evil.py", "")
-    with pytest.raises(InceptionWeightsError, match=r"cannot read the TorchScript archive .*evil\.pt: it names "
-                                                    r"posix\.mkdir, which a plain TorchScript module does not need"):
+    with pytest.raises(InceptionWeightsError) as raised:
         load_inception_weights(str(tmp_path / "evil.pt"))
+    assert_names(raised.value, str(tmp_path / "evil.pt"), "posix.mkdir")
     assert not marker.exists()
 
 

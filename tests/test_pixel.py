@@ -22,7 +22,7 @@ from PIL import Image
 import sample
 import sample_ddp
 import train
-from conftest import REPO, make_image_folder
+from conftest import REPO, make_image_folder, assert_names
 from test_sample import write_checkpoint
 from sit.checkpoint import settings_of
 from sit.config import TransportConfig
@@ -122,7 +122,7 @@ def test_vae_flag_is_checked_against_the_checkpoint_and_pixels_are_clamped():
     assert resolve_vae(None, latent_info, default="mse") == "mse"
     with pytest.raises(UsageError, match="--vae ema but the checkpoint is a pixel-space model"):
         resolve_vae("ema", pixel_info, default="ema")
-    with pytest.raises(UsageError, match="--vae none but the checkpoint's model works on 4-channel VAE latents"):
+    with pytest.raises(UsageError, match="--vae none .*latents"):
         resolve_vae("none", latent_info, default="ema")
     outputs = torch.tensor([-1.7, -0.25, 0.5, 1.2])
     assert torch.equal(decode_latents(None, outputs), torch.tensor([-1.0, -0.25, 0.5, 1.0]))
@@ -146,7 +146,7 @@ def test_pixel_model_config_and_image_size_checks():
     assert (kwargs["input_size"], kwargs["in_channels"], kwargs["patch_size"]) == (12, 3, 2)
     check_train_config(config, 1)  # 12 is no multiple of 8, fine in pixel space
     config = config_for(["--data-path", "x", "--vae", "none", "--image-size", "12", "--model", "SiT-S/8"])
-    with pytest.raises(UsageError, match="--image-size 12 gives 12x12 pixels, not divisible by the patch size 8"):
+    with pytest.raises(UsageError, match="--image-size 12 .*patch"):
         check_train_config(config, 1)
     kwargs = config_for(["--data-path", "x", "--image-size", "256", "--model", "SiT-S/2"]).model.sit_kwargs()
     assert kwargs["in_channels"] == 4 and kwargs["input_size"] == 32
@@ -295,6 +295,5 @@ def test_explicit_image_size_needs_a_multiple_of_8_only_for_latent_models(capsys
     sample.main(["ODE", "--ckpt", pixel, "--image-size", "12", *fast, "--output", str(tmp_path / "grid.png")])
     assert Image.open(tmp_path / "grid.png").size == (2 * 12 + 3 * 2, 12 + 2 * 2)
     latent = write_checkpoint(tmp_path / "latent.pt", "ema", num_classes=2)  # 4 channels, 32 px
-    with pytest.raises(UsageError, match=r"^--image-size must be a multiple of 8 for latent models .* "
-                                         r"trained at 32$"):
+    with pytest.raises(UsageError, match=r"^--image-size .*latent.*32"):
         sample.main(["ODE", "--ckpt", latent, "--image-size", "12", *fast, "--output", str(tmp_path / "x.png")])

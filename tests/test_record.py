@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from conftest import assert_names
 import evaluate
 from sit.errors import UsageError
 from sit.files import sha256_file
@@ -39,12 +40,13 @@ def test_the_npz_shape_is_read_from_its_header_stored_or_compressed(batch):
     np.savez_compressed(batch / "compressed.npz", arr_0=np.zeros((3, 8, 9, 3), dtype=np.uint8), labels=np.arange(3))
     assert npz_array_shape(str(batch / "compressed.npz")) == (3, 8, 9, 3)
     assert npz_array_shape(str(batch / "samples.npz")) == (6, 40, 40, 3)
-    with pytest.raises(MetricInputError, match=r"compressed\.npz has no 'images' array \(it holds arr_0\.npy, "
-                                               r"labels\.npy\)"):
+    with pytest.raises(MetricInputError) as error:
         npz_array_shape(str(batch / "compressed.npz"), "images")
+    assert_names(error.value, str(batch / "compressed.npz"), "'images'", "arr_0.npy, labels.npy")  # what it holds
     (batch / "text.npz").write_text("not an npz")
-    with pytest.raises(MetricInputError, match=r"text\.npz is not a readable \.npz file"):
+    with pytest.raises(MetricInputError) as error:
         npz_array_shape(str(batch / "text.npz"))
+    assert_names(error.value, str(batch / "text.npz"), "readable")
 
 
 def test_record_path_is_the_npz_name_with_json():
@@ -70,30 +72,23 @@ def test_a_record_that_disagrees_with_the_npz_is_refused_in_one_line(batch, coun
     write_record(str(batch / "samples.npz"), synthetic_record(num_images=count, image_shape=shape))
     with pytest.raises(RecordError) as raised:
         record_beside(str(batch / "samples.npz"), 6, (40, 40, 3))
-    assert str(raised.value) == (f"{batch / 'samples.json'} describes {count} images of {'x'.join(map(str, shape))} "
-                                 f"but {batch / 'samples.npz'} holds 6 of 40x40x3: the record belongs to another batch "
-                                 f"(move it away to evaluate without it)")
-    assert "\n" not in str(raised.value)
+    assert_names(raised.value, str(batch / "samples.json"), f"{count} images of {'x'.join(map(str, shape))}",
+                 str(batch / "samples.npz"), "6 of 40x40x3")
 
 
 def test_files_that_are_not_records_are_refused_naming_them(batch):
     (batch / "a.json").write_text("{not json")
-    with pytest.raises(RecordError, match=r"cannot read the sample record .*a\.json \(JSONDecodeError"):
-        read_record(str(batch / "a.json"))
-    (batch / "b.json").write_text(json.dumps({"fid": 2.06}))
-    with pytest.raises(RecordError, match=r"b\.json is not a sample record \(no \"format\": \"sit-sample-record\"\)"):
-        read_record(str(batch / "b.json"))
     data = synthetic_record().to_dict()
+    (batch / "b.json").write_text(json.dumps({"fid": 2.06}))
     (batch / "c.json").write_text(json.dumps({**data, "version": 2}))
-    with pytest.raises(RecordError, match=r"c\.json is a sample record of version 2; this code reads version 1"):
-        read_record(str(batch / "c.json"))
     del data["nfe"], data["cfg_scale"]
     (batch / "d.json").write_text(json.dumps(data))
-    with pytest.raises(RecordError, match=r"d\.json lacks nfe, cfg_scale$"):
-        read_record(str(batch / "d.json"))
     (batch / "e.json").write_text(json.dumps({**synthetic_record().to_dict(), "image_shape": [40, 40]}))
-    with pytest.raises(RecordError, match=r"e\.json: image_shape must be \[H, W, 3\], got \[40, 40\]"):
-        read_record(str(batch / "e.json"))
+    for name, words in (("a.json", ["JSONDecodeError"]), ("b.json", ["sit-sample-record"]), ("c.json", ["version 2"]),
+                        ("d.json", ["nfe, cfg_scale"]), ("e.json", ["image_shape", "[40, 40]"])):
+        with pytest.raises(RecordError) as error:
+            read_record(str(batch / name))
+        assert_names(error.value, str(batch / name), *words)
 
 
 def test_evaluate_copies_the_record_and_its_own_settings_into_the_json(batch, tiny_dinov2_weights, capsys):
@@ -114,10 +109,10 @@ def test_evaluate_copies_the_record_and_its_own_settings_into_the_json(batch, ti
 
 def test_evaluate_refuses_a_disagreeing_record_before_any_network_and_keeps_the_record_safe(batch):
     write_record(str(batch / "samples.npz"), synthetic_record(num_images=50000))
-    with pytest.raises(RecordError, match=r"samples\.json describes 50000 images of 40x40x3 but .*samples\.npz holds "
-                                          r"6 of 40x40x3"):
+    with pytest.raises(RecordError) as error:
         evaluate.main([str(batch / "ref.npz"), str(batch / "samples.npz"), "--device", "cpu",
                        "--inception-weights", str(batch / "no-such-weights.pth")])  # never reached
-    with pytest.raises(UsageError, match=r"^--json .*samples\.json is the sample batch's record; write the metrics "
-                                         r"elsewhere$"):
+    assert_names(error.value, str(batch / "samples.json"), "50000 images", "6 of 40x40x3")
+    with pytest.raises(UsageError) as error:
         evaluate.main([str(batch / "ref.npz"), str(batch / "samples.npz"), "--json", str(batch / "samples.json")])
+    assert_names(error.value, f"--json {batch / 'samples.json'}", "record")

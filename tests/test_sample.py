@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, assert_names
 import sample
 import sample_ddp
 from models import SiT
@@ -308,8 +308,9 @@ def test_sample_py_doubles_the_batch_even_at_cfg_1_as_the_original(ckpt, tmp_pat
 def test_sample_py_default_labels_need_1000_classes(ckpt, tmp_path):
     with pytest.raises(UsageError, match="pass --class-labels"):
         sample.main(["ODE", "--ckpt", ckpt, *FAST_ODE, "--output", str(tmp_path / "x.png")])
-    with pytest.raises(UsageError, match="out of range"):
+    with pytest.raises(UsageError) as error:
         sample.main(["ODE", "--ckpt", ckpt, *FAST_ODE, "--class-labels", "3,10", "--output", str(tmp_path / "x.png")])
+    assert_names(error.value, "--class-labels [10]")
 
 
 @pytest.mark.slow
@@ -378,9 +379,9 @@ def test_a_setup_failure_on_rank_0_ends_both_gloo_processes_with_its_message(ckp
     result = run_script(["sample_ddp.py", *flags], cwd=tmp_path, torchrun_procs=2, timeout=300)
     assert result.returncode != 0
     # printed once (by rank 0); rank 1 ends on its own with the same error (exit 1), not killed by torchrun
-    lines = [line for line in result.stderr.splitlines() if "error: cannot create the sample folder" in line]
-    assert len(lines) == 1 and lines[0].startswith("sample_ddp.py: error: cannot create the sample folder")
-    assert "Not a directory" in lines[0], result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if "sample_ddp.py: error: " in line]
+    assert len(lines) == 1, result.stderr[-3000:]
+    assert_names(lines[0], "--sample-dir", str(tmp_path / "file.txt"), "Not a directory")
     assert re.search(r"rank\s*:\s*1 .*\n.*exitcode\s*:\s*1 ", result.stderr), result.stderr[-3000:]
     assert 'sample_ddp.py", line' not in result.stderr  # no Python traceback from the script
 
@@ -399,9 +400,9 @@ def test_agree_turns_a_failure_into_one_line_on_every_rank(tmp_path, monkeypatch
         agree(ctx, denied)
     (tmp_path / "file.txt").write_text("")
     folder = str(tmp_path / "file.txt" / "samples")
-    refusal = rf"^cannot create the sample folder {re.escape(folder)}: \[Errno 20\] Not a directory"
-    with pytest.raises(RunFailure, match=refusal):
+    with pytest.raises(RunFailure) as error:
         agree(ctx, lambda: sample_folder.create_sample_folder(folder, create_logger(None)))
+    assert_names(error.value, "--sample-dir", folder, "Errno 20")
 
     def refuse():
         raise UsageError("--model SiT-B/2 needs --ckpt")
@@ -576,7 +577,7 @@ def test_no_ckpt_uses_the_published_model_and_a_failed_download_says_what_to_pas
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setitem(download.PUBLISHED_MODELS, download.DEFAULT_MODEL, [f"file://{tmp_path}/missing.pt"])
-    with pytest.raises(UsageError, match=r"pass the local file instead: --ckpt /path/to/SiT-XL-2-256x256.pt"):
+    with pytest.raises(UsageError, match=r"--ckpt /path/to/SiT-XL-2-256x256.pt"):
         sample.main(["ODE", *FAST_ODE, "--class-labels", "1"])
     monkeypatch.setitem(download.PUBLISHED_MODELS, download.DEFAULT_MODEL, [f"file://{ckpt}"])  # a stand-in "download"
     sample.main(["ODE", *FAST_ODE, "--class-labels", "1"])

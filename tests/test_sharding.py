@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from conftest import REPO, make_image_folder, make_tiny_vae
+from conftest import REPO, assert_names, make_image_folder, make_tiny_vae
 from models import SiT
 from sit.distributed import DistContext
 from sit.errors import UsageError
@@ -183,16 +183,17 @@ def test_fsdp_needs_a_torchrun_launch(tmp_path, monkeypatch):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # a plain process
         monkeypatch.delenv(key, raising=False)
     data = make_image_folder(str(tmp_path / "data"), num_classes=2, per_class=1, size=16)
-    with pytest.raises(UsageError, match=r"^--sharding fsdp shards over the processes of a torchrun job"):
+    with pytest.raises(UsageError) as error:
         train.main(["--data-path", data, "--vae", "none", "--image-size", "16", "--num-classes", "2", "--sharding", "fsdp"])
+    assert_names(error.value, "--sharding fsdp", "torchrun")
 
 
-@pytest.mark.parametrize("options, message", [
-    (["--phema-stds", "0.05"], r"^--phema-stds works with --sharding ddp only"),
-    (["--max-rollbacks", "2"], r"^self-healing .* works with --sharding ddp only"),
-    (["--repa-encoder", "dinov2-vit-s", "--repa-depth", "1"], r"^--repa-encoder works with --sharding ddp only"),
+@pytest.mark.parametrize("options", [
+    ["--phema-stds", "0.05"],
+    ["--max-rollbacks", "2"],
+    ["--repa-encoder", "dinov2-vit-s", "--repa-depth", "1"],
 ])
-def test_options_that_hold_whole_tensors_refuse_fsdp(options, message, tmp_path, monkeypatch):
+def test_options_that_hold_whole_tensors_refuse_fsdp(options, tmp_path, monkeypatch):
     """Post-hoc EMA trackers, rollback copies and REPA's projector are laid out for whole tensors: one line, exit 2."""
     from sit.training.settings import check_train_config, resolve_train_config
     import train
@@ -202,8 +203,9 @@ def test_options_that_hold_whole_tensors_refuse_fsdp(options, message, tmp_path,
     args, explicit = train.parse_args(["--data-path", str(tmp_path), "--vae", "none", "--image-size", "16",
                                        "--global-batch-size", "4", "--sharding", "fsdp", *options])
     config, _ = resolve_train_config(vars(args), explicit)
-    with pytest.raises(UsageError, match=message):
+    with pytest.raises(UsageError) as error:
         check_train_config(config, 2)
+    assert_names(error.value, options[0], "--sharding ddp")  # the option given, and the sharding it needs
 
 
 #################################################################################

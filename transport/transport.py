@@ -385,8 +385,9 @@ class Sampler:
         if time_shift is not None:
             check_real("time_shift", time_shift, positive=True)
         if time_shift is not None and (is_adaptive(sampling_method) or sampling_method == "scipy_solver"):
-            raise ValueError(f"a time shift places the steps of fixed-step samplers; {sampling_method} chooses its own "
-                             f"steps: pick a fixed-step method (euler, heun2, midpoint, rk4, ...) or drop the time shift")
+            raise ValueError(f"time_shift (--time-shift) places the steps of fixed-step samplers; {sampling_method} "
+                             f"chooses its own steps: pick a fixed-step method (euler, heun2, midpoint, rk4, ...) or "
+                             f"drop the time shift")
         t0, t1 = self.transport.check_interval(
             self.transport.train_eps, self.transport.sample_eps, sde=False, eval=True, reverse=reverse, last_step_size=0.0,
         )

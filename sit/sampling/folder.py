@@ -121,7 +121,7 @@ def remove_stale_temporary_files(folder: str) -> int:
 def create_sample_folder(folder: str, logger: Any) -> None:
     """Create folder and lock it for this run (sit.locks: UsageError while another live run writes it),
     clear a killed run's temporary files, and say so."""
-    with reported_as(f"cannot create the sample folder {folder}"):
+    with reported_as(f"--sample-dir: cannot create the sample folder {folder}"):
         os.makedirs(folder, exist_ok=True)
         acquire_folder_lock(folder, "the sample folder", warn=logger.warning)
         removed = remove_stale_temporary_files(folder)

@@ -6,6 +6,7 @@ first (a download happens once, into the shared cache) and ends every rank alike
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -14,7 +15,7 @@ import torch
 
 from models import SiT, has_null_class
 from sit.checkpoint import load_model, model_shape_name
-from sit.errors import reported_as
+from sit.errors import named_by, reported_as
 from sit.sampling.guide import attach_guide
 from sit.sampling.settings import ModelSettings, SamplingConfig, resolve_model_settings
 from sit.speed import compile_for_sampling, compile_model, configure_precision
@@ -55,7 +56,8 @@ def load_sampling_model(config: SamplingConfig, device: torch.device, vae_defaul
     request = config.request
     if request.ckpt_choice:
         logging.getLogger("sit").info(request.ckpt_choice)  # which checkpoint a folder given as --ckpt gave
-    with reported_as("cannot load the model"):
+    given = named_by("--ckpt") if request.ckpt is not None else contextlib.nullcontext()  # None: the published one
+    with reported_as("cannot load the model"), given:
         model, info = load_model(request.ckpt, model_name=request.model_name, image_size=request.image_size,
                                  num_classes=request.num_classes)
     settings = resolve_model_settings(config, info, has_null_class=has_null_class(model.config),

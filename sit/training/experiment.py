@@ -28,7 +28,7 @@ from typing import Any, Optional
 import download
 from sit.checkpoint import is_resumable
 from sit.distributed import DistContext, on_main
-from sit.errors import RunFailure, UsageError
+from sit.errors import RunFailure, UsageError, named_by
 from sit.files import atomic_text, remove_temporaries
 from sit.locks import acquire_folder_lock
 from sit.log import create_logger
@@ -155,7 +155,8 @@ def start_checkpoint(ckpt: Optional[str], resume: Optional[str], results_dir: st
     if source is None:
         return StartPoint()
     if ckpt is not None or (resume != NEWEST and os.path.isfile(resume)):
-        return StartPoint(source, download.load_checkpoint(source))
+        with named_by("--ckpt" if ckpt is not None else "--resume"):
+            return StartPoint(source, download.load_checkpoint(source))
     return load_newest_loadable(experiment_dir_of(source))
 
 
