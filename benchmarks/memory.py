@@ -3,7 +3,7 @@
     python benchmarks/memory.py --model SiT-XL/2 --gpus 1 8 --local-batch-size 32 --precision bf16
 
 Weights, gradients, AdamW state and EMA from the parameter counts; activations measured by running
-the model's forward on fake tensors (sit.training.memory says what is and is not counted).
+the model's forward on fake tensors (memory_model.py beside this file says what is and is not counted).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models import MODEL_SHAPES  # noqa: E402
 from sit.cli import positive_int, run_main  # noqa: E402
 from sit.speed import PRECISIONS  # noqa: E402
-from sit.training.memory import MemoryEstimate, training_memory  # noqa: E402
+from memory_model import MemoryEstimate, training_memory  # noqa: E402  (benchmarks/memory_model.py)
 from sit.training.sharding import SHARDINGS  # noqa: E402
 from sit.vae import LATENT_CHANNELS, check_image_size, input_size_for  # noqa: E402
 

@@ -34,15 +34,16 @@ class FlagSpec:
     nargs: Optional[str] = None
     const: Any = None
     metavar: Optional[str] = None
+    one_of: Optional[str] = None  # a required choice between the flags that name the same group
 
 
 def declare(default: Any, help: str, *, type: Optional[Callable[[str], Any]] = None,
             choices: Optional[Sequence[Any]] = None, action: Any = None, nargs: Optional[str] = None, const: Any = None,
-            metavar: Optional[str] = None, resume: Optional[Setting] = None,
+            metavar: Optional[str] = None, one_of: Optional[str] = None, resume: Optional[Setting] = None,
             canonical: Optional[Callable[[Any], Any]] = None) -> Any:
     """A settings dataclass field: its default, its flag (help, type, choices, ...), its resume rule and
     (canonical) how a given value is named wherever the run starts (e.g. a local file: its real path)."""
-    spec = FlagSpec(help, type, choices, action, nargs, const, metavar)
+    spec = FlagSpec(help, type, choices, action, nargs, const, metavar, one_of)
     return dataclasses.field(default=default, metadata={"flag": spec, "resume": resume, "canonical": canonical})
 
 
@@ -59,9 +60,13 @@ def flag_name(destination: str) -> str:
 def add_flags(parser: argparse.ArgumentParser, settings_type: type) -> None:
     """The settings' flags, in a group titled by the class's TITLE (none: on the parser itself)."""
     title = getattr(settings_type, "TITLE", None)
-    target = parser.add_argument_group(title) if title else parser
+    group = parser.add_argument_group(title) if title else parser
+    exclusive: dict[str, Any] = {}  # one_of -> its mutually exclusive group (one flag of it is required)
     for field in declared_fields(settings_type):
         spec: FlagSpec = field.metadata["flag"]
+        if spec.one_of and spec.one_of not in exclusive:
+            exclusive[spec.one_of] = group.add_mutually_exclusive_group(required=True)
+        target = exclusive[spec.one_of] if spec.one_of else group
         options = {key: value for key, value in (("type", spec.type), ("choices", spec.choices),
                                                   ("action", spec.action), ("nargs", spec.nargs),
                                                   ("const", spec.const), ("metavar", spec.metavar))

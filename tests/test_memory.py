@@ -1,4 +1,4 @@
-"""sit.training.memory and benchmarks/memory.py: memory per GPU of DDP and FSDP training, from
+"""benchmarks/memory_model.py and benchmarks/memory.py: memory per GPU of DDP and FSDP training, from
 closed forms (model state) and from the tensors autograd saves (activations; fake equals real)."""
 import os
 import sys
@@ -6,10 +6,10 @@ import sys
 import pytest
 
 from conftest import REPO
-from sit.training.memory import ParameterCounts, activation_memory, state_memory
 
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 import memory as memory_script  # noqa: E402  (benchmarks/memory.py)
+from memory_model import ParameterCounts, activation_memory, state_memory  # noqa: E402
 
 XL = dict(input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16, num_classes=1000)
 TINY = dict(input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=3)

@@ -465,11 +465,11 @@ def test_a_checkpoints_own_setting_is_named_as_the_checkpoints(assets, sandbox, 
 def test_training_flags_that_change_nothing_are_warned_about(assets, sandbox):
     import train
     from sit.errors import UsageError
-    from sit.training.launch import prepare_training
+    from sit.training.launch import plan_training
 
     def warnings_of(argv: list) -> list:
         args, explicit = train.parse_args(argv)
-        return prepare_training(vars(args), explicit, 1).warnings
+        return plan_training(vars(args), explicit, 1).warnings
 
     no_dropout = json.dumps({"depth": 1, "hidden_size": 32, "num_heads": 2, "class_dropout_prob": 0})
     argv = ["--data-path", assets["data"], *TINY, "--model-config", no_dropout, "--max-steps", "3",

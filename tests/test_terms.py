@@ -138,3 +138,13 @@ def test_a_toy_term_survives_a_rollback(toy_registered, tmp_path):
     healed, told = final_checkpoint(str(tmp_path / "healed"), 6), final_checkpoint(str(tmp_path / "told"), 6)
     assert healed["healing"]["rollbacks"][0]["skipped_batch"] == list(NAN_BATCH)
     assert_same_state(healed, told)
+
+
+def test_a_term_with_parameters_says_why_it_cannot_be_sharded():
+    """build_train_step turns a refusal into one line naming --sharding fsdp (terms without parameters run sharded)."""
+    assert ToyTerm(8).sharding_refusal() == "the toy term's parameters are not sharded"
+
+    class Stateless(LossTerm):
+        name = "stateless"
+
+    assert Stateless().sharding_refusal() is None

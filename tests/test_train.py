@@ -411,14 +411,14 @@ def test_resume_takes_another_vae_path_with_a_warning_but_never_switches_pixels_
                                            f"trained with --vae {held}; a model learns either pixels")
 
 
-def prepare_in_process(argv: list):
+def plan_in_process(argv: list):
     """What train.main(argv) would train: the checked plan, with its start point and warnings."""
     import train
     from sit.distributed import launched_world_size
-    from sit.training.launch import prepare_training
+    from sit.training.launch import plan_training
 
     args, explicit = train.parse_args(argv)
-    return prepare_training(vars(args), explicit, launched_world_size())
+    return plan_training(vars(args), explicit, launched_world_size())
 
 
 def test_resume_skips_an_unreadable_newest_checkpoint_unless_named(tmp_path, tiny_data, monkeypatch):
@@ -437,7 +437,7 @@ def test_resume_skips_an_unreadable_newest_checkpoint_unless_named(tmp_path, tin
     with open(truncated, "r+b") as handle:
         handle.truncate(os.path.getsize(truncated) // 2)
     for resume in (["--resume"], ["--resume", str(folder.parent)]):
-        plan = prepare_in_process(common + resume)
+        plan = plan_in_process(common + resume)
         assert plan.start.source == str(folder / "0000002.pt") and plan.start.checkpoint["train_steps"] == 2
         warnings = plan.warnings
         assert len(warnings) == 1 and warnings[0].startswith(f"skipped {truncated}: {truncated} is not a readable "
@@ -489,15 +489,15 @@ def test_atomic_write_syncs_before_renaming_and_gives_the_umask_permissions(tmp_
 
 
 def rank_run(tmp_path, rank: int) -> object:
-    """The parts of sit.training.loop.TrainingRun that save_checkpoint and save_samples use, for `rank`
-    of a 2-process job."""
+    """A sit.training.loop.TrainingRun with the parts that save_checkpoint and save_samples use, for `rank`
+    of a 2-process job (no data, loader or stop signal)."""
     import logging
     from types import SimpleNamespace
 
     from models import SiT
     from sit.distributed import DistContext
     from sit.training.decoder import RunVAE
-    from sit.training.loop import TrainState
+    from sit.training.loop import TrainingRun, TrainState
     from sit.training.monitor import LossMonitor
     from sit.training.step import TrainStep
     from transport import create_transport
@@ -505,11 +505,11 @@ def rank_run(tmp_path, rank: int) -> object:
     model = SiT(input_size=4, patch_size=2, hidden_size=32, depth=1, num_heads=2, num_classes=2)
     step = TrainStep.create(model, transport=create_transport(), device=torch.device("cpu"), lr=1e-4)
     config = SimpleNamespace(settings=lambda: {"model": "SiT-S/2"}, run=SimpleNamespace(cfg_scale=4.0))
-    return SimpleNamespace(step=step, config=config, state=TrainState(3, 1, 0),
-                           ctx=DistContext(rank, 2, rank, torch.device("cpu")),
-                           experiment_dir=str(tmp_path) if rank == 0 else None, monitor=LossMonitor(1),
-                           wandb_run=None, logger=logging.getLogger("test"), last_saved_step=None,
-                           vae=RunVAE("none", torch.device("cpu")), preview=None, phema=None, healer=None)
+    return TrainingRun(step=step, config=config, state=TrainState(3, 1, 0),
+                       ctx=DistContext(rank, 2, rank, torch.device("cpu")),
+                       experiment_dir=str(tmp_path) if rank == 0 else None, monitor=LossMonitor(1),
+                       wandb_run=None, logger=logging.getLogger("test"), vae=RunVAE("none", torch.device("cpu")),
+                       preview=None, dataset=None, loader=None, sampler=None, stop=None, term_factories=[])
 
 
 def agreement_as_rank(monkeypatch, rank: int, reported: list, message: str = "") -> None:

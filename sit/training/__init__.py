@@ -12,5 +12,5 @@ ema, optimizer, rng, signals, monitor   EMA update; AdamW and GradScaler; RNG st
 decoder     the VAE a run holds and when it is loaded
 preview, fid   EMA preview grids; FID while training
 loop        the training loop and its checkpoints
-launch      prepare_training (checks, no heavy work) and run_training (join the ranks, train)
+launch      plan_training (checks, no heavy work) and run_training (join the ranks, train)
 """

@@ -32,9 +32,7 @@ from sit.errors import RunFailure, UsageError, named_by
 from sit.files import atomic_text, remove_temporaries
 from sit.locks import acquire_folder_lock
 from sit.log import create_logger
-from sit.training.settings import TrainConfig
-
-NEWEST = "newest"  # `--resume` with no value
+from sit.training.settings import NEWEST, TrainConfig
 CHECKPOINT_FILE = re.compile(r"^(\d{7,})\.pt$")
 EXPERIMENT_FOLDER = re.compile(r"^(\d{3,})-")
 LATEST_FILE = "latest.txt"  # <experiment>/latest.txt: the path of the newest checkpoint the run wrote

@@ -1,4 +1,4 @@
-"""From the command line's values to a running job: `prepare_training` does every check and opens
+"""From the command line's values to a running job: `plan_training` does every check and opens
 the data before any heavy work (no VAE, no process group); `run_training` judges the checkpoint to
 resume whole (sit.checkpoint.check_train_checkpoint) and the free space for the next checkpoint
 before it joins the ranks, then trains, turns a divergence into a one-line failure, and says when a
@@ -39,7 +39,7 @@ class TrainingPlan:
     finished: Optional[str] = None
 
 
-def prepare_training(flags: Mapping[str, Any], explicit: AbstractSet[str], world_size: int) -> TrainingPlan:
+def plan_training(flags: Mapping[str, Any], explicit: AbstractSet[str], world_size: int) -> TrainingPlan:
     """Find and load the checkpoint to start from, resolve the configuration against it, check it and
     open the data. flags: every parsed flag (vars(args)); explicit: those the command line gave;
     world_size: the processes launched. Raises UsageError with a one-line message."""

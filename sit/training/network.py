@@ -74,6 +74,9 @@ def build_train_step(config: TrainConfig, ctx: DistContext, start: StartPoint, v
     sharding = Sharding(optim.sharding, optim.precision)
     model = build_model(config, start).to(ctx.device)
     terms = [term.to(ctx.device) for term in build_terms(model, term_factories, start)]
+    refusals = [term.sharding_refusal() for term in terms] if sharding.sharded else []
+    if any(refusals):
+        raise UsageError(f"--sharding fsdp: {next(filter(None, refusals))}; use --sharding ddp")
     ddp_model = sharding.wrap(ModelWithTerms(model, terms) if terms else model, ctx)
     step = TrainStep.create(model, ddp_model=ddp_model, ema_state=checkpoint.get("ema") if checkpoint else None,
                             transport=config.transport.build(config.time.schedule()), device=ctx.device, lr=optim.lr,

@@ -131,7 +131,7 @@ class RepaTerm(LossTerm):
         self.projector = build_projector(hidden_size, settings.repa_projector_dim, encoder_dim)
         self.encoder = encoder  # frozen and not an nn.Module: neither trained nor stored
 
-    def prepare(self, inputs: Sequence[torch.Tensor], device: torch.device, precision: str) -> torch.Tensor:
+    def batch_inputs(self, inputs: Sequence[torch.Tensor], device: torch.device, precision: str) -> torch.Tensor:
         """Encoder tokens (N, T, D) of the batch: the images' (N, 3, H, W) in [-1, 1] through the
         encoder, or the cached tokens themselves."""
         if self.encoder is None:
@@ -142,7 +142,7 @@ class RepaTerm(LossTerm):
         return self.projector(hidden)  # (N, T, D) -> (N, T, encoder dim)
 
     def losses(self, view: StepView) -> dict[str, torch.Tensor]:
-        return {ALIGN_LOSS: alignment_loss(view.head, view.prepared)}
+        return {ALIGN_LOSS: alignment_loss(view.head, view.inputs)}
 
     def sharding_refusal(self) -> Optional[str]:
         return "REPA's projector is not sharded"

@@ -1,35 +1,42 @@
 """train.py's settings as typed configuration, resolved once from the command line and (on resume) the checkpoint.
 
-`resolve_train_config` is the only place where a flag meets a checkpoint's value
-(through `sit.config.resolve_settings`):
+Each setting is declared once, as a field of its group's dataclass (sit.declarations): its flag's help,
+type and default, and its resume rule. train.py's flags are built from these groups and from each
+registered feature's (sit.training.registry). `resolve_train_settings` is the only place where a flag
+meets a checkpoint's value (through `sit.config.resolve_settings`), by the declared rules:
 - what the model is and learns (model, shape, size, classes, transport) is LOCKED: another value is an error;
 - the VAE is the checkpoint's unless given; another one is allowed with a warning, pixels against latents is not;
 - what decides the data order, and the learning rate and EMA decay, are the checkpoint's unless given
   (a WARN: the run then differs from an uninterrupted one); --sharding is the checkpoint's unless given (FREE);
-- everything else (run length, logging, intervals, workers, wandb, FID) is the command line's.
+- settings without a rule (run length, logging, intervals, workers, wandb, FID) are the command line's.
 The flags are the parsed argparse values (`vars(args)`), whose defaults are the original's; they are never modified.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
 from dataclasses import dataclass
-from typing import AbstractSet, Any, Mapping, Optional
+from typing import AbstractSet, Any, ClassVar, Mapping, Optional
 
-from models import MODEL_SHAPES, ModelConfig, has_null_class
+from models import MODEL_SHAPES, ModelConfig, SiT_models, has_null_class
 from sit.checkpoint import TRANSPORT_KEYS, model_config_problem, model_shape_name
-from sit.config import LOCKED, RUN_CHANGE, Resolved, Rule, Setting, TransportConfig, resolve_settings
-from sit.declarations import canonical_values, resume_rules
+from sit.cli import add_speed_arguments, decay_rate, guidance_scale, non_negative_int, positive_float, positive_int
+from sit.config import FREE, LOCKED, RUN_CHANGE, Resolved, Rule, Setting, TransportConfig, resolve_settings
+from sit.declarations import add_flags, canonical_values, declare, flag_name, resume_rules
 from sit.distributed import launched_by_torchrun
 from sit.errors import UsageError
 from sit.training.registry import FEATURES, feature_settings
-from transport.schedules import LOGIT_NORMAL, TimeSchedule
+from sit.training.sharding import SHARDINGS
+from train_utils import parse_transport_args
+from transport.schedules import LOGIT_NORMAL, TIME_SAMPLINGS, TimeSchedule
 from sit.vae import (LATENT_CHANNELS, PIXEL_CHANNELS, canonical_vae_name, check_image_size, check_vae_name,
                      input_size_for, is_pixel_space)
 
 MODEL_CONFIG_KEYS = ModelConfig.network_keys()  # --model-config's: the data (flags) sets input size, channels, classes
 EMA_DECAY = 0.9999  # default of --ema-decay (the paper's)
+NEWEST = "newest"  # `--resume` with no value
 
 VAE_CONFLICT = ("{flag} {given} but {source} was trained with {flag} {held}; a model learns either pixels "
                 "(--vae none) or VAE latents: drop the flag or start a new experiment")
@@ -38,23 +45,32 @@ VAE_WARNING = ("{flag} {given} replaces the checkpoint's {held}: fine for a copy
 DATA_ORDER_WARNING = "{flag} {given} differs from the checkpoint's {held}: the data order will not match an uninterrupted run"
 
 MODEL_KEYS = ("model", "model_config", "image_size", "num_classes")
-DATA_ORDER_KEYS = ("global_batch_size", "global_seed", "random_flip")
-RUN_KEYS = ("lr", "ema_decay")
-TIME_KEYS = ("time_sampling", "time_mean", "time_std", "time_shift")
 
 
 #################################################################################
 #                                Typed settings                                 #
 #################################################################################
 
+SAME_OVERRIDES = dataclasses.replace(LOCKED, same=lambda given, held: same_model_config(given, held))
+VAE_RULE = Setting(Rule.WARN, conflict=VAE_CONFLICT, warning=VAE_WARNING,
+                   incompatible=lambda given, held: is_pixel_space(given) != is_pixel_space(held))
+DATA_ORDER = Setting(Rule.WARN, warning=DATA_ORDER_WARNING)
+
+
 @dataclass(frozen=True)
 class ModelSettings:
     """What the model is: --model, --model-config (JSON text as given), --image-size, --num-classes, --vae."""
-    model: str
-    model_config: Optional[str]
-    image_size: int
-    num_classes: int
-    vae: str
+    model: str = declare("SiT-XL/2", "the model's shape", choices=list(SiT_models), resume=LOCKED)
+    model_config: Optional[str] = declare(
+        None, "JSON overriding the --model shape, for tests and experiments, e.g. "
+              "'{\"depth\": 1, \"hidden_size\": 32, \"num_heads\": 2}'; keys: " + ", ".join(MODEL_CONFIG_KEYS),
+        resume=SAME_OVERRIDES)
+    image_size: int = declare(256, "a multiple of 8 (256 or 512 in the paper); with --vae none any size the patch "
+                                   "size divides", type=positive_int, resume=LOCKED)
+    num_classes: int = declare(1000, "class labels of the model", type=positive_int, resume=LOCKED)
+    vae: str = declare("ema", "ema, mse or a local diffusers AutoencoderKL folder (the choice hardly affects "
+                              "training); none: train on pixels in [-1, 1] without a VAE",
+                       canonical=canonical_vae_name, resume=VAE_RULE)
 
     @property
     def pixel_space(self) -> bool:
@@ -81,59 +97,84 @@ class ModelSettings:
 @dataclass(frozen=True)
 class DataSettings:
     """Where the images (or cached latents) come from and in which order."""
-    data_path: Optional[str]
-    feature_path: Optional[str]
-    global_batch_size: int
-    global_seed: int
-    random_flip: bool
-    num_workers: int
+    data_path: Optional[str] = declare(None, "an ImageFolder: <root>/<class>/<image>", one_of="data")
+    feature_path: Optional[str] = declare(
+        None, "instead of --data-path: latents cached by extract_features.py; no VAE is loaded (--vae then only "
+              "decodes the preview grids, loaded on rank 0 at the first one)", one_of="data")
+    global_batch_size: int = declare(256, "images per step over all processes", type=positive_int, resume=DATA_ORDER)
+    global_seed: int = declare(0, "seeds the model's initialisation, the data order and the noise", type=int,
+                               resume=DATA_ORDER)
+    random_flip: bool = declare(True, "flip training images horizontally at random (the paper's); --no-random-flip "
+                                      "for data that flipping changes, such as digits",
+                                action=argparse.BooleanOptionalAction, resume=DATA_ORDER)
+    num_workers: int = declare(4, "data loading processes per GPU", type=non_negative_int)
 
 
 @dataclass(frozen=True)
 class OptimSettings:
-    """How long and how the weights are optimised."""
-    epochs: int
-    max_steps: Optional[int]
-    lr: float
-    ema_decay: float
-    max_grad_norm: Optional[float]
-    grad_checkpointing: bool
-    precision: str
-    compile: bool
-    sharding: str = "ddp"  # --sharding: ddp (a full copy per rank) or fsdp (FSDP2 shards; sit.training.sharding)
+    """How long and how the weights are optimised (--precision and --compile: sit.cli's speed flags)."""
+    epochs: int = declare(1400, "passes over the data at most", type=positive_int)
+    max_steps: Optional[int] = declare(None, "stop after this many steps in all", type=positive_int)
+    lr: float = declare(1e-4, "AdamW learning rate (constant)", type=positive_float, resume=RUN_CHANGE)
+    ema_decay: float = declare(EMA_DECAY, "decay of the EMA weights per step", type=decay_rate, resume=RUN_CHANGE)
+    max_grad_norm: Optional[float] = declare(None, "clip the gradient norm to this (default: no clipping); the norm "
+                                                   "is logged", type=positive_float)
+    grad_checkpointing: bool = declare(False, "recompute each block in the backward pass: less memory, about a "
+                                              "third more compute", action="store_true")
+    precision: str = "tf32"
+    compile: bool = False
+    sharding: str = declare("ddp", "ddp: a full copy of model, gradients, AdamW and EMA per GPU (the original's); "
+                                   "fsdp: FSDP2 shards all four over the GPUs (with --precision bf16: bf16 weights, "
+                                   "fp32 gradient reduction); checkpoints are the same full files either way",
+                            choices=SHARDINGS, resume=FREE)  # either mode resumes the other's checkpoints exactly
 
 
 @dataclass(frozen=True)
 class RunSettings:
     """Where the run writes, how often, and where it starts from."""
-    results_dir: str
-    log_every: int
-    ckpt_every: int
-    sample_every: int
-    cfg_scale: float  # guidance of the preview grids
-    wandb: bool
-    ckpt: Optional[str]
-    resume: Optional[str]
+    results_dir: str = declare("results", "where experiment folders are made")
+    log_every: int = declare(100, "steps between log lines", type=positive_int)
+    ckpt_every: int = declare(50_000, "steps between checkpoints", type=positive_int)
+    sample_every: int = declare(10_000, "steps between EMA preview grids", type=positive_int)
+    cfg_scale: float = declare(4.0, "guidance of the preview samples, >= 1 (1: none)", type=guidance_scale)
+    wandb: bool = declare(False, "log to Weights & Biases (env: WANDB_KEY optional, ENTITY, PROJECT)",
+                          action="store_true")
+    ckpt: Optional[str] = declare(None, "a train.py checkpoint to resume, or weights (path, URL, published name) "
+                                        "to fine-tune")
+    resume: Optional[str] = declare(None, "resume an experiment folder's newest checkpoint; alone: the newest "
+                                          "experiment in --results-dir", nargs="?", const=NEWEST)
 
 
 @dataclass(frozen=True)
 class FIDSettings:
     """FID while training (--fid-every None: never)."""
-    fid_every: Optional[int]
-    fid_num_samples: int
-    fid_ref: Optional[str]
-    fid_steps: int
-    fid_cfg_scale: float
-    fid_inception_weights: Optional[str]
+    TITLE: ClassVar[str] = "FID while training (evaluate.py's definitions)"
+    fid_every: Optional[int] = declare(None, "measure FID every N steps (default: never)", type=positive_int)
+    fid_num_samples: int = declare(10_000, "EMA samples per measurement, over all ranks", type=positive_int)
+    fid_ref: Optional[str] = declare(None, "reference statistics: an ADM reference batch with mu/sigma, or the "
+                                           ".stats.npz evaluate.py caches")
+    fid_steps: int = declare(50, "Euler ODE steps of the FID samples", type=positive_int)
+    fid_cfg_scale: float = declare(1.0, "guidance of the FID samples, >= 1", type=guidance_scale)
+    fid_inception_weights: Optional[str] = declare(None, "a local Inception weights file (default: downloaded once "
+                                                         "by torch-fidelity)")
 
 
 @dataclass(frozen=True)
 class TimeSettings:
     """How training draws t (transport.schedules)."""
-    time_sampling: str
-    time_mean: float
-    time_std: float
-    time_shift: Optional[float]
+    TITLE: ClassVar[str] = "time-step schedule of training (transport/schedules.py; t=0 noise, t=1 data)"
+    time_sampling: str = declare("uniform", "how t is drawn: uniform (the original's) or logit-normal (SD3, "
+                                            "LightningDiT)", choices=TIME_SAMPLINGS, resume=RUN_CHANGE)
+    time_mean: float = declare(0.0, "mean of the logit-normal's normal", type=float, resume=RUN_CHANGE)
+    time_std: float = declare(1.0, "std of the logit-normal's normal", type=positive_float, resume=RUN_CHANGE)
+    time_shift: Optional[float] = declare(None, "shift t -> t / (t + s (1 - t)); s > 1 draws more times near the "
+                                                "noise end (default: none)", type=positive_float, resume=RUN_CHANGE)
+
+    def check_flags(self, explicit: AbstractSet[str]) -> None:
+        """The logit-normal's flags without logit-normal sampling: UsageError naming the flag."""
+        for key in ("time_mean", "time_std"):
+            if key in explicit and self.time_sampling != LOGIT_NORMAL:
+                raise UsageError(f"{flag_name(key)} applies to --time-sampling {LOGIT_NORMAL}, not {self.time_sampling}")
 
     def schedule(self) -> Optional[TimeSchedule]:
         """The transport's time schedule; None for the original's uniform draw (unchanged numbers)."""
@@ -188,6 +229,18 @@ GROUP_TYPES = {"model": ModelSettings, "transport": TransportConfig, "data": Dat
                "run": RunSettings, "fid": FIDSettings, "time": TimeSettings}
 
 
+def add_train_flags(parser: argparse.ArgumentParser) -> None:
+    """train.py's flags: the declared groups above, each registered feature's, the speed flags and the
+    original's transport flags (train_utils)."""
+    for group in (DataSettings, ModelSettings, OptimSettings, RunSettings, FIDSettings, TimeSettings):
+        add_flags(parser, group)
+    for feature in FEATURES.values():  # REPA, post-hoc EMA, self-healing, ...
+        if feature.settings:
+            add_flags(parser, feature.settings)
+    add_speed_arguments(parser)
+    parse_transport_args(parser)
+
+
 def parse_model_config(text: Optional[str]) -> dict:
     """The --model-config JSON as a dict of SiT arguments ({} when not given); UsageError when unusable."""
     if text is None:
@@ -216,37 +269,16 @@ def same_model_config(given: Optional[str], held: Optional[str]) -> bool:
     return (parse_model_config(given) if given else {}) == (parse_model_config(held) if held else {})
 
 
-def different_space(given: str, held: str) -> bool:
-    """One VAE name means pixels, the other latents."""
-    return is_pixel_space(given) != is_pixel_space(held)
-
-
 def checkpoint_owned_settings(flags: Mapping[str, Any], train_steps: int) -> dict[str, Setting]:
-    """The settings a checkpoint can give, in the order their messages appear; defaults: the flags' own."""
-    table = {key: dataclasses.replace(LOCKED, default=flags[key]) for key in MODEL_KEYS + TRANSPORT_KEYS}
-    table["model_config"] = dataclasses.replace(table["model_config"], same=same_model_config)
-    table["vae"] = Setting(Rule.WARN, flags["vae"], conflict=VAE_CONFLICT, warning=VAE_WARNING,
-                           incompatible=different_space)
-    for key in DATA_ORDER_KEYS:
-        table[key] = Setting(Rule.WARN, flags[key], warning=DATA_ORDER_WARNING)
-    for key in RUN_KEYS + TIME_KEYS:
-        table[key] = dataclasses.replace(RUN_CHANGE, default=flags[key])
-    table["sharding"] = Setting(Rule.FREE, flags["sharding"])  # either mode resumes the other's checkpoints exactly
-    for feature in FEATURES.values():
-        if feature.settings:
-            table.update(resume_rules(feature.settings, flags))
+    """The settings a checkpoint can give (the declared rules of every group and feature, and the transport's,
+    which is locked); defaults: the flags' own."""
+    table = {key: dataclasses.replace(LOCKED, default=flags[key]) for key in TRANSPORT_KEYS}
+    groups = [*(group for group in GROUP_TYPES.values() if group is not TransportConfig),
+              *(feature.settings for feature in FEATURES.values() if feature.settings)]
+    for group in groups:
+        table.update(resume_rules(group, flags))
     return {key: dataclasses.replace(setting, warning=setting.warning.replace("{step}", str(train_steps)))
             for key, setting in table.items()}
-
-
-def check_option_groups(values: Mapping[str, Any], explicit: AbstractSet[str]) -> None:
-    """Flags that only mean something beside another: the logit-normal's without logit-normal sampling
-    (UsageError naming the flag); the features' own (each settings' check)."""
-    if values["time_sampling"] != LOGIT_NORMAL:
-        for key in ("time_mean", "time_std"):
-            if key in explicit:
-                raise UsageError(f"--{key.replace('_', '-')} applies to --time-sampling {LOGIT_NORMAL}, "
-                                 f"not {values['time_sampling']}")
 
 
 def resolve_train_config(flags: Mapping[str, Any], explicit: AbstractSet[str], stored: Optional[Mapping[str, Any]] = None,
@@ -271,11 +303,8 @@ def resolve_train_settings(flags: Mapping[str, Any], explicit: AbstractSet[str],
     --feature-path's features, which decodes the previews unless --vae is given.
     Raises UsageError when an explicit flag contradicts what the checkpoint's model is.
     """
-    # a VAE folder or encoder file is named wherever the run starts
-    flags = dict(flags, vae=canonical_vae_name(flags["vae"]))
-    for feature in FEATURES.values():
-        if feature.settings:
-            flags = canonical_values(feature.settings, flags)
+    for group in [*GROUP_TYPES.values(), *(feature.settings for feature in FEATURES.values() if feature.settings)]:
+        flags = canonical_values(group, flags)  # e.g. a VAE folder or encoder file named wherever the run starts
     table = checkpoint_owned_settings(flags, train_steps)
     resolved = resolve_settings(table, {key: flags[key] for key in table if key in explicit}, stored, source=source)
     values = dict(flags, **resolved.values)
@@ -284,9 +313,8 @@ def resolve_train_settings(flags: Mapping[str, Any], explicit: AbstractSet[str],
             values[key] = stored[key]
     if features_vae and "vae" not in explicit and not is_pixel_space(values["vae"]):
         values["vae"] = features_vae  # pixels with features are refused by check_train_config
-    check_option_groups(values, explicit)
     config = TrainConfig.from_settings(values)
-    for settings in config.features.values():
+    for settings in [config.time, *config.features.values()]:  # flags that mean something only beside another
         if hasattr(settings, "check_flags"):
             settings.check_flags(explicit)
     return config, resolved

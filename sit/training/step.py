@@ -120,13 +120,13 @@ def train_step(step: TrainStep, inputs: Sequence[torch.Tensor], labels: torch.Te
     """
     latents = training_latents(step, inputs)
     labels = labels.to(step.device, non_blocking=True)
-    prepared = [term.prepare(inputs, step.device, step.precision) for term in step.terms]
+    term_inputs = [term.batch_inputs(inputs, step.device, step.precision) for term in step.terms]
     with autocast(step.precision, step.device):
         if not step.terms:
             loss = step.transport.training_losses(step.ddp_model, latents, dict(y=labels))["loss"].mean()
             total, term_losses = loss, {}
         else:
-            loss, total, term_losses = losses_with_terms(step, latents, labels, prepared)
+            loss, total, term_losses = losses_with_terms(step, latents, labels, term_inputs)
     step.opt.zero_grad(set_to_none=True)
     step.scaler.scale(total).backward()
     grad_norm = None
@@ -140,7 +140,7 @@ def train_step(step: TrainStep, inputs: Sequence[torch.Tensor], labels: torch.Te
 
 
 def losses_with_terms(step: TrainStep, latents: torch.Tensor, labels: torch.Tensor,
-                      prepared: list) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+                      term_inputs: list) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """(the transport's loss, the optimised total, each term's loss by name) of one forward of the
     model with its terms' heads. The transport draws noise and t exactly as without terms."""
     heads = {}
@@ -153,9 +153,9 @@ def losses_with_terms(step: TrainStep, latents: torch.Tensor, labels: torch.Tens
     out = step.transport.training_losses(output_only, latents, dict(y=labels))
     loss = total = out["loss"].mean()
     named = {}
-    for term, ready in zip(step.terms, prepared):
+    for term, ready in zip(step.terms, term_inputs):
         view = StepView(output=out["pred"], x_t=out["x_t"], t=out["t"], target=out["target"], latents=latents,
-                        labels=labels, head=heads.get(term.name), prepared=ready)
+                        labels=labels, head=heads.get(term.name), inputs=ready)
         for name, value in term.losses(view).items():
             named[name] = value.mean()
             total = total + term.weight * named[name]

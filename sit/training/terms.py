@@ -1,7 +1,7 @@
 """Loss terms: training objectives beside the transport's loss, one module each (REPA's alignment is one).
 
 A loss term is an `nn.Module` whose parameters train with the model. In a step it
-  1. `prepare(inputs, device, precision)`: what it needs of the batch, outside autograd (e.g. a frozen
+  1. `batch_inputs(inputs, device, precision)`: what it needs of the batch, outside autograd (e.g. a frozen
      encoder's tokens of the clean images);
   2. `head(hidden)`: inside the trained model's forward, on the tokens after block `block` (when it
      asks for them), so that DDP reduces its parameters' gradients with the SiT's;
@@ -32,7 +32,7 @@ class StepView:
     output: the model's output (N, C, H, W); x_t: its input, the interpolant at times t (N,);
     target: the path's velocity at (x_t, t), what a velocity model regresses onto; latents: the
     clean data x1 (N, C, H, W); labels: (N,); head: the term's head output on its block's tokens
-    (None when it asks for none); prepared: what its `prepare` returned for this batch.
+    (None when it asks for none); inputs: what its `batch_inputs` returned for this batch.
     """
     output: torch.Tensor
     x_t: torch.Tensor
@@ -41,7 +41,7 @@ class StepView:
     latents: torch.Tensor
     labels: torch.Tensor
     head: Optional[torch.Tensor] = None
-    prepared: Any = None
+    inputs: Any = None
 
 
 class LossTerm(nn.Module):
@@ -50,7 +50,7 @@ class LossTerm(nn.Module):
     block: Optional[int] = None  # 1-based block whose tokens (N, T, D) reach `head`; None: no tokens
     weight: float = 1.0
 
-    def prepare(self, inputs: Sequence[torch.Tensor], device: torch.device, precision: str) -> Any:
+    def batch_inputs(self, inputs: Sequence[torch.Tensor], device: torch.device, precision: str) -> Any:
         """What the term needs of a batch's inputs (the loader's tensors before the labels), without gradients."""
         return None
 
