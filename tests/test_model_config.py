@@ -123,3 +123,38 @@ def test_the_model_config_flag_accepts_what_a_checkpoint_may_hold():
                  "learn_sigma": False, "patch_size": 4}
     assert parse_model_config(json.dumps(overrides)) == overrides
     assert parse_model_config(None) == {}
+
+
+# "Add a model option" (docs/ARCHITECTURE.md): a new field of ModelConfig needs a value here that differs
+# from its default; the test below then carries it through train.py, the checkpoint and load_model.
+OTHER_VALUES = {"patch_size": 4, "hidden_size": 48, "depth": 2, "num_heads": 3, "mlp_ratio": 2.0,
+                "class_dropout_prob": 0.2, "learn_sigma": False}
+
+
+def test_every_network_option_has_a_value_for_the_round_trip_below():
+    assert set(OTHER_VALUES) == set(MODEL_CONFIG_KEYS)
+    defaults = ModelConfig().to_dict()
+    assert all(OTHER_VALUES[key] != defaults[key] and ModelConfig.value_problem(key, value) is None
+               for key, value in OTHER_VALUES.items())
+
+
+@pytest.mark.slow
+def test_every_network_option_goes_through_train_py_the_checkpoint_and_load_model(tmp_path):
+    """The recipe's promise: a field of ModelConfig is a --model-config key, stored in train.py's checkpoint,
+    and rebuilt by load_model (sample.py's loader) without any other edit."""
+    import os
+
+    import train
+    from conftest import make_image_folder
+    from sit.checkpoint import load_model
+
+    data = make_image_folder(str(tmp_path / "data"), num_classes=2, per_class=2, size=16)
+    train.main(["--data-path", data, "--vae", "none", "--image-size", "16", "--num-classes", "2",
+                "--model-config", json.dumps(OTHER_VALUES), "--results-dir", str(tmp_path / "results"),
+                "--global-batch-size", "2", "--max-steps", "1", "--num-workers", "0", "--sample-every", "100"])
+    (experiment,) = os.listdir(tmp_path / "results")
+    path = os.path.join(tmp_path / "results", experiment, "checkpoints", "0000001.pt")
+    stored = torch.load(path, weights_only=True)["model_config"]
+    assert {key: stored[key] for key in OTHER_VALUES} == OTHER_VALUES
+    model, info = load_model(path)
+    assert {key: model.config[key] for key in OTHER_VALUES} == OTHER_VALUES and info["num_classes"] == 2
