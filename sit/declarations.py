@@ -19,9 +19,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import AbstractSet, Any, Callable, Mapping, Optional, Sequence
 
 from sit.config import Setting
+from sit.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Needs:
+    """A setting that only means something when another holds: `condition` names it in messages (e.g.
+    "--repa-encoder"), `holds(settings)` says whether it does for the settings group's values."""
+    condition: str
+    holds: Callable[[Any], bool]
 
 
 @dataclass(frozen=True)
@@ -40,11 +49,13 @@ class FlagSpec:
 def declare(default: Any, help: str, *, type: Optional[Callable[[str], Any]] = None,
             choices: Optional[Sequence[Any]] = None, action: Any = None, nargs: Optional[str] = None, const: Any = None,
             metavar: Optional[str] = None, one_of: Optional[str] = None, resume: Optional[Setting] = None,
-            canonical: Optional[Callable[[Any], Any]] = None) -> Any:
-    """A settings dataclass field: its default, its flag (help, type, choices, ...), its resume rule and
-    (canonical) how a given value is named wherever the run starts (e.g. a local file: its real path)."""
+            canonical: Optional[Callable[[Any], Any]] = None, needs: Optional[Needs] = None) -> Any:
+    """A settings dataclass field: its default, its flag (help, type, choices, ...), its resume rule,
+    (canonical) how a given value is named wherever the run starts (e.g. a local file: its real path)
+    and (needs) the condition without which the flag would do nothing (giving it then is an error)."""
     spec = FlagSpec(help, type, choices, action, nargs, const, metavar, one_of)
-    return dataclasses.field(default=default, metadata={"flag": spec, "resume": resume, "canonical": canonical})
+    return dataclasses.field(default=default, metadata={"flag": spec, "resume": resume, "canonical": canonical,
+                                                         "needs": needs})
 
 
 def declared_fields(settings_type: type) -> list[dataclasses.Field]:
@@ -77,6 +88,19 @@ def add_flags(parser: argparse.ArgumentParser, settings_type: type) -> None:
 def from_values(settings_type: type, values: Mapping[str, Any]) -> Any:
     """The settings from a flat dict keyed by destination (every field of the class must be there)."""
     return settings_type(**{field.name: values[field.name] for field in dataclasses.fields(settings_type)})
+
+
+def check_needs(settings: Any, explicit: AbstractSet[str]) -> None:
+    """UsageError naming the flags given (explicit) whose condition does not hold for these settings:
+    they would do nothing, silently."""
+    unmet: dict[str, list[str]] = {}
+    for field in declared_fields(type(settings)):
+        needs = field.metadata["needs"]
+        if needs is not None and field.name in explicit and not needs.holds(settings):
+            unmet.setdefault(needs.condition, []).append(flag_name(field.name))
+    for condition, flags in unmet.items():
+        raise UsageError(f"{', '.join(flags)} {'is' if len(flags) == 1 else 'are'} read only with {condition}: add "
+                         f"it or drop {' and '.join(flags)}")
 
 
 def canonical_values(settings_type: type, values: Mapping[str, Any]) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import torch
 from sit.checkpoint import TrainCheckpoint
 from sit.data.features import open_arrays, open_token_array, write_meta
 from sit.data.order import ResumableDistributedSampler
+from sit.declarations import check_needs
 from sit.errors import UsageError
 from sit.training.healing import SPIKE_MIN_HISTORY, Healer, HealingSettings, LossSpiked, batch_positions
 from sit.training.monitor import LossMonitor, TrainingDiverged
@@ -43,7 +44,7 @@ def test_settings_that_cannot_work_are_one_line_naming_the_flag():
     with pytest.raises(UsageError, match=r"^--spike-factor .*0.5"):
         settings(spike_factor=0.5).check()
     with pytest.raises(UsageError, match="^--rollback-every .*--max-rollbacks"):
-        settings(max_rollbacks=0, rollback_every=10).check()
+        check_needs(settings(max_rollbacks=0, rollback_every=10), {"rollback_every"})
     assert not settings(max_rollbacks=0).active and settings(max_rollbacks=0, skip_batches=((0, 1),)).active
 
 

@@ -578,3 +578,23 @@ def test_save_checkpoint_writes_and_every_rank_joins_the_check(tmp_path, monkeyp
     assert reported == [False] and run.last_saved_step == 3
     checkpoint = load(str(tmp_path / "checkpoints" / "0000003.pt"))
     assert checkpoint["train_steps"] == 3 and checkpoint["args"] == {"model": "SiT-S/2"}
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--phema-every", "5"], ["--phema-every", "--phema-stds"]),
+    (["--rollback-every", "5"], ["--rollback-every", "--max-rollbacks"]),
+    (["--fid-steps", "5", "--fid-cfg-scale", "2"], ["--fid-steps", "--fid-cfg-scale", "--fid-every"]),
+    (["--repa-coeff", "0.1"], ["--repa-coeff", "--repa-encoder"]),
+])
+def test_a_flag_that_would_do_nothing_without_another_is_refused(flags, named, tmp_path):
+    """Decided from the settings' declarations (sit.declarations.Needs): one line naming every such flag
+    given and the one it needs, before anything is made."""
+    import train
+    from conftest import assert_names
+
+    data = make_image_folder(str(tmp_path / "data"), num_classes=2, per_class=1, size=16)
+    with pytest.raises(UsageError) as error:
+        train.main(["--data-path", data, "--vae", "none", "--image-size", "16", "--num-classes", "2",
+                    "--results-dir", str(tmp_path / "results"), *flags])
+    assert_names(str(error.value), *named)
+    assert not os.path.exists(tmp_path / "results")

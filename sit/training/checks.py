@@ -29,11 +29,6 @@ from sit.metrics.reference import STATISTICS_KEYS, stats_cache_path
 from sit.training.settings import TrainConfig
 from sit.vae import VAE_REPOS, is_pixel_space
 
-# --fid-every's companions: destination -> flag
-FID_COMPANIONS = {"fid_num_samples": "--fid-num-samples", "fid_ref": "--fid-ref", "fid_steps": "--fid-steps",
-                  "fid_cfg_scale": "--fid-cfg-scale", "fid_inception_weights": "--fid-inception-weights"}
-
-
 def check_checkpoint_settings(config: TrainConfig, resolved: Resolved, world_size: int) -> None:
     """UsageError for a resumed checkpoint's own setting that cannot work here, said as the checkpoint's
     (not as a flag the user never gave), with the flag that overrides it."""
@@ -67,11 +62,6 @@ def unused_setting_warnings(config: TrainConfig, explicit: AbstractSet[str], res
                              f"--loss-weight, or pass --prediction score or noise")
         warnings.append(f"the checkpoint's loss_weight {transport.loss_weight} is not applied: a velocity model's "
                         f"loss is never weighted (as in the original run that wrote it)")
-    if config.fid.fid_every is None:
-        given = [flag for key, flag in FID_COMPANIONS.items() if key in explicit]
-        if given:
-            raise UsageError(f"{given[0]} is read only with --fid-every N (FID while training): add --fid-every "
-                             f"or drop {', '.join(given)}")
     max_steps = config.optim.max_steps
     for key, flag, what in (("fid_every", "--fid-every", "FID is never measured"),
                             ("sample_every", "--sample-every", "no preview grid is made")):

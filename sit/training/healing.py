@@ -31,7 +31,7 @@ import torch
 
 from sit.checkpoint import TrainCheckpoint
 from sit.cli import non_negative_int, positive_float, positive_int
-from sit.declarations import declare
+from sit.declarations import Needs, declare
 from sit.errors import UsageError
 from sit.training.extensions import ExtensionContext, Feature, LoopExtension
 from sit.training.monitor import TrainingDiverged
@@ -66,7 +66,8 @@ class HealingSettings:
               f"(default: only non-finite losses)", type=positive_float)
     rollback_every: Optional[int] = declare(
         None, "steps between rollback points kept in CPU memory (default: --ckpt-every; there is one at every "
-              "checkpoint too)", type=positive_int)
+              "checkpoint too)", type=positive_int,
+        needs=Needs("--max-rollbacks N", lambda settings: settings.max_rollbacks > 0))
     skip_batches: Optional[tuple[BatchPosition, ...]] = declare(
         None, "EPOCH:BATCH,... batches to skip from the start, e.g. those a healed run skipped", type=batch_positions)
 
@@ -78,8 +79,6 @@ class HealingSettings:
         """UsageError (one line naming the flag) for settings that cannot work."""
         if self.spike_factor is not None and self.spike_factor <= 1.0:
             raise UsageError(f"--spike-factor must be above 1 (a factor of the median loss), got {self.spike_factor}")
-        if self.rollback_every is not None and self.max_rollbacks == 0:
-            raise UsageError("--rollback-every keeps rollback points for --max-rollbacks: pass --max-rollbacks N too")
         if self.active and config is not None and config.optim.sharding == "fsdp":
             # its in-memory copies hold whole tensors; FSDP2 ranks hold shards
             raise UsageError("self-healing (--max-rollbacks, --spike-factor, --skip-batches) works with --sharding "

@@ -29,7 +29,7 @@ import torch
 
 from sit.cli import positive_int
 from sit.config import FREE, Rule, Setting
-from sit.declarations import declare
+from sit.declarations import Needs, declare
 from sit.errors import UsageError
 from sit.files import atomic_torch_save
 from sit.training.extensions import ExtensionContext, Feature, LoopExtension
@@ -95,7 +95,8 @@ class PhemaSettings:
               "snapshots to <experiment>/phema/<step>.pt (default: off)", type=std_list,
         resume=Setting(Rule.LOCKED, conflict=PHEMA_CONFLICT, same=lambda given, held: tuple(given or ()) == tuple(held or ())))
     phema_every: int = declare(DEFAULT_PHEMA_EVERY, "steps between post-hoc EMA snapshots (and one at the end of the run)",
-                               type=positive_int, resume=FREE)
+                               type=positive_int, resume=FREE,
+                               needs=Needs("--phema-stds", lambda settings: settings.phema_stds is not None))
 
     def __post_init__(self):
         if self.phema_stds is not None:  # a checkpoint holds a list

@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import AbstractSet, Any, ClassVar, Optional, Sequence
+from typing import Any, ClassVar, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ from torch import nn
 
 from sit.cli import non_negative_float, positive_int
 from sit.config import LOCKED, RUN_CHANGE, Rule, Setting
-from sit.declarations import declare, declared_fields, flag_name
+from sit.declarations import Needs, declare
 from sit.distributed import agree
 from sit.encoders import VisionEncoder, canonical_encoder_name, describe_encoder, load_encoder
 from sit.errors import UsageError
@@ -36,6 +36,7 @@ ALIGN_LOSS = "Align Loss"  # its name in log.txt (and "align loss" in wandb)
 REPA_CONFLICT = ("{flag} {given} but {source} was trained with {flag} {held}; alignment cannot be switched on or "
                  "off in a resumed run: start a new experiment")
 REPA_WARNING = "{flag} {given} replaces the checkpoint's {held}: the projector was trained against the other encoder"
+ALIGNING = Needs("--repa-encoder", lambda settings: settings.enabled)
 
 
 @dataclass(frozen=True)
@@ -47,9 +48,12 @@ class RepaSettings:
               "dinov2_vitb14[_reg], a timm ViT name, or a local weights file/timm folder (default: off)",
         canonical=canonical_encoder_name, resume=Setting(Rule.WARN, conflict=REPA_CONFLICT, warning=REPA_WARNING,
                        incompatible=lambda given, held: (given is None) != (held is None)))
-    repa_depth: int = declare(8, "the block (1-based) whose tokens are aligned", type=positive_int, resume=LOCKED)
-    repa_coeff: float = declare(0.5, "weight of the alignment loss", type=non_negative_float, resume=RUN_CHANGE)
-    repa_projector_dim: int = declare(2048, "hidden width of the projector MLP", type=positive_int, resume=LOCKED)
+    repa_depth: int = declare(8, "the block (1-based) whose tokens are aligned", type=positive_int, resume=LOCKED,
+                              needs=ALIGNING)
+    repa_coeff: float = declare(0.5, "weight of the alignment loss", type=non_negative_float, resume=RUN_CHANGE,
+                                needs=ALIGNING)
+    repa_projector_dim: int = declare(2048, "hidden width of the projector MLP", type=positive_int, resume=LOCKED,
+                                      needs=ALIGNING)
 
     @property
     def enabled(self) -> bool:
@@ -59,12 +63,6 @@ class RepaSettings:
     def token_encoder(self) -> Optional[str]:
         """The encoder whose tokens cached latents must hold (--feature-path), or None."""
         return self.repa_encoder
-
-    def check_flags(self, explicit: AbstractSet[str]) -> None:
-        """UsageError naming a REPA flag given without --repa-encoder."""
-        for field in declared_fields(RepaSettings)[1:]:
-            if not self.enabled and field.name in explicit:
-                raise UsageError(f"{flag_name(field.name)} needs --repa-encoder (representation alignment is off)")
 
     def check(self, config: Any) -> None:
         """UsageError (one line naming the flag) for an encoder that cannot see these images, a block beyond

@@ -24,7 +24,7 @@ from models import MODEL_SHAPES, ModelConfig, SiT_models, has_null_class
 from sit.checkpoint import TRANSPORT_KEYS, model_config_problem, model_shape_name
 from sit.cli import add_speed_arguments, decay_rate, guidance_scale, non_negative_int, positive_float, positive_int
 from sit.config import FREE, LOCKED, RUN_CHANGE, Resolved, Rule, Setting, TransportConfig, resolve_settings
-from sit.declarations import add_flags, canonical_values, declare, flag_name, resume_rules
+from sit.declarations import Needs, add_flags, canonical_values, check_needs, declare, resume_rules
 from sit.distributed import launched_by_torchrun
 from sit.errors import UsageError
 from sit.training.registry import FEATURES, feature_settings
@@ -55,6 +55,8 @@ SAME_OVERRIDES = dataclasses.replace(LOCKED, same=lambda given, held: same_model
 VAE_RULE = Setting(Rule.WARN, conflict=VAE_CONFLICT, warning=VAE_WARNING,
                    incompatible=lambda given, held: is_pixel_space(given) != is_pixel_space(held))
 DATA_ORDER = Setting(Rule.WARN, warning=DATA_ORDER_WARNING)
+MEASURING_FID = Needs("--fid-every N (FID while training)", lambda settings: settings.fid_every is not None)
+LOGIT_NORMAL_TIMES = Needs(f"--time-sampling {LOGIT_NORMAL}", lambda settings: settings.time_sampling == LOGIT_NORMAL)
 
 
 @dataclass(frozen=True)
@@ -150,13 +152,14 @@ class FIDSettings:
     """FID while training (--fid-every None: never)."""
     TITLE: ClassVar[str] = "FID while training (evaluate.py's definitions)"
     fid_every: Optional[int] = declare(None, "measure FID every N steps (default: never)", type=positive_int)
-    fid_num_samples: int = declare(10_000, "EMA samples per measurement, over all ranks", type=positive_int)
+    fid_num_samples: int = declare(10_000, "EMA samples per measurement, over all ranks", type=positive_int,
+                                   needs=MEASURING_FID)
     fid_ref: Optional[str] = declare(None, "reference statistics: an ADM reference batch with mu/sigma, or the "
-                                           ".stats.npz evaluate.py caches")
-    fid_steps: int = declare(50, "Euler ODE steps of the FID samples", type=positive_int)
-    fid_cfg_scale: float = declare(1.0, "guidance of the FID samples, >= 1", type=guidance_scale)
+                                           ".stats.npz evaluate.py caches", needs=MEASURING_FID)
+    fid_steps: int = declare(50, "Euler ODE steps of the FID samples", type=positive_int, needs=MEASURING_FID)
+    fid_cfg_scale: float = declare(1.0, "guidance of the FID samples, >= 1", type=guidance_scale, needs=MEASURING_FID)
     fid_inception_weights: Optional[str] = declare(None, "a local Inception weights file (default: downloaded once "
-                                                         "by torch-fidelity)")
+                                                         "by torch-fidelity)", needs=MEASURING_FID)
 
 
 @dataclass(frozen=True)
@@ -165,16 +168,12 @@ class TimeSettings:
     TITLE: ClassVar[str] = "time-step schedule of training (transport/schedules.py; t=0 noise, t=1 data)"
     time_sampling: str = declare("uniform", "how t is drawn: uniform (the original's) or logit-normal (SD3, "
                                             "LightningDiT)", choices=TIME_SAMPLINGS, resume=RUN_CHANGE)
-    time_mean: float = declare(0.0, "mean of the logit-normal's normal", type=float, resume=RUN_CHANGE)
-    time_std: float = declare(1.0, "std of the logit-normal's normal", type=positive_float, resume=RUN_CHANGE)
+    time_mean: float = declare(0.0, "mean of the logit-normal's normal", type=float, resume=RUN_CHANGE,
+                               needs=LOGIT_NORMAL_TIMES)
+    time_std: float = declare(1.0, "std of the logit-normal's normal", type=positive_float, resume=RUN_CHANGE,
+                              needs=LOGIT_NORMAL_TIMES)
     time_shift: Optional[float] = declare(None, "shift t -> t / (t + s (1 - t)); s > 1 draws more times near the "
                                                 "noise end (default: none)", type=positive_float, resume=RUN_CHANGE)
-
-    def check_flags(self, explicit: AbstractSet[str]) -> None:
-        """The logit-normal's flags without logit-normal sampling: UsageError naming the flag."""
-        for key in ("time_mean", "time_std"):
-            if key in explicit and self.time_sampling != LOGIT_NORMAL:
-                raise UsageError(f"{flag_name(key)} applies to --time-sampling {LOGIT_NORMAL}, not {self.time_sampling}")
 
     def schedule(self) -> Optional[TimeSchedule]:
         """The transport's time schedule; None for the original's uniform draw (unchanged numbers)."""
@@ -314,9 +313,9 @@ def resolve_train_settings(flags: Mapping[str, Any], explicit: AbstractSet[str],
     if features_vae and "vae" not in explicit and not is_pixel_space(values["vae"]):
         values["vae"] = features_vae  # pixels with features are refused by check_train_config
     config = TrainConfig.from_settings(values)
-    for settings in [config.time, *config.features.values()]:  # flags that mean something only beside another
-        if hasattr(settings, "check_flags"):
-            settings.check_flags(explicit)
+    for settings in [*(getattr(config, group) for group in GROUP_TYPES), *config.features.values()]:
+        if settings is not None and dataclasses.is_dataclass(settings):
+            check_needs(settings, explicit)  # flags that would do nothing without another
     return config, resolved
 
 
