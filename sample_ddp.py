@@ -3,34 +3,15 @@ log-likelihoods (--likelihood).
 
     torchrun --nnodes=1 --nproc_per_node=N sample_ddp.py ODE --model SiT-XL/2 --num-fid-samples 50000
     torchrun --nnodes=1 --nproc_per_node=N sample_ddp.py ODE --likelihood --data-path /path/to/imagenet/val
+    torchrun --nnodes=1 --nproc_per_node=N sample_ddp.py --preset sit-xl2-256-ode-cfg1.5   # --preset list
 
-Images go to <sample-dir>/<folder>/000000.png ..., where <folder> names every setting that changes
-the images, then into <sample-dir>/<folder>.npz (arr_0: uint8 (N, H, W, 3), the format of the ADM
-evaluation suite: https://github.com/openai/guided-diffusion/tree/main/evaluations; labels: (N,) int64,
-the class each image was conditioned on). --ckpt may name a train.py experiment folder (its newest
-checkpoint) or a results folder (its newest experiment's).
-
-Reproducible and resumable:
-- image i's noise and label come from a generator seeded by (global seed, i);
-- indices are cut into fixed blocks of --per-proc-batch-size, dealt to ranks in turn, and each block
-  is always sampled as one batch; the SDE's noise (drawn from the global RNG inside the sampler) is
-  seeded per block from the block's first index. So the images do not depend on the number of
-  processes. They may depend on the batch size (SDE noise, adaptive ODE step sizes are chosen per
-  batch), which is why the folder name includes it;
-- a block with any PNG missing is sampled again (only its missing PNGs are written); PNGs are
-  written to a temporary name and renamed, so a killed run leaves no half-written file and the
-  same command continues where it stopped.
-Works with NCCL on GPUs and with Gloo on CPU (torchrun), or as a plain single process.
-
-Beside <folder>.npz goes <folder>.json, the record of every setting that shaped the images
-(sit.sampling.batch_record): checkpoint and VAE files with their SHA-256, sampler, steps, model
-evaluations measured, guidance, precision, seeds, label draw, counts and package versions.
-evaluate.py checks it against the .npz and copies it into its --json output.
-
-Published evaluations as presets: `--preset list` shows them with their numbers and sources;
-`sample_ddp.py --preset NAME [flags]` fills their flags (the mode too; explicit flags win, with a warning):
-
-    torchrun --nnodes=1 --nproc_per_node=N sample_ddp.py --preset sit-xl2-256-ode-cfg1.5
+Images go to <sample-dir>/<folder>/000000.png ..., <folder> naming every setting that changes them, then
+into <sample-dir>/<folder>.npz (arr_0: uint8 (N, H, W, 3), ADM's evaluation format; labels: (N,) int64)
+and its record <folder>.json (sit.sampling.batch_record), which evaluate.py checks and copies. Image i's
+noise and label are seeded by (global seed, i) and fixed blocks of --per-proc-batch-size are dealt to
+ranks in turn, so the images do not depend on the number of processes (sit.sampling.images); a killed
+run leaves no half-written file and the same command continues it. NCCL on GPUs, Gloo on CPU, or a
+plain single process. --ckpt may name a train.py experiment or results folder (its newest checkpoint).
 """
 from __future__ import annotations
 
@@ -47,7 +28,7 @@ from sit.locks import folder_locks_released
 from sit.log import create_logger
 from sit.sampling.batch_record import build_record, claim_sample_folder, finish_sample_batch
 from sit.sampling.flags import add_likelihood_arguments, sampling_mode, sampling_parser
-from sit.sampling.folder import prepare_sample_folder, removed_if_left_empty
+from sit.sampling.folder import open_sample_folder, removed_if_left_empty
 from sit.sampling.images import sampled_labels, write_missing_images
 from sit.sampling.likelihood import evaluate_likelihood
 from sit.sampling.loading import load_for_sampling, setup_torch
@@ -95,8 +76,7 @@ def parse_command_line(argv: Optional[Sequence[str]] = None
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[argparse.Namespace, SamplingConfig]:
     """The flags and their SamplingConfig (see parse_command_line)."""
-    args, config, _ = parse_command_line(argv)
-    return args, config
+    return parse_command_line(argv)[:2]
 
 
 def run(ctx: DistContext, config: SamplingConfig, sample_dir: str, preset: Optional[PresetUse] = None) -> None:
@@ -115,7 +95,7 @@ def run(ctx: DistContext, config: SamplingConfig, sample_dir: str, preset: Optio
     # rank 0 first, so that a download happens once; a failure on any rank ends every rank with its message
     loaded = main_first(ctx, functools.partial(load_for_sampling, config, ctx.device, "ema"))
     sample_dir_existed = os.path.isdir(sample_dir)
-    folder = prepare_sample_folder(ctx, sample_dir, config, loaded.settings, logger)
+    folder = open_sample_folder(ctx, sample_dir, config, loaded.settings, logger)
     with removed_if_left_empty(ctx, folder, sample_dir_existed):  # a failed run leaves no empty folder
         if config.likelihood is not None:
             evaluate_likelihood(ctx, config, loaded, folder, logger)

@@ -10,15 +10,18 @@ The dataclasses hold what the library needs to build a transport and its samplin
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import enum
 import operator
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, ClassVar, Mapping, Optional
 
 from sit.errors import UsageError
 from transport import Sampler, Transport, create_transport
-from transport.integrators import is_adaptive
+from train_utils import parse_ode_args, parse_sde_args
+from transport.integrators import ADAPTIVE_METHODS, TOLERANCE_FREE_METHODS, is_adaptive
 from transport.schedules import TimeSchedule
 
 
@@ -148,8 +151,61 @@ TRANSPORT_SETTINGS = {
 }
 
 
+FLAG_OF_FIELD = {"num_steps": "num_sampling_steps"}  # a sampler field's flag destination where the names differ
+COMMON_FIELDS = ("sampling_method", "num_steps", "time_shift")  # every family's; the record and folder name them apart
+
+
+class SamplerFamily:
+    """A sampler family of the sampling scripts: a frozen dataclass of its settings, which include
+    `sampling_method`, `num_steps` and `time_shift` (None: uniform steps); registered by its `mode`
+    in sit.sampling.families.SAMPLER_FAMILIES (docs/ARCHITECTURE.md, "Add a sampler").
+
+    mode: the scripts' first argument; title: the mode in their help; add_flags: its flag group;
+    supports_likelihood: sample_ddp.py --likelihood integrates it (then it has likelihood_fn).
+    """
+    mode: ClassVar[str]
+    title: ClassVar[str]
+    add_flags: ClassVar[Callable[[argparse.ArgumentParser], None]]
+    supports_likelihood: ClassVar[bool] = False
+
+    @classmethod
+    def from_flags(cls, flags: Mapping[str, Any]) -> "SamplerFamily":
+        """The settings of parsed flags (e.g. vars(args)): each field from the flag of its name
+        (num_steps: --num-sampling-steps); a field whose flag the script lacks keeps its default."""
+        values = {item.name: flags[FLAG_OF_FIELD.get(item.name, item.name)] for item in dataclasses.fields(cls)
+                  if FLAG_OF_FIELD.get(item.name, item.name) in flags}
+        return cls(**values)
+
+    def sample_fn(self, sampler: Sampler, keep_trajectory: bool = False) -> Callable:
+        """The sampling function fn(x, model, **kwargs) (a transport.SampleFunction: it counts `nfe`)."""
+
+    def describe(self) -> str:
+        """The sampler in words, for the log."""
+
+    def evaluations(self, nfe: int) -> str:
+        """The model evaluations a run made, e.g. `Euler, 250 steps: 250 model evaluations`."""
+        return f"{self.sampling_method}, {self.num_steps} steps: {nfe} model evaluations"
+
+    def own_settings(self) -> dict[str, Any]:
+        """The family's own fields (all but COMMON_FIELDS), by name."""
+        return {key: value for key, value in dataclasses.asdict(self).items() if key not in COMMON_FIELDS}
+
+    def folder_parts(self) -> list[str]:
+        """Its part of sample_ddp.py's folder name after the common ones: `<field>-<value>` of its own fields."""
+        return [f"{key}-{value}" for key, value in self.own_settings().items()]
+
+    def record_settings(self) -> dict[str, Any]:
+        """Its fields in the record's sampler_settings: its own, and time_shift when given."""
+        shift = {} if self.time_shift is None else {"time_shift": self.time_shift}
+        return {**self.own_settings(), **shift}
+
+    def unused_flags(self, given: frozenset[str], likelihood: bool) -> list[str]:
+        """One line per flag of the family given that this run will not read."""
+        return []
+
+
 @dataclass(frozen=True)
-class ODEConfig:
+class ODEConfig(SamplerFamily):
     """The probability-flow ODE sampler (the original's ODE flags)."""
     sampling_method: str = "dopri5"
     num_steps: int = 250
@@ -159,19 +215,39 @@ class ODEConfig:
     time_shift: Optional[float] = None  # --time-shift: shifted fixed-step grid (transport.schedules); None: uniform
 
     mode = "ODE"
+    title = "ODE (probability flow)"
+    add_flags = staticmethod(parse_ode_args)
+    supports_likelihood = True
 
     def describe(self) -> str:
-        """The sampler in words, e.g. `ODE dopri5 (adaptive steps, atol 1e-06, rtol 0.001)`, `ODE euler, 50 steps`."""
+        """E.g. `ODE dopri5 (adaptive steps, atol 1e-06, rtol 0.001)`, `ODE euler, 50 steps`."""
         if is_adaptive(self.sampling_method):
             return f"ODE {self.sampling_method} (adaptive steps, atol {self.atol:g}, rtol {self.rtol:g})"
         shift = f" (time shift {self.time_shift:g})" if self.time_shift is not None else ""
         return f"ODE {self.sampling_method}, {self.num_steps} steps{shift}"
 
     def evaluations(self, nfe: int) -> str:
-        """The model evaluations a run made, e.g. `dopri5: adaptive, 62 model evaluations`."""
         if is_adaptive(self.sampling_method):
             return f"{self.sampling_method}: adaptive, {nfe} model evaluations"
-        return f"{self.sampling_method}, {self.num_steps} steps: {nfe} model evaluations"
+        return super().evaluations(nfe)
+
+    def folder_parts(self) -> list[str]:
+        return [f"atol-{self.atol}", f"rtol-{self.rtol}"] + (["reverse"] if self.reverse else [])
+
+    def unused_flags(self, given: frozenset[str], likelihood: bool) -> list[str]:
+        method, warnings = self.sampling_method, []
+        if method in TOLERANCE_FREE_METHODS:
+            warnings += [f"--{flag} is not used: --sampling-method {method} takes fixed steps (--num-sampling-steps); "
+                         f"tolerances apply to adaptive solvers such as dopri5" for flag in ("atol", "rtol")
+                         if flag in given]
+        if method in ADAPTIVE_METHODS and "num_sampling_steps" in given:
+            warnings.append(f"--num-sampling-steps {self.num_steps} does not change what {method} computes: an "
+                            f"adaptive solver chooses its own steps by --atol and --rtol")
+        if self.reverse:
+            warnings.append("--reverse is not used: --likelihood always integrates from the data to noise" if likelihood
+                            else "--reverse integrates from data (t=1) back to noise (t=0): started from noise, as "
+                                 "here, it does not sample the model's images")
+        return warnings
 
     def sample_fn(self, sampler: Sampler, keep_trajectory: bool = False) -> Callable:
         return sampler.sample_ode(sampling_method=self.sampling_method, num_steps=self.num_steps, atol=self.atol,
@@ -188,7 +264,7 @@ class ODEConfig:
 
 
 @dataclass(frozen=True)
-class SDEConfig:
+class SDEConfig(SamplerFamily):
     """The reverse SDE sampler (the original's SDE flags)."""
     sampling_method: str = "Euler"
     num_steps: int = 250
@@ -199,16 +275,23 @@ class SDEConfig:
     time_shift: Optional[float] = None  # --time-shift: shifted step grid (transport.schedules); None: uniform
 
     mode = "SDE"
+    title = "SDE"
+    add_flags = staticmethod(parse_sde_args)
 
     def describe(self) -> str:
-        """The sampler in words, e.g. `SDE Euler, 250 steps (diffusion sigma x1, last step Mean)`."""
+        """E.g. `SDE Euler, 250 steps (diffusion sigma x1, last step Mean)`."""
         shift = f", time shift {self.time_shift:g}" if self.time_shift is not None else ""
         return (f"SDE {self.sampling_method}, {self.num_steps} steps (diffusion {self.diffusion_form} "
                 f"x{self.diffusion_norm:g}, last step {self.last_step}{shift})")
 
-    def evaluations(self, nfe: int) -> str:
-        """The model evaluations a run made, e.g. `Euler, 250 steps: 250 model evaluations`."""
-        return f"{self.sampling_method}, {self.num_steps} steps: {nfe} model evaluations"
+    def folder_parts(self) -> list[str]:
+        return [self.diffusion_form, f"norm-{self.diffusion_norm}", f"last-{self.last_step}",
+                f"lastsize-{self.last_step_size}"]
+
+    def unused_flags(self, given: frozenset[str], likelihood: bool) -> list[str]:
+        if self.last_step is None and "last_step_size" in given:
+            return ["--last-step-size is not used: --last-step None takes no last step"]
+        return []
 
     def sample_fn(self, sampler: Sampler, keep_trajectory: bool = False) -> Callable:
         return sampler.sample_sde(sampling_method=self.sampling_method, diffusion_form=self.diffusion_form,
@@ -217,25 +300,14 @@ class SDEConfig:
                                   keep_trajectory=keep_trajectory, time_shift=self.time_shift)
 
 
-SamplerConfig = Union[ODEConfig, SDEConfig]
-# The scripts' mode argument -> its sampler configuration; drives the argparse choices and the dispatch.
-SAMPLING_MODES = {"ODE": ODEConfig, "SDE": SDEConfig}
+def sampler_config_from_flags(mode: str, flags: Mapping[str, Any]) -> SamplerFamily:
+    """The settings of sampler family `mode` (a key of SAMPLER_FAMILIES) from its flags (e.g. vars(args))."""
+    from sit.sampling.families import family  # the table imports this module's families
+
+    return family(mode).from_flags(flags)
 
 
-def sampler_config_from_flags(mode: str, flags: Mapping[str, Any]) -> SamplerConfig:
-    """The sampler configuration of the ODE or SDE flag group (argparse destinations, e.g. vars(args));
-    `time_shift` (--time-shift) is optional: None when the script has no such flag."""
-    if mode not in SAMPLING_MODES:
-        raise UsageError(f"unknown sampling mode {mode!r}; choose one of {', '.join(SAMPLING_MODES)}")
-    if mode == "ODE":
-        return ODEConfig(flags["sampling_method"], flags["num_sampling_steps"], flags["atol"], flags["rtol"],
-                         flags["reverse"], time_shift=flags.get("time_shift"))
-    return SDEConfig(flags["sampling_method"], flags["num_sampling_steps"], flags["diffusion_form"],
-                     flags["diffusion_norm"], flags["last_step"], flags["last_step_size"],
-                     time_shift=flags.get("time_shift"))
-
-
-def build_sample_fn(transport: TransportConfig, sampler: SamplerConfig, keep_trajectory: bool = False) -> Callable:
+def build_sample_fn(transport: TransportConfig, sampler: SamplerFamily, keep_trajectory: bool = False) -> Callable:
     """The sampling function fn(x, model, **kwargs) of a transport and sampler; UsageError when they do not fit."""
     try:
         return sampler.sample_fn(Sampler(transport.build()), keep_trajectory)

@@ -1,14 +1,7 @@
-"""Generating images from a SiT: per-index seeds, the guided model call, and an iterator over index
-blocks that sample_ddp.py and FID-during-training share.
-
-Image i's noise and label come from a generator seeded by (global seed, i), so images do not depend
-on the number of processes; a block's SDE noise is seeded from its first index (and drawn on forked
-RNGs, so the caller's random streams, e.g. training's, are left as they were).
-
-With `stop_on_non_finite`, a sampler whose model outputs turn NaN/Inf stops with RunFailure naming
-the model evaluation (the sampler's step) and its t. The watch costs one isfinite reduction per model
-call, kept on the device (no synchronisation), and one synchronisation per block of images
-(NonFiniteWatch.failure).
+"""Generating images from a SiT: per-index seeds (image i's noise and label from (global seed, i), a
+block's SDE noise from its first index, on forked RNGs), the guided model call, and an iterator over
+index blocks that sample_ddp.py and FID-during-training share; `stop_on_non_finite` names the step
+where samples turned NaN/Inf (NonFiniteWatch: one synchronisation per block).
 """
 from __future__ import annotations
 
@@ -27,22 +20,16 @@ SEED_STREAMS = {"image": 0, "sde": 1, "likelihood": 2, "dequantize": 3}
 
 
 def seed_for(global_seed: int, index: int, stream: str) -> int:
-    """A 63-bit seed for one image index (or block start) and one use (a key of SEED_STREAMS).
-
-    Distinct (seed, index, stream) triples give unrelated generators, so the noise of image i never
-    equals the SDE noise of a block that starts at i.
-    """
+    """A 63-bit seed for one image index (or block start) and one use (a key of SEED_STREAMS): distinct
+    (seed, index, stream) triples give unrelated generators."""
     state = np.random.SeedSequence([global_seed, index, SEED_STREAMS[stream]]).generate_state(2, dtype=np.uint32)
     return int((int(state[0]) << 32 | int(state[1])) >> 1)
 
 
 def noise_and_labels(indices: Sequence[int], global_seed: int, shape: tuple[int, int, int],
                      num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each image's own noise (C, L, L) and label, from a CPU generator seeded by (global_seed, index).
-
-    Returns z: (N, C, L, L) and y: (N,) int64 on the CPU; identical whatever the batch, process
-    count or device.
-    """
+    """Each image's own noise and label from a CPU generator seeded by (global_seed, index): z (N, C, L, L)
+    and y (N,) int64 on the CPU, identical whatever the batch, process count or device."""
     noises, labels = [], []
     for index in indices:
         generator = torch.Generator().manual_seed(seed_for(global_seed, index, "image"))
@@ -68,9 +55,7 @@ class ObservedSampleFunction:
     def __init__(self, sample_fn: Callable, on_evaluation: Callable[[torch.Tensor], None]):
         self.sample_fn, self.on_evaluation = sample_fn, on_evaluation
 
-    @property
-    def nfe(self) -> int:
-        return self.sample_fn.nfe
+    nfe = property(lambda self: self.sample_fn.nfe)
 
     def __call__(self, x: torch.Tensor, model_fn: Callable, **kwargs: Any) -> Any:
         def evaluate(x_t: torch.Tensor, t: torch.Tensor, **model_kwargs: Any) -> Any:
@@ -86,14 +71,11 @@ def guided_sample(sample_fn: Callable, model: Any, z: torch.Tensor, y: torch.Ten
     """Run the sampler from noise z: (N, C, L, L) with labels y: (N,); returns the samples (N, C, L, L).
 
     With guidance.scale > 1 (the original sample_ddp.py's rule), or always with `always_guide` (the
-    original sample.py's, even at scale 1): z is doubled, the second half gets the null label
-    (num_classes), and model.forward_with_cfg combines the two halves. The doubled batch draws other
-    SDE noise than the plain one, hence the two rules. An autoguided model (sit.guidance) guides
-    itself inside each call: its batch stays z as it is.
+    original sample.py's, even at scale 1; its doubled batch draws other SDE noise): z is doubled, the
+    second half gets the null label (num_classes), and model.forward_with_cfg combines the halves. An
+    autoguided model (sit.guidance) guides itself inside each call, on z as it is.
     """
-    if getattr(model, "guides_itself", False):
-        return sample_fn(z, model.forward, y=y)[-1]
-    if guidance.scale > 1.0 or always_guide:
+    if (guidance.scale > 1.0 or always_guide) and not getattr(model, "guides_itself", False):
         null_labels = torch.full_like(y, model.num_classes)
         z_in = torch.cat([z, z], dim=0)            # (2N, C, L, L)
         y_in = torch.cat([y, null_labels], dim=0)  # (2N,)
@@ -109,8 +91,7 @@ class NonFiniteWatch:
     evaluation whose output holds NaN or Inf and the t it was called at (everything else is the model's)."""
 
     def __init__(self, model: Any):
-        self.model = model
-        self.calls = 0
+        self.model, self.calls = model, 0
         self.first_bad: Any = None  # (evaluation number, t) as device tensors once called; number 0: none yet
 
     def __getattr__(self, name: str) -> Any:
@@ -120,22 +101,15 @@ class NonFiniteWatch:
         def call(x: torch.Tensor, t: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
             output = function(x, t, *args, **kwargs)
             self.calls += 1
-            bad = ~torch.isfinite(output).all()
-            number, at = self.first_bad if self.first_bad is not None else (torch.zeros((), device=output.device,
-                                                                                        dtype=torch.long),
-                                                                            torch.zeros((), device=output.device))
-            new = bad & (number == 0)
+            zero = torch.zeros((), device=output.device)
+            number, at = self.first_bad if self.first_bad is not None else (zero.long(), zero)
+            new = ~torch.isfinite(output).all() & (number == 0)
             self.first_bad = (torch.where(new, self.calls, number), torch.where(new, t.reshape(-1)[0].float(), at))
             return output
         return call
 
-    @property
-    def forward(self) -> Callable:
-        return self.watched(self.model.forward)
-
-    @property
-    def forward_with_cfg(self) -> Callable:
-        return self.watched(self.model.forward_with_cfg)
+    forward = property(lambda self: self.watched(self.model.forward))
+    forward_with_cfg = property(lambda self: self.watched(self.model.forward_with_cfg))
 
     def failure(self, latents: Optional[torch.Tensor]) -> Optional[RunFailure]:
         """The RunFailure to raise when a model output or the final latents (N, C, L, L) were not finite, else None.
@@ -198,12 +172,9 @@ class GeneratedBlock:
 def generate_blocks(blocks: Iterable[range], model: Any, vae: Any, sample_fn: Callable, *, global_seed: int,
                     num_classes: int, guidance: GuidanceConfig, precision: str,
                     device: torch.device, stop_on_non_finite: bool = False) -> Iterator[GeneratedBlock]:
-    """Sample and decode each block of indices as one batch (vae None: a pixel-space model).
-
-    Each image's noise and label come from noise_and_labels; the block's SDE noise from a seed of its
-    first index, drawn on forked RNGs (the caller's streams are left untouched). stop_on_non_finite:
-    RunFailure naming the block, the step and t where the samples stopped being finite.
-    """
+    """Sample and decode each block of indices as one batch (vae None: a pixel-space model): noise and
+    labels of noise_and_labels, the SDE noise seeded by the block's first index on forked RNGs.
+    stop_on_non_finite: RunFailure naming the block, the step and t where the samples stopped being finite."""
     shape = latent_shape(model.config)
     forked = [device] if device.type == "cuda" else []
     for block in blocks:

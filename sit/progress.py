@@ -23,10 +23,8 @@ READ_INTERVAL_S = 0.5  # seconds between two reads of a sampler's t held on its 
 def format_duration(seconds: float) -> str:
     """A short duration: 42s, 3m05s, 2h07m."""
     seconds = int(round(max(seconds, 0.0)))
-    if seconds < 60:
-        return f"{seconds}s"
     if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
+        return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
@@ -44,12 +42,10 @@ class Progress:
         self.desc, self.total, self.unit = desc, total, unit
         self.enabled, self.interval, self.clock = enabled, interval, clock
         self.stream = stream if stream is not None else sys.stderr
-        self.n = self.initial = initial
-        self.postfix = ""
+        self.n, self.initial, self.postfix = initial, initial, ""
         self.start = self.last_line = clock()
-        self.bar = None
-        if enabled and self.stream.isatty():
-            self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, file=self.stream, dynamic_ncols=True)
+        self.bar = (tqdm(total=total, initial=initial, desc=desc, unit=unit, file=self.stream, dynamic_ncols=True)
+                    if enabled and self.stream.isatty() else None)
 
     def update_to(self, n: float, **postfix: object) -> None:
         """Progress is now n (and these key=value notes); shows it when due."""
@@ -60,10 +56,8 @@ class Progress:
             self.bar.update(n - self.bar.n)
             if postfix:
                 self.bar.set_postfix_str(self.postfix, refresh=False)
-            self.n = n
-            return
         self.n = n
-        if self.clock() - self.last_line >= self.interval:
+        if self.bar is None and self.clock() - self.last_line >= self.interval:
             self.write_line()
 
     def line(self) -> str:
@@ -108,10 +102,7 @@ class SamplerProgress:
 
     def __init__(self, reverse: bool = False, **progress_options: object):
         self.progress = Progress("sampling", 1.0, "t", **progress_options)
-        self.reverse = reverse
-        self.evaluations = 0
-        self.position = 0.0
-        self.last_read = -float("inf")
+        self.reverse, self.evaluations, self.position, self.last_read = reverse, 0, 0.0, -float("inf")
 
     def __call__(self, t: Union[float, "torch.Tensor"]) -> None:
         """One model evaluation at t: a number, or a 0-dim tensor on the sampler's device, read (a

@@ -1,12 +1,8 @@
 """The record beside a sample batch: every setting that shaped its images, so a number can be traced and repeated.
 
-`samples/<folder>.npz` gets `samples/<folder>.json`:
-
-    {"format": "sit-sample-record", "version": 1, "checkpoint": ..., "checkpoint_sha256": ..., ...}
-
-with the fields of `SampleRecord`. sample_ddp.py writes it (`write_record`) after the .npz; evaluate.py
-reads it (`record_beside`), refuses one that disagrees with the .npz (image count or shape), and copies
-it into its --json output next to its own settings. Package versions come from `package_versions`.
+`samples/<folder>.npz` gets `samples/<folder>.json`, {"format": "sit-sample-record", "version": 1, ...} with
+the fields of `SampleRecord`: sample_ddp.py writes it after the .npz; evaluate.py reads it (`record_beside`),
+refuses one that disagrees with the .npz (image count or shape) and copies it into its --json output.
 """
 from __future__ import annotations
 
@@ -81,11 +77,10 @@ class SampleRecord:
         if data.get("version") != RECORD_VERSION:
             raise RecordError(f"{source} is a sample record of version {data.get('version')!r}; "
                               f"this code reads version {RECORD_VERSION}")
-        names = [item.name for item in dataclasses.fields(cls)]
         fields = {key: value for key, value in data.items() if key not in ("format", "version")}
-        optional = {item.name for item in dataclasses.fields(cls)
-                    if item.default is not dataclasses.MISSING or item.default_factory is not dataclasses.MISSING}
-        missing = [name for name in names if name not in fields and name not in optional]
+        names = [item.name for item in dataclasses.fields(cls)]
+        missing = [item.name for item in dataclasses.fields(cls) if item.name not in fields
+                   and item.default is dataclasses.MISSING and item.default_factory is dataclasses.MISSING]
         unknown = sorted(set(fields) - set(names))
         if missing or unknown:
             problem = f"lacks {', '.join(missing)}" if missing else f"has unknown fields {', '.join(unknown)}"
@@ -95,10 +90,8 @@ class SampleRecord:
             raise RecordError(f"{source}: image_shape must be [H, W, 3], got {shape!r}")
         if not isinstance(fields["num_images"], int) or fields["num_images"] < 0:
             raise RecordError(f"{source}: num_images must be a count, got {fields['num_images']!r}")
-        fields["image_shape"] = tuple(shape)
-        if fields.get("guidance_interval") is not None:
-            fields["guidance_interval"] = tuple(fields["guidance_interval"])
-        return cls(**fields)
+        interval = fields.get("guidance_interval")
+        return cls(**{**fields, "image_shape": tuple(shape), "guidance_interval": interval and tuple(interval)})
 
     def check_against(self, num_images: int, image_shape: tuple[int, ...], source: str, npz_path: str) -> None:
         """RecordError (one line) unless the .npz holds the images the record describes."""
@@ -132,9 +125,8 @@ def package_versions() -> dict[str, str]:
 
 def write_record(npz_path: str, record: SampleRecord) -> str:
     """Write `record` beside the .npz (atomically); returns the record's path."""
-    path = record_path(npz_path)
-    atomic_json(path, record.to_dict())
-    return path
+    atomic_json(record_path(npz_path), record.to_dict())
+    return record_path(npz_path)
 
 
 def read_record(path: str) -> SampleRecord:

@@ -17,20 +17,17 @@ LOSS_WEIGHTS = {None: WeightType.NONE, "velocity": WeightType.VELOCITY, "likelih
 
 
 def _lookup(table: dict, value, what: str, argument: str):
-    if isinstance(value, enum_types(table)):
+    """The enum member a name (or the member itself) of table stands for; TypeError/ValueError naming argument."""
+    enum_type = type(next(iter(table.values())))
+    if isinstance(value, enum_type):
         return value
     if not isinstance(value, str) and not (value is None and None in table):
         raise TypeError(f"{argument} must be one of {', '.join(repr(name) for name in table)} (or a "
-                        f"{enum_types(table).__name__}), got {type(value).__name__} {value!r}")
-    if value == "None" and None in table:
-        value = None
+                        f"{enum_type.__name__}), got {type(value).__name__} {value!r}")
+    value = None if value == "None" and None in table else value
     if value not in table:
         raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(map(str, table))}")
     return table[value]
-
-
-def enum_types(table: dict) -> type:
-    return type(next(iter(table.values())))
 
 
 def default_eps(path_type: PathType, model_type: ModelType) -> tuple[float, float]:

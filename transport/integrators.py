@@ -48,20 +48,13 @@ class SDESolver:
 
     As the original, each step draws its Gaussian noise with `torch.randn` on the CPU generator and
     moves it to the state's device (_step_noise), so a seed gives the same samples on CPU and GPU.
+    sampler_type: one of SDE_METHODS (checked by Sampler.sample_sde, as t0 < t1).
     """
 
     def __init__(self, drift: Callable, diffusion: Callable, *, t0: float, t1: float, num_steps: int, sampler_type: str,
                  grid_transform: Optional[GridTransform] = None):
-        if not t0 < t1:
-            raise ValueError(f"the SDE sampler runs forward in time, got t0={t0} >= t1={t1}")
-        if sampler_type not in SDE_METHODS:
-            raise ValueError(f"unknown SDE sampling method {sampler_type!r}; choose one of {', '.join(SDE_METHODS)}")
-        self.t0, self.t1 = t0, t1
-        self.num_timesteps = num_steps
-        self.drift = drift
-        self.diffusion = diffusion
-        self.sampler_type = sampler_type
-        self.grid_transform = grid_transform
+        self.t0, self.t1, self.num_timesteps = t0, t1, num_steps
+        self.drift, self.diffusion, self.sampler_type, self.grid_transform = drift, diffusion, sampler_type, grid_transform
 
     def grid(self, dtype: th.dtype) -> th.Tensor:
         """The time grid (num_steps,) in the given dtype."""
@@ -69,24 +62,19 @@ class SDESolver:
         return grid if self.grid_transform is None else self.grid_transform(grid)
 
     def euler_maruyama_step(self, x, mean_x, t, dt, model, **model_kwargs):
-        w_cur = _step_noise(x)
+        dw = _step_noise(x) * th.sqrt(dt)
         t = _batch_times(t, x)
-        dw = w_cur * th.sqrt(dt)
         drift = self.drift(x, t, model, **model_kwargs)
         diffusion = self.diffusion(x, t)
         mean_x = x + drift * dt
-        x = mean_x + th.sqrt(2 * diffusion) * dw
-        return x, mean_x
+        return mean_x + th.sqrt(2 * diffusion) * dw, mean_x
 
     def heun_step(self, x, mean_x, t, dt, model, **model_kwargs):
-        w_cur = _step_noise(x)
-        dw = w_cur * th.sqrt(dt)
+        dw = _step_noise(x) * th.sqrt(dt)
         t_cur = _batch_times(t, x)
-        diffusion = self.diffusion(x, t_cur)
-        xhat = x + th.sqrt(2 * diffusion) * dw
+        xhat = x + th.sqrt(2 * self.diffusion(x, t_cur)) * dw
         k1 = self.drift(xhat, t_cur, model, **model_kwargs)
-        xp = xhat + dt * k1
-        k2 = self.drift(xp, t_cur + dt, model, **model_kwargs)
+        k2 = self.drift(xhat + dt * k1, t_cur + dt, model, **model_kwargs)
         return xhat + 0.5 * dt * (k1 + k2), xhat
 
     def sample(self, init: th.Tensor, model: Callable, keep_trajectory: bool = True, **model_kwargs) -> list:
@@ -101,10 +89,7 @@ class SDESolver:
         with th.no_grad():
             for index, ti in enumerate(grid[:-1]):
                 x, mean_x = step(x, mean_x, ti, dt if steps is None else steps[index], model, **model_kwargs)
-                if keep_trajectory or not samples:
-                    samples.append(x)
-                else:
-                    samples[-1] = x
+                samples = samples + [x] if keep_trajectory else [x]
         return samples
 
 
@@ -115,17 +100,11 @@ class ODESolver:
                  stop_at_end: bool = False, grid_transform: Optional[GridTransform] = None):
         """stop_at_end: keep an adaptive solver from stepping past t1 (it would evaluate the drift
         beyond the interval and interpolate back); fixed-grid solvers never do. grid_transform: the
-        fixed-step grid's times (e.g. shifted), applied to the uniform grid."""
-        if sampler_type not in TORCHDIFFEQ_SOLVERS:
-            raise ValueError(f"unknown ODE sampling method {sampler_type!r}; choose one of {', '.join(ODE_METHODS)}")
-        self.drift = drift
-        self.t0, self.t1 = t0, t1
-        self.num_steps = num_steps
-        self.atol = atol
-        self.rtol = rtol
-        self.sampler_type = sampler_type
+        fixed-step grid's times (e.g. shifted), applied to the uniform grid. sampler_type: one of ODE_METHODS
+        (checked by the Sampler)."""
+        self.drift, self.t0, self.t1, self.num_steps, self.atol, self.rtol = drift, t0, t1, num_steps, atol, rtol
+        self.sampler_type, self.grid_transform = sampler_type, grid_transform
         self.stop_at_end = stop_at_end and is_adaptive(sampler_type)
-        self.grid_transform = grid_transform
 
     def sample(self, x: State, model: Callable, **model_kwargs) -> Union[th.Tensor, Sequence[th.Tensor]]:
         """Integrate from x (a tensor or a tuple of tensors). Returns odeint's output: the state at

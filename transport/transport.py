@@ -22,25 +22,9 @@ DEFAULT_SAMPLE_EPS = 1e-3
 VANISHING = 1e-12
 
 
-class ModelType(enum.Enum):
-    """Which quantity the model predicts."""
-    NOISE = enum.auto()     # the noise x0 (epsilon)
-    SCORE = enum.auto()     # grad log p_t(x)
-    VELOCITY = enum.auto()  # dx_t/dt
-
-
-class PathType(enum.Enum):
-    """Which interpolant to use."""
-    LINEAR = enum.auto()
-    GVP = enum.auto()
-    VP = enum.auto()
-
-
-class WeightType(enum.Enum):
-    """How score and noise losses are weighted over time."""
-    NONE = enum.auto()
-    VELOCITY = enum.auto()
-    LIKELIHOOD = enum.auto()
+ModelType = enum.Enum("ModelType", "NOISE SCORE VELOCITY")  # the model predicts: the noise x0, grad log p_t(x), dx_t/dt
+PathType = enum.Enum("PathType", "LINEAR GVP VP")  # the interpolant
+WeightType = enum.Enum("WeightType", "NONE VELOCITY LIKELIHOOD")  # how score and noise losses are weighted over time
 
 
 PATH_PLANS = {PathType.LINEAR: path.ICPlan, PathType.GVP: path.GVPCPlan, PathType.VP: path.VPCPlan}
@@ -53,14 +37,9 @@ class Transport:
                  train_eps: float, sample_eps: float, sample_eps_is_default: bool = False,
                  time_schedule: Optional[TimeSchedule] = None):
         """time_schedule: how training draws t (None: uniform, the original's torch.rand)."""
-        self.time_schedule = time_schedule
-        self.loss_type = loss_type
-        self.model_type = model_type
-        self.path_type = path_type
+        self.time_schedule, self.loss_type, self.model_type, self.path_type = time_schedule, loss_type, model_type, path_type
         self.path_sampler = PATH_PLANS[path_type]()
-        self.train_eps = train_eps
-        self.sample_eps = sample_eps
-        self.sample_eps_is_default = sample_eps_is_default
+        self.train_eps, self.sample_eps, self.sample_eps_is_default = train_eps, sample_eps, sample_eps_is_default
 
     def prior_logp(self, z: th.Tensor) -> th.Tensor:
         """Log-density of a standard normal prior per sample. z: (N, ...) -> (N,)."""
@@ -128,9 +107,7 @@ class Transport:
         x0 = th.randn_like(x1)
         t0, t1 = self.check_interval(self.train_eps, self.sample_eps)
         unit = th.rand((x1.shape[0],)) if self.time_schedule is None else self.time_schedule.draw(x1.shape[0])
-        t = unit * (t1 - t0) + t0
-        t = t.to(x1)
-        return t, x0, x1
+        return (unit * (t1 - t0) + t0).to(x1), x0, x1
 
     def training_losses(self, model: Callable, x1: th.Tensor, model_kwargs: Optional[dict] = None) -> dict:
         """Per-sample loss of `model` on data x1: (N, ...).
@@ -138,11 +115,9 @@ class Transport:
         Returns {"loss": (N,), "pred": the model output (N, ...)}, and what the loss was computed
         from: "x_t" (the model's input), "t" (N,) and "target" (the path's velocity at x_t, t).
         """
-        if model_kwargs is None:
-            model_kwargs = {}
         t, x0, x1 = self.sample(x1)
         t, xt, ut = self.path_sampler.plan(t, x0, x1)
-        model_output = model(xt, t, **model_kwargs)
+        model_output = model(xt, t, **(model_kwargs or {}))
         if model_output.shape != xt.shape:
             raise ValueError(f"model output shape {tuple(model_output.shape)} differs from its input's {tuple(xt.shape)}")
         terms = {"pred": model_output, "x_t": xt, "t": t, "target": ut}
@@ -151,16 +126,10 @@ class Transport:
             return terms
         _, drift_var = self.path_sampler.compute_drift(xt, t)
         sigma_t, _ = self.path_sampler.compute_sigma_t(path.expand_t_like_x(t, xt))
-        if self.loss_type == WeightType.VELOCITY:
-            weight = (drift_var / sigma_t) ** 2
-        elif self.loss_type == WeightType.LIKELIHOOD:
-            weight = drift_var / (sigma_t ** 2)
-        else:
-            weight = 1
-        if self.model_type == ModelType.NOISE:
-            terms["loss"] = mean_flat(weight * ((model_output - x0) ** 2))
-        else:
-            terms["loss"] = mean_flat(weight * ((model_output * sigma_t + x0) ** 2))
+        weight = {WeightType.VELOCITY: lambda: (drift_var / sigma_t) ** 2, WeightType.LIKELIHOOD:
+                  lambda: drift_var / (sigma_t ** 2), WeightType.NONE: lambda: 1}[self.loss_type]()
+        error = model_output - x0 if self.model_type == ModelType.NOISE else model_output * sigma_t + x0
+        terms["loss"] = mean_flat(weight * (error ** 2))
         return terms
 
     def model_output(self, x: th.Tensor, t: th.Tensor, model: Callable, **model_kwargs) -> th.Tensor:
@@ -190,43 +159,19 @@ class Transport:
 
     def get_drift(self) -> Callable:
         """The probability-flow ODE's velocity as a function (x, t, model, **model_kwargs)."""
-
-        def drift_fn(x, t, model, **model_kwargs):
-            return self.drift_from_output(self.model_output(x, t, model, **model_kwargs), x, t)
-
-        return drift_fn
+        return lambda x, t, model, **kwargs: self.drift_from_output(self.model_output(x, t, model, **kwargs), x, t)
 
     def get_score(self) -> Callable:
         """The score grad log p_t(x) as a function (x, t, model, **model_kwargs)."""
-
-        def score_fn(x, t, model, **model_kwargs):
-            return self.score_from_output(self.model_output(x, t, model, **model_kwargs), x, t)
-
-        return score_fn
+        return lambda x, t, model, **kwargs: self.score_from_output(self.model_output(x, t, model, **kwargs), x, t)
 
     def get_drift_and_score(self) -> Callable:
-        """Both, from one model call, as a function (x, t, model, **model_kwargs) -> (drift, score).
-
-        The original called the model once for each; the values are the same, the cost half.
-        """
-
+        """Both from one model call (the original called it once for each: same values, half the cost),
+        as a function (x, t, model, **model_kwargs) -> (drift, score)."""
         def drift_and_score_fn(x, t, model, **model_kwargs):
             output = self.model_output(x, t, model, **model_kwargs)
             return self.drift_from_output(output, x, t), self.score_from_output(output, x, t)
-
         return drift_and_score_fn
-
-
-class CountingModel:
-    """Wraps a model function and counts its calls (the number of function evaluations, NFE)."""
-
-    def __init__(self, model: Callable):
-        self.model = model
-        self.calls = 0
-
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        return self.model(*args, **kwargs)
 
 
 class SampleFunction:
@@ -241,10 +186,13 @@ class SampleFunction:
         self.nfe = 0
 
     def __call__(self, x, model, **model_kwargs):
-        counted = CountingModel(model)
-        result = self.run(x, counted, **model_kwargs)
-        self.nfe = counted.calls
-        return result
+        self.nfe = 0
+
+        def counted(*args, **kwargs):
+            self.nfe += 1
+            return model(*args, **kwargs)
+
+        return self.run(x, counted, **model_kwargs)
 
 
 class LikelihoodResult(tuple):
@@ -278,14 +226,11 @@ class Sampler:
             raise TypeError(f"Sampler(transport): transport must be a Transport (from create_transport), "
                             f"got {type(transport).__name__}")
         self.transport = transport
-        self.drift = self.transport.get_drift()
-        self.score = self.transport.get_score()
-        self.drift_and_score = self.transport.get_drift_and_score()
+        self.drift, self.score = transport.get_drift(), transport.get_score()
+        self.drift_and_score = transport.get_drift_and_score()
 
     def _sde_drift_and_diffusion(self, *, diffusion_form: str = "SBDM", diffusion_norm: float = 1.0):
         path_sampler = self.transport.path_sampler
-        if diffusion_form not in path.DIFFUSION_FORMS:
-            raise ValueError(f"unknown diffusion form {diffusion_form!r}; choose one of {', '.join(path.DIFFUSION_FORMS)}")
 
         def diffusion_fn(x, t):
             return path_sampler.compute_diffusion(x, t, form=diffusion_form, norm=diffusion_norm)
@@ -296,12 +241,6 @@ class Sampler:
             return drift + diffusion_fn(x, t) * score
 
         return sde_drift, diffusion_fn
-
-    def _last_step(self, sde_drift: Callable, *, last_step: Optional[str], last_step_size: float) -> Callable:
-        """The final step of the SDE sampler, from t1 to (about) 1: fn(x, t, model, **model_kwargs)."""
-        if last_step not in LAST_STEPS:
-            raise ValueError(f"unknown last step {last_step!r}; choose one of {', '.join(map(str, LAST_STEPS))}")
-        return functools.partial(LAST_STEPS[last_step], self, sde_drift, last_step_size)
 
     def sample_sde(self, *, sampling_method: str = "Euler", diffusion_form: str = "SBDM", diffusion_norm: float = 1.0,
                    last_step: Optional[str] = "Mean", last_step_size: float = 0.04, num_steps: int = 250,
@@ -343,17 +282,14 @@ class Sampler:
                              "path; pass --last-step Mean (or Tweedie, Euler) or a positive --sample-eps")
         solver = SDESolver(sde_drift, sde_diffusion, t0=t0, t1=t1, num_steps=num_steps, sampler_type=sampling_method,
                            grid_transform=_shifted_grid(time_shift, t0, t1))
-        last_step_fn = self._last_step(sde_drift, last_step=last_step, last_step_size=last_step_size)
+        last_step_fn = functools.partial(LAST_STEPS[last_step], self, sde_drift, last_step_size)  # from t1 to about 1
 
         def run(init, model, **model_kwargs):
             xs = solver.sample(init, model, keep_trajectory=keep_trajectory, **model_kwargs)
             ts = th.ones(init.size(0), dtype=init.dtype, device=init.device) * t1
             with th.no_grad():
                 x = last_step_fn(xs[-1], ts, model, **model_kwargs)
-            if keep_trajectory:
-                xs.append(x)
-                return xs
-            return [x]
+            return xs + [x] if keep_trajectory else [x]
 
         return SampleFunction(run)
 
@@ -495,10 +431,8 @@ def exact_divergence(drift: th.Tensor, x: th.Tensor, num_probes: int = 1) -> th.
     return total
 
 
-#################################################################################
-#                          Last steps of the SDE sampler                        #
-#################################################################################
-# Each takes the Sampler, the SDE drift and the step size, then the state x: (N, ...) at t: (N,).
+# The last steps of the SDE sampler: each takes the Sampler, the SDE drift and the step size, then the state
+# x: (N, ...) at t: (N,).
 
 def no_last_step(sampler: Sampler, sde_drift: Callable, step_size: float, x, t, model, **model_kwargs):
     return x
@@ -522,5 +456,5 @@ def euler_last_step(sampler: Sampler, sde_drift: Callable, step_size: float, x, 
     return x + sampler.drift(x, t, model, **model_kwargs) * step_size
 
 
-# --last-step choice -> the step; drives the argparse choices and Sampler._last_step alike.
+# --last-step choice -> the step; drives the argparse choices and Sampler.sample_sde alike.
 LAST_STEPS = {None: no_last_step, "Mean": mean_last_step, "Tweedie": tweedie_last_step, "Euler": euler_last_step}

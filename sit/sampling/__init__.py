@@ -1,5 +1,6 @@
 """What sample.py and sample_ddp.py stand on, one concern a module:
 
+- `families`: the sampler families (`SAMPLER_FAMILIES`: modes, flag groups, folder parts, record fields);
 - `flags`: their command line (the shared flags, the mode first, the likelihood options);
 - `settings`: `SamplingConfig` from the flags, `ModelSettings` from it and the checkpoint;
 - `presets`: published evaluations as `--preset` flag sets, merged into the flags before the config;

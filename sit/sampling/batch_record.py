@@ -1,20 +1,14 @@
 """sample_ddp.py's record beside `<folder>.npz` (a `sit.record.SampleRecord` in `<folder>.json`): every
 setting that shaped the images, the files they came from (by SHA-256) and the model evaluations measured.
 
-- `identify_sources` (rank 0, before sampling): the checkpoint's local file and its hash (the published
-  model's too) and a local VAE folder's hash; it refuses a folder whose earlier record says its images
-  came from other weights (the folder's name knows the checkpoint's path, not its content).
-- `claim_sample_folder` (rank 0, before sampling): identify_sources, then the folder's own record
-  `<folder>/settings.json` (every setting that shapes the images and the checkpoint's hash, written
-  before the first image): a rerun that differs in any of them is refused, so a folder never mixes
-  images of two models or two settings; and the free space for the images and the .npz is checked.
-- `summarise_nfe`: every rank's per-batch model evaluations (sit.distributed.gather_objects), summarised.
-  Blocks sampled by an earlier (killed) run were not measured, and the record says how many images that is.
-- `finish_sample_batch` (rank 0, after sampling): the .npz, then the record (sit.record.write_record,
-  atomic). A rerun that sampled nothing keeps an earlier record that describes the same images.
+Before sampling, rank 0 claims the folder (`claim_sample_folder`): the files are hashed, and a rerun whose
+weights or settings differ from the folder's own record `<folder>/settings.json` is refused, so a folder
+never mixes images of two models or two settings. After sampling, `finish_sample_batch` writes the .npz,
+then the record (a rerun that sampled nothing keeps an earlier record of the same images).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -80,21 +74,21 @@ def check_earlier_record(folder: str, checkpoint: str, checkpoint_sha256: Option
 
 def identify_sources(config: SamplingConfig, settings: ModelSettings, folder: str, logger: Any) -> SampleSources:
     """The checkpoint's and VAE's identity (files hashed once, on rank 0); see check_earlier_record."""
+    def hashed(path: Optional[str], hash_of: Callable[[str], str] = sha256_file, what: str = "") -> Optional[str]:
+        with reported_as(f"cannot read {what or path} to hash it"):
+            return None if path is None else hash_of(path)
+
     checkpoint = checkpoint_as_given(config)
     local_file = download.local_copy(checkpoint)
     if local_file is None:
         logger.warning(f"cannot find the local file of {checkpoint}: its record will have no checkpoint hash")
-    with reported_as(f"cannot read {local_file} to hash it"):
-        checkpoint_sha256 = None if local_file is None else sha256_file(local_file)
+    checkpoint_sha256 = hashed(local_file)
     check_earlier_record(folder, checkpoint, checkpoint_sha256)
     vae = PIXEL_SPACE if settings.vae is None else settings.vae
     local_vae = vae not in VAE_REPOS and vae != PIXEL_SPACE
-    with reported_as(f"cannot read the VAE folder {vae} to hash it"):
-        vae_sha256 = folder_sha256(vae) if local_vae else None
+    vae_sha256 = hashed(vae if local_vae else None, folder_sha256, f"the VAE folder {vae}")
     guide = config.guidance.guide_ckpt
-    guide_file = download.local_copy(guide) if guide is not None else None
-    with reported_as(f"cannot read {guide_file} to hash it"):
-        guide_sha256 = None if guide_file is None else sha256_file(guide_file)
+    guide_sha256 = hashed(download.local_copy(guide) if guide is not None else None)
     check_earlier_record(folder, guide, guide_sha256, flag="--guide-ckpt", field="guide_checkpoint_sha256")
     return SampleSources(checkpoint, local_file, checkpoint_sha256, os.path.abspath(vae) if local_vae else vae,
                          vae_sha256, guide, guide_sha256)
@@ -127,12 +121,8 @@ def claim_sample_folder(config: SamplingConfig, loaded: SamplingModel, folder: s
     settings, path = folder_settings(config, loaded, sources), os.path.join(folder, FOLDER_SETTINGS)
     earlier = None
     if os.path.isfile(path):
-        with reported_as(f"cannot read {path}"):
-            with open(path) as handle:
-                try:
-                    earlier = json.load(handle)
-                except ValueError:
-                    earlier = None  # a damaged record: rewritten below (the images' hashes cannot be told)
+        with reported_as(f"cannot read {path}"), open(path) as handle, contextlib.suppress(ValueError):
+            earlier = json.load(handle)  # a damaged record stays None: rewritten below
     if isinstance(earlier, dict):
         differences = settings_difference(earlier, settings)
         if differences:
@@ -174,8 +164,7 @@ def build_record(config: SamplingConfig, loaded: SamplingModel, sources: SampleS
     sampler, guidance = config.sampler, config.guidance
     guided = guidance.scale > 1.0
     nfe, measured = summarise_nfe(per_rank_nfe, npz_shape_[0])
-    sampler_settings = {key: value for key, value in dataclasses.asdict(sampler).items()
-                        if key not in ("sampling_method", "num_steps") and not (key == "time_shift" and value is None)}
+    sampler_settings = sampler.record_settings()  # the sampler family's own settings
     sampler_settings.update(dataclasses.asdict(settings.transport), compile=config.compile,
                             noise_draw="per image: standard normal on a CPU generator seeded by (global seed, index), "
                                        "before its label; SDE noise per batch, seeded by its first index")

@@ -1,9 +1,6 @@
-"""The sampling scripts' command line, declared once: the flags sample.py and sample_ddp.py share,
-and the likelihood flags of sample_ddp.py.
-
-The mode (ODE or SDE) comes first and picks its flag group (the original's parse_ode_args or
-parse_sde_args). Only declarations live here; `sit.sampling.settings` checks the parsed flags and
-turns them into a `SamplingConfig`.
+"""The sampling scripts' command line, declared once: the flags sample.py and sample_ddp.py share, the
+likelihood flags of sample_ddp.py, and the mode first, which picks its family's flag group
+(sit.sampling.families). `sit.sampling.settings` checks the parsed flags.
 """
 from __future__ import annotations
 
@@ -12,28 +9,29 @@ from typing import Callable, Optional, Sequence
 
 from models import SiT_models
 from sit.cli import ScriptParser, add_speed_arguments, guidance_scale, positive_float, positive_int, unit_interval_float
-from sit.config import SAMPLING_MODES
 from sit.dequantize import DEQUANTIZATIONS
 from sit.errors import UsageError
-from train_utils import parse_ode_args, parse_sde_args, parse_transport_args
+from sit.sampling.families import SAMPLER_FAMILIES, mode_names
+from train_utils import parse_transport_args
 
 HELP_FLAGS = ("-h", "--help")
 
 
 def sampling_mode(argv: Sequence[str]) -> Optional[str]:
-    """The mode that argv starts with (ODE or SDE), or None for a help request; UsageError otherwise."""
+    """The mode that argv starts with (a key of SAMPLER_FAMILIES), or None for a help request; UsageError otherwise."""
     mode = argv[0] if argv else None
-    if mode in SAMPLING_MODES:
+    if mode in SAMPLER_FAMILIES:
         return mode
     if mode in HELP_FLAGS:
         return None
     got = "nothing" if mode is None else repr(mode)
-    raise UsageError(f"the first argument must be the sampling mode, ODE or SDE (got {got})")
+    raise UsageError(f"the first argument must be the sampling mode, {mode_names()} (got {got})")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, vae_default: str, cfg_default: float) -> None:
     """The flags both scripts share (the original's, plus the guidance options)."""
-    parser.add_argument("mode", choices=SAMPLING_MODES, help="sampler: ODE (probability flow) or SDE; must come first")
+    parser.add_argument("mode", choices=SAMPLER_FAMILIES, help=f"sampler: "
+                        f"{' or '.join(family.title for family in SAMPLER_FAMILIES.values())}; must come first")
     parser.add_argument("--model", type=str, choices=list(SiT_models), default=None,
                         help="model size (default: the checkpoint's, else SiT-XL/2)")
     parser.add_argument("--vae", type=str, default=None,
@@ -85,23 +83,21 @@ def add_likelihood_arguments(parser: argparse.ArgumentParser) -> None:
 
 def sampling_parser(mode: Optional[str], *, description: str, vae_default: str, cfg_default: float,
                     add_script_arguments: Callable[[argparse.ArgumentParser], None]) -> argparse.ArgumentParser:
-    """The parser of `<mode> [options]`: the shared flags, the script's own, then the mode's group.
+    """The parser of `<mode> [options]`: the shared flags, the script's own, then the mode's family's group.
 
     mode None (a help request before any mode) lists the shared flags only. The transport flags keep
     the original's defaults; which of them were given decides what the checkpoint's values yield to.
     """
     # allow_abbrev=False: a misspelt or truncated flag is an error, never a silent match
     parser = ScriptParser(description=description, allow_abbrev=False,
-                          epilog="The mode comes first; `<script> ODE -h` or `<script> SDE -h` "
-                                 "lists the sampler's own options.")
+                          epilog=f"The mode comes first; {' or '.join(f'`<script> {name} -h`' for name in SAMPLER_FAMILIES)} "
+                                 f"lists the sampler's own options.")
     add_model_arguments(parser, vae_default=vae_default, cfg_default=cfg_default)
     add_script_arguments(parser)
     if mode is not None:
         parse_transport_args(parser)
-        if mode == "ODE":
-            parse_ode_args(parser)
-        else:
-            parse_sde_args(parser)
-            # accepted here only to refuse it with a clear message
+        family = SAMPLER_FAMILIES[mode]
+        family.add_flags(parser)
+        if not family.supports_likelihood:  # accepted only to refuse it with a clear message
             parser.add_argument("--likelihood", action="store_true", help=argparse.SUPPRESS)
     return parser

@@ -1,12 +1,7 @@
-"""sample_ddp.py's sample folder: its name, its PNGs and the .npz built from them.
-
-Images go to <sample-dir>/<folder>/000000.png ..., where <folder> names every setting that changes
-the images (the names stay as they were, so a rerun continues an older folder), then into
-<sample-dir>/<folder>.npz (arr_0: uint8 (N, H, W, 3), the format of the ADM evaluation suite; labels:
-(N,) int64, the class each image was conditioned on).
-Every file is written through sit.files.atomic_write, so a killed run leaves no half-written file;
-what it leaves (temporary names) the next run removes, once it holds the folder's lock (sit.locks).
-The .npz's space is checked before it is built (sit.files.check_free_space).
+"""sample_ddp.py's sample folder: its name (every setting that changes the images; names stay as they
+were, so a rerun continues an older folder), its PNGs and the .npz built from them (see sample_ddp.py).
+Every file goes through sit.files.atomic_write; a killed run's temporary files the next run removes
+once it holds the folder's lock (sit.locks).
 """
 from __future__ import annotations
 
@@ -22,7 +17,6 @@ from PIL import Image
 from tqdm import tqdm
 
 from sit.archives import npz_problem, read_npy_header
-from sit.config import ODEConfig
 from sit.distributed import DistContext, on_main
 from sit.errors import RunFailure, reported_as
 from sit.files import atomic_write, check_free_space, remove_temporaries, removed_on_failure_if_empty
@@ -32,11 +26,6 @@ from sit.vae import VAE_REPOS
 
 FOLDER_SETTINGS = "settings.json"  # what shaped the folder's images (sit.sampling.batch_record)
 LABELS_KEY = "labels"  # <folder>.npz: the class label of each image of arr_0, in the same order
-
-#################################################################################
-#                                   Names                                       #
-#################################################################################
-
 
 def short_hash(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:8]
@@ -52,10 +41,8 @@ def checkpoint_tag(ckpt: Optional[str]) -> str:
 
 
 def vae_tag(vae: Optional[str]) -> str:
-    if vae is None:
-        return "pixels"
-    if vae in VAE_REPOS:
-        return vae
+    if vae is None or vae in VAE_REPOS:
+        return vae or "pixels"
     return f"{os.path.basename(os.path.normpath(vae))}-{short_hash(os.path.realpath(vae))}"
 
 
@@ -66,11 +53,7 @@ def folder_name(config: SamplingConfig, settings: ModelSettings) -> str:
              f"vae-{vae_tag(settings.vae)}", sampler.mode, sampler.sampling_method, f"steps-{sampler.num_steps}",
              f"cfg-{guidance.scale}", transport.path_type, transport.prediction, f"seed-{config.seed}",
              f"bs-{config.batch_size}"]
-    if isinstance(sampler, ODEConfig):
-        parts += [f"atol-{sampler.atol}", f"rtol-{sampler.rtol}"] + (["reverse"] if sampler.reverse else [])
-    else:
-        parts += [sampler.diffusion_form, f"norm-{sampler.diffusion_norm}", f"last-{sampler.last_step}",
-                  f"lastsize-{sampler.last_step_size}"]
+    parts += sampler.folder_parts()  # the sampler family's own settings
     if transport.sample_eps is not None:
         parts.append(f"eps-{transport.sample_eps}")
     if sampler.time_shift is not None:  # a shifted step grid (--time-shift)
@@ -105,10 +88,6 @@ def npz_temporary_suffix(folder: str) -> str:
     return f"-{short_hash(os.path.basename(os.path.normpath(folder)))}.npz"
 
 
-#################################################################################
-#                            The folder and its PNGs                            #
-#################################################################################
-
 def remove_stale_temporary_files(folder: str) -> int:
     """Delete what a killed run left behind: temporary PNGs in folder, and temporary <folder>.npz
     files beside it (each may be gigabytes; other folders' are kept); returns how many."""
@@ -128,10 +107,9 @@ def create_sample_folder(folder: str, logger: Any) -> None:
     logger.info(f"Saving to {folder}" + (f" (removed {removed} unfinished files)" if removed else ""))
 
 
-def prepare_sample_folder(ctx: DistContext, sample_dir: str, config: SamplingConfig, settings: ModelSettings,
-                          logger: Any) -> str:
-    """<sample-dir>/<folder>, created by rank 0 (see create_sample_folder); if that fails, every rank
-    raises its message."""
+def open_sample_folder(ctx: DistContext, sample_dir: str, config: SamplingConfig, settings: ModelSettings,
+                       logger: Any) -> str:
+    """<sample-dir>/<folder>, created by rank 0 (create_sample_folder); if that fails, every rank raises its message."""
     folder = os.path.join(sample_dir, folder_name(config, settings))
     on_main(ctx, functools.partial(create_sample_folder, folder, logger))
     return folder
@@ -179,10 +157,6 @@ def missing_indices(folder: str, indices: range, image_size: Optional[int] = Non
         return [index for index in indices if not os.path.exists(png_path(folder, index))]
     return [index for index in indices if not png_is_complete(png_path(folder, index), image_size)]
 
-
-#################################################################################
-#                                 The .npz file                                 #
-#################################################################################
 
 def npz_shape(path: str) -> Optional[tuple]:
     """The shape of arr_0 in an .npz, read from its header only (None if unreadable)."""
@@ -235,21 +209,6 @@ def check_space_for_samples(folder: str, num: int, image_size: int) -> None:
     check_free_space(folder, needed, f"{num - len(existing):,} more PNGs and the .npz of {num:,} images")
 
 
-def append_labels(labels: np.ndarray, path: str) -> None:
-    """Add `labels` (N,) int64 to the .npz at path as its `labels` array (beside arr_0; ADM's evaluator
-    and ours read arr_0 only)."""
-    with zipfile.ZipFile(path, "a", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
-        with archive.open(f"{LABELS_KEY}.npy", "w", force_zip64=True) as stream:
-            np.lib.format.write_array(stream, np.ascontiguousarray(labels, dtype=np.int64))
-
-
-def write_npz_with_labels(folder: str, num: int, image_shape: tuple, labels: Optional[np.ndarray], path: str) -> None:
-    """write_npz_stream, then the labels array when given."""
-    write_npz_stream(folder, num, image_shape, path)
-    if labels is not None:
-        append_labels(labels, path)
-
-
 def npz_has_labels(path: str) -> bool:
     """Whether an .npz holds a `labels` array (older sample batches do not)."""
     try:
@@ -263,13 +222,18 @@ def create_npz_from_sample_folder(folder: str, num: int, labels: Optional[np.nda
     """Write <folder>.npz with arr_0: uint8 (num, H, W, 3) from 000000.png ... and, when given, the
     images' class labels (num,) int64 as `labels`; returns its path.
 
-    Streamed image by image (memory stays small for 50K images) into a temporary file, renamed
-    when complete.
+    Streamed image by image (memory stays small for 50K images) into a temporary file, renamed when
+    complete; the labels go beside arr_0 (ADM's evaluator and ours read arr_0 only).
     """
-    npz_path = f"{folder}.npz"
-    atomic_write(npz_path, functools.partial(write_npz_with_labels, folder, num, png_shape(folder), labels),
-                 suffix=npz_temporary_suffix(folder))
-    return npz_path
+    def write(path: str) -> None:
+        write_npz_stream(folder, num, png_shape(folder), path)
+        if labels is not None:
+            with zipfile.ZipFile(path, "a", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+                with archive.open(f"{LABELS_KEY}.npy", "w", force_zip64=True) as stream:
+                    np.lib.format.write_array(stream, np.ascontiguousarray(labels, dtype=np.int64))
+
+    atomic_write(f"{folder}.npz", write, suffix=npz_temporary_suffix(folder))
+    return f"{folder}.npz"
 
 
 def finish_npz(folder: str, num: int, logger: Any, labels: Optional[np.ndarray] = None) -> None:

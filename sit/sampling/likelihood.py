@@ -1,11 +1,6 @@
-"""sample_ddp.py --likelihood: log-likelihoods of real images (--data-path) or of fresh samples,
-one path for latent and pixel-space models.
-
-What differs between the two is a `Measure`: what the data are (VAE latents, the posterior mean of
-real images; or 8-bit images, dequantized), and how the ODE's log-density becomes the reported
-numbers (per latent dimension; or bits/dim of the 8-bit images, with the change of variables from
-[0, 256) and the dequantization density, see sit.dequantize). Per-image values go to
-<folder>/likelihood.csv, the means over all ranks to the log.
+"""sample_ddp.py --likelihood: log-likelihoods of real images (--data-path) or of fresh samples, one path
+for latent and pixel-space models; a `Measure` says what differs (VAE latents per latent dimension, or
+8-bit images dequantized, in bits/dim: sit.dequantize). Per-image values go to <folder>/likelihood.csv.
 """
 from __future__ import annotations
 
@@ -136,9 +131,7 @@ def open_dataset(data_path: Optional[str], transform: Callable, num_classes: int
 
 def _write_rows(header: tuple, rows: list, path: str) -> None:
     with open(path, "w", newline="") as file:
-        writer = csv.writer(file)
-        writer.writerow(header)
-        writer.writerows(rows)
+        csv.writer(file).writerows([header, *rows])
 
 
 def real_block(dataset: TrainImageFolder, block: range, measure: Measure) -> tuple[list[int], torch.Tensor, torch.Tensor]:
@@ -156,10 +149,9 @@ def real_block(dataset: TrainImageFolder, block: range, measure: Measure) -> tup
 def generated_block(block: range, config: SamplingConfig, loaded: SamplingModel, sample_fn: Callable,
                     measure: Measure) -> tuple[torch.Tensor, torch.Tensor]:
     """The data and labels (n,) of fresh samples at the block's indices (per-index noise and labels)."""
-    model, device = loaded.model, measure.device
-    z, y = noise_and_labels(block, config.seed, latent_shape(model.config), loaded.settings.num_classes)
-    labels = y.to(device)
-    latents = generate_latents(sample_fn, model, z.to(device), labels, config.guidance, config.precision)
+    z, y = noise_and_labels(block, config.seed, latent_shape(loaded.model.config), loaded.settings.num_classes)
+    labels = y.to(measure.device)
+    latents = generate_latents(sample_fn, loaded.model, z.to(measure.device), labels, config.guidance, config.precision)
     return measure.observe_generated(latents), labels
 
 

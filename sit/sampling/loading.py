@@ -41,9 +41,7 @@ def speed_up(model: SiT, config: SamplingConfig) -> SiT:
     differentiates through the model, so it keeps the per-block compile of training."""
     if not config.compile:
         return model
-    if config.likelihood is not None:
-        return compile_model(model)
-    return compile_for_sampling(model)
+    return compile_model(model) if config.likelihood is not None else compile_for_sampling(model)
 
 
 def load_sampling_model(config: SamplingConfig, device: torch.device, vae_default: str) -> tuple[SiT, ModelSettings]:

@@ -1,16 +1,10 @@
 """Published evaluations as presets of sample_ddp.py's flags: `--preset NAME`, `--preset list`.
 
-A preset is the command line of a published evaluation (its mode, sampler, steps, guidance, model,
-image size, VAE and image count) with the number it gave and where that number and those settings
-come from. `apply_preset` merges it into the parsed flags BEFORE the typed configuration is built:
-
-- a flag the preset sets and the command line does not give takes the preset's value ("filled");
-- a flag given explicitly with another value wins, with a warning naming it ("overridden");
-- the preset's values are parsed by the script's own parser, so they pass the same types and choices.
-
-The mode is part of the preset: `sample_ddp.py --preset NAME ...` runs the preset's mode, and a mode
-given first must be the preset's (`ODE --preset <an SDE preset>` is a one-line UsageError: the mode
-decides which sampler flags exist, so a preset cannot switch it under the user's feet).
+A preset is the command line of a published evaluation (mode, sampler, guidance, model, image size,
+VAE, image count), its number and their sources. `apply_preset` merges it into the parsed flags before
+the typed configuration is built, parsed by the script's own parser: a flag not given takes the preset's
+value ("filled"), one given with another value wins with a warning ("overridden"). The mode is the
+preset's; another mode given first is a UsageError (the mode decides which sampler flags exist).
 """
 from __future__ import annotations
 
@@ -19,8 +13,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from sit.cli import ScriptParser, parse_with_explicit
-from sit.config import SAMPLING_MODES
 from sit.errors import UsageError
+from sit.sampling.families import SAMPLER_FAMILIES
 from sit.sampling.flags import HELP_FLAGS
 
 PRESET_FLAG = "--preset"
@@ -121,7 +115,7 @@ def with_preset_mode(argv: Sequence[str], name: Optional[str]) -> list[str]:
     if name is None or name == LIST_PRESETS or (argv and argv[0] in HELP_FLAGS):
         return argv
     mode = PRESETS[name].mode
-    if argv and argv[0] in SAMPLING_MODES:
+    if argv and argv[0] in SAMPLER_FAMILIES:
         if argv[0] != mode:
             raise UsageError(f"--preset {name} is an {mode} evaluation but the mode given is {argv[0]}: "
                              f"run `{mode} --preset {name}` (or leave the mode out; the preset sets it)")

@@ -1,12 +1,7 @@
-"""Typed configuration of a sampling run, each part built once.
-
-- `SamplingConfig`, from the parsed flags (`sampling_config`), before anything is loaded: every
-  check that involves several flags happens here (UsageError, exit 2).
-- `ModelSettings`, from that config's `ModelRequest` and what the checkpoint says about itself
-  (`resolve_model_settings`): model name, image size, classes, VAE and transport, resolved by
-  `sit.config.resolve_settings` (a flag contradicting what the model was trained as is an error;
-  else the flag, else the checkpoint's value, else the original's default).
-The parsed Namespace is only read (as a mapping of its flags), never changed.
+"""Typed configuration of a sampling run, each part built once: `SamplingConfig` from the parsed flags
+(`sampling_config`, before anything is loaded; every check that involves several flags), and
+`ModelSettings` from its `ModelRequest` and the checkpoint (`resolve_model_settings`, by
+`sit.config.resolve_settings`). The parsed flags are only read, never changed.
 """
 from __future__ import annotations
 
@@ -14,12 +9,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
-from sit.config import (TRANSPORT_SETTINGS, GuidanceConfig, SamplerConfig, TransportConfig, resolve_settings,
-                        sampler_config_from_flags)
+from sit.config import TRANSPORT_SETTINGS, GuidanceConfig, SamplerFamily, TransportConfig, resolve_settings
 from sit.errors import UsageError
+from sit.sampling.families import SAMPLER_FAMILIES, family
 from sit.training.experiment import checkpoint_in_folder
 from sit.vae import PIXEL_SPACE, VAE_DOWNSAMPLING, VAE_REPOS
-from transport.integrators import ADAPTIVE_METHODS, TOLERANCE_FREE_METHODS
 
 LIKELIHOOD_FLAGS = {"--dequantize": ("dequantize", None), "--num-probes": ("num_probes", 1),
                     "--exact-trace": ("exact_trace", False)}  # flag -> (destination, its default)
@@ -54,7 +48,7 @@ class LikelihoodConfig:
 class SamplingConfig:
     """Everything the flags say about a sampling run."""
     request: ModelRequest
-    sampler: SamplerConfig
+    sampler: SamplerFamily
     guidance: GuidanceConfig
     precision: str = "tf32"
     compile: bool = False
@@ -129,8 +123,9 @@ def sampling_config(flags: Mapping[str, Any], given: frozenset[str], *, seed: in
         raise UsageError(f"--cfg-interval LO HI needs LO <= HI, got {low} {high}")
     if flags["num_sampling_steps"] < 2:
         raise UsageError(f"--num-sampling-steps must be at least 2, got {flags['num_sampling_steps']}")
-    if flags["likelihood"] and flags["mode"] != "ODE":
-        raise UsageError("--likelihood works in ODE mode only (it integrates the probability-flow ODE)")
+    if flags["likelihood"] and not SAMPLER_FAMILIES[flags["mode"]].supports_likelihood:
+        modes = " or ".join(name for name, entry in SAMPLER_FAMILIES.items() if entry.supports_likelihood)
+        raise UsageError(f"--likelihood works in {modes} mode only (it integrates the probability-flow ODE)")
     if flags["likelihood"] and flags["guide_ckpt"] is not None:
         raise UsageError("--guide-ckpt guides sampling; --likelihood evaluates the unguided model: drop --guide-ckpt")
     if flags["likelihood"] and flags["cfg_scale"] != 1.0:
@@ -143,12 +138,12 @@ def sampling_config(flags: Mapping[str, Any], given: frozenset[str], *, seed: in
                            {key: flags[key] for key in TRANSPORT_SETTINGS if key in given}, ckpt_choice)
     guidance = GuidanceConfig(flags["cfg_scale"], flags["guide_all_channels"], tuple(flags["cfg_interval"]),
                               flags["guide_ckpt"])
-    return SamplingConfig(request, sampler_config_from_flags(flags["mode"], flags), guidance, precision,
-                          flags["compile"], seed, num_images, batch_size, likelihood_config(flags),
-                          unused_flag_warnings(flags, given))
+    sampler = family(flags["mode"]).from_flags(flags)
+    return SamplingConfig(request, sampler, guidance, precision, flags["compile"], seed, num_images, batch_size,
+                          likelihood_config(flags), unused_flag_warnings(flags, given, sampler))
 
 
-def unused_flag_warnings(flags: Mapping[str, Any], given: frozenset[str]) -> tuple[str, ...]:
+def unused_flag_warnings(flags: Mapping[str, Any], given: frozenset[str], sampler: SamplerFamily) -> tuple[str, ...]:
     """One line per flag given that the run will not read (accepted for the original's command lines)."""
     warnings = []
     if "loss_weight" in given:
@@ -161,21 +156,7 @@ def unused_flag_warnings(flags: Mapping[str, Any], given: frozenset[str]) -> tup
                           ("guide_ckpt", "--guide-ckpt")):
             if key in given:
                 warnings.append(f"{flag} is not used: --cfg-scale 1 means no guidance (pass a scale above 1)")
-    method = flags.get("sampling_method")
-    if flags["mode"] == "ODE" and method in TOLERANCE_FREE_METHODS:
-        for flag in ("atol", "rtol"):
-            if flag in given:
-                warnings.append(f"--{flag} is not used: --sampling-method {method} takes fixed steps "
-                                f"(--num-sampling-steps); tolerances apply to adaptive solvers such as dopri5")
-    if flags["mode"] == "ODE" and method in ADAPTIVE_METHODS and "num_sampling_steps" in given:
-        warnings.append(f"--num-sampling-steps {flags['num_sampling_steps']} does not change what {method} "
-                        f"computes: an adaptive solver chooses its own steps by --atol and --rtol")
-    if flags["mode"] == "ODE" and flags.get("reverse"):
-        warnings.append("--reverse is not used: --likelihood always integrates from the data to noise" if flags["likelihood"]
-                        else "--reverse integrates from data (t=1) back to noise (t=0): started from noise, as here, "
-                             "it does not sample the model's images")
-    if flags["mode"] == "SDE" and flags.get("last_step") is None and "last_step_size" in given:
-        warnings.append("--last-step-size is not used: --last-step None takes no last step")
+    warnings += sampler.unused_flags(given, flags["likelihood"])
     return tuple(warnings)
 
 
