@@ -178,9 +178,11 @@ class SamplerFamily:
 
     def sample_fn(self, sampler: Sampler, keep_trajectory: bool = False) -> Callable:
         """The sampling function fn(x, model, **kwargs) (a transport.SampleFunction: it counts `nfe`)."""
+        raise NotImplementedError(f"the sampler family {type(self).__name__} defines no sample_fn")
 
     def describe(self) -> str:
         """The sampler in words, for the log."""
+        raise NotImplementedError(f"the sampler family {type(self).__name__} defines no describe")
 
     def evaluations(self, nfe: int) -> str:
         """The model evaluations a run made, e.g. `Euler, 250 steps: 250 model evaluations`."""

@@ -22,9 +22,25 @@ DEFAULT_SAMPLE_EPS = 1e-3
 VANISHING = 1e-12
 
 
-ModelType = enum.Enum("ModelType", "NOISE SCORE VELOCITY")  # the model predicts: the noise x0, grad log p_t(x), dx_t/dt
-PathType = enum.Enum("PathType", "LINEAR GVP VP")  # the interpolant
-WeightType = enum.Enum("WeightType", "NONE VELOCITY LIKELIHOOD")  # how score and noise losses are weighted over time
+class ModelType(enum.Enum):
+    """Which quantity the model predicts."""
+    NOISE = enum.auto()     # the noise x0 (epsilon)
+    SCORE = enum.auto()     # grad log p_t(x)
+    VELOCITY = enum.auto()  # dx_t/dt
+
+
+class PathType(enum.Enum):
+    """Which interpolant to use."""
+    LINEAR = enum.auto()
+    GVP = enum.auto()
+    VP = enum.auto()
+
+
+class WeightType(enum.Enum):
+    """How score and noise losses are weighted over time."""
+    NONE = enum.auto()
+    VELOCITY = enum.auto()
+    LIKELIHOOD = enum.auto()
 
 
 PATH_PLANS = {PathType.LINEAR: path.ICPlan, PathType.GVP: path.GVPCPlan, PathType.VP: path.VPCPlan}
@@ -126,8 +142,12 @@ class Transport:
             return terms
         _, drift_var = self.path_sampler.compute_drift(xt, t)
         sigma_t, _ = self.path_sampler.compute_sigma_t(path.expand_t_like_x(t, xt))
-        weight = {WeightType.VELOCITY: lambda: (drift_var / sigma_t) ** 2, WeightType.LIKELIHOOD:
-                  lambda: drift_var / (sigma_t ** 2), WeightType.NONE: lambda: 1}[self.loss_type]()
+        if self.loss_type == WeightType.VELOCITY:
+            weight = (drift_var / sigma_t) ** 2
+        elif self.loss_type == WeightType.LIKELIHOOD:
+            weight = drift_var / (sigma_t ** 2)
+        else:
+            weight = 1
         error = model_output - x0 if self.model_type == ModelType.NOISE else model_output * sigma_t + x0
         terms["loss"] = mean_flat(weight * (error ** 2))
         return terms
