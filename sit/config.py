@@ -302,13 +302,6 @@ class SDEConfig(SamplerFamily):
                                   keep_trajectory=keep_trajectory, time_shift=self.time_shift)
 
 
-def sampler_config_from_flags(mode: str, flags: Mapping[str, Any]) -> SamplerFamily:
-    """The settings of sampler family `mode` (a key of SAMPLER_FAMILIES) from its flags (e.g. vars(args))."""
-    from sit.sampling.families import family  # the table imports this module's families
-
-    return family(mode).from_flags(flags)
-
-
 def build_sample_fn(transport: TransportConfig, sampler: SamplerFamily, keep_trajectory: bool = False) -> Callable:
     """The sampling function fn(x, model, **kwargs) of a transport and sampler; UsageError when they do not fit."""
     try:

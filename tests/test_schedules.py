@@ -7,7 +7,8 @@ import pytest
 import torch
 from scipy import integrate
 
-from sit.config import ODEConfig, SDEConfig, TransportConfig, build_sample_fn, sampler_config_from_flags
+from sit.config import ODEConfig, SDEConfig, TransportConfig, build_sample_fn
+from sit.sampling.families import family
 from transport import Sampler, create_transport
 from transport.schedules import TimeSchedule, shift_time, shifted_unit_grid
 
@@ -217,12 +218,12 @@ def test_adaptive_solvers_refuse_a_time_shift():
 
 def test_sampler_configs_carry_the_time_shift():
     ode_flags = dict(sampling_method="euler", num_sampling_steps=4, atol=1e-6, rtol=1e-3, reverse=False)
-    assert sampler_config_from_flags("ODE", ode_flags).time_shift is None  # scripts without the flag
-    config = sampler_config_from_flags("ODE", dict(ode_flags, time_shift=3.0))
+    assert family("ODE").from_flags(ode_flags).time_shift is None  # scripts without the flag
+    config = family("ODE").from_flags(dict(ode_flags, time_shift=3.0))
     assert config == ODEConfig("euler", 4, time_shift=3.0)
     sde_flags = dict(sampling_method="Euler", num_sampling_steps=4, diffusion_form="sigma", diffusion_norm=1.0,
                      last_step="Mean", last_step_size=0.04, time_shift=2.0)
-    assert sampler_config_from_flags("SDE", sde_flags) == SDEConfig("Euler", 4, time_shift=2.0)
+    assert family("SDE").from_flags(sde_flags) == SDEConfig("Euler", 4, time_shift=2.0)
     recorder = TimeRecorder()
     build_sample_fn(TransportConfig(), config)(torch.ones(1, 2), recorder)
     assert recorder.times == pytest.approx(shift_time(torch.linspace(0, 1, 4), 3.0)[:-1].tolist(), abs=1e-6)
