@@ -39,6 +39,19 @@ class ToyTerm(LossTerm):
         return {"Toy Loss": matched, "Probe Loss": view.head.pow(2).mean(1)}
 
 
+class FastToy(LossTerm):
+    """A term with AdamW options of its own: its parameter lives in a group of its own, at its own lr."""
+    name = "fast"
+    optimizer_options = {"lr": 1e-2}
+
+    def __init__(self):
+        super().__init__()
+        self.offset = nn.Parameter(torch.zeros(()))
+
+    def losses(self, view: StepView) -> dict:
+        return {"Fast Loss": (view.output.flatten(1).mean(1) - self.offset) ** 2}
+
+
 def write_features(path: str, nan_at=None) -> str:
     """NUM_LATENTS cached 4x4x4 latents; with nan_at=(epoch, batch) the first latent of that batch is NaN."""
     os.makedirs(path)
@@ -59,7 +72,9 @@ def write_features(path: str, nan_at=None) -> str:
 
 @pytest.fixture
 def toy_registered(monkeypatch):
+    fast = Feature("fast", term=lambda settings, context: lambda sit: FastToy())
     toy = Feature("toy", term=lambda settings, context: lambda sit: ToyTerm(sit.config["hidden_size"]))
+    monkeypatch.setitem(FEATURES, "fast", fast)  # registered first, held by AdamW after the toy term
     monkeypatch.setitem(FEATURES, "toy", toy)
 
 
@@ -77,8 +92,10 @@ def assert_same_state(first: dict, second: dict) -> None:
         for name, tensor in first[key].items():
             assert torch.equal(tensor, second[key][name]), f"{key}.{name} differs"
     assert first["extras"]["toy"].keys() == second["extras"]["toy"].keys() == {"gain", "probe.weight", "probe.bias"}
-    for name, tensor in first["extras"]["toy"].items():
-        assert torch.equal(tensor, second["extras"]["toy"][name]), f"the toy term's {name} differs"
+    assert list(first["extras"]) == ["toy", "fast"]  # AdamW's order: the SiT's group, then groups of their own
+    for term in ("toy", "fast"):
+        for name, tensor in first["extras"][term].items():
+            assert torch.equal(tensor, second["extras"][term][name]), f"the {term} term's {name} differs"
     for index, state in first["opt"]["state"].items():
         for name, value in state.items():
             assert torch.equal(value, second["opt"]["state"][index][name]), f"opt state {index}.{name} differs"
@@ -90,11 +107,15 @@ def test_the_step_adds_weight_times_each_term_and_its_parameters_learn(toy_regis
     saved = final_checkpoint(str(tmp_path / "results"), 3)
     assert saved["extras"]["toy"]["gain"].item() != 1.0  # trained
     assert not torch.equal(saved["extras"]["toy"]["probe.weight"], ToyTerm(32).probe.weight * 0)  # stored
-    # AdamW holds the SiT's parameters, then the term's (3 of them), in that order
-    assert len(saved["opt"]["state"]) == len(saved["model"]) - 1 + 3  # pos_embed is frozen: no state
+    # AdamW holds the SiT's parameters and the toy term's (3) in one group, the fast term's in its own
+    assert len(saved["opt"]["state"]) == len(saved["model"]) - 1 + 3 + 1  # pos_embed is frozen: no state
+    groups = saved["opt"]["param_groups"]
+    assert [group["lr"] for group in groups] == [1e-4, 1e-2] and len(groups[1]["params"]) == 1
+    assert saved["extras"]["fast"]["offset"].item() != 0.0
     with open(os.path.join(only_experiment(str(tmp_path / "results")), "log.txt")) as handle:
         lines = [line for line in handle if "Train Loss" in line and "(first step" not in line]
-    assert len(lines) == 3 and all("Toy Loss: " in line and "Probe Loss: " in line for line in lines)
+    assert len(lines) == 3 and all("Toy Loss: " in line and "Probe Loss: " in line and "Fast Loss: " in line
+                                   for line in lines)
 
 
 def test_the_loss_is_the_transport_loss_plus_weighted_terms():

@@ -14,7 +14,7 @@ from sit.training.experiment import StartPoint
 from sit.training.settings import TrainConfig
 from sit.training.sharding import Sharding
 from sit.training.step import TrainStep
-from sit.training.terms import LossTerm, ModelWithTerms, TermFactory
+from sit.training.terms import LossTerm, ModelWithTerms, TermFactory, in_optimizer_order
 from sit.vae import image_size_for
 
 
@@ -73,7 +73,7 @@ def build_train_step(config: TrainConfig, ctx: DistContext, start: StartPoint, v
     optim = config.optim
     sharding = Sharding(optim.sharding, optim.precision)
     model = build_model(config, start).to(ctx.device)
-    terms = [term.to(ctx.device) for term in build_terms(model, term_factories, start)]
+    terms = [term.to(ctx.device) for term in in_optimizer_order(build_terms(model, term_factories, start))]
     refusals = [term.sharding_refusal() for term in terms] if sharding.sharded else []
     if any(refusals):
         raise UsageError(f"--sharding fsdp: {next(filter(None, refusals))}; use --sharding ddp")
@@ -91,8 +91,9 @@ def build_train_step(config: TrainConfig, ctx: DistContext, start: StartPoint, v
             detail = str(error).splitlines()[0][:200] if str(error) else ""
             raise UsageError(f"cannot resume {start.source}: its optimizer state does not load "
                              f"({type(error).__name__}: {detail})") from None
-        for group in step.opt.param_groups:  # the state holds the old lr; --lr (the checkpoint's unless given) rules
-            group["lr"] = optim.lr
+        # the state holds the old lr; --lr (the checkpoint's unless given) rules the SiT's group (a term's own
+        # group keeps its own options)
+        step.opt.param_groups[0]["lr"] = optim.lr
         logger.info(f"Resumed from {start.source} at step {checkpoint['train_steps']} "
                     f"(epoch {checkpoint['epoch']}, batch {checkpoint['epoch_step']})")
     elif checkpoint is not None:

@@ -16,7 +16,7 @@ from sit.training.ema import update_ema
 from sit.training.optimizer import make_grad_scaler, make_optimizer
 from sit.training.dtensors import full_tensor
 from sit.training.sharding import Sharding
-from sit.training.terms import LossTerm, ModelWithTerms, StepView, term_parameters
+from sit.training.terms import LossTerm, ModelWithTerms, StepView, in_optimizer_order, term_parameters
 from sit.vae import LATENT_SCALE
 from transport import Transport
 
@@ -66,7 +66,10 @@ class TrainStep:
         if compile_blocks:
             compile_model(model)  # after the EMA's deepcopy (see compile_model); DDP calls the compiled blocks
         # the paper: AdamW, constant lr 1e-4, no weight decay
-        opt = make_optimizer(model, lr=lr, weight_decay=0, extra=term_parameters(terms))
+        terms = in_optimizer_order(terms)
+        opt = make_optimizer(model, lr=lr, weight_decay=0, extra=term_parameters(terms, own_group=False),
+                             groups=[{"params": list(term.parameters()), **term.optimizer_options}
+                                     for term in terms if term.optimizer_options and any(True for _ in term.parameters())])
         if ddp_model is None:  # one process: the model itself (with loss terms, the SiT and their heads)
             ddp_model = ModelWithTerms(model, terms) if terms else model
         return cls(model=model, ddp_model=ddp_model, ema=ema, opt=opt,

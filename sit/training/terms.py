@@ -7,9 +7,10 @@ A loss term is an `nn.Module` whose parameters train with the model. In a step i
      asks for them), so that DDP reduces its parameters' gradients with the SiT's;
   3. `losses(view)`: per-sample losses by name, from what the step has (`StepView`). The step adds
      `weight` x the batch mean of each to the optimised loss and logs each by its name.
-What it owns beside its forward: AdamW takes its parameters after the SiT's (in the order of the run's
-terms); the checkpoint stores its state dict under `extras[name]`; a rollback restores that with the
-rest of the state; `sharding_refusal` says why it cannot run sharded (FSDP2), or None.
+What it owns beside its forward: AdamW takes its parameters after the SiT's, in the SiT's group or, with
+`optimizer_options`, in a group of its own; the checkpoint stores its state dict under `extras[name]`; a
+rollback restores that with the rest of the state; `sharding_refusal` says why it cannot run sharded
+(FSDP2), or None.
 
 A new term is a module with a subclass of `LossTerm` and its settings; `sit.training.registry` lists it.
 """
@@ -49,6 +50,7 @@ class LossTerm(nn.Module):
     name: str = ""
     block: Optional[int] = None  # 1-based block whose tokens (N, T, D) reach `head`; None: no tokens
     weight: float = 1.0
+    optimizer_options: dict = {}  # AdamW options of its own parameter group (e.g. {"lr": 1e-3}); {}: the SiT's group
 
     def batch_inputs(self, inputs: Sequence[torch.Tensor], device: torch.device, precision: str) -> Any:
         """What the term needs of a batch's inputs (the loader's tensors before the labels), without gradients."""
@@ -88,9 +90,17 @@ class ModelWithTerms(nn.Module):
         return output, {term.name: term.head(hidden) for term in self.terms if term.block is not None}
 
 
-def term_parameters(terms: Sequence[LossTerm]) -> list[nn.Parameter]:
-    """The terms' parameters in the order AdamW holds them (after the SiT's)."""
-    return [param for term in terms for param in term.parameters()]
+def term_parameters(terms: Sequence[LossTerm], own_group: Optional[bool] = None) -> list[nn.Parameter]:
+    """The terms' parameters in the order AdamW holds them (after the SiT's); own_group True/False: only
+    those of terms with/without optimizer_options."""
+    return [param for term in terms if own_group is None or bool(term.optimizer_options) == own_group
+            for param in term.parameters()]
+
+
+def in_optimizer_order(terms: Sequence[LossTerm]) -> list[LossTerm]:
+    """Terms that join the SiT's AdamW group first, then those with a group of their own (stable), so that
+    AdamW's parameter indices follow the terms in this order (and the checkpoint's extras with them)."""
+    return sorted(terms, key=lambda term: bool(term.optimizer_options))
 
 
 @dataclass
