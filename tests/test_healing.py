@@ -5,6 +5,7 @@ skip those batches (bit for bit), every checkpoint kept; past --max-rollbacks th
 keeping the last good checkpoint; a healed run resumes exactly."""
 import argparse
 import logging
+import math
 import os
 import re
 import shutil
@@ -71,6 +72,43 @@ def test_no_spike_is_called_before_enough_history():
         healer.inspect_loss(step, value)  # the 10th value is compared with nothing yet
     with pytest.raises(LossSpiked):
         healer.inspect_loss(SPIKE_MIN_HISTORY + 1, 50.0)
+
+
+def test_a_slow_divergence_is_a_spike_against_the_last_good_states_median():
+    """Losses creeping up 2% a step drag a running median along (it is the loss of ~50 steps before, at most
+    1.02^50 = 2.7 below): the running median never calls it. Against the median at the last good state
+    (here: after 20 losses of 1.0, a checkpoint) the loss is a spike once it passes 3.0."""
+    healer = Healer(settings(spike_factor=3.0, max_rollbacks=0), ckpt_every=100)
+    for step in range(1, 21):
+        healer.inspect_loss(step, 1.0)
+    healer.found_good()  # what a checkpoint's or rollback point's checked state does
+    assert healer.reference == 1.0 and healer.state_dict()["spike_reference"] == 1.0
+    with pytest.raises(LossSpiked) as error:
+        for step in range(21, 200):
+            healer.inspect_loss(step, 1.02 ** (step - 20))
+    assert error.value.step == 21 + math.ceil(math.log(3.0) / math.log(1.02)) - 1  # the first loss above 3.0
+    assert_names(str(error.value), "the median at the last good state 1.0000")
+    resumed = Healer(settings(spike_factor=3.0), ckpt_every=100, saved=healer.state_dict())
+    assert resumed.reference == 1.0  # a resume checks against the same median
+
+
+def test_rollbacks_that_run_out_say_what_is_likely_wrong():
+    weights = {"w": torch.zeros(1)}
+    point = TrainCheckpoint(model=weights, ema=weights, opt={"state": {}}, settings={}, model_config={},
+                            train_steps=4)
+    for positions, advice in (({5: (0, 5), 6: (0, 7)}, "--lr"), ({5: (0, 5), 9: (1, 2)}, "data")):
+        healer = Healer(settings(max_rollbacks=2), ckpt_every=4)
+        healer.keep(point)
+        for step, position in positions.items():
+            healer.positions[step] = position
+            healer.roll_back(TrainingDiverged(f"the loss became non-finite (nan) at step {step}", step),
+                             logging.getLogger("t"))
+            if advice == "data":
+                healer.keep(TrainCheckpoint(model=weights, ema=weights, opt={"state": {}}, settings={},
+                                            model_config={}, train_steps=8))
+        with pytest.raises(TrainingDiverged) as error:
+            healer.roll_back(TrainingDiverged("the loss became non-finite (nan) at step 12", 12), logging.getLogger("t"))
+        assert_names(str(error.value), "--max-rollbacks 2", advice)
 
 
 def test_rollback_points_are_copies_and_the_limit_stops_the_run():

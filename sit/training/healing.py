@@ -12,11 +12,16 @@ skips the batch that caused it, and training goes on; after --max-rollbacks it s
   step takes the batch after it. `--skip-batches EPOCH:BATCH,...` skips batches from the start, e.g.
   to repeat a healed run without its rollbacks (equal weights, bit for bit).
 - Spikes (--spike-factor F): a step whose loss (averaged over ranks) exceeds F x the median of the
-  last SPIKE_WINDOW steps' losses diverged. Losses are checked where the loss monitor reduces them
+  last SPIKE_WINDOW steps' losses as they stood at the last good state (a checkpoint or rollback
+  point, whose losses passed this check) diverged: a diverging run's own running median diverges
+  with it and would hide it; before the first good state with enough losses, the running median.
+  Losses are checked where the loss monitor reduces them
   (each log line, checkpoint and rollback point): the values are the all-reduced ones, the same on
   every rank, and the weights' check is agreed (sit.distributed.any_rank), so every rank decides alike.
 Checkpoints keep this module's state under "healing": the skipped batches, the rollbacks done (step,
-reason, batch skipped) and the recent losses of the spike median, so a resume continues exactly.
+reason, batch skipped), the recent losses and the good state's median, so a resume continues exactly.
+When the rollbacks run out, the last line says what they suggest: all back to one step, whichever
+batch was skipped, points at the learning rate (or clipping); different places, at the data.
 """
 from __future__ import annotations
 
@@ -114,13 +119,14 @@ class Healer(LoopExtension):
         self.skipped.update(settings.skip_batches or ())
         self.rollbacks: list[dict] = list(saved.get("rollbacks", []))
         self.recent_losses: deque[float] = deque(saved.get("recent_losses", []), maxlen=SPIKE_WINDOW)
+        self.reference: Optional[float] = saved.get("spike_reference")  # the median at the last good state
         self.positions: dict[int, BatchPosition] = {}  # step -> the batch it trained on
         self.point: Optional[TrainCheckpoint] = None
 
     def state_dict(self) -> dict:
         """What a checkpoint keeps (only what is not empty)."""
         state = {"skipped_batches": [list(pair) for pair in sorted(self.skipped)], "rollbacks": list(self.rollbacks),
-                 "recent_losses": list(self.recent_losses)}
+                 "recent_losses": list(self.recent_losses), "spike_reference": self.reference}
         return {key: value for key, value in state.items() if value}
 
     def skips(self, epoch: int, batch: int, next_step: int) -> bool:
@@ -134,12 +140,19 @@ class Healer(LoopExtension):
     def inspect_loss(self, step: int, loss: float) -> None:
         """The spike check of one step's finite loss (LossMonitor calls it once per step, in order)."""
         factor = self.settings.spike_factor
-        if factor is not None and len(self.recent_losses) >= SPIKE_MIN_HISTORY:
-            median = statistics.median(self.recent_losses)
+        if factor is not None and (self.reference is not None or len(self.recent_losses) >= SPIKE_MIN_HISTORY):
+            median, what = ((self.reference, "the median at the last good state") if self.reference is not None
+                            else (statistics.median(self.recent_losses), "the running median"))
             if loss > factor * median:
-                raise LossSpiked(f"the loss spiked to {loss:.4f} at step {step} (above {factor} x the running "
-                                 f"median {median:.4f})", step)
+                raise LossSpiked(f"the loss spiked to {loss:.4f} at step {step} (above {factor} x {what} "
+                                 f"{median:.4f})", step)
         self.recent_losses.append(loss)
+
+    def found_good(self) -> None:
+        """The losses so far passed the checks (a checkpoint or rollback point): their median is the spike
+        check's reference from now on (once there are enough of them)."""
+        if len(self.recent_losses) >= SPIKE_MIN_HISTORY:
+            self.reference = statistics.median(self.recent_losses)
 
     def keeps_points(self, step: int) -> bool:
         """Whether step is one of --rollback-every's (never without --max-rollbacks)."""
@@ -148,6 +161,7 @@ class Healer(LoopExtension):
     def keep(self, checkpoint: TrainCheckpoint) -> None:
         """Make a checkpoint of the current, checked state the rollback point (copied to the CPU; nothing
         is kept without --max-rollbacks)."""
+        self.found_good()
         if self.settings.max_rollbacks == 0:
             return
         self.point = TrainCheckpoint.from_dict(cpu_copy(checkpoint.to_dict()))
@@ -161,7 +175,8 @@ class Healer(LoopExtension):
             raise error
         if len(self.rollbacks) >= limit:
             done = f"{len(self.rollbacks)} rollback" + ("s" if len(self.rollbacks) != 1 else "")
-            raise TrainingDiverged(f"{error}, after {done} (--max-rollbacks {limit})", error.step) from None
+            raise TrainingDiverged(f"{error}, after {done} (--max-rollbacks {limit}); {self.diagnosis()}",
+                                   error.step) from None
         position = self.positions.get(error.step) if error.step is not None else None
         if position is not None:
             self.skipped.add(position)
@@ -172,9 +187,21 @@ class Healer(LoopExtension):
                    if position else "the batch that caused it is unknown, none is skipped")
         logger.warning(f"warning: rollback {len(self.rollbacks)} of {limit}: {error}; restoring step "
                        f"{point.train_steps} (epoch {point.epoch}, batch {point.epoch_step}), {skipped}")
-        self.recent_losses = deque(point.extensions.get("healing", {}).get("recent_losses", []), maxlen=SPIKE_WINDOW)
+        saved = point.extensions.get("healing", {})
+        self.recent_losses = deque(saved.get("recent_losses", []), maxlen=SPIKE_WINDOW)
+        self.reference = saved.get("spike_reference")
         self.positions = {}
         return TrainCheckpoint.from_dict(cpu_copy(point.to_dict()))  # the optimizer may keep the tensors it loads
+
+    def diagnosis(self) -> str:
+        """What the rollbacks done suggest, for the run's last line."""
+        restored = {rollback["restored_step"] for rollback in self.rollbacks}
+        if len(restored) == 1:
+            return (f"every rollback went back to step {restored.pop()} and the loss diverged again whichever batch "
+                    f"was skipped, so the data is an unlikely cause: lower --lr, or clip with --max-grad-norm")
+        batches = [tuple(rollback["skipped_batch"]) for rollback in self.rollbacks if rollback["skipped_batch"]]
+        return (f"the loss diverged at different places (skipped batches {batches}): look at the data there, or "
+                f"lower --lr")
 
     # The loop's hooks (sit.training.extensions.LoopExtension)
     def start(self, run: Any) -> None:
