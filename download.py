@@ -36,28 +36,22 @@ from sit.hub import HubUnavailable, hub_file, hub_offline
 
 PRETRAINED_DIR = "pretrained_models"
 DEFAULT_MODEL = "SiT-XL-2-256x256.pt"
-# Published name -> its sources, tried in order (the authors moved their checkpoints to the hub
-# and say the Dropbox link will be retired).
+# Published name -> its sources, tried in order (the authors moved their checkpoints to the hub and say
+# the Dropbox link will be retired). Hub file names other than XL/2 256's are not verified from here (no
+# network): SiT-XL-2-512.pt is the authors' answer in issue #42; S/B/L 256 are spelled as public code
+# downloads them (SiT-S-2-256.pt: revision 9a43ddf08f80ac7f3525208ce72943e98fe98343, 131,893,962 bytes,
+# sha256 a245dc6330cd0d5906a5da00718b7d348a417d740e6b6cfeeb504e9d1448d070, a bare state dict of 1001
+# class rows; its undocumented sibling SiT-S-2-256_orig.pt is reachable only as an hf:// file).
 PUBLISHED_MODELS = {
     DEFAULT_MODEL: [
         "hf://nyu-visionx/SiT-collections/SiT-XL-2-256.pt",
         "https://www.dl.dropboxusercontent.com/scl/fi/as9oeomcbub47de5g4be0/SiT-XL-2-256.pt"
         "?rlkey=uxzxmpicu46coq3msb17b9ofa&dl=0",
     ],
+    "SiT-XL-2-512x512.pt": ["hf://nyu-visionx/SiT-collections/SiT-XL-2-512.pt"],
+    **{name: [f"hf://nyu-visionx/SiT-collections/{name}"] for name in ("SiT-S-2-256.pt", "SiT-B-2-256.pt",
+                                                                       "SiT-L-2-256.pt")},
 }
-# The 512 model is on the hub too (the authors' answer in issue #42); its file name there is
-# not verified from here (no network), hence no fallback.
-PUBLISHED_MODELS["SiT-XL-2-512x512.pt"] = ["hf://nyu-visionx/SiT-collections/SiT-XL-2-512.pt"]
-# The S/B/L models at 256 (hub only). File names as public code that downloads them from the collection
-# spells them (not verified from here, no network):
-# - SiT-S-2-256.pt: hf_hub_download at revision 9a43ddf08f80ac7f3525208ce72943e98fe98343, 131,893,962 bytes,
-#   sha256 a245dc6330cd0d5906a5da00718b7d348a417d740e6b6cfeeb504e9d1448d070 (a bare state dict, 1001 class
-#   rows). Code also downloads SiT-S-2-256_orig.pt from the collection; what differs is not documented, so
-#   that file is only reachable by name: --ckpt hf://nyu-visionx/SiT-collections/SiT-S-2-256_orig.pt;
-# - SiT-B-2-256.pt: hf_hub_download and curl .../resolve/main/SiT-B-2-256.pt (522 MB);
-# - SiT-L-2-256.pt: named as nyu-visionx/SiT-collections/SiT-L-2-256.pt in a project's README (1.8 GB).
-PUBLISHED_MODELS.update({name: [f"hf://nyu-visionx/SiT-collections/{name}"]
-                         for name in ("SiT-S-2-256.pt", "SiT-B-2-256.pt", "SiT-L-2-256.pt")})
 # (--model, image size) -> its published checkpoint, for requests without --ckpt.
 PUBLISHED_CHECKPOINTS = {("SiT-XL/2", 256): DEFAULT_MODEL, ("SiT-XL/2", 512): "SiT-XL-2-512x512.pt",
                          ("SiT-L/2", 256): "SiT-L-2-256.pt", ("SiT-B/2", 256): "SiT-B-2-256.pt",
@@ -73,10 +67,6 @@ SAFE_GLOBALS = [argparse.Namespace]
 class CheckpointError(UsageError):
     """A checkpoint that cannot be found, fetched, loaded or matched to the requested model."""
 
-
-#################################################################################
-#                                   Fetching                                    #
-#################################################################################
 
 def download_url(url: str, path: str, progress: bool = True) -> str:
     """Stream `url` (http, https or file) to `path`, atomically, with a progress bar.
@@ -142,29 +132,24 @@ def fetch_published(name: str) -> str:
     local_path = os.path.join(PRETRAINED_DIR, name)
     if os.path.isfile(local_path):
         return local_path
+    failures = []  # each source in turn; CheckpointError naming them all when none works
     with removed_on_failure_if_empty([PRETRAINED_DIR], enabled=not os.path.isdir(PRETRAINED_DIR)):
-        return fetch_published_sources(name, local_path)
-
-
-def fetch_published_sources(name: str, local_path: str) -> str:
-    """Try each source of a published checkpoint in turn; CheckpointError naming them all when none works."""
-    failures = []
-    for source in PUBLISHED_MODELS[name]:
-        if hub_offline() and not source.startswith(HUB_SCHEME):
-            failures.append(f"{source.split('?')[0]} not tried (HF_HUB_OFFLINE is set)")
-            continue
-        try:
-            if source.startswith(HUB_SCHEME):
-                place_file(download_hub_file(source), local_path)
-            else:
-                download_url(source, local_path)
-            return local_path
-        except CheckpointError as error:
-            failures.append(str(error))
-    first = PUBLISHED_MODELS[name][0]
-    link = hub_web_url(first) if first.startswith(HUB_SCHEME) else first
-    raise CheckpointError(f"could not download {name}: {'; '.join(failures)}. Download it by hand (from {link}) "
-                          f"and pass the local file instead: --ckpt /path/to/{name}")
+        for source in PUBLISHED_MODELS[name]:
+            if hub_offline() and not source.startswith(HUB_SCHEME):
+                failures.append(f"{source.split('?')[0]} not tried (HF_HUB_OFFLINE is set)")
+                continue
+            try:
+                if source.startswith(HUB_SCHEME):
+                    place_file(download_hub_file(source), local_path)
+                else:
+                    download_url(source, local_path)
+                return local_path
+            except CheckpointError as error:
+                failures.append(str(error))
+        first = PUBLISHED_MODELS[name][0]
+        link = hub_web_url(first) if first.startswith(HUB_SCHEME) else first
+        raise CheckpointError(f"could not download {name}: {'; '.join(failures)}. Download it by hand (from {link}) "
+                              f"and pass the local file instead: --ckpt /path/to/{name}")
 
 
 def place_file(source: str, path: str) -> None:
@@ -189,6 +174,11 @@ def url_cache_name(url: str) -> str:
     return f"{hashlib.sha1(url.encode()).hexdigest()[:8]}-{url_file_name(url)}"
 
 
+def by_hand(error: CheckpointError, name: str) -> CheckpointError:
+    """A fetch failure with the advice to download the file by hand and pass it instead."""
+    return CheckpointError(f"{error}. Download it by hand and pass the local file instead: --ckpt /path/to/{name}")
+
+
 def fetch_url(url: str) -> str:
     """Local path of a URL's file, downloaded into pretrained_models/<url_cache_name(url)>.
 
@@ -196,7 +186,6 @@ def fetch_url(url: str) -> str:
     file:// URL is copied afresh, since the file behind it may have changed. (Published names
     keep their own cache path, pretrained_models/<name>: see fetch_published.)
     """
-    name = url_file_name(url)
     local_path = os.path.join(PRETRAINED_DIR, url_cache_name(url))
     if not url.startswith("file://") and os.path.isfile(local_path):
         return local_path
@@ -204,8 +193,7 @@ def fetch_url(url: str) -> str:
         with removed_on_failure_if_empty([PRETRAINED_DIR], enabled=not os.path.isdir(PRETRAINED_DIR)):
             return download_url(url, local_path)
     except CheckpointError as error:
-        raise CheckpointError(f"{error}. Download it by hand and pass the local file instead: "
-                              f"--ckpt /path/to/{name}") from error
+        raise by_hand(error, url_file_name(url)) from error
 
 
 def resolve(path_or_name: str | os.PathLike) -> str:
@@ -217,8 +205,7 @@ def resolve(path_or_name: str | os.PathLike) -> str:
         try:
             return download_hub_file(path_or_name)
         except CheckpointError as error:
-            raise CheckpointError(f"{error}. Download it by hand and pass the local file instead: "
-                                  f"--ckpt /path/to/{os.path.basename(path_or_name)}") from error
+            raise by_hand(error, os.path.basename(path_or_name)) from error
     if path_or_name.startswith(URL_SCHEMES):
         return fetch_url(path_or_name)
     return path_or_name
@@ -242,10 +229,6 @@ def local_copy(path_or_name: str | os.PathLike) -> Optional[str]:
         candidate = path_or_name
     return os.path.abspath(candidate) if isinstance(candidate, str) and os.path.isfile(candidate) else None
 
-
-#################################################################################
-#                                    Loading                                    #
-#################################################################################
 
 def load_checkpoint(path_or_name: str | os.PathLike) -> dict:
     """The raw checkpoint dict (train.py's {"model", "ema", "opt", "args", ...} or a state dict).
@@ -332,10 +315,6 @@ def published_model(model_name: Optional[str], image_size: Optional[int], num_cl
                               f"pass --ckpt")
     return PUBLISHED_CHECKPOINTS[(model_name, image_size or 256)]
 
-
-#################################################################################
-#                                Error messages                                 #
-#################################################################################
 
 def _refused_object(message: str) -> Optional[str]:
     """The object a weights-only load refused (e.g. 'GLOBAL posix.mkdir'), or None for other errors."""

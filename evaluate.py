@@ -3,13 +3,9 @@
     python evaluate.py VIRTUAL_imagenet256_labeled.npz samples/<folder>.npz [--json metrics.json]
         [--metrics is,fid,sfid,precision,recall,fd_dinov2]
 
-Inception Score, FID, sFID, precision and recall as openai/guided-diffusion's `evaluations/evaluator.py`
-defines them, computed with the TensorFlow-ported FID Inception-v3 of torch-fidelity (its weights, or
-NVlabs' TorchScript inception-2015-12-05.pt via --inception-weights); FD-DINOv2 with DINOv2 ViT-L/14
-(see sit/metrics/ for the definitions). The trace of the covariance square root comes from a symmetric
-eigendecomposition by default (`--fid-method sqrtm` runs ADM's scipy sqrtm path; both agree to ~1e-12
-on full-rank statistics). The sample batch's record (`<folder>.json`, written by sample_ddp.py) is
-checked against the .npz and copied into the --json output with the evaluator's own settings.
+Definitions, networks and weights (--inception-weights, --dinov2-weights, --fid-method): sit/metrics/.
+The sample batch's record (`<folder>.json`, written by sample_ddp.py) is checked against the .npz and
+copied into the --json output with the evaluator's own settings.
 
 Reference batches: `arr_0` (N, H, W, 3) uint8 images, optionally with precomputed `mu`, `sigma`,
 `mu_s`, `sigma_s` (which then take precedence for FID/sFID, as in ADM). Reference statistics and
@@ -28,9 +24,8 @@ import torch
 from sit.cli import ScriptParser, non_negative_int, positive_int, run_main
 from sit.errors import UsageError
 from sit.files import atomic_json, folder_problem
-from sit.metrics import (DEFAULT_METRICS, FID_METHODS, METRICS, Evaluator, format_table, npz_array_shape,
+from sit.metrics import (DEFAULT_METRICS, FID_METHODS, METRICS, Evaluator, format_table, open_npz_images,
                          parse_metric_list)
-from sit.metrics.npz import open_npz_images
 from sit.record import record_beside, record_path
 from sit.speed import configure_precision
 
@@ -101,8 +96,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.sample_batch is None:
         evaluator.cache_reference(args.ref_batch)
         return
-    shape = npz_array_shape(args.sample_batch)  # (N, H, W, 3), read from the header only
-    open_npz_images(args.sample_batch)  # uint8 (N, H, W, 3), N > 0: refused now, not after a network has loaded
+    shape = open_npz_images(args.sample_batch).shape  # uint8 (N, H, W, 3), N > 0: refused before any network loads
     record = record_beside(args.sample_batch, shape[0], shape[1:])
     metrics = evaluator.evaluate(args.ref_batch, args.sample_batch)
     print(format_table(metrics, metric_names))

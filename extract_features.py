@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 from sit.cli import ScriptParser, exit_process, non_negative_int, positive_int, run_main
 from sit.data.extraction import (ExtractionConfig, check_features_path, discard_unstarted_folder, encode_blocks,
                                  feature_blocks, is_block_done, mark_complete, open_image_folder,
-                                 prepare_feature_folder)
+                                 open_feature_folder)
 from sit.data.features import read_meta
 from sit.data.images import TrainImageFolder
 from sit.distributed import DistContext, agree, cleanup_distributed, on_main, setup_distributed
@@ -41,7 +41,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--block-size", type=positive_int, default=1024, help="images per resumable block")
     parser.add_argument("--num-workers", type=non_negative_int, default=4)
     parser.add_argument("--float32", action="store_true", help="store float32 instead of float16")
-    parser.add_argument("--repa-encoder", type=str, default=None,
+    parser.add_argument("--repa-encoder", dest="token_encoder", type=str, default=None,
                         help="also store this encoder's patch tokens (train.py --repa-encoder's names)")
     return parser.parse_args(argv)
 
@@ -51,18 +51,18 @@ def config_from_args(args: argparse.Namespace) -> ExtractionConfig:
     return ExtractionConfig(data_path=args.data_path, features_path=args.features_path, image_size=args.image_size,
                             vae=canonical_vae_name(args.vae), batch_size=args.batch_size, block_size=args.block_size,
                             num_workers=args.num_workers, float32=args.float32,
-                            repa_encoder=canonical_encoder_name(args.repa_encoder))
+                            token_encoder=canonical_encoder_name(args.token_encoder))
 
 
 def encode_missing_blocks(ctx: DistContext, config: ExtractionConfig, dataset: TrainImageFolder) -> None:
-    """Every rank: lock and prepare the folder (rank 0), encode this rank's missing blocks, mark completeness."""
+    """Every rank: lock and open the folder (rank 0), encode this rank's missing blocks, mark completeness."""
     if ctx.is_main and dataset.listing_warning:
         print(f"warning: {dataset.listing_warning}", file=sys.stderr, flush=True)
-    on_main(ctx, functools.partial(prepare_feature_folder, config, dataset))
+    on_main(ctx, functools.partial(open_feature_folder, config, dataset))
     meta = read_meta(config.features_path)
     vae = agree(ctx, functools.partial(load_vae, config.vae, ctx.device))
-    encoder = None if config.repa_encoder is None else agree(
-        ctx, functools.partial(load_encoder, config.repa_encoder, config.image_size, ctx.device))
+    encoder = None if config.token_encoder is None else agree(
+        ctx, functools.partial(load_encoder, config.token_encoder, config.image_size, ctx.device))
     blocks = blocks_of_rank(feature_blocks(meta), ctx.rank, ctx.world_size)
     todo = [block for block in blocks if not is_block_done(config.features_path, block)]
     if ctx.is_main:  # the block total is rank 0's share times the ranks (the message as it was)

@@ -43,9 +43,7 @@ def launched_by_torchrun() -> bool:
 
 def launched_world_size() -> int:
     """The number of processes torchrun started (1 for a plain `python script.py`), before joining."""
-    if launched_by_torchrun():
-        return int(os.environ["WORLD_SIZE"])
-    return 1
+    return int(os.environ["WORLD_SIZE"]) if launched_by_torchrun() else 1
 
 
 def launched_rank() -> int:
@@ -58,18 +56,13 @@ def setup_distributed(timeout_minutes: int = 30) -> DistContext:
 
     The device comes from LOCAL_RANK, so multi-node jobs pick the right GPU.
     """
-    use_cuda = torch.cuda.is_available()
-    if not launched_by_torchrun():
-        device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
-        if use_cuda:
-            torch.cuda.set_device(device)
-        return DistContext(rank=0, world_size=1, local_rank=0, device=device)
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda, launched = torch.cuda.is_available(), launched_by_torchrun()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0)) if launched else 0
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
-        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
+    if not launched:
+        return DistContext(rank=0, world_size=1, local_rank=0, device=device)
     dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes))
     return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device)
 

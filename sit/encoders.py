@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from sit.errors import UsageError
+from sit.errors import UsageError, error_line
 from sit.speed import autocast
 
 FLAG = "--repa-encoder"
@@ -65,10 +65,6 @@ def canonical_encoder_name(name: Optional[str]) -> Optional[str]:
         return dinov2_timm_name(match.group(1), registers=bool(match.group(2)))
     return name
 
-
-#################################################################################
-#                 What an encoder is: architecture without the weights           #
-#################################################################################
 
 @dataclass(frozen=True)
 class EncoderSpec:
@@ -119,8 +115,7 @@ def read_weights(path: str) -> dict:
             except RuntimeError:  # the legacy (non-zip) format cannot be mapped
                 weights = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a pickle that weights_only refuses, a truncated or foreign file
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UsageError(f"{FLAG} {path}: cannot read its weights ({first_line[:200]})") from None
+        raise UsageError(f"{FLAG} {path}: cannot read its weights ({error_line(error, with_type=False)})") from None
     for key in ("model", "state_dict"):  # common wrappers of a state dict
         if isinstance(weights, dict) and isinstance(weights.get(key), dict):
             weights = weights[key]
@@ -206,10 +201,6 @@ def describe_encoder(name: str) -> EncoderSpec:
     return EncoderSpec(source, architecture, model_args, model.patch_embed.patch_size[0], model.embed_dim, **norm)
 
 
-#################################################################################
-#                          The loaded encoder and its tokens                    #
-#################################################################################
-
 class VisionEncoder:
     """A frozen ViT in eval mode and the preprocessing its tokens need."""
 
@@ -222,9 +213,6 @@ class VisionEncoder:
     @property
     def embed_dim(self) -> int:
         return self.spec.embed_dim
-
-    def num_tokens(self) -> int:
-        return (self.input_size // self.spec.patch_size) ** 2
 
     @torch.no_grad()
     def patch_tokens(self, images: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
@@ -269,28 +257,22 @@ def load_encoder(name: str, image_size: int, device: torch.device) -> VisionEnco
     initial weights): a run with an encoder draws the same noise as one without. Raises UsageError
     naming the flag.
     """
+    import timm
+
     with torch.random.fork_rng(devices=[]):  # the module is built on the CPU
-        return _load_encoder(name, image_size, device)
-
-
-def _load_encoder(name: str, image_size: int, device: torch.device) -> VisionEncoder:
-    spec = describe_encoder(name)
-    source = spec.source
-    if os.path.isfile(source) or os.path.isdir(source):
-        module = spec.build(image_size)
-        if os.path.isfile(source):
-            weights = read_weights(source)
+        spec = describe_encoder(name)
+        source = spec.source
+        if os.path.isfile(source) or os.path.isdir(source):
+            module = spec.build(image_size)
+            path = source if os.path.isfile(source) else next(
+                os.path.join(source, f) for f in WEIGHT_FILES if os.path.isfile(os.path.join(source, f)))
+            load_weights_into(module, timm_form(read_weights(path)), source)
         else:
-            weights = read_weights(next(os.path.join(source, f) for f in WEIGHT_FILES
-                                        if os.path.isfile(os.path.join(source, f))))
-        load_weights_into(module, timm_form(weights), source)
-    else:
-        import timm
-
-        try:
-            module = timm.create_model(source, pretrained=True, num_classes=0, img_size=spec.input_size(image_size))
-        except Exception as error:  # no network, no disk space, an unpublished name
-            first_line = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-            raise UsageError(f"{FLAG} {name}: cannot get the weights of {source} ({first_line}); download them once "
-                             f"where there is network, or pass a local weights file") from None
-    return VisionEncoder(spec, module.to(device), image_size)
+            try:
+                module = timm.create_model(source, pretrained=True, num_classes=0,
+                                           img_size=spec.input_size(image_size))
+            except Exception as error:  # no network, no disk space, an unpublished name
+                raise UsageError(f"{FLAG} {name}: cannot get the weights of {source} "
+                                 f"({error_line(error, with_type=False)}); download them once where there is "
+                                 f"network, or pass a local weights file") from None
+        return VisionEncoder(spec, module.to(device), image_size)

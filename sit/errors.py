@@ -48,8 +48,11 @@ def named_by(flag: str) -> Iterator[None]:
         raise type(error)(f"{flag}: {error}") from None
 
 
-def error_line(error: BaseException, limit: int = 200) -> str:
-    """`Type: the first line of its message`, cut to `limit` characters: an error inside one line."""
+def error_line(error: BaseException, limit: int = 200, with_type: bool = True) -> str:
+    """`Type: the first line of its message` (with_type=False: the line alone), cut to `limit` characters: an
+    error inside one line; the type's name for an empty message."""
     lines = str(error).strip().splitlines()
     first = lines[0].strip()[:limit] if lines else ""
-    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+    if not first:
+        return type(error).__name__
+    return f"{type(error).__name__}: {first}" if with_type else first

@@ -88,7 +88,6 @@ def format_bytes(count: float) -> str:
         if abs(count) < 1024 or unit == "TiB":
             return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
         count /= 1024
-    return f"{count:.1f} TiB"
 
 
 def check_free_space(path: str, needed: int, what: str) -> None:
@@ -205,25 +204,19 @@ def atomic_torch_save(obj: Any, path: str) -> None:
     atomic_write(path, functools.partial(_torch_save, obj), suffix=".pt")
 
 
-def _dump_json(data: Any, path: str) -> None:
-    with open(path, "w") as handle:
-        json.dump(data, handle, indent=2)
-        handle.write("\n")
-
-
-def atomic_json(path: str, data: Any) -> None:
-    """`data` as indented JSON at `path`, atomically."""
-    atomic_write(path, functools.partial(_dump_json, data), suffix=".json")
-
-
 def _write_text(text: str, path: str) -> None:
     with open(path, "w") as handle:
         handle.write(text)
 
 
-def atomic_text(path: str, text: str) -> None:
-    """A small text file at `path`, atomically."""
-    atomic_write(path, functools.partial(_write_text, text), suffix=".txt")
+def atomic_text(path: str, text: str, suffix: str = ".txt") -> None:
+    """A small text file at `path`, atomically (its temporary's name ends in suffix)."""
+    atomic_write(path, functools.partial(_write_text, text), suffix=suffix)
+
+
+def atomic_json(path: str, data: Any) -> None:
+    """`data` as indented JSON at `path`, atomically."""
+    atomic_text(path, json.dumps(data, indent=2) + "\n", suffix=".json")
 
 
 @contextlib.contextmanager

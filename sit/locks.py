@@ -19,7 +19,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator
 
 from sit.errors import UsageError
 from sit.files import process_alive, this_host
@@ -129,12 +129,6 @@ def holds_folder_lock(folder: str) -> bool:
     return os.path.abspath(os.path.join(folder, LOCK_FILE)) in _held
 
 
-def release_folder_locks() -> None:
-    """Release every lock this process holds (at the end of a run; a killed run's are taken over later)."""
-    for lock in list(_held.values()):
-        lock.release()
-
-
 @contextlib.contextmanager
 def folder_locks_released() -> Iterator[None]:
     """Release the locks taken inside the block when it ends, however it ends."""
@@ -145,18 +139,3 @@ def folder_locks_released() -> Iterator[None]:
         for path in [path for path in _held if path not in before]:
             _held[path].release()
 
-
-def holder_of(folder: str) -> Optional[dict]:
-    """The holder named by a folder's lock file while a live process holds it, else None (for tests and reports)."""
-    path = os.path.join(folder, LOCK_FILE)
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return read_holder(fd)
-    finally:
-        os.close(fd)
-    return None

@@ -62,10 +62,6 @@ def compile_for_sampling(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-#################################################################################
-#                          CPU threads per process                              #
-#################################################################################
-
 THREADS_ENV = "OMP_NUM_THREADS"  # torchrun sets it to 1 per process when it starts several and it is unset
 
 

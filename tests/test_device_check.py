@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from conftest import REPO
-from sit.device_check import CHECKS, bench_rows, run_checks
+
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+from device_check import CHECKS, bench_rows, parse_args, run_checks  # noqa: E402
 
 SCRIPT = os.path.join(REPO, "benchmarks", "device_check.py")
 FIXTURE = os.path.join(REPO, "tests", "fixtures", "parity.pt")
@@ -84,11 +86,8 @@ def test_without_the_recording_the_device_is_held_to_the_cpu(tmp_path):
 
 def test_check_names_are_the_command_line_choices(capsys):
     assert list(CHECKS) == ["parity", "sampler", "autocast", "compile", "sdpa", "distributed", "sample", "bench"]
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-    import device_check
-
     with pytest.raises(SystemExit):
-        device_check.parse_args(["--only", "nccl"])
+        parse_args(["--only", "nccl"])
     assert "invalid choice: 'nccl'" in capsys.readouterr().err
 
 

@@ -9,6 +9,7 @@ are the shared image reader's (issue 17) and are tested with it.
 Full disks use a real tmpfs mounted for the test (root only); where mounting is impossible those tests
 are skipped with the reason.
 """
+import fcntl
 import json
 import os
 import pathlib
@@ -17,6 +18,7 @@ import signal
 import subprocess
 import sys
 import zipfile
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -33,7 +35,7 @@ from sit.files import (NoSpaceLeft, atomic_json, atomic_torch_save, atomic_write
                        preallocate, remove_temporaries, temporary_owner, this_host)
 from sit.generation import generate_latents
 from sit.config import GuidanceConfig
-from sit.locks import LOCK_FILE, acquire_folder_lock, folder_locks_released, holder_of
+from sit.locks import LOCK_FILE, acquire_folder_lock, folder_locks_released, read_holder
 from sit.log import create_logger
 from sit.metrics.errors import MetricInputError
 from sit.metrics.npz import open_npz, open_npz_images
@@ -629,6 +631,21 @@ def test_feature_tokens_are_judged_with_the_other_arrays(tmp_path):
 #################################################################################
 #                           Two runs, one place                                 #
 #################################################################################
+
+def holder_of(folder: str) -> Optional[dict]:
+    """The holder named by a folder's lock file while a live process holds it, else None."""
+    try:
+        fd = os.open(os.path.join(folder, LOCK_FILE), os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return read_holder(fd)
+    finally:
+        os.close(fd)
+    return None
+
 
 HOLD_LOCK = ("import sys, time\nsys.path.insert(0, {repo!r})\nfrom sit.locks import acquire_folder_lock\n"
              "acquire_folder_lock({folder!r}, 'the folder', print)\nprint('HELD', flush=True)\ntime.sleep(120)\n")

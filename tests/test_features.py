@@ -9,8 +9,8 @@ import torch
 from torchvision.datasets import ImageFolder
 
 import extract_features
-from conftest import REPO, make_image_folder, assert_names
-from sit.data.extraction import ExtractionConfig, build_meta, open_image_folder, prepare_feature_folder
+from conftest import REPO, assert_names, make_image_folder
+from sit.data.extraction import ExtractionConfig, build_meta, open_image_folder, open_feature_folder
 from sit.data.features import LatentFeatureDataset, block_marker, read_meta
 from sit.data.images import image_transform
 from sit.data.order import flip_for
@@ -167,7 +167,7 @@ def test_rerun_with_another_data_path_is_refused(tmp_path, monkeypatch):
 
     def prepare(data_path: str) -> dict:
         config = ExtractionConfig(data_path=data_path, features_path=out, image_size=16)
-        return prepare_feature_folder(config, open_image_folder(config))
+        return open_feature_folder(config, open_image_folder(config))
 
     created = prepare(first)
     monkeypatch.chdir(tmp_path)

@@ -43,7 +43,7 @@ class ExtractionConfig:
     block_size: int = 1024  # images per resumable block
     num_workers: int = 4
     float32: bool = False  # store float32 instead of float16
-    repa_encoder: Optional[str] = None  # also store this encoder's patch tokens (canonical, sit.encoders)
+    token_encoder: Optional[str] = None  # also store this encoder's patch tokens (canonical, sit.encoders)
 
     @property
     def dtype(self) -> str:
@@ -74,8 +74,8 @@ def open_image_folder(config: ExtractionConfig) -> TrainImageFolder:
     a warning. --image-size must be a multiple of 8 (UsageError)."""
     check_image_size(config.image_size, pixel_space=False)
     check_vae_name(config.vae, allow_pixels=False)  # before any folder is made: features are VAE latents
-    if config.repa_encoder is not None:
-        describe_encoder(config.repa_encoder).input_size(config.image_size)
+    if config.token_encoder is not None:
+        describe_encoder(config.token_encoder).input_size(config.image_size)
     return TrainImageFolder(config.data_path, config.image_size, random_flip=False)
 
 
@@ -85,14 +85,14 @@ def build_meta(config: ExtractionConfig, dataset: TrainImageFolder) -> dict:
     meta = dict(image_size=config.image_size, vae=config.vae, num_images=len(dataset), classes=dataset.classes,
                 dtype=config.dtype, block_size=config.block_size, latent_shape=list(shape),
                 data_path=os.path.abspath(config.data_path), complete=False)
-    if config.repa_encoder is not None:  # only then: a folder without tokens keeps its old meta.json
-        spec = describe_encoder(config.repa_encoder)
+    if config.token_encoder is not None:  # only then: a folder without tokens keeps its old meta.json
+        spec = describe_encoder(config.token_encoder)
         side = spec.input_size(config.image_size) // spec.patch_size
-        meta.update(repa_encoder=spec.source, repa_tokens_shape=[side * side, spec.embed_dim])
+        meta.update({"repa_encoder": spec.source, "repa_tokens_shape": [side * side, spec.embed_dim]})
     return meta
 
 
-def prepare_feature_folder(config: ExtractionConfig, dataset: TrainImageFolder) -> dict:
+def open_feature_folder(config: ExtractionConfig, dataset: TrainImageFolder) -> dict:
     """Lock the folder for this run (UsageError while another live run writes it), check that an existing
     folder holds this run's features (UsageError naming --features-path otherwise), or create the folder,
     its arrays and meta.json. Returns the folder's meta (one rank's job)."""

@@ -139,17 +139,21 @@ def token_array_shape(meta: dict) -> tuple[int, ...]:
     return (meta["num_images"], 2, *meta["repa_tokens_shape"])
 
 
-def open_token_array(feature_path: str, meta: dict, mode: str) -> np.memmap:
-    """Memory-map repa_tokens.npy (N, 2, T, D); mode as open_arrays (its space is checked there, as
-    part of arrays_bytes, before any array is created)."""
-    path = os.path.join(feature_path, "repa_tokens.npy")
+def open_array(path: str, shape: tuple[int, ...], dtype: str, mode: str) -> np.memmap:
+    """Memory-map one .npy: mode "w+" creates it, preallocated (see sit.files.preallocate), "r+" writes
+    (preallocated too: a folder an older version left sparse), "r" reads."""
     if mode == "w+":
-        tokens = np.lib.format.open_memmap(path, mode="w+", dtype=meta["dtype"], shape=token_array_shape(meta))
+        array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
         preallocate(path)
-        return tokens
+        return array
     if mode == "r+":
-        preallocate(path)  # a folder an older version left sparse
+        preallocate(path)
     return np.load(path, mmap_mode=mode)
+
+
+def open_token_array(feature_path: str, meta: dict, mode: str) -> np.memmap:
+    """Memory-map repa_tokens.npy (N, 2, T, D), as open_array (its space is checked by open_arrays)."""
+    return open_array(os.path.join(feature_path, "repa_tokens.npy"), token_array_shape(meta), meta["dtype"], mode)
 
 
 def arrays_bytes(meta: dict) -> int:
@@ -159,21 +163,13 @@ def arrays_bytes(meta: dict) -> int:
 
 
 def open_arrays(feature_path: str, meta: dict, mode: str) -> tuple[np.memmap, np.memmap, np.memmap]:
-    """Memory-map (mean, std, labels); mode "w+" creates them (after checking the free space for them and
-    the encoder tokens, and preallocated: see sit.files.preallocate), "r+" writes (preallocated too), "r" reads."""
+    """Memory-map (mean, std, labels) as open_array; "w+" first checks the free space for them and the
+    encoder tokens."""
     if mode == "w+":
         check_free_space(feature_path, arrays_bytes(meta), f"the features of {meta['num_images']:,} images")
-    arrays = []
-    for name, (array_shape, dtype) in array_shapes(meta).items():
-        path = os.path.join(feature_path, f"{name}.npy")
-        if mode == "w+":
-            arrays.append(np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=array_shape))
-            preallocate(path)
-        else:
-            if mode == "r+":
-                preallocate(path)  # a folder an older version left sparse
-            arrays.append(np.load(path, mmap_mode=mode))
-    return arrays[0], arrays[1], arrays[2]
+    mean, std, labels = (open_array(os.path.join(feature_path, f"{name}.npy"), shape, dtype, mode)
+                         for name, (shape, dtype) in array_shapes(meta).items())
+    return mean, std, labels
 
 
 class LatentFeatureDataset(Dataset):

@@ -14,14 +14,9 @@ NVlabs' TorchScript of the same TensorFlow graph mapped onto it), and edm2's FD-
 The trace of the covariance square root comes from a symmetric eigendecomposition by default
 (`sqrtm` runs ADM's scipy sqrtm path; both agree to ~1e-12 on full-rank statistics).
 
-Modules, one concern each: errors (MetricInputError, InceptionWeightsError), statistics (Fréchet
-distance, streaming mean/covariance), precision_recall, torchscript_archive (a TorchScript's tensors,
-no code run), inception_weights (the weights files and their mapping), inception (the feature network,
-Inception Score), dinov2 (DINOv2 embeddings), npz (reading and writing batches), batch_features (a
-batch through a network), reference (reference statistics and their caches), table (--metrics names
-and the printed table), evaluator (Evaluator: the requested metrics of a batch, its settings),
-fid_monitor (FIDMonitor: FID while training). A new metric is a module here plus its row in table.METRICS.
+Each module holds one concern; a new metric is a module here plus its row in table.METRICS.
 """
+# re-exported: the names the package offers
 from sit.metrics.batch_features import BatchFeatures, embedding_statistics, extract_features
 from sit.metrics.dinov2 import DINOv2FeatureExtractor, DINOv2WeightsError
 from sit.metrics.errors import InceptionWeightsError, MetricInputError
@@ -38,14 +33,3 @@ from sit.metrics.reference import (ReferenceStatistics, read_statistics_file, re
                                    reference_statistics, stats_cache_path)
 from sit.metrics.statistics import FID_METHODS, RunningStatistics, frechet_distance, trace_sqrt_product
 
-__all__ = [
-    "BatchFeatures", "embedding_statistics", "extract_features", "DINOv2FeatureExtractor", "DINOv2WeightsError",
-    "InceptionWeights", "load_inception_weights", "DEFAULT_METRICS", "METRICS", "format_table", "parse_metric_list",
-    "InceptionWeightsError", "MetricInputError", "Evaluator", "FIDMonitor",
-    "NUM_LOGITS", "POOL_DIM", "SPATIAL_DIM", "InceptionFeatureExtractor", "InceptionFeatures", "inception_score",
-    "random_inception_state_dict", "to_uint8_images", "weights_fingerprint", "NpzBatches", "npz_array_shape",
-    "open_npz",
-    "open_npz_images", "save_npz_atomic", "manifold_precision_recall", "manifold_radii", "pairwise_squared_distances",
-    "ReferenceStatistics", "read_statistics_file", "reference_fingerprint", "reference_statistics",
-    "stats_cache_path", "FID_METHODS", "RunningStatistics", "frechet_distance", "trace_sqrt_product",
-]

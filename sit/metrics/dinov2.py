@@ -33,8 +33,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATE_OFFSET = 0.1  # DINOv2's "historical kludge" in the scale factor, kept for identical features
 DINOV2_RESIZE = f"bicubic {DINOV2_INPUT_SIZE}x{DINOV2_INPUT_SIZE}, antialiased (edm2's torch resize)"
-# Keys of DINOv2's own checkpoints that the embedding does not use.
-UNUSED_KEYS = ("mask_token",)
 
 
 class DINOv2WeightsError(UsageError):
@@ -47,15 +45,14 @@ def hub_weights_path() -> str:
 
 
 def where_to_put_it() -> str:
-    """The one-line advice for a missing network."""
+    """The one-line advice for missing weights."""
     return (f"download {DINOV2_WEIGHTS_URL} to {hub_weights_path()}, or pass --dinov2-weights FILE "
             f"(that file, or timm's {DINOV2_TIMM_REPO.split('/')[1]} weights)")
 
 
 def read_weights_file(path: str) -> dict[str, torch.Tensor]:
-    """A state dict of tensors from .safetensors or torch.save (weights_only); DINOv2WeightsError otherwise."""
-    if not os.path.isfile(path):
-        raise DINOv2WeightsError(f"DINOv2 weights file {path!r} does not exist; {where_to_put_it()}")
+    """A state dict of tensors from an existing .safetensors or torch.save file (weights_only);
+    DINOv2WeightsError otherwise."""
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
@@ -100,7 +97,7 @@ def timm_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """DINOv2's names -> timm's: chunked blocks (`blocks.<chunk>.<i>.`, whose inner index is global) become
     `blocks.<i>.`, and what the embedding does not use (the masked-modelling token) goes."""
     return {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", key): value for key, value in state.items()
-            if key not in UNUSED_KEYS}
+            if key != "mask_token"}
 
 
 def vit_config_of(state: dict[str, torch.Tensor], source: str) -> dict:

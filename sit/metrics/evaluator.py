@@ -60,17 +60,12 @@ class Evaluator:
         return reference_statistics(ref_path, functools.partial(weights_fingerprint, self.weights_path),
                                     functools.partial(self.features, ref_path, "reference"))
 
-    def dinov2_network(self) -> DINOv2FeatureExtractor:
-        """The DINOv2 network, built on first use."""
+    def dinov2_statistics(self, path: str, description: str) -> RunningStatistics:
+        """Streamed mean and covariance of the DINOv2 embeddings of an npz's images (network built on first use)."""
         if self.dinov2 is None:
             self.dinov2 = DINOv2FeatureExtractor(self.device, self.dinov2_weights)
-        return self.dinov2
-
-    def dinov2_statistics(self, path: str, description: str) -> RunningStatistics:
-        """Streamed mean and covariance of the DINOv2 embeddings of an npz's images."""
-        network = self.dinov2_network()
-        return embedding_statistics(network, network.dim, self.device, path, self.batch_size, self.num_workers,
-                                    description)
+        return embedding_statistics(self.dinov2, self.dinov2.dim, self.device, path, self.batch_size,
+                                    self.num_workers, description)
 
     def dinov2_weights_id(self) -> str:
         """The DINOv2 weights' fingerprint (for the reference cache), without building the network."""

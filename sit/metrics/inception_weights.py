@@ -80,18 +80,20 @@ class InceptionWeights:
 
 def fidelity_state_from_tf_names(tensors: dict[str, torch.Tensor], path: str, file_format: str) -> InceptionWeights:
     """torch-fidelity's state dict from tensors named like the TensorFlow graph (`[net.]layers.<...>.beta`)."""
+    def not_inception(missing: str) -> InceptionWeightsError:
+        return InceptionWeightsError(f"{path} is a {file_format} but not of the Inception 2015-12-05 network "
+                                     f"(no {missing}); {WHICH_FILES}")
+
     anchor = f"{SFID_LAYER}.weight"
     prefix = next((name[: -len(anchor)] for name in tensors if name.endswith(anchor)), None)
     if prefix is None:
-        raise InceptionWeightsError(f"{path} is a {file_format} but not of the Inception 2015-12-05 network "
-                                    f"(no {anchor}); {WHICH_FILES}")
+        raise not_inception(anchor)
     state = {}
     for tf_name, fidelity_name in tf_to_fidelity_layers().items():
         names = [f"{prefix}{tf_name}.{part}" for part in ("weight", "beta", "mean", "var")]
         missing = [name for name in names if name not in tensors]
         if missing:
-            raise InceptionWeightsError(f"{path} is a {file_format} but not of the Inception 2015-12-05 network "
-                                        f"(no {missing[0]}); {WHICH_FILES}")
+            raise not_inception(missing[0])
         weight, beta, mean, var = (tensors[name] for name in names)
         state[f"{fidelity_name}.conv.weight"] = weight
         state[f"{fidelity_name}.bn.weight"] = torch.ones_like(beta)  # the graph's batch norm has no scale

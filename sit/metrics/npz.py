@@ -1,6 +1,6 @@
 """Image batches and statistics in .npz files: reading them (images memory-mapped, not loaded whole)
 and writing them atomically. A file that is not a usable .npz is a MetricInputError naming it, and so
-is one whose headers claim more than it stores or than memory holds (`check_npz`, before any read)."""
+is one whose headers claim more than it stores or than memory holds (`judged_npz`, before any read)."""
 from __future__ import annotations
 
 import contextlib
@@ -18,8 +18,6 @@ from sit.metrics.errors import MetricInputError
 
 # What numpy and zipfile raise for a file that is not an .npz (or a damaged one).
 UNREADABLE_NPZ = (zipfile.BadZipFile, EOFError, ValueError)
-
-
 NPY_MAGIC = b"\x93NUMPY"
 
 
@@ -33,23 +31,28 @@ def refuse_non_numpy_file(path: str) -> None:
                                f"with {start!r}): pass the .npz that sample_ddp.py or the ADM suite wrote")
 
 
-def check_npz(path: str) -> None:
-    """MetricInputError naming the file when its zip records or any array's .npy header disagree with
-    what it stores, or inflating it would exceed memory (sit.archives.npz_problem); reads headers only."""
+@contextlib.contextmanager
+def judged_npz(path: str) -> Iterator[None]:
+    """MetricInputError naming the file, before the block, when its zip records or any array's .npy header
+    disagree with what it stores or inflating it would exceed memory (sit.archives.npz_problem: headers
+    only), and for what numpy or zipfile raise reading it inside the block."""
     problem = npz_problem(path)
     if problem is not None:
         raise MetricInputError(f"refused to read {path}: {problem}")
+    try:
+        yield
+    except MetricInputError:
+        raise
+    except UNREADABLE_NPZ as error:
+        raise MetricInputError(f"{path} is not a readable .npz file ({error})") from None
 
 
 @contextlib.contextmanager
 def open_npz(path: str) -> Iterator[np.lib.npyio.NpzFile]:
     """np.load of an .npz (arrays read on access); MetricInputError naming the file when it is none."""
     refuse_non_numpy_file(path)
-    check_npz(path)
-    try:
+    with judged_npz(path):
         data = np.load(path)
-    except UNREADABLE_NPZ as error:
-        raise MetricInputError(f"{path} is not a readable .npz file ({error})") from None
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise MetricInputError(f"{path} is not an .npz file (it holds a single array)")
     with data:
@@ -68,7 +71,6 @@ def read_array_header(archive: zipfile.ZipFile, path: str, key: str) -> tuple[tu
 
 def read_stored_images(path: str, key: str) -> np.ndarray:
     """The `key` array of an .npz: memory-mapped when stored uncompressed (np.savez), else loaded."""
-    check_npz(path)
     with zipfile.ZipFile(path) as archive:
         shape, fortran_order, dtype, npy_header_size = read_array_header(archive, path, key)
         info = archive.getinfo(f"{key}.npy")
@@ -86,23 +88,15 @@ def read_stored_images(path: str, key: str) -> np.ndarray:
 def npz_array_shape(path: str, key: str = "arr_0") -> tuple[int, ...]:
     """The shape of an .npz's array without reading its data (compressed or not); MetricInputError naming
     the file when it is not a readable .npz with that array."""
-    check_npz(path)
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return tuple(read_array_header(archive, path, key)[0])
-    except UNREADABLE_NPZ as error:
-        raise MetricInputError(f"{path} is not a readable .npz file ({error})") from None
+    with judged_npz(path), zipfile.ZipFile(path) as archive:
+        return tuple(read_array_header(archive, path, key)[0])
 
 
 def open_npz_images(path: str, key: str = "arr_0") -> np.ndarray:
     """The (N, H, W, 3) uint8 images of an .npz, memory-mapped when stored uncompressed (np.savez),
     else loaded into memory. Raises MetricInputError (a ValueError) naming the file for anything else."""
-    try:
+    with judged_npz(path):
         images = read_stored_images(path, key)
-    except MetricInputError:
-        raise
-    except UNREADABLE_NPZ as error:
-        raise MetricInputError(f"{path} is not a readable .npz file ({error})") from None
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise MetricInputError(f"{path}: {key} must be uint8 images of shape (N, H, W, 3), "
                                f"got {images.dtype} {images.shape}")
