@@ -212,11 +212,12 @@ def test_every_rank_takes_the_same_collectives_around_a_feature_path_preview(tmp
     for rank in (0, 1):
         collectives.clear(), loads.clear()
         ctx = DistContext(rank=rank, world_size=2, local_rank=rank, device=CPU)
-        run = SimpleNamespace(config=SimpleNamespace(run=SimpleNamespace(cfg_scale=4.0)), ctx=ctx,
-                              vae=RunVAE.at_start(ctx, "ema", from_features=True),
-                              experiment_dir=str(tmp_path) if rank == 0 else None,
-                              state=sit.training.loop.TrainState(2), logger=create_logger(None, False),
-                              wandb_run=None, step=SimpleNamespace(ema=None, transport=None), preview=None)
+        run = sit.training.loop.TrainingRun(
+            config=SimpleNamespace(run=SimpleNamespace(cfg_scale=4.0)), ctx=ctx,
+            vae=RunVAE.at_start(ctx, "ema", from_features=True), experiment_dir=str(tmp_path) if rank == 0 else None,
+            state=sit.training.loop.TrainState(2), logger=create_logger(None, False), wandb_run=None,
+            step=SimpleNamespace(ema=None, transport=None), preview=None, dataset=None, loader=None, sampler=None,
+            stop=None, monitor=None, term_factories=[])
         sit.training.loop.save_samples(run)  # step 2: the preview grid
         decoders = [run.vae.for_fid(ctx) for _ in range(2)]  # FID at steps 2 and 4
         traces[rank] = (list(collectives), list(loads), decoders)
