@@ -20,11 +20,14 @@ from typing import Optional, Sequence
 
 from sit.cli import ScriptParser, checked_number, positive_int, run_main
 from sit.errors import UsageError
+from sit.files import remove_temporaries
 from sit.training.phema import std_list
 from sit.training.reconstruction import EMATarget, plan_reconstruction, snapshot_folder, write_reconstruction
 
 open_unit_interval = checked_number(float, lambda x: 0.0 < x < 1.0, "in (0, 1)", "open_unit_interval")
 SHARE_WARNING = 0.01  # warn when the initial weights' share of a traditional EMA exceeds this
+RESIDUAL_WARNING = 0.05  # the fitted profile's relative L2 distance from the target's: warn above this,
+RESIDUAL_LIMIT = 0.25    # and refuse above this (the snapshots cannot express that EMA)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,11 +66,21 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         raise UsageError(f"{args.snapshots} is not a folder: pass an experiment folder of train.py --phema-stds")
     folder = snapshot_folder(args.snapshots)
     out_dir = output_folder(folder, args.out_dir)
+    removed = remove_temporaries(out_dir, ".pt")  # what a killed reconstruct_ema.py left unfinished
+    if removed:
+        print(f"removed {removed} unfinished files a killed run left in {out_dir}")
     for target in targets:
         plan = plan_reconstruction(folder, target, args.step, flag="snapshots")
         path = os.path.join(out_dir, f"{plan.step:07d}-{target.name}.pt")
         print(f"{target.name} at step {plan.step}: {len(plan.terms)} snapshot EMAs from {len(plan.files)} files, "
               f"profile fit residual {plan.residual:.2e} (relative L2)")
+        if plan.residual > RESIDUAL_LIMIT:
+            raise UsageError(f"--{'std' if target.std is not None else 'ema-decay'} {target.std or target.decay}: the "
+                             f"snapshots in {folder} fit that EMA's profile only to {plan.residual:.0%} (relative L2, "
+                             f"limit {RESIDUAL_LIMIT:.0%}); ask for an EMA between the tracked stds, or snapshot more often")
+        if plan.residual > RESIDUAL_WARNING:
+            print(f"warning: {target.name}: the snapshots fit its profile only to {plan.residual:.1%} (relative L2); "
+                  f"the result is an approximate EMA", file=sys.stderr)
         if plan.missing_share > SHARE_WARNING:
             print(f"warning: the EMA of decay {target.decay} gives the initial weights a share of "
                   f"{plan.missing_share:.3f} at step {plan.step}, but there is no snapshot of step 0 (the initial "

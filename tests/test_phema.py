@@ -142,6 +142,80 @@ def test_reconstruct_ema_bad_inputs_are_one_line(toy_run, tmp_path):
     assert_names(error.value, str(only_initial), "step 0")
 
 
+def copy_of(toy_run, tmp_path) -> str:
+    folder = str(tmp_path / "phema")
+    shutil.copytree(toy_run["folder"], folder)
+    return folder
+
+
+def test_a_snapshot_that_is_no_regular_file_is_refused_without_reading_it(toy_run, tmp_path):
+    folder = copy_of(toy_run, tmp_path)
+    os.remove(os.path.join(folder, "0000300.pt"))
+    os.mkfifo(os.path.join(folder, "0000300.pt"))  # reading it would wait for a writer forever
+    with pytest.raises(UsageError) as error:
+        reconstruct_ema.main([folder, "--std", "0.075"])
+    assert_names(error.value, os.path.join(folder, "0000300.pt"), "regular file")
+
+
+def test_another_runs_snapshot_is_refused(toy_run, tmp_path):
+    """The newest snapshot replaced by one of another run of the same model: its EMA is no EMA of this run."""
+    folder = copy_of(toy_run, tmp_path)
+    stranger = PowerEMATracker(toy_run["model"], [0.05, 0.10])
+    assert stranger.run_id != torch.load(os.path.join(folder, "0000600.pt"), weights_only=True)["run_id"]
+    write_snapshot(os.path.join(folder, "0000590.pt"), 590, stranger, toy_run["model"], {"run": "other"})
+    with pytest.raises(UsageError) as error:
+        reconstruct_ema.main([folder, "--std", "0.075"])
+    assert_names(error.value, os.path.join(folder, "0000590.pt"), "another run")
+
+
+def test_a_snapshot_of_another_shape_is_refused(toy_run, tmp_path):
+    folder = copy_of(toy_run, tmp_path)
+    path = os.path.join(folder, "0000100.pt")
+    snapshot = torch.load(path, weights_only=True)
+    snapshot["emas"] = [{"weight": ema["weight"][:32]} for ema in snapshot["emas"]]
+    torch.save(snapshot, path)
+    with pytest.raises(UsageError) as error:
+        reconstruct_ema.main([folder, "--std", "0.075"])
+    assert_names(error.value, path, "shape")
+
+
+def test_a_non_finite_snapshot_is_refused(toy_run, tmp_path):
+    folder = copy_of(toy_run, tmp_path)
+    path = os.path.join(folder, "0000500.pt")
+    snapshot = torch.load(path, weights_only=True)
+    snapshot["emas"][1]["weight"][3] = float("nan")
+    torch.save(snapshot, path)
+    with pytest.raises(UsageError) as error:
+        reconstruct_ema.main([folder, "--std", "0.075", "--out-dir", str(tmp_path / "out")])
+    assert_names(error.value, path, "NaN")
+    assert not os.path.exists(tmp_path / "out" / "0000600-std-0.075.pt")
+
+
+def test_a_killed_reconstructions_temporaries_are_removed(toy_run, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    from sit.files import this_host
+
+    left = out / f".tmp-999999999@{this_host()}~abcdefgh.pt"  # a killed run's on this host (no such process)
+    left.write_bytes(b"half a checkpoint")
+    reconstruct_ema.main([toy_run["folder"], "--std", "0.075", "--out-dir", str(out)])
+    assert sorted(os.listdir(out)) == ["0000600-std-0.075.pt"]
+    assert "removed 1 unfinished files" in capsys.readouterr().out
+
+
+def test_an_ema_the_snapshots_cannot_express_is_refused_and_a_poor_fit_warned(toy_run, tmp_path, capsys):
+    """Snapshots every 10 steps cannot build an EMA of ~2 steps (decay 0.5): refused with the residual;
+    a std of 0.01 (far below the tracked 0.05) fits to some percent: built, with a warning."""
+    with pytest.raises(UsageError) as error:
+        reconstruct_ema.main([toy_run["folder"], "--ema-decay", "0.5", "--out-dir", str(tmp_path)])
+    assert_names(error.value, "--ema-decay 0.5", "limit 25%")
+    assert not os.listdir(tmp_path)
+    plan = plan_reconstruction(toy_run["folder"], EMATarget(std=0.01))
+    assert reconstruct_ema.RESIDUAL_WARNING < plan.residual < reconstruct_ema.RESIDUAL_LIMIT
+    reconstruct_ema.main([toy_run["folder"], "--std", "0.01", "--out-dir", str(tmp_path)])
+    assert "warning: std-0.010: the snapshots fit its profile only to" in capsys.readouterr().err
+
+
 #################################################################################
 #                           A real tiny training run                            #
 #################################################################################
@@ -182,6 +256,8 @@ def test_snapshots_resume_exactly(phema_runs):
     for step in (0, 4, 6):
         one, other = (load(snapshot_path(folder, step)) for folder in (straight, interrupted))
         assert one["stds"] == other["stds"] == [0.05, 0.1] and one["step"] == step
+        assert one["run_id"] == load(snapshot_path(straight, 2))["run_id"]  # one id for the whole run
+        assert other["run_id"] == checkpoint["phema"]["run_id"]  # kept across the resume
         for first, second in zip(one["emas"], other["emas"]):
             assert all(torch.equal(first[name], second[name]) for name in first)
 

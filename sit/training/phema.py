@@ -13,7 +13,8 @@ given as the relative standard deviation sigma_rel = sqrt((gamma + 1) / ((gamma 
 Snapshot files, <experiment>/phema/<step>.pt (written atomically by rank 0; step 0: the initial weights,
 which a traditional EMA keeps a share of):
     format "sit-phema-snapshot", version, step, stds, emas (one state dict per std, fp32),
-    model_config, args (the run's settings)
+    model_config, args (the run's settings), run_id (the run's: the same in every snapshot of one run,
+    kept across resumes in the train checkpoint; absent in snapshots of earlier versions)
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import argparse
 import math
 import os
 import re
+import secrets
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional, Sequence
 
@@ -128,9 +130,12 @@ class PowerEMATracker:
     """Power-function EMAs of a model's parameters (on its device), one per std, updated every step."""
 
     def __init__(self, model: torch.nn.Module, stds: Sequence[float], state: Optional[dict] = None):
-        """state: a `state_dict()` to continue from (a resumed run); else the EMAs start as the weights
-        (step 1 replaces them entirely: its beta is 0)."""
+        """state: a `state_dict()` to continue from (a resumed run, with its run id); else the EMAs start as
+        the weights (step 1 replaces them entirely: its beta is 0) under a new run id."""
         self.stds = tuple(float(std) for std in stds)
+        # the run's identity in its snapshots (secrets: the training RNG streams stay untouched); an earlier
+        # version's state has none, and its snapshots go on without one
+        self.run_id: Optional[str] = state.get("run_id") if state is not None else secrets.token_hex(8)
         self.exponents = [std_to_exponent(std) for std in self.stds]
         self.names = [name for name, _ in model.named_parameters()]
         params = dict(model.named_parameters())
@@ -151,8 +156,9 @@ class PowerEMATracker:
             torch._foreach_lerp_(averages, current, 1.0 - power_beta(gamma, step))
 
     def state_dict(self) -> dict:
-        """{"stds": [...], "emas": [{name: tensor}, ...]}: what a train checkpoint keeps (references)."""
-        return {"stds": list(self.stds), "emas": [dict(zip(self.names, averages)) for averages in self.averages]}
+        """{"stds": [...], "emas": [{name: tensor}, ...], "run_id"}: what a train checkpoint keeps (references)."""
+        state = {"stds": list(self.stds), "emas": [dict(zip(self.names, averages)) for averages in self.averages]}
+        return state if self.run_id is None else dict(state, run_id=self.run_id)
 
     def ema_state_dicts(self, model: torch.nn.Module) -> list[dict]:
         """One full state dict per std (the model's buffers, these EMAs' parameters), fp32 on the CPU."""
@@ -175,9 +181,10 @@ def snapshot_path(experiment_dir: str, step: int) -> str:
 def write_snapshot(path: str, step: int, tracker: PowerEMATracker, model: torch.nn.Module,
                    settings: dict[str, Any]) -> None:
     """Save the tracked EMAs after `step` to path atomically (see the module docstring for the keys)."""
+    identity = {} if tracker.run_id is None else {"run_id": tracker.run_id}
     atomic_torch_save({"format": SNAPSHOT_FORMAT, "version": SNAPSHOT_VERSION, "step": step,
                        "stds": list(tracker.stds), "emas": tracker.ema_state_dicts(model),
-                       "model_config": dict(model.config), "args": dict(settings)}, path)
+                       "model_config": dict(model.config), "args": dict(settings), **identity}, path)
 
 
 def list_snapshots(folder: str) -> list[tuple[int, str]]:

@@ -9,7 +9,8 @@ sum_i x_i snapshot_i has the profile sum_i x_i p_i. The x minimise the L2 distan
 profile and the target's: the normal equations A x = b with A_ij = <p_i, p_j> (closed form) and
 b_i = <p_i, target> (closed form for power functions, a 1-D integral for a traditional EMA); then,
 as edm2, x is scaled to sum to 1. `residual` is the relative L2 distance of the fitted profile from
-the target's (over (0, T], scaled to total weight 1).
+the target's (over (0, T], scaled to total weight 1); when the step-0 snapshot supplies the initial
+weights' share exactly, scaled by the rest's share of the whole EMA.
 
 A traditional EMA also holds the initial weights with the share beta^T, which no power-function EMA
 holds (their beta at step 1 is 0): it comes from train.py's snapshot of step 0 (the initial weights),
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -26,6 +28,7 @@ import numpy as np
 import torch
 from scipy.integrate import quad
 
+from sit.checkpoint import non_finite_tensor
 from sit.errors import UsageError
 from sit.files import atomic_torch_save
 from sit.training.phema import SNAPSHOT_FOLDER, SNAPSHOT_FORMAT, list_snapshots, std_to_exponent
@@ -118,15 +121,40 @@ class Reconstruction:
 
 
 def read_snapshot(path: str) -> dict:
-    """A snapshot file, memory-mapped (its tensors are read when used); UsageError if it is not one."""
+    """A snapshot file, memory-mapped (its tensors are read when used); UsageError if it is not one (a
+    FIFO or device is refused before it is opened: reading one would wait forever)."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise UsageError(f"the post-hoc EMA snapshot {path} is not a regular file; remove it from the folder")
         snapshot = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except UsageError:
+        raise
     except Exception as error:  # truncated or foreign files: one line naming the file
         raise UsageError(f"cannot read the post-hoc EMA snapshot {path} ({type(error).__name__}: "
                          f"{str(error).splitlines()[0] if str(error) else ''})") from None
     if not isinstance(snapshot, dict) or snapshot.get("format") != SNAPSHOT_FORMAT:
         raise UsageError(f"{path} is not a post-hoc EMA snapshot of train.py --phema-stds")
     return snapshot
+
+
+def identity(snapshot: dict) -> tuple:
+    """What must be the same in every snapshot of one run: its id, its stds, its model and every EMA's
+    parameter names and shapes."""
+    shapes = [{name: tuple(tensor.shape) for name, tensor in ema.items()} for ema in snapshot.get("emas", [])]
+    return snapshot.get("run_id"), list(snapshot.get("stds", [])), snapshot.get("model_config"), shapes
+
+
+def check_same_run(paths: Sequence[str], newest: str) -> None:
+    """UsageError naming the first snapshot that is not of the newest one's run (another run's id, stds,
+    model or shapes): a sum of another run's EMAs is no EMA of this run."""
+    reference = identity(read_snapshot(newest))
+    for path in paths:
+        other = identity(read_snapshot(path))
+        if other != reference:
+            what = ("another run's (its run id differs)" if other[0] != reference[0] else
+                    "of other stds" if other[1] != reference[1] else "of another model or shape")
+            raise UsageError(f"the post-hoc EMA snapshot {path} is {what} than {newest}: the snapshots of one run "
+                             f"are needed; move the others out of the folder")
 
 
 def snapshot_folder(path: str) -> str:
@@ -150,6 +178,7 @@ def plan_reconstruction(folder: str, target: EMATarget, at_step: Optional[int] =
         raise UsageError(f"--step {at_step}: no snapshot of that step in {folder} (steps: "
                          f"{', '.join(map(str, steps))})")
     used = [(step, path) for step, path in found if 0 < step <= at_step]
+    check_same_run([path for step, path in found if step <= at_step], used[-1][1])
     terms, term_steps, term_stds = [], [], []
     for file_index, (step, path) in enumerate(used):
         for std_index, std in enumerate(read_snapshot(path)["stds"]):
@@ -166,6 +195,7 @@ def plan_reconstruction(folder: str, target: EMATarget, at_step: Optional[int] =
                       for file_index, std_index, weight in plan.terms]
         plan.terms.append((len(plan.files), 0, plan.missing_share))
         plan.files.append(initial[0])
+        plan.residual *= 1 - plan.missing_share  # the fitted part's error, in the whole EMA's terms
         plan.missing_share = 0.0
     return plan
 
@@ -179,6 +209,10 @@ def combine_snapshots(plan: Reconstruction) -> tuple[dict, dict]:
         for term_file, std_index, weight in plan.terms:
             if term_file != file_index:
                 continue
+            bad = non_finite_tensor(snapshot["emas"][std_index])
+            if bad is not None:
+                raise UsageError(f"the post-hoc EMA snapshot {path} is not finite: {bad} (the run diverged before "
+                                 f"it?); build from earlier steps with --step")
             for name, tensor in snapshot["emas"][std_index].items():
                 if name not in total:
                     total[name] = torch.zeros(tensor.shape, dtype=torch.float64)
