@@ -315,13 +315,19 @@ def test_resuming_a_checkpoint_whose_loss_weight_is_not_applied_warns(assets, sa
     assert sorted(os.listdir(experiment / "checkpoints")) == ["0000002.pt", "0000003.pt"]
 
 
-def test_a_run_that_diverges_before_its_first_checkpoint_leaves_no_folder(assets, sandbox, capsys):
+def test_a_run_that_diverges_before_its_first_checkpoint_leaves_no_folder_but_its_log(assets, sandbox, capsys):
+    """Nothing to resume, so no experiment folder (`--resume` must not find it); its log.txt, the record of
+    why it failed, is kept in results/failed/ and the last line says where."""
     argv = ["--data-path", assets["data"], *TINY, *QUIET, "--lr", "1e30", "--max-steps", "6"]
     assert run_script("train.py", argv) == 1
     out, err = capsys.readouterr()
-    assert not os.path.exists("results") or os.listdir("results") == []
+    assert os.listdir("results") == ["failed"] and os.listdir("results/failed") == [f"{EXPERIMENT}.log.txt"]
+    with open(f"results/failed/{EXPERIMENT}.log.txt") as handle:
+        log = handle.read()
+    assert "Experiment directory" in log and "non-finite" in log  # the configuration and why it stopped
     (line,) = err.splitlines()
     assert line.startswith("train.py: error: ") and "non-finite" in line and f"results/{EXPERIMENT}" in line, line
+    assert f"results/failed/{EXPERIMENT}.log.txt" in line
     assert "Beginning epoch 0" in out  # the log went to stdout too
 
 

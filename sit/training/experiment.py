@@ -29,13 +29,14 @@ import download
 from sit.checkpoint import is_resumable
 from sit.distributed import DistContext, on_main
 from sit.errors import RunFailure, UsageError, named_by
-from sit.files import atomic_text, remove_temporaries
+from sit.files import atomic_text, move_file, remove_temporaries
 from sit.locks import acquire_folder_lock
 from sit.log import create_logger
 from sit.training.settings import NEWEST, TrainConfig
 CHECKPOINT_FILE = re.compile(r"^(\d{7,})\.pt$")
 EXPERIMENT_FOLDER = re.compile(r"^(\d{3,})-")
 LATEST_FILE = "latest.txt"  # <experiment>/latest.txt: the path of the newest checkpoint the run wrote
+FAILED_FOLDER = "failed"  # <results-dir>/failed/<experiment>.log.txt: the logs of runs that failed before a checkpoint
 
 
 #################################################################################
@@ -183,10 +184,12 @@ def create_experiment_dir(results_dir: str, model: str, path_type: str, predicti
 CREATED_FOLDERS: list[tuple[str, Optional[str]]] = []
 
 
-def discard_unfinished_experiments() -> list[str]:
+def discard_unfinished_experiments(keep_logs: bool = True) -> list[tuple[str, Optional[str]]]:
     """Remove the experiment folders this process created that hold no checkpoint (a run that failed
-    before its first: nothing in them can be resumed; the log also went to stdout), and an emptied
-    --results-dir this process created. Returns the experiment folders removed."""
+    before its first: nothing in them can be resumed, and `--resume` must not find them), keeping each
+    one's log.txt (the record of why it failed) as <results-dir>/failed/<folder>.log.txt unless
+    keep_logs is False; and an emptied --results-dir this process created. Returns (folder removed,
+    where its log was kept or None)."""
     removed = []
     while CREATED_FOLDERS:
         folder, created_parent = CREATED_FOLDERS.pop()
@@ -197,9 +200,15 @@ def discard_unfinished_experiments() -> list[str]:
             if isinstance(handler, logging.FileHandler) and handler.baseFilename.startswith(os.path.abspath(folder) + os.sep):
                 handler.close()
                 logger.removeHandler(handler)
+        log, kept = os.path.join(folder, "log.txt"), None
+        if keep_logs and os.path.isfile(log) and os.path.getsize(log) > 0:
+            kept = os.path.join(os.path.dirname(folder), FAILED_FOLDER, os.path.basename(folder) + ".log.txt")
+            with contextlib.suppress(OSError):  # a log that cannot be moved goes with the folder
+                move_file(log, kept)
+            kept = kept if os.path.isfile(kept) else None
         shutil.rmtree(folder, ignore_errors=True)
         if not os.path.exists(folder):
-            removed.append(folder)
+            removed.append((folder, kept))
         if created_parent is not None and os.path.isdir(created_parent) and not os.listdir(created_parent):
             with contextlib.suppress(OSError):  # only when empty: another run may start in it meanwhile
                 os.rmdir(created_parent)

@@ -108,23 +108,30 @@ def run_training(plan: TrainingPlan) -> None:
             train(plan.config, ctx=ctx, dataset=plan.dataset, start=plan.start, warnings=plan.warnings, stop=stop)
         report_clean_stop(stop, ctx)
     except TrainingDiverged as error:
+        logging.getLogger("sit").error(f"error: {error}")  # into log.txt before it is moved away
         removed = discard_unfinished_experiments()
         if removed:
-            message = f"{error}; stopping before any checkpoint was written, so the run's folder {removed[0]} was removed"
+            message = f"{error}; stopping before any checkpoint was written: {removal_note(removed[0])}"
         else:
             message = f"{error}; stopping, the last good checkpoint is kept"
-        logging.getLogger("sit").error(message)
         raise RunFailure(message) from None
     except BaseException as error:
+        logging.getLogger("sit").error(f"error: {type(error).__name__}: {error}")  # the kept log says why
         removed = discard_unfinished_experiments()
         if removed and isinstance(error, (RunFailure, UsageError)):
             kind = UsageError if isinstance(error, UsageError) else RunFailure
-            raise kind(f"{error} (no checkpoint had been written: removed the run's folder {removed[0]})") from None
+            raise kind(f"{error} (no checkpoint had been written: {removal_note(removed[0])})") from None
         raise
     else:
-        discard_unfinished_experiments()  # stopped by a signal before the first step: nothing to keep
+        discard_unfinished_experiments(keep_logs=False)  # stopped by a signal before the first step: nothing to keep
     finally:
         cleanup_distributed()
+
+
+def removal_note(removed: tuple[str, Optional[str]]) -> str:
+    """What happened to a failed run's folder, for its last line."""
+    folder, log = removed
+    return f"removed the run's folder {folder}" + (f", its log kept as {log}" if log else "")
 
 
 def report_clean_stop(stop: StopSignal, ctx: DistContext) -> None:
