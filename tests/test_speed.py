@@ -7,6 +7,7 @@ against none); compiled blocks never recompile across training or sampler steps 
 breaks; gradient checkpointing gives the same gradients; bf16 training tracks fp32 losses; fp16
 keeps fp32 weights, EMA and optimizer state; the precision flags resolve and refuse contradictions.
 """
+import functools
 import json
 import os
 import re
@@ -206,7 +207,8 @@ def test_every_rank_takes_the_same_collectives_around_a_feature_path_preview(tmp
 
     collectives, loads = [], []  # what each rank reports at each agreement: whether it failed
     monkeypatch.setattr(sit.distributed, "any_rank", lambda failed, device, group=None: collectives.append(failed) or failed)
-    monkeypatch.setattr(sit.training.decoder, "load_vae", lambda name, device: loads.append(name) or f"vae {name}")
+    monkeypatch.setattr(sit.training.decoder, "load_latent_space",
+                        lambda name, device: loads.append(name) or f"vae {name}")
     monkeypatch.setattr(sit.training.loop, "save_preview", lambda *args: None)
     traces = {}
     for rank in (0, 1):
@@ -244,8 +246,8 @@ def test_feature_path_loads_no_vae_unless_a_preview_is_due(tmp_path, tiny_vae, m
     from sit.training.signals import StopSignal
 
     monkeypatch.setattr(StopSignal, "install", no_signal_handlers)
-    monkeypatch.setattr(sit.training.decoder, "load_vae", counting_load_vae)
-    monkeypatch.setattr(sit.training.decoder, "load_vae_on_all_ranks", refuse)
+    monkeypatch.setattr(sit.training.decoder, "load_latent_space", counting_load_vae)
+    monkeypatch.setattr(sit.training.decoder, "load_on_all_ranks", refuse)
     base = ["--feature-path", feat, *TINY, "--global-batch-size", "2", "--num-workers", "0", "--max-steps", "2",
             "--ckpt-every", "100000", "--log-every", "1"]
     train.main([*base, "--results-dir", str(tmp_path / "a"), "--sample-every", "100000"])

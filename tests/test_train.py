@@ -282,7 +282,7 @@ def forbid_heavy_work(monkeypatch) -> None:
     def heavy(*args, **kwargs):
         raise AssertionError("heavy work started before the input was checked")
 
-    monkeypatch.setattr(sit.training.decoder, "load_vae", heavy)
+    monkeypatch.setattr(sit.training.decoder, "load_latent_space", heavy)
     monkeypatch.setattr(sit.training.launch, "setup_distributed", heavy)
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(key, raising=False)

@@ -2,7 +2,7 @@
 against reference statistics with sit.metrics' definitions, never keeping more than one batch."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
@@ -10,6 +10,7 @@ from sit.config import GuidanceConfig
 from sit.distributed import DistContext
 from sit.errors import UsageError
 from sit.generation import generate_blocks
+from sit.latents import LatentSpace
 from sit.metrics import FIDMonitor
 from transport import Sampler, Transport
 
@@ -34,10 +35,11 @@ def rank_blocks(num_images: int, batch_size: int, ctx: DistContext) -> list[rang
 
 
 @torch.no_grad()
-def measure_fid(ema: torch.nn.Module, vae: Any, transport: Transport, monitor: FIDMonitor, ctx: DistContext, *,
-                num_images: int, batch_size: int, num_steps: int, cfg_scale: float, global_seed: int,
-                precision: str) -> float:
-    """FID of num_images EMA samples (all ranks take part; the same value on every rank).
+def measure_fid(ema: torch.nn.Module, vae: Optional[LatentSpace], transport: Transport, monitor: FIDMonitor,
+                ctx: DistContext, *, num_images: int, batch_size: int, num_steps: int, cfg_scale: float,
+                global_seed: int, precision: str) -> float:
+    """FID of num_images EMA samples (all ranks take part; the same value on every rank), decoded with
+    the run's latent space (vae None: pixels).
 
     Each image's noise and label come from its own generator (sit.generation with global_seed), so
     the training RNG is untouched and `sample_ddp.py ODE --sampling-method euler --num-sampling-steps

@@ -4,7 +4,7 @@ the noise and labels are fixed by --global-seed)."""
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
@@ -12,7 +12,8 @@ from models import has_null_class
 from sit.config import GuidanceConfig
 from sit.generation import guided_sample
 from sit.grid import GridLayout, save_grid, save_labels
-from sit.vae import decode_latents, latent_shape
+from sit.latents import LatentSpace, as_latent_space
+from sit.vae import latent_shape
 from transport import Sampler, Transport
 
 PREVIEW_IMAGES = 16  # EMA samples per preview grid (4 x 4)
@@ -29,16 +30,17 @@ def preview_inputs(global_seed: int, model_config: dict) -> tuple[torch.Tensor, 
 
 
 @torch.no_grad()
-def save_preview(ema: torch.nn.Module, vae: Any, transport: Transport, inputs: tuple[torch.Tensor, torch.Tensor],
-                 cfg_scale: float, path: str, device: torch.device, labels_file: Optional[str] = None) -> None:
-    """Sample the EMA model with a fixed-step Euler ODE (no trajectory kept), decode (vae None:
-    pixels), and save a grid PNG at path and, given labels_file, its labels there as the grid shows
-    them (sit.grid), atomically. cfg_scale guides models that have a null class."""
+def save_preview(ema: torch.nn.Module, vae: Optional[LatentSpace], transport: Transport,
+                 inputs: tuple[torch.Tensor, torch.Tensor], cfg_scale: float, path: str, device: torch.device,
+                 labels_file: Optional[str] = None) -> None:
+    """Sample the EMA model with a fixed-step Euler ODE (no trajectory kept), decode with the run's
+    latent space (vae None: pixels), and save a grid PNG at path and, given labels_file, its labels
+    there as the grid shows them (sit.grid), atomically. cfg_scale guides models that have a null class."""
     z, y = (tensor.to(device) for tensor in inputs)
     sample_fn = Sampler(transport).sample_ode(sampling_method="euler", num_steps=PREVIEW_STEPS, keep_trajectory=False)
     use_cfg = cfg_scale > 1.0 and has_null_class(ema.config)
     latents = guided_sample(sample_fn, ema, z, y, GuidanceConfig(scale=cfg_scale if use_cfg else 1.0))
-    images = decode_latents(vae, latents)                                  # (N, 3, H, W) in about [-1, 1]
+    images = as_latent_space(vae).decode(latents)                          # (N, 3, H, W) in about [-1, 1]
     layout = GridLayout.with_columns(len(images), int(math.sqrt(len(images))))
     save_grid(images.float().cpu(), layout, path, fmt="png")
     if labels_file is not None:

@@ -11,13 +11,13 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from sit.latents import as_latent_space, recorded_latent_space
 from sit.speed import autocast, compile_model
 from sit.training.ema import update_ema
 from sit.training.optimizer import make_grad_scaler, make_optimizer
 from sit.training.dtensors import full_tensor
 from sit.training.sharding import Sharding
 from sit.training.terms import LossTerm, ModelWithTerms, StepView, in_optimizer_order, term_parameters
-from sit.vae import LATENT_SCALE
 from transport import Transport
 
 
@@ -94,24 +94,20 @@ class StepResult:
 @torch.no_grad()
 def training_latents(step: TrainStep, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
     """What the model learns, (N, C, L, L), from a batch's inputs: [images (N, 3, H, W) in [-1, 1]]
-    (encoded by the VAE, or the pixels themselves without one) or, with from_features, the cached
-    posterior [mean, std] (N, 4, H/8, W/8) each.
+    (encoded by step.vae's latent space, or the pixels themselves without one) or, with from_features,
+    the cached raw posterior [mean, std] (N, C, L, L) each (step.vae None: SD-VAE's, as extract_features.py makes).
 
-    A fresh latent (mean + std * noise) * scale is what vae.encode(x).latent_dist.sample() * scale
-    computes, with the same draw of torch.randn: training from features equals training from images.
+    A fresh latent normalise(mean + std * noise) is what encoding the images draws (diffusers'
+    posterior.sample()), with the same draw of torch.randn: training from features equals training from images.
     """
     device = step.device
     if step.from_features:
+        space = as_latent_space(step.vae, none=recorded_latent_space(None))
         mean, std = (tensor.to(device, non_blocking=True) for tensor in inputs[:2])  # [2:]: the terms'
-        noise = torch.randn(mean.shape, device=device, dtype=mean.dtype)
-        return (mean + std * noise).mul_(LATENT_SCALE)
+        return space.sample_posterior(mean, std)
     (images,) = inputs
     images = images.to(device, non_blocking=True)
-    if step.vae is None:
-        return images  # pixel space: the model learns (N, 3, H, W) in [-1, 1] directly
-    with autocast(step.precision, device):
-        posterior = step.vae.encode(images).latent_dist
-    return posterior.sample().float().mul_(LATENT_SCALE)  # (N, 4, H/8, W/8)
+    return as_latent_space(step.vae).encode(images, sample=True, precision=step.precision)  # pixels: images
 
 
 def train_step(step: TrainStep, inputs: Sequence[torch.Tensor], labels: torch.Tensor) -> StepResult:

@@ -1,0 +1,126 @@
+"""What every latent space answers: the mapping between images and what a SiT learns.
+
+A latent space is named by what `--vae` takes and what checkpoints and feature folders record; it
+knows its channels and downsampling (an image (3, H, W) is a latent (channels, H / d, W / d)), how
+raw latents become the model's (`Normalisation`), and how to encode and decode.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Union
+
+import torch
+
+from sit.errors import UsageError
+
+Factor = Union[float, tuple[float, ...]]  # one constant, or one value per channel
+
+
+def _broadcast(factor: Factor, like: torch.Tensor) -> Union[float, torch.Tensor]:
+    """A constant as it is (Python float arithmetic, as the original); per-channel values as (1, C, 1, 1)."""
+    if isinstance(factor, (int, float)):
+        return factor
+    return torch.tensor(factor, device=like.device, dtype=like.dtype).view(1, -1, 1, 1)  # over (N, C, H, W)
+
+
+def _is_zero(factor: Factor) -> bool:
+    return all(value == 0 for value in factor) if isinstance(factor, tuple) else factor == 0
+
+
+@dataclass(frozen=True)
+class Normalisation:
+    """Raw latents <-> what the model learns: latents = (raw - shift) * scale, raw = latents / scale + shift.
+
+    scale and shift are constants (SD-VAE: scale 0.18215, no shift) or tuples of one value per
+    channel (per-channel statistics). A zero shift is skipped, so SD-VAE's latents are exactly
+    raw * scale and raw = latents / scale, as the original computes them.
+    """
+    scale: Factor = 1.0
+    shift: Factor = 0.0
+
+    def apply(self, raw: torch.Tensor) -> torch.Tensor:
+        if not _is_zero(self.shift):
+            raw = raw - _broadcast(self.shift, raw)
+        return raw * _broadcast(self.scale, raw)
+
+    def invert(self, latents: torch.Tensor) -> torch.Tensor:
+        raw = latents / _broadcast(self.scale, latents)
+        if not _is_zero(self.shift):
+            raw = raw + _broadcast(self.shift, raw)
+        return raw
+
+
+class LatentSpace(ABC):
+    """Images (N, 3, H, W) in [-1, 1] <-> model latents (N, channels, H / downsampling, W / downsampling).
+
+    name: the recorded identity (--vae: "ema", "mse", a local folder's absolute path, "none", or a
+    table entry of sit.latents.table). A space that needs a network loads it once on a device:
+    `load(device)` explicitly (UsageError naming what to pass instead), or at the first encode/decode
+    on the inputs' device. Subclasses set channels, downsampling and normalisation, and implement
+    posterior and decode; encode defaults to a draw from the posterior (or its mean), normalised.
+    """
+    channels: int
+    downsampling: int
+    normalisation: Normalisation = Normalisation()
+    pixel_space: bool = False  # the model learns the images themselves (train.py --vae none)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+    def load(self, device: torch.device) -> "LatentSpace":
+        """Ready to encode and decode on device (a space without a network is always ready); returns self."""
+        return self
+
+    def normalise(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw latents (N, C, L, L) -> what the model learns."""
+        return self.normalisation.apply(raw)
+
+    def denormalise(self, latents: torch.Tensor) -> torch.Tensor:
+        """What the model learns (N, C, L, L) -> raw latents for the decoder."""
+        return self.normalisation.invert(latents)
+
+    @abstractmethod
+    def posterior(self, images: torch.Tensor, precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (N, 3, H, W) -> the raw posterior (mean, std), (N, C, L, L) each: what feature folders cache."""
+
+    @abstractmethod
+    def decode(self, latents: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+        """Model latents (N, C, L, L) -> float32 images (N, 3, H, W) in about [-1, 1]. precision: a
+        --precision choice (bf16/fp16 autocast a network)."""
+
+    def encode(self, images: torch.Tensor, sample: bool = True, precision: str = "fp32") -> torch.Tensor:
+        """Images (N, 3, H, W) in [-1, 1] -> model latents (N, C, L, L): a draw from the posterior
+        (training), or with sample False its mean (deterministic: likelihoods)."""
+        mean, std = self.posterior(images, precision)
+        return self.sample_posterior(mean, std) if sample else self.normalise(mean)
+
+    def sample_posterior(self, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        """Model latents drawn from a raw posterior (N, C, L, L) (e.g. cached by extract_features.py):
+        normalise(mean + std * noise), with the draw of torch.randn that diffusers' posterior.sample() makes."""
+        noise = torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
+        return self.normalise(mean + std * noise)
+
+    def input_size(self, image_size: int) -> int:
+        """The model's input size (latent grid side) for images of this size."""
+        return image_size // self.downsampling
+
+    def image_size(self, input_size: int) -> int:
+        """The image size a model of this input size generates."""
+        return input_size * self.downsampling
+
+    def check_image_size(self, image_size: int, flag: str = "--image-size") -> None:
+        """UsageError unless the downsampling divides image_size."""
+        if image_size % self.downsampling:
+            raise UsageError(f"{flag} must be a multiple of {self.downsampling} (the VAE downsamples by "
+                             f"{self.downsampling}), got {image_size}")
+
+    @property
+    def config(self) -> SimpleNamespace:
+        """For sit.training.loop.check_channels, which reads `vae.module.config.latent_channels` (a
+        diffusers VAE's attribute) until it reads `channels`."""
+        return SimpleNamespace(latent_channels=self.channels)
