@@ -219,13 +219,13 @@ def atomic_json(path: str, data: Any) -> None:
     atomic_text(path, json.dumps(data, indent=2) + "\n", suffix=".json")
 
 
-@contextlib.contextmanager
 def move_file(source: str, destination: str) -> None:
     """Move a file to `destination` (its folder made if needed) by one rename: whole or not at all."""
     os.makedirs(os.path.dirname(os.path.abspath(destination)), exist_ok=True)
     os.replace(source, destination)
 
 
+@contextlib.contextmanager
 def removed_on_failure_if_empty(folders: Sequence[str], ignoring: Collection[str] = (),
                                 enabled: bool = True) -> Iterator[None]:
     """On an exception inside the block, remove each of folders, in order, that holds nothing but the

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Union
 
 import torch
@@ -119,8 +118,3 @@ class LatentSpace(ABC):
             raise UsageError(f"{flag} must be a multiple of {self.downsampling} (the VAE downsamples by "
                              f"{self.downsampling}), got {image_size}")
 
-    @property
-    def config(self) -> SimpleNamespace:
-        """For sit.training.loop.check_channels, which reads `vae.module.config.latent_channels` (a
-        diffusers VAE's attribute) until it reads `channels`."""
-        return SimpleNamespace(latent_channels=self.channels)

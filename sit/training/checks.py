@@ -27,7 +27,7 @@ from sit.metrics.errors import MetricInputError
 from sit.metrics.npz import open_npz
 from sit.metrics.reference import STATISTICS_KEYS, stats_cache_path
 from sit.training.settings import TrainConfig
-from sit.vae import VAE_REPOS, is_pixel_space
+from sit.latents import LATENT_SPACES
 
 def check_checkpoint_settings(config: TrainConfig, resolved: Resolved, world_size: int) -> None:
     """UsageError for a resumed checkpoint's own setting that cannot work here, said as the checkpoint's
@@ -38,7 +38,7 @@ def check_checkpoint_settings(config: TrainConfig, resolved: Resolved, world_siz
                          f"pass --global-batch-size (a multiple of {world_size}; the data order then differs from "
                          f"an uninterrupted run) or run {world_size_hint(batch)} processes")
     vae = config.model.vae
-    if resolved.origin.get("vae") == "checkpoint" and not (vae in VAE_REPOS or is_pixel_space(vae) or os.path.isdir(vae)):
+    if resolved.origin.get("vae") == "checkpoint" and not (vae in LATENT_SPACES or os.path.isdir(vae)):
         raise UsageError(f"{resolved.describe('vae')} is not a folder any more: pass --vae with where that VAE is "
                          f"now (a copy of the same VAE; ema or mse share its encoder)")
 

@@ -188,8 +188,8 @@ def discard_unfinished_experiments(keep_logs: bool = True) -> list[tuple[str, Op
     """Remove the experiment folders this process created that hold no checkpoint (a run that failed
     before its first: nothing in them can be resumed, and `--resume` must not find them), keeping each
     one's log.txt (the record of why it failed) as <results-dir>/failed/<folder>.log.txt unless
-    keep_logs is False; and an emptied --results-dir this process created. Returns (folder removed,
-    where its log was kept or None)."""
+    keep_logs is False (a setup check that failed, a clean stop before the first step); and an emptied
+    --results-dir this process created. Returns (folder removed, where its log was kept or None)."""
     removed = []
     while CREATED_FOLDERS:
         folder, created_parent = CREATED_FOLDERS.pop()

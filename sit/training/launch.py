@@ -117,7 +117,8 @@ def run_training(plan: TrainingPlan) -> None:
         raise RunFailure(message) from None
     except BaseException as error:
         logging.getLogger("sit").error(f"error: {type(error).__name__}: {error}")  # the kept log says why
-        removed = discard_unfinished_experiments()
+        # a setup check that failed (a UsageError: e.g. a VAE that cannot load) leaves nothing, as before the folder
+        removed = discard_unfinished_experiments(keep_logs=not isinstance(error, UsageError))
         if removed and isinstance(error, (RunFailure, UsageError)):
             kind = UsageError if isinstance(error, UsageError) else RunFailure
             raise kind(f"{error} (no checkpoint had been written: {removal_note(removed[0])})") from None

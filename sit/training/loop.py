@@ -34,7 +34,7 @@ from sit.training.sharding import sampling_ema
 from sit.training.signals import StopSignal
 from sit.training.step import TrainStep, train_step
 from sit.training.terms import TermContext, TermFactory
-from sit.vae import PIXEL_CHANNELS
+from sit.latents import PixelSpace
 
 
 @dataclass
@@ -263,9 +263,9 @@ def check_channels(step: TrainStep, vae: RunVAE, dataset: TrainDataset) -> None:
     if vae.lazy:
         channels, what = dataset.meta["latent_shape"][0], "features have"
     elif vae.module is None:
-        channels, what = PIXEL_CHANNELS, "pixels have"
+        channels, what = PixelSpace.channels, "pixels have"
     else:
-        channels, what = vae.module.config.latent_channels, "VAE has"
+        channels, what = vae.module.channels, "VAE has"
     if channels != step.model.config["in_channels"]:
         raise UsageError(f"the {what} {channels} channels, the model {step.model.config['in_channels']}")
 

@@ -31,8 +31,7 @@ from sit.training.registry import FEATURES, feature_settings
 from sit.training.sharding import SHARDINGS
 from train_utils import parse_transport_args
 from transport.schedules import LOGIT_NORMAL, TIME_SAMPLINGS, TimeSchedule
-from sit.vae import (LATENT_CHANNELS, PIXEL_CHANNELS, canonical_vae_name, check_image_size, check_vae_name,
-                     input_size_for, is_pixel_space)
+from sit.latents import LatentSpace, canonical_latent_space_name, check_latent_space_name, recorded_latent_space
 
 MODEL_CONFIG_KEYS = ModelConfig.network_keys()  # --model-config's: the data (flags) sets input size, channels, classes
 EMA_DECAY = 0.9999  # default of --ema-decay (the paper's)
@@ -53,7 +52,8 @@ MODEL_KEYS = ("model", "model_config", "image_size", "num_classes")
 
 SAME_OVERRIDES = dataclasses.replace(LOCKED, same=lambda given, held: same_model_config(given, held))
 VAE_RULE = Setting(Rule.WARN, conflict=VAE_CONFLICT, warning=VAE_WARNING,
-                   incompatible=lambda given, held: is_pixel_space(given) != is_pixel_space(held))
+                   incompatible=lambda given, held: (recorded_latent_space(given).pixel_space
+                                                     != recorded_latent_space(held).pixel_space))
 DATA_ORDER = Setting(Rule.WARN, warning=DATA_ORDER_WARNING)
 MEASURING_FID = Needs("--fid-every N (FID while training)", lambda settings: settings.fid_every is not None)
 LOGIT_NORMAL_TIMES = Needs(f"--time-sampling {LOGIT_NORMAL}", lambda settings: settings.time_sampling == LOGIT_NORMAL)
@@ -72,11 +72,16 @@ class ModelSettings:
     num_classes: int = declare(1000, "class labels of the model", type=positive_int, resume=LOCKED)
     vae: str = declare("ema", "ema, mse or a local diffusers AutoencoderKL folder (the choice hardly affects "
                               "training); none: train on pixels in [-1, 1] without a VAE",
-                       canonical=canonical_vae_name, resume=VAE_RULE)
+                       canonical=canonical_latent_space_name, resume=VAE_RULE)
+
+    @property
+    def space(self) -> LatentSpace:
+        """The latent space --vae names (not loaded: its geometry)."""
+        return recorded_latent_space(self.vae)
 
     @property
     def pixel_space(self) -> bool:
-        return is_pixel_space(self.vae)
+        return self.space.pixel_space
 
     @property
     def shape_name(self) -> str:
@@ -88,8 +93,8 @@ class ModelSettings:
         """SiT constructor arguments: (3, H, W) pixels or (4, H/8, W/8) SD-VAE latents, the --model
         shape, then the --model-config overrides. Raises UsageError for a bad --model-config."""
         depth, hidden_size, patch_size, num_heads = MODEL_SHAPES[self.model]
-        channels = PIXEL_CHANNELS if self.pixel_space else LATENT_CHANNELS
-        config = dict(input_size=input_size_for(self.image_size, self.pixel_space), in_channels=channels,
+        space = self.space
+        config = dict(input_size=space.input_size(self.image_size), in_channels=space.channels,
                       patch_size=patch_size, hidden_size=hidden_size, depth=depth, num_heads=num_heads,
                       num_classes=self.num_classes)
         config.update(parse_model_config(self.model_config))
@@ -310,7 +315,7 @@ def resolve_train_settings(flags: Mapping[str, Any], explicit: AbstractSet[str],
     for key in MODEL_KEYS + TRANSPORT_KEYS:  # what the model is: the checkpoint's, even as a different spelling
         if stored is not None and key in stored:
             values[key] = stored[key]
-    if features_vae and "vae" not in explicit and not is_pixel_space(values["vae"]):
+    if features_vae and "vae" not in explicit and not recorded_latent_space(values["vae"]).pixel_space:
         values["vae"] = features_vae  # pixels with features are refused by check_train_config
     config = TrainConfig.from_settings(values)
     for settings in [*(getattr(config, group) for group in GROUP_TYPES), *config.features.values()]:
@@ -328,13 +333,13 @@ def check_train_config(config: TrainConfig, world_size: int) -> None:
     model, data, fid = config.model, config.data, config.fid
     if data.feature_path is not None and model.pixel_space:
         raise UsageError("--feature-path holds VAE latents; --vae none trains on pixels: use --data-path with --vae none")
-    check_image_size(model.image_size, model.pixel_space)
+    model.space.check_image_size(model.image_size)
     if data.global_batch_size % world_size:
         raise UsageError(f"--global-batch-size {data.global_batch_size} is not divisible by the {world_size} processes")
     if config.optim.sharding == "fsdp" and not launched_by_torchrun():
         raise UsageError("--sharding fsdp shards over the processes of a torchrun job (e.g. torchrun "
                          "--nproc_per_node=8 train.py ... --sharding fsdp); one plain process holds the whole model anyway")
-    check_vae_name(model.vae)
+    check_latent_space_name(model.vae)
     kwargs = model.sit_kwargs()
     if kwargs["input_size"] % kwargs["patch_size"]:
         what = "pixels" if model.pixel_space else "latents"
