@@ -4,8 +4,10 @@
         [--metrics is,fid,sfid,precision,recall,fd_dinov2]
 
 Definitions, networks and weights (--inception-weights, --dinov2-weights, --fid-method): sit/metrics/.
-The sample batch's record (`<folder>.json`, written by sample_ddp.py) is checked against the .npz and
-copied into the --json output with the evaluator's own settings.
+The sample batch's record (`<folder>.json`, written by sample_ddp.py) is checked against the .npz (its
+image count and shape, and the SHA-256 of the images and labels it holds) and copied into the --json
+output with the evaluator's own settings; a record of other images is refused (--ignore-record evaluates
+without it). A record written before records held hashes is copied with a warning, as unverified.
 
 Reference batches: `arr_0` (N, H, W, 3) uint8 images, optionally with precomputed `mu`, `sigma`,
 `mu_s`, `sigma_s` (which then take precedence for FID/sFID, as in ADM). Reference statistics and
@@ -26,7 +28,7 @@ from sit.errors import UsageError
 from sit.files import atomic_json, folder_problem
 from sit.metrics import (DEFAULT_METRICS, FID_METHODS, METRICS, Evaluator, format_table, open_npz_images,
                          parse_metric_list)
-from sit.record import record_beside, record_path
+from sit.record import SampleRecord, record_beside, record_path
 from sit.speed import configure_precision
 
 
@@ -44,6 +46,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--fid-method", choices=list(FID_METHODS), default="eigh",
                         help="how tr((s1 s2)^1/2) is computed: eigh (fast, symmetric) or sqrtm (ADM's exact code path)")
     parser.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    parser.add_argument("--ignore-record", action="store_true",
+                        help="evaluate without the sample record beside the .npz (<folder>.json): neither read "
+                             "nor checked nor copied, e.g. one that describes other images")
     parser.add_argument("--inception-weights", default=None,
                         help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth or NVlabs' TorchScript "
                              "inception-2015-12-05.pt (default: torch-fidelity's, downloaded once to the torch hub "
@@ -82,6 +87,21 @@ def check_inputs(args: argparse.Namespace) -> None:
                              f"out: drop {flag} or add the metric")
 
 
+def sample_record(args: argparse.Namespace) -> Optional[SampleRecord]:
+    """The record beside the sample batch, checked against it (None without one, or with --ignore-record).
+
+    RecordError (one line naming the .json and the .npz) for a record of other images; a warning on
+    stderr for one without the arrays' hashes, which is then unverified."""
+    shape = open_npz_images(args.sample_batch).shape  # uint8 (N, H, W, 3), N > 0
+    if args.ignore_record:
+        return None
+    record = record_beside(args.sample_batch, shape[0], shape[1:])
+    if record is not None and record.images_sha256 is None:
+        print(f"warning: {record_path(args.sample_batch)} holds no SHA-256 of the images it describes (written "
+              f"before records held them): copied as unverified", file=sys.stderr)
+    return record
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Print the metrics table (and write --json), or only cache the reference statistics.
 
@@ -96,14 +116,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.sample_batch is None:
         evaluator.cache_reference(args.ref_batch)
         return
-    shape = open_npz_images(args.sample_batch).shape  # uint8 (N, H, W, 3), N > 0: refused before any network loads
-    record = record_beside(args.sample_batch, shape[0], shape[1:])
+    record = sample_record(args)  # refused before any network loads
     metrics = evaluator.evaluate(args.ref_batch, args.sample_batch)
     print(format_table(metrics, metric_names))
     if args.json is not None:
+        verified = None if record is None else record.images_sha256 is not None  # by SHA-256 (sample_record)
         atomic_json(args.json, {**metrics, "ref_batch": args.ref_batch, "sample_batch": args.sample_batch,
                                 "fid_method": args.fid_method, "evaluator": evaluator.settings(args.ref_batch),
-                                "sample_record": None if record is None else record.to_dict()})
+                                "sample_record": None if record is None else record.to_dict(),
+                                "sample_record_verified": verified})
 
 
 if __name__ == "__main__":

@@ -8,8 +8,10 @@ log-likelihoods (--likelihood).
 Images go to <sample-dir>/<folder>/000000.png ..., <folder> naming every setting that changes them, then
 into <sample-dir>/<folder>.npz (arr_0: uint8 (N, H, W, 3), ADM's evaluation format; labels: (N,) int64)
 and its record <folder>.json (sit.sampling.batch_record), which evaluate.py checks and copies. Image i's
-noise and label are seeded by (global seed, i) and fixed blocks of --per-proc-batch-size are dealt to
-ranks in turn, so the images do not depend on the number of processes (sit.sampling.images); a killed
+noise and label are seeded by (global seed, i) (--label-sampling balanced: the labels come from a
+permutation seeded by (global seed, N), exactly N / num_classes of every class) and fixed blocks of
+--per-proc-batch-size are dealt to ranks in turn, so the images do not depend on the number of
+processes (sit.sampling.images); a killed
 run leaves no half-written file and the same command continues it. NCCL on GPUs, Gloo on CPU, or a
 plain single process. --ckpt may name a train.py experiment or results folder (its newest checkpoint).
 """
@@ -24,6 +26,7 @@ from typing import Optional, Sequence
 from sit.cli import exit_process, non_negative_int, parse_with_explicit, positive_int, run_main
 from sit.distributed import (DistContext, barrier, cleanup_distributed, gather_objects, main_first, on_main,
                              setup_distributed)
+from sit.generation import LABEL_SAMPLINGS
 from sit.locks import folder_locks_released
 from sit.log import create_logger
 from sit.sampling.batch_record import build_record, claim_sample_folder, finish_sample_batch
@@ -44,6 +47,10 @@ def add_ddp_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-fid-samples", type=positive_int, default=50_000,
                         help="number of images to sample (with --likelihood: to evaluate)")
     parser.add_argument("--global-seed", type=non_negative_int, default=0)
+    parser.add_argument("--label-sampling", choices=LABEL_SAMPLINGS, default="random",
+                        help="random: each image's class drawn uniformly, seeded by its index (the original's); "
+                             "balanced: exactly N / num_classes images of every class (N = --num-fid-samples, a "
+                             "multiple), in a seeded order; both independent of the number of processes")
     parser.add_argument("--preset", choices=preset_names(), default=None,
                         help="fill the flags of a published evaluation, its mode too (explicit flags win, with a "
                              "warning); `--preset list` shows them with their published numbers and sources")

@@ -1,5 +1,6 @@
 """Generating images from a SiT: per-index seeds (image i's noise and label from (global seed, i), a
-block's SDE noise from its first index, on forked RNGs), the guided model call, and an iterator over
+block's SDE noise from its first index, on forked RNGs), balanced labels (`balanced_labels`: a seeded
+permutation, a pure function of (global seed, N, classes, i)), the guided model call, and an iterator over
 index blocks that sample_ddp.py and FID-during-training share; `stop_on_non_finite` names the step
 where samples turned NaN/Inf (NonFiniteWatch: one synchronisation per block).
 """
@@ -16,7 +17,8 @@ from sit.errors import RunFailure
 from sit.speed import autocast
 from sit.vae import decode_latents, latent_shape
 
-SEED_STREAMS = {"image": 0, "sde": 1, "likelihood": 2, "dequantize": 3}
+SEED_STREAMS = {"image": 0, "sde": 1, "likelihood": 2, "dequantize": 3, "labels": 4}
+LABEL_SAMPLINGS = ("random", "balanced")  # sample_ddp.py --label-sampling; random: the original's
 
 
 def seed_for(global_seed: int, index: int, stream: str) -> int:
@@ -26,16 +28,45 @@ def seed_for(global_seed: int, index: int, stream: str) -> int:
     return int((int(state[0]) << 32 | int(state[1])) >> 1)
 
 
-def noise_and_labels(indices: Sequence[int], global_seed: int, shape: tuple[int, int, int],
-                     num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+def noise_and_labels(indices: Sequence[int], global_seed: int, shape: tuple[int, int, int], num_classes: int,
+                     planned: Optional[np.ndarray] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Each image's own noise and label from a CPU generator seeded by (global_seed, index): z (N, C, L, L)
-    and y (N,) int64 on the CPU, identical whatever the batch, process count or device."""
+    and y (N,) int64 on the CPU, identical whatever the batch, process count or device.
+
+    planned: every image's label (e.g. balanced_labels), taken at the indices instead of a draw; the
+    noise is the same either way (each generator draws its noise before its label)."""
     noises, labels = [], []
     for index in indices:
         generator = torch.Generator().manual_seed(seed_for(global_seed, index, "image"))
         noises.append(torch.randn(shape, generator=generator))
-        labels.append(torch.randint(0, num_classes, (), generator=generator))
+        if planned is None:
+            labels.append(torch.randint(0, num_classes, (), generator=generator))
+        else:
+            labels.append(torch.tensor(int(planned[index]), dtype=torch.int64))
     return torch.stack(noises), torch.stack(labels)
+
+
+def balanced_labels(num_images: int, global_seed: int, num_classes: int) -> np.ndarray:
+    """Labels (num_images,) int64 with exactly num_images / num_classes images of every class: image i's
+    label is p[i] mod num_classes, p a permutation of 0..num_images-1 drawn from a generator seeded by
+    (global_seed, num_images). A pure function of (global_seed, num_images, num_classes, i), so the
+    labels do not depend on the process count or the batch. ValueError unless num_classes divides num_images."""
+    if num_classes < 1 or num_images % num_classes:
+        raise ValueError(f"balanced labels need a number of images that is a multiple of the {num_classes} "
+                         f"classes, got {num_images}")
+    seed = np.random.SeedSequence([global_seed, num_images, SEED_STREAMS["labels"]])
+    order = np.random.Generator(np.random.PCG64(seed)).permutation(num_images)  # (num_images,) int64
+    return (order % num_classes).astype(np.int64)
+
+
+def planned_labels(label_sampling: str, num_images: int, global_seed: int, num_classes: int) -> Optional[np.ndarray]:
+    """The labels of images 0..num_images-1 fixed ahead (balanced: balanced_labels), or None for random
+    (each image draws its own in noise_and_labels, the original's uniform draw)."""
+    if label_sampling == "random":
+        return None
+    if label_sampling == "balanced":
+        return balanced_labels(num_images, global_seed, num_classes)
+    raise ValueError(f"label_sampling must be one of {', '.join(LABEL_SAMPLINGS)}, got {label_sampling!r}")
 
 
 def image_labels(num_images: int, global_seed: int, shape: tuple[int, int, int], num_classes: int,
@@ -171,14 +202,16 @@ class GeneratedBlock:
 @torch.no_grad()
 def generate_blocks(blocks: Iterable[range], model: Any, vae: Any, sample_fn: Callable, *, global_seed: int,
                     num_classes: int, guidance: GuidanceConfig, precision: str,
-                    device: torch.device, stop_on_non_finite: bool = False) -> Iterator[GeneratedBlock]:
+                    device: torch.device, stop_on_non_finite: bool = False,
+                    labels: Optional[np.ndarray] = None) -> Iterator[GeneratedBlock]:
     """Sample and decode each block of indices as one batch (vae None: a pixel-space model): noise and
-    labels of noise_and_labels, the SDE noise seeded by the block's first index on forked RNGs.
+    labels of noise_and_labels (labels: every index's planned label, None: drawn per image), the SDE
+    noise seeded by the block's first index on forked RNGs.
     stop_on_non_finite: RunFailure naming the block, the step and t where the samples stopped being finite."""
     shape = latent_shape(model.config)
     forked = [device] if device.type == "cuda" else []
     for block in blocks:
-        z, y = noise_and_labels(block, global_seed, shape, num_classes)
+        z, y = noise_and_labels(block, global_seed, shape, num_classes, labels)
         with torch.random.fork_rng(devices=forked):
             torch.manual_seed(seed_for(global_seed, block.start, "sde"))
             try:

@@ -1,25 +1,33 @@
 """The record beside a sample batch: every setting that shaped its images, so a number can be traced and repeated.
 
 `samples/<folder>.npz` gets `samples/<folder>.json`, {"format": "sit-sample-record", "version": 1, ...} with
-the fields of `SampleRecord`: sample_ddp.py writes it after the .npz; evaluate.py reads it (`record_beside`),
-refuses one that disagrees with the .npz (image count or shape) and copies it into its --json output.
+the fields of `SampleRecord`: sample_ddp.py writes it after the .npz, with the SHA-256 of the .npz's
+arrays (`npz_array_sha256`: arr_0 and labels, their bytes as stored); evaluate.py reads it (`record_beside`),
+refuses one that disagrees with the .npz (image count, shape, or the arrays' hashes) and copies it into its
+--json output. A record written before the hashes existed is read as unverified (its count and shape checked).
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.metadata
 import json
 import os
 import platform
+import zipfile
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from sit.archives import read_npy_header
 from sit.errors import UsageError
 from sit.files import atomic_json
 
 RECORD_FORMAT = "sit-sample-record"
 RECORD_VERSION = 1
 GUIDE_FIELDS = ("guide_checkpoint", "guide_checkpoint_sha256")
+HASH_FIELDS = ("images_sha256", "labels_sha256")  # the .npz's arrays, as npz_array_sha256 hashes them
+OMITTED_WHEN_NONE = GUIDE_FIELDS + HASH_FIELDS + ("label_sampling",)  # absent from records that lack them
+HASH_CHUNK_BYTES = 1 << 24
 VERSIONED_PACKAGES = ("torch", "torchvision", "numpy", "scipy", "diffusers", "timm", "torchdiffeq", "torch-fidelity")
 
 
@@ -60,11 +68,18 @@ class SampleRecord:
     # Autoguidance only (absent from records without it): the guide model, --guide-ckpt as given, and its file's hash
     guide_checkpoint: Optional[str] = None
     guide_checkpoint_sha256: Optional[str] = None
+    # The .npz this record describes (absent from older records): SHA-256 of arr_0's and of labels' bytes as
+    # stored (npz_array_sha256); evaluate.py refuses a record whose hashes are not those of the .npz beside it
+    images_sha256: Optional[str] = None
+    labels_sha256: Optional[str] = None
+    # sample_ddp.py --label-sampling balanced (absent: random, the per-image uniform draw label_draw describes)
+    label_sampling: Optional[str] = None
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON object: format, version, then the fields (tuples as lists; the guide's only with one)."""
+        """The JSON object: format, version, then the fields (tuples as lists; those of OMITTED_WHEN_NONE
+        only when set)."""
         fields = json.loads(json.dumps(dataclasses.asdict(self)))
-        for key in GUIDE_FIELDS:
+        for key in OMITTED_WHEN_NONE:
             if fields[key] is None:
                 del fields[key]
         return {"format": RECORD_FORMAT, "version": RECORD_VERSION, **fields}
@@ -98,7 +113,47 @@ class SampleRecord:
         if num_images != self.num_images or tuple(image_shape) != tuple(self.image_shape):
             raise RecordError(f"{source} describes {self.num_images} images of {format_shape(self.image_shape)} but "
                               f"{npz_path} holds {num_images} of {format_shape(image_shape)}: the record belongs "
-                              f"to another batch (move it away to evaluate without it)")
+                              f"to another batch (pass --ignore-record to evaluate without it)")
+
+    def check_hashes(self, source: str, npz_path: str) -> bool:
+        """Whether the record's hashes were checked against the .npz's arrays: False for an older record
+        without them (unverified); RecordError (one line) when they are those of other arrays."""
+        if self.images_sha256 is None:
+            return False
+        arrays = (("images", "arr_0", self.images_sha256), ("labels", LABELS_KEY, self.labels_sha256))
+        for what, key, recorded in arrays:
+            if recorded is None:
+                continue
+            actual = npz_array_sha256(npz_path, key)
+            if actual != recorded:
+                held = f"{actual[:12]}..." if actual is not None else "none"
+                raise RecordError(f"{source} does not describe {npz_path}: it records {what} of SHA-256 "
+                                  f"{recorded[:12]}... but the .npz holds {held}: the record belongs to other "
+                                  f"images (pass --ignore-record to evaluate without it)")
+        return True
+
+
+LABELS_KEY = "labels"  # the .npz's class labels beside arr_0 (sit.sampling.folder)
+
+
+def npz_array_sha256(npz_path: str, key: str = "arr_0") -> Optional[str]:
+    """SHA-256 (hex) of the bytes an .npz stores for array `key` after its .npy header (for a C-order
+    array: hashlib.sha256(array.tobytes())), streamed; None when the .npz holds no such array."""
+    with zipfile.ZipFile(npz_path) as archive:
+        if f"{key}.npy" not in archive.namelist():
+            return None
+        with archive.open(f"{key}.npy") as stream:
+            read_npy_header(stream)
+            digest = hashlib.sha256()
+            for chunk in iter(lambda: stream.read(HASH_CHUNK_BYTES), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def npz_hashes(npz_path: str) -> dict[str, Optional[str]]:
+    """The HASH_FIELDS of an .npz: images_sha256 (arr_0) and labels_sha256 (None without labels)."""
+    return {"images_sha256": npz_array_sha256(npz_path, "arr_0"),
+            "labels_sha256": npz_array_sha256(npz_path, LABELS_KEY)}
 
 
 def format_shape(shape: tuple[int, ...]) -> str:
@@ -142,11 +197,13 @@ def read_record(path: str) -> SampleRecord:
 def record_beside(npz_path: str, num_images: int, image_shape: tuple[int, ...]) -> Optional[SampleRecord]:
     """The record beside a .npz holding `num_images` images of `image_shape` (H, W, 3), or None without one.
 
-    RecordError when the record is unreadable or describes another batch.
+    RecordError when the record is unreadable or describes another batch: its count, its shape or, when it
+    holds them, the arrays' hashes (SampleRecord.check_hashes; a record without them is returned unverified).
     """
     path = record_path(npz_path)
     if not os.path.isfile(path):
         return None
     record = read_record(path)
     record.check_against(num_images, image_shape, path, npz_path)
+    record.check_hashes(path, npz_path)
     return record

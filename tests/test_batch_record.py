@@ -1,6 +1,7 @@
 """sit.sampling.batch_record: sample_ddp.py's record beside its .npz, written and read back (values equal the
-run's settings, hashes equal the files'), kept or rewritten by reruns, refused for other weights at the same
-path, and carried by evaluate.py into its --json output (a tiny checkpoint, a tiny VAE, a random Inception)."""
+run's settings, hashes equal the files' and the .npz arrays'), kept or rewritten by reruns, refused for other
+weights at the same path, and carried by evaluate.py into its --json output, which refuses a record of other
+images (a tiny checkpoint, a tiny VAE, a random Inception)."""
 import hashlib
 import json
 import os
@@ -62,8 +63,12 @@ def test_the_record_holds_the_runs_settings_and_the_files_hashes(ckpt, tiny_vae,
         batch_size=2, world_size=1, preset=None)
     record = read_record(path)
     assert record.sampler_settings.pop("noise_draw").startswith("per image: standard normal on a CPU generator")
-    assert record == expected
-    assert np.load(f"{folder}.npz")["arr_0"].shape == (5, *record.image_shape)
+    with np.load(f"{folder}.npz") as data:  # the hashes of the arrays' bytes, as numpy holds them
+        images, labels = data["arr_0"], data["labels"]
+    assert record.images_sha256 == hashlib.sha256(images.tobytes()).hexdigest()
+    assert record.labels_sha256 == hashlib.sha256(labels.astype("<i8").tobytes()).hexdigest()
+    assert SampleRecord(**{**vars(record), "images_sha256": None, "labels_sha256": None}) == expected
+    assert images.shape == (5, *record.image_shape)
 
 
 def test_a_rerun_keeps_the_record_until_it_samples_again(ckpt, tmp_path):
@@ -83,6 +88,18 @@ def test_a_rerun_keeps_the_record_until_it_samples_again(ckpt, tmp_path):
     assert again.nfe_measured == {"batches": 1, "images": 1, "images_not_measured": 4, "per_batch_min": 3,
                                   "per_batch_max": 3, "total": 3}
     assert SampleRecord(**{**vars(again), "nfe": 3, "nfe_measured": first.nfe_measured}) == first
+
+
+def test_a_rerun_adds_the_arrays_hashes_to_an_older_record_and_keeps_the_rest(ckpt, tmp_path):
+    flags = [*GUIDED, "--ckpt", ckpt]
+    folder, path = sample(flags, tmp_path / "run")
+    first = read_record(path)
+    older = {key: value for key, value in json.loads(open(path).read()).items()
+             if key not in ("images_sha256", "labels_sha256")}
+    with open(path, "w") as handle:  # as a record written before records held the hashes
+        json.dump({**older, "nfe": 99}, handle)
+    sample(flags, tmp_path / "run")  # samples nothing
+    assert read_record(path) == SampleRecord(**{**vars(first), "nfe": 99})  # kept, hashes added
 
 
 def test_nfe_is_given_per_image_only_when_every_image_was_measured_alike():
@@ -155,3 +172,30 @@ def test_sample_ddp_to_evaluate_json_carries_the_record_and_a_wrong_record_is_on
         json.dump({**data, "num_images": 50000}, handle)
     assert run_main(lambda: evaluate.main(command), "evaluate.py") == 2
     assert assert_names(capsys.readouterr().err, path, f"{folder}.npz", "50000").startswith("evaluate.py: error: ")
+
+
+def test_evaluate_refuses_the_record_of_other_images_unless_told_to_ignore_it(ckpt, tmp_path, tiny_dinov2_weights,
+                                                                             capsys):
+    """Two batches of the same settings but another seed: same count and shape, other images. The record of
+    one beside the other's .npz was copied into the metrics before records held the images' hashes."""
+    first, _ = sample([*GUIDED, "--ckpt", ckpt], tmp_path / "first")
+    second, _ = sample([*GUIDED, "--ckpt", ckpt, "--global-seed", "4"], tmp_path / "second")
+    os.replace(f"{first}.json", f"{second}.json")  # the record of the first batch, beside the second's images
+    np.savez(tmp_path / "ref.npz", arr_0=np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8))
+    command = [str(tmp_path / "ref.npz"), f"{second}.npz", "--device", "cpu", "--metrics", "fd_dinov2",
+               "--dinov2-weights", tiny_dinov2_weights, "--json", str(tmp_path / "metrics.json")]
+    capsys.readouterr()
+    assert run_main(lambda: evaluate.main(command), "evaluate.py") == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert_names(err, "evaluate.py: error: ", f"{second}.json", f"{second}.npz", "images", "--ignore-record")
+    assert not os.path.exists(tmp_path / "metrics.json")
+    evaluate.main([*command, "--ignore-record"])
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written["sample_record"] is None and written["sample_record_verified"] is None
+    assert written["fd_dinov2"] is not None
+    os.replace(f"{second}.json", f"{first}.json")  # back beside its own images: verified and copied
+    evaluate.main([str(tmp_path / "ref.npz"), f"{first}.npz", *command[2:]])
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written["sample_record_verified"] is True
+    assert written["sample_record"] == read_record(f"{first}.json").to_dict()

@@ -1,9 +1,11 @@
 """Autoguidance (sit.guidance, sit.sampling.guide): the guided model equals D_guide + w (D_main - D_guide)
 computed by hand, a guide equal to the main model gives the unguided samples exactly, --cfg-interval
-leaves the main model alone outside it, and a guide that cannot guide is one line naming --guide-ckpt."""
+leaves the main model alone outside it, and a guide that cannot guide is one line naming --guide-ckpt (the
+main model's own weights included: the same file or a copy; its raw weights beside EMA ones may guide it)."""
 import hashlib
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -103,6 +105,26 @@ def test_a_guide_that_cannot_guide_is_one_line_naming_the_flag(checkpoints, case
     assert_names(error.value, "--guide-ckpt", *message.format(path=checkpoints[case]).split(" | "))
     with pytest.raises(UsageError, match="^--guide-ckpt: no SiT checkpoint at"):
         sample.main(argv[:-1] + [checkpoints[case] + ".missing"])
+
+
+def test_a_guide_holding_the_main_models_own_weights_is_refused_and_its_raw_weights_may_guide(checkpoints, tmp_path):
+    main = checkpoints["main"]
+    shutil.copy(main, tmp_path / "copy.pt")
+    for guide in (main, str(tmp_path / "copy.pt")):  # the same file, or the same weights in another
+        with pytest.raises(UsageError) as error:
+            sample.main(["ODE", "--ckpt", main, "--class-labels", "1", "--cfg-scale", "2", "--guide-ckpt", guide])
+        assert_names(error.value, f"--guide-ckpt {guide}", f"--ckpt {main}", "itself", "--cfg-scale")
+    # a checkpoint whose EMA weights differ from its raw ones, and a file of those raw weights alone
+    checkpoint = torch.load(main, weights_only=False)
+    checkpoint["ema"] = {name: value + 0.01 if value.is_floating_point() else value
+                         for name, value in checkpoint["model"].items()}
+    torch.save(checkpoint, tmp_path / "ema.pt")
+    torch.save({"model": checkpoint["model"]}, tmp_path / "raw.pt")
+    args, config = sample.parse_args(["ODE", "--ckpt", str(tmp_path / "ema.pt"), "--class-labels", "1",
+                                      "--cfg-scale", "2", "--guide-ckpt", str(tmp_path / "raw.pt")])
+    loaded = load_for_sampling(config, torch.device("cpu"), "mse")
+    assert isinstance(loaded.model, AutoGuidedModel)
+    assert not torch.equal(loaded.model.main.x_embedder.proj.weight, loaded.model.guide.x_embedder.proj.weight)
 
 
 def test_guide_with_likelihood_is_refused(checkpoints):

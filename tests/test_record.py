@@ -1,7 +1,9 @@
 """The record beside a sample batch (sit.record): written and read back with a synthetic .npz, checked
-against the .npz, and copied by evaluate.py into its --json output with the evaluator's settings.
+against the .npz (count, shape and the SHA-256 of its arrays), and copied by evaluate.py into its --json output
+with the evaluator's settings; a record of other images is refused, --ignore-record evaluates without it.
 (FD-DINOv2 with the tiny ViT keeps evaluate.py fast here; the Inception's settings are checked with
 real weights in test_inception_weights.py.)"""
+import hashlib
 import json
 
 import numpy as np
@@ -12,8 +14,8 @@ import evaluate
 from sit.errors import UsageError
 from sit.files import sha256_file
 from sit.metrics import MetricInputError, npz_array_shape
-from sit.record import (RECORD_FORMAT, RecordError, SampleRecord, package_versions, read_record, record_beside,
-                        record_path, write_record)
+from sit.record import (RECORD_FORMAT, RecordError, SampleRecord, npz_array_sha256, npz_hashes, package_versions,
+                        read_record, record_beside, record_path, write_record)
 
 
 def synthetic_record(**overrides) -> SampleRecord:
@@ -116,3 +118,41 @@ def test_evaluate_refuses_a_disagreeing_record_before_any_network_and_keeps_the_
     with pytest.raises(UsageError) as error:
         evaluate.main([str(batch / "ref.npz"), str(batch / "samples.npz"), "--json", str(batch / "samples.json")])
     assert_names(error.value, f"--json {batch / 'samples.json'}", "record")
+
+
+def test_the_arrays_hashes_are_those_of_their_bytes_stored_or_compressed(batch):
+    images = np.load(batch / "samples.npz")["arr_0"]
+    assert npz_array_sha256(str(batch / "samples.npz")) == hashlib.sha256(images.tobytes()).hexdigest()
+    labels = np.arange(6, dtype=np.int64)
+    np.savez_compressed(batch / "compressed.npz", arr_0=images, labels=labels)
+    assert npz_hashes(str(batch / "compressed.npz")) == {"images_sha256": hashlib.sha256(images.tobytes()).hexdigest(),
+                                                         "labels_sha256": hashlib.sha256(labels.tobytes()).hexdigest()}
+    assert npz_hashes(str(batch / "samples.npz"))["labels_sha256"] is None  # no labels array
+
+
+@pytest.mark.parametrize("what", ["images", "labels"])
+def test_a_record_of_other_images_is_refused_naming_the_json_and_the_npz(batch, what):
+    other = np.zeros((6, 40, 40, 3), np.uint8)  # same count and shape: only the hash tells them apart
+    np.savez(batch / "other.npz", arr_0=other, labels=np.arange(6))
+    hashes = npz_hashes(str(batch / "other.npz"))
+    if what == "labels":
+        np.savez(batch / "samples.npz", arr_0=other, labels=np.arange(6)[::-1])
+    write_record(str(batch / "samples.npz"), synthetic_record(**hashes))
+    with pytest.raises(RecordError) as raised:
+        record_beside(str(batch / "samples.npz"), 6, (40, 40, 3))
+    assert_names(raised.value, str(batch / "samples.json"), str(batch / "samples.npz"), what,
+                 hashes[f"{what}_sha256"][:12], "--ignore-record")
+    write_record(str(batch / "other.npz"), synthetic_record(**hashes))
+    assert record_beside(str(batch / "other.npz"), 6, (40, 40, 3)).images_sha256 == hashes["images_sha256"]
+
+
+def test_an_older_record_without_hashes_is_copied_as_unverified_with_a_warning(batch, tiny_dinov2_weights, capsys):
+    record = synthetic_record()
+    write_record(str(batch / "samples.npz"), record)
+    assert "images_sha256" not in json.loads((batch / "samples.json").read_text())  # omitted, as in older records
+    evaluate.main([str(batch / "ref.npz"), str(batch / "samples.npz"), "--device", "cpu", "--metrics", "fd_dinov2",
+                   "--dinov2-weights", tiny_dinov2_weights, "--json", str(batch / "metrics.json")])
+    written = json.loads((batch / "metrics.json").read_text())
+    assert written["sample_record"] == record.to_dict() and written["sample_record_verified"] is False
+    warning = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and str(batch / "samples.json") in warning[0] and "unverified" in warning[0]

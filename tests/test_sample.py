@@ -371,6 +371,24 @@ def test_one_and_two_gloo_processes_give_the_same_images(ckpt, tmp_path):
 
 
 @pytest.mark.slow
+def test_balanced_labels_are_the_same_on_one_and_two_gloo_processes(tmp_path):
+    from test_grid import pixel_checkpoint
+
+    pixel = pixel_checkpoint(tmp_path / "pixel.pt")  # 10 classes
+    flags = ["ODE", "--ckpt", pixel, *FAST_ODE, "--num-fid-samples", "30", "--per-proc-batch-size", "4",
+             "--label-sampling", "balanced"]
+    sample_ddp.main([*flags, "--sample-dir", str(tmp_path / "one")])
+    result = run_script(["sample_ddp.py", *flags, "--sample-dir", str(tmp_path / "two")], cwd=tmp_path,
+                        torchrun_procs=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = only_folder(tmp_path / "one"), only_folder(tmp_path / "two")
+    assert os.path.basename(one) == os.path.basename(two) and one.endswith("-labels-balanced-30")
+    with np.load(f"{one}.npz") as first, np.load(f"{two}.npz") as second:
+        assert np.array_equal(first["labels"], second["labels"]) and np.array_equal(first["arr_0"], second["arr_0"])
+        assert np.bincount(second["labels"], minlength=10).tolist() == [3] * 10
+
+
+@pytest.mark.slow
 def test_a_setup_failure_on_rank_0_ends_both_gloo_processes_with_its_message(ckpt, tmp_path):
     """--sample-dir inside a file: rank 0's makedirs fails (OSError); rank 1 does not wait for it."""
     (tmp_path / "file.txt").write_text("")

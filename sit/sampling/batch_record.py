@@ -1,10 +1,12 @@
 """sample_ddp.py's record beside `<folder>.npz` (a `sit.record.SampleRecord` in `<folder>.json`): every
-setting that shaped the images, the files they came from (by SHA-256) and the model evaluations measured.
+setting that shaped the images, the files they came from (by SHA-256), the model evaluations measured, and
+the SHA-256 of the .npz's arrays (images and labels), which bind the record to the .npz it describes.
 
 Before sampling, rank 0 claims the folder (`claim_sample_folder`): the files are hashed, and a rerun whose
 weights or settings differ from the folder's own record `<folder>/settings.json` is refused, so a folder
 never mixes images of two models or two settings. After sampling, `finish_sample_batch` writes the .npz,
-then the record (a rerun that sampled nothing keeps an earlier record of the same images).
+then the record (a rerun that sampled nothing keeps an earlier record of the same images, adding the
+arrays' hashes to one written before records held them).
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ import numpy as np
 import download
 from sit.errors import UsageError, reported_as
 from sit.files import atomic_json, folder_sha256, sha256_file
-from sit.record import RecordError, SampleRecord, package_versions, read_record, record_path, write_record
+from sit.record import (HASH_FIELDS, RecordError, SampleRecord, npz_hashes, package_versions, read_record,
+                        record_path, write_record)
 from sit.sampling.folder import FOLDER_SETTINGS, check_space_for_samples, finish_npz, npz_shape
 from sit.sampling.loading import SamplingModel
 from sit.sampling.settings import ModelSettings, SamplingConfig
@@ -31,7 +34,7 @@ from sit.vae import PIXEL_SPACE, VAE_REPOS
 NOT_SHAPING_IMAGES = ("nfe", "nfe_measured", "versions", "world_size", "checkpoint", "preset", "guide_checkpoint")
 # ... and what a folder's settings record leaves out besides: how many images (a rerun may add more),
 # their shape (known once sampled) and where the checkpoint file lies (its hash is compared).
-NOT_SHAPING_FOLDER = NOT_SHAPING_IMAGES + ("num_images", "image_shape", "checkpoint_file")
+NOT_SHAPING_FOLDER = NOT_SHAPING_IMAGES + ("num_images", "image_shape", "checkpoint_file") + HASH_FIELDS
 
 
 @dataclass(frozen=True)
@@ -176,16 +179,27 @@ def build_record(config: SamplingConfig, loaded: SamplingModel, sources: SampleS
         guided_channels=(model_config["in_channels"] if guidance.all_channels or sources.guide else 3) if guided else None,
         guidance_interval=tuple(guidance.interval) if guided and tuple(guidance.interval) != (0.0, 1.0) else None,
         precision=config.precision, global_seed=config.seed,
-        label_draw=f"uniform over {settings.num_classes} classes: torch.randint on a CPU generator seeded by "
-                   f"(global seed, image index), as sit.generation.noise_and_labels",
+        label_draw=label_draw(config, settings.num_classes),
         num_images=npz_shape_[0], image_shape=tuple(npz_shape_[1:]), sampler_settings=sampler_settings,
         versions=package_versions(), checkpoint_file=sources.checkpoint_file, vae_sha256=sources.vae_sha256,
         nfe_measured=measured, batch_size=config.batch_size, world_size=world_size, preset=preset,
-        guide_checkpoint=sources.guide, guide_checkpoint_sha256=sources.guide_sha256)
+        guide_checkpoint=sources.guide, guide_checkpoint_sha256=sources.guide_sha256,
+        label_sampling=None if config.label_sampling == "random" else config.label_sampling)
+
+
+def label_draw(config: SamplingConfig, num_classes: int) -> str:
+    """How the images' labels were chosen (the record's label_draw), for --label-sampling random or balanced."""
+    if config.label_sampling == "balanced":
+        return (f"balanced: exactly {config.num_images // num_classes} images of each of {num_classes} classes; "
+                f"image i's label is p[i] mod {num_classes}, p a permutation of 0..{config.num_images - 1} seeded by "
+                f"(global seed, {config.num_images}), as sit.generation.balanced_labels")
+    return (f"uniform over {num_classes} classes: torch.randint on a CPU generator seeded by "
+            f"(global seed, image index), as sit.generation.noise_and_labels")
 
 
 def describes_same_images(earlier: SampleRecord, record: SampleRecord) -> bool:
-    """Whether two records agree on everything that shapes the images (not on what a rerun may change)."""
+    """Whether two records agree on everything that shapes the images (not on what a rerun may change),
+    their arrays' hashes included where the earlier one holds them."""
     mine, theirs = earlier.to_dict(), record.to_dict()
     return all(mine[key] == theirs.get(key) for key in mine if key not in NOT_SHAPING_IMAGES)
 
@@ -195,19 +209,30 @@ def finish_sample_batch(folder: str, num_images: int, make_record: Callable[[tup
     """Build <folder>.npz (finish_npz; with the images' class `labels` when given), then write its record;
     returns the record's path.
 
-    make_record: the record of an .npz of that shape (N, H, W, 3). A run that sampled nothing keeps an
-    earlier record that describes the same images (its NFE and versions are those of the run that sampled).
+    make_record: the record of an .npz of that shape (N, H, W, 3); the .npz's hashes (npz_hashes) are
+    added to it. A run that sampled nothing keeps an earlier record that describes the same images (its
+    NFE and versions are those of the run that sampled), adding the hashes when it has none.
     """
     finish_npz(folder, num_images, logger, labels)
     npz_path = f"{folder}.npz"
-    record, path = make_record(npz_shape(npz_path)), record_path(npz_path)
+    with reported_as(f"cannot read {npz_path} to hash its arrays"):
+        hashes = npz_hashes(npz_path)
+    record, path = dataclasses.replace(make_record(npz_shape(npz_path)), **hashes), record_path(npz_path)
     try:
         earlier = read_record(path) if os.path.isfile(path) else None
     except RecordError:
         earlier = None
-    if earlier is not None and record.nfe_measured["batches"] == 0 and describes_same_images(earlier, record):
-        logger.info(f"Kept the record {path} (no image was sampled again)")
-        return path
+    if earlier is not None and record.nfe_measured["batches"] == 0:
+        if earlier.images_sha256 is None:  # written before records held hashes: kept, with the .npz's added
+            earlier = dataclasses.replace(earlier, **hashes)
+            if describes_same_images(earlier, record):
+                with reported_as(f"cannot write the record {path}"):
+                    write_record(npz_path, earlier)
+                logger.info(f"Kept the record {path} (no image was sampled again), adding the arrays' SHA-256")
+                return path
+        elif describes_same_images(earlier, record):
+            logger.info(f"Kept the record {path} (no image was sampled again)")
+            return path
     with reported_as(f"cannot write the record {path}"):
         write_record(npz_path, record)
     logger.info(f"Saved the record of how the images were made to {path}")

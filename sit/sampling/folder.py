@@ -21,11 +21,11 @@ from sit.distributed import DistContext, on_main
 from sit.errors import RunFailure, reported_as
 from sit.files import atomic_write, check_free_space, remove_temporaries, removed_on_failure_if_empty
 from sit.locks import LOCK_FILE, acquire_folder_lock
+from sit.record import LABELS_KEY  # <folder>.npz: the class label of each image of arr_0, in the same order
 from sit.sampling.settings import ModelSettings, SamplingConfig
 from sit.vae import VAE_REPOS
 
 FOLDER_SETTINGS = "settings.json"  # what shaped the folder's images (sit.sampling.batch_record)
-LABELS_KEY = "labels"  # <folder>.npz: the class label of each image of arr_0, in the same order
 
 def short_hash(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:8]
@@ -66,6 +66,8 @@ def folder_name(config: SamplingConfig, settings: ModelSettings) -> str:
         parts.append(f"guide-{checkpoint_tag(guidance.guide_ckpt)}")
     if config.precision != "tf32":  # other precisions give other images; the default keeps older folder names
         parts.append(f"prec-{config.precision}")
+    if config.label_sampling != "random":  # balanced labels depend on the image count: a rerun may not add more
+        parts.append(f"labels-{config.label_sampling}-{config.num_images}")
     name = "-".join(str(part) for part in parts)
     likelihood = config.likelihood
     if likelihood is not None:

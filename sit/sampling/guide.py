@@ -1,7 +1,10 @@
 """--guide-ckpt: the guide model of autoguidance (sit.guidance), loaded from its own checkpoint (its
 size, transport and VAE are the checkpoint's; no flag describes it) and checked against the main
 model: the same classes, the same latent (or pixel) shape, and the same prediction on the same path,
-so that its output means what the main model's does. Each mismatch is one line naming the flag.
+so that its output means what the main model's does; and not the very weights the main model samples
+with (the same file, or a copy: guided by itself, a model samples exactly as unguided at any scale). A
+guide that differs only in holding the raw weights where the main model has EMA ones is a guide. Each
+mismatch is one line naming the flag.
 """
 from __future__ import annotations
 
@@ -44,6 +47,26 @@ def check_guide(path: str, guide: SiT, info: Mapping[str, Any], main: SiT, setti
                          f"same transport")
 
 
+def same_weights(main: torch.nn.Module, guide: torch.nn.Module) -> bool:
+    """Whether two models hold equal tensors under the same names (shapes first; the first unequal tensor
+    ends the comparison, so only a guide that is the main model is compared in full)."""
+    mine, theirs = main.state_dict(), guide.state_dict()
+    if mine.keys() != theirs.keys():
+        return False
+    if any(value.shape != theirs[name].shape or value.dtype != theirs[name].dtype for name, value in mine.items()):
+        return False
+    return all(torch.equal(value, theirs[name].to(value.device)) for name, value in mine.items())
+
+
+def check_not_itself(path: str, guide: SiT, main: SiT, settings: ModelSettings) -> None:
+    """UsageError (one line naming --guide-ckpt) when the guide holds the weights the main model samples with."""
+    if same_weights(main, guide):
+        main_name = f"--ckpt {settings.ckpt}" if settings.ckpt is not None else "the published model"
+        raise UsageError(f"{FLAG} {path} holds the very weights the main model ({main_name}) samples with: a model "
+                         f"guided by itself samples exactly as unguided at any --cfg-scale; guide with a weaker "
+                         f"version of it (smaller, trained for less, or the raw weights of an EMA model)")
+
+
 def attach_guide(main: SiT, settings: ModelSettings, config: SamplingConfig, device: torch.device) -> AutoGuidedModel:
     """The main model (eval, on device) autoguided by --guide-ckpt's model at --cfg-scale over --cfg-interval."""
     path = config.guidance.guide_ckpt
@@ -53,6 +76,7 @@ def attach_guide(main: SiT, settings: ModelSettings, config: SamplingConfig, dev
     except UsageError as error:
         raise UsageError(f"{FLAG}: {error}") from None
     check_guide(path, guide, info, main, settings)
+    check_not_itself(path, guide, main, settings)
     guide = guide.to(device).eval()
     if config.compile:
         guide = compile_for_sampling(guide)

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from sit.config import build_sample_fn
 from sit.distributed import DistContext, agree, reduce_numbers
-from sit.generation import GeneratedBlock, blocks_of_rank, generate_blocks, image_labels, index_blocks
+from sit.generation import GeneratedBlock, blocks_of_rank, generate_blocks, image_labels, index_blocks, planned_labels
 from sit.sampling.folder import missing_indices, png_path, save_png
 from sit.sampling.loading import SamplingModel
 from sit.sampling.settings import SamplingConfig
@@ -62,7 +62,9 @@ def write_missing_images(ctx: DistContext, config: SamplingConfig, loaded: Sampl
                 f"sampling {int(total_missing)} on {ctx.world_size} process(es) with {config.sampler.describe()}")
     generated = generate_blocks(pending, loaded.model, loaded.vae, sample_fn, global_seed=config.seed,
                                 num_classes=settings.num_classes, guidance=config.guidance,
-                                precision=config.precision, device=ctx.device, stop_on_non_finite=True)
+                                precision=config.precision, device=ctx.device, stop_on_non_finite=True,
+                                labels=planned_labels(config.label_sampling, config.num_images, config.seed,
+                                                      settings.num_classes))
     progress = tqdm(total=int(total_missing), unit="img", disable=not ctx.is_main, dynamic_ncols=True)
     measured: list[tuple[int, int]] = []
     for round_index in range(int(num_rounds)):  # in lockstep, so rank 0 can count everyone's images
@@ -79,5 +81,8 @@ def write_missing_images(ctx: DistContext, config: SamplingConfig, loaded: Sampl
 
 def sampled_labels(config: SamplingConfig, loaded: SamplingModel) -> np.ndarray:
     """The class label (num_images,) int64 each image of the folder was conditioned on (sit.generation's
-    per-index draw, the one generate_blocks makes)."""
+    per-index draw, the one generate_blocks makes, or its balanced labels)."""
+    planned = planned_labels(config.label_sampling, config.num_images, config.seed, loaded.settings.num_classes)
+    if planned is not None:
+        return planned
     return image_labels(config.num_images, config.seed, latent_shape(loaded.model.config), loaded.settings.num_classes)

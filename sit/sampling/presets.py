@@ -1,10 +1,13 @@
 """Published evaluations as presets of sample_ddp.py's flags: `--preset NAME`, `--preset list`.
 
 A preset is the command line of a published evaluation (mode, sampler, guidance, model, image size,
-VAE, image count), its number and their sources. `apply_preset` merges it into the parsed flags before
-the typed configuration is built, parsed by the script's own parser: a flag not given takes the preset's
-value ("filled"), one given with another value wins with a warning ("overridden"). The mode is the
-preset's; another mode given first is a UsageError (the mode decides which sampler flags exist).
+VAE, image count), its number and their sources, and the label protocol that number was measured with
+(`label_sampling`: every published one drew each image's class at random, sample_ddp.py's default;
+--label-sampling balanced with a preset is another protocol, and is warned about). `apply_preset`
+merges it into the parsed flags before the typed configuration is built, parsed by the script's own
+parser: a flag not given takes the preset's value ("filled"), one given with another value wins with a
+warning ("overridden"). The mode is the preset's; another mode given first is a UsageError (the mode
+decides which sampler flags exist).
 """
 from __future__ import annotations
 
@@ -30,6 +33,8 @@ class Preset:
     published: str  # the published result, e.g. "FID 2.06, IS 270.3"
     source: str  # where the settings and the number come from
     note: str = ""  # what could not be verified, or how the settings were mapped onto this code's flags
+    label_sampling: str = "random"  # the labels of the published number's images (sample_ddp.py --label-sampling)
+    labels_source: str = "the original sample_ddp.py draws each image's class with torch.randint"
 
     def argv(self) -> list[str]:
         """The preset as a command line: the mode, then its flags."""
@@ -66,6 +71,7 @@ PRESETS: dict[str, Preset] = {preset.name: preset for preset in (
            published="FID-50K 1.42 (SiT-XL/2 + REPA, 4M iterations, guidance interval)",
            source="sihyun-yu/REPA README (FID=1.42; evaluation: generate.py --mode=sde --num_steps=250 "
                   "--cfg-scale=1.8 --guidance_high=0.7) and its samplers.py (euler_maruyama_sampler)",
+           labels_source="REPA's generate.py draws each image's class with torch.randint",
            note="mapped onto this code's flags: REPA's time runs from noise (1) to data (0), so guidance for its "
                 "t in [0, 0.7] is --cfg-interval 0.3 1.0 here; its diffusion 2t is w(t) = sigma_t (--diffusion-form "
                 "sigma) on the Linear path; it guides all 4 latent channels; same 250-point grid to 0.04 and "
@@ -89,8 +95,14 @@ class PresetUse:
         return f"Preset {self.name} filled: {filled} [published: {PRESETS[self.name].published}]"
 
     def warnings(self) -> list[str]:
-        """One line per explicit flag that overrides the preset."""
-        return [f"--preset {self.name}: explicit {text} overrides the preset" for text in self.overridden]
+        """One line per explicit flag that overrides the preset, and one for labels chosen otherwise than
+        the published number's."""
+        lines = [f"--preset {self.name}: explicit {text} overrides the preset" for text in self.overridden]
+        published, chosen = PRESETS[self.name].label_sampling, self.flags.get("label_sampling", "random")
+        if chosen != published:
+            lines.append(f"--preset {self.name}: its published number was measured with {published} labels; "
+                         f"--label-sampling {chosen} is another protocol, its FID not directly comparable")
+        return lines
 
 
 def preset_names() -> list[str]:
@@ -160,7 +172,9 @@ def preset_table() -> str:
         lines += [f"{preset.name}  ({preset.mode})",
                   f"    flags:     {' '.join(preset.argv())}",
                   f"    published: {preset.published}",
-                  f"    source:    {preset.source}"]
+                  f"    source:    {preset.source}",
+                  f"    labels:    {preset.label_sampling} ({preset.labels_source}; --label-sampling "
+                  f"{preset.label_sampling})"]
         if preset.note:
             lines.append(f"    note:      {preset.note}")
     return "\n".join(lines)

@@ -57,6 +57,7 @@ class SamplingConfig:
     batch_size: int = 1      # images sampled as one batch (sample_ddp.py: a block of indices)
     likelihood: Optional[LikelihoodConfig] = None
     warnings: tuple[str, ...] = ()  # flags given that this run does not use (logged once by the script)
+    label_sampling: str = "random"  # sample_ddp.py --label-sampling (sit.generation.LABEL_SAMPLINGS)
 
     @property
     def tf32(self) -> bool:
@@ -128,6 +129,10 @@ def sampling_config(flags: Mapping[str, Any], given: frozenset[str], *, seed: in
         raise UsageError(f"--likelihood works in {modes} mode only (it integrates the probability-flow ODE)")
     if flags["likelihood"] and flags["guide_ckpt"] is not None:
         raise UsageError("--guide-ckpt guides sampling; --likelihood evaluates the unguided model: drop --guide-ckpt")
+    label_sampling = flags.get("label_sampling", "random")  # sample.py has no --label-sampling
+    if flags["likelihood"] and label_sampling != "random":
+        raise UsageError(f"--label-sampling {label_sampling} chooses the classes of a sample batch; --likelihood "
+                         f"draws its labels per image (or reads them from --data-path): drop --label-sampling")
     if flags["likelihood"] and flags["cfg_scale"] != 1.0:
         raise UsageError(f"--likelihood evaluates the unguided model: pass --cfg-scale 1 (got {flags['cfg_scale']}); "
                          f"a guided sampler has no likelihood")
@@ -140,7 +145,7 @@ def sampling_config(flags: Mapping[str, Any], given: frozenset[str], *, seed: in
                               flags["guide_ckpt"])
     sampler = family(flags["mode"]).from_flags(flags)
     return SamplingConfig(request, sampler, guidance, precision, flags["compile"], seed, num_images, batch_size,
-                          likelihood_config(flags), unused_flag_warnings(flags, given, sampler))
+                          likelihood_config(flags), unused_flag_warnings(flags, given, sampler), label_sampling)
 
 
 def unused_flag_warnings(flags: Mapping[str, Any], given: frozenset[str], sampler: SamplerFamily) -> tuple[str, ...]:
@@ -183,6 +188,17 @@ def resolve_vae(requested: Optional[str], info: Mapping[str, Any], default: str)
     return default
 
 
+def check_balanced_count(config: SamplingConfig, num_classes: int) -> None:
+    """UsageError (one line) when --label-sampling balanced cannot give every class the same number of images."""
+    if config.label_sampling != "balanced" or config.num_images % num_classes == 0:
+        return
+    below = config.num_images // num_classes * num_classes
+    nearest = f"{below} or {below + num_classes}" if below else f"{num_classes}"
+    raise UsageError(f"--label-sampling balanced gives every one of the {num_classes} classes the same number of "
+                     f"images, so --num-fid-samples must be a multiple of {num_classes}, got {config.num_images} "
+                     f"(e.g. {nearest})")
+
+
 def resolve_model_settings(config: SamplingConfig, info: Mapping[str, Any], *, has_null_class: bool,
                            vae_default: str, shape_name: str = "custom") -> ModelSettings:
     """The ModelSettings of a request and the checkpoint's info (sit.checkpoint.load_model's; its
@@ -197,6 +213,7 @@ def resolve_model_settings(config: SamplingConfig, info: Mapping[str, Any], *, h
     if config.guidance.scale > 1.0 and not has_null_class and config.guidance.guide_ckpt is None:
         raise UsageError("this model was trained without label dropout, so it has no null class for "
                          "guidance: pass --cfg-scale 1")
+    check_balanced_count(config, info["num_classes"])
     return ModelSettings(name=request.model_name or info["model_name"] or shape_name, ckpt=request.ckpt,
                          image_size=info["image_size"], num_classes=info["num_classes"],
                          vae=resolve_vae(request.vae, info, vae_default), transport=transport)
