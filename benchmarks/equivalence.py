@@ -31,7 +31,8 @@ What two captures legitimately disagree on, and how compare treats it:
   guide_checkpoint_sha256): a train.py checkpoint stores absolute paths, so its bytes (and hash)
   differ between capture folders; its contents are compared in the .pt itself;
 - wall-clock: the "[YYYY-MM-DD HH:MM:SS]" prefix of log lines and the speeds of train.py's loss
-  lines (Train Steps/Sec, Images/Sec) read as <time> and <rate> (no .json or .csv holds a time).
+  lines (Train Steps/Sec, Images/Sec) read as <time> and <rate>, and metrics.jsonl's wall-clock fields
+  (time, steps_per_sec, images_per_sec) are left out (no .json or .csv holds a time).
 Nothing else is ignored: checkpoint counters, RNG states, optimizer state, args and model_config
 must be equal. So compare captures where they were made: a copied or moved capture still holds the
 old folder's paths, and those read as differences.
@@ -381,6 +382,16 @@ def read_text(path: Path) -> list[str]:
     return lines
 
 
+WALL_CLOCK_FIELDS = ("time", "steps_per_sec", "images_per_sec")  # sit.training.metrics_log's
+
+
+def read_jsonl(path: Path) -> list[Any]:
+    """A .jsonl file's records, each without its wall-clock fields."""
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [{key: value for key, value in record.items() if key not in WALL_CLOCK_FIELDS}
+            if isinstance(record, dict) else record for record in records]
+
+
 def compare_file(path_a: Path, path_b: Path, sides: tuple[Side, Side]) -> list[str]:
     """Descriptions of every difference between two files of the same relative path (empty: equal)."""
     suffix = path_a.suffix.lower()
@@ -398,6 +409,8 @@ def compare_file(path_a: Path, path_b: Path, sides: tuple[Side, Side]) -> list[s
     elif suffix == ".json":
         compare_values(json.loads(path_a.read_text()), json.loads(path_b.read_text()), "", sides, differences,
                        IGNORED_JSON_KEYS)
+    elif suffix == ".jsonl":  # train.py's metrics.jsonl: its wall-clock fields differ between any two runs
+        compare_values(read_jsonl(path_a), read_jsonl(path_b), "record", sides, differences)
     elif suffix == ".csv":
         compare_values(read_csv(path_a), read_csv(path_b), "row", sides, differences)
     elif suffix in (".txt", ".log"):

@@ -43,6 +43,9 @@ class LoopExtension:
     def after_step(self, run: Any) -> None:
         """Right after an optimizer step (run.state.train_steps counts it), before logging."""
 
+    def measured(self, run: Any, name: str, value: float) -> None:
+        """A metric of the model was measured at this step (e.g. "fid", every rank alike)."""
+
     def before_checkpoint(self, run: Any) -> None:
         """After a step's log line, previews and FID, before its checkpoint (if one is due)."""
 

@@ -166,6 +166,8 @@ def log_fid(run: TrainingRun) -> None:
     run.logger.info(f"(step={step:07d}) FID-{config.fid.fid_num_samples}: {fid:.4f}")
     if run.wandb_run is not None:
         run.wandb_run.log({"fid": fid}, step=step)
+    for extension in run.extensions:
+        extension.measured(run, "fid", fid)
 
 
 def train_loop(run: TrainingRun) -> bool:

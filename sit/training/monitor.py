@@ -32,6 +32,12 @@ class LossMonitor:
         self.start_time = time()
         self.inspect = inspect  # called once per step, in order, with its finite loss (the spike check)
         self.inspected_through = first_step - 1
+        self.logged: Optional[dict[str, Any]] = None  # the values of the last log line (log_progress), until taken
+
+    def take_logged(self) -> Optional[dict[str, Any]]:
+        """The values of the last log line not taken yet (see log_progress), or None; clears them."""
+        logged, self.logged = self.logged, None
+        return logged
 
     def add(self, loss: torch.Tensor) -> None:
         self.losses.append(loss.detach())
@@ -90,8 +96,11 @@ class LossMonitor:
         return sum(values) / max(len(values), 1), steps_per_sec
 
 
-def log_progress(monitor: LossMonitor, step: int, global_batch_size: int, logger: logging.Logger, wandb_run: Any) -> None:
-    """Log the loss averaged over ranks and steps since the last log, steps/s and images/s."""
+def log_progress(monitor: LossMonitor, step: int, global_batch_size: int, logger: logging.Logger,
+                 wandb_run: Any) -> dict[str, Any]:
+    """Log the loss averaged over ranks and steps since the last log, steps/s and images/s. Returns what
+    it logged, also kept as monitor.logged (for the metrics log): step, loss, terms (each further loss
+    term's mean by its log name), grad_norm (None without clipping), steps_per_sec, images_per_sec."""
     terms = monitor.flush_terms()
     average_loss, steps_per_sec = monitor.flush(step + 1)
     images_per_sec = steps_per_sec * global_batch_size
@@ -103,6 +112,9 @@ def log_progress(monitor: LossMonitor, step: int, global_batch_size: int, logger
     if wandb_run is not None:
         wandb_run.log({"train loss": average_loss, "train steps/sec": steps_per_sec, "train images/sec": images_per_sec,
                        **{name.lower(): value for name, value in terms.items()}}, step=step)
+    monitor.logged = {"step": step, "loss": average_loss, "terms": terms, "grad_norm": grad_norm,
+                      "steps_per_sec": steps_per_sec, "images_per_sec": images_per_sec}
+    return dict(monitor.logged)
 
 
 def log_first_loss(monitor: LossMonitor, step: int, logger: logging.Logger) -> None:

@@ -11,6 +11,7 @@ from sit.checkpoint import extras_of
 from sit.distributed import DistContext
 from sit.errors import UsageError
 from sit.training.experiment import StartPoint
+from sit.training.lr_schedule import WARMUP_COSINE, schedule_of
 from sit.training.settings import TrainConfig
 from sit.training.sharding import Sharding
 from sit.training.step import TrainStep
@@ -65,6 +66,16 @@ def build_terms(model: SiT, factories: Sequence[TermFactory], start: StartPoint)
     return terms
 
 
+def warn_cosine_length(optim: Any, checkpoint: dict, logger: logging.Logger) -> None:
+    """A warmup-cosine run resumed with another --max-steps than its checkpoint's: the cosine's length changes."""
+    args = checkpoint.get("args")
+    held = args.get("max_steps") if isinstance(args, dict) else None
+    if optim.lr_schedule == WARMUP_COSINE and held is not None and held != optim.max_steps:
+        logger.warning(f"warning: --max-steps {optim.max_steps} replaces the checkpoint's {held}: the cosine of "
+                       f"--lr-schedule {WARMUP_COSINE} now decays to step {optim.max_steps}, so the lr from step "
+                       f"{checkpoint['train_steps']} on differs from an uninterrupted run's")
+
+
 def build_train_step(config: TrainConfig, ctx: DistContext, start: StartPoint, vae: Any,
                      logger: logging.Logger, term_factories: Sequence[TermFactory] = ()) -> TrainStep:
     """Model, DDP or FSDP2, EMA and AdamW (the checkpoint's state when resuming; --lr rules either way); with
@@ -83,7 +94,7 @@ def build_train_step(config: TrainConfig, ctx: DistContext, start: StartPoint, v
                             grad_checkpointing=optim.grad_checkpointing, compile_blocks=optim.compile, vae=vae,
                             from_features=config.data.feature_path is not None, precision=optim.precision,
                             ema_decay=optim.ema_decay, max_grad_norm=optim.max_grad_norm, sharding=sharding,
-                            terms=terms)
+                            terms=terms, weight_decay=optim.weight_decay, lr_schedule=schedule_of(optim))
     if start.resuming:
         try:  # judged before (sit.checkpoint.check_train_checkpoint); what torch still refuses is one line too
             sharding.load_optimizer(step.model, step.opt, checkpoint["opt"])
@@ -91,9 +102,12 @@ def build_train_step(config: TrainConfig, ctx: DistContext, start: StartPoint, v
             detail = str(error).splitlines()[0][:200] if str(error) else ""
             raise UsageError(f"cannot resume {start.source}: its optimizer state does not load "
                              f"({type(error).__name__}: {detail})") from None
-        # the state holds the old lr; --lr (the checkpoint's unless given) rules the SiT's group (a term's own
-        # group keeps its own options)
+        # the state holds the old lr and weight decay; --lr and --weight-decay (the checkpoint's unless given) rule
+        # the SiT's group (a term's own group keeps its own options); --lr-schedule's lr continues from the step
         step.opt.param_groups[0]["lr"] = optim.lr
+        step.opt.param_groups[0]["weight_decay"] = optim.weight_decay
+        step.steps_done = checkpoint["train_steps"]
+        warn_cosine_length(optim, checkpoint, logger)
         logger.info(f"Resumed from {start.source} at step {checkpoint['train_steps']} "
                     f"(epoch {checkpoint['epoch']}, batch {checkpoint['epoch_step']})")
     elif checkpoint is not None:

@@ -8,7 +8,8 @@ import torch
 
 def make_optimizer(model: torch.nn.Module, lr: float = 1e-4, weight_decay: float = 0.0,
                    extra: Iterable[torch.nn.Parameter] = (), groups: Sequence[dict] = ()) -> torch.optim.Optimizer:
-    """The paper's AdamW (constant lr 1e-4, no weight decay), fused on GPUs, multi-tensor elsewhere.
+    """The paper's AdamW (constant lr 1e-4, no weight decay: the defaults), fused on GPUs, multi-tensor
+    elsewhere; weight_decay (--weight-decay) is AdamW's decoupled decay, for every group that sets none.
 
     All parameters are handed over, the frozen pos_embed included (AdamW skips it), so that the
     state's parameter indices match the original's checkpoints; `extra` ones (loss terms', e.g. the

@@ -14,6 +14,7 @@ FEATURE_MODULES = (
     "sit.training.repa",      # representation alignment: a loss term
     "sit.training.phema",     # post-hoc EMA snapshots: a loop extension
     "sit.training.healing",   # rollbacks on divergence: a loop extension
+    "sit.training.metrics_log",  # metrics.jsonl (and --tensorboard): a loop extension, always on
 )
 FEATURES: dict[str, Feature] = {}
 for _module in FEATURE_MODULES:

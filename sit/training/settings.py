@@ -22,11 +22,13 @@ from typing import AbstractSet, Any, ClassVar, Mapping, Optional
 
 from models import MODEL_SHAPES, ModelConfig, SiT_models, has_null_class
 from sit.checkpoint import TRANSPORT_KEYS, model_config_problem, model_shape_name
-from sit.cli import add_speed_arguments, decay_rate, guidance_scale, non_negative_int, positive_float, positive_int
+from sit.cli import (add_speed_arguments, decay_rate, guidance_scale, non_negative_float, non_negative_int,
+                     positive_float, positive_int)
 from sit.config import FREE, LOCKED, RUN_CHANGE, Resolved, Rule, Setting, TransportConfig, resolve_settings
 from sit.declarations import Needs, add_flags, canonical_values, check_needs, declare, resume_rules
 from sit.distributed import launched_by_torchrun
 from sit.errors import UsageError
+from sit.training.lr_schedule import CONSTANT, INVERSE_SQRT, LR_SCHEDULES, WARMUP_COSINE, check_schedule
 from sit.training.registry import FEATURES, feature_settings
 from sit.training.sharding import SHARDINGS
 from train_utils import parse_transport_args
@@ -56,6 +58,8 @@ VAE_RULE = Setting(Rule.WARN, conflict=VAE_CONFLICT, warning=VAE_WARNING,
                                                      != recorded_latent_space(held).pixel_space))
 DATA_ORDER = Setting(Rule.WARN, warning=DATA_ORDER_WARNING)
 MEASURING_FID = Needs("--fid-every N (FID while training)", lambda settings: settings.fid_every is not None)
+SCHEDULED_LR = Needs(f"--lr-schedule {WARMUP_COSINE} or {INVERSE_SQRT}",
+                     lambda settings: settings.lr_schedule != CONSTANT)
 LOGIT_NORMAL_TIMES = Needs(f"--time-sampling {LOGIT_NORMAL}", lambda settings: settings.time_sampling == LOGIT_NORMAL)
 
 
@@ -122,7 +126,18 @@ class OptimSettings:
     """How long and how the weights are optimised (--precision and --compile: sit.cli's speed flags)."""
     epochs: int = declare(1400, "passes over the data at most", type=positive_int)
     max_steps: Optional[int] = declare(None, "stop after this many steps in all", type=positive_int)
-    lr: float = declare(1e-4, "AdamW learning rate (constant)", type=positive_float, resume=RUN_CHANGE)
+    lr: float = declare(1e-4, "AdamW learning rate (the peak of --lr-schedule)", type=positive_float,
+                        resume=RUN_CHANGE)
+    # the schedule and weight decay: the checkpoint's unless given, a new value warns (the run then differs);
+    # the lr of each step is a function of the step count alone (sit/training/lr_schedule.py), so a resume is exact
+    weight_decay: float = declare(0.0, "AdamW weight decay (decoupled; 0: none, the original's)",
+                                  type=non_negative_float, resume=RUN_CHANGE)
+    lr_schedule: str = declare(CONSTANT, "constant: --lr throughout (the original's); warmup-cosine: linear warmup "
+                                         "over --warmup-steps, then a cosine to 0 at --max-steps; inverse-sqrt: "
+                                         "linear warmup, then --lr x sqrt(warmup / step)", choices=LR_SCHEDULES,
+                               resume=RUN_CHANGE)
+    warmup_steps: int = declare(0, "steps of linear lr warmup of --lr-schedule (inverse-sqrt: also where its decay "
+                                   "starts)", type=non_negative_int, resume=RUN_CHANGE, needs=SCHEDULED_LR)
     ema_decay: float = declare(EMA_DECAY, "decay of the EMA weights per step", type=decay_rate, resume=RUN_CHANGE)
     max_grad_norm: Optional[float] = declare(None, "clip the gradient norm to this (default: no clipping); the norm "
                                                    "is logged", type=positive_float)
@@ -134,6 +149,9 @@ class OptimSettings:
                                    "fsdp: FSDP2 shards all four over the GPUs (with --precision bf16: bf16 weights, "
                                    "fp32 gradient reduction); checkpoints are the same full files either way",
                             choices=SHARDINGS, resume=FREE)  # either mode resumes the other's checkpoints exactly
+
+    def __post_init__(self) -> None:
+        check_schedule(self.lr_schedule, self.warmup_steps, self.max_steps)  # e.g. a cosine without --max-steps
 
 
 @dataclass(frozen=True)

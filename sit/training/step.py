@@ -16,6 +16,7 @@ from sit.speed import autocast, compile_model
 from sit.training.ema import update_ema
 from sit.training.optimizer import make_grad_scaler, make_optimizer
 from sit.training.dtensors import full_tensor
+from sit.training.lr_schedule import LRSchedule
 from sit.training.sharding import Sharding
 from sit.training.terms import LossTerm, ModelWithTerms, StepView, in_optimizer_order, term_parameters
 from transport import Transport
@@ -29,7 +30,9 @@ class TrainStep:
     itself in one process, or sharded by FSDP2); vae: the encoder of --data-path images (None: pixels, or cached latents
     with from_features); precision: a --precision choice; max_grad_norm: --max-grad-norm (None: no clipping);
     sharding: --sharding (how model, EMA and AdamW are laid out over the ranks; sit.training.sharding);
-    terms: the loss terms beside the transport's loss (ddp_model then wraps a ModelWithTerms).
+    terms: the loss terms beside the transport's loss (ddp_model then wraps a ModelWithTerms);
+    lr_schedule: --lr-schedule (None: the constant lr, never touched); steps_done: the optimizer steps of the
+    run so far (a resumed checkpoint's train_steps), which the schedule's lr is a function of.
     """
     model: torch.nn.Module
     ddp_model: torch.nn.Module
@@ -45,6 +48,8 @@ class TrainStep:
     max_grad_norm: Optional[float] = None
     sharding: Sharding = Sharding()
     terms: Sequence[LossTerm] = ()
+    lr_schedule: Optional[LRSchedule] = None
+    steps_done: int = 0
 
     @classmethod
     def create(cls, model: torch.nn.Module, *, transport: Transport, device: torch.device, lr: float,
@@ -52,10 +57,12 @@ class TrainStep:
                grad_checkpointing: bool = False, compile_blocks: bool = False, vae: Any = None,
                from_features: bool = False, precision: str = "fp32", ema_decay: float = 0.9999,
                max_grad_norm: Optional[float] = None, sharding: Sharding = Sharding(),
-               terms: Sequence[LossTerm] = ()) -> "TrainStep":
+               terms: Sequence[LossTerm] = (), weight_decay: float = 0.0,
+               lr_schedule: Optional[LRSchedule] = None) -> "TrainStep":
         """The step for `model` (already on `device`; ddp_model: the same wrapped for DDP) as train.py
         builds it: the EMA copy (ema_state: weights to restore), gradient checkpointing, --compile
-        (compile_blocks), AdamW at lr (over the terms' parameters too) and the GradScaler of the
+        (compile_blocks), AdamW at lr with weight_decay (over the terms' parameters too; lr_schedule:
+        the lr of each step, see sit.training.lr_schedule) and the GradScaler of the
         precision; with FSDP (sharding) the model and the EMA are sharded before compiling and before
         AdamW sees the parameters."""
         ema = deepcopy(model).requires_grad_(False).eval()  # after DDP's broadcast: the same start on every rank
@@ -65,9 +72,9 @@ class TrainStep:
         sharding.shard(model, ema)
         if compile_blocks:
             compile_model(model)  # after the EMA's deepcopy (see compile_model); DDP calls the compiled blocks
-        # the paper: AdamW, constant lr 1e-4, no weight decay
+        # the paper: AdamW, constant lr 1e-4, no weight decay (the defaults of --lr, --lr-schedule, --weight-decay)
         terms = in_optimizer_order(terms)
-        opt = make_optimizer(model, lr=lr, weight_decay=0, extra=term_parameters(terms, own_group=False),
+        opt = make_optimizer(model, lr=lr, weight_decay=weight_decay, extra=term_parameters(terms, own_group=False),
                              groups=[{"params": list(term.parameters()), **term.optimizer_options}
                                      for term in terms if term.optimizer_options and any(True for _ in term.parameters())])
         if ddp_model is None:  # one process: the model itself (with loss terms, the SiT and their heads)
@@ -75,7 +82,7 @@ class TrainStep:
         return cls(model=model, ddp_model=ddp_model, ema=ema, opt=opt,
                    scaler=make_grad_scaler(precision, device), transport=transport, device=device, vae=vae,
                    from_features=from_features, precision=precision, ema_decay=ema_decay, max_grad_norm=max_grad_norm,
-                   sharding=sharding, terms=tuple(terms))
+                   sharding=sharding, terms=tuple(terms), lr_schedule=lr_schedule)
 
     def trained_parameters(self) -> list[torch.nn.Parameter]:
         """What AdamW updates and clipping sees: the SiT's parameters, then the loss terms'."""
@@ -115,7 +122,8 @@ def train_step(step: TrainStep, inputs: Sequence[torch.Tensor], labels: torch.Te
 
     The forward runs under the --precision autocast (fp16 scales the loss); with max_grad_norm the
     gradients are unscaled and clipped, and the norm before clipping is returned. Loss terms add
-    weight x their batch means to the transport's loss (see sit.training.terms).
+    weight x their batch means to the transport's loss (see sit.training.terms). With an lr schedule,
+    AdamW's first group takes the lr of this step (a function of step.steps_done) before it steps.
     """
     latents = training_latents(step, inputs)
     labels = labels.to(step.device, non_blocking=True)
@@ -132,8 +140,11 @@ def train_step(step: TrainStep, inputs: Sequence[torch.Tensor], labels: torch.Te
     if step.max_grad_norm is not None:
         step.scaler.unscale_(step.opt)
         grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(step.trained_parameters(), step.max_grad_norm))
+    if step.lr_schedule is not None:
+        step.opt.param_groups[0]["lr"] = step.lr_schedule.lr(step.steps_done)
     step.scaler.step(step.opt)
     step.scaler.update()
+    step.steps_done += 1
     update_ema(step.ema, step.model, decay=step.ema_decay)
     return StepResult(loss, grad_norm, term_losses)
 

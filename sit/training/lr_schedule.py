@@ -1,0 +1,79 @@
+"""Learning-rate schedules of train.py (--lr-schedule, --warmup-steps): the lr of each step is a pure
+function of how many steps the run has done, so a resumed run (or a rollback) continues the schedule
+exactly with no state of its own; the checkpoint's step count is enough.
+
+Step n = 1, 2, ... of the run (the n-th optimizer step), base lr L (--lr), warmup W (--warmup-steps),
+total T (--max-steps):
+    constant       L (the original's; the optimizer's lr is then never touched)
+    warmup-cosine  L n / W for n <= W; then L (1 + cos(pi (n - W - 1) / (T - W))) / 2: step W + 1 at L,
+                   decaying toward 0 one step after the last (the last step's lr stays above 0)
+    inverse-sqrt   L min(n / R, sqrt(R / n)) with R = max(W, 1): a linear warmup to L at step W, then
+                   L sqrt(W / n) (the Transformer's "Noam" schedule); W = 0: L / sqrt(n) from step 1
+The schedule sets the lr of AdamW's first parameter group (the SiT's and the loss terms that share it),
+as --lr does; a loss term's group of its own keeps its own lr.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+from sit.errors import UsageError
+
+CONSTANT = "constant"
+WARMUP_COSINE = "warmup-cosine"
+INVERSE_SQRT = "inverse-sqrt"
+LR_SCHEDULES = (CONSTANT, WARMUP_COSINE, INVERSE_SQRT)
+
+
+def scheduled_lr(schedule: str, base_lr: float, step: int, warmup_steps: int = 0,
+                 total_steps: Optional[int] = None) -> float:
+    """The lr of step `step` (1-based: the step being taken) under `schedule` (see the module docstring)."""
+    if step < 1:
+        raise ValueError(f"steps count from 1, got {step}")
+    if schedule == CONSTANT:
+        return base_lr
+    if schedule == WARMUP_COSINE:
+        if total_steps is None:
+            raise ValueError("warmup-cosine needs the total number of steps")
+        if step <= warmup_steps:
+            return base_lr * step / warmup_steps
+        progress = min((step - warmup_steps - 1) / (total_steps - warmup_steps), 1.0)
+        return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == INVERSE_SQRT:
+        reference = max(warmup_steps, 1)
+        return base_lr * min(step / reference, math.sqrt(reference / step))
+    raise ValueError(f"unknown lr schedule {schedule!r}; known: {', '.join(LR_SCHEDULES)}")
+
+
+def check_schedule(schedule: str, warmup_steps: int, max_steps: Optional[int]) -> None:
+    """UsageError (one line naming the flags) for a schedule that cannot run with these settings."""
+    if schedule != WARMUP_COSINE:
+        return
+    if max_steps is None:
+        raise UsageError(f"--lr-schedule {WARMUP_COSINE} decays over the whole run and needs --max-steps (its "
+                         f"length): add --max-steps N or choose another --lr-schedule")
+    if warmup_steps >= max_steps:
+        raise UsageError(f"--warmup-steps {warmup_steps} leaves no step of --max-steps {max_steps} for the cosine "
+                         f"of --lr-schedule {WARMUP_COSINE}: lower --warmup-steps")
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """A schedule with its settings fixed: `lr(steps_done)` is the lr of the next step."""
+    schedule: str
+    base_lr: float
+    warmup_steps: int = 0
+    total_steps: Optional[int] = None
+
+    def lr(self, steps_done: int) -> float:
+        """The lr of the step taken after `steps_done` steps (the run's step steps_done + 1)."""
+        return scheduled_lr(self.schedule, self.base_lr, steps_done + 1, self.warmup_steps, self.total_steps)
+
+
+def schedule_of(optim: object) -> Optional[LRSchedule]:
+    """The run's schedule from its OptimSettings; None for the constant lr (the optimizer is left alone)."""
+    schedule = getattr(optim, "lr_schedule", CONSTANT)
+    if schedule == CONSTANT:
+        return None
+    return LRSchedule(schedule, optim.lr, optim.warmup_steps, optim.max_steps)
