@@ -1,4 +1,4 @@
-"""Self-healing training (sit.training.healing): spikes against the running median, rollback points
+"""Self-healing training (sit.training.healing): spikes against the last good state's median, rollback points
 that later steps cannot touch, and real 2-process (Gloo) runs on cached latents with a corrupted
 batch: a NaN and a spike roll back, skip their batches and end with the weights of a run told to
 skip those batches (bit for bit), every checkpoint kept; past --max-rollbacks the run stops (exit 1)
@@ -200,7 +200,7 @@ def test_a_nan_and_a_spike_roll_back_and_end_as_a_run_that_skipped_their_batches
     assert (nan["step"], nan["restored_step"], nan["skipped_batch"]) == (5, 4, list(NAN_BATCH))
     assert nan["reason"] == "the loss became non-finite (nan) at step 5"
     assert (spike["step"], spike["restored_step"], spike["skipped_batch"]) == (12, 10, list(SPIKE_BATCH))
-    assert spike["reason"].startswith("the loss spiked to ") and "at step 12 (above 3.0 x the running median" in spike["reason"]
+    assert spike["reason"].startswith("the loss spiked to ") and "at step 12 (above 3.0 x the median at the last good state" in spike["reason"]
     log = healed_runs["healed"].stdout
     assert ("warning: rollback 1 of 2: the loss became non-finite (nan) at step 5; restoring step 4 (epoch 0, batch 4), "
             "skipping batch 4 of epoch 0 (the data of step 5)") in log
