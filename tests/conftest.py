@@ -52,6 +52,25 @@ TINY_VIT = dict(img_size=56, patch_size=14, embed_dim=64, depth=2, num_heads=1, 
                 num_classes=0, global_pool="token")  # head size 64 like every DINOv2; a 4x4 grid of patches
 
 
+def write_cached_latents(path: str, num_latents: int, corrupt=None) -> str:
+    """A feature folder (extract_features.py's format) of num_latents 4x4x4 posteriors of 32 px images in two
+    classes: random means, std 0.1; corrupt(mean), if given, alters the means before they are written."""
+    from sit.data.features import open_arrays, write_meta
+
+    os.makedirs(path)
+    meta = dict(image_size=32, vae="ema", num_images=num_latents, classes=["a", "b"], dtype="float32",
+                block_size=num_latents, latent_shape=[4, 4, 4], data_path="/nowhere", complete=True)
+    mean, std, labels = open_arrays(path, meta, "w+")
+    mean[:] = np.random.default_rng(0).normal(size=mean.shape).astype(np.float32)
+    std[:], labels[:] = 0.1, np.arange(num_latents) % 2
+    if corrupt is not None:
+        corrupt(mean)
+    for array in (mean, std, labels):
+        array.flush()
+    write_meta(path, meta)
+    return path
+
+
 def tiny_vit_state(seed: int = 0) -> dict:
     """A randomly initialised timm VisionTransformer in DINOv2's layout (LayerScale, CLS token), as a state dict."""
     from timm.models.vision_transformer import VisionTransformer

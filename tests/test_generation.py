@@ -11,18 +11,16 @@ import torch
 from PIL import Image
 
 import sample_ddp
-from sit.distributed import DistContext
 from sit.errors import UsageError
 from sit.generation import (ObservedSampleFunction, balanced_labels, blocks_of_rank, image_labels, index_blocks,
                             noise_and_labels, planned_labels)
 from sit.log import create_logger
 from sit.record import read_record
-from sit.sampling.images import write_missing_images
-from sit.sampling.loading import load_for_sampling
 from conftest import assert_names
 from sit.metrics.npz import npz_array_shape, open_npz_images
 from sit.sampling import folder as sample_folder
 from test_grid import pixel_checkpoint
+from test_sample import sample_as_three_ranks
 from transport import Sampler, create_transport
 
 
@@ -130,14 +128,7 @@ def test_sample_ddp_balanced_labels_are_counted_recorded_and_named_in_the_folder
     with open(tmp_path / "random" / f"{random}.json") as handle:
         assert "label_sampling" not in json.load(handle)  # random's record is as before
     # the ranks of a 3-process job, run one after another here, give the one-process images and labels
-    args, config = sample_ddp.parse_args([*flags, "--label-sampling", "balanced",
-                                          "--sample-dir", str(tmp_path / "three")])
-    loaded = load_for_sampling(config, torch.device("cpu"), "ema")
-    folder = os.path.join(args.sample_dir, sample_folder.folder_name(config, loaded.settings))
-    os.makedirs(folder)
-    for rank in (2, 0, 1):
-        ctx = DistContext(rank=rank, world_size=3, local_rank=rank, device=torch.device("cpu"))
-        write_missing_images(ctx, config, loaded, folder, create_logger(None))
+    folder = sample_as_three_ranks([*flags, "--label-sampling", "balanced", "--sample-dir", str(tmp_path / "three")])
     three = np.stack([np.asarray(Image.open(sample_folder.png_path(folder, index))) for index in range(20)])
     assert os.path.basename(folder) == balanced and np.array_equal(three, images)
 

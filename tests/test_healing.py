@@ -22,7 +22,7 @@ from sit.errors import UsageError
 from sit.training.healing import SPIKE_MIN_HISTORY, Healer, HealingSettings, LossSpiked, batch_positions
 from sit.training.monitor import LossMonitor, TrainingDiverged
 from test_train import TINY, assert_ok, load, logged_losses, only_experiment, run_train
-from conftest import assert_names
+from conftest import assert_names, write_cached_latents
 
 NUM_LATENTS, GLOBAL_BATCH = 64, 4  # 2 ranks x 2: 16 batches an epoch
 NAN_BATCH, SPIKE_BATCH = (0, 4), (0, 12)  # the data of step 5, and of step 12 once batch 4 is skipped
@@ -141,18 +141,12 @@ def index_at(position: tuple[int, int], rank: int = 0) -> int:
 
 def write_features(path: str) -> str:
     """64 cached 4x4x4 latents; the one of NAN_BATCH is NaN, the one of SPIKE_BATCH 300 times too large."""
-    os.makedirs(path)
-    meta = dict(image_size=32, vae="ema", num_images=NUM_LATENTS, classes=["a", "b"], dtype="float32",
-                block_size=NUM_LATENTS, latent_shape=[4, 4, 4], data_path="/nowhere", complete=True)
-    mean, std, labels = open_arrays(path, meta, "w+")
-    mean[:] = np.random.default_rng(0).normal(size=mean.shape).astype(np.float32)
-    std[:], labels[:] = 0.1, np.arange(NUM_LATENTS) % 2
-    mean[index_at(NAN_BATCH)] = np.nan
-    mean[index_at(SPIKE_BATCH, rank=1)] *= 300.0
-    for array in (mean, std, labels):
-        array.flush()
-    write_meta(path, meta)
-    return path
+
+    def corrupt(mean: np.ndarray) -> None:
+        mean[index_at(NAN_BATCH)] = np.nan
+        mean[index_at(SPIKE_BATCH, rank=1)] *= 300.0
+
+    return write_cached_latents(path, NUM_LATENTS, corrupt)
 
 
 def healing_args(root, results: str, *more: str) -> list:

@@ -460,17 +460,24 @@ def test_a_killed_npz_build_leaves_a_temporary_file_that_the_next_run_removes(tm
     assert sorted(os.listdir(tmp_path / "samples")) == [others.name, folder.name]
 
 
-def test_sde_images_do_not_depend_on_the_number_of_processes(ckpt, tmp_path):
-    """The ranks' loops of a 3-process job, run one after another here, give the one-process images."""
-    flags = ["SDE", "--num-sampling-steps", "4", "--ckpt", ckpt, "--num-fid-samples", "5", "--per-proc-batch-size", "2"]
-    sample_ddp.main([*flags, "--sample-dir", str(tmp_path / "one")])
-    args, config = sample_ddp.parse_args([*flags, "--sample-dir", str(tmp_path / "three")])
+def sample_as_three_ranks(argv: list) -> str:
+    """sample_ddp.py's image loop of each rank of a 3-process job (ranks 2, 0, 1, one after another, in this
+    process) for the command line argv; returns the sample folder."""
+    args, config = sample_ddp.parse_args(argv)
     loaded = load_for_sampling(config, torch.device("cpu"), "ema")
     folder = os.path.join(args.sample_dir, sample_folder.folder_name(config, loaded.settings))
     os.makedirs(folder)
     for rank in (2, 0, 1):
         ctx = DistContext(rank=rank, world_size=3, local_rank=rank, device=torch.device("cpu"))
         write_missing_images(ctx, config, loaded, folder, create_logger(None))
+    return folder
+
+
+def test_sde_images_do_not_depend_on_the_number_of_processes(ckpt, tmp_path):
+    """The ranks' loops of a 3-process job, run one after another here, give the one-process images."""
+    flags = ["SDE", "--num-sampling-steps", "4", "--ckpt", ckpt, "--num-fid-samples", "5", "--per-proc-batch-size", "2"]
+    sample_ddp.main([*flags, "--sample-dir", str(tmp_path / "one")])
+    folder = sample_as_three_ranks([*flags, "--sample-dir", str(tmp_path / "three")])
     one = only_folder(tmp_path / "one")
     assert os.path.basename(one) == os.path.basename(folder)
     names, images = read_pngs(one)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import train
-from sit.data.features import open_arrays, write_meta
+from conftest import write_cached_latents
 from sit.data.order import ResumableDistributedSampler
 from sit.training.extensions import Feature
 from sit.training.registry import FEATURES
@@ -53,21 +53,14 @@ class FastToy(LossTerm):
 
 
 def write_features(path: str, nan_at=None) -> str:
-    """NUM_LATENTS cached 4x4x4 latents; with nan_at=(epoch, batch) the first latent of that batch is NaN."""
-    os.makedirs(path)
-    meta = dict(image_size=32, vae="ema", num_images=NUM_LATENTS, classes=["a", "b"], dtype="float32",
-                block_size=NUM_LATENTS, latent_shape=[4, 4, 4], data_path="/nowhere", complete=True)
-    mean, std, labels = open_arrays(path, meta, "w+")
-    mean[:] = np.random.default_rng(0).normal(size=mean.shape).astype(np.float32)
-    std[:], labels[:] = 0.1, np.arange(NUM_LATENTS) % 2
-    if nan_at is not None:
+    """NUM_LATENTS cached latents; with nan_at=(epoch, batch) the first latent of that batch is NaN."""
+
+    def corrupt(mean: np.ndarray) -> None:
         sampler = ResumableDistributedSampler(range(NUM_LATENTS), num_replicas=1, rank=0, shuffle=True, seed=0)
         sampler.set_epoch(nan_at[0])
         mean[list(sampler)[nan_at[1] * BATCH]] = np.nan
-    for array in (mean, std, labels):
-        array.flush()
-    write_meta(path, meta)
-    return path
+
+    return write_cached_latents(path, NUM_LATENTS, corrupt if nan_at is not None else None)
 
 
 @pytest.fixture
