@@ -128,8 +128,9 @@ class TransportConfig:
         """The Transport (time_schedule: how training draws t; None: the original's uniform draw);
         an invalid combination raises UsageError naming the flag's values."""
         try:
-            return create_transport(self.path_type, self.prediction, self.loss_weight, self.train_eps, self.sample_eps,
-                                    time_schedule=time_schedule)
+            # a checkpoint of an older run may hold a loss weight of a velocity model: never applied
+            return create_transport(self.path_type, self.prediction, self.applied_loss_weight, self.train_eps,
+                                    self.sample_eps, time_schedule=time_schedule)
         except ValueError as error:  # create_transport names its arguments; the scripts' user gave flags
             raise UsageError(re.sub(r"\b(train|sample)_eps\b", r"--\1-eps", str(error))) from None
 

@@ -279,3 +279,18 @@ def test_a_rollback_keeps_representation_alignment(tmp_path):
     with open(os.path.join(only_experiment(tmp_path / "healed"), "log.txt")) as handle:
         lines = [line for line in handle if "Train Loss" in line and "(first step" not in line]
     assert lines and all(", Align Loss: " in line for line in lines)
+
+
+def test_skip_batches_outside_the_data_are_refused(tmp_path):
+    """4 images in batches of 2: an epoch has batches 0 and 1; 0:999 would skip nothing, silently."""
+    import train
+    from conftest import make_image_folder
+
+    data = make_image_folder(str(tmp_path / "data"), num_classes=2, per_class=2, size=16)
+    argv = ["--data-path", data, "--vae", "none", "--image-size", "16", "--num-classes", "2", "--global-batch-size",
+            "2", "--results-dir", str(tmp_path / "results"), "--num-workers", "0", "--max-steps", "1"]
+    with pytest.raises(UsageError) as error:
+        train.main([*argv, "--skip-batches", "0:1,0:999"])
+    assert_names(error.value, "--skip-batches 0:999", "0..1")
+    assert not os.path.exists(tmp_path / "results")
+    settings(skip_batches=((1, 1),)).check_data(batches_per_epoch=2, epochs=3)  # inside: fine

@@ -237,6 +237,8 @@ def api_cases() -> list[tuple[str, Callable[[dict], Any], type, str]]:
         ("create_transport prediction typo", lambda a: create_transport(prediction="velo"), ValueError,
          "prediction 'velo'"),
         ("create_transport loss_weight list", lambda a: create_transport(loss_weight=[]), TypeError, "loss_weight list"),
+        ("create_transport weighted velocity", lambda a: create_transport("Linear", "velocity", loss_weight="velocity"),
+         ValueError, "loss_weight velocity"),
         ("Sampler(str)", lambda a: Sampler("Linear"), TypeError, "transport Transport"),
         ("sample_ode num_steps 1", lambda a: sampler.sample_ode(num_steps=1), ValueError, '"at least 2 steps"'),
         ("sample_ode num_steps str", lambda a: sampler.sample_ode(num_steps="10"), TypeError, "num_steps integer"),

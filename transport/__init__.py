@@ -56,11 +56,15 @@ def create_transport(
     left None gets the original's default for the path and prediction, a given value is kept.
     time_schedule: how training draws t (transport.schedules); None: uniform, the original's draw.
     Unknown names raise ValueError listing the valid ones; an argument of another type (e.g.
-    train_eps="0.1") a TypeError naming it.
+    train_eps="0.1") a TypeError naming it; a loss weight for a velocity model (whose loss is never
+    weighted: the original accepted and ignored it, as train.py now refuses it) a ValueError.
     """
     path_enum = _lookup(PATH_TYPES, path_type, "path type", "path_type")
     model_type = _lookup(PREDICTIONS, prediction, "prediction", "prediction")
     loss_type = _lookup(LOSS_WEIGHTS, loss_weight, "loss weight", "loss_weight")
+    if model_type == ModelType.VELOCITY and loss_type != WeightType.NONE:
+        raise ValueError(f"loss_weight {loss_weight!r} weights only score and noise losses; a velocity model's loss "
+                         f"is never weighted: pass loss_weight=None, or prediction 'score' or 'noise'")
     default_train_eps, default_sample_eps = default_eps(path_enum, model_type)
     for name, value in (("train_eps", train_eps), ("sample_eps", sample_eps)):
         if value is not None:

@@ -90,6 +90,16 @@ class HealingSettings:
                              "ddp only: drop --sharding fsdp or those flags")
 
 
+    def check_data(self, batches_per_epoch: int, epochs: int) -> None:
+        """UsageError naming --skip-batches when a batch it names is not one of this data's (it would skip nothing)."""
+        outside = [f"{epoch}:{batch}" for epoch, batch in self.skip_batches or ()
+                   if batch >= batches_per_epoch or epoch >= epochs]
+        if outside:
+            raise UsageError(f"--skip-batches {','.join(outside)}: an epoch here has batches 0..{batches_per_epoch - 1} "
+                             f"(and the run epochs 0..{epochs - 1}), so nothing would be skipped; name batches of "
+                             f"this data and --global-batch-size")
+
+
 class LossSpiked(TrainingDiverged):
     """A loss above --spike-factor x the running median."""
 

@@ -67,10 +67,13 @@ def check_start(plan: TrainingPlan, world_size: int) -> None:
     RNG; its place in the epoch against this data), and the free space for the next checkpoint.
     Raises UsageError / NoSpaceLeft with one line."""
     start, config = plan.start, plan.config
+    per_rank = -(-len(plan.dataset) // world_size)  # DistributedSampler pads to a multiple of the ranks
+    for settings in config.features.values():  # e.g. batches to skip that this data does not have
+        if hasattr(settings, "check_data"):
+            settings.check_data(per_rank // (config.data.global_batch_size // world_size), config.optim.epochs)
     if start.resuming:
         check_train_checkpoint(start.checkpoint, start.source)
         batch = settings_of(start.checkpoint).get("global_batch_size") or config.data.global_batch_size
-        per_rank = -(-len(plan.dataset) // world_size)  # DistributedSampler pads to a multiple of the ranks
         check_epoch_position(start.checkpoint, start.source, per_rank // max(1, batch // world_size))
     check_space_for_checkpoint(config, start)
 
