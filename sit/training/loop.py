@@ -16,17 +16,18 @@ from sit.checkpoint import TrainCheckpoint
 from sit.data.order import ResumableDistributedSampler
 from sit.distributed import DistContext, agree, on_main
 from sit.errors import RunFailure, UsageError
+from sit.latents import PixelSpace
 from sit.metrics import FIDMonitor
 from sit.progress import Progress
 from sit.speed import configure_cpu_threads, configure_precision
 from sit.training.data import TrainDataset, build_loader
 from sit.training.decoder import RunVAE
 from sit.training.experiment import StartPoint, open_experiment, write_latest
+from sit.training.extensions import LoopExtension
 from sit.training.fid import make_fid_monitor, measure_fid
 from sit.training.monitor import LossMonitor, TrainingDiverged, check_health, log_first_loss, log_progress
 from sit.training.network import build_train_step
 from sit.training.preview import PREVIEW_LABELS, preview_inputs, save_preview
-from sit.training.extensions import LoopExtension
 from sit.training.registry import loop_extensions, term_factories
 from sit.training.rng import gather_rng_states, restore_rng
 from sit.training.settings import TrainConfig
@@ -34,7 +35,6 @@ from sit.training.sharding import sampling_ema
 from sit.training.signals import StopSignal
 from sit.training.step import TrainStep, train_step
 from sit.training.terms import TermContext, TermFactory
-from sit.latents import PixelSpace
 
 
 @dataclass
@@ -305,7 +305,7 @@ def train(config: TrainConfig, *, ctx: DistContext, dataset: TrainDataset, start
     if start.resuming:
         resumed = TrainCheckpoint.from_dict(start.checkpoint)
         state, saved = restore_progress(resumed, step, ctx, seed, logger), resumed.extensions
-    extensions = loop_extensions(config.features, (config, step.model), saved)
+    extensions = loop_extensions(config, step.model, saved)
     run = TrainingRun(config=config, ctx=ctx, step=step, vae=vae, dataset=dataset, loader=loader, sampler=sampler,
                       state=state, logger=logger, experiment_dir=experiment.folder, wandb_run=experiment.wandb_run,
                       stop=stop, preview=preview_inputs(config.data.global_seed, step.model.config),

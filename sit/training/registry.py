@@ -7,6 +7,9 @@ from __future__ import annotations
 import importlib
 from typing import Any, Mapping
 
+import torch
+
+from sit.declarations import from_values
 from sit.training.extensions import ExtensionContext, Feature, LoopExtension
 from sit.training.terms import TermContext, TermFactory
 
@@ -24,8 +27,6 @@ for _module in FEATURE_MODULES:
 
 def feature_settings(values: Mapping[str, Any]) -> dict[str, Any]:
     """Each feature's settings (None for a feature without any) from flat values keyed by destination."""
-    from sit.declarations import from_values
-
     return {name: from_values(feature.settings, values) if feature.settings else None
             for name, feature in FEATURES.items()}
 
@@ -36,10 +37,9 @@ def term_factories(settings: Mapping[str, Any], context: TermContext) -> list[Te
     return [factory for factory in made if factory is not None]
 
 
-def loop_extensions(settings: Mapping[str, Any], context: Any, saved: Mapping[str, dict]) -> list[LoopExtension]:
-    """The run's loop extensions in the table's order; saved: the resumed checkpoint's states by name.
-    context: (config, model) of the run."""
-    config, model = context
-    made = (feature.extension(settings.get(name), ExtensionContext(config, model, saved.get(name)))
+def loop_extensions(config: Any, model: torch.nn.Module, saved: Mapping[str, dict]) -> list[LoopExtension]:
+    """The run's loop extensions (config.features: each feature's settings) in the table's order, for the model
+    being trained; saved: the resumed checkpoint's states by name."""
+    made = (feature.extension(config.features.get(name), ExtensionContext(config, model, saved.get(name)))
             for name, feature in FEATURES.items() if feature.extension)
     return [extension for extension in made if extension is not None]
