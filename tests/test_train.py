@@ -598,3 +598,24 @@ def test_a_flag_that_would_do_nothing_without_another_is_refused(flags, named, t
                     "--results-dir", str(tmp_path / "results"), *flags])
     assert_names(str(error.value), *named)
     assert not os.path.exists(tmp_path / "results")
+
+
+def test_the_hint_at_the_end_of_training_samples_the_model_as_printed(tmp_path, monkeypatch):
+    """A 3-class model: the printed sample.py command names labels the model has (ImageNet's would not do)."""
+    import re
+    import shlex
+
+    import sample
+    import train
+
+    monkeypatch.chdir(tmp_path)
+    data = make_image_folder(str(tmp_path / "data"), num_classes=3, per_class=2, size=16)
+    train.main(["--data-path", data, "--vae", "none", "--image-size", "16", "--num-classes", "3", "--global-batch-size",
+                "2", "--max-steps", "2", "--num-workers", "0", "--model-config", json.dumps(TINY_CONFIG),
+                "--sample-every", "1000"])
+    with open(os.path.join(only_experiment(str(tmp_path / "results")), "log.txt")) as handle:
+        (hint,) = re.findall(r"sample it with `(python sample\.py [^`]+)`", handle.read())
+    argv = shlex.split(hint)[2:]
+    assert argv[argv.index("--class-labels") + 1] == "0,1,2"
+    sample.main([*argv, "--sampling-method", "euler", "--num-sampling-steps", "2"])
+    assert Image.open(tmp_path / "sample.png").size == (3 * 16 + 4 * 2, 16 + 2 * 2)

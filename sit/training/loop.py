@@ -37,6 +37,9 @@ from sit.training.step import TrainStep, train_step
 from sit.training.terms import TermContext, TermFactory
 
 
+EPOCH_LOG_EVERY = 10  # "Beginning epoch N" every this many epochs (and at a run's first), not at each
+
+
 @dataclass
 class TrainState:
     """Where training stands: steps done in all, the current epoch and batches done in it."""
@@ -185,7 +188,8 @@ def train_loop(run: TrainingRun) -> bool:
         # A resumed epoch starts after the batches it had done; the order and flips depend on the epoch only.
         run.sampler.set_epoch(state.epoch, skip=state.epoch_step * local_batch_size)
         run.dataset.set_epoch(state.epoch)
-        run.logger.info(f"Beginning epoch {state.epoch}...")
+        if state.epoch % EPOCH_LOG_EVERY == 0 or state.train_steps + 1 == first_step:  # short epochs: not every one
+            run.logger.info(f"Beginning epoch {state.epoch}...")
         for *inputs, labels in run.loader:
             if any(extension.skips(state.epoch, state.epoch_step, state.train_steps + 1) for extension in run.extensions):
                 state.epoch_step += 1  # e.g. a batch that made the loss diverge: read and dropped, never trained on
@@ -225,6 +229,16 @@ def train_loop(run: TrainingRun) -> bool:
             state.epoch, state.epoch_step = state.epoch + 1, 0
     progress.close()
     return stopping
+
+
+def run_length(config: TrainConfig, batches_per_epoch: int) -> str:
+    """How long the run trains, saying which limit applies: "for 1,000 steps (--max-steps; 1400 epochs would
+    be 350,000)" or "for 1400 epochs (350,000 steps)"."""
+    epochs, max_steps = config.optim.epochs, config.optim.max_steps
+    epoch_steps = epochs * batches_per_epoch
+    if max_steps is not None and max_steps < epoch_steps:
+        return f"for {max_steps:,} steps (--max-steps; {epochs} epochs would be {epoch_steps:,})"
+    return f"for {epochs} epochs ({epoch_steps:,} steps)"
 
 
 def restore_progress(saved: TrainCheckpoint, step: TrainStep, ctx: DistContext, seed: int,
@@ -290,8 +304,8 @@ def train(config: TrainConfig, *, ctx: DistContext, dataset: TrainDataset, start
     if threads:
         logger.info(threads)
     vae = RunVAE.at_start(ctx, config.model.vae, from_features=config.data.feature_path is not None)
-    factories = term_factories(config.features, TermContext(config.model.image_size, dataset.meta if config.data.feature_path
-                                                   is not None else None, ctx, logger))
+    feature_meta = dataset.meta if config.data.feature_path is not None else None  # cached latents' meta.json
+    factories = term_factories(config.features, TermContext(config.model.image_size, feature_meta, ctx, logger))
     step = build_train_step(config, ctx, start, vae.module, logger, factories)
     check_channels(step, vae, dataset)
     loader, sampler = build_loader(config, dataset, ctx, seed)
@@ -316,8 +330,7 @@ def train(config: TrainConfig, *, ctx: DistContext, dataset: TrainDataset, start
         extension.start(run)
 
     step.ddp_model.train()  # enables label dropout for classifier-free guidance
-    limit = f" or {config.optim.max_steps} steps" if config.optim.max_steps else ""
-    logger.info(f"Training for {config.optim.epochs} epochs{limit}...")
+    logger.info(f"Training {run_length(config, sampler.num_samples // (config.data.global_batch_size // ctx.world_size))}...")
     stopped = train_with_extensions(run)
     state, step = run.state, run.step  # a rollback replaces them
     if stopped:
@@ -330,6 +343,8 @@ def train(config: TrainConfig, *, ctx: DistContext, dataset: TrainDataset, start
     if run.wandb_run is not None:
         run.wandb_run.finish()
     if ctx.is_main and run.last_saved_step is not None:
+        num_classes = config.model.num_classes  # sample.py's default labels are ImageNet's: name some of this model's
+        labels = "" if num_classes >= 1000 else f" --class-labels {','.join(map(str, range(min(num_classes, 8))))}"
         logger.info(f"Newest checkpoint in {run.experiment_dir}/latest.txt; sample it with `python sample.py ODE "
-                    f"--ckpt {run.experiment_dir}` (an experiment folder: its newest checkpoint)")
+                    f"--ckpt {run.experiment_dir}{labels}` (an experiment folder: its newest checkpoint)")
     logger.info("Done!")
