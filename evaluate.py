@@ -40,8 +40,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("ref_batch", help="reference .npz: arr_0 (N, H, W, 3) uint8 and/or mu, sigma, mu_s, sigma_s")
     parser.add_argument("sample_batch", nargs="?", default=None,
                         help="sample .npz with arr_0 (N, H, W, 3) uint8; omit to only cache the reference statistics")
-    parser.add_argument("--batch-size", type=positive_int, default=64)
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="images per feature-network call")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the feature networks run (default: cuda when there is a GPU)")
     parser.add_argument("--num-workers", type=non_negative_int, default=0, help="DataLoader workers reading the npz")
     parser.add_argument("--fid-method", choices=list(FID_METHODS), default="eigh",
                         help="how tr((s1 s2)^1/2) is computed: eigh (fast, symmetric) or sqrtm (ADM's exact code path)")

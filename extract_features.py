@@ -35,11 +35,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = ScriptParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     parser.add_argument("--data-path", type=str, required=True, help="an ImageFolder (one sub-folder per class)")
     parser.add_argument("--features-path", type=str, required=True, help="output folder")
-    parser.add_argument("--image-size", type=positive_int, default=256)
+    parser.add_argument("--image-size", type=positive_int, default=256,
+                        help="the ADM center crop's size (a multiple of the VAE's downsampling)")
     parser.add_argument("--vae", type=str, default="ema", help="ema, mse or a local diffusers AutoencoderKL folder")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="images per process per VAE call")
     parser.add_argument("--block-size", type=positive_int, default=1024, help="images per resumable block")
-    parser.add_argument("--num-workers", type=non_negative_int, default=4)
+    parser.add_argument("--num-workers", type=non_negative_int, default=4, help="image decoding processes")
     parser.add_argument("--float32", action="store_true", help="store float32 instead of float16")
     parser.add_argument("--repa-encoder", dest="token_encoder", type=str, default=None,
                         help="also store this encoder's patch tokens (train.py --repa-encoder's names)")

@@ -41,7 +41,7 @@ LIKELIHOOD_REFUSAL = ("--likelihood is evaluated by sample_ddp.py (e.g. `sample_
 
 
 def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seeds the images' noise")
     parser.add_argument("--class-labels", type=class_label_list, default=None,
                         help=f"comma-separated class labels (default: {','.join(map(str, DEFAULT_CLASS_LABELS))})")
     parser.add_argument("--num-images", type=positive_int, default=None,

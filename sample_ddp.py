@@ -42,11 +42,14 @@ from sit.speed import configure_cpu_threads
 
 
 def add_ddp_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sample-dir", type=str, default="samples")
-    parser.add_argument("--per-proc-batch-size", type=positive_int, default=4)
+    parser.add_argument("--sample-dir", type=str, default="samples",
+                        help="where the sample folder (named after the settings), its .npz and record go")
+    parser.add_argument("--per-proc-batch-size", type=positive_int, default=4,
+                        help="images per model call on each process (the images do not depend on it)")
     parser.add_argument("--num-fid-samples", type=positive_int, default=50_000,
                         help="number of images to sample (with --likelihood: to evaluate)")
-    parser.add_argument("--global-seed", type=non_negative_int, default=0)
+    parser.add_argument("--global-seed", type=non_negative_int, default=0,
+                        help="seeds every image's noise and label (image i's own seed derives from it)")
     parser.add_argument("--label-sampling", choices=LABEL_SAMPLINGS, default="random",
                         help="random: each image's class drawn uniformly, seeded by its index (the original's); "
                              "balanced: exactly N / num_classes images of every class (N = --num-fid-samples, a "

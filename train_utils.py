@@ -40,9 +40,12 @@ non_negative_float = checked_number(float, lambda x: math.isfinite(x) and x >= 0
 
 def parse_transport_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("Transport arguments")
-    group.add_argument("--path-type", type=str, default="Linear", choices=list(PATH_TYPES))
-    group.add_argument("--prediction", type=str, default="velocity", choices=list(PREDICTIONS))
-    group.add_argument("--loss-weight", type=none_or_str, default=None, choices=list(LOSS_WEIGHTS))
+    group.add_argument("--path-type", type=str, default="Linear", choices=list(PATH_TYPES),
+                       help="the interpolant between noise and data")
+    group.add_argument("--prediction", type=str, default="velocity", choices=list(PREDICTIONS),
+                       help="what the model outputs")
+    group.add_argument("--loss-weight", type=none_or_str, default=None, choices=list(LOSS_WEIGHTS),
+                       help="weighting of score and noise losses over time (default: none)")
     group.add_argument("--sample-eps", type=float, default=None,
                        help="distance from the interval's ends when sampling (default: by path and prediction)")
     group.add_argument("--train-eps", type=float, default=None,
@@ -55,13 +58,14 @@ def parse_ode_args(parser: argparse.ArgumentParser) -> None:
                        help="ODE solver (torchdiffeq); adaptive ones choose their own number of model calls")
     group.add_argument("--atol", type=positive_float, default=1e-6, help="Absolute tolerance")
     group.add_argument("--rtol", type=positive_float, default=1e-3, help="Relative tolerance")
-    group.add_argument("--reverse", action="store_true")
-    group.add_argument("--likelihood", action="store_true")
+    group.add_argument("--reverse", action="store_true", help="integrate from data to noise")
+    group.add_argument("--likelihood", action="store_true", help="evaluate log-likelihoods (sample_ddp.py)")
 
 
 def parse_sde_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("SDE arguments")
-    group.add_argument("--sampling-method", type=str, default="Euler", choices=list(SDE_METHODS))
+    group.add_argument("--sampling-method", type=str, default="Euler", choices=list(SDE_METHODS),
+                       help="SDE integrator (Euler-Maruyama or Heun)")
     group.add_argument("--diffusion-form", type=str, default="sigma", choices=list(DIFFUSION_FORMS),
                        help="form of diffusion coefficient in the SDE")
     group.add_argument("--diffusion-norm", type=non_negative_float, default=1.0,

@@ -43,6 +43,18 @@ def class_label_list(value: str) -> list[int]:
     return labels
 
 
+class DefaultsInHelp(argparse.HelpFormatter):
+    """Help text that states each flag's default, unless the text already speaks of it or there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text.lower() or action.default is None or action.default is False
+                or action.default == argparse.SUPPRESS
+                or not action.option_strings or isinstance(action, argparse._HelpAction)):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class ScriptParser(argparse.ArgumentParser):
     """argparse.ArgumentParser whose errors are one line, `<prog>: error: <message> (see <prog> --help)`,
     exit 2 (argparse's own code), instead of the usage block followed by the message. A value such as
@@ -50,6 +62,7 @@ class ScriptParser(argparse.ArgumentParser):
     so that it gets the flag's own message."""
 
     def __init__(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("formatter_class", DefaultsInHelp)
         super().__init__(*args, **kwargs)
         self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 

@@ -44,7 +44,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, vae_default: str, cf
                         help="number of classes (default: the checkpoint's, else 1000)")
     parser.add_argument("--cfg-scale", type=guidance_scale, default=cfg_default,
                         help="classifier-free guidance scale, >= 1 (1: no guidance)")
-    parser.add_argument("--num-sampling-steps", type=positive_int, default=250)
+    parser.add_argument("--num-sampling-steps", type=positive_int, default=250,
+                        help="steps of fixed-step samplers (adaptive ODE solvers choose their own)")
     parser.add_argument("--time-shift", type=positive_float, default=None,
                         help="fixed-step samplers: place the steps by t -> t / (t + S (1 - t)) (S > 1: more steps "
                              "near noise; SD3/LightningDiT's shift); adaptive solvers refuse it")
