@@ -18,6 +18,8 @@ import sys
 import traceback
 from typing import Any, Callable, NoReturn, Optional, Sequence
 
+import yaml
+
 from sit.distributed import launched_by_torchrun, launched_rank, launched_world_size
 from sit.errors import SiTError, error_line
 from sit.speed import PRECISIONS
@@ -55,19 +57,96 @@ class DefaultsInHelp(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
+CONFIG_FLAG = "--config"
+NOT_IN_CONFIG_FILES = ("config", "ckpt", "resume")  # where a run starts is the command line's, never a recipe's
+NOTED: set[str] = set()  # the command line's overrides of --config already said (a script may parse twice)
+
+
+def flag_text(value: Any) -> str:
+    """A config file's value as the command line writes it: lists comma-separated, pairs joined by ':'
+    (e.g. --phema-stds 0.05,0.1; --skip-batches 0:7,2:31)."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(":".join(map(str, item)) if isinstance(item, (list, tuple)) else str(item) for item in value)
+    return str(value)
+
+
 class ScriptParser(argparse.ArgumentParser):
     """argparse.ArgumentParser whose errors are one line, `<prog>: error: <message> (see <prog> --help)`,
     exit 2 (argparse's own code), instead of the usage block followed by the message. A value such as
     -1e-4 is read as a (negative) number, not as an unknown flag (argparse's own pattern misses exponents),
-    so that it gets the flag's own message."""
+    so that it gets the flag's own message.
+
+    `--config FILE` (YAML or JSON: flag names, with dashes or underscores, and values) fills any flag the
+    command line does not give, each value checked by the flag's own type and choices; a flag given too
+    wins, said once on stderr. Flags a config file fills count as given (sit.cli.parse_with_explicit)."""
 
     def __init__(self, *args: Any, **kwargs: Any):
         kwargs.setdefault("formatter_class", DefaultsInHelp)
         super().__init__(*args, **kwargs)
         self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+        self.add_argument(CONFIG_FLAG, metavar="FILE", default=None,
+                          help="a YAML or JSON file of this script's flags by name (e.g. `lr: 1.0e-4`, as "
+                               "configs/*.yaml and an experiment's config.yaml); flags on the command line win")
 
     def error(self, message: str) -> None:  # argparse's hook for every command-line error
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+    def parse_known_args(self, args: Optional[Sequence[str]] = None, namespace: Any = None) -> Any:
+        args = list(sys.argv[1:] if args is None else args)
+        path = next((args[index + 1] for index, arg in enumerate(args[:-1]) if arg == CONFIG_FLAG), None)
+        path = next((arg.split("=", 1)[1] for arg in args if arg.startswith(CONFIG_FLAG + "=")), path)
+        if path is not None:
+            self.set_defaults(**self.config_values(path, args))
+        parsed, extras = super().parse_known_args(args, namespace)
+        vars(parsed).pop("config", None)  # the file's flags are in the namespace; its name is no setting
+        return parsed, extras
+
+    def config_values(self, path: str, args: Sequence[str]) -> dict[str, Any]:
+        """The flag values a config file gives, by destination, each parsed by its flag (one-line errors
+        naming the key); a required choice (e.g. --data-path or --feature-path) it fills is met."""
+        try:
+            with open(path) as handle:
+                loaded = yaml.safe_load(handle)  # JSON is YAML too
+        except OSError as error:
+            self.error(f"{CONFIG_FLAG} {path}: cannot read it ({describe_os_error(error)})")
+        except (yaml.YAMLError, UnicodeDecodeError) as error:
+            self.error(f"{CONFIG_FLAG} {path}: not YAML or JSON ({one_line(str(error))[:200]})")
+        if not isinstance(loaded, dict):
+            self.error(f"{CONFIG_FLAG} {path}: expected `flag: value` lines (a mapping), got {type(loaded).__name__}")
+        actions = {action.dest: action for action in self._actions if action.option_strings}
+        given = {action.dest for arg in args for action in actions.values() if arg.split("=", 1)[0] in action.option_strings}
+        values = {}
+        for key, value in loaded.items():
+            dest = str(key).replace("-", "_")
+            action = actions.get(dest)
+            if action is None or dest in NOT_IN_CONFIG_FILES or isinstance(action, argparse._HelpAction):
+                self.error(f"{CONFIG_FLAG} {path}: {key} is not a flag of {self.prog} that a config file may set")
+            values[dest] = self.config_value(action, value, f"{CONFIG_FLAG} {path}: {key}")
+            if dest in given and f"{path}:{dest}" not in NOTED and launched_rank() == 0:
+                NOTED.add(f"{path}:{dest}")
+                print(f"{self.prog}: {action.option_strings[-1]} from the command line replaces {key}: {value!r} "
+                      f"of {path}", file=sys.stderr)
+        for group in self._mutually_exclusive_groups:
+            if any(action.dest in values for action in group._group_actions):
+                group.required = False
+        return values
+
+    def config_value(self, action: argparse.Action, value: Any, where: str) -> Any:
+        """A config file's value for one flag, as the command line's text would parse (type, choices)."""
+        if action.nargs == 0:  # store_true and the like: a boolean
+            if not isinstance(value, bool):
+                self.error(f"{where} must be true or false, got {value!r}")
+            return value
+        if value is None:
+            return None
+        items = value if action.nargs not in (None, "?") and isinstance(value, (list, tuple)) else [value]
+        try:
+            parsed = [action.type(flag_text(item)) if action.type else flag_text(item) for item in items]
+        except (argparse.ArgumentTypeError, ValueError, TypeError) as error:
+            self.error(f"{where}: {error or 'invalid value'} (got {value!r})")
+        if action.choices is not None and any(item not in action.choices for item in parsed):
+            self.error(f"{where}: {value!r} is not one of {', '.join(map(str, action.choices))}")
+        return parsed if action.nargs not in (None, "?") else parsed[0]
 
 
 def add_speed_arguments(parser: argparse.ArgumentParser, precision_default: Optional[str] = "tf32") -> None:

@@ -25,8 +25,11 @@ import shutil
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import yaml
+
 import download
 from sit.checkpoint import is_resumable
+from sit.cli import NOT_IN_CONFIG_FILES
 from sit.distributed import DistContext, on_main
 from sit.errors import RunFailure, UsageError, named_by
 from sit.files import atomic_text, move_file, remove_temporaries
@@ -36,6 +39,7 @@ from sit.training.settings import NEWEST, TrainConfig
 CHECKPOINT_FILE = re.compile(r"^(\d{7,})\.pt$")
 EXPERIMENT_FOLDER = re.compile(r"^(\d{3,})-")
 LATEST_FILE = "latest.txt"  # <experiment>/latest.txt: the path of the newest checkpoint the run wrote
+CONFIG_FILE = "config.yaml"  # <experiment>/config.yaml: the run's settings, for train.py --config
 FAILED_FOLDER = "failed"  # <results-dir>/failed/<experiment>.log.txt: the logs of runs that failed before a checkpoint
 
 
@@ -215,6 +219,20 @@ def discard_unfinished_experiments(keep_logs: bool = True) -> list[tuple[str, Op
     return removed
 
 
+def write_config_file(folder: str, settings: dict, defaults: dict) -> str:
+    """<experiment>/config.yaml: the run's resolved settings as `train.py --config` takes them (a new run
+    with the same settings; where a run starts, --ckpt and --resume, stays the command line's): those
+    that differ from their defaults, then the defaults it ran with as comments."""
+    path = os.path.join(folder, CONFIG_FILE)
+    kept = {key: value for key, value in settings.items() if key not in NOT_IN_CONFIG_FILES}
+    changed = {key: value for key, value in kept.items() if key not in defaults or value != defaults[key]}
+    as_default = yaml.safe_dump({key: value for key, value in kept.items() if key not in changed}, sort_keys=True)
+    atomic_text(path, f"# train.py --config {CONFIG_FILE}: the settings of {os.path.basename(folder)}\n"
+                      + yaml.safe_dump(changed, sort_keys=True) + "# and the defaults it ran with:\n"
+                      + "".join(f"# {line}\n" for line in as_default.splitlines()), suffix=".yaml")
+    return path
+
+
 def write_latest(experiment_dir: str, checkpoint_path: str) -> str:
     """Point <experiment>/latest.txt at the checkpoint just written (its absolute path and a newline,
     for `--ckpt "$(cat .../latest.txt)"`), atomically; returns latest.txt's path."""
@@ -284,6 +302,7 @@ def open_experiment(ctx: DistContext, config: TrainConfig, start: StartPoint) ->
             logger = create_logger(folder, is_main=True)
             logger.info(f"Configuration: {json.dumps(dict(settings, world_size=ctx.world_size), sort_keys=True)}")
             logger.info(f"Experiment directory: {folder}")
+            write_config_file(folder, settings, TrainConfig.defaults())
             for note in notes + ([f"removed {removed} unfinished files a killed run left"] if removed else []):
                 logger.warning(note)
             wandb_run = None

@@ -239,6 +239,12 @@ class TrainConfig:
             flat.update(dataclasses.asdict(settings) if settings else {})
         return flat
 
+    @staticmethod
+    def defaults() -> dict:
+        """Every setting's default, flat (as settings() keys them)."""
+        groups = [*GROUP_TYPES.values(), *(feature.settings for feature in FEATURES.values() if feature.settings)]
+        return {field.name: field.default for group in groups for field in dataclasses.fields(group)}
+
     @property
     def token_encoder(self) -> Optional[str]:
         """The encoder whose tokens a feature needs with the batches (cached latents must hold them), or None."""
