@@ -25,9 +25,9 @@ from sit.data.images import TrainImageFolder
 from sit.distributed import DistContext, agree, cleanup_distributed, on_main, setup_distributed
 from sit.encoders import canonical_encoder_name, load_encoder
 from sit.generation import blocks_of_rank
+from sit.latents import canonical_latent_space_name, load_latent_space
 from sit.locks import folder_locks_released, holds_folder_lock
 from sit.speed import configure_cpu_threads
-from sit.vae import canonical_vae_name, load_vae
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -36,8 +36,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--data-path", type=str, required=True, help="an ImageFolder (one sub-folder per class)")
     parser.add_argument("--features-path", type=str, required=True, help="output folder")
     parser.add_argument("--image-size", type=positive_int, default=256,
-                        help="the ADM center crop's size (a multiple of the VAE's downsampling)")
-    parser.add_argument("--vae", type=str, default="ema", help="ema, mse or a local diffusers AutoencoderKL folder")
+                        help="the ADM center crop's size (a multiple of the latent space's downsampling)")
+    parser.add_argument("--vae", type=str, default="ema",
+                        help="a latent space of sit.latents: ema, mse, another table entry or a local diffusers folder")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="images per process per VAE call")
     parser.add_argument("--block-size", type=positive_int, default=1024, help="images per resumable block")
     parser.add_argument("--num-workers", type=non_negative_int, default=4, help="image decoding processes")
@@ -50,7 +51,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def config_from_args(args: argparse.Namespace) -> ExtractionConfig:
     """The run's configuration; a local --vae folder as an absolute path (meta.json names it wherever training runs)."""
     return ExtractionConfig(data_path=args.data_path, features_path=args.features_path, image_size=args.image_size,
-                            vae=canonical_vae_name(args.vae), batch_size=args.batch_size, block_size=args.block_size,
+                            vae=canonical_latent_space_name(args.vae), batch_size=args.batch_size,
+                            block_size=args.block_size,
                             num_workers=args.num_workers, float32=args.float32,
                             token_encoder=canonical_encoder_name(args.token_encoder))
 
@@ -61,7 +63,7 @@ def encode_missing_blocks(ctx: DistContext, config: ExtractionConfig, dataset: T
         print(f"warning: {dataset.listing_warning}", file=sys.stderr, flush=True)
     on_main(ctx, functools.partial(open_feature_folder, config, dataset))
     meta = read_meta(config.features_path)
-    vae = agree(ctx, functools.partial(load_vae, config.vae, ctx.device))
+    space = agree(ctx, functools.partial(load_latent_space, config.vae, ctx.device))
     encoder = None if config.token_encoder is None else agree(
         ctx, functools.partial(load_encoder, config.token_encoder, config.image_size, ctx.device))
     blocks = blocks_of_rank(feature_blocks(meta), ctx.rank, ctx.world_size)
@@ -69,7 +71,7 @@ def encode_missing_blocks(ctx: DistContext, config: ExtractionConfig, dataset: T
     if ctx.is_main:  # the block total is rank 0's share times the ranks (the message as it was)
         print(f"Encoding {meta['num_images']:,} images in {len(blocks) * ctx.world_size} blocks; "
               f"{len(blocks) - len(todo)} of this rank's {len(blocks)} blocks already done.")
-    agree(ctx, functools.partial(encode_blocks, config, dataset, vae, meta, todo, ctx.device, ctx.is_main, encoder))
+    agree(ctx, functools.partial(encode_blocks, config, dataset, space, meta, todo, ctx.device, ctx.is_main, encoder))
     complete = on_main(ctx, functools.partial(mark_complete, config.features_path, meta))
     if ctx.is_main:
         print(f"Features {'complete' if complete else 'INCOMPLETE'} in {config.features_path}")

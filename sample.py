@@ -25,13 +25,14 @@ from sit.errors import UsageError
 from sit.files import folder_problem
 from sit.generation import ObservedSampleFunction, generate_latents
 from sit.grid import GridLayout, label_rows, labels_path, save_grid, save_labels
+from sit.latents import as_latent_space
 from sit.log import create_logger
 from sit.progress import SamplerProgress
 from sit.sampling.flags import sampling_mode, sampling_parser
 from sit.sampling.loading import load_decoder, load_sampling_model, setup_torch
 from sit.sampling.settings import SamplingConfig, sampling_config
 from sit.speed import configure_cpu_threads
-from sit.vae import decode_latents, latent_shape
+from sit.vae import latent_shape
 
 # Labels to condition the model with (the original's; change with --class-labels)
 DEFAULT_CLASS_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
@@ -117,7 +118,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     model, settings = load_sampling_model(config, device, vae_default="mse")
     labels = labels_for(args.class_labels, config.num_images, settings.num_classes)
-    vae = load_decoder(settings.vae, device)
+    space = as_latent_space(load_decoder(settings.vae, device))  # None: pixels
     sample_fn = build_sample_fn(settings.transport, config.sampler)
     sampler = config.sampler
     logger.info(f"{settings.name} ({settings.ckpt or 'published'}), {settings.image_size}px, {sampler.describe()}, "
@@ -134,7 +135,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     latents = generate_latents(ObservedSampleFunction(sample_fn, progress), model, z, y, config.guidance,
                                config.precision, always_guide=has_null_class(model.config))
     progress.close()
-    images = decode_latents(vae, latents, config.precision)
+    images = space.decode(latents, config.precision)
     logger.info(f"Sampling took {time() - start_time:.2f} seconds: {sampler.evaluations(sample_fn.nfe)}.")
 
     layout = grid_layout(args, len(labels))

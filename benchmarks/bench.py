@@ -36,11 +36,12 @@ from models import SiT_models  # noqa: E402
 from sit.cli import non_negative_int, positive_float, positive_int, run_main  # noqa: E402
 from sit.config import TransportConfig  # noqa: E402
 from sit.files import atomic_json  # noqa: E402
+from sit.latents import SD_VAE_SCALE, latent_space, random_sd_vae  # noqa: E402
 from sit.speed import PRECISIONS, autocast, compile_for_sampling, configure_precision  # noqa: E402
 from sit.training.step import TrainStep, train_step  # noqa: E402
-from sit.vae import LATENT_SCALE, check_image_size, random_sd_vae  # noqa: E402
 from transport import Sampler  # noqa: E402
 
+SD_VAE = latent_space("ema")  # the geometry of random_sd_vae's network (SD-VAE's); nothing is loaded
 MATMUL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Dense bf16 tensor-core peaks (TFLOP/s) of GPUs we know, by a substring of their name.
 GPU_BF16_PEAK = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "4090": 165.0}
@@ -116,7 +117,7 @@ def original_train_step(model, ema, opt, vae, transport, images: torch.Tensor, l
     """The original train.py's step (baseline only): encode images (N, 3, H, W), fp32 loss, plain
     AdamW step, per-parameter EMA, and a host sync for the logged loss."""
     with torch.no_grad():
-        x = vae.encode(images).latent_dist.sample().mul_(LATENT_SCALE)
+        x = vae.encode(images).latent_dist.sample().mul_(SD_VAE_SCALE)
     loss = transport.training_losses(model, x, dict(y=labels))["loss"].mean()
     opt.zero_grad()
     loss.backward()
@@ -129,13 +130,13 @@ class TrainBench:
     """One model and the batches to time its training steps on: images and cached latents."""
 
     def __init__(self, args: argparse.Namespace, device: torch.device, vae):
-        latent = args.image_size // 8
+        latent = SD_VAE.input_size(args.image_size)
         self.model = SiT_models[args.model](input_size=latent).to(device).train()
         self.transport = TransportConfig().build()
         self.device, self.vae = device, vae
         self.images = torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=device) * 2 - 1
         self.labels = torch.randint(0, 1000, (args.batch_size,), device=device)
-        self.latent_mean = torch.randn(args.batch_size, 4, latent, latent, device=device)
+        self.latent_mean = torch.randn(args.batch_size, SD_VAE.channels, latent, latent, device=device)
         self.latent_std = torch.rand_like(self.latent_mean) * 0.1
 
     def baseline_seconds(self, args: argparse.Namespace) -> float:
@@ -174,7 +175,7 @@ class TrainBench:
 
 def guided_inputs(batch: int, latent: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Doubled noise (2N, 4, L, L), times (2N,) and labels (2N,) with the null label in the second half."""
-    x = torch.randn(2 * batch, 4, latent, latent, device=device)
+    x = torch.randn(2 * batch, SD_VAE.channels, latent, latent, device=device)
     t = torch.full((2 * batch,), 0.5, device=device)
     y = torch.cat([torch.randint(0, 1000, (batch,), device=device), torch.full((batch,), 1000, device=device)])
     return x, t, y
@@ -250,7 +251,7 @@ def print_profile(name: str, step: Callable[[], None]) -> None:
 def measure_sampling(args: argparse.Namespace, device: torch.device, rows: dict, peak: float) -> None:
     """ODE and SDE sampler steps: the original's (eager fp32) against ours (--precision, --compile),
     interleaved."""
-    latent = args.image_size // 8
+    latent = SD_VAE.input_size(args.image_size)
     model = SiT_models[args.model](input_size=latent).to(device).eval()
     flops = sampling_flops(model, args.batch_size, latent, device)
     fast_model = compile_for_sampling(copy.deepcopy(model)) if args.compile else model  # sample.py's --compile
@@ -286,7 +287,7 @@ def report(name: str, seconds: float, batch: int, memory: float, flops: int = 0,
 
 def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
-    check_image_size(args.image_size, pixel_space=False)
+    SD_VAE.check_image_size(args.image_size)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     peak = next((value for key, value in GPU_BF16_PEAK.items() if key in device_name), 0.0)

@@ -15,10 +15,10 @@ from typing import Optional
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models import MODEL_SHAPES  # noqa: E402
 from sit.cli import positive_int, run_main  # noqa: E402
+from sit.latents import LatentSpace, latent_space  # noqa: E402
 from sit.speed import PRECISIONS  # noqa: E402
 from memory_model import MemoryEstimate, training_memory  # noqa: E402  (benchmarks/memory_model.py)
 from sit.training.sharding import SHARDINGS  # noqa: E402
-from sit.vae import LATENT_CHANNELS, check_image_size, input_size_for  # noqa: E402
 
 # MemoryEstimate field -> column heading
 COLUMNS = {"weights": "weights", "gradients": "grads", "optimizer": "AdamW", "ema": "EMA", "communication": "comm",
@@ -28,7 +28,9 @@ COLUMNS = {"weights": "weights", "gradients": "grads", "optimizer": "AdamW", "em
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=list(MODEL_SHAPES), default="SiT-XL/2")
-    parser.add_argument("--image-size", type=positive_int, default=256, help="a multiple of 8")
+    parser.add_argument("--image-size", type=positive_int, default=256, help="a multiple of the VAE's downsampling")
+    parser.add_argument("--vae", type=str, default="ema",
+                        help="the latent space trained on (train.py --vae: its channels and downsampling)")
     parser.add_argument("--num-classes", type=positive_int, default=1000)
     parser.add_argument("--gpus", type=positive_int, nargs="+", default=[1, 8], help="world sizes to show")
     parser.add_argument("--local-batch-size", type=positive_int, default=32, help="images per GPU and step")
@@ -37,10 +39,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def model_kwargs(name: str, image_size: int, num_classes: int) -> dict:
-    """SiT constructor arguments of a --model on SD-VAE latents."""
+def model_kwargs(name: str, image_size: int, num_classes: int, space: Optional[LatentSpace] = None) -> dict:
+    """SiT constructor arguments of a --model on the latents of `space` (default: SD-VAE's)."""
+    space = space or latent_space("ema")
     depth, hidden_size, patch_size, num_heads = MODEL_SHAPES[name]
-    return dict(input_size=input_size_for(image_size, False), in_channels=LATENT_CHANNELS, patch_size=patch_size,
+    return dict(input_size=space.input_size(image_size), in_channels=space.channels, patch_size=patch_size,
                 hidden_size=hidden_size, depth=depth, num_heads=num_heads, num_classes=num_classes)
 
 
@@ -54,8 +57,9 @@ def format_row(label: str, estimate: MemoryEstimate) -> str:
 
 def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
-    check_image_size(args.image_size, pixel_space=False)
-    kwargs = model_kwargs(args.model, args.image_size, args.num_classes)
+    space = latent_space(args.vae)
+    space.check_image_size(args.image_size)
+    kwargs = model_kwargs(args.model, args.image_size, args.num_classes, space)
     print(f"{args.model} at {args.image_size}px, {args.local_batch_size} images per GPU, --precision {args.precision}"
           f"{', --grad-checkpointing' if args.grad_checkpointing else ''}; GiB per GPU")
     print(f"{'sharding, GPUs':14s} " + " ".join(f"{heading:>7s}" for heading in COLUMNS.values()) + f" {'total':>7s}")

@@ -37,7 +37,7 @@ from sit.archives import available_memory
 from sit.config import Rule, Setting, resolve_settings
 from sit.errors import UsageError
 from sit.files import atomic_torch_save, check_free_space, format_bytes
-from sit.latents import PIXEL_SPACE, PixelSpace, recorded_latent_space
+from sit.latents import PixelSpace, recorded_latent_space
 
 RESUMABLE_KEYS = ("model", "ema", "opt", "args", "model_config", "train_steps")
 CORE_KEYS = RESUMABLE_KEYS + ("epoch", "epoch_step", "rng", "scaler", "experiment_dir", "wandb_id", "extras")
@@ -290,8 +290,11 @@ def model_shape_name(config: dict) -> str:
 def checkpoint_info(config: dict, settings: dict) -> dict:
     """What a checkpoint says about itself: name, image size, classes, channels, VAE, transport."""
     vae = settings.get("vae")
-    pixel_space = vae == PIXEL_SPACE or config["in_channels"] == PixelSpace.channels
-    space = PixelSpace() if pixel_space else recorded_latent_space(vae)  # not loaded: its geometry only
+    space = recorded_latent_space(vae)  # not loaded: its geometry only
+    # a model with pixels' channels that its recorded space (or, without a record, SD-VAE's) cannot have
+    # learns pixels (older checkpoints record no VAE)
+    if config["in_channels"] == PixelSpace.channels and space.channels != PixelSpace.channels:
+        space = PixelSpace()
     # only the settings the args hold: a missing key means "unknown", not None
     transport = {key: settings[key] for key in TRANSPORT_KEYS if key in settings} or None
     return {
@@ -299,7 +302,7 @@ def checkpoint_info(config: dict, settings: dict) -> dict:
         "image_size": space.image_size(config["input_size"]),
         "num_classes": config["num_classes"],
         "in_channels": config["in_channels"],
-        "pixel_space": pixel_space,
+        "pixel_space": space.pixel_space,
         "vae": vae,
         "transport": transport,
     }

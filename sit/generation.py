@@ -14,8 +14,9 @@ import torch
 
 from sit.config import GuidanceConfig
 from sit.errors import RunFailure
+from sit.latents import as_latent_space
 from sit.speed import autocast
-from sit.vae import decode_latents, latent_shape
+from sit.vae import latent_shape
 
 SEED_STREAMS = {"image": 0, "sde": 1, "likelihood": 2, "dequantize": 3, "labels": 4}
 LABEL_SAMPLINGS = ("random", "balanced")  # sample_ddp.py --label-sampling; random: the original's
@@ -204,11 +205,12 @@ def generate_blocks(blocks: Iterable[range], model: Any, vae: Any, sample_fn: Ca
                     num_classes: int, guidance: GuidanceConfig, precision: str,
                     device: torch.device, stop_on_non_finite: bool = False,
                     labels: Optional[np.ndarray] = None) -> Iterator[GeneratedBlock]:
-    """Sample and decode each block of indices as one batch (vae None: a pixel-space model): noise and
-    labels of noise_and_labels (labels: every index's planned label, None: drawn per image), the SDE
-    noise seeded by the block's first index on forked RNGs.
+    """Sample and decode each block of indices as one batch (vae: its latent space, as
+    sit.latents.as_latent_space takes it; None: a pixel-space model): noise and labels of
+    noise_and_labels (labels: every index's planned label, None: drawn per image), the SDE noise
+    seeded by the block's first index on forked RNGs.
     stop_on_non_finite: RunFailure naming the block, the step and t where the samples stopped being finite."""
-    shape = latent_shape(model.config)
+    shape, space = latent_shape(model.config), as_latent_space(vae)
     forked = [device] if device.type == "cuda" else []
     for block in blocks:
         z, y = noise_and_labels(block, global_seed, shape, num_classes, labels)
@@ -221,4 +223,4 @@ def generate_blocks(blocks: Iterable[range], model: Any, vae: Any, sample_fn: Ca
                 raise RunFailure(f"images {block.start}..{block.stop - 1}: {failure}; the weights or sampler "
                                  f"settings diverge (try more steps, another sampler or an earlier checkpoint)"
                                  ) from None
-        yield GeneratedBlock(block, decode_latents(vae, latents.float(), precision), y)
+        yield GeneratedBlock(block, space.decode(latents.float(), precision), y)

@@ -1,6 +1,6 @@
 """sit.hub: hub files from the cache first; a file that is not cached is fetched only after one request
 (no retries) reached the hub, so an offline or failing hub ends the main command in one line, not in
-minutes of retries. download.py (the published checkpoint) and sit.vae (the SD VAE) fetch through it."""
+minutes of retries. download.py (the published checkpoint) and sit.latents (the SD VAE) fetch through it."""
 import argparse
 import http.server
 import os
@@ -111,7 +111,7 @@ def test_a_cached_hub_vae_loads_without_any_request(tmp_path, tiny_vae, monkeypa
     from huggingface_hub import constants
 
     from sit.hub import hub_folder
-    from sit.vae import VAE_HUB_FILES, load_vae
+    from sit.latents import VAE_HUB_FILES, load_latent_space
 
     repo = tmp_path / "hub" / "models--stabilityai--sd-vae-ft-ema"
     (repo / "refs").mkdir(parents=True)
@@ -123,6 +123,6 @@ def test_a_cached_hub_vae_loads_without_any_request(tmp_path, tiny_vae, monkeypa
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
     assert hub_folder("stabilityai/sd-vae-ft-ema", VAE_HUB_FILES) == str(snapshot)
-    vae = load_vae("ema", torch.device("cpu"))
+    vae = load_latent_space("ema", torch.device("cpu")).network
     assert list(vae.config.block_out_channels) == [8, 8, 8, 8]  # the tiny VAE, not SD's
     assert not any(parameter.requires_grad for parameter in vae.parameters())

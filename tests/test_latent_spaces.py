@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -123,21 +124,18 @@ def test_autoencoder_space_equals_the_previous_formulas(sd_space):
         assert torch.equal(sd_space.sample_posterior(mean, std), expected)
         z = torch.randn(2, 4, 4, 4)
         assert torch.equal(sd_space.decode(z), vae.decode(z / 0.18215).sample.float())
-        # a bare AutoencoderKL (what sit.vae.load_vae's callers hold) is the same space
+        # a bare AutoencoderKL (what benchmarks and tests hold) is the same space
         assert torch.equal(as_latent_space(vae).decode(z), sd_space.decode(z))
 
 
-def test_sit_vae_names_are_thin_functions_over_the_interface(sd_space):
-    from sit.vae import decode_latents, encode_mean, load_vae
+def test_what_sit_vae_still_offers():
+    """sit.vae keeps what sit.training and the device scripts import; every other caller holds a LatentSpace."""
+    from sit.vae import __all__ as names, image_size_for, is_pixel_space, latent_shape
 
-    x, z = images(2, 32), torch.randn(2, 4, 4, 4)
-    with torch.no_grad():
-        assert torch.equal(decode_latents(sd_space.network, z), sd_space.decode(z))
-        assert torch.equal(decode_latents(sd_space, z), sd_space.decode(z))
-        assert torch.equal(decode_latents(None, z * 3), (z * 3).clamp(-1, 1))
-        assert torch.equal(encode_mean(sd_space.network, x), sd_space.encode(x, sample=False))
-        assert encode_mean(None, x) is x
-    assert type(load_vae(sd_space.name, CPU)).__name__ == "AutoencoderKL"  # extract_features.py encodes with it
+    assert sorted(names) == ["image_size_for", "is_pixel_space", "latent_shape", "random_sd_vae", "to_uint8_hwc"]
+    assert (image_size_for(4, 4), image_size_for(12, 3)) == (32, 12)  # SD-VAE latents, pixels
+    assert is_pixel_space("none") and not is_pixel_space("ema") and not is_pixel_space(None)
+    assert latent_shape({"in_channels": 6, "input_size": 5}) == (6, 5, 5)
 
 
 #################################################################################
@@ -232,3 +230,93 @@ def test_add_a_latent_space_train_and_sample_with_it(tmp_path, monkeypatch):
                  "--sampling-method", "euler", "--output", str(tmp_path / "grid.png")])
     assert RandomLinearSpace.decoded == [16, 2]
     assert Image.open(tmp_path / "grid.png").size == (2 * 32 + 3 * 2, 32 + 2 * 2)
+
+
+class QuarterResolution(LatentSpace):
+    """A toy latent space of another geometry than SD-VAE's: each 4x4 patch of an image (3 x 16 values)
+    through a fixed random map to 6 channels (downsampling 4), a posterior std of 0.05, decoded by the
+    map's pseudo-inverse; per-channel normalisation."""
+    channels = 6
+    downsampling = 4
+    normalisation = Normalisation(scale=(0.5, 1.0, 2.0, 1.0, 0.5, 1.5), shift=(0.1, 0.0, -0.1, 0.2, 0.0, 0.3))
+    decoded: list = []  # the shapes of the latents it decoded, for the tests
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        generator = torch.Generator().manual_seed(1)
+        self.matrix = torch.randn(self.channels, 3 * 16, generator=generator) / 4  # (C, 3 * 4 * 4)
+        self.inverse = torch.linalg.pinv(self.matrix)                              # (3 * 4 * 4, C)
+
+    def posterior(self, images: torch.Tensor, precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
+        patches = F.pixel_unshuffle(images, 4)                                     # (N, 48, H/4, W/4)
+        mean = torch.einsum("cp,nphw->nchw", self.matrix.to(images), patches)      # (N, 6, H/4, W/4)
+        return mean, torch.full_like(mean, 0.05)
+
+    def decode(self, latents: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+        QuarterResolution.decoded.append(tuple(latents.shape))
+        raw = self.denormalise(latents)
+        patches = torch.einsum("pc,nchw->nphw", self.inverse.to(raw), raw)        # (N, 48, L, L)
+        return F.pixel_shuffle(patches, 4).clamp(-1, 1)                            # (N, 3, 4L, 4L)
+
+
+def test_a_latent_space_of_another_geometry_end_to_end(tmp_path, monkeypatch):
+    """6 channels at a quarter of the resolution, registered from this file: extract_features.py --vae
+    toy4 caches its raw posteriors, train.py --feature-path trains a 6-channel model on them (and
+    previews with it), and sample.py and sample_ddp.py decode with it, named by the checkpoint alone."""
+    import extract_features
+    import sample_ddp
+    from sit.data.images import TrainImageFolder
+    from sit.record import read_record, record_path
+    from sit.training.signals import StopSignal
+
+    monkeypatch.setitem(LATENT_SPACES, "toy4", QuarterResolution)
+    monkeypatch.setattr(StopSignal, "install", lambda self: None)
+    monkeypatch.setattr(QuarterResolution, "decoded", [])
+    data = make_image_folder(str(tmp_path / "data"), num_classes=2, per_class=2, size=16)
+    features = str(tmp_path / "features")
+    extract = ["--data-path", data, "--features-path", features, "--vae", "toy4", "--batch-size", "2",
+               "--num-workers", "0", "--float32"]
+    error = pytest.raises(UsageError, extract_features.main, [*extract, "--image-size", "18"]).value
+    assert_names(error, "--image-size", "multiple of 4", "18")  # the space's downsampling, not SD-VAE's 8
+    extract_features.main([*extract, "--image-size", "20"])  # a multiple of 4 only
+    with open(os.path.join(features, "meta.json")) as file:
+        meta = json.load(file)
+    assert (meta["vae"], meta["latent_shape"], meta["complete"]) == ("toy4", [6, 5, 5], True)
+    extract_features.main([*extract, "--features-path", str(tmp_path / "features16"), "--image-size", "16"])
+    features = str(tmp_path / "features16")
+    mean, std = (np.load(os.path.join(features, f"{name}.npy")) for name in ("mean", "std"))
+    assert mean.shape == std.shape == (4, 2, 6, 4, 4) and (std == np.float32(0.05)).all()
+    image, _ = TrainImageFolder(data, 16, random_flip=False)[0]
+    raw, _ = latent_space("toy4").posterior(torch.stack([image, image.flip(dims=[2])]))  # (2, 6, 4, 4)
+    torch.testing.assert_close(torch.from_numpy(mean[0]), raw)  # the raw posterior, not normalised
+
+    train.main(["--feature-path", features, "--results-dir", str(tmp_path / "results"), "--model", "SiT-S/2",
+                "--model-config", json.dumps(TINY_CONFIG), "--image-size", "16", "--num-classes", "2",
+                "--global-batch-size", "2", "--max-steps", "2", "--num-workers", "0", "--log-every", "1",
+                "--sample-every", "2", "--ckpt-every", "100"])
+    (experiment,) = os.listdir(tmp_path / "results")
+    ckpt = str(tmp_path / "results" / experiment / "checkpoints" / "0000002.pt")
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    config = checkpoint["model_config"]
+    assert (settings_of(checkpoint)["vae"], config["in_channels"], config["input_size"]) == ("toy4", 6, 4)
+    assert checkpoint_info(config, settings_of(checkpoint))["image_size"] == 16
+    assert QuarterResolution.decoded == [(16, 6, 4, 4)]  # the preview grid
+
+    grid = str(tmp_path / "grid.png")
+    sample.main(["ODE", "--ckpt", ckpt, "--class-labels", "0,1", "--num-sampling-steps", "2",
+                 "--sampling-method", "euler", "--output", grid])
+    assert QuarterResolution.decoded[1:] == [(2, 6, 4, 4)]
+    assert Image.open(grid).size == (2 * 16 + 3 * 2, 16 + 2 * 2)
+
+    samples = tmp_path / "samples"
+    sample_ddp.main(["ODE", "--ckpt", ckpt, "--num-sampling-steps", "2", "--sampling-method", "euler",
+                     "--num-fid-samples", "3", "--per-proc-batch-size", "2", "--sample-dir", str(samples)])
+    assert QuarterResolution.decoded[2:] == [(2, 6, 4, 4), (1, 6, 4, 4)]
+    (folder,) = [entry for entry in os.listdir(samples) if os.path.isdir(samples / entry)]
+    assert "-16px-vae-toy4-" in folder
+    pngs = sorted(name for name in os.listdir(samples / folder) if name.endswith(".png"))
+    assert len(pngs) == 3 and all(Image.open(samples / folder / png).size == (16, 16) for png in pngs)
+    assert np.load(samples / f"{folder}.npz")["arr_0"].shape == (3, 16, 16, 3)
+    record = read_record(record_path(str(samples / f"{folder}.npz")))
+    assert (record.vae, record.vae_sha256, record.image_size, record.image_shape) == ("toy4", None, 16, (16, 16, 3))

@@ -64,3 +64,14 @@ def test_memory_script_prints_a_row_per_sharding_and_world_size(capsys):
     for values in rows.values():
         assert sum(values[:-1]) == pytest.approx(values[-1], abs=0.03)
     assert rows["fsdp, 4"][0] == pytest.approx(rows["ddp, 4"][0] / 4, abs=0.01)
+
+
+def test_memory_script_models_the_latent_space_of_vae():
+    from sit.errors import UsageError
+    from sit.latents import latent_space
+
+    default = memory_script.model_kwargs("SiT-S/8", 64, 10)
+    pixels = memory_script.model_kwargs("SiT-S/8", 64, 10, latent_space("none"))
+    assert (default["in_channels"], default["input_size"], pixels["in_channels"], pixels["input_size"]) == (4, 8, 3, 64)
+    with pytest.raises(UsageError, match="multiple of 8"):
+        memory_script.main(["--image-size", "60", "--vae", "ema"])

@@ -28,9 +28,9 @@ from sit.checkpoint import settings_of
 from sit.config import TransportConfig
 from sit.dequantize import dequantize, image_bits_per_dim
 from sit.errors import UsageError
+from sit.latents import as_latent_space
 from sit.sampling.likelihood import PixelMeasure, build_likelihood_fn
 from sit.sampling.settings import resolve_vae
-from sit.vae import decode_latents
 
 MEAN, STD = 0.1, 0.3           # the data distribution, per pixel, on the [-1, 1] scale
 IMAGE_SHAPE = (3, 4, 4)        # D = 48
@@ -125,7 +125,7 @@ def test_vae_flag_is_checked_against_the_checkpoint_and_pixels_are_clamped():
     with pytest.raises(UsageError, match="--vae none .*latents"):
         resolve_vae("none", latent_info, default="ema")
     outputs = torch.tensor([-1.7, -0.25, 0.5, 1.2])
-    assert torch.equal(decode_latents(None, outputs), torch.tensor([-1.0, -0.25, 0.5, 1.0]))
+    assert torch.equal(as_latent_space(None).decode(outputs), torch.tensor([-1.0, -0.25, 0.5, 1.0]))
 
 
 #################################################################################

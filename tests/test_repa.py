@@ -238,14 +238,15 @@ def test_cached_latent_repa_equals_online_repa(repa_runs):
     from sit.data.images import TrainImageFolder
     from sit.encoders import load_encoder
     from sit.training.step import TrainStep, train_step
-    from sit.vae import load_vae
+    from sit.latents import load_latent_space
     from transport import TimeSchedule
 
     root, _ = repa_runs
     cpu = torch.device("cpu")
     datasets = {"online": TrainImageFolder(str(root / "data"), 32, seed=0),
                 "cached": LatentFeatureDataset(str(root / "feat"), seed=0, with_tokens=True)}
-    vae, encoder = ContiguousPosterior(load_vae(str(root / "vae"), cpu)), load_encoder(str(root / "encoder.pt"), 32, cpu)
+    vae = ContiguousPosterior(load_latent_space(str(root / "vae"), cpu).network)
+    encoder = load_encoder(str(root / "encoder.pt"), 32, cpu)
     torch.manual_seed(0)
     model = SiT(input_size=4, in_channels=4, num_classes=2, patch_size=2, **TINY_CONFIG)
     settings = RepaSettings(str(root / "encoder.pt"), repa_depth=1, repa_coeff=0.7, repa_projector_dim=16)

@@ -535,7 +535,7 @@ def test_likelihood_of_real_images_matches_the_analytic_answer(tmp_path, tiny_va
     from diffusers.models import AutoencoderKL
     from torchvision.datasets import ImageFolder
     from sit.data.images import image_transform
-    from sit.vae import LATENT_SCALE
+    from sit.latents import SD_VAE_SCALE
 
     zero_ckpt = write_checkpoint(tmp_path / "zero.pt", tiny_vae, random_weights=False)
     sample_ddp.main(["ODE", "--likelihood", "--ckpt", zero_ckpt, "--data-path", image_folder, *FAST_ODE,
@@ -548,7 +548,7 @@ def test_likelihood_of_real_images_matches_the_analytic_answer(tmp_path, tiny_va
     dataset = ImageFolder(image_folder, transform=image_transform(32, random_flip=False))
     vae = AutoencoderKL.from_pretrained(tiny_vae).eval()
     with torch.no_grad():
-        latents = vae.encode(torch.stack([dataset[i][0] for i in range(8)])).latent_dist.mean * LATENT_SCALE
+        latents = vae.encode(torch.stack([dataset[i][0] for i in range(8)])).latent_dist.mean * SD_VAE_SCALE
     num_dims = latents[0].numel()
     expected = -num_dims / 2 * math.log(2 * math.pi) - (latents.flatten(1).double() ** 2).sum(1) / 2
     logp = torch.tensor([float(row["logp_nats"]) for row in rows], dtype=torch.float64)

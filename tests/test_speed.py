@@ -26,10 +26,10 @@ from models import SiT
 from sit.data.images import TrainImageFolder
 from sit.data.order import ResumableDistributedSampler
 from sit.distributed import DistContext
+from sit.latents import SD_VAE_SCALE
 from sit.speed import PRECISIONS, compile_for_sampling, compile_model
 from sit.training.optimizer import make_optimizer
 from sit.training.step import TrainStep, train_step, training_latents
-from sit.vae import LATENT_SCALE
 from transport import Sampler, create_transport
 
 CPU = torch.device("cpu")
@@ -90,7 +90,7 @@ def test_training_step_from_features_equals_step_from_images_given_equal_noise()
     assert torch.equal(norm_images, norm_features) and norm_images.item() > 1e-3
     # the fresh latent itself is what the VAE samples with the same draw of torch.randn
     torch.manual_seed(3)
-    expected = posterior.sample() * LATENT_SCALE
+    expected = posterior.sample() * SD_VAE_SCALE
     torch.manual_seed(3)
     assert torch.equal(training_latents(from_features, [mean, std]), expected)
 

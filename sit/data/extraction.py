@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -22,9 +22,9 @@ from sit.data.images import TrainImageFolder
 from sit.encoders import VisionEncoder, describe_encoder
 from sit.errors import UsageError
 from sit.files import atomic_text, folder_problem, remove_temporaries
+from sit.latents import LatentSpace, latent_space
 from sit.locks import acquire_folder_lock
 from sit.generation import index_blocks
-from sit.vae import LATENT_CHANNELS, check_image_size, check_vae_name, input_size_for, latent_shape
 
 # Settings that make a feature folder what it is: a rerun must agree on them.
 IDENTITY_KEYS = ("image_size", "vae", "num_images", "classes", "dtype", "block_size", "repa_encoder")
@@ -38,7 +38,7 @@ class ExtractionConfig:
     data_path: str  # an ImageFolder, as train.py --data-path
     features_path: str  # the output folder
     image_size: int = 256
-    vae: str = "ema"  # ema, mse or a local diffusers folder, canonical (sit.vae.canonical_vae_name)
+    vae: str = "ema"  # a latent space of sit.latents (not pixels), canonical (canonical_latent_space_name)
     batch_size: int = 32  # images per process per VAE call
     block_size: int = 1024  # images per resumable block
     num_workers: int = 4
@@ -71,19 +71,21 @@ def discard_unstarted_folder(features_path: str) -> bool:
 def open_image_folder(config: ExtractionConfig) -> TrainImageFolder:
     """The images in train.py --data-path's order, unflipped: train.py's listing, so the same one-line
     UsageErrors for a folder without class folders or images, and an unreadable image skipped with
-    a warning. --image-size must be a multiple of 8 (UsageError)."""
-    check_image_size(config.image_size, pixel_space=False)
-    check_vae_name(config.vae, allow_pixels=False)  # before any folder is made: features are VAE latents
+    a warning. --vae must name a latent space (not pixels), whose downsampling divides --image-size (UsageError)."""
+    space = latent_space(config.vae, allow_pixels=False)  # before any folder is made: features are VAE latents
+    space.check_image_size(config.image_size)
     if config.token_encoder is not None:
         describe_encoder(config.token_encoder).input_size(config.image_size)
     return TrainImageFolder(config.data_path, config.image_size, random_flip=False)
 
 
 def build_meta(config: ExtractionConfig, dataset: TrainImageFolder) -> dict:
-    """meta.json's contents for this run (not yet complete); latent_shape is (4, image_size / 8, image_size / 8)."""
-    shape = latent_shape({"in_channels": LATENT_CHANNELS, "input_size": input_size_for(config.image_size, False)})
+    """meta.json's contents for this run (not yet complete); latent_shape is the latent space's (C, L, L)
+    of an image (SD-VAE: (4, image_size / 8, image_size / 8))."""
+    space = latent_space(config.vae, allow_pixels=False)  # not loaded: its geometry
+    side = space.input_size(config.image_size)
     meta = dict(image_size=config.image_size, vae=config.vae, num_images=len(dataset), classes=dataset.classes,
-                dtype=config.dtype, block_size=config.block_size, latent_shape=list(shape),
+                dtype=config.dtype, block_size=config.block_size, latent_shape=[space.channels, side, side],
                 data_path=os.path.abspath(config.data_path), complete=False)
     if config.token_encoder is not None:  # only then: a folder without tokens keeps its old meta.json
         spec = describe_encoder(config.token_encoder)
@@ -129,18 +131,18 @@ def is_block_done(features_path: str, block: range) -> bool:
 
 
 @torch.no_grad()
-def encode_block(vae: Any, loader: DataLoader, device: torch.device,
+def encode_block(space: LatentSpace, loader: DataLoader, device: torch.device,
                  encoder: Optional[VisionEncoder] = None) -> tuple[np.ndarray, ...]:
-    """Posterior mean and std of each image and its flip: (n, 2, C, h, w) each, labels (n,), and with
-    an encoder its patch tokens of both (n, 2, T, D) (else None)."""
+    """The raw posterior mean and std (space.posterior) of each image and its flip: (n, 2, C, h, w) each,
+    labels (n,), and with an encoder its patch tokens of both (n, 2, T, D) (else None)."""
     means, stds, labels, tokens = [], [], [], []
     for images, targets in loader:
         images = images.to(device)                                   # (B, 3, H, W)
         both = torch.cat([images, images.flip(dims=[3])], dim=0)     # (2B, 3, H, W)
-        posterior = vae.encode(both).latent_dist
+        mean, std = space.posterior(both)                            # (2B, C, h, w) each
         batch = images.shape[0]
-        means.append(torch.stack(posterior.mean.split(batch), dim=1).cpu())  # (B, 2, C, h, w)
-        stds.append(torch.stack(posterior.std.split(batch), dim=1).cpu())    # (B, 2, C, h, w)
+        means.append(torch.stack(mean.split(batch), dim=1).cpu())    # (B, 2, C, h, w)
+        stds.append(torch.stack(std.split(batch), dim=1).cpu())      # (B, 2, C, h, w)
         labels.append(targets)
         if encoder is not None:
             tokens.append(torch.stack(encoder.patch_tokens(both).split(batch), dim=1).cpu())  # (B, 2, T, D)
@@ -148,17 +150,18 @@ def encode_block(vae: Any, loader: DataLoader, device: torch.device,
             torch.cat(tokens).numpy() if tokens else None)
 
 
-def encode_blocks(config: ExtractionConfig, dataset: TrainImageFolder, vae: Any, meta: dict, blocks: list[range],
-                  device: torch.device, show_progress: bool = True, encoder: Optional[VisionEncoder] = None) -> None:
-    """Encode these blocks into the folder's arrays (with an encoder also its tokens), each flushed
-    and then marked done."""
+def encode_blocks(config: ExtractionConfig, dataset: TrainImageFolder, space: LatentSpace, meta: dict,
+                  blocks: list[range], device: torch.device, show_progress: bool = True,
+                  encoder: Optional[VisionEncoder] = None) -> None:
+    """Encode these blocks with the loaded latent space into the folder's arrays (with an encoder also its
+    tokens), each flushed and then marked done."""
     arrays = list(open_arrays(config.features_path, meta, "r+"))
     if encoder is not None:
         arrays.append(open_token_array(config.features_path, meta, "r+"))
     for block in tqdm(blocks, desc="blocks", disable=not show_progress):
         loader = DataLoader(Subset(dataset, block), batch_size=config.batch_size, num_workers=config.num_workers,
                             pin_memory=device.type == "cuda")
-        encoded = encode_block(vae, loader, device, encoder)
+        encoded = encode_block(space, loader, device, encoder)
         for array, values in zip(arrays, encoded):  # mean, std, labels[, tokens]
             array[block.start:block.stop] = values
             array.flush()

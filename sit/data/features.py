@@ -12,8 +12,8 @@ A feature folder holds, for N images of an ImageFolder (in its sorted order):
 The arrays are memory-mapped, so a training step reads only the rows it needs. They are preallocated
 on disk when created (no SIGBUS when a write through the map meets a full disk), and `read_meta`
 refuses a meta.json that is no JSON, has absurd values, or disagrees with the arrays' own headers. Training draws a
-fresh latent (mean + std * noise) * LATENT_SCALE (sit.vae) each time and a flip per image and epoch, as the
-online VAE path does.
+fresh latent, the recorded latent space's normalisation of (mean + std * noise) (SD-VAE: x 0.18215,
+sit.latents), each time and a flip per image and epoch, as the online VAE path does.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from sit.archives import available_memory, npy_data_bytes, npy_file_problem, rea
 from sit.data.order import flip_for
 from sit.errors import UsageError
 from sit.files import atomic_json, check_free_space, preallocate
-from sit.vae import LATENT_CHANNELS, VAE_DOWNSAMPLING
+from sit.latents import recorded_latent_space
 
 META_FILE = "meta.json"
 FEATURE_DTYPES = ("float16", "float32")
@@ -58,11 +58,15 @@ def _is_int(value: object) -> bool:
 
 
 def meta_problem(meta: object) -> Optional[str]:
-    """What is wrong with a meta.json's values (types, bounds, a latent shape its image size cannot give), or None."""
+    """What is wrong with a meta.json's values (types, bounds, a latent shape its image size cannot give
+    in the latent space it records), or None."""
     if not isinstance(meta, dict):
         return "it is not a JSON object"
+    space = recorded_latent_space(meta.get("vae"))  # its geometry (not loaded); a "vae" that is no name: refused below
+    downsampling = space.downsampling
     checks = (
-        ("image_size", lambda v: _is_int(v) and 8 <= v <= 16384 and v % VAE_DOWNSAMPLING == 0, "a multiple of 8"),
+        ("image_size", lambda v: _is_int(v) and 1 <= v <= 16384 and v % downsampling == 0,
+         f"a multiple of {downsampling}"),
         ("num_images", lambda v: _is_int(v) and 1 <= v <= MAX_IMAGES, f"a count in [1, {MAX_IMAGES:,}]"),
         ("block_size", lambda v: _is_int(v) and v >= 1, "a positive integer"),
         ("dtype", lambda v: v in FEATURE_DTYPES, " or ".join(FEATURE_DTYPES)),
@@ -79,9 +83,9 @@ def meta_problem(meta: object) -> Optional[str]:
     if has_tokens(meta) and not (isinstance(tokens_shape, list) and len(tokens_shape) == 2
                                  and all(_is_int(n) and 1 <= n <= 1 << 16 for n in tokens_shape)):
         return f"its repa_tokens_shape is {tokens_shape!r:.80}, expected [tokens, width] of the encoder"
-    latent = meta["image_size"] // VAE_DOWNSAMPLING
-    if meta["latent_shape"] != [LATENT_CHANNELS, latent, latent]:
-        return (f"its latent_shape {meta['latent_shape']} is not [{LATENT_CHANNELS}, {latent}, {latent}] of "
+    latent = space.input_size(meta["image_size"])
+    if meta["latent_shape"] != [space.channels, latent, latent]:
+        return (f"its latent_shape {meta['latent_shape']} is not [{space.channels}, {latent}, {latent}] of "
                 f"{meta['image_size']}px images")
     if meta["num_images"] * BYTES_PER_INDEX > available_memory():
         return f"its {meta['num_images']:,} images would not fit the memory of a sampler's index list"

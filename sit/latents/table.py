@@ -66,7 +66,7 @@ def recorded_latent_space(name: Optional[str]) -> LatentSpace:
 
 def as_latent_space(vae: Any, none: Optional[LatentSpace] = None) -> LatentSpace:
     """What callers hold as `vae`, as a LatentSpace: a LatentSpace itself; None: `none` (pixels unless
-    given); a bare diffusers AutoencoderKL (benchmarks, tests, sit.vae.load_vae's callers): its space."""
+    given); a bare diffusers AutoencoderKL (benchmarks, tests): its space."""
     if isinstance(vae, LatentSpace):
         return vae
     if vae is None:

@@ -22,12 +22,12 @@ import numpy as np
 import download
 from sit.errors import UsageError, reported_as
 from sit.files import atomic_json, folder_sha256, sha256_file
+from sit.latents import LATENT_SPACES, PIXEL_SPACE
 from sit.record import (HASH_FIELDS, RecordError, SampleRecord, npz_hashes, package_versions, read_record,
                         record_path, write_record)
 from sit.sampling.folder import FOLDER_SETTINGS, check_space_for_samples, finish_npz, npz_shape
 from sit.sampling.loading import SamplingModel
 from sit.sampling.settings import ModelSettings, SamplingConfig
-from sit.vae import PIXEL_SPACE, VAE_REPOS
 
 # What a rerun may differ in and still describe the same images (an earlier record of them is kept):
 # the checkpoints as given (the same file may be named another way; its hash is compared) and the preset.
@@ -43,7 +43,7 @@ class SampleSources:
     checkpoint: str  # --ckpt as given, or the published model's name
     checkpoint_file: Optional[str]  # absolute path; None when its local copy cannot be found
     checkpoint_sha256: Optional[str]
-    vae: str  # "ema", "mse", "none" or a local folder (absolute)
+    vae: str  # a table entry of sit.latents ("ema", "mse", "none", ...) or a local folder (absolute)
     vae_sha256: Optional[str]  # of a local VAE folder's files (sit.files.folder_sha256)
     guide: Optional[str] = None  # --guide-ckpt as given (autoguidance)
     guide_sha256: Optional[str] = None  # of its local file
@@ -88,7 +88,7 @@ def identify_sources(config: SamplingConfig, settings: ModelSettings, folder: st
     checkpoint_sha256 = hashed(local_file)
     check_earlier_record(folder, checkpoint, checkpoint_sha256)
     vae = PIXEL_SPACE if settings.vae is None else settings.vae
-    local_vae = vae not in VAE_REPOS and vae != PIXEL_SPACE
+    local_vae = vae not in LATENT_SPACES  # a folder, hashed; a table entry is its name
     vae_sha256 = hashed(vae if local_vae else None, folder_sha256, f"the VAE folder {vae}")
     guide = config.guidance.guide_ckpt
     guide_sha256 = hashed(download.local_copy(guide) if guide is not None else None)

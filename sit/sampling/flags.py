@@ -35,11 +35,13 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, vae_default: str, cf
     parser.add_argument("--model", type=str, choices=list(SiT_models), default=None,
                         help="model size (default: the checkpoint's, else SiT-XL/2)")
     parser.add_argument("--vae", type=str, default=None,
-                        help=f"ema, mse or a local diffusers AutoencoderKL folder "
-                             f"(default: the checkpoint's local VAE folder, else {vae_default}); pixel-space "
+                        help=f"ema, mse, another latent space of sit.latents or a local diffusers AutoencoderKL "
+                             f"folder (default: the checkpoint's local VAE folder or latent space of another "
+                             f"kind, else {vae_default}); pixel-space "
                              f"checkpoints (trained with --vae none) need none")
     parser.add_argument("--image-size", type=positive_int, default=None,
-                        help="image size, a multiple of 8 unless --vae none (default: the checkpoint's, else 256)")
+                        help="image size, a multiple of the VAE's downsampling (SD-VAE: 8) unless --vae none "
+                             "(default: the checkpoint's, else 256)")
     parser.add_argument("--num-classes", type=positive_int, default=None,
                         help="number of classes (default: the checkpoint's, else 1000)")
     parser.add_argument("--cfg-scale", type=guidance_scale, default=cfg_default,

@@ -20,10 +20,10 @@ from sit.archives import npz_problem, read_npy_header
 from sit.distributed import DistContext, on_main
 from sit.errors import RunFailure, reported_as
 from sit.files import atomic_write, check_free_space, remove_temporaries, removed_on_failure_if_empty
+from sit.latents import LATENT_SPACES
 from sit.locks import LOCK_FILE, acquire_folder_lock
 from sit.record import LABELS_KEY  # <folder>.npz: the class label of each image of arr_0, in the same order
 from sit.sampling.settings import ModelSettings, SamplingConfig
-from sit.vae import VAE_REPOS
 
 FOLDER_SETTINGS = "settings.json"  # what shaped the folder's images (sit.sampling.batch_record)
 
@@ -41,7 +41,8 @@ def checkpoint_tag(ckpt: Optional[str]) -> str:
 
 
 def vae_tag(vae: Optional[str]) -> str:
-    if vae is None or vae in VAE_REPOS:
+    """'pixels', a table entry of sit.latents as it is, or a folder's name plus a hash of where it is."""
+    if vae is None or vae in LATENT_SPACES:
         return vae or "pixels"
     return f"{os.path.basename(os.path.normpath(vae))}-{short_hash(os.path.realpath(vae))}"
 

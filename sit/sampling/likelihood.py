@@ -22,9 +22,10 @@ from sit.distributed import DistContext, gather_objects
 from sit.errors import UsageError
 from sit.files import atomic_write
 from sit.generation import blocks_of_rank, generate_latents, index_blocks, noise_and_labels, seed_for
+from sit.latents import LatentSpace, PixelSpace
 from sit.sampling.loading import SamplingModel
 from sit.sampling.settings import LikelihoodConfig, SamplingConfig
-from sit.vae import decode_latents, encode_mean, latent_shape, to_uint8_hwc
+from sit.vae import latent_shape, to_uint8_hwc
 from transport import Sampler
 
 Scores = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # per image (n,): log-density, NLL (nats), bits/dim
@@ -41,12 +42,12 @@ class Measure:
 @dataclass(frozen=True)
 class LatentMeasure(Measure):
     """A latent model: the likelihood of VAE latents (real images: their posterior mean), per latent dimension."""
-    vae: Any
+    space: LatentSpace  # loaded
     header = ("index", "label", "logp_nats", "nll_nats", "bits_per_dim")
 
     def observe_real(self, images: torch.Tensor) -> torch.Tensor:
-        """images (n, 3, H, W) in [-1, 1] -> latents (n, 4, H/8, W/8): the mean makes the result deterministic."""
-        return encode_mean(self.vae, images.to(self.device))
+        """images (n, 3, H, W) in [-1, 1] -> latents (n, C, H/d, W/d): the mean makes the result deterministic."""
+        return self.space.encode(images.to(self.device), sample=False)
 
     def observe_generated(self, latents: torch.Tensor) -> torch.Tensor:
         return latents
@@ -71,8 +72,8 @@ class PixelMeasure(Measure):
 
     def observe_generated(self, samples: torch.Tensor) -> torch.Tensor:
         """Samples (n, 3, H, W) quantized as the PNGs would be: uint8 (n, 3, H, W)."""
-        pixels = torch.from_numpy(to_uint8_hwc(decode_latents(None, samples)))  # (n, H, W, 3)
-        return pixels.permute(0, 3, 1, 2)                                        # (n, 3, H, W)
+        pixels = torch.from_numpy(to_uint8_hwc(PixelSpace().decode(samples)))  # (n, H, W, 3)
+        return pixels.permute(0, 3, 1, 2)                                          # (n, 3, H, W)
 
     def scores(self, images: torch.Tensor, labels: torch.Tensor, model_fn: Callable, likelihood_fn: Callable,
                generator: torch.Generator) -> Scores:

@@ -9,24 +9,24 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
 from models import SiT, has_null_class
 from sit.checkpoint import load_model, model_shape_name
 from sit.errors import named_by, reported_as
+from sit.latents import LatentSpace, load_latent_space
 from sit.sampling.guide import attach_guide
 from sit.sampling.settings import ModelSettings, SamplingConfig, resolve_model_settings
 from sit.speed import compile_for_sampling, compile_model, configure_precision
-from sit.vae import load_vae
 
 
 @dataclass
 class SamplingModel:
-    """A loaded model (eval mode, on its device), its VAE (None in pixel space) and its settings."""
+    """A loaded model (eval mode, on its device), its latent space, loaded (None in pixel space), and its settings."""
     model: SiT
-    vae: Any
+    vae: Optional[LatentSpace]
     settings: ModelSettings
 
 
@@ -66,9 +66,10 @@ def load_sampling_model(config: SamplingConfig, device: torch.device, vae_defaul
     return model, settings
 
 
-def load_decoder(vae: Optional[str], device: torch.device) -> Any:
-    """sit.vae.load_vae(vae) (UsageError when it cannot load), or None for pixel-space models."""
-    return None if vae is None else load_vae(vae, device)
+def load_decoder(vae: Optional[str], device: torch.device) -> Optional[LatentSpace]:
+    """The latent space --vae vae names, loaded on device (UsageError when it cannot load), or None for
+    pixel-space models (as sit.training's: sit.latents.as_latent_space reads None as pixels)."""
+    return None if vae is None else load_latent_space(vae, device)
 
 
 def load_for_sampling(config: SamplingConfig, device: torch.device, vae_default: str) -> SamplingModel:

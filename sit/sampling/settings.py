@@ -11,9 +11,9 @@ from typing import Any, Mapping, Optional
 
 from sit.config import TRANSPORT_SETTINGS, GuidanceConfig, SamplerFamily, TransportConfig, resolve_settings
 from sit.errors import UsageError
+from sit.latents import LATENT_SPACES, recorded_latent_space
 from sit.sampling.families import SAMPLER_FAMILIES, family
 from sit.training.experiment import checkpoint_in_folder
-from sit.vae import PIXEL_SPACE, VAE_DOWNSAMPLING, VAE_REPOS
 
 LIKELIHOOD_FLAGS = {"--dequantize": ("dequantize", None), "--num-probes": ("num_probes", 1),
                     "--exact-trace": ("exact_trace", False)}  # flag -> (destination, its default)
@@ -112,13 +112,15 @@ def sampling_config(flags: Mapping[str, Any], given: frozenset[str], *, seed: in
     if likelihood_refusal and flags["likelihood"]:
         raise UsageError(likelihood_refusal)
     precision = resolve_precision(flags["tf32"], flags["precision"])
-    # Known latent here: a VAE named by --vae, or no --vae and no --ckpt (the published models). With
-    # --ckpt alone the checkpoint tells (sit.checkpoint.load_model refuses the size for a latent checkpoint).
+    # Known here: the latent space --vae names, or without --vae and --ckpt the published models' (SD-VAE).
+    # With --ckpt alone the checkpoint tells (sit.checkpoint.load_model refuses the size for a latent checkpoint).
     image_size, vae = flags["image_size"], flags["vae"]
-    known_latent = vae != PIXEL_SPACE and (vae is not None or flags["ckpt"] is None)
-    if image_size is not None and image_size % VAE_DOWNSAMPLING and known_latent:
-        raise UsageError(f"--image-size must be a multiple of 8 for latent models (the VAE downsamples by 8), got "
-                         f"{image_size}; a pixel-space checkpoint takes any size")
+    if image_size is not None and (vae is not None or flags["ckpt"] is None):
+        downsampling = recorded_latent_space(vae).downsampling  # its geometry; the name is checked when it loads
+        if image_size % downsampling:
+            raise UsageError(f"--image-size must be a multiple of {downsampling} for latent models (the VAE "
+                             f"downsamples by {downsampling}), got {image_size}; a pixel-space checkpoint takes "
+                             f"any size")
     low, high = flags["cfg_interval"]
     if low > high:
         raise UsageError(f"--cfg-interval LO HI needs LO <= HI, got {low} {high}")
@@ -166,26 +168,30 @@ def unused_flag_warnings(flags: Mapping[str, Any], given: frozenset[str], sample
 
 
 def resolve_vae(requested: Optional[str], info: Mapping[str, Any], default: str) -> Optional[str]:
-    """The VAE to decode with; None for a pixel-space model. info: sit.checkpoint.load_model's.
+    """The latent space (--vae name) to decode with; None for a pixel-space model. info: sit.checkpoint.load_model's.
 
-    --vae wins; else the checkpoint's VAE when it is a local folder that exists (a custom VAE the
-    model was trained with); else the script's default (the original's: sample.py mse, sample_ddp.py
-    ema; the two SD-VAEs share one encoder, so either decodes any SD-VAE latent).
+    --vae wins; else the checkpoint's latent space when the default cannot stand in for it: a local
+    folder that exists (a custom VAE the model was trained with) or a table entry of another kind
+    (sit.latents.LATENT_SPACES: another geometry or decoder); else the script's default (the original's:
+    sample.py mse, sample_ddp.py ema; the two SD-VAEs share one encoder, so either decodes any SD-VAE latent).
     """
-    if info["pixel_space"] and requested not in (None, PIXEL_SPACE):
+    requested_pixels = requested is not None and recorded_latent_space(requested).pixel_space
+    if info["pixel_space"] and requested is not None and not requested_pixels:
         raise UsageError(f"--vae {requested} but the checkpoint is a pixel-space model (trained with "
                          f"--vae none, 3 channels): drop --vae")
     if info["pixel_space"]:
         return None
-    if requested == PIXEL_SPACE:
-        raise UsageError(f"--vae none but the checkpoint's model works on {info['in_channels']}-channel "
+    if requested_pixels:
+        raise UsageError(f"--vae {requested} but the checkpoint's model works on {info['in_channels']}-channel "
                          f"VAE latents: pass --vae ema, mse or a VAE folder, or drop --vae")
     if requested is not None:
         return requested
     stored = info["vae"]
-    if isinstance(stored, str) and stored not in VAE_REPOS and os.path.isdir(stored):
-        return stored
-    return default
+    if not isinstance(stored, str):
+        return default
+    if stored in LATENT_SPACES:
+        return default if LATENT_SPACES[stored] is LATENT_SPACES.get(default) else stored
+    return stored if os.path.isdir(stored) else default
 
 
 def check_balanced_count(config: SamplingConfig, num_classes: int) -> None:
