@@ -319,10 +319,11 @@ def check_request(info: dict, config: dict, model_name: Optional[str], image_siz
     """Raise CheckpointError when the user's --model/--image-size/--num-classes contradict the checkpoint."""
     if model_name is not None and model_name not in models.SiT_models:
         raise download.CheckpointError(f"unknown --model {model_name!r}; choose one of {', '.join(models.SiT_models)}")
-    if image_size is not None and image_size % 8 and not info["pixel_space"]:
-        raise download.CheckpointError(f"--image-size must be a multiple of 8 for latent models (the VAE downsamples "
-                                       f"by 8), got {image_size}; the checkpoint is a latent model trained at "
-                                       f"{info['image_size']}")
+    downsampling = info["image_size"] // config["input_size"]  # the recorded latent space's
+    if image_size is not None and image_size % downsampling:
+        raise download.CheckpointError(f"--image-size must be a multiple of {downsampling} for this latent model (its "
+                                       f"space downsamples by {downsampling}), got {image_size}; the checkpoint "
+                                       f"was trained at {info['image_size']}")
     held = (f"{info['model_name'] or 'a custom SiT'} (depth {config['depth']}, width {config['hidden_size']}, "
             f"patch {config['patch_size']})")
     settings = {
