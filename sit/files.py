@@ -19,6 +19,7 @@ import json
 import os
 import re
 import socket
+import stat
 import tempfile
 from typing import Any, Callable, Collection, Iterator, Optional, Sequence
 
@@ -159,12 +160,23 @@ def fsync_path(path: str) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str, write: Callable[[str], None], suffix: str = ".tmp") -> None:
-    """Call write(tmp_path) on a temporary file beside `path`, fsync it, then rename it to `path`.
+def same_inode(path: str, fd: int) -> bool:
+    """Whether the name `path` itself (a link there is not followed) is the file open as `fd`."""
+    try:
+        here, opened = os.lstat(path), os.fstat(fd)
+    except FileNotFoundError:
+        return False
+    return (here.st_dev, here.st_ino) == (opened.st_dev, opened.st_ino)
 
-    The temporary name is `.tmp-<pid>@<host>~XXXXXXXX<suffix>`; on any failure it is removed and the
-    error propagates, a full disk as `NoSpaceLeft`. The file gets the permissions the umask gives a
-    new file (mkstemp's own are 0600).
+
+def _write_through_temporary(path: str, write: Callable[[int, str], None], suffix: str) -> None:
+    """atomic_write's work: write(fd, tmp_path) fills the temporary file open as fd (named tmp_path).
+
+    mkstemp creates the temporary with O_CREAT | O_EXCL | O_NOFOLLOW under a fresh random name, so a link
+    or file planted at a name is never opened: it picks another. The file is then flushed and given its
+    permissions through fd, never by name (os.chmod would follow a link put at the name meanwhile), and
+    renamed only while the name still is that file; os.replace puts it in place of a link at `path`, it
+    never writes through one.
     """
     directory = os.path.dirname(os.path.abspath(path))
     try:
@@ -175,20 +187,37 @@ def atomic_write(path: str, write: Callable[[str], None], suffix: str = ".tmp") 
         if is_no_space(error):
             raise no_space_left(path, error) from error
         raise
-    os.close(fd)
     try:
-        write(tmp_path)
-        fsync_path(tmp_path)
-        os.chmod(tmp_path, 0o666 & ~current_umask())
+        try:
+            write(fd, tmp_path)
+            if not same_inode(tmp_path, fd):
+                raise RunFailure(f"{tmp_path} was replaced by another file (or a link) while {path} was written "
+                                 f"through it; {path} was left as it was: does someone else write in {directory}?")
+            os.fsync(fd)
+            os.fchmod(fd, 0o666 & ~current_umask())
+        finally:
+            os.close(fd)
         os.replace(tmp_path, path)
     except BaseException as error:
-        if os.path.exists(tmp_path):
+        with contextlib.suppress(OSError):  # the name only: a link there is removed, never what it points to
             os.remove(tmp_path)
         for cause in (error, error.__cause__):  # _torch_save keeps torch's RuntimeError as the cause
             if cause is not None and is_no_space(cause):
                 raise no_space_left(path, cause) from error
         raise
     fsync_path(directory)  # the rename itself
+
+
+def atomic_write(path: str, write: Callable[[str], None], suffix: str = ".tmp") -> None:
+    """Call write(tmp_path) on a temporary file beside `path`, fsync it, then rename it to `path`.
+
+    The temporary name is `.tmp-<pid>@<host>~XXXXXXXX<suffix>`; on any failure it is removed and the
+    error propagates, a full disk as `NoSpaceLeft`. The file gets the permissions the umask gives a
+    new file (mkstemp's own are 0600). A link at `path` is replaced, not written through; write()
+    reopens the temporary by its name, and RunFailure is raised (nothing renamed) if that name no longer
+    is the temporary afterwards (see _write_through_temporary).
+    """
+    _write_through_temporary(path, lambda fd, tmp_path: write(tmp_path), suffix)
 
 
 def _torch_save(obj: Any, path: str) -> None:
@@ -204,14 +233,16 @@ def atomic_torch_save(obj: Any, path: str) -> None:
     atomic_write(path, functools.partial(_torch_save, obj), suffix=".pt")
 
 
-def _write_text(text: str, path: str) -> None:
-    with open(path, "w") as handle:
+def _write_text(text: str, fd: int, tmp_path: str) -> None:
+    """`text` into the open temporary itself (a duplicate of fd: the name is not opened again)."""
+    with os.fdopen(os.dup(fd), "w") as handle:
         handle.write(text)
 
 
 def atomic_text(path: str, text: str, suffix: str = ".txt") -> None:
-    """A small text file at `path`, atomically (its temporary's name ends in suffix)."""
-    atomic_write(path, functools.partial(_write_text, text), suffix=suffix)
+    """A small text file at `path`, atomically (its temporary's name ends in suffix), written through the
+    temporary's own descriptor: latest.txt, records, markers never reopen a name."""
+    _write_through_temporary(path, functools.partial(_write_text, text), suffix)
 
 
 def atomic_json(path: str, data: Any) -> None:
@@ -255,6 +286,8 @@ def remove_temporaries(folder: str, suffix: str, prefix: str = TEMPORARY_PREFIX)
     for name in os.listdir(folder):
         if name.startswith(prefix) and name.endswith(suffix) and not held_by_another_process(name):
             try:
+                if stat.S_ISDIR(os.lstat(os.path.join(folder, name)).st_mode):
+                    continue  # not a temporary file of ours; a link is removed itself, never what it points to
                 os.remove(os.path.join(folder, name))
                 removed += 1
             except FileNotFoundError:  # its writer finished (renamed it) meanwhile

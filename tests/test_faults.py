@@ -182,15 +182,15 @@ def test_temporary_names_carry_their_owner_and_only_dead_owners_files_are_remove
 def sleeping_before_rename(suffix: str, skip: int = 0) -> str:
     """Python code that makes the atomic_write of the (skip+1)-th file whose temporary name ends in `suffix`
     stop (sleep) after writing it whole, just before the rename: a SIGKILL then leaves it behind."""
-    return ("import time, sit.files as files\n"
-            "original, seen = files.fsync_path, []\n"
-            "def slow(path):\n"
+    return ("import time\n"
+            "original, seen = os.replace, []\n"
+            "def slow(path, destination):\n"
             f"    if os.path.basename(path).startswith('.tmp-') and path.endswith({suffix!r}):\n"
             "        seen.append(path)\n"
             f"        if len(seen) == {skip + 1}:\n"
             "            print('WRITING', path, flush=True); time.sleep(600)\n"
-            "    original(path)\n"
-            "files.fsync_path = slow\n")
+            "    original(path, destination)\n"
+            "os.replace = slow\n")
 
 
 def start_patched(code: str, script_name: str, args: list, cwd) -> subprocess.Popen:
