@@ -142,3 +142,16 @@ def test_plot_metrics_names_the_run_without_metrics_in_one_line(tmp_path, capsys
     assert code == 2 and len(lines) == 1
     assert str(empty) in lines[0] and METRICS_FILE in lines[0]
     assert not os.path.exists(tmp_path / "out.png")
+
+
+def test_a_link_planted_at_the_metrics_file_is_not_written_through(tmp_path):
+    from sit.training.metrics_log import append_records
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("someone else's file\n")
+    os.symlink(victim, tmp_path / METRICS_FILE)
+    with pytest.raises(OSError):
+        append_records(str(tmp_path / METRICS_FILE), [{"kind": "train", "step": 1, "loss": 0.5}])
+    assert victim.read_text() == "someone else's file\n"
+    append_records(str(tmp_path / "fresh.jsonl"), [{"kind": "train", "step": 1, "loss": 0.5}])
+    assert read_records(str(tmp_path / "fresh.jsonl")) == [{"kind": "train", "step": 1, "loss": 0.5}]

@@ -101,8 +101,10 @@ def keep_through(path: str, step: int) -> int:
 
 
 def append_records(path: str, records: Iterable[dict[str, Any]]) -> None:
-    """Append records to the file at path and flush."""
-    with open(path, "a") as handle:
+    """Append records to the file at path and flush; a link planted at path is refused (OSError), never
+    written through."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(descriptor, "a") as handle:
         handle.write("".join(record_line(record) for record in records))
         handle.flush()
 
