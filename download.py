@@ -23,16 +23,14 @@ import os
 import re
 import shutil
 import urllib.parse
-import urllib.request
 from typing import Any, Optional
 
 import torch
-from tqdm import tqdm
 
 from sit.archives import zip_problem
 from sit.errors import UsageError
-from sit.files import NoSpaceLeft, atomic_write, removed_on_failure_if_empty
-from sit.hub import HubUnavailable, hub_file, hub_offline
+from sit.files import atomic_write, removed_on_failure_if_empty
+from sit.hub import HubUnavailable, hub_file, hub_offline, url_download
 
 PRETRAINED_DIR = "pretrained_models"
 DEFAULT_MODEL = "SiT-XL-2-256x256.pt"
@@ -59,8 +57,6 @@ PUBLISHED_CHECKPOINTS = {("SiT-XL/2", 256): DEFAULT_MODEL, ("SiT-XL/2", 512): "S
 pretrained_models = set(PUBLISHED_MODELS)  # the original's name for the set of published names
 URL_SCHEMES = ("http://", "https://", "file://")
 HUB_SCHEME = "hf://"
-CHUNK_BYTES = 1 << 20
-DOWNLOAD_TIMEOUT_S = 60
 SAFE_GLOBALS = [argparse.Namespace]
 
 
@@ -69,38 +65,13 @@ class CheckpointError(UsageError):
 
 
 def download_url(url: str, path: str, progress: bool = True) -> str:
-    """Stream `url` (http, https or file) to `path`, atomically, with a progress bar.
-
-    The bytes go to a temporary file beside `path`, renamed to `path` only when the transfer
-    is complete (and as long as the server announced). Raises CheckpointError on any failure
-    (NoSpaceLeft for a full disk), leaving nothing at `path`.
-    """
+    """Stream `url` (http, https or file) to `path`, atomically, with a progress bar, in one request
+    (sit.hub.url_download). Raises CheckpointError on any failure (NoSpaceLeft for a full disk),
+    leaving nothing at `path`."""
     try:
-        atomic_write(path, functools.partial(_stream_url, url, progress=progress), suffix=".part")
-    except (CheckpointError, NoSpaceLeft):  # a full disk is the machine's failure (exit 1), not the download's
-        raise
-    except Exception as error:  # network errors, interrupted reads: one message for the user
-        raise CheckpointError(f"could not download {url} ({_describe(error)})") from error
-    return path
-
-
-def _stream_url(url: str, path: str, progress: bool = True) -> None:
-    """Write the bytes at `url` to `path`; CheckpointError when fewer arrive than the server announced."""
-    with open(path, "wb") as out, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
-        length = response.headers.get("Content-Length")
-        total = int(length) if length else None
-        received = 0
-        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                  desc=os.path.basename(path), disable=not progress) as bar:
-            while True:
-                chunk = response.read(CHUNK_BYTES)
-                if not chunk:
-                    break
-                out.write(chunk)
-                received += len(chunk)
-                bar.update(len(chunk))
-    if total is not None and received != total:
-        raise CheckpointError(f"download of {url} was interrupted: got {received} of {total} bytes")
+        return url_download(url, path, progress)
+    except HubUnavailable as error:  # network errors, interrupted reads: one message for the user
+        raise CheckpointError(str(error)) from error
 
 
 def download_hub_file(spec: str) -> str:

@@ -40,8 +40,11 @@ def class_label_list(value: str) -> list[int]:
         labels = [int(part) for part in value.split(",") if part.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,2,3, got {value!r}")
-    if not labels or min(labels) < 0:
+    if not labels:
         raise argparse.ArgumentTypeError(f"expected comma-separated non-negative integers such as 1,2,3, got {value!r}")
+    negative = [label for label in labels if label < 0]
+    if negative:
+        raise argparse.ArgumentTypeError(f"class labels are non-negative integers, got {negative[0]} in {value!r}")
     return labels
 
 

@@ -4,8 +4,9 @@ a name means, its weights loaded without running pickled code, and its patch tok
 --repa-encoder takes
 - DINOv2 by REPA's spelling (dinov2-vit-s/b/l/g, dinov2reg-vit-b for the 4-register models) or by
   torch.hub's facebookresearch/dinov2 name (dinov2_vitb14, dinov2_vitb14_reg): the same released
-  weights through timm (vit_base_patch14_dinov2.lvd142m, ...), downloaded once as safetensors, so
-  no repository code is fetched and run (as torch.hub.load would);
+  weights through timm (vit_base_patch14_dinov2.lvd142m, ...), downloaded once as safetensors by
+  sit.hub (one request, no retries: offline, one line naming the file to fetch), so no repository code
+  is fetched and run (as torch.hub.load would);
 - any timm ViT name (e.g. vit_large_patch14_reg4_dinov2.lvd142m);
 - a local weights file (.pth/.pt/.bin read with torch.load(weights_only=True), or .safetensors): a
   ViT state dict in DINOv2's release format or timm's, whose shape gives the architecture (heads of
@@ -20,6 +21,7 @@ grid when the weights load (timm's bicubic resampling, which REPA applies to DIN
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -42,7 +44,8 @@ DINOV2_SIZES = {"s": "small", "b": "base", "l": "large", "g": "giant"}
 REPA_SPELLING = re.compile(r"^dinov2(reg)?-vit-([sblg])$")     # REPA's --enc-type
 HUB_SPELLING = re.compile(r"^dinov2_vit([sblg])14(_reg)?$")     # torch.hub facebookresearch/dinov2
 HEAD_DIM = 64  # every DINOv2 (S/B/L/g: 6/12/16/24 heads); how a weights file's heads are counted
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # a timm folder's (and hub repository's) weights
+WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
 NAMES_HELP = ("dinov2-vit-s/b/l/g (REPA's), dinov2_vitb14[_reg] (torch.hub's), a timm ViT name, "
               "or a local weights file or timm folder")
 
@@ -167,12 +170,21 @@ def vit_args_from_weights(weights: dict, source: str) -> dict:
     return args
 
 
+def looks_like_path(name: str) -> bool:
+    """Whether a --repa-encoder value is meant as a local file or folder (a separator, a leading . or ~,
+    or a weights file's suffix) rather than an encoder's name (timm's names have none of these)."""
+    return (os.sep in name or "/" in name or name.startswith((".", "~"))
+            or name.lower().endswith(WEIGHT_SUFFIXES))
+
+
 def describe_encoder(name: str) -> EncoderSpec:
     """The EncoderSpec a --repa-encoder value names, without loading weights (a weights file is read
-    for its shapes). Raises UsageError naming the flag for an unknown encoder."""
+    for its shapes). Raises UsageError naming the flag for a path that does not exist or an unknown encoder."""
     import timm
 
     source = canonical_encoder_name(name)
+    if not os.path.exists(source) and looks_like_path(source):
+        raise UsageError(f"{FLAG} {name}: no such file or folder ({os.path.abspath(os.path.expanduser(name))})")
     if os.path.isfile(source):
         args = vit_args_from_weights(timm_form(read_weights(source)), source)
         return EncoderSpec(source, None, args, args["patch_size"], args["embed_dim"])
@@ -252,10 +264,10 @@ def load_weights_into(model: torch.nn.Module, weights: dict, source: str) -> Non
 def load_encoder(name: str, image_size: int, device: torch.device) -> VisionEncoder:
     """The frozen encoder --repa-encoder names, for images of image_size, on device.
 
-    Named encoders download their weights through timm (safetensors, once); local files and
-    folders are read with weights_only. The torch RNG is left as it was (building a ViT draws its
-    initial weights): a run with an encoder draws the same noise as one without. Raises UsageError
-    naming the flag.
+    Named encoders' released weights are fetched once by sit.hub (released_weights) and loaded by
+    timm; local files and folders are read with weights_only. The torch RNG is left as it was (building
+    a ViT draws its initial weights): a run with an encoder draws the same noise as one without. Raises
+    UsageError naming the flag.
     """
     import timm
 
@@ -267,12 +279,50 @@ def load_encoder(name: str, image_size: int, device: torch.device) -> VisionEnco
             path = source if os.path.isfile(source) else next(
                 os.path.join(source, f) for f in WEIGHT_FILES if os.path.isfile(os.path.join(source, f)))
             load_weights_into(module, timm_form(read_weights(path)), source)
-        else:
+        else:  # timm builds it and loads the released weights, read here from the file fetched by sit.hub
+            weights = read_weights(released_weights(name, source))
             try:
-                module = timm.create_model(source, pretrained=True, num_classes=0,
-                                           img_size=spec.input_size(image_size))
-            except Exception as error:  # no network, no disk space, an unpublished name
-                raise UsageError(f"{FLAG} {name}: cannot get the weights of {source} "
-                                 f"({error_line(error, with_type=False)}); download them once where there is "
-                                 f"network, or pass a local weights file") from None
+                module = timm.create_model(source, pretrained=True, num_classes=0, img_size=spec.input_size(image_size),
+                                           pretrained_cfg_overlay=dict(state_dict=weights))
+            except Exception as error:  # weights that do not fit the architecture
+                raise UsageError(f"{FLAG} {name}: the released weights of {source} do not load "
+                                 f"({error_line(error, with_type=False)})") from None
         return VisionEncoder(spec, module.to(device), image_size)
+
+
+def released_weights(name: str, source: str) -> str:
+    """The local file of a timm model's released weights: its Hugging Face repository's model.safetensors
+    (else pytorch_model.bin, or the file its config names), or its URL's file in the torch hub cache; each
+    from the cache, else fetched by sit.hub in one request with no retries (timm downloads nothing). Raises
+    UsageError naming the flag, the file and how to pass it instead."""
+    from timm.models import get_pretrained_cfg
+
+    from sit.hub import HubFileMissing, HubUnavailable, cached_hub_file, hub_file, url_file
+
+    config = get_pretrained_cfg(source)
+    repo_id, url = (config.hf_hub_id, config.url) if config is not None else (None, None)
+    if repo_id:
+        files = (config.hf_hub_filename,) if config.hf_hub_filename else WEIGHT_FILES
+        cached = next((path for path in map(functools.partial(cached_hub_file, repo_id), files) if path), None)
+        if cached is not None:
+            return cached
+        for filename in files:
+            try:
+                return hub_file(repo_id, filename)
+            except HubUnavailable as error:
+                failure = error
+                if not isinstance(error, HubFileMissing):  # unreachable; missing: the hub answered, try the next
+                    break
+        import huggingface_hub
+
+        where = huggingface_hub.hf_hub_url(repo_id, filename)
+    elif url and not config.custom_load:  # (a custom load reads another format, e.g. big_vision's .npz)
+        filename = os.path.basename(url.split("?")[0])
+        try:
+            return url_file(url, os.path.join(torch.hub.get_dir(), "checkpoints", filename))
+        except HubUnavailable as error:
+            failure, where = error, url
+    else:
+        raise UsageError(f"{FLAG} {name}: timm publishes no weights for {source}; pass a local weights file")
+    raise UsageError(f"{FLAG} {name}: cannot get the weights of {source}: {failure}; download {where} where there is "
+                     f"network and pass {FLAG} /path/to/{filename}")

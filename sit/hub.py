@@ -1,19 +1,34 @@
-"""Files from the Hugging Face hub with a bounded failure: the local cache first; a file not cached is
-fetched only after one short request (no retries) has reached the hub. Without it, huggingface_hub
-retries a dead connection with backoff (about 25 s a file, a warning per retry) before failing.
+"""Downloads with a bounded failure, the one way this project fetches a file: checkpoints, VAEs, REPA
+encoders (timm), DINOv2 and Inception weights.
 
-`HF_HUB_OFFLINE=1` uses the cache only; `HF_ENDPOINT` and `HF_HUB_ETAG_TIMEOUT` (the probe's timeout,
-in seconds) are huggingface_hub's own settings. Failures are `HubUnavailable` with a one-line message.
+Hugging Face hub files (hub_file, hub_folder): the local cache first; a file not cached is fetched only
+after one short request (no retries) has reached the hub. Without it, huggingface_hub retries a dead
+connection with backoff (about 25 s a file, a warning per retry) before failing.
+Plain URLs (url_file, url_download): the local copy first, else one request (no retries), streamed to a
+temporary file that is renamed into place only when complete.
+
+`HF_HUB_OFFLINE=1` uses the local copies only (for plain URLs too); `HF_ENDPOINT` and `HF_HUB_ETAG_TIMEOUT`
+(the probe's timeout, in seconds) are huggingface_hub's own settings. Failures are `HubUnavailable` with a
+one-line message naming the file; the caller adds what to pass instead.
 """
 from __future__ import annotations
 
+import functools
 import os
+import urllib.request
 
 from sit.errors import UsageError, error_line
+
+URL_TIMEOUT_S = 60  # a plain URL's connection and each read of its body
+CHUNK_BYTES = 1 << 20
 
 
 class HubUnavailable(UsageError):
     """A hub file that is neither cached nor reachable; the caller says what to pass instead."""
+
+
+class HubFileMissing(HubUnavailable):
+    """The hub answered that the repository has no such file (so another file name may be tried)."""
 
 
 def hub_offline() -> bool:
@@ -45,10 +60,14 @@ def probe_hub(repo_id: str, filename: str) -> None:
     if hub_offline():
         raise HubUnavailable(f"{repo_id}/{filename} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) "
                              f"and HF_HUB_OFFLINE is set")
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
     url = huggingface_hub.hf_hub_url(repo_id, filename)
     try:
         huggingface_hub.get_hf_file_metadata(url, timeout=constants.HF_HUB_ETAG_TIMEOUT)
     except Exception as error:  # network, HTTP status, missing repo or file: one line, no retry
+        if isinstance(error, EntryNotFoundError) and not isinstance(error, LocalEntryNotFoundError):
+            raise HubFileMissing(f"{url} does not exist ({error_line(error)})") from None  # the hub answered
         raise HubUnavailable(f"could not reach {url} ({error_line(error)})") from None
 
 
@@ -82,3 +101,52 @@ def hub_folder(repo_id: str, filenames: tuple[str, ...]) -> str:
         except Exception as error:
             raise HubUnavailable(f"could not download {repo_id} ({error_line(error)})") from None
     return os.path.dirname(paths[0])
+
+
+def url_file(url: str, path: str, progress: bool = True) -> str:
+    """`path` when it is there, else the file at `url` downloaded to it (url_download); with HF_HUB_OFFLINE
+    set nothing is fetched. Raises HubUnavailable naming the URL and `path`."""
+    if os.path.isfile(path):
+        return path
+    if hub_offline():
+        raise HubUnavailable(f"{path} is missing and HF_HUB_OFFLINE is set ({url} not tried)")
+    return url_download(url, path, progress)
+
+
+def url_download(url: str, path: str, progress: bool = True) -> str:
+    """Stream `url` (http, https or file) to `path` in one request, no retries, with a progress bar.
+
+    The bytes go to a temporary file beside `path`, renamed to `path` only when the transfer is complete
+    (and as long as the server announced). Raises HubUnavailable (one line naming the URL) on any failure,
+    NoSpaceLeft for a full disk, leaving nothing at `path`.
+    """
+    from sit.files import NoSpaceLeft, atomic_write
+
+    try:
+        atomic_write(path, functools.partial(_stream_url, url, progress=progress), suffix=".part")
+    except (HubUnavailable, NoSpaceLeft):  # a full disk is the machine's failure, not the download's
+        raise
+    except Exception as error:  # network errors, HTTP statuses, interrupted reads
+        raise HubUnavailable(f"could not download {url} ({error_line(error, limit=160)})") from error
+    return path
+
+
+def _stream_url(url: str, path: str, progress: bool = True) -> None:
+    """Write the bytes at `url` to `path`; HubUnavailable when fewer arrive than the server announced."""
+    from tqdm import tqdm
+
+    with open(path, "wb") as out, urllib.request.urlopen(url, timeout=URL_TIMEOUT_S) as response:
+        length = response.headers.get("Content-Length")
+        total = int(length) if length else None
+        received = 0
+        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                  desc=os.path.basename(path), disable=not progress) as bar:
+            while True:
+                chunk = response.read(CHUNK_BYTES)
+                if not chunk:
+                    break
+                out.write(chunk)
+                received += len(chunk)
+                bar.update(len(chunk))
+    if total is not None and received != total:
+        raise HubUnavailable(f"download of {url} was interrupted: got {received} of {total} bytes")

@@ -18,6 +18,7 @@ from sit.errors import UsageError
 from sit.files import sha256_file
 from sit.metrics import DINOv2FeatureExtractor, DINOv2WeightsError, Evaluator, MetricInputError, parse_metric_list
 from sit.metrics.dinov2 import interpolate_pos_embed
+from test_hub import failing_hub, hub_at, only_line  # noqa: F401 (failing_hub: a fixture)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -159,3 +160,26 @@ def test_no_network_and_no_file_is_one_line_saying_where_to_put_it(tmp_path, bat
     assert last.startswith("evaluate.py: error: ")  # where to put the file, and the flag that reads it
     assert_names(last, str(tmp_path / "torch" / "hub" / "checkpoints" / "dinov2_vitl14_pretrain.pth"), "--dinov2-weights")
     assert "Traceback" not in result.stderr
+
+
+def test_without_network_each_source_is_asked_once_and_the_line_says_where_to_put_the_file(tmp_path, failing_hub,
+                                                                                            monkeypatch, capfd, caplog):
+    """HF_HUB_OFFLINE unset and every server failing: one request to the torch hub's URL, one to timm's
+    file on the hub (no retries), then one line naming both files, where to put one and --dinov2-weights."""
+    import time
+
+    import sit.metrics.dinov2 as dinov2
+
+    endpoint, requests = failing_hub
+    hub_at(monkeypatch, tmp_path, endpoint)
+    url = f"{endpoint}/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth"
+    monkeypatch.setattr(dinov2, "DINOV2_WEIGHTS_URL", url)
+    start = time.monotonic()
+    with pytest.raises(DINOv2WeightsError) as raised:
+        dinov2.fetch_dinov2_weights(None)
+    line = only_line(raised.value, capfd.readouterr().err + caplog.text, time.monotonic() - start)
+    timm_file = "timm/vit_large_patch14_dinov2.lvd142m/resolve/main/model.safetensors"
+    assert_names(line, url, f"{endpoint}/{timm_file}", "--dinov2-weights",
+                 str(tmp_path / "torch_hub" / "checkpoints" / "dinov2_vitl14_pretrain.pth"))
+    files = [request for request in requests if " /api/" not in request]  # (huggingface_hub asks its API too)
+    assert files == ["GET /dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth", f"HEAD /{timm_file}"]

@@ -310,8 +310,11 @@ def test_interrupted_download_leaves_no_file(server, tmp_path):
 
 def test_download_url_interrupted_by_ctrl_c_leaves_no_file(server, tmp_path, monkeypatch):
     server.files["/big.pt"] = b"x" * (3 * 1024)
-    monkeypatch.setattr(download, "CHUNK_BYTES", 1024)
-    original_write = download.tqdm.update
+    import sit.hub
+    from tqdm import tqdm
+
+    monkeypatch.setattr(sit.hub, "CHUNK_BYTES", 1024)  # download.py streams through sit.hub.url_download
+    original_write = tqdm.update
     calls = []
 
     def interrupt_on_second_chunk(bar, n):
@@ -320,7 +323,7 @@ def test_download_url_interrupted_by_ctrl_c_leaves_no_file(server, tmp_path, mon
             raise KeyboardInterrupt
         return original_write(bar, n)
 
-    monkeypatch.setattr(download.tqdm, "update", interrupt_on_second_chunk)
+    monkeypatch.setattr(tqdm, "update", interrupt_on_second_chunk)
     with pytest.raises(KeyboardInterrupt):
         download.download_url(server.url("/big.pt"), "pretrained_models/big.pt")
     assert leftovers("pretrained_models") == []

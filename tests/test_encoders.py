@@ -15,6 +15,7 @@ from sit.encoders import (IMAGENET_MEAN, IMAGENET_STD, canonical_encoder_name, d
                           timm_form)
 from sit.errors import UsageError
 from conftest import assert_names
+from test_hub import COMMIT, failing_hub, file_requests, hub_at, only_line  # noqa: F401 (failing_hub: a fixture)
 
 CPU = torch.device("cpu")
 
@@ -191,3 +192,51 @@ def test_loading_an_encoder_leaves_the_training_rng_alone(tmp_path):
     torch.manual_seed(11)
     load_encoder(path, image_size=32, device=CPU)
     assert torch.equal(torch.rand(3), expected)
+
+
+#################################################################################
+#               Local paths that are not there; released weights                #
+#################################################################################
+
+@pytest.mark.parametrize("name", ["./missing.pth", "/x/y.safetensors", "weights/dinov2", "missing.safetensors"])
+def test_a_path_that_does_not_exist_is_no_such_file(name):
+    with pytest.raises(UsageError) as error:
+        describe_encoder(name)
+    assert_names(error.value, f"--repa-encoder {name}", "no such file")
+
+
+def test_a_named_encoder_without_network_is_one_request_and_one_line_naming_the_file(tmp_path, failing_hub,
+                                                                                     monkeypatch, capfd, caplog):
+    import time
+
+    endpoint, requests = failing_hub
+    hub_at(monkeypatch, tmp_path, endpoint)
+    start = time.monotonic()
+    with pytest.raises(UsageError) as error:
+        load_encoder("dinov2-vit-s", 32, CPU)
+    line = only_line(error.value, capfd.readouterr().err + caplog.text, time.monotonic() - start)
+    file = "timm/vit_small_patch14_dinov2.lvd142m/resolve/main/model.safetensors"
+    assert_names(line, "--repa-encoder dinov2-vit-s", f"{endpoint}/{file}", "--repa-encoder /path/to/model.safetensors")
+    assert file_requests(requests) == [f"HEAD /{file}"]  # one request, no retry, nothing else fetched
+
+
+def test_released_weights_in_the_hub_cache_load_without_any_request(tmp_path, failing_hub, monkeypatch):
+    """timm's vit_tiny_patch16_224 with its weights (random here) where the hub's cache keeps them: built
+    and loaded, the hub never asked (timm reads the file sit.hub found)."""
+    import timm
+    from safetensors.torch import save_file
+
+    endpoint, requests = failing_hub
+    hub_at(monkeypatch, tmp_path, endpoint)
+    repo = tmp_path / "hf_cache" / "models--timm--vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(COMMIT)
+    (repo / "snapshots" / COMMIT).mkdir(parents=True)
+    torch.manual_seed(3)
+    weights = {key: value + 0.01 * torch.randn_like(value) for key, value in
+               timm.create_model("vit_tiny_patch16_224", num_classes=0).state_dict().items()}
+    save_file(weights, str(repo / "snapshots" / COMMIT / "model.safetensors"))
+    encoder = load_encoder("vit_tiny_patch16_224", 256, CPU)  # 224 px inputs: the weights' own 14 x 14 grid
+    loaded = encoder.module.state_dict()
+    assert loaded.keys() == weights.keys() and all(torch.equal(loaded[key], weights[key]) for key in weights)
+    assert requests == []

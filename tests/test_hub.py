@@ -126,3 +126,83 @@ def test_a_cached_hub_vae_loads_without_any_request(tmp_path, tiny_vae, monkeypa
     vae = load_latent_space("ema", torch.device("cpu")).network
     assert list(vae.config.block_out_channels) == [8, 8, 8, 8]  # the tiny VAE, not SD's
     assert not any(parameter.requires_grad for parameter in vae.parameters())
+
+
+#################################################################################
+#        Every download through the one bounded fetch, in this process          #
+#################################################################################
+
+def hub_at(monkeypatch, tmp_path, endpoint: str) -> None:
+    """huggingface_hub with an empty cache under tmp_path, the hub at `endpoint`, HF_HUB_OFFLINE unset (the
+    suite may run with it set), and torch hub's folder under tmp_path, empty."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    # (read from HF_ENDPOINT at import, as ENDPOINT: hf_hub_url builds file URLs from it)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "torch_hub"))
+
+
+def only_line(raised: BaseException, output: str, elapsed: float) -> str:
+    """The error's one line, after the call printed or logged no retry and took a few seconds at most."""
+    assert "Retrying" not in output and "retry" not in output.lower(), output[-2000:]
+    assert elapsed < 8, elapsed
+    message = str(raised)
+    assert "\n" not in message, message
+    return message
+
+
+def test_plain_urls_are_fetched_in_one_request_or_not_at_all_offline(tmp_path, failing_hub, monkeypatch, capfd,
+                                                                       caplog):
+    import time
+
+    from huggingface_hub import constants
+
+    from sit.hub import HubUnavailable, url_file
+
+    endpoint, requests = failing_hub
+    hub_at(monkeypatch, tmp_path, endpoint)
+    url, path = f"{endpoint}/files/weights.pth", str(tmp_path / "cache" / "weights.pth")
+    start = time.monotonic()
+    with pytest.raises(HubUnavailable) as raised:
+        url_file(url, path, progress=False)
+    line = only_line(raised.value, capfd.readouterr().err + caplog.text, time.monotonic() - start)
+    assert url in line and "503" in line
+    assert requests == ["GET /files/weights.pth"] and not os.path.exists(path)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(HubUnavailable) as raised:
+        url_file(url, path, progress=False)
+    assert_names(raised.value, path, "HF_HUB_OFFLINE", url)
+    assert requests == ["GET /files/weights.pth"]  # nothing more asked
+    with open(path, "wb") as handle:
+        handle.write(b"weights")
+    assert url_file(url, path) == path  # a file already there needs no request, offline or not
+
+
+def test_the_inception_download_is_one_request_and_one_line_saying_where_to_put_it(tmp_path, failing_hub,
+                                                                                   monkeypatch, capfd, caplog):
+    import time
+
+    from huggingface_hub import constants
+
+    import sit.metrics.inception_weights as inception_weights
+    from sit.metrics.errors import InceptionWeightsError
+
+    endpoint, requests = failing_hub
+    hub_at(monkeypatch, tmp_path, endpoint)
+    url = f"{endpoint}/toshas/weights-inception-2015-12-05-6726825d.pth"
+    monkeypatch.setattr(inception_weights, "INCEPTION_WEIGHTS_URL", url)
+    target = os.path.join(str(tmp_path / "torch_hub"), "checkpoints", "weights-inception-2015-12-05-6726825d.pth")
+    start = time.monotonic()
+    with pytest.raises(InceptionWeightsError) as raised:
+        inception_weights.fetch_inception_weights()
+    line = only_line(raised.value, capfd.readouterr().err + caplog.text, time.monotonic() - start)
+    assert_names(line, url, target, "--inception-weights")
+    assert requests == ["GET /toshas/weights-inception-2015-12-05-6726825d.pth"]
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # the hub's switch holds for every download
+    with pytest.raises(InceptionWeightsError) as raised:
+        inception_weights.fetch_inception_weights()
+    assert_names(raised.value, target, "HF_HUB_OFFLINE", "--inception-weights")
+    assert len(requests) == 1

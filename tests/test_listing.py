@@ -46,7 +46,7 @@ def test_loops_duplicates_other_classes_and_fifos_are_skipped_and_counted(tmp_pa
     warning = listing.warning()
     assert "\n" not in warning
     assert warning.startswith(f"--data-path {root}: skipped 6 entries, each real image file is read once: ")
-    assert f"2 folder link back to a listed folder, the root or above (a loop), e.g. {os.path.join(class0, 'loop')}" in warning
+    assert f"2 folder link to a folder holding it, the root or above (a loop), e.g. {os.path.join(class0, 'loop')}" in warning
     assert f"1 the same real file listed again, e.g. {os.path.join(class1, 'again.png')}" in warning
     assert f"1 folder link into another class's folder, e.g. {os.path.join(class0, 'other')}" in warning
     assert f"2 not a regular file (FIFO, socket, device or dangling link), e.g. {os.path.join(class0, 'dangling.png')}" in warning
@@ -63,7 +63,31 @@ def test_links_to_files_and_folders_outside_the_root_are_read_once(tmp_path):
     assert listing.samples == [(os.path.join(root, "class0", "0.png"), 0), (os.path.join(root, "class1", "0.png"), 1),
                                (os.path.join(root, "class1", "more", "0.png"), 1),
                                (os.path.join(root, "class1", "more", "1.png"), 1)]
-    assert listing.skipped == {"loop": 2}
+    assert listing.skipped == {"again": 2}  # more_again and class2: folders listed by another path, no loops
+
+
+def test_a_link_out_of_the_folder_listed_twice_is_called_a_second_path_not_a_loop(tmp_path):
+    """Two links to one folder outside the root (as a/etc -> /etc, b/etc -> /etc), and inside it a link to
+    a sibling folder (as /etc/xdg/systemd/user -> /etc/systemd/user): each folder is read once and the
+    warning says the skipped links reach a folder already listed; only a link to the root or above, or to a
+    folder holding it, is a loop."""
+    root = make_image_folder(str(tmp_path / "data"), num_classes=2, per_class=1, size=8)
+    outside = make_image_folder(str(tmp_path / "etc"), num_classes=2, per_class=1, size=8)
+    os.symlink(os.path.join(outside, "class0"), os.path.join(outside, "class1", "sibling"))
+    for name in ("class0", "class1"):
+        os.symlink(outside, os.path.join(root, name, "etc"))
+    listing = list_image_folder(root)
+    assert listing.skipped == {"again": 2}
+    assert [path for path, _ in listing.samples] == [os.path.join(root, "class0", "0.png"),
+                                                     os.path.join(root, "class0", "etc", "class0", "0.png"),
+                                                     os.path.join(root, "class0", "etc", "class1", "0.png"),
+                                                     os.path.join(root, "class1", "0.png")]
+    warning = listing.warning()
+    assert "loop" not in warning, warning
+    assert (f"2 folder link to a folder already listed by another path, e.g. "
+            f"{os.path.join(root, 'class0', 'etc', 'class1', 'sibling')}") in warning
+    os.symlink("/", os.path.join(root, "class1", "slash"))
+    assert list_image_folder(root).skipped == {"again": 2, "loop": 1}  # / holds the root: a loop
 
 
 def test_the_training_folder_carries_the_listing_warning(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from conftest import make_image_folder, make_tiny_vae
+from conftest import assert_names, make_image_folder, make_tiny_vae
 from models import SiT
 from sit.errors import UsageError
 from sit.training.repa import RepaSettings, RepaTerm, alignment_loss, build_projector, match_token_grid
@@ -392,3 +392,30 @@ def test_resume_cannot_switch_alignment_on_or_off():
                           {"repa_encoder": "vit_base_patch14_dinov2.lvd142m", "repa_coeff": 0.5,
                            "time_sampling": "logit-normal"})
     assert sorted(warning.split(" replaces")[0] for warning in warnings) == ["--repa-coeff 0.1", "--time-sampling uniform"]
+
+
+def test_tokens_of_another_width_or_grid_than_the_encoders_are_refused_at_open(tmp_path, monkeypatch):
+    """A feature folder whose meta.json and repa_tokens.npy were rewritten consistently to another shape
+    than the encoder gives (the tiny encoder: 4 x 4 patches of 64 dims for 32 px images) is refused in one
+    line naming the folder and both shapes, before any heavy work; the encoder's own shape is accepted."""
+    import train
+    from sit.data.features import write_meta
+
+    forbid_heavy_work(monkeypatch)
+    encoder = save_tiny_encoder(str(tmp_path / "encoder.pt"))
+    feat = str(tmp_path / "feat")
+    os.makedirs(feat)
+    meta = dict(image_size=32, vae="ema", num_images=2, classes=["a", "b"], dtype="float32", block_size=2,
+                latent_shape=[4, 4, 4], complete=True, repa_encoder=encoder)
+    argv = ["--feature-path", feat, *TINY, "--repa-encoder", encoder, "--repa-depth", "1", "--global-batch-size", "2"]
+    for shape in ([16, 32], [4, 64], [64, 64]):  # another width; another grid (2 x 2, 8 x 8)
+        write_meta(feat, dict(meta, repa_tokens_shape=shape))
+        write_arrays(feat, dict(meta, repa_tokens_shape=shape))
+        with pytest.raises(UsageError) as error:
+            train.main(argv)
+        line = assert_names(error.value, f"--feature-path {feat}", str(shape), "[16, 64]", "extract_features.py")
+        assert line.index(str(shape)) < line.index("[16, 64]"), line  # what it holds, then what the encoder gives
+    write_meta(feat, dict(meta, repa_tokens_shape=[16, 64]))
+    write_arrays(feat, dict(meta, repa_tokens_shape=[16, 64]))
+    with pytest.raises(AssertionError, match="heavy work started"):  # past every check of the input
+        train.main(argv)

@@ -8,9 +8,10 @@ extensions, but only files that can be images, each real file once.
 - Skipped, and counted in one warning line: anything that is not a regular file or a link to one
   (FIFOs, sockets, devices, dangling links: never opened, so a FIFO cannot hang a run); a file whose
   real path was already listed (a second link or a linked folder's copy); a folder link that leads
-  back to a folder already listed, to root or above it (`class/loop -> .`, `class/up -> ..`: loops
-  that would multiply the images), or into another class's folder (whose images would get this
-  class's label).
+  to the folder holding it or above, to root or above it (`class/loop -> .`, `class/up -> ..`: loops
+  that would multiply the images); a folder link to a folder already listed through another path
+  (`a/etc -> /etc` and `b/etc -> /etc`: the second is skipped); a folder link into another class's
+  folder (whose images would get this class's label). Links out of root are otherwise followed.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 SKIP_REASONS = {
     "not_regular": "not a regular file (FIFO, socket, device or dangling link)",
     "duplicate": "the same real file listed again",
-    "loop": "folder link back to a listed folder, the root or above (a loop)",
+    "loop": "folder link to a folder holding it, the root or above (a loop)",
+    "again": "folder link to a folder already listed by another path",
     "other_class": "folder link into another class's folder",
 }
 
@@ -72,10 +74,13 @@ class FolderWalk:
         self.seen_folders: set[str] = set()
         self.seen_files: set[str] = set()
 
-    def folder_problem(self, real: str, class_name: str) -> Optional[str]:
-        """Why a linked folder must not be walked (a SKIP_REASONS key), or None."""
-        if real in self.seen_folders or is_within(self.root_real, real):
+    def folder_problem(self, real: str, class_name: str, folder_real: str) -> Optional[str]:
+        """Why a folder link (to `real`, inside the folder `folder_real`) must not be walked (a SKIP_REASONS
+        key), or None."""
+        if is_within(folder_real, real) or is_within(self.root_real, real):
             return "loop"
+        if real in self.seen_folders:
+            return "again"
         for other, other_real in self.class_reals.items():
             if other != class_name and is_within(real, other_real) and not is_within(real, self.class_reals[class_name]):
                 return "other_class"
@@ -86,15 +91,18 @@ class FolderWalk:
         file, the first in that order is kept."""
         top = os.path.join(self.listing.root, class_name)
         top_real = self.class_reals[class_name]
-        if top_real in self.seen_folders or is_within(self.root_real, top_real):
-            self.listing.skip("loop", top)  # e.g. a class folder that links to another class or to the root
+        if is_within(self.root_real, top_real):
+            self.listing.skip("loop", top)  # a class folder that links to the root or above
+            return []
+        if top_real in self.seen_folders:
+            self.listing.skip("again", top)  # a class folder that links to another class's
             return []
         found: list[tuple[str, list[tuple[str, str]]]] = []  # (folder as listed, its (image path, real path))
         pending = [(top, top_real)]  # a stack: sub-folders pushed in reverse name order pop in name order
         while pending:
             folder, real = pending.pop()
             if real in self.seen_folders:  # another link to it came first: its files are listed once
-                self.listing.skip("loop", folder)
+                self.listing.skip("again", folder)
                 continue
             self.seen_folders.add(real)
             images: list[tuple[str, str]] = []
@@ -123,7 +131,7 @@ class FolderWalk:
         linked = entry.is_symlink()
         if entry.is_dir():  # follows links, as os.walk(followlinks=True)
             real = os.path.realpath(entry.path) if linked else os.path.join(folder_real, entry.name)
-            problem = self.folder_problem(real, class_name) if linked else None
+            problem = self.folder_problem(real, class_name, folder_real) if linked else None
             if problem:
                 self.listing.skip(problem, entry.path)
             else:

@@ -9,6 +9,7 @@ torch hub repository's code is never run):
 2. the torch hub's `checkpoints/dinov2_vitl14_pretrain.pth`, the file
    `torch.hub.load("facebookresearch/dinov2", "dinov2_vitl14")` fetches (downloaded once if missing);
 3. timm's `vit_large_patch14_dinov2.lvd142m` from the Hugging Face hub (its cache, or a download).
+Downloads go through sit.hub: one request to each source, no retries, none with HF_HUB_OFFLINE set.
 The position embeddings (37x37 for 518-pixel training) are interpolated to the 16x16 grid of 224
 pixels exactly as DINOv2's `interpolate_pos_encoding` does (bicubic, scale factor (16 + 0.1) / 37,
 no antialias), so the features are those of the hub model.
@@ -69,26 +70,23 @@ def read_weights_file(path: str) -> dict[str, torch.Tensor]:
 
 def fetch_dinov2_weights(weights_path: Optional[str]) -> str:
     """A local file of DINOv2 ViT-L/14 weights: the given one, else the torch hub's, else timm's (see the
-    module docstring). DINOv2WeightsError (one line, saying where to put the file) when none can be had."""
+    module docstring), each fetched by sit.hub when not on disk: one request, no retries. DINOv2WeightsError
+    (one line, saying where to put the file) when none can be had."""
+    from sit.hub import HubUnavailable, hub_file, url_file
+
     if weights_path is not None:
         if not os.path.isfile(weights_path):
             raise DINOv2WeightsError(f"DINOv2 weights file {weights_path!r} does not exist; {where_to_put_it()}")
         return weights_path
-    hub_path = hub_weights_path()
-    if os.path.isfile(hub_path):
-        return hub_path
     failures = []
     try:
-        os.makedirs(os.path.dirname(hub_path), exist_ok=True)
-        torch.hub.download_url_to_file(DINOV2_WEIGHTS_URL, hub_path, progress=True)  # temp file, then rename
-        return hub_path
-    except Exception as error:  # network or disk: try timm's copy next
-        failures.append(f"torch hub: {type(error).__name__}")
+        return url_file(DINOV2_WEIGHTS_URL, hub_weights_path())  # the file there, else one request
+    except HubUnavailable as error:  # network, HTTP or a folder not writable: timm's copy next (its cache first)
+        failures.append(f"torch hub: {error}")
     try:
-        import huggingface_hub
-        return huggingface_hub.hf_hub_download(DINOV2_TIMM_REPO, DINOV2_TIMM_FILE)
-    except Exception as error:
-        failures.append(f"timm/Hugging Face: {type(error).__name__}")
+        return hub_file(DINOV2_TIMM_REPO, DINOV2_TIMM_FILE)
+    except HubUnavailable as error:
+        failures.append(f"timm/Hugging Face: {error}")
     raise DINOv2WeightsError(f"FD-DINOv2 needs the DINOv2 ViT-L/14 weights and none could be had "
                              f"({'; '.join(failures)}): {where_to_put_it()}")
 

@@ -173,22 +173,22 @@ def default_weights_path() -> str:
 
 
 def fetch_inception_weights(weights_path: Optional[str] = None) -> str:
-    """A local path to the Inception weights: `weights_path` if given, else the cached download
-    (fetched once). Raises InceptionWeightsError with a one-line explanation when that fails."""
+    """A local path to the Inception weights: `weights_path` if given, else the cached download (fetched
+    once by sit.hub: one request, no retries, nothing with HF_HUB_OFFLINE set). Raises InceptionWeightsError
+    with a one-line explanation naming the file and where to put it when that fails."""
     if weights_path is not None:
         if not os.path.isfile(weights_path):
             raise InceptionWeightsError(f"Inception weights file {weights_path!r} does not exist")
         return weights_path
+    from sit.hub import HubUnavailable, url_file
+
     path = default_weights_path()
-    if not os.path.isfile(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        try:
-            torch.hub.download_url_to_file(INCEPTION_WEIGHTS_URL, path, progress=True)  # temp file, then rename
-        except Exception as error:  # network or disk errors all end the same way for the user
-            raise InceptionWeightsError(
-                f"could not download the Inception weights ({type(error).__name__}: {str(error)[:120]}); "
-                f"fetch {INCEPTION_WEIGHTS_URL} yourself and put it at {path}, or pass --inception-weights FILE")
-    return path
+    try:
+        return url_file(INCEPTION_WEIGHTS_URL, path)  # one request, no retries; none with HF_HUB_OFFLINE
+    except HubUnavailable as error:  # network errors all end the same way for the user
+        raise InceptionWeightsError(
+            f"could not get the Inception weights ({error}); fetch {INCEPTION_WEIGHTS_URL} yourself and put it "
+            f"at {path}, or pass --inception-weights FILE") from None
 
 
 def weights_fingerprint(weights_path: Optional[str]) -> str:

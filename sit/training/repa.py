@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional, Sequence
 
@@ -25,7 +26,7 @@ from sit.cli import non_negative_float, positive_int
 from sit.config import LOCKED, RUN_CHANGE, Rule, Setting
 from sit.declarations import Needs, declare
 from sit.distributed import agree
-from sit.encoders import VisionEncoder, canonical_encoder_name, describe_encoder, load_encoder
+from sit.encoders import VisionEncoder, canonical_encoder_name, describe_encoder, load_encoder, looks_like_path
 from sit.errors import UsageError
 from sit.training.extensions import Feature
 from sit.training.terms import LossTerm, StepView, TermContext, TermFactory
@@ -65,18 +66,43 @@ class RepaSettings:
         return self.repa_encoder
 
     def check(self, config: Any) -> None:
-        """UsageError (one line naming the flag) for an encoder that cannot see these images, a block beyond
-        the model, and --sharding fsdp."""
+        """UsageError (one line naming the flag) for an encoder that cannot see these images, cached tokens
+        not of its shape, a block beyond the model, and --sharding fsdp."""
         if not self.enabled:
             return
-        if config.data.feature_path is None:  # cached latents carry the tokens (checked against the features)
+        if config.data.feature_path is None:
             describe_encoder(self.repa_encoder).input_size(config.model.image_size)
+        else:  # cached latents carry the tokens: of the encoder's shape for these images
+            check_cached_tokens(self.repa_encoder, config.data.feature_path, config.model.image_size)
         if config.optim.sharding == "fsdp":  # the projector beside a sharded SiT is not laid out yet
             raise UsageError("--repa-encoder works with --sharding ddp only (REPA's projector is not sharded): drop "
                              "--sharding fsdp")
         depth = config.model.sit_kwargs()["depth"]
         if not 1 <= self.repa_depth <= depth:
             raise UsageError(f"--repa-depth {self.repa_depth} is beyond the model's {depth} blocks (1..{depth})")
+
+
+def check_cached_tokens(encoder: str, feature_path: str, image_size: int) -> None:
+    """UsageError (one line naming the folder and both shapes) when the tokens a feature folder holds for
+    `encoder` (meta.json's repa_tokens_shape [T, D]) are not those the encoder gives for images of
+    image_size: T its patch grid (input size / patch size, squared), D its width. Nothing is checked where
+    the data checks speak instead (no meta.json, another image size, no tokens or another encoder's), nor
+    for a local encoder file that is not on this machine (its tokens are taken as extracted)."""
+    from sit.data.features import read_meta
+
+    meta = read_meta(feature_path)
+    if meta is None or meta["image_size"] != image_size or meta.get("repa_encoder") != encoder:
+        return
+    if looks_like_path(encoder) and not os.path.exists(encoder):
+        return
+    spec = describe_encoder(encoder)
+    side = spec.input_size(image_size) // spec.patch_size
+    expected, held = [side * side, spec.embed_dim], list(meta["repa_tokens_shape"])
+    if held != expected:
+        raise UsageError(f"--feature-path {feature_path} holds --repa-encoder tokens of shape {held} (tokens, width) "
+                         f"but {encoder} gives {expected} for {image_size}px images ({side}x{side} patches of "
+                         f"{spec.embed_dim} dims): run extract_features.py --repa-encoder {encoder} into a new "
+                         f"--features-path")
 
 
 def build_projector(hidden_size: int, projector_dim: int, encoder_dim: int) -> nn.Sequential:
