@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from sit.errors import UsageError
-from sit.files import process_alive, this_host
+from sit.files import process_alive, same_inode, this_host
 
 LOCK_FILE = "owner.lock"
 MAX_PID = 2 ** 31 - 1  # pid_t is a signed 32-bit integer (Linux allows at most 2**22)
@@ -60,7 +60,7 @@ class FolderLock:
         if self.fd < 0:
             return
         try:
-            if same_file(self.path, self.fd):
+            if same_inode(self.path, self.fd):
                 os.remove(self.path)
         except OSError:
             pass  # a folder moved or removed meanwhile: nothing left to release but the flock
@@ -70,15 +70,6 @@ class FolderLock:
 
 
 _held: dict[str, FolderLock] = {}  # this process's locks, by lock file path
-
-
-def same_file(path: str, fd: int) -> bool:
-    """Whether `path` itself (not what a link there points to) still names the file open as `fd`."""
-    try:
-        here, opened = os.lstat(path), os.fstat(fd)
-    except FileNotFoundError:
-        return False
-    return (here.st_dev, here.st_ino) == (opened.st_dev, opened.st_ino)
 
 
 def kind_of_file(mode: int) -> str:
@@ -229,7 +220,7 @@ def acquire_folder_lock(folder: str, what: str, warn: Callable[[str], None]) -> 
             os.close(fd)
             raise UsageError(f"{what} {folder} is in use by {named}: wait for that run to end or "
                              f"stop it; two runs must not write one folder") from None
-        if same_file(path, fd):
+        if same_inode(path, fd):
             break
         os.close(fd)  # the holder removed the file between our open and our flock: lock the new one
     try:

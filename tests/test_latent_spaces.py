@@ -142,31 +142,38 @@ def test_what_sit_vae_still_offers():
 #                     Adding a latent space (docs/ARCHITECTURE.md)              #
 #################################################################################
 
-class RandomLinearSpace(LatentSpace):
-    """A toy latent space: each 8x8 patch of an image (3 x 64 values) through a fixed random map to 4
-    channels, decoded by its pseudo-inverse; per-channel normalisation. The geometry of SD-VAE latents
-    (4 channels, downsampling 8), which is what train.py's model settings build today."""
-    channels = 4
-    downsampling = 8
-    normalisation = Normalisation(scale=(0.5, 1.0, 2.0, 4.0), shift=(0.1, 0.0, -0.1, 0.2))
-    decoded: list = []  # the batch sizes it decoded, for the tests
+class RandomPatchMap(LatentSpace):
+    """A toy latent space: each d x d patch of an image (3 d^2 values) through a fixed random map (seeded)
+    to `channels`, a constant posterior std, decoded by the map's pseudo-inverse; per-channel
+    normalisation. Subclasses set channels, downsampling, normalisation, seed and std."""
+    seed, std = 0, 0.0
+    decoded: list = []  # the shapes of the latents it decoded, for the tests
 
     def __init__(self, name: str) -> None:
         super().__init__(name)
-        generator = torch.Generator().manual_seed(0)
-        self.matrix = torch.randn(self.channels, 3 * 64, generator=generator) / 8  # (C, 3 * 8 * 8)
-        self.inverse = torch.linalg.pinv(self.matrix)                              # (3 * 8 * 8, C)
+        generator = torch.Generator().manual_seed(self.seed)
+        values = 3 * self.downsampling ** 2
+        self.matrix = torch.randn(self.channels, values, generator=generator) / self.downsampling  # (C, 3 d^2)
+        self.inverse = torch.linalg.pinv(self.matrix)                                              # (3 d^2, C)
 
     def posterior(self, images: torch.Tensor, precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
-        patches = F.pixel_unshuffle(images, 8)                                     # (N, 192, H/8, W/8)
-        mean = torch.einsum("cp,nphw->nchw", self.matrix.to(images), patches)      # (N, C, H/8, W/8)
-        return mean, torch.zeros_like(mean)
+        patches = F.pixel_unshuffle(images, self.downsampling)                 # (N, 3 d^2, H/d, W/d)
+        mean = torch.einsum("cp,nphw->nchw", self.matrix.to(images), patches)  # (N, C, H/d, W/d)
+        return mean, torch.full_like(mean, self.std)
 
     def decode(self, latents: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
-        RandomLinearSpace.decoded.append(len(latents))
+        type(self).decoded.append(tuple(latents.shape))
         raw = self.denormalise(latents)
-        patches = torch.einsum("pc,nchw->nphw", self.inverse.to(raw), raw)        # (N, 192, L, L)
-        return F.pixel_shuffle(patches, 8).clamp(-1, 1)                            # (N, 3, 8L, 8L)
+        patches = torch.einsum("pc,nchw->nphw", self.inverse.to(raw), raw)    # (N, 3 d^2, L, L)
+        return F.pixel_shuffle(patches, self.downsampling).clamp(-1, 1)        # (N, 3, dL, dL)
+
+
+class RandomLinearSpace(RandomPatchMap):
+    """SD-VAE's geometry (4 channels, downsampling 8) with per-channel normalisation."""
+    channels = 4
+    downsampling = 8
+    normalisation = Normalisation(scale=(0.5, 1.0, 2.0, 4.0), shift=(0.1, 0.0, -0.1, 0.2))
+    decoded: list = []
 
 
 class HalfResolution(LatentSpace):
@@ -224,39 +231,21 @@ def test_add_a_latent_space_train_and_sample_with_it(tmp_path, monkeypatch):
         checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert settings_of(checkpoint)["vae"] == "linear8"
     assert checkpoint_info(checkpoint["model_config"], settings_of(checkpoint))["image_size"] == 32
-    assert os.listdir(folder / "samples") == ["0000002.png"] and RandomLinearSpace.decoded == [16]  # the preview
+    assert os.listdir(folder / "samples") == ["0000002.png"] and [shape[0] for shape in RandomLinearSpace.decoded] == [16]  # the preview
 
     sample.main(["ODE", "--ckpt", ckpt, "--vae", "linear8", "--class-labels", "0,1", "--num-sampling-steps", "2",
                  "--sampling-method", "euler", "--output", str(tmp_path / "grid.png")])
-    assert RandomLinearSpace.decoded == [16, 2]
+    assert [shape[0] for shape in RandomLinearSpace.decoded] == [16, 2]
     assert Image.open(tmp_path / "grid.png").size == (2 * 32 + 3 * 2, 32 + 2 * 2)
 
 
-class QuarterResolution(LatentSpace):
-    """A toy latent space of another geometry than SD-VAE's: each 4x4 patch of an image (3 x 16 values)
-    through a fixed random map to 6 channels (downsampling 4), a posterior std of 0.05, decoded by the
-    map's pseudo-inverse; per-channel normalisation."""
+class QuarterResolution(RandomPatchMap):
+    """Another geometry than SD-VAE's: 6 channels at a quarter of the resolution, a posterior std of 0.05."""
     channels = 6
     downsampling = 4
     normalisation = Normalisation(scale=(0.5, 1.0, 2.0, 1.0, 0.5, 1.5), shift=(0.1, 0.0, -0.1, 0.2, 0.0, 0.3))
-    decoded: list = []  # the shapes of the latents it decoded, for the tests
-
-    def __init__(self, name: str) -> None:
-        super().__init__(name)
-        generator = torch.Generator().manual_seed(1)
-        self.matrix = torch.randn(self.channels, 3 * 16, generator=generator) / 4  # (C, 3 * 4 * 4)
-        self.inverse = torch.linalg.pinv(self.matrix)                              # (3 * 4 * 4, C)
-
-    def posterior(self, images: torch.Tensor, precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
-        patches = F.pixel_unshuffle(images, 4)                                     # (N, 48, H/4, W/4)
-        mean = torch.einsum("cp,nphw->nchw", self.matrix.to(images), patches)      # (N, 6, H/4, W/4)
-        return mean, torch.full_like(mean, 0.05)
-
-    def decode(self, latents: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
-        QuarterResolution.decoded.append(tuple(latents.shape))
-        raw = self.denormalise(latents)
-        patches = torch.einsum("pc,nchw->nphw", self.inverse.to(raw), raw)        # (N, 48, L, L)
-        return F.pixel_shuffle(patches, 4).clamp(-1, 1)                            # (N, 3, 4L, 4L)
+    seed, std = 1, 0.05
+    decoded: list = []
 
 
 def test_a_latent_space_of_another_geometry_end_to_end(tmp_path, monkeypatch):
