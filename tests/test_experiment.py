@@ -130,3 +130,22 @@ def test_a_failed_run_without_a_checkpoint_is_passed_over(tmp_path):
     assert checkpoint_in_folder(oldest, "--resume") == (
         os.path.join(oldest, "checkpoints", "0000100.pt"),
         f"--resume {oldest}: its newest checkpoint, {os.path.join(oldest, 'checkpoints', '0000100.pt')}")
+
+
+def test_folder_names_mark_what_changes_what_is_learnt_and_take_an_exp_name():
+    """The original's name for the original's settings; REPA, post-hoc EMA, a time schedule and a latent space
+    of the table other than SD-VAE's are marked; --exp-name names the folder instead."""
+    import train
+    from sit.training.settings import resolve_train_config
+
+    def name(*flags: str) -> str:
+        args, explicit = train.parse_args(["--data-path", "/d", "--model", "SiT-B/2", *flags])
+        return resolve_train_config(vars(args), explicit)[0].folder_name()
+
+    assert name() == "SiT-B-2-Linear-velocity-None"
+    assert name("--vae", "none", "--prediction", "noise") == "SiT-B-2-Linear-noise-None"
+    assert name("--repa-encoder", "dinov2-vit-b", "--phema-stds", "0.05", "--time-sampling", "logit-normal",
+                "--time-shift", "3") == "SiT-B-2-Linear-velocity-None-logitnormal-shift3-repa8-phema"
+    assert name("--time-sampling", "logit-normal", "--time-mean", "-0.5") == \
+        "SiT-B-2-Linear-velocity-None-logitnormal-0.5_1"
+    assert name("--exp-name", "my-ablation") == "my-ablation"

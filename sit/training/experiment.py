@@ -167,15 +167,14 @@ def start_checkpoint(ckpt: Optional[str], resume: Optional[str], results_dir: st
 #                         The experiment folder and wandb                       #
 #################################################################################
 
-def create_experiment_dir(results_dir: str, model: str, path_type: str, prediction: str,
-                          loss_weight: Optional[str]) -> str:
-    """A new <results_dir>/<NNN>-<model>-<path>-<prediction>-<loss weight> folder (the original's name)."""
+def create_experiment_dir(results_dir: str, name: str) -> str:
+    """A new <results_dir>/<NNN>-<name> folder (TrainConfig.folder_name: by default the original's
+    <model>-<path>-<prediction>-<loss weight>, marked with the options that change what is learnt)."""
     os.makedirs(results_dir, exist_ok=True)
-    indices = [int(match.group(1)) for name in os.listdir(results_dir) if (match := EXPERIMENT_FOLDER.match(name))]
+    indices = [int(match.group(1)) for entry in os.listdir(results_dir) if (match := EXPERIMENT_FOLDER.match(entry))]
     index = max(indices, default=-1) + 1
-    model_name = model.replace("/", "-")
     while True:  # another job may take an index at the same moment: take the next one
-        path = os.path.join(results_dir, f"{index:03d}-{model_name}-{path_type}-{prediction}-{loss_weight}")
+        path = os.path.join(results_dir, f"{index:03d}-{name}")
         try:
             os.makedirs(path)
             return path
@@ -289,9 +288,7 @@ def open_experiment(ctx: DistContext, config: TrainConfig, start: StartPoint) ->
         same_folder = experiment_dir_of(start.source) if start.resuming else None
         try:
             new_results_dir = None if same_folder or os.path.isdir(config.run.results_dir) else config.run.results_dir
-            folder = same_folder or create_experiment_dir(config.run.results_dir, config.model.shape_name,
-                                                          config.transport.path_type, config.transport.prediction,
-                                                          config.transport.applied_loss_weight)
+            folder = same_folder or create_experiment_dir(config.run.results_dir, config.folder_name())
             if not same_folder:
                 CREATED_FOLDERS.append((folder, new_results_dir))
             os.makedirs(os.path.join(folder, "checkpoints"), exist_ok=True)

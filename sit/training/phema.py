@@ -108,6 +108,10 @@ class PhemaSettings:
     def enabled(self) -> bool:
         return self.phema_stds is not None
 
+    def folder_tag(self) -> Optional[str]:
+        """The experiment folder's mark: phema."""
+        return "phema" if self.enabled else None
+
     def check(self, config: Any) -> None:
         """--phema-stds keeps whole tensors, which FSDP2's ranks do not hold."""
         if self.enabled and config.optim.sharding == "fsdp":

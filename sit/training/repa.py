@@ -60,6 +60,10 @@ class RepaSettings:
     def enabled(self) -> bool:
         return self.repa_encoder is not None
 
+    def folder_tag(self) -> Optional[str]:
+        """The experiment folder's mark: repa<block>."""
+        return f"repa{self.repa_depth}" if self.enabled else None
+
     @property
     def token_encoder(self) -> Optional[str]:
         """The encoder whose tokens cached latents must hold (--feature-path), or None."""

@@ -33,7 +33,8 @@ from sit.training.registry import FEATURES, feature_settings
 from sit.training.sharding import SHARDINGS
 from train_utils import parse_transport_args
 from transport.schedules import LOGIT_NORMAL, TIME_SAMPLINGS, TimeSchedule
-from sit.latents import LatentSpace, canonical_latent_space_name, check_latent_space_name, recorded_latent_space
+from sit.latents import (LATENT_SPACES, LatentSpace, canonical_latent_space_name, check_latent_space_name,
+                         recorded_latent_space)
 
 MODEL_CONFIG_KEYS = ModelConfig.network_keys()  # --model-config's: the data (flags) sets input size, channels, classes
 EMA_DECAY = 0.9999  # default of --ema-decay (the paper's)
@@ -77,6 +78,11 @@ class ModelSettings:
     vae: str = declare("ema", "ema, mse or a local diffusers AutoencoderKL folder (the choice hardly affects "
                               "training); none: train on pixels in [-1, 1] without a VAE",
                        canonical=canonical_latent_space_name, resume=VAE_RULE)
+
+    def folder_tag(self) -> Optional[str]:
+        """The experiment folder's mark of a latent space other than SD-VAE's latents or pixels (a table
+        entry; a local VAE folder is an SD-VAE copy and left unmarked, as before)."""
+        return f"vae-{self.vae}" if self.vae in LATENT_SPACES and self.vae not in ("ema", "mse", "none") else None
 
     @property
     def space(self) -> LatentSpace:
@@ -158,6 +164,8 @@ class OptimSettings:
 class RunSettings:
     """Where the run writes, how often, and where it starts from."""
     results_dir: str = declare("results", "where experiment folders are made")
+    exp_name: Optional[str] = declare(None, "name the experiment folder <NNN>-<EXP_NAME> (default: the model, "
+                                            "transport and the options that change what it learns)")
     log_every: int = declare(100, "steps between log lines", type=positive_int)
     ckpt_every: int = declare(50_000, "steps between checkpoints", type=positive_int)
     sample_every: int = declare(10_000, "steps between EMA preview grids", type=positive_int)
@@ -197,6 +205,16 @@ class TimeSettings:
                               needs=LOGIT_NORMAL_TIMES)
     time_shift: Optional[float] = declare(None, "shift t -> t / (t + s (1 - t)); s > 1 draws more times near the "
                                                 "noise end (default: none)", type=positive_float, resume=RUN_CHANGE)
+
+    def folder_tag(self) -> Optional[str]:
+        """The experiment folder's mark of a schedule other than the original's: logitnormal, shift3, ..."""
+        parts = []
+        if self.time_sampling == LOGIT_NORMAL:
+            default = (self.time_mean, self.time_std) == (0.0, 1.0)
+            parts.append("logitnormal" + ("" if default else f"{self.time_mean:g}_{self.time_std:g}"))
+        if self.time_shift is not None:
+            parts.append(f"shift{self.time_shift:g}")
+        return "-".join(parts) or None
 
     def schedule(self) -> Optional[TimeSchedule]:
         """The transport's time schedule; None for the original's uniform draw (unchanged numbers)."""
@@ -238,6 +256,17 @@ class TrainConfig:
         for settings in self.features.values():
             flat.update(dataclasses.asdict(settings) if settings else {})
         return flat
+
+    def folder_name(self) -> str:
+        """The experiment folder's name after its index: --exp-name, else <model>-<path>-<prediction>-<loss
+        weight> (the original's) and a mark of each option that changes what the model learns."""
+        if self.run.exp_name is not None:
+            return self.run.exp_name
+        transport = self.transport
+        tags = [group.folder_tag() for group in (self.model, self.time, *self.features.values())
+                if hasattr(group, "folder_tag")]
+        return "-".join([self.model.shape_name.replace("/", "-"), transport.path_type, transport.prediction,
+                         str(transport.applied_loss_weight), *filter(None, tags)])
 
     @staticmethod
     def defaults() -> dict:
@@ -358,6 +387,9 @@ def check_train_config(config: TrainConfig, world_size: int) -> None:
     if data.feature_path is not None and model.pixel_space:
         raise UsageError("--feature-path holds VAE latents; --vae none trains on pixels: use --data-path with --vae none")
     model.space.check_image_size(model.image_size)
+    name = config.run.exp_name
+    if name is not None and (not name.strip() or os.sep in name or name.startswith(".") or name != name.strip()):
+        raise UsageError(f"--exp-name {name!r}: a folder name (no '/', not empty, not starting with '.')")
     if data.global_batch_size % world_size:
         raise UsageError(f"--global-batch-size {data.global_batch_size} is not divisible by the {world_size} processes")
     if config.optim.sharding == "fsdp" and not launched_by_torchrun():
