@@ -12,7 +12,8 @@ noise and label are seeded by (global seed, i) (--label-sampling balanced: the l
 permutation seeded by (global seed, N), exactly N / num_classes of every class) and fixed blocks of
 --per-proc-batch-size are dealt to ranks in turn, so the images do not depend on the number of
 processes (sit.sampling.images); a killed
-run leaves no half-written file and the same command continues it. NCCL on GPUs, Gloo on CPU, or a
+run leaves no half-written file and the same command continues it (likelihoods too: finished blocks'
+rows are kept in likelihood-block-*.json, sit.sampling.likelihood). NCCL on GPUs, Gloo on CPU, or a
 plain single process. --ckpt may name a train.py experiment or results folder (its newest checkpoint).
 """
 from __future__ import annotations

@@ -570,6 +570,50 @@ def test_likelihood_of_generated_samples(ckpt, tmp_path, capsys):
     assert f"mean NLL {mean_nll:.4f} nats" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("source", ["generated", "real"])
+def test_an_interrupted_likelihood_run_continues_where_it_stopped(ckpt, tmp_path, monkeypatch, image_folder, source):
+    """Each finished block's rows are saved at once; the same command again evaluates only the missing
+    blocks, and its likelihood.csv is byte for byte an uninterrupted run's."""
+    from sit.sampling import likelihood
+
+    data = ["--data-path", image_folder] if source == "real" else []  # 8 images: blocks of 3, 3, 2
+    flags = ["ODE", "--likelihood", "--ckpt", ckpt, *FAST_ODE, *data, "--num-fid-samples", "8",
+             "--per-proc-batch-size", "3"]
+    sample_ddp.main(flags + ["--sample-dir", str(tmp_path / "fresh")])
+    with open(os.path.join(only_folder(tmp_path / "fresh"), "likelihood.csv"), "rb") as file:
+        uninterrupted = file.read()
+
+    scored = []
+    real_scores, real_save = likelihood.LatentMeasure.scores, likelihood.save_block
+
+    def counted_scores(self, data, *args):
+        scored.append(len(data))
+        return real_scores(self, data, *args)
+
+    def save_then_stop(*args):
+        real_save(*args)
+        raise KeyboardInterrupt  # killed right after its first block
+
+    monkeypatch.setattr(likelihood.LatentMeasure, "scores", counted_scores)
+    monkeypatch.setattr(likelihood, "save_block", save_then_stop)
+    resumed = flags + ["--sample-dir", str(tmp_path / "resumed")]
+    with pytest.raises(KeyboardInterrupt):
+        sample_ddp.main(resumed)
+    folder = only_folder(tmp_path / "resumed")
+    assert [name for name in os.listdir(folder) if "likelihood" in name] == ["likelihood-block-000000.json"]
+    assert scored == [3]
+
+    monkeypatch.setattr(likelihood, "save_block", real_save)
+    sample_ddp.main(resumed)
+    assert scored == [3, 3, 2]  # only the two missing blocks were evaluated
+    with open(os.path.join(folder, "likelihood.csv"), "rb") as file:
+        assert file.read() == uninterrupted
+    sample_ddp.main(resumed)  # all blocks are there: nothing is evaluated, the same file is written
+    assert scored == [3, 3, 2]
+    with open(os.path.join(folder, "likelihood.csv"), "rb") as file:
+        assert file.read() == uninterrupted
+
+
 #################################################################################
 #                         A checkpoint written by train.py                      #
 #################################################################################

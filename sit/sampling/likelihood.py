@@ -1,11 +1,19 @@
 """sample_ddp.py --likelihood: log-likelihoods of real images (--data-path) or of fresh samples, one path
 for latent and pixel-space models; a `Measure` says what differs (VAE latents per latent dimension, or
 8-bit images dequantized, in bits/dim: sit.dequantize). Per-image values go to <folder>/likelihood.csv.
+
+Resumable as sampling is (sit.sampling.images): indices are cut into the fixed blocks of the batch size,
+and each block's data, dequantization noise and Hutchinson probes are seeded by (global seed, its first
+index), so its rows do not depend on the blocks before it or on the number of processes. Each finished
+block's rows go at once, atomically, to <folder>/likelihood-block-<first index>.json; the same command
+again reads the blocks it finds, evaluates only the missing ones, and assembles likelihood.csv from all
+of them, equal to an uninterrupted run's.
 """
 from __future__ import annotations
 
 import csv
 import functools
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -18,9 +26,9 @@ from tqdm import tqdm
 from sit.config import ODEConfig, TransportConfig, build_sample_fn
 from sit.data.images import CenterCrop, TrainImageFolder, image_transform
 from sit.dequantize import dequantize, image_bits_per_dim
-from sit.distributed import DistContext, gather_objects
+from sit.distributed import DistContext, gather_objects, reduce_numbers
 from sit.errors import UsageError
-from sit.files import atomic_write
+from sit.files import atomic_text, atomic_write
 from sit.generation import blocks_of_rank, generate_latents, index_blocks, noise_and_labels, seed_for
 from sit.latents import LatentSpace, PixelSpace
 from sit.sampling.loading import SamplingModel
@@ -135,6 +143,36 @@ def _write_rows(header: tuple, rows: list, path: str) -> None:
         csv.writer(file).writerows([header, *rows])
 
 
+BLOCK_FILE = "likelihood-block-{start:06d}.json"  # a finished block's rows, in the run's folder
+
+
+def block_path(folder: str, block: range) -> str:
+    return os.path.join(folder, BLOCK_FILE.format(start=block.start))
+
+
+def save_block(folder: str, block: range, header: tuple, rows: list) -> None:
+    """A finished block's rows (index, label, logp, nll, bits/dim), atomically; JSON keeps every float exactly.
+    The temporary's name ends in .tmp, so a killed run's leftover is removed by the next (sit.sampling.folder)."""
+    text = json.dumps({"block": [block.start, block.stop], "header": list(header), "rows": rows}) + "\n"
+    atomic_text(block_path(folder, block), text, suffix=".json.tmp")
+
+
+def load_block(folder: str, block: range, header: tuple) -> Optional[list]:
+    """The rows a previous run saved for exactly this block (same indices, same columns), or None when
+    there is no such file or it is not one (unreadable, another block size or measure): evaluated again."""
+    try:
+        with open(block_path(folder, block)) as handle:
+            saved = json.load(handle)
+        rows = [tuple(row) for row in saved["rows"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if saved.get("block") != [block.start, block.stop] or saved.get("header") != list(header):
+        return None
+    if not all(len(row) == len(header) and isinstance(row[0], int) and row[0] in block for row in rows):
+        return None
+    return rows
+
+
 def real_block(dataset: TrainImageFolder, block: range, measure: Measure) -> tuple[list[int], torch.Tensor, torch.Tensor]:
     """The indices, data and labels (n,) of the dataset's readable images at the block's indices (an
     unreadable one is left out, with a warning naming it)."""
@@ -169,20 +207,34 @@ def evaluate_likelihood(ctx: DistContext, config: SamplingConfig, loaded: Sampli
     num_images = config.num_images if dataset is None else min(config.num_images, len(dataset))
     sample_fn = None if dataset is not None else build_sample_fn(settings.transport, config.sampler)
     likelihood_fn = build_likelihood_fn(settings.transport, config.sampler, options)
-    rows = []
-    progress = tqdm(total=num_images, unit="img", disable=not ctx.is_main, dynamic_ncols=True)
-    for block in blocks_of_rank(index_blocks(num_images, config.batch_size), ctx.rank, ctx.world_size):
+    blocks = blocks_of_rank(index_blocks(num_images, config.batch_size), ctx.rank, ctx.world_size)
+    rows, pending = [], []
+    for block in blocks:  # what an interrupted run of the same command finished is kept
+        saved = load_block(folder, block, measure.header)
+        if saved is None:
+            pending.append(block)
+        else:
+            rows += saved
+    (num_pending,) = reduce_numbers([sum(len(block) for block in pending)], ctx.device)
+    if num_pending < num_images:
+        logger.info(f"{num_images - int(num_pending)} of {num_images} images already evaluated "
+                    f"(likelihood-block-*.json); evaluating the other {int(num_pending)}")
+    progress = tqdm(total=int(num_pending), unit="img", disable=not ctx.is_main, dynamic_ncols=True)
+    for block in pending:
         indices = list(block)
         if dataset is not None:
             indices, data, labels = real_block(dataset, block, measure)
-            if not indices:
-                continue
         else:
             data, labels = generated_block(block, config, loaded, sample_fn, measure)
-        generator = torch.Generator().manual_seed(seed_for(config.seed, block.start, "dequantize"))
-        torch.manual_seed(seed_for(config.seed, block.start, "likelihood"))  # Hutchinson probes
-        logp, nll, bpd = measure.scores(data, labels, model.forward, likelihood_fn, generator)
-        rows += zip(indices, labels.tolist(), logp.tolist(), nll.tolist(), bpd.tolist())
+        block_rows = []
+        if indices:
+            generator = torch.Generator().manual_seed(seed_for(config.seed, block.start, "dequantize"))
+            torch.manual_seed(seed_for(config.seed, block.start, "likelihood"))  # Hutchinson probes
+            logp, nll, bpd = measure.scores(data, labels, model.forward, likelihood_fn, generator)
+            columns = (indices, labels.tolist(), logp.tolist(), nll.tolist(), bpd.tolist())
+            block_rows = [list(row) for row in zip(*columns)]
+        save_block(folder, block, measure.header, block_rows)  # a block whose images are all unreadable too
+        rows += [tuple(row) for row in block_rows]
         progress.update(min(len(block) * ctx.world_size, progress.total - progress.n))  # estimate: ranks run alike
     progress.close()
     all_rows = [row for part in gather_objects(rows) for row in part]  # every rank's, in rank order
