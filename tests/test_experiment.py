@@ -62,7 +62,8 @@ def test_experiments_are_named_after_the_real_shape_and_point_at_their_newest_ch
         assert (experiment / "latest.txt").read_text() == newest + "\n"
         log = (experiment / "log.txt").read_text()
         assert f"Saved checkpoint to {experiment / 'checkpoints' / '0000003.pt'}" in log
-        assert f"Newest checkpoint in {experiment}/latest.txt; sample it with `python sample.py ODE --ckpt {experiment}`" in log
+        assert (f"Newest checkpoint in {experiment}/latest.txt; sample it with `python sample.py ODE --ckpt {experiment} "
+                f"--class-labels 0,1`") in log  # the model's own labels (sample.py's default are ImageNet's)
 
 
 def test_the_first_loss_line_comes_after_step_1_and_the_regular_lines_are_unchanged(two_runs):
