@@ -91,7 +91,8 @@ def check_cached_tokens(encoder: str, feature_path: str, image_size: int) -> Non
     `encoder` (meta.json's repa_tokens_shape [T, D]) are not those the encoder gives for images of
     image_size: T its patch grid (input size / patch size, squared), D its width. Nothing is checked where
     the data checks speak instead (no meta.json, another image size, no tokens or another encoder's), nor
-    for a local encoder file that is not on this machine (its tokens are taken as extracted)."""
+    for a local encoder file that is not on this machine or a name it cannot describe (its tokens are taken
+    as extracted)."""
     from sit.data.features import read_meta
 
     meta = read_meta(feature_path)
@@ -99,7 +100,10 @@ def check_cached_tokens(encoder: str, feature_path: str, image_size: int) -> Non
         return
     if looks_like_path(encoder) and not os.path.exists(encoder):
         return
-    spec = describe_encoder(encoder)
+    try:
+        spec = describe_encoder(encoder)
+    except UsageError:  # a name this machine cannot describe: training from its tokens never needs it
+        return
     side = spec.input_size(image_size) // spec.patch_size
     expected, held = [side * side, spec.embed_dim], list(meta["repa_tokens_shape"])
     if held != expected:
