@@ -19,6 +19,7 @@ plain single process. --ckpt may name a train.py experiment or results folder (i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import sys
@@ -80,8 +81,9 @@ def parse_command_line(argv: Optional[Sequence[str]] = None
     if preset_name is not None:  # merged into a copy: the Namespace stays as parsed
         preset = apply_preset(preset_name, flags, given, parser_of_mode)
         flags, given = preset.flags, preset.given
-    config = sampling_config(flags, given, seed=flags["global_seed"], num_images=flags["num_fid_samples"],
-                             batch_size=flags["per_proc_batch_size"])
+    with contextlib.nullcontext() if preset is None else preset.blamed():
+        config = sampling_config(flags, given, seed=flags["global_seed"], num_images=flags["num_fid_samples"],
+                                 batch_size=flags["per_proc_batch_size"])
     return args, config, preset
 
 
@@ -129,8 +131,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     setup_torch(config.precision)
     ctx = setup_distributed()
     try:
-        with folder_locks_released():  # the sample folder's lock (sit.locks), held by rank 0
-            run(ctx, config, args.sample_dir, preset)
+        with folder_locks_released(), contextlib.nullcontext() if preset is None else preset.blamed():
+            run(ctx, config, args.sample_dir, preset)  # the sample folder's lock (sit.locks) is rank 0's
     finally:
         cleanup_distributed()
 

@@ -136,3 +136,15 @@ def test_repa_guidance_interval_maps_onto_the_same_steps_of_the_same_grid():
     # its diffusion 2t (its time) is 2 w(t) with w = sigma_t = 1 - t here: --diffusion-form sigma
     sigma = transport.path_sampler.compute_diffusion(torch.zeros(250, 1), ours, form="sigma", norm=1.0)
     np.testing.assert_allclose((2 * sigma).flatten().numpy(), (2 * repa).numpy(), atol=1e-12)
+
+
+def test_an_error_about_a_flag_the_preset_filled_says_the_preset_set_it(tmp_path, capsys):
+    from test_download import random_sit, train_checkpoint
+    ckpt = tmp_path / "tiny.pt"
+    torch.save(train_checkpoint(random_sit(), random_sit(seed=1)), ckpt)  # a custom model at 64 px
+    code = run_main(lambda: sample_ddp.main(["--preset", SDE_PRESET, "--ckpt", str(ckpt), "--image-size", "64",
+                                             "--sample-dir", str(tmp_path / "samples")]), "sample_ddp.py")
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "--model SiT-XL/2" in line
+    assert line.endswith(f"(--model: filled by --preset {SDE_PRESET}, not typed; give it explicitly to override)")
+    assert "--image-size" not in line.split("(--model:")[1]  # typed by the user: not blamed on the preset

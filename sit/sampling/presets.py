@@ -12,8 +12,10 @@ decides which sampler flags exist).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import re
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 from sit.cli import ScriptParser, parse_with_explicit
 from sit.errors import UsageError
@@ -103,6 +105,21 @@ class PresetUse:
             lines.append(f"--preset {self.name}: its published number was measured with {published} labels; "
                          f"--label-sampling {chosen} is another protocol, its FID not directly comparable")
         return lines
+
+
+    @contextlib.contextmanager
+    def blamed(self) -> Iterator[None]:
+        """A UsageError inside the block that names a flag the preset filled says so: the user did not type it."""
+        try:
+            yield
+        except UsageError as error:
+            text = str(error)
+            flags = [filled.split()[0] for filled in self.filled]
+            named = [flag for flag in flags if re.search(re.escape(flag) + r"(?![\w-])", text)]
+            if not named:
+                raise
+            raise type(error)(f"{text} ({' '.join(named)}: filled by --preset {self.name}, not typed; give "
+                              f"{'it' if len(named) == 1 else 'them'} explicitly to override)") from None
 
 
 def preset_names() -> list[str]:
