@@ -86,7 +86,9 @@ class ScriptParser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any):
         kwargs.setdefault("formatter_class", DefaultsInHelp)
         super().__init__(*args, **kwargs)
-        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+        # a value such as -1 or -1,0 (e.g. --class-labels -1,0) is a value, not a flag: its flag's type names it
+        number = r"-?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?"
+        self._negative_number_matcher = re.compile(rf"^-{number[2:]}(,{number})*$")
         self.add_argument(CONFIG_FLAG, metavar="FILE", default=None,
                           help="a YAML or JSON file of this script's flags by name (e.g. `lr: 1.0e-4`, as "
                                "configs/*.yaml and an experiment's config.yaml); flags on the command line win")
