@@ -31,7 +31,7 @@ from sit.progress import SamplerProgress
 from sit.sampling.flags import sampling_mode, sampling_parser
 from sit.sampling.loading import load_decoder, load_sampling_model, setup_torch
 from sit.sampling.settings import SamplingConfig, sampling_config
-from sit.speed import configure_cpu_threads
+from sit.speed import configure_cpu_threads, precision_advice
 from sit.vae import latent_shape
 
 # Labels to condition the model with (the original's; change with --class-labels)
@@ -113,6 +113,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     threads = configure_cpu_threads(device)
     if threads:
         logger.info(threads)
+        logger.info(precision_advice(config.precision, device))  # the CPU's bf16 units, measured
     for warning in config.warnings:
         logger.warning(f"warning: {warning}")
 

@@ -40,7 +40,7 @@ from sit.sampling.loading import load_for_sampling, setup_torch
 from sit.sampling.presets import (LIST_PRESETS, PresetUse, apply_preset, preset_names, preset_table, requested_preset,
                                   with_preset_mode)
 from sit.sampling.settings import SamplingConfig, sampling_config
-from sit.speed import configure_cpu_threads
+from sit.speed import configure_cpu_threads, precision_advice
 
 
 def add_ddp_arguments(parser: argparse.ArgumentParser) -> None:
@@ -99,6 +99,7 @@ def run(ctx: DistContext, config: SamplingConfig, sample_dir: str, preset: Optio
     threads = configure_cpu_threads(ctx.device)  # on a CPU: OMP_NUM_THREADS (torchrun's), else cores / processes
     if threads:
         logger.info(threads)
+        logger.info(precision_advice(config.precision, ctx.device))  # the CPU's bf16 units, measured
     if preset is not None:
         logger.info(preset.summary())
         for warning in preset.warnings():

@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models import SiT_models  # noqa: E402
 from sit.cli import non_negative_int, positive_float, positive_int, run_main  # noqa: E402
 from sit.config import TransportConfig  # noqa: E402
-from sit.files import atomic_json  # noqa: E402
+from sit.files import atomic_json, atomic_text  # noqa: E402
 from sit.latents import SD_VAE_SCALE, latent_space, random_sd_vae  # noqa: E402
 from sit.speed import PRECISIONS, autocast, compile_for_sampling, configure_precision  # noqa: E402
 from sit.training.step import TrainStep, train_step  # noqa: E402
@@ -60,8 +60,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=non_negative_int, default=1, help="untimed steps first (compilation happens here)")
     parser.add_argument("--skip-baseline-train", action="store_true", help="only when the baseline does not fit")
     parser.add_argument("--json", type=str, default=None, help="also write the measured rows to this JSON file")
-    parser.add_argument("--profile", action="store_true",
-                        help="also print where the time of one baseline and one optimised ODE step goes (torch.profiler)")
+    parser.add_argument("--profile", nargs="?", const="bench-profile", default=None, metavar="DIR",
+                        help="also write where the time of one step goes (torch.profiler's operator and kernel table) "
+                             "to DIR/<step>.txt (default DIR: bench-profile): the cached-latents training step, the "
+                             "baseline and the optimised ODE step")
     return parser.parse_args(argv)
 
 
@@ -238,14 +240,28 @@ def sampling_flops(model, batch: int, latent: int, device: torch.device) -> int:
     return counter.get_total_flops()
 
 
-def print_profile(name: str, step: Callable[[], None]) -> None:
-    """The operators that take most of one call of step (after a warm-up call)."""
+PROFILE_ROWS = 40  # operators (on a GPU: kernels) per table, the most expensive first
+
+
+def write_profile(folder: str, name: str, step: Callable[[], None], device: torch.device) -> str:
+    """Profile one call of step (after a warm-up call) and write torch.profiler's table to folder/<name>.txt:
+    on a GPU sorted by the kernels' own GPU time (the kernel table), on a CPU by the operators' own CPU
+    time. Returns the file's path."""
     from torch.profiler import ProfilerActivity, profile
 
+    on_gpu = device.type == "cuda"
     step()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA] if torch.cuda.is_available() else [ProfilerActivity.CPU]) as prof:
+    synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA] if on_gpu else [ProfilerActivity.CPU]) as prof:
         step()
-    print(f"\n{name}:\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8), flush=True)
+        synchronize(device)
+    sort_by = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+    path = os.path.join(folder, f"{name}.txt")
+    os.makedirs(folder, exist_ok=True)
+    atomic_text(path, f"{name}: one step on {device}, sorted by {sort_by}\n"
+                      + prof.key_averages().table(sort_by=sort_by, row_limit=PROFILE_ROWS) + "\n")
+    print(f"profile of {name}: {path}", flush=True)
+    return path
 
 
 def measure_sampling(args: argparse.Namespace, device: torch.device, rows: dict, peak: float) -> None:
@@ -271,8 +287,8 @@ def measure_sampling(args: argparse.Namespace, device: torch.device, rows: dict,
         rows[f"{name} optimised"] = report(f"{name} sampler step, optimised", optimised, args.batch_size,
                                            peak_memory_gib(device), flops, peak)
         if args.profile and name == "ODE":
-            print_profile("ODE sampler step, baseline (original)", steps[0])
-            print_profile("ODE sampler step, optimised", steps[1])
+            write_profile(args.profile, "ode-step-baseline", steps[0], device)
+            write_profile(args.profile, "ode-step-optimised", steps[1], device)
 
 
 def report(name: str, seconds: float, batch: int, memory: float, flops: int = 0, peak: float = 0.0) -> dict:
@@ -314,6 +330,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         reset_peak_memory(device)
         seconds = time_steps(step, device, args.steps, args.warmup)
         rows[label] = report(f"train, optimised, {label}", seconds, args.batch_size, peak_memory_gib(device), flops, peak)
+        if args.profile and label == "cached latents":
+            write_profile(args.profile, "train-step-cached-latents", step, device)
 
     measure_sampling(args, device, rows, peak)
 

@@ -7,8 +7,10 @@ Prints a table (check | result | figure | tolerance): golden parity of the model
 one SDE sample against the original's recording (fp32), bf16/fp16 autocast training of SiT-S/2
 against fp32, --compile without recompiles over training and sampler steps, the SDPA kernel picked
 for SiT-XL/2's attention in bf16, a world-size-1 process group through torchrun's setup (NCCL on a
-GPU) with FSDP2 steps, sample.py end to end on a random SiT-XL/2 and SD-VAE, and benchmarks/bench.py
-for SiT-XL/2 at 256 (batch 64, bf16, compile) against the original-style loop, with the speed targets.
+GPU) with FSDP2 steps, no host sync inside the training step, sample.py end to end on a random SiT-XL/2
+and SD-VAE, benchmarks/bench.py for SiT-XL/2 at 256 (batch 64, bf16, compile) against the original-style
+loop, with the speed targets, and train.py and sample_ddp.py timed through their own logs against
+bench.py's steps (docs/speed.md; an estimated 4 of the 8 minutes: `--skip scripts` if short of time).
 On a CPU the checks whose code runs there use small sizes and the CUDA-only ones say SKIPPED (exit 0).
 Results: PASS, FAIL, SKIPPED (the figure says why), MISS (a speed target not reached, which fails
 the run only with --strict-targets) and INFO (a measured figure without a target).
@@ -19,6 +21,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -442,11 +445,117 @@ def bench_rows(record: dict) -> list[Row]:
     return table
 
 
+#################################################################################
+#          The real scripts against the benchmark's steps (same settings)       #
+#################################################################################
+
+SCRIPT_TRAIN_FRACTION, SCRIPT_SAMPLE_FRACTION, SCRIPT_SAMPLE_SPEEDUP = 0.97, 0.90, 5.0  # the issue's targets
+SCRIPT_STEPS, SCRIPT_IMAGES, SCRIPT_TRAIN_STEPS = 50, 192, 40  # SDE steps, images sampled, training steps
+TRAIN_RATE = re.compile(r"Images/Sec: ([0-9.]+)")
+SAMPLE_RATE = re.compile(r"after the first batch \(warm-up, compilation\): ([0-9.]+) img/s")
+
+
+def logged_rate(text: str, pattern: re.Pattern) -> Optional[float]:
+    """The last rate a script's log gives (train.py's Images/Sec, sample_ddp.py's img/s), or None."""
+    found = pattern.findall(text)
+    return float(found[-1]) if found else None
+
+
+def script_rows(train_rate: float, sample_rate: float, record: Optional[dict], sde_steps: int) -> list[Row]:
+    """train.py's and sample_ddp.py's logged img/s against bench.py's record for the same settings (None:
+    the bench check did not run): the training step from cached latents, the SDE step (one model
+    evaluation of the batch; sde_steps of them make an image) and the original-style SDE step, whose
+    sde_steps evaluations without VAE decode or PNGs are a lower bound of the original script's time."""
+    if record is None:
+        return [Row("scripts: train.py, cached latents", "INFO", f"{train_rate:.1f} img/s (bench not run)", "-"),
+                Row("scripts: sample_ddp.py SDE", "INFO", f"{sample_rate:.2f} img/s (bench not run)", "-")]
+    speed = {name: row["images_per_s"] for name, row in record["rows"].items()}
+    train = train_rate / speed["cached latents"]
+    sample = sample_rate * sde_steps / speed["SDE optimised"]
+    original = sample_rate / (speed["SDE baseline"] / sde_steps)
+    return [target_row("scripts: train.py / bench step", train, SCRIPT_TRAIN_FRACTION,
+                       f"{train_rate:.1f} vs {speed['cached latents']:.1f} img/s (cached latents): {train:.3f}"),
+            target_row("scripts: sample_ddp.py / bench SDE step", sample, SCRIPT_SAMPLE_FRACTION,
+                       f"{sample_rate:.2f} img/s x {sde_steps} steps vs {speed['SDE optimised']:.1f}: {sample:.3f}"),
+            target_row("scripts: sample_ddp.py / original-style SDE", original, SCRIPT_SAMPLE_SPEEDUP,
+                       f"{sample_rate:.2f} vs <= {speed['SDE baseline'] / sde_steps:.2f} img/s: {original:.2f}x")]
+
+
+def random_image_folder(folder: str, count: int, size: int) -> str:
+    """count random RGB images of size x size in one class folder."""
+    os.makedirs(os.path.join(folder, "class0"), exist_ok=True)
+    generator = torch.Generator().manual_seed(0)
+    for index in range(count):
+        pixels = torch.randint(0, 256, (size, size, 3), dtype=torch.uint8, generator=generator)
+        Image.fromarray(pixels.numpy()).save(os.path.join(folder, "class0", f"{index:05d}.png"))
+    return folder
+
+
+def check_scripts(ctx: CheckContext, batch_size: int = 64) -> list[Row]:
+    """train.py (SiT-XL/2 at 256, cached latents, bf16, compile, batch 64) and sample_ddp.py (SDE, 50 steps,
+    bf16, compile, batch 64) timed through their own logs, against the bench check's record (run it first)."""
+    if not ctx.cuda:
+        return [skipped("scripts: train.py, sample_ddp.py vs bench",
+                        "needs a GPU (the rows: tests/test_device_check.py)")]
+    torch.manual_seed(0)
+    vae_folder, features = os.path.join(ctx.scratch, "vae"), os.path.join(ctx.scratch, "features")
+    if not os.path.isdir(vae_folder):
+        random_sd_vae().save_pretrained(vae_folder)
+    images = random_image_folder(os.path.join(ctx.scratch, "images"), 10 * batch_size, 256)
+    speed = ["--precision", "bf16", "--compile"]
+    result = run_script(ctx, [os.path.join(ctx.repo, "extract_features.py"), "--data-path", images, "--features-path",
+                              features, "--vae", vae_folder, "--batch-size", str(batch_size)], timeout=180)
+    if result.returncode != 0:
+        return [Row("scripts: extract_features.py", "FAIL", failure_line(result), "exit 0")]
+    result = run_script(ctx, [os.path.join(ctx.repo, "train.py"), "--feature-path", features, "--model", "SiT-XL/2",
+                              "--image-size", "256", "--global-batch-size", str(batch_size), "--max-steps",
+                              str(SCRIPT_TRAIN_STEPS), "--log-every", str(SCRIPT_TRAIN_STEPS // 2), "--sample-every",
+                              "1000000", "--background-checkpoints", "--results-dir",
+                              os.path.join(ctx.scratch, "results"), *speed], timeout=300)
+    train_rate = logged_rate(result.stdout + result.stderr, TRAIN_RATE)
+    if result.returncode != 0 or train_rate is None:
+        return [Row("scripts: train.py", "FAIL", failure_line(result), "exit 0, Images/Sec logged")]
+    result = run_script(ctx, [os.path.join(ctx.repo, "sample_ddp.py"), "SDE", "--ckpt",
+                              os.path.join(ctx.scratch, "results"), "--vae", vae_folder, "--num-fid-samples",
+                              str(SCRIPT_IMAGES), "--per-proc-batch-size", str(batch_size), "--num-sampling-steps",
+                              str(SCRIPT_STEPS), "--cfg-scale", "4.0", "--sample-dir",  # bench's guided steps: 2N inputs
+                              os.path.join(ctx.scratch, "samples"), *speed], timeout=300)
+    sample_rate = logged_rate(result.stdout + result.stderr, SAMPLE_RATE)
+    if result.returncode != 0 or sample_rate is None:
+        return [Row("scripts: sample_ddp.py", "FAIL", failure_line(result), "exit 0, img/s logged")]
+    record_path = os.path.join(ctx.scratch, "bench.json")
+    record = None
+    if os.path.isfile(record_path):
+        with open(record_path) as handle:
+            record = json.load(handle)
+    return script_rows(train_rate, sample_rate, record, SCRIPT_STEPS)
+
+
+def check_host_sync(ctx: CheckContext) -> list[Row]:
+    """train.py's step (bf16, cached latents) under CUDA's sync debug mode: no host synchronisation inside."""
+    if not ctx.cuda:
+        return [skipped("no host sync inside the training step", "CUDA only (a CPU step never waits for a device)")]
+    inputs, labels = training_batch(ctx, 8, 32)
+    step = TrainStep.create(sit_s2(ctx).to(ctx.device), transport=create_transport(), device=ctx.device, lr=1e-4,
+                            from_features=True, precision="bf16")
+    train_step(step, inputs, labels)  # the first step allocates AdamW's state
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        train_step(step, inputs, labels)
+        result, figure = "PASS", "no synchronising call"
+    except RuntimeError as error:
+        result, figure = "FAIL", str(error).splitlines()[0][:70]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return [Row("no host sync inside the training step", result, figure, "none")]
+
+
 # --only/--skip name -> check (in the order they run: the scripts, which take longest, last)
 CHECKS: dict[str, Callable[[CheckContext], list[Row]]] = {
     "parity": check_model_parity, "sampler": check_sampler_parity, "autocast": check_autocast_training,
-    "compile": check_compile, "sdpa": check_sdpa, "distributed": check_process_group, "sample": check_sample_script,
-    "bench": check_bench,
+    "compile": check_compile, "sync": check_host_sync, "sdpa": check_sdpa, "distributed": check_process_group,
+    "sample": check_sample_script, "bench": check_bench, "scripts": check_scripts,
 }
 
 

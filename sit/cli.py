@@ -22,7 +22,7 @@ import yaml
 
 from sit.distributed import launched_by_torchrun, launched_rank, launched_world_size
 from sit.errors import SiTError, error_line
-from sit.speed import PRECISIONS
+from sit.speed import PRECISION_CHOICES
 from train_utils import checked_number, non_negative_float, none_or_str, positive_float  # noqa: F401  (all types from here)
 
 
@@ -160,9 +160,11 @@ def add_speed_arguments(parser: argparse.ArgumentParser, precision_default: Opti
     precision_default None lets a script tell an explicit --precision apart (the sampling scripts' --no-tf32).
     """
     group = parser.add_argument_group("Speed arguments")
-    group.add_argument("--precision", type=str, choices=list(PRECISIONS), default=precision_default,
+    group.add_argument("--precision", type=str, choices=PRECISION_CHOICES, default=precision_default,
                        help="fp32; tf32 (the original's default: fp32 weights, TF32 matmuls on GPUs); bf16 or fp16 "
-                            "autocast of the model (and VAE) forward, weights, EMA and optimizer state stay fp32")
+                            "autocast of the model (and VAE) forward, weights, EMA and optimizer state stay fp32; "
+                            "auto: bf16 on CPUs with bf16 matrix units (AMX, AVX512-BF16), fp32 on other CPUs, tf32 "
+                            "on GPUs (docs/speed.md); records and checkpoints store the choice made")
     group.add_argument("--compile", action="store_true",
                        help="torch.compile each transformer block (the first steps are slow while compiling)")
 

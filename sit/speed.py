@@ -1,15 +1,95 @@
-"""Numeric precision, compilation and CPU threads: the --precision and --compile flags' meaning, and how
-many threads a CPU process runs, in one place."""
+"""Numeric precision, compilation and CPU threads: the --precision and --compile flags' meaning (with
+`--precision auto`'s choice from the hardware), and how many threads a CPU process runs, in one place."""
 from __future__ import annotations
 
 import contextlib
 import os
-from typing import Mapping, Optional
+import time
+from typing import AbstractSet, Mapping, Optional
 
 import torch
 
 # --precision choice -> autocast dtype (None: no autocast). tf32 is fp32 storage with TF32 matmuls.
 PRECISIONS = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AUTO = "auto"  # --precision auto: resolved by auto_precision before anything reads the choice
+PRECISION_CHOICES = [*PRECISIONS, AUTO]
+CPUINFO = "/proc/cpuinfo"
+
+
+def cpu_flags(path: str = CPUINFO) -> frozenset[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere or when unreadable)."""
+    try:
+        with open(path) as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def bf16_matrix_units(flags: AbstractSet[str]) -> Optional[str]:
+    """The CPU's bf16 matrix units by its flags: "AMX" (tiles with bf16), "AVX512-BF16", or None."""
+    if {"amx_bf16", "amx_tile"} <= flags:
+        return "AMX"
+    if "avx512_bf16" in flags:
+        return "AVX512-BF16"
+    return None
+
+
+def auto_precision(device_type: str, flags: AbstractSet[str]) -> str:
+    """--precision auto's choice: bf16 on a CPU with bf16 matrix units, fp32 on other CPUs, tf32 on GPUs
+    (the original's numerics there; bf16 is a choice the user makes, see docs/speed.md)."""
+    if device_type == "cuda":
+        return "tf32"
+    return "bf16" if bf16_matrix_units(flags) else "fp32"
+
+
+def resolve_precision_choice(precision: str, device_type: str, flags: Optional[AbstractSet[str]] = None) -> str:
+    """A --precision value with auto replaced by auto_precision (flags: this CPU's unless given)."""
+    if precision != AUTO:
+        return precision
+    return auto_precision(device_type, cpu_flags() if flags is None else flags)
+
+
+def default_device_type() -> str:
+    """The device the scripts run on when nothing else says (sit.distributed's choice): cuda if any."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def matmul_speedup(size: int = 512, repeats: int = 3) -> float:
+    """How much faster a (size x size) bf16 matmul runs than an fp32 one on this CPU (best of repeats;
+    inputs from a private generator: the global random streams are untouched)."""
+    generator = torch.Generator().manual_seed(0)
+    a32, b32 = (torch.randn(size, size, generator=generator) for _ in range(2))
+    best = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = a32.to(dtype), b32.to(dtype)
+        torch.mm(a, b)  # first call: oneDNN's kernel choice
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.mm(a, b)
+            times.append(time.perf_counter() - start)
+        best[dtype] = min(times)
+    return best[torch.float32] / best[torch.bfloat16]
+
+
+def precision_advice(precision: str, device: torch.device, flags: Optional[AbstractSet[str]] = None,
+                     speedup: Optional[float] = None) -> Optional[str]:
+    """On a CPU, the line to log: its bf16 matrix units, a bf16/fp32 matmul measured now, and the advice
+    (speedup: the measured ratio, given by tests). On a GPU: None."""
+    if device.type != "cpu":
+        return None
+    units = bf16_matrix_units(cpu_flags() if flags is None else flags)
+    speedup = matmul_speedup() if speedup is None else speedup
+    found = f"bf16 matrix units {units}" if units else "no bf16 matrix units (AMX / AVX512-BF16)"
+    if speedup >= 1.2:
+        advice = "bf16 matmuls are faster here"
+        advice += "" if precision == "bf16" else ": --precision bf16 (or auto) uses them"
+    else:
+        advice = "bf16 does not pay here" + ("" if precision != "bf16" else ": --precision fp32 is as fast and exact")
+    return f"CPU: {found}; a bf16 matmul runs {speedup:.1f}x fp32 here; {advice}"
 
 
 def configure_precision(precision: str) -> None:

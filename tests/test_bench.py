@@ -20,11 +20,18 @@ def run_bench(*flags: str) -> subprocess.CompletedProcess:
 def test_tiny_benchmark_prints_every_row_and_writes_consistent_json(tmp_path):
     json_path = tmp_path / "bench.json"
     result = run_bench("--model", "SiT-S/8", "--image-size", "64", "--batch-size", "2", "--precision", "fp32",
-                       "--steps", "1", "--warmup", "0", "--profile", "--json", str(json_path))
+                       "--steps", "1", "--warmup", "0", "--profile", str(tmp_path / "profile"), "--json", str(json_path))
     assert result.returncode == 0, result.stderr[-2000:]
     for line in ["matmul (2048 x 2048) on this device: fp32 ", "train, baseline (original loop)",
-                 "ODE sampler step, optimised", "sampling speed-up, SDE step:", "ODE sampler step, baseline (original):"]:
+                 "ODE sampler step, optimised", "sampling speed-up, SDE step:"]:
         assert line in result.stdout, line
+    for name in ("train-step-cached-latents", "ode-step-baseline", "ode-step-optimised"):  # one step's table each
+        path = tmp_path / "profile" / f"{name}.txt"
+        assert f"profile of {name}: {path}\n" in result.stdout
+        table = path.read_text().splitlines()
+        assert table[0] == f"{name}: one step on cpu, sorted by self_cpu_time_total"
+        assert "Self CPU %" in table[2] and any(line.strip().startswith("aten::") for line in table)
+    assert any("aten::mm" in line or "aten::addmm" in line for line in (tmp_path / "profile" / "ode-step-optimised.txt").open())
     record = json.loads(json_path.read_text())
     assert (record["model"], record["image_size"], record["batch_size"]) == ("SiT-S/8", 64, 2)
     rows = record["rows"]

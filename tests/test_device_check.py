@@ -11,7 +11,8 @@ import torch
 from conftest import REPO
 
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-from device_check import CHECKS, bench_rows, parse_args, run_checks  # noqa: E402
+from device_check import (CHECKS, SAMPLE_RATE, TRAIN_RATE, bench_rows, logged_rate, parse_args,  # noqa: E402
+                          random_image_folder, run_checks, script_rows)
 
 SCRIPT = os.path.join(REPO, "benchmarks", "device_check.py")
 FIXTURE = os.path.join(REPO, "tests", "fixtures", "parity.pt")
@@ -25,12 +26,14 @@ CPU_ROWS = [
     ("fp16 autocast training SiT-S/2 vs fp32", "PASS"),
     ("compile: train.py training steps", "PASS"),
     ("compile: sample.py sampler steps", "SKIPPED"),
+    ("no host sync inside the training step", "SKIPPED"),
     ("SDPA kernel, XL/2 shapes bf16 on cpu", "PASS"),
     ("process group (gloo), world size 1", "PASS"),
     ("FSDP2 step (world size 1) vs unsharded", "PASS"),
     ("FSDP2 bf16+compile+ckpt+clip vs fp32", "PASS"),
     ("sample.py end to end, tiny SiT", "PASS"),
     ("bench.py SiT-XL/2, batch 64, bf16, compile", "SKIPPED"),
+    ("scripts: train.py, sample_ddp.py vs bench", "SKIPPED"),
 ]
 
 
@@ -54,7 +57,7 @@ def test_cpu_run_passes_what_runs_here_and_skips_the_cuda_parts(tmp_path):
         assert figure and tolerance, check
         if status == "SKIPPED":
             assert tolerance == "-" and ("CUDA" in figure or "GPU" in figure)
-    assert "summary: 11 PASS, 2 SKIPPED" in result.stdout
+    assert "summary: 11 PASS, 4 SKIPPED" in result.stdout
     stored = json.loads((tmp_path / "rows.json").read_text())["rows"]
     assert [[row["check"], row["result"], row["figure"], row["tolerance"]] for row in stored] == rows
 
@@ -85,7 +88,8 @@ def test_without_the_recording_the_device_is_held_to_the_cpu(tmp_path):
 
 
 def test_check_names_are_the_command_line_choices(capsys):
-    assert list(CHECKS) == ["parity", "sampler", "autocast", "compile", "sdpa", "distributed", "sample", "bench"]
+    assert list(CHECKS) == ["parity", "sampler", "autocast", "compile", "sync", "sdpa", "distributed", "sample", "bench",
+                            "scripts"]
     with pytest.raises(SystemExit):
         parse_args(["--only", "nccl"])
     assert "invalid choice: 'nccl'" in capsys.readouterr().err
@@ -113,3 +117,31 @@ def test_bench_rows_hold_the_measured_speeds_to_the_targets():
     missed = bench_rows(bench_record(1.5, 0.0))
     assert [row.result for row in missed] == ["MISS", "INFO", "MISS", "MISS", "INFO"]
     assert missed[1].figure == "150 TFLOP/s; peak of NVIDIA H200 unknown"
+
+
+def test_script_rows_read_the_scripts_logs_and_hold_them_to_the_benchmark():
+    train_log = ("[2026-12-04 10:00:00] (step=0000020) Train Loss: 0.9, Train Steps/Sec: 7.00, Images/Sec: 448.0\n"
+                 "[2026-12-04 10:00:03] (step=0000040) Train Loss: 0.8, Train Steps/Sec: 7.60, Images/Sec: 486.4\n")
+    sample_log = ("[2026-12-04 10:01:00] Sampled 192 images in 72.0 s: 2.67 img/s (model, VAE decode and PNGs, all "
+                  "processes); after the first batch (warm-up, compilation): 16.00 img/s\n")
+    assert logged_rate(train_log, TRAIN_RATE) == 486.4 and logged_rate(sample_log, SAMPLE_RATE) == 16.0  # the last
+    assert logged_rate("no rate here", TRAIN_RATE) is None
+    record = bench_record(5.0, 989.0)  # cached latents 500 img/s, SDE step 500 (optimised) and 100 (original-style)
+    rows = script_rows(486.4, 9.6, record, 50)
+    assert [(row.check, row.result, row.tolerance) for row in rows] == [
+        ("scripts: train.py / bench step", "PASS", ">= 0.97 (target)"),  # 486.4 / 500 = 0.973
+        ("scripts: sample_ddp.py / bench SDE step", "PASS", ">= 0.9 (target)"),  # 9.6 x 50 / 500 = 0.96
+        ("scripts: sample_ddp.py / original-style SDE", "MISS", ">= 5 (target)")]  # 9.6 / (100 / 50) = 4.8x
+    assert rows[0].figure == "486.4 vs 500.0 img/s (cached latents): 0.973"
+    assert rows[1].figure == "9.60 img/s x 50 steps vs 500.0: 0.960"
+    assert rows[2].figure == "9.60 vs <= 2.00 img/s: 4.80x"
+    assert [row.result for row in script_rows(1.0, 2.0, None, 50)] == ["INFO", "INFO"]
+
+
+def test_random_image_folder_is_one_class_of_rgb_images(tmp_path):
+    from PIL import Image
+
+    folder = random_image_folder(str(tmp_path / "images"), 3, 16)
+    assert sorted(os.listdir(os.path.join(folder, "class0"))) == ["00000.png", "00001.png", "00002.png"]
+    with Image.open(os.path.join(folder, "class0", "00001.png")) as image:
+        assert (image.size, image.mode) == ((16, 16), "RGB")

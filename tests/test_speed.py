@@ -431,3 +431,120 @@ def test_configure_cpu_threads_sets_torch_and_says_so_only_on_a_cpu(monkeypatch)
         assert torch.get_num_threads() == 1  # a GPU process keeps its threads
     finally:
         torch.set_num_threads(before)
+
+
+#################################################################################
+#               --precision auto: the hardware's bf16 matrix units              #
+#################################################################################
+
+AMX_CPU = frozenset({"avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"})
+AVX512_BF16_CPU = frozenset({"avx512f", "avx512_bf16"})
+PLAIN_CPU = frozenset({"avx2", "fma"})
+
+
+def test_auto_precision_for_each_kind_of_hardware():
+    from sit.speed import auto_precision, bf16_matrix_units, resolve_precision_choice
+
+    assert [bf16_matrix_units(flags) for flags in (AMX_CPU, AVX512_BF16_CPU, PLAIN_CPU)] == ["AMX", "AVX512-BF16", None]
+    assert bf16_matrix_units(frozenset({"amx_tile", "amx_int8"})) is None  # AMX without its bf16 part
+    assert [auto_precision("cpu", flags) for flags in (AMX_CPU, AVX512_BF16_CPU, PLAIN_CPU)] == ["bf16", "bf16", "fp32"]
+    assert {auto_precision("cuda", flags) for flags in (AMX_CPU, PLAIN_CPU)} == {"tf32"}  # GPUs: the host CPU is moot
+    for given in PRECISIONS:  # anything but auto is kept as given, whatever the hardware
+        assert resolve_precision_choice(given, "cpu", AMX_CPU) == given == resolve_precision_choice(given, "cuda", PLAIN_CPU)
+    assert resolve_precision_choice("auto", "cpu", PLAIN_CPU) == "fp32"
+
+
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
+    from sit.speed import cpu_flags
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: X\nflags\t\t: fpu avx512_bf16 amx_tile amx_bf16\n\n"
+                       "processor\t: 1\nflags\t\t: fpu\n")
+    assert cpu_flags(str(cpuinfo)) == {"fpu", "avx512_bf16", "amx_tile", "amx_bf16"}  # the first processor's
+    assert cpu_flags(str(tmp_path / "absent")) == frozenset()  # not Linux: no units known, fp32
+
+
+def test_the_log_line_says_what_was_detected_and_the_measured_advice():
+    from sit.speed import matmul_speedup, precision_advice
+
+    cpu = torch.device("cpu")
+    assert precision_advice("tf32", cpu, AMX_CPU, speedup=6.04) == (
+        "CPU: bf16 matrix units AMX; a bf16 matmul runs 6.0x fp32 here; bf16 matmuls are faster here: --precision "
+        "bf16 (or auto) uses them")
+    assert precision_advice("bf16", cpu, AVX512_BF16_CPU, speedup=2.3) == (
+        "CPU: bf16 matrix units AVX512-BF16; a bf16 matmul runs 2.3x fp32 here; bf16 matmuls are faster here")
+    assert precision_advice("bf16", cpu, PLAIN_CPU, speedup=0.4) == (
+        "CPU: no bf16 matrix units (AMX / AVX512-BF16); a bf16 matmul runs 0.4x fp32 here; bf16 does not pay here: "
+        "--precision fp32 is as fast and exact")
+    assert precision_advice("bf16", torch.device("cuda", 0), AMX_CPU, speedup=1.0) is None
+    state = torch.get_rng_state()
+    assert matmul_speedup(size=64, repeats=1) > 0
+    assert torch.equal(torch.get_rng_state(), state)  # measured without drawing from the run's random stream
+
+
+@pytest.mark.parametrize("device, flags, expected", [("cpu", AMX_CPU, "bf16"), ("cpu", AVX512_BF16_CPU, "bf16"),
+                                                     ("cpu", PLAIN_CPU, "fp32"), ("cuda", AMX_CPU, "tf32")])
+def test_auto_is_resolved_before_train_and_sampling_configs_store_it(device, flags, expected, monkeypatch):
+    import sample_ddp
+    import sit.sampling.settings
+    import sit.speed
+    import sit.training.settings
+    from sit.training.settings import resolve_train_config
+
+    monkeypatch.setattr(sit.speed, "cpu_flags", lambda: flags)
+    for module in (sit.training.settings, sit.sampling.settings):
+        monkeypatch.setattr(module, "default_device_type", lambda: device)
+    args, explicit = train.parse_args(["--data-path", "x", "--precision", "auto"])
+    config, _ = resolve_train_config(vars(args), explicit)
+    assert config.optim.precision == expected and config.settings()["precision"] == expected  # what checkpoints store
+    args, explicit = train.parse_args(["--data-path", "x"])
+    assert resolve_train_config(vars(args), explicit)[0].optim.precision == "tf32"  # the default: the original's
+    _, sampling = sample_ddp.parse_args(["ODE", "--precision", "auto"])
+    assert sampling.precision == expected  # its folder name and record: the precision that ran
+
+
+def test_auto_contradicting_tf32_flags_is_refused():
+    from sit.errors import UsageError
+    from sit.sampling.settings import resolve_precision
+
+    for tf32 in (True, False):
+        with pytest.raises(UsageError, match="contradicts --precision auto"):
+            resolve_precision(tf32, "auto")
+
+
+@pytest.mark.slow
+def test_sample_ddp_logs_its_speed_whole_and_after_the_first_batch_and_what_the_cpu_has(tmp_path, tiny_vae):
+    from sit.speed import bf16_matrix_units, cpu_flags
+    from test_sample import FAST_ODE, run_script, write_checkpoint
+
+    checkpoint = str(write_checkpoint(tmp_path / "0000002.pt", tiny_vae))
+    result = run_script(["sample_ddp.py", "ODE", *FAST_ODE, "--ckpt", checkpoint, "--num-fid-samples", "3",
+                         "--per-proc-batch-size", "1", "--sample-dir", str(tmp_path / "samples"), "--precision", "auto"],
+                        cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    speed = re.search(r"Sampled (\d+) images in ([0-9.]+) s: ([0-9.]+) img/s \(model, VAE decode and PNGs, all "
+                      r"processes\); after the first batch \(warm-up, compilation\): ([0-9.]+) img/s", result.stdout)
+    assert speed is not None, result.stdout
+    count, seconds, rate = int(speed[1]), float(speed[2]), float(speed[3])
+    assert count == 3 and count / rate == pytest.approx(seconds, abs=0.051)  # seconds: rounded to 0.1 in the line
+    units = bf16_matrix_units(cpu_flags())
+    assert (f"CPU: bf16 matrix units {units};" if units else "CPU: no bf16 matrix units") in result.stdout
+    (folder,) = [name for name in os.listdir(tmp_path / "samples") if not name.endswith((".npz", ".json"))]
+    assert f"prec-{'bf16' if units else 'fp32'}" in folder  # auto, resolved, names the folder
+
+
+def test_fused_ema_equals_the_originals_per_parameter_update_bitwise():
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    from bench import original_update_ema
+    from sit.training.ema import update_ema
+
+    model = tiny_sit(depth=2)
+    ours, original = deepcopy(model).requires_grad_(False), deepcopy(model).requires_grad_(False)
+    for step in range(3):
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(torch.randn_like(param), alpha=0.1)
+        update_ema(ours, model, decay=0.9999)
+        original_update_ema(original, model, decay=0.9999)
+        for (name, mine), theirs in zip(ours.named_parameters(), original.parameters()):
+            assert torch.equal(mine, theirs), (step, name)

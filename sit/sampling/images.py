@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 from typing import Any, Iterator
 
 import numpy as np
@@ -65,6 +66,7 @@ def write_missing_images(ctx: DistContext, config: SamplingConfig, loaded: Sampl
                                 precision=config.precision, device=ctx.device, stop_on_non_finite=True,
                                 labels=planned_labels(config.label_sampling, config.num_images, config.seed,
                                                       settings.num_classes))
+    times, done = [time.perf_counter()], [0]  # after each round: for the speed without the first (warm-up) round
     progress = tqdm(total=int(total_missing), unit="img", disable=not ctx.is_main, dynamic_ncols=True)
     measured: list[tuple[int, int]] = []
     for round_index in range(int(num_rounds)):  # in lockstep, so rank 0 can count everyone's images
@@ -73,7 +75,14 @@ def write_missing_images(ctx: DistContext, config: SamplingConfig, loaded: Sampl
         written = agree(ctx, round_of_rank if round_index < len(pending) else None) or 0
         (written_everywhere,) = reduce_numbers([written], ctx.device)
         progress.update(int(written_everywhere))
+        times.append(time.perf_counter())
+        done.append(done[-1] + int(written_everywhere))
     progress.close()
+    if total_missing:  # the script's own speed, end to end (benchmarks/device_check.py reads the warm one)
+        warm = (f"; after the first batch (warm-up, compilation): {(done[-1] - done[1]) / (times[-1] - times[1]):.2f} "
+                f"img/s" if len(times) > 2 else "")
+        logger.info(f"Sampled {done[-1]} images in {times[-1] - times[0]:.1f} s: "
+                    f"{done[-1] / (times[-1] - times[0]):.2f} img/s (model, VAE decode and PNGs, all processes){warm}")
     if sample_fn.nfe:
         logger.info(f"{config.sampler.evaluations(sample_fn.nfe)} per batch (last batch)")
     return measured

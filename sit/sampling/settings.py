@@ -13,6 +13,7 @@ from sit.config import TRANSPORT_SETTINGS, GuidanceConfig, SamplerFamily, Transp
 from sit.errors import UsageError
 from sit.latents import LATENT_SPACES, recorded_latent_space
 from sit.sampling.families import SAMPLER_FAMILIES, family
+from sit.speed import AUTO, default_device_type, resolve_precision_choice
 from sit.training.experiment import checkpoint_in_folder
 
 LIKELIHOOD_FLAGS = {"--dequantize": ("dequantize", None), "--num-probes": ("num_probes", 1),
@@ -83,7 +84,10 @@ def resolve_precision(tf32: Optional[bool], precision: Optional[str]) -> str:
         return "fp32"
     if tf32 is True and precision == "fp32":
         raise UsageError("--tf32 contradicts --precision fp32 (pass one of them)")
-    return precision or "tf32"  # the original's: fp32 weights, TF32 matmuls on GPUs
+    if tf32 is True and precision == AUTO:
+        raise UsageError("--tf32 contradicts --precision auto (pass one of them)")
+    # the original's: fp32 weights, TF32 matmuls on GPUs; auto: the hardware's choice, stored as such
+    return resolve_precision_choice(precision or "tf32", default_device_type())
 
 
 def likelihood_config(flags: Mapping[str, Any]) -> Optional[LikelihoodConfig]:

@@ -4,6 +4,8 @@ data, restore a resumed run exactly, then step, log, preview, measure FID and ch
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -19,8 +21,9 @@ from sit.errors import RunFailure, UsageError
 from sit.latents import PixelSpace
 from sit.metrics import FIDMonitor
 from sit.progress import Progress
-from sit.speed import configure_cpu_threads, configure_precision
+from sit.speed import configure_cpu_threads, configure_precision, precision_advice
 from sit.training.data import TrainDataset, build_loader
+from sit.training.checkpoint_writer import CheckpointWriter, cpu_snapshot
 from sit.training.decoder import RunVAE
 from sit.training.experiment import StartPoint, open_experiment, write_latest
 from sit.training.extensions import LoopExtension
@@ -69,6 +72,7 @@ class TrainingRun:
     last_saved_step: Optional[int] = None
     fid_monitor: Optional[FIDMonitor] = None  # with --fid-every
     extensions: list[LoopExtension] = field(default_factory=list)  # post-hoc EMA, self-healing, ... (registry)
+    writer: Optional[CheckpointWriter] = None  # --background-checkpoints
 
     # Services for the loop extensions (sit.training.extensions)
     def write_on_main(self, what: str, path: Optional[str], write: Callable[[], None]) -> None:
@@ -84,6 +88,21 @@ class TrainingRun:
                 raise RunFailure(message) from error
 
         on_main(self.ctx, attempt)
+
+    def finish_writes(self) -> None:
+        """Wait for the background checkpoint write in flight (every rank calls this; a failed write stops
+        every rank with the usual one line)."""
+        if self.writer is not None:
+            self.write_on_main("checkpoint", self.writer.path, self.writer.wait)
+
+    def settle_writes(self) -> None:
+        """On a failure: let the write in flight finish (complete, or its temporary removed), and log its own
+        failure without raising over the one under way (no collective: another rank may be gone)."""
+        if self.writer is not None:
+            try:
+                self.writer.wait()
+            except Exception as error:
+                self.logger.error(f"cannot write the checkpoint {self.writer.path} ({error})")
 
     def check_health(self) -> None:
         """Every loss so far and every weight finite (TrainingDiverged otherwise; every rank alike)."""
@@ -124,12 +143,19 @@ def save_checkpoint(run: TrainingRun) -> None:
     checkpoint = run.checkpoint()
     path = os.path.join(run.experiment_dir, "checkpoints", f"{state.train_steps:07d}.pt") if run.ctx.is_main else None
 
-    def write() -> None:
-        checkpoint.save(path)
+    def write(saved: TrainCheckpoint) -> None:
+        saved.save(path)
         run.logger.info(f"Saved checkpoint to {path}")
         write_latest(run.experiment_dir, path)  # <experiment>/latest.txt names it
 
-    run.write_on_main("checkpoint", path, write)
+    if run.writer is None:
+        run.write_on_main("checkpoint", path, functools.partial(write, checkpoint))
+    else:  # --background-checkpoints: one write at a time, from a CPU copy, while the steps go on
+        run.finish_writes()
+        if run.ctx.is_main:
+            parts = [getattr(checkpoint, part.name) for part in dataclasses.fields(checkpoint)]
+            copies, ready = cpu_snapshot(parts, pin=run.ctx.device.type == "cuda")
+            run.writer.start(path, functools.partial(write, TrainCheckpoint(*copies)), ready)
     run.last_saved_step = state.train_steps
     for extension in run.extensions:
         extension.checkpoint_saved(run, checkpoint)
@@ -303,6 +329,7 @@ def train(config: TrainConfig, *, ctx: DistContext, dataset: TrainDataset, start
     threads = configure_cpu_threads(ctx.device)  # on a CPU: OMP_NUM_THREADS, else the cores shared by the processes
     if threads:
         logger.info(threads)
+        logger.info(precision_advice(config.optim.precision, ctx.device))  # the CPU's bf16 units, measured
     vae = RunVAE.at_start(ctx, config.model.vae, from_features=config.data.feature_path is not None)
     feature_meta = dataset.meta if config.data.feature_path is not None else None  # cached latents' meta.json
     factories = term_factories(config.features, TermContext(config.model.image_size, feature_meta, ctx, logger))
@@ -325,20 +352,26 @@ def train(config: TrainConfig, *, ctx: DistContext, dataset: TrainDataset, start
                       stop=stop, preview=preview_inputs(config.data.global_seed, step.model.config),
                       monitor=new_monitor(extensions, state.train_steps + 1), term_factories=factories,
                       fid_monitor=fid_monitor,
-                      last_saved_step=state.train_steps if start.resuming else None, extensions=extensions)
+                      last_saved_step=state.train_steps if start.resuming else None, extensions=extensions,
+                      writer=CheckpointWriter() if config.run.background_checkpoints else None)
     for extension in extensions:
         extension.start(run)
 
     step.ddp_model.train()  # enables label dropout for classifier-free guidance
     logger.info(f"Training {run_length(config, sampler.num_samples // (config.data.global_batch_size // ctx.world_size))}...")
-    stopped = train_with_extensions(run)
-    state, step = run.state, run.step  # a rollback replaces them
-    if stopped:
-        logger.info(f"Received {stop.received or 'a stop signal on another rank'}: stopping at step {state.train_steps}")
-    for extension in run.extensions:
-        extension.end(run)
-    if state.train_steps > 0 and run.last_saved_step != state.train_steps:
-        save_checkpoint(run)
+    try:
+        stopped = train_with_extensions(run)
+        state, step = run.state, run.step  # a rollback replaces them
+        if stopped:
+            logger.info(f"Received {stop.received or 'a stop signal on another rank'}: stopping at step {state.train_steps}")
+        for extension in run.extensions:
+            extension.end(run)
+        if state.train_steps > 0 and run.last_saved_step != state.train_steps:
+            save_checkpoint(run)
+    except BaseException:
+        run.settle_writes()
+        raise
+    run.finish_writes()
     step.ddp_model.eval()  # disables label dropout
     if run.wandb_run is not None:
         run.wandb_run.finish()

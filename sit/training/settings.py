@@ -28,6 +28,7 @@ from sit.config import FREE, LOCKED, RUN_CHANGE, Resolved, Rule, Setting, Transp
 from sit.declarations import Needs, add_flags, canonical_values, check_needs, declare, resume_rules
 from sit.distributed import launched_by_torchrun
 from sit.errors import UsageError
+from sit.speed import default_device_type, resolve_precision_choice
 from sit.training.lr_schedule import CONSTANT, INVERSE_SQRT, LR_SCHEDULES, WARMUP_COSINE, check_schedule
 from sit.training.registry import FEATURES, feature_settings
 from sit.training.sharding import SHARDINGS
@@ -168,6 +169,10 @@ class RunSettings:
                                             "transport and the options that change what it learns)")
     log_every: int = declare(100, "steps between log lines", type=positive_int)
     ckpt_every: int = declare(50_000, "steps between checkpoints", type=positive_int)
+    background_checkpoints: bool = declare(False, "write each checkpoint from a CPU copy of the state (pinned on "
+                                                  "GPUs) in a background thread while training goes on (the same "
+                                                  "atomic file; one more copy of the state in CPU memory)",
+                                           action="store_true")
     sample_every: int = declare(10_000, "steps between EMA preview grids", type=positive_int)
     cfg_scale: float = declare(4.0, "guidance of the preview samples, >= 1 (1: none)", type=guidance_scale)
     wandb: bool = declare(False, "log to Weights & Biases (env: WANDB_KEY optional, ENTITY, PROJECT)",
@@ -365,6 +370,8 @@ def resolve_train_settings(flags: Mapping[str, Any], explicit: AbstractSet[str],
     table = checkpoint_owned_settings(flags, train_steps)
     resolved = resolve_settings(table, {key: flags[key] for key in table if key in explicit}, stored, source=source)
     values = dict(flags, **resolved.values)
+    # --precision auto: the hardware's choice, resolved alike at every start on this kind of machine, stored resolved
+    values["precision"] = resolve_precision_choice(values["precision"], default_device_type())
     for key in MODEL_KEYS + TRANSPORT_KEYS:  # what the model is: the checkpoint's, even as a different spelling
         if stored is not None and key in stored:
             values[key] = stored[key]

@@ -1,0 +1,95 @@
+"""Checkpoint writes off the training loop's critical path (--background-checkpoints).
+
+The state is copied to CPU memory first (pinned on a GPU, the copies queued on the current stream, so
+the loop never waits for them), then a background thread writes the copy through the usual atomic
+write (a temporary file, then a rename: sit.files). One write at a time: the loop waits for the
+previous write only before the next one, at the end of the run, or when it fails; a failed write
+surfaces then as the usual one-line failure. The file holds the same bytes as a foreground write of a
+CPU run (storages shared as in the original state: torch.save writes them once); on a GPU its tensors
+are CPU tensors, which every loader maps to its device anyway.
+"""
+from __future__ import annotations
+
+import copy
+import threading
+from typing import Any, Callable, Optional
+
+import torch
+
+
+def cpu_snapshot(value: Any, pin: bool = False) -> tuple[Any, Optional[torch.cuda.Event]]:
+    """A copy of nested dicts, lists and tuples with every tensor's storage copied to CPU memory (pinned
+    with pin), storages shared exactly where the originals share them; other values are kept as they are
+    (they are new objects per checkpoint). Returns the copy and, when any tensor was on a GPU, the event
+    after which the (asynchronous) copies are complete (None otherwise: complete on return)."""
+    storages: dict[int, torch.UntypedStorage] = {}
+    on_gpu = False
+
+    def copied(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal on_gpu
+        storage = tensor.untyped_storage()
+        if storage._cdata not in storages:
+            on_gpu = on_gpu or storage.device.type == "cuda"
+            pinned = pin and storage.device.type == "cuda"
+            target = torch.empty(storage.nbytes(), dtype=torch.uint8, pin_memory=pinned).untyped_storage()
+            target.copy_(storage, non_blocking=pinned)
+            storages[storage._cdata] = target
+        return torch.empty(0, dtype=tensor.dtype).set_(storages[storage._cdata], tensor.storage_offset(),
+                                                       tensor.size(), tensor.stride())
+
+    def walk(item: Any) -> Any:
+        if isinstance(item, torch.Tensor):
+            return copied(item.detach())
+        if isinstance(item, dict):
+            result = copy.copy(item)  # keeps the type and attributes (a state dict's _metadata)
+            for key in result:
+                result[key] = walk(result[key])
+            return result
+        if isinstance(item, list):
+            return [walk(entry) for entry in item]
+        if type(item) is tuple:
+            return tuple(walk(entry) for entry in item)
+        return item
+
+    snapshot = walk(value)
+    ready = None
+    if on_gpu:
+        ready = torch.cuda.Event()
+        ready.record()
+    return snapshot, ready
+
+
+class CheckpointWriter:
+    """One write at a time in a background thread; `wait` joins it and re-raises what it raised."""
+
+    def __init__(self) -> None:
+        self._thread: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
+        self.path: Optional[str] = None  # the file being written (or last written)
+
+    def start(self, path: str, write: Callable[[], None], ready: Optional[torch.cuda.Event] = None) -> None:
+        """Run write() in the background (after `ready`, the snapshot's copies, completes); the previous
+        write must be waited for first."""
+        if self._thread is not None:
+            raise RuntimeError("CheckpointWriter.start while a write is in flight: wait() first")
+
+        def run() -> None:
+            try:
+                if ready is not None:
+                    ready.synchronize()
+                write()
+            except BaseException as error:  # re-raised by wait() in the loop's thread
+                self._error = error
+
+        self.path, self._error = path, None
+        self._thread = threading.Thread(target=run, name=f"checkpoint writer {path}")
+        self._thread.start()
+
+    def wait(self) -> None:
+        """Block until the write in flight (if any) is done; raise its error, once."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
