@@ -25,7 +25,7 @@ same VAE) is allowed with a warning; switching between pixels (--vae none) and l
 --resume skips a newest checkpoint that cannot be loaded (truncated) with a warning, for the one before.
 `--ckpt` with bare weights (a published model, or a checkpoint without optimizer state) fine-tunes
 them in a new experiment from step 0. SIGTERM/SIGINT: finish the step, save a checkpoint, exit 0
-(every torchrun worker; torchrun itself exits 1 after a signal: see the README). One run per
+(every torchrun worker; torchrun itself exits 1 after a signal: see docs/reliability.md). One run per
 experiment folder (its owner.lock); a full disk or a malformed checkpoint is one line.
 
 Pixel space (`--vae none`): the model learns images in [-1, 1] directly (3 channels, input size =
@@ -36,7 +36,7 @@ sit/training/repa.py) and time-step schedules (--time-sampling logit-normal --ti
 transport/schedules.py) are options, off by default.
 Options of today's recipes, off by default: post-hoc EMA snapshots (--phema-stds; reconstruct_ema.py
 builds any EMA length from them) and self-healing (--max-rollbacks, --spike-factor: roll back to the
-last good state and skip the batch that diverged); see the README.
+last good state and skip the batch that diverged); see docs/training.md.
 
 The work is done by sit.training (settings, experiment, network, step, loop); this script parses the
 flags, builds the checked plan once (sit.training.launch.plan_training) and runs it.

@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models import SiT_models  # noqa: E402
-from sit.cli import non_negative_int, positive_float, positive_int, run_main  # noqa: E402
+from sit.cli import DefaultsInHelp, non_negative_int, positive_float, positive_int, run_main  # noqa: E402
 from sit.config import TransportConfig  # noqa: E402
 from sit.files import atomic_json, atomic_text  # noqa: E402
 from sit.latents import SD_VAE_SCALE, latent_space, random_sd_vae  # noqa: E402
@@ -48,12 +48,12 @@ GPU_BF16_PEAK = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A1
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", choices=list(SiT_models), default="SiT-S/2")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=DefaultsInHelp)
+    parser.add_argument("--model", choices=list(SiT_models), default="SiT-S/2", help="the SiT measured (random weights)")
     parser.add_argument("--image-size", type=positive_int, default=256, help="a multiple of 8")
-    parser.add_argument("--batch-size", type=positive_int, default=4)
-    parser.add_argument("--precision", choices=list(PRECISIONS), default="bf16")
-    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--batch-size", type=positive_int, default=4, help="images per training and sampler step")
+    parser.add_argument("--precision", choices=list(PRECISIONS), default="bf16", help="precision of the optimised rows")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the optimised rows, as the scripts' --compile")
     parser.add_argument("--max-grad-norm", type=positive_float, default=None,
                         help="clip the gradient norm in the optimised step, as train.py's flag (default: no clipping)")
     parser.add_argument("--steps", type=positive_int, default=3, help="timed steps per measurement")

@@ -39,7 +39,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from models import Attention, SiT, SiT_models  # noqa: E402
 from sit.checkpoint import TrainCheckpoint  # noqa: E402
-from sit.cli import run_main  # noqa: E402
+from sit.cli import DefaultsInHelp, run_main  # noqa: E402
 from sit.distributed import agree, all_reduce_mean, cleanup_distributed, setup_distributed  # noqa: E402
 from sit.errors import RunFailure  # noqa: E402
 from sit.files import atomic_json  # noqa: E402
@@ -579,7 +579,7 @@ def run_checks(names: list[str], repo: str, device: torch.device, fixture: str,
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=DefaultsInHelp)
     parser.add_argument("--only", nargs="+", choices=list(CHECKS), default=None, help="run only these checks")
     parser.add_argument("--skip", nargs="+", choices=list(CHECKS), default=[], help="leave these checks out")
     parser.add_argument("--strict-targets", action="store_true", help="a speed target missed (MISS) fails the run too")

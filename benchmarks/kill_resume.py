@@ -33,7 +33,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import download  # noqa: E402
 import models  # noqa: E402
-from sit.cli import positive_int  # noqa: E402
+from sit.cli import DefaultsInHelp, positive_int  # noqa: E402
 from sit.vae import random_sd_vae  # noqa: E402
 
 TINY_SIT = {"depth": 1, "hidden_size": 32, "num_heads": 2}
@@ -172,10 +172,11 @@ def trial(job: Job, reference: object, wall: float, cwd: str, out: str, rng: ran
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=DefaultsInHelp)
     parser.add_argument("--kills", type=positive_int, default=5, help="killed runs per script")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill times")
-    parser.add_argument("--scripts", nargs="+", default=["train.py", "sample_ddp.py", "extract_features.py"])
+    parser.add_argument("--scripts", nargs="+", default=["train.py", "sample_ddp.py", "extract_features.py"],
+                        help="the scripts to kill and rerun")
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
     rows = []

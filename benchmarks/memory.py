@@ -14,7 +14,7 @@ from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models import MODEL_SHAPES  # noqa: E402
-from sit.cli import positive_int, run_main  # noqa: E402
+from sit.cli import DefaultsInHelp, positive_int, run_main  # noqa: E402
 from sit.latents import LatentSpace, latent_space  # noqa: E402
 from sit.speed import PRECISIONS  # noqa: E402
 from memory_model import MemoryEstimate, training_memory  # noqa: E402  (benchmarks/memory_model.py)
@@ -26,16 +26,16 @@ COLUMNS = {"weights": "weights", "gradients": "grads", "optimizer": "AdamW", "em
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", choices=list(MODEL_SHAPES), default="SiT-XL/2")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=DefaultsInHelp)
+    parser.add_argument("--model", choices=list(MODEL_SHAPES), default="SiT-XL/2", help="the SiT whose memory is computed")
     parser.add_argument("--image-size", type=positive_int, default=256, help="a multiple of the VAE's downsampling")
     parser.add_argument("--vae", type=str, default="ema",
                         help="the latent space trained on (train.py --vae: its channels and downsampling)")
-    parser.add_argument("--num-classes", type=positive_int, default=1000)
+    parser.add_argument("--num-classes", type=positive_int, default=1000, help="classes of the label embedding")
     parser.add_argument("--gpus", type=positive_int, nargs="+", default=[1, 8], help="world sizes to show")
     parser.add_argument("--local-batch-size", type=positive_int, default=32, help="images per GPU and step")
-    parser.add_argument("--precision", choices=list(PRECISIONS), default="bf16")
-    parser.add_argument("--grad-checkpointing", action="store_true")
+    parser.add_argument("--precision", choices=list(PRECISIONS), default="bf16", help="as train.py's --precision")
+    parser.add_argument("--grad-checkpointing", action="store_true", help="as train.py's --grad-checkpointing")
     return parser.parse_args(argv)
 
 

@@ -36,6 +36,7 @@ sys.path.insert(0, REPO)
 
 import export_digits  # noqa: E402
 from sit.checkpoint import load_model  # noqa: E402
+from sit.cli import DefaultsInHelp  # noqa: E402
 from sit.config import GuidanceConfig  # noqa: E402
 from sit.encoders import IMAGENET_MEAN, IMAGENET_STD, describe_encoder, encoder_inputs, load_encoder  # noqa: E402
 from sit.files import atomic_json, atomic_torch_save  # noqa: E402
@@ -161,14 +162,14 @@ def summary(values: list[float]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=DefaultsInHelp)
     parser.add_argument("--steps", type=str, default="100,200,400", help="step counts to evaluate (the last: run length)")
-    parser.add_argument("--seeds", type=str, default="0,1,2")
-    parser.add_argument("--num-samples", type=int, default=500)
-    parser.add_argument("--repa-depth", type=int, default=2)
-    parser.add_argument("--repa-coeff", type=float, default=0.5)
+    parser.add_argument("--seeds", type=str, default="0,1,2", help="comma-separated seeds: one pair of runs each")
+    parser.add_argument("--num-samples", type=int, default=500, help="EMA samples graded per checkpoint")
+    parser.add_argument("--repa-depth", type=int, default=2, help="the block aligned (train.py --repa-depth)")
+    parser.add_argument("--repa-coeff", type=float, default=0.5, help="the alignment loss weight (train.py --repa-coeff)")
     parser.add_argument("--jobs", type=int, default=1, help="train.py runs at a time")
-    parser.add_argument("--workdir", type=str, default="results/repa_digits")
+    parser.add_argument("--workdir", type=str, default="results/repa_digits", help="folder of the runs and results")
     args = parser.parse_args()
     steps, seeds = sorted(int(s) for s in args.steps.split(",")), [int(s) for s in args.seeds.split(",")]
     torch.set_num_threads(1)

@@ -1,34 +1,46 @@
 """sit/cli.py: every flag of every script says what it does and, where it has one, its default."""
 import argparse
 import importlib
+import inspect
+import os
+from typing import Optional
 
 import pytest
 
+from conftest import REPO
 from sit.cli import DefaultsInHelp
 
 SCRIPTS = {"train": [], "sample": ["ODE"], "sample_ddp": ["SDE"], "extract_features": [], "evaluate": [],
-           "reconstruct_ema": [], "export_digits": [], "plot_metrics": []}
+           "reconstruct_ema": [], "export_digits": [], "plot_metrics": [], "make_reference": []}
+BENCHMARKS = ["bench", "device_check", "kill_resume", "memory", "repa_digits"]  # benchmarks/*.py with flags
 
 
 class Captured(Exception):
     """Raised by the patched parse_args with the parser a script built."""
 
 
-def script_parser(name: str, monkeypatch) -> argparse.ArgumentParser:
-    """The parser a script's main builds (its parse_args is stopped before it reads the command line)."""
+def script_parser(name: str, monkeypatch, argv: Optional[list] = None) -> argparse.ArgumentParser:
+    """The parser a script's main builds for argv (default: SCRIPTS[name]; its parse_args is stopped before
+    it reads the command line)."""
     def capture(parser, args=None, namespace=None):
         raise Captured(parser)
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
     module = importlib.import_module(name)
     with pytest.raises(Captured) as captured:
-        module.main(SCRIPTS[name])
+        if inspect.signature(module.main).parameters:
+            module.main(SCRIPTS.get(name, []) if argv is None else argv)
+        else:  # a benchmark whose main reads sys.argv
+            module.main()
     return captured.value.args[0]
 
 
-@pytest.mark.parametrize("name", sorted(SCRIPTS))
-def test_every_flag_has_help_and_shows_its_default(name, monkeypatch):
-    parser = script_parser(name, monkeypatch)
+@pytest.mark.parametrize("name, argv", [(name, argv) for name, argv in sorted(SCRIPTS.items())] +
+                         [("sample", ["SDE"]), ("sample_ddp", ["ODE"])] +  # each mode's own flags too
+                         [(name, []) for name in BENCHMARKS])
+def test_every_flag_has_help_and_shows_its_default(name, argv, monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(REPO, "benchmarks"))
+    parser = script_parser(name, monkeypatch, argv)
     assert parser.formatter_class is DefaultsInHelp
     formatter = DefaultsInHelp(name)
     for action in parser._actions:

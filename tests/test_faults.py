@@ -800,5 +800,5 @@ def test_ctrl_c_to_a_torchrun_job_saves_and_every_worker_exits_0(tmp_path):
     output = job.communicate(timeout=180)[0]
     assert "Stopped cleanly by SIGINT after saving the checkpoint" in output
     assert "KeyboardInterrupt" not in output and "second SIGINT" not in output
-    # torchrun itself ends with its SignalException (exit 1) whatever its workers did: see the README
+    # torchrun itself ends with its SignalException (exit 1) whatever its workers did: see docs/reliability.md
     assert job.returncode == 1 and "SignalException" in output

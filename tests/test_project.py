@@ -14,7 +14,8 @@ from conftest import REPO
 
 # Requirements that no module imports, and why they are required all the same.
 NOT_IMPORTED = {"accelerate": "diffusers loads the VAE with it (without it: a 5-line warning at every load)"}
-SCRIPTS = ["train.py", "sample.py", "sample_ddp.py", "extract_features.py", "evaluate.py", "export_digits.py"]
+SCRIPTS = ["train.py", "sample.py", "sample_ddp.py", "extract_features.py", "evaluate.py", "export_digits.py",
+           "make_reference.py"]
 
 
 def normalized(name: str) -> str:
