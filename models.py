@@ -18,6 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from sit.attention import attention
+
 
 #################################################################################
 #                     The model configuration, declared once                    #
@@ -50,6 +52,7 @@ class ModelConfig:
     class_dropout_prob: float = _hyperparameter(0.1, 0.0, 1.0, below_high=True)  # the original's label dropout
     num_classes: int = _hyperparameter(1000, 1, 10_000_000, from_data=True)
     learn_sigma: bool = _hyperparameter(True)
+    mean_flow: bool = _hyperparameter(False)  # a second time input r: MeanFlow (sit/training/meanflow.py)
 
     @classmethod
     def network_keys(cls) -> tuple[str, ...]:
@@ -217,7 +220,7 @@ class Attention(nn.Module):
         N, T, D = x.shape
         qkv = self.qkv(x).reshape(N, T, 3, self.num_heads, D // self.num_heads)  # (N, T, 3, H, D/H)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                         # 3 x (N, H, T, D/H)
-        x = F.scaled_dot_product_attention(q, k, v)                             # (N, H, T, D/H)
+        x = attention(q, k, v)                                                  # (N, H, T, D/H): SDPA (sit.attention)
         x = x.transpose(1, 2).reshape(N, T, D)                                  # (N, T, D)
         return self.proj(x)
 
@@ -299,6 +302,7 @@ class SiT(nn.Module):
         class_dropout_prob: float = ModelConfig.class_dropout_prob,
         num_classes: int = ModelConfig.num_classes,
         learn_sigma: bool = ModelConfig.learn_sigma,
+        mean_flow: bool = ModelConfig.mean_flow,
     ):
         super().__init__()
         if input_size % patch_size:
@@ -306,7 +310,7 @@ class SiT(nn.Module):
         self.config = ModelConfig(  # a plain dict (ModelConfig.to_dict), as checkpoints store it
             input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
             depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, class_dropout_prob=class_dropout_prob,
-            num_classes=num_classes, learn_sigma=learn_sigma,
+            num_classes=num_classes, learn_sigma=learn_sigma, mean_flow=mean_flow,
         ).to_dict()
         self.learn_sigma = learn_sigma
         self.in_channels = in_channels
@@ -319,6 +323,8 @@ class SiT(nn.Module):
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        # MeanFlow: the interval r - t (t=0 noise, t=1 data; r >= t) embedded and added to c, zero at the start
+        self.r_embedder = TimestepEmbedder(hidden_size) if mean_flow else None
         # Fixed sin-cos embedding; a Parameter (frozen) so that checkpoints keep the original's key.
         self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False)
         self.blocks = nn.ModuleList([SiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio) for _ in range(depth)])
@@ -342,6 +348,9 @@ class SiT(nn.Module):
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        if self.r_embedder is not None:  # zero: a velocity model's weights give u(x, t, r) = v(x, t) at the start
+            nn.init.normal_(self.r_embedder.mlp[0].weight, std=0.02)
+            nn.init.constant_(self.r_embedder.mlp[2].weight, 0)
         for block in self.blocks:
             nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
             nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
@@ -360,21 +369,27 @@ class SiT(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)              # (N, C, h, p, w, p)
         return x.reshape(x.shape[0], c, h * p, w * p)      # (N, C, H, W)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-                hidden_at: Optional[int] = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, hidden_at: Optional[int] = None,
+                r: Optional[torch.Tensor] = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Predict the model output (velocity, score or noise) for inputs at time t.
 
         x: (N, C, H, W) latents or images; t: (N,) times in [0, 1]; y: (N,) int labels
         (`num_classes` is the null label). Returns (N, C, H, W).
         hidden_at: a block number k in 1..depth (REPA's encoder_depth, 1-based): then returns
         (output, the tokens (N, T, D) after block k) for representation alignment.
+        r: (N,) MeanFlow's second time (mean_flow models; r >= t, the end of the step): the output is the
+        average velocity over [t, r] and embed(r - t) joins the conditioning (r None: r = t, the velocity).
+        A call with r takes the labels as given: MeanFlow's objective drops them itself, once per step.
         """
         if hidden_at is not None and not 1 <= hidden_at <= len(self.blocks):
             raise ValueError(f"hidden_at must be a block number in 1..{len(self.blocks)}, got {hidden_at}")
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D), T = H * W / p ** 2
+        interval = None if self.r_embedder is None else (torch.zeros_like(t) if r is None else r - t)  # (N,)
         t = self.t_embedder(t)                   # (N, D)
-        y = self.y_embedder(y, self.training)    # (N, D)
+        y = self.y_embedder(y, self.training and r is None)  # (N, D)
         c = t + y                                # (N, D)
+        if self.r_embedder is not None:
+            c = c + self.r_embedder(interval)   # (N, D)
         hidden = None
         for number, block in enumerate(self.blocks, start=1):
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
@@ -397,6 +412,7 @@ class SiT(nn.Module):
         cfg_scale: float,
         guide_all_channels: bool = False,
         cfg_interval: tuple[float, float] = (0.0, 1.0),
+        r: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Classifier-free guidance over a batch whose second half holds the null labels.
 
@@ -405,10 +421,11 @@ class SiT(nn.Module):
         guided output. As the original (and DiT), guidance applies to the first 3 channels only
         (the published FID was measured that way); `guide_all_channels=True` guides every channel.
         `cfg_interval=(lo, hi)` guides only samples whose t lies in [lo, hi] (t=0 noise, t=1 data).
+        r: (2N,) MeanFlow's second time, passed to forward (None: a velocity model's call).
         """
         half = x[: len(x) // 2]
         combined = torch.cat([half, half], dim=0)           # (2N, C, H, W)
-        model_out = self.forward(combined, t, y)
+        model_out = self.forward(combined, t, y) if r is None else self.forward(combined, t, y, r=r)
         num_guided = model_out.shape[1] if guide_all_channels else 3
         eps, rest = model_out[:, :num_guided], model_out[:, num_guided:]
         cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)

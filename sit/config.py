@@ -162,12 +162,16 @@ class SamplerFamily:
     in sit.sampling.families.SAMPLER_FAMILIES (docs/ARCHITECTURE.md, "Add a sampler").
 
     mode: the scripts' first argument; title: the mode in their help; add_flags: its flag group;
-    supports_likelihood: sample_ddp.py --likelihood integrates it (then it has likelihood_fn).
+    supports_likelihood: sample_ddp.py --likelihood integrates it (then it has likelihood_fn);
+    average_velocity: it samples MeanFlow models (ModelConfig.mean_flow), and only those (False: velocity models);
+    min_steps: the fewest --num-sampling-steps it takes.
     """
     mode: ClassVar[str]
     title: ClassVar[str]
     add_flags: ClassVar[Callable[[argparse.ArgumentParser], None]]
     supports_likelihood: ClassVar[bool] = False
+    average_velocity: ClassVar[bool] = False
+    min_steps: ClassVar[int] = 2
 
     @classmethod
     def from_flags(cls, flags: Mapping[str, Any]) -> "SamplerFamily":

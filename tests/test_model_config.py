@@ -24,11 +24,17 @@ def test_the_fields_are_sits_arguments_with_the_same_defaults():
     assert {name: parameter.default for name, parameter in signature.items()} == ModelConfig().to_dict()
 
 
+def added_fields() -> dict:
+    """The fields added since STORED (e.g. mean_flow), at their defaults: stored after the original's keys."""
+    return {key: value for key, value in ModelConfig().to_dict().items() if key not in STORED}
+
+
 def test_to_dict_is_what_checkpoints_store():
+    added = added_fields()
     model = models.SiT(**TINY)
-    assert model.config == STORED and list(model.config) == list(STORED)
-    assert ModelConfig.from_dict(STORED).to_dict() == STORED
-    assert list(ModelConfig.from_dict(STORED).to_dict()) == list(STORED)
+    assert model.config == {**STORED, **added} and list(model.config) == list(STORED) + list(added)
+    assert ModelConfig.from_dict(STORED).to_dict() == {**STORED, **added}
+    assert list(ModelConfig.from_dict(STORED).to_dict()) == list(STORED) + list(added)
 
 
 def test_values_keep_their_type_so_that_files_stay_the_same():
@@ -41,7 +47,7 @@ def test_an_old_stored_config_without_a_field_loads_with_its_default():
     older = {key: value for key, value in STORED.items() if key not in ("mlp_ratio", "learn_sigma")}
     config = ModelConfig.from_dict(older)
     assert config.mlp_ratio == ModelConfig.mlp_ratio == 4.0 and config.learn_sigma is True
-    assert config.to_dict() == STORED
+    assert config.to_dict() == {**STORED, **added_fields()}
     assert ModelConfig.from_dict({}) == ModelConfig()
 
 
@@ -101,7 +107,7 @@ def test_parameter_count_of_published_models_allocates_nothing():
 
 def test_model_config_flag_keys_are_the_networks_not_the_datas():
     assert MODEL_CONFIG_KEYS == ("patch_size", "hidden_size", "depth", "num_heads", "mlp_ratio",
-                                 "class_dropout_prob", "learn_sigma")
+                                 "class_dropout_prob", "learn_sigma", *added_fields())
     assert set(ModelConfig().to_dict()) - set(MODEL_CONFIG_KEYS) == {"input_size", "in_channels", "num_classes"}
 
 
@@ -128,7 +134,7 @@ def test_the_model_config_flag_accepts_what_a_checkpoint_may_hold():
 # "Add a model option" (docs/ARCHITECTURE.md): a new field of ModelConfig needs a value here that differs
 # from its default; the test below then carries it through train.py, the checkpoint and load_model.
 OTHER_VALUES = {"patch_size": 4, "hidden_size": 48, "depth": 2, "num_heads": 3, "mlp_ratio": 2.0,
-                "class_dropout_prob": 0.2, "learn_sigma": False}
+                "class_dropout_prob": 0.2, "learn_sigma": False, "mean_flow": True}
 
 
 def test_every_network_option_has_a_value_for_the_round_trip_below():

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from sit.config import ODEConfig, SamplerFamily, SDEConfig
 from sit.errors import UsageError
+from sit.sampling.meanflow import MeanFlowConfig
 
-SAMPLER_FAMILIES: dict[str, type[SamplerFamily]] = {"ODE": ODEConfig, "SDE": SDEConfig}
+SAMPLER_FAMILIES: dict[str, type[SamplerFamily]] = {"ODE": ODEConfig, "SDE": SDEConfig, "MeanFlow": MeanFlowConfig}
 
 
 def mode_names(joiner: str = " or ") -> str:

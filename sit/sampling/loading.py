@@ -15,7 +15,8 @@ import torch
 
 from models import SiT, has_null_class
 from sit.checkpoint import load_model, model_shape_name
-from sit.errors import named_by, reported_as
+from sit.config import SamplerFamily
+from sit.errors import UsageError, named_by, reported_as
 from sit.latents import LatentSpace, load_latent_space
 from sit.sampling.guide import attach_guide
 from sit.sampling.settings import ModelSettings, SamplingConfig, resolve_model_settings
@@ -58,12 +59,25 @@ def load_sampling_model(config: SamplingConfig, device: torch.device, vae_defaul
     with reported_as("cannot load the model"), given:
         model, info = load_model(request.ckpt, model_name=request.model_name, image_size=request.image_size,
                                  num_classes=request.num_classes)
+    check_model_kind(model.config, config.sampler)
     settings = resolve_model_settings(config, info, has_null_class=has_null_class(model.config),
                                       vae_default=vae_default, shape_name=model_shape_name(model.config))
     model = speed_up(model.to(device).eval(), config)
     if config.guidance.guide_ckpt is not None:  # autoguidance: the model the samplers call guides itself
         model = attach_guide(model, settings, config, device)
     return model, settings
+
+
+def check_model_kind(model_config: dict, sampler: SamplerFamily) -> None:
+    """UsageError when the sampler does not fit what the model outputs: a MeanFlow model (average velocity)
+    outside mode MeanFlow, or a velocity model in it."""
+    mean_flow = bool(model_config.get("mean_flow", False))
+    if mean_flow and not sampler.average_velocity:
+        raise UsageError(f"--ckpt is a MeanFlow model (trained with --objective meanflow, it outputs average "
+                         f"velocities): sample it with mode MeanFlow --num-sampling-steps 1 or 2, not {sampler.mode}")
+    if sampler.average_velocity and not mean_flow:
+        raise UsageError(f"--sampling-method {sampler.sampling_method} samples models trained with --objective "
+                         f"meanflow; --ckpt is a velocity model: use mode ODE or SDE")
 
 
 def load_decoder(vae: Optional[str], device: torch.device) -> Optional[LatentSpace]:

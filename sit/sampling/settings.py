@@ -128,8 +128,12 @@ def sampling_config(flags: Mapping[str, Any], given: frozenset[str], *, seed: in
     low, high = flags["cfg_interval"]
     if low > high:
         raise UsageError(f"--cfg-interval LO HI needs LO <= HI, got {low} {high}")
-    if flags["num_sampling_steps"] < 2:
-        raise UsageError(f"--num-sampling-steps must be at least 2, got {flags['num_sampling_steps']}")
+    chosen = SAMPLER_FAMILIES[flags["mode"]]
+    if flags["num_sampling_steps"] < chosen.min_steps:
+        raise UsageError(f"--num-sampling-steps must be at least {chosen.min_steps}, got {flags['num_sampling_steps']}")
+    if chosen.average_velocity and flags["guide_ckpt"] is not None:
+        raise UsageError(f"--guide-ckpt guides velocity models; {flags['mode']} mode samples MeanFlow models (their "
+                         f"guidance is trained in, --meanflow-omega): drop --guide-ckpt")
     if flags["likelihood"] and not SAMPLER_FAMILIES[flags["mode"]].supports_likelihood:
         modes = " or ".join(name for name, entry in SAMPLER_FAMILIES.items() if entry.supports_likelihood)
         raise UsageError(f"--likelihood works in {modes} mode only (it integrates the probability-flow ODE)")

@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from sit.training.monitor import TrainingDiverged
-from sit.training.terms import TermContext, TermFactory
+from sit.training.terms import Objective, TermContext, TermFactory
 
 
 class LoopExtension:
@@ -78,8 +78,10 @@ class ExtensionContext:
 @dataclass(frozen=True)
 class Feature:
     """One feature of a training run: its settings dataclass (None: it has no flags) and how it joins the
-    run, as a loss term or as a loop extension (each setup returns None when its settings leave it off)."""
+    run, as a loss term, a loop extension or the step's objective (each setup returns None when its
+    settings leave it off)."""
     name: str
     settings: Optional[type] = None
     term: Optional[Callable[[Any, TermContext], Optional[TermFactory]]] = None
     extension: Optional[Callable[[Any, ExtensionContext], Optional[LoopExtension]]] = None
+    objective: Optional[Callable[[Any], Optional[Objective]]] = None

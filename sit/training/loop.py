@@ -378,6 +378,7 @@ def train(config: TrainConfig, *, ctx: DistContext, dataset: TrainDataset, start
     if ctx.is_main and run.last_saved_step is not None:
         num_classes = config.model.num_classes  # sample.py's default labels are ImageNet's: name some of this model's
         labels = "" if num_classes >= 1000 else f" --class-labels {','.join(map(str, range(min(num_classes, 8))))}"
-        logger.info(f"Newest checkpoint in {run.experiment_dir}/latest.txt; sample it with `python sample.py ODE "
+        mode = "MeanFlow --num-sampling-steps 2" if run.step.model.config.get("mean_flow") else "ODE"
+        logger.info(f"Newest checkpoint in {run.experiment_dir}/latest.txt; sample it with `python sample.py {mode} "
                     f"--ckpt {run.experiment_dir}{labels}` (an experiment folder: its newest checkpoint)")
     logger.info("Done!")

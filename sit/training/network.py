@@ -12,6 +12,7 @@ from sit.distributed import DistContext
 from sit.errors import UsageError
 from sit.training.experiment import StartPoint
 from sit.training.lr_schedule import WARMUP_COSINE, schedule_of
+from sit.training.registry import model_options, step_objective
 from sit.training.settings import TrainConfig
 from sit.training.sharding import Sharding
 from sit.training.step import TrainStep
@@ -34,7 +35,8 @@ def build_model(config: TrainConfig, start: StartPoint) -> SiT:
     """The SiT to train, on the CPU: the checkpoint's config and weights when resuming, bare weights
     loaded for fine-tuning, else freshly initialised (from the torch RNG)."""
     checkpoint = start.checkpoint
-    kwargs = dict(checkpoint["model_config"]) if start.resuming else config.model.sit_kwargs()
+    kwargs = dict(checkpoint["model_config"]) if start.resuming else {**config.model.sit_kwargs(),
+                                                                       **model_options(config.features)}
     try:
         model = SiT(**kwargs)
     except (ValueError, AssertionError, TypeError) as error:
@@ -42,6 +44,9 @@ def build_model(config: TrainConfig, start: StartPoint) -> SiT:
     if checkpoint is None:
         return model
     weights = checkpoint["model"] if "model" in checkpoint else download.state_dict_of(checkpoint)
+    if model.r_embedder is not None and not any(key.startswith("r_embedder.") for key in weights):
+        # a velocity model's weights start a MeanFlow model: its r-embedder keeps its zero start (u = v at step 0)
+        weights = {**weights, **{f"r_embedder.{key}": value for key, value in model.r_embedder.state_dict().items()}}
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError:
@@ -94,7 +99,8 @@ def build_train_step(config: TrainConfig, ctx: DistContext, start: StartPoint, v
                             grad_checkpointing=optim.grad_checkpointing, compile_blocks=optim.compile, vae=vae,
                             from_features=config.data.feature_path is not None, precision=optim.precision,
                             ema_decay=optim.ema_decay, max_grad_norm=optim.max_grad_norm, sharding=sharding,
-                            terms=terms, weight_decay=optim.weight_decay, lr_schedule=schedule_of(optim))
+                            terms=terms, weight_decay=optim.weight_decay, lr_schedule=schedule_of(optim),
+                            objective=step_objective(config.features))
     if start.resuming:
         try:  # judged before (sit.checkpoint.check_train_checkpoint); what torch still refuses is one line too
             sharding.load_optimizer(step.model, step.opt, checkpoint["opt"])

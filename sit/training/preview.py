@@ -13,6 +13,7 @@ from sit.config import GuidanceConfig
 from sit.generation import guided_sample
 from sit.grid import GridLayout, save_grid, save_labels
 from sit.latents import LatentSpace, as_latent_space
+from sit.sampling.meanflow import MeanFlowConfig
 from sit.vae import latent_shape
 from transport import Sampler, Transport
 
@@ -33,11 +34,14 @@ def preview_inputs(global_seed: int, model_config: dict) -> tuple[torch.Tensor, 
 def save_preview(ema: torch.nn.Module, vae: Optional[LatentSpace], transport: Transport,
                  inputs: tuple[torch.Tensor, torch.Tensor], cfg_scale: float, path: str, device: torch.device,
                  labels_file: Optional[str] = None) -> None:
-    """Sample the EMA model with a fixed-step Euler ODE (no trajectory kept), decode with the run's
+    """Sample the EMA model with a fixed-step Euler ODE (no trajectory kept; a MeanFlow model: 2 jumps), decode with the run's
     latent space (vae None: pixels), and save a grid PNG at path and, given labels_file, its labels
     there as the grid shows them (sit.grid), atomically. cfg_scale guides models that have a null class."""
     z, y = (tensor.to(device) for tensor in inputs)
-    sample_fn = Sampler(transport).sample_ode(sampling_method="euler", num_steps=PREVIEW_STEPS, keep_trajectory=False)
+    if ema.config.get("mean_flow"):  # a MeanFlow run: its 2-step samples (sit.sampling.meanflow)
+        sample_fn = MeanFlowConfig(num_steps=2).sample_fn(Sampler(transport))
+    else:
+        sample_fn = Sampler(transport).sample_ode(sampling_method="euler", num_steps=PREVIEW_STEPS, keep_trajectory=False)
     use_cfg = cfg_scale > 1.0 and has_null_class(ema.config)
     latents = guided_sample(sample_fn, ema, z, y, GuidanceConfig(scale=cfg_scale if use_cfg else 1.0))
     images = as_latent_space(vae).decode(latents)                          # (N, 3, H, W) in about [-1, 1]

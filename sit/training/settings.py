@@ -192,7 +192,8 @@ class FIDSettings:
                                    needs=MEASURING_FID)
     fid_ref: Optional[str] = declare(None, "reference statistics: an ADM reference batch with mu/sigma, or the "
                                            ".stats.npz evaluate.py caches", needs=MEASURING_FID)
-    fid_steps: int = declare(50, "Euler ODE steps of the FID samples", type=positive_int, needs=MEASURING_FID)
+    fid_steps: int = declare(50, "Euler ODE steps of the FID samples (MeanFlow runs: jumps, e.g. 1 or 2)",
+                             type=positive_int, needs=MEASURING_FID)
     fid_cfg_scale: float = declare(1.0, "guidance of the FID samples, >= 1", type=guidance_scale, needs=MEASURING_FID)
     fid_inception_weights: Optional[str] = declare(None, "a local Inception weights file (default: downloaded once "
                                                          "by torch-fidelity)", needs=MEASURING_FID)

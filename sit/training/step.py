@@ -1,7 +1,8 @@
 """One training step: a batch -> what the model learns -> the transport's loss -> AdamW (GradScaler,
 clipping) -> EMA. train.py's loop and benchmarks/bench.py both run exactly this.
 
-Loss terms (sit.training.terms: REPA's alignment, or a new objective) add to the transport's loss.
+Loss terms (sit.training.terms: REPA's alignment, or a new objective) add to the transport's loss; an
+`Objective` (MeanFlow's) replaces it.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from sit.training.optimizer import make_grad_scaler, make_optimizer
 from sit.training.dtensors import full_tensor
 from sit.training.lr_schedule import LRSchedule
 from sit.training.sharding import Sharding
-from sit.training.terms import LossTerm, ModelWithTerms, StepView, in_optimizer_order, term_parameters
+from sit.training.terms import LossTerm, ModelWithTerms, Objective, StepView, in_optimizer_order, term_parameters
 from transport import Transport
 
 
@@ -50,6 +51,7 @@ class TrainStep:
     terms: Sequence[LossTerm] = ()
     lr_schedule: Optional[LRSchedule] = None
     steps_done: int = 0
+    objective: Optional[Objective] = None  # the primary loss in place of the transport's (None: the transport's)
 
     @classmethod
     def create(cls, model: torch.nn.Module, *, transport: Transport, device: torch.device, lr: float,
@@ -58,7 +60,7 @@ class TrainStep:
                from_features: bool = False, precision: str = "fp32", ema_decay: float = 0.9999,
                max_grad_norm: Optional[float] = None, sharding: Sharding = Sharding(),
                terms: Sequence[LossTerm] = (), weight_decay: float = 0.0,
-               lr_schedule: Optional[LRSchedule] = None) -> "TrainStep":
+               lr_schedule: Optional[LRSchedule] = None, objective: Optional[Objective] = None) -> "TrainStep":
         """The step for `model` (already on `device`; ddp_model: the same wrapped for DDP) as train.py
         builds it: the EMA copy (ema_state: weights to restore), gradient checkpointing, --compile
         (compile_blocks), AdamW at lr with weight_decay (over the terms' parameters too; lr_schedule:
@@ -82,7 +84,7 @@ class TrainStep:
         return cls(model=model, ddp_model=ddp_model, ema=ema, opt=opt,
                    scaler=make_grad_scaler(precision, device), transport=transport, device=device, vae=vae,
                    from_features=from_features, precision=precision, ema_decay=ema_decay, max_grad_norm=max_grad_norm,
-                   sharding=sharding, terms=tuple(terms), lr_schedule=lr_schedule)
+                   sharding=sharding, terms=tuple(terms), lr_schedule=lr_schedule, objective=objective)
 
     def trained_parameters(self) -> list[torch.nn.Parameter]:
         """What AdamW updates and clipping sees: the SiT's parameters, then the loss terms'."""
@@ -129,7 +131,11 @@ def train_step(step: TrainStep, inputs: Sequence[torch.Tensor], labels: torch.Te
     labels = labels.to(step.device, non_blocking=True)
     term_inputs = [term.batch_inputs(inputs, step.device, step.precision) for term in step.terms]
     with autocast(step.precision, step.device):
-        if not step.terms:
+        if step.objective is not None:
+            per_sample, logged = step.objective.losses(step, latents, labels)
+            loss = total = per_sample.mean()
+            term_losses = {name: value.mean() for name, value in logged.items()}
+        elif not step.terms:
             loss = step.transport.training_losses(step.ddp_model, latents, dict(y=labels))["loss"].mean()
             total, term_losses = loss, {}
         else:

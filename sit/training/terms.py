@@ -113,4 +113,17 @@ class TermContext:
     logger: logging.Logger
 
 
+class Objective:
+    """The step's primary loss in place of the transport's (e.g. MeanFlow's, sit.training.meanflow): a
+    feature's `objective` setup returns one (or None: the transport's loss, the original's)."""
+    name: str = ""
+
+    def losses(self, step: Any, latents: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """(per-sample loss (N,) to optimise, {name: per-sample values (N,) logged beside it}) of one batch
+        of latents (N, C, H, W) and labels (N,), with step (a sit.training.step.TrainStep) for the model
+        (step.model, raw, e.g. for torch.func), the wrapped one that gradients flow through (step.ddp_model),
+        and the transport (its path)."""
+        raise NotImplementedError
+
+
 TermFactory = Callable[[nn.Module], LossTerm]  # the SiT -> its term (built after it, from the torch RNG)
