@@ -1,5 +1,6 @@
 """The image <-> latent mapping behind one interface (`LatentSpace`): SD-VAE / diffusers AutoencoderKL
-latents (`autoencoder`), pixels (`pixels`), and the table --vae names them by (`table`)."""
+latents (`autoencoder`), VA-VAE's LDM checkpoint (`vavae`), REPA-E's E2E-VAEs (`repae`), pixels
+(`pixels`), and the table --vae names them by (`table`)."""
 from sit.latents.autoencoder import (SD_VAE_CHANNELS, SD_VAE_DOWNSAMPLING, SD_VAE_SCALE, VAE_HUB_FILES, VAE_REPOS,
                                      AutoencoderKLSpace, load_autoencoder, random_sd_vae)
 from sit.latents.pixels import PIXEL_SPACE, PixelSpace

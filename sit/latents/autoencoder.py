@@ -1,8 +1,12 @@
 """Stable Diffusion's VAE, or any diffusers AutoencoderKL: --vae ema, mse (from the Hugging Face hub)
-or a local diffusers folder. Downsampling 8, latents scaled by 0.18215 to about unit variance."""
+or a local diffusers folder. SD-VAE downsamples by 8 to 4 channels, latents scaled by 0.18215 to about
+unit variance; a folder's config.json gives its own channels (latent_channels), downsampling
+(2 ^ (levels - 1), levels = len(block_out_channels)), scaling_factor and shift_factor (SD3/FLUX)."""
 from __future__ import annotations
 
-from typing import Any, Optional
+import json
+import os
+from typing import Any, Mapping, Optional
 
 import torch
 
@@ -17,24 +21,52 @@ SD_VAE_DOWNSAMPLING = 8  # an image of size H gives latents of size H / 8
 VAE_REPOS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 VAE_HUB_FILES = ("config.json", "diffusion_pytorch_model.safetensors")  # what loading a hub VAE downloads
 UNNAMED = "<an AutoencoderKL>"  # the name of a space around a network given as it is (benchmarks, tests)
+LOCAL_ADVICE = "pass --vae /path/to/a/local/diffusers/AutoencoderKL/folder"
 
 
-def load_autoencoder(name: str, device: torch.device) -> Any:
-    """The AutoencoderKL of "ema" or "mse" (from the hub) or of a local diffusers folder, frozen, in eval
-    mode on device. Raises UsageError with a one-line message saying what to pass instead."""
+def load_autoencoder(name: str, device: torch.device, repo: Optional[str] = None) -> Any:
+    """The AutoencoderKL of "ema" or "mse" (or of the hub repository `repo`) or of a local diffusers
+    folder, frozen, in eval mode on device. Raises UsageError with a one-line message saying what to pass instead."""
     from diffusers.models import AutoencoderKL
 
-    source = VAE_REPOS.get(name, name)
-    advice = "download it once with network access, or pass --vae /path/to/a/local/diffusers/AutoencoderKL/folder"
+    repo = repo or VAE_REPOS.get(name)
+    source = repo or name
+    advice = f"download it once with network access, or {LOCAL_ADVICE}"
     try:
         # the hub's VAE: its two files from the cache, or fetched with a bounded failure (sit.hub)
-        folder = hub_folder(source, VAE_HUB_FILES) if name in VAE_REPOS else source
+        folder = hub_folder(repo, VAE_HUB_FILES) if repo else source
         vae = AutoencoderKL.from_pretrained(folder)
     except HubUnavailable as error:
         raise UsageError(f"could not load the VAE {source!r}: {error}; {advice}") from None
     except Exception as error:  # file errors: all end the same way for the user
         raise UsageError(f"could not load the VAE {source!r} ({error_line(error)}); {advice}") from None
     return vae.to(device).eval().requires_grad_(False)
+
+
+def folder_config(folder: str) -> Optional[dict]:
+    """A local diffusers folder's config.json, or None when `folder` is no folder holding one (a hub
+    name, a record of a folder not on this machine). UsageError for a config.json that cannot be read."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as file:
+            config = json.load(file)
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as error:
+        raise UsageError(f"cannot read the VAE config {path} ({error_line(error)}); {LOCAL_ADVICE}") from None
+    return config
+
+
+def autoencoder_geometry(config: Mapping[str, Any]) -> tuple[int, int, Normalisation]:
+    """(channels, downsampling, normalisation) of an AutoencoderKL config, missing keys taking diffusers'
+    defaults: latents = (raw - shift_factor) * scaling_factor (a shift of None or 0: raw * scaling_factor)."""
+    channels = int(config.get("latent_channels", 4))
+    downsampling = 2 ** (len(config.get("block_out_channels", (64,))) - 1)  # every level but the last halves
+    scale = float(config.get("scaling_factor", SD_VAE_SCALE))
+    shift = float(config.get("shift_factor") or 0.0)
+    return channels, downsampling, Normalisation(scale=scale, shift=shift)
 
 
 def random_sd_vae(widths: tuple[int, ...] = (128, 256, 512, 512), layers_per_block: int = 2, norm_groups: int = 32) -> Any:
@@ -50,24 +82,37 @@ def random_sd_vae(widths: tuple[int, ...] = (128, 256, 512, 512), layers_per_blo
 
 
 class AutoencoderKLSpace(LatentSpace):
-    """A diffusers AutoencoderKL's latents x 0.18215. name: "ema", "mse" or a folder's absolute path;
-    network: an AutoencoderKL already loaded (else loaded by `load` or at the first encode/decode)."""
+    """A diffusers AutoencoderKL's latents. name: "ema", "mse" (SD-VAE's geometry, x 0.18215) or a
+    folder's absolute path (the geometry and normalisation of its config.json; SD-VAE's when the folder
+    is not here); network: an AutoencoderKL already loaded (its config's geometry), else loaded by `load`
+    or at the first encode/decode. Subclasses for hub repositories set `repo` and their geometry."""
+    channels = SD_VAE_CHANNELS
     downsampling = SD_VAE_DOWNSAMPLING
     normalisation = Normalisation(scale=SD_VAE_SCALE)
+    repo: Optional[str] = None  # a hub repository holding the diffusers folder (else VAE_REPOS[name] or a folder)
 
     def __init__(self, name: str, network: Optional[Any] = None) -> None:
         super().__init__(name)
         self.network = network
-
-    @property
-    def channels(self) -> int:
-        """The loaded network's latent channels (a local folder may hold another VAE), else SD-VAE's 4."""
-        return self.network.config.latent_channels if self.network is not None else SD_VAE_CHANNELS
+        # a network's own config (a wrapper without one: SD-VAE's geometry), else a folder's config.json
+        config = getattr(network, "config", None) if network is not None else folder_config(name)
+        if config is not None:  # instance attributes: statistics may still replace the normalisation
+            self.channels, self.downsampling, self.normalisation = autoencoder_geometry(config)
 
     def load(self, device: torch.device) -> "AutoencoderKLSpace":
         if self.network is None:
-            self.network = load_autoencoder(self.name, device)
+            network = self.load_network(device)
+            channels, downsampling, _ = autoencoder_geometry(network.config)
+            if (channels, downsampling) != (self.channels, self.downsampling):
+                raise UsageError(f"the VAE {self.name} has {channels}-channel latents at 1/{downsampling} of the "
+                                 f"image size, not the {self.channels} at 1/{self.downsampling} it was recorded with; "
+                                 f"pass --vae with the autoencoder the model was trained with")
+            self.network = network
         return self
+
+    def load_network(self, device: torch.device) -> Any:
+        """The AutoencoderKL on device, frozen, in eval mode (UsageError when it cannot load)."""
+        return load_autoencoder(self.name, device, self.repo)
 
     def _network(self, device: torch.device) -> Any:
         return self.load(device).network
@@ -75,14 +120,14 @@ class AutoencoderKLSpace(LatentSpace):
     def posterior(self, images: torch.Tensor, precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
         with autocast(precision, images.device):
             posterior = self._network(images.device).encode(images).latent_dist
-        return posterior.mean, posterior.std  # (N, 4, H/8, W/8) each
+        return posterior.mean, posterior.std  # (N, C, H/d, W/d) each
 
     def encode(self, images: torch.Tensor, sample: bool = True, precision: str = "fp32") -> torch.Tensor:
         with autocast(precision, images.device):
             posterior = self._network(images.device).encode(images).latent_dist
         raw = posterior.sample() if sample else posterior.mean  # sample(): mean + std * torch.randn
-        return self.normalise(raw.float())                        # (N, 4, H/8, W/8)
+        return self.normalise(raw.float())                        # (N, C, H/d, W/d)
 
     def decode(self, latents: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
         with autocast(precision, latents.device):
-            return self._network(latents.device).decode(self.denormalise(latents)).sample.float()  # (N, 3, 8L, 8L)
+            return self._network(latents.device).decode(self.denormalise(latents)).sample.float()  # (N, 3, dL, dL)

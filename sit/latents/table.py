@@ -1,7 +1,8 @@
 """Which latent spaces --vae names: the table, and the resolvers every user of a latent space goes through.
 
 A new latent space is one module (a LatentSpace subclass) plus its entry in LATENT_SPACES; any other
---vae value that is an existing folder is a diffusers AutoencoderKL.
+--vae value that is an existing folder is a diffusers AutoencoderKL, and a file ending as LATENT_FILES
+names is a checkpoint of that space (VA-VAE's LDM format).
 """
 from __future__ import annotations
 
@@ -13,15 +14,30 @@ import torch
 from sit.errors import UsageError
 from sit.latents.autoencoder import UNNAMED, AutoencoderKLSpace
 from sit.latents.pixels import PIXEL_SPACE, PixelSpace
+from sit.latents.repae import E2EVAE8, E2EVAE16
 from sit.latents.space import LatentSpace
+from sit.latents.vavae import VAVAE_NAME, WHERE, VAVAESpace
 
 # --vae value -> the space's class (built with that name); the order is the order error messages list them in
 LATENT_SPACES: dict[str, type[LatentSpace]] = {
     "ema": AutoencoderKLSpace,   # stabilityai/sd-vae-ft-ema
     "mse": AutoencoderKLSpace,   # stabilityai/sd-vae-ft-mse
     PIXEL_SPACE: PixelSpace,     # "none": pixels
+    VAVAE_NAME: VAVAESpace,      # "vavae-f16d32": hustvl/vavae-imagenet256-f16d32-dinov2 (LDM format)
+    "e2e-vavae": E2EVAE16,       # REPA-E/e2e-vavae-hf
+    "e2e-invae": E2EVAE16,       # REPA-E/e2e-invae-hf
+    "e2e-sdvae": E2EVAE8,        # REPA-E/e2e-sdvae-hf
 }
+# a --vae value that is a file with one of these endings: an LDM-format checkpoint of this space
+LATENT_FILES: dict[str, type[LatentSpace]] = {".pt": VAVAESpace, ".ckpt": VAVAESpace}
 DEFAULT_LATENT_SPACE = "ema"  # train.py's --vae default, and what a record without a VAE is taken to be
+
+
+def _space_class(name: str) -> type[LatentSpace]:
+    """The class of the space `name` records: its table entry, an LDM checkpoint file's, else a diffusers folder's."""
+    if name in LATENT_SPACES:
+        return LATENT_SPACES[name]
+    return LATENT_FILES.get(os.path.splitext(name)[1], AutoencoderKLSpace)
 
 
 def _is_pixels(name: str) -> bool:
@@ -29,9 +45,14 @@ def _is_pixels(name: str) -> bool:
 
 
 def check_latent_space_name(name: str, flag: str = "--vae", allow_pixels: bool = True) -> None:
-    """A table entry or a local diffusers folder (pixels only if allow_pixels): else a UsageError naming the choices."""
+    """A table entry, a local diffusers folder or checkpoint file (pixels only if allow_pixels): else a
+    UsageError naming the choices (a missing checkpoint file: where to put it)."""
     if (name in LATENT_SPACES and (allow_pixels or not _is_pixels(name))) or os.path.isdir(name):
         return
+    if name not in LATENT_SPACES and os.path.splitext(name)[1] in LATENT_FILES:
+        if os.path.isfile(name):
+            return
+        raise UsageError(f"{flag} {name}: no such file; {WHERE}")
     choices = ", ".join(entry for entry in LATENT_SPACES if allow_pixels or not _is_pixels(entry))
     raise UsageError(f"{flag} {name!r} is neither one of {choices} nor a local diffusers folder")
 
@@ -39,7 +60,7 @@ def check_latent_space_name(name: str, flag: str = "--vae", allow_pixels: bool =
 def canonical_latent_space_name(name: str) -> str:
     """What is recorded for --vae name: a local folder as an absolute path (checkpoints and feature
     folders name it wherever the run starts); a table entry as it is."""
-    if name not in LATENT_SPACES and os.path.isdir(name):
+    if name not in LATENT_SPACES and (os.path.isdir(name) or os.path.isfile(name)):
         return os.path.abspath(name)
     return name
 
@@ -48,7 +69,7 @@ def latent_space(name: str, flag: str = "--vae", allow_pixels: bool = True) -> L
     """The latent space --vae name names, not loaded yet; UsageError for a name that is neither a table
     entry nor a folder."""
     check_latent_space_name(name, flag, allow_pixels)
-    return LATENT_SPACES.get(name, AutoencoderKLSpace)(name)
+    return _space_class(name)(name)
 
 
 def load_latent_space(name: str, device: torch.device) -> LatentSpace:
@@ -61,7 +82,7 @@ def recorded_latent_space(name: Optional[str]) -> LatentSpace:
     normalisation: its table entry, else a diffusers folder (which need not exist here); without a
     record, the default (SD-VAE)."""
     name = name if isinstance(name, str) else DEFAULT_LATENT_SPACE  # an old checkpoint's args may lack it
-    return LATENT_SPACES.get(name, AutoencoderKLSpace)(name)
+    return _space_class(name)(name)
 
 
 def as_latent_space(vae: Any, none: Optional[LatentSpace] = None) -> LatentSpace:

@@ -89,7 +89,8 @@ def identify_sources(config: SamplingConfig, settings: ModelSettings, folder: st
     check_earlier_record(folder, checkpoint, checkpoint_sha256)
     vae = PIXEL_SPACE if settings.vae is None else settings.vae
     local_vae = vae not in LATENT_SPACES  # a folder, hashed; a table entry is its name
-    vae_sha256 = hashed(vae if local_vae else None, folder_sha256, f"the VAE folder {vae}")
+    vae_sha256 = hashed(vae if local_vae else None, sha256_file if os.path.isfile(vae) else folder_sha256,
+                        f"the VAE {vae}")  # a folder, or a checkpoint file (sit.latents.LATENT_FILES)
     guide = config.guidance.guide_ckpt
     guide_sha256 = hashed(download.local_copy(guide) if guide is not None else None)
     check_earlier_record(folder, guide, guide_sha256, flag="--guide-ckpt", field="guide_checkpoint_sha256")

@@ -176,6 +176,17 @@ def unused_flag_warnings(flags: Mapping[str, Any], given: frozenset[str], sample
 
 
 def resolve_vae(requested: Optional[str], info: Mapping[str, Any], default: str) -> Optional[str]:
+    """chosen_vae's choice; UsageError when that space's channels are not the model's (e.g. a VAE folder
+    that now holds another autoencoder)."""
+    vae = chosen_vae(requested, info, default)
+    channels = recorded_latent_space(vae).channels if vae is not None else info["in_channels"]
+    if channels != info["in_channels"]:
+        raise UsageError(f"--vae {vae} gives {channels}-channel latents but the checkpoint's model takes "
+                         f"{info['in_channels']}: pass --vae with the autoencoder it was trained with")
+    return vae
+
+
+def chosen_vae(requested: Optional[str], info: Mapping[str, Any], default: str) -> Optional[str]:
     """The latent space (--vae name) to decode with; None for a pixel-space model. info: sit.checkpoint.load_model's.
 
     --vae wins; else the checkpoint's latent space when the default cannot stand in for it: a local
@@ -199,7 +210,9 @@ def resolve_vae(requested: Optional[str], info: Mapping[str, Any], default: str)
         return default
     if stored in LATENT_SPACES:
         return default if LATENT_SPACES[stored] is LATENT_SPACES.get(default) else stored
-    return stored if os.path.isdir(stored) else default
+    # a folder not here was SD-VAE's copy: the default decodes; a checkpoint file of another space is kept
+    another_kind = type(recorded_latent_space(stored)) is not LATENT_SPACES.get(default)
+    return stored if os.path.isdir(stored) or another_kind else default
 
 
 def check_balanced_count(config: SamplingConfig, num_classes: int) -> None:

@@ -42,7 +42,8 @@ EMA_DECAY = 0.9999  # default of --ema-decay (the paper's)
 NEWEST = "newest"  # `--resume` with no value
 
 VAE_CONFLICT = ("{flag} {given} but {source} was trained with {flag} {held}; a model learns either pixels "
-                "(--vae none) or VAE latents: drop the flag or start a new experiment")
+                "(--vae none) or VAE latents of one shape (channels, downsampling): drop the flag or start a new "
+                "experiment")
 VAE_WARNING = ("{flag} {given} replaces the checkpoint's {held}: fine for a copy of the same VAE (or ema/mse, which "
                "share the encoder); another encoder changes what the model learns")
 DATA_ORDER_WARNING = "{flag} {given} differs from the checkpoint's {held}: the data order will not match an uninterrupted run"
@@ -54,10 +55,19 @@ MODEL_KEYS = ("model", "model_config", "image_size", "num_classes")
 #                                Typed settings                                 #
 #################################################################################
 
+def other_latent_shape(given: str, held: str) -> bool:
+    """Whether a resumed run's --vae learns another shape than the checkpoint's: pixels or latents, and
+    latents' channels and downsampling where both are known (a recorded path not on this machine is not)."""
+    spaces = [recorded_latent_space(name) for name in (given, held)]
+    if spaces[0].pixel_space != spaces[1].pixel_space:
+        return True
+    known = all(isinstance(name, str) and (name in LATENT_SPACES or os.path.exists(name)) for name in (given, held))
+    return known and len({(space.channels, space.downsampling) for space in spaces}) > 1
+
+
 SAME_OVERRIDES = dataclasses.replace(LOCKED, same=lambda given, held: same_model_config(given, held))
 VAE_RULE = Setting(Rule.WARN, conflict=VAE_CONFLICT, warning=VAE_WARNING,
-                   incompatible=lambda given, held: (recorded_latent_space(given).pixel_space
-                                                     != recorded_latent_space(held).pixel_space))
+                   incompatible=other_latent_shape)
 DATA_ORDER = Setting(Rule.WARN, warning=DATA_ORDER_WARNING)
 MEASURING_FID = Needs("--fid-every N (FID while training)", lambda settings: settings.fid_every is not None)
 SCHEDULED_LR = Needs(f"--lr-schedule {WARMUP_COSINE} or {INVERSE_SQRT}",
@@ -77,7 +87,8 @@ class ModelSettings:
                                    "size divides", type=positive_int, resume=LOCKED)
     num_classes: int = declare(1000, "class labels of the model", type=positive_int, resume=LOCKED)
     vae: str = declare("ema", "ema, mse or a local diffusers AutoencoderKL folder (the choice hardly affects "
-                              "training); none: train on pixels in [-1, 1] without a VAE",
+                              "training); none: train on pixels in [-1, 1] without a VAE; vavae-f16d32 or a "
+                              "VA-VAE .pt file, e2e-vavae, e2e-invae, e2e-sdvae: docs/latent_spaces.md",
                        canonical=canonical_latent_space_name, resume=VAE_RULE)
 
     def folder_tag(self) -> Optional[str]:
