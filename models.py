@@ -26,12 +26,14 @@ from sit.attention import attention
 #################################################################################
 
 def _hyperparameter(default: Any, low: float = 0, high: float = 1, *, below_high: bool = False,
-                    from_data: bool = False) -> Any:
+                    from_data: bool = False, stored_if_set: bool = False) -> Any:
     """A ModelConfig field: its default, its bounds [low, high] ([low, high) with below_high; unused for
-    bools) and whether the data sets it (image size, channels, classes) rather than the network's design."""
+    bools), whether the data sets it (image size, channels, classes) rather than the network's design, and
+    whether the stored config holds it only when it differs from its default (options the original lacks,
+    so that a config of the original's design is stored as the original stored it)."""
     interval = f"[{low:g}, {high:g}{')' if below_high else ']'}"  # as messages write it
     return field(default=default, metadata=dict(low=low, high=high, below_high=below_high, interval=interval,
-                                                from_data=from_data))
+                                                from_data=from_data, stored_if_set=stored_if_set))
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,11 @@ class ModelConfig:
     num_classes: int = _hyperparameter(1000, 1, 10_000_000, from_data=True)
     learn_sigma: bool = _hyperparameter(True)
     mean_flow: bool = _hyperparameter(False)  # a second time input r: MeanFlow (sit/training/meanflow.py)
+    # LightningDiT's block options (docs/backbones.md), each off by default: the original's block
+    rope: bool = _hyperparameter(False, stored_if_set=True)      # 2-D rotary position embedding of q and k
+    swiglu: bool = _hyperparameter(False, stored_if_set=True)    # SwiGLU feed-forward instead of the GELU MLP
+    rms_norm: bool = _hyperparameter(False, stored_if_set=True)  # RMSNorm (learned scale) instead of LayerNorm
+    qk_norm: bool = _hyperparameter(False, stored_if_set=True)   # q and k normalised per head before attention
 
     @classmethod
     def network_keys(cls) -> tuple[str, ...]:
@@ -99,7 +106,7 @@ class ModelConfig:
             if getattr(config, size) % getattr(config, divisor):
                 return (f"the model config's {size} {getattr(config, size)} is not divisible by {divisor} "
                         f"{getattr(config, divisor)}")
-        return None
+        return rope_problem(config.hidden_size, config.num_heads) if config.rope else None
 
     @classmethod
     def from_dict(cls, stored: Mapping[str, Any]) -> "ModelConfig":
@@ -111,8 +118,10 @@ class ModelConfig:
         return cls(**stored)
 
     def to_dict(self) -> dict:
-        """The stored form, SiT's keyword arguments: every field in order, values as given (no conversion)."""
-        return {name: getattr(self, name) for name in _FIELDS}
+        """The stored form, SiT's keyword arguments: every field in order, values as given (no conversion);
+        an option the original lacks only when set."""
+        return {name: getattr(self, name) for name, spec in _FIELDS.items()
+                if not spec.metadata["stored_if_set"] or getattr(self, name) != spec.default}
 
     def parameter_count(self) -> int:
         """The parameters of SiT(**self.to_dict()) (pos_embed included), counted on the meta device."""
@@ -202,27 +211,104 @@ class LabelEmbedder(nn.Module):
 
 
 #################################################################################
-#                                 Core SiT Model                                #
+#          Core SiT Model, with LightningDiT's RoPE, RMSNorm, QK-norm, SwiGLU    #
 #################################################################################
 
-class Attention(nn.Module):
-    """Multi-head self-attention with fused qkv, through scaled_dot_product_attention."""
+def rope_problem(hidden_size: int, num_heads: int) -> Optional[str]:
+    """Why 2-D RoPE cannot rotate heads of this size (None when it can): it turns pairs of channels,
+    half of each head by the patch's row and half by its column, so the head size must divide by 4."""
+    head_size = hidden_size // num_heads
+    if head_size % 4:
+        return (f"the model config's rope needs a head size (hidden_size / num_heads) divisible by 4 to cover the "
+                f"patch grid's rows and columns, got {hidden_size} / {num_heads} = {head_size}")
+    return None
 
-    def __init__(self, dim: int, num_heads: int):
+
+def rope_tables(grid_size: int, head_size: int, device: Optional[torch.device] = None,
+                theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Axial 2-D rotary embedding of a grid_size x grid_size patch grid, as LightningDiT's (EVA-02's):
+    cos and sin of the angle of each token (row-major, as PatchEmbed flattens) and channel, (T, head_size)
+    each. Channels 2i and 2i+1 form a pair turned by one angle; the first half of the head turns by the
+    row index, the second by the column index, pair j of a half at frequency theta ** (-4j / head_size)."""
+    quarter = head_size // 4
+    frequencies = theta ** (-torch.arange(quarter, dtype=torch.float32, device=device) / quarter)  # (Dh/4,)
+    positions = torch.arange(grid_size, dtype=torch.float32, device=device)
+    angles = (positions[:, None] * frequencies[None]).repeat_interleave(2, dim=1)  # (G, Dh/2): pairs share
+    rows = angles[:, None, :].expand(grid_size, grid_size, -1)     # (G, G, Dh/2): by the row index
+    columns = angles[None, :, :].expand(grid_size, grid_size, -1)  # (G, G, Dh/2): by the column index
+    angles = torch.cat([rows, columns], dim=-1).reshape(grid_size * grid_size, head_size)  # (T, Dh)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Turn each channel pair (x[2i], x[2i+1]) of x (N, H, T, Dh) by its angle: cos, sin (T, Dh)."""
+    pairs = x.unflatten(-1, (-1, 2))                                    # (N, H, T, Dh/2, 2)
+    turned = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)  # (N, H, T, Dh): (-x1, x0)
+    return x * cos.to(x.dtype) + turned * sin.to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) (computed in float32) times a learned scale started at 1: LightningDiT's (LLaMA's)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        full = x.float()
+        return (full * torch.rsqrt(full.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def block_norm(dim: int, rms_norm: bool) -> nn.Module:
+    """A block's (and the final layer's) norm: the original's LayerNorm without affine, or RMSNorm."""
+    return RMSNorm(dim) if rms_norm else nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with fused qkv, through SDPA (sit.attention's `attention`); optionally
+    q and k normalised per head (qk_norm: RMSNorm with rms_norm, else LayerNorm, as LightningDiT's)
+    and turned by a rotary embedding (forward's rope tables)."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False, rms_norm: bool = False):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"hidden size {dim} is not divisible by the number of heads {num_heads}")
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        if qk_norm:
+            head_norm = RMSNorm if rms_norm else nn.LayerNorm
+            self.q_norm, self.k_norm = head_norm(dim // num_heads), head_norm(dim // num_heads)
+        self.qk_norm = qk_norm
         self.proj = nn.Linear(dim, dim, bias=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        """x: (N, T, D); rope: rope_tables' (cos, sin) of the T tokens, or None."""
         N, T, D = x.shape
         qkv = self.qkv(x).reshape(N, T, 3, self.num_heads, D // self.num_heads)  # (N, T, 3, H, D/H)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                         # 3 x (N, H, T, D/H)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         x = attention(q, k, v)                                                  # (N, H, T, D/H): SDPA (sit.attention)
         x = x.transpose(1, 2).reshape(N, T, D)                                  # (N, T, D)
         return self.proj(x)
+
+
+class SwiGLU(nn.Module):
+    """silu(x W1) * (x W2), then W3: LightningDiT's feed-forward (w12 holds W1 and W2), its hidden size
+    2/3 of the GELU MLP's so that the parameter count stays about the same."""
+
+    def __init__(self, dim: int, mlp_hidden_dim: int):
+        super().__init__()
+        hidden_dim = int(2 / 3 * mlp_hidden_dim)  # LightningDiT's rounding: 3072 for XL's 4608
+        self.w12 = nn.Linear(dim, 2 * hidden_dim, bias=True)
+        self.w3 = nn.Linear(hidden_dim, dim, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, value = self.w12(x).chunk(2, dim=-1)  # 2 x (N, T, hidden)
+        return self.w3(F.silu(gate) * value)
 
 
 class TanhGELU(nn.Module):
@@ -251,20 +337,23 @@ class Mlp(nn.Module):
 
 
 class SiTBlock(nn.Module):
-    """A transformer block with adaLN-Zero conditioning."""
+    """A transformer block with adaLN-Zero conditioning (LightningDiT's options: ModelConfig's)."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, swiglu: bool = False,
+                 rms_norm: bool = False, qk_norm: bool = False):
         super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads=num_heads)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.norm1 = block_norm(hidden_size, rms_norm)
+        self.attn = Attention(hidden_size, num_heads=num_heads, qk_norm=qk_norm, rms_norm=rms_norm)
+        self.norm2 = block_norm(hidden_size, rms_norm)
+        mlp = SwiGLU if swiglu else Mlp
+        self.mlp = mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """x: (N, T, D) tokens; c: (N, D) conditioning."""
+    def forward(self, x: torch.Tensor, c: torch.Tensor,
+                rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        """x: (N, T, D) tokens; c: (N, D) conditioning; rope: the rotary tables (rope_tables) or None."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
@@ -272,9 +361,9 @@ class SiTBlock(nn.Module):
 class FinalLayer(nn.Module):
     """adaLN-modulated norm and a linear map from tokens to patch pixels."""
 
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, rms_norm: bool = False):
         super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm_final = block_norm(hidden_size, rms_norm)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
 
@@ -303,15 +392,23 @@ class SiT(nn.Module):
         num_classes: int = ModelConfig.num_classes,
         learn_sigma: bool = ModelConfig.learn_sigma,
         mean_flow: bool = ModelConfig.mean_flow,
+        rope: bool = ModelConfig.rope,
+        swiglu: bool = ModelConfig.swiglu,
+        rms_norm: bool = ModelConfig.rms_norm,
+        qk_norm: bool = ModelConfig.qk_norm,
     ):
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"input size {input_size} is not divisible by the patch size {patch_size}")
+        if rope and rope_problem(hidden_size, num_heads):
+            raise ValueError(rope_problem(hidden_size, num_heads))
         self.config = ModelConfig(  # a plain dict (ModelConfig.to_dict), as checkpoints store it
             input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
             depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, class_dropout_prob=class_dropout_prob,
-            num_classes=num_classes, learn_sigma=learn_sigma, mean_flow=mean_flow,
+            num_classes=num_classes, learn_sigma=learn_sigma, mean_flow=mean_flow, rope=rope, swiglu=swiglu,
+            rms_norm=rms_norm, qk_norm=qk_norm,
         ).to_dict()
+        self.rope = rope
         self.learn_sigma = learn_sigma
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
@@ -327,8 +424,9 @@ class SiT(nn.Module):
         self.r_embedder = TimestepEmbedder(hidden_size) if mean_flow else None
         # Fixed sin-cos embedding; a Parameter (frozen) so that checkpoints keep the original's key.
         self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False)
-        self.blocks = nn.ModuleList([SiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio) for _ in range(depth)])
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.blocks = nn.ModuleList([SiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio, swiglu=swiglu,
+                                              rms_norm=rms_norm, qk_norm=qk_norm) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, rms_norm=rms_norm)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -390,12 +488,14 @@ class SiT(nn.Module):
         c = t + y                                # (N, D)
         if self.r_embedder is not None:
             c = c + self.r_embedder(interval)   # (N, D)
+        rope = (rope_tables(self.x_embedder.grid_size, x.shape[-1] // self.num_heads, x.device)
+                if self.rope else None)          # 2 x (T, D/H): made per call, so no buffer to keep or load
         hidden = None
         for number, block in enumerate(self.blocks, start=1):
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, c, use_reentrant=False)
+                x = checkpoint(block, x, c, rope, use_reentrant=False)
             else:
-                x = block(x, c)                  # (N, T, D)
+                x = block(x, c, rope)            # (N, T, D)
             if number == hidden_at:
                 hidden = x
         x = self.final_layer(x, c)               # (N, T, p * p * C_out)
@@ -487,17 +587,34 @@ MODEL_SHAPES = {
     "SiT-L/2": (24, 1024, 2, 16), "SiT-L/4": (24, 1024, 4, 16), "SiT-L/8": (24, 1024, 8, 16),
     "SiT-B/2": (12, 768, 2, 12), "SiT-B/4": (12, 768, 4, 12), "SiT-B/8": (12, 768, 8, 12),
     "SiT-S/2": (12, 384, 2, 6), "SiT-S/4": (12, 384, 4, 6), "SiT-S/8": (12, 384, 8, 6),
+    # patch 1, for f16 latents (VA-VAE's 16x16 at 256 px), and LightningDiT's published models
+    "SiT-XL/1": (28, 1152, 1, 16), "SiT-L/1": (24, 1024, 1, 16), "SiT-B/1": (12, 768, 1, 12),
+    "LightningDiT-XL/1": (28, 1152, 1, 16), "LightningDiT-B/1": (12, 768, 1, 12),
 }
+BLOCK_OPTIONS = ("rope", "swiglu", "rms_norm", "qk_norm")  # part of a name's design (model_name_for_config)
+# LightningDiT's release (configs/lightningdit_xl_vavae_f16d32.yaml): RoPE, SwiGLU, RMSNorm, no learned sigma;
+# QK-norm off there (its comment: turn it on against NaN losses, at some cost in convergence)
+LIGHTNINGDIT = dict(rope=True, swiglu=True, rms_norm=True, learn_sigma=False)
+MODEL_OPTIONS = {"LightningDiT-XL/1": LIGHTNINGDIT, "LightningDiT-B/1": LIGHTNINGDIT}  # name -> SiT arguments
+
+
+def model_design(name: str) -> dict:
+    """The SiT arguments a --model name fixes: its shape and its options (MODEL_OPTIONS)."""
+    depth, hidden_size, patch_size, num_heads = MODEL_SHAPES[name]
+    return dict(depth=depth, hidden_size=hidden_size, patch_size=patch_size, num_heads=num_heads,
+                **MODEL_OPTIONS.get(name, {}))
 
 
 def _make_constructor(name: str):
-    depth, hidden_size, patch_size, num_heads = MODEL_SHAPES[name]
+    design = model_design(name)
 
     def build(**kwargs: Any) -> SiT:
-        return SiT(depth=depth, hidden_size=hidden_size, patch_size=patch_size, num_heads=num_heads, **kwargs)
+        return SiT(**{**design, **kwargs})
 
     build.__name__ = name.replace("-", "_").replace("/", "_")
-    build.__doc__ = f"{name}: depth {depth}, width {hidden_size}, patch {patch_size}, {num_heads} heads."
+    options = ", ".join(f"{key}={value}" for key, value in MODEL_OPTIONS.get(name, {}).items())
+    build.__doc__ = (f"{name}: depth {design['depth']}, width {design['hidden_size']}, patch {design['patch_size']}, "
+                     f"{design['num_heads']} heads{'; ' + options if options else ''}.")
     return build
 
 
@@ -506,16 +623,19 @@ SiT_XL_2, SiT_XL_4, SiT_XL_8 = SiT_models["SiT-XL/2"], SiT_models["SiT-XL/4"], S
 SiT_L_2, SiT_L_4, SiT_L_8 = SiT_models["SiT-L/2"], SiT_models["SiT-L/4"], SiT_models["SiT-L/8"]
 SiT_B_2, SiT_B_4, SiT_B_8 = SiT_models["SiT-B/2"], SiT_models["SiT-B/4"], SiT_models["SiT-B/8"]
 SiT_S_2, SiT_S_4, SiT_S_8 = SiT_models["SiT-S/2"], SiT_models["SiT-S/4"], SiT_models["SiT-S/8"]
+SiT_XL_1, SiT_L_1, SiT_B_1 = SiT_models["SiT-XL/1"], SiT_models["SiT-L/1"], SiT_models["SiT-B/1"]
+LightningDiT_XL_1, LightningDiT_B_1 = SiT_models["LightningDiT-XL/1"], SiT_models["LightningDiT-B/1"]
 
 # Head counts of the published widths (not recoverable from parameter shapes).
 HEADS_FOR_WIDTH = {hidden: heads for _, hidden, _, heads in MODEL_SHAPES.values()}
 
 
 def model_name_for_config(config: dict) -> Optional[str]:
-    """The SiT_models name whose depth/width/patch/heads match `config`, or None."""
-    key = (config["depth"], config["hidden_size"], config["patch_size"], config["num_heads"])
-    for name, shape in MODEL_SHAPES.items():
-        if shape == key:
+    """The SiT_models name whose depth/width/patch/heads and block options (BLOCK_OPTIONS) match `config`, or None."""
+    for name in MODEL_SHAPES:
+        design = model_design(name)
+        if all(config.get(key, getattr(ModelConfig, key)) == design.get(key, getattr(ModelConfig, key))
+               for key in ("depth", "hidden_size", "patch_size", "num_heads", *BLOCK_OPTIONS)):
             return name
     return None
 
@@ -524,7 +644,8 @@ def model_config_from_state_dict(state_dict: dict) -> dict:
     """Read SiT constructor arguments back from parameter shapes.
 
     Raises ValueError when the dict is not a SiT state dict. The head count is not in the
-    shapes: it is taken from the published widths, else a head size of 64 is assumed;
+    shapes but QK-norm's: else it is taken from the published widths, else a head size of 64 is assumed; SwiGLU,
+    RMSNorm and QK-norm show in the parameter names, RoPE (no weights) does not and is read as off;
     checkpoints written by train.py store the exact config beside the weights.
     """
     required = ["pos_embed", "x_embedder.proj.weight", "y_embedder.embedding_table.weight", "final_layer.linear.weight"]
@@ -536,11 +657,24 @@ def model_config_from_state_dict(state_dict: dict) -> dict:
     depth = len({key.split(".")[1] for key in state_dict if key.startswith("blocks.") and key.endswith("attn.qkv.weight")})
     grid = math.isqrt(num_patches)
     out_channels = state_dict["final_layer.linear.weight"].shape[0] // (patch_size * patch_size)
-    mlp_hidden = state_dict["blocks.0.mlp.fc1.weight"].shape[0] if depth else 4 * hidden_size
-    num_heads = HEADS_FOR_WIDTH.get(hidden_size, max(1, hidden_size // 64))
+    swiglu = "blocks.0.mlp.w12.weight" in state_dict
+    if not depth:
+        mlp_ratio = 4.0
+    elif swiglu:  # SwiGLU keeps int(2/3 of the GELU MLP's hidden size): the published ratio 4 when it fits
+        hidden = state_dict["blocks.0.mlp.w12.weight"].shape[0] // 2
+        ratios = [4.0] + [width / hidden_size for width in range(int(1.5 * hidden), int(1.5 * hidden) + 3)]
+        mlp_ratio = next((ratio for ratio in ratios if int(2 / 3 * int(hidden_size * ratio)) == hidden), ratios[1])
+    else:
+        mlp_ratio = state_dict["blocks.0.mlp.fc1.weight"].shape[0] / hidden_size
+    qk_norm = "blocks.0.attn.q_norm.weight" in state_dict
+    if qk_norm:  # QK-norm's weights have the head size
+        num_heads = hidden_size // state_dict["blocks.0.attn.q_norm.weight"].shape[0]
+    else:
+        num_heads = HEADS_FOR_WIDTH.get(hidden_size, max(1, hidden_size // 64))
     return ModelConfig(  # the rest (label dropout) as the fields' defaults
         input_size=grid * patch_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
-        depth=depth, num_heads=num_heads, mlp_ratio=mlp_hidden / hidden_size,
+        depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
         num_classes=state_dict["y_embedder.embedding_table.weight"].shape[0] - 1,
-        learn_sigma=out_channels == 2 * in_channels,
+        learn_sigma=out_channels == 2 * in_channels, swiglu=swiglu,
+        rms_norm="final_layer.norm_final.weight" in state_dict, qk_norm=qk_norm,
     ).to_dict()

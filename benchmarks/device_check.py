@@ -6,11 +6,12 @@
 Prints a table (check | result | figure | tolerance): golden parity of the model and of one ODE and
 one SDE sample against the original's recording (fp32), bf16/fp16 autocast training of SiT-S/2
 against fp32, --compile without recompiles over training and sampler steps, the SDPA kernel picked
-for SiT-XL/2's attention in bf16, a world-size-1 process group through torchrun's setup (NCCL on a
-GPU) with FSDP2 steps, no host sync inside the training step, sample.py end to end on a random SiT-XL/2
-and SD-VAE, benchmarks/bench.py for SiT-XL/2 at 256 (batch 64, bf16, compile) against the original-style
-loop, with the speed targets, and train.py and sample_ddp.py timed through their own logs against
-bench.py's steps (docs/speed.md; an estimated 4 of the 8 minutes: `--skip scripts` if short of time).
+for SiT-XL/2's attention in bf16 (and for LightningDiT-XL/1's, RoPE and QK-norm on), a world-size-1
+process group through torchrun's setup (NCCL on a GPU) with FSDP2 steps, no host sync inside the training
+step, sample.py end to end on a random SiT-XL/2 and SD-VAE, benchmarks/bench.py for SiT-XL/2 at 256 (batch
+64, bf16, compile) against the original-style loop, with the speed targets, and train.py and sample_ddp.py
+timed through their own logs against bench.py's steps (docs/speed.md; an estimated 4 of the 8 minutes:
+`--skip scripts` if short of time).
 On a CPU the checks whose code runs there use small sizes and the CUDA-only ones say SKIPPED (exit 0).
 Results: PASS, FAIL, SKIPPED (the figure says why), MISS (a speed target not reached, which fails
 the run only with --strict-targets) and INFO (a measured figure without a target).
@@ -37,7 +38,7 @@ from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from models import Attention, SiT, SiT_models  # noqa: E402
+from models import Attention, SiT, SiT_models, rope_tables  # noqa: E402
 from sit.checkpoint import TrainCheckpoint  # noqa: E402
 from sit.cli import DefaultsInHelp, run_main  # noqa: E402
 from sit.distributed import agree, all_reduce_mean, cleanup_distributed, setup_distributed  # noqa: E402
@@ -266,28 +267,38 @@ def check_compile(ctx: CheckContext) -> list[Row]:
     return rows
 
 
-def check_sdpa(ctx: CheckContext) -> list[Row]:
-    """Which SDPA kernel PyTorch picks for SiT-XL/2's attention (4 x 256 tokens, 16 heads of 72) in
-    bf16 (profiler), and that forward and backward run with only flash/memory-efficient enabled."""
+def sdpa_row(ctx: CheckContext, check: str, attention: Attention, rope: Optional[tuple] = None) -> Row:
+    """Which SDPA kernel PyTorch picks for this attention over 4 x 256 tokens in bf16 (profiler), and that
+    forward and backward run with only flash/memory-efficient enabled."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.profiler import ProfilerActivity, profile
 
-    attention = Attention(1152, 16).to(ctx.device)
-    x = torch.randn(4, 256, 1152, device=ctx.device, requires_grad=True)
+    attention = attention.to(ctx.device)
+    rope = rope and tuple(table.to(ctx.device) for table in rope)
+    x = torch.randn(4, 256, attention.proj.in_features, device=ctx.device, requires_grad=True)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.cuda else [])
     with profile(activities=activities) as prof, autocast("bf16", ctx.device):
-        attention(x).float().sum().backward()
+        attention(x, rope).float().sum().backward()
     picked = sorted({event.name.removeprefix("aten::") for event in prof.events() if "scaled_dot_product" in event.name
                      and "backward" not in event.name and event.name != "aten::scaled_dot_product_attention"})
     fused = bool(picked) and all(any(kind in name for kind in FUSED_SDPA) for name in picked)
     try:
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]), autocast("bf16", ctx.device):
-            attention(x).float().sum().backward()
+            attention(x, rope).float().sum().backward()
         restricted = "flash/efficient-only run OK"
     except RuntimeError as error:
         fused, restricted = False, f"flash/efficient-only run failed: {str(error).splitlines()[0][:80]}"
-    return [Row(f"SDPA kernel, XL/2 shapes bf16 on {ctx.device.type}", "PASS" if fused else "FAIL",
-                f"{', '.join(picked) or 'none'}; {restricted}", "flash or memory-efficient")]
+    return Row(f"{check} bf16 on {ctx.device.type}", "PASS" if fused else "FAIL", f"{', '.join(picked) or 'none'}; "
+               f"{restricted}", "flash or memory-efficient")
+
+
+def check_sdpa(ctx: CheckContext) -> list[Row]:
+    """The SDPA kernel of SiT-XL/2's attention (16 heads of 72), and of LightningDiT-XL/1's with 2-D RoPE
+    over its 16 x 16 patches and QK-norm (RMSNorm) on: q and k are turned and normalised before the one
+    SDPA call, which must stay a fused kernel."""
+    return [sdpa_row(ctx, "SDPA kernel, XL/2 shapes", Attention(1152, 16)),
+            sdpa_row(ctx, "SDPA kernel, XL/1 RoPE+QK-norm", Attention(1152, 16, qk_norm=True, rms_norm=True),
+                     rope_tables(16, 72))]
 
 
 #################################################################################

@@ -13,7 +13,7 @@ import sys
 from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from models import MODEL_SHAPES  # noqa: E402
+from models import MODEL_SHAPES, model_design  # noqa: E402
 from sit.cli import DefaultsInHelp, positive_int, run_main  # noqa: E402
 from sit.latents import LatentSpace, latent_space  # noqa: E402
 from sit.speed import PRECISIONS  # noqa: E402
@@ -42,9 +42,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def model_kwargs(name: str, image_size: int, num_classes: int, space: Optional[LatentSpace] = None) -> dict:
     """SiT constructor arguments of a --model on the latents of `space` (default: SD-VAE's)."""
     space = space or latent_space("ema")
-    depth, hidden_size, patch_size, num_heads = MODEL_SHAPES[name]
-    return dict(input_size=space.input_size(image_size), in_channels=space.channels, patch_size=patch_size,
-                hidden_size=hidden_size, depth=depth, num_heads=num_heads, num_classes=num_classes)
+    return dict(input_size=space.input_size(image_size), in_channels=space.channels, **model_design(name),
+                num_classes=num_classes)
 
 
 def gib(value: int) -> str:

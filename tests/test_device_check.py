@@ -28,6 +28,7 @@ CPU_ROWS = [
     ("compile: sample.py sampler steps", "SKIPPED"),
     ("no host sync inside the training step", "SKIPPED"),
     ("SDPA kernel, XL/2 shapes bf16 on cpu", "PASS"),
+    ("SDPA kernel, XL/1 RoPE+QK-norm bf16 on cpu", "PASS"),
     ("process group (gloo), world size 1", "PASS"),
     ("FSDP2 step (world size 1) vs unsharded", "PASS"),
     ("FSDP2 bf16+compile+ckpt+clip vs fp32", "PASS"),
@@ -57,7 +58,7 @@ def test_cpu_run_passes_what_runs_here_and_skips_the_cuda_parts(tmp_path):
         assert figure and tolerance, check
         if status == "SKIPPED":
             assert tolerance == "-" and ("CUDA" in figure or "GPU" in figure)
-    assert "summary: 11 PASS, 4 SKIPPED" in result.stdout
+    assert "summary: 12 PASS, 4 SKIPPED" in result.stdout
     stored = json.loads((tmp_path / "rows.json").read_text())["rows"]
     assert [[row["check"], row["result"], row["figure"], row["tolerance"]] for row in stored] == rows
 
@@ -79,6 +80,8 @@ def test_a_check_that_raises_is_one_fail_row_and_the_others_still_run(tmp_path):
     rows = run_checks(["parity", "sdpa"], REPO, CPU, str(tmp_path / "parity.pt"), lambda *report: None)
     assert (rows[0].check, rows[0].result) == ("parity", "FAIL") and rows[0].figure.startswith("UnpicklingError")
     assert rows[1].result == "PASS" and "flash_attention" in rows[1].figure
+    assert rows[2].check == "SDPA kernel, XL/1 RoPE+QK-norm bf16 on cpu"  # q, k turned and normalised first
+    assert rows[2].result == "PASS" and "flash_attention" in rows[2].figure
 
 
 def test_without_the_recording_the_device_is_held_to_the_cpu(tmp_path):

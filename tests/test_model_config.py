@@ -21,7 +21,17 @@ STORED = {"input_size": 8, "patch_size": 2, "in_channels": 3, "hidden_size": 32,
 def test_the_fields_are_sits_arguments_with_the_same_defaults():
     signature = inspect.signature(models.SiT).parameters
     assert list(signature) == [spec.name for spec in dataclasses.fields(ModelConfig)]
-    assert {name: parameter.default for name, parameter in signature.items()} == ModelConfig().to_dict()
+    assert {name: parameter.default for name, parameter in signature.items()} == {
+        spec.name: spec.default for spec in dataclasses.fields(ModelConfig)}
+
+
+def test_block_options_are_stored_only_when_set():
+    # the block options (stored_if_set) leave a config without them stored as before; one that is on is stored
+    before = {**STORED, **added_fields()}
+    assert list(ModelConfig().to_dict()) == list(before) and not {"rope", "qk_norm"} & set(before)
+    stored = models.SiT(**TINY, rope=True, qk_norm=True).config
+    assert stored == {**before, "rope": True, "qk_norm": True} and list(stored)[-2:] == ["rope", "qk_norm"]
+    assert ModelConfig.from_dict(stored).to_dict() == stored
 
 
 def added_fields() -> dict:
@@ -64,6 +74,10 @@ def test_an_old_stored_config_without_a_field_loads_with_its_default():
     ({"widht": 32}, "the model config has unknown key(s) widht (valid: input_size, patch_size, "),
     ({"input_size": 9}, "the model config's input_size 9 is not divisible by patch_size 2"),
     ({"num_heads": 3}, "the model config's hidden_size 32 is not divisible by num_heads 3"),
+    ({"rope": 1}, "the model config's rope must be true or false, got 1"),
+    ({"rope": True, "hidden_size": 24, "num_heads": 4},
+     "the model config's rope needs a head size (hidden_size / num_heads) divisible by 4 to cover the patch grid's "
+     "rows and columns, got 24 / 4 = 6"),
 ])
 def test_bad_values_are_refused_naming_the_key(change, message):
     problem = ModelConfig.problem_of({**STORED, **change})
@@ -91,6 +105,9 @@ def test_ints_are_numbers_but_bools_are_not():
     dict(TINY, learn_sigma=False, class_dropout_prob=0.0, mlp_ratio=2.5),
     dict(input_size=16, patch_size=4, in_channels=4, hidden_size=48, depth=3, num_heads=3, mlp_ratio=0.5, num_classes=7),
     dict(input_size=12, patch_size=3, in_channels=1, hidden_size=36, depth=2, num_heads=6, num_classes=1),
+    dict(TINY, rope=True, swiglu=True, rms_norm=True, qk_norm=True),
+    dict(TINY, swiglu=True, mlp_ratio=2.5),
+    dict(TINY, qk_norm=True),  # LayerNorm with affine per head
 ])
 def test_parameter_count_is_that_of_a_real_sit(config):
     built = models.SiT(**config)
@@ -107,7 +124,8 @@ def test_parameter_count_of_published_models_allocates_nothing():
 
 def test_model_config_flag_keys_are_the_networks_not_the_datas():
     assert MODEL_CONFIG_KEYS == ("patch_size", "hidden_size", "depth", "num_heads", "mlp_ratio",
-                                 "class_dropout_prob", "learn_sigma", *added_fields())
+                                 "class_dropout_prob", "learn_sigma", "mean_flow", "rope", "swiglu", "rms_norm",
+                                 "qk_norm")
     assert set(ModelConfig().to_dict()) - set(MODEL_CONFIG_KEYS) == {"input_size", "in_channels", "num_classes"}
 
 
@@ -134,12 +152,13 @@ def test_the_model_config_flag_accepts_what_a_checkpoint_may_hold():
 # "Add a model option" (docs/ARCHITECTURE.md): a new field of ModelConfig needs a value here that differs
 # from its default; the test below then carries it through train.py, the checkpoint and load_model.
 OTHER_VALUES = {"patch_size": 4, "hidden_size": 48, "depth": 2, "num_heads": 3, "mlp_ratio": 2.0,
-                "class_dropout_prob": 0.2, "learn_sigma": False, "mean_flow": True}
+                "class_dropout_prob": 0.2, "learn_sigma": False, "mean_flow": True, "rope": True, "swiglu": True,
+                "rms_norm": True, "qk_norm": True}
 
 
 def test_every_network_option_has_a_value_for_the_round_trip_below():
     assert set(OTHER_VALUES) == set(MODEL_CONFIG_KEYS)
-    defaults = ModelConfig().to_dict()
+    defaults = {spec.name: spec.default for spec in dataclasses.fields(ModelConfig)}
     assert all(OTHER_VALUES[key] != defaults[key] and ModelConfig.value_problem(key, value) is None
                for key, value in OTHER_VALUES.items())
 

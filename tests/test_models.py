@@ -26,15 +26,18 @@ def randomize(model: models.SiT, seed: int = 0) -> models.SiT:
     return model.eval()
 
 
-def test_twelve_model_names():
-    expected = {f"SiT-{size}/{patch}" for size in ("S", "B", "L", "XL") for patch in (2, 4, 8)}
-    assert set(models.SiT_models) == expected
-    assert len(models.SiT_models) == 12
+ORIGINAL_NAMES = {f"SiT-{size}/{patch}" for size in ("S", "B", "L", "XL") for patch in (2, 4, 8)}
+
+
+def test_the_original_twelve_model_names_and_the_patch_1_ones():
+    assert len(ORIGINAL_NAMES) == 12
+    patch_1 = {"SiT-XL/1", "SiT-L/1", "SiT-B/1", "LightningDiT-XL/1", "LightningDiT-B/1"}  # docs/backbones.md
+    assert set(models.SiT_models) == ORIGINAL_NAMES | patch_1
 
 
 def test_reference_has_all_24_pairs():
     assert len(REFERENCE) == 24
-    assert {key.split("@")[0] for key in REFERENCE} == set(models.SiT_models)
+    assert {key.split("@")[0] for key in REFERENCE} == ORIGINAL_NAMES
 
 
 @pytest.mark.parametrize("key", sorted(REFERENCE))

@@ -14,6 +14,7 @@ from sit.sampling.presets import PRESETS, apply_preset, preset_names, preset_tab
 from transport.integrators import SDESolver
 
 ODE_PRESET, SDE_PRESET, REPA_PRESET = "sit-xl2-256-ode-cfg1.5", "sit-xl2-256-sde", "repa-xl2-256-sde-cfg1.8-interval"
+ODE_512_PRESET = "sit-xl2-512-ode-cfg1.5"
 SDE_250 = SDEConfig(sampling_method="Euler", num_steps=250, diffusion_form="sigma", diffusion_norm=1.0,
                     last_step="Mean", last_step_size=0.04)
 EXPECTED = {  # preset -> (sampler, guidance) of its SamplingConfig
@@ -21,15 +22,18 @@ EXPECTED = {  # preset -> (sampler, guidance) of its SamplingConfig
                  GuidanceConfig(scale=1.5, all_channels=False, interval=(0.0, 1.0))),
     SDE_PRESET: (SDE_250, GuidanceConfig(scale=1.0, all_channels=False, interval=(0.0, 1.0))),
     REPA_PRESET: (SDE_250, GuidanceConfig(scale=1.8, all_channels=True, interval=(0.3, 1.0))),
+    ODE_512_PRESET: (ODEConfig(sampling_method="heun2", num_steps=125, atol=1e-6, rtol=1e-3, reverse=False),
+                     GuidanceConfig(scale=1.5, all_channels=False, interval=(0.0, 1.0))),
 }
 
 
 def test_the_presets_are_the_published_ones():
-    assert list(PRESETS) == [ODE_PRESET, SDE_PRESET, REPA_PRESET]
+    assert list(PRESETS) == [ODE_PRESET, SDE_PRESET, REPA_PRESET, ODE_512_PRESET]
     assert preset_names() == [*PRESETS, "list"]
     assert "2.06" in PRESETS[ODE_PRESET].published and "issue #18" in PRESETS[ODE_PRESET].source
     assert "8.3" in PRESETS[SDE_PRESET].published and "not verified" in PRESETS[SDE_PRESET].note
     assert "1.42" in PRESETS[REPA_PRESET].published and "sihyun-yu/REPA" in PRESETS[REPA_PRESET].source
+    assert "2.62" in PRESETS[ODE_512_PRESET].published and "not published" in PRESETS[ODE_512_PRESET].note
 
 
 @pytest.mark.parametrize("name", list(EXPECTED))
@@ -37,7 +41,8 @@ def test_a_preset_fills_its_exact_flags_before_the_config_is_built(name):
     args, config, preset = sample_ddp.parse_command_line(["--preset", name])  # the mode comes from the preset
     sampler, guidance = EXPECTED[name]
     assert config.sampler == sampler and config.guidance == guidance
-    assert (config.request.model_name, config.request.image_size, config.request.vae) == ("SiT-XL/2", 256, "ema")
+    image_size = 512 if name == ODE_512_PRESET else 256
+    assert (config.request.model_name, config.request.image_size, config.request.vae) == ("SiT-XL/2", image_size, "ema")
     assert config.num_images == 50_000 and config.request.ckpt is None
     assert config.precision == "tf32" and config.seed == 0 and config.batch_size == 4  # not the preset's to set
     assert preset.filled == tuple(" ".join((flag, *values)) for flag, values in PRESETS[name].flags)

@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass
 from typing import AbstractSet, Any, ClassVar, Mapping, Optional
 
-from models import MODEL_SHAPES, ModelConfig, SiT_models, has_null_class
+from models import ModelConfig, SiT_models, has_null_class, model_design
 from sit.checkpoint import TRANSPORT_KEYS, model_config_problem, model_shape_name
 from sit.cli import (add_speed_arguments, decay_rate, guidance_scale, non_negative_float, non_negative_int,
                      positive_float, positive_int)
@@ -113,12 +113,11 @@ class ModelSettings:
 
     def sit_kwargs(self) -> dict:
         """SiT constructor arguments: (3, H, W) pixels or (4, H/8, W/8) SD-VAE latents, the --model
-        shape, then the --model-config overrides. Raises UsageError for a bad --model-config."""
-        depth, hidden_size, patch_size, num_heads = MODEL_SHAPES[self.model]
+        shape and options (models.model_design), then the --model-config overrides. Raises UsageError for
+        a bad --model-config."""
         space = self.space
         config = dict(input_size=space.input_size(self.image_size), in_channels=space.channels,
-                      patch_size=patch_size, hidden_size=hidden_size, depth=depth, num_heads=num_heads,
-                      num_classes=self.num_classes)
+                      **model_design(self.model), num_classes=self.num_classes)
         config.update(parse_model_config(self.model_config))
         return config
 
