@@ -3,7 +3,9 @@
     torchrun --nnodes=1 --nproc_per_node=N extract_features.py --data-path /imagenet/train --features-path features/in256
 
 Stores the VAE posterior (mean and std) of every image and of its horizontal flip, in blocks; a run
-that stops can be started again with the same command and continues with the missing blocks.
+that stops can be started again with the same command and continues with the missing blocks. At the
+end it measures the latents' per-channel mean and std over the whole folder (all ranks), recorded in
+meta.json for train.py --latent-norm per-channel (run it again on an older complete folder to add them).
 --repa-encoder NAME also stores that encoder's patch tokens of both, for train.py --feature-path
 --repa-encoder NAME (DINOv2-B at 256 px: 256 x 768 values per side, 0.75 MiB per image in float16).
 See sit/data/features.py for the format and sit/data/extraction.py for the writing.
@@ -18,14 +20,15 @@ from typing import Optional, Sequence
 
 from sit.cli import ScriptParser, exit_process, non_negative_int, positive_int, run_main
 from sit.data.extraction import (ExtractionConfig, check_features_path, discard_unstarted_folder, encode_blocks,
-                                 feature_blocks, is_block_done, mark_complete, open_image_folder,
+                                 feature_blocks, is_block_done, mark_complete, measure_blocks, open_image_folder,
                                  open_feature_folder)
 from sit.data.features import read_meta
 from sit.data.images import TrainImageFolder
-from sit.distributed import DistContext, agree, cleanup_distributed, on_main, setup_distributed
+from sit.distributed import DistContext, agree, cleanup_distributed, on_main, reduce_numbers, setup_distributed
 from sit.encoders import canonical_encoder_name, load_encoder
 from sit.generation import blocks_of_rank
 from sit.latents import canonical_latent_space_name, load_latent_space
+from sit.latents.statistics import ChannelMoments
 from sit.locks import folder_locks_released, holds_folder_lock
 from sit.speed import configure_cpu_threads
 
@@ -72,9 +75,14 @@ def encode_missing_blocks(ctx: DistContext, config: ExtractionConfig, dataset: T
         print(f"Encoding {meta['num_images']:,} images in {len(blocks) * ctx.world_size} blocks; "
               f"{len(blocks) - len(todo)} of this rank's {len(blocks)} blocks already done.")
     agree(ctx, functools.partial(encode_blocks, config, dataset, space, meta, todo, ctx.device, ctx.is_main, encoder))
-    complete = on_main(ctx, functools.partial(mark_complete, config.features_path, meta))
+    moments = agree(ctx, functools.partial(measure_blocks, config.features_path, meta, blocks))  # this rank's blocks
+    channels = meta["latent_shape"][0]
+    statistics = ChannelMoments.from_flat(reduce_numbers(moments.flat(), ctx.device), channels).statistics()
+    complete = on_main(ctx, functools.partial(mark_complete, config.features_path, meta, statistics))
     if ctx.is_main:
         print(f"Features {'complete' if complete else 'INCOMPLETE'} in {config.features_path}")
+        print(f"Latent statistics per channel: mean {[round(v, 4) for v in statistics.mean]}, "
+              f"std {[round(v, 4) for v in statistics.std]}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

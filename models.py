@@ -54,7 +54,7 @@ class ModelConfig:
     class_dropout_prob: float = _hyperparameter(0.1, 0.0, 1.0, below_high=True)  # the original's label dropout
     num_classes: int = _hyperparameter(1000, 1, 10_000_000, from_data=True)
     learn_sigma: bool = _hyperparameter(True)
-    mean_flow: bool = _hyperparameter(False)  # a second time input r: MeanFlow (sit/training/meanflow.py)
+    mean_flow: bool = _hyperparameter(False, stored_if_set=True)  # a second time input r: MeanFlow (sit/training/meanflow.py)
     # LightningDiT's block options (docs/backbones.md), each off by default: the original's block
     rope: bool = _hyperparameter(False, stored_if_set=True)      # 2-D rotary position embedding of q and k
     swiglu: bool = _hyperparameter(False, stored_if_set=True)    # SwiGLU feed-forward instead of the GELU MLP

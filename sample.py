@@ -119,7 +119,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     model, settings = load_sampling_model(config, device, vae_default="mse")
     labels = labels_for(args.class_labels, config.num_images, settings.num_classes)
-    space = as_latent_space(load_decoder(settings.vae, device))  # None: pixels
+    space = as_latent_space(load_decoder(settings.vae, device, settings.latent_statistics))  # None: pixels
     sample_fn = build_sample_fn(settings.transport, config.sampler)
     sampler = config.sampler
     logger.info(f"{settings.name} ({settings.ckpt or 'published'}), {settings.image_size}px, {sampler.describe()}, "

@@ -12,6 +12,8 @@ A train checkpoint is a plain dict (nanoGPT style), loadable with `torch.load(we
     experiment_dir, wandb_id
     extras                 with loss terms that have parameters: {term name: its state dict} (sit.training.terms;
                            sampling ignores them; older REPA checkpoints hold "repa_projector" instead)
+    latent_statistics      with --latent-norm per-channel: {"mean": [C], "std": [C], "count": n} of the latents
+                           the model learned normalised (sit.latents.statistics); sampling de-normalises with them
     <extension name>       each loop extension's state under its own name, when it has one: "phema" (the
                            power-function EMAs), "healing" (skipped batches, rollbacks, recent losses)
 Published checkpoints and bare state dicts hold only weights; they load for sampling and fine-tuning.
@@ -38,9 +40,11 @@ from sit.config import Rule, Setting, resolve_settings
 from sit.errors import UsageError
 from sit.files import atomic_torch_save, check_free_space, format_bytes
 from sit.latents import PixelSpace, recorded_latent_space
+from sit.latents.statistics import CONSTANT, PER_CHANNEL, LatentStatistics
 
 RESUMABLE_KEYS = ("model", "ema", "opt", "args", "model_config", "train_steps")
-CORE_KEYS = RESUMABLE_KEYS + ("epoch", "epoch_step", "rng", "scaler", "experiment_dir", "wandb_id", "extras")
+CORE_KEYS = RESUMABLE_KEYS + ("epoch", "epoch_step", "rng", "scaler", "experiment_dir", "wandb_id", "extras",
+                               "latent_statistics")
 # older checkpoints' key of a loss term's state -> (the term's name, the prefix of its state dict's keys)
 LEGACY_EXTRAS = {"repa_projector": ("repa", "projector.")}
 TRANSPORT_KEYS = ("path_type", "prediction", "loss_weight", "train_eps", "sample_eps")
@@ -76,6 +80,7 @@ class TrainCheckpoint:
     wandb_id: Optional[str] = None
     extras: dict = field(default_factory=dict)  # loss terms' state dicts by name (stored only when not empty)
     extensions: dict = field(default_factory=dict)  # loop extensions' states by name (each stored only when not empty)
+    latent_statistics: Optional[dict] = None  # --latent-norm per-channel's statistics (stored only then)
 
     @classmethod
     def from_dict(cls, checkpoint: dict) -> "TrainCheckpoint":
@@ -87,7 +92,8 @@ class TrainCheckpoint:
                    scaler=checkpoint.get("scaler") or {}, experiment_dir=checkpoint.get("experiment_dir"),
                    wandb_id=checkpoint.get("wandb_id"), extras=extras_of(checkpoint),
                    extensions={key: value for key, value in checkpoint.items()
-                               if key not in CORE_KEYS and key not in LEGACY_EXTRAS and isinstance(value, dict)})
+                               if key not in CORE_KEYS and key not in LEGACY_EXTRAS and isinstance(value, dict)},
+                   latent_statistics=checkpoint.get("latent_statistics"))
 
     def to_dict(self) -> dict:
         """The stored form: plain containers and tensors only (the optional parts only when present)."""
@@ -97,6 +103,8 @@ class TrainCheckpoint:
                   "scaler": self.scaler, "wandb_id": self.wandb_id}
         if self.extras:
             stored["extras"] = self.extras
+        if self.latent_statistics is not None:
+            stored["latent_statistics"] = self.latent_statistics
         stored.update({key: value for key, value in self.extensions.items() if value})
         return stored
 
@@ -308,6 +316,20 @@ def checkpoint_info(config: dict, settings: dict) -> dict:
     }
 
 
+def stored_latent_statistics(checkpoint: dict, source: str, channels: int) -> Optional[LatentStatistics]:
+    """The statistics a --latent-norm per-channel checkpoint's model learned its latents normalised by (None:
+    constant, the latent space's own scale, as every older checkpoint); CheckpointError when they are
+    missing or unusable."""
+    if settings_of(checkpoint).get("latent_norm", CONSTANT) != PER_CHANNEL:
+        return None
+    try:
+        return LatentStatistics.from_dict(checkpoint.get("latent_statistics"), source,
+                                          "its model learned per-channel normalised latents and cannot be decoded "
+                                          "without them", channels=channels)
+    except UsageError as error:
+        raise download.CheckpointError(str(error)) from None
+
+
 def _same_shape(model_name: str, config: dict) -> bool:
     """Whether --model names the depth, width and patch size of this config."""
     depth, hidden_size, patch_size, _ = models.MODEL_SHAPES[model_name]
@@ -367,14 +389,16 @@ def load_model(ckpt: Optional[str | os.PathLike], model_name: Optional[str] = No
     or range are a TypeError/ValueError naming the argument; weights holding NaN or infinity are
     refused (CheckpointError naming the tensor).
     Returns (model on the CPU, info) with info = {"model_name", "image_size", "num_classes",
-    "in_channels", "pixel_space", "vae", "transport"}; "vae" and "transport" (path_type, prediction, loss_weight,
-    train_eps, sample_eps, those the args hold) come from the checkpoint's args, None without.
+    "in_channels", "pixel_space", "vae", "transport", "latent_statistics"}; "vae" and "transport" (path_type,
+    prediction, loss_weight, train_eps, sample_eps, those the args hold) come from the checkpoint's args, None
+    without; "latent_statistics": a --latent-norm per-channel model's LatentStatistics, else None.
     """
     check_load_arguments(ckpt, model_name, image_size, num_classes)
     source = download.published_model(model_name, image_size, num_classes) if ckpt is None else os.fspath(ckpt)
     checkpoint = download.load_checkpoint(source)
     config = model_config_of(checkpoint, source)
     info = checkpoint_info(config, settings_of(checkpoint))
+    info["latent_statistics"] = stored_latent_statistics(checkpoint, source, config["in_channels"])
     check_request(info, config, model_name, image_size, num_classes)
     weights = download.state_dict_of(checkpoint)
     bad = non_finite_tensor(weights)

@@ -208,7 +208,7 @@ def test_a_lightningdit_name_trains_and_its_checkpoint_rebuilds_the_same_design(
     checkpoint = str(experiment / "checkpoints" / "0000001.pt")
     stored = torch.load(checkpoint, weights_only=True)["model_config"]
     assert stored == dict(input_size=8, patch_size=1, in_channels=3, hidden_size=32, depth=1, num_heads=2,
-                          mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=2, learn_sigma=False, mean_flow=False,
+                          mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=2, learn_sigma=False,
                           rope=True, swiglu=True, rms_norm=True)
     model, _ = load_model(checkpoint)
     assert model.config == stored and isinstance(model.blocks[0].mlp, models.SwiGLU) and model.rope

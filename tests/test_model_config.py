@@ -35,7 +35,8 @@ def test_block_options_are_stored_only_when_set():
 
 
 def added_fields() -> dict:
-    """The fields added since STORED (e.g. mean_flow), at their defaults: stored after the original's keys."""
+    """The fields added since STORED that every config stores, at their defaults, after the original's keys
+    (none today: the newer options are stored only when set)."""
     return {key: value for key, value in ModelConfig().to_dict().items() if key not in STORED}
 
 

@@ -3,7 +3,10 @@ an existing folder is this run's, the VAE encoding of its blocks (and with --rep
 patch tokens), and the mark that it is complete.
 
 A run that stops leaves the finished blocks marked (done/<start>.ok); the same command continues
-with the others. Ranks take blocks in turn (sit.generation.blocks_of_rank).
+with the others. Ranks take blocks in turn (sit.generation.blocks_of_rank). Once every block is done,
+each rank sums the moments of its blocks' stored latents, the sums are added over the ranks, and
+meta.json records the per-channel statistics (sit.latents.statistics) with the completeness: measured
+from the arrays themselves, they are right after any number of interrupted runs.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from sit.encoders import VisionEncoder, describe_encoder
 from sit.errors import UsageError
 from sit.files import atomic_text, folder_problem, remove_temporaries
 from sit.latents import LatentSpace, latent_space
+from sit.latents.statistics import ChannelMoments, LatentStatistics
 from sit.locks import acquire_folder_lock
 from sit.generation import index_blocks
 
@@ -168,8 +172,21 @@ def encode_blocks(config: ExtractionConfig, dataset: TrainImageFolder, space: La
         atomic_text(block_marker(config.features_path, block.start), f"{len(block)}\n")
 
 
-def mark_complete(features_path: str, meta: dict) -> bool:
-    """Record in meta.json whether every block is done; returns it."""
+def measure_blocks(features_path: str, meta: dict, blocks: list[range]) -> ChannelMoments:
+    """The float64 moment sums of these blocks' stored posteriors (their values as stored, float16 or float32)."""
+    mean, std, _ = open_arrays(features_path, meta, "r")
+    moments = ChannelMoments(meta["latent_shape"][0])
+    for block in blocks:
+        moments.add(mean[block.start:block.stop], std[block.start:block.stop])  # (n, 2, C, h, w) each
+    return moments
+
+
+def mark_complete(features_path: str, meta: dict, statistics: Optional[LatentStatistics] = None) -> bool:
+    """Record in meta.json (atomically) whether every block is done and, when complete, the latents'
+    statistics; returns completeness."""
     complete = all(is_block_done(features_path, block) for block in feature_blocks(meta))
-    write_meta(features_path, {**meta, "complete": complete})
+    stored = {key: value for key, value in meta.items() if key != "latent_statistics"}
+    if complete and statistics is not None:
+        stored["latent_statistics"] = statistics.to_dict()
+    write_meta(features_path, {**stored, "complete": complete})
     return complete

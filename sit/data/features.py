@@ -1,7 +1,9 @@
 """Cached VAE latents: the on-disk format extract_features.py writes and train.py --feature-path reads.
 
 A feature folder holds, for N images of an ImageFolder (in its sorted order):
-    meta.json              image size, VAE, N, classes, latent shape, dtype, block size, completeness
+    meta.json              image size, VAE, N, classes, latent shape, dtype, block size, completeness and,
+                           once complete, "latent_statistics": {"mean": [C], "std": [C], "count": n} of the
+                           latents (sit.latents.statistics; train.py --latent-norm per-channel)
     mean.npy, std.npy      (N, 2, C, h, w) the VAE posterior's mean and std, [:, 0] for the image
                            and [:, 1] for its horizontal flip (unscaled, as the VAE returns them)
     labels.npy             (N,) int64 class indices

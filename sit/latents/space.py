@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
@@ -64,6 +64,7 @@ class LatentSpace(ABC):
     downsampling: int
     normalisation: Normalisation = Normalisation()
     pixel_space: bool = False  # the model learns the images themselves (train.py --vae none)
+    measured: Optional[Normalisation] = None  # replaces `normalisation`: per-channel statistics (use_normalisation)
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -75,13 +76,23 @@ class LatentSpace(ABC):
         """Ready to encode and decode on device (a space without a network is always ready); returns self."""
         return self
 
+    def use_normalisation(self, normalisation: Normalisation) -> "LatentSpace":
+        """Normalise with this instead of the space's own (--latent-norm per-channel: sit.latents.statistics);
+        returns self."""
+        self.measured = normalisation
+        return self
+
+    @property
+    def active_normalisation(self) -> Normalisation:
+        return self.measured if self.measured is not None else self.normalisation
+
     def normalise(self, raw: torch.Tensor) -> torch.Tensor:
         """Raw latents (N, C, L, L) -> what the model learns."""
-        return self.normalisation.apply(raw)
+        return self.active_normalisation.apply(raw)
 
     def denormalise(self, latents: torch.Tensor) -> torch.Tensor:
         """What the model learns (N, C, L, L) -> raw latents for the decoder."""
-        return self.normalisation.invert(latents)
+        return self.active_normalisation.invert(latents)
 
     @abstractmethod
     def posterior(self, images: torch.Tensor, precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:

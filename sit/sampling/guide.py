@@ -38,6 +38,9 @@ def check_guide(path: str, guide: SiT, info: Mapping[str, Any], main: SiT, setti
     if latent_shape(guide.config) != latent_shape(main.config):
         raise UsageError(f"{FLAG} {path} works on {describe_shape(guide.config)} but the main model on "
                          f"{describe_shape(main.config)}: the guide must see the same inputs")
+    if info.get("latent_statistics") != settings.latent_statistics:
+        raise UsageError(f"{FLAG} {path} learned latents normalised by other statistics than the main model's "
+                         f"(--latent-norm and the features it was trained on): guide with a model of the same latents")
     stored = info["transport"] or {}
     held = {key: stored.get(key) or TRANSPORT_SETTINGS[key].default for key in ("path_type", "prediction")}
     wanted = {"path_type": settings.transport.path_type, "prediction": settings.transport.prediction}

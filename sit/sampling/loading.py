@@ -18,6 +18,7 @@ from sit.checkpoint import load_model, model_shape_name
 from sit.config import SamplerFamily
 from sit.errors import UsageError, named_by, reported_as
 from sit.latents import LatentSpace, load_latent_space
+from sit.latents.statistics import LatentStatistics
 from sit.sampling.guide import attach_guide
 from sit.sampling.settings import ModelSettings, SamplingConfig, resolve_model_settings
 from sit.speed import compile_for_sampling, compile_model, configure_precision
@@ -80,14 +81,19 @@ def check_model_kind(model_config: dict, sampler: SamplerFamily) -> None:
                          f"meanflow; --ckpt is a velocity model: use mode ODE or SDE")
 
 
-def load_decoder(vae: Optional[str], device: torch.device) -> Optional[LatentSpace]:
+def load_decoder(vae: Optional[str], device: torch.device,
+                 statistics: Optional[LatentStatistics] = None) -> Optional[LatentSpace]:
     """The latent space --vae vae names, loaded on device (UsageError when it cannot load), or None for
-    pixel-space models (as sit.training's: sit.latents.as_latent_space reads None as pixels)."""
-    return None if vae is None else load_latent_space(vae, device)
+    pixel-space models (as sit.training's: sit.latents.as_latent_space reads None as pixels); with a
+    per-channel checkpoint's statistics it (de-)normalises by them."""
+    if vae is None:
+        return None
+    space = load_latent_space(vae, device)
+    return space if statistics is None else space.use_normalisation(statistics.normalisation())
 
 
 def load_for_sampling(config: SamplingConfig, device: torch.device, vae_default: str) -> SamplingModel:
     """The model, its settings and its VAE (see load_sampling_model)."""
     model, settings = load_sampling_model(config, device, vae_default)
     with reported_as("cannot load the model"):
-        return SamplingModel(model, load_decoder(settings.vae, device), settings)
+        return SamplingModel(model, load_decoder(settings.vae, device, settings.latent_statistics), settings)

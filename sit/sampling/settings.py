@@ -11,7 +11,8 @@ from typing import Any, Mapping, Optional
 
 from sit.config import TRANSPORT_SETTINGS, GuidanceConfig, SamplerFamily, TransportConfig, resolve_settings
 from sit.errors import UsageError
-from sit.latents import LATENT_SPACES, recorded_latent_space
+from sit.latents import LATENT_SPACES, canonical_latent_space_name, recorded_latent_space
+from sit.latents.statistics import LatentStatistics, same_latents
 from sit.sampling.families import SAMPLER_FAMILIES, family
 from sit.speed import AUTO, default_device_type, resolve_precision_choice
 from sit.training.experiment import checkpoint_in_folder
@@ -74,6 +75,7 @@ class ModelSettings:
     num_classes: int
     vae: Optional[str]
     transport: TransportConfig
+    latent_statistics: Optional[LatentStatistics] = None  # a --latent-norm per-channel checkpoint's: decoding uses them
 
 
 def resolve_precision(tf32: Optional[bool], precision: Optional[str]) -> str:
@@ -203,9 +205,16 @@ def chosen_vae(requested: Optional[str], info: Mapping[str, Any], default: str) 
     if requested_pixels:
         raise UsageError(f"--vae {requested} but the checkpoint's model works on {info['in_channels']}-channel "
                          f"VAE latents: pass --vae ema, mse or a VAE folder, or drop --vae")
+    stored = info["vae"]
+    if info.get("latent_statistics") is not None and isinstance(stored, str):  # the statistics are of stored's latents
+        if requested is not None and not same_latents(canonical_latent_space_name(requested), stored):
+            raise UsageError(f"--vae {requested} but the checkpoint's model learned the latents of {stored} normalised "
+                             f"by their per-channel statistics: drop --vae (or pass where that autoencoder is now)")
+        if requested is None and stored not in LATENT_SPACES and not os.path.exists(stored):
+            raise UsageError(f"the checkpoint's latent space {stored} is not here, and its per-channel "
+                             f"statistics belong to that autoencoder: pass --vae with where it is now")
     if requested is not None:
         return requested
-    stored = info["vae"]
     if not isinstance(stored, str):
         return default
     if stored in LATENT_SPACES:
@@ -243,4 +252,5 @@ def resolve_model_settings(config: SamplingConfig, info: Mapping[str, Any], *, h
     check_balanced_count(config, info["num_classes"])
     return ModelSettings(name=request.model_name or info["model_name"] or shape_name, ckpt=request.ckpt,
                          image_size=info["image_size"], num_classes=info["num_classes"],
-                         vae=resolve_vae(request.vae, info, vae_default), transport=transport)
+                         vae=resolve_vae(request.vae, info, vae_default), transport=transport,
+                         latent_statistics=info.get("latent_statistics"))

@@ -16,11 +16,13 @@ from models import ModelConfig
 from sit.checkpoint import check_epoch_position, check_train_checkpoint, settings_of
 from sit.distributed import DistContext, cleanup_distributed, launched_rank, launched_world_size, setup_distributed
 from sit.errors import RunFailure, UsageError
+from sit.latents.statistics import LatentStatistics
 from sit.files import check_free_space
 from sit.locks import folder_locks_released
 from sit.training.checks import (check_checkpoint_settings, check_enough_data, check_fid_reference, check_results_dir,
                                  nothing_left_to_do, unused_setting_warnings)
 from sit.training.data import TrainDataset, features_vae, open_training_data
+from sit.training.decoder import run_latent_statistics
 from sit.training.experiment import StartPoint, discard_unfinished_experiments, experiment_dir_of, start_checkpoint
 from sit.training.loop import train
 from sit.training.monitor import TrainingDiverged
@@ -37,6 +39,7 @@ class TrainingPlan:
     start: StartPoint
     warnings: list[str]
     finished: Optional[str] = None
+    latent_statistics: Optional[LatentStatistics] = None  # --latent-norm per-channel (sit.training.decoder)
 
 
 def plan_training(flags: Mapping[str, Any], explicit: AbstractSet[str], world_size: int) -> TrainingPlan:
@@ -59,7 +62,9 @@ def plan_training(flags: Mapping[str, Any], explicit: AbstractSet[str], world_si
     finished = nothing_left_to_do(config, start.checkpoint if start.resuming else None, start.source, explicit)
     dataset = open_training_data(config, resolved.origin)
     listing = [dataset.listing_warning] if getattr(dataset, "listing_warning", None) else []
-    return TrainingPlan(config, dataset, start, start.warnings + warnings + listing, finished)
+    statistics = run_latent_statistics(config.model, config.data.feature_path, getattr(dataset, "meta", None),
+                                       start.checkpoint if start.resuming else None, stored)
+    return TrainingPlan(config, dataset, start, start.warnings + warnings + listing, finished, statistics)
 
 
 def check_start(plan: TrainingPlan, world_size: int) -> None:
@@ -108,7 +113,8 @@ def run_training(plan: TrainingPlan) -> None:
     stop.connect()
     try:
         with folder_locks_released():  # the experiment folder's lock (sit.locks), held by rank 0
-            train(plan.config, ctx=ctx, dataset=plan.dataset, start=plan.start, warnings=plan.warnings, stop=stop)
+            train(plan.config, ctx=ctx, dataset=plan.dataset, start=plan.start, warnings=plan.warnings, stop=stop,
+                  latent_statistics=plan.latent_statistics)
         report_clean_stop(stop, ctx)
     except TrainingDiverged as error:
         logging.getLogger("sit").error(f"error: {error}")  # into log.txt before it is moved away

@@ -19,6 +19,7 @@ from sit.data.order import ResumableDistributedSampler
 from sit.distributed import DistContext, agree, on_main
 from sit.errors import RunFailure, UsageError
 from sit.latents import PixelSpace
+from sit.latents.statistics import LatentStatistics
 from sit.metrics import FIDMonitor
 from sit.progress import Progress
 from sit.speed import configure_cpu_threads, configure_precision, precision_advice
@@ -119,7 +120,8 @@ class TrainingRun:
                                scaler=step.scaler.state_dict(), experiment_dir=self.experiment_dir,
                                wandb_id=self.wandb_run.id if self.wandb_run is not None else None,
                                extras={term.name: term.state_dict() for term in step.terms if term.state_dict()},
-                               extensions={extension.name: extension.state_dict() for extension in self.extensions})
+                               extensions={extension.name: extension.state_dict() for extension in self.extensions},
+                               latent_statistics=self.vae.statistics.to_dict() if self.vae.statistics else None)
 
     def restore(self, saved: TrainCheckpoint) -> None:
         """Go on from a saved state (a rollback point) through the path a resume takes (sit.training.network):
@@ -313,7 +315,7 @@ def check_channels(step: TrainStep, vae: RunVAE, dataset: TrainDataset) -> None:
 
 
 def train(config: TrainConfig, *, ctx: DistContext, dataset: TrainDataset, start: StartPoint, warnings: list[str],
-          stop: StopSignal) -> None:
+          stop: StopSignal, latent_statistics: Optional[LatentStatistics] = None) -> None:
     """Set up (experiment, VAE, model, data), restore a resumed run, train, save the final checkpoint.
 
     The order below is the order of the random draws (model init, then a resumed run's RNG restore
@@ -330,7 +332,8 @@ def train(config: TrainConfig, *, ctx: DistContext, dataset: TrainDataset, start
     if threads:
         logger.info(threads)
         logger.info(precision_advice(config.optim.precision, ctx.device))  # the CPU's bf16 units, measured
-    vae = RunVAE.at_start(ctx, config.model.vae, from_features=config.data.feature_path is not None)
+    vae = RunVAE.at_start(ctx, config.model.vae, from_features=config.data.feature_path is not None,
+                          statistics=latent_statistics)
     feature_meta = dataset.meta if config.data.feature_path is not None else None  # cached latents' meta.json
     factories = term_factories(config.features, TermContext(config.model.image_size, feature_meta, ctx, logger))
     step = build_train_step(config, ctx, start, vae.module, logger, factories)

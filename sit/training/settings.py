@@ -36,6 +36,7 @@ from train_utils import parse_transport_args
 from transport.schedules import LOGIT_NORMAL, TIME_SAMPLINGS, TimeSchedule
 from sit.latents import (LATENT_SPACES, LatentSpace, canonical_latent_space_name, check_latent_space_name,
                          recorded_latent_space)
+from sit.latents.statistics import CONSTANT, LATENT_NORMS, PER_CHANNEL
 
 MODEL_CONFIG_KEYS = ModelConfig.network_keys()  # --model-config's: the data (flags) sets input size, channels, classes
 EMA_DECAY = 0.9999  # default of --ema-decay (the paper's)
@@ -90,11 +91,18 @@ class ModelSettings:
                               "training); none: train on pixels in [-1, 1] without a VAE; vavae-f16d32 or a "
                               "VA-VAE .pt file, e2e-vavae, e2e-invae, e2e-sdvae: docs/latent_spaces.md",
                        canonical=canonical_latent_space_name, resume=VAE_RULE)
+    latent_norm: str = declare(CONSTANT, "what the model learns of the raw latents: constant, the latent space's "
+                                         "own scale (SD-VAE: x 0.18215, the original's); per-channel, (z - mean_c) / "
+                                         "std_c with the statistics extract_features.py measured (needs --feature-path "
+                                         "or a checkpoint that carries them; not with --vae none)",
+                               choices=list(LATENT_NORMS), resume=LOCKED)
 
     def folder_tag(self) -> Optional[str]:
         """The experiment folder's mark of a latent space other than SD-VAE's latents or pixels (a table
-        entry; a local VAE folder is an SD-VAE copy and left unmarked, as before)."""
-        return f"vae-{self.vae}" if self.vae in LATENT_SPACES and self.vae not in ("ema", "mse", "none") else None
+        entry; a local VAE folder is an SD-VAE copy and left unmarked, as before), and of per-channel statistics."""
+        tags = [f"vae-{self.vae}" if self.vae in LATENT_SPACES and self.vae not in ("ema", "mse", "none") else None,
+                "latent-per-channel" if self.latent_norm == PER_CHANNEL else None]
+        return "-".join(filter(None, tags)) or None
 
     @property
     def space(self) -> LatentSpace:
@@ -404,6 +412,9 @@ def check_train_config(config: TrainConfig, world_size: int) -> None:
     model, data, fid = config.model, config.data, config.fid
     if data.feature_path is not None and model.pixel_space:
         raise UsageError("--feature-path holds VAE latents; --vae none trains on pixels: use --data-path with --vae none")
+    if model.pixel_space and model.latent_norm == PER_CHANNEL:
+        raise UsageError("--latent-norm per-channel normalises VAE latents by their measured statistics; --vae none "
+                         "trains on pixels in [-1, 1] as they are: drop --latent-norm")
     model.space.check_image_size(model.image_size)
     name = config.run.exp_name
     if name is not None and (not name.strip() or os.sep in name or name.startswith(".") or name != name.strip()):
