@@ -385,8 +385,10 @@ def no_signals(monkeypatch):
 
 def test_vavae_file_round_trip_through_features(tmp_path, no_signals, monkeypatch):
     """A VA-VAE-shaped random autoencoder (f16, 32 channels) as a relative .pt path: extract_features.py
-    records its absolute path, train.py --feature-path builds a 32-channel patch-1 model, sample.py and
-    sample_ddp.py decode with it named by the checkpoint alone; the file gone: one line naming it."""
+    records its absolute path and the latents' per-channel statistics, train.py --feature-path --latent-norm
+    per-channel builds SiT-XL/1's design (shrunk by --model-config) for 32 channels and its checkpoint carries
+    both, sample.py and sample_ddp.py decode with it named by the checkpoint alone; the file gone: one line
+    naming it."""
     import extract_features
     import sample_ddp
 
@@ -405,16 +407,23 @@ def test_vavae_file_round_trip_through_features(tmp_path, no_signals, monkeypatc
         expected, _ = ldm_encode(random_ldm(), x.float() / 127.5 - 1)
     torch.testing.assert_close(torch.from_numpy(mean[0, :1]), expected, rtol=1e-4, atol=1e-4)
 
-    train.main(["--feature-path", features, "--results-dir", str(tmp_path / "results"), "--model", "SiT-S/2",
-                "--model-config", json.dumps(dict(TINY_CONFIG, patch_size=1)), "--image-size", "32",
+    statistics = meta["latent_statistics"]  # per channel, over the whole folder
+    assert len(statistics["mean"]) == len(statistics["std"]) == 32
+
+    # SiT-XL/1's design, shrunk: the patch-1 model for f16 latents, normalised by the measured statistics
+    train.main(["--feature-path", features, "--results-dir", str(tmp_path / "results"), "--model", "SiT-XL/1",
+                "--model-config", json.dumps(TINY_CONFIG), "--image-size", "32", "--latent-norm", "per-channel",
                 "--num-classes", "2", "--global-batch-size", "2", "--max-steps", "1", "--num-workers", "0",
                 "--log-every", "1", "--ckpt-every", "100"])
     (experiment,) = os.listdir(tmp_path / "results")
     ckpt = str(tmp_path / "results" / experiment / "checkpoints" / "0000001.pt")
     assert read_settings(ckpt)["vae"] == path
     with torch.serialization.safe_globals([argparse.Namespace]):
-        config = torch.load(ckpt, map_location="cpu", weights_only=True)["model_config"]
+        stored = torch.load(ckpt, map_location="cpu", weights_only=True)
+    config = stored["model_config"]
     assert (config["in_channels"], config["input_size"], config["patch_size"]) == (32, 2, 1)
+    assert stored["args"]["latent_norm"] == "per-channel"  # the checkpoint names its latent space and statistics
+    assert [stored["latent_statistics"][key] for key in ("mean", "std")] == [statistics["mean"], statistics["std"]]
 
     decoded = []
     original = VAVAESpace.decode

@@ -210,9 +210,6 @@ def chosen_vae(requested: Optional[str], info: Mapping[str, Any], default: str) 
         if requested is not None and not same_latents(canonical_latent_space_name(requested), stored):
             raise UsageError(f"--vae {requested} but the checkpoint's model learned the latents of {stored} normalised "
                              f"by their per-channel statistics: drop --vae (or pass where that autoencoder is now)")
-        if requested is None and stored not in LATENT_SPACES and not os.path.exists(stored):
-            raise UsageError(f"the checkpoint's latent space {stored} is not here, and its per-channel "
-                             f"statistics belong to that autoencoder: pass --vae with where it is now")
     if requested is not None:
         return requested
     if not isinstance(stored, str):
@@ -221,7 +218,12 @@ def chosen_vae(requested: Optional[str], info: Mapping[str, Any], default: str) 
         return default if LATENT_SPACES[stored] is LATENT_SPACES.get(default) else stored
     # a folder not here was SD-VAE's copy: the default decodes; a checkpoint file of another space is kept
     another_kind = type(recorded_latent_space(stored)) is not LATENT_SPACES.get(default)
-    return stored if os.path.isdir(stored) or another_kind else default
+    if os.path.isdir(stored) or another_kind:
+        return stored  # a file of another kind that is gone: its loader names it and where to get it
+    if info.get("latent_statistics") is not None:  # the default is not the autoencoder these statistics are of
+        raise UsageError(f"the checkpoint's latent space {stored} is not here, and its per-channel "
+                         f"statistics belong to that autoencoder: pass --vae with where it is now")
+    return default
 
 
 def check_balanced_count(config: SamplingConfig, num_classes: int) -> None:
