@@ -18,7 +18,8 @@ TINY_MODEL = json.dumps({"depth": 2, "hidden_size": 32, "num_heads": 2})
 
 def test_the_recipes_are_there():
     names = {os.path.basename(path) for path in RECIPES}
-    assert {"digits.yaml", "sit-b-2.yaml", "sit-l-2.yaml", "sit-xl-2.yaml", "repa-sit-xl-2.yaml"} <= names
+    assert {"digits.yaml", "sit-b-2.yaml", "sit-l-2.yaml", "sit-xl-2.yaml", "repa-sit-xl-2.yaml", "lightningdit-xl-1.yaml",
+            "meanflow-b-2.yaml"} <= names
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=os.path.basename)
@@ -47,6 +48,11 @@ def test_a_recipe_trains_one_step_at_tiny_size(recipe, tmp_path, monkeypatch):
                  "2", "--max-steps", "1", "--num-workers", "0", "--precision", "fp32", "--results-dir", "results"]
     if not pixels:
         overrides += ["--vae", make_tiny_vae(str(tmp_path / "vae"))]
+    if settings.get("latent_norm") == "per-channel":  # trains from cached features and their statistics
+        import extract_features
+        extract_features.main(["--data-path", data, "--features-path", "features", "--vae", overrides[-1],
+                               "--image-size", str(size), "--batch-size", "2", "--num-workers", "0"])
+        overrides[:2] = ["--feature-path", "features"]
     if "repa_encoder" in settings:
         overrides += ["--repa-encoder", save_tiny_encoder(str(tmp_path / "encoder.pt")), "--repa-depth", "1",
                       "--repa-projector-dim", "16"]
