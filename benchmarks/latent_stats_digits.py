@@ -44,6 +44,7 @@ from sit.checkpoint import load_model  # noqa: E402
 from sit.config import GuidanceConfig  # noqa: E402
 from sit.data.features import read_meta  # noqa: E402
 from sit.data.images import TrainImageFolder  # noqa: E402
+from sit.cli import DefaultsInHelp  # noqa: E402
 from sit.files import atomic_json  # noqa: E402
 from sit.generation import guided_sample, noise_and_labels  # noqa: E402
 from sit.sampling.loading import load_decoder  # noqa: E402
@@ -136,12 +137,12 @@ def sample_accuracy(checkpoint: str, autoencoder: str, num_samples: int, classif
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--ae-steps", type=int, default=600)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=DefaultsInHelp)
+    parser.add_argument("--ae-steps", type=int, default=600, help="training steps of the digits autoencoder")
     parser.add_argument("--steps", type=str, default="400,800", help="step counts to evaluate (the last: run length)")
-    parser.add_argument("--seeds", type=str, default="0,1,2")
-    parser.add_argument("--num-samples", type=int, default=500)
-    parser.add_argument("--workdir", type=str, default="results/latent_stats_digits")
+    parser.add_argument("--seeds", type=str, default="0,1,2", help="comma-separated seeds: one run per normalisation each")
+    parser.add_argument("--num-samples", type=int, default=500, help="decoded EMA samples graded per checkpoint")
+    parser.add_argument("--workdir", type=str, default="results/latent_stats_digits", help="folder of the runs and results")
     args = parser.parse_args()
     steps, seeds = sorted(int(s) for s in args.steps.split(",")), [int(s) for s in args.seeds.split(",")]
     torch.set_num_threads(1)

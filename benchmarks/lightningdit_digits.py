@@ -23,15 +23,14 @@ import sys
 import time
 
 import numpy as np
-import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
-import export_digits  # noqa: E402
 from repa_digits import (CFG_SCALE, MODEL_CONFIG, SAMPLING_STEPS, TRAIN_FLAGS, digit_classifier,  # noqa: E402
-                         sample_digits, summary)
+                         prepare_workdir, run_train, sample_digits, summary)
+from sit.cli import DefaultsInHelp  # noqa: E402
 from sit.files import atomic_json, atomic_text  # noqa: E402
 
 LIGHTNINGDIT_OPTIONS = {"rope": True, "swiglu": True, "rms_norm": True, "qk_norm": True}
@@ -47,21 +46,12 @@ def train_flags(model_config: dict) -> list[str]:
 
 def train_run(workdir: str, arm: str, seed: int, steps: list[int]) -> str:
     """One train.py run of an arm (a subprocess, one thread); returns its experiment folder."""
-    import subprocess
-
     name = f"{arm.split()[0].lower()}-seed{seed}"
     results = os.path.join(workdir, "results", name)
     command = [sys.executable, os.path.join(REPO, "train.py"), "--data-path", os.path.join(workdir, "digits"),
                "--results-dir", results, *train_flags(ARMS[arm]), "--global-seed", str(seed),
                "--max-steps", str(max(steps)), "--ckpt-every", str(int(np.gcd.reduce(steps)))]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    result = subprocess.run(command, env=env, text=True, capture_output=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"{name}: train.py exit {result.returncode}\n{result.stderr[-3000:]}")
-    (experiment,) = os.listdir(results)
-    return os.path.join(results, experiment)
+    return run_train(command, results, name)
 
 
 def accuracy(checkpoint: str, num_samples: int, classifier) -> float:
@@ -72,18 +62,14 @@ def accuracy(checkpoint: str, num_samples: int, classifier) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=str, default="200,400", help="step counts to evaluate (the last: run length)")
-    parser.add_argument("--seeds", type=str, default="0,1,2")
-    parser.add_argument("--num-samples", type=int, default=500)
-    parser.add_argument("--workdir", type=str, default="results/lightningdit_digits")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=DefaultsInHelp)
+    parser.add_argument("--steps", type=str, default="1000", help="step counts to evaluate (the last: run length)")
+    parser.add_argument("--seeds", type=str, default="0,1,2", help="comma-separated seeds: one run per block each")
+    parser.add_argument("--num-samples", type=int, default=500, help="EMA samples graded per checkpoint")
+    parser.add_argument("--workdir", type=str, default="results/lightningdit_digits", help="folder of the runs and results")
     args = parser.parse_args()
     steps, seeds = sorted(int(s) for s in args.steps.split(",")), [int(s) for s in args.seeds.split(",")]
-    torch.set_num_threads(1)
-    started = time.time()
-    os.makedirs(args.workdir, exist_ok=True)
-    if not os.path.isdir(os.path.join(args.workdir, "digits")):
-        export_digits.main([os.path.join(args.workdir, "digits")])
+    started = prepare_workdir(args.workdir)
     classifier, svc_accuracy = digit_classifier()
     results, seconds = [], {}
     for seed in seeds:

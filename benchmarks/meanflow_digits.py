@@ -8,7 +8,7 @@ All samples unguided (cfg 1: the flow model's guidance would need a MeanFlow cou
 which this comparison leaves at the paper's default, off), EMA weights, per-index noise and labels as
 sample_ddp.py. Settings fixed before looking: seeds 0,1,2, the paper's MeanFlow defaults.
 
-    python benchmarks/meanflow_digits.py --steps 300 --seeds 0,1,2 --num-samples 500
+    python benchmarks/meanflow_digits.py --steps 1000 --seeds 0,1,2 --num-samples 500
 
 Writes <workdir>/meanflow_digits.json and .md (the table) and meanflow_digits.png (seed 0: one row per
 class, columns of 8 samples per sampler: MeanFlow 1, 2 steps | flow Euler 1, 2, 50 steps).
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 
@@ -29,9 +28,11 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
 import export_digits  # noqa: E402
-from repa_digits import IMAGE_SIZE, NUM_CLASSES, TRAIN_FLAGS, digit_classifier, fd_to, summary  # noqa: E402
+from repa_digits import (IMAGE_SIZE, NUM_CLASSES, TRAIN_FLAGS, digit_classifier, fd_to,  # noqa: E402
+                         prepare_workdir, run_train, summary)
 from sit.checkpoint import load_model  # noqa: E402
 from sit.config import GuidanceConfig  # noqa: E402
+from sit.cli import DefaultsInHelp  # noqa: E402
 from sit.files import atomic_json, atomic_text, atomic_write  # noqa: E402
 from sit.generation import guided_sample, noise_and_labels  # noqa: E402
 from sit.sampling.meanflow import MeanFlowConfig  # noqa: E402
@@ -51,14 +52,8 @@ def train_run(workdir: str, objective: str, seed: int, steps: int) -> str:
     command = [sys.executable, os.path.join(REPO, "train.py"), "--data-path", os.path.join(workdir, "digits"),
                "--results-dir", results, *TRAIN_FLAGS, "--global-seed", str(seed), "--max-steps", str(steps),
                "--ckpt-every", str(steps), "--objective", objective]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    result = subprocess.run(command, env=env, text=True, capture_output=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"{objective} seed {seed}: train.py exit {result.returncode}\n{result.stderr[-3000:]}")
-    (experiment,) = os.listdir(results)
-    return os.path.join(results, experiment, "checkpoints", f"{steps:07d}.pt")
+    experiment = run_train(command, results, f"{objective} seed {seed}")
+    return os.path.join(experiment, "checkpoints", f"{steps:07d}.pt")
 
 
 @torch.no_grad()
@@ -93,18 +88,14 @@ def figure(path: str, grids: list[torch.Tensor], labels: np.ndarray, per_class: 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=300, help="training steps of every run")
-    parser.add_argument("--seeds", type=str, default="0,1,2")
-    parser.add_argument("--num-samples", type=int, default=500)
-    parser.add_argument("--workdir", type=str, default="results/meanflow_digits")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=DefaultsInHelp)
+    parser.add_argument("--steps", type=int, default=1000, help="training steps of every run (the quick start's)")
+    parser.add_argument("--seeds", type=str, default="0,1,2", help="comma-separated seeds: one run per objective each")
+    parser.add_argument("--num-samples", type=int, default=500, help="unguided EMA samples graded per sampler")
+    parser.add_argument("--workdir", type=str, default="results/meanflow_digits", help="folder of the runs and results")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
-    torch.set_num_threads(1)
-    started = time.time()
-    os.makedirs(args.workdir, exist_ok=True)
-    if not os.path.isdir(os.path.join(args.workdir, "digits")):
-        export_digits.main([os.path.join(args.workdir, "digits")])
+    started = prepare_workdir(args.workdir)
     checkpoints, seconds = {}, {}
     for seed in seeds:
         for objective in ("meanflow", "flow"):

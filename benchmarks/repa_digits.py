@@ -117,6 +117,22 @@ def train_run(workdir: str, encoder: str, seed: int, aligned: bool, steps: list[
     if aligned:
         command += ["--repa-encoder", encoder, "--repa-depth", str(repa_depth), "--repa-coeff", str(repa_coeff),
                     "--repa-projector-dim", "256"]
+    return run_train(command, results, name)
+
+
+def prepare_workdir(workdir: str) -> float:
+    """One thread, the work folder with the digits exported into <workdir>/digits (once); returns the start time."""
+    torch.set_num_threads(1)
+    started = time.time()
+    os.makedirs(workdir, exist_ok=True)
+    if not os.path.isdir(os.path.join(workdir, "digits")):
+        export_digits.main([os.path.join(workdir, "digits")])
+    return started
+
+
+def run_train(command: list[str], results: str, name: str) -> str:
+    """Run one train.py command line in a subprocess (one thread, outside any torchrun); returns the
+    experiment folder it made in `results`; RuntimeError with its stderr's end when it fails."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
@@ -172,11 +188,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=str, default="results/repa_digits", help="folder of the runs and results")
     args = parser.parse_args()
     steps, seeds = sorted(int(s) for s in args.steps.split(",")), [int(s) for s in args.seeds.split(",")]
-    torch.set_num_threads(1)
-    started = time.time()
-    os.makedirs(args.workdir, exist_ok=True)
-    if not os.path.isdir(os.path.join(args.workdir, "digits")):
-        export_digits.main([os.path.join(args.workdir, "digits")])
+    started = prepare_workdir(args.workdir)
     encoder_path = os.path.join(args.workdir, "digit_encoder.pt")
     encoder_accuracy = train_encoder(encoder_path)
     spec = describe_encoder(encoder_path)

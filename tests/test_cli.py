@@ -12,7 +12,8 @@ from sit.cli import DefaultsInHelp
 
 SCRIPTS = {"train": [], "sample": ["ODE"], "sample_ddp": ["SDE"], "extract_features": [], "evaluate": [],
            "reconstruct_ema": [], "export_digits": [], "plot_metrics": [], "make_reference": []}
-BENCHMARKS = ["bench", "device_check", "kill_resume", "memory", "repa_digits"]  # benchmarks/*.py with flags
+BENCHMARKS = ["bench", "device_check", "kill_resume", "latent_stats_digits", "lightningdit_digits", "meanflow_digits",
+              "memory", "repa_digits"]  # benchmarks/*.py with flags
 
 
 class Captured(Exception):
