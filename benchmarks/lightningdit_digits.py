@@ -9,7 +9,7 @@ steps, data order and seeds, graded by the SVC of tests/test_digits.py (benchmar
 3. at each step count, sample --num-samples images from the EMA weights (Euler, 50 steps, cfg 1.5,
    per-index noise and labels as sample_ddp.py) and measure the share the SVC reads as the asked class.
 
-    python benchmarks/lightningdit_digits.py --steps 200,400 --seeds 0,1,2
+    python benchmarks/lightningdit_digits.py --steps 1000 --seeds 0,1,2
 
 Prints one table (mean and spread over the seeds) and writes it, with every run's numbers, to
 <workdir>/lightningdit_digits.json and <workdir>/lightningdit_digits.md.
