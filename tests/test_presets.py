@@ -10,11 +10,13 @@ from models import _interval_scale
 from sit.cli import parse_with_explicit, run_main
 from sit.config import GuidanceConfig, ODEConfig, SDEConfig, TransportConfig
 from sit.errors import UsageError
+from sit.sampling.meanflow import MeanFlowConfig
 from sit.sampling.presets import PRESETS, apply_preset, preset_names, preset_table, requested_preset, with_preset_mode
 from transport.integrators import SDESolver
 
 ODE_PRESET, SDE_PRESET, REPA_PRESET = "sit-xl2-256-ode-cfg1.5", "sit-xl2-256-sde", "repa-xl2-256-sde-cfg1.8-interval"
 ODE_512_PRESET = "sit-xl2-512-ode-cfg1.5"
+MEANFLOW_PRESETS = ("meanflow-xl2-256-1step", "meanflow-xl2-256-2step")
 SDE_250 = SDEConfig(sampling_method="Euler", num_steps=250, diffusion_form="sigma", diffusion_norm=1.0,
                     last_step="Mean", last_step_size=0.04)
 EXPECTED = {  # preset -> (sampler, guidance) of its SamplingConfig
@@ -24,16 +26,19 @@ EXPECTED = {  # preset -> (sampler, guidance) of its SamplingConfig
     REPA_PRESET: (SDE_250, GuidanceConfig(scale=1.8, all_channels=True, interval=(0.3, 1.0))),
     ODE_512_PRESET: (ODEConfig(sampling_method="heun2", num_steps=125, atol=1e-6, rtol=1e-3, reverse=False),
                      GuidanceConfig(scale=1.5, all_channels=False, interval=(0.0, 1.0))),
+    **{name: (MeanFlowConfig(num_steps=steps), GuidanceConfig(scale=1.0, all_channels=False, interval=(0.0, 1.0)))
+       for name, steps in zip(MEANFLOW_PRESETS, (1, 2))},
 }
 
 
 def test_the_presets_are_the_published_ones():
-    assert list(PRESETS) == [ODE_PRESET, SDE_PRESET, REPA_PRESET, ODE_512_PRESET]
+    assert list(PRESETS) == [ODE_PRESET, SDE_PRESET, REPA_PRESET, ODE_512_PRESET, *MEANFLOW_PRESETS]
     assert preset_names() == [*PRESETS, "list"]
     assert "2.06" in PRESETS[ODE_PRESET].published and "issue #18" in PRESETS[ODE_PRESET].source
     assert "8.3" in PRESETS[SDE_PRESET].published and "not verified" in PRESETS[SDE_PRESET].note
     assert "1.42" in PRESETS[REPA_PRESET].published and "sihyun-yu/REPA" in PRESETS[REPA_PRESET].source
     assert "2.62" in PRESETS[ODE_512_PRESET].published and "not published" in PRESETS[ODE_512_PRESET].note
+    assert ["3.43" in PRESETS[MEANFLOW_PRESETS[0]].published, "2.20" in PRESETS[MEANFLOW_PRESETS[1]].published] == [True] * 2
 
 
 @pytest.mark.parametrize("name", list(EXPECTED))

@@ -30,7 +30,7 @@ LIST_PRESETS = "list"
 class Preset:
     """One published evaluation: its mode and flags (as typed on a command line), result and sources."""
     name: str
-    mode: str  # ODE or SDE
+    mode: str  # a SAMPLER_FAMILIES mode: ODE, SDE or MeanFlow
     flags: tuple[tuple[str, tuple[str, ...]], ...]  # (flag, its values); () for a switch such as --guide-all-channels
     published: str  # the published result, e.g. "FID 2.06, IS 270.3"
     source: str  # where the settings and the number come from
@@ -90,6 +90,18 @@ PRESETS: dict[str, Preset] = {preset.name: preset for preset in (
            note="the sampler of the 512 number is not published: the settings the authors gave for their XL/2 "
                 "number (issue #18: Heun ODE, 125 steps, cfg scale 1.5, the first 3 latent channels guided) are "
                 "assumed; not verified here (no network, no GPU)"),
+    *(Preset(f"meanflow-xl2-256-{steps}step", "MeanFlow",
+             SIT_XL_256 + (("--sampling-method", ("meanflow",)), ("--num-sampling-steps", (str(steps),)),
+                           ("--cfg-scale", ("1.0",))),
+             published=f"FID-50K {fid} with {steps} model evaluation{'s' if steps > 1 else ''} (MeanFlow-XL/2, "
+                       f"ImageNet 256, 240 epochs)",
+             source="Geng et al. 2025, \"Mean Flows for One-step Generative Modeling\" (arXiv:2505.13447), its "
+                    "ImageNet 256 table (1-NFE 3.43, 2-NFE 2.20)",
+             labels_source="not stated by the paper; random labels assumed",
+             note="for a MeanFlow SiT-XL/2 trained here (train.py --objective meanflow, configs/meanflow-b-2.yaml at "
+                  "XL/2 with the paper's omega/kappa): guidance is folded into training, so the sampler's cfg scale "
+                  "is 1; the authors' released weights (JAX) do not load here")
+      for steps, fid in ((1, "3.43"), (2, "2.20"))),
 )}
 
 
