@@ -95,7 +95,7 @@ PRESETS: dict[str, Preset] = {preset.name: preset for preset in (
                            ("--cfg-scale", ("1.0",))),
              published=f"FID-50K {fid} with {steps} model evaluation{'s' if steps > 1 else ''} (MeanFlow-XL/2, "
                        f"ImageNet 256, 240 epochs)",
-             source="Geng et al. 2025, \"Mean Flows for One-step Generative Modeling\" (arXiv:2505.13447), its "
+             source="Geng et al. 2025, \"Mean Flows for One-step Generative Modeling\", its "
                     "ImageNet 256 table (1-NFE 3.43, 2-NFE 2.20)",
              labels_source="not stated by the paper; random labels assumed",
              note="for a MeanFlow SiT-XL/2 trained here (train.py --objective meanflow, configs/meanflow-b-2.yaml at "
