@@ -464,7 +464,7 @@ def test_load_model_from_train_checkpoint(tmp_path):
     assert_same_weights(loaded.state_dict(), ema.state_dict())
     assert info == {"model_name": None, "image_size": 64, "num_classes": 10, "in_channels": 4, "pixel_space": False, "vae": "ema",
                     "transport": {"path_type": "GVP", "prediction": "noise", "loss_weight": "velocity",
-                                  "train_eps": 1e-5, "sample_eps": 1e-3}}
+                                  "train_eps": 1e-5, "sample_eps": 1e-3}, "latent_statistics": None}
     # the flags that agree with the checkpoint are accepted
     load_model(str(tmp_path / "ckpt.pt"), image_size=64, num_classes=10)
 
@@ -475,7 +475,7 @@ def test_load_model_from_bare_state_dict(tmp_path):
     loaded, info = load_model(str(tmp_path / "bare.pt"))
     assert loaded.learn_sigma is False
     assert info == {"model_name": None, "image_size": 64, "num_classes": 5, "in_channels": 4, "pixel_space": False, "vae": None,
-                    "transport": None}
+                    "transport": None, "latent_statistics": None}
     # the weights are the same; the head count (not in the shapes) is guessed, see the next test
     assert_same_weights(loaded.state_dict(), original.state_dict())
 
