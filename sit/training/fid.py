@@ -12,8 +12,8 @@ from sit.errors import UsageError
 from sit.generation import generate_blocks
 from sit.latents import LatentSpace
 from sit.metrics import FIDMonitor
-from sit.sampling.meanflow import MeanFlowConfig
-from transport import Sampler, Transport
+from sit.sampling.families import training_sample_fn
+from transport import Transport
 
 
 def make_fid_monitor(ref_path: str, device: torch.device, weights_path: Optional[str]) -> FIDMonitor:
@@ -47,10 +47,7 @@ def measure_fid(ema: torch.nn.Module, vae: Optional[LatentSpace], transport: Tra
     <num_steps> --cfg-scale <cfg_scale>` on the checkpoint of the same step draws the same images (a MeanFlow
     run's: `sample_ddp.py MeanFlow --num-sampling-steps <num_steps>`).
     """
-    if ema.config.get("mean_flow"):  # a MeanFlow run: num_steps jumps, as `sample_ddp.py MeanFlow` makes them
-        sample_fn = MeanFlowConfig(num_steps=num_steps).sample_fn(Sampler(transport))
-    else:
-        sample_fn = Sampler(transport).sample_ode(sampling_method="euler", num_steps=num_steps, keep_trajectory=False)
+    sample_fn = training_sample_fn(ema.config, transport, num_steps, num_steps)
     blocks = generate_blocks(rank_blocks(num_images, batch_size, ctx), ema, vae, sample_fn, global_seed=global_seed,
                              num_classes=ema.config["num_classes"], guidance=GuidanceConfig(scale=cfg_scale),
                              precision=precision, device=ctx.device)

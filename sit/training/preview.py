@@ -13,9 +13,9 @@ from sit.config import GuidanceConfig
 from sit.generation import guided_sample
 from sit.grid import GridLayout, save_grid, save_labels
 from sit.latents import LatentSpace, as_latent_space
-from sit.sampling.meanflow import MeanFlowConfig
+from sit.sampling.families import training_sample_fn
 from sit.vae import latent_shape
-from transport import Sampler, Transport
+from transport import Transport
 
 PREVIEW_IMAGES = 16  # EMA samples per preview grid (4 x 4)
 PREVIEW_STEPS = 50   # fixed-step Euler ODE: bounded time and memory (the original ran dopri5, issue #11)
@@ -38,10 +38,7 @@ def save_preview(ema: torch.nn.Module, vae: Optional[LatentSpace], transport: Tr
     latent space (vae None: pixels), and save a grid PNG at path and, given labels_file, its labels
     there as the grid shows them (sit.grid), atomically. cfg_scale guides models that have a null class."""
     z, y = (tensor.to(device) for tensor in inputs)
-    if ema.config.get("mean_flow"):  # a MeanFlow run: its 2-step samples (sit.sampling.meanflow)
-        sample_fn = MeanFlowConfig(num_steps=2).sample_fn(Sampler(transport))
-    else:
-        sample_fn = Sampler(transport).sample_ode(sampling_method="euler", num_steps=PREVIEW_STEPS, keep_trajectory=False)
+    sample_fn = training_sample_fn(ema.config, transport, PREVIEW_STEPS, jumps=2)  # a MeanFlow run: 2 jumps
     use_cfg = cfg_scale > 1.0 and has_null_class(ema.config)
     latents = guided_sample(sample_fn, ema, z, y, GuidanceConfig(scale=cfg_scale if use_cfg else 1.0))
     images = as_latent_space(vae).decode(latents)                          # (N, 3, H, W) in about [-1, 1]
