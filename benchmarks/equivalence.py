@@ -65,6 +65,7 @@ IGNORED_JSON_KEYS = frozenset({"checkpoint_sha256", "guide_checkpoint_sha256"})
 PATH_HASH = re.compile(r"(?<=-)[0-9a-f]{8}(?=-|\.|$)")
 LOG_TIME = re.compile(r"\[\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}\]")
 RATE = re.compile(r"((?:Steps|Images)/Sec: )[0-9.eE+-]+")
+MATMUL_RATIO = re.compile(r"(a bf16 matmul runs )[0-9.]+x")  # measured at start-up: varies with the load
 
 
 #################################################################################
@@ -374,10 +375,12 @@ def read_csv(path: Path) -> list[list[str]]:
 
 
 def read_text(path: Path) -> list[str]:
-    """A text file's lines with the wall-clock (log time stamps, train.py's speeds) as <time> and <rate>."""
+    """A text file's lines with the wall-clock (log time stamps, train.py's speeds, the measured bf16 matmul
+    ratio) as <time>, <rate> and <ratio>."""
     lines = []
     for line in path.read_text(errors="replace").splitlines():
         line = LOG_TIME.sub("<time>", line)
+        line = MATMUL_RATIO.sub(r"\1<ratio>x", line)
         lines.append(RATE.sub(r"\1<rate>", line))
     return lines
 
@@ -413,7 +416,7 @@ def compare_file(path_a: Path, path_b: Path, sides: tuple[Side, Side]) -> list[s
         compare_values(read_jsonl(path_a), read_jsonl(path_b), "record", sides, differences)
     elif suffix == ".csv":
         compare_values(read_csv(path_a), read_csv(path_b), "row", sides, differences)
-    elif suffix in (".txt", ".log"):
+    elif suffix in (".txt", ".log", ".yaml"):
         compare_values(read_text(path_a), read_text(path_b), "line", sides, differences)
     elif path_a.read_bytes() != path_b.read_bytes():
         differences.append("bytes differ")
