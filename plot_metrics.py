@@ -1,12 +1,7 @@
-"""Draw the loss / FID / throughput curves of one or more training runs into one PNG, overlaid for comparison.
+"""Draw the metrics.jsonl curves of one or more training runs into one PNG, overlaid for comparison
+(sit.training.metrics_plot.plot_runs):
 
-    python plot_metrics.py results/000-SiT-B-2-Linear-velocity-None results/001-SiT-B-2-Linear-velocity-None \
-        --output compare.png
-
-Each RUN is an experiment folder (or its metrics.jsonl, which train.py appends at each log line, FID
-measurement and rollback; see sit/training/metrics_log.py). One panel per quantity a run has (loss,
-each further loss term, grad norm, lr when scheduled, FID, images/s), one line per run, labelled by
-its folder's name. The work is done by sit.training.metrics_plot.plot_runs.
+    python plot_metrics.py results/000-SiT-B-2-Linear-velocity-None results/001-... --output compare.png
 """
 from __future__ import annotations
 

@@ -3,13 +3,10 @@
     python train.py ... --phema-stds 0.050,0.100 --phema-every 10000
     python reconstruct_ema.py results/000-SiT-XL-2-Linear-velocity-None --std 0.100,0.150
     python reconstruct_ema.py results/000-SiT-XL-2-Linear-velocity-None --ema-decay 0.9999
-    python sample.py ODE --ckpt results/000-SiT-XL-2-Linear-velocity-None/reconstructed/0400000-std-0.150.pt
 
-Each EMA is a least-squares combination of the snapshots (Karras et al. 2024, "Analyzing and Improving
-the Training Dynamics of Diffusion Models"; sit.training.reconstruction has the math): --std gives
-power-function EMAs of those relative standard deviations, --ema-decay the traditional EMA of that
-constant decay per step (the original's 0.9999). Written to <experiment>/reconstructed/<step>-<std or
-decay>.pt (or --out-dir): a checkpoint that sample.py, sample_ddp.py and train.py --ckpt take as it is.
+--std: power-function EMAs of those relative stds; --ema-decay: the traditional EMA (the math:
+sit.training.reconstruction). Written to <experiment>/reconstructed/<step>-<std or decay>.pt (or --out-dir),
+a checkpoint that sample.py, sample_ddp.py and train.py --ckpt take as it is.
 """
 from __future__ import annotations
 
@@ -52,20 +49,14 @@ def targets_of(args: argparse.Namespace) -> list[EMATarget]:
     return targets
 
 
-def output_folder(folder: str, out_dir: Optional[str]) -> str:
-    """--out-dir, else "reconstructed" beside the snapshot folder (<experiment>/reconstructed)."""
-    if out_dir is not None:
-        return out_dir
-    return os.path.join(os.path.dirname(os.path.abspath(folder)), "reconstructed")
-
-
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = build_parser().parse_args(argv)
     targets = targets_of(args)
     if not os.path.isdir(args.snapshots):
         raise UsageError(f"{args.snapshots} is not a folder: pass an experiment folder of train.py --phema-stds")
     folder = snapshot_folder(args.snapshots)
-    out_dir = output_folder(folder, args.out_dir)
+    beside = os.path.join(os.path.dirname(os.path.abspath(folder)), "reconstructed")  # in <experiment>
+    out_dir = beside if args.out_dir is None else args.out_dir
     removed = remove_temporaries(out_dir, ".pt")  # what a killed reconstruct_ema.py left unfinished
     if removed:
         print(f"removed {removed} unfinished files a killed run left in {out_dir}")

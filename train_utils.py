@@ -1,12 +1,5 @@
-"""The original's command-line groups for the transport and the samplers, with the same flags and defaults.
-
-    parser = argparse.ArgumentParser()
-    parse_transport_args(parser)   # --path-type --prediction --loss-weight --sample-eps --train-eps
-    parse_ode_args(parser)         # or parse_sde_args(parser)
-
-The choices come from the same tables that `transport` dispatches on. The library (`sit/`) turns
-the parsed values into typed configuration (`sit.config`); this module only declares the flags.
-"""
+"""The original's command-line groups for the transport and the samplers, with the same flags and defaults
+(choices from the tables `transport` dispatches on); `sit.config` turns the values into typed settings."""
 from __future__ import annotations
 
 import argparse

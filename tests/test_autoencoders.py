@@ -450,7 +450,7 @@ def test_diffusers_folder_round_trip(tmp_path, no_signals):
     """A 16-channel f4 folder with a shift: train.py --vae folder builds a 16-channel model and records the
     folder, sample.py decodes with it unnamed; a resumed run cannot switch to another shape; the folder
     replaced by another autoencoder: one line."""
-    from sit.training.settings import resolve_train_config
+    from train_configs import resolve_train_config
 
     folder = make_folder(str(tmp_path / "vae16"), 16, (8, 8, 8), scaling_factor=0.5, shift_factor=0.25)
     ckpt = train_with(folder, tmp_path, image_size=16)

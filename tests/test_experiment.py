@@ -137,7 +137,7 @@ def test_folder_names_mark_what_changes_what_is_learnt_and_take_an_exp_name():
     """The original's name for the original's settings; REPA, post-hoc EMA, a time schedule and a latent space
     of the table other than SD-VAE's are marked; --exp-name names the folder instead."""
     import train
-    from sit.training.settings import resolve_train_config
+    from train_configs import resolve_train_config
 
     def name(*flags: str) -> str:
         args, explicit = train.parse_args(["--data-path", "/d", "--model", "SiT-B/2", *flags])

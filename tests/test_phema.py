@@ -4,6 +4,7 @@ equals a directly tracked EMA (of another std, and the traditional constant-deca
 a real tiny run's snapshots resume exactly and reconstruct into a checkpoint that sample.py takes."""
 import argparse
 import glob
+import math
 import os
 import shutil
 
@@ -16,11 +17,16 @@ from conftest import assert_names
 import reconstruct_ema
 import sample
 from sit.errors import UsageError
-from sit.training.ema import update_ema
-from sit.training.phema import (MAX_STD, PowerEMATracker, exponent_to_std, list_snapshots, snapshot_path, std_list,
+from sit.training.optimizer import update_ema
+from sit.training.phema import (MAX_STD, PowerEMATracker, list_snapshots, snapshot_path, std_list,
                                 std_to_exponent, write_snapshot)
 from sit.training.reconstruction import EMATarget, plan_reconstruction, solve_coefficients, write_reconstruction
 from test_train import TINY, assert_ok, load, run_train
+
+
+def exponent_to_std(gamma: float) -> float:
+    """The relative standard deviation of the power-function profile of exponent gamma."""
+    return math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))
 
 
 class Toy(torch.nn.Module):

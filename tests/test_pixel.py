@@ -134,7 +134,8 @@ def test_vae_flag_is_checked_against_the_checkpoint_and_pixels_are_clamped():
 
 def test_pixel_model_config_and_image_size_checks():
     from sit.errors import UsageError
-    from sit.training.settings import check_train_config, resolve_train_config
+    from sit.training.settings import check_train_config
+    from train_configs import resolve_train_config
 
     def config_for(argv):
         args, explicit = train.parse_args(argv)
@@ -154,7 +155,7 @@ def test_pixel_model_config_and_image_size_checks():
 
 def test_lr_and_ema_decay_come_from_the_checkpoint_unless_given():
     from sit.checkpoint import settings_of
-    from sit.training.settings import resolve_train_config
+    from train_configs import resolve_train_config
 
     def resolve(argv, checkpoint):
         args, explicit = train.parse_args(argv)

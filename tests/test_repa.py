@@ -371,7 +371,7 @@ def test_features_without_tokens_or_of_another_encoder_are_refused(tmp_path, mon
 
 def test_resume_cannot_switch_alignment_on_or_off():
     import train
-    from sit.training.settings import resolve_train_config
+    from train_configs import resolve_train_config
 
     def resolve(argv: list, stored: dict):
         args, explicit = train.parse_args(["--data-path", "x", *argv])

@@ -195,7 +195,8 @@ def test_fsdp_needs_a_torchrun_launch(tmp_path, monkeypatch):
 ])
 def test_options_that_hold_whole_tensors_refuse_fsdp(options, tmp_path, monkeypatch):
     """Post-hoc EMA trackers, rollback copies and REPA's projector are laid out for whole tensors: one line, exit 2."""
-    from sit.training.settings import check_train_config, resolve_train_config
+    from sit.training.settings import check_train_config
+    from train_configs import resolve_train_config
     import train
 
     monkeypatch.setenv("RANK", "0")

@@ -185,7 +185,7 @@ def write_tiny_features(folder: str, vae: str) -> str:
 
 def test_no_random_flip_reaches_the_feature_dataset(tmp_path, tiny_vae):
     from sit.training.data import open_training_data
-    from sit.training.settings import resolve_train_config
+    from train_configs import resolve_train_config
 
     feat = write_tiny_features(str(tmp_path / "feat"), tiny_vae)
     for flag, means in (("--random-flip", {0.5, -0.5}), ("--no-random-flip", {0.5})):
@@ -489,7 +489,7 @@ def test_auto_is_resolved_before_train_and_sampling_configs_store_it(device, fla
     import sit.sampling.settings
     import sit.speed
     import sit.training.settings
-    from sit.training.settings import resolve_train_config
+    from train_configs import resolve_train_config
 
     monkeypatch.setattr(sit.speed, "cpu_flags", lambda: flags)
     for module in (sit.training.settings, sit.sampling.settings):
@@ -536,7 +536,7 @@ def test_sample_ddp_logs_its_speed_whole_and_after_the_first_batch_and_what_the_
 def test_fused_ema_equals_the_originals_per_parameter_update_bitwise():
     sys.path.insert(0, os.path.join(REPO, "benchmarks"))
     from bench import original_update_ema
-    from sit.training.ema import update_ema
+    from sit.training.optimizer import update_ema
 
     model = tiny_sit(depth=2)
     ours, original = deepcopy(model).requires_grad_(False), deepcopy(model).requires_grad_(False)

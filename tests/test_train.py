@@ -387,7 +387,7 @@ def resolve_against(argv: list, checkpoint: dict) -> tuple:
     """(TrainConfig, warnings) of train.py's flags resolved against a checkpoint named ckpt.pt."""
     import train
     from sit.checkpoint import settings_of
-    from sit.training.settings import resolve_train_config
+    from train_configs import resolve_train_config
 
     args, explicit = train.parse_args(argv)
     return resolve_train_config(vars(args), explicit, settings_of(checkpoint), source="the checkpoint ckpt.pt",

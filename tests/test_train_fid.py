@@ -97,7 +97,8 @@ def test_fid_guidance_without_label_dropout_is_refused(image_folder, tiny_vae, t
     """--fid-cfg-scale > 1 needs the null class, which only a model with label dropout has."""
     import train
     from sit.errors import UsageError
-    from sit.training.settings import check_train_config, resolve_train_config
+    from sit.training.settings import check_train_config
+    from train_configs import resolve_train_config
 
     no_dropout = json.dumps({"depth": 1, "hidden_size": 32, "num_heads": 2, "class_dropout_prob": 0})
     argv = ["--data-path", image_folder, "--vae", tiny_vae, *TINY, "--model-config", no_dropout,

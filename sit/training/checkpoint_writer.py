@@ -1,12 +1,7 @@
-"""Checkpoint writes off the training loop's critical path (--background-checkpoints).
-
-The state is copied to CPU memory first (pinned on a GPU, the copies queued on the current stream, so
-the loop never waits for them), then a background thread writes the copy through the usual atomic
-write (a temporary file, then a rename: sit.files). One write at a time: the loop waits for the
-previous write only before the next one, at the end of the run, or when it fails; a failed write
-surfaces then as the usual one-line failure. The file holds the same bytes as a foreground write of a
-CPU run (storages shared as in the original state: torch.save writes them once); on a GPU its tensors
-are CPU tensors, which every loader maps to its device anyway.
+"""Checkpoint writes off the training loop's critical path (--background-checkpoints): the state is copied
+to CPU memory (pinned on a GPU, copies queued on the current stream), then a thread writes it atomically,
+one write at a time; a failed write surfaces at the next wait as the usual one-line failure. The file holds
+the same bytes as a foreground write of a CPU run (on a GPU its tensors are CPU tensors).
 """
 from __future__ import annotations
 
@@ -18,10 +13,8 @@ import torch
 
 
 def cpu_snapshot(value: Any, pin: bool = False) -> tuple[Any, Optional[torch.cuda.Event]]:
-    """A copy of nested dicts, lists and tuples with every tensor's storage copied to CPU memory (pinned
-    with pin), storages shared exactly where the originals share them; other values are kept as they are
-    (they are new objects per checkpoint). Returns the copy and, when any tensor was on a GPU, the event
-    after which the (asynchronous) copies are complete (None otherwise: complete on return)."""
+    """A copy of nested dicts, lists and tuples with every tensor storage copied to CPU memory (pinned with
+    pin), shared where the originals share; and the event after which GPU copies are complete (or None)."""
     storages: dict[int, torch.UntypedStorage] = {}
     on_gpu = False
 
@@ -68,8 +61,7 @@ class CheckpointWriter:
         self.path: Optional[str] = None  # the file being written (or last written)
 
     def start(self, path: str, write: Callable[[], None], ready: Optional[torch.cuda.Event] = None) -> None:
-        """Run write() in the background (after `ready`, the snapshot's copies, completes); the previous
-        write must be waited for first."""
+        """Run write() in the background once `ready` (the snapshot's copies) completes; wait() first."""
         if self._thread is not None:
             raise RuntimeError("CheckpointWriter.start while a write is in flight: wait() first")
 

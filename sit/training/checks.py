@@ -1,17 +1,7 @@
-"""train.py's settings that would otherwise do nothing, silently: refused (a flag the user gave that no
-part of the run would read), or warned about once (a checkpoint's setting that is not applied, a
-default that does not fit the model); and a resume with no steps left.
-
-- `--loss-weight` weights only score and noise losses; a velocity model's loss is never weighted
-  (the original accepted it and ignored it, and named the experiment folder after it). A new run
-  refuses it; resuming a checkpoint that holds one warns, and a new folder is named after the
-  weight applied (None).
-- A resumed checkpoint's own global batch size or VAE folder that cannot work here, said as the
-  checkpoint's, with the flag that overrides it.
-- The FID flags without --fid-every; --cfg-scale above 1 for a model without a null class; a
-  --results-dir where no folder can be made.
-- Resuming a checkpoint at --max-steps (or --epochs) has nothing to do: exit 0 with one line, no
-  folder. Past it, the request cannot be met (a checkpoint cannot be trained back): exit 2.
+"""train.py's settings that would otherwise do nothing, silently: refused when the user gave them (e.g.
+--loss-weight of a velocity model, FID flags without --fid-every), warned about when a checkpoint or a
+default gave them; a resumed checkpoint's own setting that cannot work here; and a resume with no steps left
+(exit 0 at --max-steps or --epochs, exit 2 past them).
 """
 from __future__ import annotations
 
@@ -30,8 +20,7 @@ from sit.training.settings import TrainConfig
 from sit.latents import LATENT_SPACES
 
 def check_checkpoint_settings(config: TrainConfig, resolved: Resolved, world_size: int) -> None:
-    """UsageError for a resumed checkpoint's own setting that cannot work here, said as the checkpoint's
-    (not as a flag the user never gave), with the flag that overrides it."""
+    """UsageError for a resumed checkpoint's own setting that cannot work here, said as the checkpoint's."""
     batch = config.data.global_batch_size
     if resolved.origin.get("global_batch_size") == "checkpoint" and batch % world_size:
         raise UsageError(f"{resolved.describe('global_batch_size')} is not divisible by the {world_size} processes: "
@@ -50,9 +39,7 @@ def world_size_hint(batch: int) -> str:
 
 
 def unused_setting_warnings(config: TrainConfig, explicit: AbstractSet[str], resuming: bool) -> list[str]:
-    """Warnings for settings that the run will not apply; UsageError for such a flag given explicitly.
-
-    explicit: the flags the command line gave; resuming: whether the settings come from a train checkpoint."""
+    """Warnings for settings that the run will not apply; UsageError for such a flag given explicitly."""
     warnings = []
     transport = config.transport
     if transport.loss_weight is not None and transport.applied_loss_weight is None:
@@ -86,8 +73,7 @@ def check_results_dir(config: TrainConfig, resuming: bool) -> None:
 
 
 def check_fid_reference(config: TrainConfig) -> None:
-    """With --fid-every: --fid-ref must hold mu/sigma statistics and --fid-inception-weights must exist,
-    found before the run starts (its keys are read, not its arrays)."""
+    """With --fid-every: --fid-ref must hold mu/sigma (its keys read) and --fid-inception-weights exist."""
     fid = config.fid
     if fid.fid_every is None:
         return

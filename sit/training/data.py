@@ -46,9 +46,8 @@ def open_feature_dataset(config: TrainConfig, image_size_origin: str = "flag") -
 
 
 def open_training_data(config: TrainConfig, origins: Optional[Mapping[str, str]] = None) -> TrainDataset:
-    """The dataset of --data-path or --feature-path, with no more class folders than --num-classes.
-    origins: where image_size and num_classes came from ("flag", "checkpoint" or "default"; see
-    sit.config.Resolved), so that a message blames the right one (default: the flags)."""
+    """The dataset of --data-path or --feature-path, with no more class folders than --num-classes; origins
+    (sit.config.Resolved's) let a message blame the flag, the default or the checkpoint."""
     data = config.data
     origins = origins or {}
     num_classes_origin = origins.get("num_classes", "flag")
@@ -76,12 +75,10 @@ def build_loader(config: TrainConfig, dataset: TrainDataset, ctx: DistContext,
     # (epoch, index) items: flips follow the epoch even in persistent workers, which never see set_epoch
     sampler = ResumableDistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
                                           seed=data.global_seed, with_epoch=True)
-    local_batch_size = data.global_batch_size // ctx.world_size
-    if sampler.num_samples < local_batch_size:
-        raise UsageError(f"the dataset has {len(dataset)} images, fewer than one global batch of {data.global_batch_size}")
     loader = DataLoader(
-        dataset, batch_size=local_batch_size, shuffle=False, sampler=sampler, num_workers=data.num_workers,
-        pin_memory=torch.cuda.is_available(), drop_last=True, worker_init_fn=ignore_stop_signals,
+        dataset, batch_size=data.global_batch_size // ctx.world_size, shuffle=False, sampler=sampler,
+        num_workers=data.num_workers, pin_memory=torch.cuda.is_available(), drop_last=True,
+        worker_init_fn=ignore_stop_signals,
         persistent_workers=data.num_workers > 0,  # workers live across epochs (items carry their epoch)
         # The loader's own generator: starting an iterator must not draw from the training RNG,
         # or a resumed run (which starts one mid-epoch) would drift from an uninterrupted one.

@@ -1,13 +1,7 @@
-"""The latent space a training run holds, and when its network is loaded.
-
---data-path: every rank loads it at the start (training encodes each batch with it); --vae none:
-there is none (the model's outputs are pixels); --feature-path: the space is known (its normalisation
-turns the cached posteriors into latents) but not loaded at the start, so a run without previews or
-FID never holds a network: rank 0 loads it for the first preview grid (without one: a warning, no
-grids), every rank at the first FID measurement.
-
-With --latent-norm per-channel the space normalises by measured statistics (`run_latent_statistics`: a
-resumed checkpoint's, else --feature-path's), whichever network decodes; the checkpoints carry them.
+"""The latent space a training run holds, and when its network is loaded: --data-path, every rank at the
+start; --vae none, never; --feature-path, rank 0 at the first preview grid and every rank at the first FID
+measurement (a run without either never holds one). With --latent-norm per-channel it normalises by the
+measured statistics (`run_latent_statistics`), which the checkpoints carry.
 """
 from __future__ import annotations
 
@@ -35,10 +29,8 @@ def load_on_all_ranks(ctx: DistContext, name: str, loaded: Any = None) -> Option
 def run_latent_statistics(model: Any, feature_path: Optional[str], feature_meta: Optional[Mapping[str, Any]],
                           checkpoint: Optional[Mapping[str, Any]], stored: Optional[Mapping[str, Any]] = None
                           ) -> Optional[LatentStatistics]:
-    """The statistics a run normalises with (None: --latent-norm constant). model: its ModelSettings;
-    feature_meta: --feature-path's meta.json; checkpoint, stored: a resumed checkpoint and its settings.
-    A resumed run keeps its checkpoint's; a new one takes the features'. UsageError (one line) when they
-    are missing or unusable, or belong to a latent space other than --vae's."""
+    """The statistics a run normalises with (None: --latent-norm constant): a resumed checkpoint's, else
+    --feature-path's (feature_meta). UsageError when missing, unusable or of another space than --vae's."""
     held_norm = (stored or {}).get("latent_norm", CONSTANT) if checkpoint is not None else model.latent_norm
     if held_norm != model.latent_norm:  # an older checkpoint records none: it learned constant-scaled latents
         raise UsageError(f"--latent-norm {model.latent_norm} but the checkpoint's model learned {held_norm}-normalised "
@@ -65,11 +57,8 @@ def run_latent_statistics(model: Any, feature_path: Optional[str], feature_meta:
 
 @dataclass
 class RunVAE:
-    """The run's latent space named by --vae; `lazy`: --feature-path.
-
-    module: the LatentSpace (None for pixels: sit.training.loop reads None as pixel space), loaded
-    unless lazy and not needed yet (`loaded`); the training step encodes or normalises with it.
-    """
+    """The run's latent space named by --vae (`module`: None for pixels), loaded unless `lazy`
+    (--feature-path) and not needed yet (`loaded`)."""
     name: str
     device: torch.device
     lazy: bool = False
@@ -112,9 +101,8 @@ class RunVAE:
         return True, self.module
 
     def for_fid(self, ctx: DistContext) -> Optional[Any]:
-        """Every rank: the latent space that decodes FID samples (None for pixels). Lazily, every rank
-        loads it at the first call; rank 0 keeps one it loaded for previews but still joins the check,
-        so that every rank takes part in the same collectives."""
+        """Every rank: the latent space that decodes FID samples (None for pixels), loaded at the first call
+        (rank 0 keeps one loaded for previews but still joins the collective)."""
         if self.lazy and not self.on_every_rank:
             self.module = self.measured(load_on_all_ranks(ctx, self.name, loaded=self.module if self.loaded else None))
             self.loaded = self.on_every_rank = True

@@ -1,17 +1,8 @@
-"""Experiment folders and where a run starts: results/<NNN>-<model>-<path>-<prediction>-<loss weight>/
-with log.txt, checkpoints/<step>.pt, latest.txt (the newest checkpoint's path), samples/<step>.png
-preview_labels.txt (their labels) and (with --wandb) wandb_id.txt. <model> is --model, or with --model-config
-the real shape's name (sit.checkpoint.model_shape_name).
-
-A run starts from scratch, from the checkpoint --ckpt names, or from the newest checkpoint that
---resume finds (an experiment folder's, or alone: the newest experiment's in --results-dir). A newest
-checkpoint that --resume picked but cannot load (truncated by a crash) is skipped with a warning.
-`--resume` alone refuses when the newest experiment has no checkpoint (it died before its first one)
-rather than silently extending an older one: naming the folder to resume is then unambiguous.
-
-An experiment folder has one writer: rank 0 holds `<experiment>/owner.lock` (sit.locks) while the
-run lives, so a second run on it is refused in one line; on taking it, the run removes the temporary
-files a killed run left in checkpoints/, samples/ and the folder itself (never a live process's).
+"""Experiment folders and where a run starts: results/<NNN>-<folder name>/ with log.txt, config.yaml,
+checkpoints/<step>.pt, latest.txt (the newest checkpoint's path), samples/<step>.png, preview_labels.txt and
+(with --wandb) wandb_id.txt. A run starts from scratch, from --ckpt, or from the newest checkpoint --resume
+finds (one that cannot load is skipped with a warning). Rank 0 holds `<experiment>/owner.lock` (sit.locks)
+while the run lives and removes the temporary files a killed run left.
 """
 from __future__ import annotations
 
@@ -36,16 +27,13 @@ from sit.files import atomic_text, move_file, remove_temporaries
 from sit.locks import acquire_folder_lock
 from sit.log import create_logger
 from sit.training.settings import NEWEST, TrainConfig
+
 CHECKPOINT_FILE = re.compile(r"^(\d{7,})\.pt$")
 EXPERIMENT_FOLDER = re.compile(r"^(\d{3,})-")
 LATEST_FILE = "latest.txt"  # <experiment>/latest.txt: the path of the newest checkpoint the run wrote
 CONFIG_FILE = "config.yaml"  # <experiment>/config.yaml: the run's settings, for train.py --config
 FAILED_FOLDER = "failed"  # <results-dir>/failed/<experiment>.log.txt: the logs of runs that failed before a checkpoint
 
-
-#################################################################################
-#                               Finding checkpoints                             #
-#################################################################################
 
 def experiment_checkpoints(experiment_dir: str) -> list[str]:
     """The <experiment_dir>/checkpoints/<step>.pt files, the highest step first."""
@@ -63,31 +51,25 @@ def newest_checkpoint(experiment_dir: str) -> Optional[str]:
 
 
 def newest_experiment(results_dir: str, with_checkpoint: bool = True) -> Optional[str]:
-    """The experiment folder with the highest index (that has a checkpoint, unless with_checkpoint is
-    False), or None."""
+    """The experiment folder with the highest index (with a checkpoint unless with_checkpoint is False)."""
     if not os.path.isdir(results_dir):
         return None
-    found = []
-    for name in os.listdir(results_dir):
-        match = EXPERIMENT_FOLDER.match(name)
-        path = os.path.join(results_dir, name)
-        if match and os.path.isdir(path) and (not with_checkpoint or newest_checkpoint(path) is not None):
-            found.append((int(match.group(1)), name))
+    found = [(int(match.group(1)), name) for name in os.listdir(results_dir)
+             if (match := EXPERIMENT_FOLDER.match(name))
+             and os.path.isdir(path := os.path.join(results_dir, name))
+             and (not with_checkpoint or newest_checkpoint(path) is not None)]
     return os.path.join(results_dir, max(found)[1]) if found else None
 
 
 def experiment_dir_of(checkpoint_path: str) -> Optional[str]:
     """<experiment> for <experiment>/checkpoints/<step>.pt, else None."""
     folder = os.path.dirname(os.path.abspath(checkpoint_path))
-    if os.path.basename(folder) != "checkpoints":
-        return None
-    return os.path.dirname(folder)
+    return os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else None
 
 
 def checkpoint_in_folder(folder: str, flag: str = "--ckpt") -> tuple[str, str]:
-    """The checkpoint a folder names, and how it was picked: an experiment folder's newest checkpoint
-    (the highest step, as --resume takes), or for a results folder (e.g. `results`) that of its newest
-    experiment with a checkpoint. UsageError when the folder holds neither."""
+    """The checkpoint a folder names and how it was picked: an experiment folder's newest, or a results
+    folder's newest experiment's newest. UsageError when the folder holds neither."""
     path = newest_checkpoint(folder)
     if path is not None:
         return path, f"{flag} {folder}: its newest checkpoint, {path}"
@@ -127,8 +109,8 @@ def checkpoint_to_start_from(ckpt: Optional[str], resume: Optional[str], results
 
 @dataclass
 class StartPoint:
-    """Where training starts: `source` and its loaded `checkpoint` (both None: from scratch), and
-    warnings about checkpoints skipped on the way. A train.py checkpoint resumes; bare weights fine-tune."""
+    """Where training starts: `source` and its loaded `checkpoint` (both None: from scratch), and warnings
+    about checkpoints skipped on the way. A train.py checkpoint resumes; bare weights fine-tune."""
     source: Optional[str] = None
     checkpoint: Optional[dict] = None
     warnings: list[str] = field(default_factory=list)
@@ -139,8 +121,7 @@ class StartPoint:
 
 
 def load_newest_loadable(experiment_dir: str) -> StartPoint:
-    """The experiment's newest checkpoint that loads; each newer one that does not (e.g. truncated by
-    a crash while copying) is skipped with a warning naming it."""
+    """The experiment's newest checkpoint that loads; newer ones that do not are skipped with a warning."""
     warnings, first_error = [], None
     for path in experiment_checkpoints(experiment_dir):
         try:
@@ -152,8 +133,8 @@ def load_newest_loadable(experiment_dir: str) -> StartPoint:
 
 
 def start_checkpoint(ckpt: Optional[str], resume: Optional[str], results_dir: str) -> StartPoint:
-    """Where to start for --ckpt/--resume/--results-dir. A file the user named must load; one that
-    --resume picked may fall back to the one before it. Raises UsageError (CheckpointError)."""
+    """Where to start for --ckpt/--resume/--results-dir. A file the user named must load; one that --resume
+    picked may fall back to the one before it. Raises UsageError (CheckpointError)."""
     source = checkpoint_to_start_from(ckpt, resume, results_dir)
     if source is None:
         return StartPoint()
@@ -163,13 +144,8 @@ def start_checkpoint(ckpt: Optional[str], resume: Optional[str], results_dir: st
     return load_newest_loadable(experiment_dir_of(source))
 
 
-#################################################################################
-#                         The experiment folder and wandb                       #
-#################################################################################
-
 def create_experiment_dir(results_dir: str, name: str) -> str:
-    """A new <results_dir>/<NNN>-<name> folder (TrainConfig.folder_name: by default the original's
-    <model>-<path>-<prediction>-<loss weight>, marked with the options that change what is learnt)."""
+    """A new <results_dir>/<NNN>-<name> folder (name: TrainConfig.folder_name)."""
     os.makedirs(results_dir, exist_ok=True)
     indices = [int(match.group(1)) for entry in os.listdir(results_dir) if (match := EXPERIMENT_FOLDER.match(entry))]
     index = max(indices, default=-1) + 1
@@ -188,11 +164,9 @@ CREATED_FOLDERS: list[tuple[str, Optional[str]]] = []
 
 
 def discard_unfinished_experiments(keep_logs: bool = True) -> list[tuple[str, Optional[str]]]:
-    """Remove the experiment folders this process created that hold no checkpoint (a run that failed
-    before its first: nothing in them can be resumed, and `--resume` must not find them), keeping each
-    one's log.txt (the record of why it failed) as <results-dir>/failed/<folder>.log.txt unless
-    keep_logs is False (a setup check that failed, a clean stop before the first step); and an emptied
-    --results-dir this process created. Returns (folder removed, where its log was kept or None)."""
+    """Remove the experiment folders this process created that hold no checkpoint (`--resume` must not
+    find them), and an emptied --results-dir it created; with keep_logs each log.txt is kept as
+    <results-dir>/failed/<folder>.log.txt. Returns (folder removed, where its log was kept or None)."""
     removed = []
     while CREATED_FOLDERS:
         folder, created_parent = CREATED_FOLDERS.pop()
@@ -219,9 +193,8 @@ def discard_unfinished_experiments(keep_logs: bool = True) -> list[tuple[str, Op
 
 
 def write_config_file(folder: str, settings: dict, defaults: dict) -> str:
-    """<experiment>/config.yaml: the run's resolved settings as `train.py --config` takes them (a new run
-    with the same settings; where a run starts, --ckpt and --resume, stays the command line's): those
-    that differ from their defaults, then the defaults it ran with as comments."""
+    """<experiment>/config.yaml for `train.py --config`: the settings that differ from their defaults, then
+    the defaults it ran with as comments (not --ckpt/--resume)."""
     path = os.path.join(folder, CONFIG_FILE)
     kept = {key: value for key, value in settings.items() if key not in NOT_IN_CONFIG_FILES}
     changed = {key: value for key, value in kept.items() if key not in defaults or value != defaults[key]}
@@ -233,18 +206,15 @@ def write_config_file(folder: str, settings: dict, defaults: dict) -> str:
 
 
 def write_latest(experiment_dir: str, checkpoint_path: str) -> str:
-    """Point <experiment>/latest.txt at the checkpoint just written (its absolute path and a newline,
-    for `--ckpt "$(cat .../latest.txt)"`), atomically; returns latest.txt's path."""
+    """Point <experiment>/latest.txt at the checkpoint just written (its absolute path and a newline),
+    atomically; returns latest.txt's path."""
     path = os.path.join(experiment_dir, LATEST_FILE)
     atomic_text(path, os.path.abspath(checkpoint_path) + "\n")
     return path
 
 
 def wandb_run_id(experiment_dir: str, stored_id: Optional[str]) -> str:
-    """The experiment's wandb run id: from wandb_id.txt (or the checkpoint), else a new random one.
-
-    Stored in the experiment folder, so a resumed run continues its wandb run and a new
-    experiment never joins an old one."""
+    """The experiment's wandb run id: wandb_id.txt's (or the checkpoint's), else a new one, stored."""
     path = os.path.join(experiment_dir, "wandb_id.txt")
     if os.path.isfile(path):
         with open(path) as handle:
@@ -280,8 +250,8 @@ class Experiment:
 
 
 def open_experiment(ctx: DistContext, config: TrainConfig, start: StartPoint) -> Experiment:
-    """Rank 0: a new experiment folder (or, resuming a checkpoint inside one, that folder), its log.txt
-    (first line: the configuration) and wandb; every rank stops if rank 0 could not set up."""
+    """Rank 0: a new experiment folder (or a resumed checkpoint's), its log.txt (first line: the
+    configuration) and wandb; every rank stops if rank 0 could not set up."""
     settings = config.settings()
 
     def set_up() -> Experiment:

@@ -1,11 +1,8 @@
-"""Features of a training run, each one module: its declared settings (sit.declarations), and what it adds
-to the run: a loss term (sit.training.terms) or a loop extension (below). sit.training.registry lists them.
-
-A loop extension is something the loop does beside the step: post-hoc EMA snapshots, self-healing. It
-says what it keeps (`state_dict`, stored in the checkpoint under its `name`; `restore` after a
-rollback) and what it does at each point of the loop. Each hook receives the `TrainingRun`
-(sit.training.loop), whose services it may use: `run.check_health()`, `run.write_on_main(...)`,
-`run.checkpoint()`, `run.restore(checkpoint)`.
+"""Features of a training run (sit.training.registry lists them), and the loop extension interface: what
+the loop does beside the step (post-hoc EMA snapshots, self-healing). An extension keeps `state_dict`
+(the checkpoint's, under its `name`; `restore` after a rollback) and overrides the hooks it needs; each
+hook gets the `TrainingRun` (sit.training.loop) and its services: `check_health()`, `write_on_main(...)`,
+`checkpoint()`, `restore(checkpoint)`.
 """
 from __future__ import annotations
 
@@ -68,8 +65,7 @@ class LoopExtension:
 
 @dataclass
 class ExtensionContext:
-    """What a loop extension's setup may use: the run's configuration, the model being trained, and the
-    resumed checkpoint's state of this extension (None: a new run, or the checkpoint has none)."""
+    """What a loop extension's setup may use: the run's config, the model and its resumed state (or None)."""
     config: Any
     model: torch.nn.Module
     saved: Optional[dict]
@@ -77,9 +73,8 @@ class ExtensionContext:
 
 @dataclass(frozen=True)
 class Feature:
-    """One feature of a training run: its settings dataclass (None: it has no flags) and how it joins the
-    run, as a loss term, a loop extension or the step's objective (each setup returns None when its
-    settings leave it off)."""
+    """One feature of a training run: its settings dataclass (None: no flags) and how it joins the run (each
+    setup returns None when its settings leave it off)."""
     name: str
     settings: Optional[type] = None
     term: Optional[Callable[[Any, TermContext], Optional[TermFactory]]] = None

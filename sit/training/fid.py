@@ -17,11 +17,8 @@ from transport import Transport
 
 
 def make_fid_monitor(ref_path: str, device: torch.device, weights_path: Optional[str]) -> FIDMonitor:
-    """The FID accumulator of --fid-every; UsageError if its statistics or weights are unusable.
-
-    Building the Inception network draws random initial weights: it does so on forked RNGs, so the
-    training streams (fresh, or restored on resume) are exactly those of a run without --fid-every.
-    """
+    """The FID accumulator of --fid-every (built on forked RNGs: the training streams stay untouched);
+    UsageError if its statistics or weights are unusable."""
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             return FIDMonitor(ref_path, device, weights_path=weights_path)
@@ -29,26 +26,17 @@ def make_fid_monitor(ref_path: str, device: torch.device, weights_path: Optional
         raise UsageError(f"cannot measure FID: {error}") from None
 
 
-def rank_blocks(num_images: int, batch_size: int, ctx: DistContext) -> list[range]:
-    """This rank's images (rank, rank + world size, ...) in batches of batch_size."""
-    indices = range(ctx.rank, num_images, ctx.world_size)
-    return [indices[start:start + batch_size] for start in range(0, len(indices), batch_size)]
-
-
 @torch.no_grad()
 def measure_fid(ema: torch.nn.Module, vae: Optional[LatentSpace], transport: Transport, monitor: FIDMonitor,
                 ctx: DistContext, *, num_images: int, batch_size: int, num_steps: int, cfg_scale: float,
                 global_seed: int, precision: str) -> float:
-    """FID of num_images EMA samples (all ranks take part; the same value on every rank), decoded with
-    the run's latent space (vae None: pixels).
-
-    Each image's noise and label come from its own generator (sit.generation with global_seed), so
-    the training RNG is untouched and `sample_ddp.py ODE --sampling-method euler --num-sampling-steps
-    <num_steps> --cfg-scale <cfg_scale>` on the checkpoint of the same step draws the same images (a MeanFlow
-    run's: `sample_ddp.py MeanFlow --num-sampling-steps <num_steps>`).
-    """
+    """FID of num_images EMA samples (every rank takes part and gets the value), decoded with the run's
+    latent space (None: pixels); per-image seeds, so `sample_ddp.py ODE --sampling-method euler
+    --num-sampling-steps <num_steps>` (MeanFlow: `sample_ddp.py MeanFlow`) draws the same images."""
     sample_fn = training_sample_fn(ema.config, transport, num_steps, num_steps)
-    blocks = generate_blocks(rank_blocks(num_images, batch_size, ctx), ema, vae, sample_fn, global_seed=global_seed,
+    indices = range(ctx.rank, num_images, ctx.world_size)  # this rank's images, in batches of batch_size
+    batches = [indices[start:start + batch_size] for start in range(0, len(indices), batch_size)]
+    blocks = generate_blocks(batches, ema, vae, sample_fn, global_seed=global_seed,
                              num_classes=ema.config["num_classes"], guidance=GuidanceConfig(scale=cfg_scale),
                              precision=precision, device=ctx.device)
     for block in blocks:

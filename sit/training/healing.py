@@ -1,28 +1,7 @@
-"""Self-healing training: a non-finite or spiking loss rolls every rank back to the last good state,
-skips the batch that caused it, and training goes on; after --max-rollbacks it stops as without it.
-
-- Rollback points: a copy of the whole train state (sit.checkpoint.TrainCheckpoint: model, EMA,
-  optimizer, loss scale, every rank's RNG, data position, post-hoc EMAs, this module's state) on the
-  CPU, taken at the start, at every checkpoint and every --rollback-every steps, each after checking
-  that every loss so far is finite (and not a spike) and every weight finite. The train loop restores
-  one through the path a resume takes (sit.training.network.build_train_step), so a rolled-back run
-  continues exactly as a run resumed from a checkpoint of that step.
-- Data positions: a batch is (epoch, batch within the epoch); the step that diverged names the batch
-  to skip. The order of the data stays the seeded one: a skipped batch is read and dropped, the next
-  step takes the batch after it. `--skip-batches EPOCH:BATCH,...` skips batches from the start, e.g.
-  to repeat a healed run without its rollbacks (equal weights, bit for bit).
-- Spikes (--spike-factor F): a step whose loss (averaged over ranks) exceeds F x the median of the
-  last SPIKE_WINDOW steps' losses as they stood at the last good state (a checkpoint or rollback
-  point, whose losses passed this check) diverged: a diverging run's own running median diverges
-  with it and would hide it; before the first good state with enough losses, the running median.
-  Losses are checked where the loss monitor reduces them
-  (each log line, checkpoint and rollback point): the values are the all-reduced ones, the same on
-  every rank, and the weights' check is agreed (sit.distributed.any_rank), so every rank decides alike.
-Checkpoints keep this module's state under "healing": the skipped batches, the rollbacks done (step,
-reason, batch skipped), the recent losses and the good state's median, so a resume continues exactly.
-When the rollbacks run out, the last line says what they suggest: all back to one step, whichever
-batch was skipped, points at the learning rate (or clipping); different places, at the data.
-"""
+"""Self-healing training: a non-finite or spiking loss rolls every rank back to the last good state (a
+CPU copy of the whole TrainCheckpoint), skips the batch (epoch, batch) that caused it, and training goes on;
+after --max-rollbacks it stops as without it. Checkpoints keep this module's state under "healing".
+docs/training.md has the rules (rollback points, spikes, --skip-batches)."""
 from __future__ import annotations
 
 import argparse
@@ -32,12 +11,11 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
-import torch
-
 from sit.checkpoint import TrainCheckpoint
 from sit.cli import non_negative_int, positive_float, positive_int
 from sit.declarations import Needs, declare
 from sit.errors import UsageError
+from sit.training.checkpoint_writer import cpu_snapshot
 from sit.training.extensions import ExtensionContext, Feature, LoopExtension
 from sit.training.monitor import TrainingDiverged
 
@@ -89,7 +67,6 @@ class HealingSettings:
             raise UsageError("self-healing (--max-rollbacks, --spike-factor, --skip-batches) works with --sharding "
                              "ddp only: drop --sharding fsdp or those flags")
 
-
     def check_data(self, batches_per_epoch: int, epochs: int) -> None:
         """UsageError naming --skip-batches when a batch it names is not one of this data's (it would skip nothing)."""
         outside = [f"{epoch}:{batch}" for epoch, batch in self.skip_batches or ()
@@ -104,20 +81,9 @@ class LossSpiked(TrainingDiverged):
     """A loss above --spike-factor x the running median."""
 
 
-def cpu_copy(value: Any) -> Any:
-    """A deep copy of nested dicts/lists/tuples whose tensors are copied to the CPU (no shared storage)."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
-    if isinstance(value, dict):
-        return {key: cpu_copy(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(cpu_copy(item) for item in value)
-    return value
-
-
 class Healer(LoopExtension):
-    """What self-healing keeps while training: the rollback point, the batches to skip, the data
-    position of each step since the rollback point, the rollbacks done and the spike median's window."""
+    """The rollback point, the batches to skip, each step's batch since the point, the rollbacks done and
+    the spike check's window of losses."""
     name = "healing"
 
     def __init__(self, settings: HealingSettings, ckpt_every: int, saved: Optional[dict] = None):
@@ -148,7 +114,8 @@ class Healer(LoopExtension):
         return False
 
     def inspect_loss(self, step: int, loss: float) -> None:
-        """The spike check of one step's finite loss (LossMonitor calls it once per step, in order)."""
+        """The spike check of one step's finite loss: against the median at the last good state (a diverging
+        run's running median would follow it up), else the running median."""
         factor = self.settings.spike_factor
         if factor is not None and (self.reference is not None or len(self.recent_losses) >= SPIKE_MIN_HISTORY):
             median, what = ((self.reference, "the median at the last good state") if self.reference is not None
@@ -159,22 +126,16 @@ class Healer(LoopExtension):
         self.recent_losses.append(loss)
 
     def found_good(self) -> None:
-        """The losses so far passed the checks (a checkpoint or rollback point): their median is the spike
-        check's reference from now on (once there are enough of them)."""
+        """The losses so far passed the checks: their median is the spike check's reference from now on."""
         if len(self.recent_losses) >= SPIKE_MIN_HISTORY:
             self.reference = statistics.median(self.recent_losses)
 
-    def keeps_points(self, step: int) -> bool:
-        """Whether step is one of --rollback-every's (never without --max-rollbacks)."""
-        return self.settings.max_rollbacks > 0 and step % self.every == 0
-
     def keep(self, checkpoint: TrainCheckpoint) -> None:
-        """Make a checkpoint of the current, checked state the rollback point (copied to the CPU; nothing
-        is kept without --max-rollbacks)."""
+        """Make a checked state the rollback point (a CPU copy; none without --max-rollbacks)."""
         self.found_good()
         if self.settings.max_rollbacks == 0:
             return
-        self.point = TrainCheckpoint.from_dict(cpu_copy(checkpoint.to_dict()))
+        self.point = TrainCheckpoint.from_dict(cpu_snapshot(checkpoint.to_dict())[0])
         self.positions = {step: position for step, position in self.positions.items() if step > checkpoint.train_steps}
 
     def roll_back(self, error: TrainingDiverged, logger: logging.Logger) -> TrainCheckpoint:
@@ -201,7 +162,7 @@ class Healer(LoopExtension):
         self.recent_losses = deque(saved.get("recent_losses", []), maxlen=SPIKE_WINDOW)
         self.reference = saved.get("spike_reference")
         self.positions = {}
-        return TrainCheckpoint.from_dict(cpu_copy(point.to_dict()))  # the optimizer may keep the tensors it loads
+        return TrainCheckpoint.from_dict(cpu_snapshot(point.to_dict())[0])  # AdamW may keep what it loads
 
     def diagnosis(self) -> str:
         """What the rollbacks done suggest, for the run's last line."""
@@ -222,7 +183,7 @@ class Healer(LoopExtension):
         self.keep(checkpoint)
 
     def step_done(self, run: Any, saved: bool) -> None:
-        if not saved and self.keeps_points(run.state.train_steps):
+        if not saved and self.settings.max_rollbacks > 0 and run.state.train_steps % self.every == 0:
             self.keep_point(run)
 
     def loop_done(self, run: Any) -> None:
@@ -234,15 +195,13 @@ class Healer(LoopExtension):
         self.keep(run.checkpoint())
 
     def recover(self, run: Any, error: TrainingDiverged) -> bool:
-        """Restore the rollback point through the path a resume takes and skip the batch that diverged
-        (every rank alike); re-raises error when the run cannot heal."""
+        """Restore the rollback point as a resume would, skipping the batch that diverged (or re-raise)."""
         run.restore(self.roll_back(error, run.logger))
         return True
 
 
 def setup_healing(settings: HealingSettings, context: ExtensionContext) -> Optional[Healer]:
-    """The run's healer: with self-healing flags, or a resumed checkpoint of a run that had them (its
-    skipped batches stay skipped)."""
+    """The run's healer: with self-healing flags, or resuming a run that had them (its skips stay)."""
     if not (settings.active or context.saved):
         return None
     return Healer(settings, context.config.run.ckpt_every, context.saved)

@@ -1,10 +1,6 @@
-"""From the command line's values to a running job: `plan_training` does every check and opens
-the data before any heavy work (no VAE, no process group); `run_training` judges the checkpoint to
-resume whole (sit.checkpoint.check_train_checkpoint) and the free space for the next checkpoint
-before it joins the ranks, then trains, turns a divergence into a one-line failure, and says when a
-stop signal ended the run cleanly (exit 0 on every rank). A run that fails before its first
-checkpoint removes the experiment folder it created (its log went to stdout as well); a resume with
-nothing left to do says so and creates nothing."""
+"""From the command line's values to a running job: `plan_training` does every check and opens the data
+before any heavy work; `run_training` judges the checkpoint and the free space, joins the ranks, trains,
+and turns failures into one line (a run that fails before its first checkpoint removes its folder)."""
 from __future__ import annotations
 
 import logging
@@ -14,7 +10,7 @@ from typing import AbstractSet, Any, Mapping, Optional
 
 from models import ModelConfig
 from sit.checkpoint import check_epoch_position, check_train_checkpoint, settings_of
-from sit.distributed import DistContext, cleanup_distributed, launched_rank, launched_world_size, setup_distributed
+from sit.distributed import cleanup_distributed, launched_rank, launched_world_size, setup_distributed
 from sit.errors import RunFailure, UsageError
 from sit.latents.statistics import LatentStatistics
 from sit.files import check_free_space
@@ -43,9 +39,8 @@ class TrainingPlan:
 
 
 def plan_training(flags: Mapping[str, Any], explicit: AbstractSet[str], world_size: int) -> TrainingPlan:
-    """Find and load the checkpoint to start from, resolve the configuration against it, check it and
-    open the data. flags: every parsed flag (vars(args)); explicit: those the command line gave;
-    world_size: the processes launched. Raises UsageError with a one-line message."""
+    """Load the checkpoint to start from, resolve the configuration against it, check it and open the data
+    (flags: vars(args); explicit: those the command line gave). Raises UsageError with one line."""
     start = start_checkpoint(flags["ckpt"], flags["resume"], flags["results_dir"])
     stored, train_steps = (settings_of(start.checkpoint), start.checkpoint["train_steps"]) if start.resuming else (None, 0)
     made_by = features_vae(flags["feature_path"]) if flags["feature_path"] is not None else None
@@ -68,9 +63,8 @@ def plan_training(flags: Mapping[str, Any], explicit: AbstractSet[str], world_si
 
 
 def check_start(plan: TrainingPlan, world_size: int) -> None:
-    """Before joining the job: a checkpoint to resume judged whole (model config, counters, optimizer,
-    RNG; its place in the epoch against this data), and the free space for the next checkpoint.
-    Raises UsageError / NoSpaceLeft with one line."""
+    """Before joining the job: a checkpoint to resume judged whole (and its place in this data's epoch), and
+    the free space for the next checkpoint. Raises UsageError / NoSpaceLeft with one line."""
     start, config = plan.start, plan.config
     per_rank = -(-len(plan.dataset) // world_size)  # DistributedSampler pads to a multiple of the ranks
     for settings in config.features.values():  # e.g. batches to skip that this data does not have
@@ -84,8 +78,7 @@ def check_start(plan: TrainingPlan, world_size: int) -> None:
 
 
 def checkpoint_bytes(model_config: dict) -> int:
-    """About the size of a train checkpoint: float32 weights, EMA and AdamW's two moments, plus 1 MiB
-    for the rest (RNG states, settings)."""
+    """About a train checkpoint's size: fp32 weights, EMA and AdamW's two moments, plus 1 MiB for the rest."""
     return 4 * 4 * ModelConfig.from_dict(model_config).parameter_count() + (1 << 20)
 
 
@@ -97,10 +90,8 @@ def check_space_for_checkpoint(config: TrainConfig, start: StartPoint) -> None:
 
 
 def run_training(plan: TrainingPlan) -> None:
-    """Join the job and train the plan; SIGTERM/SIGINT stop after a checkpoint (a normal return).
-
-    Raises RunFailure when training diverges (the last good checkpoint is kept, if there is one). Any
-    failure before this run's first checkpoint removes the experiment folder it created."""
+    """Join the job and train the plan; SIGTERM/SIGINT stop after a checkpoint (a normal return). Raises
+    RunFailure when training diverges; a failure before the first checkpoint removes the run's folder."""
     if plan.finished is not None:
         if launched_rank() == 0:
             print(plan.finished, file=sys.stderr, flush=True)
@@ -115,15 +106,15 @@ def run_training(plan: TrainingPlan) -> None:
         with folder_locks_released():  # the experiment folder's lock (sit.locks), held by rank 0
             train(plan.config, ctx=ctx, dataset=plan.dataset, start=plan.start, warnings=plan.warnings, stop=stop,
                   latent_statistics=plan.latent_statistics)
-        report_clean_stop(stop, ctx)
+        if stop.stopped and ctx.is_main:  # a stop signal ended training with its checkpoint saved
+            by = stop.received or "a signal to another rank"
+            logging.getLogger("sit").info(f"Stopped cleanly by {by} after saving the checkpoint: every "
+                                          f"process exits 0 (torchrun itself may report the signal)")
     except TrainingDiverged as error:
         logging.getLogger("sit").error(f"error: {error}")  # into log.txt before it is moved away
         removed = discard_unfinished_experiments()
-        if removed:
-            message = f"{error}; stopping before any checkpoint was written: {removal_note(removed[0])}"
-        else:
-            message = f"{error}; stopping, the last good checkpoint is kept"
-        raise RunFailure(message) from None
+        raise RunFailure(f"{error}; stopping before any checkpoint was written: {removal_note(removed[0])}"
+                         if removed else f"{error}; stopping, the last good checkpoint is kept") from None
     except BaseException as error:
         logging.getLogger("sit").error(f"error: {type(error).__name__}: {error}")  # the kept log says why
         # a setup check that failed (a UsageError: e.g. a VAE that cannot load) leaves nothing, as before the folder
@@ -142,10 +133,3 @@ def removal_note(removed: tuple[str, Optional[str]]) -> str:
     """What happened to a failed run's folder, for its last line."""
     folder, log = removed
     return f"removed the run's folder {folder}" + (f", its log kept as {log}" if log else "")
-
-
-def report_clean_stop(stop: StopSignal, ctx: DistContext) -> None:
-    """After a stop signal ended training with its checkpoint saved: one line saying so (rank 0), exit 0."""
-    if stop.stopped and ctx.is_main:
-        logging.getLogger("sit").info(f"Stopped cleanly by {stop.received or 'a signal to another rank'} after saving "
-                                      f"the checkpoint: every process exits 0 (torchrun itself may report the signal)")

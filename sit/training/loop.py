@@ -77,8 +77,7 @@ class TrainingRun:
 
     # Services for the loop extensions (sit.training.extensions)
     def write_on_main(self, what: str, path: Optional[str], write: Callable[[], None]) -> None:
-        """Rank 0 writes a file (write()); every rank learns the outcome (which also holds the others until
-        rank 0 is done) and, on failure, stops with one line naming the file (also in rank 0's log.txt)."""
+        """Rank 0 writes a file (write()); on failure every rank stops with one line naming it."""
 
         def attempt() -> None:
             try:
@@ -91,14 +90,12 @@ class TrainingRun:
         on_main(self.ctx, attempt)
 
     def finish_writes(self) -> None:
-        """Wait for the background checkpoint write in flight (every rank calls this; a failed write stops
-        every rank with the usual one line)."""
+        """Wait for the background checkpoint write in flight (every rank; a failed one stops every rank)."""
         if self.writer is not None:
             self.write_on_main("checkpoint", self.writer.path, self.writer.wait)
 
     def settle_writes(self) -> None:
-        """On a failure: let the write in flight finish (complete, or its temporary removed), and log its own
-        failure without raising over the one under way (no collective: another rank may be gone)."""
+        """On a failure: let the write in flight finish, logging (not raising) its failure; no collective."""
         if self.writer is not None:
             try:
                 self.writer.wait()
@@ -124,8 +121,7 @@ class TrainingRun:
                                latent_statistics=self.vae.statistics.to_dict() if self.vae.statistics else None)
 
     def restore(self, saved: TrainCheckpoint) -> None:
-        """Go on from a saved state (a rollback point) through the path a resume takes (sit.training.network):
-        model, EMA, optimizer, loss terms, random streams, data position and each extension's state."""
+        """Go on from a saved state (a rollback point) through the path a resume takes."""
         self.step = None  # let the diverged model, EMA and optimizer go before building their replacements
         start = StartPoint(f"the rollback point of step {saved.train_steps}", saved.to_dict())
         self.step = build_train_step(self.config, self.ctx, start, self.vae.module, self.logger, self.term_factories)
@@ -138,8 +134,8 @@ class TrainingRun:
 
 
 def save_checkpoint(run: TrainingRun) -> None:
-    """Check health, gather every rank's RNG state, then rank 0 writes <step>.pt atomically (all ranks
-    call this); if rank 0 cannot write it (disk full, permissions), every rank stops with one line."""
+    """Check health, gather every rank's RNG state, then rank 0 writes <step>.pt atomically (all ranks call
+    this; a failed write stops every rank with one line)."""
     state = run.state
     run.check_health()
     checkpoint = run.checkpoint()
@@ -164,8 +160,7 @@ def save_checkpoint(run: TrainingRun) -> None:
 
 
 def save_samples(run: TrainingRun) -> None:
-    """An EMA preview grid at samples/<step>.png (and to wandb), made by rank 0; every rank calls this
-    and stops with one line if rank 0 cannot write the grid."""
+    """An EMA preview grid at samples/<step>.png (and to wandb), made by rank 0 (all ranks call this)."""
     path = os.path.join(run.experiment_dir, "samples", f"{run.state.train_steps:07d}.png") if run.ctx.is_main else None
     ema = sampling_ema(run.step.ema, run.ctx.device, everywhere=False)  # fsdp: gathered to rank 0
 
@@ -260,8 +255,7 @@ def train_loop(run: TrainingRun) -> bool:
 
 
 def run_length(config: TrainConfig, batches_per_epoch: int) -> str:
-    """How long the run trains, saying which limit applies: "for 1,000 steps (--max-steps; 1400 epochs would
-    be 350,000)" or "for 1400 epochs (350,000 steps)"."""
+    """How long the run trains, e.g. "for 1,000 steps (--max-steps; 1400 epochs would be 350,000)"."""
     epochs, max_steps = config.optim.epochs, config.optim.max_steps
     epoch_steps = epochs * batches_per_epoch
     if max_steps is not None and max_steps < epoch_steps:
@@ -317,10 +311,7 @@ def check_channels(step: TrainStep, vae: RunVAE, dataset: TrainDataset) -> None:
 def train(config: TrainConfig, *, ctx: DistContext, dataset: TrainDataset, start: StartPoint, warnings: list[str],
           stop: StopSignal, latent_statistics: Optional[LatentStatistics] = None) -> None:
     """Set up (experiment, VAE, model, data), restore a resumed run, train, save the final checkpoint.
-
-    The order below is the order of the random draws (model init, then a resumed run's RNG restore
-    last): changing it changes the weights a seed gives.
-    """
+    The order below is the order of the random draws (model init, a resumed run's RNG restore last)."""
     configure_precision(config.optim.precision)  # default tf32, as the original: TF32 matmuls on GPUs
     seed = config.data.global_seed * ctx.world_size + ctx.rank
     torch.manual_seed(seed)

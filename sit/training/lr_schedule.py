@@ -1,16 +1,9 @@
-"""Learning-rate schedules of train.py (--lr-schedule, --warmup-steps): the lr of each step is a pure
-function of how many steps the run has done, so a resumed run (or a rollback) continues the schedule
-exactly with no state of its own; the checkpoint's step count is enough.
-
-Step n = 1, 2, ... of the run (the n-th optimizer step), base lr L (--lr), warmup W (--warmup-steps),
-total T (--max-steps):
-    constant       L (the original's; the optimizer's lr is then never touched)
-    warmup-cosine  L n / W for n <= W; then L (1 + cos(pi (n - W - 1) / (T - W))) / 2: step W + 1 at L,
-                   decaying toward 0 one step after the last (the last step's lr stays above 0)
-    inverse-sqrt   L min(n / R, sqrt(R / n)) with R = max(W, 1): a linear warmup to L at step W, then
-                   L sqrt(W / n) (the Transformer's "Noam" schedule); W = 0: L / sqrt(n) from step 1
-The schedule sets the lr of AdamW's first parameter group (the SiT's and the loss terms that share it),
-as --lr does; a loss term's group of its own keeps its own lr.
+"""Learning-rate schedules (--lr-schedule, --warmup-steps): the lr of step n = 1, 2, ... is a pure function
+of n (base lr L, warmup W, total T = --max-steps), so a resume or rollback continues it exactly:
+    constant       L (the original's; the optimizer's lr is never touched)
+    warmup-cosine  L n / W for n <= W; then L (1 + cos(pi (n - W - 1) / (T - W))) / 2
+    inverse-sqrt   L min(n / R, sqrt(R / n)) with R = max(W, 1)
+It sets the lr of AdamW's first group (the SiT's); a loss term's own group keeps its lr.
 """
 from __future__ import annotations
 

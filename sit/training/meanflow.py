@@ -1,21 +1,10 @@
-"""MeanFlow (Geng et al. 2025, "Mean Flows for One-step Generative Modeling"): the model learns the
-average velocity u(z_t, t, r) over a step [t, r], so that one or two evaluations sample an image.
+"""MeanFlow (Geng et al. 2025, "Mean Flows for One-step Generative Modeling"): the model learns the average
+velocity u(z_t, t, r) over [t, r], so that one or two evaluations sample an image (docs/meanflow.md).
 
-Time convention. SiT's: t = 0 noise, t = 1 data, z_t = t x + (1 - t) e (Linear path), velocity
-v = dz_t/dt = x - e. MeanFlow's paper: tau = 0 data, tau = 1 noise, v_MF = e - x. With tau = 1 - t,
-rho = 1 - r and u = -u_MF, the paper's identity u = v - (tau - rho) du/dtau reads the same in SiT's
-times: u(z_t, t, r) = v - (t - r) d/dt u(z_t, t, r), d/dt along (dz/dt = v, dr/dt = 0, dt/dt = 1), and a
-step is z_r = z_t + (r - t) u = z_t - (t - r) u; here r >= t (r lies toward the data). The target is
-one torch.func.jvp of the SiT with tangent (v, 0, 1), under stop-gradient; the model takes r as
-embed(r - t) added to its conditioning (models.SiT, ModelConfig.mean_flow).
-
-The paper's choices, each a flag with its default: t and r drawn from a logit-normal (--meanflow-time-mean
--0.4, --meanflow-time-std 1.0 in MeanFlow's tau; in SiT's t that is the logit-normal of mean +0.4), sorted,
-and r = t for all but --meanflow-ratio 0.25 of the samples; the adaptive weight w = 1 / (||err||^2 + c)^p
-(p = --meanflow-adaptive-p 1.0, c = 1e-3) of the squared error summed over the sample; guidance folded
-into training, v~ = omega v + kappa u(z_t, t, t | c) + (1 - omega - kappa) u(z_t, t, t | null) for the
-samples whose label is kept (--meanflow-omega 1, --meanflow-kappa 0: off). Labels are dropped once per
-step (the model's class_dropout_prob), the same for the JVP and the trained forward.
+In SiT's times (t = 0 noise, t = 1 data; tau = 1 - t, u = -u_paper) the identity reads
+u(z_t, t, r) = v - (t - r) d/dt u(z_t, t, r), d/dt along (dz/dt = v, dr/dt = 0, dt/dt = 1), r >= t; the
+target is one torch.func.jvp of the SiT with tangent (v, 0, 1), under stop-gradient. Labels are dropped
+once per step, the same for the JVP and the trained forward.
 """
 from __future__ import annotations
 

@@ -1,22 +1,9 @@
-"""The metrics log: every run appends <experiment>/metrics.jsonl, one JSON object a line, written by rank 0
-(append, flush) at each log line, FID measurement and rollback; plot_metrics.py draws several runs' files
-(sit.training.metrics_plot). With --tensorboard the same scalars also go to <experiment>/tensorboard.
-
-Records (keys in this order; `kind` tells them apart):
-    {"kind": "train", "step": 100, "loss": 0.31, "terms": {"REPA Loss": -0.52}, "grad_norm": 0.8,
-     "lr": 0.0001, "steps_per_sec": 2.9, "images_per_sec": 740.2, "time": 1733330000.1}
-        one per log line (--log-every): the loss (and each further loss term, by its log.txt name; "terms"
-        only when the run has some) averaged over ranks and the steps since the last line, the mean
-        gradient norm before clipping ("grad_norm" only with --max-grad-norm), the lr of the step
-    {"kind": "fid", "step": 5000, "fid": 23.1, "num_samples": 10000, "time": ...}      (--fid-every)
-    {"kind": "rollback", "step": 301, "restored_step": 300, "diverged_step": 342, "reason": "...",
-     "skipped_batch": [1, 17], "time": ...}                                              (self-healing)
-        step: the first step trained again; the records of the steps after restored_step (the
-        rolled-back ones) are dropped from the file when it happens, so steps never repeat
-WALL_CLOCK_FIELDS (time, steps_per_sec, images_per_sec) are the only values that differ between two
-runs of the same settings. A record's step says which checkpoints follow it: a run resumed from the
-checkpoint of step N first drops the records with a step above N (atomically), then appends; so a
-resumed run's file equals an uninterrupted run's apart from the wall-clock fields.
+"""The metrics log: <experiment>/metrics.jsonl, one JSON record a line, appended by rank 0 at each log line
+("kind": "train"), FID measurement ("fid") and rollback ("rollback"); --tensorboard writes the same scalars
+to <experiment>/tensorboard. A resumed run first drops the records after its checkpoint's step, and a
+rollback those after the restored step, so the file equals an uninterrupted run's but for its wall-clock
+fields (time, steps_per_sec, images_per_sec).
+Record keys (in this order): docs/training.md.
 """
 from __future__ import annotations
 
@@ -33,7 +20,6 @@ from sit.training.extensions import ExtensionContext, Feature, LoopExtension
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_FOLDER = "tensorboard"
-WALL_CLOCK_FIELDS = ("time", "steps_per_sec", "images_per_sec")
 TENSORBOARD_MISSING = "--tensorboard needs the tensorboard package: pip install tensorboard (or drop --tensorboard)"
 
 
@@ -58,15 +44,6 @@ class MetricsSettings:
         """UsageError (one line) for --tensorboard without the tensorboard package."""
         if self.tensorboard and tensorboard_writer_class() is None:
             raise UsageError(TENSORBOARD_MISSING)
-
-
-#################################################################################
-#                                  The file                                     #
-#################################################################################
-
-def record_line(record: dict[str, Any]) -> str:
-    """One record as its line of the file (with the newline)."""
-    return json.dumps(record) + "\n"
 
 
 def parse_line(line: str) -> Optional[dict[str, Any]]:
@@ -101,26 +78,15 @@ def keep_through(path: str, step: int) -> int:
 
 
 def append_records(path: str, records: Iterable[dict[str, Any]]) -> None:
-    """Append records to the file at path and flush; a link planted at path is refused (OSError), never
-    written through."""
+    """Append records to the file at path and flush (a link planted at path is refused: OSError)."""
     descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     with os.fdopen(descriptor, "a") as handle:
-        handle.write("".join(record_line(record) for record in records))
+        handle.write("".join(json.dumps(record) + "\n" for record in records))
         handle.flush()
 
 
-def without_wall_clock(record: dict[str, Any]) -> dict[str, Any]:
-    """A record without its WALL_CLOCK_FIELDS (what two runs of the same settings agree on)."""
-    return {key: value for key, value in record.items() if key not in WALL_CLOCK_FIELDS}
-
-
-#################################################################################
-#                               The loop extension                              #
-#################################################################################
-
 class MetricsLog(LoopExtension):
-    """Appends the records of each log line, FID measurement and rollback to metrics.jsonl (rank 0; every
-    rank joins the write's outcome), and with --tensorboard writes their scalars too."""
+    """Appends the records to metrics.jsonl (rank 0; every rank joins the outcome), and to TensorBoard."""
     name = "metrics_log"
 
     def __init__(self, settings: MetricsSettings):
@@ -150,9 +116,7 @@ class MetricsLog(LoopExtension):
             if self.settings.tensorboard:
                 if self.writer is not None:
                     self.writer.close()
-                writer_class = tensorboard_writer_class()
-                if writer_class is None:
-                    raise UsageError(TENSORBOARD_MISSING)
+                writer_class = tensorboard_writer_class()  # installed: MetricsSettings.check made sure
                 self.writer = writer_class(log_dir=os.path.join(run.experiment_dir, TENSORBOARD_FOLDER),
                                            purge_step=step + 1 if step > 0 else None)
 
@@ -175,9 +139,8 @@ class MetricsLog(LoopExtension):
     def restore(self, run: Any, state: dict) -> None:
         """A rollback: drop the rolled-back steps' records, then record the rollback."""
         restored = run.step.steps_done  # the rollback point's step (run.state still holds the diverged one)
-        rollbacks = next((extension.rollbacks for extension in run.extensions if getattr(extension, "rollbacks", None)),
-                         [{}])
-        last = rollbacks[-1]
+        last = next((extension.rollbacks for extension in run.extensions
+                     if getattr(extension, "rollbacks", None)), [{}])[-1]
         self.fid = None
         self.rewind(run, restored)
         self.write(run, [{"kind": "rollback", "step": restored + 1, "restored_step": restored,

@@ -1,9 +1,5 @@
-"""Curves of one or more runs' metrics.jsonl (sit.training.metrics_log) in one PNG, for plot_metrics.py:
-one panel per quantity any run has (loss, each further loss term, grad norm, lr when a run schedules it,
-FID, images/s), one line per run, labelled by its experiment folder's name; rollbacks are dotted lines
-in the loss panel at the step restored. A step logged more than once (never in a file the loop wrote)
-takes its last value.
-"""
+"""plot_metrics.py's work: one PNG with a panel per quantity any run's metrics.jsonl has (loss, loss terms,
+grad norm, lr when scheduled, FID, images/s), a line per run labelled by its folder, rollbacks dotted."""
 from __future__ import annotations
 
 import math
@@ -38,12 +34,6 @@ def metrics_path(run: str) -> str:
     return path
 
 
-def run_label(run: str) -> str:
-    """A run's label: its experiment folder's name."""
-    folder = os.path.dirname(os.path.abspath(run)) if os.path.isfile(run) else os.path.abspath(run)
-    return os.path.basename(folder)
-
-
 def curves_of(records: Sequence[dict[str, Any]], label: str) -> RunMetrics:
     """Each quantity's curve (sorted by step; a repeated step takes its last value) from a run's records."""
     points: dict[str, dict[int, float]] = {}
@@ -76,7 +66,8 @@ def load_runs(runs: Sequence[str]) -> list[RunMetrics]:
     loaded, seen = [], {}
     for run in runs:
         path = metrics_path(run)
-        label = run_label(run)
+        folder = os.path.dirname(os.path.abspath(run)) if os.path.isfile(run) else os.path.abspath(run)
+        label = os.path.basename(folder)  # the experiment folder's name
         seen[label] = seen.get(label, 0) + 1
         loaded.append(curves_of(read_records(path), label if seen[label] == 1 else f"{label} ({seen[label]})"))
     return loaded
@@ -93,13 +84,6 @@ def quantities(runs: Sequence[RunMetrics]) -> list[str]:
     terms = [quantity for quantity in present if quantity not in fixed]
     order = ["loss", *terms, "grad norm", *(["lr"] if varies else []), "FID", "images/s"]
     return [quantity for quantity in order if quantity in present]
-
-
-def figure_pixels(panels: int) -> tuple[int, int]:
-    """(width, height) in pixels of the PNG of this many panels."""
-    columns = min(panels, COLUMNS)
-    rows = math.ceil(panels / columns)
-    return round(columns * PANEL_WIDTH * DPI), round(rows * PANEL_HEIGHT * DPI)
 
 
 def plot_runs(runs: Sequence[str], output: str) -> list[str]:

@@ -97,10 +97,9 @@ class LossMonitor:
 
 
 def log_progress(monitor: LossMonitor, step: int, global_batch_size: int, logger: logging.Logger,
-                 wandb_run: Any) -> dict[str, Any]:
-    """Log the loss averaged over ranks and steps since the last log, steps/s and images/s. Returns what
-    it logged, also kept as monitor.logged (for the metrics log): step, loss, terms (each further loss
-    term's mean by its log name), grad_norm (None without clipping), steps_per_sec, images_per_sec."""
+                 wandb_run: Any) -> None:
+    """Log the loss averaged over ranks and steps since the last log line, each term's, steps/s, images/s and
+    the grad norm; they are kept as monitor.logged (for the metrics log)."""
     terms = monitor.flush_terms()
     average_loss, steps_per_sec = monitor.flush(step + 1)
     images_per_sec = steps_per_sec * global_batch_size
@@ -114,13 +113,10 @@ def log_progress(monitor: LossMonitor, step: int, global_batch_size: int, logger
                        **{name.lower(): value for name, value in terms.items()}}, step=step)
     monitor.logged = {"step": step, "loss": average_loss, "terms": terms, "grad_norm": grad_norm,
                       "steps_per_sec": steps_per_sec, "images_per_sec": images_per_sec}
-    return dict(monitor.logged)
 
 
 def log_first_loss(monitor: LossMonitor, step: int, logger: logging.Logger) -> None:
-    """Log the loss of the run's first step (averaged over ranks; a collective) at once, so that a run
-    shows it works before --log-every steps. The pending losses stay: the next regular line still
-    averages every step since the last one, as without this line."""
+    """Log the run's first loss at once (a collective); the pending losses stay for the next regular line."""
     values = monitor.reduced()
     monitor.check(values)
     logger.info(f"(step={step:07d}) Train Loss: {values[-1]:.4f} (first step of this run)")

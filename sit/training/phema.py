@@ -1,20 +1,13 @@
-"""Post-hoc EMA while training (Karras et al. 2024, "Analyzing and Improving the Training Dynamics of
-Diffusion Models", Sec. 3 and App. C; the idea of edm2's training/phema.py): power-function EMAs of
-the weights, tracked every step and saved as snapshots every --phema-every steps, from which
-reconstruct_ema.py (sit.training.reconstruction) later builds an EMA of any length.
+"""Post-hoc EMA while training (Karras et al. 2024, Sec. 3 and App. C; edm2's training/phema.py):
+power-function EMAs of the weights, tracked every step and saved every --phema-every steps as snapshots
+from which reconstruct_ema.py (sit.training.reconstruction) builds an EMA of any length.
 
-Time is counted in optimizer steps t = 1, 2, ... A power-function EMA of exponent gamma averages
-the weights with the profile p_t(tau) = (gamma + 1) tau^gamma / t^(gamma + 1) on (0, t]. Tracked with
-beta_t = (1 - 1/t)^(gamma + 1) per step, it weights the weights after step j by exactly
-(j^(gamma+1) - (j-1)^(gamma+1)) / t^(gamma+1): the profile's integral over (j-1, j]. Its length is
-given as the relative standard deviation sigma_rel = sqrt((gamma + 1) / ((gamma + 2)^2 (gamma + 3)))
-(the profile's standard deviation over t): --phema-stds 0.050,0.100 tracks two of them.
-
-Snapshot files, <experiment>/phema/<step>.pt (written atomically by rank 0; step 0: the initial weights,
-which a traditional EMA keeps a share of):
-    format "sit-phema-snapshot", version, step, stds, emas (one state dict per std, fp32),
-    model_config, args (the run's settings), run_id (the run's: the same in every snapshot of one run,
-    kept across resumes in the train checkpoint; absent in snapshots of earlier versions)
+A power-function EMA of exponent gamma has the profile p_t(tau) = (gamma + 1) tau^gamma / t^(gamma + 1) on
+(0, t]; beta_t = (1 - 1/t)^(gamma + 1) per step tracks it exactly. Its length is the relative std
+sigma_rel = sqrt((gamma + 1) / ((gamma + 2)^2 (gamma + 3))) (--phema-stds).
+Snapshot <experiment>/phema/<step>.pt (step 0: the initial weights): format "sit-phema-snapshot", version,
+step, stds, emas (one fp32 state dict per std), model_config, args (the run's settings), run_id (absent in
+snapshots of earlier versions).
 """
 from __future__ import annotations
 
@@ -44,15 +37,6 @@ MAX_STD = math.sqrt(1 / 12)  # sigma_rel of gamma = 0 (a flat average); longer p
 DEFAULT_PHEMA_EVERY = 10_000
 
 
-#################################################################################
-#                          Power-function profiles                              #
-#################################################################################
-
-def exponent_to_std(gamma: float) -> float:
-    """The relative standard deviation of the power-function profile of exponent gamma."""
-    return math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))
-
-
 def std_to_exponent(std: float) -> float:
     """The exponent gamma >= 0 whose profile has relative standard deviation std, 0 < std < sqrt(1/12).
 
@@ -64,11 +48,6 @@ def std_to_exponent(std: float) -> float:
     inverse_square = std ** -2
     roots = np.roots([1.0, 7.0, 16.0 - inverse_square, 12.0 - inverse_square])
     return float(max(root.real for root in roots if abs(root.imag) < 1e-9))
-
-
-def power_beta(gamma: float, step: int) -> float:
-    """The decay of step `step` (1-based) that keeps an EMA on the power-function profile of gamma."""
-    return (1.0 - 1.0 / step) ** (gamma + 1.0)
 
 
 def std_list(value: str) -> tuple[float, ...]:
@@ -126,10 +105,6 @@ class PhemaSettings:
                              f"with --ckpt)")
 
 
-#################################################################################
-#                                   Tracking                                    #
-#################################################################################
-
 class PowerEMATracker:
     """Power-function EMAs of a model's parameters (on its device), one per std, updated every step."""
 
@@ -157,7 +132,7 @@ class PowerEMATracker:
         params = dict(model.named_parameters())
         current = [params[name].detach() for name in self.names]
         for gamma, averages in zip(self.exponents, self.averages):
-            torch._foreach_lerp_(averages, current, 1.0 - power_beta(gamma, step))
+            torch._foreach_lerp_(averages, current, 1.0 - (1.0 - 1.0 / step) ** (gamma + 1.0))  # 1 - beta_t
 
     def state_dict(self) -> dict:
         """{"stds": [...], "emas": [{name: tensor}, ...], "run_id"}: what a train checkpoint keeps (references)."""
@@ -173,10 +148,6 @@ class PowerEMATracker:
             full.append(state)
         return full
 
-
-#################################################################################
-#                                  Snapshots                                    #
-#################################################################################
 
 def snapshot_path(experiment_dir: str, step: int) -> str:
     return os.path.join(experiment_dir, SNAPSHOT_FOLDER, f"{step:07d}.pt")

@@ -34,9 +34,8 @@ def preview_inputs(global_seed: int, model_config: dict) -> tuple[torch.Tensor, 
 def save_preview(ema: torch.nn.Module, vae: Optional[LatentSpace], transport: Transport,
                  inputs: tuple[torch.Tensor, torch.Tensor], cfg_scale: float, path: str, device: torch.device,
                  labels_file: Optional[str] = None) -> None:
-    """Sample the EMA model with a fixed-step Euler ODE (no trajectory kept; a MeanFlow model: 2 jumps), decode with the run's
-    latent space (vae None: pixels), and save a grid PNG at path and, given labels_file, its labels
-    there as the grid shows them (sit.grid), atomically. cfg_scale guides models that have a null class."""
+    """Sample the EMA with a fixed-step Euler ODE (MeanFlow: 2 jumps), decode (vae None: pixels), and save the
+    grid PNG at path and its labels at labels_file, atomically; cfg_scale guides models with a null class."""
     z, y = (tensor.to(device) for tensor in inputs)
     sample_fn = training_sample_fn(ema.config, transport, PREVIEW_STEPS, jumps=2)  # a MeanFlow run: 2 jumps
     use_cfg = cfg_scale > 1.0 and has_null_class(ema.config)

@@ -1,20 +1,11 @@
-"""Post-hoc EMA reconstruction (Karras et al. 2024, App. C.3; what edm2's reconstruct_phema.py does):
-an EMA of any length, built after training as a weighted sum of the power-function EMA snapshots.
+"""Post-hoc EMA reconstruction (Karras et al. 2024, App. C.3; edm2's reconstruct_phema.py): an EMA of any
+length as the least-squares weighted sum of the power-function EMA snapshots (sit.training.phema).
 
-Every EMA is the weights averaged with a profile over time: a snapshot of std sigma_i taken at step
-t_i has the profile p_i(tau) = (g_i + 1) tau^g_i / t_i^(g_i + 1) on (0, t_i] (sit.training.phema), a
-traditional EMA of decay beta after T steps the density lambda e^(-lambda (T - tau)), lambda = -ln beta.
-Both give step j's weights exactly their profile's integral over (j-1, j], so a sum of snapshots
-sum_i x_i snapshot_i has the profile sum_i x_i p_i. The x minimise the L2 distance between that
-profile and the target's: the normal equations A x = b with A_ij = <p_i, p_j> (closed form) and
-b_i = <p_i, target> (closed form for power functions, a 1-D integral for a traditional EMA); then,
-as edm2, x is scaled to sum to 1. `residual` is the relative L2 distance of the fitted profile from
-the target's (over (0, T], scaled to total weight 1); when the step-0 snapshot supplies the initial
-weights' share exactly, scaled by the rest's share of the whole EMA.
-
-A traditional EMA also holds the initial weights with the share beta^T, which no power-function EMA
-holds (their beta at step 1 is 0): it comes from train.py's snapshot of step 0 (the initial weights),
-the rest of the target scaled to 1 - beta^T; without that snapshot the share is reported missing.
+Each snapshot and the target are profiles over time; the weights x solve A x = b with A_ij = <p_i, p_j>
+and b_i = <p_i, target> (closed forms; a 1-D integral for a traditional EMA, r(tau) = lambda
+e^(-lambda (T - tau))), then sum to 1 as in edm2. A traditional EMA also gives the initial weights the
+share beta^T, which comes from the step-0 snapshot (else reported missing). `residual`: the fitted
+profile's relative L2 distance from the target's.
 """
 from __future__ import annotations
 
@@ -75,11 +66,9 @@ def power_inner_products(t_a: np.ndarray, g_a: np.ndarray, t_b: np.ndarray, g_b:
 
 
 def decay_inner_product(step: float, gamma: float, at_step: float, decay: float) -> float:
-    """<p, r> of the power profile (gamma, step) and the traditional EMA r(tau) = lambda e^(-lambda (T - tau)).
-
-    With u = tau / step and v = u^(gamma + 1), it is lambda e^(-lambda (T - step)) times the integral over
-    v in [0, 1] of exp(-lambda step (1 - v^(1 / (gamma + 1)))): smooth, between e^(-lambda step) and 1.
-    """
+    """<p, r> of the power profile (gamma, step) and the traditional EMA r = lambda e^(-lambda (T - tau)):
+    lambda e^(-lambda (T - step)) times the integral over v in [0, 1] of
+    exp(-lambda step (1 - v^(1 / (gamma + 1))))."""
     rate = -math.log(decay)
     scale = rate * step
     integral, _ = quad(lambda v: math.exp(-scale * (1.0 - v ** (1.0 / (gamma + 1.0)))), 0.0, 1.0,
@@ -103,10 +92,6 @@ def solve_coefficients(steps: Sequence[int], stds: Sequence[float], target: EMAT
     distance = target_norm - 2 * weights @ projections + weights @ gram @ weights
     return weights, math.sqrt(max(distance, 0.0) / target_norm)
 
-
-#################################################################################
-#                         From snapshot files to a checkpoint                   #
-#################################################################################
 
 @dataclass
 class Reconstruction:
@@ -138,8 +123,7 @@ def read_snapshot(path: str) -> dict:
 
 
 def identity(snapshot: dict) -> tuple:
-    """What must be the same in every snapshot of one run: its id, its stds, its model and every EMA's
-    parameter names and shapes."""
+    """What every snapshot of one run shares: its id, stds, model config and EMA parameter shapes."""
     shapes = [{name: tuple(tensor.shape) for name, tensor in ema.items()} for ema in snapshot.get("emas", [])]
     return snapshot.get("run_id"), list(snapshot.get("stds", [])), snapshot.get("model_config"), shapes
 
@@ -179,16 +163,13 @@ def plan_reconstruction(folder: str, target: EMATarget, at_step: Optional[int] =
                          f"{', '.join(map(str, steps))})")
     used = [(step, path) for step, path in found if 0 < step <= at_step]
     check_same_run([path for step, path in found if step <= at_step], used[-1][1])
-    terms, term_steps, term_stds = [], [], []
-    for file_index, (step, path) in enumerate(used):
-        for std_index, std in enumerate(read_snapshot(path)["stds"]):
-            terms.append((file_index, std_index))
-            term_steps.append(step)
-            term_stds.append(float(std))
-    weights, residual = solve_coefficients(term_steps, term_stds, target, at_step)
+    terms = [(file_index, std_index, step, float(std)) for file_index, (step, path) in enumerate(used)
+             for std_index, std in enumerate(read_snapshot(path)["stds"])]  # one per (snapshot, std)
+    steps, stds = [step for _, _, step, _ in terms], [std for *_, std in terms]
+    weights, residual = solve_coefficients(steps, stds, target, at_step)
     plan = Reconstruction(target, at_step, [path for _, path in used],
-                          [(file_index, std_index, float(weight)) for (file_index, std_index), weight in zip(terms, weights)],
-                          residual, missing_share=target.initial_share(at_step))
+                          [(file_index, std_index, float(weight)) for (file_index, std_index, _, _), weight
+                           in zip(terms, weights)], residual, missing_share=target.initial_share(at_step))
     initial = [path for step, path in found if step == 0]  # train.py's snapshot of the initial weights
     if plan.missing_share > 0 and initial:
         plan.terms = [(file_index, std_index, weight * (1 - plan.missing_share))

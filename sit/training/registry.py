@@ -54,8 +54,7 @@ def model_options(settings: Mapping[str, Any]) -> dict:
 
 
 def loop_extensions(config: Any, model: torch.nn.Module, saved: Mapping[str, dict]) -> list[LoopExtension]:
-    """The run's loop extensions (config.features: each feature's settings) in the table's order, for the model
-    being trained; saved: the resumed checkpoint's states by name."""
+    """The run's loop extensions in the table's order; saved: the resumed checkpoint's states by name."""
     made = (feature.extension(config.features.get(name), ExtensionContext(config, model, saved.get(name)))
             for name, feature in FEATURES.items() if feature.extension)
     return [extension for extension in made if extension is not None]

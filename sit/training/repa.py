@@ -1,14 +1,8 @@
-"""Representation alignment (REPA, Yu et al. 2025; sihyun-yu/REPA): the tokens after SiT block k,
-through a trained MLP projector, are pulled toward a frozen encoder's patch tokens of the clean image.
+"""Representation alignment (REPA, Yu et al. 2025; sihyun-yu/REPA) as a loss term (sit.training.terms): the
+tokens after SiT block k, through a trained MLP projector (its head, saved in the checkpoint's extras["repa"],
+never in the SiT's state dict), are pulled toward a frozen encoder's patch tokens of the clean image:
 
     loss = denoising loss + coeff * mean over tokens of -cos(projector(h_k), encoder tokens)
-
-A loss term (sit.training.terms). The projector (REPA's build_mlp: Linear, SiLU, Linear, SiLU, Linear
-from the SiT width through --repa-projector-dim to the encoder width) is its head: it trains with the
-model and is saved in the checkpoint's extras["repa"], never inside the SiT's state dict: sampling
-loads the SiT alone. The encoder's token grid
-is interpolated to the SiT's when they differ (area averages or bilinear; DINOv2 at 224/256 of a
-256 px image has SiT-XL/2's 16 x 16 grid, so REPA's recipe needs none).
 """
 from __future__ import annotations
 
@@ -70,8 +64,7 @@ class RepaSettings:
         return self.repa_encoder
 
     def check(self, config: Any) -> None:
-        """UsageError (one line naming the flag) for an encoder that cannot see these images, cached tokens
-        not of its shape, a block beyond the model, and --sharding fsdp."""
+        """UsageError (one line naming the flag) for settings REPA cannot train with."""
         if not self.enabled:
             return
         if config.data.feature_path is None:
@@ -87,12 +80,9 @@ class RepaSettings:
 
 
 def check_cached_tokens(encoder: str, feature_path: str, image_size: int) -> None:
-    """UsageError (one line naming the folder and both shapes) when the tokens a feature folder holds for
-    `encoder` (meta.json's repa_tokens_shape [T, D]) are not those the encoder gives for images of
-    image_size: T its patch grid (input size / patch size, squared), D its width. Nothing is checked where
-    the data checks speak instead (no meta.json, another image size, no tokens or another encoder's), nor
-    for a local encoder file that is not on this machine or a name it cannot describe (its tokens are taken
-    as extracted)."""
+    """UsageError when a feature folder's tokens of `encoder` (meta.json's repa_tokens_shape [T, D]) are not
+    the encoder's for images of image_size; nothing is checked where the data checks speak instead, nor for
+    an encoder this machine cannot describe."""
     from sit.data.features import read_meta
 
     meta = read_meta(feature_path)
@@ -141,11 +131,8 @@ def match_token_grid(tokens: torch.Tensor, num_tokens: int) -> torch.Tensor:
 
 
 def alignment_loss(projected: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-sample REPA loss: the mean over tokens of the negative cosine similarity, in fp32.
-
-    projected: (N, T, D) the projector's tokens; targets: (N, T', D) encoder tokens (resampled to T).
-    Returns (N,) in [-1, 1]; REPA normalises both with F.normalize (eps 1e-12) and sums the products.
-    """
+    """Per-sample REPA loss (N,): the mean over tokens of -cos(projected (N, T, D), targets (N, T', D)
+    resampled to T), in fp32, normalised with F.normalize as REPA."""
     targets = match_token_grid(targets, projected.shape[1]).float()
     cosine = (F.normalize(projected.float(), dim=-1) * F.normalize(targets, dim=-1)).sum(dim=-1)  # (N, T)
     return -cosine.mean(dim=1)
@@ -164,8 +151,7 @@ class RepaTerm(LossTerm):
         self.encoder = encoder  # frozen and not an nn.Module: neither trained nor stored
 
     def batch_inputs(self, inputs: Sequence[torch.Tensor], device: torch.device, precision: str) -> torch.Tensor:
-        """Encoder tokens (N, T, D) of the batch: the images' (N, 3, H, W) in [-1, 1] through the
-        encoder, or the cached tokens themselves."""
+        """Encoder tokens (N, T, D) of the batch's images (N, 3, H, W) in [-1, 1], or the cached tokens."""
         if self.encoder is None:
             return inputs[2].to(device, non_blocking=True).float()
         return self.encoder.patch_tokens(inputs[0].to(device, non_blocking=True), precision)
@@ -176,14 +162,10 @@ class RepaTerm(LossTerm):
     def losses(self, view: StepView) -> dict[str, torch.Tensor]:
         return {ALIGN_LOSS: alignment_loss(view.head, view.inputs)}
 
-    def sharding_refusal(self) -> Optional[str]:
-        return "REPA's projector is not sharded"
-
 
 def setup_repa(repa: RepaSettings, context: TermContext) -> Optional[TermFactory]:
-    """How to build the run's REPA term for a SiT (None without --repa-encoder): with cached latents
-    (context.feature_meta) the tokens come with the batches; otherwise every rank loads the encoder
-    once here (one failure stops all ranks with one line)."""
+    """How to build the run's REPA term for a SiT (None without --repa-encoder); without cached tokens every
+    rank loads the encoder here (one failure stops all ranks)."""
     if not repa.enabled:
         return None
     ctx = context.ctx

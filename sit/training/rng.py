@@ -21,18 +21,14 @@ def gather_rng_states(device: torch.device) -> list[dict]:
     return [{key: None if value is None else value.cpu() for key, value in state.items()} for state in states]
 
 
-def restore_rng_state(state: dict, device: torch.device) -> None:
-    """Set this process's torch RNG states from rng_state's dict."""
-    torch.set_rng_state(state["cpu"].cpu())
-    if device.type == "cuda" and state.get("cuda") is not None:
-        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
-
-
 def restore_rng(stored: list[dict], ctx: DistContext, seed: int, train_steps: int, logger: logging.Logger) -> None:
     """This rank's RNG state from a checkpoint's `rng` (exact continuation needs the same process
     count); otherwise a warning and a fresh seed for this step."""
     if len(stored) == ctx.world_size:
-        restore_rng_state(stored[ctx.rank], ctx.device)
+        state = stored[ctx.rank]  # rng_state's dict
+        torch.set_rng_state(state["cpu"].cpu())
+        if ctx.device.type == "cuda" and state.get("cuda") is not None:
+            torch.cuda.set_rng_state(state["cuda"].cpu(), ctx.device)
         return
     logger.warning(f"warning: the checkpoint was written by {len(stored)} processes, this run has {ctx.world_size}: "
                    f"random streams restart, so losses will not match an uninterrupted run")

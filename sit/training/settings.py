@@ -1,15 +1,9 @@
 """train.py's settings as typed configuration, resolved once from the command line and (on resume) the checkpoint.
 
-Each setting is declared once, as a field of its group's dataclass (sit.declarations): its flag's help,
-type and default, and its resume rule. train.py's flags are built from these groups and from each
-registered feature's (sit.training.registry). `resolve_train_settings` is the only place where a flag
-meets a checkpoint's value (through `sit.config.resolve_settings`), by the declared rules:
-- what the model is and learns (model, shape, size, classes, transport) is LOCKED: another value is an error;
-- the VAE is the checkpoint's unless given; another one is allowed with a warning, pixels against latents is not;
-- what decides the data order, and the learning rate and EMA decay, are the checkpoint's unless given
-  (a WARN: the run then differs from an uninterrupted one); --sharding is the checkpoint's unless given (FREE);
-- settings without a rule (run length, logging, intervals, workers, wandb, FID) are the command line's.
-The flags are the parsed argparse values (`vars(args)`), whose defaults are the original's; they are never modified.
+Each setting is declared once, as a field of its group's dataclass (sit.declarations), with its flag and its
+resume rule (LOCKED: what the model is and learns; WARN: the VAE, the data order, lr and EMA decay;
+FREE: --sharding; no rule: the command line's). `resolve_train_settings` is the only place a flag meets a
+checkpoint's value. The flags are argparse's values (`vars(args)`, the original's defaults), never modified.
 """
 from __future__ import annotations
 
@@ -36,7 +30,7 @@ from train_utils import parse_transport_args
 from transport.schedules import LOGIT_NORMAL, TIME_SAMPLINGS, TimeSchedule
 from sit.latents import (LATENT_SPACES, LatentSpace, canonical_latent_space_name, check_latent_space_name,
                          recorded_latent_space)
-from sit.latents.statistics import CONSTANT, LATENT_NORMS, PER_CHANNEL
+from sit.latents.statistics import CONSTANT as CONSTANT_NORM, LATENT_NORMS, PER_CHANNEL
 
 MODEL_CONFIG_KEYS = ModelConfig.network_keys()  # --model-config's: the data (flags) sets input size, channels, classes
 EMA_DECAY = 0.9999  # default of --ema-decay (the paper's)
@@ -51,10 +45,6 @@ DATA_ORDER_WARNING = "{flag} {given} differs from the checkpoint's {held}: the d
 
 MODEL_KEYS = ("model", "model_config", "image_size", "num_classes")
 
-
-#################################################################################
-#                                Typed settings                                 #
-#################################################################################
 
 def other_latent_shape(given: str, held: str) -> bool:
     """Whether a resumed run's --vae learns another shape than the checkpoint's: pixels or latents, and
@@ -91,15 +81,15 @@ class ModelSettings:
                               "training); none: train on pixels in [-1, 1] without a VAE; vavae-f16d32 or a "
                               "VA-VAE .pt file, e2e-vavae, e2e-invae, e2e-sdvae: docs/latent_spaces.md",
                        canonical=canonical_latent_space_name, resume=VAE_RULE)
-    latent_norm: str = declare(CONSTANT, "what the model learns of the raw latents: constant, the latent space's "
+    latent_norm: str = declare(CONSTANT_NORM, "what the model learns of the raw latents: constant, the latent space's "
                                          "own scale (SD-VAE: x 0.18215, the original's); per-channel, (z - mean_c) / "
                                          "std_c with the statistics extract_features.py measured (needs --feature-path "
                                          "or a checkpoint that carries them; not with --vae none)",
                                choices=list(LATENT_NORMS), resume=LOCKED)
 
     def folder_tag(self) -> Optional[str]:
-        """The experiment folder's mark of a latent space other than SD-VAE's latents or pixels (a table
-        entry; a local VAE folder is an SD-VAE copy and left unmarked, as before), and of per-channel statistics."""
+        """The experiment folder's mark of a table latent space other than SD-VAE's or pixels (a local VAE
+        folder is an SD-VAE copy: unmarked), and of per-channel statistics."""
         tags = [f"vae-{self.vae}" if self.vae in LATENT_SPACES and self.vae not in ("ema", "mse", "none") else None,
                 "latent-per-channel" if self.latent_norm == PER_CHANNEL else None]
         return "-".join(filter(None, tags)) or None
@@ -115,14 +105,12 @@ class ModelSettings:
 
     @property
     def shape_name(self) -> str:
-        """The model's name in the experiment folder: --model, or with --model-config the real shape's
-        (sit.checkpoint.model_shape_name: a published name, else custom-d<depth>-w<width>-p<patch>)."""
+        """The model's name in the experiment folder: --model, or with --model-config the real shape's."""
         return self.model if self.model_config is None else model_shape_name(self.sit_kwargs())
 
     def sit_kwargs(self) -> dict:
-        """SiT constructor arguments: (3, H, W) pixels or (4, H/8, W/8) SD-VAE latents, the --model
-        shape and options (models.model_design), then the --model-config overrides. Raises UsageError for
-        a bad --model-config."""
+        """SiT constructor arguments: the latent space's input, the --model design, then --model-config's
+        overrides (UsageError for a bad one)."""
         space = self.space
         config = dict(input_size=space.input_size(self.image_size), in_channels=space.channels,
                       **model_design(self.model), num_classes=self.num_classes)
@@ -261,25 +249,17 @@ class TrainConfig:
     @classmethod
     def from_settings(cls, values: Mapping[str, Any]) -> "TrainConfig":
         """From a flat dict keyed by the flags' destinations (every one of them, nothing else)."""
-        groups, used = {}, set()
-        for group, group_type in GROUP_TYPES.items():
-            names = [field.name for field in dataclasses.fields(group_type)]
-            groups[group] = group_type(**{name: values[name] for name in names})
-            used.update(names)
-        features = feature_settings(values)
-        used.update(field.name for settings in features.values() if settings for field in dataclasses.fields(settings))
+        groups = {name: group(**{item.name: values[item.name] for item in dataclasses.fields(group)})
+                  for name, group in GROUP_TYPES.items()}
+        used = {field.name for group_type in setting_groups() for field in dataclasses.fields(group_type)}
         if set(values) != used:
             raise ValueError(f"settings without a place in TrainConfig: {sorted(set(values) - used)}")
-        return cls(**groups, features=features)
+        return cls(**groups, features=feature_settings(values))
 
     def settings(self) -> dict:
         """The flat dict of every setting, keyed by flag destination (JSON-serialisable)."""
-        flat = {}
-        for group in GROUP_TYPES:
-            flat.update(dataclasses.asdict(getattr(self, group)))
-        for settings in self.features.values():
-            flat.update(dataclasses.asdict(settings) if settings else {})
-        return flat
+        groups = [*(getattr(self, group) for group in GROUP_TYPES), *filter(None, self.features.values())]
+        return {key: value for group in groups for key, value in dataclasses.asdict(group).items()}
 
     def folder_name(self) -> str:
         """The experiment folder's name after its index: --exp-name, else <model>-<path>-<prediction>-<loss
@@ -295,8 +275,7 @@ class TrainConfig:
     @staticmethod
     def defaults() -> dict:
         """Every setting's default, flat (as settings() keys them)."""
-        groups = [*GROUP_TYPES.values(), *(feature.settings for feature in FEATURES.values() if feature.settings)]
-        return {field.name: field.default for group in groups for field in dataclasses.fields(group)}
+        return {item.name: item.default for group in setting_groups() for item in dataclasses.fields(group)}
 
     @property
     def token_encoder(self) -> Optional[str]:
@@ -310,14 +289,16 @@ GROUP_TYPES = {"model": ModelSettings, "transport": TransportConfig, "data": Dat
                "run": RunSettings, "fid": FIDSettings, "time": TimeSettings}
 
 
+def setting_groups() -> list[type]:
+    """Every settings dataclass of a run: TrainConfig's groups, then each registered feature's."""
+    return [*GROUP_TYPES.values(), *(feature.settings for feature in FEATURES.values() if feature.settings)]
+
+
 def add_train_flags(parser: argparse.ArgumentParser) -> None:
-    """train.py's flags: the declared groups above, each registered feature's, the speed flags and the
-    original's transport flags (train_utils)."""
-    for group in (DataSettings, ModelSettings, OptimSettings, RunSettings, FIDSettings, TimeSettings):
+    """train.py's flags: the groups above, each feature's, the speed flags and the transport flags."""
+    for group in (DataSettings, ModelSettings, OptimSettings, RunSettings, FIDSettings, TimeSettings,
+                  *setting_groups()[len(GROUP_TYPES):]):  # then REPA, post-hoc EMA, self-healing, ...
         add_flags(parser, group)
-    for feature in FEATURES.values():  # REPA, post-hoc EMA, self-healing, ...
-        if feature.settings:
-            add_flags(parser, feature.settings)
     add_speed_arguments(parser)
     parse_transport_args(parser)
 
@@ -341,50 +322,30 @@ def parse_model_config(text: Optional[str]) -> dict:
     return overrides
 
 
-#################################################################################
-#                     Resolution: flags against the checkpoint                  #
-#################################################################################
-
 def same_model_config(given: Optional[str], held: Optional[str]) -> bool:
     """Two --model-config texts ask for the same overrides (JSON compared as data, not as text)."""
     return (parse_model_config(given) if given else {}) == (parse_model_config(held) if held else {})
 
 
 def checkpoint_owned_settings(flags: Mapping[str, Any], train_steps: int) -> dict[str, Setting]:
-    """The settings a checkpoint can give (the declared rules of every group and feature, and the transport's,
-    which is locked); defaults: the flags' own."""
+    """The settings a checkpoint can give, by their declared rules (the transport's: locked)."""
     table = {key: dataclasses.replace(LOCKED, default=flags[key]) for key in TRANSPORT_KEYS}
-    groups = [*(group for group in GROUP_TYPES.values() if group is not TransportConfig),
-              *(feature.settings for feature in FEATURES.values() if feature.settings)]
-    for group in groups:
-        table.update(resume_rules(group, flags))
+    for group in setting_groups():
+        if group is not TransportConfig:
+            table.update(resume_rules(group, flags))
     return {key: dataclasses.replace(setting, warning=setting.warning.replace("{step}", str(train_steps)))
             for key, setting in table.items()}
-
-
-def resolve_train_config(flags: Mapping[str, Any], explicit: AbstractSet[str], stored: Optional[Mapping[str, Any]] = None,
-                         *, source: str = "the checkpoint", train_steps: int = 0,
-                         features_vae: Optional[str] = None) -> tuple[TrainConfig, list[str]]:
-    """The run's configuration and the warnings of settings that differ from the checkpoint's (see
-    resolve_train_settings, which also says where each checkpoint-owned setting came from)."""
-    config, resolved = resolve_train_settings(flags, explicit, stored, source=source, train_steps=train_steps,
-                                              features_vae=features_vae)
-    return config, resolved.warnings
 
 
 def resolve_train_settings(flags: Mapping[str, Any], explicit: AbstractSet[str],
                            stored: Optional[Mapping[str, Any]] = None, *, source: str = "the checkpoint",
                            train_steps: int = 0, features_vae: Optional[str] = None) -> tuple[TrainConfig, Resolved]:
-    """The run's configuration, and the resolution of the settings a checkpoint can give (values, origins
-    for messages such as "the checkpoint's num_classes 2", and the warnings).
-
-    flags: every parsed flag (argparse destinations); explicit: those the command line gave;
-    stored: the resumed checkpoint's settings (None: a new run); source: how messages name the
-    checkpoint; train_steps: its step, for the lr/EMA warnings; features_vae: the VAE named by
-    --feature-path's features, which decodes the previews unless --vae is given.
-    Raises UsageError when an explicit flag contradicts what the checkpoint's model is.
+    """The run's configuration, and the resolution of the settings a checkpoint can give (values, origins,
+    warnings). flags: every parsed flag; explicit: those the command line gave; stored: the resumed
+    checkpoint's settings (None: a new run); train_steps: its step; features_vae: the VAE of --feature-path's
+    features (decodes the previews unless --vae is given). UsageError when a flag contradicts the checkpoint.
     """
-    for group in [*GROUP_TYPES.values(), *(feature.settings for feature in FEATURES.values() if feature.settings)]:
+    for group in setting_groups():
         flags = canonical_values(group, flags)  # e.g. a VAE folder or encoder file named wherever the run starts
     table = checkpoint_owned_settings(flags, train_steps)
     resolved = resolve_settings(table, {key: flags[key] for key in table if key in explicit}, stored, source=source)
@@ -402,10 +363,6 @@ def resolve_train_settings(flags: Mapping[str, Any], explicit: AbstractSet[str],
             check_needs(settings, explicit)  # flags that would do nothing without another
     return config, resolved
 
-
-#################################################################################
-#                            Checks before heavy work                           #
-#################################################################################
 
 def check_train_config(config: TrainConfig, world_size: int) -> None:
     """UsageError (one line naming the flag) for settings that cannot work, before any heavy work."""

@@ -1,18 +1,10 @@
 """How training spreads the weights over the ranks (--sharding): the one place that knows DDP from FSDP2.
 
-ddp (the default, the original's): every rank keeps the whole model, its gradients, the AdamW state
-and the EMA; DDP all-reduces the gradients.
-fsdp: FSDP2 (`torch.distributed.fsdp.fully_shard`): every parameter, its gradient, its AdamW state
-and its EMA value are split along dim 0 over the ranks (each rank holds 1/world of each). Each SiT
-block, then the rest of the model (embedders, final layer), is all-gathered just before it runs and
-freed after. With --precision bf16 the gathered weights are bf16 and gradients are reduced in fp32
-(`MixedPrecisionPolicy`); the stored shards, AdamW and the EMA stay fp32. The EMA is sharded exactly
-like the model, so its update is shard-local.
-
-Checkpoints hold the same full state dicts in both modes: with fsdp they are gathered to rank 0 on
-the CPU, the optimizer state keyed by parameter index as `torch.optim.Optimizer.state_dict` keys it.
-So `sit.checkpoint.load_model`, sample.py and sample_ddp.py read them unchanged, and a run resumes
-exactly in either mode (the state is the same numbers; the steps after it follow the new mode's arithmetic).
+ddp (the original's): every rank keeps the whole model, gradients, AdamW state and EMA. fsdp: FSDP2
+(`fully_shard`) splits each along dim 0 over the ranks, block by block (with --precision bf16: bf16 gathered
+weights, fp32 reduction); the EMA is sharded like the model. Checkpoints hold the same full state dicts in
+both modes (gathered to rank 0's CPU, the optimizer state keyed by parameter index), so either mode resumes
+the other's exactly.
 """
 from __future__ import annotations
 
@@ -45,9 +37,8 @@ def broadcast_weights(model: nn.Module) -> None:
 
 
 def indexed_optimizer_state(model: nn.Module, named: dict) -> dict:
-    """An optimizer state keyed by parameter name (torch.distributed.checkpoint's form) in the form
-    `Optimizer.state_dict()` gives: parameters numbered in `model.parameters()` order (the order
-    `make_optimizer` hands them over). {} stays {} (the ranks that hold no gathered state)."""
+    """An optimizer state keyed by parameter name (torch.distributed.checkpoint's) as `Optimizer.state_dict()`
+    keys it: by index in `model.parameters()` order. {} stays {} (ranks without the gathered state)."""
     if not named:
         return {}
     index = {name: position for position, (name, _) in enumerate(model.named_parameters())}
@@ -99,9 +90,7 @@ class Sharding:
         return model
 
     def shard(self, model: nn.Module, ema: nn.Module) -> None:
-        """fsdp: fully_shard each SiT block, then the root, of the model and of its EMA (the same
-        layout, so the EMA update is shard-local). Before compiling and before building AdamW,
-        which must see the sharded parameters. ddp: nothing."""
+        """fsdp: fully_shard each block, then the root, of the model and its EMA (before compile, AdamW)."""
         if not self.sharded:
             return
         # SiT.forward returns a view (the velocity half of the learn_sigma output); FSDP2 warns that an
@@ -134,9 +123,8 @@ class Sharding:
 
 
 def sampling_ema(ema: Optional[nn.Module], device: torch.device, everywhere: bool) -> Optional[nn.Module]:
-    """An unsharded EMA model to sample from (previews: rank 0 only; FID: everywhere=True). An EMA
-    sharded by FSDP2 is gathered into a plain copy (every rank must call this; the ranks that get
-    none receive None); any other EMA is returned as it is."""
+    """An unsharded EMA to sample from: an FSDP2 one gathered into a plain copy (a collective; to rank 0
+    only unless everywhere, None elsewhere), any other as it is."""
     if not isinstance(ema, FSDPModule):
         return ema
     state = get_model_state_dict(ema, options=GATHER_EVERYWHERE if everywhere else GATHER_TO_RANK_0)

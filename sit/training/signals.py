@@ -1,10 +1,6 @@
-"""SIGTERM/SIGINT end training cleanly: the current step finishes, a checkpoint is saved, exit 0.
-
-Under torchrun a Ctrl-C reaches each worker twice: from the terminal (the whole foreground process
-group gets it) and again from torchrun, which forwards the signal it received. That repeat, the same
-signal within REPEAT_WINDOW_S, is not the user's second signal; it once ended the workers with a
-KeyboardInterrupt traceback and exit 1 after the checkpoint was saved.
-"""
+"""SIGTERM/SIGINT end training cleanly: the step finishes, a checkpoint is saved, exit 0. Under torchrun a
+Ctrl-C reaches each worker twice (the terminal's and torchrun's forwarded copy); the copy, within
+REPEAT_WINDOW_S, is not taken as a second signal."""
 from __future__ import annotations
 
 import signal
@@ -20,11 +16,8 @@ REPEAT_WINDOW_S = 5.0  # torchrun forwards a signal within milliseconds of recei
 
 
 class StopSignal:
-    """SIGTERM/SIGINT set a flag; a second signal ends at once (under torchrun: a second one besides
-    the forwarded copy of the first).
-
-    All ranks agree on stopping through an all_reduce on a Gloo group, which needs no GPU synchronisation.
-    """
+    """SIGTERM/SIGINT set a flag; a second signal (besides torchrun's forwarded copy) ends at once. The ranks
+    agree on stopping by an all_reduce on a Gloo group (no GPU synchronisation)."""
 
     def __init__(self):
         self.received: Optional[str] = None

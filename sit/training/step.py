@@ -1,9 +1,6 @@
-"""One training step: a batch -> what the model learns -> the transport's loss -> AdamW (GradScaler,
-clipping) -> EMA. train.py's loop and benchmarks/bench.py both run exactly this.
-
-Loss terms (sit.training.terms: REPA's alignment, or a new objective) add to the transport's loss; an
-`Objective` (MeanFlow's) replaces it.
-"""
+"""One training step: a batch -> what the model learns -> the transport's loss (plus loss terms, or an
+`Objective` in its place) -> AdamW (GradScaler, clipping) -> EMA. train.py's loop and benchmarks/bench.py
+both run exactly this."""
 from __future__ import annotations
 
 from copy import deepcopy
@@ -14,8 +11,7 @@ import torch
 
 from sit.latents import as_latent_space, recorded_latent_space
 from sit.speed import autocast, compile_model
-from sit.training.ema import update_ema
-from sit.training.optimizer import make_grad_scaler, make_optimizer
+from sit.training.optimizer import make_grad_scaler, make_optimizer, update_ema
 from sit.training.dtensors import full_tensor
 from sit.training.lr_schedule import LRSchedule
 from sit.training.sharding import Sharding
@@ -25,16 +21,9 @@ from transport import Transport
 
 @dataclass
 class TrainStep:
-    """What a training step works with.
-
-    model: the raw SiT (what checkpoints hold); ddp_model: the same wrapped in DDP (or the model
-    itself in one process, or sharded by FSDP2); vae: the encoder of --data-path images (None: pixels, or cached latents
-    with from_features); precision: a --precision choice; max_grad_norm: --max-grad-norm (None: no clipping);
-    sharding: --sharding (how model, EMA and AdamW are laid out over the ranks; sit.training.sharding);
-    terms: the loss terms beside the transport's loss (ddp_model then wraps a ModelWithTerms);
-    lr_schedule: --lr-schedule (None: the constant lr, never touched); steps_done: the optimizer steps of the
-    run so far (a resumed checkpoint's train_steps), which the schedule's lr is a function of.
-    """
+    """What a training step works with. model: the raw SiT (what checkpoints hold); ddp_model: what the step
+    calls (DDP, FSDP2 or the model; with terms a ModelWithTerms); vae: the latent space (None: pixels, or
+    SD-VAE's with from_features); steps_done: the run's optimizer steps so far (the lr schedule's input)."""
     model: torch.nn.Module
     ddp_model: torch.nn.Module
     ema: torch.nn.Module
@@ -61,12 +50,9 @@ class TrainStep:
                max_grad_norm: Optional[float] = None, sharding: Sharding = Sharding(),
                terms: Sequence[LossTerm] = (), weight_decay: float = 0.0,
                lr_schedule: Optional[LRSchedule] = None, objective: Optional[Objective] = None) -> "TrainStep":
-        """The step for `model` (already on `device`; ddp_model: the same wrapped for DDP) as train.py
-        builds it: the EMA copy (ema_state: weights to restore), gradient checkpointing, --compile
-        (compile_blocks), AdamW at lr with weight_decay (over the terms' parameters too; lr_schedule:
-        the lr of each step, see sit.training.lr_schedule) and the GradScaler of the
-        precision; with FSDP (sharding) the model and the EMA are sharded before compiling and before
-        AdamW sees the parameters."""
+        """The step for `model` (on `device`) as train.py builds it: the EMA copy (ema_state: weights to
+        restore), gradient checkpointing, --compile, AdamW over the SiT's and the terms' parameters and the
+        precision's GradScaler; with FSDP the model and EMA are sharded before compiling and before AdamW."""
         ema = deepcopy(model).requires_grad_(False).eval()  # after DDP's broadcast: the same start on every rank
         if ema_state is not None:
             ema.load_state_dict(ema_state)
@@ -93,8 +79,7 @@ class TrainStep:
 
 @dataclass
 class StepResult:
-    """A step's denoising loss (a 0-dim tensor on the device), with clipping the gradient norm before
-    it, and each loss term's batch mean by name (the optimised loss adds weight x each)."""
+    """A step's denoising loss (0-dim, on the device), the gradient norm before clipping, each term's mean."""
     loss: torch.Tensor
     grad_norm: Optional[torch.Tensor] = None
     terms: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -102,13 +87,9 @@ class StepResult:
 
 @torch.no_grad()
 def training_latents(step: TrainStep, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
-    """What the model learns, (N, C, L, L), from a batch's inputs: [images (N, 3, H, W) in [-1, 1]]
-    (encoded by step.vae's latent space, or the pixels themselves without one) or, with from_features,
-    the cached raw posterior [mean, std] (N, C, L, L) each (step.vae None: SD-VAE's, as extract_features.py makes).
-
-    A fresh latent normalise(mean + std * noise) is what encoding the images draws (diffusers'
-    posterior.sample()), with the same draw of torch.randn: training from features equals training from images.
-    """
+    """What the model learns, (N, C, L, L), from a batch's inputs: [images (N, 3, H, W) in [-1, 1]] encoded
+    (pixels without a VAE) or, with from_features, the cached posterior [mean, std] (N, C, L, L) each, drawn
+    with the same torch.randn as encoding: training from features equals training from images."""
     device = step.device
     if step.from_features:
         space = as_latent_space(step.vae, none=recorded_latent_space(None))
@@ -120,13 +101,9 @@ def training_latents(step: TrainStep, inputs: Sequence[torch.Tensor]) -> torch.T
 
 
 def train_step(step: TrainStep, inputs: Sequence[torch.Tensor], labels: torch.Tensor) -> StepResult:
-    """One optimisation step on a batch (see training_latents) with labels (N,).
-
-    The forward runs under the --precision autocast (fp16 scales the loss); with max_grad_norm the
-    gradients are unscaled and clipped, and the norm before clipping is returned. Loss terms add
-    weight x their batch means to the transport's loss (see sit.training.terms). With an lr schedule,
-    AdamW's first group takes the lr of this step (a function of step.steps_done) before it steps.
-    """
+    """One optimisation step on a batch (see training_latents) with labels (N,), under the --precision
+    autocast; with max_grad_norm the gradients are clipped (the norm before is returned); with an lr
+    schedule AdamW's first group takes this step's lr first."""
     latents = training_latents(step, inputs)
     labels = labels.to(step.device, non_blocking=True)
     term_inputs = [term.batch_inputs(inputs, step.device, step.precision) for term in step.terms]

@@ -1,18 +1,10 @@
 """Loss terms: training objectives beside the transport's loss, one module each (REPA's alignment is one).
 
-A loss term is an `nn.Module` whose parameters train with the model. In a step it
-  1. `batch_inputs(inputs, device, precision)`: what it needs of the batch, outside autograd (e.g. a frozen
-     encoder's tokens of the clean images);
-  2. `head(hidden)`: inside the trained model's forward, on the tokens after block `block` (when it
-     asks for them), so that DDP reduces its parameters' gradients with the SiT's;
-  3. `losses(view)`: per-sample losses by name, from what the step has (`StepView`). The step adds
-     `weight` x the batch mean of each to the optimised loss and logs each by its name.
-What it owns beside its forward: AdamW takes its parameters after the SiT's, in the SiT's group or, with
-`optimizer_options`, in a group of its own; the checkpoint stores its state dict under `extras[name]`; a
-rollback restores that with the rest of the state; `sharding_refusal` says why it cannot run sharded
-(FSDP2), or None.
-
-A new term is a module with a subclass of `LossTerm` and its settings; `sit.training.registry` lists it.
+A `LossTerm` is an `nn.Module` trained with the model. In a step: `batch_inputs` (what it needs of the
+batch, outside autograd), `head(hidden)` on block `block`'s tokens inside the wrapped forward (so DDP reduces
+its gradients), `losses(view)` per-sample by name; the step adds `weight` x each batch mean. AdamW holds its
+parameters (in the SiT's group, or its own with `optimizer_options`), the checkpoint its state under
+`extras[name]`; `sharding_refusal` says why it cannot run under FSDP2.
 """
 from __future__ import annotations
 
@@ -28,13 +20,9 @@ from sit.distributed import DistContext
 
 @dataclass
 class StepView:
-    """What a loss term sees of one training step (N samples).
-
-    output: the model's output (N, C, H, W); x_t: its input, the interpolant at times t (N,);
-    target: the path's velocity at (x_t, t), what a velocity model regresses onto; latents: the
-    clean data x1 (N, C, H, W); labels: (N,); head: the term's head output on its block's tokens
-    (None when it asks for none); inputs: what its `batch_inputs` returned for this batch.
-    """
+    """What a loss term sees of one training step: the model's output (N, C, H, W) at input x_t, times t (N,),
+    target (the path's velocity at (x_t, t)), the clean latents (N, C, H, W), labels (N,), its head's output
+    (None without a block) and what its `batch_inputs` returned."""
     output: torch.Tensor
     x_t: torch.Tensor
     t: torch.Tensor
@@ -105,8 +93,7 @@ def in_optimizer_order(terms: Sequence[LossTerm]) -> list[LossTerm]:
 
 @dataclass
 class TermContext:
-    """What a loss term's setup may use, once per run: the image size, the cached latents' meta.json
-    (None when training from images), the ranks and the run's log."""
+    """What a loss term's setup may use: image size, cached latents' meta.json (or None), ranks, log."""
     image_size: int
     feature_meta: Optional[dict]
     ctx: DistContext
@@ -119,10 +106,8 @@ class Objective:
     name: str = ""
 
     def losses(self, step: Any, latents: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """(per-sample loss (N,) to optimise, {name: per-sample values (N,) logged beside it}) of one batch
-        of latents (N, C, H, W) and labels (N,), with step (a sit.training.step.TrainStep) for the model
-        (step.model, raw, e.g. for torch.func), the wrapped one that gradients flow through (step.ddp_model),
-        and the transport (its path)."""
+        """(per-sample loss (N,), {name: per-sample values (N,) to log}) of latents (N, C, H, W) and labels
+        (N,); step: the TrainStep (step.model raw, for torch.func; step.ddp_model for gradients)."""
         raise NotImplementedError
 
 
