@@ -1,18 +1,6 @@
-"""Where SiT checkpoints come from, how they are fetched, and how they are loaded safely.
-
-Accepted sources (`find_model`, `load_checkpoint`, and `sit.checkpoint.load_model`, which builds the model):
-- a published name (`SiT-XL-2-256x256.pt`, `SiT-XL-2-512x512.pt`, `SiT-L-2-256.pt`, `SiT-B-2-256.pt`,
-  `SiT-S-2-256.pt`): fetched once into `pretrained_models/` (relative to the working directory, as the
-  original), from the Hugging Face hub (`nyu-visionx/SiT-collections`); for the XL/2 256 model the
-  original Dropbox link is the fallback. `--model` without `--ckpt` picks one (PUBLISHED_CHECKPOINTS);
-- `hf://<org>/<repo>/<file>`: a Hugging Face hub file, fetched into the hub's cache;
-- `http(s)://...` or `file://...`: downloaded into `pretrained_models/<hash of the URL>-<file name>`;
-- a local path.
-
-Downloads stream to a temporary file beside the target, with a progress bar, and are renamed into
-place only once complete: an interrupted download never leaves a complete-looking file.
-Loading never runs code from the file: `torch.load(..., weights_only=True)`, which accepts tensors
-and plain containers, plus `argparse.Namespace` (train.py checkpoints hold their args).
+"""Where SiT checkpoints come from (a published name, `hf://<org>/<repo>/<file>`, an http(s)/file URL or a
+local path: docs/sampling.md), how they are fetched (atomically, into `pretrained_models/` or the hub's
+cache), and how they are loaded without running code from the file (weights_only, plus argparse.Namespace).
 """
 from __future__ import annotations
 
@@ -34,12 +22,10 @@ from sit.hub import HubUnavailable, hub_file, hub_offline, url_download
 
 PRETRAINED_DIR = "pretrained_models"
 DEFAULT_MODEL = "SiT-XL-2-256x256.pt"
-# Published name -> its sources, tried in order (the authors moved their checkpoints to the hub and say
-# the Dropbox link will be retired). Hub file names other than XL/2 256's are not verified from here (no
-# network): SiT-XL-2-512.pt is the authors' answer in issue #42; S/B/L 256 are spelled as public code
-# downloads them (SiT-S-2-256.pt: revision 9a43ddf08f80ac7f3525208ce72943e98fe98343, 131,893,962 bytes,
-# sha256 a245dc6330cd0d5906a5da00718b7d348a417d740e6b6cfeeb504e9d1448d070, a bare state dict of 1001
-# class rows; its undocumented sibling SiT-S-2-256_orig.pt is reachable only as an hf:// file).
+# Published name -> its sources, tried in order (hub names other than XL/2 256's unverified: SiT-XL-2-512.pt
+# is the authors' answer in issue #42; S/B/L 256 as public code spells them. SiT-S-2-256.pt: revision
+# 9a43ddf08f80ac7f3525208ce72943e98fe98343, 131,893,962 bytes, sha256
+# a245dc6330cd0d5906a5da00718b7d348a417d740e6b6cfeeb504e9d1448d070, a bare state dict of 1001 class rows).
 PUBLISHED_MODELS = {
     DEFAULT_MODEL: [
         "hf://nyu-visionx/SiT-collections/SiT-XL-2-256.pt",
@@ -65,9 +51,7 @@ class CheckpointError(UsageError):
 
 
 def download_url(url: str, path: str, progress: bool = True) -> str:
-    """Stream `url` (http, https or file) to `path`, atomically, with a progress bar, in one request
-    (sit.hub.url_download). Raises CheckpointError on any failure (NoSpaceLeft for a full disk),
-    leaving nothing at `path`."""
+    """sit.hub.url_download, its failures a CheckpointError (NoSpaceLeft for a full disk)."""
     try:
         return url_download(url, path, progress)
     except HubUnavailable as error:  # network errors, interrupted reads: one message for the user
@@ -75,8 +59,7 @@ def download_url(url: str, path: str, progress: bool = True) -> str:
 
 
 def download_hub_file(spec: str) -> str:
-    """`hf://<org>/<repo>/<file>` from huggingface_hub's cache, or fetched into it (sit.hub.hub_file:
-    a failure is one line after one short request, not minutes of retries); returns the local path."""
+    """The local path of `hf://<org>/<repo>/<file>`: cached, or fetched by sit.hub.hub_file."""
     repo_id, filename = parse_hub_spec(spec)
     try:
         return hub_file(repo_id, filename)
@@ -90,12 +73,6 @@ def parse_hub_spec(spec: str) -> tuple[str, str]:
     if not spec.startswith(HUB_SCHEME) or len(parts) < 3 or not all(parts):
         raise CheckpointError(f"bad hub file {spec!r}: expected hf://<org>/<repo>/<file>")
     return f"{parts[0]}/{parts[1]}", parts[2]
-
-
-def hub_web_url(spec: str) -> str:
-    """The browser download link of a hub file spec."""
-    repo_id, filename = parse_hub_spec(spec)
-    return f"https://huggingface.co/{repo_id}/resolve/main/{filename}"
 
 
 def fetch_published(name: str) -> str:
@@ -118,7 +95,8 @@ def fetch_published(name: str) -> str:
             except CheckpointError as error:
                 failures.append(str(error))
         first = PUBLISHED_MODELS[name][0]
-        link = hub_web_url(first) if first.startswith(HUB_SCHEME) else first
+        link = (f"https://huggingface.co/{'/resolve/main/'.join(parse_hub_spec(first))}"
+                if first.startswith(HUB_SCHEME) else first)
         raise CheckpointError(f"could not download {name}: {'; '.join(failures)}. Download it by hand (from {link}) "
                               f"and pass the local file instead: --ckpt /path/to/{name}")
 
@@ -128,10 +106,8 @@ def place_file(source: str, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     try:
         os.link(os.path.realpath(source), path)
-        return
-    except OSError:
-        pass  # other filesystem, or links unsupported: copy instead
-    atomic_write(path, functools.partial(shutil.copyfile, source), suffix=".part")
+    except OSError:  # other filesystem, or links unsupported: copy instead
+        atomic_write(path, functools.partial(shutil.copyfile, source), suffix=".part")
 
 
 def url_file_name(url: str) -> str:
@@ -151,12 +127,8 @@ def by_hand(error: CheckpointError, name: str) -> CheckpointError:
 
 
 def fetch_url(url: str) -> str:
-    """Local path of a URL's file, downloaded into pretrained_models/<url_cache_name(url)>.
-
-    An http(s) file already there is reused (downloads are atomic, so it is complete); a
-    file:// URL is copied afresh, since the file behind it may have changed. (Published names
-    keep their own cache path, pretrained_models/<name>: see fetch_published.)
-    """
+    """Local path of a URL's file in pretrained_models/<url_cache_name(url)>: an http(s) file there is
+    reused (downloads are atomic), a file:// URL copied afresh (its file may have changed)."""
     local_path = os.path.join(PRETRAINED_DIR, url_cache_name(url))
     if not url.startswith("file://") and os.path.isfile(local_path):
         return local_path
@@ -183,8 +155,7 @@ def resolve(path_or_name: str | os.PathLike) -> str:
 
 
 def local_copy(path_or_name: str | os.PathLike) -> Optional[str]:
-    """The local file (absolute path) behind a published name, hub file, URL or path once it has been
-    fetched (see resolve), without fetching anything; None when there is none."""
+    """The local file (absolute path) resolve would give, without fetching anything, or None."""
     path_or_name = os.fspath(path_or_name)
     if path_or_name in PUBLISHED_MODELS:
         candidate: Any = os.path.join(PRETRAINED_DIR, path_or_name)
@@ -202,12 +173,8 @@ def local_copy(path_or_name: str | os.PathLike) -> Optional[str]:
 
 
 def load_checkpoint(path_or_name: str | os.PathLike) -> dict:
-    """The raw checkpoint dict (train.py's {"model", "ema", "opt", "args", ...} or a state dict).
-
-    Fetches published names, hub files and URLs first. Never runs code from the file.
-    Raises CheckpointError when the file is missing, is not a checkpoint, or holds objects
-    that only a full (code-executing) unpickler could build.
-    """
+    """The raw checkpoint dict (train.py's {"model", "ema", "opt", "args", ...} or a state dict), fetched
+    first if needed; CheckpointError when it is missing, not a checkpoint, or holds more than weights."""
     path = resolve(path_or_name)
     if not os.path.exists(path):
         raise CheckpointError(f"no SiT checkpoint at {path}: pass a local .pt file, a published name "
@@ -234,10 +201,10 @@ def safe_torch_load(path: str) -> Any:
         torch.serialization.add_safe_globals(SAFE_GLOBALS)  # torch 2.4 has no context manager
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        refused = _refused_object(str(error))
+        refused = re.search(r"(?:unsupported|Unsupported global:)\s*(GLOBAL\s+[\w.]+)", str(error))
         if refused:
             raise CheckpointError(f"refused to load {path}: it holds Python objects other than tensors and plain "
-                                  f"containers ({refused}), and unpickling them could run code from the file. "
+                                  f"containers ({refused.group(1)}), and unpickling them could run code from the file. "
                                   f"Load it only if you trust its source, and save its state dict alone") from None
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated, corrupt or another "
                               f"kind of file): {_describe(error)}") from None
@@ -252,11 +219,8 @@ def check_source(name: str, value: Any, optional: bool = False) -> None:
 
 
 def find_model(model_name: str | os.PathLike) -> dict:
-    """A state dict for `model_name` (published name, hub file, URL or local path).
-
-    Train checkpoints yield their EMA weights (their raw weights if they have no EMA); a bare
-    state dict is returned as is. A model_name that is no str or path is a TypeError naming it.
-    """
+    """A state dict for `model_name` (published name, hub file, URL or local path): a train checkpoint's EMA
+    weights (else its raw ones), a bare state dict as is."""
     check_source("find_model(model_name)", model_name)
     return state_dict_of(load_checkpoint(model_name))
 
@@ -287,19 +251,12 @@ def published_model(model_name: Optional[str], image_size: Optional[int], num_cl
     return PUBLISHED_CHECKPOINTS[(model_name, image_size or 256)]
 
 
-def _refused_object(message: str) -> Optional[str]:
-    """The object a weights-only load refused (e.g. 'GLOBAL posix.mkdir'), or None for other errors."""
-    match = re.search(r"(?:unsupported|Unsupported global:)\s*(GLOBAL\s+[\w.]+)", message)
-    return match.group(1) if match else None
-
-
 def _describe(error: BaseException) -> str:
     """`Type: the gist of the message`, short enough for one line."""
     message = str(error)
     if "Weights only load failed" in message:  # torch's boilerplate; keep only what it tripped on
         detail = re.search(r"(Unsupported operand \d+|Unsupported [^\n]+)", message)
         message = detail.group(1) if detail else "not a file torch.save wrote"
-    lines = message.strip().splitlines()
-    first = lines[0] if lines else ""
+    first = (message.strip().splitlines() or [""])[0]
     first = re.split(r"(?<=\.) ", first, maxsplit=1)[0][:160]  # first sentence
     return f"{type(error).__name__}: {first}" if first else type(error).__name__

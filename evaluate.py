@@ -3,16 +3,9 @@
     python evaluate.py VIRTUAL_imagenet256_labeled.npz samples/<folder>.npz [--json metrics.json]
         [--metrics is,fid,sfid,precision,recall,fd_dinov2]
 
-Definitions, networks and weights (--inception-weights, --dinov2-weights, --fid-method): sit/metrics/.
-The sample batch's record (`<folder>.json`, written by sample_ddp.py) is checked against the .npz (its
-image count and shape, and the SHA-256 of the images and labels it holds) and copied into the --json
-output with the evaluator's own settings; a record of other images is refused (--ignore-record evaluates
-without it). A record written before records held hashes is copied with a warning, as unverified.
-
-Reference batches: `arr_0` (N, H, W, 3) uint8 images, optionally with precomputed `mu`, `sigma`,
-`mu_s`, `sigma_s` (which then take precedence for FID/sFID, as in ADM). Reference statistics and
-pool features are cached beside the file (ref.npz -> ref.stats.npz). With no sample batch the
-script only writes that cache, which `FIDMonitor` (FID during training) can read.
+The sample batch's record (`<folder>.json`) is checked against the .npz and copied into --json; the
+reference's statistics are cached beside it (ref.stats.npz), which alone is written without a sample
+batch (docs/evaluation.md).
 """
 from __future__ import annotations
 
@@ -89,10 +82,8 @@ def check_inputs(args: argparse.Namespace) -> None:
 
 
 def sample_record(args: argparse.Namespace) -> Optional[SampleRecord]:
-    """The record beside the sample batch, checked against it (None without one, or with --ignore-record).
-
-    RecordError (one line naming the .json and the .npz) for a record of other images; a warning on
-    stderr for one without the arrays' hashes, which is then unverified."""
+    """The record beside the sample batch, checked against it (None without one, or with --ignore-record);
+    RecordError for a record of other images, a warning for one without hashes (unverified)."""
     shape = open_npz_images(args.sample_batch).shape  # uint8 (N, H, W, 3), N > 0
     if args.ignore_record:
         return None
@@ -104,10 +95,7 @@ def sample_record(args: argparse.Namespace) -> Optional[SampleRecord]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    """Print the metrics table (and write --json), or only cache the reference statistics.
-
-    Raises UsageError (e.g. MetricInputError, InceptionWeightsError, RecordError) for what the user can fix.
-    """
+    """Print the metrics table (and write --json), or only cache the reference statistics."""
     args = parse_args(argv)
     check_inputs(args)
     metric_names = parse_metric_list(args.metrics)

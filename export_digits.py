@@ -2,9 +2,8 @@
 
     python export_digits.py data/digits
 
-writes data/digits/class00/0000.png ... data/digits/class09/1796.png: 8x8 RGB PNGs (grey, the three
-channels equal), the digits' 17 levels 0..16 scaled to 0..255. A tiny data set on which the CPU
-quick start of the README trains a pixel-space SiT in minutes (train.py --vae none --image-size 8).
+writes data/digits/class00/0000.png ... class09/1796.png: 8x8 grey RGB PNGs, levels 0..16 scaled to 0..255,
+on which the README's CPU quick start trains a pixel-space SiT in minutes.
 """
 from __future__ import annotations
 
@@ -14,6 +13,7 @@ import sys
 from typing import Optional, Sequence
 
 import numpy as np
+from PIL import Image
 
 from sit.cli import ScriptParser, run_main
 from sit.errors import UsageError
@@ -31,42 +31,26 @@ def digits_uint8() -> tuple[np.ndarray, np.ndarray]:
     return images, digits.target.astype(np.int64)
 
 
-def class_folder(label: int) -> str:
-    """class00 ... class09: zero-padded, so the ImageFolder's sorted order is the label order."""
-    return f"class{label:02d}"
-
-
-def save_png(rgb: np.ndarray, path: str) -> None:
-    """An (H, W, 3) uint8 image as a PNG at `path` (whatever its extension)."""
-    from PIL import Image
-
-    Image.fromarray(rgb).save(path, format="PNG")
-
-
 def export_digits(root: str) -> int:
-    """Write every digit as root/classNN/IIII.png (RGB); returns the number of images written.
-
-    Each PNG goes through atomic_write, so a killed export leaves no half-written image; its
-    temporaries end in .tmp, which no image folder reads (and the next export removes them).
-    Raises UsageError when `root` exists and is not a folder.
-    """
+    """Write every digit atomically as root/classNN/IIII.png (RGB); returns the number of images written."""
     if os.path.exists(root) and not os.path.isdir(root):
         raise UsageError(f"{root!r} exists and is not a folder")
     problem = folder_problem(root)
     if problem:
         raise UsageError(f"output {root}: {problem}; name a folder you can write (it is created if missing)")
     images, labels = digits_uint8()
+    folders = [os.path.join(root, f"class{label:02d}") for label in range(10)]  # sorted order = label order
     try:
-        for label in range(10):
-            os.makedirs(os.path.join(root, class_folder(label)), exist_ok=True)
-            remove_temporaries(os.path.join(root, class_folder(label)), ".tmp")
+        for folder in folders:
+            os.makedirs(folder, exist_ok=True)
+            remove_temporaries(folder, ".tmp")
     except OSError as error:
         raise UsageError(f"output {root}: cannot create its class folders ({error.strerror or error}); "
                          f"name a folder you can write") from None
     for index, (grey, label) in enumerate(zip(images, labels)):
-        path = os.path.join(root, class_folder(int(label)), f"{index:04d}.png")
         rgb = np.repeat(grey[:, :, None], 3, axis=2)  # (8, 8) -> (8, 8, 3)
-        atomic_write(path, functools.partial(save_png, rgb), suffix=".tmp")
+        path = os.path.join(folders[label], f"{index:04d}.png")
+        atomic_write(path, functools.partial(Image.fromarray(rgb).save, format="PNG"), suffix=".tmp")
     return len(images)
 
 

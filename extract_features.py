@@ -2,13 +2,9 @@
 
     torchrun --nnodes=1 --nproc_per_node=N extract_features.py --data-path /imagenet/train --features-path features/in256
 
-Stores the VAE posterior (mean and std) of every image and of its horizontal flip, in blocks; a run
-that stops can be started again with the same command and continues with the missing blocks. At the
-end it measures the latents' per-channel mean and std over the whole folder (all ranks), recorded in
-meta.json for train.py --latent-norm per-channel (run it again on an older complete folder to add them).
---repa-encoder NAME also stores that encoder's patch tokens of both, for train.py --feature-path
---repa-encoder NAME (DINOv2-B at 256 px: 256 x 768 values per side, 0.75 MiB per image in float16).
-See sit/data/features.py for the format and sit/data/extraction.py for the writing.
+Stores the VAE posterior of every image and its flip in resumable blocks (the same command continues),
+then the latents' per-channel statistics (--latent-norm per-channel); --repa-encoder NAME also stores
+that encoder's patch tokens. Format: sit/data/features.py.
 """
 from __future__ import annotations
 
@@ -55,8 +51,7 @@ def config_from_args(args: argparse.Namespace) -> ExtractionConfig:
     """The run's configuration; a local --vae folder as an absolute path (meta.json names it wherever training runs)."""
     return ExtractionConfig(data_path=args.data_path, features_path=args.features_path, image_size=args.image_size,
                             vae=canonical_latent_space_name(args.vae), batch_size=args.batch_size,
-                            block_size=args.block_size,
-                            num_workers=args.num_workers, float32=args.float32,
+                            block_size=args.block_size, num_workers=args.num_workers, float32=args.float32,
                             token_encoder=canonical_encoder_name(args.token_encoder))
 
 
@@ -86,12 +81,8 @@ def encode_missing_blocks(ctx: DistContext, config: ExtractionConfig, dataset: T
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    """Encode the blocks of --data-path not done yet (this rank's share), then mark the folder complete.
-
-    Raises UsageError for a bad folder, size or VAE, a --features-path made with other settings or one
-    that another live run writes (its lock, sit.locks, is released when this run ends). A run that
-    fails before its first block removes the folder it created.
-    """
+    """Encode this rank's blocks of --data-path not done yet, then mark the folder complete; a run that
+    fails before its first block removes the folder it created."""
     config = config_from_args(parse_args(argv))
     check_features_path(config.features_path)
     dataset = open_image_folder(config)  # before joining the job: a bad folder stops every rank alike

@@ -3,12 +3,8 @@
     python make_reference.py /data/my_images ref.npz --image-size 256 [--max-images 10000]
     python evaluate.py ref.npz samples/<folder>.npz
 
-The folder is read as train.py reads one (<folder>/<class>/<image>, one class folder will do; the same
-listing and image reader: 16-bit, transparency and CMYK handled, unreadable files skipped with a warning).
-Every image gets ADM's center crop (sit.data.images.center_crop_arr, as training and the ADM reference
-batches) and is stored in `arr_0` (N, H, W, 3) uint8, with `labels` (N,) int64 (class folder indices,
-which evaluate.py ignores). The whole array is held in memory: N x H x W x 3 bytes (10,000 images at
-256 px: 1.8 GiB). evaluate.py computes and caches the reference's statistics on its first use.
+The folder is read as train.py reads one; `arr_0` (N, H, W, 3) uint8 and `labels` (N,) int64 are held in
+memory (10,000 images at 256 px: 1.8 GiB).
 """
 from __future__ import annotations
 
@@ -26,18 +22,10 @@ from sit.errors import UsageError
 from sit.metrics.npz import save_npz_atomic
 
 
-def chosen_samples(samples: list[tuple[str, int]], max_images: Optional[int], seed: int) -> list[tuple[str, int]]:
-    """All samples, or a seeded random subset of max_images of them kept in listing order."""
-    if max_images is None or max_images >= len(samples):
-        return samples
-    keep = np.sort(np.random.default_rng(seed).choice(len(samples), size=max_images, replace=False))
-    return [samples[index] for index in keep]
-
-
 def make_reference(folder: str, image_size: int, max_images: Optional[int] = None,
                    seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """The center-cropped images (N, image_size, image_size, 3) uint8 of an image folder and their class
-    indices (N,) int64. Raises UsageError when the folder holds no readable image."""
+    """The center-cropped images (N, image_size, image_size, 3) uint8 of an image folder and their labels
+    (N,) int64; UsageError when the folder holds no readable image."""
     if not os.path.isdir(folder):
         raise UsageError(f"{folder} is not a folder: name the image folder (<folder>/<class>/<image>)")
     try:
@@ -50,7 +38,10 @@ def make_reference(folder: str, image_size: int, max_images: Optional[int] = Non
     if not listing.samples:
         raise UsageError(f"{folder} holds no images (expected {folder}/<class>/<image>, extensions: "
                          f"{', '.join(IMAGE_EXTENSIONS)})")
-    samples = chosen_samples(listing.samples, max_images, seed)
+    samples = listing.samples
+    if max_images is not None and max_images < len(samples):  # a seeded subset, kept in listing order
+        keep = np.sort(np.random.default_rng(seed).choice(len(samples), size=max_images, replace=False))
+        samples = [samples[index] for index in keep]
     images, labels = np.zeros((len(samples), image_size, image_size, 3), np.uint8), []  # (N, H, W, 3)
     for path, label in tqdm(samples, desc="center crop", unit="image"):
         try:

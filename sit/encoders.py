@@ -1,23 +1,6 @@
-"""Frozen vision encoders for representation alignment (REPA, train.py --repa-encoder): which encoder
-a name means, its weights loaded without running pickled code, and its patch tokens of clean images.
-
---repa-encoder takes
-- DINOv2 by REPA's spelling (dinov2-vit-s/b/l/g, dinov2reg-vit-b for the 4-register models) or by
-  torch.hub's facebookresearch/dinov2 name (dinov2_vitb14, dinov2_vitb14_reg): the same released
-  weights through timm (vit_base_patch14_dinov2.lvd142m, ...), downloaded once as safetensors by
-  sit.hub (one request, no retries: offline, one line naming the file to fetch), so no repository code
-  is fetched and run (as torch.hub.load would);
-- any timm ViT name (e.g. vit_large_patch14_reg4_dinov2.lvd142m);
-- a local weights file (.pth/.pt/.bin read with torch.load(weights_only=True), or .safetensors): a
-  ViT state dict in DINOv2's release format or timm's, whose shape gives the architecture (heads of
-  64 dimensions, as every DINOv2);
-- a local folder in timm's layout: config.json ({"architecture": ..., "model_args": {...}}) and
-  model.safetensors or pytorch_model.bin.
-
-As REPA, an encoder sees the image resized to 224/256 of its size (224 px for 256 px images, 448 for
-512), normalised with the encoder's mean and std (ImageNet's for DINOv2), and gives its final-norm
-patch tokens (no class or register tokens). The absolute position embedding is resampled to that
-grid when the weights load (timm's bicubic resampling, which REPA applies to DINOv2 too).
+"""Frozen vision encoders for --repa-encoder (docs/training.md): a DINOv2 alias, a timm ViT name, a local
+weights file or timm folder, read without running pickled code; their final-norm patch tokens of images
+resized to 224/256 of their size and normalised with the encoder's mean and std.
 """
 from __future__ import annotations
 
@@ -56,8 +39,7 @@ def dinov2_timm_name(size: str, registers: bool) -> str:
 
 
 def canonical_encoder_name(name: Optional[str]) -> Optional[str]:
-    """One spelling per encoder, as runs and feature folders record it: a DINOv2 alias -> its timm name,
-    a local path -> absolute; anything else as given (None stays None)."""
+    """The recorded spelling: a DINOv2 alias -> its timm name, a local path -> absolute, else as given."""
     if name is None:
         return None
     if os.path.exists(name):
@@ -71,9 +53,8 @@ def canonical_encoder_name(name: Optional[str]) -> Optional[str]:
 
 @dataclass(frozen=True)
 class EncoderSpec:
-    """An encoder as a recipe: `source` (canonical name or path), how to build its timm ViT
-    (`architecture` name and `model_args`, or None for a weights file's inferred VisionTransformer),
-    and what checks need: patch size, token width, normalisation."""
+    """An encoder as a recipe: `source` (canonical), its timm `architecture` and `model_args` (None: a
+    VisionTransformer inferred from a weights file), patch size, token width, normalisation."""
     source: str
     architecture: Optional[str]
     model_args: dict
@@ -83,8 +64,7 @@ class EncoderSpec:
     std: tuple = IMAGENET_STD
 
     def input_size(self, image_size: int) -> int:
-        """The side of the encoder's input for images of image_size; UsageError when the image size
-        gives no whole number of the encoder's patches."""
+        """The encoder's input side for images of image_size; UsageError unless a whole number of patches."""
         scaled = image_size * INPUT_SCALE[0] / INPUT_SCALE[1]
         if scaled != int(scaled) or int(scaled) % self.patch_size:
             step = INPUT_SCALE[1] * self.patch_size // math.gcd(INPUT_SCALE[0], INPUT_SCALE[1] * self.patch_size)
@@ -128,22 +108,16 @@ def read_weights(path: str) -> dict:
 
 
 def timm_form(weights: dict) -> dict:
-    """A ViT state dict in timm's names: DINOv2's release names converted (its mask token dropped, its
-    chunked blocks numbered plainly, its SwiGLU w12/w3 as fc1/fc2, its register tokens and class
-    position moved as timm's no_embed_class models hold them), the classifier head dropped."""
+    """A ViT state dict in timm's names: DINOv2's release names converted (chunked blocks, SwiGLU, register
+    tokens as timm's no_embed_class models hold them), the mask token and classifier head dropped."""
     weights = {key: value for key, value in weights.items() if not key.startswith("head.") and key != "mask_token"}
     if "register_tokens" in weights:
         weights["reg_token"] = weights.pop("register_tokens")
         weights["cls_token"] = weights["cls_token"] + weights["pos_embed"][:, 0]  # (1, 1, D)
         weights["pos_embed"] = weights["pos_embed"][:, 1:]                          # (1, N, D)
-    renames = {".mlp.w12.": ".mlp.fc1.", ".mlp.w3.": ".mlp.fc2."}
-    converted = {}
-    for key, value in weights.items():
-        key = re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", key)  # chunked blocks.<chunk>.<i>. (global i)
-        for old, new in renames.items():
-            key = key.replace(old, new)
-        converted[key] = value
-    return converted
+    return {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", key)  # chunked blocks.<chunk>.<i>. (global i)
+            .replace(".mlp.w12.", ".mlp.fc1.").replace(".mlp.w3.", ".mlp.fc2."): value
+            for key, value in weights.items()}
 
 
 def vit_args_from_weights(weights: dict, source: str) -> dict:
@@ -171,15 +145,14 @@ def vit_args_from_weights(weights: dict, source: str) -> dict:
 
 
 def looks_like_path(name: str) -> bool:
-    """Whether a --repa-encoder value is meant as a local file or folder (a separator, a leading . or ~,
-    or a weights file's suffix) rather than an encoder's name (timm's names have none of these)."""
+    """Whether an encoder value is meant as a local path (a separator, a leading . or ~, a weights suffix)."""
     return (os.sep in name or "/" in name or name.startswith((".", "~"))
             or name.lower().endswith(WEIGHT_SUFFIXES))
 
 
 def describe_encoder(name: str) -> EncoderSpec:
-    """The EncoderSpec a --repa-encoder value names, without loading weights (a weights file is read
-    for its shapes). Raises UsageError naming the flag for a path that does not exist or an unknown encoder."""
+    """The EncoderSpec a --repa-encoder value names, without loading weights (a file is read for its shapes);
+    UsageError naming the flag for a missing path or an unknown encoder."""
     import timm
 
     source = canonical_encoder_name(name)
@@ -196,9 +169,8 @@ def describe_encoder(name: str) -> EncoderSpec:
             config = json.load(handle)
         architecture, model_args = config.get("architecture"), dict(config.get("model_args") or {})
         pretrained = config.get("pretrained_cfg") or {}
-        norm = dict(mean=tuple(pretrained.get("mean", IMAGENET_MEAN)), std=tuple(pretrained.get("std", IMAGENET_STD)))
     elif timm.is_model(source):
-        architecture, model_args, norm = source, {}, {}
+        architecture, model_args, pretrained = source, {}, None
     else:
         raise UsageError(f"unknown {FLAG} {name}: give {NAMES_HELP}")
     if not timm.is_model(architecture):
@@ -207,10 +179,11 @@ def describe_encoder(name: str) -> EncoderSpec:
         model = timm.create_model(architecture, pretrained=False, num_classes=0, **model_args)
     if not hasattr(model, "patch_embed") or not hasattr(model, "num_prefix_tokens"):
         raise UsageError(f"{FLAG} {source}: {architecture} is not a ViT with patch tokens")
-    if not norm:
-        config = getattr(model, "pretrained_cfg", None) or {}
-        norm = dict(mean=tuple(config.get("mean", IMAGENET_MEAN)), std=tuple(config.get("std", IMAGENET_STD)))
-    return EncoderSpec(source, architecture, model_args, model.patch_embed.patch_size[0], model.embed_dim, **norm)
+    if pretrained is None:  # a timm name: its own pretrained config's normalisation
+        pretrained = getattr(model, "pretrained_cfg", None) or {}
+    mean, std = tuple(pretrained.get("mean", IMAGENET_MEAN)), tuple(pretrained.get("std", IMAGENET_STD))
+    return EncoderSpec(source, architecture, model_args, model.patch_embed.patch_size[0], model.embed_dim,
+                       mean, std)
 
 
 class VisionEncoder:
@@ -229,10 +202,7 @@ class VisionEncoder:
     @torch.no_grad()
     def patch_tokens(self, images: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
         """Patch tokens (N, T, D) float32 of images (N, 3, H, W) in [-1, 1]; T = (input size / patch)^2.
-
-        The normalisation and resize run in fp32 (REPA's order: normalise, then bicubic resize);
-        the ViT runs under the --precision autocast.
-        """
+        Normalise and resize in fp32, the ViT under the --precision autocast."""
         pixels = encoder_inputs(images, self.spec.mean, self.spec.std, self.input_size)
         with autocast(precision, images.device):
             tokens = self.module.forward_features(pixels)                   # (N, prefix + T, D)
@@ -250,26 +220,11 @@ def encoder_inputs(images: torch.Tensor, mean: tuple, std: tuple, input_size: in
     return pixels
 
 
-def load_weights_into(model: torch.nn.Module, weights: dict, source: str) -> None:
-    """Load a timm-form state dict (position embedding resampled to the model's grid), strictly."""
-    from timm.models.vision_transformer import checkpoint_filter_fn
-
-    try:
-        model.load_state_dict(checkpoint_filter_fn(weights, model), strict=True)
-    except (RuntimeError, KeyError, ValueError) as error:
-        detail = " ".join(line.strip() for line in str(error).strip().splitlines()[:2])[:300]
-        raise UsageError(f"{FLAG} {source}: its weights do not fit the ViT they describe ({detail})") from None
-
-
 def load_encoder(name: str, image_size: int, device: torch.device) -> VisionEncoder:
-    """The frozen encoder --repa-encoder names, for images of image_size, on device.
-
-    Named encoders' released weights are fetched once by sit.hub (released_weights) and loaded by
-    timm; local files and folders are read with weights_only. The torch RNG is left as it was (building
-    a ViT draws its initial weights): a run with an encoder draws the same noise as one without. Raises
-    UsageError naming the flag.
-    """
+    """The frozen encoder --repa-encoder names, for images of image_size, on device (UsageError naming the
+    flag). The torch RNG is left as it was: a run with an encoder draws the same noise as one without."""
     import timm
+    from timm.models.vision_transformer import checkpoint_filter_fn
 
     with torch.random.fork_rng(devices=[]):  # the module is built on the CPU
         spec = describe_encoder(name)
@@ -278,7 +233,12 @@ def load_encoder(name: str, image_size: int, device: torch.device) -> VisionEnco
             module = spec.build(image_size)
             path = source if os.path.isfile(source) else next(
                 os.path.join(source, f) for f in WEIGHT_FILES if os.path.isfile(os.path.join(source, f)))
-            load_weights_into(module, timm_form(read_weights(path)), source)
+            weights = timm_form(read_weights(path))
+            try:  # strictly, the position embedding resampled to the model's grid
+                module.load_state_dict(checkpoint_filter_fn(weights, module), strict=True)
+            except (RuntimeError, KeyError, ValueError) as error:
+                detail = " ".join(line.strip() for line in str(error).strip().splitlines()[:2])[:300]
+                raise UsageError(f"{FLAG} {source}: its weights do not fit the ViT they describe ({detail})") from None
         else:  # timm builds it and loads the released weights, read here from the file fetched by sit.hub
             weights = read_weights(released_weights(name, source))
             try:
@@ -291,10 +251,8 @@ def load_encoder(name: str, image_size: int, device: torch.device) -> VisionEnco
 
 
 def released_weights(name: str, source: str) -> str:
-    """The local file of a timm model's released weights: its Hugging Face repository's model.safetensors
-    (else pytorch_model.bin, or the file its config names), or its URL's file in the torch hub cache; each
-    from the cache, else fetched by sit.hub in one request with no retries (timm downloads nothing). Raises
-    UsageError naming the flag, the file and how to pass it instead."""
+    """The local file of a timm model's released weights (its hub repository's, else its URL's), cached
+    or fetched by sit.hub (timm downloads nothing); UsageError naming the file and how to pass it instead."""
     from timm.models import get_pretrained_cfg
 
     from sit.hub import HubFileMissing, HubUnavailable, cached_hub_file, hub_file, url_file

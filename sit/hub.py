@@ -1,15 +1,7 @@
-"""Downloads with a bounded failure, the one way this project fetches a file: checkpoints, VAEs, REPA
-encoders (timm), DINOv2 and Inception weights.
-
-Hugging Face hub files (hub_file, hub_folder): the local cache first; a file not cached is fetched only
-after one short request (no retries) has reached the hub. Without it, huggingface_hub retries a dead
-connection with backoff (about 25 s a file, a warning per retry) before failing.
-Plain URLs (url_file, url_download): the local copy first, else one request (no retries), streamed to a
-temporary file that is renamed into place only when complete.
-
-`HF_HUB_OFFLINE=1` uses the local copies only (for plain URLs too); `HF_ENDPOINT` and `HF_HUB_ETAG_TIMEOUT`
-(the probe's timeout, in seconds) are huggingface_hub's own settings. Failures are `HubUnavailable` with a
-one-line message naming the file; the caller adds what to pass instead.
+"""Downloads with a bounded failure, the one way this project fetches a file: the local copy first, else
+(hub files) one short probe without retries, whereas huggingface_hub would retry a dead connection for
+~25 s, or (plain URLs) one request streamed to a file renamed into place when complete. HF_HUB_OFFLINE=1
+uses local copies only; failures are a one-line `HubUnavailable` naming the file.
 """
 from __future__ import annotations
 
@@ -39,8 +31,7 @@ def hub_offline() -> bool:
 
 
 def cached_hub_file(repo_id: str, filename: str) -> str | None:
-    """The cached copy of a hub file (its "main" revision), or None when it is not cached; asks no server.
-    Raises HubUnavailable when the cache cannot be read."""
+    """The cached copy of a hub file ("main") or None, asking no server (HubUnavailable: unreadable cache)."""
     import huggingface_hub
     from huggingface_hub.utils import LocalEntryNotFoundError
 
@@ -72,10 +63,7 @@ def probe_hub(repo_id: str, filename: str) -> None:
 
 
 def hub_file(repo_id: str, filename: str) -> str:
-    """The local path of a hub file: the cached copy, else downloaded after probe_hub.
-
-    Raises HubUnavailable (one line) when it is not cached and cannot be fetched.
-    """
+    """The local path of a hub file: the cached copy, else downloaded after probe_hub; HubUnavailable."""
     cached = cached_hub_file(repo_id, filename)
     if cached is not None:
         return cached
@@ -89,8 +77,7 @@ def hub_file(repo_id: str, filename: str) -> str:
 
 
 def hub_folder(repo_id: str, filenames: tuple[str, ...]) -> str:
-    """The local folder holding these files of one hub repository (e.g. a diffusers model's config and
-    weights), each cached or fetched as hub_file does; raises HubUnavailable."""
+    """The local folder holding these files of one hub repository, each as hub_file gets it."""
     paths = [hub_file(repo_id, name) for name in filenames]
     folders = {os.path.dirname(path) for path in paths}
     if len(folders) > 1:  # cached at an older revision than a file just fetched: take all at the newest
@@ -104,8 +91,7 @@ def hub_folder(repo_id: str, filenames: tuple[str, ...]) -> str:
 
 
 def url_file(url: str, path: str, progress: bool = True) -> str:
-    """`path` when it is there, else the file at `url` downloaded to it (url_download); with HF_HUB_OFFLINE
-    set nothing is fetched. Raises HubUnavailable naming the URL and `path`."""
+    """`path` when it is there, else `url` downloaded to it (not with HF_HUB_OFFLINE: HubUnavailable)."""
     if os.path.isfile(path):
         return path
     if hub_offline():
@@ -114,12 +100,8 @@ def url_file(url: str, path: str, progress: bool = True) -> str:
 
 
 def url_download(url: str, path: str, progress: bool = True) -> str:
-    """Stream `url` (http, https or file) to `path` in one request, no retries, with a progress bar.
-
-    The bytes go to a temporary file beside `path`, renamed to `path` only when the transfer is complete
-    (and as long as the server announced). Raises HubUnavailable (one line naming the URL) on any failure,
-    NoSpaceLeft for a full disk, leaving nothing at `path`.
-    """
+    """Stream `url` (http, https or file) atomically to `path` in one request, with a progress bar;
+    HubUnavailable naming the URL (NoSpaceLeft for a full disk) leaves nothing at `path`."""
     from sit.files import NoSpaceLeft, atomic_write
 
     try:
@@ -141,10 +123,7 @@ def _stream_url(url: str, path: str, progress: bool = True) -> None:
         received = 0
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
                   desc=os.path.basename(path), disable=not progress) as bar:
-            while True:
-                chunk = response.read(CHUNK_BYTES)
-                if not chunk:
-                    break
+            for chunk in iter(functools.partial(response.read, CHUNK_BYTES), b""):
                 out.write(chunk)
                 received += len(chunk)
                 bar.update(len(chunk))

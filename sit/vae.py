@@ -1,10 +1,5 @@
-"""What is left of the names modules imported before sit.latents: a model's sample shape, uint8
-conversion of images, and the few thin functions over the LatentSpace interface (sit.latents) that
-sit.training and the device scripts still import.
-
-New code takes a LatentSpace (sit.latents.latent_space / recorded_latent_space / as_latent_space):
-is_pixel_space and image_size_for only know SD-VAE latents and pixels.
-"""
+"""Names imported before sit.latents: a sample's shape, uint8 images, and thin functions that only know
+SD-VAE latents and pixels (new code takes a sit.latents.LatentSpace)."""
 from __future__ import annotations
 
 from typing import Optional

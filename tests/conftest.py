@@ -118,3 +118,24 @@ def assert_names(message: object, *words: str) -> str:
     missing = [word for word in words if word not in lines[0]]
     assert not missing, (missing, lines[0])
     return lines[0]
+
+
+def random_inception_state_dict(seed: int = 0) -> dict:
+    """Randomly initialised weights of the FID Inception's architecture (torchvision's Inception-v3 has
+    torch-fidelity's names and shapes); He-normal convolutions keep activations of order one."""
+    import math
+
+    from torchvision.models import inception_v3
+
+    from sit.metrics.inception_weights import NUM_LOGITS
+
+    generator = torch.Generator().manual_seed(seed)
+    state_dict = inception_v3(weights=None, aux_logits=False, init_weights=False, num_classes=NUM_LOGITS).state_dict()
+    for name, tensor in state_dict.items():
+        if tensor.dim() == 4:
+            tensor.copy_(torch.randn(tensor.shape, generator=generator) * math.sqrt(2.0 / tensor[0].numel()))
+        elif name == "fc.weight":
+            tensor.copy_(torch.randn(tensor.shape, generator=generator) / math.sqrt(tensor.shape[1]))
+        elif name == "fc.bias":
+            tensor.zero_()
+    return state_dict

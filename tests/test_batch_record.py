@@ -13,6 +13,7 @@ import torch
 import download
 import evaluate
 import sample_ddp
+from conftest import random_inception_state_dict
 from sit import metrics
 from sit.cli import run_main
 from sit.errors import UsageError
@@ -155,7 +156,7 @@ def test_two_gloo_processes_record_every_batch_and_the_world_size(ckpt, tmp_path
 def test_sample_ddp_to_evaluate_json_carries_the_record_and_a_wrong_record_is_one_line(ckpt, tmp_path, capsys):
     folder, path = sample([*GUIDED, "--ckpt", ckpt], tmp_path / "run")
     weights = str(tmp_path / "random_inception.pth")
-    torch.save(metrics.random_inception_state_dict(seed=0), weights)
+    torch.save(random_inception_state_dict(seed=0), weights)
     np.savez(tmp_path / "ref.npz", arr_0=np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8))
     command = [str(tmp_path / "ref.npz"), f"{folder}.npz", "--device", "cpu", "--batch-size", "4",
                "--inception-weights", weights, "--json", str(tmp_path / "metrics.json")]

@@ -13,6 +13,7 @@ from scipy import linalg
 
 from conftest import assert_names
 import evaluate
+from conftest import random_inception_state_dict
 from sit import metrics
 from sit.errors import UsageError
 from sit.metrics import (NUM_LOGITS, POOL_DIM, SPATIAL_DIM, FIDMonitor, InceptionFeatures, MetricInputError,
@@ -318,7 +319,7 @@ def test_to_uint8_images_inverts_the_sampling_conversion():
 
 
 def test_random_inception_weights_are_seeded_and_shaped_like_the_real_ones():
-    first, second = metrics.random_inception_state_dict(seed=0), metrics.random_inception_state_dict(seed=0)
+    first, second = random_inception_state_dict(seed=0), random_inception_state_dict(seed=0)
     assert first["fc.weight"].shape == (NUM_LOGITS, POOL_DIM)
     assert first["Mixed_6d.branch1x1.conv.weight"].shape == (192, 768, 1, 1)  # the sFID layer
     assert all(torch.equal(first[name], second[name]) for name in first)
@@ -337,7 +338,7 @@ def run_evaluate(*args):
 def pipeline(tmp_path_factory):
     folder = tmp_path_factory.mktemp("evaluate")
     weights = str(folder / "random_inception.pth")
-    torch.save(metrics.random_inception_state_dict(seed=0), weights)
+    torch.save(random_inception_state_dict(seed=0), weights)
     rng = np.random.default_rng(12)
     ref_images = rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
     sample_images = np.clip(ref_images[:6].astype(int) + rng.integers(-40, 40, (6, 16, 16, 3)), 0, 255).astype(np.uint8)

@@ -24,7 +24,8 @@ from sklearn.datasets import load_sample_images
 
 from sit.metrics import (DEFAULT_METRICS, POOL_DIM, Evaluator, InceptionFeatureExtractor, InceptionWeightsError,
                          format_table, frechet_distance, inception_score, load_inception_weights,
-                         manifold_precision_recall, random_inception_state_dict)
+                         manifold_precision_recall)
+from conftest import random_inception_state_dict
 from sit.metrics.inception import SPATIAL_CHANNELS
 from sit.metrics.torchscript_archive import read_torchscript_tensors
 

@@ -9,6 +9,7 @@ from PIL import Image
 
 import evaluate
 import make_reference
+from conftest import random_inception_state_dict
 from sit import metrics
 from sit.errors import UsageError
 
@@ -56,7 +57,7 @@ def test_the_reference_equals_the_npz_built_by_hand_and_gives_the_same_statistic
     np.savez(folder / "by_hand.npz", arr_0=by_hand)
 
     weights = str(folder / "inception.pth")
-    torch.save(metrics.random_inception_state_dict(seed=0), weights)
+    torch.save(random_inception_state_dict(seed=0), weights)
     for name in ("ref", "by_hand"):  # evaluate.py with a reference alone caches its statistics
         evaluate.main([str(folder / f"{name}.npz"), "--device", "cpu", "--batch-size", "4", "--inception-weights", weights])
     with np.load(folder / "ref.stats.npz") as made, np.load(folder / "by_hand.stats.npz") as hand:

@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from conftest import REPO
-from sit.metrics import FIDMonitor, random_inception_state_dict
+from conftest import random_inception_state_dict
+from sit.metrics import FIDMonitor
 
 TINY = ["--model", "SiT-S/2", "--model-config", json.dumps({"depth": 1, "hidden_size": 32, "num_heads": 2}),
         "--image-size", "32", "--num-classes", "2"]

@@ -1,13 +1,6 @@
-"""Writing a folder of cached latents (the format of sit.data.features): its meta.json, the check that
-an existing folder is this run's, the VAE encoding of its blocks (and with --repa-encoder the encoder's
-patch tokens), and the mark that it is complete.
-
-A run that stops leaves the finished blocks marked (done/<start>.ok); the same command continues
-with the others. Ranks take blocks in turn (sit.generation.blocks_of_rank). Once every block is done,
-each rank sums the moments of its blocks' stored latents, the sums are added over the ranks, and
-meta.json records the per-channel statistics (sit.latents.statistics) with the completeness: measured
-from the arrays themselves, they are right after any number of interrupted runs.
-"""
+"""Writing a folder of cached latents (sit.data.features): its meta.json, the check that an existing folder
+is this run's, the encoding of its blocks (each marked done, so a rerun continues), and at the end the
+per-channel statistics measured from the stored arrays with the mark that it is complete."""
 from __future__ import annotations
 
 import os
@@ -55,16 +48,14 @@ class ExtractionConfig:
 
 
 def check_features_path(path: str) -> None:
-    """UsageError (one line) when --features-path cannot be the output folder: a file, or a place
-    where no folder can be created; checked before anything is read or loaded."""
+    """UsageError when --features-path cannot be the output folder (a file, or not creatable)."""
     problem = folder_problem(path)
     if problem:
         raise UsageError(f"--features-path {path}: {problem}; name a folder you can write (it is created if missing)")
 
 
 def discard_unstarted_folder(features_path: str) -> bool:
-    """Remove a feature folder that this run created and that holds no finished block (a run that
-    failed before its first): its arrays hold nothing. Returns whether it was removed."""
+    """Remove a feature folder that holds no finished block; returns whether it was removed."""
     done = os.path.join(features_path, "done")
     if os.path.isdir(done) and any(name.endswith(".ok") for name in os.listdir(done)):
         return False
@@ -73,9 +64,8 @@ def discard_unstarted_folder(features_path: str) -> bool:
 
 
 def open_image_folder(config: ExtractionConfig) -> TrainImageFolder:
-    """The images in train.py --data-path's order, unflipped: train.py's listing, so the same one-line
-    UsageErrors for a folder without class folders or images, and an unreadable image skipped with
-    a warning. --vae must name a latent space (not pixels), whose downsampling divides --image-size (UsageError)."""
+    """The images in train.py --data-path's order, unflipped; UsageError unless --vae names a latent space
+    (not pixels) whose downsampling divides --image-size."""
     space = latent_space(config.vae, allow_pixels=False)  # before any folder is made: features are VAE latents
     space.check_image_size(config.image_size)
     if config.token_encoder is not None:
@@ -84,8 +74,7 @@ def open_image_folder(config: ExtractionConfig) -> TrainImageFolder:
 
 
 def build_meta(config: ExtractionConfig, dataset: TrainImageFolder) -> dict:
-    """meta.json's contents for this run (not yet complete); latent_shape is the latent space's (C, L, L)
-    of an image (SD-VAE: (4, image_size / 8, image_size / 8))."""
+    """meta.json's contents for this run (not yet complete); latent_shape: (C, L, L) of an image."""
     space = latent_space(config.vae, allow_pixels=False)  # not loaded: its geometry
     side = space.input_size(config.image_size)
     meta = dict(image_size=config.image_size, vae=config.vae, num_images=len(dataset), classes=dataset.classes,
@@ -99,9 +88,8 @@ def build_meta(config: ExtractionConfig, dataset: TrainImageFolder) -> dict:
 
 
 def open_feature_folder(config: ExtractionConfig, dataset: TrainImageFolder) -> dict:
-    """Lock the folder for this run (UsageError while another live run writes it), check that an existing
-    folder holds this run's features (UsageError naming --features-path otherwise), or create the folder,
-    its arrays and meta.json. Returns the folder's meta (one rank's job)."""
+    """Lock the folder, check that an existing one holds this run's features (else UsageError naming
+    --features-path), or create it, its arrays and meta.json; returns its meta (one rank's job)."""
     meta = build_meta(config, dataset)
     os.makedirs(config.features_path, exist_ok=True)
     acquire_folder_lock(config.features_path, "the feature folder", warn=print)  # one writer (sit.locks)
@@ -157,8 +145,7 @@ def encode_block(space: LatentSpace, loader: DataLoader, device: torch.device,
 def encode_blocks(config: ExtractionConfig, dataset: TrainImageFolder, space: LatentSpace, meta: dict,
                   blocks: list[range], device: torch.device, show_progress: bool = True,
                   encoder: Optional[VisionEncoder] = None) -> None:
-    """Encode these blocks with the loaded latent space into the folder's arrays (with an encoder also its
-    tokens), each flushed and then marked done."""
+    """Encode these blocks into the folder's arrays (and tokens), each flushed, then marked done."""
     arrays = list(open_arrays(config.features_path, meta, "r+"))
     if encoder is not None:
         arrays.append(open_token_array(config.features_path, meta, "r+"))
@@ -182,8 +169,7 @@ def measure_blocks(features_path: str, meta: dict, blocks: list[range]) -> Chann
 
 
 def mark_complete(features_path: str, meta: dict, statistics: Optional[LatentStatistics] = None) -> bool:
-    """Record in meta.json (atomically) whether every block is done and, when complete, the latents'
-    statistics; returns completeness."""
+    """Record in meta.json whether every block is done (then the statistics); returns completeness."""
     complete = all(is_block_done(features_path, block) for block in feature_blocks(meta))
     stored = {key: value for key, value in meta.items() if key != "latent_statistics"}
     if complete and statistics is not None:

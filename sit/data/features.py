@@ -1,22 +1,6 @@
-"""Cached VAE latents: the on-disk format extract_features.py writes and train.py --feature-path reads.
-
-A feature folder holds, for N images of an ImageFolder (in its sorted order):
-    meta.json              image size, VAE, N, classes, latent shape, dtype, block size, completeness and,
-                           once complete, "latent_statistics": {"mean": [C], "std": [C], "count": n} of the
-                           latents (sit.latents.statistics; train.py --latent-norm per-channel)
-    mean.npy, std.npy      (N, 2, C, h, w) the VAE posterior's mean and std, [:, 0] for the image
-                           and [:, 1] for its horizontal flip (unscaled, as the VAE returns them)
-    labels.npy             (N,) int64 class indices
-    repa_tokens.npy        only with extract_features.py --repa-encoder: (N, 2, T, D) the encoder's patch
-                           tokens (sit.encoders) of the image and its flip; meta.json then names the
-                           encoder ("repa_encoder") and the token shape ("repa_tokens_shape": [T, D])
-    done/<start>.ok        one marker per finished block of `block_size` images
-The arrays are memory-mapped, so a training step reads only the rows it needs. They are preallocated
-on disk when created (no SIGBUS when a write through the map meets a full disk), and `read_meta`
-refuses a meta.json that is no JSON, has absurd values, or disagrees with the arrays' own headers. Training draws a
-fresh latent, the recorded latent space's normalisation of (mean + std * noise) (SD-VAE: x 0.18215,
-sit.latents), each time and a flip per image and epoch, as the online VAE path does.
-"""
+"""Cached VAE latents: the folder extract_features.py writes and train.py --feature-path reads (format:
+docs/speed.md#training-only): meta.json, mean.npy and std.npy (N, 2, C, h, w) of each image and its flip,
+labels.npy (N,), repa_tokens.npy (N, 2, T, D) when meta.json names an encoder, done/<start>.ok per block."""
 from __future__ import annotations
 
 import json
@@ -43,16 +27,15 @@ def block_marker(feature_path: str, start: int) -> str:
     return os.path.join(feature_path, "done", f"{start:09d}.ok")
 
 
-def array_shapes(meta: dict) -> dict[str, tuple[tuple[int, ...], str]]:
-    """{array name: (shape, dtype)} of a feature folder with this meta: mean/std (N, 2, C, h, w), labels (N,)."""
-    shape = (meta["num_images"], 2, *meta["latent_shape"])
-    return {"mean": (shape, meta["dtype"]), "std": (shape, meta["dtype"]), "labels": ((meta["num_images"],), "int64")}
-
-
 def stored_arrays(meta: dict) -> dict[str, tuple[tuple[int, ...], str]]:
-    """array_shapes, plus repa_tokens (N, 2, T, D) when meta names an encoder: every array of the folder."""
-    tokens = {"repa_tokens": (token_array_shape(meta), meta["dtype"])} if has_tokens(meta) else {}
-    return {**array_shapes(meta), **tokens}
+    """{array name: (shape, dtype)} of a feature folder: mean/std (N, 2, C, h, w), labels (N,), and
+    repa_tokens (N, 2, T, D) when meta names an encoder."""
+    count, dtype = meta["num_images"], meta["dtype"]
+    shape = (count, 2, *meta["latent_shape"])
+    arrays = {"mean": (shape, dtype), "std": (shape, dtype), "labels": ((count,), "int64")}
+    if has_tokens(meta):
+        arrays["repa_tokens"] = ((count, 2, *meta["repa_tokens_shape"]), dtype)
+    return arrays
 
 
 def _is_int(value: object) -> bool:
@@ -60,8 +43,7 @@ def _is_int(value: object) -> bool:
 
 
 def meta_problem(meta: object) -> Optional[str]:
-    """What is wrong with a meta.json's values (types, bounds, a latent shape its image size cannot give
-    in the latent space it records), or None."""
+    """What is wrong with a meta.json's values (types, bounds, latent shape), or None."""
     if not isinstance(meta, dict):
         return "it is not a JSON object"
     space = recorded_latent_space(meta.get("vae"))  # its geometry (not loaded); a "vae" that is no name: refused below
@@ -112,8 +94,8 @@ def arrays_problem(feature_path: str, meta: dict) -> Optional[str]:
 
 
 def read_meta(feature_path: str) -> Optional[dict]:
-    """The folder's meta.json, or None when there is none; UsageError naming the file when it is no
-    JSON, holds absurd values, or disagrees with the arrays beside it (judged from their headers)."""
+    """The folder's meta.json, or None; UsageError naming the file when it is no JSON, holds absurd values,
+    or disagrees with the arrays' headers."""
     path = os.path.join(feature_path, META_FILE)
     if not os.path.isfile(path):
         return None
@@ -140,14 +122,8 @@ def has_tokens(meta: dict) -> bool:
     return meta.get("repa_encoder") is not None
 
 
-def token_array_shape(meta: dict) -> tuple[int, ...]:
-    """The shape of repa_tokens.npy: (N, 2, T, D)."""
-    return (meta["num_images"], 2, *meta["repa_tokens_shape"])
-
-
 def open_array(path: str, shape: tuple[int, ...], dtype: str, mode: str) -> np.memmap:
-    """Memory-map one .npy: mode "w+" creates it, preallocated (see sit.files.preallocate), "r+" writes
-    (preallocated too: a folder an older version left sparse), "r" reads."""
+    """Memory-map one .npy: "w+" creates it, "r+" writes (both preallocate), "r" reads."""
     if mode == "w+":
         array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
         preallocate(path)
@@ -159,28 +135,25 @@ def open_array(path: str, shape: tuple[int, ...], dtype: str, mode: str) -> np.m
 
 def open_token_array(feature_path: str, meta: dict, mode: str) -> np.memmap:
     """Memory-map repa_tokens.npy (N, 2, T, D), as open_array (its space is checked by open_arrays)."""
-    return open_array(os.path.join(feature_path, "repa_tokens.npy"), token_array_shape(meta), meta["dtype"], mode)
+    return open_array(os.path.join(feature_path, "repa_tokens.npy"), *stored_arrays(meta)["repa_tokens"], mode)
 
 
 def arrays_bytes(meta: dict) -> int:
-    """The bytes of a feature folder's arrays (their data, without the small .npy headers): mean, std
-    and labels, and the encoder tokens when meta names an encoder (by far the largest)."""
+    """The data bytes of a feature folder's arrays (encoder tokens included)."""
     return sum(npy_data_bytes(shape, np.dtype(dtype)) for shape, dtype in stored_arrays(meta).values())
 
 
 def open_arrays(feature_path: str, meta: dict, mode: str) -> tuple[np.memmap, np.memmap, np.memmap]:
-    """Memory-map (mean, std, labels) as open_array; "w+" first checks the free space for them and the
-    encoder tokens."""
+    """Memory-map (mean, std, labels) as open_array; "w+" first checks the free space for every array."""
     if mode == "w+":
         check_free_space(feature_path, arrays_bytes(meta), f"the features of {meta['num_images']:,} images")
     mean, std, labels = (open_array(os.path.join(feature_path, f"{name}.npy"), shape, dtype, mode)
-                         for name, (shape, dtype) in array_shapes(meta).items())
+                         for name, (shape, dtype) in stored_arrays(meta).items() if name != "repa_tokens")
     return mean, std, labels
 
 
 class LatentFeatureDataset(Dataset):
-    """Items (mean, std, label) of one image or its flip; mean, std: (C, h, w) float32. With
-    with_tokens: (mean, std, tokens, label), tokens (T, D) float32 of the same side."""
+    """Items (mean, std[, tokens], label) of one image or its flip: (C, h, w), (C, h, w), (T, D) float32."""
 
     def __init__(self, feature_path: str, seed: int = 0, random_flip: bool = True, with_tokens: bool = False):
         meta = read_meta(feature_path)
@@ -205,8 +178,7 @@ class LatentFeatureDataset(Dataset):
         return self.meta["num_images"]
 
     def __getitem__(self, item):
-        """item: an index (flipped per `set_epoch`'s epoch) or an (epoch, index) pair, which stays
-        right with persistent DataLoader workers that never see set_epoch."""
+        """item: an index (flipped per set_epoch's epoch) or an (epoch, index) pair (persistent workers)."""
         epoch, index = item if isinstance(item, tuple) else (self.epoch, item)
         if self.arrays is None:
             self.arrays = open_arrays(self.feature_path, self.meta, "r")

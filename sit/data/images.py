@@ -1,22 +1,6 @@
-"""Image folders as training and evaluation read them: one reader for every mode an image file may
-have, ADM's center crop, [-1, 1] tensors, and an ImageFolder whose every item depends on (seed,
-epoch, index) only, so resumed runs see the same images.
-
-`read_rgb` is the one reader of train.py, extract_features.py and `sample_ddp.py --likelihood
---data-path` (the listing rule they share is sit.data.listing's). Modes:
-- RGB, L, 1, P (without transparency), CMYK, YCbCr, RGBX: Pillow's conversion to RGB (the original's;
-  CMYK: R = 255 (1 - C/255)(1 - K/255), likewise G and B);
-- 16-bit grey (I;16, I;16L, I;16B, I;16N; and I holding 0..65535, as older Pillows decode 16-bit
-  PNGs): scaled, not clipped, to round(v / 257), which maps 0..65535 onto 0..255 and an 8-bit value
-  stored as v * 257 back onto itself; I with values outside 0..65535 is refused;
-- with transparency (LA, La, PA, RGBA, RGBa, P with a transparent colour): composited over white,
-  round((c a + 255 (255 - a)) / 255) per channel (Pillow's plain conversion would keep the colour
-  hidden under transparent pixels, often black);
-- F (32-bit float, whose range no file says) and anything Pillow cannot convert are refused.
-A file is refused without being decoded when it is not a regular file or has more pixels than
-Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS, 89.5 million). Refused and unreadable
-files are skipped with a warning naming them.
-"""
+"""Image folders as training and evaluation read them: the one image reader (`read_rgb`: every mode to
+RGB, docs/reliability.md), ADM's center crop to [-1, 1] tensors, and an ImageFolder whose every item
+depends on (seed, epoch, index) only, so resumed runs see the same images."""
 from __future__ import annotations
 
 import os
@@ -54,7 +38,8 @@ def composite_over_white(rgba: np.ndarray) -> np.ndarray:
 
 
 def to_rgb(image: Image.Image, path: str) -> Image.Image:
-    """An RGB image of a loaded image of any mode (see the module docstring); ImageRefused naming path."""
+    """An RGB image of a loaded image of any mode: 16-bit grey scaled, transparency composited over white,
+    the rest Pillow's conversion; ImageRefused naming path (mode F, I outside 0..65535, no conversion)."""
     mode = image.mode
     if mode == "RGB":
         return image
@@ -76,8 +61,8 @@ def to_rgb(image: Image.Image, path: str) -> Image.Image:
 
 
 def read_rgb(path: str) -> Image.Image:
-    """The image at path as a loaded RGB PIL image. Raises ImageRefused (not a regular file, more pixels
-    than the decompression-bomb limit, a mode that cannot be converted) or whatever decoding raised."""
+    """The image at path as a loaded RGB PIL image; ImageRefused (not a regular file, a decompression bomb,
+    a mode to_rgb refuses) or whatever decoding raised."""
     if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block on open
         raise ImageRefused(f"{path} is not a regular file")
     with open(path, "rb") as handle:
@@ -139,17 +124,9 @@ def image_transform(image_size: int, random_flip: bool = True):
 
 
 class TrainImageFolder(torch.utils.data.Dataset):
-    """An ImageFolder for training whose every item depends on (seed, epoch, index) only.
-
-    Items are ((3, H, W) image in [-1, 1], label): read by `read_rgb`, ADM center crop, then a
-    horizontal flip decided by `sit.data.order.flip_for(seed, epoch, index)` rather than by worker RNG, so
-    that an interrupted and resumed run sees exactly the images an uninterrupted one does, whatever
-    the worker count. Listed by sit.data.listing (`listing_warning`: what it skipped, or None).
-    An image that cannot be read is skipped with a warning naming the file; the next readable
-    image of the folder takes its place (the batch keeps its size). `transform` replaces the crop to
-    [-1, 1] (e.g. to uint8 pixels).
-    Raises UsageError when `root` is missing, holds no images, or none of them can be read.
-    """
+    """Items ((3, H, W) image in [-1, 1], label) with ADM's crop and a flip by flip_for(seed, epoch, index),
+    whatever the workers. An unreadable image is warned about and the next readable one takes its place.
+    `transform` replaces the crop to [-1, 1]. UsageError when `root` has no (readable) images."""
 
     def __init__(self, root: str, image_size: int, seed: int = 0, random_flip: bool = True,
                  transform: Optional[Callable] = None):
@@ -174,17 +151,14 @@ class TrainImageFolder(torch.utils.data.Dataset):
         self.first_readable()
 
     def set_epoch(self, epoch: int) -> None:
-        """Choose the epoch whose flips to draw for plain-index items. DataLoader workers copy the
-        dataset when an iterator starts, so call this before iterating; persistent workers need
-        (epoch, index) items (ResumableDistributedSampler(with_epoch=True))."""
+        """The epoch of plain-index items' flips; call before iterating (persistent workers: pairs)."""
         self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def read(self, index: int, warn: bool = True) -> Optional[torch.Tensor]:
-        """The transformed image at index (unflipped), or None if it cannot be read (with a warning naming
-        it, once per file; warn=False: none, and the reason is kept in `last_failure`)."""
+        """The transformed image at index (unflipped), or None, warned once per file (why: `last_failure`)."""
         path = self.samples[index][0]
         try:
             return self.transform(read_rgb(path))  # (3, H, W)
@@ -196,8 +170,7 @@ class TrainImageFolder(torch.utils.data.Dataset):
             return None
 
     def first_readable(self) -> int:
-        """The index of the first image that can be read (the ones before it are warned about); UsageError
-        (one line) when none can."""
+        """The index of the first readable image (earlier ones warned about); UsageError when none is."""
         first_failure = None
         for index in range(len(self.samples)):
             if self.read(index, warn=False) is not None:
@@ -209,8 +182,7 @@ class TrainImageFolder(torch.utils.data.Dataset):
                          f"{first_failure}; check the files")
 
     def __getitem__(self, item) -> tuple[torch.Tensor, int]:
-        """item: an index (flipped per `set_epoch`'s epoch) or an (epoch, index) pair, which stays
-        right with persistent DataLoader workers that never see set_epoch."""
+        """item: an index (flipped per set_epoch's epoch) or an (epoch, index) pair (persistent workers)."""
         epoch, index = item if isinstance(item, tuple) else (self.epoch, item)
         for offset in range(len(self.samples)):
             position = (index + offset) % len(self.samples)

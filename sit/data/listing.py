@@ -1,18 +1,6 @@
-"""Listing an image folder (<root>/<class>/.../<image>) the way train.py, extract_features.py and
-`sample_ddp.py --likelihood --data-path` all read one: torchvision ImageFolder's classes, order and
-extensions, but only files that can be images, each real file once.
-
-- Classes are the sub-folders of root (links to folders count), sorted; labels are their indices.
-- Images are the files with an image extension, in the order of torchvision's `make_dataset`
-  (folders sorted by path, names sorted within each), so that a plain folder lists exactly as before.
-- Skipped, and counted in one warning line: anything that is not a regular file or a link to one
-  (FIFOs, sockets, devices, dangling links: never opened, so a FIFO cannot hang a run); a file whose
-  real path was already listed (a second link or a linked folder's copy); a folder link that leads
-  to the folder holding it or above, to root or above it (`class/loop -> .`, `class/up -> ..`: loops
-  that would multiply the images); a folder link to a folder already listed through another path
-  (`a/etc -> /etc` and `b/etc -> /etc`: the second is skipped); a folder link into another class's
-  folder (whose images would get this class's label). Links out of root are otherwise followed.
-"""
+"""Listing an image folder (<root>/<class>/.../<image>) as every script reads one: torchvision ImageFolder's
+classes, order and extensions, but only regular files, each real file once; what is skipped (SKIP_REASONS:
+FIFOs, link loops, second links, links into another class) is counted in one warning line."""
 from __future__ import annotations
 
 import os
@@ -55,10 +43,6 @@ class ImageListing:
                 f"once: {'; '.join(parts)}")
 
 
-def is_image_name(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS)
-
-
 def is_within(path: str, folder: str) -> bool:
     """Whether the (real) path is folder or inside it."""
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
@@ -75,8 +59,7 @@ class FolderWalk:
         self.seen_files: set[str] = set()
 
     def folder_problem(self, real: str, class_name: str, folder_real: str) -> Optional[str]:
-        """Why a folder link (to `real`, inside the folder `folder_real`) must not be walked (a SKIP_REASONS
-        key), or None."""
+        """Why a folder link to `real` in `folder_real` must not be walked (a SKIP_REASONS key), or None."""
         if is_within(folder_real, real) or is_within(self.root_real, real):
             return "loop"
         if real in self.seen_folders:
@@ -94,14 +77,11 @@ class FolderWalk:
         if is_within(self.root_real, top_real):
             self.listing.skip("loop", top)  # a class folder that links to the root or above
             return []
-        if top_real in self.seen_folders:
-            self.listing.skip("again", top)  # a class folder that links to another class's
-            return []
         found: list[tuple[str, list[tuple[str, str]]]] = []  # (folder as listed, its (image path, real path))
         pending = [(top, top_real)]  # a stack: sub-folders pushed in reverse name order pop in name order
         while pending:
             folder, real = pending.pop()
-            if real in self.seen_folders:  # another link to it came first: its files are listed once
+            if real in self.seen_folders:  # another link to it (or another class's) came first: listed once
                 self.listing.skip("again", folder)
                 continue
             self.seen_folders.add(real)
@@ -137,7 +117,7 @@ class FolderWalk:
             else:
                 subfolders.append((entry.path, real))
             return
-        if not is_image_name(entry.name):
+        if not entry.name.lower().endswith(IMAGE_EXTENSIONS):
             return
         if not entry.is_file():  # d_type for plain entries (no system call), the target's type for links
             self.listing.skip("not_regular", entry.path)

@@ -15,12 +15,8 @@ def flip_for(seed: int, epoch: int, index: int) -> bool:
 
 
 class ResumableDistributedSampler(torch.utils.data.distributed.DistributedSampler):
-    """DistributedSampler that can start an epoch part-way: `set_epoch(epoch, skip)` drops the
-    first `skip` indices of this rank's share of the epoch (without loading them).
-
-    with_epoch=True yields (epoch, index) pairs, so that datasets drawing per-epoch flips stay
-    right in persistent DataLoader workers (which keep their own copy of the dataset).
-    """
+    """DistributedSampler whose `set_epoch(epoch, skip)` drops the first `skip` indices of this rank's share;
+    with_epoch yields (epoch, index) pairs (right in persistent DataLoader workers)."""
 
     def __init__(self, *args: Any, with_epoch: bool = False, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -33,9 +29,7 @@ class ResumableDistributedSampler(torch.utils.data.distributed.DistributedSample
 
     def __iter__(self):
         indices = list(super().__iter__())[self.skip:]
-        if self.with_epoch:
-            return iter([(self.epoch, index) for index in indices])
-        return iter(indices)
+        return iter([(self.epoch, index) for index in indices] if self.with_epoch else indices)
 
     def __len__(self) -> int:
         return max(0, self.num_samples - self.skip)

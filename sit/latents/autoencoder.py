@@ -1,7 +1,5 @@
-"""Stable Diffusion's VAE, or any diffusers AutoencoderKL: --vae ema, mse (from the Hugging Face hub)
-or a local diffusers folder. SD-VAE downsamples by 8 to 4 channels, latents scaled by 0.18215 to about
-unit variance; a folder's config.json gives its own channels (latent_channels), downsampling
-(2 ^ (levels - 1), levels = len(block_out_channels)), scaling_factor and shift_factor (SD3/FLUX)."""
+"""Stable Diffusion's VAE (--vae ema, mse) or any diffusers AutoencoderKL folder, whose config.json gives
+its geometry and normalisation."""
 from __future__ import annotations
 
 import json
@@ -25,8 +23,8 @@ LOCAL_ADVICE = "pass --vae /path/to/a/local/diffusers/AutoencoderKL/folder"
 
 
 def load_autoencoder(name: str, device: torch.device, repo: Optional[str] = None) -> Any:
-    """The AutoencoderKL of "ema" or "mse" (or of the hub repository `repo`) or of a local diffusers
-    folder, frozen, in eval mode on device. Raises UsageError with a one-line message saying what to pass instead."""
+    """The AutoencoderKL of "ema", "mse", the hub repository `repo` or a local folder, frozen, in eval mode
+    on device; UsageError saying what to pass instead."""
     from diffusers.models import AutoencoderKL
 
     repo = repo or VAE_REPOS.get(name)
@@ -44,8 +42,7 @@ def load_autoencoder(name: str, device: torch.device, repo: Optional[str] = None
 
 
 def folder_config(folder: str) -> Optional[dict]:
-    """A local diffusers folder's config.json, or None when `folder` is no folder holding one (a hub
-    name, a record of a folder not on this machine). UsageError for a config.json that cannot be read."""
+    """A local diffusers folder's config.json, or None; UsageError when it cannot be read."""
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
         return None
@@ -60,8 +57,7 @@ def folder_config(folder: str) -> Optional[dict]:
 
 
 def autoencoder_geometry(config: Mapping[str, Any]) -> tuple[int, int, Normalisation]:
-    """(channels, downsampling, normalisation) of an AutoencoderKL config, missing keys taking diffusers'
-    defaults: latents = (raw - shift_factor) * scaling_factor (a shift of None or 0: raw * scaling_factor)."""
+    """(channels, downsampling, normalisation) of an AutoencoderKL config, with diffusers' defaults."""
     channels = int(config.get("latent_channels", 4))
     downsampling = 2 ** (len(config.get("block_out_channels", (64,))) - 1)  # every level but the last halves
     scale = float(config.get("scaling_factor", SD_VAE_SCALE))
@@ -70,9 +66,7 @@ def autoencoder_geometry(config: Mapping[str, Any]) -> tuple[int, int, Normalisa
 
 
 def random_sd_vae(widths: tuple[int, ...] = (128, 256, 512, 512), layers_per_block: int = 2, norm_groups: int = 32) -> Any:
-    """A randomly initialised AutoencoderKL: by default Stable Diffusion's VAE architecture (downsampling
-    by 8 to 4 channels), for benchmarks and device checks without a download; narrower widths give a
-    tiny one with the same downsampling. On the CPU, in eval mode."""
+    """A randomly initialised AutoencoderKL (default: SD-VAE's architecture) on the CPU, in eval mode."""
     from diffusers.models import AutoencoderKL
 
     return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(widths),
@@ -82,10 +76,8 @@ def random_sd_vae(widths: tuple[int, ...] = (128, 256, 512, 512), layers_per_blo
 
 
 class AutoencoderKLSpace(LatentSpace):
-    """A diffusers AutoencoderKL's latents. name: "ema", "mse" (SD-VAE's geometry, x 0.18215) or a
-    folder's absolute path (the geometry and normalisation of its config.json; SD-VAE's when the folder
-    is not here); network: an AutoencoderKL already loaded (its config's geometry), else loaded by `load`
-    or at the first encode/decode. Subclasses for hub repositories set `repo` and their geometry."""
+    """A diffusers AutoencoderKL's latents. name: "ema", "mse" or a folder's absolute path (its config's
+    geometry; SD-VAE's when not here); network: one already loaded. Hub subclasses set `repo` and geometry."""
     channels = SD_VAE_CHANNELS
     downsampling = SD_VAE_DOWNSAMPLING
     normalisation = Normalisation(scale=SD_VAE_SCALE)
@@ -114,20 +106,20 @@ class AutoencoderKLSpace(LatentSpace):
         """The AutoencoderKL on device, frozen, in eval mode (UsageError when it cannot load)."""
         return load_autoencoder(self.name, device, self.repo)
 
-    def _network(self, device: torch.device) -> Any:
-        return self.load(device).network
+    def _posterior(self, images: torch.Tensor, precision: str) -> Any:
+        with autocast(precision, images.device):
+            return self.load(images.device).network.encode(images).latent_dist
 
     def posterior(self, images: torch.Tensor, precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
-        with autocast(precision, images.device):
-            posterior = self._network(images.device).encode(images).latent_dist
+        posterior = self._posterior(images, precision)
         return posterior.mean, posterior.std  # (N, C, H/d, W/d) each
 
     def encode(self, images: torch.Tensor, sample: bool = True, precision: str = "fp32") -> torch.Tensor:
-        with autocast(precision, images.device):
-            posterior = self._network(images.device).encode(images).latent_dist
+        posterior = self._posterior(images, precision)
         raw = posterior.sample() if sample else posterior.mean  # sample(): mean + std * torch.randn
         return self.normalise(raw.float())                        # (N, C, H/d, W/d)
 
     def decode(self, latents: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
         with autocast(precision, latents.device):
-            return self._network(latents.device).decode(self.denormalise(latents)).sample.float()  # (N, 3, dL, dL)
+            network = self.load(latents.device).network
+            return network.decode(self.denormalise(latents)).sample.float()  # (N, 3, dL, dL)

@@ -1,10 +1,5 @@
-"""REPA-E's end-to-end tuned VAEs (diffusers AutoencoderKL folders on the Hugging Face hub): --vae
-e2e-vavae (REPA-E/e2e-vavae-hf: VA-VAE's f16d32 shape), e2e-sdvae (REPA-E/e2e-sdvae-hf: SD-VAE's f8d4)
-and e2e-invae (REPA-E/e2e-invae-hf: f16d32). A local copy of such a folder is --vae /path/to/it.
-
-Their raw latents are learned as they are (scale 1): REPA-E normalises them per channel (the folders'
-config.json carries latents_mean and latents_std), with statistics that replace this normalisation.
-"""
+"""REPA-E's end-to-end tuned VAEs, diffusers folders on the hub (--vae e2e-vavae, e2e-invae, e2e-sdvae):
+raw latents, scale 1, until per-channel statistics replace it."""
 from __future__ import annotations
 
 from sit.latents.autoencoder import AutoencoderKLSpace

@@ -1,9 +1,4 @@
-"""What every latent space answers: the mapping between images and what a SiT learns.
-
-A latent space is named by what `--vae` takes and what checkpoints and feature folders record; it
-knows its channels and downsampling (an image (3, H, W) is a latent (channels, H / d, W / d)), how
-raw latents become the model's (`Normalisation`), and how to encode and decode.
-"""
+"""What every latent space answers: the mapping between images and what a SiT learns."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -30,12 +25,8 @@ def _is_zero(factor: Factor) -> bool:
 
 @dataclass(frozen=True)
 class Normalisation:
-    """Raw latents <-> what the model learns: latents = (raw - shift) * scale, raw = latents / scale + shift.
-
-    scale and shift are constants (SD-VAE: scale 0.18215, no shift) or tuples of one value per
-    channel (per-channel statistics). A zero shift is skipped, so SD-VAE's latents are exactly
-    raw * scale and raw = latents / scale, as the original computes them.
-    """
+    """latents = (raw - shift) * scale, raw = latents / scale + shift; constants or one value per channel.
+    A zero shift is skipped, so SD-VAE's latents are exactly raw * scale, as the original computes them."""
     scale: Factor = 1.0
     shift: Factor = 0.0
 
@@ -53,13 +44,8 @@ class Normalisation:
 
 class LatentSpace(ABC):
     """Images (N, 3, H, W) in [-1, 1] <-> model latents (N, channels, H / downsampling, W / downsampling).
-
-    name: the recorded identity (--vae: "ema", "mse", a local folder's absolute path, "none", or a
-    table entry of sit.latents.table). A space that needs a network loads it once on a device:
-    `load(device)` explicitly (UsageError naming what to pass instead), or at the first encode/decode
-    on the inputs' device. Subclasses set channels, downsampling and normalisation, and implement
-    posterior and decode; encode defaults to a draw from the posterior (or its mean), normalised.
-    """
+    name: what --vae took and records keep. A network loads once: by `load(device)` or at the first
+    encode/decode. Subclasses set channels, downsampling, normalisation and implement posterior, decode."""
     channels: int
     downsampling: int
     normalisation: Normalisation = Normalisation()
@@ -77,8 +63,7 @@ class LatentSpace(ABC):
         return self
 
     def use_normalisation(self, normalisation: Normalisation) -> "LatentSpace":
-        """Normalise with this instead of the space's own (--latent-norm per-channel: sit.latents.statistics);
-        returns self."""
+        """Normalise with this instead of the space's own (--latent-norm per-channel); returns self."""
         self.measured = normalisation
         return self
 
@@ -100,18 +85,15 @@ class LatentSpace(ABC):
 
     @abstractmethod
     def decode(self, latents: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
-        """Model latents (N, C, L, L) -> float32 images (N, 3, H, W) in about [-1, 1]. precision: a
-        --precision choice (bf16/fp16 autocast a network)."""
+        """Model latents (N, C, L, L) -> float32 images (N, 3, H, W) in about [-1, 1], under --precision."""
 
     def encode(self, images: torch.Tensor, sample: bool = True, precision: str = "fp32") -> torch.Tensor:
-        """Images (N, 3, H, W) in [-1, 1] -> model latents (N, C, L, L): a draw from the posterior
-        (training), or with sample False its mean (deterministic: likelihoods)."""
+        """Images (N, 3, H, W) in [-1, 1] -> model latents (N, C, L, L): a posterior draw, or its mean."""
         mean, std = self.posterior(images, precision)
         return self.sample_posterior(mean, std) if sample else self.normalise(mean)
 
     def sample_posterior(self, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-        """Model latents drawn from a raw posterior (N, C, L, L) (e.g. cached by extract_features.py):
-        normalise(mean + std * noise), with the draw of torch.randn that diffusers' posterior.sample() makes."""
+        """normalise(mean + std * noise) of a raw posterior (N, C, L, L), the noise as diffusers draws it."""
         noise = torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
         return self.normalise(mean + std * noise)
 

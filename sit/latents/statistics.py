@@ -1,13 +1,5 @@
-"""Per-channel latent statistics (train.py --latent-norm per-channel): measured over a dataset's cached
-latents by extract_features.py, stored in the feature folder's meta.json, normalised with in training,
-carried by checkpoints, and de-normalised with in sampling.
-
-They are the moments of the latents training draws, z = mu + sigma * noise from each cached posterior,
-over every image, its flip and every position: per channel c (law of total variance)
-    mean_c = E[mu_c],   std_c = sqrt(Var[mu_c] + E[sigma_c^2])
-from float64 running sums of mu, mu^2 and sigma^2 (added over blocks and ranks). The model then learns
-(z - mean_c) / std_c, and sampling decodes latents * std_c + mean_c.
-"""
+"""Per-channel latent statistics (--latent-norm per-channel, docs/latent_statistics.md), measured by
+extract_features.py: mean_c = E[mu_c], std_c = sqrt(Var[mu_c] + E[sigma_c^2]) over the cached posteriors."""
 from __future__ import annotations
 
 import math
@@ -42,8 +34,7 @@ class LatentStatistics:
 
     @classmethod
     def from_dict(cls, stored: Any, where: str, advice: str, channels: Optional[int] = None) -> "LatentStatistics":
-        """Statistics as stored; UsageError naming `where` (and what to do: advice) when they are missing,
-        malformed, not finite, not positive (std) or of another channel count."""
+        """Statistics as stored; UsageError naming `where` and the advice when missing or unusable."""
         if stored is None:
             raise UsageError(f"{where} holds no latent statistics; {advice}")
         problem = statistics_problem(stored, channels)
@@ -106,9 +97,8 @@ class ChannelMoments:
 
 
 def same_latents(given: str, held: str) -> bool:
-    """Whether statistics measured in latent space `held` (a recorded --vae name) hold for --vae `given`
-    (canonical): the same name, the two SD-VAEs, or a recorded folder that is not here with `given` a
-    folder (the same autoencoder moved)."""
+    """Whether statistics measured in latent space `held` (recorded) hold for --vae `given` (canonical): the
+    same name, the two SD-VAEs, or a recorded folder that is not here with `given` a folder (moved)."""
     if given == held or (given in SD_VAES and held in SD_VAES):
         return True
     return os.path.isabs(held) and not os.path.isdir(held) and os.path.isdir(given)

@@ -1,9 +1,6 @@
-"""Which latent spaces --vae names: the table, and the resolvers every user of a latent space goes through.
-
-A new latent space is one module (a LatentSpace subclass) plus its entry in LATENT_SPACES; any other
---vae value that is an existing folder is a diffusers AutoencoderKL, and a file ending as LATENT_FILES
-names is a checkpoint of that space (VA-VAE's LDM format).
-"""
+"""The latent spaces --vae names, and the resolvers every user of a latent space goes through. A new space
+is a LatentSpace subclass plus its entry in LATENT_SPACES; another --vae value is a diffusers folder, or a
+checkpoint file of the space its ending names in LATENT_FILES."""
 from __future__ import annotations
 
 import os
@@ -45,8 +42,8 @@ def _is_pixels(name: str) -> bool:
 
 
 def check_latent_space_name(name: str, flag: str = "--vae", allow_pixels: bool = True) -> None:
-    """A table entry, a local diffusers folder or checkpoint file (pixels only if allow_pixels): else a
-    UsageError naming the choices (a missing checkpoint file: where to put it)."""
+    """UsageError naming the choices unless `name` is a table entry (pixels only if allow_pixels), a local
+    diffusers folder or an existing checkpoint file."""
     if (name in LATENT_SPACES and (allow_pixels or not _is_pixels(name))) or os.path.isdir(name):
         return
     if name not in LATENT_SPACES and os.path.splitext(name)[1] in LATENT_FILES:
@@ -58,16 +55,14 @@ def check_latent_space_name(name: str, flag: str = "--vae", allow_pixels: bool =
 
 
 def canonical_latent_space_name(name: str) -> str:
-    """What is recorded for --vae name: a local folder as an absolute path (checkpoints and feature
-    folders name it wherever the run starts); a table entry as it is."""
+    """What is recorded for --vae name: a table entry as it is, a local folder or file as an absolute path."""
     if name not in LATENT_SPACES and (os.path.isdir(name) or os.path.isfile(name)):
         return os.path.abspath(name)
     return name
 
 
 def latent_space(name: str, flag: str = "--vae", allow_pixels: bool = True) -> LatentSpace:
-    """The latent space --vae name names, not loaded yet; UsageError for a name that is neither a table
-    entry nor a folder."""
+    """The latent space --vae name names, not loaded yet (check_latent_space_name first)."""
     check_latent_space_name(name, flag, allow_pixels)
     return _space_class(name)(name)
 
@@ -78,16 +73,14 @@ def load_latent_space(name: str, device: torch.device) -> LatentSpace:
 
 
 def recorded_latent_space(name: Optional[str]) -> LatentSpace:
-    """The latent space a checkpoint or feature folder records, not loaded, for its geometry and
-    normalisation: its table entry, else a diffusers folder (which need not exist here); without a
-    record, the default (SD-VAE)."""
+    """The latent space a checkpoint or feature folder records (SD-VAE without a record), not loaded; a
+    recorded folder need not exist here."""
     name = name if isinstance(name, str) else DEFAULT_LATENT_SPACE  # an old checkpoint's args may lack it
     return _space_class(name)(name)
 
 
 def as_latent_space(vae: Any, none: Optional[LatentSpace] = None) -> LatentSpace:
-    """What callers hold as `vae`, as a LatentSpace: a LatentSpace itself; None: `none` (pixels unless
-    given); a bare diffusers AutoencoderKL (benchmarks, tests): its space."""
+    """`vae` as a LatentSpace: itself; None: `none` (default pixels); a bare AutoencoderKL: its space."""
     if isinstance(vae, LatentSpace):
         return vae
     if vae is None:

@@ -1,15 +1,9 @@
-"""VA-VAE f16d32 (LightningDiT's tokenizer): --vae vavae-f16d32 (from the Hugging Face hub) or a local
-LDM-format checkpoint file (--vae /path/to/vavae-imagenet256-f16d32-dinov2.pt).
-
-The release is an LDM (taming) AutoencoderKL state dict: ch 128 x ch_mult (1, 1, 2, 2, 4), two resnet
-blocks a level (three in the decoder), attention at the lowest level (16 px of 256) and in the middle,
-32 latent channels. `diffusers_state_dict` renames it onto diffusers' AutoencoderKL of that shape (the
-last encoder level an AttnDownEncoderBlock2D, the first decoder level an AttnUpDecoderBlock2D), which
-then encodes and decodes. Its raw latents are learned as they are (scale 1): VA-VAE's users normalise
-them with per-channel statistics, which replace this space's normalisation.
-"""
+"""VA-VAE f16d32 (LightningDiT's tokenizer): --vae vavae-f16d32 (the hub file) or a local LDM-format
+checkpoint, renamed onto a diffusers AutoencoderKL of its shape (attention at the lowest level); raw
+latents, scale 1, until per-channel statistics replace it."""
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from typing import Any, Mapping
@@ -35,8 +29,7 @@ WHERE = (f"put {VAVAE_FILE} (https://huggingface.co/{VAVAE_REPO}) on this machin
 
 def vavae_network(widths: tuple[int, ...] = VAVAE_WIDTHS, latent_channels: int = VAVAE_CHANNELS,
                   layers: int = VAVAE_LAYERS) -> Any:
-    """A randomly initialised diffusers AutoencoderKL of VA-VAE's architecture (narrower widths: the same
-    levels at less cost; every width a multiple of 32, LDM's GroupNorm groups), in eval mode on the CPU."""
+    """A random diffusers AutoencoderKL of VA-VAE's architecture (widths multiples of 32), in eval mode."""
     from diffusers.models import AutoencoderKL
 
     levels = len(widths)
@@ -69,9 +62,7 @@ def _renamer(levels: int) -> list[tuple[str, Any]]:
 
 
 def diffusers_state_dict(ldm: Mapping[str, torch.Tensor], levels: int) -> dict[str, torch.Tensor]:
-    """An LDM AutoencoderKL state dict of `levels` resolution levels, renamed onto diffusers' AutoencoderKL
-    (attention's 1x1 convolutions (C, C, 1, 1) become linear weights (C, C)); keys of other parts
-    (the training loss, the DINOv2 projection) are left out. UsageError when two keys map to one."""
+    """An LDM state dict's network parts renamed onto diffusers' AutoencoderKL; UsageError on a collision."""
     renames = _renamer(levels)
     mapped: dict[str, torch.Tensor] = {}
     for key, tensor in ldm.items():
@@ -88,19 +79,11 @@ def diffusers_state_dict(ldm: Mapping[str, torch.Tensor], levels: int) -> dict[s
     return mapped
 
 
-def ldm_widths(ldm: Mapping[str, torch.Tensor]) -> tuple[int, ...]:
-    """Each level's width in an LDM AutoencoderKL state dict (its first encoder resnet's output channels)."""
-    widths, level = [], 0
-    while f"encoder.down.{level}.block.0.conv1.weight" in ldm:
-        widths.append(ldm[f"encoder.down.{level}.block.0.conv1.weight"].shape[0])
-        level += 1
-    return tuple(widths)
-
-
 def vavae_from_ldm(ldm: Mapping[str, torch.Tensor], source: str) -> Any:
-    """The diffusers AutoencoderKL holding an LDM-format VA-VAE state dict, every weight filled exactly
-    once (load_state_dict strict). UsageError naming `source` when it is not one of VA-VAE's shape."""
-    widths = ldm_widths(ldm)
+    """The diffusers AutoencoderKL holding an LDM-format VA-VAE state dict (strictly); UsageError naming
+    `source` when it is not of VA-VAE's shape."""
+    keys = (f"encoder.down.{level}.block.0.conv1.weight" for level in itertools.count())  # each level's first
+    widths = tuple(ldm[key].shape[0] for key in itertools.takewhile(ldm.__contains__, keys))  # resnet's width
     channels = ldm["post_quant_conv.weight"].shape[0] if "post_quant_conv.weight" in ldm else None
     if len(widths) != len(VAVAE_WIDTHS) or channels != VAVAE_CHANNELS:
         raise UsageError(f"{source} is not an LDM-format VA-VAE f16d32 checkpoint ({len(widths)} encoder levels, "
@@ -120,8 +103,8 @@ def vavae_from_ldm(ldm: Mapping[str, torch.Tensor], source: str) -> Any:
 
 
 def read_ldm_state(path: str) -> dict[str, torch.Tensor]:
-    """The state dict of an LDM checkpoint file (under "state_dict" when Lightning saved it), loaded with
-    weights_only=True. UsageError naming the file and where to put it when it is missing or unreadable."""
+    """The state dict of an LDM checkpoint file (weights_only; "state_dict" of a Lightning one); UsageError
+    naming the file and where to put it when it is missing or unreadable."""
     if not os.path.isfile(path):
         raise UsageError(f"the VA-VAE checkpoint {path} does not exist; {WHERE}")
     try:
@@ -135,14 +118,13 @@ def read_ldm_state(path: str) -> dict[str, torch.Tensor]:
 
 
 class VAVAESpace(AutoencoderKLSpace):
-    """VA-VAE f16d32's raw latents (scale 1 until statistics replace it). name: "vavae-f16d32" (the hub
-    file) or an LDM checkpoint file's absolute path."""
+    """VA-VAE f16d32's raw latents. name: "vavae-f16d32" (the hub file) or an LDM checkpoint's path."""
     channels = VAVAE_CHANNELS
     downsampling = 2 ** (len(VAVAE_WIDTHS) - 1)
     normalisation = Normalisation(scale=1.0)
 
     def checkpoint_file(self) -> str:
-        """The local LDM checkpoint: the given file, or the hub's (cached, else fetched with a bounded failure)."""
+        """The local LDM checkpoint: the given file, or the hub's (cached, else fetched)."""
         if self.name != VAVAE_NAME:
             return self.name
         try:

@@ -1,19 +1,7 @@
-"""FD-DINOv2 (Stein et al. 2023) as edm2 computes it: the Fréchet distance between Gaussians of DINOv2
-ViT-L/14 embeddings (the normalised CLS token, 1024-d) of images resized to 224x224 (bicubic,
-antialiased, in float: edm2's default "torch" resize) and normalised with ImageNet's mean and std.
-
-Weights, the first that can be had (each loaded as tensors only, into timm's VisionTransformer; the
-torch hub repository's code is never run):
-1. `--dinov2-weights FILE`: DINOv2's own `dinov2_vitl14_pretrain.pth`, or a timm state dict
-   (.pth/.pt/.safetensors) of any DINOv2-style ViT (head size 64, as every DINOv2);
-2. the torch hub's `checkpoints/dinov2_vitl14_pretrain.pth`, the file
-   `torch.hub.load("facebookresearch/dinov2", "dinov2_vitl14")` fetches (downloaded once if missing);
-3. timm's `vit_large_patch14_dinov2.lvd142m` from the Hugging Face hub (its cache, or a download).
-Downloads go through sit.hub: one request to each source, no retries, none with HF_HUB_OFFLINE set.
-The position embeddings (37x37 for 518-pixel training) are interpolated to the 16x16 grid of 224
-pixels exactly as DINOv2's `interpolate_pos_encoding` does (bicubic, scale factor (16 + 0.1) / 37,
-no antialias), so the features are those of the hub model.
-"""
+"""FD-DINOv2 (Stein et al. 2023) as edm2 computes it: DINOv2 ViT-L/14's normalised CLS embeddings (1024-d)
+of images resized to 224x224 (bicubic, antialiased), in timm's VisionTransformer with DINOv2's own
+position-embedding interpolation. Weights: --dinov2-weights FILE (DINOv2's release or a timm state dict),
+else the torch hub's file, else timm's, each read as tensors only (docs/evaluation.md#weights)."""
 from __future__ import annotations
 
 import math
@@ -22,16 +10,15 @@ import re
 from typing import Optional, Union
 
 import torch
+import torch.nn.functional as F
 
+from sit.encoders import HEAD_DIM, IMAGENET_MEAN, IMAGENET_STD
 from sit.errors import UsageError
 
 DINOV2_INPUT_SIZE = 224
-DINOV2_HEAD_DIM = 64
 DINOV2_WEIGHTS_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth"
 DINOV2_TIMM_REPO = "timm/vit_large_patch14_dinov2.lvd142m"  # timm's vit_large_patch14_dinov2.lvd142m
 DINOV2_TIMM_FILE = "model.safetensors"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATE_OFFSET = 0.1  # DINOv2's "historical kludge" in the scale factor, kept for identical features
 DINOV2_RESIZE = f"bicubic {DINOV2_INPUT_SIZE}x{DINOV2_INPUT_SIZE}, antialiased (edm2's torch resize)"
 
@@ -52,8 +39,7 @@ def where_to_put_it() -> str:
 
 
 def read_weights_file(path: str) -> dict[str, torch.Tensor]:
-    """A state dict of tensors from an existing .safetensors or torch.save file (weights_only);
-    DINOv2WeightsError otherwise."""
+    """A state dict of tensors from a .safetensors or torch.save file (weights_only); DINOv2WeightsError otherwise."""
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
@@ -69,9 +55,8 @@ def read_weights_file(path: str) -> dict[str, torch.Tensor]:
 
 
 def fetch_dinov2_weights(weights_path: Optional[str]) -> str:
-    """A local file of DINOv2 ViT-L/14 weights: the given one, else the torch hub's, else timm's (see the
-    module docstring), each fetched by sit.hub when not on disk: one request, no retries. DINOv2WeightsError
-    (one line, saying where to put the file) when none can be had."""
+    """A local DINOv2 ViT-L/14 weights file: the given one, else the torch hub's, else timm's (fetched by
+    sit.hub when not on disk); DINOv2WeightsError saying where to put the file when none can be had."""
     from sit.hub import HubUnavailable, hub_file, url_file
 
     if weights_path is not None:
@@ -91,13 +76,6 @@ def fetch_dinov2_weights(weights_path: Optional[str]) -> str:
                              f"({'; '.join(failures)}): {where_to_put_it()}")
 
 
-def timm_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """DINOv2's names -> timm's: chunked blocks (`blocks.<chunk>.<i>.`, whose inner index is global) become
-    `blocks.<i>.`, and what the embedding does not use (the masked-modelling token) goes."""
-    return {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", key): value for key, value in state.items()
-            if key != "mask_token"}
-
-
 def vit_config_of(state: dict[str, torch.Tensor], source: str) -> dict:
     """timm VisionTransformer arguments for a DINOv2-style state dict, read from its shapes (head size 64)."""
     required = ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "norm.weight")
@@ -107,11 +85,11 @@ def vit_config_of(state: dict[str, torch.Tensor], source: str) -> dict:
     embed_dim = state["cls_token"].shape[-1]
     depth = 1 + max(int(key.split(".")[1]) for key in state if key.startswith("blocks."))
     grid = math.isqrt(state["pos_embed"].shape[1] - 1)
-    if grid * grid != state["pos_embed"].shape[1] - 1 or embed_dim % DINOV2_HEAD_DIM:
+    if grid * grid != state["pos_embed"].shape[1] - 1 or embed_dim % HEAD_DIM:
         raise DINOv2WeightsError(f"{source}: a ViT this module cannot rebuild (pos_embed "
                                  f"{tuple(state['pos_embed'].shape)}, width {embed_dim}); {where_to_put_it()}")
     return dict(img_size=DINOV2_INPUT_SIZE, patch_size=state["patch_embed.proj.weight"].shape[-1], embed_dim=embed_dim,
-                depth=depth, num_heads=embed_dim // DINOV2_HEAD_DIM,
+                depth=depth, num_heads=embed_dim // HEAD_DIM,
                 mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim,
                 init_values=1.0 if "blocks.0.ls1.gamma" in state else None, num_classes=0, global_pool="token")
 
@@ -124,8 +102,8 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
         return pos_embed
     scale = (grid + INTERPOLATE_OFFSET) / side
     patch_embed = pos_embed[:, 1:].float().reshape(1, side, side, -1).permute(0, 3, 1, 2)  # (1, D, M, M)
-    patch_embed = torch.nn.functional.interpolate(patch_embed, scale_factor=(scale, scale), mode="bicubic",
-                                                  antialias=False)  # (1, D, grid, grid)
+    patch_embed = F.interpolate(patch_embed, scale_factor=(scale, scale), mode="bicubic",
+                                antialias=False)  # (1, D, grid, grid)
     patch_embed = patch_embed.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)  # (1, grid*grid, D)
     return torch.cat([pos_embed[:, :1].float(), patch_embed], dim=1).to(pos_embed.dtype)
 
@@ -134,7 +112,8 @@ def build_vit(state: dict[str, torch.Tensor], source: str) -> torch.nn.Module:
     """timm's VisionTransformer at 224 pixels with these weights (position embeddings interpolated), in eval mode."""
     from timm.models.vision_transformer import VisionTransformer
 
-    state = timm_names(state)
+    state = {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", key): value for key, value in state.items()
+             if key != "mask_token"}  # DINOv2's chunked blocks.<chunk>.<i>. -> timm's blocks.<i>.
     config = vit_config_of(state, source)
     grid = DINOV2_INPUT_SIZE // config["patch_size"]
     state["pos_embed"] = interpolate_pos_embed(state["pos_embed"], grid)
@@ -148,21 +127,8 @@ def build_vit(state: dict[str, torch.Tensor], source: str) -> torch.nn.Module:
     return network.float().eval().requires_grad_(False)
 
 
-def dinov2_preprocess(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images (N, 3, H, W) -> the network's input (N, 3, 224, 224): edm2's bicubic antialiased
-    resize in float32, then [0, 1] and ImageNet's normalisation."""
-    pixels = torch.nn.functional.interpolate(images.to(torch.float32), size=(DINOV2_INPUT_SIZE, DINOV2_INPUT_SIZE),
-                                             mode="bicubic", antialias=True) / 255
-    mean = torch.tensor(IMAGENET_MEAN, device=pixels.device).reshape(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=pixels.device).reshape(1, 3, 1, 1)
-    return (pixels - mean) / std
-
-
 class DINOv2FeatureExtractor:
-    """DINOv2 embeddings (N, D) of uint8 images (N, 3, H, W); D = 1024 for ViT-L/14.
-
-    weights_path: a local weights file, or None for the torch hub's / timm's (see the module docstring).
-    """
+    """DINOv2 embeddings (N, D) of uint8 images (N, 3, H, W); D = 1024 for ViT-L/14."""
 
     def __init__(self, device: Union[str, torch.device] = "cpu", weights_path: Optional[str] = None):
         self.device = torch.device(device)
@@ -175,4 +141,8 @@ class DINOv2FeatureExtractor:
         """images: (N, 3, H, W) uint8 -> (N, D) float32 embeddings (the normalised CLS token)."""
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected uint8 images of shape (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
-        return self.network(dinov2_preprocess(images.to(self.device))).float()
+        pixels = F.interpolate(images.to(self.device, torch.float32), size=(DINOV2_INPUT_SIZE,) * 2,
+                               mode="bicubic", antialias=True) / 255  # (N, 3, 224, 224)
+        mean = torch.tensor(IMAGENET_MEAN, device=pixels.device).reshape(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=pixels.device).reshape(1, 3, 1, 1)
+        return self.network((pixels - mean) / std).float()  # edm2's resize, ImageNet's normalisation

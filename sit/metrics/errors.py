@@ -5,8 +5,7 @@ from sit.errors import UsageError
 
 
 class MetricInputError(UsageError):
-    """A batch or statistics file the metrics cannot use (not an .npz, no images, no statistics, too
-    few images, statistics of another shape); the message names the file or what falls short."""
+    """A batch or statistics file the metrics cannot use; the message names the file or what falls short."""
 
 
 class InceptionWeightsError(UsageError):

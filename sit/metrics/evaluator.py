@@ -1,5 +1,4 @@
-"""The requested metrics of a sample batch against a reference batch, as evaluate.py reports them,
-and the evaluator's own settings for the record of a result."""
+"""The requested metrics of a sample batch against a reference batch, and the evaluator's settings."""
 from __future__ import annotations
 
 import functools
@@ -9,11 +8,11 @@ import numpy as np
 import torch
 
 from sit.files import file_fingerprint, sha256_file
-from sit.metrics.batch_features import BatchFeatures, embedding_statistics, extract_features
 from sit.metrics.dinov2 import DINOV2_RESIZE, DINOv2FeatureExtractor, fetch_dinov2_weights
-from sit.metrics.inception import IS_SPLIT_SIZE, SPATIAL_CHANNELS, InceptionFeatureExtractor, inception_score
+from sit.metrics.inception import (IS_SPLIT_SIZE, SPATIAL_CHANNELS, BatchFeatures, InceptionFeatureExtractor,
+                                   extract_features, inception_score)
 from sit.metrics.inception_weights import WHICH_FILES, weights_fingerprint
-from sit.metrics.npz import npz_array_shape
+from sit.metrics.npz import embedding_statistics, npz_array_shape
 from sit.metrics.precision_recall import PR_NEIGHBOURHOOD, manifold_precision_recall
 from sit.metrics.reference import ReferenceStatistics, reference_embedding_statistics, reference_statistics
 from sit.metrics.statistics import RunningStatistics, frechet_distance
@@ -24,13 +23,8 @@ INCEPTION_RESIZE = "TF1 bilinear (align_corners=False) to 299x299, then (x - 128
 
 
 class Evaluator:
-    """Computes the requested metrics of sample batches against a reference batch; builds each feature
-    network lazily (a cached reference needs none, fd_dinov2 alone no Inception).
-
-    device: where the networks and precision/recall run; weights_path: Inception weights (None: torch-
-    fidelity's, downloaded once); fid_method: a key of FID_METHODS; metrics: keys of METRICS;
-    dinov2_weights: a DINOv2 weights file (None: the torch hub's, else timm's).
-    """
+    """The requested metrics (keys of METRICS) of sample batches against a reference batch; each feature
+    network is built on first use. weights_path/dinov2_weights: None downloads the default weights."""
 
     def __init__(self, device: Union[str, torch.device] = "cpu", weights_path: Optional[str] = None,
                  batch_size: int = 64, num_workers: int = 0, fid_method: str = "eigh",
@@ -67,14 +61,11 @@ class Evaluator:
         return embedding_statistics(self.dinov2, self.dinov2.dim, self.device, path, self.batch_size,
                                     self.num_workers, description)
 
-    def dinov2_weights_id(self) -> str:
-        """The DINOv2 weights' fingerprint (for the reference cache), without building the network."""
-        return file_fingerprint(fetch_dinov2_weights(self.dinov2_weights))
-
     def dinov2_reference(self, ref_path: str) -> tuple[np.ndarray, np.ndarray, int]:
         """(mu (D,), sigma (D, D), count) of the reference's DINOv2 embeddings, from ref.dinov2.npz when valid."""
-        return reference_embedding_statistics(ref_path, "dinov2", self.dinov2_weights_id,
-                                              functools.partial(self.dinov2_statistics, ref_path, "reference (DINOv2)"))
+        return reference_embedding_statistics(
+            ref_path, "dinov2", lambda: file_fingerprint(fetch_dinov2_weights(self.dinov2_weights)),
+            functools.partial(self.dinov2_statistics, ref_path, "reference (DINOv2)"))
 
     def cache_reference(self, ref_path: str) -> None:
         """Compute (or check) the reference's cached statistics for the requested metrics' networks."""
@@ -84,13 +75,10 @@ class Evaluator:
             self.dinov2_reference(ref_path)
 
     def evaluate(self, ref_path: str, sample_path: str) -> dict:
-        """The requested metrics (keys of METRICS' `key`; None where one cannot be computed, with the
-        reason in result["notes"]), num_samples and num_reference (None when the reference holds
-        statistics only)."""
-        result: dict = {"notes": {}}
+        """The requested metrics by METRICS' `key` (None, with the reason in result["notes"], where one
+        cannot be computed), num_samples and num_reference (None for a statistics-only reference)."""
+        result: dict = {"notes": {}, "num_samples": npz_array_shape(sample_path)[0], "num_reference": None}
         wanted = set(self.metrics)
-        result["num_samples"] = npz_array_shape(sample_path)[0]
-        result["num_reference"] = None
         if self.needs("inception"):
             self.inception_metrics(ref_path, sample_path, wanted, result)
         if "fd_dinov2" in wanted:
@@ -119,21 +107,19 @@ class Evaluator:
             result["sfid"] = frechet_distance(samples.spatial_stats.mean, samples.spatial_stats.covariance,
                                               reference.mu_s, reference.sigma_s, self.fid_method)
         asked = [name for name in ("precision", "recall") if name in wanted]
-        if asked and reference.pool is None:
+        if reference.pool is None:
             for name in asked:
                 result[name] = None
                 result["notes"][name] = (f"precision and recall need the reference images (arr_0); {ref_path} "
                                          f"holds statistics only")
-        elif asked:
-            precision, recall = manifold_precision_recall(reference.pool, samples.pool, PR_NEIGHBOURHOOD,
-                                                          device=self.device)
-            result.update({name: {"precision": precision, "recall": recall}[name] for name in asked})
-        if reference.pool is not None:
-            result["num_reference"] = len(reference.pool)
+            return
+        if asked:
+            values = manifold_precision_recall(reference.pool, samples.pool, PR_NEIGHBOURHOOD, device=self.device)
+            result.update({name: dict(zip(("precision", "recall"), values))[name] for name in asked})
+        result["num_reference"] = len(reference.pool)
 
     def settings(self, ref_path: str) -> dict:
-        """What a result depends on besides the samples: metrics, reference file and hash, each network's
-        weights (file, hash, format) and resize, package versions. Call after evaluate()."""
+        """What a result depends on besides the samples (reference, weights, resizes, versions); after evaluate()."""
         settings = {"metrics": list(self.metrics), "fid_method": self.fid_method,
                     "reference": {"path": ref_path, "sha256": sha256_file(ref_path)}, "inception": None,
                     "dinov2": None, "versions": package_versions()}

@@ -15,15 +15,8 @@ from sit.metrics.statistics import RunningStatistics, frechet_distance
 
 
 class FIDMonitor:
-    """FID of images generated during training against reference statistics, without keeping images.
-
-        monitor = FIDMonitor("VIRTUAL_imagenet256_labeled.npz", device)  # or ref.stats.npz
-        for ...: monitor.update(images)  # every rank, (B, 3, H, W) uint8 or floats in [-1, 1]
-        fid = monitor.compute()          # every rank (collective); the same value everywhere
-        monitor.reset()
-
-    A file without mu/sigma is a MetricInputError; weights that cannot be had, an InceptionWeightsError.
-    """
+    """FID against reference statistics (an .npz with mu/sigma, else MetricInputError): update(images) on
+    every rank, then compute() on every rank (collective, the same value everywhere), then reset()."""
 
     def __init__(self, ref_stats_path: str, device: Union[str, torch.device], weights_path: Optional[str] = None,
                  fid_method: str = "eigh"):

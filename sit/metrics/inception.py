@@ -1,5 +1,5 @@
 """The TF-ported FID Inception-v3 (torch-fidelity's network, weights from any file inception_weights
-reads): pool_3, mixed_6/conv and logit features, and the Inception Score of its predictions."""
+reads): pool_3, mixed_6/conv and logit features of an image batch, and the Inception Score."""
 from __future__ import annotations
 
 import io
@@ -10,8 +10,9 @@ import numpy as np
 import torch
 from scipy import special
 
-from sit.metrics.inception_weights import InceptionWeights, fetch_inception_weights, load_inception_weights
-from sit.metrics.statistics import ArrayLike
+from sit.metrics.inception_weights import POOL_DIM, fetch_inception_weights, load_inception_weights
+from sit.metrics.npz import image_batches
+from sit.metrics.statistics import ArrayLike, RunningStatistics
 
 SPATIAL_CHANNELS = 7
 SPATIAL_DIM = 17 * 17 * SPATIAL_CHANNELS  # 2023
@@ -19,11 +20,8 @@ IS_SPLIT_SIZE = 5000
 
 
 def inception_score(predictions: ArrayLike, split_size: int = IS_SPLIT_SIZE, from_logits: bool = False) -> float:
-    """ADM's Inception Score: mean over consecutive splits of `split_size` rows of exp(E_x KL(p(y|x) || p(y))).
-
-    predictions: (N, K) class probabilities, or logits when from_logits. Zero probabilities count
-    0 * log 0 = 0 (ADM would give NaN there; softmax outputs rarely underflow to exactly 0).
-    """
+    """ADM's Inception Score: the mean over splits of `split_size` rows of exp(E_x KL(p(y|x) || p(y))).
+    predictions: (N, K) probabilities (0 log 0 counts 0, where ADM gives NaN), or logits when from_logits."""
     predictions = np.asarray(predictions.detach().cpu() if torch.is_tensor(predictions) else predictions,
                              dtype=np.float64)
     if predictions.ndim != 2 or len(predictions) == 0:
@@ -52,12 +50,8 @@ class InceptionFeatures:
 
 
 class InceptionFeatureExtractor:
-    """The TF-ported FID Inception-v3 (torch-fidelity's network), returning pool, spatial and logit features.
-
-    weights_path: torch-fidelity's weights, NVlabs' TorchScript or another file inception_weights reads;
-    None downloads torch-fidelity's once. `has_logits` says whether the file had the logits layer
-    (without it the logits are zeros and the Inception Score cannot be computed).
-    """
+    """torch-fidelity's TF-ported FID Inception-v3 with weights from any file inception_weights reads (None:
+    torch-fidelity's, downloaded once); without `has_logits` the logits are zeros (no Inception Score)."""
 
     def __init__(self, device: Union[str, torch.device] = "cpu", weights_path: Optional[str] = None):
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
@@ -67,8 +61,11 @@ class InceptionFeatureExtractor:
         self.has_logits = weights.has_logits
         self.file_format = weights.file_format
         self.device = torch.device(device)
+        buffer = io.BytesIO()  # torch-fidelity torch.loads a file: our own bytes of plain tensors
+        torch.save(weights.state_dict, buffer)
+        buffer.seek(0)
         self.network = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
-                                                   feature_extractor_weights_path=serialized(weights)).to(self.device)
+                                                   feature_extractor_weights_path=buffer).to(self.device)
         self.captured_spatial: Optional[torch.Tensor] = None
         self.network.Mixed_6d.branch1x1.register_forward_hook(self.capture_spatial)
 
@@ -88,18 +85,33 @@ class InceptionFeatureExtractor:
         return InceptionFeatures(pool=pool, spatial=spatial.float(), logits=logits)
 
 
-def serialized(weights: InceptionWeights) -> io.BytesIO:
-    """The weights as torch.save bytes: torch-fidelity's constructor takes a file (and torch.loads it
-    without weights_only, harmless here: these are our own bytes of plain tensors, checked on reading)."""
-    buffer = io.BytesIO()
-    torch.save(weights.state_dict, buffer)
-    buffer.seek(0)
-    return buffer
-
-
 def to_uint8_images(images: torch.Tensor) -> torch.Tensor:
-    """(N, 3, H, W) uint8 as is, or floats in [-1, 1] mapped like the sampling scripts:
-    clamp(127.5 x + 128, 0, 255) truncated to uint8 (which rounds 127.5 x + 127.5)."""
+    """(N, 3, H, W) uint8 as is, or floats in [-1, 1] as the sampling scripts: clamp(127.5 x + 128) to uint8."""
     if images.dtype == torch.uint8:
         return images
     return torch.clamp(127.5 * images + 128.0, 0, 255).to(torch.uint8)
+
+
+@dataclass
+class BatchFeatures:
+    """What the metrics need from one npz: pool features and logits per image, streamed statistics."""
+    pool: np.ndarray  # (N, 2048)
+    logits: np.ndarray  # (N, 1008)
+    pool_stats: RunningStatistics  # of the (N, 2048) pool features
+    spatial_stats: RunningStatistics  # of the (N, 2023) spatial features (not kept per image)
+
+
+def extract_features(extractor: InceptionFeatureExtractor, path: str, batch_size: int = 64,
+                     num_workers: int = 0, description: str = "") -> BatchFeatures:
+    """Run the Inception over an npz's `arr_0` (N, H, W, 3) uint8 in batches (with a progress bar)."""
+    pool_stats = RunningStatistics(POOL_DIM, extractor.device)
+    spatial_stats = RunningStatistics(SPATIAL_DIM, extractor.device)
+    pools, logits = [], []
+    for images in image_batches(path, batch_size, num_workers, description):
+        features = extractor(images)  # images: (B, 3, H, W) uint8
+        pool_stats.update(features.pool)
+        spatial_stats.update(features.spatial)
+        pools.append(features.pool.cpu().numpy())
+        logits.append(features.logits.cpu().numpy())
+    return BatchFeatures(pool=np.concatenate(pools), logits=np.concatenate(logits),
+                         pool_stats=pool_stats, spatial_stats=spatial_stats)

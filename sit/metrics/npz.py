@@ -1,41 +1,32 @@
-"""Image batches and statistics in .npz files: reading them (images memory-mapped, not loaded whole)
-and writing them atomically. A file that is not a usable .npz is a MetricInputError naming it, and so
-is one whose headers claim more than it stores or than memory holds (`judged_npz`, before any read)."""
+"""Image batches and statistics in .npz files: read (images memory-mapped) and written atomically; a file
+that is not a usable .npz, or whose headers claim more than it stores or memory holds, is a MetricInputError."""
 from __future__ import annotations
 
 import contextlib
 import functools
 import math
+import os
 import zipfile
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from sit.archives import npz_problem, read_npy_header
 from sit.files import atomic_write
 from sit.metrics.errors import MetricInputError
+from sit.metrics.statistics import RunningStatistics
 
 # What numpy and zipfile raise for a file that is not an .npz (or a damaged one).
 UNREADABLE_NPZ = (zipfile.BadZipFile, EOFError, ValueError)
 NPY_MAGIC = b"\x93NUMPY"
 
 
-def refuse_non_numpy_file(path: str) -> None:
-    """MetricInputError when path is neither a zip archive (.npz) nor a .npy array: numpy would try it
-    as a pickle and advise allow_pickle, which would run code from the file (and is never needed here)."""
-    with open(path, "rb") as handle:
-        start = handle.read(len(NPY_MAGIC))
-    if not zipfile.is_zipfile(path) and start != NPY_MAGIC:
-        raise MetricInputError(f"{path} is not an .npz file (neither a zip archive nor a NumPy array; it starts "
-                               f"with {start!r}): pass the .npz that sample_ddp.py or the ADM suite wrote")
-
-
 @contextlib.contextmanager
 def judged_npz(path: str) -> Iterator[None]:
-    """MetricInputError naming the file, before the block, when its zip records or any array's .npy header
-    disagree with what it stores or inflating it would exceed memory (sit.archives.npz_problem: headers
-    only), and for what numpy or zipfile raise reading it inside the block."""
+    """MetricInputError naming the file: before the block when its headers are refused (npz_problem), and
+    for what numpy or zipfile raise inside it."""
     problem = npz_problem(path)
     if problem is not None:
         raise MetricInputError(f"refused to read {path}: {problem}")
@@ -50,7 +41,11 @@ def judged_npz(path: str) -> Iterator[None]:
 @contextlib.contextmanager
 def open_npz(path: str) -> Iterator[np.lib.npyio.NpzFile]:
     """np.load of an .npz (arrays read on access); MetricInputError naming the file when it is none."""
-    refuse_non_numpy_file(path)
+    with open(path, "rb") as handle:
+        start = handle.read(len(NPY_MAGIC))
+    if not zipfile.is_zipfile(path) and start != NPY_MAGIC:  # numpy would try it as a pickle
+        raise MetricInputError(f"{path} is not an .npz file (neither a zip archive nor a NumPy array; it starts "
+                               f"with {start!r}): pass the .npz that sample_ddp.py or the ADM suite wrote")
     with judged_npz(path):
         data = np.load(path)
     if not isinstance(data, np.lib.npyio.NpzFile):
@@ -60,8 +55,7 @@ def open_npz(path: str) -> Iterator[np.lib.npyio.NpzFile]:
 
 
 def read_array_header(archive: zipfile.ZipFile, path: str, key: str) -> tuple[tuple, bool, np.dtype, int]:
-    """(shape, fortran_order, dtype, header size) of the `key` array in an open .npz, read from its
-    first bytes only (decompressing no more than the header)."""
+    """(shape, fortran_order, dtype, header size) of the `key` array in an open .npz, from its header only."""
     member = f"{key}.npy"
     if member not in archive.namelist():
         raise MetricInputError(f"{path} has no {key!r} array (it holds {', '.join(archive.namelist())})")
@@ -86,15 +80,13 @@ def read_stored_images(path: str, key: str) -> np.ndarray:
 
 
 def npz_array_shape(path: str, key: str = "arr_0") -> tuple[int, ...]:
-    """The shape of an .npz's array without reading its data (compressed or not); MetricInputError naming
-    the file when it is not a readable .npz with that array."""
+    """The shape of an .npz's array from its header; MetricInputError naming the file otherwise."""
     with judged_npz(path), zipfile.ZipFile(path) as archive:
         return tuple(read_array_header(archive, path, key)[0])
 
 
 def open_npz_images(path: str, key: str = "arr_0") -> np.ndarray:
-    """The (N, H, W, 3) uint8 images of an .npz, memory-mapped when stored uncompressed (np.savez),
-    else loaded into memory. Raises MetricInputError (a ValueError) naming the file for anything else."""
+    """The (N, H, W, 3) uint8 images of an .npz (read_stored_images); MetricInputError naming the file otherwise."""
     with judged_npz(path):
         images = read_stored_images(path, key)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
@@ -111,8 +103,7 @@ def save_npz_atomic(path: str, **arrays: np.ndarray) -> None:
 
 
 class NpzBatches(torch.utils.data.Dataset):
-    """Consecutive batches of an npz's images as (B, 3, H, W) uint8 tensors; opens the file lazily
-    in each DataLoader worker."""
+    """Consecutive (B, 3, H, W) uint8 batches of an npz's images, opened lazily in each DataLoader worker."""
 
     def __init__(self, path: str, batch_size: int):
         self.path = path
@@ -128,3 +119,20 @@ class NpzBatches(torch.utils.data.Dataset):
             self.images = open_npz_images(self.path)
         batch = np.array(self.images[index * self.batch_size: (index + 1) * self.batch_size])  # a writable copy
         return torch.from_numpy(batch).permute(0, 3, 1, 2)  # (B, H, W, 3) -> (B, 3, H, W)
+
+
+def image_batches(path: str, batch_size: int = 64, num_workers: int = 0,
+                  description: str = "") -> Iterator[torch.Tensor]:
+    """An npz's `arr_0` (N, H, W, 3) uint8 as consecutive (B, 3, H, W) uint8 batches, with a progress bar."""
+    loader = torch.utils.data.DataLoader(NpzBatches(path, batch_size), batch_size=None, shuffle=False,
+                                         num_workers=num_workers)
+    yield from tqdm(loader, desc=description or os.path.basename(path), unit="batch")
+
+
+def embedding_statistics(embed: Callable[[torch.Tensor], torch.Tensor], dim: int, device: torch.device, path: str,
+                         batch_size: int = 64, num_workers: int = 0, description: str = "") -> RunningStatistics:
+    """Mean and covariance of `embed`'s (B, dim) vectors over an npz's images, streamed (none kept)."""
+    statistics = RunningStatistics(dim, device)
+    for images in image_batches(path, batch_size, num_workers, description):
+        statistics.update(embed(images))  # images: (B, 3, H, W) uint8
+    return statistics

@@ -32,13 +32,8 @@ def manifold_radii(features: torch.Tensor, k: int = PR_NEIGHBOURHOOD, block_size
 
 def manifold_precision_recall(ref_features: ArrayLike, sample_features: ArrayLike, k: int = PR_NEIGHBOURHOOD,
                               block_size: int = 4096, device: Optional[torch.device] = None) -> tuple[float, float]:
-    """ADM's improved precision and recall (Kynkäänniemi et al. 2019) of sample vs reference features.
-
-    ref_features: (N_ref, D), sample_features: (N_sample, D).
-    Precision: the fraction of samples inside the reference manifold (the union of balls around each
-    reference vector reaching its k-th neighbour); recall: the fraction of references inside the
-    sample manifold.
-    """
+    """(precision, recall) of sample features (N_sample, D) against reference features (N_ref, D): the
+    fraction of samples inside the reference manifold (balls reaching each vector's k-th neighbour), and back."""
     ref = torch.as_tensor(ref_features, device=device, dtype=torch.float32)
     sample = torch.as_tensor(sample_features, device=device, dtype=torch.float32)
     ref_radii = manifold_radii(ref, k, block_size)

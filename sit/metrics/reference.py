@@ -10,7 +10,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from sit.metrics.batch_features import BatchFeatures
+from sit.metrics.inception import BatchFeatures
 from sit.metrics.errors import MetricInputError
 from sit.metrics.npz import open_npz, save_npz_atomic
 from sit.metrics.statistics import RunningStatistics
@@ -29,10 +29,9 @@ class ReferenceStatistics:
     pool: Optional[np.ndarray]  # (N, 2048) for precision/recall; None when only statistics are known
 
     @classmethod
-    def of_features(cls, batch: BatchFeatures) -> "ReferenceStatistics":
-        """The statistics of a batch's features, with its pool features."""
-        return cls(mu=batch.pool_stats.mean, sigma=batch.pool_stats.covariance, mu_s=batch.spatial_stats.mean,
-                   sigma_s=batch.spatial_stats.covariance, pool=batch.pool)
+    def of_arrays(cls, arrays) -> "ReferenceStatistics":
+        """From a mapping holding STATISTICS_KEYS and maybe "pool" (an .npz, a cache's arrays)."""
+        return cls(*(arrays[key] for key in STATISTICS_KEYS), pool=arrays["pool"] if "pool" in arrays else None)
 
 
 def stats_cache_path(ref_path: str, kind: str = "stats") -> str:
@@ -50,42 +49,34 @@ def reference_fingerprint(ref_path: str, weights_id: str) -> str:
 def read_statistics_file(path: str) -> Optional[ReferenceStatistics]:
     """Precomputed statistics in an npz (ADM's mu/sigma/mu_s/sigma_s, or our cache), or None."""
     with open_npz(path) as data:
-        if not set(STATISTICS_KEYS) <= set(data.files):
-            return None
-        pool = data["pool"] if "pool" in data.files else None
-        return ReferenceStatistics(mu=data["mu"], sigma=data["sigma"], mu_s=data["mu_s"], sigma_s=data["sigma_s"],
-                                   pool=pool)
+        return ReferenceStatistics.of_arrays(data) if set(STATISTICS_KEYS) <= set(data.files) else None
 
 
-def read_cache(cache_path: str, fingerprint: str) -> Optional[dict[str, np.ndarray]]:
-    """The cached arrays when the cache exists and was made from `fingerprint`, else None."""
-    if not os.path.isfile(cache_path):
-        return None
-    with open_npz(cache_path) as cache:
-        if "fingerprint" not in cache.files or str(cache["fingerprint"]) != fingerprint:
-            return None
-        arrays = {name: cache[name] for name in cache.files if name != "fingerprint"}
-    print(f"Using cached reference statistics {cache_path}", file=sys.stderr)
-    return arrays
-
-
-def write_cache(cache_path: str, arrays: dict[str, np.ndarray], fingerprint: str) -> None:
-    """Cache the arrays (statistics, pool features); a failed write is a warning (the metrics still come)."""
+def cached_arrays(ref_path: str, kind: str, weights_id: Callable[[], str],
+                  compute: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The arrays of the cache ref.<kind>.npz when it was made from this file and these weights, else
+    computed and cached (a failed write is a warning: the metrics still come)."""
+    cache_path = stats_cache_path(ref_path, kind)
+    fingerprint = reference_fingerprint(ref_path, weights_id())
+    if os.path.isfile(cache_path):
+        with open_npz(cache_path) as cache:
+            if "fingerprint" in cache.files and str(cache["fingerprint"]) == fingerprint:
+                arrays = {name: cache[name] for name in cache.files if name != "fingerprint"}
+                print(f"Using cached reference statistics {cache_path}", file=sys.stderr)
+                return arrays
+    arrays = compute()
     try:
         save_npz_atomic(cache_path, **arrays, fingerprint=np.array(fingerprint))
         print(f"Saved reference statistics to {cache_path}", file=sys.stderr)
     except OSError as error:
         print(f"warning: could not write the reference cache {cache_path} ({error})", file=sys.stderr)
+    return arrays
 
 
 def reference_statistics(ref_path: str, weights_id: Callable[[], str],
                          compute_features: Callable[[], BatchFeatures]) -> ReferenceStatistics:
-    """The reference's statistics and pool features: a statistics-only file as it is, else from the
-    cache beside it when still valid, else computed (compute_features) and cached.
-
-    ADM's rule: statistics stored in the reference take precedence over those of its images (whose
-    pool features still serve precision/recall). weights_id identifies the network (for the cache).
-    """
+    """The reference's statistics and pool features: a statistics-only file as it is, else cached_arrays
+    of its images' features. As ADM, statistics stored in the reference take precedence over its images'."""
     with open_npz(ref_path) as data:
         has_images = "arr_0" in data.files
     precomputed = read_statistics_file(ref_path)
@@ -93,37 +84,29 @@ def reference_statistics(ref_path: str, weights_id: Callable[[], str],
         if precomputed is None:
             raise MetricInputError(f"{ref_path} holds neither images (arr_0) nor statistics (mu, sigma, mu_s, sigma_s)")
         return precomputed
-    cache_path = stats_cache_path(ref_path)
-    fingerprint = reference_fingerprint(ref_path, weights_id())
-    cached = read_cache(cache_path, fingerprint)
-    if cached is not None:
-        return ReferenceStatistics(mu=cached["mu"], sigma=cached["sigma"], mu_s=cached["mu_s"],
-                                   sigma_s=cached["sigma_s"], pool=cached.get("pool"))
-    reference = ReferenceStatistics.of_features(compute_features())
-    if precomputed is not None:
-        reference.mu, reference.sigma = precomputed.mu, precomputed.sigma
-        reference.mu_s, reference.sigma_s = precomputed.mu_s, precomputed.sigma_s
-    write_cache(cache_path, dict(mu=reference.mu, sigma=reference.sigma, mu_s=reference.mu_s,
-                                 sigma_s=reference.sigma_s, pool=reference.pool), fingerprint)
-    return reference
+
+    def compute() -> dict[str, np.ndarray]:
+        batch = compute_features()
+        arrays = dict(mu=batch.pool_stats.mean, sigma=batch.pool_stats.covariance, mu_s=batch.spatial_stats.mean,
+                      sigma_s=batch.spatial_stats.covariance, pool=batch.pool)
+        if precomputed is not None:
+            arrays.update({key: getattr(precomputed, key) for key in STATISTICS_KEYS})
+        return arrays
+
+    return ReferenceStatistics.of_arrays(cached_arrays(ref_path, "stats", weights_id, compute))
 
 
 def reference_embedding_statistics(ref_path: str, kind: str, weights_id: Callable[[], str],
                                    compute: Callable[[], RunningStatistics]) -> tuple[np.ndarray, np.ndarray, int]:
     """(mu (D,), sigma (D, D), image count) of another network's embeddings (kind, e.g. "dinov2") of the
-    reference's images, from the cache ref.<kind>.npz when still valid, else computed and cached.
-
-    MetricInputError when the reference holds no images (ADM's statistics are the Inception's only).
-    """
+    reference's images, through cached_arrays; MetricInputError when the reference holds no images."""
     with open_npz(ref_path) as data:
         if "arr_0" not in data.files:
             raise MetricInputError(f"{ref_path} holds no images (arr_0): {kind} statistics need the reference images")
-    cache_path = stats_cache_path(ref_path, kind)
-    fingerprint = reference_fingerprint(ref_path, weights_id())
-    cached = read_cache(cache_path, fingerprint)
-    if cached is not None:
-        return cached["mu"], cached["sigma"], int(cached["count"])
-    statistics = compute()
-    mu, sigma = statistics.mean, statistics.covariance
-    write_cache(cache_path, dict(mu=mu, sigma=sigma, count=np.array(statistics.count)), fingerprint)
-    return mu, sigma, statistics.count
+
+    def statistics() -> dict[str, np.ndarray]:
+        measured = compute()
+        return dict(mu=measured.mean, sigma=measured.covariance, count=np.array(measured.count))
+
+    arrays = cached_arrays(ref_path, kind, weights_id, statistics)
+    return arrays["mu"], arrays["sigma"], int(arrays["count"])

@@ -1,7 +1,4 @@
-"""Fréchet distance between Gaussians of features, and the streaming statistics it is computed from.
-
-Too few vectors or statistics of different shapes come from the files the user named: MetricInputError.
-"""
+"""Fréchet distance between Gaussians of features, and the streaming statistics it is computed from."""
 from __future__ import annotations
 
 from typing import Union
@@ -17,22 +14,9 @@ from sit.metrics.errors import MetricInputError
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
 
-def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray, method: str = "eigh") -> float:
-    """tr((sigma1 sigma2)^1/2) for covariances (D, D), by one of FID_METHODS:
-
-    "eigh": the eigenvalues of the symmetric sigma1^1/2 sigma2 sigma1^1/2, which has the same
-    spectrum as sigma1 sigma2 (several times faster than sqrtm and real by construction; agrees
-    with "sqrtm" to ~1e-12 relative on full-rank statistics). "sqrtm": ADM/TTUR's exact code path
-    (scipy sqrtm; eps on the diagonal when the product is singular; MetricInputError when the square
-    root has a sizeable imaginary part). An unknown method is a ValueError.
-    """
-    if method not in FID_METHODS:
-        raise ValueError(f"unknown Fréchet distance method {method!r}; choose one of {', '.join(FID_METHODS)}")
-    return FID_METHODS[method](sigma1, sigma2)
-
-
 def trace_sqrt_by_eigh(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
-    """tr((sigma1 sigma2)^1/2) of covariances (D, D) from the spectrum of sigma1^1/2 sigma2 sigma1^1/2."""
+    """tr((sigma1 sigma2)^1/2) of covariances (D, D) from the spectrum of the symmetric sigma1^1/2 sigma2
+    sigma1^1/2 (that of sigma1 sigma2): real by construction, agrees with sqrtm to ~1e-12."""
     eigenvalues, eigenvectors = np.linalg.eigh(sigma1)
     root = (eigenvectors * np.sqrt(np.clip(eigenvalues, 0, None))) @ eigenvectors.T  # sigma1^1/2
     product = root @ sigma2 @ root
@@ -41,7 +25,7 @@ def trace_sqrt_by_eigh(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
 
 
 def trace_sqrt_by_sqrtm(sigma1: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6) -> float:
-    """tr((sigma1 sigma2)^1/2) of covariances (D, D) by scipy's sqrtm, as ADM/TTUR compute it."""
+    """tr((sigma1 sigma2)^1/2) of covariances (D, D) by scipy's sqrtm, ADM/TTUR's exact code path."""
     covmean = linalg.sqrtm(sigma1.dot(sigma2))
     if not np.isfinite(covmean).all():
         offset = np.eye(sigma1.shape[0]) * eps
@@ -60,22 +44,20 @@ FID_METHODS = {"eigh": trace_sqrt_by_eigh, "sqrtm": trace_sqrt_by_sqrtm}
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
                      method: str = "eigh") -> float:
-    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2): |mu1-mu2|^2 + tr(s1 + s2 - 2 (s1 s2)^1/2).
-
-    mu: (D,), sigma: (D, D); method: see trace_sqrt_product. Statistics of different shapes: MetricInputError.
-    """
+    """|mu1-mu2|^2 + tr(s1 + s2 - 2 (s1 s2)^1/2) for mu (D,), sigma (D, D); method: a key of FID_METHODS."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise MetricInputError(f"statistics have different shapes: mu {mu1.shape} vs {mu2.shape}, "
                                f"sigma {sigma1.shape} vs {sigma2.shape}")
+    if method not in FID_METHODS:
+        raise ValueError(f"unknown Fréchet distance method {method!r}; choose one of {', '.join(FID_METHODS)}")
     diff = mu1 - mu2
-    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product(sigma1, sigma2, method))
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * FID_METHODS[method](sigma1, sigma2))
 
 
 class RunningStatistics:
-    """Streaming mean and covariance of feature vectors in float64 (Chan et al.'s pairwise update),
-    so callers never hold all features. Covariance uses N-1, like np.cov (and ADM)."""
+    """Streaming mean and covariance (N-1, as np.cov) of feature vectors in float64, by Chan et al.'s update."""
 
     def __init__(self, dim: int, device: Union[str, torch.device] = "cpu"):
         self.count = 0
@@ -105,18 +87,15 @@ class RunningStatistics:
         """Replace this process's statistics by those of all processes (no-op without torch.distributed)."""
         if not is_distributed() or dist.get_world_size() == 1:
             return
-        world_size = dist.get_world_size()
         count = torch.tensor([float(self.count)], dtype=torch.float64, device=self.running_mean.device)
-        counts = [torch.zeros_like(count) for _ in range(world_size)]
-        means = [torch.zeros_like(self.running_mean) for _ in range(world_size)]
-        scatters = [torch.zeros_like(self.scatter) for _ in range(world_size)]
-        dist.all_gather(counts, count)
-        dist.all_gather(means, self.running_mean)
-        dist.all_gather(scatters, self.scatter)
+        local = (count, self.running_mean, self.scatter)
+        gathered = [[torch.zeros_like(tensor) for _ in range(dist.get_world_size())] for tensor in local]
+        for parts, tensor in zip(gathered, local):  # counts, means, scatters of every rank
+            dist.all_gather(parts, tensor)
         self.count = 0
         self.running_mean.zero_()
         self.scatter.zero_()
-        for rank_count, rank_mean, rank_scatter in zip(counts, means, scatters):
+        for rank_count, rank_mean, rank_scatter in zip(*gathered):
             self.merge(int(rank_count.item()), rank_mean, rank_scatter)
 
     @property

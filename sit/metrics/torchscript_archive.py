@@ -1,12 +1,6 @@
-"""The tensors of a TorchScript archive (what torch.jit.save writes), read without running anything from it.
-
-`torch.jit.load` compiles and runs the TorchScript code an archive carries (`<archive>/code/`). Here
-only the pickle of the module tree (`<archive>/data.pkl`) is read, by an unpickler that builds no
-object of the archive's own classes: each `__torch__.*` class becomes a plain record of its
-attributes (`ScriptObject`), tensors are rebuilt from the raw bytes of `<archive>/data/<key>`, and
-any other global a crafted file could name is refused. What runs is this module's code and
-byte-to-tensor copies; the archive's code is never compiled, its pickle never calls its own functions.
-"""
+"""The tensors of a TorchScript archive (what torch.jit.save writes), read without running anything from it:
+only `<archive>/data.pkl` is unpickled, each `__torch__.*` class becoming a plain record (`ScriptObject`),
+tensors rebuilt from `<archive>/data/<key>`'s bytes, any other global refused; `code/` is never compiled."""
 from __future__ import annotations
 
 import collections
@@ -96,12 +90,8 @@ class ArchiveUnpickler(pickle.Unpickler):
 def archive_prefix(archive: zipfile.ZipFile) -> Optional[str]:
     """The folder inside a zip that holds a TorchScript archive (`<name>/` with data.pkl and code/), or None."""
     names = archive.namelist()
-    for name in names:
-        if name.endswith("data.pkl") and name.count("/") == 1:
-            prefix = name[: -len("data.pkl")]
-            if any(other.startswith(prefix + "code/") for other in names):
-                return prefix
-    return None
+    prefixes = (name[: -len("data.pkl")] for name in names if name.endswith("data.pkl") and name.count("/") == 1)
+    return next((prefix for prefix in prefixes if any(other.startswith(prefix + "code/") for other in names)), None)
 
 
 def is_torchscript_archive(path: str) -> bool:
@@ -125,11 +115,8 @@ def flatten_tensors(node: Any, prefix: str, tensors: dict[str, torch.Tensor]) ->
 
 
 def read_torchscript_tensors(path: str) -> tuple[str, dict[str, torch.Tensor]]:
-    """(the root module's TorchScript class name, its tensors by dotted path) of a TorchScript archive.
-
-    Raises TorchScriptArchiveError when the file is not one or its pickle names anything beyond
-    modules, tensors and plain containers.
-    """
+    """(the root module's class name, its tensors by dotted path); TorchScriptArchiveError when the file is
+    not an archive or its pickle names anything beyond modules, tensors and plain containers."""
     with zipfile.ZipFile(path) as archive:
         prefix = archive_prefix(archive)
         if prefix is None:
