@@ -1,12 +1,10 @@
-"""Stored arrays judged by their headers before anything is read or inflated: zip archives (a torch.save
-checkpoint, an .npz) by their central directory, .npy arrays by their header, both against the file's
-real size, a sane compression ratio and the memory that loading them would take.
-
-Each check returns a one-line problem (None when the file looks sound); the caller raises its own
-error naming the file (download.CheckpointError, sit.metrics.errors.MetricInputError, UsageError).
-"""
+"""Stored arrays judged by their headers before anything is read or inflated: zip archives (a checkpoint,
+an .npz) by their central directory, .npy arrays by their header, against the file's size, a sane
+compression ratio and the memory available. Each check returns a one-line problem (None: sound); the
+caller raises its own error naming the file."""
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import zipfile
@@ -25,33 +23,23 @@ MAX_RECORDS = 1_000_000  # torch.save writes one record per tensor storage
 def available_memory() -> int:
     """Bytes of memory this process can still take: MemAvailable, capped by a cgroup limit where one is set."""
     available = None
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    available = int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open("/proc/meminfo") as handle:
+        lines = [line for line in handle if line.startswith("MemAvailable:")]
+        available = int(lines[0].split()[1]) * 1024 if lines else None
     if available is None:
         available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    try:
-        with open("/sys/fs/cgroup/memory.max") as limit, open("/sys/fs/cgroup/memory.current") as used:
-            text = limit.read().strip()
-            if text != "max":
-                available = min(available, int(text) - int(used.read().strip()))
-    except (OSError, ValueError):
-        pass
+    with contextlib.suppress(OSError, ValueError), open("/sys/fs/cgroup/memory.max") as limit, \
+            open("/sys/fs/cgroup/memory.current") as used:
+        text = limit.read().strip()
+        if text != "max":
+            available = min(available, int(text) - int(used.read().strip()))
     return available
 
 
 def zip_problem(path: str, whole_in_memory: bool, memory: Optional[int] = None) -> Optional[str]:
-    """What is wrong with a zip archive's records, judged from its central directory alone; None when
-    nothing is (or when the file is no zip archive at all: the caller's reader judges that).
-
-    whole_in_memory: every record will be read into memory (torch.load); otherwise only compressed
-    ones are (np.load memory-maps or reads stored records, whose bytes the file must hold).
-    memory: the bytes available (default: available_memory()).
-    """
+    """What is wrong with a zip archive's records, from its central directory alone; None when nothing is
+    (or for no zip archive at all). whole_in_memory: torch.load reads every record into memory; otherwise
+    only compressed ones are (np.load maps stored ones). memory: the bytes available (default: measured)."""
     try:
         with zipfile.ZipFile(path) as archive:
             records = archive.infolist()
@@ -117,9 +105,8 @@ def npy_file_problem(path: str) -> Optional[str]:
 
 
 def npz_problem(path: str) -> Optional[str]:
-    """What is wrong with an .npz: its zip records (zip_problem, stored records memory-mapped or read as
-    stored) or an array whose .npy header claims other than the bytes its record holds; None when
-    sound or no zip archive at all. Reads headers only (a compressed record: its first bytes)."""
+    """What is wrong with an .npz: its zip records (zip_problem) or an array whose .npy header claims other
+    than the bytes its record holds; None when sound or no zip archive. Reads headers only."""
     problem = zip_problem(path, whole_in_memory=False)
     try:
         with zipfile.ZipFile(path) as archive:

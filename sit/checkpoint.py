@@ -1,28 +1,8 @@
-"""What a checkpoint holds, in one place: train.py's resumable checkpoints (`TrainCheckpoint`), and
-building the right SiT for any checkpoint (`load_model`) with the flags resolved against it.
-
-A train checkpoint is a plain dict (nanoGPT style), loadable with `torch.load(weights_only=True)`:
-
-    model, ema, opt        state dicts (the raw model, its EMA, AdamW)
-    args                   the run's settings as a plain dict (older checkpoints: an argparse.Namespace)
-    model_config           SiT constructor arguments
-    train_steps, epoch, epoch_step   where training stands (batches done in the current epoch)
-    rng                    every rank's RNG states, in rank order
-    scaler                 the fp16 GradScaler's state ({} otherwise)
-    experiment_dir, wandb_id
-    extras                 with loss terms that have parameters: {term name: its state dict} (sit.training.terms;
-                           sampling ignores them; older REPA checkpoints hold "repa_projector" instead)
-    latent_statistics      with --latent-norm per-channel: {"mean": [C], "std": [C], "count": n} of the latents
-                           the model learned normalised (sit.latents.statistics); sampling de-normalises with them
-    <extension name>       each loop extension's state under its own name, when it has one: "phema" (the
-                           power-function EMAs), "healing" (skipped batches, rollbacks, recent losses)
-Published checkpoints and bare state dicts hold only weights; they load for sampling and fine-tuning.
-
-What a checkpoint says is checked before it is used (one line naming the file): a model config
-(`model_config_problem`: known keys, types, sane bounds, the memory its parameters would take) before
-any model is allocated; a train checkpoint's counters, optimizer and RNG states before a resume
-(`check_train_checkpoint`); weights for sampling are finite (`non_finite_tensor`).
-"""
+"""What a checkpoint holds, in one place: train.py's resumable checkpoints (`TrainCheckpoint`, a plain dict on
+disk whose keys docs/training.md lists), and building the right SiT for any checkpoint (`load_model`). What a
+checkpoint says is judged before use, one line naming the file: a model config before any allocation
+(`model_config_problem`), a train checkpoint before a resume (`check_train_checkpoint`), weights for sampling
+(`non_finite_tensor`)."""
 from __future__ import annotations
 
 import argparse
@@ -65,7 +45,7 @@ def is_resumable(checkpoint: dict) -> bool:
 
 @dataclass
 class TrainCheckpoint:
-    """Everything an exact resume needs (see the module docstring for the stored keys)."""
+    """Everything an exact resume needs (the stored keys: docs/training.md, "Stopping and resuming")."""
     model: dict
     ema: dict
     opt: dict
@@ -109,8 +89,7 @@ class TrainCheckpoint:
         return stored
 
     def save(self, path: str) -> None:
-        """Write to path atomically (a temporary file, then a rename), after checking that its tensors fit
-        the free space there (NoSpaceLeft, one line, before anything is written)."""
+        """Write to path atomically once its tensors are known to fit the space there (else NoSpaceLeft)."""
         stored = self.to_dict()
         check_free_space(path, tensor_bytes(stored) + (1 << 20), f"the checkpoint {os.path.basename(path)}")
         atomic_torch_save(stored, path)
@@ -129,24 +108,17 @@ def tensor_bytes(value: Any) -> int:
     """The bytes of every tensor in nested dicts and lists (what torch.save writes, less its small headers)."""
     if isinstance(value, torch.Tensor):
         return value.numel() * value.element_size()
-    if isinstance(value, dict):
-        return sum(tensor_bytes(item) for item in value.values())
-    if isinstance(value, (list, tuple)):
-        return sum(tensor_bytes(item) for item in value)
-    return 0
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    return sum(tensor_bytes(item) for item in items)
 
 
-#################################################################################
-#                  Judging what a checkpoint says, before using it              #
-#################################################################################
+# Judging what a checkpoint says, before using it
 
 FLOAT32_BYTES = 4
 
 
 def model_config_problem(config: Any) -> Optional[str]:
-    """What is wrong with SiT constructor arguments (None when they build a sane model that fits):
-    an unknown key, a wrong type, a value out of bounds, a shape that does not divide, or float32
-    parameters (as the model is first built, on the CPU) exceeding the memory available."""
+    """What is wrong with SiT constructor arguments (None: a sane model whose float32 weights fit memory)."""
     problem = models.ModelConfig.problem_of(config)
     if problem is not None:
         return problem
@@ -170,13 +142,6 @@ def non_finite_tensor(state_dict: dict) -> Optional[str]:
 
 def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _tensor_dict_problem(weights: Any, what: str) -> Optional[str]:
-    if not isinstance(weights, dict) or not all(isinstance(key, str) and isinstance(value, torch.Tensor)
-                                                for key, value in weights.items()):
-        return f"its {what} is not a dict of named tensors"
-    return None
 
 
 def optimizer_problem(opt: Any, parameter_shapes: list[torch.Size]) -> Optional[str]:
@@ -231,15 +196,12 @@ def train_checkpoint_problem(checkpoint: dict) -> Optional[str]:
     for key in ("train_steps", "epoch", "epoch_step"):
         if key in checkpoint and not _is_count(checkpoint[key]):
             return f"its {key} is {checkpoint[key]!r}, not a count >= 0"
-    for key in ("model", "ema"):
-        problem = _tensor_dict_problem(checkpoint[key], key)
-        if problem is not None:
-            return problem
     extras = extras_of(checkpoint)  # AdamW holds the SiT's parameters, then each loss term's
-    for name, weights in extras.items():
-        problem = _tensor_dict_problem(weights, f"{name} term's state")
-        if problem is not None:
-            return problem
+    named = [("model", checkpoint["model"]), ("ema", checkpoint["ema"])]
+    for what, weights in named + [(f"{name} term's state", weights) for name, weights in extras.items()]:
+        if not isinstance(weights, dict) or not all(isinstance(key, str) and isinstance(value, torch.Tensor)
+                                                    for key, value in weights.items()):
+            return f"its {what} is not a dict of named tensors"
     shapes = [tensor.shape for weights in (checkpoint["model"], *extras.values()) for tensor in weights.values()]
     problem = optimizer_problem(checkpoint["opt"], shapes)
     if problem is None and checkpoint.get("rng"):
@@ -252,29 +214,25 @@ def train_checkpoint_problem(checkpoint: dict) -> Optional[str]:
 
 
 def check_train_checkpoint(checkpoint: dict, source: str) -> None:
-    """UsageError naming `source` when a checkpoint to resume holds an unusable model config, counters,
-    optimizer, RNG or scaler state; checked before anything is built from it."""
+    """CheckpointError naming `source` when a checkpoint to resume holds an unusable model config, counters,
+    weights, optimizer, RNG or scaler state; checked before anything is built from it."""
     problem = train_checkpoint_problem(checkpoint)
     if problem is not None:
         raise download.CheckpointError(f"cannot resume {source}: {problem}")
 
 
 def check_epoch_position(checkpoint: dict, source: str, batches_per_epoch: int) -> None:
-    """UsageError when the checkpoint's position in its epoch lies past the epoch's batches (as this data
-    and batch size count them)."""
+    """CheckpointError when the checkpoint's position in its epoch lies past this data's epoch."""
     if checkpoint.get("epoch_step", 0) > batches_per_epoch:
         raise download.CheckpointError(f"cannot resume {source}: its epoch_step {checkpoint['epoch_step']} lies past "
                                        f"the {batches_per_epoch} batches of an epoch of this data")
 
 
-#################################################################################
-#                      Building the model a checkpoint holds                    #
-#################################################################################
+# Building the model a checkpoint holds
 
 def model_config_of(checkpoint: dict, source: str) -> dict:
     """SiT constructor arguments (every models.ModelConfig key): the stored "model_config", else read from the
-    parameter shapes; CheckpointError naming `source` when they are not sane (model_config_problem), before any
-    allocation."""
+    parameter shapes; CheckpointError naming `source` when they are not sane, before any allocation."""
     if "model_config" in checkpoint:
         config = checkpoint["model_config"]
     else:
@@ -289,8 +247,7 @@ def model_config_of(checkpoint: dict, source: str) -> dict:
 
 
 def model_shape_name(config: dict) -> str:
-    """What experiment and sample folders call a SiT of this config (SiT constructor arguments): its
-    published name (e.g. SiT-S/2) when the shape is one, else custom-d<depth>-w<width>-p<patch>."""
+    """What folders call a SiT of this config: its published name (SiT-S/2), else custom-d<D>-w<W>-p<P>."""
     return (models.model_name_for_config(config)
             or f"custom-d{config['depth']}-w{config['hidden_size']}-p{config['patch_size']}")
 
@@ -299,27 +256,20 @@ def checkpoint_info(config: dict, settings: dict) -> dict:
     """What a checkpoint says about itself: name, image size, classes, channels, VAE, transport."""
     vae = settings.get("vae")
     space = recorded_latent_space(vae)  # not loaded: its geometry only
-    # a model with pixels' channels that its recorded space (or, without a record, SD-VAE's) cannot have
-    # learns pixels (older checkpoints record no VAE)
+    # a model with pixels' channels that its recorded space (or SD-VAE, without a record) lacks learns pixels
     if config["in_channels"] == PixelSpace.channels and space.channels != PixelSpace.channels:
         space = PixelSpace()
     # only the settings the args hold: a missing key means "unknown", not None
     transport = {key: settings[key] for key in TRANSPORT_KEYS if key in settings} or None
-    return {
-        "model_name": models.model_name_for_config(config),
-        "image_size": space.image_size(config["input_size"]),
-        "num_classes": config["num_classes"],
-        "in_channels": config["in_channels"],
-        "pixel_space": space.pixel_space,
-        "vae": vae,
-        "transport": transport,
-    }
+    return {"model_name": models.model_name_for_config(config),
+            "image_size": space.image_size(config["input_size"]), "num_classes": config["num_classes"],
+            "in_channels": config["in_channels"], "pixel_space": space.pixel_space, "vae": vae,
+            "transport": transport}
 
 
 def stored_latent_statistics(checkpoint: dict, source: str, channels: int) -> Optional[LatentStatistics]:
-    """The statistics a --latent-norm per-channel checkpoint's model learned its latents normalised by (None:
-    constant, the latent space's own scale, as every older checkpoint); CheckpointError when they are
-    missing or unusable."""
+    """The statistics a --latent-norm per-channel model learned its latents normalised by (None: constant, as
+    every older checkpoint); CheckpointError when they are missing or unusable."""
     if settings_of(checkpoint).get("latent_norm", CONSTANT) != PER_CHANNEL:
         return None
     try:
@@ -328,12 +278,6 @@ def stored_latent_statistics(checkpoint: dict, source: str, channels: int) -> Op
                                           "without them", channels=channels)
     except UsageError as error:
         raise download.CheckpointError(str(error)) from None
-
-
-def _same_shape(model_name: str, config: dict) -> bool:
-    """Whether --model names the depth, width and patch size of this config."""
-    depth, hidden_size, patch_size, _ = models.MODEL_SHAPES[model_name]
-    return (depth, hidden_size, patch_size) == (config["depth"], config["hidden_size"], config["patch_size"])
 
 
 def check_request(info: dict, config: dict, model_name: Optional[str], image_size: Optional[int],
@@ -348,9 +292,10 @@ def check_request(info: dict, config: dict, model_name: Optional[str], image_siz
                                        f"was trained at {info['image_size']}")
     held = (f"{info['model_name'] or 'a custom SiT'} (depth {config['depth']}, width {config['hidden_size']}, "
             f"patch {config['patch_size']})")
+    shape = (config["depth"], config["hidden_size"], config["patch_size"])
     settings = {
         "model": Setting(Rule.LOCKED, conflict="{flag} {given} but the checkpoint holds {held}",
-                         same=lambda given, _: _same_shape(given, config)),
+                         same=lambda given, _: tuple(models.MODEL_SHAPES[given][:3]) == shape),
         "image_size": Setting(Rule.LOCKED, conflict="{flag} {given} but the checkpoint was trained at {held}"),
         "num_classes": Setting(Rule.LOCKED, conflict="{flag} {given} but the checkpoint has {held} classes"),
     }
@@ -363,8 +308,17 @@ def check_request(info: dict, config: dict, model_name: Optional[str], image_siz
         raise download.CheckpointError(str(error)) from None
 
 
-def check_load_arguments(ckpt: Any, model_name: Any, image_size: Any, num_classes: Any) -> None:
-    """TypeError/ValueError naming the first bad argument of load_model."""
+def load_model(ckpt: Optional[str | os.PathLike], model_name: Optional[str] = None, image_size: Optional[int] = None,
+               num_classes: Optional[int] = None) -> tuple[models.SiT, dict]:
+    """The SiT a checkpoint holds, in eval mode with its (EMA) weights, and what it knows about itself.
+
+    ckpt: published name, hub file, URL or path; None means the published checkpoint of model_name
+    (SiT-XL/2 by default) at image_size (256 by default). model_name / image_size / num_classes: what the
+    user asked for, or None to take the checkpoint's; a contradiction raises CheckpointError naming both, an
+    argument of the wrong type or range a TypeError/ValueError naming it, non-finite weights CheckpointError.
+    Returns (model on the CPU, info) with info = {"model_name", "image_size", "num_classes", "in_channels",
+    "pixel_space", "vae", "transport" (the args' TRANSPORT_KEYS; None without), "latent_statistics"}.
+    """
     download.check_source("load_model(ckpt)", ckpt, optional=True)
     if model_name is not None and not isinstance(model_name, str):
         raise TypeError(f"load_model(model_name) must be a str such as 'SiT-XL/2', or None, got "
@@ -376,24 +330,6 @@ def check_load_arguments(ckpt: Any, model_name: Any, image_size: Any, num_classe
             raise TypeError(f"load_model({name}) must be a positive int or None, got {type(value).__name__} {value!r}")
         if value <= 0:
             raise ValueError(f"load_model({name}) must be positive, got {value}")
-
-
-def load_model(ckpt: Optional[str | os.PathLike], model_name: Optional[str] = None, image_size: Optional[int] = None,
-               num_classes: Optional[int] = None) -> tuple[models.SiT, dict]:
-    """The SiT a checkpoint holds, in eval mode with its (EMA) weights, and what it knows about itself.
-
-    ckpt: published name, hub file, URL or path; None means the published checkpoint of model_name
-    (SiT-XL/2 by default: 256 or 512; SiT-L/2, SiT-B/2, SiT-S/2: 256) at image_size (256 by default).
-    model_name / image_size / num_classes: what the user asked for, or None to take the
-    checkpoint's; a contradiction raises CheckpointError naming both. Arguments of the wrong type
-    or range are a TypeError/ValueError naming the argument; weights holding NaN or infinity are
-    refused (CheckpointError naming the tensor).
-    Returns (model on the CPU, info) with info = {"model_name", "image_size", "num_classes",
-    "in_channels", "pixel_space", "vae", "transport", "latent_statistics"}; "vae" and "transport" (path_type,
-    prediction, loss_weight, train_eps, sample_eps, those the args hold) come from the checkpoint's args, None
-    without; "latent_statistics": a --latent-norm per-channel model's LatentStatistics, else None.
-    """
-    check_load_arguments(ckpt, model_name, image_size, num_classes)
     source = download.published_model(model_name, image_size, num_classes) if ckpt is None else os.fspath(ckpt)
     checkpoint = download.load_checkpoint(source)
     config = model_config_of(checkpoint, source)

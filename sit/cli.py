@@ -1,16 +1,9 @@
-"""What the scripts share about the command line: argparse value types, the speed flags, telling
-explicit flags from defaults, and turning library errors into one line and an exit code.
-
-Scripts call `run_main(main, "train.py")` and exit with the code it returns: a UsageError exits 2,
-a RunFailure or OSError exits 1, each as `<script>: error: <message>` on stderr (printed by rank 0
-only, so a torchrun job shows it once). Anything else is a bug (or a failure no check foresaw): its
-full traceback, then `<script>: error: unexpected <Type>: ...`, exit 1, on every rank that raised it.
-Ctrl-C outside the training loop (which saves and exits 0) is "interrupted", exit 130. `ScriptParser`
-makes argparse's own errors one line as well (the usage is for --help).
-"""
+"""What the scripts share about the command line: argparse value types, the speed flags, telling explicit
+flags from defaults, and `run_main`: library errors as one line and an exit code (docs/reliability.md)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import re
@@ -75,13 +68,9 @@ def flag_text(value: Any) -> str:
 
 class ScriptParser(argparse.ArgumentParser):
     """argparse.ArgumentParser whose errors are one line, `<prog>: error: <message> (see <prog> --help)`,
-    exit 2 (argparse's own code), instead of the usage block followed by the message. A value such as
-    -1e-4 is read as a (negative) number, not as an unknown flag (argparse's own pattern misses exponents),
-    so that it gets the flag's own message.
-
-    `--config FILE` (YAML or JSON: flag names, with dashes or underscores, and values) fills any flag the
-    command line does not give, each value checked by the flag's own type and choices; a flag given too
-    wins, said once on stderr. Flags a config file fills count as given (sit.cli.parse_with_explicit)."""
+    exit 2; a value such as -1e-4 is a (negative) number, not an unknown flag. `--config FILE` (YAML or JSON
+    flags by name) fills the flags the command line does not give (checked by each flag's type and choices;
+    a flag given too wins, said once); flags a config file fills count as given (parse_with_explicit)."""
 
     def __init__(self, *args: Any, **kwargs: Any):
         kwargs.setdefault("formatter_class", DefaultsInHelp)
@@ -155,10 +144,7 @@ class ScriptParser(argparse.ArgumentParser):
 
 
 def add_speed_arguments(parser: argparse.ArgumentParser, precision_default: Optional[str] = "tf32") -> None:
-    """--precision and --compile, shared by train.py, sample.py and sample_ddp.py.
-
-    precision_default None lets a script tell an explicit --precision apart (the sampling scripts' --no-tf32).
-    """
+    """--precision and --compile (precision_default None: a script can tell an explicit --precision apart)."""
     group = parser.add_argument_group("Speed arguments")
     group.add_argument("--precision", type=str, choices=PRECISION_CHOICES, default=precision_default,
                        help="fp32; tf32 (the original's default: fp32 weights, TF32 matmuls on GPUs); bf16 or fp16 "
@@ -171,10 +157,8 @@ def add_speed_arguments(parser: argparse.ArgumentParser, precision_default: Opti
 
 def parse_with_explicit(build_parser: Callable[[], argparse.ArgumentParser],
                         argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace, frozenset[str]]:
-    """Parse argv, and tell which destinations the command line gave explicitly (not argparse defaults).
-
-    The second parse runs with every default replaced by a marker that no command line can produce.
-    """
+    """Parse argv, and tell which destinations the command line gave explicitly (a second parse with every
+    default replaced by a marker that no command line can produce)."""
     args = build_parser().parse_args(argv)
     not_given = object()
     explicit_parser = build_parser()
@@ -196,16 +180,10 @@ def one_line(message: str) -> str:
 
 
 def run_main(main: Callable[[], Any], script: str) -> int:
-    """Run a script's main(); returns its exit code.
-
-    The user's errors (SiTError: UsageError, RunFailure; an OSError naming a file; Ctrl-C) are one line
-    on stderr, `<script>: error: <message>`, printed by rank 0 only: every rank agrees on them, so a
-    torchrun job shows the line once. Any other exception is a bug to fix, not a message: its full
-    traceback goes to stderr, then one last line `<script>: error: unexpected <Type>: <first line of its
-    message> (a bug: please report it with the traceback above)`, exit 1. That is printed by every rank
-    that raised it, not rank 0 only: a bug may hit one rank alone (rank 0 then waits or fails otherwise),
-    and in a torchrun job each rank's traceback is needed to debug it; the last line says which rank.
-    """
+    """Run a script's main(); returns its exit code. The user's errors (SiTError, an OSError, Ctrl-C) are one
+    line `<script>: error: <message>` on rank 0 only (every rank agrees on them). Any other exception is a
+    bug: its traceback and a last line `<script>: error: unexpected <Type>: ...`, exit 1, on every rank that
+    raised it (a bug may hit one rank alone)."""
     try:
         main()
         return 0
@@ -235,18 +213,12 @@ def describe_os_error(error: OSError) -> str:
 
 
 def exit_process(code: int) -> NoReturn:
-    """End a script's process with `code` (its last line: `exit_process(run_main(main, "train.py"))`).
-
-    Under torchrun the process ends with os._exit once stdout and stderr are flushed: the run has
-    already left the process group and released its locks, and skipping the interpreter's teardown
-    skips the C++ destructors of Gloo/NCCL and store threads that, run in an unlucky order, abort a
-    finished worker ("terminate called without an active exception") and turn its exit 0 into a crash.
-    """
+    """End a script's process with `code` (`exit_process(run_main(main, "train.py"))`). Under torchrun:
+    os._exit once stdout and stderr are flushed, skipping the teardown whose Gloo/NCCL destructors can abort
+    a finished worker (docs/reliability.md, "Stopping a torchrun job")."""
     if not launched_by_torchrun():
         sys.exit(code)
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with contextlib.suppress(OSError, ValueError):  # a closed or broken pipe: nothing more to say
             stream.flush()
-        except (OSError, ValueError):  # a closed or broken pipe: nothing more to say
-            pass
     os._exit(code)

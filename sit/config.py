@@ -1,13 +1,6 @@
-"""Typed configuration, and the one rule for settings that both a flag and a checkpoint can give.
-
-`resolve_settings` is that rule, used by train.py (resume), the sampling scripts and
-`sit.checkpoint.load_model`: an explicit flag that contradicts the checkpoint is an error (for
-settings that describe what the model is) or a warning (for settings a run may change); otherwise
-the flag, else the checkpoint's value, else the original's default. It records where each value
-came from, so messages can say "from the checkpoint" rather than blame a flag the user never gave.
-
-The dataclasses hold what the library needs to build a transport and its sampling functions.
-"""
+"""Typed configuration (transport, sampler families, guidance), and `resolve_settings`: the one rule for
+settings that both a flag and a checkpoint can give (a contradicting flag is an error for what describes
+the model, else a warning or silent; otherwise the flag, else the checkpoint's value, else the default)."""
 from __future__ import annotations
 
 import argparse
@@ -25,9 +18,7 @@ from transport.integrators import ADAPTIVE_METHODS, TOLERANCE_FREE_METHODS, is_a
 from transport.schedules import TimeSchedule
 
 
-#################################################################################
-#                         Flag versus checkpoint resolution                      #
-#################################################################################
+# Flag versus checkpoint resolution
 
 class Rule(enum.Enum):
     LOCKED = "locked"   # describes the model: a contradicting flag is an error
@@ -37,10 +28,9 @@ class Rule(enum.Enum):
 
 @dataclass(frozen=True)
 class Setting:
-    """How one setting resolves. `conflict`/`warning` are message templates with {flag}, {given},
-    {held} and {source}; `same` compares a flag's value with the checkpoint's. `incompatible`
-    (optional) names values that contradict even where the rule allows another value (e.g. pixels
-    against VAE latents for a WARN setting): those are an error with the `conflict` message."""
+    """How one setting resolves. `conflict`/`warning`: message templates with {flag}, {given}, {held} and
+    {source}; `same` compares a flag's value with the checkpoint's; `incompatible`: values that are an
+    error (the `conflict` message) even where the rule allows another value."""
     rule: Rule = Rule.LOCKED
     default: Any = None
     conflict: str = "{flag} {given} but {source} was trained with {flag} {held}"
@@ -72,8 +62,7 @@ class Resolved:
         return self.values[key]
 
     def describe(self, key: str) -> str:
-        """Where a value came from, for messages: `--num-classes 2` (a flag), `the checkpoint's
-        num_classes 2`, or `--num-classes 1000 (the default)`."""
+        """Where a value came from: `--num-classes 2`, `the checkpoint's num_classes 2`, `(the default)`."""
         flag = "--" + key.replace("_", "-")
         if self.origin[key] == "flag":
             return f"{flag} {self.values[key]}"
@@ -85,13 +74,9 @@ class Resolved:
 def resolve_settings(settings: Mapping[str, Setting], given: Mapping[str, Any], stored: Optional[Mapping[str, Any]],
                      source: str = "the checkpoint", held_display: Optional[Mapping[str, str]] = None,
                      hint: str = "") -> Resolved:
-    """Resolve each setting from the explicit flags `given`, the checkpoint's `stored` values and the defaults.
-
-    given: only the flags the command line gave (see sit.cli.parse_with_explicit); stored: what the
-    checkpoint holds (None: no checkpoint; a missing key means unknown). held_display: how to show
-    a stored value in messages. hint: appended to conflict messages ("; drop the flag ...").
-    Raises UsageError on a contradiction of a LOCKED setting.
-    """
+    """Resolve each setting from the explicit flags `given` (sit.cli.parse_with_explicit), the checkpoint's
+    `stored` values (None: no checkpoint; a missing key: unknown) and the defaults. held_display: how
+    messages show a stored value; hint: appended to conflict messages. UsageError on a refused conflict."""
     stored = stored or {}
     values, origin, warnings = {}, {}, []
     for key, setting in settings.items():
@@ -111,9 +96,7 @@ def resolve_settings(settings: Mapping[str, Setting], given: Mapping[str, Any], 
     return Resolved(values, origin, warnings)
 
 
-#################################################################################
-#                              Transport and samplers                            #
-#################################################################################
+# Transport and samplers
 
 @dataclass(frozen=True)
 class TransportConfig:
@@ -125,8 +108,7 @@ class TransportConfig:
     sample_eps: Optional[float] = None
 
     def build(self, time_schedule: Optional[TimeSchedule] = None) -> Transport:
-        """The Transport (time_schedule: how training draws t; None: the original's uniform draw);
-        an invalid combination raises UsageError naming the flag's values."""
+        """The Transport (time_schedule: how training draws t; None: uniform); UsageError naming the flags."""
         try:
             # a checkpoint of an older run may hold a loss weight of a velocity model: never applied
             return create_transport(self.path_type, self.prediction, self.applied_loss_weight, self.train_eps,
@@ -136,8 +118,7 @@ class TransportConfig:
 
     @property
     def applied_loss_weight(self) -> Optional[str]:
-        """The loss weight training applies: None for a velocity model, whose loss the original never
-        weights whatever --loss-weight says (only score and noise losses are weighted)."""
+        """The loss weight training applies: None for a velocity model (the original never weights it)."""
         return None if self.prediction == "velocity" else self.loss_weight
 
 
@@ -157,15 +138,10 @@ COMMON_FIELDS = ("sampling_method", "num_steps", "time_shift")  # every family's
 
 
 class SamplerFamily:
-    """A sampler family of the sampling scripts: a frozen dataclass of its settings, which include
-    `sampling_method`, `num_steps` and `time_shift` (None: uniform steps); registered by its `mode`
-    in sit.sampling.families.SAMPLER_FAMILIES (docs/ARCHITECTURE.md, "Add a sampler").
-
-    mode: the scripts' first argument; title: the mode in their help; add_flags: its flag group;
-    supports_likelihood: sample_ddp.py --likelihood integrates it (then it has likelihood_fn);
-    average_velocity: it samples MeanFlow models (ModelConfig.mean_flow), and only those (False: velocity models);
-    min_steps: the fewest --num-sampling-steps it takes.
-    """
+    """A sampler family of the sampling scripts: a frozen dataclass of its settings (with `sampling_method`,
+    `num_steps`, `time_shift`), registered by its `mode` in SAMPLER_FAMILIES (docs/ARCHITECTURE.md). title:
+    the mode in help; supports_likelihood: it has likelihood_fn; average_velocity: it samples MeanFlow
+    models, and only those; min_steps: the fewest --num-sampling-steps it takes."""
     mode: ClassVar[str]
     title: ClassVar[str]
     add_flags: ClassVar[Callable[[argparse.ArgumentParser], None]]
@@ -175,8 +151,7 @@ class SamplerFamily:
 
     @classmethod
     def from_flags(cls, flags: Mapping[str, Any]) -> "SamplerFamily":
-        """The settings of parsed flags (e.g. vars(args)): each field from the flag of its name
-        (num_steps: --num-sampling-steps); a field whose flag the script lacks keeps its default."""
+        """The settings of parsed flags (vars(args)): each field from its flag (FLAG_OF_FIELD), if given."""
         values = {item.name: flags[FLAG_OF_FIELD.get(item.name, item.name)] for item in dataclasses.fields(cls)
                   if FLAG_OF_FIELD.get(item.name, item.name) in flags}
         return cls(**values)
@@ -317,8 +292,8 @@ def build_sample_fn(transport: TransportConfig, sampler: SamplerFamily, keep_tra
 
 @dataclass(frozen=True)
 class GuidanceConfig:
-    """Classifier-free guidance: scale (1: none), which channels, and the interval of t where it applies;
-    with guide_ckpt, autoguidance by that checkpoint's model instead of the null label (sit.guidance)."""
+    """Classifier-free guidance: scale (1: none), which channels, the interval of t where it applies, and
+    guide_ckpt: autoguidance by that checkpoint's model instead of the null label (sit.guidance)."""
     scale: float = 1.0
     all_channels: bool = False
     interval: tuple[float, float] = (0.0, 1.0)

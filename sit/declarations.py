@@ -1,7 +1,7 @@
 """Settings declared once: a frozen dataclass per feature, one field per setting, each field carrying its
-flag's help, type, choices and default and how a resumed run treats it. The scripts' flags are built
-from these declarations (`add_flags`), the flag-vs-checkpoint resolution reads their rules
-(`resume_rules`), and the typed settings are made from the parsed values (`from_values`).
+flag's help, type, choices and default and how a resumed run treats it. The scripts' flags are built from
+these declarations (`add_flags`), the flag-vs-checkpoint resolution reads their rules (`resume_rules`), and
+the typed settings are made from the parsed values (`from_values`).
 
     @dataclass(frozen=True)
     class RepaSettings:
@@ -10,9 +10,9 @@ from these declarations (`add_flags`), the flag-vs-checkpoint resolution reads t
                                   resume=Setting(Rule.LOCKED))
 
 A field's name is its flag's destination (`repa_depth` -> `--repa-depth`). `resume`: None keeps the
-command line's value on a resume (run length, logging); a `sit.config.Setting` reads the checkpoint's
-value unless the flag is given, by its rule (LOCKED: a contradicting flag is an error; WARN: the flag
-wins with a warning; FREE: the flag wins silently).
+command line's value on a resume; a `sit.config.Setting` reads the checkpoint's value unless the flag is
+given, by its rule (LOCKED: a contradicting flag is an error; WARN: the flag wins with a warning; FREE: it
+wins silently).
 """
 from __future__ import annotations
 
@@ -33,29 +33,20 @@ class Needs:
     holds: Callable[[Any], bool]
 
 
-@dataclass(frozen=True)
-class FlagSpec:
-    """How one setting appears on the command line (argparse's add_argument keywords)."""
-    help: str
-    type: Optional[Callable[[str], Any]] = None
-    choices: Optional[Sequence[Any]] = None
-    action: Optional[Any] = None  # e.g. "store_true", argparse.BooleanOptionalAction
-    nargs: Optional[str] = None
-    const: Any = None
-    metavar: Optional[str] = None
-    one_of: Optional[str] = None  # a required choice between the flags that name the same group
-
-
 def declare(default: Any, help: str, *, type: Optional[Callable[[str], Any]] = None,
             choices: Optional[Sequence[Any]] = None, action: Any = None, nargs: Optional[str] = None, const: Any = None,
             metavar: Optional[str] = None, one_of: Optional[str] = None, resume: Optional[Setting] = None,
             canonical: Optional[Callable[[Any], Any]] = None, needs: Optional[Needs] = None) -> Any:
-    """A settings dataclass field: its default, its flag (help, type, choices, ...), its resume rule,
-    (canonical) how a given value is named wherever the run starts (e.g. a local file: its real path)
-    and (needs) the condition without which the flag would do nothing (giving it then is an error)."""
-    spec = FlagSpec(help, type, choices, action, nargs, const, metavar, one_of)
-    return dataclasses.field(default=default, metadata={"flag": spec, "resume": resume, "canonical": canonical,
-                                                         "needs": needs})
+    """A settings dataclass field: its default, its flag (argparse's add_argument keywords; one_of: a required
+    choice between the flags that name the same group), its resume rule, (canonical) how a given value is
+    named wherever the run starts (e.g. a local file: its real path) and (needs) the condition without which
+    the flag would do nothing (giving it then is an error)."""
+    options = {key: value for key, value in (("type", type), ("choices", choices), ("action", action),
+                                              ("nargs", nargs), ("const", const), ("metavar", metavar))
+               if value is not None}
+    metadata = {"flag": {"help": help, **options}, "one_of": one_of, "resume": resume, "canonical": canonical,
+                "needs": needs}
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 def declared_fields(settings_type: type) -> list[dataclasses.Field]:
@@ -74,15 +65,12 @@ def add_flags(parser: argparse.ArgumentParser, settings_type: type) -> None:
     group = parser.add_argument_group(title) if title else parser
     exclusive: dict[str, Any] = {}  # one_of -> its mutually exclusive group (one flag of it is required)
     for field in declared_fields(settings_type):
-        spec: FlagSpec = field.metadata["flag"]
-        if spec.one_of and spec.one_of not in exclusive:
-            exclusive[spec.one_of] = group.add_mutually_exclusive_group(required=True)
-        target = exclusive[spec.one_of] if spec.one_of else group
-        options = {key: value for key, value in (("type", spec.type), ("choices", spec.choices),
-                                                  ("action", spec.action), ("nargs", spec.nargs),
-                                                  ("const", spec.const), ("metavar", spec.metavar))
-                   if value is not None}
-        target.add_argument(flag_name(field.name), dest=field.name, default=field.default, help=spec.help, **options)
+        one_of = field.metadata["one_of"]
+        if one_of and one_of not in exclusive:
+            exclusive[one_of] = group.add_mutually_exclusive_group(required=True)
+        target = exclusive[one_of] if one_of else group
+        flag = field.metadata["flag"]
+        target.add_argument(flag_name(field.name), dest=field.name, default=field.default, **flag)
 
 
 def from_values(settings_type: type, values: Mapping[str, Any]) -> Any:
@@ -91,8 +79,7 @@ def from_values(settings_type: type, values: Mapping[str, Any]) -> Any:
 
 
 def check_needs(settings: Any, explicit: AbstractSet[str]) -> None:
-    """UsageError naming the flags given (explicit) whose condition does not hold for these settings:
-    they would do nothing, silently."""
+    """UsageError naming the flags given (explicit) whose condition does not hold: they would do nothing."""
     unmet: dict[str, list[str]] = {}
     for field in declared_fields(type(settings)):
         needs = field.metadata["needs"]

@@ -1,9 +1,5 @@
-"""Where a process stands in a torchrun job, and how ranks agree.
-
-`agree` is the one way ranks learn each other's outcome: each rank runs its part (or nothing),
-then every rank learns whether any failed; if one did, every rank raises the same error (the first
-failing rank's message) instead of waiting for it at the next collective.
-"""
+"""Where a process stands in a torchrun job, and how ranks agree: `agree` runs each rank's part, then every
+rank raises the first failing rank's error instead of waiting for it at the next collective."""
 from __future__ import annotations
 
 import datetime
@@ -52,10 +48,7 @@ def launched_rank() -> int:
 
 
 def setup_distributed(timeout_minutes: int = 30) -> DistContext:
-    """Join the torchrun job (NCCL on GPUs, Gloo on CPU), or run as a single plain process.
-
-    The device comes from LOCAL_RANK, so multi-node jobs pick the right GPU.
-    """
+    """Join the torchrun job (NCCL on GPUs, Gloo on CPU; the GPU from LOCAL_RANK), or run as one process."""
     use_cuda, launched = torch.cuda.is_available(), launched_by_torchrun()
     local_rank = int(os.environ.get("LOCAL_RANK", 0)) if launched else 0
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
@@ -114,13 +107,9 @@ def any_rank(flag: bool, device: torch.device, group: Any = None) -> bool:
 
 
 def agree(ctx: DistContext, action: Optional[Callable[[], T]]) -> Optional[T]:
-    """Run `action` on this rank (None: this rank only joins), then agree on the outcome.
-
-    A failure is a library error (SiTError) or an OSError. If any rank failed, every rank raises
-    the first failing rank's error: a UsageError stays a UsageError, anything else becomes a
-    RunFailure with the same message. Every rank must call this at the same point (a collective).
-    Returns the action's result on this rank (None where it had no action).
-    """
+    """Run `action` on this rank (None: this rank only joins), then agree on the outcome (a collective).
+    If any rank failed (a SiTError or an OSError), every rank raises the first failing rank's error: a
+    UsageError stays one, anything else becomes a RunFailure with its message. Returns this rank's result."""
     result, failure = None, None
     try:
         result = action() if action is not None else None
@@ -143,8 +132,7 @@ def on_main(ctx: DistContext, action: Callable[[], T]) -> Optional[T]:
 
 
 def main_first(ctx: DistContext, action: Callable[[], T]) -> T:
-    """Rank 0 runs `action` first (e.g. a download into a shared cache), then the other ranks; any
-    failure ends every rank alike (see agree). Returns this rank's result."""
+    """Rank 0 runs `action` first (e.g. a download into a shared cache), then the other ranks (see agree)."""
     on_rank_0 = agree(ctx, action if ctx.is_main else None)
     on_others = agree(ctx, None if ctx.is_main else action)
     return on_rank_0 if ctx.is_main else on_others

@@ -1,8 +1,5 @@
-"""The exceptions the library raises; only the scripts turn them into a one-line message and an exit code.
-
-- `UsageError`: something the user can fix (a flag, a file they named); the message names it. Exit 2.
-- `RunFailure`: the run itself failed (a write, divergence, another rank's failure). Exit 1.
-"""
+"""The library's exceptions; only the scripts turn them into one line and an exit code
+(`UsageError`: the user can fix it, exit 2; `RunFailure`: the run failed, exit 1)."""
 from __future__ import annotations
 
 import contextlib
@@ -38,8 +35,7 @@ def reported_as(what: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def named_by(flag: str) -> Iterator[None]:
-    """A UsageError inside the block that names no flag is `flag`'s: "<flag>: <message>" (of the same type).
-    The checkpoint loaders name the file they were given; the user needs the flag that gave it too."""
+    """A UsageError inside the block that names no flag is `flag`'s: "<flag>: <message>" (same type)."""
     try:
         yield
     except UsageError as error:
@@ -49,8 +45,8 @@ def named_by(flag: str) -> Iterator[None]:
 
 
 def error_line(error: BaseException, limit: int = 200, with_type: bool = True) -> str:
-    """`Type: the first line of its message` (with_type=False: the line alone), cut to `limit` characters: an
-    error inside one line; the type's name for an empty message."""
+    """`Type: the first line of its message` (with_type=False: the line alone), cut to `limit` characters;
+    the type's name for an empty message."""
     lines = str(error).strip().splitlines()
     first = lines[0].strip()[:limit] if lines else ""
     if not first:

@@ -1,19 +1,10 @@
-"""Every file the project writes goes through `atomic_write`: a temporary file beside the target,
-flushed to disk, then renamed over it. A crash never leaves a partial file at the final path.
-
-Temporary names say who wrote them: `.tmp-<pid>@<host>~XXXXXXXX<suffix>` (the suffix chosen by the
-caller), so that the owner of a folder can remove what a killed run left behind (`remove_temporaries`)
-without touching the file another live process on this host is still writing.
-
-A full disk is one line: a write that fails for want of space (ENOSPC, a quota, or torch.save's
-"unexpected pos") raises `NoSpaceLeft` naming the file and the space left; `check_free_space` refuses
-heavy work up front when an estimate of what it will write does not fit.
-"""
+"""Every file the project writes goes through `atomic_write`: a temporary `.tmp-<pid>@<host>~XXXXXXXX<suffix>`
+beside the target, flushed, then renamed over it (docs/reliability.md). A write that runs out of space
+raises `NoSpaceLeft`, one line naming the file; `check_free_space` refuses heavy work up front."""
 from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import hashlib
 import json
 import os
@@ -56,22 +47,19 @@ def process_alive(pid: int) -> bool:
 
 
 def temporary_owner(name: str) -> Optional[tuple[int, str]]:
-    """(pid, host) of a temporary file's writer, read from its name; None for a name without one
-    (an older version's, or not atomic_write's)."""
+    """(pid, host) of a temporary file's writer, read from its name; None for a name without one."""
     match = OWNED_TEMPORARY.match(name)
     return (int(match.group(1)), match.group(2)) if match else None
 
 
 def held_by_another_process(name: str) -> bool:
-    """Whether a temporary file may still be written: its writer is another live process on this host,
-    or a process on another host (which cannot be checked from here)."""
+    """Whether a temporary file may still be written: by another live process on this host, or on another
+    host (which cannot be checked from here)."""
     owner = temporary_owner(name)
     if owner is None:
         return False
     pid, host = owner
-    if host != this_host():
-        return True
-    return pid != os.getpid() and process_alive(pid)
+    return host != this_host() or (pid != os.getpid() and process_alive(pid))
 
 
 def free_bytes(path: str) -> int:
@@ -92,8 +80,7 @@ def format_bytes(count: float) -> str:
 
 
 def check_free_space(path: str, needed: int, what: str) -> None:
-    """NoSpaceLeft before heavy work when `needed` bytes (an estimate of `what` will be written at
-    `path`) do not fit in the space left there."""
+    """NoSpaceLeft when `needed` bytes (an estimate of what `what` will write at `path`) do not fit there."""
     available = free_bytes(path)
     if needed > available:
         raise NoSpaceLeft(f"no space left on {path}: {what} needs about {format_bytes(needed)}, only "
@@ -101,8 +88,8 @@ def check_free_space(path: str, needed: int, what: str) -> None:
 
 
 def preallocate(path: str) -> None:
-    """Reserve the disk blocks of a file's whole length (a sparse file made by a memory map): a write
-    through the map to a full disk is then no SIGBUS; NoSpaceLeft when the blocks are not there."""
+    """Reserve the disk blocks of a file's whole length (a sparse memory-mapped file): a write through the
+    map to a full disk is then no SIGBUS; NoSpaceLeft when the blocks are not there."""
     fd = os.open(path, os.O_RDWR)
     try:
         os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
@@ -117,9 +104,8 @@ def preallocate(path: str) -> None:
 
 def is_no_space(error: BaseException) -> bool:
     """Whether a failed write ran out of space: ENOSPC, a quota, a file size limit, or torch.save's short write."""
-    if isinstance(error, OSError) and error.errno in NO_SPACE_ERRNOS:
-        return True
-    return isinstance(error, RuntimeError) and TORCH_SHORT_WRITE.search(str(error)) is not None
+    return (isinstance(error, OSError) and error.errno in NO_SPACE_ERRNOS
+            or isinstance(error, RuntimeError) and TORCH_SHORT_WRITE.search(str(error)) is not None)
 
 
 def no_space_left(path: str, error: BaseException) -> NoSpaceLeft:
@@ -131,13 +117,10 @@ def no_space_left(path: str, error: BaseException) -> NoSpaceLeft:
 
 def current_umask() -> int:
     """The process's umask, read without changing it where Linux allows (os.umask can only swap it)."""
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
     umask = os.umask(0o022)  # elsewhere: swap and restore at once
     os.umask(umask)
     return umask
@@ -147,17 +130,13 @@ def fsync_path(path: str) -> None:
     """Flush a file's (or a folder's) data to disk; folders are best effort (not every system can open them)."""
     try:
         fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        if os.path.isdir(path):
-            return
-        raise
-    try:
-        os.fsync(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     except OSError:
         if not os.path.isdir(path):
             raise
-    finally:
-        os.close(fd)
 
 
 def same_inode(path: str, fd: int) -> bool:
@@ -170,14 +149,9 @@ def same_inode(path: str, fd: int) -> bool:
 
 
 def _write_through_temporary(path: str, write: Callable[[int, str], None], suffix: str) -> None:
-    """atomic_write's work: write(fd, tmp_path) fills the temporary file open as fd (named tmp_path).
-
-    mkstemp creates the temporary with O_CREAT | O_EXCL | O_NOFOLLOW under a fresh random name, so a link
-    or file planted at a name is never opened: it picks another. The file is then flushed and given its
-    permissions through fd, never by name (os.chmod would follow a link put at the name meanwhile), and
-    renamed only while the name still is that file; os.replace puts it in place of a link at `path`, it
-    never writes through one.
-    """
+    """atomic_write's work: write(fd, tmp_path) fills the temporary open as fd. mkstemp never opens a planted
+    link or file; permissions are set through fd, never by name, and the rename happens only while the name
+    still is that file (os.replace puts it in place of a link at `path`, never writes through one)."""
     directory = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(directory, exist_ok=True)
@@ -209,14 +183,9 @@ def _write_through_temporary(path: str, write: Callable[[int, str], None], suffi
 
 
 def atomic_write(path: str, write: Callable[[str], None], suffix: str = ".tmp") -> None:
-    """Call write(tmp_path) on a temporary file beside `path`, fsync it, then rename it to `path`.
-
-    The temporary name is `.tmp-<pid>@<host>~XXXXXXXX<suffix>`; on any failure it is removed and the
-    error propagates, a full disk as `NoSpaceLeft`. The file gets the permissions the umask gives a
-    new file (mkstemp's own are 0600). A link at `path` is replaced, not written through; write()
-    reopens the temporary by its name, and RunFailure is raised (nothing renamed) if that name no longer
-    is the temporary afterwards (see _write_through_temporary).
-    """
+    """Call write(tmp_path) on a temporary file beside `path`, fsync it, then rename it to `path` (with the
+    umask's permissions). On any failure the temporary is removed and the error propagates, a full disk as
+    NoSpaceLeft; RunFailure (nothing renamed) if tmp_path no longer is the temporary after write()."""
     _write_through_temporary(path, lambda fd, tmp_path: write(tmp_path), suffix)
 
 
@@ -230,19 +199,17 @@ def _torch_save(obj: Any, path: str) -> None:
 
 def atomic_torch_save(obj: Any, path: str) -> None:
     """torch.save to a temporary file beside `path`, then rename."""
-    atomic_write(path, functools.partial(_torch_save, obj), suffix=".pt")
-
-
-def _write_text(text: str, fd: int, tmp_path: str) -> None:
-    """`text` into the open temporary itself (a duplicate of fd: the name is not opened again)."""
-    with os.fdopen(os.dup(fd), "w") as handle:
-        handle.write(text)
+    atomic_write(path, lambda tmp_path: _torch_save(obj, tmp_path), suffix=".pt")
 
 
 def atomic_text(path: str, text: str, suffix: str = ".txt") -> None:
-    """A small text file at `path`, atomically (its temporary's name ends in suffix), written through the
-    temporary's own descriptor: latest.txt, records, markers never reopen a name."""
-    _write_through_temporary(path, functools.partial(_write_text, text), suffix)
+    """A small text file at `path`, atomically, written through the temporary's own descriptor."""
+
+    def write(fd: int, tmp_path: str) -> None:
+        with os.fdopen(os.dup(fd), "w") as handle:
+            handle.write(text)
+
+    _write_through_temporary(path, write, suffix)
 
 
 def atomic_json(path: str, data: Any) -> None:
@@ -260,7 +227,7 @@ def move_file(source: str, destination: str) -> None:
 def removed_on_failure_if_empty(folders: Sequence[str], ignoring: Collection[str] = (),
                                 enabled: bool = True) -> Iterator[None]:
     """On an exception inside the block, remove each of folders, in order, that holds nothing but the
-    names in `ignoring` (a lock file, a settings record); re-raise. A folder with anything else is kept."""
+    names in `ignoring` (a lock file, a settings record); re-raise."""
     try:
         yield
     except BaseException:
@@ -278,25 +245,23 @@ def removed_on_failure_if_empty(folders: Sequence[str], ignoring: Collection[str
 
 
 def remove_temporaries(folder: str, suffix: str, prefix: str = TEMPORARY_PREFIX) -> int:
-    """Delete the temporary files atomic_write left in `folder` with this suffix (a killed run's), except
-    those another live process may still be writing (see held_by_another_process); returns how many."""
+    """Delete the temporary files with this suffix that killed runs left in `folder`, except those another
+    process may still be writing (held_by_another_process); returns how many."""
     if not os.path.isdir(folder):
         return 0
     removed = 0
     for name in os.listdir(folder):
         if name.startswith(prefix) and name.endswith(suffix) and not held_by_another_process(name):
-            try:
+            with contextlib.suppress(FileNotFoundError):  # its writer finished (renamed it) meanwhile
                 if stat.S_ISDIR(os.lstat(os.path.join(folder, name)).st_mode):
                     continue  # not a temporary file of ours; a link is removed itself, never what it points to
                 os.remove(os.path.join(folder, name))
                 removed += 1
-            except FileNotFoundError:  # its writer finished (renamed it) meanwhile
-                pass
     return removed
 
 
 def sha256_file(path: str, chunk_bytes: int = 1 << 20) -> str:
-    """The SHA-256 of a file's bytes, as 64 hex digits (read in chunks: weights and batches can be large)."""
+    """The SHA-256 of a file's bytes, as 64 hex digits (read in chunks)."""
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         for chunk in iter(lambda: file.read(chunk_bytes), b""):
@@ -310,10 +275,7 @@ def file_fingerprint(path: str) -> str:
 
 
 def folder_sha256(folder: str) -> str:
-    """The SHA-256 of a folder's files: of the lines "<relative path> <its sha256>", sorted (64 hex digits).
-
-    Names and contents count, so renaming, changing, adding or removing a file changes it.
-    """
+    """The SHA-256 of the sorted lines "<relative path> <its sha256>" of a folder's files (64 hex digits)."""
     lines = []
     for root, _, names in os.walk(folder):
         for name in names:
@@ -323,8 +285,8 @@ def folder_sha256(folder: str) -> str:
 
 
 def folder_problem(path: str) -> Optional[str]:
-    """Why a folder at `path` cannot be used for writing (None if it can): a file is there, or the nearest
-    existing folder above it (where the rest would be created) is a file or not writable."""
+    """Why a folder at `path` cannot be written (None if it can): a file is there, or the nearest existing
+    folder above it is a file or not writable."""
     if os.path.exists(path) and not os.path.isdir(path):
         return f"{path} is not a folder (it is a file)"
     existing = os.path.abspath(path)

@@ -1,23 +1,10 @@
-"""Folders with one writer: an experiment folder (train.py), a sample folder (sample_ddp.py) and a
-feature folder (extract_features.py) each hold `owner.lock` while a run writes there.
+"""One writer per folder: an experiment, sample or feature folder holds `owner.lock` while a run writes there.
 
-The lock is an advisory `flock` on `<folder>/owner.lock`, which names its holder as JSON
-({"pid", "host", "started", "command"}). The kernel drops the flock when its process dies, however it
-dies, so a second run is refused only while the first one lives; a lock file that a killed run left
-behind (its pid no longer runs on this host) is taken over with a warning. Under torchrun only rank 0
-takes the lock; the other ranks learn the outcome through sit.distributed.agree (`on_main`).
-
-The lock file is written in place, not through sit.files.atomic_write: the flock belongs to that very
-file, and a rename would put the holder's name on another one.
-
-Results, sample and feature folders may be shared, so the lock file is never trusted to be ours:
-- it is created with O_EXCL and an existing one is opened with O_NOFOLLOW, then checked with fstat: a
-  symbolic link, a FIFO, a folder, a device or a file with other names (a hard link) at `owner.lock` is
-  refused with one line naming it (UsageError: remove it), never opened through, written or deleted;
-- a lock file that names no holder in this format (not JSON, not an object, a pid that is no process id,
-  a host name no host has) is refused the same way rather than taken over: whether its writer still runs
-  cannot be judged, so the user decides (remove it if no run writes the folder). An empty lock file is
-  what a run killed between creating and naming it leaves: it is taken over silently, as before.
+An advisory `flock` on the lock file, which names its holder as JSON ({"pid", "host", "started", "command"});
+the kernel drops it when its process dies, and a dead run's lock is taken over with a warning. Under torchrun
+only rank 0 takes it. The file is written in place (the flock belongs to that very file), and a link, a
+non-regular file, a hard link or content that names no holder is refused, never followed or taken over
+(docs/reliability.md).
 """
 from __future__ import annotations
 
@@ -43,6 +30,9 @@ HOST_NAME = re.compile(r"^[A-Za-z0-9.-]{1,64}$")  # what sit.files.this_host rec
 MAX_LOCK_BYTES = 4096  # write_holder's record is a few hundred bytes
 # Never block on a FIFO, never make a terminal ours, never follow a link at the lock's own name.
 OPEN_FLAGS = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0)
+OTHER_FILE_KINDS = ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"),
+                    (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                    (stat.S_ISBLK, "a block device"))
 
 
 class ForgedLock(ValueError):
@@ -59,27 +49,15 @@ class FolderLock:
         """Remove the lock file (it is ours while we hold the flock) and drop the flock."""
         if self.fd < 0:
             return
-        try:
+        with contextlib.suppress(OSError):  # a folder moved or removed meanwhile: only the flock is left
             if same_inode(self.path, self.fd):
                 os.remove(self.path)
-        except OSError:
-            pass  # a folder moved or removed meanwhile: nothing left to release but the flock
         os.close(self.fd)
         self.fd = -1
         _held.pop(self.path, None)
 
 
 _held: dict[str, FolderLock] = {}  # this process's locks, by lock file path
-
-
-def kind_of_file(mode: int) -> str:
-    """"a symbolic link", "a folder", "a FIFO", ... for a file that is not a regular one."""
-    for test, name in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"),
-                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device")):
-        if test(mode):
-            return name
-    return "not a regular file"
 
 
 def not_a_lock(path: str, what: str) -> UsageError:
@@ -91,17 +69,16 @@ def not_a_lock(path: str, what: str) -> UsageError:
 def check_regular(path: str, info: os.stat_result) -> None:
     """UsageError (not_a_lock) unless `info` is a regular file with one name."""
     if not stat.S_ISREG(info.st_mode):
-        raise not_a_lock(path, kind_of_file(info.st_mode))
+        kind = next((kind for test, kind in OTHER_FILE_KINDS if test(info.st_mode)), "not a regular file")
+        raise not_a_lock(path, kind)
     if info.st_nlink != 1:
         raise not_a_lock(path, f"a file with {info.st_nlink} names (a hard link to another file?)")
 
 
 def open_lock_file(path: str) -> int:
-    """Open (creating it if missing) the lock file at `path`, read-write, without following a link there.
-
-    A new lock file is created with O_EXCL; an existing one is looked at with lstat before it is opened (a
-    device is never opened) and with fstat after (it may have been swapped meanwhile). UsageError naming
-    `path` for a symbolic link, anything but a regular file, or a file with several names."""
+    """Open (creating it with O_EXCL if missing) the lock file at `path`, read-write, never through a link; an
+    existing one is checked with lstat before opening and fstat after. UsageError (not_a_lock) naming `path`
+    for a symbolic link, anything but a regular file, or a file with several names."""
     while True:
         try:
             return os.open(path, OPEN_FLAGS | os.O_CREAT | os.O_EXCL, 0o644)
@@ -131,23 +108,25 @@ def printable(text: str, limit: int = 300) -> str:
     return "".join(char if char.isprintable() else "?" for char in text[:limit])
 
 
+def is_number(value: object, kinds: type | tuple[type, ...] = (int, float)) -> bool:
+    """Whether `value` is of `kinds` (a bool, which Python counts as an int, is not)."""
+    return isinstance(value, kinds) and not isinstance(value, bool)
+
+
 def holder_problem(holder: object) -> str:
     """What is wrong with a lock file's parsed content as a holder ("" if nothing: {"pid": a process id,
     "host": a host name}, with "started" a number and "command" a string where present)."""
-    shown = printable(ascii(holder), 60)
     if not isinstance(holder, dict):
-        return f"holds {shown}, not a JSON object"
-    pid = holder.get("pid")
-    if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid <= MAX_PID:
-        return f"names pid {printable(ascii(pid), 40)}, which is no process id"
-    host = holder.get("host")
-    if not isinstance(host, str) or not HOST_NAME.match(host):
-        return f"names host {printable(ascii(host), 40)}, which is no host name"
-    started = holder.get("started", 0)
-    if not isinstance(started, (int, float)) or isinstance(started, bool):
-        return f"names start time {printable(ascii(started), 40)}, which is no time"
-    if not isinstance(holder.get("command", ""), str):
-        return f"names command {printable(ascii(holder.get('command')), 40)}, which is no command line"
+        return f"holds {printable(ascii(holder), 60)}, not a JSON object"
+    fields = (("pid", None, "pid", "process id", lambda pid: is_number(pid, int) and 0 < pid <= MAX_PID),
+              ("host", None, "host", "host name",
+               lambda host: isinstance(host, str) and HOST_NAME.match(host)),
+              ("started", 0, "start time", "time", is_number),
+              ("command", "", "command", "command line", lambda command: isinstance(command, str)))
+    for key, default, name, kind, valid in fields:
+        value = holder.get(key, default)
+        if not valid(value):
+            return f"names {name} {printable(ascii(value), 40)}, which is no {kind}"
     return ""
 
 
@@ -172,17 +151,14 @@ def read_holder(fd: int) -> dict:
 
 
 def describe_holder(holder: dict) -> str:
-    """"process 1234 on host vm (started 2024-05-01 12:00:00: train.py --resume)" (one line, whatever the
-    record holds)."""
+    """"process 1234 on host vm (started 2024-05-01 12:00:00: train.py --resume)" (read_holder's holder)."""
     started = holder.get("started")
     when = "?"
-    if isinstance(started, (int, float)) and not isinstance(started, bool) and math.isfinite(started):
+    if is_number(started) and math.isfinite(started):
         with contextlib.suppress(OverflowError, ValueError, OSError):
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))
-    command = holder.get("command")
-    command = printable(command) if isinstance(command, str) and command else "?"
-    pid, host = printable(str(holder.get("pid", "?")), 40), printable(str(holder.get("host", "?")), 64)
-    return f"process {pid} on host {host} (started {when}: {command})"
+    command = printable(holder.get("command") or "?")
+    return f"process {holder['pid']} on host {holder['host']} (started {when}: {command})"
 
 
 def write_holder(fd: int) -> None:
@@ -196,14 +172,9 @@ def write_holder(fd: int) -> None:
 
 
 def acquire_folder_lock(folder: str, what: str, warn: Callable[[str], None]) -> FolderLock:
-    """Lock `folder` for this process (creating the folder's lock file).
-
-    what: how messages name the folder ("the experiment folder", "the sample folder");
-    warn: called with one line when a dead run's lock is taken over.
-    Raises UsageError naming the folder and the holder when a live process holds it, or when a
-    process on another host may (which cannot be checked from here); UsageError naming the lock file
-    when it is a link or not a regular file, or names no holder in this format (see the module's notes).
-    """
+    """Lock `folder` for this process. what: how messages name the folder ("the experiment folder");
+    warn: called with one line when a dead run's lock is taken over. UsageError naming the folder and the
+    holder while a live process (or one on another host) holds it, or naming a lock file that is not one."""
     path = os.path.abspath(os.path.join(folder, LOCK_FILE))
     if path in _held:
         return _held[path]  # this process holds it already (a library caller running twice)
@@ -237,9 +208,8 @@ def acquire_folder_lock(folder: str, what: str, warn: Callable[[str], None]) -> 
         state = "no longer runs" if not process_alive(holder["pid"]) else "ended without unlocking"
         warn(f"warning: {path} was left by {describe_holder(holder)}, which {state} (killed?); taking it over")
     write_holder(fd)
-    lock = FolderLock(path, fd)
-    _held[path] = lock
-    return lock
+    _held[path] = FolderLock(path, fd)
+    return _held[path]
 
 
 def holds_folder_lock(folder: str) -> bool:

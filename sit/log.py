@@ -1,9 +1,5 @@
-"""The run's logger: stdout and `<folder>/log.txt` on rank 0, silent on the other ranks.
-
-A log.txt that cannot be written (a full disk) does not print logging's "--- Logging error ---"
-traceback at every line: the file handler drops out with one warning and the run logs to stdout only
-(the next checkpoint write then fails the run with one line, sit.files.NoSpaceLeft).
-"""
+"""The run's logger: stdout and `<folder>/log.txt` on rank 0, silent on the other ranks. A log.txt that
+cannot be written (a full disk) drops out with one warning instead of a traceback at every line."""
 from __future__ import annotations
 
 import logging

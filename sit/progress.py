@@ -1,10 +1,5 @@
 """Feedback while a script runs, on rank 0: a tqdm bar when stderr is a terminal, else (a log file, a
-batch job) one plain line every few seconds, so that a redirected run still shows that it moves.
-
-    progress = Progress("train", total=1000, unit="step", enabled=ctx.is_main)
-    progress.update_to(step, loss="0.52")
-    progress.close()
-"""
+batch job) one plain line every few seconds, so that a redirected run still shows that it moves."""
 from __future__ import annotations
 
 import sys
@@ -29,12 +24,9 @@ def format_duration(seconds: float) -> str:
 
 
 class Progress:
-    """Progress towards `total` (None: unknown) in `unit`s, shown on stderr.
-
-    On a terminal: a tqdm bar. Otherwise: a line `<desc>: <n>/<total> <unit> (<pct>%), <rate>, ETA <t>`
-    at most every `interval` seconds (and one when closed). Disabled (e.g. off rank 0): nothing.
-    `stream` and `clock` stand in for stderr and time.monotonic in tests.
-    """
+    """Progress towards `total` (None: unknown) in `unit`s on stderr: a tqdm bar on a terminal, else a line
+    `<desc>: <n>/<total> <unit> (<pct>%), <rate>, ETA <t>` at most every `interval` seconds and one when
+    closed; nothing when disabled. `stream` and `clock` stand in for stderr and time.monotonic in tests."""
 
     def __init__(self, desc: str, total: Optional[float], unit: str, *, enabled: bool = True, initial: float = 0,
                  interval: float = LINE_INTERVAL_S, stream: Optional[TextIO] = None,
@@ -63,13 +55,11 @@ class Progress:
     def line(self) -> str:
         """The plain progress line for the current state."""
         elapsed = self.clock() - self.start
-        done = self.n - self.initial
-        rate = done / elapsed if elapsed > 0 else 0.0
-        amount = f"{self.n:g}/{self.total:g} {self.unit}" if self.total else f"{self.n:g} {self.unit}"
-        parts = [f"{self.desc}: {amount}"]
-        if self.total:
-            parts[0] += f" ({100.0 * self.n / self.total:.0f}%)"
-        parts.append(f"{rate:.3g} {self.unit}/s" if rate else f"{format_duration(elapsed)} elapsed")
+        rate = (self.n - self.initial) / elapsed if elapsed > 0 else 0.0
+        amount = f"{self.n:g}/{self.total:g} {self.unit} ({100.0 * self.n / self.total:.0f}%)" if self.total \
+            else f"{self.n:g} {self.unit}"
+        speed = f"{rate:.3g} {self.unit}/s" if rate else f"{format_duration(elapsed)} elapsed"
+        parts = [f"{self.desc}: {amount}", speed]
         if self.total and rate > 0 and self.n < self.total:
             parts.append(f"ETA {format_duration((self.total - self.n) / rate)}")
         if self.postfix:
@@ -96,9 +86,8 @@ class Progress:
 
 
 class SamplerProgress:
-    """Progress of one sampler run through its time interval, fed with each model evaluation's t
-    (sit.generation's on_evaluation): the share of [0, 1] covered so far (1 - t for a reverse ODE),
-    and the model evaluations made, which an adaptive solver chooses as it goes."""
+    """Progress of one sampler run through [0, 1], fed with each model evaluation's t (sit.generation's
+    on_evaluation; 1 - t for a reverse ODE), and the model evaluations made so far."""
 
     def __init__(self, reverse: bool = False, **progress_options: object):
         self.progress = Progress("sampling", 1.0, "t", **progress_options)
@@ -106,7 +95,7 @@ class SamplerProgress:
 
     def __call__(self, t: Union[float, "torch.Tensor"]) -> None:
         """One model evaluation at t: a number, or a 0-dim tensor on the sampler's device, read (a
-        synchronisation with the device) at most every READ_INTERVAL_S seconds; the others are counted."""
+        synchronisation) at most every READ_INTERVAL_S seconds; the others are counted."""
         self.evaluations += 1
         if not isinstance(t, (int, float)):
             now = self.progress.clock()
@@ -118,8 +107,7 @@ class SamplerProgress:
         self.progress.update_to(round(self.position, 3), evaluations=self.evaluations)
 
     def close(self) -> None:
-        """The run is done: at the end of the interval (a fixed-step solver's last evaluation comes before it),
-        with every evaluation counted (those whose t was not read too)."""
+        """The run is done: at the end of the interval, with every evaluation counted."""
         if self.evaluations:
             self.progress.update_to(round(self.position, 3), evaluations=self.evaluations)
         self.progress.close(final=1.0 if self.evaluations else None)

@@ -1,13 +1,10 @@
-"""The record beside a sample batch: every setting that shaped its images, so a number can be traced and repeated.
-
-`samples/<folder>.npz` gets `samples/<folder>.json`, {"format": "sit-sample-record", "version": 1, ...} with
-the fields of `SampleRecord`: sample_ddp.py writes it after the .npz, with the SHA-256 of the .npz's
-arrays (`npz_array_sha256`: arr_0 and labels, their bytes as stored); evaluate.py reads it (`record_beside`),
-refuses one that disagrees with the .npz (image count, shape, or the arrays' hashes) and copies it into its
---json output. A record written before the hashes existed is read as unverified (its count and shape checked).
-"""
+"""The record beside a sample batch, `samples/<folder>.json` next to `<folder>.npz`: every setting that shaped
+its images (`SampleRecord`) and the SHA-256 of the .npz's arrays. sample_ddp.py writes it after the .npz;
+evaluate.py reads it (`record_beside`), refuses one that disagrees with the .npz and copies it into its --json
+output. A record from before the hashes existed is read as unverified (its count and shape checked)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib.metadata
@@ -24,9 +21,9 @@ from sit.files import atomic_json
 
 RECORD_FORMAT = "sit-sample-record"
 RECORD_VERSION = 1
-GUIDE_FIELDS = ("guide_checkpoint", "guide_checkpoint_sha256")
 HASH_FIELDS = ("images_sha256", "labels_sha256")  # the .npz's arrays, as npz_array_sha256 hashes them
-OMITTED_WHEN_NONE = GUIDE_FIELDS + HASH_FIELDS + ("label_sampling",)  # absent from records that lack them
+# absent from records that lack them
+OMITTED_WHEN_NONE = ("guide_checkpoint", "guide_checkpoint_sha256", *HASH_FIELDS, "label_sampling")
 HASH_CHUNK_BYTES = 1 << 24
 VERSIONED_PACKAGES = ("torch", "torchvision", "numpy", "scipy", "diffusers", "timm", "torchdiffeq", "torch-fidelity")
 
@@ -76,8 +73,7 @@ class SampleRecord:
     label_sampling: Optional[str] = None
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON object: format, version, then the fields (tuples as lists; those of OMITTED_WHEN_NONE
-        only when set)."""
+        """The JSON object: format, version, the fields (tuples as lists; OMITTED_WHEN_NONE only when set)."""
         fields = json.loads(json.dumps(dataclasses.asdict(self)))
         for key in OMITTED_WHEN_NONE:
             if fields[key] is None:
@@ -93,10 +89,9 @@ class SampleRecord:
             raise RecordError(f"{source} is a sample record of version {data.get('version')!r}; "
                               f"this code reads version {RECORD_VERSION}")
         fields = {key: value for key, value in data.items() if key not in ("format", "version")}
-        names = [item.name for item in dataclasses.fields(cls)]
         missing = [item.name for item in dataclasses.fields(cls) if item.name not in fields
                    and item.default is dataclasses.MISSING and item.default_factory is dataclasses.MISSING]
-        unknown = sorted(set(fields) - set(names))
+        unknown = sorted(set(fields) - {item.name for item in dataclasses.fields(cls)})
         if missing or unknown:
             problem = f"lacks {', '.join(missing)}" if missing else f"has unknown fields {', '.join(unknown)}"
             raise RecordError(f"{source} {problem}")
@@ -116,8 +111,8 @@ class SampleRecord:
                               f"to another batch (pass --ignore-record to evaluate without it)")
 
     def check_hashes(self, source: str, npz_path: str) -> bool:
-        """Whether the record's hashes were checked against the .npz's arrays: False for an older record
-        without them (unverified); RecordError (one line) when they are those of other arrays."""
+        """Whether the record's hashes were checked against the .npz's arrays (False: an older record without
+        them); RecordError (one line) when they are those of other arrays."""
         if self.images_sha256 is None:
             return False
         arrays = (("images", "arr_0", self.images_sha256), ("labels", LABELS_KEY, self.labels_sha256))
@@ -137,8 +132,8 @@ LABELS_KEY = "labels"  # the .npz's class labels beside arr_0 (sit.sampling.fold
 
 
 def npz_array_sha256(npz_path: str, key: str = "arr_0") -> Optional[str]:
-    """SHA-256 (hex) of the bytes an .npz stores for array `key` after its .npy header (for a C-order
-    array: hashlib.sha256(array.tobytes())), streamed; None when the .npz holds no such array."""
+    """SHA-256 (hex) of the bytes an .npz stores for array `key` after its .npy header (for a C-order array:
+    of array.tobytes()), streamed; None when the .npz holds no such array."""
     with zipfile.ZipFile(npz_path) as archive:
         if f"{key}.npy" not in archive.namelist():
             return None
@@ -171,10 +166,8 @@ def package_versions() -> dict[str, str]:
     """Versions of Python and of the packages that shape samples and metrics (those installed)."""
     versions = {"python": platform.python_version()}
     for package in VERSIONED_PACKAGES:
-        try:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            continue
     return versions
 
 
@@ -195,11 +188,8 @@ def read_record(path: str) -> SampleRecord:
 
 
 def record_beside(npz_path: str, num_images: int, image_shape: tuple[int, ...]) -> Optional[SampleRecord]:
-    """The record beside a .npz holding `num_images` images of `image_shape` (H, W, 3), or None without one.
-
-    RecordError when the record is unreadable or describes another batch: its count, its shape or, when it
-    holds them, the arrays' hashes (SampleRecord.check_hashes; a record without them is returned unverified).
-    """
+    """The record beside a .npz holding `num_images` images of `image_shape` (H, W, 3), or None without one;
+    RecordError when it is unreadable or describes another batch (count, shape or, if recorded, hashes)."""
     path = record_path(npz_path)
     if not os.path.isfile(path):
         return None

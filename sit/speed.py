@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
+import timeit
 from typing import AbstractSet, Mapping, Optional
 
 import torch
@@ -18,13 +18,10 @@ CPUINFO = "/proc/cpuinfo"
 
 def cpu_flags(path: str = CPUINFO) -> frozenset[str]:
     """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere or when unreadable)."""
-    try:
-        with open(path) as handle:
-            for line in handle:
-                if line.startswith("flags"):
-                    return frozenset(line.partition(":")[2].split())
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open(path) as handle:
+        for line in handle:
+            if line.startswith("flags"):
+                return frozenset(line.partition(":")[2].split())
     return frozenset()
 
 
@@ -38,11 +35,8 @@ def bf16_matrix_units(flags: AbstractSet[str]) -> Optional[str]:
 
 
 def auto_precision(device_type: str, flags: AbstractSet[str]) -> str:
-    """--precision auto's choice: bf16 on a CPU with bf16 matrix units, fp32 on other CPUs, tf32 on GPUs
-    (the original's numerics there; bf16 is a choice the user makes, see docs/speed.md)."""
-    if device_type == "cuda":
-        return "tf32"
-    return "bf16" if bf16_matrix_units(flags) else "fp32"
+    """--precision auto's choice: bf16 on a CPU with bf16 matrix units, fp32 on other CPUs, tf32 on GPUs."""
+    return "tf32" if device_type == "cuda" else "bf16" if bf16_matrix_units(flags) else "fp32"
 
 
 def resolve_precision_choice(precision: str, device_type: str, flags: Optional[AbstractSet[str]] = None) -> str:
@@ -66,12 +60,7 @@ def matmul_speedup(size: int = 512, repeats: int = 3) -> float:
     for dtype in (torch.float32, torch.bfloat16):
         a, b = a32.to(dtype), b32.to(dtype)
         torch.mm(a, b)  # first call: oneDNN's kernel choice
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            torch.mm(a, b)
-            times.append(time.perf_counter() - start)
-        best[dtype] = min(times)
+        best[dtype] = min(timeit.repeat(lambda: torch.mm(a, b), repeat=repeats, number=1))
     return best[torch.float32] / best[torch.bfloat16]
 
 
@@ -96,16 +85,11 @@ def configure_precision(precision: str) -> None:
     """Set the global matmul precision flags for a --precision choice (TF32 only on GPUs)."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    allow_tf32 = precision != "fp32"
-    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
-    torch.backends.cudnn.allow_tf32 = allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision != "fp32"
 
 
 def autocast(precision: str, device: torch.device):
-    """The autocast context for a --precision choice: bf16/fp16 mixed precision, or a no-op.
-
-    Parameters stay fp32; only the forward's matmuls and convolutions run in the lower precision.
-    """
+    """The autocast context of a --precision choice: bf16/fp16 (parameters stay fp32), else a no-op."""
     dtype = PRECISIONS[precision]
     if dtype is None:
         return contextlib.nullcontext()
@@ -113,27 +97,16 @@ def autocast(precision: str, device: torch.device):
 
 
 def compile_model(model: torch.nn.Module) -> torch.nn.Module:
-    """torch.compile every SiT block in place (static shapes) and return the model.
-
-    Blocks rather than the whole model: DDP still overlaps gradient all-reduce with the backward
-    of earlier blocks, gradient checkpointing recomputes a compiled block, forward_with_cfg
-    (which calls self.forward) runs compiled too, and all blocks share one graph. The time t
-    reaches the blocks only as the tensor c, so sampler steps at new times never recompile.
-    Compile after any deepcopy (e.g. the EMA): a copy would keep calling the original's blocks.
-    """
+    """torch.compile every SiT block in place (static shapes; docs/speed.md says why blocks) and return the
+    model. Compile after any deepcopy (e.g. the EMA): a copy would keep calling the original's blocks."""
     for block in model.blocks:
         block.compile(dynamic=False)
     return model
 
 
 def compile_for_sampling(model: torch.nn.Module) -> torch.nn.Module:
-    """torch.compile the whole forward for inference and return the model.
-
-    The weights are frozen into the graph (Inductor's freezing: constant folding and, on CPU,
-    prepacked oneDNN matmuls) and, on CPU, kernels are autotuned: about 1.3x per sampler step on a
-    2-core CPU (benchmarks/bench.py), at ~1 min of compilation. Only for weights that no longer
-    change (the sampling scripts); training uses compile_model.
-    """
+    """torch.compile the whole forward for inference, the weights frozen into the graph and, on CPU, kernels
+    autotuned (docs/speed.md); only for weights that no longer change (training uses compile_model)."""
     import torch._inductor.config as inductor_config
 
     inductor_config.freezing = True
@@ -165,9 +138,8 @@ def cpu_thread_choice(environ: Mapping[str, str], cores: int, local_processes: i
 
 
 def configure_cpu_threads(device: torch.device, environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
-    """On a CPU: set torch's threads for this process (cpu_thread_choice) and return the line to log,
-    with advice when the machine is busier than its cores (other jobs: fewer threads often run much
-    faster). On a GPU: nothing (None)."""
+    """On a CPU: set torch's threads for this process (cpu_thread_choice) and return the line to log, with
+    advice when the machine is busier than its cores. On a GPU: None."""
     if device.type != "cpu":
         return None
     environ = os.environ if environ is None else environ
