@@ -98,7 +98,12 @@ def sandbox(assets, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(key, raising=False)
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import: import it first with the real environment and
+    # switch its constant for this test only, so that later tests in the session are not left offline.
+    from huggingface_hub import constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     return tmp_path
 
 
