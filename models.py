@@ -1,12 +1,5 @@
-"""SiT: a DiT-style transformer over latent (or pixel) patches.
-
-Checkpoint-compatible with the original SiT release: parameter names and shapes are those of
-`willisma/SiT` (itself DiT's), so the published checkpoints load with `strict=True`.
-Attention runs through `torch.nn.functional.scaled_dot_product_attention`, which picks the
-flash / memory-efficient kernels on GPU.
-
-No I/O and no argparse here: see download.py for loading checkpoints.
-"""
+"""SiT: a DiT-style transformer over latent (or pixel) patches, with the parameter names and shapes of
+`willisma/SiT`, so the published checkpoints load with `strict=True`. No I/O here (download.py loads)."""
 from __future__ import annotations
 
 import math
@@ -21,16 +14,10 @@ from torch.utils.checkpoint import checkpoint
 from sit.attention import attention
 
 
-#################################################################################
-#                     The model configuration, declared once                    #
-#################################################################################
-
 def _hyperparameter(default: Any, low: float = 0, high: float = 1, *, below_high: bool = False,
                     from_data: bool = False, stored_if_set: bool = False) -> Any:
-    """A ModelConfig field: its default, its bounds [low, high] ([low, high) with below_high; unused for
-    bools), whether the data sets it (image size, channels, classes) rather than the network's design, and
-    whether the stored config holds it only when it differs from its default (options the original lacks,
-    so that a config of the original's design is stored as the original stored it)."""
+    """A ModelConfig field: its default, bounds [low, high] ([low, high) with below_high), whether the data
+    sets it, and whether it is stored only when set (options the original lacks)."""
     interval = f"[{low:g}, {high:g}{')' if below_high else ']'}"  # as messages write it
     return field(default=default, metadata=dict(low=low, high=high, below_high=below_high, interval=interval,
                                                 from_data=from_data, stored_if_set=stored_if_set))
@@ -38,12 +25,8 @@ def _hyperparameter(default: Any, low: float = 0, high: float = 1, *, below_high
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """SiT's hyperparameters (its constructor arguments), each with its type, default and bounds.
-
-    The bounds are far past any published model (SiT-XL/2: depth 28, width 1152, 1000 classes,
-    32x32 latents) and short of what no machine can hold. A new hyperparameter is one field here
-    (and SiT's argument of the same name): a stored config without it loads with its default.
-    """
+    """SiT's hyperparameters (its constructor arguments), each with its type, default and bounds (far past
+    any published model). A stored config without a field loads with its default."""
     input_size: int = _hyperparameter(32, 1, 4096, from_data=True)
     patch_size: int = _hyperparameter(2, 1, 256)
     in_channels: int = _hyperparameter(4, 1, 256, from_data=True)
@@ -138,10 +121,6 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
-#################################################################################
-#                     Embeddings for patches, timesteps and labels              #
-#################################################################################
-
 class PatchEmbed(nn.Module):
     """Image (N, C, H, W) to patch tokens (N, T, D) with one strided convolution."""
 
@@ -162,11 +141,8 @@ class TimestepEmbedder(nn.Module):
 
     def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
         super().__init__()
-        self.mlp = nn.Sequential(
-            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
-            nn.SiLU(),
-            nn.Linear(hidden_size, hidden_size, bias=True),
-        )
+        self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size, bias=True), nn.SiLU(),
+                                 nn.Linear(hidden_size, hidden_size, bias=True))
         self.frequency_embedding_size = frequency_embedding_size
 
     @staticmethod
@@ -198,10 +174,8 @@ class LabelEmbedder(nn.Module):
 
     def token_drop(self, labels: torch.Tensor, force_drop_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Replace labels by the null label, at random (training) or where force_drop_ids == 1."""
-        if force_drop_ids is None:
-            drop_ids = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
-        else:
-            drop_ids = force_drop_ids == 1
+        drop_ids = (torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+                    if force_drop_ids is None else force_drop_ids == 1)
         return torch.where(drop_ids, self.num_classes, labels)
 
     def forward(self, labels: torch.Tensor, train: bool, force_drop_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -210,13 +184,8 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(labels)
 
 
-#################################################################################
-#          Core SiT Model, with LightningDiT's RoPE, RMSNorm, QK-norm, SwiGLU    #
-#################################################################################
-
 def rope_problem(hidden_size: int, num_heads: int) -> Optional[str]:
-    """Why 2-D RoPE cannot rotate heads of this size (None when it can): it turns pairs of channels,
-    half of each head by the patch's row and half by its column, so the head size must divide by 4."""
+    """Why 2-D RoPE cannot rotate heads of this size (None when it can): the head size must divide by 4."""
     head_size = hidden_size // num_heads
     if head_size % 4:
         return (f"the model config's rope needs a head size (hidden_size / num_heads) divisible by 4 to cover the "
@@ -226,10 +195,8 @@ def rope_problem(hidden_size: int, num_heads: int) -> Optional[str]:
 
 def rope_tables(grid_size: int, head_size: int, device: Optional[torch.device] = None,
                 theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Axial 2-D rotary embedding of a grid_size x grid_size patch grid, as LightningDiT's (EVA-02's):
-    cos and sin of the angle of each token (row-major, as PatchEmbed flattens) and channel, (T, head_size)
-    each. Channels 2i and 2i+1 form a pair turned by one angle; the first half of the head turns by the
-    row index, the second by the column index, pair j of a half at frequency theta ** (-4j / head_size)."""
+    """LightningDiT's axial 2-D rotary embedding of a grid_size^2 patch grid: cos, sin (T, head_size) each.
+    Channel pairs (2i, 2i+1) turn by one angle: the first half of the head by row, the second by column."""
     quarter = head_size // 4
     frequencies = theta ** (-torch.arange(quarter, dtype=torch.float32, device=device) / quarter)  # (Dh/4,)
     positions = torch.arange(grid_size, dtype=torch.float32, device=device)
@@ -266,9 +233,8 @@ def block_norm(dim: int, rms_norm: bool) -> nn.Module:
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with fused qkv, through SDPA (sit.attention's `attention`); optionally
-    q and k normalised per head (qk_norm: RMSNorm with rms_norm, else LayerNorm, as LightningDiT's)
-    and turned by a rotary embedding (forward's rope tables)."""
+    """Multi-head self-attention with fused qkv through SDPA; optionally q and k normalised per head
+    (qk_norm) and turned by a rotary embedding."""
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool = False, rms_norm: bool = False):
         super().__init__()
@@ -297,8 +263,7 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """silu(x W1) * (x W2), then W3: LightningDiT's feed-forward (w12 holds W1 and W2), its hidden size
-    2/3 of the GELU MLP's so that the parameter count stays about the same."""
+    """silu(x W1) * (x W2), then W3 (w12 holds W1 and W2): LightningDiT's feed-forward."""
 
     def __init__(self, dim: int, mlp_hidden_dim: int):
         super().__init__()
@@ -312,8 +277,7 @@ class SwiGLU(nn.Module):
 
 
 class TanhGELU(nn.Module):
-    """GELU with the tanh approximation, the original's MLP activation: 0.5 x (1 + tanh(u)),
-    u = sqrt(2 / pi) (x + 0.044715 x^3)."""
+    """GELU with the tanh approximation, the original's MLP activation."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
@@ -345,8 +309,7 @@ class SiTBlock(nn.Module):
         self.norm1 = block_norm(hidden_size, rms_norm)
         self.attn = Attention(hidden_size, num_heads=num_heads, qk_norm=qk_norm, rms_norm=rms_norm)
         self.norm2 = block_norm(hidden_size, rms_norm)
-        mlp = SwiGLU if swiglu else Mlp
-        self.mlp = mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.mlp = (SwiGLU if swiglu else Mlp)(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor,
@@ -373,41 +336,25 @@ class FinalLayer(nn.Module):
 
 
 class SiT(nn.Module):
-    """Scalable Interpolant Transformer.
+    """Scalable Interpolant Transformer; `self.config`: its arguments (ModelConfig's fields) as a dict."""
 
-    The constructor arguments are the model's whole configuration (ModelConfig's fields, defaults and
-    bounds); `self.config` keeps them as a dict so that checkpoints can store the config beside the weights.
-    """
-
-    def __init__(
-        self,
-        input_size: int = ModelConfig.input_size,
-        patch_size: int = ModelConfig.patch_size,
-        in_channels: int = ModelConfig.in_channels,
-        hidden_size: int = ModelConfig.hidden_size,
-        depth: int = ModelConfig.depth,
-        num_heads: int = ModelConfig.num_heads,
-        mlp_ratio: float = ModelConfig.mlp_ratio,
-        class_dropout_prob: float = ModelConfig.class_dropout_prob,
-        num_classes: int = ModelConfig.num_classes,
-        learn_sigma: bool = ModelConfig.learn_sigma,
-        mean_flow: bool = ModelConfig.mean_flow,
-        rope: bool = ModelConfig.rope,
-        swiglu: bool = ModelConfig.swiglu,
-        rms_norm: bool = ModelConfig.rms_norm,
-        qk_norm: bool = ModelConfig.qk_norm,
-    ):
+    def __init__(self, input_size: int = ModelConfig.input_size, patch_size: int = ModelConfig.patch_size,
+                 in_channels: int = ModelConfig.in_channels, hidden_size: int = ModelConfig.hidden_size,
+                 depth: int = ModelConfig.depth, num_heads: int = ModelConfig.num_heads,
+                 mlp_ratio: float = ModelConfig.mlp_ratio,
+                 class_dropout_prob: float = ModelConfig.class_dropout_prob,
+                 num_classes: int = ModelConfig.num_classes, learn_sigma: bool = ModelConfig.learn_sigma,
+                 mean_flow: bool = ModelConfig.mean_flow, rope: bool = ModelConfig.rope,
+                 swiglu: bool = ModelConfig.swiglu, rms_norm: bool = ModelConfig.rms_norm,
+                 qk_norm: bool = ModelConfig.qk_norm):
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"input size {input_size} is not divisible by the patch size {patch_size}")
         if rope and rope_problem(hidden_size, num_heads):
             raise ValueError(rope_problem(hidden_size, num_heads))
-        self.config = ModelConfig(  # a plain dict (ModelConfig.to_dict), as checkpoints store it
-            input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
-            depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, class_dropout_prob=class_dropout_prob,
-            num_classes=num_classes, learn_sigma=learn_sigma, mean_flow=mean_flow, rope=rope, swiglu=swiglu,
-            rms_norm=rms_norm, qk_norm=qk_norm,
-        ).to_dict()
+        arguments = locals()
+        # a plain dict (ModelConfig.to_dict), as checkpoints store it
+        self.config = ModelConfig(**{name: arguments[name] for name in _FIELDS}).to_dict()
         self.rope = rope
         self.learn_sigma = learn_sigma
         self.in_channels = in_channels
@@ -449,13 +396,10 @@ class SiT(nn.Module):
         if self.r_embedder is not None:  # zero: a velocity model's weights give u(x, t, r) = v(x, t) at the start
             nn.init.normal_(self.r_embedder.mlp[0].weight, std=0.02)
             nn.init.constant_(self.r_embedder.mlp[2].weight, 0)
-        for block in self.blocks:
-            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
-            nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
-        nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
-        nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
-        nn.init.constant_(self.final_layer.linear.weight, 0)
-        nn.init.constant_(self.final_layer.linear.bias, 0)
+        zeroed = [block.adaLN_modulation[-1] for block in self.blocks]
+        for layer in zeroed + [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]:
+            nn.init.constant_(layer.weight, 0)
+            nn.init.constant_(layer.bias, 0)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(N, T, p * p * C) patch tokens to (N, C, H, W) images."""
@@ -469,16 +413,9 @@ class SiT(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, hidden_at: Optional[int] = None,
                 r: Optional[torch.Tensor] = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Predict the model output (velocity, score or noise) for inputs at time t.
-
-        x: (N, C, H, W) latents or images; t: (N,) times in [0, 1]; y: (N,) int labels
-        (`num_classes` is the null label). Returns (N, C, H, W).
-        hidden_at: a block number k in 1..depth (REPA's encoder_depth, 1-based): then returns
-        (output, the tokens (N, T, D) after block k) for representation alignment.
-        r: (N,) MeanFlow's second time (mean_flow models; r >= t, the end of the step): the output is the
-        average velocity over [t, r] and embed(r - t) joins the conditioning (r None: r = t, the velocity).
-        A call with r takes the labels as given: MeanFlow's objective drops them itself, once per step.
-        """
+        """The model output (velocity, score or noise) at x: (N, C, H, W), t: (N,) in [0, 1], y: (N,) labels
+        (`num_classes`: null) -> (N, C, H, W); with hidden_at (block 1..depth) also the tokens (N, T, D) after
+        it. r: (N,) MeanFlow's step end (r >= t): the average velocity over [t, r], labels never dropped."""
         if hidden_at is not None and not 1 <= hidden_at <= len(self.blocks):
             raise ValueError(f"hidden_at must be a block number in 1..{len(self.blocks)}, got {hidden_at}")
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D), T = H * W / p ** 2
@@ -504,25 +441,12 @@ class SiT(nn.Module):
             x, _ = x.chunk(2, dim=1)             # (N, C, H, W): the sigma half is unused
         return x if hidden_at is None else (x, hidden)
 
-    def forward_with_cfg(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        y: torch.Tensor,
-        cfg_scale: float,
-        guide_all_channels: bool = False,
-        cfg_interval: tuple[float, float] = (0.0, 1.0),
-        r: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
-        """Classifier-free guidance over a batch whose second half holds the null labels.
-
-        x: (2N, C, H, W) (only the first half is used); t: (2N,); y: (2N,) with the first N
-        the class labels and the last N the null label. Returns (2N, C, H, W), both halves the
-        guided output. As the original (and DiT), guidance applies to the first 3 channels only
-        (the published FID was measured that way); `guide_all_channels=True` guides every channel.
-        `cfg_interval=(lo, hi)` guides only samples whose t lies in [lo, hi] (t=0 noise, t=1 data).
-        r: (2N,) MeanFlow's second time, passed to forward (None: a velocity model's call).
-        """
+    def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,
+                         guide_all_channels: bool = False, cfg_interval: tuple[float, float] = (0.0, 1.0),
+                         r: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Classifier-free guidance: x (2N, C, H, W) (first half used), t (2N,), y (2N,) whose last N are the
+        null label -> (2N, C, H, W), both halves guided. As the original, only the first 3 channels are guided
+        unless guide_all_channels; only samples with t in cfg_interval are; r: MeanFlow's, for forward."""
         half = x[: len(x) // 2]
         combined = torch.cat([half, half], dim=0)           # (2N, C, H, W)
         model_out = self.forward(combined, t, y) if r is None else self.forward(combined, t, y, r=r)
@@ -536,8 +460,7 @@ class SiT(nn.Module):
 
 
 def has_null_class(config: dict) -> bool:
-    """Whether a SiT of this config (SiT.config) has the null label that classifier-free guidance
-    needs: only models trained with label dropout (class_dropout_prob > 0) have one."""
+    """Whether a SiT of this config has the null label of classifier-free guidance (label dropout > 0)."""
     return config.get("class_dropout_prob", ModelConfig.class_dropout_prob) > 0
 
 
@@ -551,10 +474,6 @@ def _interval_scale(t: torch.Tensor, cfg_scale: float, interval: tuple[float, fl
     return scale.view(-1, *([1] * (ndim - 1)))  # (N, 1, 1, 1)
 
 
-#################################################################################
-#                   Sine/Cosine Positional Embedding Functions                  #
-#################################################################################
-
 def get_1d_sincos_pos_embed_from_grid(embed_dim: int, pos: torch.Tensor) -> torch.Tensor:
     """pos: (M,) positions -> (M, embed_dim) embedding, sines first then cosines (float64)."""
     if embed_dim % 2:
@@ -566,20 +485,13 @@ def get_1d_sincos_pos_embed_from_grid(embed_dim: int, pos: torch.Tensor) -> torc
 
 
 def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> torch.Tensor:
-    """Fixed 2-D embedding of a grid_size x grid_size grid: (grid_size ** 2, embed_dim) float32.
-
-    Half the channels encode the column (x) coordinate and half the row, in MAE's order.
-    """
+    """Fixed 2-D embedding of a grid_size^2 grid (MAE's order): (grid_size ** 2, embed_dim) float32."""
     coords = torch.arange(grid_size, dtype=torch.float64)
     grid_w, grid_h = torch.meshgrid(coords, coords, indexing="xy")  # each (G, G); w varies along columns
     emb_first = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, grid_w)   # (G * G, D/2)
     emb_second = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, grid_h)  # (G * G, D/2)
     return torch.cat([emb_first, emb_second], dim=1).float()                # (G * G, D)
 
-
-#################################################################################
-#                                   SiT Configs                                  #
-#################################################################################
 
 # name -> (depth, hidden_size, patch_size, num_heads)
 MODEL_SHAPES = {
@@ -641,13 +553,8 @@ def model_name_for_config(config: dict) -> Optional[str]:
 
 
 def model_config_from_state_dict(state_dict: dict) -> dict:
-    """Read SiT constructor arguments back from parameter shapes.
-
-    Raises ValueError when the dict is not a SiT state dict. The head count is not in the
-    shapes but QK-norm's: else it is taken from the published widths, else a head size of 64 is assumed; SwiGLU,
-    RMSNorm and QK-norm show in the parameter names, RoPE (no weights) does not and is read as off;
-    checkpoints written by train.py store the exact config beside the weights.
-    """
+    """SiT constructor arguments read back from parameter shapes (ValueError for another dict). The head
+    count comes from QK-norm's weights, else the published widths, else head size 64; RoPE is read as off."""
     required = ["pos_embed", "x_embedder.proj.weight", "y_embedder.embedding_table.weight", "final_layer.linear.weight"]
     missing = [key for key in required if key not in state_dict]
     if missing:
@@ -666,11 +573,9 @@ def model_config_from_state_dict(state_dict: dict) -> dict:
         mlp_ratio = next((ratio for ratio in ratios if int(2 / 3 * int(hidden_size * ratio)) == hidden), ratios[1])
     else:
         mlp_ratio = state_dict["blocks.0.mlp.fc1.weight"].shape[0] / hidden_size
-    qk_norm = "blocks.0.attn.q_norm.weight" in state_dict
-    if qk_norm:  # QK-norm's weights have the head size
-        num_heads = hidden_size // state_dict["blocks.0.attn.q_norm.weight"].shape[0]
-    else:
-        num_heads = HEADS_FOR_WIDTH.get(hidden_size, max(1, hidden_size // 64))
+    qk_norm = "blocks.0.attn.q_norm.weight" in state_dict  # then its weights have the head size
+    num_heads = (hidden_size // state_dict["blocks.0.attn.q_norm.weight"].shape[0] if qk_norm
+                 else HEADS_FOR_WIDTH.get(hidden_size, max(1, hidden_size // 64)))
     return ModelConfig(  # the rest (label dropout) as the fields' defaults
         input_size=grid * patch_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
         depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,

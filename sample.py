@@ -95,13 +95,6 @@ def labels_for(class_labels: Optional[list[int]], num_images: int, num_classes: 
     return [labels[i % len(labels)] for i in range(num_images)]
 
 
-def grid_layout(args: argparse.Namespace, num_images: int) -> GridLayout:
-    """The original's 4 columns; --one-row-per-label: row r holds every image of the r-th label (they cycle)."""
-    if args.one_row_per_label:
-        return GridLayout.one_row_per_label(num_images, len(args.class_labels or DEFAULT_CLASS_LABELS))
-    return GridLayout.with_columns(num_images, GRID_COLUMNS)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args, config = parse_args(argv)
     # As the original: seeded first, so that z follows the same draws (on the CPU, the model's and the
@@ -139,7 +132,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     images = space.decode(latents, config.precision)
     logger.info(f"Sampling took {time() - start_time:.2f} seconds: {sampler.evaluations(sample_fn.nfe)}.")
 
-    layout = grid_layout(args, len(labels))
+    # the original's 4 columns; --one-row-per-label: row r holds every image of the r-th label (they cycle)
+    layout = (GridLayout.one_row_per_label(len(labels), len(args.class_labels or DEFAULT_CLASS_LABELS))
+              if args.one_row_per_label else GridLayout.with_columns(len(labels), GRID_COLUMNS))
     save_grid(images, layout, args.output)
     labels_file = save_labels(labels, layout, labels_path(args.output))
     logger.info(f"Saved {len(labels)} images (labels {labels}) to {args.output}; by grid row (as in {labels_file}): "

@@ -1,20 +1,12 @@
 """Sample many images from a SiT with one or more processes, for FID and other metrics; or evaluate
-log-likelihoods (--likelihood).
+log-likelihoods (--likelihood). See docs/sampling.md and docs/evaluation.md.
 
     torchrun --nnodes=1 --nproc_per_node=N sample_ddp.py ODE --model SiT-XL/2 --num-fid-samples 50000
     torchrun --nnodes=1 --nproc_per_node=N sample_ddp.py ODE --likelihood --data-path /path/to/imagenet/val
     torchrun --nnodes=1 --nproc_per_node=N sample_ddp.py --preset sit-xl2-256-ode-cfg1.5   # --preset list
 
-Images go to <sample-dir>/<folder>/000000.png ..., <folder> naming every setting that changes them, then
-into <sample-dir>/<folder>.npz (arr_0: uint8 (N, H, W, 3), ADM's evaluation format; labels: (N,) int64)
-and its record <folder>.json (sit.sampling.batch_record), which evaluate.py checks and copies. Image i's
-noise and label are seeded by (global seed, i) (--label-sampling balanced: the labels come from a
-permutation seeded by (global seed, N), exactly N / num_classes of every class) and fixed blocks of
---per-proc-batch-size are dealt to ranks in turn, so the images do not depend on the number of
-processes (sit.sampling.images); a killed
-run leaves no half-written file and the same command continues it (likelihoods too: finished blocks'
-rows are kept in likelihood-block-*.json, sit.sampling.likelihood). NCCL on GPUs, Gloo on CPU, or a
-plain single process. --ckpt may name a train.py experiment or results folder (its newest checkpoint).
+Images go to <sample-dir>/<folder>/000000.png ..., then <folder>.npz (arr_0: uint8 (N, H, W, 3); labels:
+(N,) int64) and its record <folder>.json; image i is seeded by (global seed, i), whatever the process count.
 """
 from __future__ import annotations
 

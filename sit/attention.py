@@ -1,19 +1,6 @@
-"""Softmax attention whose forward-mode derivative (JVP) runs on fused kernels where it can.
-
-`attention(q, k, v)` is `F.scaled_dot_product_attention(q, k, v)` (flash / memory-efficient kernels on
-GPUs). PyTorch's fused kernels have no forward-mode derivative (pytorch#128971), so `torch.func.jvp`
-through SiT, what MeanFlow's target needs, would fail or fall back to the math path's dual numbers.
-Under a forward-mode transform this module's `SDPAWithJVP` computes the tangent itself: with
-S = Q K^T / sqrt(d), P = softmax(S), O = P V and tangents t_Q, t_K, t_V,
-
-    t_S = (t_Q K^T + Q t_K^T) / sqrt(d)
-    t_O = P t_V + (P * t_S) V - rowsum(P * t_S) * O
-
-where P t_V is one more fused SDPA call and the rest is matmuls on P (one (T, T) matrix per head,
-what math attention holds too, but no dual-number graph). Its backward (of the primal output) recomputes
-the fused forward and differentiates it; the tangent output is not differentiable (MeanFlow takes it
-under stop-gradient). Outside forward-mode AD `attention` is SDPA itself, bit for bit.
-"""
+"""Softmax attention: `F.scaled_dot_product_attention`, bit for bit, except under forward-mode AD (MeanFlow's
+`torch.func.jvp`; fused kernels have none, pytorch#128971), where `SDPAWithJVP` computes the tangent with one
+more SDPA call and matmuls on P (docs/meanflow.md, "The attention's JVP")."""
 from __future__ import annotations
 
 import math
@@ -29,7 +16,8 @@ def _forward_mode_active() -> bool:
 
 
 class SDPAWithJVP(torch.autograd.Function):
-    """Scaled dot-product attention with a JVP of SDPA calls and matmuls (see the module docstring)."""
+    """SDPA with the JVP t_O = P t_V + (P * t_S) V - rowsum(P * t_S) O, t_S = (t_Q K^T + Q t_K^T) / sqrt(d);
+    its backward recomputes the fused forward; the tangent is not differentiable."""
 
     @staticmethod
     def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

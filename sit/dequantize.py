@@ -1,18 +1,5 @@
-"""Likelihood of 8-bit images in bits per dimension, with dequantization.
-
-An 8-bit value k in {0, ..., 255} is a bin [k, k + 1) of width one in "pixel units". A continuous
-model density p on the model's scale x in [-1, 1] gives a variational bound on the discrete
-probability of an image, with dequantization noise u ~ q(u) in [0, 1):
-
-    log P(k) >= E_q[ log p_x(x(k + u)) + D log |dx/dy| - log q(u) ],   x(y) = 2 y / 256 - 1,
-
-so |dx/dy| = 2 / 256 per dimension. Bits per dimension = -(that bound) / (D ln 2), the figure
-image-likelihood papers report (uniform dequantization as in Ho et al. 2019 / Song et al. 2021).
-
-- "uniform":  u ~ U[0, 1), log q = 0.
-- "gaussian": u ~ N(1/2, GAUSSIAN_STD^2) truncated to [0, 1), log q its exact log-density.
-- "none":     u = 1/2 with no bound: the density at bin centres, for comparison only.
-"""
+"""Bits per dimension of 8-bit images: a dequantization noise u in [0, 1) per value ("uniform", "gaussian"
+truncated to the bin, or "none": bin centres, no bound) gives the variational bound of docs/evaluation.md."""
 from __future__ import annotations
 
 import math
@@ -28,11 +15,8 @@ def _normal_cdf(z: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize(images: torch.Tensor, method: str, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Continuous model inputs for 8-bit images.
-
-    images: (N, C, H, W) uint8 (or integer-valued). Returns x: (N, C, H, W) float64 in [-1, 1]
-    on the model's scale and log_q: (N,) the dequantization noise's log-density (0 for uniform).
-    """
+    """Continuous model inputs of 8-bit images (N, C, H, W): x (N, C, H, W) float64 in [-1, 1] and log_q (N,),
+    the dequantization noise's log-density (0 for uniform)."""
     if method not in DEQUANTIZATIONS:
         raise ValueError(f"unknown dequantization {method!r}; choose one of {', '.join(DEQUANTIZATIONS)}")
     levels = images.to(torch.float64)
@@ -69,9 +53,6 @@ DEQUANTIZATIONS = {"none": _bin_centres, "uniform": _uniform, "gaussian": _trunc
 
 
 def image_bits_per_dim(logp_x: torch.Tensor, log_q: torch.Tensor, num_dims: int) -> torch.Tensor:
-    """Bits per dimension of 8-bit images from the model's log-density on the [-1, 1] scale.
-
-    logp_x: (N,) nats on the model's scale; log_q: (N,) dequantization log-density; num_dims: D.
-    """
+    """Bits/dim of 8-bit images: -(logp_x + D log(2/256) - log_q) / (D ln 2); logp_x, log_q: (N,)."""
     log_jacobian = num_dims * math.log(2.0 / NUM_LEVELS)
     return -(logp_x.double() + log_jacobian - log_q.double()) / (num_dims * math.log(2))

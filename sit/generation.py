@@ -1,9 +1,6 @@
-"""Generating images from a SiT: per-index seeds (image i's noise and label from (global seed, i), a
-block's SDE noise from its first index, on forked RNGs), balanced labels (`balanced_labels`: a seeded
-permutation, a pure function of (global seed, N, classes, i)), the guided model call, and an iterator over
-index blocks that sample_ddp.py and FID-during-training share; `stop_on_non_finite` names the step
-where samples turned NaN/Inf (NonFiniteWatch: one synchronisation per block).
-"""
+"""Generating images from a SiT: per-index seeds (image i's noise and label from (global seed, i), a block's
+SDE noise from its first index), balanced labels, the guided model call, and the index blocks that
+sample_ddp.py and FID-during-training share."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -31,27 +28,20 @@ def seed_for(global_seed: int, index: int, stream: str) -> int:
 
 def noise_and_labels(indices: Sequence[int], global_seed: int, shape: tuple[int, int, int], num_classes: int,
                      planned: Optional[np.ndarray] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each image's own noise and label from a CPU generator seeded by (global_seed, index): z (N, C, L, L)
-    and y (N,) int64 on the CPU, identical whatever the batch, process count or device.
-
-    planned: every image's label (e.g. balanced_labels), taken at the indices instead of a draw; the
-    noise is the same either way (each generator draws its noise before its label)."""
+    """Each image's noise, then label, from a CPU generator seeded by (global_seed, index): z (N, C, L, L) and
+    y (N,) int64 on the CPU. planned: every image's label (e.g. balanced_labels), taken instead of a draw."""
     noises, labels = [], []
     for index in indices:
         generator = torch.Generator().manual_seed(seed_for(global_seed, index, "image"))
         noises.append(torch.randn(shape, generator=generator))
-        if planned is None:
-            labels.append(torch.randint(0, num_classes, (), generator=generator))
-        else:
-            labels.append(torch.tensor(int(planned[index]), dtype=torch.int64))
+        labels.append(torch.randint(0, num_classes, (), generator=generator) if planned is None
+                      else torch.tensor(int(planned[index]), dtype=torch.int64))
     return torch.stack(noises), torch.stack(labels)
 
 
 def balanced_labels(num_images: int, global_seed: int, num_classes: int) -> np.ndarray:
-    """Labels (num_images,) int64 with exactly num_images / num_classes images of every class: image i's
-    label is p[i] mod num_classes, p a permutation of 0..num_images-1 drawn from a generator seeded by
-    (global_seed, num_images). A pure function of (global_seed, num_images, num_classes, i), so the
-    labels do not depend on the process count or the batch. ValueError unless num_classes divides num_images."""
+    """Labels (num_images,) int64, num_images / num_classes of every class: image i's is p[i] mod num_classes,
+    p a permutation seeded by (global_seed, num_images). ValueError unless num_classes divides num_images."""
     if num_classes < 1 or num_images % num_classes:
         raise ValueError(f"balanced labels need a number of images that is a multiple of the {num_classes} "
                          f"classes, got {num_images}")
@@ -61,8 +51,7 @@ def balanced_labels(num_images: int, global_seed: int, num_classes: int) -> np.n
 
 
 def planned_labels(label_sampling: str, num_images: int, global_seed: int, num_classes: int) -> Optional[np.ndarray]:
-    """The labels of images 0..num_images-1 fixed ahead (balanced: balanced_labels), or None for random
-    (each image draws its own in noise_and_labels, the original's uniform draw)."""
+    """The labels of images 0..num_images-1 fixed ahead (balanced_labels), or None for random."""
     if label_sampling == "random":
         return None
     if label_sampling == "balanced":
@@ -72,17 +61,15 @@ def planned_labels(label_sampling: str, num_images: int, global_seed: int, num_c
 
 def image_labels(num_images: int, global_seed: int, shape: tuple[int, int, int], num_classes: int,
                  chunk: int = 1024) -> np.ndarray:
-    """The labels (num_images,) int64 of images 0..num_images-1: exactly noise_and_labels' (each image's
-    generator draws its noise first), computed in chunks so that memory stays small for 50K images."""
+    """The labels (num_images,) int64 noise_and_labels draws for images 0..num_images-1, in chunks."""
     parts = [noise_and_labels(range(start, min(start + chunk, num_images)), global_seed, shape, num_classes)[1]
              for start in range(0, num_images, chunk)]
     return torch.cat(parts).numpy() if parts else np.zeros(0, dtype=np.int64)
 
 
 class ObservedSampleFunction:
-    """A sampler function fn(x, model_fn, **kwargs) whose model evaluations also call on_evaluation(t)
-    (e.g. a progress display); `nfe` is the wrapped function's. t: the first sample's time, a 0-dim
-    tensor on the sampler's device, not read here (reading it would wait for the device at every step)."""
+    """A sampler function fn(x, model_fn, **kwargs) whose model evaluations also call on_evaluation(t), t the
+    first sample's time (0-dim, on the device; not read here); `nfe` is the wrapped function's."""
 
     def __init__(self, sample_fn: Callable, on_evaluation: Callable[[torch.Tensor], None]):
         self.sample_fn, self.on_evaluation = sample_fn, on_evaluation
@@ -100,13 +87,9 @@ class ObservedSampleFunction:
 
 def guided_sample(sample_fn: Callable, model: Any, z: torch.Tensor, y: torch.Tensor,
                   guidance: GuidanceConfig = GuidanceConfig(), always_guide: bool = False) -> torch.Tensor:
-    """Run the sampler from noise z: (N, C, L, L) with labels y: (N,); returns the samples (N, C, L, L).
-
-    With guidance.scale > 1 (the original sample_ddp.py's rule), or always with `always_guide` (the
-    original sample.py's, even at scale 1; its doubled batch draws other SDE noise): z is doubled, the
-    second half gets the null label (num_classes), and model.forward_with_cfg combines the halves. An
-    autoguided model (sit.guidance) guides itself inside each call, on z as it is.
-    """
+    """The samples (N, C, L, L) from noise z: (N, C, L, L) with labels y: (N,). With guidance.scale > 1, or
+    always_guide (the original sample.py's rule), z is doubled with null labels for forward_with_cfg; an
+    autoguided model (sit.guidance) guides itself."""
     if (guidance.scale > 1.0 or always_guide) and not getattr(model, "guides_itself", False):
         null_labels = torch.full_like(y, model.num_classes)
         z_in = torch.cat([z, z], dim=0)            # (2N, C, L, L)
@@ -144,9 +127,8 @@ class NonFiniteWatch:
     forward_with_cfg = property(lambda self: self.watched(self.model.forward_with_cfg))
 
     def failure(self, latents: Optional[torch.Tensor]) -> Optional[RunFailure]:
-        """The RunFailure to raise when a model output or the final latents (N, C, L, L) were not finite, else None.
-
-        One synchronisation when all is finite (both checks combined on the device), more only to name a failure."""
+        """The RunFailure to raise when a model output or the final latents (N, C, L, L) were not finite, else
+        None; one synchronisation when all is finite."""
         finite = torch.isfinite(latents).all() if latents is not None else torch.ones((), dtype=torch.bool)
         if self.first_bad is not None:
             finite = finite & (self.first_bad[0] == 0)
@@ -205,10 +187,8 @@ def generate_blocks(blocks: Iterable[range], model: Any, vae: Any, sample_fn: Ca
                     num_classes: int, guidance: GuidanceConfig, precision: str,
                     device: torch.device, stop_on_non_finite: bool = False,
                     labels: Optional[np.ndarray] = None) -> Iterator[GeneratedBlock]:
-    """Sample and decode each block of indices as one batch (vae: its latent space, as
-    sit.latents.as_latent_space takes it; None: a pixel-space model): noise and labels of
-    noise_and_labels (labels: every index's planned label, None: drawn per image), the SDE noise
-    seeded by the block's first index on forked RNGs.
+    """Sample and decode each block of indices as one batch (vae: as_latent_space's argument, None: pixels)
+    from noise_and_labels (labels: planned ones, or None), the SDE noise seeded by the block's first index.
     stop_on_non_finite: RunFailure naming the block, the step and t where the samples stopped being finite."""
     shape, space = latent_shape(model.config), as_latent_space(vae)
     forked = [device] if device.type == "cuda" else []

@@ -1,7 +1,5 @@
-"""Image grids and their labels: where each image of a batch goes (`GridLayout`), the grid PNG, and the
-labels laid out like the grid (one line per row; sample.py's `<grid>.labels.txt`, training's
-`preview_labels.txt`), so a grid can be checked against the classes it was conditioned on.
-"""
+"""Image grids: where each image goes (`GridLayout`), the grid PNG, and its labels laid out like the grid
+(sample.py's `<grid>.labels.txt`, training's `preview_labels.txt`)."""
 from __future__ import annotations
 
 import functools
@@ -40,22 +38,15 @@ class GridLayout:
 
     def cells(self, num_images: int) -> list[Optional[int]]:
         """The image index of each cell, row by row (None: an empty cell)."""
-        order = []
-        for row in range(self.rows):
-            for column in range(self.columns):
-                index = column * self.rows + row if self.column_major else row * self.columns + column
-                order.append(index if index < num_images else None)
-        return order
+        order = (column * self.rows + row if self.column_major else row * self.columns + column
+                 for row in range(self.rows) for column in range(self.columns))
+        return [index if index < num_images else None for index in order]
 
 
 def label_rows(labels: Sequence[int], layout: GridLayout) -> list[str]:
     """The labels as the grid shows them: one string per row, space-separated ('.' for an empty cell)."""
-    cells = layout.cells(len(labels))
-    rows = []
-    for row in range(layout.rows):
-        cell_row = cells[row * layout.columns:(row + 1) * layout.columns]
-        rows.append(" ".join(EMPTY_CELL if index is None else str(int(labels[index])) for index in cell_row))
-    return rows
+    cells = [EMPTY_CELL if index is None else str(int(labels[index])) for index in layout.cells(len(labels))]
+    return [" ".join(cells[row * layout.columns:(row + 1) * layout.columns]) for row in range(layout.rows)]
 
 
 def labels_text(labels: Sequence[int], layout: GridLayout) -> str:
@@ -69,8 +60,7 @@ def labels_path(grid_path: str) -> str:
 
 
 def arrange(images: torch.Tensor, layout: GridLayout) -> torch.Tensor:
-    """Images (N, 3, H, W) in [-1, 1] in the layout's row-by-row cell order (M, 3, H, W), empty cells
-    black (-1); a row-major layout keeps the batch as it is (make_grid leaves trailing cells blank)."""
+    """Images (N, 3, H, W) in [-1, 1] in the layout's cell order (M, 3, H, W), empty cells black."""
     if not layout.column_major:
         return images
     blank = torch.full_like(images[0], -1.0)
@@ -78,8 +68,7 @@ def arrange(images: torch.Tensor, layout: GridLayout) -> torch.Tensor:
 
 
 def save_grid(images: torch.Tensor, layout: GridLayout, path: str, fmt: Optional[str] = None) -> None:
-    """Save images (N, 3, H, W) in [-1, 1] as one grid PNG (or the format the extension names, or fmt)
-    at `path`, through a temporary file and a rename."""
+    """Save images (N, 3, H, W) in [-1, 1] as one grid PNG (or the extension's format, or fmt), atomically."""
     from torchvision.utils import save_image
 
     write = functools.partial(save_image, arrange(images, layout), nrow=layout.columns, normalize=True,

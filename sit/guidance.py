@@ -1,25 +1,13 @@
-"""Autoguidance (Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of Itself"; edm2's
-generate_images.py): guide a model with a weaker version of itself (smaller, or trained for less)
-instead of its own unconditional branch.
-
-    D(x, t, y) = D_guide(x, t, y) + w (D_main(x, t, y) - D_guide(x, t, y)),   w = --cfg-scale
-
-Both models see the same inputs and labels (the guide is conditional too). As edm2, every output
-channel is guided (the original's first-3-channels rule belongs to its classifier-free guidance), so
---guide-all-channels changes nothing here. With --cfg-interval LO HI only samples whose t lies in
-[LO, HI] are guided; elsewhere the output is the main model's alone (the guide is not evaluated).
-The sampler functions are unchanged: `AutoGuidedModel` is the model they call, one batch of N.
-"""
+"""Autoguidance (Karras et al. 2024, edm2): D = D_guide + w (D_main - D_guide), w = --cfg-scale, a model
+guided by a weaker version of itself; every channel guided, only t in --cfg-interval (docs/sampling.md)."""
 from __future__ import annotations
 
 import torch
 
 
 class AutoGuidedModel(torch.nn.Module):
-    """A main model guided by `guide` with scale w over the interval of t; called as model(x, t, y).
-
-    `config` and `num_classes` are the main model's, so the generation code treats it as that model.
-    """
+    """A main model guided by `guide` with scale w over the interval of t, called as model(x, t, y) on one
+    batch of N; `config` and `num_classes` are the main model's."""
 
     guides_itself = True  # sit.generation.guided_sample calls it on the batch as it is (no null-label half)
 

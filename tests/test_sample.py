@@ -147,14 +147,15 @@ def test_folder_name_changes_with_every_image_setting():
 
 def test_defaults_are_the_originals():
     args, config = sample.parse_args(["ODE"])
-    assert (config.guidance.scale, config.sampler.num_steps, config.seed, config.tf32) == (4.0, 250, 0, True)
+    assert (config.guidance.scale, config.sampler.num_steps, config.seed) == (4.0, 250, 0)
+    assert config.precision != "fp32"  # TF32 matmuls, the original's
     assert (config.sampler.sampling_method, config.sampler.atol, config.sampler.rtol) == ("dopri5", 1e-6, 1e-3)
     transport = settings_without_checkpoint(config, vae="mse").transport
     assert (transport.path_type, transport.prediction, transport.loss_weight) == ("Linear", "velocity", None)
     assert resolve_vae(None, {"vae": None, "in_channels": 4, "pixel_space": False}, "mse") == "mse"
     args, config = sample_ddp.parse_args(["SDE", "--no-tf32"])
     assert (config.guidance.scale, config.seed, config.batch_size, config.num_images) == (1.0, 0, 4, 50_000)
-    assert (args.sample_dir, config.tf32, config.guidance.interval) == ("samples", False, (0.0, 1.0))
+    assert (args.sample_dir, config.precision, config.guidance.interval) == ("samples", "fp32", (0.0, 1.0))
     sde = config.sampler
     assert (sde.sampling_method, sde.diffusion_form, sde.last_step, sde.last_step_size) == ("Euler", "sigma", "Mean", 0.04)
 
@@ -223,7 +224,7 @@ def test_sample_py_bad_command_lines(argv, message, capsys):
 def test_sampling_precision_flags(argv, expected):
     assert sample.parse_args(argv)[1].precision == expected
     _, config = sample_ddp.parse_args(argv)
-    assert config.precision == expected and config.tf32 == (expected != "fp32")
+    assert config.precision == expected
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -48,17 +48,9 @@ def create_transport(
     *,
     time_schedule: Optional[TimeSchedule] = None,
 ) -> Transport:
-    """Build a Transport.
-
-    path_type: "Linear", "GVP" or "VP"; prediction: "velocity", "score" or "noise";
-    loss_weight: None, "velocity" or "likelihood" (score and noise models only).
-    train_eps / sample_eps: how far from the interval's ends training / sampling stays; each one
-    left None gets the original's default for the path and prediction, a given value is kept.
-    time_schedule: how training draws t (transport.schedules); None: uniform, the original's draw.
-    Unknown names raise ValueError listing the valid ones; an argument of another type (e.g.
-    train_eps="0.1") a TypeError naming it; a loss weight for a velocity model (whose loss is never
-    weighted: the original accepted and ignored it, as train.py now refuses it) a ValueError.
-    """
+    """A Transport of a path (PATH_TYPES), prediction (PREDICTIONS) and loss weight (LOSS_WEIGHTS; score and
+    noise models only); train_eps / sample_eps None: the original's default (default_eps); time_schedule
+    None: uniform. A bad name or value is a ValueError, an argument of another type a TypeError."""
     path_enum = _lookup(PATH_TYPES, path_type, "path type", "path_type")
     model_type = _lookup(PREDICTIONS, prediction, "prediction", "prediction")
     loss_type = _lookup(LOSS_WEIGHTS, loss_weight, "loss weight", "loss_weight")
@@ -71,15 +63,10 @@ def create_transport(
             check_real(name, value)
         if value is not None and not 0 <= value < 0.5:
             raise ValueError(f"{name} must be in [0, 0.5), got {value}")
-    return Transport(
-        model_type=model_type,
-        path_type=path_enum,
-        loss_type=loss_type,
-        train_eps=default_train_eps if train_eps is None else train_eps,
-        sample_eps=default_sample_eps if sample_eps is None else sample_eps,
-        sample_eps_is_default=sample_eps is None,
-        time_schedule=time_schedule,
-    )
+    return Transport(model_type=model_type, path_type=path_enum, loss_type=loss_type,
+                     train_eps=default_train_eps if train_eps is None else train_eps,
+                     sample_eps=default_sample_eps if sample_eps is None else sample_eps,
+                     sample_eps_is_default=sample_eps is None, time_schedule=time_schedule)
 
 
 __all__ = [

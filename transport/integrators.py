@@ -1,9 +1,5 @@
-"""Time integrators: the torchdiffeq call for ODEs and fixed-grid SDE steppers.
-
-Both work in "solver time" from t0 to t1 on a uniform grid of `num_steps` points (or that grid
-through `grid_transform`, e.g. a time shift); the time grid follows the state's dtype, so float64
-states are integrated in float64.
-"""
+"""Time integrators from t0 to t1 on num_steps points (through `grid_transform`, e.g. a time shift), in the
+state's dtype: the torchdiffeq call for ODEs and fixed-grid SDE steppers."""
 from __future__ import annotations
 
 from typing import Callable, Optional, Sequence, Union
@@ -26,8 +22,7 @@ GridTransform = Callable[[th.Tensor], th.Tensor]  # (n,) uniform grid -> (n,) gr
 
 def is_adaptive(sampling_method: str) -> bool:
     """Whether a torchdiffeq method chooses its own steps (its grid only says where to report)."""
-    solver = TORCHDIFFEQ_SOLVERS.get(sampling_method)
-    return solver is not None and issubclass(solver, RKAdaptiveStepsizeODESolver)
+    return sampling_method in ADAPTIVE_METHODS
 
 
 def _batch_times(t: th.Tensor, x: th.Tensor) -> th.Tensor:
@@ -36,20 +31,15 @@ def _batch_times(t: th.Tensor, x: th.Tensor) -> th.Tensor:
 
 
 def _step_noise(x: th.Tensor) -> th.Tensor:
-    """Standard normal noise shaped like x: (N, ...), drawn on the CPU generator (the original's draw)
-    and moved to x's device. For a GPU state it is drawn into pinned memory and copied without
-    waiting: a plain copy from pageable memory would synchronise the device at every step."""
+    """Standard normal noise shaped like x: (N, ...), drawn on the CPU generator (the original's draw) into
+    pinned memory for a GPU state and copied without waiting (no synchronisation per step)."""
     noise = th.randn(x.size(), dtype=x.dtype, pin_memory=x.is_cuda)
     return noise.to(x.device, non_blocking=x.is_cuda)
 
 
 class SDESolver:
-    """Fixed-grid SDE integration dx = drift dt + sqrt(2 w(t)) dW from t0 to t1 (t0 < t1).
-
-    As the original, each step draws its Gaussian noise with `torch.randn` on the CPU generator and
-    moves it to the state's device (_step_noise), so a seed gives the same samples on CPU and GPU.
-    sampler_type: one of SDE_METHODS (checked by Sampler.sample_sde, as t0 < t1).
-    """
+    """Fixed-grid SDE integration dx = drift dt + sqrt(2 w(t)) dW from t0 to t1 (t0 < t1), each step's noise
+    from the CPU generator (_step_noise). sampler_type: one of SDE_METHODS (checked by Sampler.sample_sde)."""
 
     def __init__(self, drift: Callable, diffusion: Callable, *, t0: float, t1: float, num_steps: int, sampler_type: str,
                  grid_transform: Optional[GridTransform] = None):
@@ -98,17 +88,15 @@ class ODESolver:
 
     def __init__(self, drift: Callable, *, t0: float, t1: float, sampler_type: str, num_steps: int, atol: float, rtol: float,
                  stop_at_end: bool = False, grid_transform: Optional[GridTransform] = None):
-        """stop_at_end: keep an adaptive solver from stepping past t1 (it would evaluate the drift
-        beyond the interval and interpolate back); fixed-grid solvers never do. grid_transform: the
-        fixed-step grid's times (e.g. shifted), applied to the uniform grid. sampler_type: one of ODE_METHODS
-        (checked by the Sampler)."""
+        """stop_at_end: keep an adaptive solver from stepping past t1; grid_transform: applied to the uniform
+        grid; sampler_type: one of ODE_METHODS (checked by the Sampler)."""
         self.drift, self.t0, self.t1, self.num_steps, self.atol, self.rtol = drift, t0, t1, num_steps, atol, rtol
         self.sampler_type, self.grid_transform = sampler_type, grid_transform
         self.stop_at_end = stop_at_end and is_adaptive(sampler_type)
 
     def sample(self, x: State, model: Callable, **model_kwargs) -> Union[th.Tensor, Sequence[th.Tensor]]:
-        """Integrate from x (a tensor or a tuple of tensors). Returns odeint's output: the state at
-        each of the num_steps grid times (stacked on dim 0), a tuple of such for a tuple state."""
+        """Integrate from x (a tensor or a tuple of tensors): odeint's states at the num_steps grid times,
+        stacked on dim 0 (a tuple of such for a tuple state)."""
         first = x[0] if isinstance(x, tuple) else x
         device = first.device
 

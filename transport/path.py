@@ -1,9 +1,5 @@
-"""Interpolant coefficients x_t = alpha_t * x1 + sigma_t * x0 (x1 data, x0 noise, t=1 is data).
-
-`ICPlan` is the linear interpolant, `GVPCPlan` the trigonometric (generalised variance-preserving)
-one and `VPCPlan` the variance-preserving SDE path. Every `compute_*` method takes t already shaped
-to broadcast against x, except those taking x as well, which shape t themselves.
-"""
+"""Interpolants x_t = alpha_t * x1 + sigma_t * x0 (x1 data, x0 noise, t=1 data): linear `ICPlan`,
+trigonometric `GVPCPlan`, variance-preserving `VPCPlan`. `compute_*` without x take t shaped like x."""
 from __future__ import annotations
 
 import math
@@ -35,11 +31,7 @@ class ICPlan:
         return 1 / t
 
     def compute_drift(self, x: th.Tensor, t: th.Tensor):
-        """Drift of the probability-flow ODE in terms of the score.
-
-        Returns (drift_mean, drift_var), both broadcastable against x, such that the velocity is
-        v(x, t) = -drift_mean + drift_var * score(x, t).
-        """
+        """(drift_mean, drift_var), broadcastable against x: v = -drift_mean + drift_var * score."""
         t = expand_t_like_x(t, x)
         alpha_ratio = self.compute_d_alpha_alpha_ratio_t(t)
         sigma_t, d_sigma_t = self.compute_sigma_t(t)
@@ -48,17 +40,13 @@ class ICPlan:
         return -drift, diffusion
 
     def compute_diffusion(self, x: th.Tensor, t: th.Tensor, form: str = "constant", norm: float = 1.0) -> th.Tensor:
-        """Diffusion coefficient w(t) of the SDE sampler, shaped (N, 1, ..., 1) like t.
-
-        form: one of DIFFUSION_FORMS; norm scales it.
-        """
+        """Diffusion coefficient w(t) of the SDE sampler (form: a key of DIFFUSION_FORMS): (N, 1, ..., 1)."""
         if form not in DIFFUSION_FORMS:
             raise ValueError(f"unknown diffusion form {form!r}; choose one of {', '.join(DIFFUSION_FORMS)}")
         return DIFFUSION_FORMS[form](self, x, expand_t_like_x(t, x), norm)
 
     def _velocity_coefficients(self, x: th.Tensor, t: th.Tensor) -> tuple:
-        """(alpha_t / d_alpha_t, sigma_t, d_sigma_t), each shaped to broadcast against x: what
-        converting a velocity back to a score or a noise needs. t: (N,)."""
+        """(alpha_t / d_alpha_t, sigma_t, d_sigma_t), each broadcastable against x. t: (N,)."""
         t = expand_t_like_x(t, x)
         alpha_t, d_alpha_t = self.compute_alpha_t(t)
         sigma_t, d_sigma_t = self.compute_sigma_t(t)
@@ -158,42 +146,13 @@ class GVPCPlan(ICPlan):
         return math.pi / (2 * th.tan(t * math.pi / 2))
 
 
-#################################################################################
-#              Diffusion coefficient forms of the SDE sampler                   #
-#################################################################################
-# Each takes the plan, x: (N, ...), t: (N, 1, ..., 1) and the norm (Tab. 2 of the SiT paper).
-
-def constant_diffusion(plan: ICPlan, x: th.Tensor, t: th.Tensor, norm: float) -> th.Tensor:
-    return th.full_like(t, norm)
-
-
-def sbdm_diffusion(plan: ICPlan, x: th.Tensor, t: th.Tensor, norm: float) -> th.Tensor:
-    """The score-based diffusion model's choice: w(t) = the probability-flow drift's variance term."""
-    return norm * plan.compute_drift(x, t)[1]
-
-
-def sigma_diffusion(plan: ICPlan, x: th.Tensor, t: th.Tensor, norm: float) -> th.Tensor:
-    return norm * plan.compute_sigma_t(t)[0]
-
-
-def linear_diffusion(plan: ICPlan, x: th.Tensor, t: th.Tensor, norm: float) -> th.Tensor:
-    return norm * (1 - t)
-
-
-def decreasing_diffusion(plan: ICPlan, x: th.Tensor, t: th.Tensor, norm: float) -> th.Tensor:
-    return 0.25 * (norm * th.cos(math.pi * t) + 1) ** 2
-
-
-def increasing_decreasing_diffusion(plan: ICPlan, x: th.Tensor, t: th.Tensor, norm: float) -> th.Tensor:
-    return norm * th.sin(math.pi * t) ** 2
-
-
-# --diffusion-form choice -> w(t); drives the argparse choices and compute_diffusion alike.
+# --diffusion-form choice -> w(t) of the plan, x: (N, ...), t: (N, 1, ..., 1) and the norm (Tab. 2 of the
+# SiT paper); drives the argparse choices and compute_diffusion alike. SBDM: the drift's variance term.
 DIFFUSION_FORMS = {
-    "constant": constant_diffusion,
-    "SBDM": sbdm_diffusion,
-    "sigma": sigma_diffusion,
-    "linear": linear_diffusion,
-    "decreasing": decreasing_diffusion,
-    "increasing-decreasing": increasing_decreasing_diffusion,
+    "constant": lambda plan, x, t, norm: th.full_like(t, norm),
+    "SBDM": lambda plan, x, t, norm: norm * plan.compute_drift(x, t)[1],
+    "sigma": lambda plan, x, t, norm: norm * plan.compute_sigma_t(t)[0],
+    "linear": lambda plan, x, t, norm: norm * (1 - t),
+    "decreasing": lambda plan, x, t, norm: 0.25 * (norm * th.cos(math.pi * t) + 1) ** 2,
+    "increasing-decreasing": lambda plan, x, t, norm: norm * th.sin(math.pi * t) ** 2,
 }

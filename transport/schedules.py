@@ -1,16 +1,5 @@
-"""Time-step schedules: where in [0, 1] training draws t, and where fixed-step samplers place their grid.
-
-SiT's convention: t = 0 is noise, t = 1 is data (x_t = alpha_t x1 + sigma_t x0, alpha_0 = 0).
-
-- uniform: t ~ U(0, 1), the original's draw (`torch.rand`), unchanged.
-- logit-normal (SD3, LightningDiT): t = sigmoid(m + s * n), n ~ N(0, 1).
-- shift s (SD3, LightningDiT): the monotone map t -> t / (t + s (1 - t)) of [0, 1] onto itself,
-  which moves mass toward noise for s > 1.
-
-The shift's form: SD3 writes its time u with u = 1 at noise, u -> s u / (1 + (s - 1) u). Our time
-is t = 1 - u, so t' = 1 - u' = (1 - u) / (1 + (s - 1) u) = t / (t + s (1 - t)): the same map seen
-from the other end (LightningDiT's SiT-based sampler uses exactly this form on its t grid).
-"""
+"""Time-step schedules (t = 0 noise, t = 1 data): where training draws t (uniform, the original's, or
+logit-normal) and SD3's shift t -> t / (t + s (1 - t)) of draws and fixed-step grids (docs/training.md)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,18 +13,15 @@ TIME_SAMPLINGS = (UNIFORM, LOGIT_NORMAL)
 
 
 def shift_time(t: th.Tensor, shift: float) -> th.Tensor:
-    """The shifted time t / (t + shift (1 - t)) (t = 0 noise, t = 1 data): fixes 0 and 1, increasing
-    in t, and for shift > 1 below t everywhere inside (more time near the noise end). t: any shape."""
+    """The shifted time t / (t + shift (1 - t)) of t (any shape): shift > 1 moves t toward noise."""
     if shift <= 0:
         raise ValueError(f"the time shift must be positive, got {shift}")
     return t / (t + shift * (1 - t))
 
 
 def shifted_unit_grid(positions: th.Tensor, shift: Optional[float], low: float, high: float) -> th.Tensor:
-    """A sampler's time grid with the shift applied inside its interval [low, high]: each time is
-    mapped to u = (t - low) / (high - low) in [0, 1], shifted, and mapped back, so the end points stay
-    and the meaning (more steps near the noise end, t = low) holds in either direction of integration.
-    positions: (n,) times in [low, high]; shift None (or 1): unchanged."""
+    """A sampler's time grid positions: (n,) in [low, high], shifted inside that interval (mapped to [0, 1]
+    and back, so the ends stay in either direction of integration); shift None (or 1): unchanged."""
     if shift is None or shift == 1:
         return positions
     width = high - low
@@ -44,11 +30,8 @@ def shifted_unit_grid(positions: th.Tensor, shift: Optional[float], low: float, 
 
 @dataclass(frozen=True)
 class TimeSchedule:
-    """How training draws t in [0, 1] (before the transport maps it into its [t0, t1]).
-
-    sampling: "uniform" or "logit-normal"; mean, std: the logit-normal's normal (m, s);
-    shift: the shift s (None: none).
-    """
+    """How training draws t in [0, 1] (before the transport maps it into [t0, t1]): sampling "uniform" or
+    "logit-normal" (of a normal of mean, std), then the shift (None: none)."""
     sampling: str = UNIFORM
     mean: float = 0.0
     std: float = 1.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import functools
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch as th
 
@@ -64,10 +64,8 @@ class Transport:
 
     def check_interval(self, train_eps, sample_eps, *, diffusion_form="SBDM", sde=False, reverse=False,
                        eval=False, last_step_size=0.0):
-        """The time interval (t0, t1) to train on or integrate over, away from singular ends.
-
-        With reverse=True it is (start, end) for integrating from data back to noise.
-        """
+        """The time interval (t0, t1) to train on or integrate over, away from singular ends ((start, end)
+        from data back to noise with reverse)."""
         t0, t1 = 0, 1
         eps = train_eps if not eval else sample_eps
         data_end = 1 - eps if (not sde or last_step_size == 0) else 1 - last_step_size
@@ -84,10 +82,8 @@ class Transport:
         return t0, t1
 
     def _reverse_interval(self, t0: float, t1: float) -> tuple[float, float]:
-        """The interval from data to noise. As the original, the reflection (1 - t0, 1 - t1): the same
-        as (t1, t0) on the symmetric Linear and GVP intervals. On VP, whose interval [0, 1 - eps] is not
-        symmetric, the reflection starts at t=1 where sigma_t = 0; a noise model's drift divides by
-        sigma_t, so there it starts at 1 - eps instead (the original gives NaN)."""
+        """The interval from data to noise: the original's reflection (1 - t0, 1 - t1), except (t1, t0) for a
+        noise model on VP, whose drift divides by sigma_1 = 0 (the original gives NaN)."""
         if self.model_type == ModelType.NOISE and isinstance(self.path_sampler, path.VPCPlan):
             return t1, t0
         return 1 - t0, 1 - t1
@@ -99,21 +95,18 @@ class Transport:
                              "pass a positive --sample-eps (e.g. 1e-3) or choose another --diffusion-form")
         return DEFAULT_SAMPLE_EPS
 
-    def drift_singular_at(self, t: float) -> bool:
-        """Whether the probability-flow drift built from this model's output is undefined at time t:
-        score and noise models divide by alpha_t (zero at t=0 on Linear and GVP), noise models also by
-        sigma_t (zero at t=1)."""
-        if self.model_type == ModelType.VELOCITY:
-            return False
-        t_vec = th.tensor([float(t)], dtype=th.float64)
-        alpha_t = th.as_tensor(self.path_sampler.compute_alpha_t(t_vec)[0])
-        sigma_t = th.as_tensor(self.path_sampler.compute_sigma_t(t_vec)[0])
-        return bool(alpha_t.abs().max() < VANISHING or (self.model_type == ModelType.NOISE and sigma_t.abs().max() < VANISHING))
+    def vanishes_at(self, coefficient: Callable, t: float) -> bool:
+        """Whether a path coefficient (path_sampler.compute_alpha_t or compute_sigma_t) is zero at time t."""
+        value = coefficient(th.tensor([float(t)], dtype=th.float64))[0]
+        return bool(th.as_tensor(value).abs().max() < VANISHING)
 
     def check_drift_finite(self, *times: float) -> None:
-        """Raise ValueError if the drift is undefined at one of the given times (see drift_singular_at)."""
+        """ValueError if the probability-flow drift is undefined at one of the times: score and noise models
+        divide by alpha_t (zero at t=0 on Linear and GVP), noise models also by sigma_t."""
+        plan = self.path_sampler
         for t in times:
-            if self.drift_singular_at(t):
+            if self.model_type != ModelType.VELOCITY and (self.vanishes_at(plan.compute_alpha_t, t) or (
+                    self.model_type == ModelType.NOISE and self.vanishes_at(plan.compute_sigma_t, t))):
                 prediction = self.model_type.name.lower()
                 raise ValueError(f"a {prediction} model's drift is undefined at t={t} on the {self.path_type.name} "
                                  f"path; pass a positive --sample-eps (e.g. 1e-3)")
@@ -126,11 +119,8 @@ class Transport:
         return (unit * (t1 - t0) + t0).to(x1), x0, x1
 
     def training_losses(self, model: Callable, x1: th.Tensor, model_kwargs: Optional[dict] = None) -> dict:
-        """Per-sample loss of `model` on data x1: (N, ...).
-
-        Returns {"loss": (N,), "pred": the model output (N, ...)}, and what the loss was computed
-        from: "x_t" (the model's input), "t" (N,) and "target" (the path's velocity at x_t, t).
-        """
+        """Per-sample loss of `model` on data x1: (N, ...): {"loss": (N,), "pred": the output (N, ...), "x_t":
+        its input, "t": (N,), "target": the path's velocity at x_t, t}."""
         t, x0, x1 = self.sample(x1)
         t, xt, ut = self.path_sampler.plan(t, x0, x1)
         model_output = model(xt, t, **(model_kwargs or {}))
@@ -186,8 +176,7 @@ class Transport:
         return lambda x, t, model, **kwargs: self.score_from_output(self.model_output(x, t, model, **kwargs), x, t)
 
     def get_drift_and_score(self) -> Callable:
-        """Both from one model call (the original called it once for each: same values, half the cost),
-        as a function (x, t, model, **model_kwargs) -> (drift, score)."""
+        """(drift, score) from one model call, as a function (x, t, model, **model_kwargs)."""
         def drift_and_score_fn(x, t, model, **model_kwargs):
             output = self.model_output(x, t, model, **model_kwargs)
             return self.drift_from_output(output, x, t), self.score_from_output(output, x, t)
@@ -195,11 +184,8 @@ class Transport:
 
 
 class SampleFunction:
-    """The function a Sampler returns: call it as fn(x, model, **model_kwargs).
-
-    After each call, `nfe` holds how many times the model was evaluated (an adaptive solver such as
-    dopri5 chooses that itself: its `num_steps` only sets how many points are returned).
-    """
+    """The function a Sampler returns, fn(x, model, **model_kwargs); after each call `nfe` holds how many
+    times the model was evaluated (adaptive solvers choose that themselves)."""
 
     def __init__(self, run: Callable):
         self.run = run
@@ -215,23 +201,10 @@ class SampleFunction:
         return self.run(x, counted, **model_kwargs)
 
 
-class LikelihoodResult(tuple):
-    """(logp, prior_sample) as the original returns, plus bits per dimension.
-
-    logp: (N,) log-likelihood in nats of the input under the model; prior_sample: (N, ...) the input
-    mapped to the prior; bits_per_dim: (N,) -logp / (D ln 2), D the number of dimensions per sample.
-    """
-
-    def __new__(cls, logp: th.Tensor, prior_sample: th.Tensor):
-        return super().__new__(cls, (logp, prior_sample))
-
-    @property
-    def logp(self) -> th.Tensor:
-        return self[0]
-
-    @property
-    def prior_sample(self) -> th.Tensor:
-        return self[1]
+class LikelihoodResult(NamedTuple):
+    """(logp, prior_sample) as the original returns, plus bits_per_dim: -logp / (D ln 2)."""
+    logp: th.Tensor  # (N,) nats
+    prior_sample: th.Tensor  # (N, ...)
 
     @property
     def bits_per_dim(self) -> th.Tensor:
@@ -265,14 +238,9 @@ class Sampler:
     def sample_sde(self, *, sampling_method: str = "Euler", diffusion_form: str = "SBDM", diffusion_norm: float = 1.0,
                    last_step: Optional[str] = "Mean", last_step_size: float = 0.04, num_steps: int = 250,
                    keep_trajectory: bool = True, time_shift: Optional[float] = None) -> SampleFunction:
-        """A function fn(x, model, **model_kwargs) integrating the SDE from noise x: (N, ...).
-
-        It returns the list of states after each step and the last step (`[-1]` is the sample;
-        only `[sample]` with keep_trajectory=False). num_steps counts the grid points, so the model
-        is called num_steps - 1 times (twice that for Heun), plus once for a last step.
-        time_shift: place the grid's points by the shift s (transport.schedules; s > 1: more steps
-        near the noise end); None: the original's uniform grid.
-        """
+        """A function fn(x, model, **model_kwargs) integrating the SDE from noise x: (N, ...) on num_steps
+        grid points (shifted by time_shift, transport.schedules), then the last step: the list of states,
+        `[-1]` the sample (only `[sample]` without keep_trajectory)."""
         check_choice("sampling_method", sampling_method, SDE_METHODS)
         check_choice("diffusion_form", diffusion_form, path.DIFFUSION_FORMS)
         check_real("diffusion_norm", diffusion_norm, minimum=0.0)
@@ -289,15 +257,15 @@ class Sampler:
         elif last_step_size <= 0:
             raise ValueError(f"last step size must be positive, got {last_step_size}")
         sde_drift, sde_diffusion = self._sde_drift_and_diffusion(diffusion_form=diffusion_form, diffusion_norm=diffusion_norm)
-        t0, t1 = self.transport.check_interval(
-            self.transport.train_eps, self.transport.sample_eps, diffusion_form=diffusion_form,
-            sde=True, eval=True, reverse=False, last_step_size=last_step_size,
-        )
+        t0, t1 = self.transport.check_interval(self.transport.train_eps, self.transport.sample_eps, sde=True,
+                                               eval=True, diffusion_form=diffusion_form,
+                                               last_step_size=last_step_size)
         if t0 >= t1:
             raise ValueError(f"last_step_size {last_step_size} (--last-step-size) and sample_eps {self.transport.sample_eps} "
                              f"(--sample-eps) leave no time to integrate (from t={t0} to t={t1}): keep them below 1 together")
         self.transport.check_drift_finite(t0)
-        if sampling_method == "Heun" and last_step is None and self._score_singular_at(t1):
+        if sampling_method == "Heun" and last_step is None and self.transport.vanishes_at(
+                self.transport.path_sampler.compute_sigma_t, t1):
             raise ValueError("SDE Heun with no last step evaluates the score at t=1, where it is undefined for this "
                              "path; pass --last-step Mean (or Tweedie, Euler) or a positive --sample-eps")
         solver = SDESolver(sde_drift, sde_diffusion, t0=t0, t1=t1, num_steps=num_steps, sampler_type=sampling_method,
@@ -313,28 +281,11 @@ class Sampler:
 
         return SampleFunction(run)
 
-    def _score_singular_at(self, t: float) -> bool:
-        """Whether sigma_t vanishes at t (the score, hence the SDE drift, is undefined there)."""
-        sigma_t, _ = self.transport.path_sampler.compute_sigma_t(th.tensor([float(t)], dtype=th.float64))
-        return bool(th.as_tensor(sigma_t).abs().max() < VANISHING)
-
-    def _stop_at_end(self) -> bool:
-        """Whether an adaptive ODE solver must not step past the interval's end: VP's sigma_t is
-        imaginary beyond t=1 and a noise model's drift divides by it. Elsewhere the solver steps
-        over the end and interpolates back, as the original (whose numbers depend on it)."""
-        return self.transport.model_type == ModelType.NOISE and self.transport.path_type == PathType.VP
-
     def sample_ode(self, *, sampling_method: str = "dopri5", num_steps: int = 50, atol: float = 1e-6, rtol: float = 1e-3,
                    reverse: bool = False, keep_trajectory: bool = True, time_shift: Optional[float] = None) -> SampleFunction:
-        """A function fn(x, model, **model_kwargs) solving the probability-flow ODE from x: (N, ...).
-
-        It returns the states at num_steps uniform times, stacked (num_steps, N, ...): `[-1]` is the
-        sample (noise to data; data to noise with reverse=True). For fixed-step methods (euler,
-        midpoint, rk4, ...) num_steps is the grid; for adaptive ones (dopri5, ...) only the output
-        points. keep_trajectory=False returns the last state only, as a (1, N, ...) tensor.
-        time_shift (fixed-step methods only): place the grid's points by the shift s
-        (transport.schedules; s > 1: more steps near the noise end); None: the uniform grid.
-        """
+        """A function fn(x, model, **model_kwargs) solving the probability-flow ODE from x: (N, ...) (data to
+        noise with reverse): the states (num_steps, N, ...) at the grid's times (fixed-step methods' grid,
+        shifted by time_shift), `[-1]` the sample; (1, N, ...) without keep_trajectory."""
         check_ode_arguments(sampling_method, num_steps, atol, rtol)
         check_flag("reverse", reverse)
         check_flag("keep_trajectory", keep_trajectory)
@@ -344,12 +295,16 @@ class Sampler:
             raise ValueError(f"time_shift (--time-shift) places the steps of fixed-step samplers; {sampling_method} "
                              f"chooses its own steps: pick a fixed-step method (euler, heun2, midpoint, rk4, ...) or "
                              f"drop the time shift")
-        t0, t1 = self.transport.check_interval(
-            self.transport.train_eps, self.transport.sample_eps, sde=False, eval=True, reverse=reverse, last_step_size=0.0,
-        )
-        self.transport.check_drift_finite(t0, t1)
-        solver = ODESolver(self.drift, t0=t0, t1=t1, sampler_type=sampling_method, num_steps=num_steps, atol=atol,
-                           rtol=rtol, stop_at_end=self._stop_at_end(), grid_transform=_shifted_grid(time_shift, t0, t1))
+        transport = self.transport
+        t0, t1 = transport.check_interval(transport.train_eps, transport.sample_eps, eval=True,
+                                          reverse=reverse)
+        transport.check_drift_finite(t0, t1)
+        # an adaptive solver steps past t=1 and interpolates back, as the original, except where a noise model
+        # on VP would divide by sigma_t, imaginary beyond
+        stop_at_end = transport.model_type == ModelType.NOISE and transport.path_type == PathType.VP
+        solver = ODESolver(self.drift, t0=t0, t1=t1, sampler_type=sampling_method, num_steps=num_steps,
+                           atol=atol, rtol=rtol, stop_at_end=stop_at_end,
+                           grid_transform=_shifted_grid(time_shift, t0, t1))
 
         def run(x, model, **model_kwargs):
             with th.no_grad():
@@ -360,15 +315,9 @@ class Sampler:
 
     def sample_ode_likelihood(self, *, sampling_method: str = "dopri5", num_steps: int = 50, atol: float = 1e-6,
                               rtol: float = 1e-3, num_probes: int = 1, exact_trace: bool = False) -> SampleFunction:
-        """A function fn(x, model, **model_kwargs) computing the log-likelihood of data x: (N, ...).
-
-        It integrates the probability-flow ODE from data to noise together with the divergence of
-        its drift, and returns a LikelihoodResult (logp: (N,) nats, prior_sample: (N, ...)), which
-        also has `.bits_per_dim`. The divergence is Hutchinson's estimate with `num_probes`
-        Rademacher probes per drift evaluation (1, the original's: one `randint` per evaluation),
-        or with exact_trace=True the exact trace, one autograd pass per dimension (small inputs).
-        The model is called once per solver evaluation.
-        """
+        """A function fn(x, model, **model_kwargs) -> LikelihoodResult of data x: (N, ...), integrating the
+        ODE from data to noise with the drift's divergence: Hutchinson's estimate with num_probes Rademacher
+        probes (1: the original's), or with exact_trace one autograd pass per dimension."""
         check_ode_arguments(sampling_method, num_steps, atol, rtol)
         check_integer("num_probes", num_probes, 1)
         check_flag("exact_trace", exact_trace)
@@ -386,9 +335,8 @@ class Sampler:
                 divergence = divergence_fn(drift, x, num_probes)
             return -drift.detach(), divergence.detach()
 
-        t_start, t_end = self.transport.check_interval(
-            self.transport.train_eps, self.transport.sample_eps, sde=False, eval=True, reverse=True, last_step_size=0.0,
-        )
+        t_start, t_end = self.transport.check_interval(self.transport.train_eps, self.transport.sample_eps,
+                                                       eval=True, reverse=True)
         self.transport.check_drift_finite(t_start, t_end)
         solver = ODESolver(likelihood_drift, t0=1 - t_start, t1=1 - t_end, sampler_type=sampling_method,
                            num_steps=num_steps, atol=atol, rtol=rtol)
@@ -414,19 +362,15 @@ def check_ode_arguments(sampling_method: Any, num_steps: Any, atol: Any, rtol: A
 
 
 def _shifted_grid(time_shift: Optional[float], t0: float, t1: float) -> Optional[Callable[[th.Tensor], th.Tensor]]:
-    """The grid transform of a time shift (checked positive by the caller) over the interval between
-    t0 and t1 (None: none)."""
+    """The grid transform of a time shift over the interval between t0 and t1 (None: none)."""
     if time_shift is None:
         return None
     return functools.partial(shifted_unit_grid, shift=time_shift, low=min(t0, t1), high=max(t0, t1))
 
 
 def hutchinson_divergence(drift: th.Tensor, x: th.Tensor, num_probes: int = 1) -> th.Tensor:
-    """Hutchinson's estimate E[eps^T (d drift / dx) eps] of the divergence, Rademacher probes eps.
-
-    drift: (N, ...) computed from x: (N, ...) with grad enabled. Returns (N,). One probe is drawn as
-    the original, `randint(2, x.size())` on x's device, so seeds reproduce its numbers.
-    """
+    """Hutchinson's estimate E[eps^T (d drift / dx) eps] of the divergence, Rademacher probes eps drawn as the
+    original's. drift: (N, ...) computed from x: (N, ...) with grad enabled. Returns (N,)."""
     total = th.zeros(x.size(0), dtype=x.dtype, device=x.device)
     for index in range(num_probes):
         eps = th.randint(2, x.size(), dtype=th.float, device=x.device) * 2 - 1
@@ -437,11 +381,8 @@ def hutchinson_divergence(drift: th.Tensor, x: th.Tensor, num_probes: int = 1) -
 
 
 def exact_divergence(drift: th.Tensor, x: th.Tensor, num_probes: int = 1) -> th.Tensor:
-    """The exact divergence sum_i d drift_i / d x_i, one autograd pass per dimension of a sample.
-
-    drift: (N, ...) computed from x: (N, ...) with grad enabled (samples independent). Returns (N,).
-    num_probes is unused (same signature as hutchinson_divergence).
-    """
+    """The exact divergence sum_i d drift_i / d x_i, one autograd pass per dimension; num_probes unused.
+    drift: (N, ...) computed from x: (N, ...) with grad enabled (samples independent). Returns (N,)."""
     drift_flat = drift.reshape(drift.size(0), -1)  # (N, D)
     num_dims = drift_flat.size(1)
     total = th.zeros(x.size(0), dtype=x.dtype, device=x.device)
@@ -449,18 +390,6 @@ def exact_divergence(drift: th.Tensor, x: th.Tensor, num_probes: int = 1) -> th.
         grad = th.autograd.grad(drift_flat[:, i].sum(), x, retain_graph=i < num_dims - 1)[0]
         total = total + grad.reshape(grad.size(0), -1)[:, i]  # (N, D) -> d drift_i / d x_i: (N,)
     return total
-
-
-# The last steps of the SDE sampler: each takes the Sampler, the SDE drift and the step size, then the state
-# x: (N, ...) at t: (N,).
-
-def no_last_step(sampler: Sampler, sde_drift: Callable, step_size: float, x, t, model, **model_kwargs):
-    return x
-
-
-def mean_last_step(sampler: Sampler, sde_drift: Callable, step_size: float, x, t, model, **model_kwargs):
-    """An SDE step without the noise."""
-    return x + sde_drift(x, t, model, **model_kwargs) * step_size
 
 
 def tweedie_last_step(sampler: Sampler, sde_drift: Callable, step_size: float, x, t, model, **model_kwargs):
@@ -471,10 +400,11 @@ def tweedie_last_step(sampler: Sampler, sde_drift: Callable, step_size: float, x
     return x / alpha + (sigma ** 2) / alpha * sampler.score(x, t, model, **model_kwargs)
 
 
-def euler_last_step(sampler: Sampler, sde_drift: Callable, step_size: float, x, t, model, **model_kwargs):
-    """A probability-flow ODE step."""
-    return x + sampler.drift(x, t, model, **model_kwargs) * step_size
-
-
-# --last-step choice -> the step; drives the argparse choices and Sampler.sample_sde alike.
-LAST_STEPS = {None: no_last_step, "Mean": mean_last_step, "Tweedie": tweedie_last_step, "Euler": euler_last_step}
+# --last-step choice -> the step from (sampler, SDE drift, step size, x: (N, ...), t: (N,), model, kwargs);
+# drives the argparse choices and Sampler.sample_sde. Mean: an SDE step without noise; Euler: an ODE step.
+LAST_STEPS = {
+    None: lambda sampler, drift, size, x, t, model, **kwargs: x,
+    "Mean": lambda sampler, drift, size, x, t, model, **kwargs: x + drift(x, t, model, **kwargs) * size,
+    "Tweedie": tweedie_last_step,
+    "Euler": lambda sampler, drift, size, x, t, model, **kw: x + sampler.drift(x, t, model, **kw) * size,
+}

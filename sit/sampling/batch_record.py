@@ -1,13 +1,7 @@
-"""sample_ddp.py's record beside `<folder>.npz` (a `sit.record.SampleRecord` in `<folder>.json`): every
-setting that shaped the images, the files they came from (by SHA-256), the model evaluations measured, and
-the SHA-256 of the .npz's arrays (images and labels), which bind the record to the .npz it describes.
-
-Before sampling, rank 0 claims the folder (`claim_sample_folder`): the files are hashed, and a rerun whose
-weights or settings differ from the folder's own record `<folder>/settings.json` is refused, so a folder
-never mixes images of two models or two settings. After sampling, `finish_sample_batch` writes the .npz,
-then the record (a rerun that sampled nothing keeps an earlier record of the same images, adding the
-arrays' hashes to one written before records held them).
-"""
+"""sample_ddp.py's record beside `<folder>.npz` (a `sit.record.SampleRecord` in `<folder>.json`): the
+settings, the source files' and the arrays' SHA-256 and the measured NFE. `claim_sample_folder` refuses a
+rerun whose weights or settings differ from `<folder>/settings.json`; `finish_sample_batch` writes the .npz
+and the record."""
 from __future__ import annotations
 
 import contextlib
@@ -49,14 +43,6 @@ class SampleSources:
     guide_sha256: Optional[str] = None  # of its local file
 
 
-def checkpoint_as_given(config: SamplingConfig) -> str:
-    """--ckpt, or the name of the published checkpoint a request without it loads."""
-    request = config.request
-    if request.ckpt is not None:
-        return request.ckpt
-    return download.published_model(request.model_name, request.image_size, request.num_classes)
-
-
 def check_earlier_record(folder: str, checkpoint: str, checkpoint_sha256: Optional[str], flag: str = "--ckpt",
                          field: str = "checkpoint_sha256") -> None:
     """UsageError when the record beside <folder>.npz names other weights than `checkpoint_sha256` (in
@@ -81,7 +67,9 @@ def identify_sources(config: SamplingConfig, settings: ModelSettings, folder: st
         with reported_as(f"cannot read {what or path} to hash it"):
             return None if path is None else hash_of(path)
 
-    checkpoint = checkpoint_as_given(config)
+    request = config.request  # --ckpt, or the name of the published checkpoint a request without it loads
+    checkpoint = request.ckpt if request.ckpt is not None else download.published_model(
+        request.model_name, request.image_size, request.num_classes)
     local_file = download.local_copy(checkpoint)
     if local_file is None:
         logger.warning(f"cannot find the local file of {checkpoint}: its record will have no checkpoint hash")
@@ -99,8 +87,7 @@ def identify_sources(config: SamplingConfig, settings: ModelSettings, folder: st
 
 
 def folder_settings(config: SamplingConfig, loaded: SamplingModel, sources: SampleSources) -> dict[str, Any]:
-    """What shapes a folder's images, as its settings record holds it (a SampleRecord's fields less
-    NOT_SHAPING_FOLDER)."""
+    """What shapes a folder's images: a SampleRecord's fields less NOT_SHAPING_FOLDER."""
     size = loaded.settings.image_size
     record = build_record(config, loaded, sources, [], 1, None, (0, size, size, 3)).to_dict()
     return {key: value for key, value in record.items() if key not in NOT_SHAPING_FOLDER}
@@ -207,13 +194,9 @@ def describes_same_images(earlier: SampleRecord, record: SampleRecord) -> bool:
 
 def finish_sample_batch(folder: str, num_images: int, make_record: Callable[[tuple[int, ...]], SampleRecord],
                         logger: Any, labels: Optional[np.ndarray] = None) -> str:
-    """Build <folder>.npz (finish_npz; with the images' class `labels` when given), then write its record;
-    returns the record's path.
-
-    make_record: the record of an .npz of that shape (N, H, W, 3); the .npz's hashes (npz_hashes) are
-    added to it. A run that sampled nothing keeps an earlier record that describes the same images (its
-    NFE and versions are those of the run that sampled), adding the hashes when it has none.
-    """
+    """Build <folder>.npz (with the images' `labels` when given), then its record (make_record: the record of
+    an .npz of that shape (N, H, W, 3), plus the arrays' hashes); returns the record's path. A run that
+    sampled nothing keeps an earlier record of the same images, adding the hashes when it has none."""
     finish_npz(folder, num_images, logger, labels)
     npz_path = f"{folder}.npz"
     with reported_as(f"cannot read {npz_path} to hash its arrays"):
@@ -224,15 +207,14 @@ def finish_sample_batch(folder: str, num_images: int, make_record: Callable[[tup
     except RecordError:
         earlier = None
     if earlier is not None and record.nfe_measured["batches"] == 0:
-        if earlier.images_sha256 is None:  # written before records held hashes: kept, with the .npz's added
-            earlier = dataclasses.replace(earlier, **hashes)
-            if describes_same_images(earlier, record):
+        unhashed = earlier.images_sha256 is None  # written before records held hashes: the .npz's added
+        earlier = dataclasses.replace(earlier, **hashes) if unhashed else earlier
+        if describes_same_images(earlier, record):
+            if unhashed:
                 with reported_as(f"cannot write the record {path}"):
                     write_record(npz_path, earlier)
-                logger.info(f"Kept the record {path} (no image was sampled again), adding the arrays' SHA-256")
-                return path
-        elif describes_same_images(earlier, record):
-            logger.info(f"Kept the record {path} (no image was sampled again)")
+            logger.info(f"Kept the record {path} (no image was sampled again)"
+                        + (", adding the arrays' SHA-256" if unhashed else ""))
             return path
     with reported_as(f"cannot write the record {path}"):
         write_record(npz_path, record)

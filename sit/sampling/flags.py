@@ -1,7 +1,5 @@
-"""The sampling scripts' command line, declared once: the flags sample.py and sample_ddp.py share, the
-likelihood flags of sample_ddp.py, and the mode first, which picks its family's flag group
-(sit.sampling.families). `sit.sampling.settings` checks the parsed flags.
-"""
+"""The sampling scripts' command line, declared once: the shared flags, sample_ddp.py's likelihood flags, and
+the mode first, which picks its family's flag group. `sit.sampling.settings` checks the parsed flags."""
 from __future__ import annotations
 
 import argparse
@@ -86,11 +84,8 @@ def add_likelihood_arguments(parser: argparse.ArgumentParser) -> None:
 
 def sampling_parser(mode: Optional[str], *, description: str, vae_default: str, cfg_default: float,
                     add_script_arguments: Callable[[argparse.ArgumentParser], None]) -> argparse.ArgumentParser:
-    """The parser of `<mode> [options]`: the shared flags, the script's own, then the mode's family's group.
-
-    mode None (a help request before any mode) lists the shared flags only. The transport flags keep
-    the original's defaults; which of them were given decides what the checkpoint's values yield to.
-    """
+    """The parser of `<mode> [options]`: the shared flags, the script's own, then the mode's family's group
+    (mode None, a help request before any mode: the shared flags only)."""
     # allow_abbrev=False: a misspelt or truncated flag is an error, never a silent match
     parser = ScriptParser(description=description, allow_abbrev=False,
                           epilog=f"The mode comes first; {' or '.join(f'`<script> {name} -h`' for name in SAMPLER_FAMILIES)} "

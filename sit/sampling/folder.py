@@ -1,8 +1,5 @@
-"""sample_ddp.py's sample folder: its name (every setting that changes the images; names stay as they
-were, so a rerun continues an older folder), its PNGs and the .npz built from them (see sample_ddp.py).
-Every file goes through sit.files.atomic_write; a killed run's temporary files the next run removes
-once it holds the folder's lock (sit.locks).
-"""
+"""sample_ddp.py's sample folder: its name (every setting that changes the images; older names kept), its PNGs
+and the .npz built from them, each written through sit.files.atomic_write."""
 from __future__ import annotations
 
 import contextlib
@@ -26,6 +23,7 @@ from sit.record import LABELS_KEY  # <folder>.npz: the class label of each image
 from sit.sampling.settings import ModelSettings, SamplingConfig
 
 FOLDER_SETTINGS = "settings.json"  # what shaped the folder's images (sit.sampling.batch_record)
+
 
 def short_hash(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:8]
@@ -222,12 +220,8 @@ def npz_has_labels(path: str) -> bool:
 
 
 def create_npz_from_sample_folder(folder: str, num: int, labels: Optional[np.ndarray] = None) -> str:
-    """Write <folder>.npz with arr_0: uint8 (num, H, W, 3) from 000000.png ... and, when given, the
-    images' class labels (num,) int64 as `labels`; returns its path.
-
-    Streamed image by image (memory stays small for 50K images) into a temporary file, renamed when
-    complete; the labels go beside arr_0 (ADM's evaluator and ours read arr_0 only).
-    """
+    """Write <folder>.npz, streamed image by image, atomically: arr_0 uint8 (num, H, W, 3) from 000000.png ...
+    and, when given, the class labels (num,) int64 as `labels`; returns its path."""
     def write(path: str) -> None:
         write_npz_stream(folder, num, png_shape(folder), path)
         if labels is not None:

@@ -1,11 +1,5 @@
-"""--guide-ckpt: the guide model of autoguidance (sit.guidance), loaded from its own checkpoint (its
-size, transport and VAE are the checkpoint's; no flag describes it) and checked against the main
-model: the same classes, the same latent (or pixel) shape, and the same prediction on the same path,
-so that its output means what the main model's does; and not the very weights the main model samples
-with (the same file, or a copy: guided by itself, a model samples exactly as unguided at any scale). A
-guide that differs only in holding the raw weights where the main model has EMA ones is a guide. Each
-mismatch is one line naming the flag.
-"""
+"""--guide-ckpt: the guide model of autoguidance (sit.guidance), loaded from its own checkpoint and checked
+against the main model (docs/sampling.md); each mismatch is one line naming the flag."""
 from __future__ import annotations
 
 from typing import Any, Mapping
@@ -51,14 +45,12 @@ def check_guide(path: str, guide: SiT, info: Mapping[str, Any], main: SiT, setti
 
 
 def same_weights(main: torch.nn.Module, guide: torch.nn.Module) -> bool:
-    """Whether two models hold equal tensors under the same names (shapes first; the first unequal tensor
-    ends the comparison, so only a guide that is the main model is compared in full)."""
+    """Whether two models hold equal tensors under the same names (names, shapes and dtypes first)."""
     mine, theirs = main.state_dict(), guide.state_dict()
-    if mine.keys() != theirs.keys():
-        return False
-    if any(value.shape != theirs[name].shape or value.dtype != theirs[name].dtype for name, value in mine.items()):
-        return False
-    return all(torch.equal(value, theirs[name].to(value.device)) for name, value in mine.items())
+    alike = mine.keys() == theirs.keys() and all(
+        value.shape == theirs[name].shape and value.dtype == theirs[name].dtype
+        for name, value in mine.items())
+    return alike and all(torch.equal(value, theirs[name].to(value.device)) for name, value in mine.items())
 
 
 def check_not_itself(path: str, guide: SiT, main: SiT, settings: ModelSettings) -> None:

@@ -1,10 +1,5 @@
-"""sample_ddp.py's images: every missing PNG of a sample folder, written by all ranks together.
-
-Indices are cut into fixed blocks of the batch size and dealt to ranks in turn; each block is always
-sampled as one batch by sit.generation.generate_blocks (per-index noise and labels, per-block SDE
-noise), so the images do not depend on the number of processes. A block with any PNG missing is
-sampled again and only its missing PNGs are written, so a killed run continues where it stopped.
-"""
+"""sample_ddp.py's images: every missing PNG of a sample folder, written by all ranks together in fixed blocks
+(sit.generation.generate_blocks), so the images do not depend on the process count and a rerun continues."""
 from __future__ import annotations
 
 import functools
@@ -41,10 +36,8 @@ def sample_block(generated: Iterator[GeneratedBlock], folder: str, sample_fn: An
 
 def write_missing_images(ctx: DistContext, config: SamplingConfig, loaded: SamplingModel, folder: str,
                          logger: Any) -> list[tuple[int, int]]:
-    """Write every missing PNG of indices 0..num_images-1 into folder (every rank takes part).
-
-    Returns, for each block this rank sampled, (PNGs it wrote, model evaluations its batch took).
-    """
+    """Write every missing PNG of indices 0..num_images-1 into folder (every rank takes part); returns, for
+    each block this rank sampled, (PNGs it wrote, model evaluations its batch took)."""
     settings = loaded.settings
     sample_fn = build_sample_fn(settings.transport, config.sampler)
     blocks = blocks_of_rank(index_blocks(config.num_images, config.batch_size), ctx.rank, ctx.world_size)

@@ -1,14 +1,6 @@
-"""sample_ddp.py --likelihood: log-likelihoods of real images (--data-path) or of fresh samples, one path
-for latent and pixel-space models; a `Measure` says what differs (VAE latents per latent dimension, or
-8-bit images dequantized, in bits/dim: sit.dequantize). Per-image values go to <folder>/likelihood.csv.
-
-Resumable as sampling is (sit.sampling.images): indices are cut into the fixed blocks of the batch size,
-and each block's data, dequantization noise and Hutchinson probes are seeded by (global seed, its first
-index), so its rows do not depend on the blocks before it or on the number of processes. Each finished
-block's rows go at once, atomically, to <folder>/likelihood-block-<first index>.json; the same command
-again reads the blocks it finds, evaluates only the missing ones, and assembles likelihood.csv from all
-of them, equal to an uninterrupted run's.
-"""
+"""sample_ddp.py --likelihood of real images (--data-path) or fresh samples, latent or pixel space (a
+`Measure`), to <folder>/likelihood.csv; resumable, each fixed block seeded by (global seed, its first index)
+and saved to likelihood-block-<start>.json (docs/evaluation.md)."""
 from __future__ import annotations
 
 import csv
@@ -166,11 +158,9 @@ def load_block(folder: str, block: range, header: tuple) -> Optional[list]:
         rows = [tuple(row) for row in saved["rows"]]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if saved.get("block") != [block.start, block.stop] or saved.get("header") != list(header):
-        return None
-    if not all(len(row) == len(header) and isinstance(row[0], int) and row[0] in block for row in rows):
-        return None
-    return rows
+    same = saved.get("block") == [block.start, block.stop] and saved.get("header") == list(header)
+    return rows if same and all(len(row) == len(header) and isinstance(row[0], int) and row[0] in block
+                                for row in rows) else None
 
 
 def real_block(dataset: TrainImageFolder, block: range, measure: Measure) -> tuple[list[int], torch.Tensor, torch.Tensor]:

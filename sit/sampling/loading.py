@@ -1,9 +1,5 @@
-"""The model and VAE a sampling run uses: the checkpoint's SiT (or the published one), its settings
-resolved against the request, compiled on request, and the VAE that decodes its latents.
-
-In a torchrun job, `sit.distributed.main_first(ctx, partial(load_for_sampling, ...))` loads on rank 0
-first (a download happens once, into the shared cache) and ends every rank alike on any failure.
-"""
+"""The model and VAE a sampling run uses: the checkpoint's SiT (or the published one), its settings resolved
+against the request, compiled on request, and the latent space that decodes it."""
 from __future__ import annotations
 
 import contextlib
@@ -47,12 +43,8 @@ def speed_up(model: SiT, config: SamplingConfig) -> SiT:
 
 
 def load_sampling_model(config: SamplingConfig, device: torch.device, vae_default: str) -> tuple[SiT, ModelSettings]:
-    """The SiT of the request's checkpoint (or the published model) on `device` in eval mode, and its
-    settings (vae_default: the script's VAE when neither --vae nor the checkpoint names a local one).
-    With --guide-ckpt the model is a sit.guidance.AutoGuidedModel around the SiT (its config is the SiT's).
-
-    Raises UsageError when the checkpoint cannot be fetched or loaded or contradicts the flags.
-    """
+    """The SiT of the request's checkpoint (or the published one) on `device` in eval mode (autoguided with
+    --guide-ckpt), and its settings (vae_default: the script's VAE); UsageError when it cannot load or fit."""
     request = config.request
     if request.ckpt_choice:
         logging.getLogger("sit").info(request.ckpt_choice)  # which checkpoint a folder given as --ckpt gave

@@ -1,14 +1,5 @@
-"""MeanFlow sampling (mode `MeanFlow` of sample.py and sample_ddp.py): N jumps of a model trained with
---objective meanflow (sit/training/meanflow.py), which outputs the average velocity u(z_t, t, r).
-
-    sample_ddp.py MeanFlow --sampling-method meanflow --num-sampling-steps 1   # or 2, or N
-
-A mode of its own, not an ODE solver: the model is not a velocity field (an ODE solver on it would
-integrate the wrong field), so the scripts refuse a MeanFlow checkpoint in ODE/SDE mode and a velocity
-checkpoint in this one (sit.sampling.loading). Steps in SiT's time (t = 0 noise, t = 1 data) on equal
-intervals 0 = t_0 < ... < t_N = 1 (--time-shift places them as for the other fixed-step samplers):
-z_{k+1} = z_k + (t_{k+1} - t_k) u(z_k, t_k, r = t_{k+1}), MeanFlow's z_r = z_t - (t - r) u.
-"""
+"""MeanFlow sampling (mode `MeanFlow`): N jumps z_{k+1} = z_k + (t_{k+1} - t_k) u(z_k, t_k, r = t_{k+1}) of a
+model trained with --objective meanflow, on equal (or shifted) intervals of [0, 1] (docs/meanflow.md)."""
 from __future__ import annotations
 
 import argparse

@@ -1,14 +1,5 @@
-"""Published evaluations as presets of sample_ddp.py's flags: `--preset NAME`, `--preset list`.
-
-A preset is the command line of a published evaluation (mode, sampler, guidance, model, image size,
-VAE, image count), its number and their sources, and the label protocol that number was measured with
-(`label_sampling`: every published one drew each image's class at random, sample_ddp.py's default;
---label-sampling balanced with a preset is another protocol, and is warned about). `apply_preset`
-merges it into the parsed flags before the typed configuration is built, parsed by the script's own
-parser: a flag not given takes the preset's value ("filled"), one given with another value wins with a
-warning ("overridden"). The mode is the preset's; another mode given first is a UsageError (the mode
-decides which sampler flags exist).
-"""
+"""Published evaluations as presets of sample_ddp.py's flags (`--preset NAME`, `--preset list`;
+docs/evaluation.md): a flag not given takes the preset's value, one given otherwise wins with a warning."""
 from __future__ import annotations
 
 import argparse
@@ -129,7 +120,6 @@ class PresetUse:
                          f"--label-sampling {chosen} is another protocol, its FID not directly comparable")
         return lines
 
-
     @contextlib.contextmanager
     def blamed(self) -> Iterator[None]:
         """A UsageError inside the block that names a flag the preset filled says so: the user did not type it."""
@@ -175,20 +165,10 @@ def with_preset_mode(argv: Sequence[str], name: Optional[str]) -> list[str]:
     return [mode, *argv]
 
 
-def format_value(value: Any) -> str:
-    """A parsed flag value as typed on a command line."""
-    if isinstance(value, (list, tuple)):
-        return " ".join(str(item) for item in value)
-    return str(value)
-
-
 def apply_preset(name: str, flags: Mapping[str, Any], given: frozenset[str],
                  build_parser: Callable[[], argparse.ArgumentParser]) -> PresetUse:
-    """Merge preset `name` into parsed flags (e.g. vars(args)), explicit flags (`given`) winning.
-
-    build_parser: the script's parser for the preset's mode, which parses the preset's own flags.
-    The flags passed in are not changed; the merged copy is returned.
-    """
+    """A copy of parsed flags (e.g. vars(args)) with preset `name` merged in, explicit flags (`given`)
+    winning; build_parser: the script's parser for the preset's mode, which parses the preset's own flags."""
     preset = PRESETS[name]
     values, _ = parse_with_explicit(build_parser, preset.argv())
     merged, filled, overridden, filled_dests = dict(flags), [], [], set()
@@ -200,7 +180,8 @@ def apply_preset(name: str, flags: Mapping[str, Any], given: frozenset[str],
             filled.append(text)
             filled_dests.add(dest)
         elif flags[dest] != getattr(values, dest):
-            mine = flag if flags[dest] is True else f"{flag} {format_value(flags[dest])}"
+            typed = " ".join(map(str, flags[dest])) if isinstance(flags[dest], (list, tuple)) else flags[dest]
+            mine = flag if flags[dest] is True else f"{flag} {typed}"
             overridden.append(f"{mine} (the preset's: {text})")
     return PresetUse(name, merged, given | frozenset(filled_dests), tuple(filled), tuple(overridden))
 

@@ -1,8 +1,5 @@
-"""Typed configuration of a sampling run, each part built once: `SamplingConfig` from the parsed flags
-(`sampling_config`, before anything is loaded; every check that involves several flags), and
-`ModelSettings` from its `ModelRequest` and the checkpoint (`resolve_model_settings`, by
-`sit.config.resolve_settings`). The parsed flags are only read, never changed.
-"""
+"""Typed configuration of a sampling run: `SamplingConfig` from the parsed flags (`sampling_config`, every
+check across flags) and `ModelSettings` from it and the checkpoint (`resolve_model_settings`)."""
 from __future__ import annotations
 
 import os
@@ -61,10 +58,6 @@ class SamplingConfig:
     warnings: tuple[str, ...] = ()  # flags given that this run does not use (logged once by the script)
     label_sampling: str = "random"  # sample_ddp.py --label-sampling (sit.generation.LABEL_SAMPLINGS)
 
-    @property
-    def tf32(self) -> bool:
-        return self.precision != "fp32"
-
 
 @dataclass(frozen=True)
 class ModelSettings:
@@ -84,10 +77,8 @@ def resolve_precision(tf32: Optional[bool], precision: Optional[str]) -> str:
         if precision not in (None, "fp32"):
             raise UsageError(f"--no-tf32 means --precision fp32, which contradicts --precision {precision}")
         return "fp32"
-    if tf32 is True and precision == "fp32":
-        raise UsageError("--tf32 contradicts --precision fp32 (pass one of them)")
-    if tf32 is True and precision == AUTO:
-        raise UsageError("--tf32 contradicts --precision auto (pass one of them)")
+    if tf32 is True and precision in ("fp32", AUTO):
+        raise UsageError(f"--tf32 contradicts --precision {precision} (pass one of them)")
     # the original's: fp32 weights, TF32 matmuls on GPUs; auto: the hardware's choice, stored as such
     return resolve_precision_choice(precision or "tf32", default_device_type())
 
@@ -110,11 +101,8 @@ def likelihood_config(flags: Mapping[str, Any]) -> Optional[LikelihoodConfig]:
 
 def sampling_config(flags: Mapping[str, Any], given: frozenset[str], *, seed: int, num_images: int,
                     batch_size: int, likelihood_refusal: Optional[str] = None) -> SamplingConfig:
-    """The SamplingConfig of parsed flags (e.g. vars(args)); `given`: the flags given explicitly.
-
-    seed, num_images, batch_size: the script's own flags for them. likelihood_refusal: the message
-    refusing --likelihood, for a script that does not evaluate it. Raises UsageError.
-    """
+    """The SamplingConfig of parsed flags (e.g. vars(args)) and those `given` explicitly; UsageError for a bad
+    combination. likelihood_refusal: the message refusing --likelihood, for a script without it."""
     if likelihood_refusal and flags["likelihood"]:
         raise UsageError(likelihood_refusal)
     precision = resolve_precision(flags["tf32"], flags["precision"])
@@ -130,13 +118,13 @@ def sampling_config(flags: Mapping[str, Any], given: frozenset[str], *, seed: in
     low, high = flags["cfg_interval"]
     if low > high:
         raise UsageError(f"--cfg-interval LO HI needs LO <= HI, got {low} {high}")
-    chosen = SAMPLER_FAMILIES[flags["mode"]]
+    chosen = family(flags["mode"])
     if flags["num_sampling_steps"] < chosen.min_steps:
         raise UsageError(f"--num-sampling-steps must be at least {chosen.min_steps}, got {flags['num_sampling_steps']}")
     if chosen.average_velocity and flags["guide_ckpt"] is not None:
         raise UsageError(f"--guide-ckpt guides velocity models; {flags['mode']} mode samples MeanFlow models (their "
                          f"guidance is trained in, --meanflow-omega): drop --guide-ckpt")
-    if flags["likelihood"] and not SAMPLER_FAMILIES[flags["mode"]].supports_likelihood:
+    if flags["likelihood"] and not chosen.supports_likelihood:
         modes = " or ".join(name for name, entry in SAMPLER_FAMILIES.items() if entry.supports_likelihood)
         raise UsageError(f"--likelihood works in {modes} mode only (it integrates the probability-flow ODE)")
     if flags["likelihood"] and flags["guide_ckpt"] is not None:
@@ -155,7 +143,7 @@ def sampling_config(flags: Mapping[str, Any], given: frozenset[str], *, seed: in
                            {key: flags[key] for key in TRANSPORT_SETTINGS if key in given}, ckpt_choice)
     guidance = GuidanceConfig(flags["cfg_scale"], flags["guide_all_channels"], tuple(flags["cfg_interval"]),
                               flags["guide_ckpt"])
-    sampler = family(flags["mode"]).from_flags(flags)
+    sampler = chosen.from_flags(flags)
     return SamplingConfig(request, sampler, guidance, precision, flags["compile"], seed, num_images, batch_size,
                           likelihood_config(flags), unused_flag_warnings(flags, given, sampler), label_sampling)
 
@@ -169,10 +157,9 @@ def unused_flag_warnings(flags: Mapping[str, Any], given: frozenset[str], sample
         warnings.append(f"--train-eps {flags['train_eps']} is not used: it sets the training interval; sampling "
                         f"uses --sample-eps")
     if flags["cfg_scale"] == 1.0:
-        for key, flag in (("cfg_interval", "--cfg-interval"), ("guide_all_channels", "--guide-all-channels"),
-                          ("guide_ckpt", "--guide-ckpt")):
-            if key in given:
-                warnings.append(f"{flag} is not used: --cfg-scale 1 means no guidance (pass a scale above 1)")
+        warnings += [f"--{key.replace('_', '-')} is not used: --cfg-scale 1 means no guidance "
+                     f"(pass a scale above 1)" for key in ("cfg_interval", "guide_all_channels", "guide_ckpt")
+                     if key in given]
     warnings += sampler.unused_flags(given, flags["likelihood"])
     return tuple(warnings)
 
@@ -189,13 +176,9 @@ def resolve_vae(requested: Optional[str], info: Mapping[str, Any], default: str)
 
 
 def chosen_vae(requested: Optional[str], info: Mapping[str, Any], default: str) -> Optional[str]:
-    """The latent space (--vae name) to decode with; None for a pixel-space model. info: sit.checkpoint.load_model's.
-
-    --vae wins; else the checkpoint's latent space when the default cannot stand in for it: a local
-    folder that exists (a custom VAE the model was trained with) or a table entry of another kind
-    (sit.latents.LATENT_SPACES: another geometry or decoder); else the script's default (the original's:
-    sample.py mse, sample_ddp.py ema; the two SD-VAEs share one encoder, so either decodes any SD-VAE latent).
-    """
+    """The latent space (--vae name) to decode with, None in pixel space (info: sit.checkpoint.load_model's):
+    --vae, else the checkpoint's when the script's default cannot stand in for it (a local folder that exists
+    or a space of another kind), else the default (either SD-VAE decodes any SD-VAE latent)."""
     requested_pixels = requested is not None and recorded_latent_space(requested).pixel_space
     if info["pixel_space"] and requested is not None and not requested_pixels:
         raise UsageError(f"--vae {requested} but the checkpoint is a pixel-space model (trained with "
@@ -239,10 +222,8 @@ def check_balanced_count(config: SamplingConfig, num_classes: int) -> None:
 
 def resolve_model_settings(config: SamplingConfig, info: Mapping[str, Any], *, has_null_class: bool,
                            vae_default: str, shape_name: str = "custom") -> ModelSettings:
-    """The ModelSettings of a request and the checkpoint's info (sit.checkpoint.load_model's; its
-    "transport": the training settings the checkpoint holds, or None). has_null_class: whether the
-    model can be guided; shape_name: its name when it has no published one (sit.checkpoint.model_shape_name).
-    Raises UsageError for a contradiction."""
+    """The ModelSettings of a request and the checkpoint's info (sit.checkpoint.load_model's); shape_name: the
+    model's name when it has no published one. UsageError for a contradiction."""
     request = config.request
     # a path type or prediction stored as None is unknown; a loss weight of None is a real setting
     stored = {key: value for key, value in (info["transport"] or {}).items()
