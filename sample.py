@@ -25,14 +25,13 @@ from sit.errors import UsageError
 from sit.files import folder_problem
 from sit.generation import ObservedSampleFunction, generate_latents
 from sit.grid import GridLayout, label_rows, labels_path, save_grid, save_labels
-from sit.latents import as_latent_space
+from sit.latents import as_latent_space, latent_shape
 from sit.log import create_logger
 from sit.progress import SamplerProgress
 from sit.sampling.flags import sampling_mode, sampling_parser
 from sit.sampling.loading import load_decoder, load_sampling_model, setup_torch
 from sit.sampling.settings import SamplingConfig, sampling_config
 from sit.speed import configure_cpu_threads, precision_advice
-from sit.vae import latent_shape
 
 # Labels to condition the model with (the original's; change with --class-labels)
 DEFAULT_CLASS_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]

@@ -47,7 +47,7 @@ from sit.files import atomic_json  # noqa: E402
 from sit.speed import autocast, compile_for_sampling, configure_precision  # noqa: E402
 from sit.training.sharding import Sharding  # noqa: E402
 from sit.training.step import TrainStep, train_step  # noqa: E402
-from sit.vae import random_sd_vae  # noqa: E402
+from sit.latents import random_sd_vae  # noqa: E402
 from transport import Sampler, create_transport  # noqa: E402
 
 FIXTURE = os.path.join(REPO, "tests", "fixtures", "parity.pt")

@@ -34,7 +34,7 @@ sys.path.insert(0, REPO)
 import download  # noqa: E402
 import models  # noqa: E402
 from sit.cli import DefaultsInHelp, positive_int  # noqa: E402
-from sit.vae import random_sd_vae  # noqa: E402
+from sit.latents import random_sd_vae  # noqa: E402
 
 TINY_SIT = {"depth": 1, "hidden_size": 32, "num_heads": 2}
 

@@ -48,7 +48,7 @@ from sit.cli import DefaultsInHelp  # noqa: E402
 from sit.files import atomic_json  # noqa: E402
 from sit.generation import guided_sample, noise_and_labels  # noqa: E402
 from sit.sampling.loading import load_decoder  # noqa: E402
-from sit.vae import latent_shape  # noqa: E402
+from sit.latents import latent_shape  # noqa: E402
 from transport import Sampler, create_transport  # noqa: E402
 
 IMAGE_SIZE = 32  # 8x8 digits read at 32 px: 4x4 latents after the autoencoder's downsampling by 8

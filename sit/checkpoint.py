@@ -38,11 +38,6 @@ def settings_of(checkpoint: dict) -> dict:
     return dict(stored) if isinstance(stored, dict) else {}
 
 
-def is_resumable(checkpoint: dict) -> bool:
-    """Whether a checkpoint can be resumed (train.py's format), rather than only fine-tuned or sampled."""
-    return all(key in checkpoint for key in RESUMABLE_KEYS)
-
-
 @dataclass
 class TrainCheckpoint:
     """Everything an exact resume needs (the stored keys: docs/training.md, "Stopping and resuming")."""

@@ -72,11 +72,10 @@ class Resolved:
 
 
 def resolve_settings(settings: Mapping[str, Setting], given: Mapping[str, Any], stored: Optional[Mapping[str, Any]],
-                     source: str = "the checkpoint", held_display: Optional[Mapping[str, str]] = None,
-                     hint: str = "") -> Resolved:
+                     source: str = "the checkpoint") -> Resolved:
     """Resolve each setting from the explicit flags `given` (sit.cli.parse_with_explicit), the checkpoint's
-    `stored` values (None: no checkpoint; a missing key: unknown) and the defaults. held_display: how
-    messages show a stored value; hint: appended to conflict messages. UsageError on a refused conflict."""
+    `stored` values (None: no checkpoint; a missing key: unknown) and the defaults. UsageError on a refused
+    conflict."""
     stored = stored or {}
     values, origin, warnings = {}, {}, []
     for key, setting in settings.items():
@@ -84,9 +83,9 @@ def resolve_settings(settings: Mapping[str, Setting], given: Mapping[str, Any], 
             values[key], origin[key] = given[key], "flag"
             if key in stored and not setting.same(given[key], stored[key]):
                 words = dict(flag="--" + key.replace("_", "-"), given=given[key], source=source,
-                             held=(held_display or {}).get(key, stored[key]))
+                             held=stored[key])
                 if setting.refuses(given[key], stored[key]):
-                    raise UsageError(setting.conflict.format(**words) + hint)
+                    raise UsageError(setting.conflict.format(**words))
                 if setting.rule == Rule.WARN:
                     warnings.append(setting.warning.format(**words))
         elif key in stored:

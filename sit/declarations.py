@@ -1,19 +1,7 @@
-"""Settings declared once: a frozen dataclass per feature, one field per setting, each field carrying its
-flag's help, type, choices and default and how a resumed run treats it. The scripts' flags are built from
-these declarations (`add_flags`), the flag-vs-checkpoint resolution reads their rules (`resume_rules`), and
-the typed settings are made from the parsed values (`from_values`).
-
-    @dataclass(frozen=True)
-    class RepaSettings:
-        TITLE: ClassVar[str] = "representation alignment (REPA)"
-        repa_depth: int = declare(8, "the block whose tokens are aligned", type=positive_int,
-                                  resume=Setting(Rule.LOCKED))
-
-A field's name is its flag's destination (`repa_depth` -> `--repa-depth`). `resume`: None keeps the
-command line's value on a resume; a `sit.config.Setting` reads the checkpoint's value unless the flag is
-given, by its rule (LOCKED: a contradicting flag is an error; WARN: the flag wins with a warning; FREE: it
-wins silently).
-"""
+"""Settings declared once: a frozen dataclass per feature, one `declare`d field per setting (flag help, type,
+choices, default, resume rule; `repa_depth` -> `--repa-depth`), read by `add_flags`, `resume_rules` and
+`from_values`. `resume`: None keeps the command line's value on a resume; a `sit.config.Setting` reads the
+checkpoint's unless the flag is given (LOCKED: a contradiction is an error; WARN: a warning; FREE: silent)."""
 from __future__ import annotations
 
 import argparse

@@ -85,7 +85,7 @@ class EncoderSpec:
             return timm.create_model(self.architecture, pretrained=False, **args)
 
 
-def read_weights(path: str) -> dict:
+def read_weights(path: str, flag: str = FLAG) -> dict:
     """The state dict in a local file, read without unpickling code (UsageError naming the flag)."""
     try:
         if path.endswith(".safetensors"):
@@ -98,12 +98,13 @@ def read_weights(path: str) -> dict:
             except RuntimeError:  # the legacy (non-zip) format cannot be mapped
                 weights = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a pickle that weights_only refuses, a truncated or foreign file
-        raise UsageError(f"{FLAG} {path}: cannot read its weights ({error_line(error, with_type=False)})") from None
+        raise UsageError(f"{flag} {path}: cannot read its weights "
+                         f"({error_line(error, with_type=False)})") from None
     for key in ("model", "state_dict"):  # common wrappers of a state dict
         if isinstance(weights, dict) and isinstance(weights.get(key), dict):
             weights = weights[key]
     if not isinstance(weights, dict) or not all(isinstance(value, torch.Tensor) for value in weights.values()):
-        raise UsageError(f"{FLAG} {path} does not hold a state dict of tensors")
+        raise UsageError(f"{flag} {path} does not hold a state dict of tensors")
     return weights
 
 

@@ -12,7 +12,7 @@ import re
 import socket
 import stat
 import tempfile
-from typing import Any, Callable, Collection, Iterator, Optional, Sequence
+from typing import Any, BinaryIO, Callable, Collection, Iterator, Optional, Sequence
 
 import torch
 
@@ -260,13 +260,18 @@ def remove_temporaries(folder: str, suffix: str, prefix: str = TEMPORARY_PREFIX)
     return removed
 
 
-def sha256_file(path: str, chunk_bytes: int = 1 << 20) -> str:
-    """The SHA-256 of a file's bytes, as 64 hex digits (read in chunks)."""
+def sha256_of(stream: BinaryIO) -> str:
+    """The SHA-256 of a binary stream's bytes from where it stands on, as 64 hex digits (read in chunks)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(chunk_bytes), b""):
-            digest.update(chunk)
+    for chunk in iter(lambda: stream.read(1 << 24), b""):
+        digest.update(chunk)
     return digest.hexdigest()
+
+
+def sha256_file(path: str) -> str:
+    """The SHA-256 of a file's bytes, as 64 hex digits."""
+    with open(path, "rb") as file:
+        return sha256_of(file)
 
 
 def file_fingerprint(path: str) -> str:

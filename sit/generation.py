@@ -11,9 +11,8 @@ import torch
 
 from sit.config import GuidanceConfig
 from sit.errors import RunFailure
-from sit.latents import as_latent_space
+from sit.latents import as_latent_space, latent_shape
 from sit.speed import autocast
-from sit.vae import latent_shape
 
 SEED_STREAMS = {"image": 0, "sde": 1, "likelihood": 2, "dequantize": 3, "labels": 4}
 LABEL_SAMPLINGS = ("random", "balanced")  # sample_ddp.py --label-sampling; random: the original's

@@ -1,11 +1,7 @@
-"""One writer per folder: an experiment, sample or feature folder holds `owner.lock` while a run writes there.
-
-An advisory `flock` on the lock file, which names its holder as JSON ({"pid", "host", "started", "command"});
-the kernel drops it when its process dies, and a dead run's lock is taken over with a warning. Under torchrun
-only rank 0 takes it. The file is written in place (the flock belongs to that very file), and a link, a
-non-regular file, a hard link or content that names no holder is refused, never followed or taken over
-(docs/reliability.md).
-"""
+"""One writer per folder: an experiment, sample or feature folder holds `owner.lock` while a run writes there:
+an advisory `flock` on a file naming its holder as JSON ({"pid", "host", "started", "command"}), taken over
+from a dead run with a warning, taken by rank 0 only; a link, a non-regular file, a hard link or content
+that names no holder is refused, never followed or taken over (docs/reliability.md)."""
 from __future__ import annotations
 
 import contextlib

@@ -29,9 +29,9 @@ class LogFile(logging.FileHandler):
               f"only from now on", file=sys.stderr, flush=True)
 
 
-def create_logger(logging_dir: Optional[str], is_main: bool = True, name: str = "sit") -> logging.Logger:
+def create_logger(logging_dir: Optional[str], is_main: bool = True) -> logging.Logger:
     """A logger writing to stdout and `<logging_dir>/log.txt` on rank 0, silent elsewhere."""
-    logger = logging.getLogger(name)
+    logger = logging.getLogger("sit")
     logger.handlers.clear()
     logger.propagate = False
     if not is_main:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -17,14 +16,13 @@ from typing import Any, Optional
 
 from sit.archives import read_npy_header
 from sit.errors import UsageError
-from sit.files import atomic_json
+from sit.files import atomic_json, sha256_of
 
 RECORD_FORMAT = "sit-sample-record"
 RECORD_VERSION = 1
 HASH_FIELDS = ("images_sha256", "labels_sha256")  # the .npz's arrays, as npz_array_sha256 hashes them
 # absent from records that lack them
 OMITTED_WHEN_NONE = ("guide_checkpoint", "guide_checkpoint_sha256", *HASH_FIELDS, "label_sampling")
-HASH_CHUNK_BYTES = 1 << 24
 VERSIONED_PACKAGES = ("torch", "torchvision", "numpy", "scipy", "diffusers", "timm", "torchdiffeq", "torch-fidelity")
 
 
@@ -139,10 +137,7 @@ def npz_array_sha256(npz_path: str, key: str = "arr_0") -> Optional[str]:
             return None
         with archive.open(f"{key}.npy") as stream:
             read_npy_header(stream)
-            digest = hashlib.sha256()
-            for chunk in iter(lambda: stream.read(HASH_CHUNK_BYTES), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
+            return sha256_of(stream)
 
 
 def npz_hashes(npz_path: str) -> dict[str, Optional[str]]:

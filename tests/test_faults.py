@@ -334,7 +334,7 @@ def test_feature_arrays_are_preallocated_so_a_full_disk_is_no_sigbus(small_disk)
 
 def test_log_file_on_a_full_disk_warns_once_and_the_console_keeps_logging(small_disk, capsys):
     disk = small_disk(256 << 10)
-    logger = create_logger(disk, is_main=True, name="sit-full-disk-test")
+    logger = create_logger(disk, is_main=True)
     fill(disk)
     for step in range(50):
         logger.info(f"(step={step:07d}) " + "x" * 2000)

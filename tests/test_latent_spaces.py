@@ -128,13 +128,13 @@ def test_autoencoder_space_equals_the_previous_formulas(sd_space):
         assert torch.equal(as_latent_space(vae).decode(z), sd_space.decode(z))
 
 
-def test_what_sit_vae_still_offers():
-    """sit.vae keeps what sit.training and the device scripts import; every other caller holds a LatentSpace."""
-    from sit.vae import __all__ as names, image_size_for, is_pixel_space, latent_shape
+def test_the_shape_and_size_helpers_of_sit_latents():
+    """What sit.training and the device scripts import beside the LatentSpace classes."""
+    from sit.latents import PIXEL_SPACE, image_size_for, latent_shape, random_sd_vae, to_uint8_hwc
 
-    assert sorted(names) == ["image_size_for", "is_pixel_space", "latent_shape", "random_sd_vae", "to_uint8_hwc"]
+    assert callable(random_sd_vae) and callable(to_uint8_hwc)
     assert (image_size_for(4, 4), image_size_for(12, 3)) == (32, 12)  # SD-VAE latents, pixels
-    assert is_pixel_space("none") and not is_pixel_space("ema") and not is_pixel_space(None)
+    assert PIXEL_SPACE == "none"
     assert latent_shape({"in_channels": 6, "input_size": 5}) == (6, 5, 5)
 
 

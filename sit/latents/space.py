@@ -5,6 +5,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Optional, Union
 
+import numpy as np
 import torch
 
 from sit.errors import UsageError
@@ -111,3 +112,14 @@ class LatentSpace(ABC):
             raise UsageError(f"{flag} must be a multiple of {self.downsampling} (the VAE downsamples by "
                              f"{self.downsampling}), got {image_size}")
 
+
+
+def latent_shape(config: dict) -> tuple[int, int, int]:
+    """What one sample of a SiT with this config (SiT.config) is: (C, L, L)."""
+    return (config["in_channels"], config["input_size"], config["input_size"])
+
+
+def to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
+    """Images (N, 3, H, W) in [-1, 1] to uint8 (N, H, W, 3), rounded as the original (127.5 x + 128)."""
+    pixels = torch.clamp(127.5 * images + 128.0, 0, 255).permute(0, 2, 3, 1)  # (N, H, W, 3)
+    return pixels.to("cpu", dtype=torch.uint8).numpy()

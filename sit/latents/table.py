@@ -86,3 +86,9 @@ def as_latent_space(vae: Any, none: Optional[LatentSpace] = None) -> LatentSpace
     if vae is None:
         return none if none is not None else PixelSpace()
     return AutoencoderKLSpace(UNNAMED, network=vae)
+
+
+def image_size_for(input_size: int, in_channels: int) -> int:
+    """The image size of a model with this input size: 3-channel models see pixels, others SD-VAE latents."""
+    space: LatentSpace = PixelSpace() if in_channels == PixelSpace.channels else AutoencoderKLSpace("ema")
+    return space.image_size(input_size)

@@ -10,6 +10,7 @@ from typing import Any, Mapping
 
 import torch
 
+from sit.encoders import read_weights
 from sit.errors import UsageError, error_line
 from sit.hub import HubUnavailable, hub_file
 from sit.latents.autoencoder import AutoencoderKLSpace
@@ -27,16 +28,16 @@ WHERE = (f"put {VAVAE_FILE} (https://huggingface.co/{VAVAE_REPO}) on this machin
          f"--vae /path/to/{VAVAE_FILE}, or --vae {VAVAE_NAME} with network access once")
 
 
-def vavae_network(widths: tuple[int, ...] = VAVAE_WIDTHS, latent_channels: int = VAVAE_CHANNELS,
-                  layers: int = VAVAE_LAYERS) -> Any:
+def vavae_network(widths: tuple[int, ...] = VAVAE_WIDTHS) -> Any:
     """A random diffusers AutoencoderKL of VA-VAE's architecture (widths multiples of 32), in eval mode."""
     from diffusers.models import AutoencoderKL
 
     levels = len(widths)
-    return AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=widths, layers_per_block=layers,
+    return AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=widths,
+                         layers_per_block=VAVAE_LAYERS,
                          down_block_types=("DownEncoderBlock2D",) * (levels - 1) + ("AttnDownEncoderBlock2D",),
                          up_block_types=("AttnUpDecoderBlock2D",) + ("UpDecoderBlock2D",) * (levels - 1),
-                         latent_channels=latent_channels, norm_num_groups=32, sample_size=256,
+                         latent_channels=VAVAE_CHANNELS, norm_num_groups=32, sample_size=256,
                          scaling_factor=1.0).eval()
 
 
@@ -108,13 +109,9 @@ def read_ldm_state(path: str) -> dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise UsageError(f"the VA-VAE checkpoint {path} does not exist; {WHERE}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise UsageError(f"cannot read the VA-VAE checkpoint {path} ({error_line(error)}); {WHERE}") from None
-    state = state.get("state_dict", state) if isinstance(state, dict) else state
-    if not isinstance(state, dict):
-        raise UsageError(f"{path} holds no state dict; {WHERE}")
-    return state
+        return read_weights(path, "the VA-VAE checkpoint")
+    except UsageError as error:
+        raise UsageError(f"{error}; {WHERE}") from None
 
 
 class VAVAESpace(AutoencoderKLSpace):

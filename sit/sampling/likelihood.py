@@ -22,10 +22,9 @@ from sit.distributed import DistContext, gather_objects, reduce_numbers
 from sit.errors import UsageError
 from sit.files import atomic_text, atomic_write
 from sit.generation import blocks_of_rank, generate_latents, index_blocks, noise_and_labels, seed_for
-from sit.latents import LatentSpace, PixelSpace
+from sit.latents import LatentSpace, PixelSpace, latent_shape, to_uint8_hwc
 from sit.sampling.loading import SamplingModel
 from sit.sampling.settings import LikelihoodConfig, SamplingConfig
-from sit.vae import latent_shape, to_uint8_hwc
 from transport import Sampler
 
 Scores = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # per image (n,): log-density, NLL (nats), bits/dim

@@ -13,15 +13,14 @@ import torch
 
 from sit.distributed import DistContext, agree
 from sit.errors import UsageError
-from sit.latents import LatentSpace, load_latent_space, recorded_latent_space
+from sit.latents import PIXEL_SPACE, LatentSpace, load_latent_space, recorded_latent_space
 from sit.latents.statistics import CONSTANT, PER_CHANNEL, LatentStatistics, same_latents
-from sit.vae import is_pixel_space
 
 
 def load_on_all_ranks(ctx: DistContext, name: str, loaded: Any = None) -> Optional[LatentSpace]:
     """load_latent_space on every rank (None for pixel space); if any rank fails, every rank stops (rather
     than wait for it at the next collective). loaded: a space this rank already holds, kept (it still joins)."""
-    if is_pixel_space(name):
+    if name == PIXEL_SPACE:
         return None
     return agree(ctx, lambda: loaded if loaded is not None else load_latent_space(name, ctx.device))
 

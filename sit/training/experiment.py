@@ -19,7 +19,7 @@ from typing import Any, Optional
 import yaml
 
 import download
-from sit.checkpoint import is_resumable
+from sit.checkpoint import RESUMABLE_KEYS
 from sit.cli import NOT_IN_CONFIG_FILES
 from sit.distributed import DistContext, on_main
 from sit.errors import RunFailure, UsageError, named_by
@@ -117,7 +117,8 @@ class StartPoint:
 
     @property
     def resuming(self) -> bool:
-        return self.checkpoint is not None and is_resumable(self.checkpoint)
+        """Whether the checkpoint can be resumed (train.py's format), rather than only fine-tuned."""
+        return self.checkpoint is not None and all(key in self.checkpoint for key in RESUMABLE_KEYS)
 
 
 def load_newest_loadable(experiment_dir: str) -> StartPoint:

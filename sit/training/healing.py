@@ -40,6 +40,8 @@ def batch_positions(value: str) -> tuple[BatchPosition, ...]:
 class HealingSettings:
     """The self-healing flags (all off: today's behaviour)."""
     TITLE: ClassVar[str] = "self-healing (off by default)"
+    DDP_ONLY: ClassVar[tuple[str, str]] = ("--max-rollbacks, --spike-factor, --skip-batches",
+                                           "its in-memory copies hold whole tensors; FSDP2 ranks hold shards")
     max_rollbacks: int = declare(
         0, "on a non-finite (or, with --spike-factor, spiking) loss, roll back to the last good state and skip the "
            "batch that caused it, at most this many times in a run; then stop (exit 1, the last good checkpoint "
@@ -58,14 +60,12 @@ class HealingSettings:
     def active(self) -> bool:
         return self.max_rollbacks > 0 or self.spike_factor is not None or bool(self.skip_batches)
 
+    enabled = active
+
     def check(self, config: Any = None) -> None:
         """UsageError (one line naming the flag) for settings that cannot work."""
         if self.spike_factor is not None and self.spike_factor <= 1.0:
             raise UsageError(f"--spike-factor must be above 1 (a factor of the median loss), got {self.spike_factor}")
-        if self.active and config is not None and config.optim.sharding == "fsdp":
-            # its in-memory copies hold whole tensors; FSDP2 ranks hold shards
-            raise UsageError("self-healing (--max-rollbacks, --spike-factor, --skip-batches) works with --sharding "
-                             "ddp only: drop --sharding fsdp or those flags")
 
     def check_data(self, batches_per_epoch: int, epochs: int) -> None:
         """UsageError naming --skip-batches when a batch it names is not one of this data's (it would skip nothing)."""

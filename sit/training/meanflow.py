@@ -1,11 +1,7 @@
-"""MeanFlow (Geng et al. 2025, "Mean Flows for One-step Generative Modeling"): the model learns the average
-velocity u(z_t, t, r) over [t, r], so that one or two evaluations sample an image (docs/meanflow.md).
-
-In SiT's times (t = 0 noise, t = 1 data; tau = 1 - t, u = -u_paper) the identity reads
-u(z_t, t, r) = v - (t - r) d/dt u(z_t, t, r), d/dt along (dz/dt = v, dr/dt = 0, dt/dt = 1), r >= t; the
-target is one torch.func.jvp of the SiT with tangent (v, 0, 1), under stop-gradient. Labels are dropped
-once per step, the same for the JVP and the trained forward.
-"""
+"""MeanFlow (Geng et al. 2025): the model learns the average velocity u(z_t, t, r) over [t, r], so that one
+or two evaluations sample an image. In SiT's times, u = v - (t - r) d/dt u, the target one torch.func.jvp
+of the SiT with tangent (v, 0, 1) under stop-gradient (docs/meanflow.md); labels are dropped once per step,
+the same for the JVP and the trained forward."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,6 +26,8 @@ MEAN_FLOW = Needs("--objective meanflow", lambda settings: settings.objective ==
 class MeanFlowSettings:
     """--objective and MeanFlow's flags (defaults: the paper's ImageNet settings)."""
     TITLE: ClassVar[str] = "training objective (MeanFlow: sit/training/meanflow.py; docs/meanflow.md)"
+    DDP_ONLY: ClassVar[tuple[str, str]] = (
+        "--objective meanflow", "its torch.func.jvp through FSDP2's sharded parameters is untested")
     objective: str = declare(FLOW, "flow: the transport's loss (the original's); meanflow: MeanFlow's average "
                                    "velocity for 1- and 2-step sampling", choices=(FLOW, MEANFLOW), resume=LOCKED)
     meanflow_ratio: float = declare(0.25, "fraction of samples with r != t", type=unit_interval_float,
@@ -74,9 +72,6 @@ class MeanFlowSettings:
         if config.time.schedule() is not None:
             raise UsageError("--time-sampling/--time-shift place the flow objective's t; --objective meanflow draws t "
                              "and r by --meanflow-time-mean/--meanflow-time-std: drop them")
-        if config.optim.sharding == "fsdp":
-            raise UsageError("--objective meanflow works with --sharding ddp only (its torch.func.jvp through FSDP2's "
-                             "sharded parameters is untested): drop --sharding fsdp")
         if getattr(config.features.get("repa"), "enabled", False):
             raise UsageError("--objective meanflow replaces the transport's loss; loss terms (--repa-encoder) do not "
                              "combine with it yet: drop one")

@@ -1,10 +1,7 @@
-"""The metrics log: <experiment>/metrics.jsonl, one JSON record a line, appended by rank 0 at each log line
-("kind": "train"), FID measurement ("fid") and rollback ("rollback"); --tensorboard writes the same scalars
-to <experiment>/tensorboard. A resumed run first drops the records after its checkpoint's step, and a
-rollback those after the restored step, so the file equals an uninterrupted run's but for its wall-clock
-fields (time, steps_per_sec, images_per_sec).
-Record keys (in this order): docs/training.md.
-"""
+"""The metrics log: <experiment>/metrics.jsonl, one JSON record a line (keys: docs/training.md), appended by
+rank 0 at each log line, FID measurement and rollback (--tensorboard: the same scalars). A resume or rollback
+first drops the records after the step it restores, so the file equals an uninterrupted run's but for its
+wall-clock fields (time, steps_per_sec, images_per_sec)."""
 from __future__ import annotations
 
 import json
@@ -16,7 +13,7 @@ from typing import Any, ClassVar, Iterable, Optional
 from sit.declarations import declare
 from sit.errors import UsageError
 from sit.files import atomic_text
-from sit.training.extensions import ExtensionContext, Feature, LoopExtension
+from sit.training.extensions import Feature, LoopExtension
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_FOLDER = "tensorboard"
@@ -190,9 +187,4 @@ def scalars(record: dict[str, Any]) -> dict[str, float]:
     return values
 
 
-def setup_metrics_log(settings: MetricsSettings, context: ExtensionContext) -> MetricsLog:
-    """Every run's metrics log."""
-    return MetricsLog(settings)
-
-
-FEATURE = Feature("metrics_log", MetricsSettings, extension=setup_metrics_log)
+FEATURE = Feature("metrics_log", MetricsSettings, extension=lambda settings, context: MetricsLog(settings))

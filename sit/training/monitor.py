@@ -10,7 +10,7 @@ import torch
 
 from sit.distributed import all_reduce_mean, any_rank
 from sit.errors import RunFailure
-from sit.training.dtensors import local_tensor
+from sit.training.sharding import local_tensor
 
 
 class TrainingDiverged(RunFailure):

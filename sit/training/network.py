@@ -10,6 +10,7 @@ from models import SiT, model_config_from_state_dict, model_name_for_config
 from sit.checkpoint import extras_of
 from sit.distributed import DistContext
 from sit.errors import UsageError
+from sit.latents import image_size_for
 from sit.training.experiment import StartPoint
 from sit.training.lr_schedule import WARMUP_COSINE, schedule_of
 from sit.training.registry import model_options, step_objective
@@ -17,7 +18,6 @@ from sit.training.settings import TrainConfig
 from sit.training.sharding import Sharding
 from sit.training.step import TrainStep
 from sit.training.terms import LossTerm, ModelWithTerms, TermFactory, in_optimizer_order
-from sit.vae import image_size_for
 
 
 def describe_weights(weights: dict) -> str:

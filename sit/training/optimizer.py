@@ -5,7 +5,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from sit.training.dtensors import local_tensor
+from sit.training.sharding import local_tensor
 
 
 def make_optimizer(model: torch.nn.Module, lr: float = 1e-4, weight_decay: float = 0.0,
@@ -17,11 +17,6 @@ def make_optimizer(model: torch.nn.Module, lr: float = 1e-4, weight_decay: float
     on_gpu = all(param.is_cuda for group in [main, *(group["params"] for group in groups)] for param in group)
     return torch.optim.AdamW([{"params": main}, *groups], lr=lr, weight_decay=weight_decay, fused=on_gpu,
                              foreach=not on_gpu)
-
-
-def make_grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
-    """A GradScaler that scales the loss for fp16 and is a pass-through otherwise."""
-    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
 @torch.no_grad()

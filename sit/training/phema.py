@@ -70,6 +70,7 @@ PHEMA_CONFLICT = ("{flag} {given} but {source} tracked {flag} {held}; post-hoc E
 class PhemaSettings:
     """--phema-stds (None: off) and --phema-every."""
     TITLE: ClassVar[str] = "post-hoc EMA (Karras et al. 2024; reconstruct_ema.py)"
+    DDP_ONLY: ClassVar[tuple[str, str]] = ("--phema-stds", "its EMAs hold whole tensors")
     # post-hoc EMAs follow a run from step 0: the stds are the checkpoint's; the snapshot interval too unless given
     phema_stds: Optional[tuple[float, ...]] = declare(
         None, "track power-function EMAs of these relative standard deviations, e.g. 0.050,0.100, and save their "
@@ -90,12 +91,6 @@ class PhemaSettings:
     def folder_tag(self) -> Optional[str]:
         """The experiment folder's mark: phema."""
         return "phema" if self.enabled else None
-
-    def check(self, config: Any) -> None:
-        """--phema-stds keeps whole tensors, which FSDP2's ranks do not hold."""
-        if self.enabled and config.optim.sharding == "fsdp":
-            raise UsageError("--phema-stds works with --sharding ddp only (its EMAs hold whole tensors): drop "
-                             "--sharding fsdp or --phema-stds")
 
     def check_start(self, resumed: Optional[dict]) -> None:
         """UsageError when --phema-stds would start in the middle of a run (resumed: the checkpoint, or None)."""

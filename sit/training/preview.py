@@ -12,9 +12,8 @@ from models import has_null_class
 from sit.config import GuidanceConfig
 from sit.generation import guided_sample
 from sit.grid import GridLayout, save_grid, save_labels
-from sit.latents import LatentSpace, as_latent_space
+from sit.latents import LatentSpace, as_latent_space, latent_shape
 from sit.sampling.families import training_sample_fn
-from sit.vae import latent_shape
 from transport import Transport
 
 PREVIEW_IMAGES = 16  # EMA samples per preview grid (4 x 4)

@@ -38,6 +38,7 @@ ALIGNING = Needs("--repa-encoder", lambda settings: settings.enabled)
 class RepaSettings:
     """Representation alignment (train.py's REPA flags); repa_encoder None: off."""
     TITLE: ClassVar[str] = "representation alignment (REPA; sit/training/repa.py)"
+    DDP_ONLY: ClassVar[tuple[str, str]] = ("--repa-encoder", "REPA's projector is not sharded")
     repa_encoder: Optional[str] = declare(
         None, "align block --repa-depth with this frozen encoder's patch tokens: dinov2-vit-s/b/l/g, "
               "dinov2_vitb14[_reg], a timm ViT name, or a local weights file/timm folder (default: off)",
@@ -71,9 +72,6 @@ class RepaSettings:
             describe_encoder(self.repa_encoder).input_size(config.model.image_size)
         else:  # cached latents carry the tokens: of the encoder's shape for these images
             check_cached_tokens(self.repa_encoder, config.data.feature_path, config.model.image_size)
-        if config.optim.sharding == "fsdp":  # the projector beside a sharded SiT is not laid out yet
-            raise UsageError("--repa-encoder works with --sharding ddp only (REPA's projector is not sharded): drop "
-                             "--sharding fsdp")
         depth = config.model.sit_kwargs()["depth"]
         if not 1 <= self.repa_depth <= depth:
             raise UsageError(f"--repa-depth {self.repa_depth} is beyond the model's {depth} blocks (1..{depth})")

@@ -406,3 +406,7 @@ def check_train_config(config: TrainConfig, world_size: int) -> None:
     for settings in config.features.values():
         if hasattr(settings, "check"):
             settings.check(config)
+        if config.optim.sharding == "fsdp" and hasattr(settings, "DDP_ONLY") and settings.enabled:
+            flags, reason = settings.DDP_ONLY  # it keeps whole tensors, which FSDP2's ranks do not hold
+            raise UsageError(f"{flags} works with --sharding ddp only ({reason}): drop --sharding fsdp "
+                             f"or {flags}")

@@ -1,11 +1,7 @@
 """How training spreads the weights over the ranks (--sharding): the one place that knows DDP from FSDP2.
-
-ddp (the original's): every rank keeps the whole model, gradients, AdamW state and EMA. fsdp: FSDP2
-(`fully_shard`) splits each along dim 0 over the ranks, block by block (with --precision bf16: bf16 gathered
-weights, fp32 reduction); the EMA is sharded like the model. Checkpoints hold the same full state dicts in
-both modes (gathered to rank 0's CPU, the optimizer state keyed by parameter index), so either mode resumes
-the other's exactly.
-"""
+ddp: every rank keeps the whole model, gradients, AdamW state and EMA; fsdp: FSDP2 shards each (and the
+EMA) block by block. Checkpoints hold the same full state dicts in both modes (gathered to rank 0's CPU,
+the optimizer state keyed by parameter index), so either mode resumes the other's exactly."""
 from __future__ import annotations
 
 import warnings
@@ -18,6 +14,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from models import SiT
@@ -26,6 +23,16 @@ from sit.distributed import DistContext, is_distributed
 SHARDINGS = ("ddp", "fsdp")  # --sharding choices
 GATHER_TO_RANK_0 = StateDictOptions(full_state_dict=True, cpu_offload=True)  # full tensors on rank 0's CPU, {} elsewhere
 GATHER_EVERYWHERE = StateDictOptions(full_state_dict=True)  # full tensors on every rank, on its device
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a sharded tensor (the tensor itself when it is not sharded)."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole value of a DTensor (e.g. a gradient norm reduced over the shards), as a plain tensor."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def broadcast_weights(model: nn.Module) -> None:

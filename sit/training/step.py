@@ -11,10 +11,9 @@ import torch
 
 from sit.latents import as_latent_space, recorded_latent_space
 from sit.speed import autocast, compile_model
-from sit.training.optimizer import make_grad_scaler, make_optimizer, update_ema
-from sit.training.dtensors import full_tensor
+from sit.training.optimizer import make_optimizer, update_ema
 from sit.training.lr_schedule import LRSchedule
-from sit.training.sharding import Sharding
+from sit.training.sharding import Sharding, full_tensor
 from sit.training.terms import LossTerm, ModelWithTerms, Objective, StepView, in_optimizer_order, term_parameters
 from transport import Transport
 
@@ -67,10 +66,11 @@ class TrainStep:
                                      for term in terms if term.optimizer_options and any(True for _ in term.parameters())])
         if ddp_model is None:  # one process: the model itself (with loss terms, the SiT and their heads)
             ddp_model = ModelWithTerms(model, terms) if terms else model
-        return cls(model=model, ddp_model=ddp_model, ema=ema, opt=opt,
-                   scaler=make_grad_scaler(precision, device), transport=transport, device=device, vae=vae,
-                   from_features=from_features, precision=precision, ema_decay=ema_decay, max_grad_norm=max_grad_norm,
-                   sharding=sharding, terms=tuple(terms), lr_schedule=lr_schedule, objective=objective)
+        scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # a pass-through unless fp16
+        return cls(model=model, ddp_model=ddp_model, ema=ema, opt=opt, scaler=scaler, transport=transport,
+                   device=device, vae=vae, from_features=from_features, precision=precision,
+                   ema_decay=ema_decay, max_grad_norm=max_grad_norm, sharding=sharding, terms=tuple(terms),
+                   lr_schedule=lr_schedule, objective=objective)
 
     def trained_parameters(self) -> list[torch.nn.Parameter]:
         """What AdamW updates and clipping sees: the SiT's parameters, then the loss terms'."""

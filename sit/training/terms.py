@@ -1,11 +1,7 @@
 """Loss terms: training objectives beside the transport's loss, one module each (REPA's alignment is one).
-
-A `LossTerm` is an `nn.Module` trained with the model. In a step: `batch_inputs` (what it needs of the
-batch, outside autograd), `head(hidden)` on block `block`'s tokens inside the wrapped forward (so DDP reduces
-its gradients), `losses(view)` per-sample by name; the step adds `weight` x each batch mean. AdamW holds its
-parameters (in the SiT's group, or its own with `optimizer_options`), the checkpoint its state under
-`extras[name]`; `sharding_refusal` says why it cannot run under FSDP2.
-"""
+A `LossTerm` is an `nn.Module` trained with the model: `batch_inputs` outside autograd, `head(hidden)` on a
+block's tokens inside the wrapped forward (so DDP reduces its gradients), `losses(view)` per sample by name,
+weighted by `weight`; AdamW holds its parameters, the checkpoint its state under `extras[name]`."""
 from __future__ import annotations
 
 import logging
