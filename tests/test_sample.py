@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -26,6 +27,7 @@ from sit.errors import RunFailure, UsageError, reported_as
 from sit.generation import blocks_of_rank, guided_sample, index_blocks, noise_and_labels, seed_for
 from sit.log import create_logger
 from sit.sampling import folder as sample_folder
+from sit.sampling import images as sample_images
 from sit.sampling.images import write_missing_images
 from sit.sampling.loading import load_for_sampling
 from sit.sampling.settings import resolve_model_settings, resolve_vae
@@ -485,6 +487,38 @@ def test_sde_images_do_not_depend_on_the_number_of_processes(ckpt, tmp_path):
     assert names == [f"{i:06d}.png" for i in range(5)]
     assert np.array_equal(images, read_pngs(folder)[1])
     assert len({image.tobytes() for image in images}) == 5
+
+
+def test_a_blocks_pngs_are_written_while_the_next_block_samples(ckpt, tmp_path, monkeypatch):
+    """Block 0's PNGs are written by another thread, and their writing is still under way when block 1
+    starts sampling (a foreground write would wait the 20 s out); every PNG is there at the end."""
+    args, config = sample_ddp.parse_args(["ODE", "--ckpt", ckpt, "--sampling-method", "euler", "--num-sampling-steps",
+                                          "2", "--num-fid-samples", "6", "--per-proc-batch-size", "2",
+                                          "--sample-dir", str(tmp_path / "samples")])
+    loaded = load_for_sampling(config, torch.device("cpu"), "ema")
+    folder = os.path.join(args.sample_dir, sample_folder.folder_name(config, loaded.settings))
+    os.makedirs(folder)
+    next_block_started, writes = threading.Event(), []  # writes: (index, thread, block 1 had started)
+    real_blocks, real_save = sample_images.generate_blocks, sample_images.save_png
+
+    def observed_blocks(*args, **kwargs):
+        for block in real_blocks(*args, **kwargs):
+            yield block
+            next_block_started.set()  # runs when the loop asks for the next block
+
+    def observed_save(pixels, path):
+        index = int(os.path.basename(path)[:-4])
+        started = next_block_started.wait(timeout=20) if index == 0 else next_block_started.is_set()
+        writes.append((index, threading.current_thread() is threading.main_thread(), started))
+        real_save(pixels, path)
+
+    monkeypatch.setattr(sample_images, "generate_blocks", observed_blocks)
+    monkeypatch.setattr(sample_images, "save_png", observed_save)
+    write_missing_images(DistContext(0, 1, 0, torch.device("cpu")), config, loaded, folder, create_logger(None))
+    assert [index for index, _, _ in writes] == list(range(6))
+    assert not any(on_main for _, on_main, _ in writes)
+    assert writes[0][2]  # block 1 was sampling while image 0 was being written
+    assert all(sample_folder.png_is_complete(sample_folder.png_path(folder, index), 32) for index in range(6))
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import REPO, make_image_folder
 
@@ -29,6 +30,7 @@ from sit.distributed import DistContext
 from sit.latents import SD_VAE_SCALE
 from sit.speed import PRECISIONS, compile_for_sampling, compile_model
 from sit.training.optimizer import make_optimizer
+from sit.training.lr_schedule import LRSchedule
 from sit.training.step import TrainStep, train_step, training_latents
 from transport import Sampler, create_transport
 
@@ -334,6 +336,41 @@ def test_compiled_sampling_model_matches_eager_and_never_recompiles(monkeypatch)
 #################################################################################
 #                 Gradient checkpointing, mixed precision numerics              #
 #################################################################################
+
+# aten ops that make a GPU host wait for the device: a value read back (.item(), bool(), int()) or an output
+# whose size depends on the values
+HOST_READS = ("aten._local_scalar_dense", "aten.is_nonzero", "aten.nonzero", "aten.masked_select", "aten.unique")
+
+
+class HostReads(TorchDispatchMode):
+    """Records the ops in HOST_READS run inside it, except reads of the tensors at `ignored` (data pointers)."""
+
+    def __init__(self, ignored: set[int]):
+        super().__init__()
+        self.ignored, self.reads = ignored, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func).startswith(HOST_READS) and not (args and args[0].data_ptr() in self.ignored):
+            self.reads.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("precision, max_grad_norm, schedule", [("fp32", None, None), ("bf16", 1.0, "warmup-cosine")])
+def test_the_training_step_reads_nothing_back_from_the_device(precision, max_grad_norm, schedule):
+    """train.py's step (loss, backward, clipping, lr schedule, AdamW, EMA) reads no value back to the host,
+    checked on the CPU by the aten ops it runs (device_check.py checks the same under CUDA's sync debug
+    mode). AdamW's step counters are exempt: on a GPU they live on the host, or the fused kernel reads them."""
+    step = fake_step(tiny_sit(depth=2, input_size=8), features=True, precision=precision, max_grad_norm=max_grad_norm)
+    if schedule is not None:
+        step.lr_schedule = LRSchedule(schedule, 1e-4, warmup_steps=1, total_steps=10)
+    mean, std, labels = torch.randn(4, 4, 8, 8), torch.rand(4, 4, 8, 8), torch.tensor([0, 1, 1, 0])
+    train_step(step, [mean, std], labels)  # the first step allocates AdamW's state
+    counters = {state["step"].data_ptr() for state in step.opt.state.values()}
+    with HostReads(counters) as mode:
+        result = train_step(step, [mean, std], labels)
+    assert mode.reads == []
+    assert torch.isfinite(result.loss) and (max_grad_norm is None) == (result.grad_norm is None)
+
 
 def test_gradient_checkpointing_gives_the_same_gradients():
     model = tiny_sit(depth=2)

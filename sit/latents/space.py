@@ -119,7 +119,12 @@ def latent_shape(config: dict) -> tuple[int, int, int]:
     return (config["in_channels"], config["input_size"], config["input_size"])
 
 
+def uint8_hwc(images: torch.Tensor) -> torch.Tensor:
+    """Images (N, 3, H, W) in [-1, 1] to uint8 (N, H, W, 3) on their device, rounded as the original
+    (127.5 x + 128)."""
+    return torch.clamp(127.5 * images + 128.0, 0, 255).permute(0, 2, 3, 1).to(torch.uint8)  # (N, H, W, 3)
+
+
 def to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
-    """Images (N, 3, H, W) in [-1, 1] to uint8 (N, H, W, 3), rounded as the original (127.5 x + 128)."""
-    pixels = torch.clamp(127.5 * images + 128.0, 0, 255).permute(0, 2, 3, 1)  # (N, H, W, 3)
-    return pixels.to("cpu", dtype=torch.uint8).numpy()
+    """uint8_hwc's pixels as a CPU array."""
+    return uint8_hwc(images).cpu().numpy()

@@ -2,6 +2,7 @@
 (sit.generation.generate_blocks), so the images do not depend on the process count and a rerun continues."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import time
@@ -10,28 +11,36 @@ from typing import Any, Iterator
 import numpy as np
 from tqdm import tqdm
 
+from sit.background import BackgroundWriter, cpu_snapshot
 from sit.config import build_sample_fn
 from sit.distributed import DistContext, agree, reduce_numbers
 from sit.generation import GeneratedBlock, blocks_of_rank, generate_blocks, image_labels, index_blocks, planned_labels
-from sit.latents import latent_shape, to_uint8_hwc
+from sit.latents import latent_shape, uint8_hwc
 from sit.sampling.folder import missing_indices, png_path, save_png
 from sit.sampling.loading import SamplingModel
 from sit.sampling.settings import SamplingConfig
 
 
+def save_pngs(writes: list[tuple[np.ndarray, str]]) -> None:
+    """Write each (pixels (H, W, 3) uint8, path) as a PNG, in order."""
+    for pixels, path in writes:
+        save_png(pixels, path)
+
+
 def sample_block(generated: Iterator[GeneratedBlock], folder: str, sample_fn: Any, to_write: dict[int, list[int]],
-                 measured: list[tuple[int, int]]) -> int:
-    """Sample the next block and write its PNGs listed in to_write (block start -> indices missing or
-    damaged); appends (PNGs written, model evaluations) to measured."""
+                 measured: list[tuple[int, int]], writer: BackgroundWriter) -> int:
+    """Sample the next block, then hand its PNGs listed in to_write (block start -> indices missing or
+    damaged) to the writer once the previous block's are written (its failure fails this block); appends
+    (PNGs written, model evaluations) to measured."""
     block = next(generated)
     wanted = set(to_write[block.indices[0]])
-    written = 0
-    for index, pixels in zip(block.indices, to_uint8_hwc(block.images)):  # pixels: (H, W, 3) uint8
-        if index in wanted:
-            save_png(pixels, png_path(folder, index))
-            written += 1
-    measured.append((written, sample_fn.nfe))  # .nfe: this batch's model evaluations
-    return written
+    pixels, ready = cpu_snapshot(uint8_hwc(block.images), pin=block.images.is_cuda)  # (n, H, W, 3) uint8
+    writes = [(pixels[row].numpy(), png_path(folder, index)) for row, index in enumerate(block.indices)
+              if index in wanted]
+    writer.wait()
+    writer.start(folder, functools.partial(save_pngs, writes), ready)
+    measured.append((len(writes), sample_fn.nfe))  # .nfe: this batch's model evaluations
+    return len(writes)
 
 
 def write_missing_images(ctx: DistContext, config: SamplingConfig, loaded: SamplingModel, folder: str,
@@ -62,14 +71,22 @@ def write_missing_images(ctx: DistContext, config: SamplingConfig, loaded: Sampl
     times, done = [time.perf_counter()], [0]  # after each round: for the speed without the first (warm-up) round
     progress = tqdm(total=int(total_missing), unit="img", disable=not ctx.is_main, dynamic_ncols=True)
     measured: list[tuple[int, int]] = []
-    for round_index in range(int(num_rounds)):  # in lockstep, so rank 0 can count everyone's images
-        round_of_rank = functools.partial(sample_block, generated, folder, sample_fn, to_write, measured)
-        # every rank learns any rank's failure (a full disk, non-finite samples) instead of waiting for it
-        written = agree(ctx, round_of_rank if round_index < len(pending) else None) or 0
-        (written_everywhere,) = reduce_numbers([written], ctx.device)
-        progress.update(int(written_everywhere))
-        times.append(time.perf_counter())
-        done.append(done[-1] + int(written_everywhere))
+    writer = BackgroundWriter()  # a block's PNGs are written while the next block samples
+    try:
+        for round_index in range(int(num_rounds)):  # in lockstep, so rank 0 can count everyone's images
+            round_of_rank = functools.partial(sample_block, generated, folder, sample_fn, to_write, measured, writer)
+            # every rank learns any rank's failure (a full disk, non-finite samples) instead of waiting for it
+            written = agree(ctx, round_of_rank if round_index < len(pending) else None) or 0
+            (written_everywhere,) = reduce_numbers([written], ctx.device)
+            progress.update(int(written_everywhere))
+            times.append(time.perf_counter())
+            done.append(done[-1] + int(written_everywhere))
+        agree(ctx, writer.wait)  # the last block's PNGs
+        times[-1] = time.perf_counter()
+    except BaseException:
+        with contextlib.suppress(Exception):  # its PNGs land; the failure being raised is the one to report
+            writer.wait()
+        raise
     progress.close()
     if total_missing:  # the script's own speed, end to end (benchmarks/device_check.py reads the warm one)
         warm = (f"; after the first batch (warm-up, compilation): {(done[-1] - done[1]) / (times[-1] - times[1]):.2f} "

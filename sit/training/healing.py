@@ -11,11 +11,11 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
+from sit.background import cpu_snapshot
 from sit.checkpoint import TrainCheckpoint
 from sit.cli import non_negative_int, positive_float, positive_int
 from sit.declarations import Needs, declare
 from sit.errors import UsageError
-from sit.training.checkpoint_writer import cpu_snapshot
 from sit.training.extensions import ExtensionContext, Feature, LoopExtension
 from sit.training.monitor import TrainingDiverged
 

@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch.utils.data import DataLoader
 
+from sit.background import BackgroundWriter, cpu_snapshot
 from sit.checkpoint import TrainCheckpoint
 from sit.data.order import ResumableDistributedSampler
 from sit.distributed import DistContext, agree, on_main
@@ -24,7 +25,6 @@ from sit.metrics import FIDMonitor
 from sit.progress import Progress
 from sit.speed import configure_cpu_threads, configure_precision, precision_advice
 from sit.training.data import TrainDataset, build_loader
-from sit.training.checkpoint_writer import CheckpointWriter, cpu_snapshot
 from sit.training.decoder import RunVAE
 from sit.training.experiment import StartPoint, open_experiment, write_latest
 from sit.training.extensions import LoopExtension
@@ -73,7 +73,7 @@ class TrainingRun:
     last_saved_step: Optional[int] = None
     fid_monitor: Optional[FIDMonitor] = None  # with --fid-every
     extensions: list[LoopExtension] = field(default_factory=list)  # post-hoc EMA, self-healing, ... (registry)
-    writer: Optional[CheckpointWriter] = None  # --background-checkpoints
+    writer: Optional[BackgroundWriter] = None  # --background-checkpoints
 
     # Services for the loop extensions (sit.training.extensions)
     def write_on_main(self, what: str, path: Optional[str], write: Callable[[], None]) -> None:
@@ -347,7 +347,7 @@ def train(config: TrainConfig, *, ctx: DistContext, dataset: TrainDataset, start
                       monitor=new_monitor(extensions, state.train_steps + 1), term_factories=factories,
                       fid_monitor=fid_monitor,
                       last_saved_step=state.train_steps if start.resuming else None, extensions=extensions,
-                      writer=CheckpointWriter() if config.run.background_checkpoints else None)
+                      writer=BackgroundWriter() if config.run.background_checkpoints else None)
     for extension in extensions:
         extension.start(run)
 

@@ -1,4 +1,4 @@
-"""--background-checkpoints (sit/training/checkpoint_writer.py): checkpoints written from a CPU copy in a
+"""--background-checkpoints (sit/background.py): checkpoints written from a CPU copy in a
 background thread.
 
 Proves: the file holds the same records as a foreground write; the copy shares storages as the state
@@ -18,7 +18,7 @@ import torch
 from conftest import make_image_folder
 from sit.errors import RunFailure
 from sit.speed import resolve_precision_choice
-from sit.training.checkpoint_writer import CheckpointWriter, cpu_snapshot
+from sit.background import BackgroundWriter, cpu_snapshot
 from test_faults import (PIXEL_TRAIN, checkpoint_tensors, kill_when_writing, leftovers, run, script,
                          sleeping_before_rename, start_patched)
 from test_train import load, rank_run
@@ -43,7 +43,7 @@ def main_rank(monkeypatch):
 def background_run(tmp_path, seed: int = 0):
     torch.manual_seed(seed)
     training = rank_run(tmp_path, 0)
-    training.writer = CheckpointWriter()
+    training.writer = BackgroundWriter()
     return training
 
 
@@ -69,7 +69,7 @@ def test_a_background_checkpoint_holds_the_same_records_as_a_foreground_one(tmp_
     path = tmp_path / "checkpoints" / "0000003.pt"
     foreground = records(str(path))
     os.remove(path)
-    training.writer = CheckpointWriter()
+    training.writer = BackgroundWriter()
     save_checkpoint(training)
     training.finish_writes()
     assert records(str(path)) == foreground  # same pickle, same tensor bytes: torch.load gives the same state

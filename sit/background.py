@@ -1,7 +1,7 @@
-"""Checkpoint writes off the training loop's critical path (--background-checkpoints): the state is copied
-to CPU memory (pinned on a GPU, copies queued on the current stream), then a thread writes it atomically,
-one write at a time; a failed write surfaces at the next wait as the usual one-line failure. The file holds
-the same bytes as a foreground write of a CPU run (on a GPU its tensors are CPU tensors).
+"""Writes off the critical path: a state copied to CPU memory (pinned on a GPU, copies queued on the current
+stream), then written by a thread, one write at a time, while the work goes on; a failed write surfaces at
+the next wait. Used by --background-checkpoints (a checkpoint file holds the same bytes as a foreground
+write of a CPU run) and by sample_ddp.py, whose PNGs of one batch are written while the next one samples.
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def cpu_snapshot(value: Any, pin: bool = False) -> tuple[Any, Optional[torch.cud
     return snapshot, ready
 
 
-class CheckpointWriter:
+class BackgroundWriter:
     """One write at a time in a background thread; `wait` joins it and re-raises what it raised."""
 
     def __init__(self) -> None:
@@ -63,7 +63,7 @@ class CheckpointWriter:
     def start(self, path: str, write: Callable[[], None], ready: Optional[torch.cuda.Event] = None) -> None:
         """Run write() in the background once `ready` (the snapshot's copies) completes; wait() first."""
         if self._thread is not None:
-            raise RuntimeError("CheckpointWriter.start while a write is in flight: wait() first")
+            raise RuntimeError("BackgroundWriter.start while a write is in flight: wait() first")
 
         def run() -> None:
             try:
@@ -74,7 +74,7 @@ class CheckpointWriter:
                 self._error = error
 
         self.path, self._error = path, None
-        self._thread = threading.Thread(target=run, name=f"checkpoint writer {path}")
+        self._thread = threading.Thread(target=run, name=f"background writer {path}")
         self._thread.start()
 
     def wait(self) -> None:
