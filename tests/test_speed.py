@@ -264,6 +264,23 @@ def test_feature_path_loads_no_vae_unless_a_preview_is_due(tmp_path, tiny_vae, m
 #                       torch.compile: no recompiles, no breaks                 #
 #################################################################################
 
+def test_compiled_blocks_fuse_each_adaln_modulation_with_its_layer_norm():
+    """Under --compile (compile_model), Inductor writes each LayerNorm and its adaLN modulation (shift,
+    scale) as one kernel, the second one with the gated residual before it: no LayerNorm pass of its own.
+    Read from the CPU's generated kernels, whose fusion comes from the scheduler GPUs share."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    model = compile_model(tiny_sit(depth=1, input_size=8)).eval()
+    block = model.blocks[0]
+    with torch.no_grad():
+        _, code = run_and_get_code(block, torch.randn(2, 16, 32), torch.randn(2, 32))
+    kernels = re.findall(r"\b(cpp_fused_\w+) = ", "\n".join(code))  # one name per generated kernel
+    norms = [name for name in kernels if "layer_norm" in name]
+    assert len(norms) == 2, kernels  # norm1 and norm2
+    assert all("add" in name and "mul" in name for name in norms), norms
+
+
 def test_compiled_blocks_do_not_recompile_across_training_and_sampler_steps():
     from torch._dynamo.utils import counters
 
