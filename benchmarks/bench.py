@@ -59,6 +59,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=positive_int, default=3, help="timed steps per measurement")
     parser.add_argument("--warmup", type=non_negative_int, default=1, help="untimed steps first (compilation happens here)")
     parser.add_argument("--skip-baseline-train", action="store_true", help="only when the baseline does not fit")
+    parser.add_argument("--train-only", action="store_true",
+                        help="measure the training steps only, not the sampler steps (e.g. one block's MFU)")
     parser.add_argument("--json", type=str, default=None, help="also write the measured rows to this JSON file")
     parser.add_argument("--profile", nargs="?", const="bench-profile", default=None, metavar="DIR",
                         help="also write where the time of one step goes (torch.profiler's operator and kernel table) "
@@ -333,13 +335,14 @@ def main(argv: Optional[list[str]] = None) -> None:
         if args.profile and label == "cached latents":
             write_profile(args.profile, "train-step-cached-latents", step, device)
 
-    measure_sampling(args, device, rows, peak)
+    if not args.train_only:
+        measure_sampling(args, device, rows, peak)
 
     print()
     if "baseline" in rows:
         for label in ("from images", "cached latents"):
             print(f"training speed-up, {label}: {rows[label]['images_per_s'] / rows['baseline']['images_per_s']:.2f}x")
-    for mode in ("ODE", "SDE"):
+    for mode in ("ODE", "SDE") if not args.train_only else ():
         speed_up = rows[f"{mode} optimised"]["images_per_s"] / rows[f"{mode} baseline"]["images_per_s"]
         print(f"sampling speed-up, {mode} step: {speed_up:.2f}x")
     if args.json:

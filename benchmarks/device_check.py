@@ -9,7 +9,8 @@ against fp32, --compile without recompiles over training and sampler steps, the 
 for SiT-XL/2's attention in bf16 (and for LightningDiT-XL/1's, RoPE and QK-norm on), a world-size-1
 process group through torchrun's setup (NCCL on a GPU) with FSDP2 steps, no host sync inside the training
 step, sample.py end to end on a random SiT-XL/2 and SD-VAE, benchmarks/bench.py for SiT-XL/2 at 256 (batch
-64, bf16, compile) against the original-style loop, with the speed targets, and train.py and sample_ddp.py
+64, bf16, compile) against the original-style loop, with the speed targets, the MFU of LightningDiT-XL/1's
+training step (its block options on, 256 tokens as at 256 px), and train.py and sample_ddp.py
 timed through their own logs against bench.py's steps (docs/speed.md; an estimated 4 of the 8 minutes:
 `--skip scripts` if short of time).
 On a CPU the checks whose code runs there use small sizes and the CUDA-only ones say SKIPPED (exit 0).
@@ -419,35 +420,51 @@ def target_row(check: str, value: float, target: float, figure: str) -> Row:
     return Row(check, "PASS" if value >= target else "MISS", figure, f">= {target:g} (target)")
 
 
+BLOCK_BENCH = ("LightningDiT-XL/1", "128")  # SD-VAE's 16 x 16 latents at 128 px: VA-VAE's 256 tokens at 256 px
+
+
 def check_bench(ctx: CheckContext, batch_size: int = 64) -> list[Row]:
-    """benchmarks/bench.py for SiT-XL/2 at 256 (bf16, compile) against the original-style loop, in one run."""
+    """benchmarks/bench.py for SiT-XL/2 at 256 (bf16, compile) against the original-style loop, in one run;
+    then the training step of LightningDiT's block (RoPE, SwiGLU, RMSNorm, QK-norm) for its MFU alone."""
     if not ctx.cuda:
-        return [skipped("bench.py SiT-XL/2, batch 64, bf16, compile",
+        return [skipped("bench.py SiT-XL/2 and LightningDiT-XL/1, batch 64, bf16, compile",
                         "needs a GPU (tests/test_bench.py runs it tiny on CPU)")]
-    record_path = os.path.join(ctx.scratch, "bench.json")
+    speed = ["--batch-size", str(batch_size), "--precision", "bf16", "--compile", "--json"]
+    record_path, block_path = os.path.join(ctx.scratch, "bench.json"), os.path.join(ctx.scratch, "bench-block.json")
     result = run_script(ctx, [os.path.join(ctx.repo, "benchmarks", "bench.py"), "--model", "SiT-XL/2", "--image-size",
-                              "256", "--batch-size", str(batch_size), "--precision", "bf16", "--compile", "--json",
-                              record_path], timeout=420)
+                              "256", *speed, record_path], timeout=420)
     if result.returncode != 0:
         return [Row("bench.py SiT-XL/2", "FAIL", failure_line(result), "exit 0")]
     with open(record_path) as handle:
-        return bench_rows(json.load(handle))
+        table = bench_rows(json.load(handle))
+    model, image_size = BLOCK_BENCH
+    result = run_script(ctx, [os.path.join(ctx.repo, "benchmarks", "bench.py"), "--model", model, "--image-size",
+                              image_size, "--skip-baseline-train", "--train-only", *speed, block_path], timeout=240)
+    if result.returncode != 0:
+        return [*table, Row(f"bench.py {model}", "FAIL", failure_line(result), "exit 0")]
+    with open(block_path) as handle:
+        return [*table, peak_row(f"bench: {model} fraction of bf16 peak", json.load(handle))]
+
+
+def peak_row(check: str, record: dict) -> Row:
+    """The cached-latents training step's TFLOP/s of a bench.py --json record against the GPU's dense bf16
+    peak (INFO when the GPU's peak is unknown)."""
+    best, peak = record["rows"]["cached latents"], record["bf16_peak_tflops"]
+    if not peak:
+        return Row(check, "INFO", f"{best['tflops']:.0f} TFLOP/s; peak of {record['device']} unknown", "-")
+    return target_row(check, best["tflops"] / peak, PEAK_FRACTION,
+                      f"{best['tflops']:.0f} TFLOP/s of {peak:.0f}: {100 * best['tflops'] / peak:.0f}%")
 
 
 def bench_rows(record: dict) -> list[Row]:
     """The speed rows of a bench.py --json record against the issue's targets (MISS below a target)."""
-    rows, peak = record["rows"], record["bf16_peak_tflops"]
+    rows = record["rows"]
     speed = {name: rows[name]["images_per_s"] for name in rows}
     best, training = rows["cached latents"], speed["cached latents"] / speed["baseline"]
     table = [target_row("bench: training vs original loop", training, TRAIN_SPEEDUP,
                         f"{speed['cached latents']:.0f} img/s (cached latents) vs {speed['baseline']:.0f}: "
-                        f"{training:.2f}x; from images {speed['from images']:.0f}")]
-    if peak:
-        table.append(target_row("bench: fraction of bf16 peak", best["tflops"] / peak, PEAK_FRACTION,
-                                f"{best['tflops']:.0f} TFLOP/s of {peak:.0f}: {100 * best['tflops'] / peak:.0f}%"))
-    else:
-        table.append(Row("bench: fraction of bf16 peak", "INFO",
-                         f"{best['tflops']:.0f} TFLOP/s; peak of {record['device']} unknown", "-"))
+                        f"{training:.2f}x; from images {speed['from images']:.0f}"),
+             peak_row("bench: fraction of bf16 peak", record)]
     for mode in ("ODE", "SDE"):
         ratio = speed[f"{mode} optimised"] / speed[f"{mode} baseline"]
         table.append(target_row(f"bench: {mode} sampler step vs original", ratio, SAMPLING_SPEEDUP, f"{ratio:.2f}x"))

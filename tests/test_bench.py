@@ -50,3 +50,16 @@ def test_bad_settings_are_refused_with_one_line():
     assert result.returncode == 2
     assert "--image-size must be a multiple of 8" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_train_only_measures_the_training_steps_of_a_block_option_model(tmp_path):
+    """--train-only --skip-baseline-train (device_check.py's LightningDiT row): the two training rows only."""
+    json_path = tmp_path / "bench.json"
+    result = run_bench("--model", "LightningDiT-B/1", "--image-size", "32", "--batch-size", "2", "--precision", "fp32",
+                       "--steps", "1", "--warmup", "0", "--skip-baseline-train", "--train-only", "--json", str(json_path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "sampler step" not in result.stdout and "speed-up" not in result.stdout
+    rows = json.loads(json_path.read_text())["rows"]
+    assert sorted(rows) == ["cached latents", "from images"]
+    assert all(row["tflops"] > 0 for row in rows.values())

@@ -11,7 +11,7 @@ import torch
 from conftest import REPO
 
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-from device_check import (CHECKS, SAMPLE_RATE, TRAIN_RATE, bench_rows, logged_rate, parse_args,  # noqa: E402
+from device_check import (CHECKS, SAMPLE_RATE, TRAIN_RATE, bench_rows, logged_rate, parse_args, peak_row,  # noqa: E402
                           random_image_folder, run_checks, script_rows)
 
 SCRIPT = os.path.join(REPO, "benchmarks", "device_check.py")
@@ -33,7 +33,7 @@ CPU_ROWS = [
     ("FSDP2 step (world size 1) vs unsharded", "PASS"),
     ("FSDP2 bf16+compile+ckpt+clip vs fp32", "PASS"),
     ("sample.py end to end, tiny SiT", "PASS"),
-    ("bench.py SiT-XL/2, batch 64, bf16, compile", "SKIPPED"),
+    ("bench.py SiT-XL/2 and LightningDiT-XL/1, batch 64, bf16, compile", "SKIPPED"),
     ("scripts: train.py, sample_ddp.py vs bench", "SKIPPED"),
 ]
 
@@ -120,6 +120,17 @@ def test_bench_rows_hold_the_measured_speeds_to_the_targets():
     missed = bench_rows(bench_record(1.5, 0.0))
     assert [row.result for row in missed] == ["MISS", "INFO", "MISS", "MISS", "INFO"]
     assert missed[1].figure == "150 TFLOP/s; peak of NVIDIA H200 unknown"
+
+
+def test_the_block_row_holds_a_training_only_record_to_the_peak():
+    """bench.py --train-only records only the training rows; the LightningDiT row reads the cached-latents one."""
+    record = bench_record(4.0, 989.0)
+    record["rows"] = {name: record["rows"][name] for name in ("from images", "cached latents")}
+    row = peak_row("bench: LightningDiT-XL/1 fraction of bf16 peak", record)
+    assert (row.result, row.figure, row.tolerance) == ("PASS", "400 TFLOP/s of 989: 40%", ">= 0.4 (target)")
+    record["rows"]["cached latents"]["tflops"] = 300.0
+    assert peak_row("block", record).result == "MISS"
+    assert peak_row("block", {**record, "bf16_peak_tflops": 0.0}).result == "INFO"
 
 
 def test_script_rows_read_the_scripts_logs_and_hold_them_to_the_benchmark():
