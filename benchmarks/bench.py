@@ -342,7 +342,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     if "baseline" in rows:
         for label in ("from images", "cached latents"):
             print(f"training speed-up, {label}: {rows[label]['images_per_s'] / rows['baseline']['images_per_s']:.2f}x")
-    for mode in ("ODE", "SDE") if not args.train_only else ():
+    for mode in ("ODE", "SDE"):
+        if f"{mode} optimised" not in rows:  # --train-only
+            continue
         speed_up = rows[f"{mode} optimised"]["images_per_s"] / rows[f"{mode} baseline"]["images_per_s"]
         print(f"sampling speed-up, {mode} step: {speed_up:.2f}x")
     if args.json:

@@ -29,8 +29,8 @@ from sit.data.order import ResumableDistributedSampler
 from sit.distributed import DistContext
 from sit.latents import SD_VAE_SCALE
 from sit.speed import PRECISIONS, compile_for_sampling, compile_model
-from sit.training.optimizer import make_optimizer
 from sit.training.lr_schedule import LRSchedule
+from sit.training.optimizer import make_optimizer
 from sit.training.step import TrainStep, train_step, training_latents
 from transport import Sampler, create_transport
 
