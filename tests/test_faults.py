@@ -40,7 +40,7 @@ from sit.log import create_logger
 from sit.metrics.errors import MetricInputError
 from sit.metrics.npz import open_npz, open_npz_images
 from sit.training.experiment import checkpoint_to_start_from
-from sit.training.rng import rng_state
+from sit.training.rng import gather_rng_states
 from sit.training.signals import StopSignal
 
 TINY_SIT = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=1, num_heads=2, num_classes=2)
@@ -116,7 +116,7 @@ def train_checkpoint(path, steps: int = 1, **override) -> dict:
     settings = {"vae": "none", "image_size": 8, "num_classes": 2, "global_batch_size": 2}
     checkpoint = TrainCheckpoint(model=model.state_dict(), ema=model.state_dict(), opt=optimizer.state_dict(),
                                  settings=settings, model_config=model.config, train_steps=steps,
-                                 rng=[rng_state(torch.device("cpu"))]).to_dict()
+                                 rng=gather_rng_states(torch.device("cpu"))).to_dict()
     checkpoint.update(override)
     torch.save(checkpoint, path)
     return checkpoint

@@ -21,6 +21,7 @@ from sit.declarations import check_needs
 from sit.errors import UsageError
 from sit.training.healing import SPIKE_MIN_HISTORY, Healer, HealingSettings, LossSpiked, batch_positions
 from sit.training.monitor import LossMonitor, TrainingDiverged
+from sit.training.step import StepResult
 from test_train import TINY, assert_ok, load, logged_losses, only_experiment, run_train
 from conftest import assert_names, write_cached_latents
 
@@ -46,20 +47,20 @@ def test_settings_that_cannot_work_are_one_line_naming_the_flag():
         settings(spike_factor=0.5).check()
     with pytest.raises(UsageError, match="^--rollback-every .*--max-rollbacks"):
         check_needs(settings(max_rollbacks=0, rollback_every=10), {"rollback_every"})
-    assert not settings(max_rollbacks=0).active and settings(max_rollbacks=0, skip_batches=((0, 1),)).active
+    assert not settings(max_rollbacks=0).enabled and settings(max_rollbacks=0, skip_batches=((0, 1),)).enabled
 
 
 def test_a_spike_is_a_loss_above_factor_times_the_running_median_each_step_checked_once():
     healer = Healer(settings(spike_factor=3.0), ckpt_every=100)
-    monitor = LossMonitor(1, inspect=healer.inspect_loss)
+    monitor = LossMonitor(1, [healer.inspect_loss])
     # median 1.5: 4.5 is not above 3 x 1.5; with it the median is 2.0, and 6.5 is above 3 x 2.0
     losses = [1.0, 2.0] * (SPIKE_MIN_HISTORY // 2) + [4.5, 6.5]
     for value in losses[:-1]:
-        monitor.add(torch.tensor(value))
+        monitor.add(StepResult(torch.tensor(value)))
     monitor.check(monitor.reduced())
     monitor.check(monitor.reduced())  # a checkpoint's check, then a log line's: each step is inspected once
     assert list(healer.recent_losses) == losses[:-1]
-    monitor.add(torch.tensor(losses[-1]))
+    monitor.add(StepResult(torch.tensor(losses[-1])))
     with pytest.raises(LossSpiked) as error:
         monitor.flush(len(losses) + 1)
     assert error.value.step == len(losses)

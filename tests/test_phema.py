@@ -18,8 +18,8 @@ import reconstruct_ema
 import sample
 from sit.errors import UsageError
 from sit.training.optimizer import update_ema
-from sit.training.phema import (MAX_STD, PowerEMATracker, list_snapshots, snapshot_path, std_list,
-                                std_to_exponent, write_snapshot)
+from sit.training.phema import (MAX_STD, PowerEMATracker, snapshot_path, std_list, std_to_exponent, step_files,
+                                write_snapshot)
 from sit.training.reconstruction import EMATarget, plan_reconstruction, solve_coefficients, write_reconstruction
 from test_train import TINY, assert_ok, load, run_train
 
@@ -255,8 +255,8 @@ def phema_runs(tmp_path_factory):
 @pytest.mark.slow
 def test_snapshots_resume_exactly(phema_runs):
     straight, interrupted = phema_runs["straight"], phema_runs["interrupted"]
-    assert [step for step, _ in list_snapshots(os.path.join(straight, "phema"))] == [0, 2, 4, 6]
-    assert [step for step, _ in list_snapshots(os.path.join(interrupted, "phema"))] == [0, 2, 3, 4, 6]  # 3: the first run's end
+    assert [step for step, _ in step_files(os.path.join(straight, "phema"))] == [0, 2, 4, 6]
+    assert [step for step, _ in step_files(os.path.join(interrupted, "phema"))] == [0, 2, 3, 4, 6]  # 3: the first run's end
     checkpoint = load(os.path.join(interrupted, "checkpoints", "0000003.pt"))
     assert checkpoint["phema"]["stds"] == [0.05, 0.1] and set(checkpoint["phema"]["emas"][0]) == set(checkpoint["model"])
     for step in (0, 4, 6):

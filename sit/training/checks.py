@@ -5,7 +5,6 @@ default gave them; a resumed checkpoint's own setting that cannot work here; and
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import AbstractSet, Optional
 
@@ -50,11 +49,10 @@ def unused_setting_warnings(config: TrainConfig, explicit: AbstractSet[str], res
         warnings.append(f"the checkpoint's loss_weight {transport.loss_weight} is not applied: a velocity model's "
                         f"loss is never weighted (as in the original run that wrote it)")
     max_steps = config.optim.max_steps
-    for key, flag, what in (("fid_every", "--fid-every", "FID is never measured"),
-                            ("sample_every", "--sample-every", "no preview grid is made")):
-        every = getattr(config.fid if key == "fid_every" else config.run, key)
+    for key, every, what in (("fid_every", config.fid.fid_every, "FID is never measured"),
+                             ("sample_every", config.run.sample_every, "no preview grid is made")):
         if key in explicit and max_steps is not None and every is not None and every > max_steps:
-            warnings.append(f"{flag} {every} but the run ends at --max-steps {max_steps}: {what}")
+            warnings.append(f"--{key.replace('_', '-')} {every} but the run ends at --max-steps {max_steps}: {what}")
     kwargs = config.model.sit_kwargs()
     if config.run.cfg_scale > 1.0 and not has_null_class(kwargs):
         if "cfg_scale" in explicit:
@@ -87,14 +85,6 @@ def check_fid_reference(config: TrainConfig) -> None:
                          f"evaluate.py {fid.fid_ref}` and pass {stats_cache_path(fid.fid_ref)}")
     if fid.fid_inception_weights is not None and not os.path.isfile(fid.fid_inception_weights):
         raise UsageError(f"--fid-inception-weights {fid.fid_inception_weights}: no such file")
-
-
-def check_enough_data(num_images: int, config: TrainConfig, world_size: int) -> None:
-    """UsageError when a rank's share of the data is less than one local batch (no step could run)."""
-    global_batch_size = config.data.global_batch_size
-    if math.ceil(num_images / world_size) < global_batch_size // world_size:
-        raise UsageError(f"the dataset has {num_images} images, fewer than one global batch of {global_batch_size}: "
-                         f"pass a smaller --global-batch-size")
 
 
 def nothing_left_to_do(config: TrainConfig, checkpoint: Optional[dict], source: Optional[str],

@@ -26,9 +26,9 @@ from sit.errors import RunFailure, UsageError, named_by
 from sit.files import atomic_text, move_file, remove_temporaries
 from sit.locks import acquire_folder_lock
 from sit.log import create_logger
+from sit.training.phema import step_files
 from sit.training.settings import NEWEST, TrainConfig
 
-CHECKPOINT_FILE = re.compile(r"^(\d{7,})\.pt$")
 EXPERIMENT_FOLDER = re.compile(r"^(\d{3,})-")
 LATEST_FILE = "latest.txt"  # <experiment>/latest.txt: the path of the newest checkpoint the run wrote
 CONFIG_FILE = "config.yaml"  # <experiment>/config.yaml: the run's settings, for train.py --config
@@ -37,11 +37,7 @@ FAILED_FOLDER = "failed"  # <results-dir>/failed/<experiment>.log.txt: the logs 
 
 def experiment_checkpoints(experiment_dir: str) -> list[str]:
     """The <experiment_dir>/checkpoints/<step>.pt files, the highest step first."""
-    folder = os.path.join(experiment_dir, "checkpoints")
-    if not os.path.isdir(folder):
-        return []
-    steps = [(int(match.group(1)), name) for name in os.listdir(folder) if (match := CHECKPOINT_FILE.match(name))]
-    return [os.path.join(folder, name) for _, name in sorted(steps, reverse=True)]
+    return [path for _, path in reversed(step_files(os.path.join(experiment_dir, "checkpoints")))]
 
 
 def newest_checkpoint(experiment_dir: str) -> Optional[str]:

@@ -57,10 +57,8 @@ class HealingSettings:
         None, "EPOCH:BATCH,... batches to skip from the start, e.g. those a healed run skipped", type=batch_positions)
 
     @property
-    def active(self) -> bool:
+    def enabled(self) -> bool:
         return self.max_rollbacks > 0 or self.spike_factor is not None or bool(self.skip_batches)
-
-    enabled = active
 
     def check(self, config: Any = None) -> None:
         """UsageError (one line naming the flag) for settings that cannot work."""
@@ -202,7 +200,7 @@ class Healer(LoopExtension):
 
 def setup_healing(settings: HealingSettings, context: ExtensionContext) -> Optional[Healer]:
     """The run's healer: with self-healing flags, or resuming a run that had them (its skips stay)."""
-    if not (settings.active or context.saved):
+    if not (settings.enabled or context.saved):
         return None
     return Healer(settings, context.config.run.ckpt_every, context.saved)
 

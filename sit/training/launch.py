@@ -15,8 +15,8 @@ from sit.errors import RunFailure, UsageError
 from sit.latents.statistics import LatentStatistics
 from sit.files import check_free_space
 from sit.locks import folder_locks_released
-from sit.training.checks import (check_checkpoint_settings, check_enough_data, check_fid_reference, check_results_dir,
-                                 nothing_left_to_do, unused_setting_warnings)
+from sit.training.checks import (check_checkpoint_settings, check_fid_reference, check_results_dir, nothing_left_to_do,
+                                 unused_setting_warnings)
 from sit.training.data import TrainDataset, features_vae, open_training_data
 from sit.training.decoder import run_latent_statistics
 from sit.training.experiment import StartPoint, discard_unfinished_experiments, experiment_dir_of, start_checkpoint
@@ -63,13 +63,18 @@ def plan_training(flags: Mapping[str, Any], explicit: AbstractSet[str], world_si
 
 
 def check_start(plan: TrainingPlan, world_size: int) -> None:
-    """Before joining the job: a checkpoint to resume judged whole (and its place in this data's epoch), and
-    the free space for the next checkpoint. Raises UsageError / NoSpaceLeft with one line."""
+    """Before joining the job (and before any folder is made): a rank's share of the data holds a local batch,
+    a checkpoint to resume is judged whole (and its place in this data's epoch), and the free space for the
+    next checkpoint. Raises UsageError / NoSpaceLeft with one line."""
     start, config = plan.start, plan.config
     per_rank = -(-len(plan.dataset) // world_size)  # DistributedSampler pads to a multiple of the ranks
+    local_batch_size = config.data.global_batch_size // world_size
+    if per_rank < local_batch_size:  # no step could run
+        raise UsageError(f"the dataset has {len(plan.dataset)} images, fewer than one global batch of "
+                         f"{config.data.global_batch_size}: pass a smaller --global-batch-size")
     for settings in config.features.values():  # e.g. batches to skip that this data does not have
         if hasattr(settings, "check_data"):
-            settings.check_data(per_rank // (config.data.global_batch_size // world_size), config.optim.epochs)
+            settings.check_data(per_rank // local_batch_size, config.optim.epochs)
     if start.resuming:
         check_train_checkpoint(start.checkpoint, start.source)
         batch = settings_of(start.checkpoint).get("global_batch_size") or config.data.global_batch_size
@@ -96,7 +101,6 @@ def run_training(plan: TrainingPlan) -> None:
         if launched_rank() == 0:
             print(plan.finished, file=sys.stderr, flush=True)
         return
-    check_enough_data(len(plan.dataset), plan.config, launched_world_size())  # before any folder is made
     check_start(plan, launched_world_size())
     stop = StopSignal()
     stop.install()

@@ -217,12 +217,7 @@ def train_loop(run: TrainingRun) -> bool:
             if any(extension.skips(state.epoch, state.epoch_step, state.train_steps + 1) for extension in run.extensions):
                 state.epoch_step += 1  # e.g. a batch that made the loss diverge: read and dropped, never trained on
                 continue
-            result = train_step(run.step, inputs, labels)
-            if result.grad_norm is not None:
-                run.monitor.add_grad_norm(result.grad_norm)
-            run.monitor.add(result.loss)
-            for name, value in result.terms.items():
-                run.monitor.add_term(name, value)
+            run.monitor.add(train_step(run.step, inputs, labels))
             state.train_steps += 1
             state.epoch_step += 1
             step = state.train_steps
@@ -274,13 +269,7 @@ def restore_progress(saved: TrainCheckpoint, step: TrainStep, ctx: DistContext, 
 
 def new_monitor(extensions: list[LoopExtension], first_step: int) -> LossMonitor:
     """The loss monitor from first_step on; extensions that inspect losses (a spike check) see each step's."""
-    inspectors = [extension.inspect_loss for extension in extensions if extension.inspects_losses]
-
-    def inspect(step: int, loss: float) -> None:
-        for inspector in inspectors:
-            inspector(step, loss)
-
-    return LossMonitor(first_step, inspect=inspect if inspectors else None)
+    return LossMonitor(first_step, [extension.inspect_loss for extension in extensions if extension.inspects_losses])
 
 
 def train_with_extensions(run: TrainingRun) -> bool:

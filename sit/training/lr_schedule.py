@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from sit.errors import UsageError
 
@@ -21,14 +21,11 @@ LR_SCHEDULES = (CONSTANT, WARMUP_COSINE, INVERSE_SQRT)
 
 def scheduled_lr(schedule: str, base_lr: float, step: int, warmup_steps: int = 0,
                  total_steps: Optional[int] = None) -> float:
-    """The lr of step `step` (1-based: the step being taken) under `schedule` (see the module docstring)."""
-    if step < 1:
-        raise ValueError(f"steps count from 1, got {step}")
+    """The lr of step `step` (1-based: the step being taken) under `schedule` (see the module docstring);
+    warmup-cosine needs total_steps (check_schedule refuses a run without --max-steps)."""
     if schedule == CONSTANT:
         return base_lr
     if schedule == WARMUP_COSINE:
-        if total_steps is None:
-            raise ValueError("warmup-cosine needs the total number of steps")
         if step <= warmup_steps:
             return base_lr * step / warmup_steps
         progress = min((step - warmup_steps - 1) / (total_steps - warmup_steps), 1.0)
@@ -64,9 +61,8 @@ class LRSchedule:
         return scheduled_lr(self.schedule, self.base_lr, steps_done + 1, self.warmup_steps, self.total_steps)
 
 
-def schedule_of(optim: object) -> Optional[LRSchedule]:
+def schedule_of(optim: Any) -> Optional[LRSchedule]:
     """The run's schedule from its OptimSettings; None for the constant lr (the optimizer is left alone)."""
-    schedule = getattr(optim, "lr_schedule", CONSTANT)
-    if schedule == CONSTANT:
+    if optim.lr_schedule == CONSTANT:
         return None
-    return LRSchedule(schedule, optim.lr, optim.warmup_steps, optim.max_steps)
+    return LRSchedule(optim.lr_schedule, optim.lr, optim.warmup_steps, optim.max_steps)

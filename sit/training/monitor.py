@@ -4,13 +4,14 @@ from __future__ import annotations
 import logging
 import math
 from time import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 from sit.distributed import all_reduce_mean, any_rank
 from sit.errors import RunFailure
 from sit.training.sharding import local_tensor
+from sit.training.step import StepResult
 
 
 class TrainingDiverged(RunFailure):
@@ -24,13 +25,13 @@ class TrainingDiverged(RunFailure):
 class LossMonitor:
     """Per-step losses kept on the device (no host sync per step), reduced over ranks when logged."""
 
-    def __init__(self, first_step: int, inspect: Optional[Callable[[int, float], None]] = None):
+    def __init__(self, first_step: int, inspectors: Sequence[Callable[[int, float], None]] = ()):
         self.losses: list[torch.Tensor] = []
         self.grad_norms: list[torch.Tensor] = []  # with --max-grad-norm: the norms before clipping
         self.terms: dict[str, list[torch.Tensor]] = {}  # further loss terms by log name (REPA's alignment)
         self.first_step = first_step  # the step of losses[0]
         self.start_time = time()
-        self.inspect = inspect  # called once per step, in order, with its finite loss (the spike check)
+        self.inspectors = inspectors  # each called once per step, in order, with its finite loss (the spike check)
         self.inspected_through = first_step - 1
         self.logged: Optional[dict[str, Any]] = None  # the values of the last log line (log_progress), until taken
 
@@ -39,12 +40,13 @@ class LossMonitor:
         logged, self.logged = self.logged, None
         return logged
 
-    def add(self, loss: torch.Tensor) -> None:
-        self.losses.append(loss.detach())
-
-    def add_term(self, name: str, value: torch.Tensor) -> None:
-        """Another loss term of this step (logged as `name`, averaged like the loss, checked for divergence)."""
-        self.terms.setdefault(name, []).append(value.detach())
+    def add(self, result: StepResult) -> None:
+        """A step's loss, each further term's (averaged and checked like the loss) and its gradient norm."""
+        self.losses.append(result.loss.detach())
+        for name, value in result.terms.items():
+            self.terms.setdefault(name, []).append(value.detach())
+        if result.grad_norm is not None:
+            self.grad_norms.append(result.grad_norm.detach())
 
     def reduced_terms(self) -> dict[str, list[float]]:
         """The pending further terms averaged over ranks (a collective), as floats; kept until flushed."""
@@ -58,9 +60,6 @@ class LossMonitor:
             means[name] = sum(values) / len(values)
         self.terms = {}
         return means
-
-    def add_grad_norm(self, grad_norm: torch.Tensor) -> None:
-        self.grad_norms.append(grad_norm.detach())
 
     def mean_grad_norm(self) -> Optional[float]:
         """The mean gradient norm since the last call (equal on all ranks after DDP), or None; clears it."""
@@ -78,13 +77,14 @@ class LossMonitor:
 
     def check(self, values: list[float], what: str = "loss") -> None:
         """TrainingDiverged naming the first step whose loss (or other term) is not finite, or whose
-        loss `inspect` refuses (a spike)."""
+        loss an inspector refuses (a spike)."""
         for offset, value in enumerate(values):
             step = self.first_step + offset
             if not math.isfinite(value):
                 raise TrainingDiverged(f"the {what} became non-finite ({value}) at step {step}", step)
-            if what == "loss" and self.inspect is not None and step > self.inspected_through:
-                self.inspect(step, value)
+            if what == "loss" and step > self.inspected_through:
+                for inspect in self.inspectors:
+                    inspect(step, value)
                 self.inspected_through = step
 
     def flush(self, next_step: int) -> tuple[float, float]:

@@ -32,7 +32,7 @@ from sit.training.extensions import ExtensionContext, Feature, LoopExtension
 SNAPSHOT_FORMAT = "sit-phema-snapshot"
 SNAPSHOT_VERSION = 1
 SNAPSHOT_FOLDER = "phema"
-SNAPSHOT_FILE = re.compile(r"^(\d{7,})\.pt$")
+STEP_FILE = re.compile(r"^(\d{7,})\.pt$")  # <step>.pt: a snapshot, or a train checkpoint
 MAX_STD = math.sqrt(1 / 12)  # sigma_rel of gamma = 0 (a flat average); longer profiles need gamma < 0
 DEFAULT_PHEMA_EVERY = 10_000
 
@@ -138,9 +138,8 @@ class PowerEMATracker:
         """One full state dict per std (the model's buffers, these EMAs' parameters), fp32 on the CPU."""
         full = []
         for averages in self.averages:
-            state = {name: tensor.detach().float().cpu().clone() for name, tensor in model.state_dict().items()}
-            state.update({name: tensor.detach().float().cpu().clone() for name, tensor in zip(self.names, averages)})
-            full.append(state)
+            state = {**model.state_dict(), **dict(zip(self.names, averages))}
+            full.append({name: tensor.detach().float().cpu().clone() for name, tensor in state.items()})
         return full
 
 
@@ -157,12 +156,12 @@ def write_snapshot(path: str, step: int, tracker: PowerEMATracker, model: torch.
                        "model_config": dict(model.config), "args": dict(settings), **identity}, path)
 
 
-def list_snapshots(folder: str) -> list[tuple[int, str]]:
-    """(step, path) of every <step>.pt snapshot in folder, by step."""
+def step_files(folder: str) -> list[tuple[int, str]]:
+    """(step, path) of every <step>.pt file in folder (snapshots; sit.training.experiment's checkpoints), by step."""
     if not os.path.isdir(folder):
         return []
     found = [(int(match.group(1)), os.path.join(folder, name))
-             for name in os.listdir(folder) if (match := SNAPSHOT_FILE.match(name))]
+             for name in os.listdir(folder) if (match := STEP_FILE.match(name))]
     return sorted(found)
 
 

@@ -22,7 +22,7 @@ from scipy.integrate import quad
 from sit.checkpoint import non_finite_tensor
 from sit.errors import UsageError
 from sit.files import atomic_torch_save
-from sit.training.phema import SNAPSHOT_FOLDER, SNAPSHOT_FORMAT, list_snapshots, std_to_exponent
+from sit.training.phema import SNAPSHOT_FOLDER, SNAPSHOT_FORMAT, step_files, std_to_exponent
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,7 @@ def snapshot_folder(path: str) -> str:
 def plan_reconstruction(folder: str, target: EMATarget, at_step: Optional[int] = None,
                         flag: str = "the snapshot folder") -> Reconstruction:
     """Solve the weights of the snapshots in folder (those up to at_step; default: the newest step)."""
-    found = list_snapshots(folder)
+    found = step_files(folder)
     if not found:
         raise UsageError(f"{flag} {folder}: no post-hoc EMA snapshots (<step>.pt of train.py --phema-stds)")
     steps = [step for step, _ in found if step > 0]

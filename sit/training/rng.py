@@ -9,15 +9,11 @@ import torch
 from sit.distributed import DistContext, gather_objects
 
 
-def rng_state(device: torch.device) -> dict:
-    """This process's torch RNG states: {"cpu": ByteTensor, "cuda": ByteTensor or None}."""
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return {"cpu": torch.get_rng_state(), "cuda": cuda}
-
-
 def gather_rng_states(device: torch.device) -> list[dict]:
-    """Every rank's rng_state on the CPU, in rank order (a collective: all ranks must call it)."""
-    states = gather_objects(rng_state(device))
+    """Every rank's torch RNG states, {"cpu": ByteTensor, "cuda": ByteTensor or None}, on the CPU in rank order
+    (a collective: all ranks must call it)."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    states = gather_objects({"cpu": torch.get_rng_state(), "cuda": cuda})
     return [{key: None if value is None else value.cpu() for key, value in state.items()} for state in states]
 
 
@@ -25,7 +21,7 @@ def restore_rng(stored: list[dict], ctx: DistContext, seed: int, train_steps: in
     """This rank's RNG state from a checkpoint's `rng` (exact continuation needs the same process
     count); otherwise a warning and a fresh seed for this step."""
     if len(stored) == ctx.world_size:
-        state = stored[ctx.rank]  # rng_state's dict
+        state = stored[ctx.rank]  # gather_rng_states' dict
         torch.set_rng_state(state["cpu"].cpu())
         if ctx.device.type == "cuda" and state.get("cuda") is not None:
             torch.cuda.set_rng_state(state["cuda"].cpu(), ctx.device)

@@ -398,8 +398,6 @@ def check_train_config(config: TrainConfig, world_size: int) -> None:
     if fid.fid_every is not None and (fid.fid_ref is None or not os.path.isfile(fid.fid_ref)):
         raise UsageError(f"--fid-every needs --fid-ref, a file of reference statistics (got {fid.fid_ref!r}); "
                          f"make one with `python evaluate.py VIRTUAL_imagenet256_labeled.npz`")
-    if fid.fid_cfg_scale < 1.0:
-        raise UsageError(f"--fid-cfg-scale must be >= 1, got {fid.fid_cfg_scale}")
     if fid.fid_every is not None and fid.fid_cfg_scale > 1.0 and not has_null_class(kwargs):
         raise UsageError(f"--fid-cfg-scale {fid.fid_cfg_scale} needs a model with label dropout (its null class), but "
                          f"class_dropout_prob is 0: use --fid-cfg-scale 1")
