@@ -51,21 +51,19 @@ class SDESolver:
         grid = th.linspace(self.t0, self.t1, self.num_timesteps, dtype=dtype)
         return grid if self.grid_transform is None else self.grid_transform(grid)
 
-    def euler_maruyama_step(self, x, mean_x, t, dt, model, **model_kwargs):
+    def euler_maruyama_step(self, x, t, dt, model, **model_kwargs):
         dw = _step_noise(x) * th.sqrt(dt)
         t = _batch_times(t, x)
-        drift = self.drift(x, t, model, **model_kwargs)
-        diffusion = self.diffusion(x, t)
-        mean_x = x + drift * dt
-        return mean_x + th.sqrt(2 * diffusion) * dw, mean_x
+        mean_x = x + self.drift(x, t, model, **model_kwargs) * dt
+        return mean_x + th.sqrt(2 * self.diffusion(x, t)) * dw
 
-    def heun_step(self, x, mean_x, t, dt, model, **model_kwargs):
+    def heun_step(self, x, t, dt, model, **model_kwargs):
         dw = _step_noise(x) * th.sqrt(dt)
         t_cur = _batch_times(t, x)
         xhat = x + th.sqrt(2 * self.diffusion(x, t_cur)) * dw
         k1 = self.drift(xhat, t_cur, model, **model_kwargs)
         k2 = self.drift(xhat + dt * k1, t_cur + dt, model, **model_kwargs)
-        return xhat + 0.5 * dt * (k1 + k2), xhat
+        return xhat + 0.5 * dt * (k1 + k2)
 
     def sample(self, init: th.Tensor, model: Callable, keep_trajectory: bool = True, **model_kwargs) -> list:
         """Integrate from init: (N, ...). Returns the states after each step (only the last one
@@ -74,11 +72,10 @@ class SDESolver:
         grid = self.grid(init.dtype)
         dt = grid[1] - grid[0]  # the original's one step size; a transformed grid steps by its own gaps
         steps = grid[1:] - grid[:-1] if self.grid_transform is not None else None
-        x, mean_x = init, init
-        samples = []
+        x, samples = init, []
         with th.no_grad():
             for index, ti in enumerate(grid[:-1]):
-                x, mean_x = step(x, mean_x, ti, dt if steps is None else steps[index], model, **model_kwargs)
+                x = step(x, ti, dt if steps is None else steps[index], model, **model_kwargs)
                 samples = samples + [x] if keep_trajectory else [x]
         return samples
 
@@ -98,13 +95,12 @@ class ODESolver:
         """Integrate from x (a tensor or a tuple of tensors): odeint's states at the num_steps grid times,
         stacked on dim 0 (a tuple of such for a tuple state)."""
         first = x[0] if isinstance(x, tuple) else x
-        device = first.device
 
         def ode_fn(t, state):
             first_state = state[0] if isinstance(state, tuple) else state
             return self.drift(state, _batch_times(t, first_state), model, **model_kwargs)
 
-        grid = th.linspace(self.t0, self.t1, self.num_steps, dtype=first.dtype).to(device)
+        grid = th.linspace(self.t0, self.t1, self.num_steps, dtype=first.dtype).to(first.device)
         if self.grid_transform is not None:
             grid = self.grid_transform(grid)
         num_parts = len(x) if isinstance(x, tuple) else 1

@@ -74,26 +74,15 @@ class Transport:
         elif self.model_type != ModelType.VELOCITY or sde or eps > 0:  # Linear and GVP
             # eps is 0 for velocity models unless the user gave one: then the original's [0, 1]
             t0 = eps
-            if diffusion_form == "SBDM" and sde and t0 == 0:
-                t0 = self._sbdm_start()
+            if diffusion_form == "SBDM" and sde and t0 == 0:  # its diffusion has 1/t at t=0: start inside
+                if not self.sample_eps_is_default:
+                    raise ValueError("diffusion form SBDM diverges at t=0 on the Linear and GVP paths; "
+                                     "pass a positive --sample-eps (e.g. 1e-3) or choose another --diffusion-form")
+                t0 = DEFAULT_SAMPLE_EPS
             t1 = data_end
-        if reverse:
-            return self._reverse_interval(t0, t1)
-        return t0, t1
-
-    def _reverse_interval(self, t0: float, t1: float) -> tuple[float, float]:
-        """The interval from data to noise: the original's reflection (1 - t0, 1 - t1), except (t1, t0) for a
-        noise model on VP, whose drift divides by sigma_1 = 0 (the original gives NaN)."""
-        if self.model_type == ModelType.NOISE and isinstance(self.path_sampler, path.VPCPlan):
-            return t1, t0
-        return 1 - t0, 1 - t1
-
-    def _sbdm_start(self) -> float:
-        """SBDM's diffusion has 1/t at t=0 on Linear and GVP paths: start inside the interval."""
-        if not self.sample_eps_is_default:
-            raise ValueError("diffusion form SBDM diverges at t=0 on the Linear and GVP paths; "
-                             "pass a positive --sample-eps (e.g. 1e-3) or choose another --diffusion-form")
-        return DEFAULT_SAMPLE_EPS
+        if reverse and self.model_type == ModelType.NOISE and isinstance(self.path_sampler, path.VPCPlan):
+            return t1, t0  # a noise model's drift divides by sigma_1 = 0 (the original's reflection gives NaN)
+        return (1 - t0, 1 - t1) if reverse else (t0, t1)  # reverse: the original's reflection
 
     def vanishes_at(self, coefficient: Callable, t: float) -> bool:
         """Whether a path coefficient (path_sampler.compute_alpha_t or compute_sigma_t) is zero at time t."""
@@ -323,7 +312,6 @@ class Sampler:
         check_flag("exact_trace", exact_trace)
         if exact_trace and num_probes != 1:
             raise ValueError("exact_trace computes the divergence without probes; leave num_probes at 1")
-        drift_fn = self.drift
         divergence_fn = exact_divergence if exact_trace else hutchinson_divergence
 
         def likelihood_drift(state, s, model, **model_kwargs):
@@ -331,7 +319,7 @@ class Sampler:
             t = th.ones_like(s) * (1 - s)  # solver time s runs 0 -> 1 while t runs 1 (data) -> 0 (noise)
             with th.enable_grad():
                 x = x.detach().requires_grad_(True)
-                drift = drift_fn(x, t, model, **model_kwargs)
+                drift = self.drift(x, t, model, **model_kwargs)
                 divergence = divergence_fn(drift, x, num_probes)
             return -drift.detach(), divergence.detach()
 
@@ -373,8 +361,7 @@ def hutchinson_divergence(drift: th.Tensor, x: th.Tensor, num_probes: int = 1) -
     original's. drift: (N, ...) computed from x: (N, ...) with grad enabled. Returns (N,)."""
     total = th.zeros(x.size(0), dtype=x.dtype, device=x.device)
     for index in range(num_probes):
-        eps = th.randint(2, x.size(), dtype=th.float, device=x.device) * 2 - 1
-        eps = eps.to(x.dtype)
+        eps = (th.randint(2, x.size(), dtype=th.float, device=x.device) * 2 - 1).to(x.dtype)
         grad = th.autograd.grad(th.sum(drift * eps), x, retain_graph=index < num_probes - 1)[0]
         total = total + th.sum(grad * eps, dim=tuple(range(1, x.dim())))
     return total / num_probes

@@ -203,9 +203,8 @@ def check_space_for_samples(folder: str, num: int, image_size: int) -> None:
     """NoSpaceLeft before sampling when the missing PNGs and the .npz will not fit: the .npz exactly,
     a PNG at the mean size of those already written (at half the raw size while there are none)."""
     existing = [png_path(folder, index) for index in range(num) if os.path.exists(png_path(folder, index))]
-    raw = image_size * image_size * 3
     sizes = [os.path.getsize(path) for path in existing[:100]]
-    per_png = sum(sizes) / len(sizes) if sizes else raw / 2
+    per_png = sum(sizes) / len(sizes) if sizes else image_size * image_size * 3 / 2
     needed = int((num - len(existing)) * per_png) + npz_bytes(num, (image_size, image_size, 3))
     check_free_space(folder, needed, f"{num - len(existing):,} more PNGs and the .npz of {num:,} images")
 

@@ -25,7 +25,7 @@ def describe_shape(config: Mapping[str, Any]) -> str:
 
 
 def check_guide(path: str, guide: SiT, info: Mapping[str, Any], main: SiT, settings: ModelSettings) -> None:
-    """UsageError (one line naming --guide-ckpt) unless the guide can guide the main model."""
+    """UsageError (one line naming --guide-ckpt) unless the guide fits the main model and holds other weights."""
     if guide.num_classes != main.num_classes:
         raise UsageError(f"{FLAG} {path} has {guide.num_classes} classes but the main model {main.num_classes}: the "
                          f"guide must know the same labels")
@@ -42,6 +42,11 @@ def check_guide(path: str, guide: SiT, info: Mapping[str, Any], main: SiT, setti
         raise UsageError(f"{FLAG} {path} predicts {held['prediction']} on the {held['path_type']} path but the main "
                          f"model {wanted['prediction']} on the {wanted['path_type']} path: guide with a model of the "
                          f"same transport")
+    if same_weights(main, guide):
+        main_name = f"--ckpt {settings.ckpt}" if settings.ckpt is not None else "the published model"
+        raise UsageError(f"{FLAG} {path} holds the very weights the main model ({main_name}) samples with: a model "
+                         f"guided by itself samples exactly as unguided at any --cfg-scale; guide with a weaker "
+                         f"version of it (smaller, trained for less, or the raw weights of an EMA model)")
 
 
 def same_weights(main: torch.nn.Module, guide: torch.nn.Module) -> bool:
@@ -53,15 +58,6 @@ def same_weights(main: torch.nn.Module, guide: torch.nn.Module) -> bool:
     return alike and all(torch.equal(value, theirs[name].to(value.device)) for name, value in mine.items())
 
 
-def check_not_itself(path: str, guide: SiT, main: SiT, settings: ModelSettings) -> None:
-    """UsageError (one line naming --guide-ckpt) when the guide holds the weights the main model samples with."""
-    if same_weights(main, guide):
-        main_name = f"--ckpt {settings.ckpt}" if settings.ckpt is not None else "the published model"
-        raise UsageError(f"{FLAG} {path} holds the very weights the main model ({main_name}) samples with: a model "
-                         f"guided by itself samples exactly as unguided at any --cfg-scale; guide with a weaker "
-                         f"version of it (smaller, trained for less, or the raw weights of an EMA model)")
-
-
 def attach_guide(main: SiT, settings: ModelSettings, config: SamplingConfig, device: torch.device) -> AutoGuidedModel:
     """The main model (eval, on device) autoguided by --guide-ckpt's model at --cfg-scale over --cfg-interval."""
     path = config.guidance.guide_ckpt
@@ -71,7 +67,6 @@ def attach_guide(main: SiT, settings: ModelSettings, config: SamplingConfig, dev
     except UsageError as error:
         raise UsageError(f"{FLAG}: {error}") from None
     check_guide(path, guide, info, main, settings)
-    check_not_itself(path, guide, main, settings)
     guide = guide.to(device).eval()
     if config.compile:
         guide = compile_for_sampling(guide)

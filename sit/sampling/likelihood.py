@@ -4,7 +4,7 @@ and saved to likelihood-block-<start>.json (docs/evaluation.md)."""
 from __future__ import annotations
 
 import csv
-import functools
+import io
 import json
 import math
 import os
@@ -20,7 +20,7 @@ from sit.data.images import CenterCrop, TrainImageFolder, image_transform
 from sit.dequantize import dequantize, image_bits_per_dim
 from sit.distributed import DistContext, gather_objects, reduce_numbers
 from sit.errors import UsageError
-from sit.files import atomic_text, atomic_write
+from sit.files import atomic_text
 from sit.generation import blocks_of_rank, generate_latents, index_blocks, noise_and_labels, seed_for
 from sit.latents import LatentSpace, PixelSpace, latent_shape, to_uint8_hwc
 from sit.sampling.loading import SamplingModel
@@ -129,11 +129,6 @@ def open_dataset(data_path: Optional[str], transform: Callable, num_classes: int
     return dataset
 
 
-def _write_rows(header: tuple, rows: list, path: str) -> None:
-    with open(path, "w", newline="") as file:
-        csv.writer(file).writerows([header, *rows])
-
-
 BLOCK_FILE = "likelihood-block-{start:06d}.json"  # a finished block's rows, in the run's folder
 
 
@@ -228,8 +223,9 @@ def evaluate_likelihood(ctx: DistContext, config: SamplingConfig, loaded: Sampli
     progress.close()
     all_rows = [row for part in gather_objects(rows) for row in part]  # every rank's, in rank order
     if ctx.is_main:
-        path = os.path.join(folder, "likelihood.csv")
-        atomic_write(path, functools.partial(_write_rows, measure.header, sorted(all_rows)), suffix=".csv.tmp")
+        table = io.StringIO()
+        csv.writer(table).writerows([measure.header, *sorted(all_rows)])
+        atomic_text(os.path.join(folder, "likelihood.csv"), table.getvalue(), suffix=".csv.tmp")
         source = f"images of {options.data_path}" if dataset is not None else "generated samples"
         nll, bpd = (float(np.mean([row[column] for row in all_rows])) for column in (3, 4))
         logger.info(f"Likelihood of {measure.summary(len(all_rows), source, nll, bpd, options)}; "

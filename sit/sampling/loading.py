@@ -34,14 +34,6 @@ def setup_torch(precision: str) -> None:
     torch.set_grad_enabled(False)
 
 
-def speed_up(model: SiT, config: SamplingConfig) -> SiT:
-    """--compile: compile the model for inference (sit.speed.compile_for_sampling); the likelihood
-    differentiates through the model, so it keeps the per-block compile of training."""
-    if not config.compile:
-        return model
-    return compile_model(model) if config.likelihood is not None else compile_for_sampling(model)
-
-
 def load_sampling_model(config: SamplingConfig, device: torch.device, vae_default: str) -> tuple[SiT, ModelSettings]:
     """The SiT of the request's checkpoint (or the published one) on `device` in eval mode (autoguided with
     --guide-ckpt), and its settings (vae_default: the script's VAE); UsageError when it cannot load or fit."""
@@ -55,7 +47,9 @@ def load_sampling_model(config: SamplingConfig, device: torch.device, vae_defaul
     check_model_kind(model.config, config.sampler)
     settings = resolve_model_settings(config, info, has_null_class=has_null_class(model.config),
                                       vae_default=vae_default, shape_name=model_shape_name(model.config))
-    model = speed_up(model.to(device).eval(), config)
+    model = model.to(device).eval()
+    if config.compile:  # the likelihood differentiates through the model: it keeps training's per-block compile
+        model = compile_model(model) if config.likelihood is not None else compile_for_sampling(model)
     if config.guidance.guide_ckpt is not None:  # autoguidance: the model the samplers call guides itself
         model = attach_guide(model, settings, config, device)
     return model, settings

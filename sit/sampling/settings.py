@@ -14,8 +14,9 @@ from sit.sampling.families import SAMPLER_FAMILIES, family
 from sit.speed import AUTO, default_device_type, resolve_precision_choice
 from sit.training.experiment import checkpoint_in_folder
 
-LIKELIHOOD_FLAGS = {"--dequantize": ("dequantize", None), "--num-probes": ("num_probes", 1),
-                    "--exact-trace": ("exact_trace", False)}  # flag -> (destination, its default)
+# flag -> (destination, its default); each is read only with --likelihood
+LIKELIHOOD_FLAGS = {"--data-path": ("data_path", None), "--dequantize": ("dequantize", None),
+                    "--num-probes": ("num_probes", 1), "--exact-trace": ("exact_trace", False)}
 
 
 @dataclass(frozen=True)
@@ -85,18 +86,15 @@ def resolve_precision(tf32: Optional[bool], precision: Optional[str]) -> str:
 
 def likelihood_config(flags: Mapping[str, Any]) -> Optional[LikelihoodConfig]:
     """The --likelihood options (None without --likelihood); a likelihood option without it is a UsageError."""
-    likelihood, data_path = flags["likelihood"], flags.get("data_path")
-    if data_path is not None and not likelihood:
-        raise UsageError("--data-path is read only with --likelihood")
-    if data_path is not None and not os.path.isdir(data_path):
-        raise UsageError(f"--data-path {data_path!r} is not a folder")
     values = {key: flags.get(key, default) for key, default in LIKELIHOOD_FLAGS.values()}
     for flag, (key, default) in LIKELIHOOD_FLAGS.items():
-        if values[key] != default and not likelihood:
+        if values[key] != default and not flags["likelihood"]:
             raise UsageError(f"{flag} is read only with --likelihood")
+    if values["data_path"] is not None and not os.path.isdir(values["data_path"]):
+        raise UsageError(f"--data-path {values['data_path']!r} is not a folder")
     if values["exact_trace"] and values["num_probes"] != 1:
         raise UsageError("--exact-trace computes the divergence without probes: drop --num-probes")
-    return LikelihoodConfig(data_path, **values) if likelihood else None
+    return LikelihoodConfig(**values) if flags["likelihood"] else None
 
 
 def sampling_config(flags: Mapping[str, Any], given: frozenset[str], *, seed: int, num_images: int,
