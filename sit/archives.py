@@ -36,10 +36,10 @@ def available_memory() -> int:
     return available
 
 
-def zip_problem(path: str, whole_in_memory: bool, memory: Optional[int] = None) -> Optional[str]:
+def zip_problem(path: str, whole_in_memory: bool) -> Optional[str]:
     """What is wrong with a zip archive's records, from its central directory alone; None when nothing is
     (or for no zip archive at all). whole_in_memory: torch.load reads every record into memory; otherwise
-    only compressed ones are (np.load maps stored ones). memory: the bytes available (default: measured)."""
+    only compressed ones are (np.load maps stored ones)."""
     try:
         with zipfile.ZipFile(path) as archive:
             records = archive.infolist()
@@ -61,7 +61,7 @@ def zip_problem(path: str, whole_in_memory: bool, memory: Optional[int] = None) 
                     f"{format_bytes(record.file_size)} (a zip bomb?)")
         if whole_in_memory or not stored:
             to_memory += record.file_size
-    memory = available_memory() if memory is None else memory
+    memory = available_memory()
     if to_memory > memory:
         return f"loading it takes {format_bytes(to_memory)} of memory, only {format_bytes(memory)} available"
     return None

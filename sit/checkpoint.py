@@ -16,7 +16,6 @@ import torch
 import download
 import models
 from sit.archives import available_memory
-from sit.config import Rule, Setting, resolve_settings
 from sit.errors import UsageError
 from sit.files import atomic_torch_save, check_free_space, format_bytes
 from sit.latents import PixelSpace, recorded_latent_space
@@ -285,22 +284,17 @@ def check_request(info: dict, config: dict, model_name: Optional[str], image_siz
         raise download.CheckpointError(f"--image-size must be a multiple of {downsampling} for this latent model (its "
                                        f"space downsamples by {downsampling}), got {image_size}; the checkpoint "
                                        f"was trained at {info['image_size']}")
-    held = (f"{info['model_name'] or 'a custom SiT'} (depth {config['depth']}, width {config['hidden_size']}, "
-            f"patch {config['patch_size']})")
     shape = (config["depth"], config["hidden_size"], config["patch_size"])
-    settings = {
-        "model": Setting(Rule.LOCKED, conflict="{flag} {given} but the checkpoint holds {held}",
-                         same=lambda given, _: tuple(models.MODEL_SHAPES[given][:3]) == shape),
-        "image_size": Setting(Rule.LOCKED, conflict="{flag} {given} but the checkpoint was trained at {held}"),
-        "num_classes": Setting(Rule.LOCKED, conflict="{flag} {given} but the checkpoint has {held} classes"),
-    }
-    given = {key: value for key, value in (("model", model_name), ("image_size", image_size),
-                                           ("num_classes", num_classes)) if value is not None}
-    stored = {"model": held, "image_size": info["image_size"], "num_classes": info["num_classes"]}
-    try:
-        resolve_settings(settings, given, stored)
-    except UsageError as error:
-        raise download.CheckpointError(str(error)) from None
+    if model_name is not None and tuple(models.MODEL_SHAPES[model_name][:3]) != shape:
+        raise download.CheckpointError(f"--model {model_name} but the checkpoint holds "
+                                       f"{info['model_name'] or 'a custom SiT'} (depth {shape[0]}, width {shape[1]}, "
+                                       f"patch {shape[2]})")
+    if image_size is not None and image_size != info["image_size"]:
+        raise download.CheckpointError(f"--image-size {image_size} but the checkpoint was trained at "
+                                       f"{info['image_size']}")
+    if num_classes is not None and num_classes != info["num_classes"]:
+        raise download.CheckpointError(f"--num-classes {num_classes} but the checkpoint has {info['num_classes']} "
+                                       f"classes")
 
 
 def load_model(ckpt: Optional[str | os.PathLike], model_name: Optional[str] = None, image_size: Optional[int] = None,

@@ -47,8 +47,7 @@ class DefaultsInHelp(argparse.HelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         if ("default" in text.lower() or action.default is None or action.default is False
-                or action.default == argparse.SUPPRESS
-                or not action.option_strings or isinstance(action, argparse._HelpAction)):
+                or action.default == argparse.SUPPRESS or not action.option_strings):
             return text
         return f"{text} (default: %(default)s)"
 

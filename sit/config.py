@@ -20,6 +20,11 @@ from transport.schedules import TimeSchedule
 
 # Flag versus checkpoint resolution
 
+def flag_name(destination: str) -> str:
+    """A destination's flag: repa_depth -> --repa-depth."""
+    return "--" + destination.replace("_", "-")
+
+
 class Rule(enum.Enum):
     LOCKED = "locked"   # describes the model: a contradicting flag is an error
     WARN = "warn"       # the flag wins, with a warning that the run differs from the checkpoint's
@@ -36,11 +41,7 @@ class Setting:
     conflict: str = "{flag} {given} but {source} was trained with {flag} {held}"
     warning: str = "{flag} {given} replaces the value {held} of {source}"
     same: Callable[[Any, Any], bool] = operator.eq
-    incompatible: Optional[Callable[[Any, Any], bool]] = None
-
-    def refuses(self, given: Any, held: Any) -> bool:
-        """Whether a flag's value that differs from the checkpoint's is an error."""
-        return self.rule == Rule.LOCKED or (self.incompatible is not None and self.incompatible(given, held))
+    incompatible: Callable[[Any, Any], bool] = lambda given, held: False
 
 
 # The common rules of settings a checkpoint gives (messages: the templates' words, plus {step} for RUN_CHANGE)
@@ -58,17 +59,12 @@ class Resolved:
     origin: dict[str, str]
     warnings: list[str] = field(default_factory=list)
 
-    def __getitem__(self, key: str) -> Any:
-        return self.values[key]
-
     def describe(self, key: str) -> str:
         """Where a value came from: `--num-classes 2`, `the checkpoint's num_classes 2`, `(the default)`."""
-        flag = "--" + key.replace("_", "-")
-        if self.origin[key] == "flag":
-            return f"{flag} {self.values[key]}"
         if self.origin[key] == "checkpoint":
             return f"the checkpoint's {key} {self.values[key]}"
-        return f"{flag} {self.values[key]} (the default)"
+        default = " (the default)" if self.origin[key] == "default" else ""
+        return f"{flag_name(key)} {self.values[key]}{default}"
 
 
 def resolve_settings(settings: Mapping[str, Setting], given: Mapping[str, Any], stored: Optional[Mapping[str, Any]],
@@ -82,9 +78,8 @@ def resolve_settings(settings: Mapping[str, Setting], given: Mapping[str, Any], 
         if key in given:
             values[key], origin[key] = given[key], "flag"
             if key in stored and not setting.same(given[key], stored[key]):
-                words = dict(flag="--" + key.replace("_", "-"), given=given[key], source=source,
-                             held=stored[key])
-                if setting.refuses(given[key], stored[key]):
+                words = dict(flag=flag_name(key), given=given[key], source=source, held=stored[key])
+                if setting.rule == Rule.LOCKED or setting.incompatible(given[key], stored[key]):
                     raise UsageError(setting.conflict.format(**words))
                 if setting.rule == Rule.WARN:
                     warnings.append(setting.warning.format(**words))
@@ -151,9 +146,8 @@ class SamplerFamily:
     @classmethod
     def from_flags(cls, flags: Mapping[str, Any]) -> "SamplerFamily":
         """The settings of parsed flags (vars(args)): each field from its flag (FLAG_OF_FIELD), if given."""
-        values = {item.name: flags[FLAG_OF_FIELD.get(item.name, item.name)] for item in dataclasses.fields(cls)
-                  if FLAG_OF_FIELD.get(item.name, item.name) in flags}
-        return cls(**values)
+        destinations = {item.name: FLAG_OF_FIELD.get(item.name, item.name) for item in dataclasses.fields(cls)}
+        return cls(**{name: flags[flag] for name, flag in destinations.items() if flag in flags})
 
     def sample_fn(self, sampler: Sampler, keep_trajectory: bool = False) -> Callable:
         """The sampling function fn(x, model, **kwargs) (a transport.SampleFunction: it counts `nfe`)."""

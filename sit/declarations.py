@@ -9,7 +9,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import AbstractSet, Any, Callable, Mapping, Optional, Sequence
 
-from sit.config import Setting
+from sit.config import Setting, flag_name
 from sit.errors import UsageError
 
 
@@ -40,11 +40,6 @@ def declare(default: Any, help: str, *, type: Optional[Callable[[str], Any]] = N
 def declared_fields(settings_type: type) -> list[dataclasses.Field]:
     """The fields of a settings dataclass that declare a flag, in declaration order."""
     return [field for field in dataclasses.fields(settings_type) if "flag" in field.metadata]
-
-
-def flag_name(destination: str) -> str:
-    """A destination's flag: repa_depth -> --repa-depth."""
-    return "--" + destination.replace("_", "-")
 
 
 def add_flags(parser: argparse.ArgumentParser, settings_type: type) -> None:

@@ -73,13 +73,13 @@ class EncoderSpec:
                              f"use an --image-size that is a multiple of {step}")
         return int(scaled)
 
-    def build(self, image_size: int, device: Optional[torch.device] = None) -> torch.nn.Module:
-        """The encoder's timm ViT for images of image_size, randomly initialised (weights: load_encoder)."""
+    def build(self, image_size: int) -> torch.nn.Module:
+        """The encoder's timm ViT for images of image_size on the CPU, randomly initialised (weights: load_encoder)."""
         import timm
         from timm.models.vision_transformer import VisionTransformer
 
         args = dict(self.model_args, num_classes=0, img_size=self.input_size(image_size))
-        with torch.device(device or "cpu"):
+        with torch.device("cpu"):
             if self.architecture is None:
                 return VisionTransformer(**args)
             return timm.create_model(self.architecture, pretrained=False, **args)
@@ -193,7 +193,6 @@ class VisionEncoder:
     def __init__(self, spec: EncoderSpec, module: torch.nn.Module, image_size: int):
         self.spec = spec
         self.module = module.eval().requires_grad_(False)
-        self.image_size = image_size
         self.input_size = spec.input_size(image_size)
 
     @property

@@ -46,19 +46,13 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def temporary_owner(name: str) -> Optional[tuple[int, str]]:
-    """(pid, host) of a temporary file's writer, read from its name; None for a name without one."""
-    match = OWNED_TEMPORARY.match(name)
-    return (int(match.group(1)), match.group(2)) if match else None
-
-
 def held_by_another_process(name: str) -> bool:
     """Whether a temporary file may still be written: by another live process on this host, or on another
     host (which cannot be checked from here)."""
-    owner = temporary_owner(name)
+    owner = OWNED_TEMPORARY.match(name)
     if owner is None:
         return False
-    pid, host = owner
+    pid, host = int(owner.group(1)), owner.group(2)
     return host != this_host() or (pid != os.getpid() and process_alive(pid))
 
 

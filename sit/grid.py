@@ -49,11 +49,6 @@ def label_rows(labels: Sequence[int], layout: GridLayout) -> list[str]:
     return [" ".join(cells[row * layout.columns:(row + 1) * layout.columns]) for row in range(layout.rows)]
 
 
-def labels_text(labels: Sequence[int], layout: GridLayout) -> str:
-    """The labels file's text: label_rows, one line each."""
-    return "".join(row + "\n" for row in label_rows(labels, layout))
-
-
 def labels_path(grid_path: str) -> str:
     """Where sample.py puts a grid's labels: out/grid.png -> out/grid.labels.txt."""
     return os.path.splitext(grid_path)[0] + ".labels.txt"
@@ -77,6 +72,6 @@ def save_grid(images: torch.Tensor, layout: GridLayout, path: str, fmt: Optional
 
 
 def save_labels(labels: Sequence[int], layout: GridLayout, path: str) -> str:
-    """Write a grid's labels (labels_text) to path (e.g. labels_path(grid)), atomically; returns path."""
-    atomic_text(path, labels_text(labels, layout))
+    """Write a grid's labels (label_rows, one line each) to path (e.g. labels_path(grid)), atomically; returns path."""
+    atomic_text(path, "".join(row + "\n" for row in label_rows(labels, layout)))
     return path

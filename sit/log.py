@@ -2,6 +2,7 @@
 cannot be written (a full disk) drops out with one warning instead of a traceback at every line."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -21,10 +22,8 @@ class LogFile(logging.FileHandler):
             super().handleError(record)
             return
         self.logger.removeHandler(self)
-        try:
+        with contextlib.suppress(OSError):  # the buffered line cannot be flushed either
             self.close()
-        except OSError:  # the buffered line cannot be flushed either
-            pass
         print(f"warning: cannot write {self.baseFilename} ({error.strerror or error}); logging to the console "
               f"only from now on", file=sys.stderr, flush=True)
 

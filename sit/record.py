@@ -108,11 +108,10 @@ class SampleRecord:
                               f"{npz_path} holds {num_images} of {format_shape(image_shape)}: the record belongs "
                               f"to another batch (pass --ignore-record to evaluate without it)")
 
-    def check_hashes(self, source: str, npz_path: str) -> bool:
-        """Whether the record's hashes were checked against the .npz's arrays (False: an older record without
-        them); RecordError (one line) when they are those of other arrays."""
+    def check_hashes(self, source: str, npz_path: str) -> None:
+        """RecordError (one line) unless the record's hashes, if any (older records lack them), are the .npz's."""
         if self.images_sha256 is None:
-            return False
+            return
         arrays = (("images", "arr_0", self.images_sha256), ("labels", LABELS_KEY, self.labels_sha256))
         for what, key, recorded in arrays:
             if recorded is None:
@@ -123,7 +122,6 @@ class SampleRecord:
                 raise RecordError(f"{source} does not describe {npz_path}: it records {what} of SHA-256 "
                                   f"{recorded[:12]}... but the .npz holds {held}: the record belongs to other "
                                   f"images (pass --ignore-record to evaluate without it)")
-        return True
 
 
 LABELS_KEY = "labels"  # the .npz's class labels beside arr_0 (sit.sampling.folder)

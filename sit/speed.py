@@ -11,7 +11,7 @@ import torch
 
 # --precision choice -> autocast dtype (None: no autocast). tf32 is fp32 storage with TF32 matmuls.
 PRECISIONS = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-AUTO = "auto"  # --precision auto: resolved by auto_precision before anything reads the choice
+AUTO = "auto"  # --precision auto: resolved by resolve_precision_choice before anything reads the choice
 PRECISION_CHOICES = [*PRECISIONS, AUTO]
 CPUINFO = "/proc/cpuinfo"
 
@@ -34,16 +34,14 @@ def bf16_matrix_units(flags: AbstractSet[str]) -> Optional[str]:
     return None
 
 
-def auto_precision(device_type: str, flags: AbstractSet[str]) -> str:
-    """--precision auto's choice: bf16 on a CPU with bf16 matrix units, fp32 on other CPUs, tf32 on GPUs."""
-    return "tf32" if device_type == "cuda" else "bf16" if bf16_matrix_units(flags) else "fp32"
-
-
 def resolve_precision_choice(precision: str, device_type: str, flags: Optional[AbstractSet[str]] = None) -> str:
-    """A --precision value with auto replaced by auto_precision (flags: this CPU's unless given)."""
+    """A --precision value with auto replaced by its choice: bf16 on a CPU with bf16 matrix units (flags: this
+    CPU's unless given), fp32 on other CPUs, tf32 on GPUs."""
     if precision != AUTO:
         return precision
-    return auto_precision(device_type, cpu_flags() if flags is None else flags)
+    if device_type == "cuda":
+        return "tf32"
+    return "bf16" if bf16_matrix_units(cpu_flags() if flags is None else flags) else "fp32"
 
 
 def default_device_type() -> str:

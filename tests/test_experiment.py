@@ -16,7 +16,7 @@ import train
 from conftest import make_image_folder
 from sit.checkpoint import model_shape_name
 from sit.errors import UsageError
-from sit.grid import GridLayout, labels_text
+from sit.grid import GridLayout, label_rows
 from sit.training.experiment import checkpoint_in_folder
 from sit.training.preview import preview_inputs
 
@@ -84,7 +84,7 @@ def test_preview_grids_labels_are_in_the_experiment_folder(two_runs):
     config = torch.load(two_runs[0] / "results" / f"000-{FOLDER}" / "checkpoints" / "0000002.pt", weights_only=True)["model_config"]
     _, labels = preview_inputs(0, config)  # --global-seed 0: the grid's fixed labels
     written = (samples.parent / "preview_labels.txt").read_text()
-    assert written == labels_text(labels.tolist(), GridLayout.with_columns(16, 4))  # 4 rows of 4
+    assert written.splitlines() == label_rows(labels.tolist(), GridLayout.with_columns(16, 4))  # 4 rows of 4
     assert len(written.splitlines()) == 4 and all(len(row.split()) == 4 for row in written.splitlines())
 
 

@@ -10,7 +10,7 @@ from torchvision.utils import save_image
 import sample
 from models import SiT
 from sit.config import TransportConfig
-from sit.grid import GridLayout, label_rows, labels_path, labels_text, save_grid, save_labels
+from sit.grid import GridLayout, label_rows, labels_path, save_grid, save_labels
 from sit.training.preview import preview_inputs, save_preview
 
 PIXEL_MODEL = dict(input_size=4, in_channels=3, patch_size=2, hidden_size=32, depth=1, num_heads=2, num_classes=10,
@@ -38,14 +38,15 @@ def cell(grid: np.ndarray, row: int, column: int) -> np.ndarray:
     return grid[top:top + 4, left:left + 4]
 
 
-def test_layouts_place_images_row_by_row_or_one_row_per_label():
+def test_layouts_place_images_row_by_row_or_one_row_per_label(tmp_path):
     assert GridLayout.with_columns(6, 4) == GridLayout(2, 4)
     assert GridLayout.with_columns(6, 4).cells(6) == [0, 1, 2, 3, 4, 5, None, None]
     by_label = GridLayout.one_row_per_label(7, 3)  # labels a b c a b c a
     assert by_label == GridLayout(3, 3, column_major=True)
     assert by_label.cells(7) == [0, 3, 6, 1, 4, None, 2, 5, None]
     assert label_rows([5, 8, 9, 5, 8, 9, 5], by_label) == ["5 5 5", "8 8 .", "9 9 ."]
-    assert labels_text([7, 1, 2], GridLayout.with_columns(3, 2)) == "7 1\n2 .\n"
+    save_labels([7, 1, 2], GridLayout.with_columns(3, 2), str(tmp_path / "grid.labels.txt"))
+    assert (tmp_path / "grid.labels.txt").read_text() == "7 1\n2 .\n"
     assert labels_path("out/grid.png") == "out/grid.labels.txt"
 
 

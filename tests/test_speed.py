@@ -497,15 +497,16 @@ PLAIN_CPU = frozenset({"avx2", "fma"})
 
 
 def test_auto_precision_for_each_kind_of_hardware():
-    from sit.speed import auto_precision, bf16_matrix_units, resolve_precision_choice
+    from sit.speed import bf16_matrix_units, resolve_precision_choice
 
     assert [bf16_matrix_units(flags) for flags in (AMX_CPU, AVX512_BF16_CPU, PLAIN_CPU)] == ["AMX", "AVX512-BF16", None]
     assert bf16_matrix_units(frozenset({"amx_tile", "amx_int8"})) is None  # AMX without its bf16 part
-    assert [auto_precision("cpu", flags) for flags in (AMX_CPU, AVX512_BF16_CPU, PLAIN_CPU)] == ["bf16", "bf16", "fp32"]
-    assert {auto_precision("cuda", flags) for flags in (AMX_CPU, PLAIN_CPU)} == {"tf32"}  # GPUs: the host CPU is moot
+    assert [resolve_precision_choice("auto", "cpu", flags) for flags in (AMX_CPU, AVX512_BF16_CPU, PLAIN_CPU)] == \
+        ["bf16", "bf16", "fp32"]
+    # GPUs: the host CPU is moot
+    assert {resolve_precision_choice("auto", "cuda", flags) for flags in (AMX_CPU, PLAIN_CPU)} == {"tf32"}
     for given in PRECISIONS:  # anything but auto is kept as given, whatever the hardware
         assert resolve_precision_choice(given, "cpu", AMX_CPU) == given == resolve_precision_choice(given, "cuda", PLAIN_CPU)
-    assert resolve_precision_choice("auto", "cpu", PLAIN_CPU) == "fp32"
 
 
 def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
