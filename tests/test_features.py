@@ -40,7 +40,7 @@ def test_features_equal_direct_encoding(extracted, image_folder, tiny_vae):
     from diffusers.models import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(tiny_vae).eval()
-    dataset = ImageFolder(image_folder, transform=image_transform(32, random_flip=False))
+    dataset = ImageFolder(image_folder, transform=image_transform(32))
     images = torch.stack([dataset[i][0] for i in range(len(dataset))])  # (N, 3, 32, 32)
     with torch.no_grad():
         plain = vae.encode(images).latent_dist

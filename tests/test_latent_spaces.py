@@ -130,7 +130,7 @@ def test_autoencoder_space_equals_the_previous_formulas(sd_space):
 
 def test_the_shape_and_size_helpers_of_sit_latents():
     """What sit.training and the device scripts import beside the LatentSpace classes."""
-    from sit.latents import PIXEL_SPACE, PixelSpace, image_size_for, latent_shape, latent_space, to_uint8_hwc
+    from sit.latents import PIXEL_SPACE, PixelSpace, image_size_for, latent_shape, latent_space, uint8_hwc
 
     assert (image_size_for(4, 4), image_size_for(12, 3)) == (32, 12)  # SD-VAE latents, pixels
     pixels = latent_space(PIXEL_SPACE)  # what --vae none resolves to
@@ -138,7 +138,7 @@ def test_the_shape_and_size_helpers_of_sit_latents():
     assert latent_shape({"in_channels": 6, "input_size": 5}) == (6, 5, 5)
     images = torch.tensor([-1.5, -1.0, 0.0, 0.5, 1.0, 2.0]).reshape(1, 3, 1, 2)  # (N, 3, H, W)
     # 127.5 x + 128, clamped to [0, 255], truncated to uint8 as the original; channels move last
-    assert to_uint8_hwc(images).tolist() == [[[[0, 128, 255], [0, 191, 255]]]]
+    assert uint8_hwc(images).tolist() == [[[[0, 128, 255], [0, 191, 255]]]]
 
 
 #################################################################################

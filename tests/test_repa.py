@@ -198,7 +198,7 @@ def test_extracted_tokens_are_the_encoders_of_each_image_and_its_flip(repa_runs)
     root, runs = repa_runs
     meta = read_meta(str(root / "feat"))
     assert meta["repa_encoder"] == str(root / "encoder.pt") and meta["repa_tokens_shape"] == [16, 64]
-    dataset = ImageFolder(str(root / "data"), transform=image_transform(32, random_flip=False))
+    dataset = ImageFolder(str(root / "data"), transform=image_transform(32))
     images = torch.stack([dataset[index][0] for index in range(len(dataset))])  # (8, 3, 32, 32)
     encoder = load_encoder(str(root / "encoder.pt"), 32, torch.device("cpu"))
     stored = np.load(str(root / "feat" / "repa_tokens.npy"))                   # (8, 2, 16, 64)

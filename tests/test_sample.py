@@ -580,7 +580,7 @@ def test_likelihood_of_real_images_matches_the_analytic_answer(tmp_path, tiny_va
         rows = list(csv.DictReader(file))
     assert [int(row["index"]) for row in rows] == list(range(8))
 
-    dataset = ImageFolder(image_folder, transform=image_transform(32, random_flip=False))
+    dataset = ImageFolder(image_folder, transform=image_transform(32))
     vae = AutoencoderKL.from_pretrained(tiny_vae).eval()
     with torch.no_grad():
         latents = vae.encode(torch.stack([dataset[i][0] for i in range(8)])).latent_dist.mean * SD_VAE_SCALE

@@ -54,13 +54,11 @@ def check_features_path(path: str) -> None:
         raise UsageError(f"--features-path {path}: {problem}; name a folder you can write (it is created if missing)")
 
 
-def discard_unstarted_folder(features_path: str) -> bool:
-    """Remove a feature folder that holds no finished block; returns whether it was removed."""
+def discard_unstarted_folder(features_path: str) -> None:
+    """Remove a feature folder that holds no finished block."""
     done = os.path.join(features_path, "done")
-    if os.path.isdir(done) and any(name.endswith(".ok") for name in os.listdir(done)):
-        return False
-    shutil.rmtree(features_path, ignore_errors=True)
-    return not os.path.exists(features_path)
+    if not (os.path.isdir(done) and any(name.endswith(".ok") for name in os.listdir(done))):
+        shutil.rmtree(features_path, ignore_errors=True)
 
 
 def open_image_folder(config: ExtractionConfig) -> TrainImageFolder:

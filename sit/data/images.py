@@ -90,8 +90,7 @@ def describe_failure(path: str, error: BaseException) -> str:
 
 
 def center_crop_arr(pil_image, image_size: int):
-    """ADM's center crop: halve with a box filter while large, resize bicubic so the short side is
-    image_size, then crop the center square."""
+    """ADM's center crop of a PIL image to image_size x image_size."""
     while min(*pil_image.size) >= 2 * image_size:
         pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
     scale = image_size / min(*pil_image.size)
@@ -112,15 +111,12 @@ class CenterCrop:
         return center_crop_arr(pil_image.convert("RGB"), self.image_size)
 
 
-def image_transform(image_size: int, random_flip: bool = True):
-    """ADM center crop, optional random horizontal flip, to a (3, H, W) tensor in [-1, 1]."""
+def image_transform(image_size: int):
+    """ADM center crop to a (3, H, W) tensor in [-1, 1] (unflipped: TrainImageFolder flips by flip_for)."""
     from torchvision import transforms
 
-    steps = [CenterCrop(image_size)]
-    if random_flip:
-        steps.append(transforms.RandomHorizontalFlip())
-    steps += [transforms.ToTensor(), transforms.Normalize(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5], inplace=True)]
-    return transforms.Compose(steps)
+    return transforms.Compose([CenterCrop(image_size), transforms.ToTensor(),
+                               transforms.Normalize(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5], inplace=True)])
 
 
 class TrainImageFolder(torch.utils.data.Dataset):
@@ -142,7 +138,7 @@ class TrainImageFolder(torch.utils.data.Dataset):
         self.listing_warning = listing.warning()
         if not self.samples:
             raise UsageError(f"--data-path {root} holds no images (extensions: {', '.join(IMAGE_EXTENSIONS)})")
-        self.transform = transform or image_transform(image_size, random_flip=False)
+        self.transform = transform or image_transform(image_size)
         self.seed = seed
         self.random_flip = random_flip
         self.epoch = 0

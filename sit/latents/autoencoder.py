@@ -22,25 +22,6 @@ UNNAMED = "<an AutoencoderKL>"  # the name of a space around a network given as 
 LOCAL_ADVICE = "pass --vae /path/to/a/local/diffusers/AutoencoderKL/folder"
 
 
-def load_autoencoder(name: str, device: torch.device, repo: Optional[str] = None) -> Any:
-    """The AutoencoderKL of "ema", "mse", the hub repository `repo` or a local folder, frozen, in eval mode
-    on device; UsageError saying what to pass instead."""
-    from diffusers.models import AutoencoderKL
-
-    repo = repo or VAE_REPOS.get(name)
-    source = repo or name
-    advice = f"download it once with network access, or {LOCAL_ADVICE}"
-    try:
-        # the hub's VAE: its two files from the cache, or fetched with a bounded failure (sit.hub)
-        folder = hub_folder(repo, VAE_HUB_FILES) if repo else source
-        vae = AutoencoderKL.from_pretrained(folder)
-    except HubUnavailable as error:
-        raise UsageError(f"could not load the VAE {source!r}: {error}; {advice}") from None
-    except Exception as error:  # file errors: all end the same way for the user
-        raise UsageError(f"could not load the VAE {source!r} ({error_line(error)}); {advice}") from None
-    return vae.to(device).eval().requires_grad_(False)
-
-
 def folder_config(folder: str) -> Optional[dict]:
     """A local diffusers folder's config.json, or None; UsageError when it cannot be read."""
     path = os.path.join(folder, "config.json")
@@ -103,8 +84,21 @@ class AutoencoderKLSpace(LatentSpace):
         return self
 
     def load_network(self, device: torch.device) -> Any:
-        """The AutoencoderKL on device, frozen, in eval mode (UsageError when it cannot load)."""
-        return load_autoencoder(self.name, device, self.repo)
+        """The AutoencoderKL of `repo`, "ema", "mse" or a local folder on device; UsageError saying what to pass."""
+        from diffusers.models import AutoencoderKL
+
+        repo = self.repo or VAE_REPOS.get(self.name)
+        source = repo or self.name
+        advice = f"download it once with network access, or {LOCAL_ADVICE}"
+        try:
+            # the hub's VAE: its two files from the cache, or fetched with a bounded failure (sit.hub)
+            folder = hub_folder(repo, VAE_HUB_FILES) if repo else source
+            vae = AutoencoderKL.from_pretrained(folder)
+        except HubUnavailable as error:
+            raise UsageError(f"could not load the VAE {source!r}: {error}; {advice}") from None
+        except Exception as error:  # file errors: all end the same way for the user
+            raise UsageError(f"could not load the VAE {source!r} ({error_line(error)}); {advice}") from None
+        return vae.to(device).eval().requires_grad_(False)
 
     def _posterior(self, images: torch.Tensor, precision: str) -> Any:
         with autocast(precision, images.device):

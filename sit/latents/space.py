@@ -5,7 +5,6 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Optional, Union
 
-import numpy as np
 import torch
 
 from sit.errors import UsageError
@@ -120,11 +119,5 @@ def latent_shape(config: dict) -> tuple[int, int, int]:
 
 
 def uint8_hwc(images: torch.Tensor) -> torch.Tensor:
-    """Images (N, 3, H, W) in [-1, 1] to uint8 (N, H, W, 3) on their device, rounded as the original
-    (127.5 x + 128)."""
+    """Images (N, 3, H, W) in [-1, 1] to uint8 (N, H, W, 3) on their device, rounded as the original."""
     return torch.clamp(127.5 * images + 128.0, 0, 255).permute(0, 2, 3, 1).to(torch.uint8)  # (N, H, W, 3)
-
-
-def to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
-    """uint8_hwc's pixels as a CPU array."""
-    return uint8_hwc(images).cpu().numpy()

@@ -103,17 +103,6 @@ def vavae_from_ldm(ldm: Mapping[str, torch.Tensor], source: str) -> Any:
     return network
 
 
-def read_ldm_state(path: str) -> dict[str, torch.Tensor]:
-    """The state dict of an LDM checkpoint file (weights_only; "state_dict" of a Lightning one); UsageError
-    naming the file and where to put it when it is missing or unreadable."""
-    if not os.path.isfile(path):
-        raise UsageError(f"the VA-VAE checkpoint {path} does not exist; {WHERE}")
-    try:
-        return read_weights(path, "the VA-VAE checkpoint")
-    except UsageError as error:
-        raise UsageError(f"{error}; {WHERE}") from None
-
-
 class VAVAESpace(AutoencoderKLSpace):
     """VA-VAE f16d32's raw latents. name: "vavae-f16d32" (the hub file) or an LDM checkpoint's path."""
     channels = VAVAE_CHANNELS
@@ -131,4 +120,10 @@ class VAVAESpace(AutoencoderKLSpace):
 
     def load_network(self, device: torch.device) -> Any:
         path = self.checkpoint_file()
-        return vavae_from_ldm(read_ldm_state(path), path).to(device).requires_grad_(False)
+        if not os.path.isfile(path):
+            raise UsageError(f"the VA-VAE checkpoint {path} does not exist; {WHERE}")
+        try:  # weights_only; "state_dict" of a Lightning checkpoint
+            ldm = read_weights(path, "the VA-VAE checkpoint")
+        except UsageError as error:
+            raise UsageError(f"{error}; {WHERE}") from None
+        return vavae_from_ldm(ldm, path).to(device).requires_grad_(False)

@@ -38,14 +38,6 @@ def where_to_put_it() -> str:
             f"(that file, or timm's {DINOV2_TIMM_REPO.split('/')[1]} weights)")
 
 
-def read_weights_file(path: str) -> dict[str, torch.Tensor]:
-    """A state dict of tensors from a .safetensors or torch.save file (weights_only); DINOv2WeightsError otherwise."""
-    try:
-        return read_weights(path, "DINOv2 weights")
-    except UsageError as error:  # a pickle other than a state dict is not loaded (it could run code)
-        raise DINOv2WeightsError(f"{error}; {where_to_put_it()}") from None
-
-
 def fetch_dinov2_weights(weights_path: Optional[str]) -> str:
     """A local DINOv2 ViT-L/14 weights file: the given one, else the torch hub's, else timm's (fetched by
     sit.hub when not on disk); DINOv2WeightsError saying where to put the file when none can be had."""
@@ -123,7 +115,11 @@ class DINOv2FeatureExtractor:
     def __init__(self, device: Union[str, torch.device] = "cpu", weights_path: Optional[str] = None):
         self.device = torch.device(device)
         self.weights_path = fetch_dinov2_weights(weights_path)
-        self.network = build_vit(read_weights_file(self.weights_path), self.weights_path).to(self.device)
+        try:
+            state = read_weights(self.weights_path, "DINOv2 weights")
+        except UsageError as error:  # a pickle other than a state dict is not loaded (it could run code)
+            raise DINOv2WeightsError(f"{error}; {where_to_put_it()}") from None
+        self.network = build_vit(state, self.weights_path).to(self.device)
         self.dim = self.network.embed_dim
 
     @torch.no_grad()

@@ -12,7 +12,7 @@ from sit.metrics.dinov2 import DINOV2_RESIZE, DINOv2FeatureExtractor, fetch_dino
 from sit.metrics.inception import (IS_SPLIT_SIZE, SPATIAL_CHANNELS, BatchFeatures, InceptionFeatureExtractor,
                                    extract_features, inception_score)
 from sit.metrics.inception_weights import WHICH_FILES, weights_fingerprint
-from sit.metrics.npz import embedding_statistics, npz_array_shape
+from sit.metrics.npz import image_batches, npz_array_shape
 from sit.metrics.precision_recall import PR_NEIGHBOURHOOD, manifold_precision_recall
 from sit.metrics.reference import ReferenceStatistics, reference_embedding_statistics, reference_statistics
 from sit.metrics.statistics import RunningStatistics, frechet_distance
@@ -58,8 +58,10 @@ class Evaluator:
         """Streamed mean and covariance of the DINOv2 embeddings of an npz's images (network built on first use)."""
         if self.dinov2 is None:
             self.dinov2 = DINOv2FeatureExtractor(self.device, self.dinov2_weights)
-        return embedding_statistics(self.dinov2, self.dinov2.dim, self.device, path, self.batch_size,
-                                    self.num_workers, description)
+        statistics = RunningStatistics(self.dinov2.dim, self.device)
+        for images in image_batches(path, self.batch_size, self.num_workers, description):
+            statistics.update(self.dinov2(images))  # images: (B, 3, H, W) uint8
+        return statistics
 
     def dinov2_reference(self, ref_path: str) -> tuple[np.ndarray, np.ndarray, int]:
         """(mu (D,), sigma (D, D), count) of the reference's DINOv2 embeddings, from ref.dinov2.npz when valid."""

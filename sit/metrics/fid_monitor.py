@@ -18,9 +18,7 @@ class FIDMonitor:
     """FID against reference statistics (an .npz with mu/sigma, else MetricInputError): update(images) on
     every rank, then compute() on every rank (collective, the same value everywhere), then reset()."""
 
-    def __init__(self, ref_stats_path: str, device: Union[str, torch.device], weights_path: Optional[str] = None,
-                 fid_method: str = "eigh"):
-        self.fid_method = fid_method
+    def __init__(self, ref_stats_path: str, device: Union[str, torch.device], weights_path: Optional[str] = None):
         reference = read_statistics_file(ref_stats_path)
         if reference is None:
             raise MetricInputError(f"{ref_stats_path} holds no mu/sigma statistics; make them once with "
@@ -44,7 +42,7 @@ class FIDMonitor:
         distributed = is_distributed()
         fid = float("nan")
         if not distributed or dist.get_rank() == 0:
-            fid = frechet_distance(self.stats.mean, self.stats.covariance, self.ref_mu, self.ref_sigma, self.fid_method)
+            fid = frechet_distance(self.stats.mean, self.stats.covariance, self.ref_mu, self.ref_sigma)
         if distributed:
             value = torch.tensor([fid], dtype=torch.float64, device=self.device)
             dist.broadcast(value, src=0)

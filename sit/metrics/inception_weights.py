@@ -116,14 +116,6 @@ def check_fidelity_layout(state: dict[str, torch.Tensor], path: str) -> None:
                                     f"({detail}); {WHICH_FILES}")
 
 
-def read_state_dict(path: str) -> dict:
-    """A torch.save'd dict of tensors, loaded weights-only; InceptionWeightsError otherwise."""
-    try:
-        return read_weights(path, "Inception weights")
-    except UsageError as error:  # a pickle other than a state dict is not loaded (it could run code)
-        raise InceptionWeightsError(f"{error}; {WHICH_FILES}") from None
-
-
 def load_inception_weights(path: str) -> InceptionWeights:
     """The Inception weights in `path` in torch-fidelity's layout; InceptionWeightsError for anything else."""
     if is_torchscript_archive(path):
@@ -132,7 +124,10 @@ def load_inception_weights(path: str) -> InceptionWeights:
         except TorchScriptArchiveError as error:
             raise InceptionWeightsError(f"cannot read the TorchScript archive {path}: {error}") from None
         return fidelity_state_from_tf_names(tensors, path, f"TorchScript archive ({root_class})")
-    state = read_state_dict(path)
+    try:
+        state = read_weights(path, "Inception weights")
+    except UsageError as error:  # a pickle other than a state dict is not loaded (it could run code)
+        raise InceptionWeightsError(f"{error}; {WHICH_FILES}") from None
     if any(name.endswith(f"{SFID_LAYER}.weight") for name in state):
         return fidelity_state_from_tf_names(state, path, "state dict with TensorFlow names")
     has_logits = "fc.weight" in state

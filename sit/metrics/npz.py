@@ -7,7 +7,7 @@ import functools
 import math
 import os
 import zipfile
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -16,7 +16,6 @@ from tqdm import tqdm
 from sit.archives import npz_problem, read_npy_header
 from sit.files import atomic_write
 from sit.metrics.errors import MetricInputError
-from sit.metrics.statistics import RunningStatistics
 
 # What numpy and zipfile raise for a file that is not an .npz (or a damaged one).
 UNREADABLE_NPZ = (zipfile.BadZipFile, EOFError, ValueError)
@@ -127,12 +126,3 @@ def image_batches(path: str, batch_size: int = 64, num_workers: int = 0,
     loader = torch.utils.data.DataLoader(NpzBatches(path, batch_size), batch_size=None, shuffle=False,
                                          num_workers=num_workers)
     yield from tqdm(loader, desc=description or os.path.basename(path), unit="batch")
-
-
-def embedding_statistics(embed: Callable[[torch.Tensor], torch.Tensor], dim: int, device: torch.device, path: str,
-                         batch_size: int = 64, num_workers: int = 0, description: str = "") -> RunningStatistics:
-    """Mean and covariance of `embed`'s (B, dim) vectors over an npz's images, streamed (none kept)."""
-    statistics = RunningStatistics(dim, device)
-    for images in image_batches(path, batch_size, num_workers, description):
-        statistics.update(embed(images))  # images: (B, 3, H, W) uint8
-    return statistics

@@ -22,7 +22,7 @@ from sit.distributed import DistContext, gather_objects, reduce_numbers
 from sit.errors import UsageError
 from sit.files import atomic_text
 from sit.generation import blocks_of_rank, generate_latents, index_blocks, noise_and_labels, seed_for
-from sit.latents import LatentSpace, PixelSpace, latent_shape, to_uint8_hwc
+from sit.latents import LatentSpace, PixelSpace, latent_shape, uint8_hwc
 from sit.sampling.loading import SamplingModel
 from sit.sampling.settings import LikelihoodConfig, SamplingConfig
 from transport import Sampler
@@ -71,7 +71,7 @@ class PixelMeasure(Measure):
 
     def observe_generated(self, samples: torch.Tensor) -> torch.Tensor:
         """Samples (n, 3, H, W) quantized as the PNGs would be: uint8 (n, 3, H, W)."""
-        pixels = torch.from_numpy(to_uint8_hwc(PixelSpace().decode(samples)))  # (n, H, W, 3)
+        pixels = uint8_hwc(PixelSpace().decode(samples)).cpu()                     # (n, H, W, 3)
         return pixels.permute(0, 3, 1, 2)                                          # (n, 3, H, W)
 
     def scores(self, images: torch.Tensor, labels: torch.Tensor, model_fn: Callable, likelihood_fn: Callable,
@@ -93,7 +93,7 @@ def dataset_transform(image_size: int, pixel_space: bool) -> Callable:
     """How --data-path images are read: uint8 (3, H, W) for pixel-space models, else (3, H, W) in
     [-1, 1]; the ADM center crop, no flip."""
     if not pixel_space:
-        return image_transform(image_size, random_flip=False)
+        return image_transform(image_size)
     from torchvision import transforms
 
     return transforms.Compose([CenterCrop(image_size), transforms.PILToTensor()])
