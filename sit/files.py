@@ -21,6 +21,7 @@ from sit.errors import RunFailure
 TEMPORARY_PREFIX = ".tmp-"
 # .tmp-<pid>@<host>~<random><suffix>: host names hold letters, digits, dots and hyphens, never "@" or "~"
 OWNED_TEMPORARY = re.compile(r"^\.tmp-(\d+)@([A-Za-z0-9.-]+)~")
+STEP_FILE = re.compile(r"^(\d{7,})\.pt$")  # <step>.pt: a train checkpoint or a post-hoc EMA snapshot
 NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 # What torch.save's C++ writer says when a write comes up short (it loses the errno).
 TORCH_SHORT_WRITE = re.compile(r"unexpected pos|file write failed|enforce fail at inline_container")
@@ -252,6 +253,15 @@ def remove_temporaries(folder: str, suffix: str, prefix: str = TEMPORARY_PREFIX)
                 os.remove(os.path.join(folder, name))
                 removed += 1
     return removed
+
+
+def step_files(folder: str) -> list[tuple[int, str]]:
+    """(step, path) of every <step>.pt file in folder (train checkpoints, post-hoc EMA snapshots), by step."""
+    if not os.path.isdir(folder):
+        return []
+    found = [(int(match.group(1)), os.path.join(folder, name))
+             for name in os.listdir(folder) if (match := STEP_FILE.match(name))]
+    return sorted(found)
 
 
 def sha256_of(stream: BinaryIO) -> str:

@@ -17,8 +17,9 @@ from conftest import assert_names
 import reconstruct_ema
 import sample
 from sit.errors import UsageError
+from sit.files import step_files
 from sit.training.optimizer import update_ema
-from sit.training.phema import (MAX_STD, PowerEMATracker, snapshot_path, std_list, std_to_exponent, step_files,
+from sit.training.phema import (MAX_STD, PowerEMATracker, snapshot_path, std_list, std_to_exponent,
                                 write_snapshot)
 from sit.training.reconstruction import EMATarget, plan_reconstruction, solve_coefficients, write_reconstruction
 from test_train import TINY, assert_ok, load, run_train

@@ -23,10 +23,9 @@ from sit.checkpoint import RESUMABLE_KEYS
 from sit.cli import NOT_IN_CONFIG_FILES
 from sit.distributed import DistContext, on_main
 from sit.errors import RunFailure, UsageError, named_by
-from sit.files import atomic_text, move_file, remove_temporaries
+from sit.files import atomic_text, move_file, remove_temporaries, step_files
 from sit.locks import acquire_folder_lock
 from sit.log import create_logger
-from sit.training.phema import step_files
 from sit.training.settings import NEWEST, TrainConfig
 
 EXPERIMENT_FOLDER = re.compile(r"^(\d{3,})-")

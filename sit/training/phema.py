@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import re
 import secrets
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional, Sequence
@@ -32,7 +31,6 @@ from sit.training.extensions import ExtensionContext, Feature, LoopExtension
 SNAPSHOT_FORMAT = "sit-phema-snapshot"
 SNAPSHOT_VERSION = 1
 SNAPSHOT_FOLDER = "phema"
-STEP_FILE = re.compile(r"^(\d{7,})\.pt$")  # <step>.pt: a snapshot, or a train checkpoint
 MAX_STD = math.sqrt(1 / 12)  # sigma_rel of gamma = 0 (a flat average); longer profiles need gamma < 0
 DEFAULT_PHEMA_EVERY = 10_000
 
@@ -154,15 +152,6 @@ def write_snapshot(path: str, step: int, tracker: PowerEMATracker, model: torch.
     atomic_torch_save({"format": SNAPSHOT_FORMAT, "version": SNAPSHOT_VERSION, "step": step,
                        "stds": list(tracker.stds), "emas": tracker.ema_state_dicts(model),
                        "model_config": dict(model.config), "args": dict(settings), **identity}, path)
-
-
-def step_files(folder: str) -> list[tuple[int, str]]:
-    """(step, path) of every <step>.pt file in folder (snapshots; sit.training.experiment's checkpoints), by step."""
-    if not os.path.isdir(folder):
-        return []
-    found = [(int(match.group(1)), os.path.join(folder, name))
-             for name in os.listdir(folder) if (match := STEP_FILE.match(name))]
-    return sorted(found)
 
 
 class PhemaSnapshots(LoopExtension):

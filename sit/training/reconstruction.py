@@ -21,8 +21,8 @@ from scipy.integrate import quad
 
 from sit.checkpoint import non_finite_tensor
 from sit.errors import UsageError
-from sit.files import atomic_torch_save
-from sit.training.phema import SNAPSHOT_FOLDER, SNAPSHOT_FORMAT, step_files, std_to_exponent
+from sit.files import atomic_torch_save, step_files
+from sit.training.phema import SNAPSHOT_FOLDER, SNAPSHOT_FORMAT, std_to_exponent
 
 
 @dataclass(frozen=True)
